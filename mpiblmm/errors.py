@@ -1,0 +1,36 @@
+"""Typed errors: the one place that says what a user mistake is.
+
+A :class:`UserError` is raised for anything the user can fix (a bad spec key, a missing or
+malformed file, a rank-deficient contrast).  The command-line layer turns it into a single
+line on stderr and exit code 2 on every rank; it must never become a traceback.  Any other
+exception is a bug and aborts the MPI job.
+"""
+
+from __future__ import annotations
+
+USER_ERROR_EXIT_CODE = 2
+
+
+class UserError(Exception):
+    """A mistake in the user's input, reported as one line naming the file/key and the problem.
+
+    Parameters
+    ----------
+    message
+        What is wrong and, where it helps, what to do about it.
+    where
+        The file, key or row the message is about (e.g. ``"spec.json: contrasts[1].weights"``).
+    """
+
+    def __init__(self, message: str, where: str | None = None) -> None:
+        self.where = where
+        self.message = message
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class SpecError(UserError):
+    """The spec file or a file it names is malformed or inconsistent."""
+
+
+class ContrastError(UserError):
+    """A contrast cannot be tested (wrong length, rank-deficient matrix, ...)."""

@@ -1,0 +1,178 @@
+"""The data structures the numerical core passes around: random-effects layout, product forms.
+
+Notation (see docs/NOTATION.md): for each voxel ``Y = X beta + Z b + e`` with
+``e ~ N(0, s2 I_n)`` and ``b ~ N(0, s2 D)``, ``D = blockdiag_k (I_{l_k} (x) D_k)``.
+Factor ``k`` has ``l_k`` levels and ``q_k`` random effects per level.  Columns of ``Z`` are
+ordered factor, then level, then effect, so factor ``k`` level ``j`` effect ``e`` is column
+``offset_k + j * q_k + e``.  ``D_k`` is *relative* to ``s2``; lme4's ``VarCorr`` is ``s2 * D_k``.
+
+Every per-voxel array has the voxel axis first.  Arrays that are the same for all voxels
+(complete data) carry a leading axis of length 1 and broadcast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RandomFactor:
+    """One grouping factor: its name, number of levels ``l`` and random effects per level ``q``."""
+
+    name: str
+    n_levels: int
+    n_effects: int
+    effect_names: tuple[str, ...] = ()
+
+    @property
+    def width(self) -> int:
+        """Number of columns of Z that belong to this factor (``l * q``)."""
+        return self.n_levels * self.n_effects
+
+    @property
+    def n_vech(self) -> int:
+        """Number of free parameters of the unstructured ``q x q`` covariance."""
+        return self.n_effects * (self.n_effects + 1) // 2
+
+
+@dataclass(frozen=True)
+class RandomStructure:
+    """The random-effects layout: the factors in column order of ``Z``."""
+
+    factors: tuple[RandomFactor, ...]
+
+    @property
+    def q(self) -> int:
+        """Total number of columns of Z."""
+        return sum(f.width for f in self.factors)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """First column of each factor in Z."""
+        out, start = [], 0
+        for f in self.factors:
+            out.append(start)
+            start += f.width
+        return tuple(out)
+
+    @property
+    def is_single_factor(self) -> bool:
+        """True when Z'Z and M are block diagonal (``l`` blocks of ``q_1 x q_1``)."""
+        return len(self.factors) == 1
+
+    def slices(self) -> tuple[slice, ...]:
+        """Column slice of each factor in Z."""
+        return tuple(slice(o, o + f.width) for o, f in zip(self.offsets, self.factors))
+
+
+@dataclass(frozen=True)
+class ProductForms:
+    """Sufficient statistics of a chunk of ``v`` voxels (the only data a fit needs).
+
+    Shapes (``v`` voxels, or 1 where shared by every voxel of the chunk):
+
+    - ``XtX`` (v|1, p, p), ``XtY`` (v, p), ``YtY`` (v,)
+    - ``ZtX`` (v|1, q, p), ``ZtY`` (v, q)
+    - ``ZtZ``: single factor: (v|1, l, q1, q1), the diagonal blocks (the rest is zero);
+      several factors: (v|1, q, q), dense.
+    - ``n`` (v,) number of observations used at each voxel.
+    - ``y_offset`` (v, p): ``Y`` was centred as ``Y - X y_offset`` before forming the products
+      (so ``Y'Y`` keeps its digits); add it back to the estimated ``beta``.  Exact for ML and
+      REML because ``beta`` is free.
+    """
+
+    XtX: np.ndarray
+    XtY: np.ndarray
+    YtY: np.ndarray
+    ZtX: np.ndarray
+    ZtY: np.ndarray
+    ZtZ: np.ndarray
+    n: np.ndarray
+    structure: RandomStructure
+    y_offset: np.ndarray | None = None
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self.XtY.shape[0])
+
+    @property
+    def p(self) -> int:
+        return int(self.XtY.shape[1])
+
+    def take(self, index: np.ndarray) -> "ProductForms":
+        """The product forms of a subset of voxels (shared arrays stay shared)."""
+
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            if a is None:
+                return None
+            return a if a.shape[0] == 1 and self.n_voxels != 1 else a[index]
+
+        return ProductForms(
+            XtX=pick(self.XtX), XtY=self.XtY[index], YtY=self.YtY[index],
+            ZtX=pick(self.ZtX), ZtY=self.ZtY[index], ZtZ=pick(self.ZtZ),
+            n=self.n[index], structure=self.structure, y_offset=pick(self.y_offset),
+        )
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """Variance parameters of ``v`` voxels: ``s2`` (v,) and one ``D_k`` (v, q_k, q_k) per factor.
+
+    ``D_k`` is relative to ``s2``: the random-effect covariance is ``s2 * D_k``.
+    """
+
+    s2: np.ndarray
+    D: tuple[np.ndarray, ...]
+
+    def covariances(self) -> tuple[np.ndarray, ...]:
+        """Absolute random-effect covariances (lme4's ``VarCorr``): ``s2 * D_k``."""
+        return tuple(self.s2[:, None, None] * Dk for Dk in self.D)
+
+
+# Status codes of a voxel, shared by the estimator and the results file.
+STATUS_CODES: dict[int, str] = {
+    0: "fitted and converged",
+    1: "fitted; hit the iteration cap before converging",
+    2: "fitted; singular fit (a random-effect covariance is on the boundary)",
+    3: "not fitted: too few observations (below min_n or min_fraction)",
+    4: "not fitted: design matrix X is rank deficient on the observed rows",
+    5: "not fitted: numerical failure (non-finite values in the fit)",
+    6: "not fitted: no observations",
+}
+STATUS_CONVERGED = 0
+STATUS_MAX_ITER = 1
+STATUS_SINGULAR = 2
+STATUS_TOO_FEW = 3
+STATUS_RANK_DEFICIENT = 4
+STATUS_NUMERICAL = 5
+STATUS_EMPTY = 6
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Per-voxel outcome of the estimator (voxel axis first; NaN where not fitted).
+
+    ``beta`` (v, p) includes ``y_offset``; ``s2`` (v,); ``D`` relative covariances per factor;
+    ``cov`` absolute covariances per factor (``s2 * D_k``); ``llh`` (v,) lme4's ``logLik`` for
+    ``method``; ``iterations`` (v,); ``status`` (v,) codes of :data:`STATUS_CODES`.
+    """
+
+    beta: np.ndarray
+    s2: np.ndarray
+    D: tuple[np.ndarray, ...]
+    llh: np.ndarray
+    iterations: np.ndarray
+    status: np.ndarray
+    method: str
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def cov(self) -> tuple[np.ndarray, ...]:
+        return tuple(self.s2[:, None, None] * Dk for Dk in self.D)
+
+    @property
+    def fitted(self) -> np.ndarray:
+        """Boolean mask of voxels that hold a fit (status 0, 1 or 2)."""
+        return self.status <= STATUS_SINGULAR
