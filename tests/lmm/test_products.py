@@ -1,0 +1,71 @@
+"""Product forms against dense products over each voxel's observed rows."""
+
+import numpy as np
+import pytest
+
+from mpiblmm.lmm.products import full_rank, product_forms, random_design
+
+
+def _setup(rng, n, factors):
+    X = np.column_stack([np.ones(n), rng.normal(size=n), rng.integers(0, 2, n)])
+    codes = [rng.integers(0, l, n) for l, _ in factors]
+    for c, (l, _) in zip(codes, factors):
+        c[:l] = np.arange(l)
+    designs = [np.column_stack([np.ones(n)] + [rng.normal(size=n) for _ in range(q - 1)])
+               for _, q in factors]
+    rd = random_design(codes, designs, names=[f"f{k}" for k in range(len(factors))])
+    return X, rd, rd.sparse().toarray()
+
+
+@pytest.mark.parametrize("factors", [[(6, 2)], [(5, 1), (3, 2)]])
+def test_products_equal_dense_sums(factors):
+    rng = np.random.default_rng(11)
+    n, v = 40, 5
+    X, rd, Z = _setup(rng, n, factors)
+    Y = rng.normal(size=(n, v)).astype(np.float32)
+    Y[rng.random((n, v)) < 0.2] = np.nan
+    pf = product_forms(X, rd, Y, centre=False)
+    for vox in range(v):
+        o = np.isfinite(Y[:, vox])
+        Xo, Zo, yo = X[o], Z[o], Y[o, vox].astype(np.float64)
+        np.testing.assert_allclose(pf.XtX[vox], Xo.T @ Xo, atol=1e-12)
+        np.testing.assert_allclose(pf.XtY[vox], Xo.T @ yo, atol=1e-10)
+        np.testing.assert_allclose(pf.YtY[vox], yo @ yo, rtol=1e-12)
+        np.testing.assert_allclose(pf.ZtX[vox], Zo.T @ Xo, atol=1e-12)
+        np.testing.assert_allclose(pf.ZtY[vox], Zo.T @ yo, atol=1e-10)
+        ZZ = Zo.T @ Zo
+        if rd.structure.is_single_factor:
+            q1 = rd.structure.factors[0].n_effects
+            for j in range(rd.structure.factors[0].n_levels):
+                np.testing.assert_allclose(pf.ZtZ[vox, j], ZZ[j * q1:(j + 1) * q1, j * q1:(j + 1) * q1])
+        else:
+            np.testing.assert_allclose(pf.ZtZ[vox], ZZ, atol=1e-12)
+        assert pf.n[vox] == o.sum()
+
+
+def test_complete_voxels_share_and_centring_keeps_digits():
+    rng = np.random.default_rng(5)
+    n = 50
+    X, rd, Z = _setup(rng, n, [(5, 2)])
+    noise = rng.normal(size=(n, 3))
+    Y = 1e6 + noise
+    pf = product_forms(X, rd, Y)
+    assert pf.XtX.shape[0] == 1 and pf.ZtZ.shape[0] == 1 and pf.ZtX.shape[0] == 1
+    # After centring, Y'Y is the OLS residual sum of squares of the noise (mean is in X).
+    for vox in range(3):
+        resid = noise[:, vox] - X @ np.linalg.lstsq(X, noise[:, vox], rcond=None)[0]
+        np.testing.assert_allclose(pf.YtY[vox], resid @ resid, rtol=1e-8)
+        np.testing.assert_allclose(pf.XtY[vox], 0.0, atol=1e-6)
+        np.testing.assert_allclose(pf.y_offset[vox],
+                                   np.linalg.lstsq(X, Y[:, vox], rcond=None)[0], rtol=1e-7)
+
+
+def test_full_rank_flags_voxels_whose_observed_rows_lose_a_column():
+    rng = np.random.default_rng(2)
+    n = 30
+    X = np.column_stack([np.ones(n), (np.arange(n) < 5).astype(float)])
+    rd = random_design([np.arange(n) % 3], [np.ones((n, 1))])
+    Y = rng.normal(size=(n, 2))
+    Y[:5, 1] = np.nan  # voxel 1 never sees the indicator column
+    pf = product_forms(X, rd, Y)
+    np.testing.assert_array_equal(full_rank(pf.XtX), [True, False])
