@@ -1,0 +1,290 @@
+"""The model's design: X, the random factors (level codes and Z blocks) and the contrasts.
+
+:func:`design_from_spec` reads the CSV files a matrix-form :class:`~mpiblmm.spec.Spec` names;
+:func:`build_design` makes a :class:`Design` from arrays, so a formula front end can produce
+the very same object.  A :class:`Design` is frozen and its arrays are read-only.
+
+Layout of the full random-effects matrix (see ``mpiblmm.lmm.model``): columns are ordered
+factor, then level, then effect, so factor ``k`` level ``j`` effect ``e`` is column
+``offset_k + j * q_k + e``.  Levels are coded ``0..l-1`` in order of first appearance.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mpiblmm.errors import ContrastError, SpecError
+from mpiblmm.lmm.model import RandomFactor, RandomStructure
+from mpiblmm.spec import Spec
+
+
+@dataclass(frozen=True, eq=False)
+class Factor:
+    """One grouping factor: level code per observation, its labels and its Z block.
+
+    ``codes`` (n,) int64 in ``0..l-1``; ``labels`` the level labels in code order;
+    ``Z`` (n, q) float64 the random-effect covariates; ``effect_names`` (q,).
+    """
+
+    name: str
+    codes: np.ndarray
+    labels: tuple[str, ...]
+    Z: np.ndarray
+    effect_names: tuple[str, ...]
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def n_effects(self) -> int:
+        return int(self.Z.shape[1])
+
+
+@dataclass(frozen=True, eq=False)
+class Contrast:
+    """A contrast: ``L`` (r, p); ``kind`` "T" (one row, may be one-sided) or "F"."""
+
+    name: str
+    L: np.ndarray
+    alternative: str = "two-sided"
+    kind: str = "T"
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.L.shape[0])
+
+
+@dataclass(frozen=True, eq=False)
+class Design:
+    """Everything about the model that is the same at every voxel.
+
+    ``X`` (n, p) float64; ``factors`` in column order of Z; ``structure`` the
+    :class:`~mpiblmm.lmm.model.RandomStructure` the estimator uses.
+    """
+
+    X: np.ndarray
+    fixed_names: tuple[str, ...]
+    factors: tuple[Factor, ...]
+    contrasts: tuple[Contrast, ...]
+    structure: RandomStructure
+
+    @property
+    def n(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def p(self) -> int:
+        return int(self.X.shape[1])
+
+    def Z(self) -> np.ndarray:
+        """The full random-effects design (n, q) as a dense array (small studies, tests)."""
+        out = np.zeros((self.n, self.structure.q))
+        rows = np.arange(self.n)
+        for f, offset in zip(self.factors, self.structure.offsets):
+            for e in range(f.n_effects):
+                out[rows, offset + f.codes * f.n_effects + e] = f.Z[:, e]
+        return out
+
+
+# --------------------------------------------------------------------------- from arrays
+def build_design(
+    X: np.ndarray,
+    factors: Sequence[tuple[str, Sequence[str], np.ndarray | None, Sequence[str] | None]],
+    contrasts: Sequence[tuple[str, np.ndarray, str]] = (),
+    fixed_names: Sequence[str] | None = None,
+    where: str = "design",
+) -> Design:
+    """Make a :class:`Design` from arrays (the common end of every front end).
+
+    Parameters
+    ----------
+    X
+        (n, p) fixed-effects design.
+    factors
+        ``(name, labels, Z, effect_names)`` per factor: ``labels`` n level labels, ``Z``
+        (n, q) covariates or ``None`` for an intercept, ``effect_names`` or ``None``.
+    contrasts
+        ``(name, weights, alternative)``; ``weights`` 1-D (T) or 2-D (F) of width p.
+    fixed_names
+        Names of the p columns of X (default ``x0..x{p-1}``).
+    where
+        Prefix of error messages for contrasts, e.g. ``"spec.json: contrasts"``.
+
+    Raises
+    ------
+    SpecError, ContrastError
+    """
+    X = _frozen(np.asarray(X, dtype=np.float64))
+    if X.ndim != 2 or X.shape[0] == 0 or X.shape[1] == 0:
+        raise SpecError(f"X must be a non-empty 2-D table, got shape {X.shape}", where)
+    n, p = X.shape
+    if fixed_names is None:
+        fixed_names = tuple(f"x{j}" for j in range(p))
+    fixed_names = tuple(fixed_names)
+    if len(fixed_names) != p:
+        raise SpecError(f"{len(fixed_names)} fixed_names for {p} columns of X", where)
+
+    made = []
+    for name, labels, Z, effect_names in factors:
+        if len(labels) != n:
+            raise SpecError(f"factor {name!r} has {len(labels)} rows; X has {n}", where)
+        codes, uniq = _codes(labels)
+        Z = np.ones((n, 1)) if Z is None else np.asarray(Z, dtype=np.float64)
+        if Z.ndim != 2 or Z.shape[0] != n or Z.shape[1] == 0:
+            raise SpecError(f"factor {name!r}: design must be (n={n}, q), got {Z.shape}", where)
+        q = Z.shape[1]
+        if effect_names is None:
+            effect_names = ("(Intercept)",) if q == 1 and np.all(Z == 1) else tuple(f"z{e}" for e in range(q))
+        effect_names = tuple(effect_names)
+        if len(effect_names) != q:
+            raise SpecError(f"factor {name!r}: {len(effect_names)} effect_names for {q} columns", where)
+        made.append(Factor(name, _frozen(codes), uniq, _frozen(Z), effect_names))
+
+    cons = tuple(_contrast(name, w, alt, p, f"{where}[{i}]")
+                 for i, (name, w, alt) in enumerate(contrasts))
+    structure = RandomStructure(tuple(
+        RandomFactor(f.name, f.n_levels, f.n_effects, f.effect_names) for f in made))
+    return Design(X, fixed_names, tuple(made), cons, structure)
+
+
+def _codes(labels: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Level codes 0..l-1 in order of first appearance, and the labels in code order."""
+    arr = np.asarray([str(x) for x in labels], dtype=object)
+    uniq, first, inverse = np.unique(arr, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # unique labels by first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return rank[inverse.ravel()].astype(np.int64), tuple(str(u) for u in uniq[order])
+
+
+def _contrast(name: str, weights: np.ndarray, alternative: str, p: int, where: str) -> Contrast:
+    w = np.asarray(weights, dtype=np.float64)
+    kind = "T" if w.ndim == 1 else "F"
+    L = np.atleast_2d(w)
+    if L.ndim != 2 or L.shape[1] != p:
+        raise ContrastError(f"each row needs {p} weights (one per column of X), got {L.shape[-1]}",
+                            f"{where}.weights")
+    rank = np.linalg.matrix_rank(L)
+    if rank == 0:
+        raise ContrastError("all weights are zero", f"{where}.weights")
+    if rank < L.shape[0]:
+        raise ContrastError(f"the {L.shape[0]} rows are linearly dependent (rank {rank}); "
+                            "drop the redundant rows", f"{where}.weights")
+    if kind == "F" and alternative != "two-sided":
+        raise ContrastError("an F contrast has no direction", f"{where}.alternative")
+    return Contrast(name, _frozen(L), alternative, kind)
+
+
+# --------------------------------------------------------------------------- from a spec
+def design_from_spec(spec: Spec) -> Design:
+    """Read the CSV files of a matrix-form spec and build the :class:`Design`.
+
+    Checks that X, every factor and design file (and the image list, when NIfTI) have the
+    same number of rows, naming the first file that differs.
+    """
+    X = read_numeric_csv(spec.X)
+    n = X.shape[0]
+    spec_where = str(spec.path)
+    if spec.images is not None and len(spec.images) != n:
+        raise SpecError(f"lists {len(spec.images)} images but {spec.X} has {n} rows "
+                        "(one image per row of X)", f"{spec_where}: images")
+    factors = []
+    for fs in spec.random:
+        labels = read_labels_csv(fs.factor)
+        _same_rows(fs.factor, len(labels), spec.X, n)
+        Z = None
+        if fs.design is not None:
+            Z = read_numeric_csv(fs.design)
+            _same_rows(fs.design, Z.shape[0], spec.X, n)
+        factors.append((fs.name, labels, Z, fs.effect_names))
+    contrasts = [(c.name, np.asarray(c.weights[0] if c.kind == "T" else c.weights), c.alternative)
+                 for c in spec.contrasts]
+    if spec.fixed_names is not None and len(spec.fixed_names) != X.shape[1]:
+        raise SpecError(f"{len(spec.fixed_names)} names for the {X.shape[1]} columns of {spec.X}",
+                        f"{spec_where}: fixed_names")
+    for i, fs in enumerate(spec.random):
+        q = 1 if fs.design is None else factors[i][2].shape[1]
+        if fs.effect_names is not None and len(fs.effect_names) != q:
+            raise SpecError(f"{len(fs.effect_names)} names for the {q} columns of "
+                            f"{fs.design or 'the random intercept'}",
+                            f"{spec_where}: random[{i}].effect_names")
+    return build_design(X, factors, contrasts, spec.fixed_names, where=f"{spec_where}: contrasts")
+
+
+def _same_rows(path: Path, rows: int, x_path: Path, n: int) -> None:
+    if rows != n:
+        raise SpecError(f"has {rows} rows but {x_path} has {n}", str(path))
+
+
+# --------------------------------------------------------------------------- CSV readers
+def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """Rows of a header-less CSV as (line number, cells); trailing blank lines dropped."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = [(reader_line, row) for reader_line, row in _numbered(csv.reader(fh))]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SpecError(f"cannot read: {exc}", str(path)) from None
+    while rows and not any(c.strip() for c in rows[-1][1]):
+        rows.pop()
+    if not rows:
+        raise SpecError("the file is empty", str(path))
+    return rows
+
+
+def _numbered(reader: "csv._reader") -> list[tuple[int, list[str]]]:
+    out = []
+    for row in reader:
+        out.append((reader.line_num, row))
+    return out
+
+
+def read_numeric_csv(path: Path) -> np.ndarray:
+    """A header-less numeric CSV as (rows, columns) float64; every cell finite.
+
+    Errors: ``<file>: row N: <problem>`` (column numbers from 1).
+    """
+    rows = _csv_rows(path)
+    width = len(rows[0][1])
+    out = np.empty((len(rows), width))
+    for i, (line, cells) in enumerate(rows):
+        where = f"{path}: row {line}"
+        if not any(c.strip() for c in cells):
+            raise SpecError("empty row", where)
+        if len(cells) != width:
+            raise SpecError(f"has {len(cells)} columns; row {rows[0][0]} has {width}", where)
+        for j, cell in enumerate(cells):
+            try:
+                value = float(cell)
+            except ValueError:
+                hint = " (the file must have no header row)" if i == 0 else ""
+                raise SpecError(f"column {j + 1}: not a number: {cell.strip()!r}{hint}", where) from None
+            if not math.isfinite(value):
+                raise SpecError(f"column {j + 1}: not a finite number: {cell.strip()!r}", where)
+            out[i, j] = value
+    return out
+
+
+def read_labels_csv(path: Path) -> list[str]:
+    """A one-column CSV of level labels (any text; surrounding spaces removed)."""
+    labels = []
+    for line, cells in _csv_rows(path):
+        where = f"{path}: row {line}"
+        if not any(c.strip() for c in cells):
+            raise SpecError("empty level label", where)
+        if len(cells) != 1:
+            raise SpecError(f"expected one column (the level label), got {len(cells)}", where)
+        labels.append(cells[0].strip())
+    return labels
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.array(a, copy=True)
+    a.setflags(write=False)
+    return a

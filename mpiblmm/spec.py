@@ -1,0 +1,440 @@
+"""Read and validate an analysis spec (JSON, matrix form): the one place that knows its keys.
+
+:func:`load_spec` turns ``spec.json`` into a frozen :class:`Spec`; it checks the keys, the
+types and the values, resolves every path and checks that the files exist.  It reads no CSV
+and no image: :mod:`mpiblmm.design` reads the tables, :mod:`mpiblmm.io.ingest` the images.
+Every problem is a :class:`~mpiblmm.errors.SpecError` whose text is one line,
+``spec.json: <key>: <problem>`` (or ``<file>: row N: <problem>`` for a list file).
+
+Paths in the spec are relative to the spec file's folder unless absolute; paths inside a list
+file (``images.txt``, a masks list) are relative to that list file's folder.  Paths are kept
+as written joined to those folders (not made absolute), so messages show what the user typed.
+
+The full contract, for users, is ``docs/SPEC.md``.  The spec is cheap to load but stats every
+image; in an MPI job load it on one rank and broadcast the (picklable) :class:`Spec`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mpiblmm.errors import SpecError
+
+#: Names of contrasts and factors become HDF5 group names and file names.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+NAME_RULE = "letters, digits, '_', '.', '-', starting with a letter or digit"
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ALTERNATIVES = ("two-sided", "greater", "less")
+METHODS = ("REML", "ML")
+
+TOP_KEYS = frozenset({
+    "images", "X", "random", "contrasts", "output", "fixed_names", "analysis_mask",
+    "observation_masks", "zero_is_missing", "missingness", "estimation", "max_memory_mb",
+})
+REQUIRED_KEYS = ("images", "X", "random")
+
+
+# --------------------------------------------------------------------------- the Spec
+@dataclass(frozen=True)
+class PackedImages:
+    """Images already packed into HDF5 (``"images": {"h5": ..., "dataset": ...}``)."""
+
+    h5: Path
+    dataset: str
+
+
+@dataclass(frozen=True)
+class FactorSpec:
+    """One grouping factor of the matrix form.
+
+    ``design`` is ``None`` for a random intercept only (a column of ones).
+    """
+
+    name: str
+    factor: Path
+    design: Path | None
+    effect_names: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class ContrastSpec:
+    """A contrast as written: ``kind`` is ``"T"`` (one row) or ``"F"`` (a list of rows)."""
+
+    name: str
+    weights: tuple[tuple[float, ...], ...]
+    kind: str
+    alternative: str
+
+
+@dataclass(frozen=True)
+class Missingness:
+    """Minimum observations for a voxel to be fitted; ``min_n=None`` lets the estimator decide."""
+
+    min_n: int | None = None
+    min_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class Estimation:
+    """Estimator settings; ``None`` means the estimator's own default."""
+
+    method: str = "REML"
+    tolerance: float | None = None
+    max_iterations: int | None = None
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated analysis spec (matrix form).
+
+    Exactly one of ``images`` (NIfTI paths, one per observation) and ``packed`` is set.
+    ``text`` is the spec file as read, kept for the results file's ``spec`` attribute.
+    """
+
+    path: Path
+    text: str
+    images: tuple[Path, ...] | None
+    packed: PackedImages | None
+    X: Path
+    random: tuple[FactorSpec, ...]
+    contrasts: tuple[ContrastSpec, ...]
+    output: Path
+    fixed_names: tuple[str, ...] | None = None
+    analysis_mask: Path | None = None
+    observation_masks: tuple[Path, ...] | None = None
+    zero_is_missing: bool = True
+    missingness: Missingness = Missingness()
+    estimation: Estimation = Estimation()
+    max_memory_mb: float | None = None
+
+    @property
+    def folder(self) -> Path:
+        """The folder relative paths in the spec are resolved against."""
+        return self.path.parent
+
+    @property
+    def n_images(self) -> int | None:
+        """Number of NIfTI images, or ``None`` for packed input (known once the file is open)."""
+        return None if self.images is None else len(self.images)
+
+
+# --------------------------------------------------------------------------- loading
+def load_spec(path: str | os.PathLike, check_files: bool = True) -> Spec:
+    """Read and validate ``spec.json``.
+
+    Parameters
+    ----------
+    path
+        The spec file.
+    check_files
+        Check that every named file exists (one ``stat`` per image).
+
+    Returns
+    -------
+    Spec
+
+    Raises
+    ------
+    SpecError
+        One line naming the spec file and key, or the list file and row.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise SpecError(f"cannot read the spec: {exc.strerror or exc}", str(path)) from None
+    try:
+        raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as exc:
+        raise SpecError(f"key given twice: {exc.args[0]!r}", str(path)) from None
+    except json.JSONDecodeError as exc:
+        raise SpecError(
+            f"not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}", str(path)
+        ) from None
+    return parse_spec(raw, path, text=text, check_files=check_files)
+
+
+def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool = True) -> Spec:
+    """Validate an already decoded spec; ``path`` is where it came from (for messages, paths)."""
+    v = _Validator(Path(path), check_files)
+    if not isinstance(raw, dict):
+        raise SpecError("expected a JSON object at the top level", str(path))
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise v.error(key, f"unknown key (allowed: {', '.join(sorted(TOP_KEYS))})")
+    for key in REQUIRED_KEYS:
+        if key not in raw:
+            raise v.error(key, "required key is missing")
+
+    images, packed = v.images(raw["images"])
+    masks = None
+    if "observation_masks" in raw:
+        if packed is not None:
+            raise v.error("observation_masks", "not allowed with packed HDF5 images "
+                          "(apply the masks when packing)")
+        masks = v.path_list(raw["observation_masks"], "observation_masks", nifti=True)
+        if len(masks) != len(images):
+            raise v.error("observation_masks", f"{len(masks)} masks for {len(images)} images "
+                          "(give one mask per image)")
+    return Spec(
+        path=Path(path),
+        text=text if text is not None else json.dumps(raw, indent=2),
+        images=images,
+        packed=packed,
+        X=v.file(raw["X"], "X"),
+        random=v.random(raw["random"]),
+        contrasts=v.contrasts(raw.get("contrasts", [])),
+        output=v.resolve(v.string(raw.get("output", "results"), "output")),
+        fixed_names=v.names(raw["fixed_names"], "fixed_names") if "fixed_names" in raw else None,
+        analysis_mask=(v.file(raw["analysis_mask"], "analysis_mask", nifti=True)
+                       if raw.get("analysis_mask") is not None else None),
+        observation_masks=masks,
+        zero_is_missing=v.boolean(raw.get("zero_is_missing", True), "zero_is_missing"),
+        missingness=v.missingness(raw.get("missingness", {})),
+        estimation=v.estimation(raw.get("estimation", {})),
+        max_memory_mb=(v.number(raw["max_memory_mb"], "max_memory_mb", positive=True)
+                       if raw.get("max_memory_mb") is not None else None),
+    )
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _Validator:
+    """Checks of one spec; every method raises a one-line :class:`SpecError`."""
+
+    def __init__(self, path: Path, check_files: bool) -> None:
+        self.path = path
+        self.folder = path.parent
+        self.check_files = check_files
+
+    def error(self, key: str, problem: str) -> SpecError:
+        return SpecError(problem, f"{self.path}: {key}")
+
+    # ---- scalars
+    def string(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key, f"expected a non-empty string, got {_show(value)}")
+        return value
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {_show(value)}")
+        return value
+
+    def number(self, value: Any, key: str, positive: bool = False,
+               low: float | None = None, high: float | None = None) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.error(key, f"expected a number, got {_show(value)}")
+        if positive and value <= 0:
+            raise self.error(key, f"expected a number greater than 0, got {value}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise self.error(key, f"expected a number between {low} and {high}, got {value}")
+        return float(value)
+
+    def integer(self, value: Any, key: str, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(key, f"expected a whole number of at least {minimum}, got {_show(value)}")
+        return int(value)
+
+    def name(self, value: Any, key: str) -> str:
+        value = self.string(value, key)
+        if not NAME_PATTERN.match(value):
+            raise self.error(key, f"invalid name {value!r} (use {NAME_RULE})")
+        return value
+
+    def names(self, value: Any, key: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.error(key, f"expected a non-empty list of names, got {_show(value)}")
+        out = tuple(self.string(x, f"{key}[{i}]") for i, x in enumerate(value))
+        seen = _first_duplicate(out)
+        if seen is not None:
+            raise self.error(key, f"name {seen!r} appears twice")
+        return out
+
+    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict:
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a JSON object, got {_show(value)}")
+        for k in value:
+            if k not in allowed:
+                raise self.error(f"{key}.{k}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        return value
+
+    # ---- paths
+    def resolve(self, text: str, folder: Path | None = None) -> Path:
+        p = Path(os.path.expanduser(text))
+        return p if p.is_absolute() else (folder if folder is not None else self.folder) / p
+
+    def file(self, value: Any, key: str, nifti: bool = False) -> Path:
+        p = self.resolve(self.string(value, key))
+        if nifti and not str(p).endswith(NIFTI_SUFFIXES):
+            raise self.error(key, f"expected a NIfTI file (.nii or .nii.gz): {p}")
+        if self.check_files and not p.is_file():
+            raise self.error(key, f"file not found: {p}")
+        return p
+
+    def path_list(self, value: Any, key: str, nifti: bool) -> tuple[Path, ...]:
+        """A JSON list of paths, or a text file with one path per line."""
+        if isinstance(value, list):
+            if not value:
+                raise self.error(key, "the list is empty")
+            out = []
+            for i, item in enumerate(value):
+                out.append(self.file(item, f"{key}[{i}]", nifti=nifti))
+            return tuple(out)
+        list_file = self.file(value, key)
+        if str(list_file).endswith(NIFTI_SUFFIXES):
+            raise self.error(key, f"expected a text file listing one image per line, got an image: {list_file}")
+        return read_path_list(list_file, nifti=nifti, check_files=self.check_files)
+
+    def images(self, value: Any) -> tuple[tuple[Path, ...] | None, PackedImages | None]:
+        if isinstance(value, dict):
+            value = self.mapping(value, "images", {"h5", "dataset"})
+            if "h5" not in value:
+                raise self.error("images.h5", "required key is missing")
+            h5 = self.file(value["h5"], "images.h5")
+            dataset = self.string(value.get("dataset", "/Y"), "images.dataset")
+            return None, PackedImages(h5, dataset)
+        return self.path_list(value, "images", nifti=True), None
+
+    # ---- sections
+    def random(self, value: Any) -> tuple[FactorSpec, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.error("random", "expected a non-empty list of factors")
+        out = []
+        for i, entry in enumerate(value):
+            key = f"random[{i}]"
+            entry = self.mapping(entry, key, {"name", "factor", "design", "effect_names"})
+            for req in ("name", "factor"):
+                if req not in entry:
+                    raise self.error(f"{key}.{req}", "required key is missing")
+            out.append(FactorSpec(
+                name=self.name(entry["name"], f"{key}.name"),
+                factor=self.file(entry["factor"], f"{key}.factor"),
+                design=self.file(entry["design"], f"{key}.design") if "design" in entry else None,
+                effect_names=(self.names(entry["effect_names"], f"{key}.effect_names")
+                              if "effect_names" in entry else None),
+            ))
+        dup = _first_duplicate([f.name for f in out])
+        if dup is not None:
+            raise self.error("random", f"factor name {dup!r} appears twice")
+        return tuple(out)
+
+    def contrasts(self, value: Any) -> tuple[ContrastSpec, ...]:
+        if not isinstance(value, list):
+            raise self.error("contrasts", f"expected a list of contrasts, got {_show(value)}")
+        out = []
+        for i, entry in enumerate(value):
+            key = f"contrasts[{i}]"
+            entry = self.mapping(entry, key, {"name", "weights", "alternative"})
+            for req in ("name", "weights"):
+                if req not in entry:
+                    raise self.error(f"{key}.{req}", "required key is missing")
+            name = self.name(entry["name"], f"{key}.name")
+            weights, kind = self.weights(entry["weights"], f"{key}.weights")
+            alternative = entry.get("alternative", "two-sided")
+            if alternative not in ALTERNATIVES:
+                raise self.error(f"{key}.alternative",
+                                 f"expected one of {', '.join(ALTERNATIVES)}, got {_show(alternative)}")
+            if kind == "F" and alternative != "two-sided":
+                raise self.error(f"{key}.alternative",
+                                 "an F contrast (a list of rows) has no direction; use one row for a one-sided T test")
+            out.append(ContrastSpec(name, weights, kind, alternative))
+        dup = _first_duplicate([c.name for c in out])
+        if dup is not None:
+            raise self.error("contrasts", f"contrast name {dup!r} appears twice")
+        return tuple(out)
+
+    def weights(self, value: Any, key: str) -> tuple[tuple[tuple[float, ...], ...], str]:
+        if isinstance(value, list) and value and all(isinstance(r, list) for r in value):
+            rows = tuple(self.row(r, f"{key}[{i}]") for i, r in enumerate(value))
+            if len({len(r) for r in rows}) != 1:
+                raise self.error(key, "the rows have different lengths")
+            return rows, "F"
+        return (self.row(value, key),), "T"
+
+    def row(self, value: Any, key: str) -> tuple[float, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.error(key, f"expected a non-empty list of numbers, got {_show(value)}")
+        return tuple(self.number(x, f"{key}[{j}]") for j, x in enumerate(value))
+
+    def missingness(self, value: Any) -> Missingness:
+        value = self.mapping(value, "missingness", {"min_n", "min_fraction"})
+        min_n = value.get("min_n")
+        return Missingness(
+            min_n=None if min_n is None else self.integer(min_n, "missingness.min_n", 1),
+            min_fraction=self.number(value.get("min_fraction", 0.0), "missingness.min_fraction",
+                                     low=0.0, high=1.0),
+        )
+
+    def estimation(self, value: Any) -> Estimation:
+        value = self.mapping(value, "estimation", {"method", "tolerance", "max_iterations"})
+        method = value.get("method", "REML")
+        if not isinstance(method, str) or method.upper() not in METHODS:
+            raise self.error("estimation.method", f"expected \"REML\" or \"ML\", got {_show(method)}")
+        tol = value.get("tolerance")
+        iters = value.get("max_iterations")
+        return Estimation(
+            method=method.upper(),
+            tolerance=None if tol is None else self.number(tol, "estimation.tolerance", positive=True),
+            max_iterations=None if iters is None else self.integer(iters, "estimation.max_iterations", 1),
+        )
+
+
+def read_path_list(list_file: Path, nifti: bool = True, check_files: bool = True) -> tuple[Path, ...]:
+    """Paths listed one per line in ``list_file`` (blank and ``#`` lines ignored).
+
+    Relative paths are relative to ``list_file``'s folder.  Errors read
+    ``<list_file>: row N: <problem>`` with N the line number.
+    """
+    try:
+        lines = list_file.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read: {exc}", str(list_file)) from None
+    out = []
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        p = Path(os.path.expanduser(text))
+        p = p if p.is_absolute() else list_file.parent / p
+        where = f"{list_file}: row {number}"
+        if nifti and not text.endswith(NIFTI_SUFFIXES):
+            raise SpecError(f"expected a NIfTI file (.nii or .nii.gz): {text}", where)
+        if check_files and not p.is_file():
+            raise SpecError(f"file not found: {p}", where)
+        out.append(p)
+    if not out:
+        raise SpecError("lists no files", str(list_file))
+    return tuple(out)
+
+
+def _first_duplicate(items: Any) -> Any:
+    seen = set()
+    for x in items:
+        if x in seen:
+            return x
+        seen.add(x)
+    return None
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, Path) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,103 @@
+"""Design from a spec: CSV reading, level coding, Z layout, contrasts, and every error path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpiblmm.design import build_design, design_from_spec
+from mpiblmm.errors import ContrastError, SpecError
+from mpiblmm.spec import load_spec
+from tests.test_spec import write_study
+
+
+def test_design_from_spec(tmp_path):
+    path = write_study(tmp_path, fixed_names=["icpt", "age"])
+    (tmp_path / "f.csv").write_text("b\na\nb\nc\n")
+    d = design_from_spec(load_spec(path))
+    assert d.n == 4 and d.p == 2 and d.fixed_names == ("icpt", "age")
+    np.testing.assert_array_equal(d.X, [[1, 0], [1, 1], [1, 2], [1, 3]])
+    f = d.factors[0]
+    assert f.labels == ("b", "a", "c")          # order of first appearance
+    np.testing.assert_array_equal(f.codes, [0, 1, 0, 2])
+    assert f.effect_names == ("z0", "z1")
+    assert d.structure.factors[0].n_levels == 3 and d.structure.q == 6
+    assert not d.X.flags.writeable and not f.codes.flags.writeable
+    c_t, c_f = d.contrasts
+    assert c_t.kind == "T" and c_t.L.shape == (1, 2) and c_t.alternative == "two-sided"
+    assert c_f.kind == "F" and c_f.L.shape == (2, 2)
+    Z = d.Z()
+    assert Z.shape == (4, 6)
+    # observation 3 is level c (code 2): columns 4 (intercept) and 5 (slope)
+    np.testing.assert_array_equal(Z[3], [0, 0, 0, 0, 1, 3])
+    np.testing.assert_array_equal(Z[1], [0, 0, 1, 1, 0, 0])
+
+
+def test_default_intercept_and_crossed_factors():
+    X = np.ones((4, 1))
+    d = build_design(X, [("s", ["1", "1", "2", "2"], None, None),
+                         ("site", ["x", "y", "x", "y"], np.ones((4, 1)), ["icpt"])])
+    assert d.fixed_names == ("x0",)
+    assert d.factors[0].effect_names == ("(Intercept)",)
+    assert d.structure.offsets == (0, 2) and d.structure.q == 4
+    np.testing.assert_array_equal(d.Z(), [[1, 0, 1, 0], [1, 0, 0, 1], [0, 1, 1, 0], [0, 1, 0, 1]])
+
+
+@pytest.mark.parametrize("file, text, expected", [
+    ("X.csv", "1,0\n1,1\n1,x\n1,3\n", "X.csv: row 3: column 2: not a number: 'x'"),
+    ("X.csv", "a,b\n1,1\n1,2\n1,3\n", "X.csv: row 1: column 1: not a number: 'a' (the file must have no header row)"),
+    ("X.csv", "1,0\n1,1\n1\n1,3\n", "X.csv: row 3: has 1 columns; row 1 has 2"),
+    ("X.csv", "1,0\n\n1,2\n1,3\n", "X.csv: row 2: empty row"),
+    ("X.csv", "1,0\n1,nan\n1,2\n1,3\n", "X.csv: row 2: column 2: not a finite number"),
+    ("X.csv", "", "X.csv: the file is empty"),
+    ("Z.csv", "1,0\n1,1\n1,2\n", "Z.csv: has 3 rows but"),
+    ("f.csv", "a\nb\n", "f.csv: has 2 rows but"),
+    ("f.csv", "a\n\nb\nc\n", "f.csv: row 2: empty level label"),
+    ("f.csv", "a,1\nb\nb\nc\n", "f.csv: row 1: expected one column"),
+    ("Z.csv", "1,0\n1,1\n1,q\n1,3\n", "Z.csv: row 3: column 2: not a number"),
+])
+def test_csv_errors(tmp_path, file, text, expected):
+    path = write_study(tmp_path)
+    (tmp_path / file).write_text(text)
+    with pytest.raises(SpecError) as info:
+        design_from_spec(load_spec(path))
+    assert str(info.value).startswith(str(tmp_path / expected.split(":")[0]))
+    assert expected.split(": ", 1)[1] in str(info.value)
+
+
+def test_trailing_blank_lines_are_fine(tmp_path):
+    path = write_study(tmp_path)
+    (tmp_path / "X.csv").write_text("1,0\n1,1\n1,2\n1,3\n\n\n")
+    assert design_from_spec(load_spec(path)).n == 4
+
+
+def test_image_count_must_match(tmp_path):
+    path = write_study(tmp_path)
+    (tmp_path / "X.csv").write_text("1,0\n1,1\n1,2\n")
+    with pytest.raises(SpecError, match=r"spec.json: images: lists 4 images but .*X.csv has 3 rows"):
+        design_from_spec(load_spec(path))
+
+
+@pytest.mark.parametrize("contrasts, expected", [
+    ([{"name": "c", "weights": [0, 1, 0]}], "contrasts[0].weights: each row needs 2 weights"),
+    ([{"name": "c", "weights": [0, 0]}], "contrasts[0].weights: all weights are zero"),
+    ([{"name": "ok", "weights": [0, 1]}, {"name": "c", "weights": [[0, 1], [0, 2]]}],
+     "contrasts[1].weights: the 2 rows are linearly dependent (rank 1)"),
+])
+def test_contrast_errors(tmp_path, contrasts, expected):
+    path = write_study(tmp_path, contrasts=contrasts)
+    with pytest.raises(ContrastError) as info:
+        design_from_spec(load_spec(path))
+    assert str(info.value).startswith(f"{path}: {expected}")
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"fixed_names": ["a", "b", "c"]}, "fixed_names: 3 names for the 2 columns"),
+    ({"random": [{"name": "s", "factor": "f.csv", "design": "Z.csv", "effect_names": ["a"]}]},
+     "random[0].effect_names: 1 names for the 2 columns"),
+])
+def test_name_count_errors(tmp_path, overrides, expected):
+    path = write_study(tmp_path, **overrides)
+    with pytest.raises(SpecError) as info:
+        design_from_spec(load_spec(path))
+    assert str(info.value).startswith(f"{path}: {expected}")

@@ -1,0 +1,171 @@
+"""Spec loading: the happy path, defaults, and one test per error path (one line, names key/file)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mpiblmm.errors import SpecError
+from mpiblmm.spec import load_spec, read_path_list
+
+
+def write_study(folder: Path, n: int = 4, **overrides) -> Path:
+    """A minimal matrix-form study; ``overrides`` replace top-level spec keys (None deletes)."""
+    (folder / "img").mkdir(exist_ok=True)
+    for i in range(n):
+        (folder / "img" / f"s{i}.nii.gz").write_bytes(b"")
+    (folder / "images.txt").write_text(
+        "# one image per row of X\n\n" + "".join(f"img/s{i}.nii.gz\n" for i in range(n)))
+    (folder / "X.csv").write_text("".join(f"1,{i}\n" for i in range(n)))
+    (folder / "f.csv").write_text("".join(f"s{i // 2}\n" for i in range(n)))
+    (folder / "Z.csv").write_text("".join(f"1,{i}\n" for i in range(n)))
+    spec = {
+        "images": "images.txt",
+        "X": "X.csv",
+        "random": [{"name": "subject", "factor": "f.csv", "design": "Z.csv"}],
+        "contrasts": [{"name": "slope", "weights": [0, 1]},
+                      {"name": "both", "weights": [[1, 0], [0, 1]]}],
+    }
+    for k, v in overrides.items():
+        if v is None:
+            spec.pop(k, None)
+        else:
+            spec[k] = v
+    path = folder / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def spec_error(path: Path) -> str:
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    text = str(info.value)
+    assert "\n" not in text
+    return text
+
+
+def test_happy_path_and_defaults(tmp_path):
+    spec = load_spec(write_study(tmp_path))
+    assert spec.images == tuple(tmp_path / "img" / f"s{i}.nii.gz" for i in range(4))
+    assert spec.packed is None
+    assert spec.X == tmp_path / "X.csv"
+    assert spec.random[0].name == "subject" and spec.random[0].design == tmp_path / "Z.csv"
+    assert [c.kind for c in spec.contrasts] == ["T", "F"]
+    assert spec.contrasts[1].weights == ((1.0, 0.0), (0.0, 1.0))
+    assert spec.output == tmp_path / "results"
+    assert spec.zero_is_missing is True
+    assert spec.estimation.method == "REML" and spec.estimation.tolerance is None
+    assert spec.missingness.min_n is None and spec.missingness.min_fraction == 0.0
+    assert json.loads(spec.text)["X"] == "X.csv"
+    assert spec.n_images == 4
+
+
+def test_all_optional_keys(tmp_path):
+    (tmp_path / "mask.nii").write_bytes(b"")
+    path = write_study(
+        tmp_path, images=[f"img/s{i}.nii.gz" for i in range(4)], output="out",
+        fixed_names=["a", "b"], analysis_mask="mask.nii",
+        observation_masks=[f"img/s{i}.nii.gz" for i in range(4)], zero_is_missing=False,
+        missingness={"min_n": 3, "min_fraction": 0.5},
+        estimation={"method": "ml", "tolerance": 1e-8, "max_iterations": 50}, max_memory_mb=512)
+    spec = load_spec(path)
+    assert spec.output == tmp_path / "out" and spec.fixed_names == ("a", "b")
+    assert spec.analysis_mask == tmp_path / "mask.nii" and len(spec.observation_masks) == 4
+    assert spec.zero_is_missing is False and spec.missingness.min_n == 3
+    assert spec.estimation.method == "ML" and spec.estimation.max_iterations == 50
+    assert spec.max_memory_mb == 512.0
+
+
+def test_packed_images(tmp_path):
+    (tmp_path / "packed.h5").write_bytes(b"")
+    spec = load_spec(write_study(tmp_path, images={"h5": "packed.h5"}))
+    assert spec.images is None and spec.packed.h5 == tmp_path / "packed.h5"
+    assert spec.packed.dataset == "/Y" and spec.n_images is None
+
+
+def test_list_file_paths_are_relative_to_the_list(tmp_path):
+    sub = tmp_path / "lists"
+    sub.mkdir()
+    (sub / "a.nii").write_bytes(b"")
+    (sub / "l.txt").write_text("a.nii\n")
+    assert read_path_list(sub / "l.txt") == (sub / "a.nii",)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"colour": 1}, "spec.json: colour: unknown key"),
+    ({"X": None}, "spec.json: X: required key is missing"),
+    ({"X": "nope.csv"}, "spec.json: X: file not found"),
+    ({"X": 3}, "spec.json: X: expected a non-empty string"),
+    ({"images": "missing.txt"}, "spec.json: images: file not found"),
+    ({"images": ["a.png"]}, "spec.json: images[0]: expected a NIfTI file"),
+    ({"images": []}, "spec.json: images: the list is empty"),
+    ({"images": {"h5": "x.h5", "extra": 1}}, "spec.json: images.extra: unknown key"),
+    ({"images": {"dataset": "/Y"}}, "spec.json: images.h5: required key is missing"),
+    ({"random": []}, "spec.json: random: expected a non-empty list"),
+    ({"random": [{"name": "s"}]}, "spec.json: random[0].factor: required key is missing"),
+    ({"random": [{"name": "a b", "factor": "f.csv"}]}, "spec.json: random[0].name: invalid name"),
+    ({"random": [{"name": "s", "factor": "f.csv", "levels": 2}]}, "spec.json: random[0].levels: unknown key"),
+    ({"random": [{"name": "s", "factor": "f.csv"}, {"name": "s", "factor": "f.csv"}]},
+     "spec.json: random: factor name 's' appears twice"),
+    ({"random": [{"name": "s", "factor": "f.csv", "effect_names": ["a", "a"]}]},
+     "spec.json: random[0].effect_names: name 'a' appears twice"),
+    ({"contrasts": {"a": 1}}, "spec.json: contrasts: expected a list"),
+    ({"contrasts": [{"name": "c/d", "weights": [1, 0]}]}, "spec.json: contrasts[0].name: invalid name"),
+    ({"contrasts": [{"name": "c", "weights": [1, "x"]}]}, "spec.json: contrasts[0].weights[1]: expected a number"),
+    ({"contrasts": [{"name": "c", "weights": []}]}, "spec.json: contrasts[0].weights: expected a non-empty list"),
+    ({"contrasts": [{"name": "c", "weights": [[1, 0], [1]]}]}, "spec.json: contrasts[0].weights: the rows have different lengths"),
+    ({"contrasts": [{"name": "c", "weights": [1, 0], "alternative": "up"}]}, "spec.json: contrasts[0].alternative: expected one of"),
+    ({"contrasts": [{"name": "c", "weights": [[1, 0]], "alternative": "less"}]}, "spec.json: contrasts[0].alternative: an F contrast"),
+    ({"contrasts": [{"name": "c", "weights": [1, 0]}, {"name": "c", "weights": [0, 1]}]},
+     "spec.json: contrasts: contrast name 'c' appears twice"),
+    ({"zero_is_missing": "yes"}, "spec.json: zero_is_missing: expected true or false"),
+    ({"missingness": {"min_n": 0}}, "spec.json: missingness.min_n: expected a whole number of at least 1"),
+    ({"missingness": {"min_fraction": 2}}, "spec.json: missingness.min_fraction: expected a number between"),
+    ({"missingness": {"min_count": 2}}, "spec.json: missingness.min_count: unknown key"),
+    ({"estimation": {"method": "OLS"}}, "spec.json: estimation.method: expected \"REML\" or \"ML\""),
+    ({"estimation": {"tolerance": -1}}, "spec.json: estimation.tolerance: expected a number greater than 0"),
+    ({"estimation": {"max_iterations": 1.5}}, "spec.json: estimation.max_iterations: expected a whole number"),
+    ({"max_memory_mb": 0}, "spec.json: max_memory_mb: expected a number greater than 0"),
+    ({"fixed_names": []}, "spec.json: fixed_names: expected a non-empty list of names"),
+    ({"analysis_mask": "mask.png"}, "spec.json: analysis_mask: expected a NIfTI file"),
+    ({"observation_masks": ["img/s0.nii.gz"]}, "spec.json: observation_masks: 1 masks for 4 images"),
+])
+def test_spec_errors(tmp_path, overrides, expected):
+    text = spec_error(write_study(tmp_path, **overrides))
+    assert text.startswith(str(tmp_path / expected.split(":")[0]))
+    assert expected.split(": ", 1)[1] in text
+
+
+def test_observation_masks_not_with_packed(tmp_path):
+    (tmp_path / "p.h5").write_bytes(b"")
+    text = spec_error(write_study(tmp_path, images={"h5": "p.h5"},
+                                  observation_masks=["img/s0.nii.gz"]))
+    assert "observation_masks: not allowed with packed" in text
+
+
+def test_json_problems(tmp_path):
+    path = tmp_path / "spec.json"
+    path.write_text('{"X": "a",\n "X": "b"}')
+    assert "key given twice: 'X'" in spec_error(path)
+    path.write_text('{"X": ')
+    assert "not valid JSON: line 1" in spec_error(path)
+    path.write_text('[1]')
+    assert "expected a JSON object" in spec_error(path)
+    assert "cannot read the spec" in spec_error(tmp_path / "none.json")
+
+
+def test_image_list_errors_name_the_row(tmp_path):
+    path = write_study(tmp_path)
+    (tmp_path / "images.txt").write_text("img/s0.nii.gz\n# c\nimg/zz.nii.gz\n")
+    assert f"{tmp_path / 'images.txt'}: row 3: file not found" in spec_error(path)
+    (tmp_path / "images.txt").write_text("img/s0.nii.gz\nimg/s1.mgz\n")
+    assert f"{tmp_path / 'images.txt'}: row 2: expected a NIfTI file" in spec_error(path)
+    (tmp_path / "images.txt").write_text("# nothing\n")
+    assert "lists no files" in spec_error(path)
+
+
+def test_check_files_false_skips_stat(tmp_path):
+    path = write_study(tmp_path, X="elsewhere.csv")
+    assert load_spec(path, check_files=False).X == tmp_path / "elsewhere.csv"
