@@ -1,0 +1,245 @@
+"""The ``mpiblmm`` command line: the argparse parser and dispatch to the subcommands.
+
+This module must import neither mpi4py nor h5py at module level: argparse-manpage imports
+it to build the man page, and importing mpi4py initialises MPI.  Handlers import what they
+need when they run.  Every subcommand runs inside :func:`mpiblmm.parallel.run_guarded`, so a
+:class:`~mpiblmm.errors.UserError` becomes one line on stderr and exit code 2 on every rank,
+and any other exception aborts the whole MPI job.
+
+Dispatch targets (written by the pipeline/IO work; each takes the argparse namespace and
+returns an exit code):
+
+- ``fit``      -> ``mpiblmm.pipeline.run_fit(args)``
+- ``export``   -> ``mpiblmm.io.export.run_export(args)``
+- ``simulate`` -> ``mpiblmm.simulate.run_simulate(args)``
+- ``env``      -> ``mpiblmm.envreport.run_env(args)``
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from mpiblmm import __version__
+from mpiblmm.errors import UserError
+
+#: Variables that pin BLAS/OpenMP to one thread per rank unless the user set them.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+#: Subcommand name -> (module, function) it dispatches to.
+DISPATCH = {
+    "env": ("mpiblmm.envreport", "run_env"),
+    "fit": ("mpiblmm.pipeline", "run_fit"),
+    "export": ("mpiblmm.io.export", "run_export"),
+    "simulate": ("mpiblmm.simulate", "run_simulate"),
+}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """Build the ``mpiblmm`` argument parser (also used by argparse-manpage).
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        The parser with one subparser per subcommand; ``args.command`` names the one chosen.
+    """
+    parser = argparse.ArgumentParser(
+        prog="mpiblmm",
+        description=(
+            "Fit voxel-wise linear mixed models to neuroimaging studies in one MPI job, "
+            "e.g. `mpirun -n 512 mpiblmm fit spec.json`."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"mpiblmm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser(
+        "env",
+        help="report MPI, HDF5, h5py and BLAS set-up; fail if the launcher and mpi4py disagree",
+        description=(
+            "Report what a user needs to trust the installation: MPI vendor and version, "
+            "the number of ranks, h5py/HDF5 versions and MPI support, numpy's BLAS and its "
+            "thread count. Exits non-zero if the job was launched as several processes but "
+            "MPI sees only one (mpi4py built against a different MPI than the mpiexec used)."
+        ),
+    )
+
+    fit = sub.add_parser(
+        "fit",
+        help="fit the model described by a spec file at every voxel",
+        description="Fit the linear mixed model described by SPEC at every voxel of the mask.",
+    )
+    fit.add_argument("spec", metavar="SPEC", help="the analysis spec (JSON)")
+    fit.add_argument(
+        "--output", "-o", metavar="PATH", help="results file or folder (default: as in the spec)"
+    )
+    fit.add_argument(
+        "--max-memory-mb",
+        type=_positive_int,
+        metavar="MB",
+        help="memory budget per rank, in MiB, used to size voxel chunks",
+    )
+    fit.add_argument("--quiet", "-q", action="store_true", help="print only warnings and errors")
+
+    export = sub.add_parser(
+        "export",
+        help="write NIfTI maps from a results file",
+        description="Write the maps stored in RESULTS_H5 as NIfTI images into DIR.",
+    )
+    export.add_argument("results", metavar="RESULTS_H5", help="results file written by `fit`")
+    export.add_argument(
+        "out_dir", metavar="DIR", nargs="?", help="output folder (default: beside RESULTS_H5)"
+    )
+
+    simulate = sub.add_parser(
+        "simulate",
+        help="write a simulated longitudinal study with known truth",
+        description="Simulate a study (images, design table and spec) with known parameters.",
+    )
+    simulate.add_argument("out_dir", metavar="OUT_DIR", help="folder to write the study into")
+    simulate.add_argument("--subjects", type=_positive_int, default=20, help="number of subjects")
+    simulate.add_argument("--visits", type=_positive_int, default=3, help="visits per subject")
+    simulate.add_argument(
+        "--shape",
+        type=_positive_int,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        default=(10, 10, 10),
+        help="image shape in voxels",
+    )
+    simulate.add_argument("--seed", type=int, default=0, help="random seed")
+    simulate.add_argument(
+        "--missing-fraction",
+        type=_fraction,
+        default=0.0,
+        metavar="F",
+        help="fraction of observations missing at edge voxels (0 to 1)",
+    )
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {value}")
+    return value
+
+
+def pin_blas_threads(environ: dict | None = None) -> None:
+    """Set one BLAS/OpenMP thread per rank unless the user chose otherwise.
+
+    Must run before numpy is imported: BLAS reads these variables when it loads.
+    """
+    environ = os.environ if environ is None else environ
+    for name in THREAD_VARIABLES:
+        environ.setdefault(name, "1")
+
+
+def check_inputs_exist(args: argparse.Namespace) -> None:
+    """Raise :class:`UserError` if a file named on the command line does not exist.
+
+    Cheap checks that need no MPI; the handlers validate contents.
+    """
+    if args.command == "fit":
+        _require_file(args.spec, "SPEC")
+    elif args.command == "export":
+        _require_file(args.results, "RESULTS_H5")
+
+
+def _require_file(path: str, what: str) -> None:
+    if not Path(path).is_file():
+        raise UserError(f"{what} file not found: {path}")
+
+
+def resolve_handler(command: str) -> Callable[[argparse.Namespace], int]:
+    """Import and return the function a subcommand dispatches to.
+
+    Raises
+    ------
+    UserError
+        If that part of mpiblmm is not available in this installation.
+    """
+    module_name, function_name = DISPATCH[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not module_name.startswith(exc.name):
+            raise  # a dependency of the module is missing: a real installation problem
+        raise UserError(
+            f"`mpiblmm {command}` is not available in this version ({module_name} is missing)"
+        ) from None
+    handler = getattr(module, function_name, None)
+    if handler is None:
+        raise UserError(
+            f"`mpiblmm {command}` is not available in this version "
+            f"({module_name}.{function_name} is missing)"
+        )
+    return handler
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mpiblmm`` console script.
+
+    Parameters
+    ----------
+    argv
+        Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The process exit code: 0 on success, 2 for a user error (on every rank).
+    """
+    args = get_parser().parse_args(argv)
+    pin_blas_threads()
+
+    # Imported here, not at module level: importing mpi4py initialises MPI.
+    from mpi4py import MPI
+
+    from mpiblmm.parallel import (
+        LAUNCHER_MISMATCH_EXIT_CODE,
+        agree_on_user_error,
+        launcher_mismatch,
+        run_guarded,
+    )
+
+    comm = MPI.COMM_WORLD
+    mismatch = launcher_mismatch(comm)
+    if mismatch and args.command != "env":  # `env` reports it in full
+        print(f"mpiblmm: error: {mismatch}", file=sys.stderr, flush=True)
+        return LAUNCHER_MISMATCH_EXIT_CODE
+
+    def job() -> int:
+        problem = None
+        try:
+            check_inputs_exist(args)
+            handler = resolve_handler(args.command)
+        except UserError as exc:
+            problem = exc
+        agree_on_user_error(comm, problem)  # every rank raises together, or none does
+        return handler(args)
+
+    return run_guarded(job, comm)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
