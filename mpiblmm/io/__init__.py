@@ -1,0 +1,130 @@
+"""HDF5 and NIfTI input/output: packed images, the results file, NIfTI maps.  No statistics.
+
+How parallel HDF5 is used everywhere in ``mpiblmm.io`` (the one place that says it):
+
+- A file written by several ranks is opened with :func:`open_h5` on every rank of the
+  communicator (``driver="mpio"``).  Everything that changes the file's *structure*
+  (creating groups and datasets, writing attributes, resizing) is collective: every rank
+  makes the same calls in the same order with the same arguments and values.  Our writers
+  therefore compute structure and attribute values identically on all ranks (or broadcast
+  them from rank 0 first).  Datasets are created full size with their fill values before any
+  data is written, so data writes never change the structure.
+- Raw data is read and written with :func:`read_hyperslab` / :func:`write_hyperslab`.
+  ``collective=True`` makes the transfer collective: every rank must call it the same number
+  of times, also a rank whose selection is empty (it then selects nothing, which HDF5
+  accepts; h5py's high-level slicing skips empty selections and hangs the job, h5py issue
+  965, which is why these helpers use the low-level API).  ``collective=False`` is an
+  independent transfer that a rank may make on its own, at its own pace.
+- Without MPI (``comm`` is ``None`` or h5py lacks MPI) the same code runs on one process with
+  the default driver, so tests and small studies need no MPI at all.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+#: HDF5 file format bounds: 1.8 and newer, so attributes may exceed 64 KiB (the spec text).
+LIBVER = ("v108", "latest")
+
+
+def comm_size(comm: Any) -> int:
+    """Number of ranks of ``comm`` (1 for ``None``)."""
+    return 1 if comm is None else int(comm.Get_size())
+
+
+def comm_rank(comm: Any) -> int:
+    """Rank in ``comm`` (0 for ``None``)."""
+    return 0 if comm is None else int(comm.Get_rank())
+
+
+def parallel_h5() -> bool:
+    """True when h5py was built with MPI (parallel HDF5)."""
+    import h5py
+
+    return bool(h5py.get_config().mpi)
+
+
+def open_h5(path: str | os.PathLike, mode: str, comm: Any = None) -> Any:
+    """Open an HDF5 file for all ranks of ``comm`` (``mpio``), or serially.
+
+    With ``comm`` of size > 1 h5py must support MPI; otherwise a ``RuntimeError`` (an
+    installation problem, not a user error).  Collective: every rank of ``comm`` calls it.
+    """
+    import h5py
+
+    if comm_size(comm) > 1:
+        if not parallel_h5():
+            raise RuntimeError("h5py was built without MPI: run scripts/setup.sh to build it "
+                               "against parallel HDF5")
+        return h5py.File(path, mode, driver="mpio", comm=comm, libver=LIBVER)
+    return h5py.File(path, mode, libver=LIBVER) if mode != "r" else h5py.File(path, mode)
+
+
+def _dxpl(collective: bool) -> Any:
+    import h5py
+
+    dxpl = h5py.h5p.create(h5py.h5p.DATASET_XFER)
+    if collective and parallel_h5():
+        dxpl.set_dxpl_mpio(h5py.h5fd.MPIO_COLLECTIVE)
+    return dxpl
+
+
+def _spaces(dset: Any, start: Sequence[int], count: Sequence[int]) -> tuple[Any, Any, bool]:
+    import h5py
+
+    start = tuple(int(s) for s in start)
+    count = tuple(int(c) for c in count)
+    if len(start) != dset.ndim or len(count) != dset.ndim:
+        raise ValueError(f"hyperslab of rank {len(start)} on a dataset of rank {dset.ndim}")
+    fspace = dset.id.get_space()
+    empty = any(c == 0 for c in count)
+    if empty:
+        fspace.select_none()
+        mspace = h5py.h5s.create_simple((1,))
+        mspace.select_none()
+    else:
+        fspace.select_hyperslab(start, count)
+        mspace = h5py.h5s.create_simple(count)
+    return fspace, mspace, empty
+
+
+def read_hyperslab(dset: Any, start: Sequence[int], count: Sequence[int],
+                   collective: bool = False, dtype: Any = None) -> np.ndarray:
+    """Read the block ``start .. start+count`` of ``dset`` (any count may be 0).
+
+    Parameters
+    ----------
+    dset
+        An h5py dataset.
+    start, count
+        Corner and extent, one entry per dimension.
+    collective
+        Collective transfer (every rank of the file's communicator calls, see module doc).
+    dtype
+        Memory dtype (default the dataset's); HDF5 converts.
+    """
+    fspace, mspace, empty = _spaces(dset, start, count)
+    dtype = np.dtype(dset.dtype if dtype is None else dtype)
+    out = np.empty(tuple(int(c) for c in count), dtype=dtype)
+    buf = np.empty((1,), dtype=dtype) if empty else out
+    dset.id.read(mspace, fspace, buf, dxpl=_dxpl(collective))
+    return out
+
+
+def write_hyperslab(dset: Any, start: Sequence[int], data: np.ndarray,
+                    collective: bool = False) -> None:
+    """Write ``data`` into ``dset`` at ``start`` (``data`` may be empty); see :func:`read_hyperslab`."""
+    data = np.ascontiguousarray(data, dtype=dset.dtype)
+    if data.ndim != dset.ndim:
+        raise ValueError(f"writing a {data.ndim}-d block into a {dset.ndim}-d dataset {dset.name}")
+    fspace, mspace, empty = _spaces(dset, start, data.shape)
+    buf = np.zeros((1,), dtype=dset.dtype) if empty else data
+    dset.id.write(mspace, fspace, buf, dxpl=_dxpl(collective))
+
+
+def make_dirs(path: str | os.PathLike) -> None:
+    """Create a folder (and parents) if missing; safe when several ranks do it at once."""
+    os.makedirs(path, exist_ok=True)

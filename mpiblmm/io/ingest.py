@@ -1,0 +1,465 @@
+"""NIfTI images -> one packed HDF5 matrix (observations x candidate voxels), and slab reads.
+
+The packed file (``<output>/packed.h5``, format ``mpiblmm-packed-1``; ``docs/SPEC.md`` is the
+user's description) holds:
+
+- ``/Y`` (n, V) float32: row ``i`` is image ``i``, column ``j`` candidate voxel ``j``; NaN
+  where the observation is missing (NaN/Inf in the image, 0.0 when ``zero_is_missing``, or
+  outside the image's observation mask).  Attributes ``grid_shape`` (3,), ``affine`` (4, 4)
+  and ``voxels`` = ``"/voxels"``.
+- ``/voxels`` (V, 3) int32: i, j, k of each candidate voxel, in C order.  A candidate voxel is
+  in the analysis mask and observed in at least one image.
+- ``/images`` (n,) the source image paths; root attributes ``format``, ``complete`` (true once
+  written), ``zero_is_missing``, ``n_observations``, ``grid_shape``, ``affine``, ``source``
+  (a fingerprint of the inputs, so a second fit with the same inputs reuses the file).
+
+Chunking of ``/Y``: chunks span every observation and ``c = 1 MiB / (4 n)`` voxels, so a
+slab read (all observations of a run of voxels) touches whole chunks only, about one per
+``c`` voxels.  Writes during packing are row blocks; parallel HDF5 aggregates them
+(collective I/O).  The data is not compressed: parallel HDF5 1.10 cannot compress
+independent writes.
+
+Packing runs in parallel: ranks share the images (contiguous blocks), read them with
+nibabel, reduce "observed anywhere" over ranks, create the file collectively and write
+their rows collectively.  Images are read once if a rank's rows fit half its memory budget,
+else twice.  Collective rules: see :mod:`mpiblmm.io`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from mpiblmm.errors import SpecError, UserError
+from mpiblmm.io import comm_rank, comm_size, make_dirs, open_h5, read_hyperslab, write_hyperslab
+from mpiblmm.io.nifti import Grid, read_grid, read_volume
+
+PACKED_FORMAT = "mpiblmm-packed-1"
+PACKED_NAME = "packed.h5"
+CHUNK_BYTES = 1 << 20
+#: Memory budget per rank when the spec sets none (MiB).
+DEFAULT_MEMORY_MB = 2048.0
+#: Largest block of rows one rank writes at once (bytes).
+WRITE_BLOCK_BYTES = 64 << 20
+
+
+@dataclass(frozen=True, eq=False)
+class PackedInput:
+    """Where the observations are and which voxels are fitted.
+
+    ``voxels`` (V, 3) int32 candidate voxels in C order; ``columns`` (V,) int64 the stored
+    voxel index of each (a column of a 2-D dataset, or the C-order grid index of a 4-D one).
+    """
+
+    path: Path
+    dataset: str
+    n_observations: int
+    grid_shape: tuple[int, int, int]
+    affine: np.ndarray
+    voxels: np.ndarray
+    columns: np.ndarray
+    grid_layout: bool = False
+    zero_is_missing: bool = True
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self.voxels.shape[0])
+
+
+# --------------------------------------------------------------------------- agreement
+def _agree(comm: Any, error: BaseException | None) -> None:
+    """Raise on every rank if any rank has a user error (the lowest rank's message)."""
+    if comm_size(comm) == 1:
+        if error is not None:
+            raise error
+        return
+    from mpiblmm.parallel import agree_on_user_error
+
+    agree_on_user_error(comm, error)
+
+
+def _on_root(comm: Any, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0, agree on its user error, broadcast its value."""
+    value, error = None, None
+    if comm_rank(comm) == 0:
+        try:
+            value = fn()
+        except UserError as exc:
+            error = exc
+    _agree(comm, error)
+    return value if comm_size(comm) == 1 else comm.bcast(value, root=0)
+
+
+def missing(values: np.ndarray, zero_is_missing: bool) -> np.ndarray:
+    """Boolean array: NaN/Inf always missing, exact 0.0 when ``zero_is_missing``."""
+    miss = ~np.isfinite(values)
+    if zero_is_missing:
+        miss |= values == 0
+    return miss
+
+
+# --------------------------------------------------------------------------- entry point
+def prepare_input(spec: Any, comm: Any = None, n_expected: int | None = None,
+                  path: Path | None = None) -> PackedInput:
+    """Collective: the packed input of a spec, packing NIfTI images if needed.
+
+    Parameters
+    ----------
+    spec
+        A :class:`mpiblmm.spec.Spec`.
+    comm
+        Communicator (``None`` for one process).
+    n_expected
+        Number of observations the design has (rows of X); a packed file must match it.
+    path
+        Where to pack NIfTI images (default ``<spec.output>/packed.h5``).
+    """
+    if spec.packed is not None:
+        packed = open_packed(spec.packed.h5, spec.packed.dataset, comm=comm,
+                             analysis_mask=spec.analysis_mask,
+                             zero_is_missing=spec.zero_is_missing)
+        if n_expected is not None and packed.n_observations != n_expected:
+            _agree(comm, SpecError(f"{spec.packed.dataset} has {packed.n_observations} "
+                                   f"observations but {spec.X} has {n_expected} rows",
+                                   str(spec.packed.h5)))
+        return packed
+    return pack_images(
+        spec.images, Path(spec.output) / PACKED_NAME if path is None else path, comm=comm,
+        analysis_mask=spec.analysis_mask, observation_masks=spec.observation_masks,
+        zero_is_missing=spec.zero_is_missing,
+        max_memory_mb=spec.max_memory_mb or DEFAULT_MEMORY_MB)
+
+
+# --------------------------------------------------------------------------- packing
+def _fingerprint(images: Sequence[Path], masks: Sequence[Path] | None,
+                 analysis_mask: Path | None, zero_is_missing: bool) -> str:
+    """A hash of the inputs' paths, sizes and modification times (stat only, no reads)."""
+    h = hashlib.sha256()
+    files = list(images) + list(masks or []) + ([analysis_mask] if analysis_mask else [])
+    h.update(json.dumps([PACKED_FORMAT, len(images), bool(masks), analysis_mask is not None,
+                         zero_is_missing]).encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _reusable(path: Path, fingerprint: str) -> bool:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return (f.attrs.get("format") == PACKED_FORMAT and bool(f.attrs.get("complete"))
+                    and f.attrs.get("source") == fingerprint)
+    except (OSError, KeyError):
+        return False
+
+
+def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
+                analysis_mask: Path | None = None,
+                observation_masks: Sequence[Path] | None = None,
+                zero_is_missing: bool = True,
+                max_memory_mb: float = DEFAULT_MEMORY_MB) -> PackedInput:
+    """Collective: pack NIfTI images into ``path`` (see the module doc for the layout).
+
+    Reuses an existing complete ``path`` made from the same inputs (same paths, sizes and
+    modification times).  Raises :class:`UserError` (agreed on every rank) for an image that
+    cannot be read or lies on another grid (the first such image), or when no voxel is
+    observed.
+    """
+    images = [Path(p) for p in images]
+    masks = None if observation_masks is None else [Path(p) for p in observation_masks]
+    n = len(images)
+    path = Path(path)
+
+    def look() -> tuple[Grid, np.ndarray | None, str, bool]:
+        grid = read_grid(images[0])
+        mask = None
+        if analysis_mask is not None:
+            m = read_volume(Path(analysis_mask), grid, reference=str(images[0]))
+            mask = np.isfinite(m) & (m != 0)
+        fp = _fingerprint(images, masks, analysis_mask, zero_is_missing)
+        return grid, mask, fp, path.exists() and _reusable(path, fp)
+
+    grid, mask, fingerprint, reuse = _on_root(comm, look)
+    if reuse:
+        return open_packed(path, "/Y", comm=comm, zero_is_missing=zero_is_missing)
+
+    flat_mask = (np.arange(int(np.prod(grid.shape))) if mask is None
+                 else np.flatnonzero(mask.reshape(-1)))
+    size, rank = comm_size(comm), comm_rank(comm)
+    start, stop = _partition(n, size, rank)
+    budget = 0.5 * max_memory_mb * 2**20
+    cache_ok = (stop - start) * flat_mask.size * 4 <= budget
+    reference = str(images[0])
+
+    def load_row(i: int) -> np.ndarray:
+        vals = read_volume(images[i], grid, reference).reshape(-1)[flat_mask]
+        miss = missing(vals, zero_is_missing)
+        if masks is not None:
+            m = read_volume(masks[i], grid, reference).reshape(-1)[flat_mask]
+            miss |= ~(np.isfinite(m) & (m != 0))
+        vals[miss] = np.nan
+        return vals
+
+    # Pass 1: which voxels are observed anywhere (and keep the rows if they fit).
+    observed = np.zeros(flat_mask.size, dtype=np.uint8)
+    cache: list[np.ndarray] = []
+    error = None
+    try:
+        for i in range(start, stop):
+            row = load_row(i)
+            observed |= np.isfinite(row)
+            if cache_ok:
+                cache.append(row)
+    except UserError as exc:
+        error = exc
+    _agree(comm, error)
+    if size > 1:
+        from mpi4py import MPI
+
+        comm.Allreduce(MPI.IN_PLACE, observed, op=MPI.MAX)
+    keep = np.flatnonzero(observed)
+    if keep.size == 0:
+        _agree(comm, UserError("no voxel is observed in any image"
+                               + (" inside the analysis mask" if mask is not None else ""),
+                               reference))
+    flat = flat_mask[keep]
+    voxels = np.column_stack(np.unravel_index(flat, grid.shape)).astype(np.int32)
+    V = int(flat.size)
+
+    # Pass 2: create the file collectively and write the rows.
+    make_dirs(path.parent)
+    names = np.array([str(p).encode("utf-8") for p in images])
+    with open_h5(path, "w", comm) as f:
+        _packed_attrs(f, n, grid, zero_is_missing, fingerprint)
+        chunk_cols = max(1, min(V, CHUNK_BYTES // (4 * n)))
+        Y = f.create_dataset("Y", shape=(n, V), dtype="f4", chunks=(n, chunk_cols),
+                             fillvalue=np.nan)
+        Y.attrs["grid_shape"] = np.asarray(grid.shape, dtype=np.int64)
+        Y.attrs["affine"] = grid.affine
+        Y.attrs["voxels"] = "/voxels"
+        vox = f.create_dataset("voxels", shape=(V, 3), dtype="i4")
+        img = f.create_dataset("images", shape=(n,), dtype=names.dtype)
+        root = rank == 0
+        write_hyperslab(vox, (0, 0), voxels if root else voxels[:0], collective=True)
+        write_hyperslab(img, (0,), names if root else names[:0], collective=True)
+
+        block = max(1, WRITE_BLOCK_BYTES // (4 * V))
+        most = -(-n // size)  # rows of the busiest rank
+        for b in range(-(-most // block)):
+            lo = min(stop, start + b * block)
+            hi = min(stop, lo + block)
+            if cache_ok:
+                rows = cache[lo - start:hi - start]
+            else:
+                rows = [load_row(i) for i in range(lo, hi)]  # already read once: no new errors
+            data = (np.stack([r[keep] for r in rows]) if rows
+                    else np.empty((0, V), dtype=np.float32))
+            write_hyperslab(Y, (lo, 0), data, collective=True)
+            cache[lo - start:hi - start] = [None] * (hi - lo) if cache_ok else []  # free memory
+        f.flush()
+        f.attrs["complete"] = True
+    return PackedInput(path, "/Y", n, grid.shape, grid.affine, voxels,
+                       np.arange(V, dtype=np.int64), False, zero_is_missing)
+
+
+def _packed_attrs(f: Any, n: int, grid: Grid, zero_is_missing: bool, fingerprint: str) -> None:
+    f.attrs["format"] = PACKED_FORMAT
+    f.attrs["complete"] = False
+    f.attrs["n_observations"] = n
+    f.attrs["zero_is_missing"] = zero_is_missing
+    f.attrs["grid_shape"] = np.asarray(grid.shape, dtype=np.int64)
+    f.attrs["affine"] = grid.affine
+    f.attrs["source"] = fingerprint
+
+
+def _partition(n: int, parts: int, part: int) -> tuple[int, int]:
+    from mpiblmm.parallel import partition
+
+    s = partition(n, parts, part)
+    return int(s.start), int(s.stop)
+
+
+# --------------------------------------------------------------------------- packed input
+def _describe_packed(path: Path, dataset: str, analysis_mask: Path | None) -> tuple:
+    """Rank 0: validate a packed file.
+
+    Returns (n, grid shape, affine, stored (S,) grid index of each stored voxel, keep (indices
+    into stored inside the mask), 4-D layout?, packed by us?, packed with zero_is_missing?).
+    """
+    import h5py
+
+    where = str(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise SpecError(f"not a readable HDF5 file ({exc})", where) from None
+    with f:
+        if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
+            raise SpecError(f"has no dataset {dataset!r}", where)
+        ds = f[dataset]
+        ours = f.attrs.get("format") == PACKED_FORMAT
+        if ours and not bool(f.attrs.get("complete")):
+            raise SpecError("packing did not finish (attribute complete is false); pack again", where)
+        if ds.dtype.kind not in "fiu" or ds.ndim not in (2, 4):
+            raise SpecError(f"{dataset}: expected a numeric (observations x voxels) or "
+                            f"(observations x grid) dataset, got {ds.dtype} {ds.shape}", where)
+        if "affine" not in ds.attrs:
+            raise SpecError(f"{dataset}: attribute 'affine' (4x4) is missing", where)
+        affine = np.asarray(ds.attrs["affine"], dtype=np.float64)
+        if affine.shape != (4, 4):
+            raise SpecError(f"{dataset}: attribute 'affine' must be 4x4, got {affine.shape}", where)
+        if "grid_shape" in ds.attrs:
+            shape = tuple(int(s) for s in np.asarray(ds.attrs["grid_shape"]).ravel())
+        elif ds.ndim == 4:
+            shape = tuple(int(s) for s in ds.shape[1:])
+        else:
+            raise SpecError(f"{dataset}: attribute 'grid_shape' is missing", where)
+        if len(shape) != 3 or min(shape) < 1:
+            raise SpecError(f"{dataset}: grid_shape must be 3 positive sizes, got {shape}", where)
+        n_grid = int(np.prod(shape))
+        if ds.ndim == 4:
+            if tuple(ds.shape[1:]) != shape:
+                raise SpecError(f"{dataset}: shape {ds.shape} does not match grid_shape {shape}", where)
+            stored = np.arange(n_grid, dtype=np.int64)
+        elif "voxels" in ds.attrs:
+            name = ds.attrs["voxels"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            if name not in f:
+                raise SpecError(f"{dataset}: its voxels dataset {name!r} is missing", where)
+            vox = np.asarray(f[name][...])
+            if vox.shape != (ds.shape[1], 3):
+                raise SpecError(f"{name}: expected shape ({ds.shape[1]}, 3), got {vox.shape}", where)
+            if np.any(vox < 0) or np.any(vox >= np.asarray(shape)):
+                raise SpecError(f"{name}: a voxel lies outside grid_shape {shape}", where)
+            stored = np.ravel_multi_index(tuple(vox.T.astype(np.int64)), shape)
+            if np.any(np.diff(stored) <= 0):
+                raise SpecError(f"{name}: voxels must be distinct and in C order", where)
+        elif ds.shape[1] == n_grid:
+            stored = np.arange(n_grid, dtype=np.int64)
+        else:
+            raise SpecError(f"{dataset}: {ds.shape[1]} columns but the grid has {n_grid} voxels "
+                            "and there is no 'voxels' attribute naming their coordinates", where)
+        n = int(ds.shape[0])
+        stored_zim = bool(f.attrs.get("zero_is_missing", False))
+        grid_layout = ds.ndim == 4
+    if analysis_mask is not None:
+        m = read_volume(Path(analysis_mask), Grid(shape, affine), reference=where)
+        in_mask = (np.isfinite(m) & (m != 0)).reshape(-1)
+        keep = np.flatnonzero(in_mask[stored])
+    else:
+        keep = np.arange(stored.size, dtype=np.int64)
+    return n, shape, affine, stored, keep, grid_layout, ours, stored_zim
+
+
+def open_packed(path: Path, dataset: str = "/Y", comm: Any = None,
+                analysis_mask: Path | None = None, zero_is_missing: bool = True) -> PackedInput:
+    """Collective: describe a packed file and find its candidate voxels.
+
+    Candidate voxels are the stored voxels inside ``analysis_mask`` that are observed at least
+    once.  For a file we packed ourselves (every stored voxel observed) with a
+    ``zero_is_missing`` at least as strict as now, no data is read; otherwise the ranks share
+    one pass over the data.
+    """
+    path = Path(path)
+    n, shape, affine, stored, keep, grid_layout, ours, stored_zim = _on_root(
+        comm, lambda: _describe_packed(path, dataset, analysis_mask))
+    columns = stored[keep] if grid_layout else keep.astype(np.int64)
+    if not (ours and (stored_zim or not zero_is_missing)):
+        seen = _observed_columns(path, dataset, n, shape, columns, grid_layout,
+                                 zero_is_missing, comm)
+        keep, columns = keep[seen], columns[seen]
+    if keep.size == 0:
+        _agree(comm, UserError("no voxel is observed in any observation"
+                               + (" inside the analysis mask" if analysis_mask else ""), str(path)))
+    voxels = np.column_stack(np.unravel_index(stored[keep], shape)).astype(np.int32)
+    return PackedInput(path, dataset, n, shape, affine, voxels, columns.astype(np.int64),
+                       grid_layout, zero_is_missing)
+
+
+def _observed_columns(path: Path, dataset: str, n: int, shape: tuple[int, int, int],
+                      cols: np.ndarray, grid_layout: bool, zero_is_missing: bool,
+                      comm: Any) -> np.ndarray:
+    """Collective: boolean (len(cols),) whether each stored column is observed at least once."""
+    stub = PackedInput(path, dataset, n, shape, np.eye(4), np.zeros((cols.size, 3), np.int32),
+                       cols, grid_layout, zero_is_missing)
+    start, stop = _partition(cols.size, comm_size(comm), comm_rank(comm))
+    block = max(1, WRITE_BLOCK_BYTES // (8 * max(n, 1)))
+    most = -(-cols.size // comm_size(comm))
+    out = np.zeros(stop - start, dtype=bool)
+    with SlabReader(stub, comm) as reader:
+        for b in range(-(-most // block)):
+            lo = min(stop, start + b * block)
+            hi = min(stop, lo + block)
+            out[lo - start:hi - start] = np.isfinite(reader.read(lo, hi)).any(axis=1)
+    if comm_size(comm) == 1:
+        return out
+    return np.concatenate(comm.allgather(out))
+
+
+# --------------------------------------------------------------------------- slab reads
+class SlabReader:
+    """Reads all observations of runs of candidate voxels; open once, read many times.
+
+    Collective to open and close (every rank of ``comm``).  :meth:`read` with
+    ``collective=True`` must be called by every rank the same number of times, also with an
+    empty range; with ``collective=False`` each rank reads on its own.
+    """
+
+    def __init__(self, packed: PackedInput, comm: Any = None) -> None:
+        self.packed = packed
+        self.file = open_h5(packed.path, "r", comm)
+        self.dset = self.file[packed.dataset]
+
+    def read(self, start: int, stop: int, collective: bool = True) -> np.ndarray:
+        """(stop - start, n) float64 observations of candidate voxels ``[start, stop)``.
+
+        Missing observations are NaN (NaN/Inf, and 0.0 when ``zero_is_missing``).
+        """
+        p = self.packed
+        n = p.n_observations
+        cols = p.columns[start:stop]
+        ds = self.dset
+        if cols.size == 0:
+            read_hyperslab(ds, (0,) * ds.ndim, (0,) * ds.ndim, collective=collective)
+            return np.empty((0, n))
+        c0, c1 = int(cols[0]), int(cols[-1]) + 1
+        if p.grid_layout:
+            plane = p.grid_shape[1] * p.grid_shape[2]
+            i0, i1 = c0 // plane, (c1 - 1) // plane + 1
+            block = read_hyperslab(ds, (0, i0, 0, 0), (n, i1 - i0) + p.grid_shape[1:],
+                                   collective=collective, dtype=np.float64)
+            block = block.reshape(n, -1)
+            base = i0 * plane
+        else:
+            block = read_hyperslab(ds, (0, c0), (n, c1 - c0), collective=collective,
+                                   dtype=np.float64)
+            base = c0
+        idx = cols - base
+        out = block[:, idx] if idx.size != block.shape[1] else block
+        out = np.ascontiguousarray(out.T)
+        out[missing(out, p.zero_is_missing)] = np.nan
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> "SlabReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def read_slab(packed: PackedInput, start: int, stop: int, comm: Any = None,
+              collective: bool = True) -> np.ndarray:
+    """Collective: open, read candidate voxels ``[start, stop)`` (voxels x observations), close."""
+    with SlabReader(packed, comm) as reader:
+        return reader.read(start, stop, collective=collective)

@@ -1,0 +1,278 @@
+"""The results file: its layout, slab writes by every rank, and resume bookkeeping.
+
+``docs/RESULTS.md`` is the user's description.  The life of a results file:
+
+1. :func:`create_results` (collective) creates every dataset at full size, filled with NaN
+   (floats), 0 (counts) or :data:`STATUS_NOT_PROCESSED` (``status``), writes the voxel
+   coordinates and the root attributes with ``complete = False``, and flushes, so a killed job
+   leaves a readable file.
+2. Each rank calls :meth:`ResultsWriter.write` for runs ``[start, stop)`` of its own voxels as
+   it finishes them; by default these are independent writes (a rank writes at its own pace).
+   After the values, the run's entries of ``progress/done`` are set to 1: a later run can
+   resume by fitting only voxels whose flag is 0 (:meth:`ResultsWriter.pending`), with any
+   number of ranks, since the flags are per voxel.
+3. :meth:`ResultsWriter.finish` (collective) flushes, counts voxels per status over the whole
+   file, writes the summary attributes (rank 0's values, broadcast, so every rank writes the
+   same) and only then ``complete = True``.
+
+Collective rules: see :mod:`mpiblmm.io`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from mpiblmm import __version__
+from mpiblmm.errors import UserError
+from mpiblmm.io import comm_rank, comm_size, make_dirs, open_h5, read_hyperslab, write_hyperslab
+from mpiblmm.lmm.model import STATUS_CODES
+
+RESULTS_FORMAT = "mpiblmm-results-1"
+RESULTS_NAME = "results.h5"
+#: ``status`` of a voxel the fit has not reached (yet).
+STATUS_NOT_PROCESSED = 255
+T_STATS = ("estimate", "se", "t", "df", "p", "neglog10p")
+F_STATS = ("F", "df_num", "df_den", "p", "neglog10p", "r2")
+
+
+def status_codes() -> dict[int, str]:
+    """The codes written into ``status`` (the estimator's, plus "not processed")."""
+    codes = dict(STATUS_CODES)
+    codes[STATUS_NOT_PROCESSED] = "not processed (the fit did not reach this voxel)"
+    return codes
+
+
+@dataclass(frozen=True)
+class ContrastLayout:
+    """A contrast as the results file needs it: ``kind`` "T" or "F", ``L`` rows."""
+
+    name: str
+    kind: str
+    L: tuple[tuple[float, ...], ...]
+    alternative: str = "two-sided"
+
+    @property
+    def stats(self) -> tuple[str, ...]:
+        return T_STATS if self.kind == "T" else F_STATS
+
+
+@dataclass(frozen=True)
+class ResultsLayout:
+    """Everything that fixes the shape of a results file (identical on every rank)."""
+
+    n_voxels: int
+    fixed_names: tuple[str, ...]
+    factors: tuple[tuple[str, tuple[str, ...]], ...]
+    contrasts: tuple[ContrastLayout, ...]
+    method: str
+    grid_shape: tuple[int, int, int]
+    affine: tuple[tuple[float, ...], ...]
+    spec_text: str = ""
+
+    @classmethod
+    def from_design(cls, design: Any, n_voxels: int, grid_shape: Sequence[int],
+                    affine: np.ndarray, method: str, spec_text: str = "") -> "ResultsLayout":
+        """From a :class:`mpiblmm.design.Design` (read through its attributes only)."""
+        return cls(
+            n_voxels=int(n_voxels),
+            fixed_names=tuple(design.fixed_names),
+            factors=tuple((f.name, tuple(f.effect_names)) for f in design.factors),
+            contrasts=tuple(ContrastLayout(c.name, c.kind, tuple(map(tuple, np.asarray(c.L).tolist())),
+                                           c.alternative) for c in design.contrasts),
+            method=method,
+            grid_shape=tuple(int(s) for s in grid_shape),  # type: ignore[arg-type]
+            affine=tuple(map(tuple, np.asarray(affine, dtype=float).tolist())),
+            spec_text=spec_text,
+        )
+
+    @property
+    def p(self) -> int:
+        return len(self.fixed_names)
+
+    def datasets(self) -> dict[str, tuple[tuple[int, ...], str, Any]]:
+        """Path -> (shape, dtype, fill value) of every per-voxel dataset, in creation order."""
+        V, p = self.n_voxels, self.p
+        out: dict[str, tuple[tuple[int, ...], str, Any]] = {
+            "status": ((V,), "u1", STATUS_NOT_PROCESSED),
+            "n": ((V,), "i4", 0),
+            "iterations": ((V,), "i4", 0),
+            "beta": ((V, p), "f8", np.nan),
+            "sigma2": ((V,), "f8", np.nan),
+            "llh": ((V,), "f8", np.nan),
+            "cov_beta": ((V, p, p), "f8", np.nan),
+        }
+        for name, effects in self.factors:
+            q = len(effects)
+            out[f"random/{name}/cov"] = ((V, q, q), "f8", np.nan)
+        for c in self.contrasts:
+            for stat in c.stats:
+                out[f"contrasts/{c.name}/{stat}"] = ((V,), "f8", np.nan)
+        return out
+
+
+def _str_array(items: Sequence[str]) -> np.ndarray:
+    import h5py
+
+    return np.array(list(items), dtype=h5py.string_dtype())
+
+
+def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
+                   comm: Any = None) -> "ResultsWriter":
+    """Collective: create ``path`` with every dataset at full size; return a writer.
+
+    ``voxels`` (V, 3) must be the same on every rank (rank 0's copy is written).
+    """
+    path = Path(path)
+    voxels = np.asarray(voxels, dtype=np.int32)
+    if voxels.shape != (layout.n_voxels, 3):
+        raise ValueError(f"voxels has shape {voxels.shape}, layout says ({layout.n_voxels}, 3)")
+    make_dirs(path.parent)
+    f = open_h5(path, "w", comm)
+    try:
+        a = f.attrs
+        a["complete"] = False
+        a["format"] = RESULTS_FORMAT
+        a["version"] = __version__
+        a["method"] = layout.method
+        a["spec"] = layout.spec_text
+        a["grid_shape"] = np.asarray(layout.grid_shape, dtype=np.int64)
+        a["affine"] = np.asarray(layout.affine, dtype=np.float64)
+        vox = f.create_dataset("voxels", shape=voxels.shape, dtype="i4")
+        f.create_group("random")
+        f.create_group("contrasts")
+        for name, (shape, dtype, fill) in layout.datasets().items():
+            f.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill)
+        f["status"].attrs["codes"] = json.dumps({str(k): v for k, v in status_codes().items()})
+        f["beta"].attrs["names"] = _str_array(layout.fixed_names)
+        f["cov_beta"].attrs["names"] = _str_array(layout.fixed_names)
+        for name, effects in layout.factors:
+            f[f"random/{name}/cov"].attrs["names"] = _str_array(effects)
+        for c in layout.contrasts:
+            g = f[f"contrasts/{c.name}"]
+            g.attrs["kind"] = c.kind
+            g.attrs["weights"] = np.asarray(c.L, dtype=np.float64)
+            g.attrs["alternative"] = c.alternative
+        done = f.create_dataset("progress/done", shape=(layout.n_voxels,), dtype="u1", fillvalue=0)
+        done.attrs["meaning"] = "1 once every result of the voxel is written"
+        root = comm_rank(comm) == 0
+        write_hyperslab(vox, (0, 0), voxels if root else voxels[:0], collective=True)
+        f.flush()
+    except BaseException:
+        f.close()
+        raise
+    return ResultsWriter(f, comm)
+
+
+def open_results(path: Path, comm: Any = None, spec_text: str | None = None) -> "ResultsWriter":
+    """Collective: reopen an existing results file to resume writing into it.
+
+    Marks it incomplete until :meth:`ResultsWriter.finish`.  With ``spec_text``, the file
+    must have been created for that very spec (else a :class:`UserError`, on every rank).
+    """
+    path = Path(path)
+    f = open_h5(path, "r+", comm)
+    if f.attrs.get("format") != RESULTS_FORMAT or (
+            spec_text is not None and f.attrs.get("spec") != spec_text):
+        f.close()
+        raise UserError("cannot resume: it was written for another spec (or is not a results "
+                        "file); remove it or choose another output folder", str(path))
+    f.attrs["complete"] = False
+    f.flush()
+    return ResultsWriter(f, comm)
+
+
+class ResultsWriter:
+    """An open results file.  Close it with :meth:`finish` (collective) or :meth:`close`."""
+
+    def __init__(self, file: Any, comm: Any = None) -> None:
+        self.file = file
+        self.comm = comm
+        self.n_voxels = int(file["voxels"].shape[0])
+
+    def write(self, start: int, stop: int, values: Mapping[str, np.ndarray],
+              collective: bool = False, done: bool = True) -> None:
+        """Write per-voxel results of voxels ``[start, stop)``.
+
+        Parameters
+        ----------
+        values
+            Dataset path -> array whose first axis has ``stop - start`` entries (e.g.
+            ``"beta"``, ``"random/subject/cov"``, ``"contrasts/age/t"``).  Missing paths keep
+            their fill values.
+        collective
+            Collective transfers: then every rank calls ``write`` the same number of times
+            with the same keys (an empty range on a rank with nothing to write).
+        done
+            Mark the voxels done in ``progress/done`` after writing the values.
+        """
+        if not 0 <= start <= stop <= self.n_voxels:
+            raise ValueError(f"write({start}, {stop}) outside 0..{self.n_voxels}")
+        for name in sorted(values):
+            dset = self.file[name]
+            data = np.asarray(values[name])
+            if data.shape != (stop - start,) + dset.shape[1:]:
+                raise ValueError(f"{name}: shape {data.shape} for voxels [{start}, {stop}), "
+                                 f"expected {(stop - start,) + dset.shape[1:]}")
+            write_hyperslab(dset, (start,) + (0,) * (dset.ndim - 1), data, collective=collective)
+        if done:
+            write_hyperslab(self.file["progress/done"], (start,),
+                            np.ones(stop - start, dtype=np.uint8), collective=collective)
+
+    def pending(self, start: int, stop: int, collective: bool = False) -> np.ndarray:
+        """Boolean (stop - start,): which voxels of ``[start, stop)`` are not written yet."""
+        done = read_hyperslab(self.file["progress/done"], (start,), (stop - start,),
+                              collective=collective)
+        return done == 0
+
+    def status_counts(self) -> dict[int, int]:
+        """Collective: number of voxels per status code over the whole file."""
+        from mpiblmm.parallel import partition
+
+        self.file.flush()  # makes every rank's independent writes visible (MPI-IO sync)
+        if self.comm is not None:
+            self.comm.Barrier()
+        size, rank = comm_size(self.comm), comm_rank(self.comm)
+        s = partition(self.n_voxels, size, rank)
+        status = read_hyperslab(self.file["status"], (s.start,), (s.stop - s.start,),
+                                collective=True)
+        counts = np.bincount(status, minlength=256).astype(np.int64)
+        if size > 1:
+            from mpiblmm.parallel import allreduce_counts
+
+            counts = allreduce_counts(self.comm, counts)
+        return {int(k): int(counts[k]) for k in np.flatnonzero(counts)}
+
+    def finish(self, summary: Mapping[str, Any] | None = None) -> dict[int, int]:
+        """Collective: write summaries, then ``complete = True``, and close the file.
+
+        Parameters
+        ----------
+        summary
+            JSON-serialisable facts (timers, settings); rank 0's value is broadcast, so
+            ranks may pass different values (or ``None``).
+
+        Returns
+        -------
+        dict
+            Voxels per status code (also stored as the root attribute ``status_counts``).
+        """
+        counts = self.status_counts()
+        if self.comm is not None and comm_size(self.comm) > 1:
+            summary = self.comm.bcast(summary, root=0)
+        a = self.file.attrs
+        a["status_counts"] = json.dumps({str(k): v for k, v in counts.items()})
+        a["summary"] = json.dumps(dict(summary or {}), sort_keys=True, default=str)
+        self.file.flush()
+        a["complete"] = True
+        self.file.flush()
+        self.file.close()
+        return counts
+
+    def close(self) -> None:
+        """Collective: close without marking complete (e.g. after an error)."""
+        self.file.close()

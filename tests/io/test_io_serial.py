@@ -1,0 +1,138 @@
+"""The io layer on one process without MPI (comm=None): pack, read, write, export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+h5py = pytest.importorskip("h5py")
+nib = pytest.importorskip("nibabel")
+
+from mpiblmm.errors import SpecError, UserError  # noqa: E402
+from mpiblmm.io import open_h5, read_hyperslab, write_hyperslab  # noqa: E402
+from mpiblmm.io.export import export_nifti, vech_indices, volume  # noqa: E402
+from mpiblmm.io.ingest import open_packed, pack_images, prepare_input, read_slab  # noqa: E402
+from mpiblmm.io.nifti import read_volume, save_map  # noqa: E402
+from mpiblmm.io.results import ContrastLayout, ResultsLayout, create_results  # noqa: E402
+from mpiblmm.spec import load_spec  # noqa: E402
+from tests.io.helpers import AFFINE, GRID, make_study, reference, save  # noqa: E402
+
+
+def test_vech_indices_column_by_column():
+    rows, cols = vech_indices(3)
+    assert list(zip(rows, cols)) == [(0, 0), (1, 0), (2, 0), (1, 1), (2, 1), (2, 2)]
+
+
+def test_volume_fills_by_dtype():
+    vox = np.array([[0, 0, 0], [1, 2, 0]])
+    f = volume(np.array([1.5, 2.5]), vox, (2, 3, 1))
+    assert np.isnan(f[0, 1, 0]) and f[1, 2, 0] == 2.5
+    i = volume(np.array([3, 4], dtype=np.uint8), vox, (2, 3, 1))
+    assert i.dtype == np.uint8 and i[0, 1, 0] == 0 and i[0, 0, 0] == 3
+    four = volume(np.ones((2, 2)), vox, (2, 3, 1))
+    assert four.shape == (2, 3, 1, 2)
+
+
+def test_save_map_keeps_dtype(tmp_path):
+    for dtype in (np.uint8, np.int32, np.float64):
+        data = np.arange(24, dtype=dtype).reshape(2, 3, 4)
+        save_map(tmp_path / "m.nii.gz", data, AFFINE)
+        img = nib.load(str(tmp_path / "m.nii.gz"))
+        assert img.get_data_dtype() == dtype
+        np.testing.assert_array_equal(np.asanyarray(img.dataobj), data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.nii.gz"]
+
+
+def test_read_volume_errors(tmp_path):
+    (tmp_path / "junk.nii").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="junk.nii: not a readable NIfTI image"):
+        read_volume(tmp_path / "junk.nii")
+    save(tmp_path / "four.nii", np.zeros((2, 2, 2, 3)))
+    with pytest.raises(UserError, match="expected a 3-D image"):
+        read_volume(tmp_path / "four.nii")
+    save(tmp_path / "one.nii", np.ones((2, 2, 2, 1)))
+    assert read_volume(tmp_path / "one.nii").shape == (2, 2, 2)
+
+
+def test_empty_hyperslabs(tmp_path):
+    with open_h5(tmp_path / "a.h5", "w") as f:
+        d = f.create_dataset("d", shape=(3, 4), dtype="f8", fillvalue=np.nan)
+        write_hyperslab(d, (1, 0), np.ones((0, 4)))
+        write_hyperslab(d, (1, 1), np.full((2, 2), 7.0))
+        assert read_hyperslab(d, (0, 0), (3, 0)).shape == (3, 0)
+        np.testing.assert_array_equal(read_hyperslab(d, (1, 1), (1, 2)), [[7.0, 7.0]])
+        assert np.isnan(d[0, 0])
+
+
+def test_pack_and_read_serially(tmp_path):
+    study = make_study(tmp_path / "s", with_masks=True)
+    packed = pack_images(study["images"], tmp_path / "out" / "packed.h5",
+                         analysis_mask=study["analysis_mask"],
+                         observation_masks=study["observation_masks"])
+    voxels, Y = reference(study)
+    np.testing.assert_array_equal(packed.voxels, voxels)
+    np.testing.assert_array_equal(read_slab(packed, 0, packed.n_voxels), Y.T)
+    np.testing.assert_array_equal(read_slab(packed, 2, 5), Y[:, 2:5].T)
+    assert read_slab(packed, 3, 3).shape == (0, len(study["images"]))
+
+
+def test_prepare_input_from_a_spec(tmp_path):
+    study = make_study(tmp_path, n=4)
+    (tmp_path / "images.txt").write_text("".join(f"{p.name}\n" for p in study["images"]))
+    (tmp_path / "X.csv").write_text("1\n1\n1\n1\n")
+    (tmp_path / "f.csv").write_text("a\na\nb\nb\n")
+    (tmp_path / "spec.json").write_text(
+        '{"images": "images.txt", "X": "X.csv", "random": [{"name": "s", "factor": "f.csv"}]}')
+    packed = prepare_input(load_spec(tmp_path / "spec.json"), n_expected=4)
+    assert packed.path == tmp_path / "results" / "packed.h5"
+    # and the packed file as input of a second spec: the number of rows must match
+    (tmp_path / "spec2.json").write_text(
+        '{"images": {"h5": "results/packed.h5"}, "X": "X.csv", "random": [{"name": "s", "factor": "f.csv"}]}')
+    again = prepare_input(load_spec(tmp_path / "spec2.json"), n_expected=4)
+    np.testing.assert_array_equal(again.voxels, packed.voxels)
+    with pytest.raises(SpecError, match=r"packed.h5: /Y has 4 observations but .*X.csv has 5 rows"):
+        prepare_input(load_spec(tmp_path / "spec2.json"), n_expected=5)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda f: f.create_dataset("Z", data=np.zeros((2, 3))), "has no dataset '/Y'"),
+    (lambda f: f.create_dataset("Y", data=np.zeros((2, 3))), "attribute 'affine' (4x4) is missing"),
+    (lambda f: f.create_dataset("Y", data=np.zeros((2, 3, 4))), "expected a numeric (observations x voxels)"),
+])
+def test_packed_file_errors(tmp_path, make, message):
+    with h5py.File(tmp_path / "p.h5", "w") as f:
+        make(f)
+    with pytest.raises(SpecError) as info:
+        open_packed(tmp_path / "p.h5", "/Y")
+    assert message in str(info.value) and str(tmp_path / "p.h5") in str(info.value)
+
+
+def test_packed_flat_needs_voxels_or_full_grid(tmp_path):
+    with h5py.File(tmp_path / "p.h5", "w") as f:
+        d = f.create_dataset("Y", data=np.ones((2, 5)))
+        d.attrs["affine"] = AFFINE
+        d.attrs["grid_shape"] = GRID
+    with pytest.raises(SpecError, match="no 'voxels' attribute"):
+        open_packed(tmp_path / "p.h5")
+    with h5py.File(tmp_path / "p.h5", "a") as f:
+        f["Y"].attrs["voxels"] = "/vox"
+        f["vox"] = np.array([[0, 0, 1], [0, 0, 0], [1, 1, 1], [2, 2, 2], [3, 3, 2]])
+    with pytest.raises(SpecError, match="distinct and in C order"):
+        open_packed(tmp_path / "p.h5")
+
+
+def test_results_and_export_serially(tmp_path):
+    lay = ResultsLayout(n_voxels=3, fixed_names=("a", "b"), factors=(("s", ("(Intercept)",)),),
+                        contrasts=(ContrastLayout("b", "T", ((0.0, 1.0),)),), method="ML",
+                        grid_shape=GRID, affine=tuple(map(tuple, AFFINE.tolist())),
+                        spec_text="x" * 100_000)   # attributes beyond 64 KiB are fine
+    vox = np.array([[0, 0, 0], [1, 2, 1], [3, 4, 2]], dtype=np.int32)
+    w = create_results(tmp_path / "r" / "results.h5", lay, vox)
+    w.write(0, 2, {"beta": np.ones((2, 2)), "status": np.array([0, 3], dtype=np.uint8)})
+    counts = w.finish({"t": 1.0})
+    assert counts == {0: 1, 3: 1, 255: 1}
+    export_nifti(tmp_path / "r" / "results.h5")
+    beta = np.asanyarray(nib.load(str(tmp_path / "r" / "nifti" / "beta.nii.gz")).dataobj)
+    assert beta[0, 0, 0, 1] == 1 and np.isnan(beta[3, 4, 2]).all()
+    status = np.asanyarray(nib.load(str(tmp_path / "r" / "nifti" / "status.nii.gz")).dataobj)
+    assert status[3, 4, 2] == 255 and status[1, 2, 1] == 3 and status[0, 0, 1] == 0

@@ -1,0 +1,164 @@
+"""Packing NIfTI images and slab reads, at any number of ranks (run with 1, 2 and 3).
+
+    mpiexec -n 3 .venv/bin/python -m pytest tests/mpi/test_io_ingest.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mpi4py")
+h5py = pytest.importorskip("h5py")
+pytest.importorskip("nibabel")
+
+from mpiblmm.errors import UserError  # noqa: E402
+from mpiblmm.io.ingest import SlabReader, open_packed, pack_images, read_slab  # noqa: E402
+from mpiblmm.parallel import partition  # noqa: E402
+from tests.io.helpers import AFFINE, GRID, all_ranks_pass, make_study, reference, remove_shared, shared_tmp, world  # noqa: E402
+
+
+@pytest.fixture
+def comm():
+    return world()
+
+
+@pytest.fixture
+def tmp(comm):
+    path = shared_tmp(comm)
+    yield path
+    remove_shared(comm, path)
+
+
+def study_on_root(comm, folder, **kw):
+    study = make_study(folder, **kw) if comm.Get_rank() == 0 else None
+    return comm.bcast(study, root=0)
+
+
+def gather_slabs(comm, packed, collective=True):
+    """Each rank reads its slab; all slabs gathered on every rank, (V, n)."""
+    s = partition(packed.n_voxels, comm.Get_size(), comm.Get_rank())
+    with SlabReader(packed, comm) as reader:
+        mine = reader.read(s.start, s.stop, collective=collective)
+    return np.concatenate(comm.allgather(mine))
+
+
+@pytest.mark.parametrize("with_masks, zero_is_missing", [(False, True), (True, True), (True, False)])
+def test_pack_matches_serial_read(comm, tmp, with_masks, zero_is_missing):
+    study = study_on_root(comm, tmp / "study", with_masks=with_masks)
+    packed = pack_images(study["images"], tmp / "out" / "packed.h5", comm=comm,
+                         analysis_mask=study["analysis_mask"],
+                         observation_masks=study["observation_masks"],
+                         zero_is_missing=zero_is_missing)
+    voxels, Y = reference(study, zero_is_missing)
+    Yslabs = gather_slabs(comm, packed)
+
+    def check():
+        np.testing.assert_array_equal(packed.voxels, voxels)
+        assert packed.n_observations == len(study["images"]) and packed.grid_shape == GRID
+        np.testing.assert_allclose(packed.affine, AFFINE)
+        np.testing.assert_array_equal(Yslabs, Y.T.astype(np.float64))
+        if zero_is_missing:
+            assert not (voxels == [0, 0, 0]).all(axis=1).any()   # all-zero voxel dropped
+        assert (voxels == [3, 4, 2]).all(axis=1).any()           # observed once is kept
+        with h5py.File(packed.path, "r") as f:
+            assert f.attrs["complete"] and f.attrs["format"] == "mpiblmm-packed-1"
+            assert f["Y"].dtype == np.float32 and f["Y"].shape == Y.shape
+            assert f["Y"].chunks[0] == Y.shape[0]
+            np.testing.assert_array_equal(f["Y"][...], Y)
+            np.testing.assert_array_equal(f["voxels"][...], voxels)
+            assert [x.decode() for x in f["images"][...]] == [str(p) for p in study["images"]]
+    all_ranks_pass(comm, check)
+
+
+def test_low_memory_budget_reads_twice(comm, tmp):
+    study = study_on_root(comm, tmp / "study")
+    packed = pack_images(study["images"], tmp / "packed.h5", comm=comm, max_memory_mb=1e-6)
+    voxels, Y = reference(study)
+    got = gather_slabs(comm, packed)
+    all_ranks_pass(comm, lambda: np.testing.assert_array_equal(got, Y.T))
+
+
+def test_first_image_off_grid_is_named_on_every_rank(comm, tmp):
+    study = study_on_root(comm, tmp / "study", bad_affine=(4, 6))
+    with pytest.raises(UserError) as info:
+        pack_images(study["images"], tmp / "packed.h5", comm=comm)
+    text = str(info.value)
+    all_ranks_pass(comm, lambda: (str(study["images"][4]) in text and "affine differs" in text)
+                   or pytest.fail(text))
+
+
+def test_nothing_observed_is_a_user_error(comm, tmp):
+    study = study_on_root(comm, tmp / "study", n=3)
+    if comm.Get_rank() == 0:
+        from tests.io.helpers import save
+        save(tmp / "empty_mask.nii.gz", np.zeros(GRID, dtype=np.uint8))
+    comm.Barrier()
+    with pytest.raises(UserError, match="no voxel is observed in any image inside the analysis mask"):
+        pack_images(study["images"], tmp / "packed.h5", comm=comm,
+                    analysis_mask=tmp / "empty_mask.nii.gz")
+
+
+def test_reuse_and_reopen_packed(comm, tmp):
+    study = study_on_root(comm, tmp / "study", with_masks=True)
+    kw = dict(comm=comm, analysis_mask=study["analysis_mask"],
+              observation_masks=study["observation_masks"])
+    first = pack_images(study["images"], tmp / "packed.h5", **kw)
+    stamp = (tmp / "packed.h5").stat().st_mtime_ns
+    again = pack_images(study["images"], tmp / "packed.h5", **kw)
+    opened = open_packed(tmp / "packed.h5", "/Y", comm=comm)
+    voxels, Y = reference(study)
+    got = gather_slabs(comm, opened)
+
+    def check():
+        assert (tmp / "packed.h5").stat().st_mtime_ns == stamp   # not rewritten
+        for p in (again, opened):
+            np.testing.assert_array_equal(p.voxels, first.voxels)
+        np.testing.assert_array_equal(got, Y.T)
+    all_ranks_pass(comm, check)
+
+
+@pytest.mark.parametrize("layout", ["grid", "flat"])
+def test_external_packed_file(comm, tmp, layout):
+    """A user-packed (n, X, Y, Z) or (n, X*Y*Z) dataset with zeros: candidates found by a pass."""
+    study = study_on_root(comm, tmp / "study", with_masks=True)
+    voxels_ref, Y_ref = reference({**study, "observation_masks": None})
+    if comm.Get_rank() == 0:
+        import nibabel as nib
+        data = np.stack([np.asarray(nib.load(str(p)).get_fdata()) for p in study["images"]])
+        with h5py.File(tmp / "ext.h5", "w") as f:
+            d = f.create_dataset("data/Y", data=data if layout == "grid" else data.reshape(len(data), -1))
+            d.attrs["affine"] = AFFINE
+            d.attrs["grid_shape"] = GRID
+    comm.Barrier()
+    packed = open_packed(tmp / "ext.h5", "/data/Y", comm=comm, analysis_mask=study["analysis_mask"])
+    got = gather_slabs(comm, packed, collective=False)
+    got_one = read_slab(packed, 0, packed.n_voxels, comm=comm)
+    mask = np.asarray(__import__("nibabel").load(str(study["analysis_mask"])).get_fdata()) != 0
+    inside = mask[tuple(voxels_ref.T)]
+
+    def check():
+        np.testing.assert_array_equal(packed.voxels, voxels_ref[inside])
+        np.testing.assert_array_equal(got, Y_ref[:, inside].T)
+        np.testing.assert_array_equal(got_one, got)
+    all_ranks_pass(comm, check)
+
+
+def test_more_ranks_than_voxels(comm, tmp):
+    """Two candidate voxels: at 3 ranks one rank reads an empty slab collectively."""
+    study = study_on_root(comm, tmp / "study", n=4)
+    if comm.Get_rank() == 0:
+        from tests.io.helpers import save
+        m = np.zeros(GRID, dtype=np.uint8)
+        m[2, 3, 1] = m[3, 0, 2] = 1
+        save(tmp / "two.nii.gz", m)
+    comm.Barrier()
+    packed = pack_images(study["images"], tmp / "packed.h5", comm=comm, analysis_mask=tmp / "two.nii.gz")
+    got = gather_slabs(comm, packed)
+    voxels, Y = reference(study)
+    keep = ((voxels == [2, 3, 1]).all(axis=1)) | ((voxels == [3, 0, 2]).all(axis=1))
+
+    def check():
+        assert packed.n_voxels == 2
+        np.testing.assert_array_equal(got, Y[:, keep].T)
+    all_ranks_pass(comm, check)
