@@ -22,7 +22,7 @@ How parallel HDF5 is used everywhere in ``mpiblmm.io`` (the one place that says 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -38,6 +38,34 @@ def comm_size(comm: Any) -> int:
 def comm_rank(comm: Any) -> int:
     """Rank in ``comm`` (0 for ``None``)."""
     return 0 if comm is None else int(comm.Get_rank())
+
+
+def agree(comm: Any, error: BaseException | None) -> None:
+    """Collective: raise on every rank if any rank has a user error (the lowest rank's message).
+
+    On one process (``comm`` ``None`` or of size 1) ``error`` itself is raised.
+    """
+    if comm_size(comm) == 1:
+        if error is not None:
+            raise error
+        return
+    from mpiblmm.parallel import agree_on_user_error
+
+    agree_on_user_error(comm, error)
+
+
+def on_root(comm: Any, fn: Callable[[], Any]) -> Any:
+    """Collective: run ``fn`` on rank 0 only, agree on its user error, broadcast its value."""
+    from mpiblmm.errors import UserError
+
+    value, error = None, None
+    if comm_rank(comm) == 0:
+        try:
+            value = fn()
+        except UserError as exc:
+            error = exc
+    agree(comm, error)
+    return value if comm_size(comm) == 1 else comm.bcast(value, root=0)
 
 
 def parallel_h5() -> bool:
@@ -63,11 +91,11 @@ def open_h5(path: str | os.PathLike, mode: str, comm: Any = None) -> Any:
     return h5py.File(path, mode, libver=LIBVER) if mode != "r" else h5py.File(path, mode)
 
 
-def _dxpl(collective: bool) -> Any:
+def _dxpl(dset: Any, collective: bool) -> Any:
     import h5py
 
     dxpl = h5py.h5p.create(h5py.h5p.DATASET_XFER)
-    if collective and parallel_h5():
+    if collective and dset.file.driver == "mpio":  # a serial file has no collective mode
         dxpl.set_dxpl_mpio(h5py.h5fd.MPIO_COLLECTIVE)
     return dxpl
 
@@ -110,7 +138,7 @@ def read_hyperslab(dset: Any, start: Sequence[int], count: Sequence[int],
     dtype = np.dtype(dset.dtype if dtype is None else dtype)
     out = np.empty(tuple(int(c) for c in count), dtype=dtype)
     buf = np.empty((1,), dtype=dtype) if empty else out
-    dset.id.read(mspace, fspace, buf, dxpl=_dxpl(collective))
+    dset.id.read(mspace, fspace, buf, dxpl=_dxpl(dset, collective))
     return out
 
 
@@ -122,7 +150,7 @@ def write_hyperslab(dset: Any, start: Sequence[int], data: np.ndarray,
         raise ValueError(f"writing a {data.ndim}-d block into a {dset.ndim}-d dataset {dset.name}")
     fspace, mspace, empty = _spaces(dset, start, data.shape)
     buf = np.zeros((1,), dtype=dset.dtype) if empty else data
-    dset.id.write(mspace, fspace, buf, dxpl=_dxpl(collective))
+    dset.id.write(mspace, fspace, buf, dxpl=_dxpl(dset, collective))
 
 
 def make_dirs(path: str | os.PathLike) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from mpiblmm.errors import UserError
-from mpiblmm.io import comm_rank, comm_size, make_dirs
+from mpiblmm.io import agree, comm_rank, comm_size, make_dirs
 from mpiblmm.io.nifti import save_map
 
 
@@ -133,12 +133,7 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
         error = exc
     if error is not None and f is not None:
         f.close()
-    if size > 1:
-        from mpiblmm.parallel import agree_on_user_error
-
-        agree_on_user_error(comm, error)
-    elif error is not None:
-        raise error
+    agree(comm, error)
 
     written = []
     with f:

@@ -32,12 +32,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from mpiblmm.errors import SpecError, UserError
-from mpiblmm.io import comm_rank, comm_size, make_dirs, open_h5, read_hyperslab, write_hyperslab
+from mpiblmm.io import (agree, comm_rank, comm_size, make_dirs, on_root, open_h5, read_hyperslab,
+                        write_hyperslab)
 from mpiblmm.io.nifti import Grid, read_grid, read_volume
 
 PACKED_FORMAT = "mpiblmm-packed-1"
@@ -72,30 +73,6 @@ class PackedInput:
         return int(self.voxels.shape[0])
 
 
-# --------------------------------------------------------------------------- agreement
-def _agree(comm: Any, error: BaseException | None) -> None:
-    """Raise on every rank if any rank has a user error (the lowest rank's message)."""
-    if comm_size(comm) == 1:
-        if error is not None:
-            raise error
-        return
-    from mpiblmm.parallel import agree_on_user_error
-
-    agree_on_user_error(comm, error)
-
-
-def _on_root(comm: Any, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0, agree on its user error, broadcast its value."""
-    value, error = None, None
-    if comm_rank(comm) == 0:
-        try:
-            value = fn()
-        except UserError as exc:
-            error = exc
-    _agree(comm, error)
-    return value if comm_size(comm) == 1 else comm.bcast(value, root=0)
-
-
 def missing(values: np.ndarray, zero_is_missing: bool) -> np.ndarray:
     """Boolean array: NaN/Inf always missing, exact 0.0 when ``zero_is_missing``."""
     miss = ~np.isfinite(values)
@@ -125,7 +102,7 @@ def prepare_input(spec: Any, comm: Any = None, n_expected: int | None = None,
                              analysis_mask=spec.analysis_mask,
                              zero_is_missing=spec.zero_is_missing)
         if n_expected is not None and packed.n_observations != n_expected:
-            _agree(comm, SpecError(f"{spec.packed.dataset} has {packed.n_observations} "
+            agree(comm, SpecError(f"{spec.packed.dataset} has {packed.n_observations} "
                                    f"observations but {spec.X} has {n_expected} rows",
                                    str(spec.packed.h5)))
         return packed
@@ -184,10 +161,13 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         if analysis_mask is not None:
             m = read_volume(Path(analysis_mask), grid, reference=str(images[0]))
             mask = np.isfinite(m) & (m != 0)
-        fp = _fingerprint(images, masks, analysis_mask, zero_is_missing)
+        try:
+            fp = _fingerprint(images, masks, analysis_mask, zero_is_missing)
+        except OSError as exc:
+            raise UserError(f"cannot read: {exc.strerror}", str(exc.filename)) from None
         return grid, mask, fp, path.exists() and _reusable(path, fp)
 
-    grid, mask, fingerprint, reuse = _on_root(comm, look)
+    grid, mask, fingerprint, reuse = on_root(comm, look)
     if reuse:
         return open_packed(path, "/Y", comm=comm, zero_is_missing=zero_is_missing)
 
@@ -220,14 +200,14 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
                 cache.append(row)
     except UserError as exc:
         error = exc
-    _agree(comm, error)
+    agree(comm, error)
     if size > 1:
         from mpi4py import MPI
 
         comm.Allreduce(MPI.IN_PLACE, observed, op=MPI.MAX)
     keep = np.flatnonzero(observed)
     if keep.size == 0:
-        _agree(comm, UserError("no voxel is observed in any image"
+        agree(comm, UserError("no voxel is observed in any image"
                                + (" inside the analysis mask" if mask is not None else ""),
                                reference))
     flat = flat_mask[keep]
@@ -369,7 +349,7 @@ def open_packed(path: Path, dataset: str = "/Y", comm: Any = None,
     one pass over the data.
     """
     path = Path(path)
-    n, shape, affine, stored, keep, grid_layout, ours, stored_zim = _on_root(
+    n, shape, affine, stored, keep, grid_layout, ours, stored_zim = on_root(
         comm, lambda: _describe_packed(path, dataset, analysis_mask))
     columns = stored[keep] if grid_layout else keep.astype(np.int64)
     if not (ours and (stored_zim or not zero_is_missing)):
@@ -377,7 +357,7 @@ def open_packed(path: Path, dataset: str = "/Y", comm: Any = None,
                                  zero_is_missing, comm)
         keep, columns = keep[seen], columns[seen]
     if keep.size == 0:
-        _agree(comm, UserError("no voxel is observed in any observation"
+        agree(comm, UserError("no voxel is observed in any observation"
                                + (" inside the analysis mask" if analysis_mask else ""), str(path)))
     voxels = np.column_stack(np.unravel_index(stored[keep], shape)).astype(np.int32)
     return PackedInput(path, dataset, n, shape, affine, voxels, columns.astype(np.int64),

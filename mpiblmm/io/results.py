@@ -29,7 +29,7 @@ import numpy as np
 
 from mpiblmm import __version__
 from mpiblmm.errors import UserError
-from mpiblmm.io import comm_rank, comm_size, make_dirs, open_h5, read_hyperslab, write_hyperslab
+from mpiblmm.io import agree, comm_rank, comm_size, make_dirs, open_h5, read_hyperslab, write_hyperslab
 from mpiblmm.lmm.model import STATUS_CODES
 
 RESULTS_FORMAT = "mpiblmm-results-1"
@@ -176,11 +176,13 @@ def open_results(path: Path, comm: Any = None, spec_text: str | None = None) -> 
     """
     path = Path(path)
     f = open_h5(path, "r+", comm)
+    error = None
     if f.attrs.get("format") != RESULTS_FORMAT or (
             spec_text is not None and f.attrs.get("spec") != spec_text):
         f.close()
-        raise UserError("cannot resume: it was written for another spec (or is not a results "
-                        "file); remove it or choose another output folder", str(path))
+        error = UserError("cannot resume: it was written for another spec (or is not a results "
+                          "file); remove it or choose another output folder", str(path))
+    agree(comm, error)  # every rank read the same attributes: all raise or none does
     f.attrs["complete"] = False
     f.flush()
     return ResultsWriter(f, comm)

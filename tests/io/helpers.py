@@ -1,13 +1,11 @@
 """Small synthetic NIfTI studies and MPI test helpers shared by the io tests.
 
-The MPI helpers make every rank agree: :func:`shared_tmp` gives all ranks one folder,
-:func:`all_ranks_pass` gathers every rank's failure so all ranks fail (or pass) together.
+:func:`all_ranks_pass` gathers every rank's failure (with its message) so all ranks fail or
+pass together; the shared folder and communicator come from ``tests/mpi/conftest.py``.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -83,24 +81,6 @@ def reference(study: dict, zero_is_missing: bool = True) -> tuple[np.ndarray, np
 
 
 # --------------------------------------------------------------------------- MPI
-def world() -> Any:
-    from mpi4py import MPI
-
-    return MPI.COMM_WORLD
-
-
-def shared_tmp(comm: Any) -> Path:
-    """One temporary folder for all ranks (made by rank 0, path broadcast)."""
-    path = tempfile.mkdtemp(prefix="mpiblmm-io-") if comm.Get_rank() == 0 else None
-    return Path(comm.bcast(path, root=0))
-
-
-def remove_shared(comm: Any, path: Path) -> None:
-    comm.Barrier()
-    if comm.Get_rank() == 0:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def all_ranks_pass(comm: Any, check: Callable[[], None]) -> None:
     """Run ``check`` on every rank; fail on every rank if it failed on any."""
     try:

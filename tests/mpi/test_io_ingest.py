@@ -15,19 +15,19 @@ pytest.importorskip("nibabel")
 from mpiblmm.errors import UserError  # noqa: E402
 from mpiblmm.io.ingest import SlabReader, open_packed, pack_images, read_slab  # noqa: E402
 from mpiblmm.parallel import partition  # noqa: E402
-from tests.io.helpers import AFFINE, GRID, all_ranks_pass, make_study, reference, remove_shared, shared_tmp, world  # noqa: E402
+from tests.io.helpers import AFFINE, GRID, all_ranks_pass, make_study, reference  # noqa: E402
 
 
 @pytest.fixture
-def comm():
-    return world()
+def comm(mpi):
+    """The test's own communicator (a duplicate of COMM_WORLD, see conftest.py)."""
+    return mpi.comm
 
 
 @pytest.fixture
-def tmp(comm):
-    path = shared_tmp(comm)
-    yield path
-    remove_shared(comm, path)
+def tmp(mpi):
+    """One folder shared by all ranks."""
+    return mpi.shared_tmp_path
 
 
 def study_on_root(comm, folder, **kw):

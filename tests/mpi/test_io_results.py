@@ -20,19 +20,19 @@ from mpiblmm.io.results import (  # noqa: E402
     STATUS_NOT_PROCESSED, ContrastLayout, ResultsLayout, create_results, open_results)
 from mpiblmm.lmm.model import STATUS_CODES  # noqa: E402
 from mpiblmm.parallel import partition  # noqa: E402
-from tests.io.helpers import AFFINE, GRID, all_ranks_pass, remove_shared, shared_tmp, world  # noqa: E402
+from tests.io.helpers import AFFINE, GRID, all_ranks_pass  # noqa: E402
 
 
 @pytest.fixture
-def comm():
-    return world()
+def comm(mpi):
+    """The test's own communicator (a duplicate of COMM_WORLD, see conftest.py)."""
+    return mpi.comm
 
 
 @pytest.fixture
-def tmp(comm):
-    path = shared_tmp(comm)
-    yield path
-    remove_shared(comm, path)
+def tmp(mpi):
+    """One folder shared by all ranks."""
+    return mpi.shared_tmp_path
 
 
 def layout(V: int) -> ResultsLayout:
