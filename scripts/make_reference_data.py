@@ -1,0 +1,371 @@
+#!/usr/bin/env python3
+"""Write the reference datasets under ``tests/reference/`` (seeded, deterministic).
+
+Each dataset is a folder with the design (``X.csv``, ``factor_<f>.csv``, ``Z_<f>.csv``), the
+data (``Y.csv``, NaN for missing) and ``dataset.json`` (names, contrasts, truth); the format is
+described in ``tests/reference/README.md``.  The lme4/lmerTest values are written afterwards by
+``Rscript scripts/make_reference.R``.
+
+Usage (from the repository root)::
+
+    python3 scripts/make_reference_data.py [--out tests/reference] [name ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mpiblmm.simulate import (  # noqa: E402
+    FactorSpec,
+    covariance,
+    missing_mask,
+    simulate_design,
+    simulate_voxels,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _stack(per_voxel: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Turn a list (one dict per voxel) of covariances into arrays (v, q, q) per factor."""
+    return {k: np.stack([c[k] for c in per_voxel]) for k in per_voxel[0]}
+
+
+def _t(name, p, idx_weights):
+    w = np.zeros(p)
+    for i, x in idx_weights.items():
+        w[i] = x
+    return {"name": name, "weights": w.tolist()}
+
+
+def _f(name, p, rows):
+    out = []
+    for r in rows:
+        w = np.zeros(p)
+        for i, x in r.items():
+            w[i] = x
+        out.append(w.tolist())
+    return {"name": name, "weights": out}
+
+
+# ---------------------------------------------------------------------------------------------
+# the datasets: each returns (design, Y, truth, kinds, description, contrasts)
+
+
+def ds_intercept(rng):
+    d = simulate_design(rng, 30, 4, fixed=("intercept", "age", "time"),
+                        factors=(FactorSpec("subject"),))
+    v = 30
+    sd = np.concatenate([np.zeros(8), np.full(4, 0.15), np.linspace(0.5, 2.5, 18)])
+    kinds = ["zero"] * 8 + ["small"] * 4 + ["interior"] * 18
+    covs = _stack([{"subject": covariance([s])} for s in sd])
+    beta = np.column_stack([rng.normal(10, 2, v), rng.normal(0, 0.5, v), rng.normal(0, 0.3, v)])
+    beta[::5, 1:] = 0.0  # some voxels with no effect
+    Y, truth = simulate_voxels(rng, d, v, beta, covs, rng.uniform(0.5, 2.0, v))
+    p = d.p
+    contrasts = [
+        _t("intercept", p, {0: 1}), _t("age", p, {1: 1}), _t("time", p, {2: 1}),
+        _t("age_plus_time", p, {1: 1, 2: 1}),
+        _f("age_time", p, [{1: 1}, {2: 1}]),
+        _f("all_correlated", p, [{0: 1}, {1: 1}, {1: 1, 2: 1}]),
+    ]
+    return d, Y, truth, kinds, "random intercept per subject, 30 subjects x 4 visits", contrasts
+
+
+def ds_slope(rng):
+    d = simulate_design(rng, 40, 5, fixed=("intercept", "age", "time", "sex"),
+                        factors=(FactorSpec("subject", effects=("intercept", "time")),))
+    v = 30
+    per, kinds = [], []
+    for i in range(v):
+        if i < 5:
+            c, k = covariance([rng.uniform(0.8, 1.5), 0.0]), "zero_slope"
+        elif i < 9:
+            c, k = covariance([rng.uniform(0.5, 1.5), rng.uniform(0.2, 0.5)], 1.0), "corr_one"
+        elif i < 11:
+            c, k = covariance([0.0, 0.0]), "zero"
+        elif i < 13:
+            c, k = covariance([0.0, rng.uniform(0.3, 0.6)]), "zero_intercept"
+        else:
+            c = covariance([rng.uniform(0.6, 2.0), rng.uniform(0.2, 0.7)], rng.uniform(-0.6, 0.6))
+            k = "interior"
+        per.append({"subject": c})
+        kinds.append(k)
+    beta = np.column_stack([rng.normal(5, 1, v), rng.normal(0, 0.5, v), rng.normal(0.2, 0.3, v),
+                            rng.normal(0, 0.5, v)])
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.5, 1.5, v))
+    p = d.p
+    contrasts = [
+        _t("age", p, {1: 1}), _t("time", p, {2: 1}), _t("sex", p, {3: 1}),
+        _t("time_minus_age", p, {2: 1, 1: -1}),
+        _f("age_time", p, [{1: 1}, {2: 1}]),
+        _f("three_correlated", p, [{1: 1}, {2: 1}, {1: 0.5, 2: 0.5, 3: 1}]),
+    ]
+    return d, Y, truth, kinds, "correlated random intercept and slope per subject, 40 x 5", contrasts
+
+
+def ds_crossed(rng):
+    visits = rng.integers(2, 6, 50)
+    d = simulate_design(rng, 50, visits, fixed=("intercept", "age", "time"),
+                        factors=(FactorSpec("subject"),
+                                 FactorSpec("site", n_levels=6, assign="observation",
+                                            concentration=2.0)))
+    v = 30
+    per, kinds = [], []
+    for i in range(v):
+        s_sub = 0.0 if i in (0, 1, 2, 6, 7) else rng.uniform(0.4, 1.5)
+        s_site = 0.0 if i in (3, 4, 5, 6, 7) else rng.uniform(0.4, 1.5)
+        per.append({"subject": covariance([s_sub]), "site": covariance([s_site])})
+        kinds.append({(True, True): "zero", (True, False): "zero_subject",
+                      (False, True): "zero_site", (False, False): "interior"}[(s_sub == 0, s_site == 0)])
+    beta = np.column_stack([rng.normal(3, 1, v), rng.normal(0, 0.5, v), rng.normal(0, 0.3, v)])
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.5, 1.5, v))
+    p = d.p
+    contrasts = [
+        _t("intercept", p, {0: 1}), _t("age", p, {1: 1}), _t("time", p, {2: 1}),
+        _t("age_minus_time", p, {1: 1, 2: -1}),
+        _f("age_time", p, [{1: 1}, {2: 1}]),
+    ]
+    desc = "crossed random intercepts: subject (50, 2-5 visits) x site (6, per observation, unbalanced)"
+    return d, Y, truth, kinds, desc, contrasts
+
+
+def ds_three_factors(rng):
+    visits = rng.integers(4, 7, 45)
+    d = simulate_design(rng, 45, visits, fixed=("intercept", "time", "time2", "sex"),
+                        factors=(FactorSpec("subject", effects=("intercept", "time", "time2")),
+                                 FactorSpec("site", n_levels=5, assign="subject", concentration=3.0),
+                                 FactorSpec("rater", n_levels=8, assign="observation",
+                                            effects=("intercept", "time"), concentration=3.0)))
+    v = 24
+    per, kinds = [], []
+    for i in range(v):
+        if i < 4:  # subject quadratic variance zero; everything else interior
+            sub = covariance([1.0, 0.4, 0.0], np.array([[1, 0.3, 0], [0.3, 1, 0], [0, 0, 1]]))
+            site, rater, k = covariance([0.8]), covariance([0.6, 0.2], 0.2), "zero_subject_time2"
+        elif i < 7:
+            sub = covariance([1.0, 0.3, 0.08], np.array([[1, 0.2, -0.2], [0.2, 1, 0.1], [-0.2, 0.1, 1]]))
+            site, rater, k = covariance([0.0]), covariance([0.0, 0.0]), "zero_site_rater"
+        elif i < 10:
+            sub = covariance([1.2, 0.3, 0.06], np.array([[1, 0.3, -0.3], [0.3, 1, 0.2], [-0.3, 0.2, 1]]))
+            site, rater, k = covariance([0.7]), covariance([0.5, 0.25], 1.0), "rater_corr_one"
+        else:
+            sd = [rng.uniform(0.7, 1.5), rng.uniform(0.2, 0.5), rng.uniform(0.05, 0.12)]
+            sub = covariance(sd, np.array([[1, 0.3, -0.3], [0.3, 1, 0.1], [-0.3, 0.1, 1]]))
+            site = covariance([rng.uniform(0.5, 1.2)])
+            rater = covariance([rng.uniform(0.4, 1.0), rng.uniform(0.15, 0.4)], rng.uniform(-0.5, 0.5))
+            k = "interior"
+        per.append({"subject": sub, "site": site, "rater": rater})
+        kinds.append(k)
+    beta = np.column_stack([rng.normal(8, 1, v), rng.normal(0.3, 0.3, v), rng.normal(0, 0.05, v),
+                            rng.normal(0, 0.5, v)])
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.3, 0.8, v))
+    p = d.p
+    contrasts = [
+        _t("time", p, {1: 1}), _t("time2", p, {2: 1}), _t("sex", p, {3: 1}),
+        _t("slope_at_2", p, {1: 1, 2: 4}),
+        _f("time_time2", p, [{1: 1}, {2: 1}]),
+        _f("three_correlated", p, [{1: 1}, {1: 1, 2: 2}, {2: 1, 3: 1}]),
+    ]
+    desc = ("three factors: subject (intercept+time+time2), site (intercept, subjects nested), "
+            "rater (intercept+time, per observation); 45 subjects x 4-6 visits")
+    return d, Y, truth, kinds, desc, contrasts
+
+
+def ds_missing(rng):
+    d = simulate_design(rng, 50, 4, fixed=("intercept", "age", "time"),
+                        factors=(FactorSpec("subject", effects=("intercept", "time")),))
+    v = 36
+    frac = np.zeros(v)
+    whole = np.zeros(v, dtype=int)
+    frac[6:24] = np.linspace(0.05, 0.30, 18)
+    whole[24:30] = [1, 1, 2, 2, 3, 3]
+    frac[24:30] = [0.0, 0.1, 0.0, 0.15, 0.06, 0.2]
+    frac[30:] = [0.1, 0.2, 0.3, 0.05, 0.25, 0.12]
+    mask = missing_mask(rng, d, v, fraction=frac, whole_levels=whole)
+    per, kinds = [], []
+    for i in range(v):
+        if i % 6 == 1:
+            c, k = covariance([rng.uniform(0.8, 1.5), 0.0]), "zero_slope"
+        elif i % 6 == 4:
+            c, k = covariance([0.0, 0.0]), "zero"
+        else:
+            c = covariance([rng.uniform(0.6, 2.0), rng.uniform(0.2, 0.6)], rng.uniform(-0.5, 0.5))
+            k = "interior"
+        per.append({"subject": c})
+        kinds.append(k)
+    big = (np.arange(v) % 3) == 2
+    beta = np.column_stack([np.where(big, 1000.0, 0.0) + rng.normal(5, 1, v),
+                            rng.normal(0, 0.5, v), rng.normal(0.1, 0.3, v)])
+    s2 = rng.uniform(0.5, 1.5, v)
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), s2, missing=mask)
+    kinds = [k + ("_large_mean" if b else "") for k, b in zip(kinds, big)]
+    p = d.p
+    contrasts = [
+        _t("intercept", p, {0: 1}), _t("age", p, {1: 1}), _t("time", p, {2: 1}),
+        _t("age_plus_2time", p, {1: 1, 2: 2}),
+        _f("age_time", p, [{1: 1}, {2: 1}]),
+        _f("all_correlated", p, [{0: 1, 1: 1}, {1: 1}, {1: 1, 2: 1}]),
+    ]
+    desc = ("intercept+slope per subject, 50 x 4; voxels 0-5 complete, 6-23 missing 5-30% of rows, "
+            "24-29 missing 1-3 whole subjects (+ rows), 30-35 missing 5-30%; every third voxel has "
+            "mean ~1000")
+    return d, Y, truth, kinds, desc, contrasts
+
+
+def ds_nested(rng):
+    visits = rng.integers(3, 6, 40)
+    d = simulate_design(rng, 40, visits, fixed=("intercept", "age", "group"),
+                        factors=(FactorSpec("subject"),
+                                 FactorSpec("site", n_levels=6, assign="subject"),
+                                 FactorSpec("scanner", n_levels=2, assign="observation",
+                                            nested_in="site", prefix="scan")))
+    v = 30
+    per, kinds = [], []
+    for i in range(v):
+        s_sub = 0.0 if i in (0, 1) else rng.uniform(0.5, 1.5)
+        s_site = 0.0 if i in (2, 3, 4, 8) else rng.uniform(0.5, 1.5)
+        s_scan = 0.0 if i in (5, 6, 7, 8) else rng.uniform(0.3, 1.0)
+        per.append({"subject": covariance([s_sub]), "site": covariance([s_site]),
+                    "scanner": covariance([s_scan])})
+        z = [n for n, s in (("subject", s_sub), ("site", s_site), ("scanner", s_scan)) if s == 0]
+        kinds.append("zero_" + "_".join(z) if z else "interior")
+    beta = np.column_stack([rng.normal(4, 1, v), rng.normal(0, 0.5, v), rng.normal(0, 0.8, v)])
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.5, 1.5, v))
+    p = d.p
+    contrasts = [
+        _t("intercept", p, {0: 1}), _t("age", p, {1: 1}), _t("group", p, {2: 1}),
+        _t("age_plus_group", p, {1: 1, 2: 1}),
+        _f("age_group", p, [{1: 1}, {2: 1}]),
+    ]
+    desc = ("subject, site (6, subjects nested) and scanner nested in site (2 per site, labels "
+            "'<site>_scanN' unique, drawn per observation); 40 subjects x 3-5 visits")
+    return d, Y, truth, kinds, desc, contrasts
+
+
+def ds_unbalanced(rng):
+    # visits per subject: many singletons, some long series
+    visits = np.concatenate([np.ones(15, int), rng.integers(2, 4, 15), rng.integers(6, 11, 10)])
+    visits = visits[rng.permutation(visits.size)]
+    d = simulate_design(rng, visits.size, visits, fixed=("intercept", "age", "time"),
+                        factors=(FactorSpec("subject", effects=("intercept", "time")),
+                                 FactorSpec("centre", n_levels=7, assign="observation",
+                                            probs=[0.45, 0.3, 0.15, 0.06, 0.03, 0.007, 0.003])))
+    v = 30
+    per, kinds = [], []
+    for i in range(v):
+        if i < 4:
+            sub, k = covariance([1.0, 0.0]), "zero_slope"
+        elif i < 7:
+            sub, k = covariance([1.0, 0.3], 1.0), "corr_one"
+        else:
+            sub = covariance([rng.uniform(0.6, 1.6), rng.uniform(0.2, 0.5)], rng.uniform(-0.5, 0.5))
+            k = "interior"
+        cen = covariance([0.0 if i in (0, 7, 8, 9) else rng.uniform(0.4, 1.2)])
+        if i in (7, 8, 9):
+            k = "zero_centre"
+        per.append({"subject": sub, "centre": cen})
+        kinds.append(k)
+    beta = np.column_stack([rng.normal(6, 1, v), rng.normal(0, 0.5, v), rng.normal(0.2, 0.3, v)])
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.5, 1.5, v))
+    p = d.p
+    contrasts = [
+        _t("intercept", p, {0: 1}), _t("age", p, {1: 1}), _t("time", p, {2: 1}),
+        _t("age_plus_time", p, {1: 1, 2: 1}),
+        _f("age_time", p, [{1: 1}, {2: 1}]),
+    ]
+    desc = ("unbalanced: 40 subjects with 1 (15 of them) to 10 visits, intercept+slope per subject; "
+            "centre (7 levels, per observation, very unequal sizes incl. singletons)")
+    return d, Y, truth, kinds, desc, contrasts
+
+
+def _check_unbalanced(d):
+    counts = [np.bincount(f.codes) for f in d.factors]
+    return all(np.any(c == 1) for c in counts) and all(c.max() >= 8 for c in counts)
+
+
+DATASETS = {
+    "intercept": (ds_intercept, 101),
+    "slope": (ds_slope, 102),
+    "crossed": (ds_crossed, 103),
+    "three_factors": (ds_three_factors, 104),
+    "missing": (ds_missing, 105),
+    "nested": (ds_nested, 106),
+    "unbalanced": (ds_unbalanced, 107),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_matrix(path: Path, a: np.ndarray) -> None:
+    """CSV without header; 12 significant digits (the file *is* the data for both R and Python)."""
+    a = np.atleast_2d(a.T).T if a.ndim == 1 else a
+    with open(path, "w") as fh:
+        for row in a:
+            fh.write(",".join("NaN" if not np.isfinite(x) else f"{x:.12g}" for x in row) + "\n")
+
+
+def build(name: str):
+    """Build dataset ``name`` deterministically; returns everything written."""
+    fn, seed = DATASETS[name]
+    attempt = 0
+    while True:
+        rng = np.random.default_rng([seed, attempt])
+        d, Y, truth, kinds, desc, contrasts = fn(rng)
+        if name != "unbalanced" or _check_unbalanced(d):
+            return d, Y, truth, kinds, desc, contrasts
+        attempt += 1
+
+
+def write(name: str, out: Path) -> None:
+    d, Y, truth, kinds, desc, contrasts = build(name)
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    # round-trip through the text form so that truth/summary are of the written data
+    _write_matrix(folder / "X.csv", d.X)
+    _write_matrix(folder / "Y.csv", Y)
+    for f in d.factors:
+        (folder / f"factor_{f.name}.csv").write_text("".join(f"{lab}\n" for lab in f.labels))
+        _write_matrix(folder / f"Z_{f.name}.csv", f.Z)
+    meta = {
+        "name": name,
+        "description": desc,
+        "seed": DATASETS[name][1],
+        "n": d.n,
+        "n_voxels": Y.shape[1],
+        "fixed_names": list(d.fixed_names),
+        "factors": [{"name": f.name, "effect_names": list(f.effect_names),
+                     "n_levels": f.n_levels} for f in d.factors],
+        "contrasts": contrasts,
+        "truth": {
+            "beta": truth.beta.tolist(),
+            "sigma2": truth.sigma2.tolist(),
+            "cov": {k: c.tolist() for k, c in truth.covariances.items()},
+            "voxel_kind": kinds,
+            "n_missing": truth.missing.sum(axis=0).tolist(),
+        },
+    }
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"{name}: n={d.n} p={d.p} v={Y.shape[1]} "
+          + " ".join(f"{f.name}(l={f.n_levels},q={f.n_effects})" for f in d.factors))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", default=list(DATASETS), help="datasets (default: all)")
+    ap.add_argument("--out", type=Path, default=ROOT / "tests" / "reference")
+    args = ap.parse_args(argv)
+    for name in args.names:
+        write(name, args.out)
+
+
+if __name__ == "__main__":
+    main()
