@@ -39,14 +39,23 @@ def mpi_facts(comm: Any) -> dict[str, str]:
 
     library = MPI.Get_library_version().strip().splitlines()
     major, minor = MPI.Get_version()
-    config = mpi4py.get_config()
     found = launcher_size()
     return {
-        "MPI library": library[0].strip() if library else "unknown",
+        "MPI library": " ".join(library[0].split()) if library else "unknown",
         "MPI standard": f"{major}.{minor}",
-        "mpi4py": f"{mpi4py.__version__} (built with {config.get('mpicc', 'unknown')})",
+        "mpi4py": f"{mpi4py.__version__} (loaded {', '.join(loaded_mpi_libraries()) or '?'})",
         "launcher": f"{found[1]}={found[0]}" if found else "none detected (plain process)",
     }
+
+
+def loaded_mpi_libraries(maps: str = "/proc/self/maps") -> list[str]:
+    """Paths of the MPI shared libraries this process has loaded (Linux; else empty)."""
+    try:
+        with open(maps) as handle:
+            paths = {line.split()[-1] for line in handle if "/libmpi" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if p.startswith("/"))
 
 
 def hdf5_facts() -> dict[str, str]:

@@ -156,7 +156,7 @@ MPIEXEC_PATH="$(find_mpiexec "$MPICC_PATH" || true)"
 # ---------------------------------------------------------------- fast path
 stamp_key() {
     {
-        cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh"
+        cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/scripts/setup.sh"
         echo "$MPICC_PATH $HDF5_PREFIX $MPIEXEC_PATH"
         "$PYTHON" --version 2>&1
     } | sha256sum | cut -d' ' -f1
@@ -178,6 +178,7 @@ fi
 rm -f "$STAMP"
 : >"$LOG"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+py_ok() { "$VENV/bin/python" -c "$1" >/dev/null 2>&1; }
 export PIP_NO_INPUT=1
 
 step "installing numpy, scipy, nibabel, pytest and build tools"
@@ -185,40 +186,38 @@ run_logged "pip upgrade" "${PIP[@]}" install -q --upgrade pip
 run_logged "base packages" "${PIP[@]}" install -q numpy scipy nibabel threadpoolctl \
     "argparse-manpage[setuptools]>=4.5" pytest "Cython>=3" pkgconfig "setuptools>=77" wheel
 
-py_ok() { "$VENV/bin/python" -c "$1" >/dev/null 2>&1; }
 
-# mpi4py: rebuild unless the installed one was built with this mpicc.
-MPI4PY_CHECK="import mpi4py, sys; sys.exit(0 if mpi4py.get_config().get('mpicc') == '$MPICC_PATH' else 1)"
-if py_ok "$MPI4PY_CHECK"; then
+# mpi4py and h5py are rebuilt unless the record of what they were built against matches
+# (mpi4py 4 no longer reports its mpicc).
+BUILT="$VENV/.mpiblmm-built-against"
+built_with() { grep -qxF "$1=$2" "$BUILT" 2>/dev/null; }
+remember() { grep -v "^$1=" "$BUILT" 2>/dev/null >"$BUILT.new" || true; echo "$1=$2" >>"$BUILT.new"; mv "$BUILT.new" "$BUILT"; }
+
+if built_with mpi4py "$MPICC_PATH" && py_ok "from mpi4py import MPI"; then
     step "mpi4py already built against $MPICC_PATH"
 else
     step "building mpi4py against $MPICC_PATH (about 3 minutes)"
     # --no-cache-dir: a cached wheel may have been built against another MPI.
     MPICC="$MPICC_PATH" CFLAGS="$BUILD_CFLAGS" run_logged "build mpi4py" \
         "${PIP[@]}" install -q --no-cache-dir --force-reinstall --no-deps --no-binary mpi4py mpi4py
+    remember mpi4py "$MPICC_PATH"
 fi
 
-# h5py: rebuild unless the installed one has MPI and links this HDF5.
-H5PY_CHECK="import h5py, sys; ok = h5py.get_config().mpi and h5py.version.hdf5_version == '$("$VENV/bin/python" - "$HDF5_PREFIX" <<'PY'
-import re, sys, pathlib
-text = ""
-for p in pathlib.Path(sys.argv[1], "include").rglob("H5pubconf.h"):
-    text = p.read_text(errors="replace")
-    break
-m = re.search(r'#define H5_VERSION "([^"]+)"', text)
-print(m.group(1) if m else "unknown")
-PY
-)'; sys.exit(0 if ok else 1)"
-if py_ok "$H5PY_CHECK"; then
+if built_with h5py "$HDF5_PREFIX $MPICC_PATH" && py_ok "import h5py, sys; sys.exit(0 if h5py.get_config().mpi else 1)"; then
     step "h5py already built with MPI against $HDF5_PREFIX"
 else
     step "building h5py with MPI against $HDF5_PREFIX (about 2 minutes)"
     CC="$MPICC_PATH" CFLAGS="$BUILD_CFLAGS" HDF5_MPI=ON HDF5_DIR="$HDF5_PREFIX" run_logged "build h5py" \
         "${PIP[@]}" install -q --no-cache-dir --force-reinstall --no-deps --no-binary h5py --no-build-isolation h5py
+    remember h5py "$HDF5_PREFIX $MPICC_PATH"
 fi
 
 step "installing mpiblmm (editable, with test extra) and its man page"
-ln -sf "$MPIEXEC_PATH" "$VENV/bin/mpiexec"
+# A wrapper, not a symlink: MPICH's hydra finds its helpers beside its own path.
+rm -f "$VENV/bin/mpiexec"
+printf '#!/bin/sh\n# The launcher that matches the MPI mpi4py was built with (scripts/setup.sh).\nexec %q "$@"\n' \
+    "$MPIEXEC_PATH" >"$VENV/bin/mpiexec"
+chmod +x "$VENV/bin/mpiexec"
 run_logged "install mpiblmm" "${PIP[@]}" install -q --no-build-isolation -e "$ROOT[test]"
 mkdir -p "$VENV/share/man/man1"
 run_logged "man page" "$VENV/bin/python" -m mpiblmm.manpage "$VENV/share/man/man1/mpiblmm.1"
@@ -229,10 +228,12 @@ step "checking h5py MPI support and a 2-rank MPI run"
     die "h5py was built without MPI" \
         "rebuild: rm -rf .venv && HDF5_DIR=<parallel HDF5 prefix> MPICC=<mpicc> scripts/setup.sh"
 if [[ "${MPIBLMM_SKIP_MPI_CHECK:-0}" != 1 ]]; then
+    # Rank 0 prints "<size> <distinct ranks>": one line, whatever the launcher does to output.
     ranks="$(timeout 60 "$VENV/bin/mpiexec" -n 2 "$VENV/bin/python" -c \
-        'from mpi4py import MPI; c = MPI.COMM_WORLD; print(f"{c.Get_rank()}/{c.Get_size()}")' 2>>"$LOG" | sort | tr '\n' ' ')" || true
-    if [[ "$ranks" != "0/2 1/2 " ]]; then
-        die "\`mpiexec -n 2\` did not give two distinct ranks (got: ${ranks:-nothing})" \
+        'from mpi4py import MPI; c = MPI.COMM_WORLD; r = c.gather(c.Get_rank()); c.Get_rank() or print(c.Get_size(), len(set(r)))' \
+        2>>"$LOG" | tr -s ' \n' ' ')" || true
+    if [[ "$ranks" != "2 2 " ]]; then
+        die "\`mpiexec -n 2\` did not give two distinct ranks (got size and distinct ranks: ${ranks:-nothing})" \
             "mpi4py is built against $MPICC_PATH but was launched with $MPIEXEC_PATH;" \
             "set MPIEXEC to the launcher of that MPI (or MPICC to the MPI of your launcher)," \
             "then: rm -rf .venv && scripts/setup.sh   (MPIBLMM_SKIP_MPI_CHECK=1 skips this on login nodes)"

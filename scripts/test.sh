@@ -98,9 +98,13 @@ if [[ ${#MPI_PATHS[@]} -gt 0 ]]; then
         record "mpi -n $n" "$rc" "$log" "$MPI_TIMEOUT"
         if [[ "$rc" != 0 && "$rc" != 5 ]]; then
             for rank_log in "$REPORTS/mpi-$n"/rank-*.log; do
-                [[ -f "$rank_log" ]] || continue
-                echo "--- $(basename "$rank_log" .log) of the $n-rank run (last 40 lines):"
-                tail -n 40 "$rank_log"
+                [[ -s "$rank_log" ]] || continue
+                case "$rank_log" in
+                    *-fatal.log) echo "--- $(basename "$rank_log" .log) of the $n-rank run (first 60 lines):"
+                        head -n 60 "$rank_log" ;;
+                    *) echo "--- $(basename "$rank_log" .log) of the $n-rank run (last 40 lines):"
+                        tail -n 40 "$rank_log" ;;
+                esac
             done
         fi
     done

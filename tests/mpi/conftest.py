@@ -12,13 +12,14 @@ match up. Write tests with the ``mpi`` fixture:
         folder = mpi.shared_tmp_path                # same folder on every rank
 
 Rules: call collectives on every rank (also those with nothing to do); use ``mpi.check``
-rather than a bare ``assert`` after which other ranks would still wait in a collective;
+rather than a bare ``assert``: a test that fails on some ranks only aborts the whole run
+(the others would wait in a collective), and its failure is printed from that rank's log;
 derive random seeds from ``mpi.seed``. A test that hangs is killed after
 ``MPIBLMM_TEST_TIMEOUT`` seconds (default 120) with the traceback of where it waited.
 
 Only rank 0 writes pytest's report to the terminal; the other ranks write theirs to
 ``$MPIBLMM_MPI_TEST_LOGDIR/rank-<N>.log`` (or nowhere when that is unset), which
-``scripts/test.sh`` prints when a run fails.
+``scripts/test.sh`` prints when a run fails, with any ``rank-<N>-fatal.log``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ import pytest
 from mpi4py import MPI
 
 _HERE = Path(__file__).resolve().parent
+
+
+class CollectiveAssertionError(AssertionError):
+    """A failed :meth:`MPIContext.check`: raised on every rank together."""
 
 
 class MPIContext:
@@ -61,7 +66,7 @@ class MPIContext:
         verdicts = self.comm.allgather(bool(condition))
         failed = [rank for rank, ok in enumerate(verdicts) if not ok]
         if failed:
-            raise AssertionError(f"failed on rank(s) {failed} of {self.size}: {message}")
+            raise CollectiveAssertionError(f"failed on rank(s) {failed} of {self.size}: {message}")
 
     @property
     def shared_tmp_path(self) -> Path:
@@ -87,13 +92,55 @@ def mpi():
     context.close()
 
 
+_HANG_LOG = None
+
+
+def _hang_log():
+    """Where a rank writes a hang traceback or a lone failure (pytest captures stderr)."""
+    global _HANG_LOG
+    if _HANG_LOG is None:
+        logdir = os.environ.get("MPIBLMM_MPI_TEST_LOGDIR")
+        if logdir:
+            Path(logdir).mkdir(parents=True, exist_ok=True)
+            rank = MPI.COMM_WORLD.Get_rank()
+            _HANG_LOG = open(Path(logdir, f"rank-{rank}-fatal.log"), "w")  # noqa: SIM115
+        else:
+            _HANG_LOG = sys.__stderr__
+    return _HANG_LOG
+
+
 @pytest.fixture(autouse=True)
 def _hang_guard():
-    """Kill this rank (and so the job) if a test waits longer than MPIBLMM_TEST_TIMEOUT s."""
+    """Kill this rank (and so the job) if a test waits longer than MPIBLMM_TEST_TIMEOUT s.
+
+    The rank's traceback at that moment goes to ``rank-<N>-fatal.log`` in
+    ``$MPIBLMM_MPI_TEST_LOGDIR``, which scripts/test.sh prints.
+    """
     faulthandler.dump_traceback_later(float(os.environ.get("MPIBLMM_TEST_TIMEOUT", "120")),
-                                      exit=True)
+                                      exit=True, file=_hang_log())
     yield
     faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that fails on some ranks only (not via ``mpi.check``) aborts the whole job.
+
+    The other ranks would otherwise wait in the test's next collective until the hang
+    guard fires. The failure goes to this rank's log (printed by scripts/test.sh).
+    """
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed or MPI.COMM_WORLD.Get_size() == 1:
+        return
+    if call.excinfo is not None and call.excinfo.errisinstance(CollectiveAssertionError):
+        return
+    rank = MPI.COMM_WORLD.Get_rank()
+    log = _hang_log()
+    log.write(f"rank {rank}: {item.nodeid} failed on this rank ({report.when}); "
+              f"aborting the job so no rank waits in a collective:\n{report.longreprtext}\n")
+    log.flush()
+    MPI.COMM_WORLD.Abort(1)
 
 
 def pytest_collection_modifyitems(config, items):
