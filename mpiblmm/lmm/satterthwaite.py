@@ -19,11 +19,14 @@ triangles of the Cholesky factors ``Lambda_k`` of the relative covariances
   depend on the units of Y and equals lmerTest's whenever the Hessian is well conditioned). (3)
 - ``df = 2 S2^2 / (g' Avp g)``                                                          (4)
 
-``H`` is the central finite difference (with one Richardson extrapolation) of the analytic
-gradient of the deviance (5):
+The gradient of the deviance (5):
 ``dDev/ds2 = m/s2 - e'V^-1e/s2^2`` (m = n for ML, n - p for REML), ``dDev/dsigma = 2 sigma
 dDev/ds2``; ``dDev/dD_k = sum_j [R_kjkj - u_kj u_kj'/s2]`` (REML: ``- sum_j W_kj A W_kj'``),
 with ``u = Z'V^-1 e``, ``R = Z'V^-1 Z``; ``dDev/dLambda_k = 2 (dDev/dD_k) Lambda_k``.
+``H`` is exact (6, see :func:`deviance_hessian`): second derivatives of ``log|V|``,
+``log|X'V^-1X|`` (REML) and ``e'V^-1e / s2`` at the GLS beta in theta, through
+``dD_k/dtheta_t = E_rc Lambda_k' + Lambda_k E_cr`` and its (constant) second derivative, from
+one evaluation of the V^-1 products; finite differences of (5) check it in the tests.
 
 At a singular fit a column of ``Lambda_k`` that is zero makes its theta entries drop out of
 (2) (``S2`` depends on them only through their squares), exactly as in lmerTest.
@@ -135,11 +138,12 @@ def fd_steps(varpar: np.ndarray, rel_step: float = 1e-4) -> np.ndarray:
     return h
 
 
-def deviance_hessian(pf: ProductForms, varpar: np.ndarray, method: str,
-                     rel_step: float = 1e-4) -> np.ndarray:
-    """Observed Hessian (v, m, m) of the deviance at ``varpar`` (lmerTest's ``H``).
+def deviance_hessian_fd(pf: ProductForms, varpar: np.ndarray, method: str,
+                        rel_step: float = 1e-4) -> np.ndarray:
+    """Hessian (v, m, m) of the deviance by finite differences of its analytic gradient.
 
-    Central differences of the analytic gradient at steps ``h`` and ``h/2`` combined by
+    An independent check of :func:`deviance_hessian` (17 V^-1 evaluations for 4 parameters
+    instead of one).  Central differences of the analytic gradient at steps ``h`` and ``h/2`` combined by
     Richardson extrapolation, ``(4 D(h/2) - D(h)) / 3`` (error O(h^4)); then symmetrised.
     """
     v, m = varpar.shape
@@ -155,6 +159,117 @@ def deviance_hessian(pf: ProductForms, varpar: np.ndarray, method: str,
             cols.append(diff / (2.0 * step[:, None]))
         H[:, :, i] = (4.0 * cols[1] - cols[0]) / 3.0
     return 0.5 * (H + np.swapaxes(H, 1, 2))
+
+
+def _lambda_directions(lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``F_t = dD_k/dtheta_t = E_rc Lambda' + Lambda E_cr`` (v, n_t, q, q) and the (r, c) of t."""
+    v, q, _ = lam.shape
+    rows, cols = tril_indices(q)
+    F = np.zeros((v, rows.size, q, q))
+    for t, (r, c) in enumerate(zip(rows, cols)):
+        F[:, t, r, :] += lam[:, :, c]
+        F[:, t, :, r] += lam[:, :, c]
+    return F, rows, cols
+
+
+def _second_direction_trace(M: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``tr(M d2D/dtheta_t dtheta_u)`` (v, n_t, n_t): ``d2D = [c = c'] (E_rr' + E_r'r)``."""
+    Ms = M + np.swapaxes(M, -1, -2)
+    same_col = (cols[:, None] == cols[None, :]).astype(float)
+    return Ms[:, rows[:, None], rows[None, :]] * same_col
+
+
+def deviance_hessian(pf: ProductForms, varpar: np.ndarray, method: str) -> np.ndarray:
+    """Exact Hessian (v, m, m) of the deviance at ``varpar = (theta, sigma)`` (lmerTest's H, eq. 6).
+
+    With ``V_t = dV/dtheta_t = sum_j Z_kj F_t Z_kj'``, ``V_tu`` its second derivative,
+    ``Q = e'V^-1 e`` at the GLS beta and ``A = (X'V^-1 X)^-1``:
+
+    - ``d2/dt du [log|V|] = tr(V^-1 V_tu) - tr(V^-1 V_u V^-1 V_t)``
+    - REML ``d2/dt du [log|X'V^-1X|] = -tr(A Q_u A Q_t) + 2 tr(A X'V^-1 V_u V^-1 V_t V^-1 X)
+      - tr(A X'V^-1 V_tu V^-1 X)``, ``Q_t = X'V^-1 V_t V^-1 X``
+    - ``d2/dt du [Q] = 2 e'V^-1 V_u V^-1 V_t V^-1 e - 2 w_u' A w_t - e'V^-1 V_tu V^-1 e``,
+      ``w_t = X'V^-1 V_t V^-1 e`` (the second term is beta moving with theta)
+    - sigma: ``Dev = m log sigma^2 + Q / sigma^2 + ...``.
+
+    Every trace is a sum over level pairs of the blocks of ``Z'V^-1Z``, ``Z'V^-1X``,
+    ``Z'V^-1e``: one evaluation of the V^-1 products in all.
+    """
+    st = pf.structure
+    lambdas, sigma = _split(varpar, st)
+    s2 = sigma ** 2
+    vp = vinv_products(pf, lambdas, need_z=True)
+    beta, Q = gls(vp)
+    reml = method == "REML"
+    dof = pf.n - pf.p if reml else pf.n
+    A = _inv_sym(vp.XtViX)
+    u = vp.ZtViY - np.einsum("vqp,vp->vq", vp.ZtViX, beta)
+    v, m = varpar.shape
+    K = len(st.factors)
+    H = np.zeros((v, m, m))
+    F, W, U, tsl = [], [], [], theta_slices(st)
+    for k, (f, sl, lam) in enumerate(zip(st.factors, st.slices(), lambdas)):
+        Fk, rows, cols = _lambda_directions(lam)
+        F.append((Fk, rows, cols))
+        W.append(_factor_blocks(vp, st, k)[1])
+        U.append(u[:, sl].reshape(v, f.n_levels, f.n_effects))
+    # w_t = sum_j W_j' F_t u_j (v, n_t, p); Q_t = sum_j W_j' F_t W_j (v, n_t, p, p)
+    w = [np.einsum("vjap,vtab,vjb->vtp", W[k], F[k][0], U[k]) for k in range(K)]
+    Qt = [np.einsum("vjap,vtab,vjbq->vtpq", W[k], F[k][0], W[k]) for k in range(K)] if reml else None
+    for k in range(K):
+        Fk, rows, cols = F[k]
+        R_kk, _ = _factor_blocks(vp, st, k)
+        # Terms in V_tu (same factor only): tr(S_tu M) for M = sum_j R_jj, W A W', u u'/s2.
+        M = R_kk.sum(axis=1) - np.einsum("vja,vjb->vab", U[k], U[k]) / s2[:, None, None]
+        if reml:
+            M = M - np.einsum("vjap,vpq,vjbq->vab", W[k], A, W[k])
+        H[:, tsl[k], tsl[k]] += _second_direction_trace(M, rows, cols)
+        for k2 in range(K):
+            T = _pair_tensor(vp, st, k, k2, U[k], U[k2], W[k], W[k2], A if reml else None, s2)
+            H[:, tsl[k], tsl[k2]] += np.einsum("vtab,vucd,vabcd->vtu", Fk, F[k2][0], T)
+    # beta moving with theta, and tr(A Q_u A Q_t) (REML)
+    wall = np.concatenate(w, axis=1)
+    nt = wall.shape[1]
+    H[:, :nt, :nt] -= 2.0 * np.einsum("vtp,vpq,vuq->vtu", wall, A, wall) / s2[:, None, None]
+    if reml:
+        Qall = np.concatenate(Qt, axis=1)
+        AQ = np.einsum("vpq,vtqr->vtpr", A, Qall)
+        H[:, :nt, :nt] -= np.einsum("vtpr,vurp->vtu", AQ, AQ)
+    # sigma: d2/dsigma2 = -2 m/sigma^2 + 6 Q/sigma^4; d2/dsigma dtheta_t = 2 e'V^-1V_tV^-1e/sigma^3
+    eVte = np.concatenate([np.einsum("vja,vtab,vjb->vt", U[k], F[k][0], U[k]) for k in range(K)],
+                          axis=1)
+    H[:, -1, -1] = -2.0 * dof / s2 + 6.0 * Q / s2 ** 2
+    H[:, :nt, -1] = H[:, -1, :nt] = 2.0 * eVte / sigma[:, None] ** 3
+    return 0.5 * (H + np.swapaxes(H, 1, 2))
+
+
+def _pair_tensor(vp, structure: RandomStructure, k: int, k2: int, U1, U2, W1, W2,
+                 A: np.ndarray | None, s2: np.ndarray) -> np.ndarray:
+    """``T[a,b,c,d]`` (v, q_k, q_k, q_k2, q_k2) with ``H_tu = sum F_t[a,b] F_u[c,d] T[a,b,c,d]``.
+
+    Over level pairs ``(i, j)`` of factors ``k`` and ``k2``, ``R_ij = Z_ki'V^-1 Z_k2j``:
+    ``T = - sum R_ij[b,c] R_ij[a,d]``                     (-tr(V^-1 V_t V^-1 V_u))
+    ``  + 2/s2 sum u_i[a] R_ij[b,c] u_j[d]``               (2 e'V^-1 V_t V^-1 V_u V^-1 e / s2)
+    ``  + 2 sum R_ij[b,c] (W_j A W_i')[d,a]`` (REML)       (2 tr(A X'V^-1 V_t V^-1 V_u V^-1 X)).
+    One factor: ``Z'V^-1Z`` is block diagonal, only ``i = j`` (same factor) contributes.
+    """
+    WA = None if A is None else np.einsum("vjdq,vqp->vjdp", W2, A)
+    if structure.is_single_factor:
+        R = vp.ZtViZ                                                 # (v, l, q, q), i = j
+        T = -np.einsum("vjbc,vjad->vabcd", R, R)
+        T += (2.0 / s2)[:, None, None, None, None] * np.einsum("vja,vjbc,vjd->vabcd", U1, R, U2)
+        if WA is not None:
+            T += 2.0 * np.einsum("vjbc,vjdp,vjap->vabcd", R, WA, W1)
+        return T
+    f, f2 = structure.factors[k], structure.factors[k2]
+    sl, sl2 = structure.slices()[k], structure.slices()[k2]
+    R = vp.ZtViZ[:, sl, sl2].reshape(-1, f.n_levels, f.n_effects, f2.n_levels, f2.n_effects)
+    T = -np.einsum("vibjc,viajd->vabcd", R, R, optimize=True)
+    T += (2.0 / s2)[:, None, None, None, None] * np.einsum(
+        "via,vibjc,vjd->vabcd", U1, R, U2, optimize=True)
+    if WA is not None:
+        T += 2.0 * np.einsum("vibjc,vjdp,viap->vabcd", R, WA, W1, optimize=True)
+    return T
 
 
 def covbeta_jacobian(pf: ProductForms, varpar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -200,7 +315,6 @@ def satterthwaite_setup(
     method: str,
     fitted: np.ndarray | None = None,
     theta: np.ndarray | None = None,
-    rel_step: float = 1e-4,
 ) -> Precomputed:
     """Everything contrasts need at the estimates of ``v`` voxels.
 
@@ -238,7 +352,7 @@ def satterthwaite_setup(
         sub = pf.take(idx)
         varpar = np.concatenate([theta[idx], np.sqrt(s2[idx])[:, None]], axis=1)
         cov[idx], J[idx] = covbeta_jacobian(sub, varpar)
-        H = deviance_hessian(sub, varpar, method, rel_step)
+        H = deviance_hessian(sub, varpar, method)
         Avp[idx] = varpar_covariance(H, varpar[:, -1])
     return Precomputed(cov_beta=cov, jacobian=J, vcov_varpar=Avp, fitted=ok, method=method)
 

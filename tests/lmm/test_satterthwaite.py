@@ -12,6 +12,7 @@ from mpiblmm.lmm.satterthwaite import (
     covbeta_jacobian,
     deviance_gradient,
     deviance_hessian,
+    deviance_hessian_fd,
     satterthwaite_setup,
 )
 from mpiblmm.lmm.theta import lambdas_from_theta, n_theta, theta_from_D
@@ -95,6 +96,17 @@ def test_hessian_matches_second_differences_of_deviance(factors, method):
             fd = (f(1, 1) - f(1, -1) - f(-1, 1) + f(-1, -1)) / (4 * h[:, i] * h[:, j])
             np.testing.assert_allclose(H[:, i, j], fd, rtol=1e-4,
                                        atol=1e-5 * np.abs(H).max())
+
+
+@pytest.mark.parametrize("factors", CASES + [[(7, 2), (3, 1), (5, 3)]])
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize("singular", [False, True])
+def test_analytic_hessian_matches_differences_of_the_gradient(factors, method, singular):
+    pf, *_, Ds, s2 = _problem(factors, seed=40 + len(factors), missing=True, singular=singular)
+    x = _varpar(pf, Ds, s2)
+    H = deviance_hessian(pf, x, method)
+    np.testing.assert_allclose(H, deviance_hessian_fd(pf, x, method),
+                               rtol=1e-8, atol=1e-9 * np.abs(H).max())
 
 
 @pytest.mark.parametrize("factors", CASES)
