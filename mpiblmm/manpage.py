@@ -13,6 +13,9 @@ from typing import Sequence
 
 from mpiblmm import __version__
 
+#: The one-line summary in the man page's NAME section.
+DESCRIPTION = "MPI-parallel voxel-wise linear mixed models for neuroimaging studies"
+
 
 def manpage_arguments(output: str) -> list[str]:
     """Command-line arguments for ``argparse-manpage`` that document ``mpiblmm``."""
@@ -21,6 +24,7 @@ def manpage_arguments(output: str) -> list[str]:
         "--function", "get_parser",
         "--prog", "mpiblmm",
         "--project-name", "mpiblmm",
+        "--description", DESCRIPTION,
         "--version", __version__,
         "--manual-title", "mpiblmm manual",
         "--output", output,

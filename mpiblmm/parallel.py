@@ -209,9 +209,14 @@ def run_guarded(fn: Callable[[], int | None], comm: Any) -> int:
         return USER_ERROR_EXIT_CODE
     except KeyboardInterrupt:
         raise
+    except SystemExit as exc:
+        # sys.exit() on one rank: the others may be in a collective, so end them too.
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code != 0 and size > 1:
+            print(f"rank {rank}: exited with code {code}", file=sys.stderr, flush=True)
+            comm.Abort(code)
+        return code
     except BaseException as exc:  # noqa: BLE001 - the top of a rank's job
-        if isinstance(exc, SystemExit) and exc.code in (None, 0):
-            return 0
         print(f"rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
