@@ -118,31 +118,99 @@ def vinv_products(pf: ProductForms, lambdas: tuple[np.ndarray, ...],
     return _vinv_dense(pf, lambdas, need_z)
 
 
+def _mm(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``A B`` for small matrices stored with the matrix axes first: (q, r, ...) x (r, s, ...).
+
+    The trailing (voxel, level) axes are contiguous, so each term is one fast elementwise
+    operation; numpy's matmul on stacks of 2x2 matrices is an order of magnitude slower.
+    """
+    out = A[:, 0][:, None] * B[0][None]
+    for k in range(1, A.shape[1]):
+        out += A[:, k][:, None] * B[k][None]
+    return out
+
+
+def _mm_tn(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``A' B`` for small matrices stored with the matrix axes first."""
+    return _mm(np.swapaxes(A, 0, 1), B)
+
+
+def _spd_inv_logdet_lead(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`spd_inv_logdet` for matrices stored with the matrix axes first (q, q, ...)."""
+    if S.shape[0] <= 2:
+        inv, logdet = spd_inv_logdet(np.moveaxis(S, (0, 1), (-2, -1)))
+        return np.ascontiguousarray(np.moveaxis(inv, (-2, -1), (0, 1))), logdet
+    inv, logdet = spd_inv_logdet(np.ascontiguousarray(np.moveaxis(S, (0, 1), (-2, -1))))
+    return np.ascontiguousarray(np.moveaxis(inv, (-2, -1), (0, 1))), logdet
+
+
+def _lead(a: np.ndarray, n_small: int) -> np.ndarray:
+    """Move the last ``n_small`` axes to the front (contiguous copy)."""
+    nd = a.ndim
+    return np.ascontiguousarray(np.moveaxis(a, tuple(range(nd - n_small, nd)),
+                                            tuple(range(n_small))))
+
+
+def _trail(a: np.ndarray, n_small: int) -> np.ndarray:
+    """Inverse of :func:`_lead`: move the first ``n_small`` axes to the end."""
+    nd = a.ndim
+    return np.moveaxis(a, tuple(range(n_small)), tuple(range(nd - n_small, nd)))
+
+
+def _x_corrections_shared(ZX: np.ndarray, L: np.ndarray, Sinv: np.ndarray,
+                          MZY: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``X'Z M Z'X`` and ``X'Z M Z'Y`` when Z'X is shared by every voxel (complete data).
+
+    ``ZX`` (q1, p, l) shared, ``M = Lambda S^-1 Lambda'`` per voxel and level; the sums over
+    levels become matrix products with the shared per-level outer products of Z'X (BLAS).
+    """
+    M = _mm(L, _mm(Sinv, np.swapaxes(L, 0, 1)))            # (q1, q1, v, l)
+    q1, p, l = ZX.shape
+    v = M.shape[2]
+    corr_xx = np.zeros((v, p * p))
+    for i in range(q1):
+        for j in range(q1):
+            outer = (ZX[i][:, None, :] * ZX[j][None, :, :]).reshape(p * p, l)
+            corr_xx += M[i, j] @ outer.T
+    corr_xy = sum(MZY[i] @ ZX[i].T for i in range(q1))
+    return sym(corr_xx.reshape(v, p, p)), corr_xy
+
+
 def _vinv_single(pf: ProductForms, lam: np.ndarray, need_z: bool) -> VinvProducts:
+    # Work with the small matrix axes first and (voxel, level) last: (q1, q1, v, l).
     f = pf.structure.factors[0]
     l, q1, p, v = f.n_levels, f.n_effects, pf.p, pf.n_voxels
-    B = pf.ZtZ                                   # (v|1, l, q1, q1)
-    ZX = pf.ZtX.reshape(-1, l, q1, p)            # (v|1, l, q1, p)
-    ZY = pf.ZtY.reshape(v, l, q1, 1)
-    lamT = np.swapaxes(lam, -1, -2)[:, None]     # (v, 1, q1, q1)
-    S = lamT @ B @ lam[:, None]
-    S = S + np.eye(q1)
-    Sinv, logdet = spd_inv_logdet(S)
-    AX = lamT @ ZX                               # Lambda'Z'X per level
-    AY = lamT @ ZY
-    SAX = Sinv @ AX
-    SAY = Sinv @ AY
-    XtViX = pf.XtX - np.einsum("vlap,vlaq->vpq", AX, SAX)
-    XtViY = pf.XtY - np.einsum("vlap,vla->vp", AX, SAY[..., 0])
-    YtViY = pf.YtY - np.einsum("vla,vla->v", AY[..., 0], SAY[..., 0])
-    out = dict(XtViX=XtViX, XtViY=XtViY, YtViY=YtViY, logdetV=logdet.sum(-1))
+    B = _lead(pf.ZtZ, 2)                                   # (q1, q1, v|1, l)
+    ZX = _lead(pf.ZtX.reshape(-1, l, q1, p), 2)            # (q1, p, v|1, l)
+    ZY = _lead(pf.ZtY.reshape(v, l, q1), 1)                # (q1, v, l)
+    L = _lead(lam, 2)[..., None]                           # (q1, q1, v, 1)
+    BL = _mm(B, L)                                         # Z'Z Lambda per level
+    S = _mm_tn(L, BL)
+    for i in range(q1):
+        S[i, i] += 1.0
+    Sinv, logdet = _spd_inv_logdet_lead(S)                 # S^-1, log|S| (v, l)
+    AY = _mm_tn(L, ZY[:, None])[:, 0]                      # Lambda'Z'Y  (q1, v, l)
+    SAY = _mm(Sinv, AY[:, None])[:, 0]
+    if ZX.shape[2] == 1 and not need_z:
+        corr_xx, corr_xy = _x_corrections_shared(ZX[:, :, 0], L, Sinv, _mm(L, SAY[:, None])[:, 0])
+    else:
+        AX = _mm_tn(L, ZX)                                 # Lambda'Z'X  (q1, p, v, l)
+        SAX = _mm(Sinv, AX)
+        corr_xx = np.empty((v, p, p))
+        for a in range(p):
+            for b in range(a, p):
+                corr_xx[:, a, b] = corr_xx[:, b, a] = (AX[:, a] * SAX[:, b]).sum(axis=(0, 2))
+        corr_xy = np.stack([(AX[:, a] * SAY).sum(axis=(0, 2)) for a in range(p)], axis=1)
+    out = dict(XtViX=pf.XtX - corr_xx, XtViY=pf.XtY - corr_xy,
+               YtViY=pf.YtY - (AY * SAY).sum(axis=(0, 2)), logdetV=logdet.sum(-1))
     if need_z:
-        BL = B @ lam[:, None]                    # Z'Z Lambda per level
-        ZtViX = ZX - BL @ SAX
-        ZtViY = ZY[..., 0] - (BL @ SAY)[..., 0]
-        ZtViZ = B - BL @ Sinv @ np.swapaxes(BL, -1, -2)
-        out.update(ZtViX=ZtViX.reshape(v, l * q1, p), ZtViY=ZtViY.reshape(v, l * q1),
-                   ZtViZ=sym(ZtViZ))
+        # Z'V^-1B = Z'B - Z'Z Lambda S^-1 Lambda'Z'B
+        ZtViX = ZX - _mm(BL, SAX)
+        ZtViY = ZY - _mm(BL, SAY[:, None])[:, 0]
+        ZtViZ = B - _mm(_mm(BL, Sinv), np.swapaxes(BL, 0, 1))
+        out.update(ZtViX=_trail(ZtViX, 2).reshape(v, l * q1, p),
+                   ZtViY=_trail(ZtViY, 1).reshape(v, l * q1),
+                   ZtViZ=sym(_trail(ZtViZ, 2)))
     return VinvProducts(**out)
 
 
