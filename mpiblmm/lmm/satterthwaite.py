@@ -91,6 +91,13 @@ def _factor_blocks(vp, structure: RandomStructure, k: int):
     return R, W
 
 
+def _level_sum(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """``sum_j X_j (x) Y_j`` for X (v, l, *a), Y (v, l, *b): (v, *a, *b), one batched matmul."""
+    v, l = X.shape[:2]
+    out = np.swapaxes(X.reshape(v, l, -1), 1, 2) @ Y.reshape(Y.shape[0], l, -1)
+    return out.reshape((out.shape[0],) + X.shape[2:] + Y.shape[2:])
+
+
 def _split(varpar: np.ndarray, structure: RandomStructure):
     theta, sigma = varpar[:, :-1], varpar[:, -1]
     return lambdas_from_theta(theta, structure), sigma
@@ -179,7 +186,8 @@ def _second_direction_trace(M: np.ndarray, rows: np.ndarray, cols: np.ndarray) -
     return Ms[:, rows[:, None], rows[None, :]] * same_col
 
 
-def deviance_hessian(pf: ProductForms, varpar: np.ndarray, method: str) -> np.ndarray:
+def deviance_hessian(pf: ProductForms, varpar: np.ndarray, method: str,
+                     vp=None) -> np.ndarray:
     """Exact Hessian (v, m, m) of the deviance at ``varpar = (theta, sigma)`` (lmerTest's H, eq. 6).
 
     With ``V_t = dV/dtheta_t = sum_j Z_kj F_t Z_kj'``, ``V_tu`` its second derivative,
@@ -193,12 +201,13 @@ def deviance_hessian(pf: ProductForms, varpar: np.ndarray, method: str) -> np.nd
     - sigma: ``Dev = m log sigma^2 + Q / sigma^2 + ...``.
 
     Every trace is a sum over level pairs of the blocks of ``Z'V^-1Z``, ``Z'V^-1X``,
-    ``Z'V^-1e``: one evaluation of the V^-1 products in all.
+    ``Z'V^-1e``: one evaluation of the V^-1 products in all (``vp``, computed when not given).
     """
     st = pf.structure
     lambdas, sigma = _split(varpar, st)
     s2 = sigma ** 2
-    vp = vinv_products(pf, lambdas, need_z=True)
+    if vp is None:
+        vp = vinv_products(pf, lambdas, need_z=True)
     beta, Q = gls(vp)
     reml = method == "REML"
     dof = pf.n - pf.p if reml else pf.n
@@ -214,15 +223,16 @@ def deviance_hessian(pf: ProductForms, varpar: np.ndarray, method: str) -> np.nd
         W.append(_factor_blocks(vp, st, k)[1])
         U.append(u[:, sl].reshape(v, f.n_levels, f.n_effects))
     # w_t = sum_j W_j' F_t u_j (v, n_t, p); Q_t = sum_j W_j' F_t W_j (v, n_t, p, p)
-    w = [np.einsum("vjap,vtab,vjb->vtp", W[k], F[k][0], U[k]) for k in range(K)]
-    Qt = [np.einsum("vjap,vtab,vjbq->vtpq", W[k], F[k][0], W[k]) for k in range(K)] if reml else None
+    w = [np.einsum("vapb,vtab->vtp", _level_sum(W[k], U[k]), F[k][0]) for k in range(K)]
+    Qt = ([np.einsum("vapbq,vtab->vtpq", _level_sum(W[k], W[k]), F[k][0]) for k in range(K)]
+          if reml else None)
     for k in range(K):
         Fk, rows, cols = F[k]
         R_kk, _ = _factor_blocks(vp, st, k)
         # Terms in V_tu (same factor only): tr(S_tu M) for M = sum_j R_jj, W A W', u u'/s2.
-        M = R_kk.sum(axis=1) - np.einsum("vja,vjb->vab", U[k], U[k]) / s2[:, None, None]
+        M = R_kk.sum(axis=1) - _level_sum(U[k], U[k]) / s2[:, None, None]
         if reml:
-            M = M - np.einsum("vjap,vpq,vjbq->vab", W[k], A, W[k])
+            M = M - np.einsum("vapbq,vpq->vab", _level_sum(W[k], W[k]), A)
         H[:, tsl[k], tsl[k]] += _second_direction_trace(M, rows, cols)
         for k2 in range(K):
             T = _pair_tensor(vp, st, k, k2, U[k], U[k2], W[k], W[k2], A if reml else None, s2)
@@ -236,8 +246,8 @@ def deviance_hessian(pf: ProductForms, varpar: np.ndarray, method: str) -> np.nd
         AQ = np.einsum("vpq,vtqr->vtpr", A, Qall)
         H[:, :nt, :nt] -= np.einsum("vtpr,vurp->vtu", AQ, AQ)
     # sigma: d2/dsigma2 = -2 m/sigma^2 + 6 Q/sigma^4; d2/dsigma dtheta_t = 2 e'V^-1V_tV^-1e/sigma^3
-    eVte = np.concatenate([np.einsum("vja,vtab,vjb->vt", U[k], F[k][0], U[k]) for k in range(K)],
-                          axis=1)
+    eVte = np.concatenate([np.einsum("vab,vtab->vt", _level_sum(U[k], U[k]), F[k][0])
+                           for k in range(K)], axis=1)
     H[:, -1, -1] = -2.0 * dof / s2 + 6.0 * Q / s2 ** 2
     H[:, :nt, -1] = H[:, -1, :nt] = 2.0 * eVte / sigma[:, None] ** 3
     return 0.5 * (H + np.swapaxes(H, 1, 2))
@@ -256,11 +266,12 @@ def _pair_tensor(vp, structure: RandomStructure, k: int, k2: int, U1, U2, W1, W2
     WA = None if A is None else np.einsum("vjdq,vqp->vjdp", W2, A)
     if structure.is_single_factor:
         R = vp.ZtViZ                                                 # (v, l, q, q), i = j
-        T = -np.einsum("vjbc,vjad->vabcd", R, R)
-        T += (2.0 / s2)[:, None, None, None, None] * np.einsum("vja,vjbc,vjd->vabcd", U1, R, U2)
+        T = -_level_sum(R, R)                                        # [b,c,a,d]
+        uu = U1[:, :, :, None] * U2[:, :, None, :]                   # u_j[a] u_j[d]
+        T += (2.0 / s2)[:, None, None, None, None] * _level_sum(R, uu)
         if WA is not None:
-            T += 2.0 * np.einsum("vjbc,vjdp,vjap->vabcd", R, WA, W1)
-        return T
+            T += 2.0 * _level_sum(R, np.einsum("vjdp,vjap->vjad", WA, W1))
+        return np.transpose(T, (0, 3, 1, 2, 4))                      # to [a,b,c,d]
     f, f2 = structure.factors[k], structure.factors[k2]
     sl, sl2 = structure.slices()[k], structure.slices()[k2]
     R = vp.ZtViZ[:, sl, sl2].reshape(-1, f.n_levels, f.n_effects, f2.n_levels, f2.n_effects)
@@ -272,21 +283,26 @@ def _pair_tensor(vp, structure: RandomStructure, k: int, k2: int, U1, U2, W1, W2
     return T
 
 
-def covbeta_jacobian(pf: ProductForms, varpar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``Cov(beta)`` (v, p, p) and its Jacobian (v, m, p, p) in ``varpar`` (eqs. 1-2)."""
+def covbeta_jacobian(pf: ProductForms, varpar: np.ndarray,
+                     vp=None) -> tuple[np.ndarray, np.ndarray]:
+    """``Cov(beta)`` (v, p, p) and its Jacobian (v, m, p, p) in ``varpar`` (eqs. 1-2).
+
+    ``vp``: the V^-1 products at ``varpar`` (with Z), computed when not given.
+    """
     st = pf.structure
     lambdas, sigma = _split(varpar, st)
     s2 = sigma ** 2
-    vp = vinv_products(pf, lambdas, need_z=True)
+    if vp is None:
+        vp = vinv_products(pf, lambdas, need_z=True)
     A = _inv_sym(vp.XtViX)
     v, m, p = varpar.shape[0], varpar.shape[1], pf.p
     J = np.empty((v, m, p, p))
     J[:, -1] = 2.0 * sigma[:, None, None] * A
     for k, (f, tsl, lam) in enumerate(zip(st.factors, theta_slices(st), lambdas)):
         _, W = _factor_blocks(vp, st, k)
-        B = np.einsum("vpq,vjaq->vjpa", A, W)                        # A W_kj'
+        B = np.swapaxes(W @ A[:, None], 2, 3)                         # A W_kj' (v, l, p, q_k)
         C = B @ lam[:, None]                                         # A W_kj' Lambda_k
-        M = np.einsum("vjar,vjbc->varbc", B, C)                      # sum_j B[:, r] C[:, c]'
+        M = _level_sum(B, C)                                         # sum_j B[:, r] C[:, c]'
         rows, cols = tril_indices(f.n_effects)
         for t, (r, c) in enumerate(zip(rows, cols)):
             Mrc = M[:, :, r, :, c]
@@ -351,8 +367,9 @@ def satterthwaite_setup(
     if idx.size:
         sub = pf.take(idx)
         varpar = np.concatenate([theta[idx], np.sqrt(s2[idx])[:, None]], axis=1)
-        cov[idx], J[idx] = covbeta_jacobian(sub, varpar)
-        H = deviance_hessian(sub, varpar, method)
+        vp = vinv_products(sub, lambdas_from_theta(varpar[:, :-1], st), need_z=True)
+        cov[idx], J[idx] = covbeta_jacobian(sub, varpar, vp)
+        H = deviance_hessian(sub, varpar, method, vp)
         Avp[idx] = varpar_covariance(H, varpar[:, -1])
     return Precomputed(cov_beta=cov, jacobian=J, vcov_varpar=Avp, fitted=ok, method=method)
 
