@@ -1,0 +1,170 @@
+"""The estimator's driver: screen voxels, chunk them by memory, fit, assemble a FitResult.
+
+``fit`` is the one public entry point of the estimator.  For each chunk of voxels it runs
+
+1. :func:`~mpiblmm.lmm.fisher.fisher_scoring` (simplified Fisher Scoring in ``D``, from
+   ``D = 0``), then
+2. :func:`~mpiblmm.lmm.polish.polish` (Newton in lme4's theta with an escape from singular
+   ``D_k``), which guarantees the boundary optimum that the eigenvalue clip of step 1 misses,
+
+and reports per voxel ``beta`` (with the centring offset added back), ``s2``, ``D_k``
+(relative; ``FitResult.cov`` gives lme4's ``VarCorr``), lme4's ``logLik``, iterations and a
+status code (:data:`~mpiblmm.lmm.model.STATUS_CODES`).
+
+Screening happens before any fit, so one voxel's trouble never reaches another: no
+observations (6), ``n <= p`` (3), non-finite product forms (5), rank-deficient ``X`` on the
+observed rows (4).  A voxel whose algebra fails during the fit gets 5; the others are unaffected
+(:func:`~mpiblmm.lmm.fisher.evaluate` isolates failures).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .fisher import fisher_scoring
+from .model import (
+    STATUS_CONVERGED, STATUS_EMPTY, STATUS_MAX_ITER, STATUS_NUMERICAL, STATUS_RANK_DEFICIENT,
+    STATUS_SINGULAR, STATUS_TOO_FEW, FitResult, ProductForms,
+)
+from .polish import polish
+from .products import full_rank
+from .theta import D_from_theta, n_theta, theta_from_D, theta_slices, tril_indices
+
+#: lme4's ``isSingular`` tolerance on the diagonal of each Lambda_k (theta relative to sigma).
+SINGULAR_TOL = 1e-4
+
+#: Default memory budget of one chunk of voxels (bytes).
+DEFAULT_MEMORY = 512 * 2**20
+
+
+def bytes_per_voxel(pf: ProductForms) -> int:
+    """A generous estimate of the working memory one voxel needs inside a fit.
+
+    One factor: about 40 arrays of (l, q1, q1 + p + 1) values; several factors: about 12
+    dense (q, q) matrices plus the (q, p + 1) products.
+    """
+    st, p = pf.structure, pf.p
+    if st.is_single_factor:
+        f = st.factors[0]
+        per = 40 * f.n_levels * f.n_effects * (f.n_effects + p + 1)
+    else:
+        per = 12 * st.q * st.q + 20 * st.q * (p + 1)
+    m = n_theta(st)
+    return 8 * (per + 20 * (p * p + m * m + p) + 64)
+
+
+def screen(pf: ProductForms) -> np.ndarray:
+    """Status before fitting: -1 for voxels to fit, else the code saying why not."""
+    v, p = pf.n_voxels, pf.p
+    status = np.full(v, -1, dtype=np.int64)
+
+    def per_voxel(a: np.ndarray) -> np.ndarray:
+        ok = np.isfinite(a).reshape(a.shape[0], -1).all(axis=1)
+        return np.broadcast_to(ok, (v,)) if a.shape[0] == 1 else ok
+
+    finite = np.ones(v, dtype=bool)
+    for a in (pf.XtX, pf.XtY, pf.YtY[:, None], pf.ZtX, pf.ZtY, pf.ZtZ):
+        finite &= per_voxel(a)
+    if pf.y_offset is not None:
+        finite &= per_voxel(pf.y_offset)
+    XtX = np.where(np.isfinite(pf.XtX), pf.XtX, 0.0)
+    rank_ok = np.broadcast_to(full_rank(XtX), (v,))
+    status[~rank_ok] = STATUS_RANK_DEFICIENT
+    status[~finite] = STATUS_NUMERICAL
+    status[pf.n <= p] = STATUS_TOO_FEW
+    status[pf.n <= 0] = STATUS_EMPTY
+    return status
+
+
+def is_singular(theta: np.ndarray, pf: ProductForms, tol: float = SINGULAR_TOL) -> np.ndarray:
+    """lme4's ``isSingular``: some diagonal entry of some Lambda_k below ``tol``."""
+    out = np.zeros(theta.shape[0], dtype=bool)
+    for f, sl in zip(pf.structure.factors, theta_slices(pf.structure)):
+        rows, cols = tril_indices(f.n_effects)
+        out |= (np.abs(theta[:, sl][:, rows == cols]) < tol).any(axis=1)
+    return out
+
+
+def _fit_chunk(pf: ProductForms, method: str, tolerance: float, max_iterations: int,
+               polish_tolerance: float, polish_iterations: int) -> dict:
+    fs = fisher_scoring(pf, method, tolerance=tolerance, max_iterations=max_iterations)
+    theta0 = theta_from_D(fs.D, pf.structure)
+    pol = polish(pf, theta0, method, tolerance=polish_tolerance,
+                 max_iterations=polish_iterations)
+    return dict(theta=pol.theta, llh=pol.ev.llh, beta=pol.ev.beta, s2=pol.ev.s2,
+                XtViX=pol.ev.vp.XtViX, fs_iterations=fs.iterations,
+                polish_iterations=pol.iterations, converged=pol.converged)
+
+
+def fit(pf: ProductForms, method: str = "REML", tolerance: float = 1e-6,
+        max_iterations: int = 200, polish_tolerance: float = 1e-9,
+        polish_iterations: int = 100, memory_budget: int = DEFAULT_MEMORY) -> FitResult:
+    """Fit the voxel-wise LMM by (RE)ML to every voxel of ``pf``.
+
+    Parameters
+    ----------
+    pf
+        Product forms of ``v`` voxels (shared or per-voxel design products).
+    method
+        ``"REML"`` (default, as lme4) or ``"ML"``.
+    tolerance
+        Fisher Scoring stops a voxel when its log-likelihood changes by less than this.
+    max_iterations
+        Fisher Scoring iteration cap.
+    polish_tolerance, polish_iterations
+        Stopping rule and cap of the theta polish (the final optimiser); a voxel that hits
+        this cap gets status 1.
+    memory_budget
+        Bytes of working memory for one chunk of voxels (see :func:`bytes_per_voxel`).
+
+    Returns
+    -------
+    FitResult
+        NaN parameters where not fitted.  ``extras``: ``XtViX`` (v, p, p) at the estimate,
+        ``theta`` (v, n_theta) lme4's theta, ``converged`` and ``singular`` (v,) bool,
+        ``fs_iterations`` and ``polish_iterations`` (v,).
+    """
+    if method not in ("REML", "ML"):
+        raise ValueError(f"method must be 'REML' or 'ML', not {method!r}")
+    st, v, p = pf.structure, pf.n_voxels, pf.p
+    m = n_theta(st)
+    status = screen(pf)
+    todo = np.flatnonzero(status < 0)
+    theta = np.full((v, m), np.nan)
+    llh = np.full(v, np.nan)
+    beta = np.full((v, p), np.nan)
+    s2 = np.full(v, np.nan)
+    XtViX = np.full((v, p, p), np.nan)
+    fs_it = np.zeros(v, dtype=np.int64)
+    pol_it = np.zeros(v, dtype=np.int64)
+    converged = np.zeros(v, dtype=bool)
+    chunk = max(1, int(memory_budget // bytes_per_voxel(pf)))
+    for start in range(0, todo.size, chunk):
+        idx = todo[start:start + chunk]
+        out = _fit_chunk(pf.take(idx), method, tolerance, max_iterations,
+                         polish_tolerance, polish_iterations)
+        theta[idx], llh[idx], beta[idx], s2[idx] = out["theta"], out["llh"], out["beta"], out["s2"]
+        XtViX[idx] = out["XtViX"]
+        fs_it[idx], pol_it[idx] = out["fs_iterations"], out["polish_iterations"]
+        converged[idx] = out["converged"]
+    if pf.y_offset is not None:
+        beta = beta + pf.y_offset                    # undo the centring (products.py)
+    fitted = np.zeros(v, dtype=bool)
+    fitted[todo] = True
+    failed = fitted & ~(np.isfinite(llh) & np.isfinite(s2) & np.isfinite(beta).all(axis=1))
+    singular = fitted & ~failed & is_singular(np.nan_to_num(theta, nan=1.0), pf)
+    status[fitted] = STATUS_CONVERGED
+    status[singular] = STATUS_SINGULAR
+    status[fitted & ~converged] = STATUS_MAX_ITER
+    status[failed] = STATUS_NUMERICAL
+    bad = ~fitted | failed
+    for a in (theta, llh, beta, s2, XtViX):
+        a[bad] = np.nan
+    D = D_from_theta(np.nan_to_num(theta), st)
+    D = tuple(np.where(bad[:, None, None], np.nan, Dk) for Dk in D)
+    return FitResult(
+        beta=beta, s2=s2, D=D, llh=llh, iterations=fs_it + pol_it, status=status,
+        method=method,
+        extras=dict(XtViX=XtViX, theta=theta, converged=converged & ~bad, singular=singular,
+                    fs_iterations=fs_it, polish_iterations=pol_it),
+    )

@@ -1,0 +1,289 @@
+"""Simplified Fisher Scoring of the variance parameters ``D_k``, vectorised over voxels.
+
+Owns the first stage of the estimator (ALGORITHM.md, "Iteration").  Every iteration, for the
+voxels still active:
+
+1. ``beta`` by GLS and ``s2 = e'V^-1e / dof`` (dof = n for ML, n - p for REML) are profiled out
+   (:func:`~mpiblmm.lmm.likelihood.profiled_loglik`);
+2. each factor's ``vech D_k`` moves by ``lambda * I_k^-1 s_k``, with ``s_k = Dup' vec(G_k)`` the
+   score and ``I_k`` its own block of the expected information (by default with ``s2`` profiled
+   out: ``I_DkDk - I_Dk,s2 I_s2s2^-1 I_s2,Dk``), then is projected onto the PSD cone
+   (eigenvalues clipped at 0);
+3. the log-likelihood ``l`` is evaluated; where it fell, ``lambda`` is halved and the step retried
+   from the previous iterate (never keeping the worse point); ``lambda`` is 1 again next
+   iteration.  The reference for the first step is ``l`` at the start, so no voxel is halved
+   for a bogus comparison.
+
+A voxel stops when ``l`` changed by less than ``tolerance`` (or no halving improved it), and is
+then removed from the active set.  Voxels whose algebra fails (non-finite values, a singular
+solve) are isolated by :func:`evaluate`, never touching the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .likelihood import VinvProducts, gls, loglik, profiled_s2, vinv_products
+from .model import ProductForms
+from .scores import (
+    d_scores, information_dd, information_s2d, level_blocks, unvech, vech_score,
+)
+
+
+# ---------------------------------------------------------------- isolated evaluation
+@dataclass(frozen=True)
+class Evaluation:
+    """The profiled fit at given ``Lambda_k``: ``llh`` (v,), ``beta`` (v, p) centred, ``s2`` (v,),
+    ``vp``.  ``llh`` is NaN where the voxel's algebra failed."""
+
+    llh: np.ndarray
+    beta: np.ndarray
+    s2: np.ndarray
+    vp: VinvProducts
+
+    def take(self, idx: np.ndarray) -> "Evaluation":
+        return Evaluation(self.llh[idx], self.beta[idx], self.s2[idx], _vp_take(self.vp, idx))
+
+    def put(self, idx: np.ndarray, other: "Evaluation") -> None:
+        """Overwrite voxels ``idx`` with ``other`` (in place; arrays are owned by the caller)."""
+        self.llh[idx] = other.llh
+        self.beta[idx] = other.beta
+        self.s2[idx] = other.s2
+        for name in _VP_FIELDS:
+            mine = getattr(self.vp, name)
+            if mine is not None:
+                mine[idx] = getattr(other.vp, name)
+
+
+_VP_FIELDS = ("XtViX", "XtViY", "YtViY", "logdetV", "ZtViX", "ZtViY", "ZtViZ")
+
+
+def _vp_take(vp: VinvProducts, idx: np.ndarray) -> VinvProducts:
+    return VinvProducts(**{k: (None if getattr(vp, k) is None else getattr(vp, k)[idx])
+                           for k in _VP_FIELDS})
+
+
+def _vp_concat(parts: list[VinvProducts]) -> VinvProducts:
+    return VinvProducts(**{k: (None if getattr(parts[0], k) is None
+                               else np.concatenate([getattr(p, k) for p in parts]))
+                           for k in _VP_FIELDS})
+
+
+def _lambdas_finite(lambdas: tuple[np.ndarray, ...]) -> np.ndarray:
+    ok = np.ones(lambdas[0].shape[0], dtype=bool)
+    for lam in lambdas:
+        ok &= np.isfinite(lam).all(axis=(-2, -1))
+    return ok
+
+
+def _evaluate_raw(pf: ProductForms, lambdas: tuple[np.ndarray, ...], method: str,
+                  need_z: bool) -> Evaluation:
+    vp = vinv_products(pf, lambdas, need_z=need_z)
+    beta, ete = gls(vp)
+    s2 = profiled_s2(ete, pf.n, pf.p, method)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        llh = loglik(vp, pf.n, s2, ete, method)
+    return Evaluation(llh, beta, s2, vp)
+
+
+def evaluate(pf: ProductForms, lambdas: tuple[np.ndarray, ...], method: str,
+             need_z: bool = True) -> Evaluation:
+    """Profiled (RE)ML fit at ``D_k = Lambda_k Lambda_k'`` with one voxel's failure kept to itself.
+
+    Non-finite ``Lambda`` is replaced by 0 before the algebra and its voxel's ``llh`` set to NaN.
+    A batched LAPACK error (raised for the whole stack when one matrix is singular) is handled
+    by bisecting the voxel set until the failing voxels are alone; they get NaN.
+    """
+    v = pf.n_voxels
+    finite = _lambdas_finite(lambdas)
+    if not finite.all():
+        lambdas = tuple(np.where(finite[:, None, None], lam, 0.0) for lam in lambdas)
+    with np.errstate(all="ignore"):
+        try:
+            ev = _evaluate_raw(pf, lambdas, method, need_z)
+        except np.linalg.LinAlgError:
+            if v == 1:
+                return _failed(pf, need_z)
+            half = v // 2
+            idx = [np.arange(half), np.arange(half, v)]
+            parts = [evaluate(pf.take(i), tuple(lam[i] for lam in lambdas), method, need_z)
+                     for i in idx]
+            ev = Evaluation(np.concatenate([p.llh for p in parts]),
+                            np.concatenate([p.beta for p in parts]),
+                            np.concatenate([p.s2 for p in parts]),
+                            _vp_concat([p.vp for p in parts]))
+    bad = ~finite | ~np.isfinite(ev.llh) | ~np.isfinite(ev.s2) | (ev.s2 <= 0)
+    if bad.any():
+        ev.llh[bad] = np.nan
+    return ev
+
+
+def _failed(pf: ProductForms, need_z: bool) -> Evaluation:
+    """A single voxel whose algebra failed: NaN everywhere, shapes as a real evaluation."""
+    st, p = pf.structure, pf.p
+    q = st.q
+    nan = np.full
+    if need_z:
+        if st.is_single_factor:
+            f = st.factors[0]
+            zz = nan((1, f.n_levels, f.n_effects, f.n_effects), np.nan)
+        else:
+            zz = nan((1, q, q), np.nan)
+        z = dict(ZtViX=nan((1, q, p), np.nan), ZtViY=nan((1, q), np.nan), ZtViZ=zz)
+    else:
+        z = {}
+    vp = VinvProducts(XtViX=nan((1, p, p), np.nan), XtViY=nan((1, p), np.nan),
+                      YtViY=nan(1, np.nan), logdetV=nan(1, np.nan), **z)
+    return Evaluation(nan(1, np.nan), nan((1, p), np.nan), nan(1, np.nan), vp)
+
+
+# ---------------------------------------------------------------- small batched algebra
+def solve_small_spd(A: np.ndarray, b: np.ndarray, rcond: float = 1e-12) -> np.ndarray:
+    """``A^+ b`` for a stack of small symmetric PSD matrices (pseudo-inverse; never raises).
+
+    Non-finite systems give NaN for their voxel only.
+    """
+    m = A.shape[-1]
+    ok = np.isfinite(A).all(axis=(-2, -1)) & np.isfinite(b).all(axis=-1)
+    A = np.where(ok[:, None, None], A, np.eye(m))
+    b = np.where(ok[:, None], b, 0.0)
+    if m == 1:
+        a = A[:, 0, 0]
+        x = np.where(a > 0, b[:, 0] / np.where(a > 0, a, 1.0), 0.0)[:, None]
+    else:
+        w, U = np.linalg.eigh(0.5 * (A + np.swapaxes(A, -1, -2)))
+        cut = rcond * np.maximum(w[:, -1:], 0.0)
+        inv_w = np.where(w > cut, 1.0 / np.where(w > cut, w, 1.0), 0.0)
+        x = np.einsum("vij,vj,vkj,vk->vi", U, inv_w, U, b, optimize=True)
+    return np.where(ok[:, None], x, np.nan)
+
+
+def psd_project(D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Project a stack of symmetric matrices onto the PSD cone (eigenvalues clipped at 0).
+
+    Returns ``(D_plus, Lambda)`` with ``Lambda Lambda' = D_plus``.
+    """
+    q = D.shape[-1]
+    if q == 1:
+        d = np.clip(D, 0.0, None)
+        return d, np.sqrt(d)
+    finite = np.isfinite(D).all(axis=(-2, -1))
+    Ds = np.where(finite[:, None, None], 0.5 * (D + np.swapaxes(D, -1, -2)), 0.0)
+    w, U = np.linalg.eigh(Ds)
+    lam = U * np.sqrt(np.clip(w, 0.0, None))[:, None, :]
+    lam = np.where(finite[:, None, None], lam, np.nan)
+    return lam @ np.swapaxes(lam, -1, -2), lam
+
+
+# ---------------------------------------------------------------- one scoring step
+def scoring_steps(ev: Evaluation, pf: ProductForms, method: str,
+                  profiled: bool = True) -> tuple[np.ndarray, ...]:
+    """Simplified Fisher Scoring directions ``I_k^-1 s_k`` (v, q_k, q_k), one per factor."""
+    st = pf.structure
+    blocks = level_blocks(ev.vp, ev.beta, st)
+    G = d_scores(ev.vp, blocks, ev.s2, method)
+    info = information_dd(ev.vp, blocks, st, cross=False)
+    dof = pf.n - pf.p if method == "REML" else pf.n
+    out = []
+    for f, b, Gk, Ik in zip(st.factors, blocks, G, info):
+        if profiled:
+            # I_DD - I_Ds2 I_s2s2^-1 I_s2D with I_s2D = t/(2 s2), I_s2s2 = dof/(2 s2^2)
+            t = vech_score(b.R.sum(axis=1))
+            Ik = Ik - t[:, :, None] * t[:, None, :] / (2.0 * dof[:, None, None])
+        step = solve_small_spd(Ik, vech_score(Gk))
+        out.append(unvech(step, f.n_effects))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- the iteration
+@dataclass(frozen=True)
+class ScoringResult:
+    """Outcome of Fisher Scoring: final ``D``/``Lambda`` per factor, the evaluation there,
+    iterations (v,), and ``converged`` (v,) bool (False: hit the cap, or failed)."""
+
+    D: tuple[np.ndarray, ...]
+    lambdas: tuple[np.ndarray, ...]
+    ev: Evaluation
+    iterations: np.ndarray
+    converged: np.ndarray
+
+
+def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e-6,
+                   max_iterations: int = 200, max_halvings: int = 10,
+                   D0: tuple[np.ndarray, ...] | None = None,
+                   profiled: bool = True) -> ScoringResult:
+    """Simplified Fisher Scoring for every voxel of ``pf`` (see the module docstring).
+
+    Parameters
+    ----------
+    pf
+        Product forms of ``v`` voxels (each with ``n > p`` and full-rank ``X``).
+    method
+        ``"REML"`` or ``"ML"``.
+    tolerance
+        Stop a voxel when its log-likelihood changes by less than this.
+    max_iterations
+        Iteration cap; voxels still active then have ``converged = False``.
+    max_halvings
+        Step halvings tried before a voxel is declared stuck (treated as converged).
+    D0
+        Starting relative covariances; default ``D_k = 0`` (the first step is then one
+        scoring step from ``D = 0``, as in the card).
+    profiled
+        Use the information with ``s2`` profiled out (default) or the plain ``I_DkDk``.
+    """
+    st, v = pf.structure, pf.n_voxels
+    if D0 is None:
+        D0 = tuple(np.zeros((v, f.n_effects, f.n_effects)) for f in st.factors)
+    D, lambdas = zip(*(psd_project(np.array(Dk, dtype=np.float64)) for Dk in D0))
+    D, lambdas = list(D), list(lambdas)
+    ev = evaluate(pf, tuple(lambdas), method, need_z=True)
+    iterations = np.zeros(v, dtype=np.int64)
+    converged = np.zeros(v, dtype=bool)
+    # a voxel that failed at the start is finished (not converged); the driver flags it
+    active = np.flatnonzero(np.isfinite(ev.llh))
+    pf_a = pf.take(active)
+    ev_a = ev.take(active)
+    for _ in range(max_iterations):
+        if active.size == 0:
+            break
+        steps = scoring_steps(ev_a, pf_a, method, profiled)
+        D_a = [Dk[active] for Dk in D]
+        new_D = [Dk.copy() for Dk in D_a]
+        new_lam = [lambdas[k][active].copy() for k in range(len(D))]
+        new_ev = ev_a.take(np.arange(active.size))
+        pending = np.arange(active.size)
+        lam_step = 1.0
+        for _h in range(max_halvings + 1):
+            trial = [psd_project(Dk[pending] + lam_step * s[pending]) for Dk, s in zip(D_a, steps)]
+            t_lam = tuple(t[1] for t in trial)
+            t_ev = evaluate(pf_a.take(pending), t_lam, method, need_z=True)
+            ok = t_ev.llh >= ev_a.llh[pending]          # never keep a worse point
+            if ok.any():
+                idx = pending[ok]
+                new_ev.put(idx, t_ev.take(np.flatnonzero(ok)))
+                for k, t in enumerate(trial):
+                    new_D[k][idx] = t[0][ok]
+                    new_lam[k][idx] = t[1][ok]
+            pending = pending[~ok]
+            if pending.size == 0:
+                break
+            lam_step *= 0.5
+        iterations[active] += 1
+        change = new_ev.llh - ev_a.llh
+        done = np.abs(change) < tolerance
+        done[pending] = True                            # no halving improved: stuck here
+        for k in range(len(D)):
+            D[k][active] = new_D[k]
+            lambdas[k][active] = new_lam[k]
+        ev.put(active, new_ev)
+        converged[active[done]] = True
+        keep = ~done
+        active = active[keep]
+        if active.size:
+            pf_a = pf_a.take(np.flatnonzero(keep)) if not keep.all() else pf_a
+            ev_a = new_ev.take(np.flatnonzero(keep))
+    return ScoringResult(D=tuple(D), lambdas=tuple(lambdas), ev=ev,
+                         iterations=iterations, converged=converged)

@@ -1,0 +1,285 @@
+"""Boundary-safe polish of a Fisher Scoring fit in lme4's theta parameterisation.
+
+Fisher Scoring in ``D`` with eigenvalue clipping stalls below the optimum when a ``D_k`` is
+singular at the optimum (q_k >= 2): the clipped step is no projected gradient step.  lme4
+optimises the profiled log-likelihood over ``theta`` (the Cholesky entries of each ``Lambda_k``,
+diagonal entries bounded below by 0), where the boundary is a simple bound.  This module
+maximises the same profiled log-likelihood, vectorised over voxels, by alternating two
+candidate moves per iteration:
+
+1. **Newton in theta.**  Gradient by the chain rule from the D-score:
+   ``dl/dLambda_k = 2 G_k Lambda_k`` (G_k symmetric), restricted to the lower triangle.
+   Hessian ``H = -J' I_p J + C``: ``J = d vech(D) / d theta`` (``dD = dLambda Lambda' +
+   Lambda dLambda'``), ``I_p`` the expected information of ``vech D`` with ``s2`` profiled out
+   (all factor pairs), and ``C[m, n] = 2 delta(c_m, c_n) G[r_m, r_n]`` the curvature of
+   ``D = Lambda Lambda'`` itself (``theta_m = Lambda[r_m, c_m]``).  ``H`` is made negative
+   definite by taking absolute eigenvalues ("saddle-free" Newton); the step is halved until
+   ``l`` does not fall.  lme4's bound ``Lambda[c, c] >= 0`` only fixes the sign of each
+   column (``D`` is unchanged when a column of ``Lambda`` changes sign), so the iteration is
+   unconstrained and every accepted point is put back into lme4's form by flipping the sign
+   of columns with a negative diagonal.  (A bound would be wrong here: at ``Lambda[c, c] = 0``
+   the likelihood may rise by *decreasing* it, i.e. by flipping the column below it.)
+2. **Escape from a singular D_k.**  Where ``D_k`` has a null space ``N`` (and the Newton move
+   gained less than ``tolerance``), the theta gradient of the zero columns vanishes whatever
+   the data, so Newton cannot leave.  The D-score can: if ``N'G_kN`` has a positive
+   eigenvalue ``mu`` with vector ``z``, ``D_k + t ww'`` (``w = Nz``) raises ``l`` for small
+   ``t``; we try ``t = mu / (e' I_kk e)``, ``e = vech(ww')`` (the 1-D scoring step), halving.
+
+A voxel stops when neither move gains ``tolerance`` in ``l``: the first-order conditions hold
+in theta, and no direction out of the boundary raises ``l`` (the second-order condition of the
+PSD-cone problem, ``N'GN <= 0``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .fisher import Evaluation, evaluate
+from .model import ProductForms, RandomStructure
+from .scores import d_scores, information_dd, level_blocks, vech, vech_score
+from .theta import lambdas_from_theta, theta_from_D, theta_slices, tril_indices
+
+
+def _jacobian(lam: np.ndarray) -> np.ndarray:
+    """``J[:, n, m] = d vech(D)_n / d theta_m`` for one factor, D = Lambda Lambda' (v, m, m).
+
+    With ``theta_m = Lambda[r, c]``: ``dD[a, b] = delta(a, r) Lambda[b, c] + delta(b, r)
+    Lambda[a, c]``.
+    """
+    q = lam.shape[-1]
+    rows, cols = tril_indices(q)
+    m = rows.size
+    J = np.zeros((lam.shape[0], m, m))
+    for n_, (a, b) in enumerate(zip(rows, cols)):
+        for m_, (r, c) in enumerate(zip(rows, cols)):
+            val = 0.0
+            if a == r:
+                val = val + lam[:, b, c]
+            if b == r:
+                val = val + lam[:, a, c]
+            if not np.isscalar(val):
+                J[:, n_, m_] = val
+    return J
+
+
+def _curvature(G: np.ndarray) -> np.ndarray:
+    """``C[m, n] = 2 delta(c_m, c_n) G[r_m, r_n]``: ``tr(G d2D)`` for one factor (v, m, m)."""
+    rows, cols = tril_indices(G.shape[-1])
+    same_col = (cols[:, None] == cols[None, :]).astype(float)
+    return 2.0 * same_col * G[:, rows[:, None], rows[None, :]]
+
+
+def _block_diag(blocks: list[np.ndarray]) -> np.ndarray:
+    sizes = [b.shape[-1] for b in blocks]
+    out = np.zeros((blocks[0].shape[0], sum(sizes), sum(sizes)))
+    start = 0
+    for b, s in zip(blocks, sizes):
+        out[:, start:start + s, start:start + s] = b
+        start += s
+    return out
+
+
+@dataclass(frozen=True)
+class Derivatives:
+    """theta gradient (v, m), negative Hessian approximation (v, m, m), D-scores ``G_k`` and
+    the profiled vech information diagonal blocks ``I_kk`` per factor."""
+
+    grad: np.ndarray
+    neg_hess: np.ndarray
+    G: tuple[np.ndarray, ...]
+    info_kk: tuple[np.ndarray, ...]
+
+
+def derivatives(ev: Evaluation, pf: ProductForms, lambdas: tuple[np.ndarray, ...],
+                method: str) -> Derivatives:
+    """Gradient and (profiled, expected) negative Hessian in theta, and the full D-scoring step."""
+    st = pf.structure
+    blocks = level_blocks(ev.vp, ev.beta, st)
+    G = d_scores(ev.vp, blocks, ev.s2, method)
+    info = information_dd(ev.vp, blocks, st, cross=True)
+    dof = (pf.n - pf.p if method == "REML" else pf.n).astype(float)
+    # s2 profiled out: I_DD - I_Ds2 I_s2s2^-1 I_s2D = I_DD - t t' / (2 dof)
+    t = np.concatenate([vech_score(b.R.sum(axis=1)) for b in blocks], axis=-1)
+    info = info - t[:, :, None] * t[:, None, :] / (2.0 * dof[:, None, None])
+    grads, Js, Cs = [], [], []
+    for f, Gk, lam in zip(st.factors, G, lambdas):
+        rows, cols = tril_indices(f.n_effects)
+        grads.append((2.0 * Gk @ lam)[:, rows, cols])      # dl/dLambda = 2 G Lambda
+        Js.append(_jacobian(lam))
+        Cs.append(_curvature(Gk))
+    J = _block_diag(Js)
+    neg_hess = np.swapaxes(J, 1, 2) @ info @ J - _block_diag(Cs)
+    info_kk, start = [], 0
+    for f in st.factors:
+        info_kk.append(info[:, start:start + f.n_vech, start:start + f.n_vech])
+        start += f.n_vech
+    return Derivatives(np.concatenate(grads, axis=-1), neg_hess, G, tuple(info_kk))
+
+
+def newton_direction(der: Derivatives) -> np.ndarray:
+    """Saddle-free Newton direction ``|H|^-1 g`` (absolute eigenvalues of the Hessian)."""
+    g, N = der.grad, der.neg_hess
+    m = g.shape[1]
+    ok = np.isfinite(N).all(axis=(1, 2)) & np.isfinite(g).all(axis=1)
+    N = np.where(ok[:, None, None], N, np.eye(m))
+    g = np.where(ok[:, None], g, 0.0)
+    w, U = np.linalg.eigh(0.5 * (N + np.swapaxes(N, 1, 2)))
+    aw = np.abs(w)
+    floor = 1e-10 * aw.max(axis=1, keepdims=True) + 1e-300
+    inv = 1.0 / np.maximum(aw, floor)
+    d = np.einsum("vij,vj,vkj,vk->vi", U, inv, U, g, optimize=True)
+    return np.where(ok[:, None], d, 0.0)
+
+
+def canonical_theta(theta: np.ndarray, structure: RandomStructure) -> np.ndarray:
+    """lme4's form: flip the sign of every Lambda_k column whose diagonal is negative."""
+    out = theta.copy()
+    for f, sl in zip(structure.factors, theta_slices(structure)):
+        rows, cols = tril_indices(f.n_effects)
+        for c in range(f.n_effects):
+            diag = sl.start + int(np.flatnonzero((rows == c) & (cols == c))[0])
+            col = sl.start + np.flatnonzero(cols == c)
+            sign = np.where(out[:, diag] < 0, -1.0, 1.0)
+            out[:, col] *= sign[:, None]
+    return out
+
+
+def escape_directions(lambdas: tuple[np.ndarray, ...], der: Derivatives,
+                      null_tol: float = 1e-9) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Per factor, the rank-one move ``t ww'`` out of the null space of ``D_k`` (see module doc).
+
+    Returns the moves (v, q_k, q_k) (zero where there is none) and a (v,) mask of voxels with
+    at least one.
+    """
+    moves, any_move = [], None
+    for lam, Gk, Ik in zip(lambdas, der.G, der.info_kk):
+        D = lam @ np.swapaxes(lam, 1, 2)
+        finite = np.isfinite(D).all(axis=(1, 2)) & np.isfinite(Gk).all(axis=(1, 2))
+        D = np.where(finite[:, None, None], D, 0.0)
+        Gs = np.where(finite[:, None, None], Gk, 0.0)
+        w, U = np.linalg.eigh(D)
+        null = w <= null_tol * np.maximum(w[:, -1:], 1.0)
+        # G restricted to the null space: N'GN with N the null eigenvectors (others masked)
+        Un = U * null[:, None, :]
+        GN = np.swapaxes(Un, 1, 2) @ Gs @ Un
+        mu, Z = np.linalg.eigh(0.5 * (GN + np.swapaxes(GN, 1, 2)))
+        top, z = mu[:, -1], Z[:, :, -1]
+        wvec = np.einsum("vij,vj->vi", Un, z)
+        E = wvec[:, :, None] * wvec[:, None, :]
+        e = vech(E)
+        # 1-D scoring step along E: t = tr(G E) / (e' I e), tr(G E) = w'Gw = mu
+        curv = np.einsum("vi,vij,vj->v", e, Ik, e)
+        has = finite & (top > 0) & null.any(axis=1) & (curv > 0)
+        t = np.where(has, top / np.where(curv > 0, curv, 1.0), 0.0)
+        moves.append(t[:, None, None] * E)
+        any_move = has if any_move is None else (any_move | has)
+    return tuple(moves), any_move
+
+
+@dataclass(frozen=True)
+class PolishResult:
+    """Polished ``theta`` (v, n_theta), ``lambdas``, the evaluation there, iterations (v,),
+    and ``converged`` (v,) (False where the iteration cap was hit)."""
+
+    theta: np.ndarray
+    lambdas: tuple[np.ndarray, ...]
+    ev: Evaluation
+    iterations: np.ndarray
+    converged: np.ndarray
+
+
+def _line_search(pf, theta, llh, direction_fn, method, max_halvings):
+    """Try ``theta(alpha)`` for alpha = 1, 1/2, ...; keep the first that does not lower ``l``.
+
+    ``direction_fn(idx, alpha)`` returns candidate theta for voxels ``idx``.  Returns the new
+    theta, its evaluation (NaN llh where nothing was accepted) and the accepted mask.
+    """
+    v = theta.shape[0]
+    st = pf.structure
+    new_theta = theta.copy()
+    new_llh = np.full(v, np.nan)
+    accepted = np.zeros(v, dtype=bool)
+    evs: list[tuple[np.ndarray, Evaluation]] = []
+    pending = np.arange(v)
+    alpha = 1.0
+    for _ in range(max_halvings + 1):
+        cand = direction_fn(pending, alpha)
+        ev = evaluate(pf.take(pending), lambdas_from_theta(cand, st), method, need_z=True)
+        ok = ev.llh >= llh[pending]
+        if ok.any():
+            idx = pending[ok]
+            new_theta[idx] = cand[ok]
+            new_llh[idx] = ev.llh[ok]
+            accepted[idx] = True
+            evs.append((idx, ev.take(np.flatnonzero(ok))))
+        pending = pending[~ok]
+        if pending.size == 0:
+            break
+        alpha *= 0.5
+    return new_theta, new_llh, accepted, evs
+
+
+def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
+           tolerance: float = 1e-9, max_iterations: int = 100,
+           max_halvings: int = 30) -> PolishResult:
+    """Maximise the profiled (RE)ML log-likelihood over theta from ``theta0`` (v, n_theta).
+
+    See the module docstring for the two moves.  Voxels whose evaluation fails at ``theta0``
+    are returned unchanged with ``llh`` NaN and ``converged`` False.
+    """
+    st, v = pf.structure, pf.n_voxels
+    theta = canonical_theta(np.array(theta0, dtype=np.float64), st)
+    ev = evaluate(pf, lambdas_from_theta(theta, st), method, need_z=True)
+    iterations = np.zeros(v, dtype=np.int64)
+    converged = np.zeros(v, dtype=bool)
+    active = np.flatnonzero(np.isfinite(ev.llh))
+    for _ in range(max_iterations):
+        if active.size == 0:
+            break
+        pf_a = pf.take(active)
+        ev_a = ev.take(active)
+        th_a = theta[active]
+        lam_a = lambdas_from_theta(th_a, st)
+        der = derivatives(ev_a, pf_a, lam_a, method)
+        d = newton_direction(der)
+        new_th, new_llh, acc, evs = _line_search(
+            pf_a, th_a, ev_a.llh, lambda idx, alpha: th_a[idx] + alpha * d[idx],
+            method, max_halvings)
+        gain = np.where(acc, new_llh - ev_a.llh, 0.0)
+        # where Newton gained (almost) nothing, try to leave the boundary of the PSD cone
+        moves, has = escape_directions(lam_a, der)
+        retry = np.flatnonzero((gain < tolerance) & has)
+        if retry.size:
+            D_r = tuple((lam @ np.swapaxes(lam, 1, 2))[retry] for lam in lam_a)
+            mv_r = tuple(m[retry] for m in moves)
+
+            def escape(idx, alpha):
+                return theta_from_D(tuple(Dk[idx] + alpha * mk[idx]
+                                          for Dk, mk in zip(D_r, mv_r)), st)
+
+            base = ev_a.llh[retry] + np.maximum(gain[retry], 0.0)
+            s_th, s_llh, s_acc, s_evs = _line_search(pf_a.take(retry), th_a[retry], base,
+                                                     escape, method, max_halvings=20)
+            better = s_acc & (s_llh > base)
+            if better.any():
+                idx = retry[better]
+                new_th[idx] = s_th[better]
+                new_llh[idx] = s_llh[better]
+                acc[idx] = True
+                gain[idx] = s_llh[better] - ev_a.llh[idx]
+                for sub_idx, sub_ev in s_evs:
+                    sel = np.flatnonzero(better[sub_idx])
+                    if sel.size:
+                        evs.append((retry[sub_idx[sel]], sub_ev.take(sel)))
+        # write back accepted moves (the escape, appended last, wins where it was better)
+        for idx, sub_ev in evs:
+            ev.put(active[idx], sub_ev)
+        theta[active[acc]] = canonical_theta(new_th[acc], st)
+        iterations[active] += 1
+        done = gain < tolerance
+        converged[active[done]] = True
+        active = active[~done]
+    return PolishResult(theta=theta, lambdas=lambdas_from_theta(theta, st), ev=ev,
+                        iterations=iterations, converged=converged)
