@@ -3,7 +3,9 @@
 The packed file (``<output>/packed.h5``, format ``mpiblmm-packed-1``; ``docs/SPEC.md`` is the
 user's description) holds:
 
-- ``/Y`` (n, V) float32: row ``i`` is image ``i``, column ``j`` candidate voxel ``j``; NaN
+- ``/Y`` (n, V) float32 (float64 when some image holds a value that float32 cannot represent
+  exactly, so packing never loses precision): row ``i`` is image ``i``, column ``j``
+  candidate voxel ``j``; NaN
   where the observation is missing (NaN/Inf in the image, 0.0 when ``zero_is_missing``, or
   outside the image's observation mask).  Attributes ``grid_shape`` (3,), ``affine`` (4, 4)
   and ``voxels`` = ``"/voxels"``.
@@ -176,11 +178,11 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     size, rank = comm_size(comm), comm_rank(comm)
     start, stop = _partition(n, size, rank)
     budget = 0.5 * max_memory_mb * 2**20
-    cache_ok = (stop - start) * flat_mask.size * 4 <= budget
+    cache_ok = (stop - start) * flat_mask.size * 8 <= budget
     reference = str(images[0])
 
     def load_row(i: int) -> np.ndarray:
-        vals = read_volume(images[i], grid, reference).reshape(-1)[flat_mask]
+        vals = read_volume(images[i], grid, reference, dtype=np.float64).reshape(-1)[flat_mask]
         miss = missing(vals, zero_is_missing)
         if masks is not None:
             m = read_volume(masks[i], grid, reference).reshape(-1)[flat_mask]
@@ -192,10 +194,13 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     observed = np.zeros(flat_mask.size, dtype=np.uint8)
     cache: list[np.ndarray] = []
     error = None
+    exact32 = True  # every value of this rank's images is a float32 number
     try:
         for i in range(start, stop):
             row = load_row(i)
-            observed |= np.isfinite(row)
+            finite = np.isfinite(row)
+            observed |= finite
+            exact32 = exact32 and bool(np.all(row[finite].astype(np.float32) == row[finite]))
             if cache_ok:
                 cache.append(row)
     except UserError as exc:
@@ -205,6 +210,8 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         from mpi4py import MPI
 
         comm.Allreduce(MPI.IN_PLACE, observed, op=MPI.MAX)
+        exact32 = bool(comm.allreduce(exact32, op=MPI.LAND))
+    dtype = np.dtype(np.float32 if exact32 else np.float64)
     keep = np.flatnonzero(observed)
     if keep.size == 0:
         agree(comm, UserError("no voxel is observed in any image"
@@ -219,8 +226,8 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     names = np.array([str(p).encode("utf-8") for p in images])
     with open_h5(path, "w", comm) as f:
         _packed_attrs(f, n, grid, zero_is_missing, fingerprint)
-        chunk_cols = max(1, min(V, CHUNK_BYTES // (4 * n)))
-        Y = f.create_dataset("Y", shape=(n, V), dtype="f4", chunks=(n, chunk_cols),
+        chunk_cols = max(1, min(V, CHUNK_BYTES // (dtype.itemsize * n)))
+        Y = f.create_dataset("Y", shape=(n, V), dtype=dtype, chunks=(n, chunk_cols),
                              fillvalue=np.nan)
         Y.attrs["grid_shape"] = np.asarray(grid.shape, dtype=np.int64)
         Y.attrs["affine"] = grid.affine
@@ -231,7 +238,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         write_hyperslab(vox, (0, 0), voxels if root else voxels[:0], collective=True)
         write_hyperslab(img, (0,), names if root else names[:0], collective=True)
 
-        block = max(1, WRITE_BLOCK_BYTES // (4 * V))
+        block = max(1, WRITE_BLOCK_BYTES // (dtype.itemsize * V))
         most = -(-n // size)  # rows of the busiest rank
         for b in range(-(-most // block)):
             lo = min(stop, start + b * block)
@@ -240,8 +247,8 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
                 rows = cache[lo - start:hi - start]
             else:
                 rows = [load_row(i) for i in range(lo, hi)]  # already read once: no new errors
-            data = (np.stack([r[keep] for r in rows]) if rows
-                    else np.empty((0, V), dtype=np.float32))
+            data = (np.stack([r[keep] for r in rows]).astype(dtype) if rows
+                    else np.empty((0, V), dtype=dtype))
             write_hyperslab(Y, (lo, 0), data, collective=True)
             cache[lo - start:hi - start] = [None] * (hi - lo) if cache_ok else []  # free memory
         f.flush()
