@@ -11,7 +11,7 @@ returns an exit code):
 
 - ``fit``      -> ``mpiblmm.pipeline.run_fit(args)``
 - ``export``   -> ``mpiblmm.io.export.run_export(args)``
-- ``simulate`` -> ``mpiblmm.simulate.run_simulate(args)``
+- ``simulate`` -> ``mpiblmm.study.run_simulate(args)``
 - ``env``      -> ``mpiblmm.envreport.run_env(args)``
 """
 
@@ -35,7 +35,7 @@ DISPATCH = {
     "env": ("mpiblmm.envreport", "run_env"),
     "fit": ("mpiblmm.pipeline", "run_fit"),
     "export": ("mpiblmm.io.export", "run_export"),
-    "simulate": ("mpiblmm.simulate", "run_simulate"),
+    "simulate": ("mpiblmm.study", "run_simulate"),
 }
 
 
@@ -75,7 +75,7 @@ def get_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("spec", metavar="SPEC", help="the analysis spec (JSON)")
     fit.add_argument(
-        "--output", "-o", metavar="PATH", help="results file or folder (default: as in the spec)"
+        "--output", "-o", metavar="DIR", help="output folder (default: the spec's \"output\")"
     )
     fit.add_argument(
         "--max-memory-mb",
@@ -101,23 +101,23 @@ def get_parser() -> argparse.ArgumentParser:
         description="Simulate a study (images, design table and spec) with known parameters.",
     )
     simulate.add_argument("out_dir", metavar="OUT_DIR", help="folder to write the study into")
-    simulate.add_argument("--subjects", type=_positive_int, default=20, help="number of subjects")
-    simulate.add_argument("--visits", type=_positive_int, default=3, help="visits per subject")
+    simulate.add_argument("--subjects", type=_positive_int, default=60, help="number of subjects")
+    simulate.add_argument("--visits", type=_positive_int, default=4, help="visits per subject")
     simulate.add_argument(
         "--shape",
         type=_positive_int,
         nargs=3,
         metavar=("X", "Y", "Z"),
-        default=(10, 10, 10),
+        default=(20, 20, 15),
         help="image shape in voxels",
     )
     simulate.add_argument("--seed", type=int, default=0, help="random seed")
     simulate.add_argument(
         "--missing-fraction",
         type=_fraction,
-        default=0.0,
+        default=0.3,
         metavar="F",
-        help="fraction of observations missing at edge voxels (0 to 1)",
+        help="fraction of voxels, the outermost, that miss 1-15%% of their observations",
     )
     return parser
 

@@ -163,3 +163,32 @@ def run_simulate(args) -> int:
     if comm.Get_rank() == 0:
         print(f"mpiblmm: simulated study written; fit it with: mpiblmm fit {spec}")
     return 0
+
+
+def compare_to_truth(results_path: str | Path, truth_path: str | Path) -> dict[str, float]:
+    """How close a fit of a simulated study came to the truth it was drawn from.
+
+    Returns, over voxels with a fit: correlation and RMSE of each beta map against the true
+    one, median ratio of estimated to true sigma^2 and random-effect variances, and the share
+    of fitted voxels.
+    """
+    import h5py
+
+    with h5py.File(results_path, "r") as r, h5py.File(truth_path, "r") as t:
+        grid = tuple(int(s) for s in t.attrs["grid_shape"])
+        index = np.ravel_multi_index(tuple(r["voxels"][...].T.astype(np.int64)), grid)
+        tindex = np.ravel_multi_index(tuple(t["voxels"][...].T.astype(np.int64)), grid)
+        pos = np.searchsorted(tindex, index)
+        fitted = r["status"][...] <= 2
+        names = json.loads(t["beta"].attrs["names"])
+        out: dict[str, float] = {"voxels": float(index.size),
+                                 "fitted_share": float(fitted.mean())}
+        beta, tbeta = r["beta"][...][fitted], t["beta"][...][pos][fitted]
+        for j, name in enumerate(names):
+            out[f"beta_{name}_corr"] = float(np.corrcoef(beta[:, j], tbeta[:, j])[0, 1])
+            out[f"beta_{name}_rmse"] = float(np.sqrt(np.mean((beta[:, j] - tbeta[:, j]) ** 2)))
+        s2 = r["sigma2"][...][fitted] / t["sigma2"][...][pos][fitted]
+        out["sigma2_ratio_median"] = float(np.median(s2))
+        cov, tcov = r["random/subject/cov"][...][fitted], t["random/subject/cov"][...][pos][fitted]
+        out["var_intercept_ratio_median"] = float(np.median(cov[:, 0, 0] / tcov[:, 0, 0]))
+    return out

@@ -1,0 +1,168 @@
+"""One chunk of voxels, start to finish: data -> product forms -> fit -> contrasts -> result arrays.
+
+This is the numerical step the pipeline runs per chunk; it is pure (numpy arrays in, numpy
+arrays out; no MPI, no files), so a whole analysis can be checked serially.
+
+Per chunk:
+
+1. Missingness: a voxel is fitted when it has at least ``max(min_n, p + 1)`` observations and
+   at least ``min_fraction`` of all observations; otherwise its status says why.
+2. Voxels observed in every image share X'X, Z'X and Z'Z (one product-form group); the others
+   get their own (a second group).  A voxel whose observed rows leave X rank deficient is
+   not fitted (status 4).
+3. The estimator fits each group; inference computes every contrast at the fitted voxels.
+
+The returned mapping is keyed by the results-file dataset paths (``beta``,
+``random/<factor>/cov``, ``contrasts/<name>/t`` ...), one row per voxel of the chunk, NaN for
+voxels without a fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .estimate import fit
+from .inference import f_contrast, t_contrast
+from .model import STATUS_EMPTY, STATUS_RANK_DEFICIENT, STATUS_TOO_FEW, RandomStructure
+from .products import RandomDesign, full_rank, product_forms
+from .satterthwaite import satterthwaite_setup
+
+T_STATS = ("estimate", "se", "t", "df", "p", "neglog10p")
+F_STATS = ("F", "df_num", "df_den", "p", "neglog10p", "r2")
+
+
+@dataclass(frozen=True)
+class ContrastDef:
+    """A contrast to test at every voxel: ``L`` (r, p); ``kind`` "T" or "F"."""
+
+    name: str
+    L: np.ndarray
+    kind: str = "T"
+    alternative: str = "two-sided"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How voxels are selected and fitted (the spec's ``missingness`` and ``estimation``)."""
+
+    method: str = "REML"
+    tolerance: float | None = None
+    max_iterations: int | None = None
+    min_n: int = 0
+    min_fraction: float = 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    """What is the same at every voxel: X (n, p), the random design and the contrasts."""
+
+    X: np.ndarray
+    rd: RandomDesign
+    contrasts: tuple[ContrastDef, ...]
+
+    @property
+    def structure(self) -> RandomStructure:
+        return self.rd.structure
+
+
+def bytes_per_voxel(n: int, p: int, structure: RandomStructure, n_contrasts: int) -> int:
+    """A generous estimate of the working memory one voxel of a chunk needs (bytes).
+
+    Counts the data (a few copies of n values), the per-voxel product forms and the
+    estimator's and inference's per-voxel arrays (several copies of the largest of them).
+    """
+    q = structure.q
+    if structure.is_single_factor:
+        f = structure.factors[0]
+        zz = f.n_levels * f.n_effects**2
+    else:
+        zz = q * q
+    m = sum(f.n_vech for f in structure.factors) + 1
+    per_voxel = 4 * n + 8 * (p * p + q * p + zz + q) + m * m * p * p + 6 * n_contrasts
+    return 8 * int(per_voxel) + 4096
+
+
+def empty_results(model: Model, v: int) -> dict[str, np.ndarray]:
+    """Result arrays for ``v`` voxels, every float NaN (the shape of a chunk's output)."""
+    p = model.X.shape[1]
+    out: dict[str, np.ndarray] = {
+        "status": np.full(v, STATUS_EMPTY, dtype=np.uint8),
+        "n": np.zeros(v, dtype=np.int32),
+        "iterations": np.zeros(v, dtype=np.int32),
+        "beta": np.full((v, p), np.nan),
+        "sigma2": np.full(v, np.nan),
+        "llh": np.full(v, np.nan),
+        "cov_beta": np.full((v, p, p), np.nan),
+    }
+    for f in model.structure.factors:
+        out[f"random/{f.name}/cov"] = np.full((v, f.n_effects, f.n_effects), np.nan)
+    for c in model.contrasts:
+        for stat in T_STATS if c.kind == "T" else F_STATS:
+            out[f"contrasts/{c.name}/{stat}"] = np.full(v, np.nan)
+    return out
+
+
+def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, np.ndarray]:
+    """Fit every voxel of a chunk and test every contrast.
+
+    Parameters
+    ----------
+    model
+        X, random design and contrasts.
+    Y
+        (v, n) observations of ``v`` voxels; NaN marks a missing observation.
+    settings
+        Missingness thresholds and estimation settings.
+    """
+    v, n = Y.shape
+    p = model.X.shape[1]
+    out = empty_results(model, v)
+    observed = np.isfinite(Y)
+    n_obs = observed.sum(axis=1)
+    out["n"][:] = n_obs
+    enough = (n_obs >= max(settings.min_n, p + 1)) & (n_obs >= settings.min_fraction * n)
+    out["status"][:] = np.where(n_obs == 0, STATUS_EMPTY, STATUS_TOO_FEW)
+    complete = n_obs == n
+    for group in (np.flatnonzero(enough & complete), np.flatnonzero(enough & ~complete)):
+        if group.size:
+            _fit_group(model, Y[group].T, observed[group].T, settings, group, out)
+    return out
+
+
+def _fit_group(model: Model, Yg: np.ndarray, obs: np.ndarray, settings: Settings,
+               index: np.ndarray, out: dict[str, np.ndarray]) -> None:
+    """Fit one product-form group (all complete, or all per-voxel) and fill ``out`` at ``index``."""
+    pf = product_forms(model.X, model.rd, Yg, obs)
+    ranked = np.broadcast_to(full_rank(pf.XtX), (index.size,))
+    out["status"][index[~ranked]] = STATUS_RANK_DEFICIENT
+    if not ranked.any():
+        return
+    if not ranked.all():
+        keep = np.flatnonzero(ranked)
+        pf, index = pf.take(keep), index[keep]
+    kwargs = {k: getattr(settings, k) for k in ("tolerance", "max_iterations")
+              if getattr(settings, k) is not None}
+    res = fit(pf, method=settings.method, **kwargs)
+    out["status"][index] = res.status
+    out["iterations"][index] = res.iterations
+    fitted = res.fitted
+    where = index[fitted]
+    out["beta"][where] = res.beta[fitted]
+    out["sigma2"][where] = res.s2[fitted]
+    out["llh"][where] = res.llh[fitted]
+    for f, cov in zip(model.structure.factors, res.cov):
+        out[f"random/{f.name}/cov"][where] = cov[fitted]
+    pre = satterthwaite_setup(pf, res.s2, res.D, settings.method, fitted=fitted)
+    out["cov_beta"][where] = pre.cov_beta[fitted]
+    for c in model.contrasts:
+        prefix = f"contrasts/{c.name}/"
+        if c.kind == "T":
+            r = t_contrast(pre, res.beta, c.L[0], alternative=c.alternative, name=c.name)
+            for stat in T_STATS:
+                out[prefix + stat][where] = getattr(r, stat)[fitted]
+        else:
+            r = f_contrast(pre, res.beta, c.L, name=c.name)
+            for stat in F_STATS:
+                out[prefix + stat][where] = np.broadcast_to(getattr(r, stat), fitted.shape)[fitted]

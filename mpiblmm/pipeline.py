@@ -1,0 +1,186 @@
+"""`mpiblmm fit spec.json`: the stages of a fit, chained; no mathematics lives here.
+
+Stages (every rank runs them; the collective ones are marked):
+
+1. setup    rank 0 reads and validates the spec and design files; a user error is agreed
+            by every rank before anything collective happens (collective: agree + bcast).
+2. ingest   NIfTI images -> ``<output>/packed.h5`` (observations x candidate voxels), or an
+            already packed file (collective).
+3. create   ``<output>/results.h5`` with every dataset at full size (collective).
+4. fit      each rank takes its contiguous slab of voxels and works through it in chunks
+            sized by the memory budget: read the chunk, analyse it
+            (:func:`mpiblmm.lmm.analysis.analyse_chunk`), write its rows.  Reads and writes
+            are independent I/O, so a rank never waits for another inside this loop.
+5. finish   status counts and timers are reduced over ranks, stored as attributes, and
+            ``complete`` is set last (collective).
+6. export   NIfTI maps, shared across ranks by map (collective).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpiblmm.design import Design, design_from_spec
+from mpiblmm.io import on_root
+from mpiblmm.io.export import export_nifti
+from mpiblmm.io.ingest import DEFAULT_MEMORY_MB, SlabReader, prepare_input
+from mpiblmm.io.results import RESULTS_NAME, ResultsLayout, create_results
+from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk, bytes_per_voxel
+from mpiblmm.lmm.model import STATUS_CODES
+from mpiblmm.lmm.products import random_design
+from mpiblmm.parallel import partition
+from mpiblmm.spec import Spec, load_spec
+from mpiblmm.timers import PhaseTimer, summarise_phases
+
+#: Phases timed up to the point the results file is complete (stored in its ``summary``).
+PHASES = ["setup", "ingest", "create", "read", "fit", "write", "finish"]
+#: Share of the memory budget given to a chunk's working arrays (the rest: data, HDF5, numpy).
+CHUNK_SHARE = 0.5
+#: Upper bound on voxels per chunk: beyond this vectorisation gains nothing.
+MAX_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Command-line overrides of the spec."""
+
+    output: str | None = None
+    max_memory_mb: float | None = None
+    quiet: bool = False
+
+
+def run_fit(args: Any) -> int:
+    """Handler of ``mpiblmm fit`` (called on every rank inside the CLI's guard)."""
+    from mpi4py import MPI
+
+    options = FitOptions(output=args.output, max_memory_mb=args.max_memory_mb,
+                         quiet=bool(args.quiet))
+    fit_study(args.spec, MPI.COMM_WORLD, options)
+    return 0
+
+
+def model_from_design(design: Design) -> Model:
+    """The numerical model (X, random design, contrasts) of a design."""
+    rd = random_design([f.codes for f in design.factors], [f.Z for f in design.factors],
+                       names=[f.name for f in design.factors],
+                       effect_names=[f.effect_names for f in design.factors])
+    contrasts = tuple(ContrastDef(c.name, np.asarray(c.L, dtype=float), c.kind, c.alternative)
+                      for c in design.contrasts)
+    return Model(np.asarray(design.X, dtype=float), rd, contrasts)
+
+
+def settings_from_spec(spec: Spec) -> Settings:
+    """Selection and estimation settings of a spec."""
+    return Settings(method=spec.estimation.method, tolerance=spec.estimation.tolerance,
+                    max_iterations=spec.estimation.max_iterations,
+                    min_n=spec.missingness.min_n or 0,
+                    min_fraction=spec.missingness.min_fraction)
+
+
+def chunk_voxels(budget_mb: float, n: int, model: Model) -> int:
+    """Voxels per chunk so one chunk's working arrays fit the share of the budget."""
+    per = bytes_per_voxel(n, model.X.shape[1], model.structure, len(model.contrasts))
+    return int(max(1, min(MAX_CHUNK, CHUNK_SHARE * budget_mb * 2**20 // per)))
+
+
+def _load(spec_path: str, options: FitOptions) -> tuple[Spec, Design]:
+    spec = load_spec(spec_path)
+    if options.output is not None:
+        spec = _with_output(spec, Path(options.output))
+    return spec, design_from_spec(spec)
+
+
+def _with_output(spec: Spec, output: Path) -> Spec:
+    from dataclasses import replace
+
+    return replace(spec, output=output.resolve())
+
+
+def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> Path:
+    """Fit a study end to end on the ranks of ``comm``; return the results file's path."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    say = _printer(rank == 0 and not options.quiet)
+    timer = PhaseTimer()
+
+    with timer.phase("setup"):
+        spec, design = on_root(comm, lambda: _load(spec_path, options))
+        model = model_from_design(design)
+        settings = settings_from_spec(spec)
+        budget = options.max_memory_mb or spec.max_memory_mb or DEFAULT_MEMORY_MB
+    with timer.phase("ingest"):
+        packed = prepare_input(spec, comm, n_expected=design.n)
+    say(f"mpiblmm: {packed.n_voxels} voxels x {packed.n_observations} observations, "
+        f"{design.p} fixed effects, {len(design.factors)} random factor(s), "
+        f"{settings.method}, {size} rank(s)")
+
+    results_path = Path(spec.output) / RESULTS_NAME
+    with timer.phase("create"):
+        layout = ResultsLayout.from_design(design, packed.n_voxels, packed.grid_shape,
+                                           packed.affine, settings.method, spec.text)
+        writer = create_results(results_path, layout, packed.voxels, comm)
+
+    mine = partition(packed.n_voxels, size, rank)
+    step = chunk_voxels(budget, design.n, model)
+    n_chunks = math.ceil(mine.size / step) if mine.size else 0
+    iterations = np.zeros(2)  # sum and max over this rank's fitted voxels
+    with SlabReader(packed, comm) as reader:
+        for c, start in enumerate(range(mine.start, mine.stop, step)):
+            stop = min(start + step, mine.stop)
+            with timer.phase("read"):
+                Y = reader.read(start, stop, collective=False)
+            with timer.phase("fit"):
+                values = analyse_chunk(model, Y, settings)
+            with timer.phase("write"):
+                writer.write(start, stop, values)
+            it = values["iterations"][values["status"] <= 2]
+            if it.size:
+                iterations += [it.sum(), 0]
+                iterations[1] = max(iterations[1], it.max())
+            say(f"mpiblmm: rank 0 chunk {c + 1}/{n_chunks} done "
+                f"({stop - mine.start}/{mine.size} voxels, {timer.total():.1f} s)")
+
+    with timer.phase("finish"):
+        from mpi4py import MPI
+
+        it_sum = comm.allreduce(float(iterations[0]), op=MPI.SUM)
+        it_max = comm.allreduce(float(iterations[1]), op=MPI.MAX)
+        phases = summarise_phases(comm, timer, PHASES)
+        summary = {"ranks": size, "chunk_voxels": step, "memory_budget_mb": budget,
+                   "iterations_max": it_max, "seconds": phases}
+        counts = writer.finish(summary)
+    n_fitted = sum(v for k, v in counts.items() if k <= 2)
+    with timer.phase("export"):
+        export_nifti(results_path, results_path.parent / "nifti", comm=comm)
+    if rank == 0 and not options.quiet:
+        _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path,
+                       timer.seconds["export"], timer.total())
+    return results_path
+
+
+def _printer(active: bool):
+    def say(text: str) -> None:
+        if active:
+            print(text, flush=True)
+    return say
+
+
+def _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path, export,
+                   total) -> None:
+    V = sum(counts.values())
+    say(f"mpiblmm: fitted {n_fitted} of {V} voxels in {total:.2f} s")
+    for code in sorted(counts):
+        say(f"  status {code:>3}: {counts[code]:>8}  {STATUS_CODES.get(code, 'not processed')}")
+    if n_fitted:
+        say(f"  iterations: mean {it_sum / n_fitted:.1f}, max {int(it_max)}")
+    say("  seconds per phase (min / median / max over ranks):")
+    for name, (lo, med, hi) in phases.items():
+        say(f"    {name:<7} {lo:8.2f} {med:8.2f} {hi:8.2f}")
+    say(f"    export  {export:8.2f} (rank 0)")
+    say(f"  results: {results_path}  maps: {results_path.parent / 'nifti'}")
+    sys.stdout.flush()
