@@ -1,0 +1,101 @@
+"""`mpiblmm fit` gives the same results at every rank count, and fails cleanly on bad input.
+
+A small simulated study (with missing data and boundary voxels) is fitted at 1, 2 and 3
+ranks, and a two-voxel study at 3 ranks (more ranks than voxels); every dataset of
+results.h5 and every NIfTI map must agree with the 1-rank run to 1e-10 relative.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from .studies import read_results
+
+
+def _compare(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        if key == "@":
+            continue
+        x, y = np.asarray(a[key]), np.asarray(b[key])
+        assert x.shape == y.shape and x.dtype == y.dtype, key
+        if x.dtype.kind == "f":
+            np.testing.assert_array_equal(np.isnan(x), np.isnan(y), err_msg=key)
+            ok = ~np.isnan(x)
+            np.testing.assert_allclose(x[ok], y[ok], rtol=1e-10, atol=1e-300, err_msg=key)
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=key)
+    for attr in ("complete", "method", "spec", "status_counts"):
+        assert np.all(a["@"][attr] == b["@"][attr]), attr
+
+
+def _maps(folder):
+    import nibabel as nib
+
+    return {p.name: np.asanyarray(nib.load(p).dataobj) for p in sorted(folder.glob("*.nii.gz"))}
+
+
+@pytest.mark.spawns_mpiexec
+def test_same_results_at_1_2_3_ranks(tmp_path, run_mpi, mpiblmm_command):
+    study = tmp_path / "study"
+    run = run_mpi(2, [*mpiblmm_command, "simulate", str(study), "--subjects", "12",
+                      "--visits", "3", "--shape", "6", "5", "4", "--missing-fraction", "0.5",
+                      "--seed", "3"], timeout=120)
+    assert run.returncode == 0, run.stderr
+    results, maps = {}, {}
+    for ranks in (1, 2, 3):
+        out = tmp_path / f"out{ranks}"
+        run = run_mpi(ranks, [*mpiblmm_command, "fit", str(study / "spec.json"),
+                              "--output", str(out), "--max-memory-mb", "1"], timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        results[ranks] = read_results(out / "results.h5")
+        maps[ranks] = _maps(out / "nifti")
+        assert bool(results[ranks]["@"]["complete"])
+        summary = json.loads(results[ranks]["@"]["summary"])
+        assert summary["ranks"] == ranks and summary["chunk_voxels"] < 120
+    counts = json.loads(results[1]["@"]["status_counts"])
+    assert sum(counts.values()) == 120 and counts.get("0", 0) + counts.get("2", 0) == 120
+    for ranks in (2, 3):
+        _compare(results[1], results[ranks])
+        assert maps[1].keys() == maps[ranks].keys() and len(maps[1]) >= 10
+        for name in maps[1]:
+            a, b = maps[1][name], maps[ranks][name]
+            assert a.dtype == b.dtype, name
+            np.testing.assert_allclose(a, b, rtol=1e-10, equal_nan=True, err_msg=name)
+
+
+@pytest.mark.spawns_mpiexec
+def test_more_ranks_than_voxels(tmp_path, run_mpi, mpiblmm_command):
+    study = tmp_path / "study"
+    run = run_mpi(1, [*mpiblmm_command, "simulate", str(study), "--subjects", "10",
+                      "--visits", "3", "--shape", "2", "1", "1", "--seed", "5"], timeout=120)
+    assert run.returncode == 0, run.stderr
+    outs = {}
+    for ranks in (1, 3):
+        out = tmp_path / f"out{ranks}"
+        run = run_mpi(ranks, [*mpiblmm_command, "fit", str(study / "spec.json"), "-o", str(out)],
+                      timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        outs[ranks] = read_results(out / "results.h5")
+    assert outs[3]["voxels"].shape == (2, 3)
+    _compare(outs[1], outs[3])
+
+
+@pytest.mark.spawns_mpiexec
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_bad_spec_is_one_line_and_exit_2_on_every_rank(tmp_path, run_mpi, mpiblmm_command, ranks):
+    study = tmp_path / "study"
+    assert run_mpi(1, [*mpiblmm_command, "simulate", str(study), "--subjects", "4",
+                       "--shape", "2", "2", "2"], timeout=120).returncode == 0
+    spec = json.loads((study / "spec.json").read_text())
+    spec["contrasts"][0]["weights"] = [0, 1]                     # p is 3
+    (study / "bad.json").write_text(json.dumps(spec))
+    run = run_mpi(ranks, [*mpiblmm_command, "fit", str(study / "bad.json")], timeout=120)
+    assert run.returncode == 2
+    lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mpiblmm: error:"), run.stderr
+    assert "contrasts" in lines[0] and "Traceback" not in run.stderr
+    assert not (study / "results" / "results.h5").exists()
