@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import special, stats
+from scipy import special  # not scipy.stats: its import alone costs ~1 s per rank
 
 from .contrasts import f_weights, t_weights
 from .satterthwaite import Precomputed, combine_f_df, contrast_variance_df
@@ -68,7 +68,7 @@ def t_logsf(t: np.ndarray, df: np.ndarray) -> np.ndarray:
     """``log P(T > t)`` for Student's t, finite far into the tail; ``df = inf`` is normal."""
     t, df = np.broadcast_arrays(np.asarray(t, float), np.asarray(df, float))
     with np.errstate(all="ignore"):
-        out = np.where(np.isinf(df), stats.norm.logsf(t), stats.t.logsf(t, df))
+        out = np.where(np.isinf(df), special.log_ndtr(-t), np.log(special.stdtr(df, -t)))
         bad = ~np.isfinite(out) & np.isfinite(t) & (t > 0) & np.isfinite(df) & (df > 0)
         if bad.any():
             # P(T > t) = I_{df/(df+t^2)}(df/2, 1/2) / 2 for t > 0.
@@ -81,7 +81,8 @@ def f_logsf(F: np.ndarray, d1: float, d2: np.ndarray) -> np.ndarray:
     """``log P(F(d1, d2) > F)``, finite far into the tail; ``d2 = inf`` is chi2(d1)/d1."""
     F, d2 = np.broadcast_arrays(np.asarray(F, float), np.asarray(d2, float))
     with np.errstate(all="ignore"):
-        out = np.where(np.isinf(d2), stats.chi2.logsf(d1 * F, d1), stats.f.logsf(F, d1, d2))
+        out = np.where(np.isinf(d2), np.log(special.chdtrc(d1, d1 * F)),
+                       np.log(special.fdtrc(d1, d2, F)))
         bad = ~np.isfinite(out) & np.isfinite(F) & (F > 0) & np.isfinite(d2) & (d2 > 0)
         if bad.any():
             # P(F > f) = I_{d2/(d2 + d1 f)}(d2/2, d1/2).
