@@ -26,12 +26,15 @@ from .model import (
     STATUS_CONVERGED, STATUS_EMPTY, STATUS_MAX_ITER, STATUS_NUMERICAL, STATUS_RANK_DEFICIENT,
     STATUS_SINGULAR, STATUS_TOO_FEW, FitResult, ProductForms,
 )
-from .polish import polish
+from .polish import polish as polish_theta
 from .products import full_rank
 from .theta import D_from_theta, n_theta, theta_from_D, theta_slices, tril_indices
 
 #: lme4's ``isSingular`` tolerance on the diagonal of each Lambda_k (theta relative to sigma).
 SINGULAR_TOL = 1e-4
+
+#: Relative eigenvalue of a D_k below which a voxel is polished in theta (mode "auto").
+NEAR_BOUNDARY = 1e-6
 
 #: Default memory budget of one chunk of voxels (bytes).
 DEFAULT_MEMORY = 512 * 2**20
@@ -85,19 +88,43 @@ def is_singular(theta: np.ndarray, pf: ProductForms, tol: float = SINGULAR_TOL) 
     return out
 
 
+def near_boundary(D: tuple[np.ndarray, ...], tol: float = NEAR_BOUNDARY) -> np.ndarray:
+    """Voxels where some ``D_k`` has an eigenvalue below ``tol * max(1, largest)``."""
+    out = np.zeros(D[0].shape[0], dtype=bool)
+    for Dk in D:
+        w = np.linalg.eigvalsh(np.where(np.isfinite(Dk), Dk, 0.0))
+        out |= w[:, 0] <= tol * np.maximum(1.0, w[:, -1])
+    return out
+
+
 def _fit_chunk(pf: ProductForms, method: str, tolerance: float, max_iterations: int,
-               polish_tolerance: float, polish_iterations: int) -> dict:
+               polish_mode: str, polish_tolerance: float, polish_iterations: int) -> dict:
     fs = fisher_scoring(pf, method, tolerance=tolerance, max_iterations=max_iterations)
-    theta0 = theta_from_D(fs.D, pf.structure)
-    pol = polish(pf, theta0, method, tolerance=polish_tolerance,
-                 max_iterations=polish_iterations)
-    return dict(theta=pol.theta, llh=pol.ev.llh, beta=pol.ev.beta, s2=pol.ev.s2,
-                XtViX=pol.ev.vp.XtViX, fs_iterations=fs.iterations,
-                polish_iterations=pol.iterations, converged=pol.converged)
+    theta = theta_from_D(fs.D, pf.structure)
+    ev = fs.ev
+    v = pf.n_voxels
+    out = dict(theta=theta, llh=ev.llh, beta=ev.beta, s2=ev.s2, XtViX=ev.vp.XtViX,
+               fs_iterations=fs.iterations, polish_iterations=np.zeros(v, dtype=np.int64),
+               converged=fs.converged.copy())
+    if polish_mode == "none":
+        return out
+    if polish_mode == "all":
+        sel = np.arange(v)
+    else:  # "auto": the boundary, and wherever Fisher Scoring could not finish
+        sel = np.flatnonzero(near_boundary(fs.D) | fs.stalled | ~fs.converged)
+    sel = sel[np.isfinite(ev.llh[sel])]
+    if sel.size:
+        pol = polish_theta(pf.take(sel), theta[sel], method, tolerance=polish_tolerance,
+                     max_iterations=polish_iterations)
+        for key, val in (("theta", pol.theta), ("llh", pol.ev.llh), ("beta", pol.ev.beta),
+                         ("s2", pol.ev.s2), ("XtViX", pol.ev.vp.XtViX),
+                         ("polish_iterations", pol.iterations), ("converged", pol.converged)):
+            out[key][sel] = val
+    return out
 
 
-def fit(pf: ProductForms, method: str = "REML", tolerance: float = 1e-6,
-        max_iterations: int = 200, polish_tolerance: float = 1e-9,
+def fit(pf: ProductForms, method: str = "REML", tolerance: float = 1e-12,
+        max_iterations: int = 200, polish: str = "auto", polish_tolerance: float = 1e-12,
         polish_iterations: int = 100, memory_budget: int = DEFAULT_MEMORY) -> FitResult:
     """Fit the voxel-wise LMM by (RE)ML to every voxel of ``pf``.
 
@@ -111,9 +138,12 @@ def fit(pf: ProductForms, method: str = "REML", tolerance: float = 1e-6,
         Fisher Scoring stops a voxel when its log-likelihood changes by less than this.
     max_iterations
         Fisher Scoring iteration cap.
+    polish
+        Which voxels the theta polish (:mod:`~mpiblmm.lmm.polish`) refines: ``"auto"``
+        (default: voxels with a nearly singular ``D_k`` and those Fisher Scoring could not
+        finish), ``"all"`` or ``"none"``.
     polish_tolerance, polish_iterations
-        Stopping rule and cap of the theta polish (the final optimiser); a voxel that hits
-        this cap gets status 1.
+        Stopping rule and cap of the polish; a voxel that hits a cap gets status 1.
     memory_budget
         Bytes of working memory for one chunk of voxels (see :func:`bytes_per_voxel`).
 
@@ -126,6 +156,8 @@ def fit(pf: ProductForms, method: str = "REML", tolerance: float = 1e-6,
     """
     if method not in ("REML", "ML"):
         raise ValueError(f"method must be 'REML' or 'ML', not {method!r}")
+    if polish not in ("auto", "all", "none"):
+        raise ValueError(f"polish must be 'auto', 'all' or 'none', not {polish!r}")
     st, v, p = pf.structure, pf.n_voxels, pf.p
     m = n_theta(st)
     status = screen(pf)
@@ -141,7 +173,7 @@ def fit(pf: ProductForms, method: str = "REML", tolerance: float = 1e-6,
     chunk = max(1, int(memory_budget // bytes_per_voxel(pf)))
     for start in range(0, todo.size, chunk):
         idx = todo[start:start + chunk]
-        out = _fit_chunk(pf.take(idx), method, tolerance, max_iterations,
+        out = _fit_chunk(pf.take(idx), method, tolerance, max_iterations, polish,
                          polish_tolerance, polish_iterations)
         theta[idx], llh[idx], beta[idx], s2[idx] = out["theta"], out["llh"], out["beta"], out["s2"]
         XtViX[idx] = out["XtViX"]

@@ -14,14 +14,15 @@ voxels still active:
    iteration.  The reference for the first step is ``l`` at the start, so no voxel is halved
    for a bogus comparison.
 
-A voxel stops when ``l`` changed by less than ``tolerance`` (or no halving improved it), and is
-then removed from the active set.  Voxels whose algebra fails (non-finite values, a singular
+A voxel stops when ``l`` changed by less than ``tolerance``, when the first-order gain of the
+next full step ``s' I^-1 s`` is below it, or when no halving improved ``l`` (stuck, usually on
+the boundary: ``stalled``), and is then removed from the active set.  Voxels whose algebra fails (non-finite values, a singular
 solve) are isolated by :func:`evaluate`, never touching the others.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -179,39 +180,52 @@ def psd_project(D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- one scoring step
 def scoring_steps(ev: Evaluation, pf: ProductForms, method: str,
-                  profiled: bool = True) -> tuple[np.ndarray, ...]:
-    """Simplified Fisher Scoring directions ``I_k^-1 s_k`` (v, q_k, q_k), one per factor."""
+                  profiled: bool = True) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Simplified Fisher Scoring directions ``I_k^-1 s_k`` (v, q_k, q_k), one per factor, and
+    the first-order gain of the full step, ``sum_k s_k' I_k^-1 s_k`` (v,)."""
     st = pf.structure
     blocks = level_blocks(ev.vp, ev.beta, st)
     G = d_scores(ev.vp, blocks, ev.s2, method)
     info = information_dd(ev.vp, blocks, st, cross=False)
     dof = pf.n - pf.p if method == "REML" else pf.n
     out = []
+    gain = np.zeros(pf.n_voxels)
+    # (the caller also measures the step size: flat directions gain little for a big step)
     for f, b, Gk, Ik in zip(st.factors, blocks, G, info):
         if profiled:
             # I_DD - I_Ds2 I_s2s2^-1 I_s2D with I_s2D = t/(2 s2), I_s2s2 = dof/(2 s2^2)
             t = vech_score(b.R.sum(axis=1))
             Ik = Ik - t[:, :, None] * t[:, None, :] / (2.0 * dof[:, None, None])
-        step = solve_small_spd(Ik, vech_score(Gk))
+        s = vech_score(Gk)
+        step = solve_small_spd(Ik, s)
+        gain += np.einsum("vi,vi->v", s, step)
         out.append(unvech(step, f.n_effects))
-    return tuple(out)
+    return tuple(out), gain
+
+
+def rounding_floor(llh: np.ndarray) -> np.ndarray:
+    """Smallest change of ``l`` that is not rounding: ``1e-14 |l|``."""
+    return 1e-14 * np.abs(llh)
 
 
 # ---------------------------------------------------------------- the iteration
 @dataclass(frozen=True)
 class ScoringResult:
     """Outcome of Fisher Scoring: final ``D``/``Lambda`` per factor, the evaluation there,
-    iterations (v,), and ``converged`` (v,) bool (False: hit the cap, or failed)."""
+    iterations (v,), ``converged`` (v,) bool (False: hit the cap, or failed) and ``stalled``
+    (v,) bool (no halving of the last step raised ``l``: converged as far as FS can tell)."""
 
     D: tuple[np.ndarray, ...]
     lambdas: tuple[np.ndarray, ...]
     ev: Evaluation
     iterations: np.ndarray
     converged: np.ndarray
+    stalled: np.ndarray
 
 
-def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e-6,
+def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e-12,
                    max_iterations: int = 200, max_halvings: int = 10,
+                   step_tolerance: float = 1e-6,
                    D0: tuple[np.ndarray, ...] | None = None,
                    profiled: bool = True) -> ScoringResult:
     """Simplified Fisher Scoring for every voxel of ``pf`` (see the module docstring).
@@ -223,9 +237,13 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
     method
         ``"REML"`` or ``"ML"``.
     tolerance
-        Stop a voxel when its log-likelihood changes by less than this.
+        Stop a voxel when its log-likelihood changes by less than this (or ``1e-14 |l|``,
+        the rounding floor), or when the first-order gain of its next full step is below it.
     max_iterations
         Iteration cap; voxels still active then have ``converged = False``.
+    step_tolerance
+        ... and when the full step would change ``D`` by less than this, relative to its
+        largest entry.
     max_halvings
         Step halvings tried before a voxel is declared stuck (treated as converged).
     D0
@@ -242,6 +260,7 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
     ev = evaluate(pf, tuple(lambdas), method, need_z=True)
     iterations = np.zeros(v, dtype=np.int64)
     converged = np.zeros(v, dtype=bool)
+    stalled = np.zeros(v, dtype=bool)
     # a voxel that failed at the start is finished (not converged); the driver flags it
     active = np.flatnonzero(np.isfinite(ev.llh))
     pf_a = pf.take(active)
@@ -249,14 +268,27 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
     for _ in range(max_iterations):
         if active.size == 0:
             break
-        steps = scoring_steps(ev_a, pf_a, method, profiled)
+        steps, predicted = scoring_steps(ev_a, pf_a, method, profiled)
+        floor = np.maximum(tolerance, rounding_floor(ev_a.llh))
         D_a = [Dk[active] for Dk in D]
         new_D = [Dk.copy() for Dk in D_a]
         new_lam = [lambdas[k][active].copy() for k in range(len(D))]
         new_ev = ev_a.take(np.arange(active.size))
-        pending = np.arange(active.size)
+        # converged: the full step would gain less than the tolerance and move D by less than
+        # step_tolerance relative (flat directions gain little even far from the optimum)
+        size = np.zeros(active.size)
+        for Dk, s in zip(D_a, steps):
+            scale = np.abs(Dk).max(axis=(1, 2)) + 1e-3
+            size = np.maximum(size, np.abs(s).max(axis=(1, 2)) / scale)
+        small = ~(predicted >= floor) & ~(size > step_tolerance)
+        pending = np.flatnonzero(~small)
         lam_step = 1.0
         for _h in range(max_halvings + 1):
+            # stop halving once the predicted gain is rounding (stuck, e.g. on the boundary)
+            pending = pending[(lam_step * predicted[pending] >= 0.01 * floor[pending])
+                              | (lam_step * size[pending] > step_tolerance)]
+            if pending.size == 0:
+                break
             trial = [psd_project(Dk[pending] + lam_step * s[pending]) for Dk, s in zip(D_a, steps)]
             t_lam = tuple(t[1] for t in trial)
             t_ev = evaluate(pf_a.take(pending), t_lam, method, need_z=True)
@@ -268,22 +300,21 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
                     new_D[k][idx] = t[0][ok]
                     new_lam[k][idx] = t[1][ok]
             pending = pending[~ok]
-            if pending.size == 0:
-                break
             lam_step *= 0.5
+        stuck = ~small & ~(new_ev.llh > ev_a.llh)      # no halving raised l
         iterations[active] += 1
         change = new_ev.llh - ev_a.llh
-        done = np.abs(change) < tolerance
-        done[pending] = True                            # no halving improved: stuck here
+        done = ((np.abs(change) < floor) & (size <= step_tolerance)) | small | stuck
         for k in range(len(D)):
             D[k][active] = new_D[k]
             lambdas[k][active] = new_lam[k]
         ev.put(active, new_ev)
         converged[active[done]] = True
+        stalled[active[stuck]] = True
         keep = ~done
         active = active[keep]
         if active.size:
             pf_a = pf_a.take(np.flatnonzero(keep)) if not keep.all() else pf_a
             ev_a = new_ev.take(np.flatnonzero(keep))
     return ScoringResult(D=tuple(D), lambdas=tuple(lambdas), ev=ev,
-                         iterations=iterations, converged=converged)
+                         iterations=iterations, converged=converged, stalled=stalled)

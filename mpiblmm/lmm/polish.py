@@ -190,11 +190,15 @@ class PolishResult:
     converged: np.ndarray
 
 
-def _line_search(pf, theta, llh, direction_fn, method, max_halvings):
+def _line_search(pf, theta, llh, direction_fn, method, max_halvings, predicted=None,
+                 min_gain=0.0):
     """Try ``theta(alpha)`` for alpha = 1, 1/2, ...; keep the first that does not lower ``l``.
 
-    ``direction_fn(idx, alpha)`` returns candidate theta for voxels ``idx``.  Returns the new
-    theta, its evaluation (NaN llh where nothing was accepted) and the accepted mask.
+    ``direction_fn(idx, alpha)`` returns candidate theta for voxels ``idx``.  When
+    ``predicted`` (v,) is given (the first-order gain of the full step), a voxel stops halving
+    once ``alpha * predicted`` falls below ``min_gain`` (nothing worth an evaluation is left).
+    Returns the new theta, its llh (NaN where nothing was accepted), the accepted mask and the
+    evaluations of the accepted voxels as (index, Evaluation) pairs.
     """
     v = theta.shape[0]
     st = pf.structure
@@ -205,6 +209,10 @@ def _line_search(pf, theta, llh, direction_fn, method, max_halvings):
     pending = np.arange(v)
     alpha = 1.0
     for _ in range(max_halvings + 1):
+        if predicted is not None:
+            pending = pending[alpha * predicted[pending] > np.broadcast_to(min_gain, (v,))[pending]]
+        if pending.size == 0:
+            break
         cand = direction_fn(pending, alpha)
         ev = evaluate(pf.take(pending), lambdas_from_theta(cand, st), method, need_z=True)
         ok = ev.llh >= llh[pending]
@@ -215,14 +223,12 @@ def _line_search(pf, theta, llh, direction_fn, method, max_halvings):
             accepted[idx] = True
             evs.append((idx, ev.take(np.flatnonzero(ok))))
         pending = pending[~ok]
-        if pending.size == 0:
-            break
         alpha *= 0.5
     return new_theta, new_llh, accepted, evs
 
 
 def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
-           tolerance: float = 1e-9, max_iterations: int = 100,
+           tolerance: float = 1e-12, max_iterations: int = 100,
            max_halvings: int = 30) -> PolishResult:
     """Maximise the profiled (RE)ML log-likelihood over theta from ``theta0`` (v, n_theta).
 
@@ -244,13 +250,16 @@ def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
         lam_a = lambdas_from_theta(th_a, st)
         der = derivatives(ev_a, pf_a, lam_a, method)
         d = newton_direction(der)
+        floor = np.maximum(tolerance, 1e-14 * np.abs(ev_a.llh))   # rounding floor of l
+        # first-order gain of the full Newton step, g'd (>= 0 for the saddle-free direction)
+        predicted = np.einsum("vi,vi->v", der.grad, d)
         new_th, new_llh, acc, evs = _line_search(
             pf_a, th_a, ev_a.llh, lambda idx, alpha: th_a[idx] + alpha * d[idx],
-            method, max_halvings)
+            method, max_halvings, predicted=predicted, min_gain=0.01 * floor)
         gain = np.where(acc, new_llh - ev_a.llh, 0.0)
         # where Newton gained (almost) nothing, try to leave the boundary of the PSD cone
         moves, has = escape_directions(lam_a, der)
-        retry = np.flatnonzero((gain < tolerance) & has)
+        retry = np.flatnonzero((gain < floor) & has)
         if retry.size:
             D_r = tuple((lam @ np.swapaxes(lam, 1, 2))[retry] for lam in lam_a)
             mv_r = tuple(m[retry] for m in moves)
@@ -260,8 +269,11 @@ def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
                                           for Dk, mk in zip(D_r, mv_r)), st)
 
             base = ev_a.llh[retry] + np.maximum(gain[retry], 0.0)
-            s_th, s_llh, s_acc, s_evs = _line_search(pf_a.take(retry), th_a[retry], base,
-                                                     escape, method, max_halvings=20)
+            # first-order gain of the escape: sum_k tr(G_k t_k w_k w_k')
+            pred = sum(np.einsum("vab,vab->v", Gk[retry], mk) for Gk, mk in zip(der.G, mv_r))
+            s_th, s_llh, s_acc, s_evs = _line_search(
+                pf_a.take(retry), th_a[retry], base, escape, method, max_halvings=20,
+                predicted=pred, min_gain=0.01 * floor[retry])
             better = s_acc & (s_llh > base)
             if better.any():
                 idx = retry[better]
@@ -278,7 +290,7 @@ def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
             ev.put(active[idx], sub_ev)
         theta[active[acc]] = canonical_theta(new_th[acc], st)
         iterations[active] += 1
-        done = gain < tolerance
+        done = gain < floor
         converged[active[done]] = True
         active = active[~done]
     return PolishResult(theta=theta, lambdas=lambdas_from_theta(theta, st), ev=ev,
