@@ -43,7 +43,7 @@ PHASES = ["setup", "ingest", "create", "read", "fit", "write", "finish"]
 #: Share of the memory budget given to a chunk's working arrays (the rest: data, HDF5, numpy).
 CHUNK_SHARE = 0.5
 #: Upper bound on voxels per chunk: beyond this vectorisation gains nothing.
-MAX_CHUNK = 4096
+MAX_CHUNK = 16384
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,13 @@ def model_from_design(design: Design) -> Model:
     return Model(np.asarray(design.X, dtype=float), rd, contrasts)
 
 
-def settings_from_spec(spec: Spec) -> Settings:
-    """Selection and estimation settings of a spec."""
+def settings_from_spec(spec: Spec, budget_mb: float = DEFAULT_MEMORY_MB) -> Settings:
+    """Selection and estimation settings of a spec, with the estimator's share of the budget."""
     return Settings(method=spec.estimation.method, tolerance=spec.estimation.tolerance,
                     max_iterations=spec.estimation.max_iterations,
                     min_n=spec.missingness.min_n or 0,
-                    min_fraction=spec.missingness.min_fraction)
+                    min_fraction=spec.missingness.min_fraction,
+                    memory_budget=int(CHUNK_SHARE * budget_mb * 2**20))
 
 
 def chunk_voxels(budget_mb: float, n: int, model: Model) -> int:
@@ -111,8 +112,8 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
     with timer.phase("setup"):
         spec, design = on_root(comm, lambda: _load(spec_path, options))
         model = model_from_design(design)
-        settings = settings_from_spec(spec)
         budget = options.max_memory_mb or spec.max_memory_mb or DEFAULT_MEMORY_MB
+        settings = settings_from_spec(spec, budget)
     with timer.phase("ingest"):
         packed = prepare_input(spec, comm, n_expected=design.n)
     say(f"mpiblmm: {packed.n_voxels} voxels x {packed.n_observations} observations, "

@@ -52,6 +52,7 @@ class Settings:
     max_iterations: int | None = None
     min_n: int = 0
     min_fraction: float = 0.0
+    memory_budget: int | None = None  # bytes the estimator may use for one chunk
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,7 +143,7 @@ def _fit_group(model: Model, Yg: np.ndarray, obs: np.ndarray, settings: Settings
     if not ranked.all():
         keep = np.flatnonzero(ranked)
         pf, index = pf.take(keep), index[keep]
-    kwargs = {k: getattr(settings, k) for k in ("tolerance", "max_iterations")
+    kwargs = {k: getattr(settings, k) for k in ("tolerance", "max_iterations", "memory_budget")
               if getattr(settings, k) is not None}
     res = fit(pf, method=settings.method, **kwargs)
     out["status"][index] = res.status
