@@ -34,7 +34,7 @@ from mpiblmm.io.results import RESULTS_NAME, ResultsLayout, create_results
 from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk, bytes_per_voxel
 from mpiblmm.lmm.model import STATUS_CODES
 from mpiblmm.lmm.products import random_design
-from mpiblmm.parallel import partition
+from mpiblmm.parallel import partition, summarise_over_ranks
 from mpiblmm.spec import Spec, load_spec
 from mpiblmm.timers import PhaseTimer, summarise_phases
 
@@ -91,16 +91,15 @@ def chunk_voxels(budget_mb: float, n: int, model: Model) -> int:
 
 
 def _load(spec_path: str, options: FitOptions) -> tuple[Spec, Design]:
-    spec = load_spec(spec_path)
-    if options.output is not None:
-        spec = _with_output(spec, Path(options.output))
-    return spec, design_from_spec(spec)
-
-
-def _with_output(spec: Spec, output: Path) -> Spec:
+    """The spec with the command line's overrides applied, and its design."""
     from dataclasses import replace
 
-    return replace(spec, output=output.resolve())
+    spec = load_spec(spec_path)
+    if options.output is not None:
+        spec = replace(spec, output=Path(options.output).resolve())
+    if options.max_memory_mb is not None:
+        spec = replace(spec, max_memory_mb=float(options.max_memory_mb))
+    return spec, design_from_spec(spec)
 
 
 def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> Path:
@@ -112,7 +111,7 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
     with timer.phase("setup"):
         spec, design = on_root(comm, lambda: _load(spec_path, options))
         model = model_from_design(design)
-        budget = options.max_memory_mb or spec.max_memory_mb or DEFAULT_MEMORY_MB
+        budget = spec.max_memory_mb or DEFAULT_MEMORY_MB
         settings = settings_from_spec(spec, budget)
     with timer.phase("ingest"):
         packed = prepare_input(spec, comm, n_expected=design.n)
@@ -152,16 +151,24 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
         it_sum = comm.allreduce(float(iterations[0]), op=MPI.SUM)
         it_max = comm.allreduce(float(iterations[1]), op=MPI.MAX)
         phases = summarise_phases(comm, timer, PHASES)
+        peak = summarise_over_ranks(comm, peak_memory_mb())
         summary = {"ranks": size, "chunk_voxels": step, "memory_budget_mb": budget,
-                   "iterations_max": it_max, "seconds": phases}
+                   "iterations_max": it_max, "seconds": phases, "peak_memory_mb": list(peak)}
         counts = writer.finish(summary)
     n_fitted = sum(v for k, v in counts.items() if k <= 2)
     with timer.phase("export"):
         export_nifti(results_path, results_path.parent / "nifti", comm=comm)
     if rank == 0 and not options.quiet:
         _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path,
-                       timer.seconds["export"], timer.total())
+                       timer.seconds["export"], timer.total(), peak, budget)
     return results_path
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory so far (MiB; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _printer(active: bool):
@@ -172,7 +179,7 @@ def _printer(active: bool):
 
 
 def _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path, export,
-                   total) -> None:
+                   total, peak, budget) -> None:
     V = sum(counts.values())
     say(f"mpiblmm: fitted {n_fitted} of {V} voxels in {total:.2f} s")
     for code in sorted(counts):
@@ -183,5 +190,7 @@ def _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path, 
     for name, (lo, med, hi) in phases.items():
         say(f"    {name:<7} {lo:8.2f} {med:8.2f} {hi:8.2f}")
     say(f"    export  {export:8.2f} (rank 0)")
+    say(f"  peak memory per rank (MiB, min / median / max): "
+        f"{peak[0]:.0f} / {peak[1]:.0f} / {peak[2]:.0f}; budget {budget:.0f}")
     say(f"  results: {results_path}  maps: {results_path.parent / 'nifti'}")
     sys.stdout.flush()

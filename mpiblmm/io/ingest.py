@@ -238,7 +238,10 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         write_hyperslab(vox, (0, 0), voxels if root else voxels[:0], collective=True)
         write_hyperslab(img, (0,), names if root else names[:0], collective=True)
 
-        block = max(1, WRITE_BLOCK_BYTES // (dtype.itemsize * V))
+        # Rows written at once: within the write block size and, counting the float64 rows
+        # read plus their stacked and cast copies, within the memory budget.
+        block = max(1, min(WRITE_BLOCK_BYTES // (dtype.itemsize * V),
+                           int(budget // (3 * 8 * flat_mask.size))))
         most = -(-n // size)  # rows of the busiest rank
         for b in range(-(-most // block)):
             lo = min(stop, start + b * block)
