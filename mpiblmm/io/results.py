@@ -30,14 +30,12 @@ import numpy as np
 from mpiblmm import __version__
 from mpiblmm.errors import UserError
 from mpiblmm.io import agree, comm_rank, comm_size, make_dirs, open_h5, read_hyperslab, write_hyperslab
-from mpiblmm.lmm.model import STATUS_CODES
+from mpiblmm.lmm.model import F_STATS, STATUS_CODES, T_STATS
 
 RESULTS_FORMAT = "mpiblmm-results-1"
 RESULTS_NAME = "results.h5"
 #: ``status`` of a voxel the fit has not reached (yet).
 STATUS_NOT_PROCESSED = 255
-T_STATS = ("estimate", "se", "t", "df", "p", "neglog10p")
-F_STATS = ("F", "df_num", "df_den", "p", "neglog10p", "r2")
 
 
 def status_codes() -> dict[int, str]:

@@ -25,12 +25,11 @@ import numpy as np
 
 from .estimate import fit
 from .inference import f_contrast, t_contrast
-from .model import STATUS_EMPTY, STATUS_RANK_DEFICIENT, STATUS_TOO_FEW, RandomStructure
+from .model import (F_STATS, STATUS_EMPTY, STATUS_RANK_DEFICIENT, STATUS_TOO_FEW, T_STATS,
+                    RandomStructure)
 from .products import RandomDesign, full_rank, product_forms
 from .satterthwaite import satterthwaite_setup
 
-T_STATS = ("estimate", "se", "t", "df", "p", "neglog10p")
-F_STATS = ("F", "df_num", "df_den", "p", "neglog10p", "r2")
 
 
 @dataclass(frozen=True)

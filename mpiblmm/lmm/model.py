@@ -131,6 +131,10 @@ class Parameters:
         return tuple(self.s2[:, None, None] * Dk for Dk in self.D)
 
 
+# Per-voxel statistics of a T and of an F contrast (the results file's dataset names).
+T_STATS = ("estimate", "se", "t", "df", "p", "neglog10p")
+F_STATS = ("F", "df_num", "df_den", "p", "neglog10p", "r2")
+
 # Status codes of a voxel, shared by the estimator and the results file.
 STATUS_CODES: dict[int, str] = {
     0: "fitted and converged",
