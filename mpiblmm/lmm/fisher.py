@@ -26,26 +26,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .likelihood import VinvProducts, gls, loglik, profiled_s2, vinv_products
-from .model import ProductForms
-from .scores import (
-    d_scores, information_dd, information_s2d, level_blocks, unvech, vech_score,
+from .likelihood import (
+    LevelSums, VinvProducts, gls, loglik, products_and_sums, profiled_s2, vinv_products,
 )
+from .model import ProductForms
+from .scores import score_information, unvech, vech_score
 
 
 # ---------------------------------------------------------------- isolated evaluation
 @dataclass(frozen=True)
 class Evaluation:
     """The profiled fit at given ``Lambda_k``: ``llh`` (v,), ``beta`` (v, p) centred, ``s2`` (v,),
-    ``vp``.  ``llh`` is NaN where the voxel's algebra failed."""
+    ``vp``, and for one factor the level sums the scores need (``sums``, or None).  ``llh``
+    is NaN where the voxel's algebra failed."""
 
     llh: np.ndarray
     beta: np.ndarray
     s2: np.ndarray
     vp: VinvProducts
+    sums: LevelSums | None = None
 
     def take(self, idx: np.ndarray) -> "Evaluation":
-        return Evaluation(self.llh[idx], self.beta[idx], self.s2[idx], _vp_take(self.vp, idx))
+        return Evaluation(self.llh[idx], self.beta[idx], self.s2[idx], _vp_take(self.vp, idx),
+                          None if self.sums is None else self.sums.take(idx))
 
     def put(self, idx: np.ndarray, other: "Evaluation") -> None:
         """Overwrite voxels ``idx`` with ``other`` (in place; arrays are owned by the caller)."""
@@ -56,6 +59,8 @@ class Evaluation:
             mine = getattr(self.vp, name)
             if mine is not None:
                 mine[idx] = getattr(other.vp, name)
+        if self.sums is not None:
+            self.sums.put(idx, other.sums)
 
 
 _VP_FIELDS = ("XtViX", "XtViY", "YtViY", "logdetV", "ZtViX", "ZtViY", "ZtViZ")
@@ -81,6 +86,12 @@ def _lambdas_finite(lambdas: tuple[np.ndarray, ...]) -> np.ndarray:
 
 def _evaluate_raw(pf: ProductForms, lambdas: tuple[np.ndarray, ...], method: str,
                   need_z: bool) -> Evaluation:
+    if need_z and pf.structure.is_single_factor:
+        # one factor: the level sums of the scores instead of the Z parts, in the same pass
+        vp, beta, ete, s2, sums = products_and_sums(pf, lambdas[0], method)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            llh = loglik(vp, pf.n, s2, ete, method)
+        return Evaluation(llh, beta, s2, vp, sums)
     vp = vinv_products(pf, lambdas, need_z=need_z)
     beta, ete = gls(vp)
     s2 = profiled_s2(ete, pf.n, pf.p, method)
@@ -114,7 +125,9 @@ def evaluate(pf: ProductForms, lambdas: tuple[np.ndarray, ...], method: str,
             ev = Evaluation(np.concatenate([p.llh for p in parts]),
                             np.concatenate([p.beta for p in parts]),
                             np.concatenate([p.s2 for p in parts]),
-                            _vp_concat([p.vp for p in parts]))
+                            _vp_concat([p.vp for p in parts]),
+                            None if parts[0].sums is None
+                            else LevelSums.concat([p.sums for p in parts]))
     bad = ~finite | ~np.isfinite(ev.llh) | ~np.isfinite(ev.s2) | (ev.s2 <= 0)
     if bad.any():
         ev.llh[bad] = np.nan
@@ -126,6 +139,11 @@ def _failed(pf: ProductForms, need_z: bool) -> Evaluation:
     st, p = pf.structure, pf.p
     q = st.q
     nan = np.full
+    if need_z and st.is_single_factor:
+        vp = VinvProducts(XtViX=nan((1, p, p), np.nan), XtViY=nan((1, p), np.nan),
+                          YtViY=nan(1, np.nan), logdetV=nan(1, np.nan))
+        return Evaluation(nan(1, np.nan), nan((1, p), np.nan), nan(1, np.nan), vp,
+                          LevelSums.nan(1, st.factors[0].n_effects))
     if need_z:
         if st.is_single_factor:
             f = st.factors[0]
@@ -180,21 +198,23 @@ def psd_project(D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- one scoring step
 def scoring_steps(ev: Evaluation, pf: ProductForms, method: str,
-                  profiled: bool = True) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+                  profiled: bool = True, lambdas: tuple[np.ndarray, ...] | None = None,
+                  ) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
     """Simplified Fisher Scoring directions ``I_k^-1 s_k`` (v, q_k, q_k), one per factor, and
-    the first-order gain of the full step, ``sum_k s_k' I_k^-1 s_k`` (v,)."""
+    the first-order gain of the full step, ``sum_k s_k' I_k^-1 s_k`` (v,).
+
+    ``lambdas`` (the ``Lambda_k`` of ``ev``) are needed when ``ev.vp`` has no Z parts (one
+    factor: the level sums are recomputed from them)."""
     st = pf.structure
-    blocks = level_blocks(ev.vp, ev.beta, st)
-    G = d_scores(ev.vp, blocks, ev.s2, method)
-    info = information_dd(ev.vp, blocks, st, cross=False)
+    G, info, ts = score_information(pf, lambdas, ev.vp, ev.beta, ev.s2, method, cross=False,
+                                    sums=ev.sums)
     dof = pf.n - pf.p if method == "REML" else pf.n
     out = []
     gain = np.zeros(pf.n_voxels)
     # (the caller also measures the step size: flat directions gain little for a big step)
-    for f, b, Gk, Ik in zip(st.factors, blocks, G, info):
+    for f, t, Gk, Ik in zip(st.factors, ts, G, info):
         if profiled:
             # I_DD - I_Ds2 I_s2s2^-1 I_s2D with I_s2D = t/(2 s2), I_s2s2 = dof/(2 s2^2)
-            t = vech_score(b.R.sum(axis=1))
             Ik = Ik - t[:, :, None] * t[:, None, :] / (2.0 * dof[:, None, None])
         s = vech_score(Gk)
         step = solve_small_spd(Ik, s)
@@ -268,11 +288,12 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
     for _ in range(max_iterations):
         if active.size == 0:
             break
-        steps, predicted = scoring_steps(ev_a, pf_a, method, profiled)
+        lam_a = tuple(lam[active] for lam in lambdas)
+        steps, predicted = scoring_steps(ev_a, pf_a, method, profiled, lam_a)
         floor = np.maximum(tolerance, rounding_floor(ev_a.llh))
         D_a = [Dk[active] for Dk in D]
         new_D = [Dk.copy() for Dk in D_a]
-        new_lam = [lambdas[k][active].copy() for k in range(len(D))]
+        new_lam = [lam.copy() for lam in lam_a]
         new_ev = ev_a.take(np.arange(active.size))
         # converged: the full step would gain less than the tolerance and move D by less than
         # step_tolerance relative (flat directions gain little even far from the optimum)

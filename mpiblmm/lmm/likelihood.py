@@ -114,6 +114,8 @@ def vinv_products(pf: ProductForms, lambdas: tuple[np.ndarray, ...],
         Also return Z'V^-1X, Z'V^-1Y and Z'V^-1Z (needed for scores and information).
     """
     if pf.structure.is_single_factor:
+        if not need_z:
+            return _vinv_single_fast(pf, lambdas[0])
         return _vinv_single(pf, lambdas[0], need_z)
     return _vinv_dense(pf, lambdas, need_z)
 
@@ -212,6 +214,304 @@ def _vinv_single(pf: ProductForms, lam: np.ndarray, need_z: bool) -> VinvProduct
                    ZtViY=_trail(ZtViY, 1).reshape(v, l * q1),
                    ZtViZ=sym(_trail(ZtViZ, 2)))
     return VinvProducts(**out)
+
+
+# ---------------------------------------------------------------- one factor, entry by entry
+# The one-factor algebra without Z parts, with every small matrix held as a nested list of
+# contiguous (v|1, l) arrays, one per entry: a product of 2x2 matrices is then a handful of
+# fast elementwise operations, symmetric results are formed once and nothing is transposed.
+# Voxels are processed in blocks of about _BLOCK_ELEMENTS (voxel, level) pairs so that the
+# temporaries stay in cache.
+_BLOCK_ELEMENTS = 16384
+
+
+def _level_layout(pf: ProductForms):
+    """Z'Z blocks ``B[a][b]`` (v|1, l), Z'X ``ZX[a][r]`` (v|1, l) and Z'Y ``ZY[a]`` (v, l)."""
+    f = pf.structure.factors[0]
+    l, q, p = f.n_levels, f.n_effects, pf.p
+    B = _lead(pf.ZtZ, 2)                                   # (q, q, v|1, l)
+    ZX = _lead(pf.ZtX.reshape(-1, l, q, p), 2)             # (q, p, v|1, l)
+    ZY = _lead(pf.ZtY.reshape(-1, l, q), 1)                # (q, v, l)
+    return B, ZX, ZY
+
+
+def _dot(xs, ys) -> np.ndarray:
+    """``sum_i xs[i] * ys[i]`` for broadcastable arrays."""
+    out = xs[0] * ys[0]
+    for x, y in zip(xs[1:], ys[1:]):
+        out += x * y
+    return out
+
+
+def _sandwich(C, X, q: int, add_identity: bool = False):
+    """``Y = C' X C`` for a symmetric ``X`` given by entries (v|1, l) and per-voxel ``C``
+    entries (v, 1): ``Y[c][d] = sum_{a<=b} w_ab X[a][b]`` with per-voxel weights ``w``."""
+    Y = [[None] * q for _ in range(q)]
+    for c in range(q):
+        for d in range(c, q):
+            ws, xs = [], []
+            for a in range(q):
+                for b in range(a, q):
+                    w = C[a][c] * C[b][d]
+                    if a != b:
+                        w = w + C[b][c] * C[a][d]
+                    ws.append(w)
+                    xs.append(X[a][b])
+            y = _dot(ws, xs)
+            if add_identity and c == d:
+                y += 1.0
+            Y[c][d] = Y[d][c] = y
+    return Y
+
+
+def _sum_log(det: np.ndarray) -> np.ndarray:
+    """``sum_l log det`` (v,) for det (v, l) >= 1, one log per pair of levels where safe."""
+    l = det.shape[-1]
+    h = l // 2
+    if h and np.max(det) < 1e150:
+        out = np.log(det[:, :h] * det[:, h:2 * h]).sum(axis=-1)
+        if l % 2:
+            out += np.log(det[:, -1])
+        return out
+    return np.log(det).sum(axis=-1)
+
+
+def _level_core(B, lam: np.ndarray, want_logdet: bool = True):
+    """``M_j = Lambda S_j^-1 Lambda'`` per level as entries ``M[a][b]`` (v, l), and
+    ``sum_j log|S_j|`` (v,), ``S_j = I + Lambda' B_j Lambda``.  q <= 2 in closed form."""
+    q = lam.shape[-1]
+    L = [[np.ascontiguousarray(lam[:, a, c])[:, None] for c in range(q)] for a in range(q)]
+    S = _sandwich(L, B, q, add_identity=True)
+    if q == 1:
+        Si = [[1.0 / S[0][0]]]
+        logdet = _sum_log(S[0][0]) if want_logdet else None
+    elif q == 2:
+        det = S[0][0] * S[1][1]
+        det -= S[0][1] * S[0][1]
+        r = 1.0 / det
+        Si = [[S[1][1] * r, None], [None, S[0][0] * r]]
+        r *= -1.0
+        Si[0][1] = Si[1][0] = S[0][1] * r
+        logdet = _sum_log(det) if want_logdet else None
+    else:
+        Sm = np.stack([np.stack(row, axis=-1) for row in S], axis=-2)   # (v, l, q, q)
+        logdet = None
+        if want_logdet:
+            C = np.linalg.cholesky(Sm)
+            logdet = 2.0 * np.log(np.diagonal(C, axis1=-2, axis2=-1)).sum(axis=(-2, -1))
+        inv = np.linalg.inv(Sm)
+        Si = [[np.ascontiguousarray(inv[..., a, b]) for b in range(q)] for a in range(q)]
+    Lt = [[L[a][c] for a in range(q)] for c in range(q)]
+    return _sandwich(Lt, Si, q), logdet
+
+
+def _lsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sum_l a * b`` over the trailing (level) axis: (v, l) x (v, l) -> (v,)."""
+    return np.einsum("vl,vl->v", a, b)
+
+
+def _outer_levels(ZXs: np.ndarray, a: int, b: int, both: bool = False) -> np.ndarray:
+    """``ZX_a (x) ZX_b`` (``+ ZX_b (x) ZX_a`` when ``both``) per level, (l, p*p), for a
+    shared Z'X (q, p, l)."""
+    p, l = ZXs.shape[1], ZXs.shape[2]
+    O = ZXs[a][:, None, :] * ZXs[b][None, :, :]
+    if both:
+        O = O + ZXs[b][:, None, :] * ZXs[a][None, :, :]
+    return O.reshape(p * p, l).T
+
+
+def _products_block(pf: ProductForms, B, ZX, ZY, M, logdet) -> VinvProducts:
+    """X'V^-1X, X'V^-1Y, Y'V^-1Y: ``X'V^-1B = X'B - sum_j ZX_j' M_j Z_j'B``.  A shared Z'X
+    makes the level sums BLAS products with the per-level outer products of Z'X."""
+    q, p, v = len(M), pf.p, pf.n_voxels
+    MZY = [_dot(M[a], list(ZY)) for a in range(q)]
+    corr_yy = _lsum(ZY[0], MZY[0])
+    for a in range(1, q):
+        corr_yy += _lsum(ZY[a], MZY[a])
+    if ZX.shape[2] == 1:
+        ZXs = ZX[:, :, 0]                                  # (q, p, l)
+        corr_xx = np.zeros((v, p * p))
+        for a in range(q):
+            for b in range(a, q):
+                corr_xx += M[a][b] @ _outer_levels(ZXs, a, b, both=a != b)
+        corr_xx = sym(corr_xx.reshape(v, p, p))
+        corr_xy = MZY[0] @ ZXs[0].T
+        for a in range(1, q):
+            corr_xy += MZY[a] @ ZXs[a].T
+    else:
+        MZX = [[_dot(M[a], [ZX[b][r] for b in range(q)]) for r in range(p)] for a in range(q)]
+        corr_xx = np.empty((v, p, p))
+        corr_xy = np.empty((v, p))
+        for r in range(p):
+            for s in range(r, p):
+                c = _lsum(ZX[0][r], MZX[0][s])
+                for a in range(1, q):
+                    c += _lsum(ZX[a][r], MZX[a][s])
+                corr_xx[:, r, s] = corr_xx[:, s, r] = c
+            c = _lsum(ZX[0][r], MZY[0])
+            for a in range(1, q):
+                c += _lsum(ZX[a][r], MZY[a])
+            corr_xy[:, r] = c
+    return VinvProducts(XtViX=pf.XtX - corr_xx, XtViY=pf.XtY - corr_xy,
+                        YtViY=pf.YtY - corr_yy, logdetV=logdet)
+
+
+@dataclass(frozen=True)
+class LevelSums:
+    """What the scores and information of the one-factor model need, summed over levels.
+
+    ``R`` (v, q, q) = ``sum_j R_jj``; ``G`` (v, q, q) = ``dl/dD`` (:func:`~mpiblmm.lmm.scores.d_scores`,
+    at the GLS beta and the given ``s2``); ``RR`` (v, q, q, q, q) with ``RR[a, b, c, d] =
+    sum_j R_jj[a, c] R_jj[b, d]``.
+    """
+
+    R: np.ndarray
+    G: np.ndarray
+    RR: np.ndarray
+
+    def take(self, idx) -> "LevelSums":
+        return LevelSums(self.R[idx], self.G[idx], self.RR[idx])
+
+    def put(self, idx, other: "LevelSums") -> None:
+        self.R[idx] = other.R
+        self.G[idx] = other.G
+        self.RR[idx] = other.RR
+
+    @staticmethod
+    def concat(parts: list["LevelSums"]) -> "LevelSums":
+        return LevelSums(*(np.concatenate([getattr(s, k) for s in parts]) for k in ("R", "G", "RR")))
+
+    @staticmethod
+    def nan(v: int, q: int) -> "LevelSums":
+        return LevelSums(np.full((v, q, q), np.nan), np.full((v, q, q), np.nan),
+                         np.full((v, q, q, q, q), np.nan))
+
+
+def _sums_block(pf: ProductForms, B, ZX, ZY, M, beta: np.ndarray, s2: np.ndarray,
+                A: np.ndarray | None) -> LevelSums:
+    """:class:`LevelSums` from the per-level ``M`` (see :func:`level_sums`)."""
+    q, p, v = len(M), pf.p, pf.n_voxels
+    shared = ZX.shape[2] == 1
+    BM = [[_dot(B[a], [M[c][b] for c in range(q)]) for b in range(q)] for a in range(q)]
+    T = [[(1.0 - BM[a][c]) if a == c else -BM[a][c] for c in range(q)] for a in range(q)]
+    R = [[None] * q for _ in range(q)]
+    for a in range(q):
+        for b in range(a, q):
+            R[a][b] = R[b][a] = B[a][b] - _dot(BM[a], [B[c][b] for c in range(q)])
+    # Q_j = r_j r_j' / s2 (+ P_j = ZX_j A ZX_j' for REML), r_j = Z_j'(Y - X beta)
+    if shared:
+        r = [ZY[a] - beta @ ZX[a, :, 0] for a in range(q)]
+    else:
+        r = [ZY[a] - _dot(list(ZX[a]), [beta[:, s, None] for s in range(p)]) for a in range(q)]
+    rs = [r[a] * (1.0 / s2)[:, None] for a in range(q)]
+    Q = [[None] * q for _ in range(q)]
+    for c in range(q):
+        for d in range(c, q):
+            Q[c][d] = Q[d][c] = rs[c] * r[d]
+    if A is not None:
+        if shared:
+            Af = A.reshape(v, p * p)
+            ZXs = ZX[:, :, 0]
+            for c in range(q):
+                for d in range(c, q):
+                    Q[c][d] += Af @ _outer_levels(ZXs, c, d).T
+        else:
+            AZX = [[_dot(list(ZX[d]), [A[:, s, t, None] for t in range(p)]) for s in range(p)]
+                   for d in range(q)]
+            for c in range(q):
+                for d in range(c, q):
+                    Q[c][d] += _dot(list(ZX[c]), AZX[d])
+    # G = 1/2 sum_j (T_j Q_j T_j' - R_jj)
+    TQ = [[_dot(T[a], [Q[c][d] for c in range(q)]) for d in range(q)] for a in range(q)]
+    ones = np.ones(B.shape[-1])
+    Rs = np.empty((v, q, q))
+    G = np.empty((v, q, q))
+    for a in range(q):
+        for b in range(a, q):
+            Rs[:, a, b] = Rs[:, b, a] = R[a][b] @ ones
+            g = _lsum(TQ[a][0], T[b][0])
+            for d in range(1, q):
+                g += _lsum(TQ[a][d], T[b][d])
+            G[:, a, b] = G[:, b, a] = 0.5 * (g - Rs[:, a, b])
+    RR = np.empty((v, q, q, q, q))
+    done: dict = {}
+    for a in range(q):
+        for b in range(q):
+            for c in range(q):
+                for d in range(q):
+                    key = tuple(sorted((tuple(sorted((a, c))), tuple(sorted((b, d))))))
+                    if key not in done:
+                        done[key] = _lsum(R[a][c], R[b][d])
+                    RR[:, a, b, c, d] = done[key]
+    return LevelSums(R=Rs, G=G, RR=RR)
+
+
+def _blocks(pf: ProductForms):
+    """Voxel slices of about ``_BLOCK_ELEMENTS`` (voxel, level) pairs each."""
+    l = pf.structure.factors[0].n_levels
+    size = max(8, _BLOCK_ELEMENTS // max(l, 1))
+    v = pf.n_voxels
+    return [slice(s, min(v, s + size)) for s in range(0, v, size)]
+
+
+def _concat_vp(parts: list[VinvProducts]) -> VinvProducts:
+    if len(parts) == 1:
+        return parts[0]
+    return VinvProducts(*(np.concatenate([getattr(vp, k) for vp in parts])
+                          for k in ("XtViX", "XtViY", "YtViY", "logdetV")))
+
+
+def _vinv_single_fast(pf: ProductForms, lam: np.ndarray) -> VinvProducts:
+    """The one-factor V^-1 products without Z parts, entry by entry, in voxel blocks."""
+    parts = []
+    for sl in _blocks(pf):
+        sub = pf.take(sl)
+        B, ZX, ZY = _level_layout(sub)
+        M, logdet = _level_core(B, lam[sl])
+        parts.append(_products_block(sub, B, ZX, ZY, M, logdet))
+    return _concat_vp(parts)
+
+
+def products_and_sums(pf: ProductForms, lam: np.ndarray, method: str):
+    """One-factor V^-1 products (no Z parts), the GLS fit and the :class:`LevelSums` there.
+
+    Returns ``(vp, beta, ete, s2, sums)``; ``s2`` is the profiled residual variance.  Each
+    voxel block is done in one pass (the per-level ``M_j`` is formed once).
+    """
+    out = []
+    for sl in _blocks(pf):
+        sub = pf.take(sl)
+        B, ZX, ZY = _level_layout(sub)
+        M, logdet = _level_core(B, lam[sl])
+        vp = _products_block(sub, B, ZX, ZY, M, logdet)
+        beta, ete = gls(vp)
+        s2 = profiled_s2(ete, sub.n, sub.p, method)
+        A = np.linalg.inv(vp.XtViX) if method == "REML" else None
+        out.append((vp, beta, ete, s2, _sums_block(sub, B, ZX, ZY, M, beta, s2, A)))
+    if len(out) == 1:
+        return out[0]
+    return (_concat_vp([o[0] for o in out]),
+            *(np.concatenate([o[i] for o in out]) for i in (1, 2, 3)),
+            LevelSums.concat([o[4] for o in out]))
+
+
+def level_sums(pf: ProductForms, lam: np.ndarray, beta: np.ndarray, s2: np.ndarray,
+               A: np.ndarray | None = None) -> LevelSums:
+    """:class:`LevelSums` of the one-factor model at ``Lambda`` (v, q, q), ``beta`` (v, p), ``s2``.
+
+    Per level ``Z_j'V^-1 = T_j Z_j'`` with ``T_j = I - B_j M_j`` (``B_j = Z_j'Z_j``), so
+    ``R_jj = B_j - B_j M_j B_j``, ``u_j = T_j r_j`` (``r_j = Z_j'(Y - X beta)``), ``W_j = T_j
+    Z_j'X`` and ``u_j u_j'/s2 + W_j A W_j' = T_j (r_j r_j'/s2 + Z_j'X A X'Z_j) T_j'``: nothing
+    of size (v, l, q, p) is formed.  ``A`` (v, p, p) = ``(X'V^-1X)^-1`` adds the REML term.
+    """
+    parts = []
+    for sl in _blocks(pf):
+        sub = pf.take(sl)
+        B, ZX, ZY = _level_layout(sub)
+        M, _ = _level_core(B, lam[sl], want_logdet=False)
+        parts.append(_sums_block(sub, B, ZX, ZY, M, beta[sl], s2[sl],
+                                 None if A is None else A[sl]))
+    return parts[0] if len(parts) == 1 else LevelSums.concat(parts)
 
 
 def _vinv_dense(pf: ProductForms, lambdas: tuple[np.ndarray, ...],

@@ -38,7 +38,7 @@ import numpy as np
 
 from .fisher import Evaluation, evaluate
 from .model import ProductForms, RandomStructure
-from .scores import d_scores, information_dd, level_blocks, vech, vech_score
+from .scores import score_information, vech
 from .theta import lambdas_from_theta, theta_from_D, theta_slices, tril_indices
 
 
@@ -96,12 +96,11 @@ def derivatives(ev: Evaluation, pf: ProductForms, lambdas: tuple[np.ndarray, ...
                 method: str) -> Derivatives:
     """Gradient and (profiled, expected) negative Hessian in theta, and the full D-scoring step."""
     st = pf.structure
-    blocks = level_blocks(ev.vp, ev.beta, st)
-    G = d_scores(ev.vp, blocks, ev.s2, method)
-    info = information_dd(ev.vp, blocks, st, cross=True)
+    G, info, ts = score_information(pf, lambdas, ev.vp, ev.beta, ev.s2, method, cross=True,
+                                    sums=ev.sums)
     dof = (pf.n - pf.p if method == "REML" else pf.n).astype(float)
     # s2 profiled out: I_DD - I_Ds2 I_s2s2^-1 I_s2D = I_DD - t t' / (2 dof)
-    t = np.concatenate([vech_score(b.R.sum(axis=1)) for b in blocks], axis=-1)
+    t = np.concatenate(ts, axis=-1)
     info = info - t[:, :, None] * t[:, None, :] / (2.0 * dof[:, None, None])
     grads, Js, Cs = [], [], []
     for f, Gk, lam in zip(st.factors, G, lambdas):

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .likelihood import VinvProducts
-from .model import RandomStructure
+from .likelihood import LevelSums, VinvProducts, level_sums
+from .model import ProductForms, RandomStructure
 from .theta import tril_indices
 
 
@@ -184,3 +184,28 @@ def information_s2s2(n: np.ndarray, s2: np.ndarray, p: int = 0) -> np.ndarray:
 def profiled_information(I_dd: np.ndarray, I_s2d: np.ndarray, I_s2s2: np.ndarray) -> np.ndarray:
     """Information of vech(D) with s2 profiled out: ``I_DD - I_Ds2 I_s2s2^-1 I_s2D``."""
     return I_dd - I_s2d[:, :, None] * I_s2d[:, None, :] / I_s2s2[:, None, None]
+
+
+# ---------------------------------------------------------------- everything a step needs
+def score_information(pf: ProductForms, lambdas: tuple[np.ndarray, ...], vp: VinvProducts,
+                      beta: np.ndarray, s2: np.ndarray, method: str, cross: bool = False,
+                      sums: LevelSums | None = None):
+    """D-scores ``G_k``, the vech information and ``t_k = Dup' vec(sum_j R_kjkj)`` at one fit.
+
+    One factor, ``vp`` without Z parts: from the
+    :class:`~mpiblmm.lmm.likelihood.LevelSums` ``sums`` of the evaluation (computed from
+    ``lambdas`` when not given; no (v, l, q, p) arrays).  Otherwise from the Z parts of ``vp``
+    (:func:`level_blocks`).  Returns ``(G, info, t)``: ``G`` and ``t`` tuples over factors,
+    ``info`` as :func:`information_dd` with ``cross``.
+    """
+    st = pf.structure
+    if st.is_single_factor and vp.ZtViZ is None:
+        if sums is None:
+            A = np.linalg.inv(vp.XtViX) if method == "REML" else None
+            sums = level_sums(pf, lambdas[0], beta, s2, A)
+        info = vech_information(0.5 * sums.RR)
+        return (sums.G,), (info if cross else (info,)), (vech_score(sums.R),)
+    blocks = level_blocks(vp, beta, st)
+    G = d_scores(vp, blocks, s2, method)
+    info = information_dd(vp, blocks, st, cross=cross)
+    return G, info, tuple(vech_score(b.R.sum(axis=1)) for b in blocks)

@@ -132,3 +132,29 @@ def test_information_matches_dense_trace(factors):
         ref_s2d = np.array([np.trace(Vi @ a) for a in dV]) / (2 * s2[vox])
         np.testing.assert_allclose(Is2d[vox], ref_s2d, rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(information_s2s2(pf.n, s2), pf.n / (2 * s2**2))
+
+
+@pytest.mark.parametrize("q", [1, 2, 3])
+@pytest.mark.parametrize("missing", [False, True])
+def test_one_factor_fast_path_matches_z_products(q, missing):
+    """The entry-wise one-factor path (no Z parts) equals the V^-1 products and level blocks."""
+    from mpiblmm.lmm.likelihood import level_sums
+    rng, X, rd, Y, pf, Ds = _problem([(10, q)], seed=40 + q, missing=missing, v=5)
+    lams = tuple(cov_factor(D) for D in Ds)
+    full = vinv_products(pf, lams, need_z=True)
+    fast = vinv_products(pf, lams, need_z=False)
+    for name in ("XtViX", "XtViY", "YtViY", "logdetV"):
+        np.testing.assert_allclose(getattr(fast, name), getattr(full, name), rtol=1e-12,
+                                   atol=1e-12)
+    beta, _ = gls(full)
+    A = np.linalg.inv(full.XtViX)
+    b = level_blocks(full, beta, rd.structure)[0]
+    s2 = np.linspace(0.5, 2.0, pf.n_voxels)
+    sums = level_sums(pf, lams[0], beta, s2, A)
+    np.testing.assert_allclose(sums.R, b.R.sum(axis=1), rtol=1e-12, atol=1e-12)
+    G = d_scores(full, (b,), s2, "REML")[0]
+    np.testing.assert_allclose(sums.G, G, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(sums.RR, np.einsum("vjac,vjbd->vabcd", b.R, b.R), rtol=1e-12,
+                               atol=1e-12)
+    ml = level_sums(pf, lams[0], beta, s2)
+    np.testing.assert_allclose(ml.G, d_scores(full, (b,), s2, "ML")[0], rtol=1e-11, atol=1e-11)
