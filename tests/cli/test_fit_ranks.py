@@ -99,3 +99,23 @@ def test_bad_spec_is_one_line_and_exit_2_on_every_rank(tmp_path, run_mpi, mpiblm
     assert len(lines) == 1 and lines[0].startswith("mpiblmm: error:"), run.stderr
     assert "contrasts" in lines[0] and "Traceback" not in run.stderr
     assert not (study / "results" / "results.h5").exists()
+
+
+@pytest.mark.spawns_mpiexec
+def test_packed_input_gives_the_same_fit(tmp_path, run_mpi, mpiblmm_command):
+    """A study packed once (the packed.h5 of a first fit) can be fitted again without images."""
+    study = tmp_path / "study"
+    assert run_mpi(1, [*mpiblmm_command, "simulate", str(study), "--subjects", "10",
+                       "--shape", "3", "3", "2", "--seed", "9"], timeout=120).returncode == 0
+    first = run_mpi(2, [*mpiblmm_command, "fit", str(study / "spec.json"), "-o",
+                        str(tmp_path / "a")], timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    spec = json.loads((study / "spec.json").read_text())
+    spec["images"] = {"h5": str(tmp_path / "a" / "packed.h5"), "dataset": "/Y"}
+    (study / "packed.json").write_text(json.dumps(spec))
+    second = run_mpi(3, [*mpiblmm_command, "fit", str(study / "packed.json"), "-o",
+                         str(tmp_path / "b")], timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = read_results(tmp_path / "a" / "results.h5"), read_results(tmp_path / "b" / "results.h5")
+    a["@"]["spec"] = b["@"]["spec"]  # the specs differ in "images" only
+    _compare(a, b)
