@@ -11,6 +11,8 @@ user's description) holds:
   and ``voxels`` = ``"/voxels"``.
 - ``/voxels`` (V, 3) int32: i, j, k of each candidate voxel, in C order.  A candidate voxel is
   in the analysis mask and observed in at least one image.
+- ``/n_observed`` (V,) int32: number of images in which each candidate voxel is observed
+  (lets the fit balance its slabs by cost before reading any data).
 - ``/images`` (n,) the source image paths; root attributes ``format``, ``complete`` (true once
   written), ``zero_is_missing``, ``n_observations``, ``grid_shape``, ``affine``, ``source``
   (a fingerprint of the inputs, so a second fit with the same inputs reuses the file).
@@ -69,6 +71,7 @@ class PackedInput:
     columns: np.ndarray
     grid_layout: bool = False
     zero_is_missing: bool = True
+    n_observed: np.ndarray | None = None  # (V,) observations per voxel, where known
 
     @property
     def n_voxels(self) -> int:
@@ -191,7 +194,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         return vals
 
     # Pass 1: which voxels are observed anywhere (and keep the rows if they fit).
-    observed = np.zeros(flat_mask.size, dtype=np.uint8)
+    observed = np.zeros(flat_mask.size, dtype=np.int32)  # images observing each voxel
     cache: list[np.ndarray] = []
     error = None
     exact32 = True  # every value of this rank's images is a float32 number
@@ -199,7 +202,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         for i in range(start, stop):
             row = load_row(i)
             finite = np.isfinite(row)
-            observed |= finite
+            observed += finite
             exact32 = exact32 and bool(np.all(row[finite].astype(np.float32) == row[finite]))
             if cache_ok:
                 cache.append(row)
@@ -209,7 +212,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     if size > 1:
         from mpi4py import MPI
 
-        comm.Allreduce(MPI.IN_PLACE, observed, op=MPI.MAX)
+        comm.Allreduce(MPI.IN_PLACE, observed, op=MPI.SUM)
         exact32 = bool(comm.allreduce(exact32, op=MPI.LAND))
     dtype = np.dtype(np.float32 if exact32 else np.float64)
     keep = np.flatnonzero(observed)
@@ -234,8 +237,11 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         Y.attrs["voxels"] = "/voxels"
         vox = f.create_dataset("voxels", shape=(V, 3), dtype="i4")
         img = f.create_dataset("images", shape=(n,), dtype=names.dtype)
+        counts = observed[keep]
+        n_obs = f.create_dataset("n_observed", shape=(V,), dtype="i4")
         root = rank == 0
         write_hyperslab(vox, (0, 0), voxels if root else voxels[:0], collective=True)
+        write_hyperslab(n_obs, (0,), counts if root else counts[:0], collective=True)
         write_hyperslab(img, (0,), names if root else names[:0], collective=True)
 
         # Rows written at once: within the write block size and, counting the float64 rows
@@ -257,7 +263,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         f.flush()
         f.attrs["complete"] = True
     return PackedInput(path, "/Y", n, grid.shape, grid.affine, voxels,
-                       np.arange(V, dtype=np.int64), False, zero_is_missing)
+                       np.arange(V, dtype=np.int64), False, zero_is_missing, counts)
 
 
 def _packed_attrs(f: Any, n: int, grid: Grid, zero_is_missing: bool, fingerprint: str) -> None:
@@ -282,7 +288,8 @@ def _describe_packed(path: Path, dataset: str, analysis_mask: Path | None) -> tu
     """Rank 0: validate a packed file.
 
     Returns (n, grid shape, affine, stored (S,) grid index of each stored voxel, keep (indices
-    into stored inside the mask), 4-D layout?, packed by us?, packed with zero_is_missing?).
+    into stored inside the mask), 4-D layout?, packed by us?, packed with zero_is_missing?,
+    observations per stored voxel (our own files) or None).
     """
     import h5py
 
@@ -339,6 +346,8 @@ def _describe_packed(path: Path, dataset: str, analysis_mask: Path | None) -> tu
                             "and there is no 'voxels' attribute naming their coordinates", where)
         n = int(ds.shape[0])
         stored_zim = bool(f.attrs.get("zero_is_missing", False))
+        counts = (np.asarray(f["n_observed"][...], dtype=np.int32)
+                  if ours and "n_observed" in f else None)
         grid_layout = ds.ndim == 4
     if analysis_mask is not None:
         m = read_volume(Path(analysis_mask), Grid(shape, affine), reference=where)
@@ -346,7 +355,7 @@ def _describe_packed(path: Path, dataset: str, analysis_mask: Path | None) -> tu
         keep = np.flatnonzero(in_mask[stored])
     else:
         keep = np.arange(stored.size, dtype=np.int64)
-    return n, shape, affine, stored, keep, grid_layout, ours, stored_zim
+    return n, shape, affine, stored, keep, grid_layout, ours, stored_zim, counts
 
 
 def open_packed(path: Path, dataset: str = "/Y", comm: Any = None,
@@ -359,19 +368,20 @@ def open_packed(path: Path, dataset: str = "/Y", comm: Any = None,
     one pass over the data.
     """
     path = Path(path)
-    n, shape, affine, stored, keep, grid_layout, ours, stored_zim = on_root(
+    n, shape, affine, stored, keep, grid_layout, ours, stored_zim, counts = on_root(
         comm, lambda: _describe_packed(path, dataset, analysis_mask))
     columns = stored[keep] if grid_layout else keep.astype(np.int64)
     if not (ours and (stored_zim or not zero_is_missing)):
         seen = _observed_columns(path, dataset, n, shape, columns, grid_layout,
                                  zero_is_missing, comm)
         keep, columns = keep[seen], columns[seen]
+        counts = None  # stored counts do not apply to a stricter missingness rule
     if keep.size == 0:
         agree(comm, UserError("no voxel is observed in any observation"
                                + (" inside the analysis mask" if analysis_mask else ""), str(path)))
     voxels = np.column_stack(np.unravel_index(stored[keep], shape)).astype(np.int32)
     return PackedInput(path, dataset, n, shape, affine, voxels, columns.astype(np.int64),
-                       grid_layout, zero_is_missing)
+                       grid_layout, zero_is_missing, None if counts is None else counts[keep])
 
 
 def _observed_columns(path: Path, dataset: str, n: int, shape: tuple[int, int, int],

@@ -67,6 +67,7 @@ def test_pack_matches_serial_read(comm, tmp, with_masks, zero_is_missing):
             assert f["Y"].chunks[0] == Y.shape[0]
             np.testing.assert_array_equal(f["Y"][...], Y)
             np.testing.assert_array_equal(f["voxels"][...], voxels)
+            np.testing.assert_array_equal(f["n_observed"][...], np.isfinite(Y).sum(axis=0))
             assert [x.decode() for x in f["images"][...]] == [str(p) for p in study["images"]]
     all_ranks_pass(comm, check)
 
@@ -114,6 +115,7 @@ def test_reuse_and_reopen_packed(comm, tmp):
         assert (tmp / "packed.h5").stat().st_mtime_ns == stamp   # not rewritten
         for p in (again, opened):
             np.testing.assert_array_equal(p.voxels, first.voxels)
+            np.testing.assert_array_equal(p.n_observed, np.isfinite(Y).sum(axis=0))
         np.testing.assert_array_equal(got, Y.T)
     all_ranks_pass(comm, check)
 
