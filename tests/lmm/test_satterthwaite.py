@@ -249,3 +249,19 @@ def test_combine_f_df_follows_lmertest():
     np.testing.assert_allclose(out[:4], [10.0, 2 * E / (E - 3), 2.0, 2 * E_inf / (E_inf - 3)])
     assert np.isnan(out[4])
     np.testing.assert_array_equal(combine_f_df(np.array([[7.5], [np.nan]])), [7.5, np.nan])
+
+
+@pytest.mark.parametrize("q", [1, 2, 3])
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize("missing", [False, True])
+def test_one_factor_level_sums_match_the_general_formulas(q, method, missing):
+    """The one-factor setup from level sums equals covbeta_jacobian and deviance_hessian."""
+    from mpiblmm.lmm.satterthwaite import _single_factor_setup
+    pf, *_, Ds, s2 = _problem([(9, q)], seed=30 + q, v=4, missing=missing, singular=q > 1)
+    x = _varpar(pf, Ds, s2)
+    cov, J = covbeta_jacobian(pf, x)
+    H = deviance_hessian(pf, x, method)
+    cov2, J2, H2 = _single_factor_setup(pf, x, method)
+    np.testing.assert_allclose(cov2, cov, rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(J2, J, rtol=1e-10, atol=1e-12 * np.abs(J).max())
+    np.testing.assert_allclose(H2, H, rtol=1e-10, atol=1e-11 * np.abs(H).max())
