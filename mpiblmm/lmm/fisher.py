@@ -223,6 +223,12 @@ def scoring_steps(ev: Evaluation, pf: ProductForms, method: str,
     return tuple(out), gain
 
 
+def _halving_groups(max_halvings: int) -> list[list[int]]:
+    """Halving exponents evaluated together: [0], [1, 2, 3], [4, ..., max_halvings]."""
+    hs = list(range(max_halvings + 1))
+    return [g for g in (hs[:1], hs[1:4], hs[4:]) if g]
+
+
 def rounding_floor(llh: np.ndarray) -> np.ndarray:
     """Smallest change of ``l`` that is not rounding: ``1e-14 |l|``."""
     return 1e-14 * np.abs(llh)
@@ -303,25 +309,37 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
             size = np.maximum(size, np.abs(s).max(axis=(1, 2)) / scale)
         small = ~(predicted >= floor) & ~(size > step_tolerance)
         pending = np.flatnonzero(~small)
-        lam_step = 1.0
-        for _h in range(max_halvings + 1):
-            # stop halving once the predicted gain is rounding (stuck, e.g. on the boundary)
-            pending = pending[(lam_step * predicted[pending] >= 0.01 * floor[pending])
-                              | (lam_step * size[pending] > step_tolerance)]
+        # Step halving, lambda = 1, 1/2, 1/4, ...: a voxel keeps the first (largest) step
+        # that does not lower l.  The halvings are evaluated in groups ([1], [1/2 .. 1/8],
+        # the rest) in one call each: the same steps are accepted as one by one, in a few
+        # calls instead of max_halvings small ones (voxels stuck on the boundary try them all).
+        for group in _halving_groups(max_halvings):
             if pending.size == 0:
                 break
-            trial = [psd_project(Dk[pending] + lam_step * s[pending]) for Dk, s in zip(D_a, steps)]
+            vox, lam_steps = [], []
+            for h in group:
+                lam_step = 0.5 ** h
+                # stop halving once the predicted gain is rounding (stuck, e.g. on the boundary)
+                pending = pending[(lam_step * predicted[pending] >= 0.01 * floor[pending])
+                                  | (lam_step * size[pending] > step_tolerance)]
+                vox.append(pending)
+                lam_steps.append(np.full(pending.size, lam_step))
+            vox = np.concatenate(vox)
+            if vox.size == 0:
+                break
+            lam_steps = np.concatenate(lam_steps)[:, None, None]
+            trial = [psd_project(Dk[vox] + lam_steps * s[vox]) for Dk, s in zip(D_a, steps)]
             t_lam = tuple(t[1] for t in trial)
-            t_ev = evaluate(pf_a.take(pending), t_lam, method, need_z=True)
-            ok = t_ev.llh >= ev_a.llh[pending]          # never keep a worse point
-            if ok.any():
-                idx = pending[ok]
-                new_ev.put(idx, t_ev.take(np.flatnonzero(ok)))
+            t_ev = evaluate(pf_a.take(vox), t_lam, method, need_z=True)
+            ok = np.flatnonzero(t_ev.llh >= ev_a.llh[vox])     # never keep a worse point
+            if ok.size:
+                accepted, first = np.unique(vox[ok], return_index=True)
+                sel = ok[first]                                   # the largest step that did
+                new_ev.put(accepted, t_ev.take(sel))
                 for k, t in enumerate(trial):
-                    new_D[k][idx] = t[0][ok]
-                    new_lam[k][idx] = t[1][ok]
-            pending = pending[~ok]
-            lam_step *= 0.5
+                    new_D[k][accepted] = t[0][sel]
+                    new_lam[k][accepted] = t[1][sel]
+                pending = np.setdiff1d(pending, accepted, assume_unique=True)
         stuck = ~small & ~(new_ev.llh > ev_a.llh)      # no halving raised l
         iterations[active] += 1
         change = new_ev.llh - ev_a.llh
