@@ -22,12 +22,14 @@ solve) are isolated by :func:`evaluate`, never touching the others.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
 from .likelihood import (
-    LevelSums, VinvProducts, gls, loglik, products_and_sums, profiled_s2, vinv_products,
+    LevelSums, VinvProducts, gls, level_sums, loglik, products_and_sums, profiled_s2,
+    vinv_products,
 )
 from .model import ProductForms
 from .scores import score_information, unvech, vech_score
@@ -132,6 +134,17 @@ def evaluate(pf: ProductForms, lambdas: tuple[np.ndarray, ...], method: str,
     if bad.any():
         ev.llh[bad] = np.nan
     return ev
+
+
+def _with_sums(ev: Evaluation, pf: ProductForms, lambdas: tuple[np.ndarray, ...],
+               method: str) -> Evaluation:
+    """``ev`` (one factor, evaluated without Z parts) with its level sums added.
+
+    Only for accepted steps: their l is finite, so X'V^-1X is positive definite."""
+    with np.errstate(all="ignore"):
+        A = np.linalg.inv(ev.vp.XtViX) if method == "REML" else None
+        sums = level_sums(pf, lambdas[0], ev.beta, ev.s2, A)
+    return dataclasses.replace(ev, sums=sums)
 
 
 def _failed(pf: ProductForms, need_z: bool) -> Evaluation:
@@ -330,12 +343,19 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
             lam_steps = np.concatenate(lam_steps)[:, None, None]
             trial = [psd_project(Dk[vox] + lam_steps * s[vox]) for Dk, s in zip(D_a, steps)]
             t_lam = tuple(t[1] for t in trial)
-            t_ev = evaluate(pf_a.take(vox), t_lam, method, need_z=True)
+            # one factor: halvings are mostly rejected, so they are evaluated for l only and
+            # the level sums of the scores are formed for the accepted steps afterwards
+            lazy = group[0] > 0 and pf.structure.is_single_factor
+            t_ev = evaluate(pf_a.take(vox), t_lam, method, need_z=not lazy)
             ok = np.flatnonzero(t_ev.llh >= ev_a.llh[vox])     # never keep a worse point
             if ok.size:
                 accepted, first = np.unique(vox[ok], return_index=True)
                 sel = ok[first]                                   # the largest step that did
-                new_ev.put(accepted, t_ev.take(sel))
+                got = t_ev.take(sel)
+                if lazy:
+                    got = _with_sums(got, pf_a.take(accepted), tuple(t[1][sel] for t in trial),
+                                     method)
+                new_ev.put(accepted, got)
                 for k, t in enumerate(trial):
                     new_D[k][accepted] = t[0][sel]
                     new_lam[k][accepted] = t[1][sel]
