@@ -2,7 +2,11 @@
 
 A small simulated study (with missing data and boundary voxels) is fitted at 1, 2 and 3
 ranks, and a two-voxel study at 3 ranks (more ranks than voxels); every dataset of
-results.h5 and every NIfTI map must agree with the 1-rank run to 1e-10 relative.
+results.h5 and every NIfTI map must agree with the 1-rank run to 1e-10 relative, and every
+integer dataset exactly, except ``iterations``: a rank count changes which voxels are
+vectorised together, which changes rounding in the last bits, and at a voxel whose
+log-likelihood change sits at the convergence tolerance that can move the stop by one
+iteration (seen at 1 of 120 voxels).  The estimates themselves agree to 1e-10.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ def _compare(a: dict, b: dict) -> None:
             np.testing.assert_array_equal(np.isnan(x), np.isnan(y), err_msg=key)
             ok = ~np.isnan(x)
             np.testing.assert_allclose(x[ok], y[ok], rtol=1e-10, atol=1e-300, err_msg=key)
+        elif key == "iterations":
+            assert np.abs(x.astype(int) - y.astype(int)).max() <= 1, key
+            assert np.mean(x != y) <= 0.05, key
         else:
             np.testing.assert_array_equal(x, y, err_msg=key)
     for attr in ("complete", "method", "spec", "status_counts"):
