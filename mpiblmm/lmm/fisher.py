@@ -268,9 +268,13 @@ def scoring_steps(ev: Evaluation, pf: ProductForms, method: str,
     return tuple(out), gain
 
 
-def _halving_groups(max_halvings: int) -> list[list[int]]:
-    """Halving exponents evaluated together: [0], [1, 2, 3], [4, ..., max_halvings]."""
+def _halving_groups(max_halvings: int, batched: bool) -> list[list[int]]:
+    """Halving exponents evaluated together: [0], [1, 2, 3], [4, ..., max_halvings] when
+    ``batched`` (one factor: evaluation memory is bounded by its voxel blocks), else one by
+    one (the dense path's memory grows with the number of candidates)."""
     hs = list(range(max_halvings + 1))
+    if not batched:
+        return [[h] for h in hs]
     return [g for g in (hs[:1], hs[1:4], hs[4:]) if g]
 
 
@@ -355,10 +359,11 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
         small = ~(predicted >= floor) & ~(size > step_tolerance)
         pending = np.flatnonzero(~small)
         # Step halving, lambda = 1, 1/2, 1/4, ...: a voxel keeps the first (largest) step
-        # that does not lower l.  The halvings are evaluated in groups ([1], [1/2 .. 1/8],
-        # the rest) in one call each: the same steps are accepted as one by one, in a few
-        # calls instead of max_halvings small ones (voxels stuck on the boundary try them all).
-        for group in _halving_groups(max_halvings):
+        # that does not lower l.  One factor: the halvings are evaluated in groups ([1],
+        # [1/2 .. 1/8], the rest) in one call each: the same steps are accepted as one by
+        # one, in a few calls instead of max_halvings small ones (voxels stuck on the
+        # boundary try them all).
+        for group in _halving_groups(max_halvings, st.is_single_factor):
             if pending.size == 0:
                 break
             vox, lam_steps = [], []
