@@ -251,7 +251,6 @@ def _arr(values, shape_tail, dtype=float):
 
 def _reference(path: Path, method: str, p: int, factors: tuple[Factor, ...], contrasts) -> Reference:
     raw = json.loads(path.read_text())
-    v = len(raw["llh"])
     n_theta = max((len(t) for t in raw["theta"] if t is not None), default=0)
     ints = lambda key: np.array([-1 if x is None else int(x) for x in raw[key]], dtype=np.int64)  # noqa: E731
     contr = {}

@@ -8,6 +8,32 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import block_diag
 
+from mpiblmm.lmm.products import random_design
+
+#: Random structures of the small exact-algebra cases: (levels, effects) per factor.
+CASES = [
+    [(12, 1)],
+    [(10, 2)],
+    [(8, 3)],
+    [(9, 1), (4, 1)],
+    [(7, 2), (3, 1), (5, 3)],
+]
+
+
+def small_design(rng, n, factors):
+    """X (n, 3) and a random design with the given (levels, effects) per factor.
+
+    Every level is observed (the first rows visit each level once); random-effect covariates
+    are an intercept and standard normal columns.
+    """
+    X = np.column_stack([np.ones(n), rng.normal(size=(n, 2))])
+    codes, designs = [], []
+    for levels, q in factors:
+        codes.append(np.concatenate([np.arange(levels), rng.integers(0, levels, n - levels)]))
+        designs.append(np.column_stack([np.ones(n)] + [rng.normal(size=n) for _ in range(q - 1)]))
+    rd = random_design(codes, designs)
+    return X, rd
+
 
 def dense_D(structure, Ds):
     """Full (q, q) relative covariance of b from per-factor D_k (q_k, q_k)."""

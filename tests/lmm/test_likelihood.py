@@ -4,19 +4,14 @@ import numpy as np
 import pytest
 
 from mpiblmm.lmm.likelihood import cov_factor, gls, loglik, profiled_loglik, vinv_products
-from mpiblmm.lmm.products import product_forms, random_design
+from mpiblmm.lmm.products import product_forms
 
-from .dense import dense_D, dense_gls, dense_loglik
+from .dense import CASES, dense_D, dense_gls, dense_loglik, small_design
 
 
 def _design(rng, n, factors):
-    """factors: list of (n_levels, q_k). Returns X, RandomDesign, dense Z."""
-    X = np.column_stack([np.ones(n), rng.normal(size=(n, 2))])
-    codes, designs = [], []
-    for levels, q in factors:
-        codes.append(np.concatenate([np.arange(levels), rng.integers(0, levels, n - levels)]))
-        designs.append(np.column_stack([np.ones(n)] + [rng.normal(size=n) for _ in range(q - 1)]))
-    rd = random_design(codes, designs)
+    """X, RandomDesign and dense Z."""
+    X, rd = small_design(rng, n, factors)
     return X, rd, rd.sparse().toarray()
 
 
@@ -28,15 +23,6 @@ def _random_psd(rng, q, singular=False):
         w[0] = 0.0
         D = (U * w) @ U.T
     return D
-
-
-CASES = [
-    [(12, 1)],
-    [(10, 2)],
-    [(8, 3)],
-    [(9, 1), (4, 1)],
-    [(7, 2), (3, 1), (5, 3)],
-]
 
 
 @pytest.mark.parametrize("factors", CASES)

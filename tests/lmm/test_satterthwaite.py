@@ -5,7 +5,7 @@ import pytest
 from scipy.optimize import minimize
 
 from mpiblmm.lmm.likelihood import gls, loglik, vinv_products
-from mpiblmm.lmm.products import product_forms, random_design
+from mpiblmm.lmm.products import product_forms
 from mpiblmm.lmm.satterthwaite import (
     combine_f_df,
     contrast_variance_df,
@@ -17,7 +17,7 @@ from mpiblmm.lmm.satterthwaite import (
 )
 from mpiblmm.lmm.theta import lambdas_from_theta, n_theta, theta_from_D
 
-from .dense import dense_D
+from .dense import dense_D, small_design
 
 CASES = [[(12, 1)], [(10, 2)], [(8, 3)], [(9, 1), (4, 1)], [(7, 2), (3, 1)]]
 
@@ -26,12 +26,7 @@ def _problem(factors, seed=0, v=3, missing=False, singular=False):
     """Small random design and data; D with voxel 1 singular when asked."""
     rng = np.random.default_rng(seed)
     n = 70
-    X = np.column_stack([np.ones(n), rng.normal(size=(n, 2))])
-    codes, designs = [], []
-    for levels, q in factors:
-        codes.append(np.concatenate([np.arange(levels), rng.integers(0, levels, n - levels)]))
-        designs.append(np.column_stack([np.ones(n)] + [rng.normal(size=n) for _ in range(q - 1)]))
-    rd = random_design(codes, designs)
+    X, rd = small_design(rng, n, factors)
     Z = rd.sparse().toarray()
     Ds = []
     for f in rd.structure.factors:

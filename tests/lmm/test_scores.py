@@ -4,31 +4,17 @@ import numpy as np
 import pytest
 
 from mpiblmm.lmm.likelihood import cov_factor, gls, loglik, vinv_products
-from mpiblmm.lmm.products import product_forms, random_design
+from mpiblmm.lmm.products import product_forms
 from mpiblmm.lmm.scores import (
     beta_score, d_scores, duplication, information_dd, information_s2d, information_s2s2,
     level_blocks, s2_score, unvech, vech, vech_score,
 )
 
-from .dense import dense_D
-
-CASES = [
-    [(12, 1)],
-    [(10, 2)],
-    [(8, 3)],
-    [(9, 1), (4, 1)],
-    [(7, 2), (3, 1), (5, 3)],
-]
-
+from .dense import CASES, dense_D, small_design
 
 def _problem(factors, seed, missing=True, v=3, n=50):
     rng = np.random.default_rng(seed)
-    X = np.column_stack([np.ones(n), rng.normal(size=(n, 2))])
-    codes, designs = [], []
-    for levels, q in factors:
-        codes.append(np.concatenate([np.arange(levels), rng.integers(0, levels, n - levels)]))
-        designs.append(np.column_stack([np.ones(n)] + [rng.normal(size=n) for _ in range(q - 1)]))
-    rd = random_design(codes, designs)
+    X, rd = small_design(rng, n, factors)
     Y = 50.0 + rng.normal(size=(n, v)) * 2
     if missing:
         Y[rng.random((n, v)) < 0.12] = np.nan
