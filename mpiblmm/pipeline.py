@@ -124,6 +124,8 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
     timer = PhaseTimer()
 
     with timer.phase("setup"):
+        import nibabel  # noqa: F401  every rank imports it now, side by side, rather than
+        # rank 0 alone inside the packing's first step while the others wait for it
         spec, design = on_root(comm, lambda: _load(spec_path, options))
         model = model_from_design(design)
         budget = spec.max_memory_mb or DEFAULT_MEMORY_MB
