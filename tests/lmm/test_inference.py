@@ -55,7 +55,7 @@ def test_f_statistic_is_the_wald_form_and_one_row_is_t_squared():
 
 
 def test_far_tail_p_values_are_finite_and_accurate():
-    mpmath = pytest.importorskip("mpmath")
+    import mpmath  # a test dependency (pyproject: test extra)
     mpmath.mp.dps = 50
 
     def t_sf(t, df):      # P(T > t) = I_{df/(df+t^2)}(df/2, 1/2) / 2
