@@ -387,40 +387,64 @@ class LevelSums:
                          np.full((v, q, q, q, q), np.nan))
 
 
-def _sums_block(pf: ProductForms, B, ZX, ZY, M, beta: np.ndarray, s2: np.ndarray,
-                A: np.ndarray | None) -> LevelSums:
-    """:class:`LevelSums` from the per-level ``M`` (see :func:`level_sums`)."""
-    q, p, v = len(M), pf.p, pf.n_voxels
-    shared = ZX.shape[2] == 1
+def _level_T_R(B, M):
+    """Per level, entry by entry: ``T_j = I - B_j M_j`` and ``R_jj = B_j - B_j M_j B_j``.
+
+    ``B_j = Z_j'Z_j``; ``R_jj = Z_j'V^-1Z_j`` and ``T_j Z_j'b = Z_j'V^-1 b`` for any b.
+    """
+    q = len(M)
     BM = [[_dot(B[a], [M[c][b] for c in range(q)]) for b in range(q)] for a in range(q)]
     T = [[(1.0 - BM[a][c]) if a == c else -BM[a][c] for c in range(q)] for a in range(q)]
     R = [[None] * q for _ in range(q)]
     for a in range(q):
         for b in range(a, q):
             R[a][b] = R[b][a] = B[a][b] - _dot(BM[a], [B[c][b] for c in range(q)])
+    return T, R
+
+
+def _level_residuals(ZX, ZY, beta: np.ndarray):
+    """Per level ``r_j = Z_j'(Y - X beta)``, one (v, l) array per effect."""
+    q, p = ZX.shape[0], ZX.shape[1]
+    if ZX.shape[2] == 1:  # Z'X shared by every voxel
+        return [ZY[a] - beta @ ZX[a, :, 0] for a in range(q)]
+    return [ZY[a] - _dot(list(ZX[a]), [beta[:, s, None] for s in range(p)]) for a in range(q)]
+
+
+def _level_zx_a_zx(ZX, A: np.ndarray):
+    """Per level ``P_j = Z_j'X A X'Z_j`` (symmetric, q x q lists of (v, l) arrays)."""
+    q, p, v = ZX.shape[0], ZX.shape[1], A.shape[0]
+    P = [[None] * q for _ in range(q)]
+    if ZX.shape[2] == 1:
+        Af = A.reshape(v, p * p)
+        for c in range(q):
+            for d in range(c, q):
+                P[c][d] = P[d][c] = Af @ _outer_levels(ZX[:, :, 0], c, d).T
+        return P
+    AZX = [[_dot(list(ZX[d]), [A[:, s, t, None] for t in range(p)]) for s in range(p)]
+           for d in range(q)]
+    for c in range(q):
+        for d in range(c, q):
+            P[c][d] = P[d][c] = _dot(list(ZX[c]), AZX[d])
+    return P
+
+
+def _sums_block(pf: ProductForms, B, ZX, ZY, M, beta: np.ndarray, s2: np.ndarray,
+                A: np.ndarray | None) -> LevelSums:
+    """:class:`LevelSums` from the per-level ``M`` (see :func:`level_sums`)."""
+    q, v = len(M), pf.n_voxels
+    T, R = _level_T_R(B, M)
     # Q_j = r_j r_j' / s2 (+ P_j = ZX_j A ZX_j' for REML), r_j = Z_j'(Y - X beta)
-    if shared:
-        r = [ZY[a] - beta @ ZX[a, :, 0] for a in range(q)]
-    else:
-        r = [ZY[a] - _dot(list(ZX[a]), [beta[:, s, None] for s in range(p)]) for a in range(q)]
+    r = _level_residuals(ZX, ZY, beta)
     rs = [r[a] * (1.0 / s2)[:, None] for a in range(q)]
     Q = [[None] * q for _ in range(q)]
     for c in range(q):
         for d in range(c, q):
             Q[c][d] = Q[d][c] = rs[c] * r[d]
     if A is not None:
-        if shared:
-            Af = A.reshape(v, p * p)
-            ZXs = ZX[:, :, 0]
-            for c in range(q):
-                for d in range(c, q):
-                    Q[c][d] += Af @ _outer_levels(ZXs, c, d).T
-        else:
-            AZX = [[_dot(list(ZX[d]), [A[:, s, t, None] for t in range(p)]) for s in range(p)]
-                   for d in range(q)]
-            for c in range(q):
-                for d in range(c, q):
-                    Q[c][d] += _dot(list(ZX[c]), AZX[d])
+        P = _level_zx_a_zx(ZX, A)
+        for c in range(q):
+            for d in range(c, q):
+                Q[c][d] += P[c][d]
     # G = 1/2 sum_j (T_j Q_j T_j' - R_jj)
     TQ = [[_dot(T[a], [Q[c][d] for c in range(q)]) for d in range(q)] for a in range(q)]
     ones = np.ones(B.shape[-1])

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .likelihood import (
-    _blocks, _dot, _level_core, _level_layout, _lsum, _outer_levels, _products_block, gls,
-    vinv_products,
+    _blocks, _dot, _level_core, _level_layout, _level_residuals, _level_T_R, _level_zx_a_zx,
+    _lsum, _products_block, gls, vinv_products,
 )
 from .model import ProductForms, RandomStructure
 from .theta import lambdas_from_theta, n_theta, theta_from_D, theta_slices, tril_indices
@@ -353,32 +353,12 @@ def _satt_sums_block(pf: ProductForms, lam: np.ndarray, s2: np.ndarray, reml: bo
     vp = _products_block(pf, B, ZX, ZY, M, np.zeros(v))     # (log|V| is not needed)
     beta, Q = gls(vp)
     A = _inv_sym(vp.XtViX)
-    shared = ZX.shape[2] == 1
-    BM = [[_dot(B[a], [M[c][b] for c in range(q)]) for b in range(q)] for a in range(q)]
-    T = [[(1.0 - BM[a][c]) if a == c else -BM[a][c] for c in range(q)] for a in range(q)]
-    R = [[None] * q for _ in range(q)]
-    for a in range(q):
-        for b in range(a, q):
-            R[a][b] = R[b][a] = B[a][b] - _dot(BM[a], [B[c][b] for c in range(q)])
-    if shared:
-        r = [ZY[a] - beta @ ZX[a, :, 0] for a in range(q)]
-    else:
-        r = [ZY[a] - _dot(list(ZX[a]), [beta[:, s, None] for s in range(p)]) for a in range(q)]
+    T, R = _level_T_R(B, M)
+    r = _level_residuals(ZX, ZY, beta)
     u = [_dot(T[a], r) for a in range(q)]
     W = [[_dot(T[a], [ZX[c][s] for c in range(q)]) for s in range(p)] for a in range(q)]
     # W_j A W_j' = T_j P_j T_j', P_j = ZX_j A ZX_j'
-    P = [[None] * q for _ in range(q)]
-    if shared:
-        Af = A.reshape(v, p * p)
-        for c in range(q):
-            for d in range(c, q):
-                P[c][d] = P[d][c] = Af @ _outer_levels(ZX[:, :, 0], c, d).T
-    else:
-        AZX = [[_dot(list(ZX[d]), [A[:, s, t, None] for t in range(p)]) for s in range(p)]
-               for d in range(q)]
-        for c in range(q):
-            for d in range(c, q):
-                P[c][d] = P[d][c] = _dot(list(ZX[c]), AZX[d])
+    P = _level_zx_a_zx(ZX, A)
     TP = [[_dot(T[a], [P[c][d] for c in range(q)]) for d in range(q)] for a in range(q)]
     WAW = [[None] * q for _ in range(q)]
     for a in range(q):
