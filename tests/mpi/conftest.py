@@ -92,6 +92,18 @@ def mpi():
     context.close()
 
 
+@pytest.fixture
+def comm(mpi):
+    """The test's own communicator (a duplicate of COMM_WORLD)."""
+    return mpi.comm
+
+
+@pytest.fixture
+def tmp(mpi):
+    """One folder shared by all ranks."""
+    return mpi.shared_tmp_path
+
+
 _HANG_LOG = None
 
 

@@ -18,18 +18,6 @@ from mpiblmm.parallel import partition  # noqa: E402
 from tests.io.helpers import AFFINE, GRID, all_ranks_pass, make_study, reference  # noqa: E402
 
 
-@pytest.fixture
-def comm(mpi):
-    """The test's own communicator (a duplicate of COMM_WORLD, see conftest.py)."""
-    return mpi.comm
-
-
-@pytest.fixture
-def tmp(mpi):
-    """One folder shared by all ranks."""
-    return mpi.shared_tmp_path
-
-
 def study_on_root(comm, folder, **kw):
     study = make_study(folder, **kw) if comm.Get_rank() == 0 else None
     return comm.bcast(study, root=0)

@@ -23,18 +23,6 @@ from mpiblmm.parallel import partition  # noqa: E402
 from tests.io.helpers import AFFINE, GRID, all_ranks_pass  # noqa: E402
 
 
-@pytest.fixture
-def comm(mpi):
-    """The test's own communicator (a duplicate of COMM_WORLD, see conftest.py)."""
-    return mpi.comm
-
-
-@pytest.fixture
-def tmp(mpi):
-    """One folder shared by all ranks."""
-    return mpi.shared_tmp_path
-
-
 def layout(V: int) -> ResultsLayout:
     return ResultsLayout(
         n_voxels=V, fixed_names=("icpt", "age", "time"),
