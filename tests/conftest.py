@@ -79,7 +79,7 @@ def run_mpi() -> Callable[..., MPIRun]:
     """
     launcher = mpiexec_command()
     if launcher is None:
-        pytest.skip("no mpiexec found (run scripts/setup.sh)")
+        pytest.fail("no mpiexec found (run scripts/setup.sh)")
     flag = os.environ.get("MPIEXEC_NUMPROC_FLAG", "-n")
 
     def run(n_ranks: int, argv: Sequence[str], timeout: float = 60.0,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-h5py = pytest.importorskip("h5py")
-nib = pytest.importorskip("nibabel")
+import h5py  # noqa: E402  runtime dependencies: a missing one must fail, not skip
+import nibabel as nib  # noqa: E402
 
 from mpiblmm.errors import SpecError, UserError  # noqa: E402
 from mpiblmm.io import open_h5, read_hyperslab, write_hyperslab  # noqa: E402

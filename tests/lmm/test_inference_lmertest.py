@@ -32,8 +32,7 @@ DF_MEDIAN, DF_WORST = 1e-2, 5e-2
 
 def _setup(name, method, use_theta):
     ds = load_dataset(name)
-    if method not in ds.reference:
-        pytest.skip(f"no lme4_{method}.json for {name}")
+    assert method in ds.reference, f"tests/reference/{name}/lme4_{method}.json is missing"
     ref = ds.reference[method]
     rd = random_design([f.codes for f in ds.factors], [f.Z for f in ds.factors])
     pf = product_forms(ds.X, rd, ds.Y)

@@ -8,9 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("mpi4py")
-h5py = pytest.importorskip("h5py")
-pytest.importorskip("nibabel")
+import h5py  # noqa: E402  runtime dependencies: a missing one must fail, not skip
 
 from mpiblmm.errors import UserError  # noqa: E402
 from mpiblmm.io.ingest import SlabReader, open_packed, pack_images, read_slab  # noqa: E402

@@ -10,9 +10,8 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("mpi4py")
-h5py = pytest.importorskip("h5py")
-nib = pytest.importorskip("nibabel")
+import h5py  # noqa: E402  runtime dependencies: a missing one must fail, not skip
+import nibabel as nib  # noqa: E402
 
 from mpiblmm.errors import UserError  # noqa: E402
 from mpiblmm.io.export import export_nifti, vech_indices  # noqa: E402
