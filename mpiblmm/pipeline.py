@@ -32,7 +32,7 @@ from mpiblmm.io.export import export_nifti
 from mpiblmm.io.ingest import DEFAULT_MEMORY_MB, SlabReader, prepare_input
 from mpiblmm.io.results import RESULTS_NAME, ResultsLayout, create_results
 from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk, bytes_per_voxel
-from mpiblmm.lmm.model import STATUS_CODES
+from mpiblmm.lmm.model import STATUS_CODES, STATUS_SINGULAR
 from mpiblmm.lmm.products import random_design
 from mpiblmm.parallel import partition, partition_by_cost, summarise_over_ranks
 from mpiblmm.spec import Spec, load_spec
@@ -145,7 +145,7 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
     mine = my_slab(packed, size, rank)
     step = chunk_voxels(budget, design.n, model)
     n_chunks = math.ceil(mine.size / step) if mine.size else 0
-    iterations = np.zeros(2)  # sum and max over this rank's fitted voxels
+    it_sum, it_max = 0.0, 0.0  # over this rank's fitted voxels
     with SlabReader(packed, comm) as reader:
         for c, start in enumerate(range(mine.start, mine.stop, step)):
             stop = min(start + step, mine.stop)
@@ -155,24 +155,23 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
                 values = analyse_chunk(model, Y, settings)
             with timer.phase("write"):
                 writer.write(start, stop, values)
-            it = values["iterations"][values["status"] <= 2]
+            it = values["iterations"][values["status"] <= STATUS_SINGULAR]
             if it.size:
-                iterations += [it.sum(), 0]
-                iterations[1] = max(iterations[1], it.max())
+                it_sum, it_max = it_sum + float(it.sum()), max(it_max, float(it.max()))
             say(f"mpiblmm: rank 0 chunk {c + 1}/{n_chunks} done "
                 f"({stop - mine.start}/{mine.size} voxels, {timer.total():.1f} s)")
 
     with timer.phase("finish"):
         from mpi4py import MPI
 
-        it_sum = comm.allreduce(float(iterations[0]), op=MPI.SUM)
-        it_max = comm.allreduce(float(iterations[1]), op=MPI.MAX)
+        it_sum = comm.allreduce(it_sum, op=MPI.SUM)
+        it_max = comm.allreduce(it_max, op=MPI.MAX)
         phases = summarise_phases(comm, timer, PHASES)
         peak = summarise_over_ranks(comm, peak_memory_mb())
         summary = {"ranks": size, "chunk_voxels": step, "memory_budget_mb": budget,
                    "iterations_max": it_max, "seconds": phases, "peak_memory_mb": list(peak)}
         counts = writer.finish(summary)
-    n_fitted = sum(v for k, v in counts.items() if k <= 2)
+    n_fitted = sum(v for k, v in counts.items() if k <= STATUS_SINGULAR)
     with timer.phase("export"):
         export_nifti(results_path, results_path.parent / "nifti", comm=comm)
     if rank == 0 and not options.quiet:
