@@ -9,14 +9,23 @@ both the boundary polish of the estimator and the Satterthwaite df work in it.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from .model import RandomStructure
 
 
+@lru_cache(maxsize=None)
 def tril_indices(q: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column indices of the lower triangle of a q x q matrix, column by column."""
+    """Row and column indices of the lower triangle of a q x q matrix, column by column.
+
+    Cached (read-only arrays): the estimator asks for them thousands of times per chunk, and
+    building them costs more than the small products they index.
+    """
     cols, rows = np.triu_indices(q)
+    rows.flags.writeable = False
+    cols.flags.writeable = False
     return rows, cols
 
 
