@@ -8,6 +8,19 @@ clean output folder (packing included) for each rank count, several repeats each
 prints a table: best and median wall time, speed-up over 1 rank measured in the same run,
 parallel efficiency, and the per-phase timers the fit stored in results.h5.
 
+Two baselines are measured in the same run, interleaved with the fits, to say how far any
+rank count could go on this machine:
+
+- start-up floor: ``mpiexec -n R python -c "import <our dependency stack>"`` (numpy, scipy,
+  h5py, nibabel, mpi4py with MPI_Init), i.e. what every rank pays before the first line of
+  mpiblmm runs; no rank count divides it.  The Amdahl bound printed for R ranks is
+  ``(floor_R + (T_1 - floor_1) / R) / T_1``: the ratio if everything after start-up scaled
+  perfectly.  The same bound is printed for the bare floor (numpy, h5py, mpi4py only): what
+  dropping scipy and nibabel altogether could reach at best.
+- core ceiling: R processes each running the same fixed numpy kernel side by side, against
+  one alone; a ratio above 1 means the machine's cores slow each other down (shared host,
+  memory bandwidth), which bounds every parallel program here.
+
 BLMM's pipeline took 35 s on this study on one core of this machine (../shared/ANCHORS.md);
 that figure is quoted, not re-measured here.  Prints figures; asserts nothing.
 
@@ -34,11 +47,34 @@ BLMM_SECONDS = 35.0
 
 def run(cmd: list[str], env: dict) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
     return seconds
+
+
+#: What every rank imports before mpiblmm's own code runs (mpi4py.MPI calls MPI_Init).
+STACK = "import numpy, scipy.sparse, scipy.special, h5py, nibabel; from mpi4py import MPI"
+#: The least any MPI + HDF5 Python program imports: what is left without scipy and nibabel.
+BARE = "import numpy, h5py; from mpi4py import MPI"
+#: A fixed amount of vectorised numpy work (elementwise products and sums over (v, l)
+#: arrays, like the estimator's), timed inside each process.
+KERNEL = """
+import time, numpy as np
+a = np.random.default_rng(0).random((3000, 60)); b = a.copy()
+t = time.perf_counter()
+for _ in range(400):
+    c = a * b; c += a; s = np.einsum("vl,vl->v", c, b)
+print(time.perf_counter() - t)
+"""
+
+
+def kernel_seconds(ranks: int, env: dict) -> float:
+    """Slowest process's time for the fixed kernel with ``ranks`` copies running at once."""
+    out = subprocess.run([str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "python"), "-c",
+                          KERNEL], env=env, capture_output=True, text=True, check=True).stdout
+    return max(float(x) for x in out.split())
 
 
 def phases(results: Path) -> dict:
@@ -64,9 +100,19 @@ def main() -> None:
              "--subjects", str(args.subjects), "--visits", str(args.visits),
              "--shape", *map(str, args.shape), "--missing-fraction", "0.3", "--seed", "1"], env)
         times: dict[int, list[float]] = {}
+        floor: dict[int, list[float]] = {}
+        bare: dict[int, list[float]] = {}
+        kernel: dict[int, list[float]] = {}
         last_phases: dict[int, dict] = {}
         for repeat in range(args.repeats):
             for ranks in args.ranks:  # interleaved, so machine noise hits every rank count
+                floor.setdefault(ranks, []).append(
+                    run([str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "python"), "-c",
+                         STACK], env))
+                bare.setdefault(ranks, []).append(
+                    run([str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "python"), "-c",
+                         BARE], env))
+                kernel.setdefault(ranks, []).append(kernel_seconds(ranks, env))
                 shutil.rmtree(study / "results", ignore_errors=True)
                 seconds = run([str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "mpiblmm"),
                                "fit", "--quiet", str(study / "spec.json")], env)
@@ -75,13 +121,33 @@ def main() -> None:
         n_vox = args.shape[0] * args.shape[1] * args.shape[2]
         print(f"study: {args.subjects} subjects x {args.visits} visits, grid {args.shape} "
               f"({n_vox} voxels), {args.repeats} repeats, wall time from launch to exit")
+        # BLMM's 35 s is for the issue's study only; other sizes get no comparison.
+        issue_study = (args.subjects, args.visits, tuple(args.shape)) == (60, 4, (20, 20, 15))
         print(f"{'ranks':>5} {'best s':>8} {'median s':>9} {'vs 1 rank':>10} {'efficiency':>10} "
-              f"{'vs BLMM 35 s':>12}")
+              + (f"{'vs BLMM 35 s':>12}" if issue_study else ""))
         base = min(times[args.ranks[0]])
         for ranks in args.ranks:
             best, med = min(times[ranks]), statistics.median(times[ranks])
             print(f"{ranks:>5} {best:8.2f} {med:9.2f} {best / base:10.2f} "
-                  f"{base / best / ranks * args.ranks[0]:10.2f} {BLMM_SECONDS / best:11.1f}x")
+                  f"{base / best / ranks * args.ranks[0]:10.2f}"
+                  + (f" {BLMM_SECONDS / best:11.1f}x" if issue_study else ""))
+        k1 = min(kernel[args.ranks[0]])
+
+        def bound(floors: dict[int, list[float]], ranks: int) -> float:
+            f1, f_r = min(floors[args.ranks[0]]), min(floors[ranks])
+            return (f_r + (base - f1) * args.ranks[0] / ranks) / base
+
+        print(f"\nwhat bounds the ratio (best of {args.repeats}, same run):")
+        print(f"{'ranks':>5} {'measured':>9} {'floor s':>8} {'bound':>6} {'bare floor s':>12} "
+              f"{'bare bound':>10} {'core ceiling':>12}")
+        for ranks in args.ranks:
+            print(f"{ranks:>5} {min(times[ranks]) / base:9.2f} {min(floor[ranks]):8.2f} "
+                  f"{bound(floor, ranks):6.2f} {min(bare[ranks]):12.2f} "
+                  f"{bound(bare, ranks):10.2f} {min(kernel[ranks]) / k1:12.2f}")
+        print("  floor: launch + imports of numpy, scipy, h5py, nibabel, mpi4py + MPI_Init, "
+              "nothing of mpiblmm; bare floor: numpy, h5py, mpi4py only")
+        print("  bound: best ratio to 1 rank if all work after that start-up scaled perfectly")
+        print("  core ceiling: time of R concurrent copies of a fixed numpy kernel / one alone")
         print("\nper-phase seconds of the last run (median over ranks):")
         names = list(next(iter(last_phases.values())))
         print(f"{'ranks':>5} " + " ".join(f"{n:>7}" for n in names))
