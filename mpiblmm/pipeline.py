@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mpiblmm.design import Design, design_from_spec
-from mpiblmm.io import on_root
+from mpiblmm.io import make_dirs, on_root
 from mpiblmm.io.export import export_nifti
 from mpiblmm.io.ingest import DEFAULT_MEMORY_MB, SlabReader, prepare_input
 from mpiblmm.io.results import RESULTS_NAME, ResultsLayout, create_results
@@ -106,15 +106,20 @@ def chunk_voxels(budget_mb: float, n: int, model: Model) -> int:
 
 
 def _load(spec_path: str, options: FitOptions) -> tuple[Spec, Design]:
-    """The spec with the command line's overrides applied, and its design."""
+    """The spec with the command line's overrides applied, and its design; the output folder
+    is created here, so an unwritable one is a user error before any collective I/O."""
     from dataclasses import replace
 
     spec = load_spec(spec_path)
+    where = f"{spec_path}: output"
     if options.output is not None:
         spec = replace(spec, output=Path(options.output).resolve())
+        where = "--output"
     if options.max_memory_mb is not None:
         spec = replace(spec, max_memory_mb=float(options.max_memory_mb))
-    return spec, design_from_spec(spec)
+    design = design_from_spec(spec)
+    make_dirs(spec.output, where)
+    return spec, design
 
 
 def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> Path:

@@ -22,9 +22,12 @@ How parallel HDF5 is used everywhere in ``mpiblmm.io`` (the one place that says 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from mpiblmm.errors import UserError
 
 #: HDF5 file format bounds: 1.8 and newer, so attributes may exceed 64 KiB (the spec text).
 LIBVER = ("v108", "latest")
@@ -56,8 +59,6 @@ def agree(comm: Any, error: BaseException | None) -> None:
 
 def on_root(comm: Any, fn: Callable[[], Any]) -> Any:
     """Collective: run ``fn`` on rank 0 only, agree on its user error, broadcast its value."""
-    from mpiblmm.errors import UserError
-
     value, error = None, None
     if comm_rank(comm) == 0:
         try:
@@ -153,6 +154,18 @@ def write_hyperslab(dset: Any, start: Sequence[int], data: np.ndarray,
     dset.id.write(mspace, fspace, buf, dxpl=_dxpl(dset, collective))
 
 
-def make_dirs(path: str | os.PathLike) -> None:
-    """Create a folder (and parents) if missing; safe when several ranks do it at once."""
-    os.makedirs(path, exist_ok=True)
+def make_dirs(path: str | os.PathLike, where: str | None = None) -> None:
+    """Create a folder (and parents) if missing; safe when several ranks do it at once.
+
+    Raises :class:`UserError` (naming ``where``, e.g. the spec key) when the folder cannot be
+    created, is not a folder, or cannot be written to.
+    """
+    path = Path(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{path} exists and is not a folder", where) from None
+    except OSError as exc:
+        raise UserError(f"cannot create the folder {path} ({exc.strerror})", where) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into the folder {path} (permission denied)", where)

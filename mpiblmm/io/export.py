@@ -129,6 +129,7 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
             raise UserError("file not found", str(results))
         f = _open(results)
         _check(f, results)
+        make_dirs(out)
     except UserError as exc:
         error = exc
     if error is not None and f is not None:
@@ -141,7 +142,6 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
         grid_shape = tuple(int(s) for s in f.attrs["grid_shape"])
         affine = np.asarray(f.attrs["affine"], dtype=np.float64)
         maps = list_maps(f)
-        make_dirs(out)
         for m in maps[rank::size]:
             data = np.asarray(f[m.dataset][...])
             if m.lower_triangle:

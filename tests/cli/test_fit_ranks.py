@@ -109,6 +109,28 @@ def test_bad_spec_is_one_line_and_exit_2_on_every_rank(tmp_path, run_mpi, mpiblm
 
 
 @pytest.mark.spawns_mpiexec
+def test_unusable_output_folder_is_one_line_and_exit_2(tmp_path, run_mpi, mpiblmm_command):
+    study = tmp_path / "study"
+    assert run_mpi(1, [*mpiblmm_command, "simulate", str(study), "--subjects", "4",
+                       "--shape", "2", "2", "2"], timeout=120).returncode == 0
+    spec = json.loads((study / "spec.json").read_text())
+    cases = {"X.csv": "exists and is not a folder",             # a file, not a folder
+             "X.csv/results": "cannot create the folder"}        # below a file
+    for output, says in cases.items():
+        spec["output"] = output
+        (study / "bad.json").write_text(json.dumps(spec))
+        run = run_mpi(2, [*mpiblmm_command, "fit", str(study / "bad.json")], timeout=120)
+        lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
+        assert run.returncode == 2 and len(lines) == 1, run.stderr
+        assert lines[0].startswith("mpiblmm: error:") and "bad.json: output:" in lines[0]
+        assert says in lines[0]
+    run = run_mpi(2, [*mpiblmm_command, "fit", str(study / "spec.json"), "--output",
+                      str(study / "X.csv" / "out")], timeout=120)
+    assert run.returncode == 2 and "--output: cannot create the folder" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.spawns_mpiexec
 def test_packed_input_gives_the_same_fit(tmp_path, run_mpi, mpiblmm_command):
     """A study packed once (the packed.h5 of a first fit) can be fitted again without images."""
     study = tmp_path / "study"

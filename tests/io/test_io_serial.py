@@ -9,7 +9,7 @@ import h5py  # noqa: E402  runtime dependencies: a missing one must fail, not sk
 import nibabel as nib  # noqa: E402
 
 from mpiblmm.errors import SpecError, UserError  # noqa: E402
-from mpiblmm.io import open_h5, read_hyperslab, write_hyperslab  # noqa: E402
+from mpiblmm.io import make_dirs, open_h5, read_hyperslab, write_hyperslab  # noqa: E402
 from mpiblmm.io.export import export_nifti, vech_indices, volume  # noqa: E402
 from mpiblmm.io.ingest import open_packed, pack_images, prepare_input, read_slab  # noqa: E402
 from mpiblmm.io.nifti import read_volume, save_map  # noqa: E402
@@ -136,3 +136,17 @@ def test_results_and_export_serially(tmp_path):
     assert beta[0, 0, 0, 1] == 1 and np.isnan(beta[3, 4, 2]).all()
     status = np.asanyarray(nib.load(str(tmp_path / "r" / "nifti" / "status.nii.gz")).dataobj)
     assert status[3, 4, 2] == 255 and status[1, 2, 1] == 3 and status[0, 0, 1] == 0
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match="cannot create the folder .*file/maps"):
+        export_nifti(tmp_path / "r" / "results.h5", tmp_path / "file" / "maps")
+
+
+def test_make_dirs_names_the_key_and_the_problem(tmp_path):
+    (tmp_path / "f").write_text("")
+    make_dirs(tmp_path / "a" / "b", "spec.json: output")
+    assert (tmp_path / "a" / "b").is_dir()
+    make_dirs(tmp_path / "a" / "b")                       # exists already: fine
+    with pytest.raises(UserError, match=r"^spec.json: output: .* exists and is not a folder"):
+        make_dirs(tmp_path / "f", "spec.json: output")
+    with pytest.raises(UserError, match=r"^k: cannot create the folder .*\(Not a directory\)"):
+        make_dirs(tmp_path / "f" / "sub", "k")
