@@ -197,7 +197,7 @@ def resolve_handler(command: str) -> Callable[[argparse.Namespace], int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mpiblmm`` console script.
+    """Run one ``mpiblmm`` command; return its exit code (the console script is :func:`run`).
 
     Parameters
     ----------
@@ -241,5 +241,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_guarded(job, comm)
 
 
+def run() -> None:
+    """The ``mpiblmm`` console script: :func:`main`, then a fast exit of the process.
+
+    Kept apart from :func:`main`, which returns its code so tests can call it in-process.
+    """
+    code = main()
+    from mpiblmm.parallel import exit_now
+
+    exit_now(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -1,4 +1,5 @@
-"""How an MPI job ends: abort on an unexpected error, exit 2 on an agreed user error.
+"""How an MPI job ends: abort on an unexpected error, exit 2 on an agreed user error, and a
+fast exit (:func:`mpiblmm.parallel.exit_now`) that loses nothing.
 
 Each test launches its own ``mpiexec`` job (with a timeout), so it runs in the serial suite.
 The jobs run :func:`mpiblmm.parallel.run_guarded` around a small script.
@@ -72,3 +73,51 @@ def test_a_user_error_on_one_rank_is_one_message_and_exit_2(run_mpi, n_ranks, ba
     assert errors == ["mpiblmm: error: spec.json: images: no such file: data/sub-07.nii.gz"], \
         job.stderr
     assert "Traceback" not in job.stderr
+
+
+FAST_EXIT = textwrap.dedent(
+    """
+    import atexit, sys
+    from mpi4py import MPI
+    from mpiblmm.parallel import exit_now
+    class Teardown:                      # its __del__ runs only if the interpreter tears down
+        def __del__(self):
+            print(" torn down", end="", flush=True)
+    marker = Teardown()
+    comm = MPI.COMM_WORLD
+    atexit.register(lambda: print("atexit ran on", comm.Get_rank()))
+    total = comm.allreduce(comm.Get_rank() + 1)
+    print(f"rank {{comm.Get_rank()}} total {{total}}", end="")   # no newline: needs a flush
+    sys.stderr.write("stderr kept")
+    {before_exit}
+    exit_now(3)
+    """
+)
+
+
+@pytest.mark.parametrize("n_ranks", [1, 3])
+def test_exit_now_flushes_runs_atexit_and_keeps_the_code(run_mpi, n_ranks):
+    job = run_mpi(n_ranks, [sys.executable, "-c", FAST_EXIT.format(before_exit="")], timeout=60)
+    assert not job.timed_out
+    assert job.returncode == 3, job.stderr
+    total = n_ranks * (n_ranks + 1) // 2
+    for rank in range(n_ranks):
+        # separate checks: the launcher interleaves the ranks' unterminated lines
+        assert f"rank {rank} total {total}" in job.stdout, job.stdout
+        assert f"atexit ran on {rank}" in job.stdout, job.stdout
+    assert job.stderr.count("stderr kept") == n_ranks
+    assert "torn down" not in job.stdout                   # the teardown was skipped
+
+
+def test_exit_now_with_an_open_hdf5_file_exits_normally_and_the_file_is_whole(run_mpi, tmp_path):
+    target = tmp_path / "open.h5"
+    keep_open = (f"import h5py; f = h5py.File({str(target)!r} + str(comm.Get_rank()), 'w'); "
+                 "f['x'] = list(range(1000)); f.attrs['complete'] = True")
+    job = run_mpi(2, [sys.executable, "-c", FAST_EXIT.format(before_exit=keep_open)], timeout=60)
+    assert not job.timed_out and job.returncode == 3, job.stderr
+    assert job.stdout.count("torn down") == 2, job.stdout  # the normal exit, on both ranks
+    import h5py
+
+    for rank in range(2):
+        with h5py.File(f"{target}{rank}", "r") as f:
+            assert list(f["x"][...]) == list(range(1000)) and f.attrs["complete"]
