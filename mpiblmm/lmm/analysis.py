@@ -7,12 +7,16 @@ Per chunk:
 
 1. Missingness: a voxel is fitted when it has at least ``max(min_n, p + 1)`` observations and
    at least ``min_fraction`` of all observations; otherwise its status says why.
-2. Voxels observed in every image share X'X, Z'X and Z'Z (one product-form group).  So do
-   voxels with the same pattern of missing observations, when at least
-   ``MIN_PATTERN_GROUP`` of the chunk share it (e.g. a cropped field of view in some images);
-   the remaining voxels get product forms of their own.  A voxel whose observed rows leave
-   X rank deficient is not fitted (status 4).
+2. Voxels observed in every image share X'X, Z'X and Z'Z (one product-form group); voxels
+   with missing observations get product forms of their own.  A voxel whose observed rows
+   leave X rank deficient is not fitted (status 4).
 3. The estimator fits each group; inference computes every contrast at the fitted voxels.
+
+A voxel's results do not depend on the other voxels of its chunk, to the last bit: which
+group a voxel joins depends on its own data only, and the numerics treat each voxel alike
+(:mod:`~mpiblmm.lmm.rowwise`).  So a study gives the same bits at any rank count and memory
+budget.  (Grouping voxels that share a missingness pattern was tried and dropped for this:
+whether a pattern was common enough to group depended on the chunk.)
 
 The returned mapping is keyed by the results-file dataset paths (``beta``,
 ``random/<factor>/cov``, ``contrasts/<name>/t`` ...), one row per voxel of the chunk, NaN for
@@ -33,10 +37,6 @@ from .products import RandomDesign, full_rank, product_forms
 from .satterthwaite import satterthwaite_setup
 
 
-
-#: Voxels that must share a missingness pattern before they are fitted as one shared group
-#: (each group costs a fixed ~50 ms of numpy overhead; per-voxel product forms cost ~2x).
-MIN_PATTERN_GROUP = 128
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,6 @@ class Settings:
     min_n: int = 0
     min_fraction: float = 0.0
     memory_budget: int | None = None  # bytes the estimator may use for one chunk
-    min_pattern_group: int = MIN_PATTERN_GROUP
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,39 +131,18 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     out["n"][:] = n_obs
     enough = (n_obs >= max(settings.min_n, p + 1)) & (n_obs >= settings.min_fraction * n)
     out["status"][:] = np.where(n_obs == 0, STATUS_EMPTY, STATUS_TOO_FEW)
-    for group, rows in product_form_groups(observed, enough, settings.min_pattern_group):
-        if rows is None:
-            _fit_group(model, Y[group].T, observed[group].T, settings, group, out)
-        else:
-            sub = Model(model.X[rows], RandomDesign(model.structure, model.rd.cols[rows],
-                                                    model.rd.vals[rows]), model.contrasts)
-            Yg = Y[group][:, rows].T
-            _fit_group(sub, Yg, np.ones(Yg.shape, dtype=bool), settings, group, out)
+    for group in product_form_groups(observed, enough):
+        _fit_group(model, Y[group].T, observed[group].T, settings, group, out)
     return out
 
 
-def product_form_groups(observed: np.ndarray, fit: np.ndarray,
-                        min_group: int = MIN_PATTERN_GROUP):
-    """Split the voxels to fit into groups that can share product forms.
-
-    Yields ``(voxel indices, rows)``: ``rows`` are the observed rows shared by every voxel of
-    the group (``None`` for the last group: voxels with product forms of their own, and for
-    complete voxels, which use all rows).
-    """
-    n_obs = observed.sum(axis=1)
-    complete = fit & (n_obs == observed.shape[1])
-    if complete.any():
-        yield np.flatnonzero(complete), None
-    rest = np.flatnonzero(fit & ~complete)
-    if rest.size >= min_group:
-        patterns, inverse, counts = np.unique(observed[rest], axis=0, return_inverse=True,
-                                              return_counts=True)
-        inverse = inverse.reshape(-1)
-        for k in np.flatnonzero(counts >= min_group):
-            yield rest[inverse == k], np.flatnonzero(patterns[k])
-        rest = rest[counts[inverse] < min_group]
-    if rest.size:
-        yield rest, None
+def product_form_groups(observed: np.ndarray, fit: np.ndarray):
+    """Split the voxels to fit into the complete ones (which share their product forms) and
+    the rest (product forms of their own); yields the voxel indices of each non-empty group."""
+    complete = fit & observed.all(axis=1)
+    for group in (np.flatnonzero(complete), np.flatnonzero(fit & ~complete)):
+        if group.size:
+            yield group
 
 
 def _fit_group(model: Model, Yg: np.ndarray, obs: np.ndarray, settings: Settings,

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import special  # not scipy.stats: its import alone costs ~1 s per rank
 
 from .contrasts import f_weights, t_weights
+from .rowwise import rows_at
 from .satterthwaite import Precomputed, combine_f_df, contrast_variance_df
 
 ALTERNATIVES = ("two-sided", "greater", "less")
@@ -122,7 +123,7 @@ def t_contrast(pre: Precomputed, beta: np.ndarray, weights, alternative: str = "
     # parameters
     var, df = contrast_variance_df(pre, l)
     # statistic
-    estimate = np.where(pre.fitted, beta @ l, np.nan)
+    estimate = np.where(pre.fitted, rows_at(beta, l[:, None])[:, 0], np.nan)
     se = np.sqrt(var)
     t = estimate / se
     # p-value: two-sided 2 P(T > |t|); greater P(T > t); less P(T > -t)

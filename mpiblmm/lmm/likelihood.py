@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .model import ProductForms, RandomStructure
+from .rowwise import rows_at
 
 LOG_2PI = float(np.log(2.0 * np.pi))
 
@@ -173,8 +174,8 @@ def _x_corrections_shared(ZX: np.ndarray, L: np.ndarray, Sinv: np.ndarray,
     for i in range(q1):
         for j in range(q1):
             outer = (ZX[i][:, None, :] * ZX[j][None, :, :]).reshape(p * p, l)
-            corr_xx += M[i, j] @ outer.T
-    corr_xy = sum(MZY[i] @ ZX[i].T for i in range(q1))
+            corr_xx += rows_at(M[i, j], outer.T)
+    corr_xy = sum(rows_at(MZY[i], ZX[i].T) for i in range(q1))
     return sym(corr_xx.reshape(v, p, p)), corr_xy
 
 
@@ -193,7 +194,7 @@ def _vinv_single(pf: ProductForms, lam: np.ndarray, need_z: bool) -> VinvProduct
     Sinv, logdet = _spd_inv_logdet_lead(S)                 # S^-1, log|S| (v, l)
     AY = _mm_tn(L, ZY[:, None])[:, 0]                      # Lambda'Z'Y  (q1, v, l)
     SAY = _mm(Sinv, AY[:, None])[:, 0]
-    if ZX.shape[2] == 1 and not need_z:
+    if pf.shared and not need_z:
         corr_xx, corr_xy = _x_corrections_shared(ZX[:, :, 0], L, Sinv, _mm(L, SAY[:, None])[:, 0])
     else:
         AX = _mm_tn(L, ZX)                                 # Lambda'Z'X  (q1, p, v, l)
@@ -265,15 +266,22 @@ def _sandwich(C, X, q: int, add_identity: bool = False):
 
 
 def _sum_log(det: np.ndarray) -> np.ndarray:
-    """``sum_l log det`` (v,) for det (v, l) >= 1, one log per pair of levels where safe."""
+    """``sum_l log det`` (v,) for det (v, l) >= 1, one log per pair of levels where safe.
+
+    "Safe" is decided per voxel, so a voxel's value never depends on the others in its chunk.
+    """
     l = det.shape[-1]
     h = l // 2
-    if h and np.max(det) < 1e150:
+    if not h:
+        return np.log(det).sum(axis=-1)
+    safe = det.max(axis=-1) < 1e150                    # the pair products cannot overflow
+    with np.errstate(over="ignore"):
         out = np.log(det[:, :h] * det[:, h:2 * h]).sum(axis=-1)
-        if l % 2:
-            out += np.log(det[:, -1])
+    if l % 2:
+        out += np.log(det[:, -1])
+    if safe.all():
         return out
-    return np.log(det).sum(axis=-1)
+    return np.where(safe, out, np.log(det).sum(axis=-1))
 
 
 def _level_core(B, lam: np.ndarray, want_logdet: bool = True):
@@ -328,16 +336,16 @@ def _products_block(pf: ProductForms, B, ZX, ZY, M, logdet) -> VinvProducts:
     corr_yy = _lsum(ZY[0], MZY[0])
     for a in range(1, q):
         corr_yy += _lsum(ZY[a], MZY[a])
-    if ZX.shape[2] == 1:
+    if pf.shared:
         ZXs = ZX[:, :, 0]                                  # (q, p, l)
         corr_xx = np.zeros((v, p * p))
         for a in range(q):
             for b in range(a, q):
-                corr_xx += M[a][b] @ _outer_levels(ZXs, a, b, both=a != b)
+                corr_xx += rows_at(M[a][b], _outer_levels(ZXs, a, b, both=a != b))
         corr_xx = sym(corr_xx.reshape(v, p, p))
-        corr_xy = MZY[0] @ ZXs[0].T
+        corr_xy = rows_at(MZY[0], ZXs[0].T)
         for a in range(1, q):
-            corr_xy += MZY[a] @ ZXs[a].T
+            corr_xy += rows_at(MZY[a], ZXs[a].T)
     else:
         MZX = [[_dot(M[a], [ZX[b][r] for b in range(q)]) for r in range(p)] for a in range(q)]
         corr_xx = np.empty((v, p, p))
@@ -402,23 +410,23 @@ def _level_T_R(B, M):
     return T, R
 
 
-def _level_residuals(ZX, ZY, beta: np.ndarray):
+def _level_residuals(ZX, ZY, beta: np.ndarray, shared: bool):
     """Per level ``r_j = Z_j'(Y - X beta)``, one (v, l) array per effect."""
     q, p = ZX.shape[0], ZX.shape[1]
-    if ZX.shape[2] == 1:  # Z'X shared by every voxel
-        return [ZY[a] - beta @ ZX[a, :, 0] for a in range(q)]
+    if shared:  # Z'X shared by every voxel
+        return [ZY[a] - rows_at(beta, ZX[a, :, 0]) for a in range(q)]
     return [ZY[a] - _dot(list(ZX[a]), [beta[:, s, None] for s in range(p)]) for a in range(q)]
 
 
-def _level_zx_a_zx(ZX, A: np.ndarray):
+def _level_zx_a_zx(ZX, A: np.ndarray, shared: bool):
     """Per level ``P_j = Z_j'X A X'Z_j`` (symmetric, q x q lists of (v, l) arrays)."""
     q, p, v = ZX.shape[0], ZX.shape[1], A.shape[0]
     P = [[None] * q for _ in range(q)]
-    if ZX.shape[2] == 1:
+    if shared:
         Af = A.reshape(v, p * p)
         for c in range(q):
             for d in range(c, q):
-                P[c][d] = P[d][c] = Af @ _outer_levels(ZX[:, :, 0], c, d).T
+                P[c][d] = P[d][c] = rows_at(Af, _outer_levels(ZX[:, :, 0], c, d).T)
         return P
     AZX = [[_dot(list(ZX[d]), [A[:, s, t, None] for t in range(p)]) for s in range(p)]
            for d in range(q)]
@@ -434,25 +442,24 @@ def _sums_block(pf: ProductForms, B, ZX, ZY, M, beta: np.ndarray, s2: np.ndarray
     q, v = len(M), pf.n_voxels
     T, R = _level_T_R(B, M)
     # Q_j = r_j r_j' / s2 (+ P_j = ZX_j A ZX_j' for REML), r_j = Z_j'(Y - X beta)
-    r = _level_residuals(ZX, ZY, beta)
+    r = _level_residuals(ZX, ZY, beta, pf.shared)
     rs = [r[a] * (1.0 / s2)[:, None] for a in range(q)]
     Q = [[None] * q for _ in range(q)]
     for c in range(q):
         for d in range(c, q):
             Q[c][d] = Q[d][c] = rs[c] * r[d]
     if A is not None:
-        P = _level_zx_a_zx(ZX, A)
+        P = _level_zx_a_zx(ZX, A, pf.shared)
         for c in range(q):
             for d in range(c, q):
                 Q[c][d] += P[c][d]
     # G = 1/2 sum_j (T_j Q_j T_j' - R_jj)
     TQ = [[_dot(T[a], [Q[c][d] for c in range(q)]) for d in range(q)] for a in range(q)]
-    ones = np.ones(B.shape[-1])
     Rs = np.empty((v, q, q))
     G = np.empty((v, q, q))
     for a in range(q):
         for b in range(a, q):
-            Rs[:, a, b] = Rs[:, b, a] = R[a][b] @ ones
+            Rs[:, a, b] = Rs[:, b, a] = R[a][b].sum(axis=-1)
             g = _lsum(TQ[a][0], T[b][0])
             for d in range(1, q):
                 g += _lsum(TQ[a][d], T[b][d])

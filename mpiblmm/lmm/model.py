@@ -81,6 +81,9 @@ class ProductForms:
     - ``y_offset`` (v, p): ``Y`` was centred as ``Y - X y_offset`` before forming the products
       (so ``Y'Y`` keeps its digits); add it back to the estimated ``beta``.  Exact for ML and
       REML because ``beta`` is free.
+    - ``shared``: X'X, Z'X and Z'Z are shared by every voxel (leading axis 1).  Said
+      explicitly, not read from the shapes: with one voxel, per-voxel arrays have a leading
+      axis of 1 too, and a voxel must take the same arithmetic path whatever chunk it is in.
     """
 
     XtX: np.ndarray
@@ -92,6 +95,7 @@ class ProductForms:
     n: np.ndarray
     structure: RandomStructure
     y_offset: np.ndarray | None = None
+    shared: bool = False
 
     @property
     def n_voxels(self) -> int:
@@ -104,15 +108,15 @@ class ProductForms:
     def take(self, index: np.ndarray) -> "ProductForms":
         """The product forms of a subset of voxels (shared arrays stay shared)."""
 
-        def pick(a: np.ndarray | None) -> np.ndarray | None:
-            if a is None:
-                return None
-            return a if a.shape[0] == 1 and self.n_voxels != 1 else a[index]
+        def pick(a: np.ndarray) -> np.ndarray:
+            return a if self.shared else a[index]
 
         return ProductForms(
             XtX=pick(self.XtX), XtY=self.XtY[index], YtY=self.YtY[index],
             ZtX=pick(self.ZtX), ZtY=self.ZtY[index], ZtZ=pick(self.ZtZ),
-            n=self.n[index], structure=self.structure, y_offset=pick(self.y_offset),
+            n=self.n[index], structure=self.structure,
+            y_offset=None if self.y_offset is None else self.y_offset[index],
+            shared=self.shared,
         )
 
 

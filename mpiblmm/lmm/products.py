@@ -28,6 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .model import ProductForms, RandomFactor, RandomStructure
+from .rowwise import cols_at, rows_at
 
 
 @dataclass(frozen=True)
@@ -172,13 +173,13 @@ def product_forms(
 
     # X'X: shared or per voxel as sums of row outer products.
     xx_rows = (X[:, :, None] * X[:, None, :]).reshape(n, p * p)
-    XtX = (weights.T @ xx_rows).reshape(-1, p, p)
-    XtY = (X.T @ Y0).T
+    XtX = cols_at(xx_rows, weights).reshape(-1, p, p)
+    XtY = cols_at(X, Y0)
     y_offset = None
     if centre:
         y_offset = np.broadcast_to(_ols_offset(XtX, XtY), (v, p)).copy()
-        Y0 = Y0 - (X @ y_offset.T) * weights
-        XtY = (X.T @ Y0).T
+        Y0 = Y0 - rows_at(y_offset, X.T).T * weights
+        XtY = cols_at(X, Y0)
     YtY = np.einsum("iv,iv->v", Y0, Y0)
     Zs = rd.sparse()
     ZtY = np.asarray((Zs.T @ Y0).T)
@@ -203,7 +204,7 @@ def product_forms(
     n_obs = observed.sum(axis=0).astype(np.int64)
     return ProductForms(
         XtX=XtX, XtY=XtY, YtY=YtY, ZtX=ZtX, ZtY=ZtY, ZtZ=ZtZ,
-        n=n_obs, structure=structure, y_offset=y_offset,
+        n=n_obs, structure=structure, y_offset=y_offset, shared=shared,
     )
 
 

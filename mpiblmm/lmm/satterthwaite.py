@@ -354,11 +354,11 @@ def _satt_sums_block(pf: ProductForms, lam: np.ndarray, s2: np.ndarray, reml: bo
     beta, Q = gls(vp)
     A = _inv_sym(vp.XtViX)
     T, R = _level_T_R(B, M)
-    r = _level_residuals(ZX, ZY, beta)
+    r = _level_residuals(ZX, ZY, beta, pf.shared)
     u = [_dot(T[a], r) for a in range(q)]
     W = [[_dot(T[a], [ZX[c][s] for c in range(q)]) for s in range(p)] for a in range(q)]
     # W_j A W_j' = T_j P_j T_j', P_j = ZX_j A ZX_j'
-    P = _level_zx_a_zx(ZX, A)
+    P = _level_zx_a_zx(ZX, A, pf.shared)
     TP = [[_dot(T[a], [P[c][d] for c in range(q)]) for d in range(q)] for a in range(q)]
     WAW = [[None] * q for _ in range(q)]
     for a in range(q):
@@ -368,7 +368,6 @@ def _satt_sums_block(pf: ProductForms, lam: np.ndarray, s2: np.ndarray, reml: bo
     for a in range(q):
         for b in range(a, q):
             uu[a][b] = uu[b][a] = u[a] * u[b]
-    ones = np.ones(B.shape[-1])
     WW = np.empty((v, q, p, q, p))
     flat = [(a, s) for a in range(q) for s in range(p)]
     for i, (a, s) in enumerate(flat):
@@ -384,7 +383,7 @@ def _satt_sums_block(pf: ProductForms, lam: np.ndarray, s2: np.ndarray, reml: bo
     for a in range(q):
         for b in range(a, q):
             UU[:, a, b] = UU[:, b, a] = _lsum(u[a], u[b])
-            Rs[:, a, b] = Rs[:, b, a] = R[a][b] @ ones
+            Rs[:, a, b] = Rs[:, b, a] = R[a][b].sum(axis=-1)
     # T[b, c, a, d] = sum_j R[b,c] (-R[a,d] + 2/s2 u[a] u[d] + 2 (W A W')[a,d])  (REML term)
     X = [[None] * q for _ in range(q)]
     for a in range(q):
