@@ -37,8 +37,6 @@ from .products import RandomDesign, full_rank, product_forms
 from .satterthwaite import satterthwaite_setup
 
 
-
-
 @dataclass(frozen=True)
 class ContrastDef:
     """A contrast to test at every voxel: ``L`` (r, p); ``kind`` "T" or "F"."""
