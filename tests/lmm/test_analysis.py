@@ -1,6 +1,7 @@
 """A chunk's analysis: voxel selection, product-form groups, and the same bits in any chunk."""
 
 import numpy as np
+import pytest
 
 from mpiblmm.lmm.analysis import (ContrastDef, Model, Settings, analyse_chunk,
                                   product_form_groups)
@@ -9,15 +10,19 @@ from mpiblmm.lmm.products import random_design
 from mpiblmm.simulate import FactorSpec, covariance, simulate_design, simulate_voxels
 
 
-def _model_and_data(seed=0, v=40):
+def _model_and_data(seed=0, v=40, crossed=False):
     rng = np.random.default_rng(seed)
-    d = simulate_design(rng, 25, 4, factors=(FactorSpec("subject", ("intercept", "time")),))
-    Y, _ = simulate_voxels(rng, d, v, [100.0, 1.0, 0.5], {"subject": covariance([2.0, 0.5], 0.2)},
-                           1.0)
-    f = d.factors[0]
+    factors = (FactorSpec("subject", ("intercept", "time")),)
+    covs = {"subject": covariance([2.0, 0.5], 0.2)}
+    if crossed:                          # a second factor crossed with subject: the dense path
+        factors += (FactorSpec("site", ("intercept",), n_levels=5),)
+        covs["site"] = covariance([1.0])
+    d = simulate_design(rng, 25, 4, factors=factors)
+    Y, _ = simulate_voxels(rng, d, v, [100.0, 1.0, 0.5], covs, 1.0)
     contrasts = (ContrastDef("time", np.array([[0.0, 0.0, 1.0]])),
                  ContrastDef("both", np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), "F"))
-    return Model(d.X, random_design([f.codes], [f.Z]), contrasts), Y.T.copy()
+    rd = random_design([f.codes for f in d.factors], [f.Z for f in d.factors])
+    return Model(d.X, rd, contrasts), Y.T.copy()
 
 
 def test_groups_are_the_complete_voxels_and_the_rest():
@@ -33,10 +38,11 @@ def test_groups_are_the_complete_voxels_and_the_rest():
     assert np.array_equal(np.sort(np.concatenate(groups)), np.arange(49))
 
 
-def test_a_voxel_gets_the_same_bits_whatever_chunk_it_is_in():
+@pytest.mark.parametrize("crossed", [False, True], ids=["one factor", "crossed factors"])
+def test_a_voxel_gets_the_same_bits_whatever_chunk_it_is_in(crossed):
     """What makes results identical at any rank count: every split of a chunk, down to
     single voxels, gives bit-for-bit the results of the whole chunk (iterations included)."""
-    model, Y = _model_and_data(seed=2, v=60)
+    model, Y = _model_and_data(seed=2, v=60, crossed=crossed)
     rng = np.random.default_rng(3)
     Y[rng.random(Y.shape) < 0.04] = np.nan             # most voxels miss a few observations
     Y[:12, :8] = np.nan                                 # 12 share a pattern
