@@ -286,6 +286,39 @@ def ds_unbalanced(rng):
     return d, Y, truth, kinds, desc, contrasts
 
 
+def ds_three_effects(rng):
+    """One factor with three random effects (q = 3): the single-factor path's general case."""
+    d = simulate_design(rng, 45, 5, fixed=("intercept", "age", "time"),
+                        factors=(FactorSpec("subject", effects=("intercept", "time", "time2")),))
+    v = 24
+    frac = np.where(np.arange(v) >= 16, 0.1, 0.0)          # voxels 16-23 miss 10% of rows
+    mask = missing_mask(rng, d, v, fraction=frac)
+    per, kinds = [], []
+    for i in range(v):
+        if i % 4 == 1:
+            c, k = covariance([rng.uniform(0.8, 1.5), rng.uniform(0.2, 0.4), 0.0]), "zero_time2"
+        elif i % 4 == 3:
+            c, k = covariance([rng.uniform(0.8, 1.5), 0.0, 0.0]), "intercept_only"
+        else:
+            corr = np.array([[1.0, 0.3, -0.2], [0.3, 1.0, 0.1], [-0.2, 0.1, 1.0]])
+            c = covariance([rng.uniform(0.6, 2.0), rng.uniform(0.2, 0.5), rng.uniform(0.05, 0.15)],
+                           corr)
+            k = "interior"
+        per.append({"subject": c})
+        kinds.append(k)
+    beta = np.column_stack([rng.normal(5, 1, v), rng.normal(0, 0.5, v), rng.normal(0.2, 0.3, v)])
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.5, 1.5, v),
+                               missing=mask)
+    p = d.p
+    contrasts = [
+        _t("age", p, {1: 1}), _t("time", p, {2: 1}), _t("time_minus_age", p, {2: 1, 1: -1}),
+        _f("age_time", p, [{1: 1}, {2: 1}]),
+    ]
+    desc = ("random intercept, time and time^2 per subject (q = 3), 45 x 5; voxels 16-23 miss "
+            "10% of rows")
+    return d, Y, truth, kinds, desc, contrasts
+
+
 def _check_unbalanced(d):
     counts = [np.bincount(f.codes) for f in d.factors]
     return all(np.any(c == 1) for c in counts) and all(c.max() >= 8 for c in counts)
@@ -299,6 +332,7 @@ DATASETS = {
     "missing": (ds_missing, 105),
     "nested": (ds_nested, 106),
     "unbalanced": (ds_unbalanced, 107),
+    "three_effects": (ds_three_effects, 108),
 }
 
 

@@ -21,7 +21,8 @@ from mpiblmm.simulate import (
 )
 from tests.refdata import build_z, level_codes, list_datasets, load_dataset
 
-EXPECTED = {"intercept", "slope", "crossed", "three_factors", "missing", "nested", "unbalanced"}
+EXPECTED = {"intercept", "slope", "crossed", "three_factors", "missing", "nested", "unbalanced",
+            "three_effects"}
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED))
