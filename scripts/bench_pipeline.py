@@ -71,10 +71,15 @@ print(time.perf_counter() - t)
 """
 
 
+def python_job(ranks: int, code: str) -> list[str]:
+    """``mpiexec -n ranks python -c code`` with the environment's launcher and Python."""
+    return [str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "python"), "-c", code]
+
+
 def kernel_seconds(ranks: int, env: dict) -> float:
     """Slowest process's time for the fixed kernel with ``ranks`` copies running at once."""
-    out = subprocess.run([str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "python"), "-c",
-                          KERNEL], env=env, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(python_job(ranks, KERNEL), env=env, capture_output=True, text=True,
+                         check=True).stdout
     return max(float(x) for x in out.split())
 
 
@@ -107,12 +112,8 @@ def main() -> None:
         last_phases: dict[int, dict] = {}
         for repeat in range(args.repeats):
             for ranks in args.ranks:  # interleaved, so machine noise hits every rank count
-                floor.setdefault(ranks, []).append(
-                    run([str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "python"), "-c",
-                         STACK], env))
-                bare.setdefault(ranks, []).append(
-                    run([str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "python"), "-c",
-                         BARE], env))
+                floor.setdefault(ranks, []).append(run(python_job(ranks, STACK), env))
+                bare.setdefault(ranks, []).append(run(python_job(ranks, BARE), env))
                 kernel.setdefault(ranks, []).append(kernel_seconds(ranks, env))
                 shutil.rmtree(study / "results", ignore_errors=True)
                 seconds = run([str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "mpiblmm"),
