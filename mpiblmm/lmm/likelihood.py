@@ -162,21 +162,10 @@ def _trail(a: np.ndarray, n_small: int) -> np.ndarray:
 
 def _x_corrections_shared(ZX: np.ndarray, L: np.ndarray, Sinv: np.ndarray,
                           MZY: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``X'Z M Z'X`` and ``X'Z M Z'Y`` when Z'X is shared by every voxel (complete data).
-
-    ``ZX`` (q1, p, l) shared, ``M = Lambda S^-1 Lambda'`` per voxel and level; the sums over
-    levels become matrix products with the shared per-level outer products of Z'X (BLAS).
-    """
+    """``X'Z M Z'X`` and ``X'Z M Z'Y`` when Z'X (q1, p, l) is shared by every voxel, with
+    ``M = Lambda S^-1 Lambda'`` per voxel and level formed here from ``L`` and ``S^-1``."""
     M = _mm(L, _mm(Sinv, np.swapaxes(L, 0, 1)))            # (q1, q1, v, l)
-    q1, p, l = ZX.shape
-    v = M.shape[2]
-    corr_xx = np.zeros((v, p * p))
-    for i in range(q1):
-        for j in range(q1):
-            outer = (ZX[i][:, None, :] * ZX[j][None, :, :]).reshape(p * p, l)
-            corr_xx += rows_at(M[i, j], outer.T)
-    corr_xy = sum(rows_at(MZY[i], ZX[i].T) for i in range(q1))
-    return sym(corr_xx.reshape(v, p, p)), corr_xy
+    return _shared_zx_corrections(M, MZY, ZX)
 
 
 def _vinv_single(pf: ProductForms, lam: np.ndarray, need_z: bool) -> VinvProducts:
@@ -328,6 +317,23 @@ def _outer_levels(ZXs: np.ndarray, a: int, b: int, both: bool = False) -> np.nda
     return O.reshape(p * p, l).T
 
 
+def _shared_zx_corrections(M, MZY, ZXs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``sum_j ZX_j' M_j ZX_j`` (v, p, p) and ``sum_j ZX_j' M_j Z_j'Y`` (v, p) for a Z'X
+    ``ZXs`` (q, p, l) shared by every voxel: the level sums are products with the shared
+    per-level outer products of Z'X.  ``M[a][b]`` and ``MZY[a]`` are (v, l); ``M`` is
+    symmetric, so each pair of effects is visited once."""
+    q, p = ZXs.shape[0], ZXs.shape[1]
+    v = MZY[0].shape[0]
+    corr_xx = np.zeros((v, p * p))
+    for a in range(q):
+        for b in range(a, q):
+            corr_xx += rows_at(M[a][b], _outer_levels(ZXs, a, b, both=a != b))
+    corr_xy = rows_at(MZY[0], ZXs[0].T)
+    for a in range(1, q):
+        corr_xy += rows_at(MZY[a], ZXs[a].T)
+    return sym(corr_xx.reshape(v, p, p)), corr_xy
+
+
 def _products_block(pf: ProductForms, B, ZX, ZY, M, logdet) -> VinvProducts:
     """X'V^-1X, X'V^-1Y, Y'V^-1Y: ``X'V^-1B = X'B - sum_j ZX_j' M_j Z_j'B``.  A shared Z'X
     makes the level sums BLAS products with the per-level outer products of Z'X."""
@@ -337,15 +343,7 @@ def _products_block(pf: ProductForms, B, ZX, ZY, M, logdet) -> VinvProducts:
     for a in range(1, q):
         corr_yy += _lsum(ZY[a], MZY[a])
     if pf.shared:
-        ZXs = ZX[:, :, 0]                                  # (q, p, l)
-        corr_xx = np.zeros((v, p * p))
-        for a in range(q):
-            for b in range(a, q):
-                corr_xx += rows_at(M[a][b], _outer_levels(ZXs, a, b, both=a != b))
-        corr_xx = sym(corr_xx.reshape(v, p, p))
-        corr_xy = rows_at(MZY[0], ZXs[0].T)
-        for a in range(1, q):
-            corr_xy += rows_at(MZY[a], ZXs[a].T)
+        corr_xx, corr_xy = _shared_zx_corrections(M, MZY, ZX[:, :, 0])
     else:
         MZX = [[_dot(M[a], [ZX[b][r] for b in range(q)]) for r in range(p)] for a in range(q)]
         corr_xx = np.empty((v, p, p))
