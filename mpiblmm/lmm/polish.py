@@ -128,7 +128,8 @@ def newton_direction(der: Derivatives) -> np.ndarray:
     aw = np.abs(w)
     floor = 1e-10 * aw.max(axis=1, keepdims=True) + 1e-300
     inv = 1.0 / np.maximum(aw, floor)
-    d = np.einsum("vij,vj,vkj,vk->vi", U, inv, U, g, optimize=True)
+    # U diag(inv) U' g with plain einsum loops (optimize=True rounds by batch size: rowwise.py)
+    d = np.einsum("vij,vj->vi", U, inv * np.einsum("vkj,vk->vj", U, g))
     return np.where(ok[:, None], d, 0.0)
 
 

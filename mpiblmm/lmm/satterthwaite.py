@@ -278,11 +278,14 @@ def _pair_tensor(vp, structure: RandomStructure, k: int, k2: int, U1, U2, W1, W2
     f, f2 = structure.factors[k], structure.factors[k2]
     sl, sl2 = structure.slices()[k], structure.slices()[k2]
     R = vp.ZtViZ[:, sl, sl2].reshape(-1, f.n_levels, f.n_effects, f2.n_levels, f2.n_effects)
-    T = -np.einsum("vibjc,viajd->vabcd", R, R, optimize=True)
-    T += (2.0 / s2)[:, None, None, None, None] * np.einsum(
-        "via,vibjc,vjd->vabcd", U1, R, U2, optimize=True)
+    # Plain einsum loops, one pair of operands at a time: einsum's optimize=True picks
+    # contractions whose rounding depends on the number of voxels (see rowwise.py).
+    T = -np.einsum("vibjc,viajd->vabcd", R, R)
+    uR = np.einsum("via,vibjc->vabjc", U1, R)
+    T += (2.0 / s2)[:, None, None, None, None] * np.einsum("vabjc,vjd->vabcd", uR, U2)
     if WA is not None:
-        T += 2.0 * np.einsum("vibjc,vjdp,viap->vabcd", R, WA, W1, optimize=True)
+        RW = np.einsum("vibjc,viap->vbjcap", R, W1)
+        T += 2.0 * np.einsum("vbjcap,vjdp->vabcd", RW, WA)
     return T
 
 
@@ -447,7 +450,8 @@ def _single_factor_setup(pf: ProductForms, varpar: np.ndarray, method: str):
         Mk = Mk - np.einsum("vapbq,vpq->vab", S.WW, A)
     H[:, :nt, :nt] += _second_direction_trace(Mk, rows, cols)
     T = np.transpose(S.T, (0, 3, 1, 2, 4))
-    H[:, :nt, :nt] += np.einsum("vtab,vucd,vabcd->vtu", F, F, T, optimize=True)
+    FT = np.einsum("vtab,vabcd->vtcd", F, T)              # plain einsum: see _pair_tensor
+    H[:, :nt, :nt] += np.einsum("vtcd,vucd->vtu", FT, F)
     H[:, :nt, :nt] -= 2.0 * np.einsum("vtp,vpq,vuq->vtu", w, A, w) / s2[:, None, None]
     if reml:
         Qt = np.einsum("vapbq,vtab->vtpq", S.WW, F)

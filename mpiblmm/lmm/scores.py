@@ -115,7 +115,8 @@ def d_scores(vp: VinvProducts, blocks: tuple[LevelBlocks, ...], s2: np.ndarray,
         G = uu / s2[:, None, None] - b.R.sum(axis=1)
         if A is not None:
             # REML: + sum_j W_kj A W_kj' (derivative of -1/2 log|X'V^-1X|)
-            G = G + np.einsum("vjap,vpr,vjbr->vab", b.W, A, b.W, optimize=True)
+            WA = np.einsum("vjap,vpr->vjar", b.W, A)    # plain einsum loops (rowwise.py)
+            G = G + np.einsum("vjar,vjbr->vab", WA, b.W)
         out.append(0.5 * G)
     return tuple(out)
 
@@ -161,7 +162,7 @@ def information_dd(vp: VinvProducts, blocks: tuple[LevelBlocks, ...],
                 continue
             Rp = _pair_blocks(vp, structure, k1, k2)
             # I_vec[(a,b),(c,d)] = 1/2 sum_ij R_ij[a,c] R_ij[b,d]
-            K = 0.5 * np.einsum("viajc,vibjd->vabcd", Rp, Rp, optimize=True)
+            K = 0.5 * np.einsum("viajc,vibjd->vabcd", Rp, Rp)  # no optimize: rowwise.py
             grid[k1][k2] = vech_information(K)
             if k2 != k1:
                 grid[k2][k1] = np.swapaxes(grid[k1][k2], -1, -2)
