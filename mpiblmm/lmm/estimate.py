@@ -13,7 +13,7 @@ status code (:data:`~mpiblmm.lmm.model.STATUS_CODES`).
 
 Screening happens before any fit, so one voxel's trouble never reaches another: no
 observations (6), ``n <= p`` (3), non-finite product forms (5), rank-deficient ``X`` on the
-observed rows (4).  A voxel whose algebra fails during the fit gets 5; the others are unaffected
+observed rows (4), data that are constant after the fixed effects (7, :func:`constant_data`).  A voxel whose algebra fails during the fit gets 5; the others are unaffected
 (:func:`~mpiblmm.lmm.fisher.evaluate` isolates failures).
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from .fisher import fisher_scoring
 from .model import (
-    STATUS_CONVERGED, STATUS_EMPTY, STATUS_MAX_ITER, STATUS_NUMERICAL, STATUS_RANK_DEFICIENT,
+    STATUS_CONSTANT, STATUS_CONVERGED, STATUS_EMPTY, STATUS_MAX_ITER, STATUS_NUMERICAL, STATUS_RANK_DEFICIENT,
     STATUS_SINGULAR, STATUS_TOO_FEW, FitResult, ProductForms,
 )
 from .polish import polish as polish_theta
@@ -35,6 +35,11 @@ SINGULAR_TOL = 1e-4
 
 #: Relative eigenvalue of a D_k below which a voxel is polished in theta (mode "auto").
 NEAR_BOUNDARY = 1e-6
+
+#: Residual RMS, relative to the data's RMS, below which a voxel's data count as constant.
+#: float32 (how packed images are stored) rounds a value by up to 2^-24 ~ 6e-8 of its size
+#: (RMS about 3.5e-8), so residuals below 1e-7 of the data are rounding, not variance.
+CONSTANT_RTOL = 1e-7
 
 #: Default memory budget of one chunk of voxels (bytes).
 DEFAULT_MEMORY = 512 * 2**20
@@ -56,6 +61,23 @@ def bytes_per_voxel(pf: ProductForms) -> int:
     return 8 * (per + 20 * (p * p + m * m + p) + 64)
 
 
+def constant_data(pf: ProductForms, rtol: float = CONSTANT_RTOL) -> np.ndarray:
+    """Voxels whose observed data are constant after the fixed effects (v,) bool.
+
+    With centred products (``y_offset`` = the OLS fit ``b0``), ``Y'Y`` is the residual sum of
+    squares ``RSS`` and the uncentred sum of squares is ``b0' X'X b0 + RSS``; the data are
+    constant when ``RSS <= rtol^2 (b0' X'X b0 + RSS)`` (zero data included).  Measured
+    against the data's own size, not their variance, because rounding (float32 input) is
+    relative to the size.  Uncentred products carry no such split: nothing is flagged.
+    """
+    if pf.y_offset is None:
+        return np.zeros(pf.n_voxels, dtype=bool)
+    b0 = np.where(np.isfinite(pf.y_offset), pf.y_offset, 0.0)
+    XtX = np.broadcast_to(np.where(np.isfinite(pf.XtX), pf.XtX, 0.0), (pf.n_voxels,) + pf.XtX.shape[1:])
+    fitted_ss = np.einsum("vi,vij,vj->v", b0, XtX, b0)
+    return pf.YtY <= rtol * rtol * (fitted_ss + pf.YtY)
+
+
 def screen(pf: ProductForms) -> np.ndarray:
     """Status before fitting: -1 for voxels to fit, else the code saying why not."""
     v, p = pf.n_voxels, pf.p
@@ -72,6 +94,7 @@ def screen(pf: ProductForms) -> np.ndarray:
         finite &= per_voxel(pf.y_offset)
     XtX = np.where(np.isfinite(pf.XtX), pf.XtX, 0.0)
     rank_ok = np.broadcast_to(full_rank(XtX), (v,))
+    status[constant_data(pf)] = STATUS_CONSTANT
     status[~rank_ok] = STATUS_RANK_DEFICIENT
     status[~finite] = STATUS_NUMERICAL
     status[pf.n <= p] = STATUS_TOO_FEW
