@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from mpiblmm.checks import check_fittable
 from mpiblmm.design import Design, design_from_spec
 from mpiblmm.io import make_dirs, on_root
 from mpiblmm.io.export import export_nifti
@@ -118,6 +119,7 @@ def _load(spec_path: str, options: FitOptions) -> tuple[Spec, Design]:
     if options.max_memory_mb is not None:
         spec = replace(spec, max_memory_mb=float(options.max_memory_mb))
     design = design_from_spec(spec)
+    check_fittable(design, spec)
     make_dirs(spec.output, where)
     return spec, design
 

@@ -6,7 +6,7 @@ import pytest
 from mpiblmm.lmm.analysis import (ContrastDef, Model, Settings, analyse_chunk,
                                   product_form_groups)
 from mpiblmm.lmm.model import (STATUS_CONSTANT, STATUS_EMPTY, STATUS_RANK_DEFICIENT,
-                               STATUS_TOO_FEW)
+                               STATUS_TOO_FEW, STATUS_UNIDENTIFIABLE)
 from mpiblmm.lmm.products import random_design
 from mpiblmm.simulate import FactorSpec, covariance, simulate_design, simulate_voxels
 
@@ -98,3 +98,18 @@ def test_almost_constant_data_are_still_fitted():
     Y = 1000.0 + 1e-2 * (Y - Y.mean(axis=1, keepdims=True))
     out = analyse_chunk(model, Y, Settings())
     assert (out["status"] <= 2).all()
+
+
+def test_voxels_whose_observed_rows_cannot_identify_the_random_effects():
+    """lme4's rule on a voxel's own data: observations must exceed levels x effects.  With
+    two of four visits per subject and an intercept + slope, n = 2 l: not identifiable
+    (status 9, no numbers); one more observation and the voxel is fitted."""
+    model, Y = _model_and_data(seed=7, v=3)
+    codes = model.rd.cols[:, 0] // 2                     # subject of each row (q = 2)
+    visit = np.arange(Y.shape[1]) - np.searchsorted(codes, codes)
+    Y[0, visit >= 2] = np.nan                            # 2 visits of each of 25 subjects
+    Y[1, (visit >= 2) & ~((codes == 0) & (visit == 2))] = np.nan   # one more observation
+    out = analyse_chunk(model, Y, Settings())
+    assert out["status"][0] == STATUS_UNIDENTIFIABLE and out["n"][0] == 50
+    assert np.isnan(out["beta"][0]).all() and np.isnan(out["contrasts/time/p"][0])
+    assert out["status"][1] <= 2 and out["status"][2] <= 2
