@@ -29,6 +29,7 @@ import numpy as np
 
 from mpiblmm.checks import check_fittable
 from mpiblmm.design import Design, design_from_spec
+from mpiblmm.errors import SpecError
 from mpiblmm.io import make_dirs, on_root
 from mpiblmm.io.export import export_nifti
 from mpiblmm.io.ingest import DEFAULT_MEMORY_MB, SlabReader, prepare_input
@@ -121,6 +122,8 @@ def _load(spec_path: str, options: FitOptions) -> tuple[Spec, Design]:
     spec = load_spec(spec_path)
     where = f"{spec_path}: output"
     if options.output is not None:
+        if not options.output.strip():
+            raise SpecError("is empty; name the output folder", "--output")
         spec = replace(spec, output=Path(options.output).resolve())
         where = "--output"
     if options.max_memory_mb is not None:
