@@ -19,14 +19,17 @@ Stages (every rank runs them; the collective ones are marked):
 from __future__ import annotations
 
 import math
+import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mpiblmm.checks import check_fittable
 from mpiblmm.design import Design, design_from_spec
+from mpiblmm.errors import SpecError
 from mpiblmm.io import make_dirs, on_root
 from mpiblmm.io.export import export_nifti
 from mpiblmm.io.ingest import DEFAULT_MEMORY_MB, SlabReader, prepare_input
@@ -34,6 +37,7 @@ from mpiblmm.io.results import RESULTS_NAME, ResultsLayout, create_results
 from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk, bytes_per_voxel
 from mpiblmm.lmm.model import STATUS_CODES, STATUS_SINGULAR
 from mpiblmm.lmm.products import random_design
+from mpiblmm.memory import agreed_work_budget_mb
 from mpiblmm.parallel import partition, partition_by_cost, summarise_over_ranks
 from mpiblmm.spec import Spec, load_spec
 from mpiblmm.timers import PhaseTimer, summarise_phases
@@ -42,6 +46,9 @@ from mpiblmm.timers import PhaseTimer, summarise_phases
 PHASES = ["setup", "ingest", "create", "read", "fit", "write", "finish"]
 #: Share of the memory budget given to a chunk's working arrays (the rest: data, HDF5, numpy).
 CHUNK_SHARE = 0.5
+#: Share of the work budget given to packing's own arrays; the rest is for HDF5's and
+#: MPI-IO's buffers (collective writes of a chunked dataset), which packing does not count.
+INGEST_SHARE = 0.5
 #: Relative cost of fitting a voxel with missing observations (its own product forms, no
 #: shared fast path) against a complete one; measured on the demo study.
 INCOMPLETE_COST = 2.0
@@ -100,9 +107,11 @@ def my_slab(packed, size: int, rank: int):
 
 
 def chunk_voxels(budget_mb: float, n: int, model: Model) -> int:
-    """Voxels per chunk so one chunk's working arrays fit the share of the budget."""
+    """Voxels per chunk so one chunk's working arrays fit the share of the (work) budget;
+    ``$MPIBLMM_CHUNK_VOXELS`` caps it further (tests that need many small chunks)."""
     per = bytes_per_voxel(n, model.X.shape[1], model.structure, len(model.contrasts))
-    return int(max(1, min(MAX_CHUNK, CHUNK_SHARE * budget_mb * 2**20 // per)))
+    most = min(MAX_CHUNK, int(os.environ.get("MPIBLMM_CHUNK_VOXELS") or MAX_CHUNK))
+    return int(max(1, min(most, CHUNK_SHARE * budget_mb * 2**20 // per)))
 
 
 def _load(spec_path: str, options: FitOptions) -> tuple[Spec, Design]:
@@ -113,11 +122,14 @@ def _load(spec_path: str, options: FitOptions) -> tuple[Spec, Design]:
     spec = load_spec(spec_path)
     where = f"{spec_path}: output"
     if options.output is not None:
+        if not options.output.strip():
+            raise SpecError("is empty; name the output folder", "--output")
         spec = replace(spec, output=Path(options.output).resolve())
         where = "--output"
     if options.max_memory_mb is not None:
         spec = replace(spec, max_memory_mb=float(options.max_memory_mb))
     design = design_from_spec(spec)
+    check_fittable(design, spec)
     make_dirs(spec.output, where)
     return spec, design
 
@@ -129,14 +141,18 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
     timer = PhaseTimer()
 
     with timer.phase("setup"):
+        import h5py  # noqa: F401
         import nibabel  # noqa: F401  every rank imports it now, side by side, rather than
         # rank 0 alone inside the packing's first step while the others wait for it
         spec, design = on_root(comm, lambda: _load(spec_path, options))
         model = model_from_design(design)
         budget = spec.max_memory_mb or DEFAULT_MEMORY_MB
-        settings = settings_from_spec(spec, budget)
+        # the budget is the peak per rank, interpreter included: size the work by what is left
+        work = agreed_work_budget_mb(comm, budget, _budget_source(spec_path, spec, options))
+        settings = settings_from_spec(spec, work)
     with timer.phase("ingest"):
-        packed = prepare_input(spec, comm, n_expected=design.n)
+        packed = prepare_input(replace(spec, max_memory_mb=INGEST_SHARE * work), comm,
+                               n_expected=design.n)
     say(f"mpiblmm: {packed.n_voxels} voxels x {packed.n_observations} observations, "
         f"{design.p} fixed effects, {len(design.factors)} random factor(s), "
         f"{settings.method}, {size} rank(s)")
@@ -148,7 +164,7 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
         writer = create_results(results_path, layout, packed.voxels, comm)
 
     mine = my_slab(packed, size, rank)
-    step = chunk_voxels(budget, design.n, model)
+    step = chunk_voxels(work, design.n, model)
     n_chunks = math.ceil(mine.size / step) if mine.size else 0
     it_sum, it_max = 0.0, 0.0  # over this rank's fitted voxels
     with SlabReader(packed, comm) as reader:
@@ -174,6 +190,7 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
         phases = summarise_phases(comm, timer, PHASES)
         peak = summarise_over_ranks(comm, peak_memory_mb())
         summary = {"ranks": size, "chunk_voxels": step, "memory_budget_mb": budget,
+                   "work_budget_mb": work,
                    "iterations_max": it_max, "seconds": phases, "peak_memory_mb": list(peak)}
         counts = writer.finish(summary)
     n_fitted = sum(v for k, v in counts.items() if k <= STATUS_SINGULAR)
@@ -183,6 +200,13 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
         _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path,
                        timer.seconds["export"], timer.total(), peak, budget)
     return results_path
+
+
+def _budget_source(spec_path: str, spec: Spec, options: FitOptions) -> str:
+    """Where the memory budget came from, for messages."""
+    if options.max_memory_mb is not None:
+        return "--max-memory-mb"
+    return f"{spec_path}: max_memory_mb" if spec.max_memory_mb else "the default memory budget"
 
 
 def peak_memory_mb() -> float:

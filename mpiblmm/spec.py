@@ -150,6 +150,9 @@ def load_spec(path: str | os.PathLike, check_files: bool = True) -> Spec:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise SpecError(f"cannot read the spec: {exc.strerror or exc}", str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"not UTF-8 text (byte {exc.start + 1} cannot be decoded); save the "
+                        "spec as UTF-8", str(path)) from None
     try:
         raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as exc:

@@ -6,7 +6,10 @@ arrays out; no MPI, no files), so a whole analysis can be checked serially.
 Per chunk:
 
 1. Missingness: a voxel is fitted when it has at least ``max(min_n, p + 1)`` observations and
-   at least ``min_fraction`` of all observations; otherwise its status says why.
+   at least ``min_fraction`` of all observations; otherwise its status says why.  A voxel
+   whose observed rows cannot identify the random effects (lme4's rule on the voxel's own
+   data: observations must exceed levels x effects of every factor, counting the levels it
+   observes) is not fitted (status 9, :func:`identifiable`).
 2. Voxels observed in every image share X'X, Z'X and Z'Z (one product-form group); voxels
    with missing observations get product forms of their own.  A voxel whose observed rows
    leave X rank deficient is not fitted (status 4).
@@ -31,8 +34,10 @@ import numpy as np
 
 from .estimate import fit
 from .inference import f_contrast, t_contrast
-from .model import (F_STATS, STATUS_EMPTY, STATUS_RANK_DEFICIENT, STATUS_TOO_FEW, T_STATS,
-                    RandomStructure)
+import scipy.sparse as sp
+
+from .model import (F_STATS, STATUS_EMPTY, STATUS_RANK_DEFICIENT, STATUS_TOO_FEW,
+                    STATUS_UNIDENTIFIABLE, T_STATS, RandomStructure)
 from .products import RandomDesign, full_rank, product_forms
 from .satterthwaite import satterthwaite_setup
 
@@ -134,6 +139,27 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     return out
 
 
+def identifiable(rd: RandomDesign, observed: np.ndarray) -> np.ndarray:
+    """Voxels (v,) whose observed rows identify the random effects, by lme4's rule
+    (``check.nobs.vs.nRE``, which implies ``check.nobs.vs.nlev``) on the voxel's own data:
+    ``n_obs > l_obs,k q_k`` for every factor ``k``, ``l_obs,k`` its levels with at least one
+    observed row.  ``observed`` is (v, n)."""
+    if observed.shape[0] > 1 and observed.all():         # complete voxels: one answer
+        return np.repeat(identifiable(rd, observed[:1]), observed.shape[0])
+    n_obs = observed.sum(axis=1)
+    ok = np.ones(observed.shape[0], dtype=bool)
+    obs = observed.T.astype(np.float64)
+    start = 0
+    for f, offset in zip(rd.structure.factors, rd.structure.offsets):
+        level = (rd.cols[:, start] - offset) // f.n_effects
+        incidence = sp.csr_matrix((np.ones(rd.n), (level, np.arange(rd.n))),
+                                  shape=(f.n_levels, rd.n))
+        levels_seen = (np.asarray(incidence @ obs) > 0).sum(axis=0)
+        ok &= n_obs > levels_seen * f.n_effects
+        start += f.n_effects
+    return ok
+
+
 def product_form_groups(observed: np.ndarray, fit: np.ndarray):
     """Split the voxels to fit into the complete ones (which share their product forms) and
     the rest (product forms of their own); yields the voxel indices of each non-empty group."""
@@ -148,11 +174,14 @@ def _fit_group(model: Model, Yg: np.ndarray, obs: np.ndarray, settings: Settings
     """Fit one product-form group (all complete, or all per-voxel) and fill ``out`` at ``index``."""
     pf = product_forms(model.X, model.rd, Yg, obs)
     ranked = np.broadcast_to(full_rank(pf.XtX), (index.size,))
+    ident = identifiable(model.rd, obs.T)
+    out["status"][index[ranked & ~ident]] = STATUS_UNIDENTIFIABLE
     out["status"][index[~ranked]] = STATUS_RANK_DEFICIENT
-    if not ranked.any():
+    ok = ranked & ident
+    if not ok.any():
         return
-    if not ranked.all():
-        keep = np.flatnonzero(ranked)
+    if not ok.all():
+        keep = np.flatnonzero(ok)
         pf, index = pf.take(keep), index[keep]
     kwargs = {k: getattr(settings, k) for k in ("tolerance", "max_iterations", "memory_budget")
               if getattr(settings, k) is not None}

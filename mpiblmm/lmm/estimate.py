@@ -13,7 +13,7 @@ status code (:data:`~mpiblmm.lmm.model.STATUS_CODES`).
 
 Screening happens before any fit, so one voxel's trouble never reaches another: no
 observations (6), ``n <= p`` (3), non-finite product forms (5), rank-deficient ``X`` on the
-observed rows (4).  A voxel whose algebra fails during the fit gets 5; the others are unaffected
+observed rows (4), data that are constant after the fixed effects (7, :func:`constant_data`).  A voxel whose algebra fails during the fit gets 5; the others are unaffected
 (:func:`~mpiblmm.lmm.fisher.evaluate` isolates failures).
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from .fisher import fisher_scoring
 from .model import (
-    STATUS_CONVERGED, STATUS_EMPTY, STATUS_MAX_ITER, STATUS_NUMERICAL, STATUS_RANK_DEFICIENT,
+    STATUS_CONSTANT, STATUS_CONVERGED, STATUS_EMPTY, STATUS_MAX_ITER, STATUS_NUMERICAL, STATUS_RANK_DEFICIENT,
     STATUS_SINGULAR, STATUS_TOO_FEW, FitResult, ProductForms,
 )
 from .polish import polish as polish_theta
@@ -35,6 +35,15 @@ SINGULAR_TOL = 1e-4
 
 #: Relative eigenvalue of a D_k below which a voxel is polished in theta (mode "auto").
 NEAR_BOUNDARY = 1e-6
+
+#: Residual RMS, relative to the data's RMS, below which a voxel's data count as constant.
+#: float32 (how packed images are stored) rounds a value by up to 2^-24 ~ 6e-8 of its size
+#: (RMS about 3.5e-8), so residuals below 1e-7 of the data are rounding, not variance.
+CONSTANT_RTOL = 1e-7
+
+#: Default iteration cap of a voxel's whole fit (Fisher Scoring + polish; before the cap
+#: covered both, they had 200 and 100 of their own).
+DEFAULT_MAX_ITERATIONS = 300
 
 #: Default memory budget of one chunk of voxels (bytes).
 DEFAULT_MEMORY = 512 * 2**20
@@ -56,6 +65,23 @@ def bytes_per_voxel(pf: ProductForms) -> int:
     return 8 * (per + 20 * (p * p + m * m + p) + 64)
 
 
+def constant_data(pf: ProductForms, rtol: float = CONSTANT_RTOL) -> np.ndarray:
+    """Voxels whose observed data are constant after the fixed effects (v,) bool.
+
+    With centred products (``y_offset`` = the OLS fit ``b0``), ``Y'Y`` is the residual sum of
+    squares ``RSS`` and the uncentred sum of squares is ``b0' X'X b0 + RSS``; the data are
+    constant when ``RSS <= rtol^2 (b0' X'X b0 + RSS)`` (zero data included).  Measured
+    against the data's own size, not their variance, because rounding (float32 input) is
+    relative to the size.  Uncentred products carry no such split: nothing is flagged.
+    """
+    if pf.y_offset is None:
+        return np.zeros(pf.n_voxels, dtype=bool)
+    b0 = np.where(np.isfinite(pf.y_offset), pf.y_offset, 0.0)
+    XtX = np.broadcast_to(np.where(np.isfinite(pf.XtX), pf.XtX, 0.0), (pf.n_voxels,) + pf.XtX.shape[1:])
+    fitted_ss = np.einsum("vi,vij,vj->v", b0, XtX, b0)
+    return pf.YtY <= rtol * rtol * (fitted_ss + pf.YtY)
+
+
 def screen(pf: ProductForms) -> np.ndarray:
     """Status before fitting: -1 for voxels to fit, else the code saying why not."""
     v, p = pf.n_voxels, pf.p
@@ -72,6 +98,7 @@ def screen(pf: ProductForms) -> np.ndarray:
         finite &= per_voxel(pf.y_offset)
     XtX = np.where(np.isfinite(pf.XtX), pf.XtX, 0.0)
     rank_ok = np.broadcast_to(full_rank(XtX), (v,))
+    status[constant_data(pf)] = STATUS_CONSTANT
     status[~rank_ok] = STATUS_RANK_DEFICIENT
     status[~finite] = STATUS_NUMERICAL
     status[pf.n <= p] = STATUS_TOO_FEW
@@ -98,7 +125,8 @@ def near_boundary(D: tuple[np.ndarray, ...], tol: float = NEAR_BOUNDARY) -> np.n
 
 
 def _fit_chunk(pf: ProductForms, method: str, tolerance: float, max_iterations: int,
-               polish_mode: str, polish_tolerance: float, polish_iterations: int) -> dict:
+               polish_mode: str) -> dict:
+    """Fisher Scoring then the polish, both within one budget of ``max_iterations`` per voxel."""
     fs = fisher_scoring(pf, method, tolerance=tolerance, max_iterations=max_iterations)
     theta = theta_from_D(fs.D, pf.structure)
     ev = fs.ev
@@ -113,9 +141,12 @@ def _fit_chunk(pf: ProductForms, method: str, tolerance: float, max_iterations: 
     else:  # "auto": the boundary, and wherever Fisher Scoring could not finish
         sel = np.flatnonzero(near_boundary(fs.D) | fs.stalled | ~fs.converged)
     sel = sel[np.isfinite(ev.llh[sel])]
+    left = max_iterations - fs.iterations[sel]
+    out["converged"][sel[left <= 0]] = False     # needs the polish, but the budget is spent
+    sel, left = sel[left > 0], left[left > 0]
     if sel.size:
-        pol = polish_theta(pf.take(sel), theta[sel], method, tolerance=polish_tolerance,
-                     max_iterations=polish_iterations)
+        pol = polish_theta(pf.take(sel), theta[sel], method, tolerance=tolerance,
+                           max_iterations=left)
         for key, val in (("theta", pol.theta), ("llh", pol.ev.llh), ("beta", pol.ev.beta),
                          ("s2", pol.ev.s2), ("XtViX", pol.ev.vp.XtViX),
                          ("polish_iterations", pol.iterations), ("converged", pol.converged)):
@@ -124,8 +155,8 @@ def _fit_chunk(pf: ProductForms, method: str, tolerance: float, max_iterations: 
 
 
 def fit(pf: ProductForms, method: str = "REML", tolerance: float = 1e-12,
-        max_iterations: int = 200, polish: str = "auto", polish_tolerance: float = 1e-12,
-        polish_iterations: int = 100, memory_budget: int = DEFAULT_MEMORY) -> FitResult:
+        max_iterations: int = DEFAULT_MAX_ITERATIONS, polish: str = "auto",
+        memory_budget: int = DEFAULT_MEMORY) -> FitResult:
     """Fit the voxel-wise LMM by (RE)ML to every voxel of ``pf``.
 
     Parameters
@@ -135,15 +166,16 @@ def fit(pf: ProductForms, method: str = "REML", tolerance: float = 1e-12,
     method
         ``"REML"`` (default, as lme4) or ``"ML"``.
     tolerance
-        Fisher Scoring stops a voxel when its log-likelihood changes by less than this.
+        Fisher Scoring and the polish stop a voxel when its log-likelihood changes by less
+        than this.
     max_iterations
-        Fisher Scoring iteration cap.
+        Iteration cap of the whole fit of a voxel, Fisher Scoring and polish together; a
+        voxel stopped by it (or that needed the polish when Fisher Scoring had spent it) gets
+        status 1.
     polish
         Which voxels the theta polish (:mod:`~mpiblmm.lmm.polish`) refines: ``"auto"``
         (default: voxels with a nearly singular ``D_k`` and those Fisher Scoring could not
         finish), ``"all"`` or ``"none"``.
-    polish_tolerance, polish_iterations
-        Stopping rule and cap of the polish; a voxel that hits a cap gets status 1.
     memory_budget
         Bytes of working memory for one chunk of voxels (see :func:`bytes_per_voxel`).
 
@@ -173,8 +205,7 @@ def fit(pf: ProductForms, method: str = "REML", tolerance: float = 1e-12,
     chunk = max(1, int(memory_budget // bytes_per_voxel(pf)))
     for start in range(0, todo.size, chunk):
         idx = todo[start:start + chunk]
-        out = _fit_chunk(pf.take(idx), method, tolerance, max_iterations, polish,
-                         polish_tolerance, polish_iterations)
+        out = _fit_chunk(pf.take(idx), method, tolerance, max_iterations, polish)
         theta[idx], llh[idx], beta[idx], s2[idx] = out["theta"], out["llh"], out["beta"], out["s2"]
         XtViX[idx] = out["XtViX"]
         fs_it[idx], pol_it[idx] = out["fs_iterations"], out["polish_iterations"]

@@ -148,6 +148,9 @@ STATUS_CODES: dict[int, str] = {
     4: "not fitted: design matrix X is rank deficient on the observed rows",
     5: "not fitted: numerical failure (non-finite values in the fit)",
     6: "not fitted: no observations",
+    7: "not fitted: observed data are constant (no residual variance)",
+    9: ("not fitted: random effects not identifiable on the observed rows (observations "
+        "must exceed levels x effects of every factor)"),
 }
 STATUS_CONVERGED = 0
 STATUS_MAX_ITER = 1
@@ -156,6 +159,8 @@ STATUS_TOO_FEW = 3
 STATUS_RANK_DEFICIENT = 4
 STATUS_NUMERICAL = 5
 STATUS_EMPTY = 6
+STATUS_CONSTANT = 7
+STATUS_UNIDENTIFIABLE = 9
 
 
 @dataclass(frozen=True)

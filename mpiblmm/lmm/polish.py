@@ -228,20 +228,24 @@ def _line_search(pf, theta, llh, direction_fn, method, max_halvings, predicted=N
 
 
 def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
-           tolerance: float = 1e-12, max_iterations: int = 100,
+           tolerance: float = 1e-12, max_iterations: int | np.ndarray = 100,
            max_halvings: int = 30) -> PolishResult:
     """Maximise the profiled (RE)ML log-likelihood over theta from ``theta0`` (v, n_theta).
 
-    See the module docstring for the two moves.  Voxels whose evaluation fails at ``theta0``
+    See the module docstring for the two moves.  ``max_iterations`` is one cap or a cap per
+    voxel (v,) (what is left of a voxel's budget after Fisher Scoring); a voxel that reaches
+    its cap stops with ``converged`` False.  Voxels whose evaluation fails at ``theta0``
     are returned unchanged with ``llh`` NaN and ``converged`` False.
     """
     st, v = pf.structure, pf.n_voxels
+    cap = np.broadcast_to(np.asarray(max_iterations, dtype=np.int64), (v,))
     theta = canonical_theta(np.array(theta0, dtype=np.float64), st)
     ev = evaluate(pf, lambdas_from_theta(theta, st), method, need_z=True)
     iterations = np.zeros(v, dtype=np.int64)
     converged = np.zeros(v, dtype=bool)
     active = np.flatnonzero(np.isfinite(ev.llh))
-    for _ in range(max_iterations):
+    for _ in range(int(cap.max(initial=0))):
+        active = active[iterations[active] < cap[active]]
         if active.size == 0:
             break
         pf_a = pf.take(active)

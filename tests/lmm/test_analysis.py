@@ -5,7 +5,8 @@ import pytest
 
 from mpiblmm.lmm.analysis import (ContrastDef, Model, Settings, analyse_chunk,
                                   product_form_groups)
-from mpiblmm.lmm.model import STATUS_EMPTY, STATUS_RANK_DEFICIENT, STATUS_TOO_FEW
+from mpiblmm.lmm.model import (STATUS_CONSTANT, STATUS_EMPTY, STATUS_RANK_DEFICIENT,
+                               STATUS_TOO_FEW, STATUS_UNIDENTIFIABLE)
 from mpiblmm.lmm.products import random_design
 from mpiblmm.simulate import FactorSpec, covariance, simulate_design, simulate_voxels
 
@@ -82,3 +83,47 @@ def test_no_voxel_batched_einsum_takes_the_optimised_path():
                  for no, line in enumerate(path.read_text().splitlines(), 1)
                  if "optimize=True" in line and "einsum" in line and not line.lstrip().startswith("#")]
     assert not offenders, f"einsum(optimize=True) in the voxel-batched core: {offenders}"
+
+
+def test_constant_voxels_are_not_fitted_and_say_so():
+    """Issue 11: 128 voxels whose float32 data are constant (but not zero) were 'converged'
+    with p-values from rounding noise (34 of 128 had p < 0.05).  They must get status 7 and
+    NaN statistics, whether complete or with missing observations; data that vary only by a
+    few units in the last float32 digit are as constant as float32 can tell."""
+    model, Y = _model_and_data(seed=4, v=140)
+    rng = np.random.default_rng(5)
+    level = rng.uniform(-3000.0, 3000.0, 128).astype(np.float32)
+    Y[:128] = level[:, None]
+    Y[64:96, :5] = np.nan                               # constant with missing observations
+    Y[96:128] = (Y[96:128] + model.X[:, 1] * 0.25).astype(np.float32)  # constant after X
+    Y = Y.astype(np.float32)
+    out = analyse_chunk(model, Y, Settings())
+    assert (out["status"][:128] == STATUS_CONSTANT).all(), np.bincount(out["status"][:128])
+    for key, value in out.items():
+        if value.dtype.kind == "f":
+            assert np.isnan(value[:128]).all(), key
+    assert (out["status"][128:] <= 2).all()
+    np.testing.assert_array_equal(out["n"][64:96], Y.shape[1] - 5)
+
+
+def test_almost_constant_data_are_still_fitted():
+    """The threshold is rounding, not small variance: noise 1e-5 of the data's size is fitted."""
+    model, Y = _model_and_data(seed=6, v=6)
+    Y = 1000.0 + 1e-2 * (Y - Y.mean(axis=1, keepdims=True))
+    out = analyse_chunk(model, Y, Settings())
+    assert (out["status"] <= 2).all()
+
+
+def test_voxels_whose_observed_rows_cannot_identify_the_random_effects():
+    """lme4's rule on a voxel's own data: observations must exceed levels x effects.  With
+    two of four visits per subject and an intercept + slope, n = 2 l: not identifiable
+    (status 9, no numbers); one more observation and the voxel is fitted."""
+    model, Y = _model_and_data(seed=7, v=3)
+    codes = model.rd.cols[:, 0] // 2                     # subject of each row (q = 2)
+    visit = np.arange(Y.shape[1]) - np.searchsorted(codes, codes)
+    Y[0, visit >= 2] = np.nan                            # 2 visits of each of 25 subjects
+    Y[1, (visit >= 2) & ~((codes == 0) & (visit == 2))] = np.nan   # one more observation
+    out = analyse_chunk(model, Y, Settings())
+    assert out["status"][0] == STATUS_UNIDENTIFIABLE and out["n"][0] == 50
+    assert np.isnan(out["beta"][0]).all() and np.isnan(out["contrasts/time/p"][0])
+    assert out["status"][1] <= 2 and out["status"][2] <= 2

@@ -90,3 +90,22 @@ def test_iteration_cap_flags_voxels():
     res = fit(pf, max_iterations=1, polish="none")
     assert (res.status[res.fitted] <= 2).all()
     assert (res.status == 1).any()
+
+
+@pytest.mark.parametrize("cap", [1, 2, 4, 8])
+def test_max_iterations_bounds_the_whole_fit_polish_included(cap):
+    """Issue 11: the polish had its own cap, so `max_iterations: 1` never gave status 1.
+    Now a voxel's Fisher Scoring and polish iterations together stay within the cap; a voxel
+    whose uncapped fit took at most ``cap`` iterations is fitted exactly as without the cap,
+    every other one stops with status 1."""
+    X, rd, Y, pf = simulate(11, q=2, v=16)
+    free = fit(pf)
+    capped = fit(pf, max_iterations=cap)
+    assert (capped.iterations <= cap).all()
+    within = free.iterations <= cap
+    np.testing.assert_array_equal(capped.status[within], free.status[within])
+    np.testing.assert_array_equal(capped.llh[within], free.llh[within])
+    assert (capped.status[~within] == 1).all()
+    assert capped.fitted.all()
+    if cap == 1:
+        assert (~within).sum() >= 12, free.iterations

@@ -1,0 +1,98 @@
+"""Designs that cannot be fitted at any voxel: user errors before any fitting.
+
+:func:`check_fittable` runs on a built :class:`~mpiblmm.design.Design` (any front end) and
+the spec's thresholds, and raises a one-line :class:`~mpiblmm.errors.SpecError` naming the
+cause when no voxel, even one observed in every image, could be fitted:
+
+- ``p >= n``: no residual degrees of freedom (REML needs ``n - p > 0``);
+- ``X`` rank deficient on all rows: the first column that is a linear combination of the
+  columns before it (the criterion of :func:`~mpiblmm.lmm.products.full_rank`, so a
+  design that passes is full rank at every complete voxel);
+- ``missingness.min_n`` above ``n``;
+- per random factor, lme4's refusals (``lme4::lmerControl`` defaults ``check.nlev.gtr.1``,
+  ``check.nobs.vs.nlev`` and ``check.nobs.vs.nRE``: "number of levels of each grouping
+  factor must be < number of observations", "number of observations (=n) <= number of
+  random effects (=l q)"): fewer than 2 levels, or ``n <= l_k q_k``;
+- per random factor, linearly dependent columns of its covariates ``Z_k`` (e.g. the
+  intercept given twice): ``D_k`` is then not identifiable.
+
+Where identifiability depends on a voxel's missing data (its observed rows and levels), the
+voxel gets a status code instead (:func:`~mpiblmm.lmm.analysis.identifiable`, status 9).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mpiblmm.errors import SpecError
+
+#: Relative eigenvalue of X'X (and Z_k'Z_k) below which columns count as dependent; the
+#: estimator's own rank test (``lmm.products.full_rank``) uses the same.
+RANK_RTOL = 1e-10
+
+
+def dependent_column(A: np.ndarray, rtol: float = RANK_RTOL) -> int | None:
+    """Index of the first column of ``A`` (n, p) in the span of the columns before it (or
+    zero), by the eigenvalues of the leading Gram blocks; ``None`` if ``A`` has full column
+    rank."""
+    A = np.asarray(A, dtype=np.float64)
+    scale = np.sqrt((A * A).sum(axis=0))
+    if not (scale > 0).all():
+        return int(np.flatnonzero(~(scale > 0))[0])
+    G = (A / scale).T @ (A / scale)          # column scaling: units do not decide the rank
+    w_all = np.linalg.eigvalsh(G)
+    if w_all[0] > rtol * w_all[-1]:
+        return None
+    for j in range(1, A.shape[1]):
+        w = np.linalg.eigvalsh(G[:j + 1, :j + 1])
+        if not w[0] > rtol * w[-1]:
+            return j
+    return A.shape[1] - 1
+
+
+def check_fittable(design: Any, spec: Any = None) -> None:
+    """Raise :class:`SpecError` if no voxel of ``design`` could be fitted (module doc).
+
+    ``spec`` (optional) gives file names for the messages and ``missingness.min_n``.
+    """
+    n, p = design.X.shape
+    spec_path = str(getattr(spec, "path", "spec"))
+    x_where = str(getattr(spec, "X", None) or f"{spec_path}: X")
+    if p >= n:
+        raise SpecError(f"{p} fixed effects (columns) but only {n} observations (rows): a fit "
+                        "needs more observations than fixed effects", x_where)
+    names = tuple(getattr(design, "fixed_names", ()) or ())
+    j = dependent_column(design.X)
+    if j is not None:
+        what = f"column {j + 1}" + (f" ({names[j]!r})" if len(names) == p else "")
+        raise SpecError(f"{what} is {'zero' if not np.any(design.X[:, j]) else 'a linear combination of the columns before it'}: "
+                        "X is rank deficient, so the fixed effects are not identifiable; "
+                        "drop or recode that column", x_where)
+    missingness = getattr(spec, "missingness", None)
+    min_n = getattr(missingness, "min_n", None)
+    if min_n is not None and min_n > n:
+        raise SpecError(f"{min_n} is more than the {n} observations: no voxel could be fitted",
+                        f"{spec_path}: missingness.min_n")
+    specs = tuple(getattr(spec, "random", ()) or ())
+    for i, f in enumerate(design.factors):
+        fs = specs[i] if i < len(specs) else None
+        where = f"{spec_path}: random[{i}] ({f.name!r})"
+        l, q = f.n_levels, f.n_effects
+        if l < 2:
+            raise SpecError(f"has {l} level: a grouping factor needs at least 2 levels", where)
+        if n <= l * q:
+            raise SpecError(
+                f"{n} observations for {l * q} random effects ({l} levels x {q} effects per "
+                "level): the random effects and the residual variance are not identifiable "
+                "(lme4 refuses this too); the number of observations must exceed levels x "
+                "effects", where)
+        k = dependent_column(f.Z)
+        if k is not None:
+            z_where = str(getattr(fs, "design", None) or where)
+            enames = tuple(f.effect_names)
+            what = f"column {k + 1}" + (f" ({enames[k]!r})" if len(enames) == q else "")
+            raise SpecError(f"{what} of the random effects of factor {f.name!r} is "
+                            f"{'zero' if not np.any(f.Z[:, k]) else 'a linear combination of the columns before it'}"
+                            ": its covariance is not identifiable; drop that column", z_where)

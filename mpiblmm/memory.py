@@ -1,0 +1,80 @@
+"""The memory budget per rank (``--max-memory-mb``, the spec's ``max_memory_mb``), honestly.
+
+The budget is the peak resident memory of a rank, interpreter included.  What a rank holds
+before any work (Python, numpy, scipy, h5py, nibabel, MPI: about 100-150 MiB) is measured
+at the start of a fit and subtracted; what is left is the *work budget* that sizes packing
+caches and voxel chunks.  A budget that leaves less than :data:`MIN_WORK_MB` for the work is
+a user error stating the minimum.
+
+Only Linux's ``/proc/self/statm`` gives the current resident size; elsewhere the peak so far
+(``getrusage``) stands in, which is the same at the start of a fit.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from mpiblmm.errors import UserError
+
+MIB = 2**20
+
+#: Least memory (MiB) the work of a rank may have: buffers of HDF5 and MPI-IO, one image in
+#: flight while packing, one chunk of voxels and the allocator's slack.
+MIN_WORK_MB = 48.0
+
+
+def resident_mb() -> float:
+    """This process's resident memory now (MiB)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / MIB
+    except (OSError, ValueError, IndexError):
+        return peak_mb()
+
+
+def peak_mb() -> float:
+    """This process's peak resident memory so far (MiB; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def minimum_budget_mb(baseline_mb: float) -> int:
+    """The smallest budget (whole MiB) that leaves :data:`MIN_WORK_MB` above ``baseline_mb``."""
+    return int(-(-(baseline_mb + MIN_WORK_MB) // 1))
+
+
+def work_budget_mb(budget_mb: float, baseline_mb: float, where: str) -> float:
+    """What ``budget_mb`` leaves for the work once ``baseline_mb`` is resident.
+
+    Raises
+    ------
+    UserError
+        When that is below :data:`MIN_WORK_MB`; the message states the minimum budget.
+    """
+    work = budget_mb - baseline_mb
+    if work < MIN_WORK_MB:
+        raise UserError(
+            f"{budget_mb:.0f} MiB per rank is too little to run: the interpreter and libraries "
+            f"already take {baseline_mb:.0f} MiB, and the work needs at least "
+            f"{MIN_WORK_MB:.0f} MiB more; give at least {minimum_budget_mb(baseline_mb)} MiB",
+            where)
+    return work
+
+
+def agreed_work_budget_mb(comm: Any, budget_mb: float, where: str) -> float:
+    """Collective: :func:`work_budget_mb` with the largest baseline over the ranks of ``comm``,
+    so every rank sizes its work alike and a too small budget is refused by all together."""
+    from mpi4py import MPI
+
+    from mpiblmm.parallel import agree_on_user_error
+
+    baseline = comm.allreduce(resident_mb(), op=MPI.MAX)
+    try:
+        work, problem = work_budget_mb(budget_mb, baseline, where), None
+    except UserError as exc:
+        work, problem = 0.0, exc
+    agree_on_user_error(comm, problem)
+    return work

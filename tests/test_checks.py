@@ -1,0 +1,90 @@
+"""Designs that cannot be fitted at any voxel are user errors naming the cause (issue 11)."""
+
+import numpy as np
+import pytest
+
+from mpiblmm.checks import check_fittable, dependent_column
+from mpiblmm.design import build_design
+from mpiblmm.errors import SpecError
+
+
+def _design(n_sub=10, visits=3, X=None, Z=None, labels=None, extra_factor=None):
+    n = n_sub * visits
+    t = np.tile(np.arange(visits), n_sub).astype(float)
+    if X is None:
+        X = np.column_stack([np.ones(n), t])
+    if labels is None:
+        labels = [f"s{i}" for i in np.repeat(np.arange(n_sub), visits)]
+    factors = [("subject", labels, Z, None)]
+    if extra_factor is not None:
+        factors.append(extra_factor)
+    return build_design(X, factors, fixed_names=[f"c{j}" for j in range(X.shape[1])])
+
+
+def test_a_fittable_design_passes():
+    check_fittable(_design(Z=None))
+    t = np.tile(np.arange(3), 10).astype(float)
+    check_fittable(_design(Z=np.column_stack([np.ones(30), t])))
+
+
+def test_more_fixed_effects_than_observations():
+    X = np.random.default_rng(0).normal(size=(4, 4))
+    d = build_design(X, [("g", ["a", "a", "b", "b"], None, None)])
+    with pytest.raises(SpecError, match="4 fixed effects .* only 4 observations"):
+        check_fittable(d)
+
+
+@pytest.mark.parametrize("make, column", [
+    (lambda X: np.column_stack([X, 2 * X[:, 1] - X[:, 0]]), 3),
+    (lambda X: np.column_stack([X, np.zeros(len(X))]), 3),
+    (lambda X: np.column_stack([X[:, :1], X]), 2),
+])
+def test_rank_deficient_X_names_the_column(make, column):
+    t = np.tile(np.arange(3), 10).astype(float)
+    X = make(np.column_stack([np.ones(30), t]))
+    with pytest.raises(SpecError, match=f"column {column} .*rank deficient"):
+        check_fittable(_design(X=X))
+
+
+def test_min_n_above_n():
+    class Spec:
+        class missingness:
+            min_n = 31
+    with pytest.raises(SpecError, match="missingness.min_n: 31 is more than the 30"):
+        check_fittable(_design(), Spec())
+
+
+def test_one_observation_per_level_with_two_effects_is_refused_as_by_lme4():
+    t = np.arange(30, dtype=float)
+    d = _design(n_sub=30, visits=1, Z=np.column_stack([np.ones(30), t]),
+                X=np.column_stack([np.ones(30), t]))
+    with pytest.raises(SpecError, match="30 observations for 60 random effects"):
+        check_fittable(d)
+
+
+def test_as_many_levels_as_observations_is_refused():
+    t = np.arange(30, dtype=float)
+    d = _design(n_sub=30, visits=1, X=np.column_stack([np.ones(30), t]))
+    with pytest.raises(SpecError, match="30 observations for 30 random effects"):
+        check_fittable(d)
+
+
+def test_a_factor_with_one_level_is_refused():
+    d = _design(labels=["all"] * 30)
+    with pytest.raises(SpecError, match="has 1 level"):
+        check_fittable(d)
+
+
+def test_duplicated_intercept_in_Z_is_refused():
+    d = _design(Z=np.ones((30, 2)))
+    with pytest.raises(SpecError, match="column 2 .* of factor 'subject' .* not identifiable"):
+        check_fittable(d)
+
+
+def test_dependent_column_finds_the_first_culprit():
+    rng = np.random.default_rng(1)
+    A = rng.normal(size=(20, 4))
+    assert dependent_column(A) is None
+    A[:, 2] = A[:, 0] * 1e6 + A[:, 1]                   # scaling does not hide it
+    assert dependent_column(A) == 2
+    assert dependent_column(np.column_stack([np.ones(5) * 1e-9, np.arange(5)])) is None
