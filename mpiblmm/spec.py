@@ -184,9 +184,13 @@ def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool 
     v = _Validator(Path(path), check_files)
     if not isinstance(raw, dict):
         raise SpecError("expected a JSON object at the top level", str(path))
-    for key in raw:
-        if key not in TOP_KEYS:
-            raise v.error(key, unknown_key(key, TOP_KEYS))
+    from mpiblmm.schema import schema_problems
+
+    problems = schema_problems(raw)  # keys, types, ranges, names: the JSON Schema's rules
+    if problems:
+        raise v.error(*problems[0])
+    # What the schema cannot say: files, paths in list files, rows of F contrasts, names
+    # that appear twice, cross-key rules.
     formula_form = any(k in raw for k in FORMULA_KEYS)
     if formula_form and any(k in raw for k in MATRIX_KEYS):
         both = next(k for k in MATRIX_KEYS if k in raw)
