@@ -13,6 +13,9 @@ returns an exit code):
 - ``export``   -> ``mpiblmm.io.export.run_export(args)``
 - ``simulate`` -> ``mpiblmm.study.run_simulate(args)``
 - ``env``      -> ``mpiblmm.envreport.run_env(args)``
+- ``check``    -> ``mpiblmm.check.run_check(args)``
+- ``schema``   -> ``mpiblmm.schema.run_schema(args)``
+- ``convert-blmm`` -> ``mpiblmm.blmm_convert.run_convert(args)``
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ DISPATCH = {
     "fit": ("mpiblmm.pipeline", "run_fit"),
     "export": ("mpiblmm.io.export", "run_export"),
     "simulate": ("mpiblmm.study", "run_simulate"),
+    "check": ("mpiblmm.check", "run_check"),
+    "schema": ("mpiblmm.schema", "run_schema"),
+    "convert-blmm": ("mpiblmm.blmm_convert", "run_convert"),
 }
 
 
@@ -119,7 +125,45 @@ def get_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="fraction of voxels, the outermost, that miss 1-15%% of their observations",
     )
+    _add_spec_tools(sub)
     return parser
+
+
+def _add_spec_tools(sub: argparse._SubParsersAction) -> None:
+    """`check`, `schema` and `convert-blmm`: the spec's tools, none of which fits."""
+    check = sub.add_parser(
+        "check",
+        help="validate a spec without fitting and print the model summary",
+        description=(
+            "Validate everything a fit would (files, grids, tables, formula, design rank, "
+            "contrasts, factor levels, thresholds) without fitting. Prints the model summary "
+            "(n, p and the coefficient names, factors, contrasts, candidate voxels, memory "
+            "per rank, rough run time) and exits 0, or lists every problem, one per line, "
+            "and exits 2."
+        ),
+    )
+    check.add_argument("spec", metavar="SPEC", help="the analysis spec (JSON)")
+    check.add_argument("--ranks", type=_positive_int, metavar="N",
+                       help="ranks to estimate memory and run time for (default: this job's)")
+
+    sub.add_parser(
+        "schema",
+        help="print the JSON Schema of the spec (both forms)",
+        description="Print the JSON Schema the spec is validated against, for editors.",
+    )
+
+    convert = sub.add_parser(
+        "convert-blmm",
+        help="turn a BLMM configuration (YAML) into a spec",
+        description=(
+            "Convert a BLMM configuration file into an equivalent mpiblmm spec; print it, or "
+            "write it with --output. Every BLMM option without an equivalent is listed on "
+            "stderr."
+        ),
+    )
+    convert.add_argument("config", metavar="CONFIG", help="BLMM's blmm_config.yml")
+    convert.add_argument("--output", "-o", metavar="SPEC",
+                         help="write the spec here (relative paths are rewritten for it)")
 
 
 def _positive_int(text: str) -> int:
@@ -159,8 +203,10 @@ def check_inputs_exist(args: argparse.Namespace) -> None:
 
     Cheap checks that need no MPI; the handlers validate contents.
     """
-    if args.command == "fit":
+    if args.command in ("fit", "check"):
         _require_file(args.spec, "SPEC")
+    elif args.command == "convert-blmm":
+        _require_file(args.config, "CONFIG")
     elif args.command == "export":
         _require_file(args.results, "RESULTS_H5")
 

@@ -1,8 +1,9 @@
 """The model's design: X, the random factors (level codes and Z blocks) and the contrasts.
 
-:func:`design_from_spec` reads the CSV files a matrix-form :class:`~mpiblmm.spec.Spec` names;
-:func:`build_design` makes a :class:`Design` from arrays, so a formula front end can produce
-the very same object.  A :class:`Design` is frozen and its arrays are read-only.
+:func:`design_from_spec` reads the files a :class:`~mpiblmm.spec.Spec` names: the CSV
+tables of the matrix form, or the covariates table and formula of the formula form (through
+:mod:`mpiblmm.formula`); both end in :func:`build_design`, which makes a :class:`Design`
+from arrays.  A :class:`Design` is frozen and its arrays are read-only.
 
 Layout of the full random-effects matrix (see ``mpiblmm.lmm.model``): columns are ordered
 factor, then level, then effect, so factor ``k`` level ``j`` effect ``e`` is column
@@ -147,7 +148,7 @@ def build_design(
             raise SpecError(f"factor {name!r}: {len(effect_names)} effect_names for {q} columns", where)
         made.append(Factor(name, _frozen(codes), uniq, _frozen(Z), effect_names))
 
-    cons = tuple(_contrast(name, w, alt, p, f"{where}[{i}]")
+    cons = tuple(_contrast(name, w, alt, p, f'{where}[{i}] ("{name}")')
                  for i, (name, w, alt) in enumerate(contrasts))
     structure = RandomStructure(tuple(
         RandomFactor(f.name, f.n_levels, f.n_effects, f.effect_names) for f in made))
@@ -184,11 +185,14 @@ def _contrast(name: str, weights: np.ndarray, alternative: str, p: int, where: s
 
 # --------------------------------------------------------------------------- from a spec
 def design_from_spec(spec: Spec) -> Design:
-    """Read the CSV files of a matrix-form spec and build the :class:`Design`.
+    """Read the files of a spec (either form) and build the :class:`Design`.
 
-    Checks that X, every factor and design file (and the image list, when NIfTI) have the
-    same number of rows, naming the first file that differs.
+    Matrix form: checks that X, every factor and design file (and the image list, when
+    NIfTI) have the same number of rows, naming the first file that differs.  Formula form:
+    see :func:`design_from_formula`.
     """
+    if spec.is_formula:
+        return design_from_formula(spec)
     X = read_numeric_csv(spec.X)
     n = X.shape[0]
     spec_where = str(spec.path)
@@ -204,11 +208,11 @@ def design_from_spec(spec: Spec) -> Design:
             Z = read_numeric_csv(fs.design)
             _same_rows(fs.design, Z.shape[0], spec.X, n)
         factors.append((fs.name, labels, Z, fs.effect_names))
-    contrasts = [(c.name, np.asarray(c.weights[0] if c.kind == "T" else c.weights), c.alternative)
-                 for c in spec.contrasts]
     if spec.fixed_names is not None and len(spec.fixed_names) != X.shape[1]:
         raise SpecError(f"{len(spec.fixed_names)} names for the {X.shape[1]} columns of {spec.X}",
                         f"{spec_where}: fixed_names")
+    names = spec.fixed_names or tuple(f"x{j}" for j in range(X.shape[1]))
+    contrasts = spec_contrasts(spec, names)
     for i, fs in enumerate(spec.random):
         q = 1 if fs.design is None else factors[i][2].shape[1]
         if fs.effect_names is not None and len(fs.effect_names) != q:
@@ -216,6 +220,63 @@ def design_from_spec(spec: Spec) -> Design:
                             f"{fs.design or 'the random intercept'}",
                             f"{spec_where}: random[{i}].effect_names")
     return build_design(X, factors, contrasts, spec.fixed_names, where=f"{spec_where}: contrasts")
+
+
+def design_from_formula(spec: Spec) -> Design:
+    """The formula form: the covariates table and the lme4 formula
+    (:mod:`mpiblmm.formula`), then the same :func:`build_design` as the matrix form.
+
+    Without a ``contrasts`` key every coefficient gets a T contrast and every term of
+    several columns an F contrast (lmerTest's ``summary`` and ``anova``).
+    """
+    from mpiblmm import formula as fm
+
+    spec_where = str(spec.path)
+    table = fm.read_table(spec.covariates)
+    if spec.images is not None and len(spec.images) != table.n:
+        raise SpecError(f"lists {len(spec.images)} images but {spec.covariates} has "
+                        f"{table.n} rows (one image per row)", f"{spec_where}: images")
+    try:
+        model = fm.formula_model(spec.formula, table)
+    except SpecError as exc:
+        if exc.where is not None:  # a file and row of the table
+            raise
+        raise SpecError(exc.message, f"{spec_where}: formula") from None
+    if spec.contrasts is None:
+        contrasts = fm.default_contrasts(model)
+    else:
+        contrasts = spec_contrasts(spec, model.names)
+    return build_design(model.X, model.factors, contrasts, model.names,
+                        where=f"{spec_where}: contrasts")
+
+
+def spec_contrasts(spec: Spec, names: Sequence[str]) -> list[tuple[str, np.ndarray, str]]:
+    """The spec's contrasts as ``(name, weights, alternative)``, weights given by coefficient
+    name resolved against ``names`` (the columns of X)."""
+    out = []
+    for i, c in enumerate(spec.contrasts or ()):
+        if c.by_name is None:
+            w = np.asarray(c.weights[0] if c.kind == "T" else c.weights)
+        else:
+            where = f'{spec.path}: contrasts[{i}] ("{c.name}").weights'
+            rows = [_named_row(row, names, where) for row in c.by_name]
+            w = rows[0] if c.kind == "T" else np.vstack(rows)
+        out.append((c.name, w, c.alternative))
+    return out
+
+
+def _named_row(row: Sequence[tuple[str, float]], names: Sequence[str], where: str) -> np.ndarray:
+    import difflib
+
+    w = np.zeros(len(names))
+    for key, value in row:
+        if key not in names:
+            close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ContrastError(f"no coefficient {key!r}{hint} (coefficients: "
+                                f"{', '.join(names)})", where)
+        w[list(names).index(key)] = value
+    return w
 
 
 def _same_rows(path: Path, rows: int, x_path: Path, n: int) -> None:
@@ -285,6 +346,8 @@ def read_labels_csv(path: Path) -> list[str]:
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
-    a = np.array(a, copy=True)
+    # C order whatever the front end made (formulaic's frames are column-major): BLAS
+    # results depend on the layout, and both forms must give the same bits.
+    a = np.array(a, copy=True, order="C")
     a.setflags(write=False)
     return a

@@ -35,10 +35,13 @@ ALTERNATIVES = ("two-sided", "greater", "less")
 METHODS = ("REML", "ML")
 
 TOP_KEYS = frozenset({
-    "images", "X", "random", "contrasts", "output", "fixed_names", "analysis_mask",
-    "observation_masks", "zero_is_missing", "missingness", "estimation", "max_memory_mb",
+    "images", "X", "random", "covariates", "formula", "contrasts", "output", "fixed_names",
+    "analysis_mask", "observation_masks", "zero_is_missing", "missingness", "estimation",
+    "max_memory_mb",
 })
-REQUIRED_KEYS = ("images", "X", "random")
+#: The keys of each form: a spec is in exactly one of them.
+MATRIX_KEYS = ("X", "random")
+FORMULA_KEYS = ("covariates", "formula")
 
 
 # --------------------------------------------------------------------------- the Spec
@@ -65,12 +68,17 @@ class FactorSpec:
 
 @dataclass(frozen=True)
 class ContrastSpec:
-    """A contrast as written: ``kind`` is ``"T"`` (one row) or ``"F"`` (a list of rows)."""
+    """A contrast as written: ``kind`` is ``"T"`` (one row) or ``"F"`` (a list of rows).
+
+    Rows are numbers in coefficient order (``weights``) or, in ``by_name``, coefficient
+    name -> weight pairs (a JSON object; then ``weights`` is empty until the names are known).
+    """
 
     name: str
     weights: tuple[tuple[float, ...], ...]
     kind: str
     alternative: str
+    by_name: tuple[tuple[tuple[str, float], ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,20 +100,25 @@ class Estimation:
 
 @dataclass(frozen=True)
 class Spec:
-    """A validated analysis spec (matrix form).
+    """A validated analysis spec, matrix form (``X``, ``random``) or formula form
+    (``covariates``, ``formula``; then ``X`` is ``None`` and ``random`` empty).
 
     Exactly one of ``images`` (NIfTI paths, one per observation) and ``packed`` is set.
     ``text`` is the spec file as read, kept for the results file's ``spec`` attribute.
+    ``contrasts`` is ``None`` when the key is absent (the formula form then tests every
+    coefficient and every term of several columns).
     """
 
     path: Path
     text: str
     images: tuple[Path, ...] | None
     packed: PackedImages | None
-    X: Path
+    X: Path | None
     random: tuple[FactorSpec, ...]
-    contrasts: tuple[ContrastSpec, ...]
+    contrasts: tuple[ContrastSpec, ...] | None
     output: Path
+    covariates: Path | None = None
+    formula: str | None = None
     fixed_names: tuple[str, ...] | None = None
     analysis_mask: Path | None = None
     observation_masks: tuple[Path, ...] | None = None
@@ -118,6 +131,11 @@ class Spec:
     def folder(self) -> Path:
         """The folder relative paths in the spec are resolved against."""
         return self.path.parent
+
+    @property
+    def is_formula(self) -> bool:
+        """True for the formula form."""
+        return self.formula is not None
 
     @property
     def n_images(self) -> int | None:
@@ -169,12 +187,24 @@ def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool 
     v = _Validator(Path(path), check_files)
     if not isinstance(raw, dict):
         raise SpecError("expected a JSON object at the top level", str(path))
-    for key in raw:
-        if key not in TOP_KEYS:
-            raise v.error(key, f"unknown key (allowed: {', '.join(sorted(TOP_KEYS))})")
-    for key in REQUIRED_KEYS:
+    from mpiblmm.schema import schema_problems
+
+    problems = schema_problems(raw)  # keys, types, ranges, names: the JSON Schema's rules
+    if problems:
+        raise v.error(*problems[0])
+    # What the schema cannot say: files, paths in list files, rows of F contrasts, names
+    # that appear twice, cross-key rules.
+    formula_form = any(k in raw for k in FORMULA_KEYS)
+    if formula_form and any(k in raw for k in MATRIX_KEYS):
+        both = next(k for k in MATRIX_KEYS if k in raw)
+        raise v.error(both, "give either X and random (matrix form) or covariates and "
+                      "formula (formula form), not both")
+    for key in ("images",) + (FORMULA_KEYS if formula_form else MATRIX_KEYS):
         if key not in raw:
             raise v.error(key, "required key is missing")
+    if formula_form and "fixed_names" in raw:
+        raise v.error("fixed_names", "not used with a formula (the coefficients take R's names "
+                      "from the formula)")
 
     images, packed = v.images(raw["images"])
     masks = None
@@ -183,7 +213,7 @@ def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool 
             raise v.error("observation_masks", "not allowed with packed HDF5 images "
                           "(apply the masks when packing)")
         masks = v.path_list(raw["observation_masks"], "observation_masks", nifti=True)
-        if len(masks) != len(images):
+        if images is not None and len(masks) != len(images):
             raise v.error("observation_masks", f"{len(masks)} masks for {len(images)} images "
                           "(give one mask per image)")
     return Spec(
@@ -191,10 +221,12 @@ def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool 
         text=text if text is not None else json.dumps(raw, indent=2),
         images=images,
         packed=packed,
-        X=v.file(raw["X"], "X"),
-        random=v.random(raw["random"]),
-        contrasts=v.contrasts(raw.get("contrasts", [])),
+        X=None if formula_form else v.file(raw["X"], "X"),
+        random=() if formula_form else v.random(raw["random"]),
+        contrasts=v.contrasts(raw["contrasts"]) if "contrasts" in raw else None,
         output=v.resolve(v.string(raw.get("output", "results"), "output")),
+        covariates=v.file(raw["covariates"], "covariates") if formula_form else None,
+        formula=v.string(raw["formula"], "formula") if formula_form else None,
         fixed_names=v.names(raw["fixed_names"], "fixed_names") if "fixed_names" in raw else None,
         analysis_mask=(v.file(raw["analysis_mask"], "analysis_mask", nifti=True)
                        if raw.get("analysis_mask") is not None else None),
@@ -205,6 +237,15 @@ def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool 
         max_memory_mb=(v.number(raw["max_memory_mb"], "max_memory_mb", positive=True)
                        if raw.get("max_memory_mb") is not None else None),
     )
+
+
+def unknown_key(key: str, allowed: Any) -> str:
+    """``unknown key`` with a did-you-mean suggestion and the allowed keys."""
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key{hint} (allowed: {', '.join(sorted(allowed))})"
 
 
 class _DuplicateKey(Exception):
@@ -277,7 +318,7 @@ class _Validator:
             raise self.error(key, f"expected a JSON object, got {_show(value)}")
         for k in value:
             if k not in allowed:
-                raise self.error(f"{key}.{k}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+                raise self.error(f"{key}.{k}", unknown_key(k, allowed))
         return value
 
     # ---- paths
@@ -351,7 +392,15 @@ class _Validator:
                 if req not in entry:
                     raise self.error(f"{key}.{req}", "required key is missing")
             name = self.name(entry["name"], f"{key}.name")
-            weights, kind = self.weights(entry["weights"], f"{key}.weights")
+            key = f'{key} ("{name}")'
+            if isinstance(entry["weights"], dict) or (
+                    isinstance(entry["weights"], list) and entry["weights"]
+                    and all(isinstance(r, dict) for r in entry["weights"])):
+                by_name, kind = self.named_weights(entry["weights"], f"{key}.weights")
+                weights = ()
+            else:
+                by_name = None
+                weights, kind = self.weights(entry["weights"], f"{key}.weights")
             alternative = entry.get("alternative", "two-sided")
             if alternative not in ALTERNATIVES:
                 raise self.error(f"{key}.alternative",
@@ -359,7 +408,7 @@ class _Validator:
             if kind == "F" and alternative != "two-sided":
                 raise self.error(f"{key}.alternative",
                                  "an F contrast (a list of rows) has no direction; use one row for a one-sided T test")
-            out.append(ContrastSpec(name, weights, kind, alternative))
+            out.append(ContrastSpec(name, weights, kind, alternative, by_name))
         dup = _first_duplicate([c.name for c in out])
         if dup is not None:
             raise self.error("contrasts", f"contrast name {dup!r} appears twice")
@@ -372,6 +421,17 @@ class _Validator:
                 raise self.error(key, "the rows have different lengths")
             return rows, "F"
         return (self.row(value, key),), "T"
+
+    def named_weights(self, value: Any, key: str) -> tuple[tuple, str]:
+        """``{"coefficient": weight, ...}`` (T) or a list of such objects (F)."""
+        rows = [value] if isinstance(value, dict) else value
+        out = []
+        for i, row in enumerate(rows):
+            where = key if isinstance(value, dict) else f"{key}[{i}]"
+            if not row:
+                raise self.error(where, "expected at least one coefficient name and its weight")
+            out.append(tuple((str(k), self.number(w, f"{where}.{k}")) for k, w in row.items()))
+        return tuple(out), "T" if isinstance(value, dict) else "F"
 
     def row(self, value: Any, key: str) -> tuple[float, ...]:
         if not isinstance(value, list) or not value:

@@ -79,10 +79,10 @@ def test_image_count_must_match(tmp_path):
 
 
 @pytest.mark.parametrize("contrasts, expected", [
-    ([{"name": "c", "weights": [0, 1, 0]}], "contrasts[0].weights: each row needs 2 weights"),
-    ([{"name": "c", "weights": [0, 0]}], "contrasts[0].weights: all weights are zero"),
+    ([{"name": "c", "weights": [0, 1, 0]}], "contrasts[0] (\"c\").weights: each row needs 2 weights"),
+    ([{"name": "c", "weights": [0, 0]}], "contrasts[0] (\"c\").weights: all weights are zero"),
     ([{"name": "ok", "weights": [0, 1]}, {"name": "c", "weights": [[0, 1], [0, 2]]}],
-     "contrasts[1].weights: the 2 rows are linearly dependent (rank 1)"),
+     "contrasts[1] (\"c\").weights: the 2 rows are linearly dependent (rank 1)"),
 ])
 def test_contrast_errors(tmp_path, contrasts, expected):
     path = write_study(tmp_path, contrasts=contrasts)

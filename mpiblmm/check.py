@@ -1,0 +1,324 @@
+"""`mpiblmm check spec.json [--ranks N]`: everything a fit would validate, without fitting.
+
+Lists **every** problem it can find, one line each (the fit stops at the first): the JSON
+Schema's violations, then the files the spec names, the grids of the images, the tables and
+the formula, each contrast, and the thresholds and rank of the design.  With no problem it
+prints the model summary: n, p and the coefficient names, each factor's levels and effects,
+the contrasts, the candidate voxels, the expected memory per rank and a rough run time for
+N ranks from the estimator's cost measured here on a few simulated voxels of this design.
+
+Runs on rank 0; the other ranks only agree on the exit code (0, or 2 with problems).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpiblmm.errors import USER_ERROR_EXIT_CODE, UserError
+
+#: Voxels the run-time estimate fits (simulated from the design).
+TIMING_VOXELS = 256
+
+
+def run_check(args: Any) -> int:
+    """Handler of ``mpiblmm check`` (every rank calls; rank 0 works)."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    code = 0
+    if comm.Get_rank() == 0:
+        problems, summary = check_spec(args.spec, ranks=args.ranks or comm.Get_size())
+        if problems:
+            for line in problems:
+                print(f"mpiblmm: error: {line}", file=sys.stderr)
+            print(f"mpiblmm: {len(problems)} problem(s) found in {args.spec}", file=sys.stderr)
+            code = USER_ERROR_EXIT_CODE
+        else:
+            print("\n".join(summary))
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return comm.bcast(code, root=0)
+
+
+def check_spec(path: str | Path, ranks: int = 1) -> tuple[list[str], list[str]]:
+    """Validate a spec fully; return (problems, summary lines)."""
+    from mpiblmm.schema import schema_problems
+    from mpiblmm.spec import _no_duplicate_keys, parse_spec
+
+    path = Path(path)
+    problems: list[str] = []
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except OSError as exc:
+        return [f"{path}: cannot read the spec: {exc.strerror or exc}"], []
+    except json.JSONDecodeError as exc:
+        return [f"{path}: not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}"], []
+    except Exception as exc:  # _DuplicateKey
+        return [f"{path}: key given twice: {exc.args[0]!r}"], []
+    if not isinstance(raw, dict):
+        return [f"{path}: expected a JSON object at the top level"], []
+    problems += [f"{path}: {key}: {msg}" for key, msg in schema_problems(raw)]
+    if problems:
+        return problems, []
+    try:
+        spec = parse_spec(raw, path, text=text, check_files=False)
+    except UserError as exc:
+        return [str(exc)], []
+    problems += _missing_files(spec, raw)
+    if problems:
+        return problems, []
+    grid, n_images = _images(spec, problems)
+    design = _design(spec, problems)
+    if design is None:
+        return problems, []
+    _thresholds(spec, design, n_images, problems)
+    if problems:
+        return problems, []
+    return [], _summary(spec, design, grid, ranks)
+
+
+# --------------------------------------------------------------------------- files
+def _missing_files(spec: Any, raw: dict) -> list[str]:
+    """Every file the spec names that does not exist (list files: every row)."""
+    from mpiblmm.spec import read_path_list
+
+    out = []
+    where = str(spec.path)
+
+    def need(p: Path | None, key: str) -> None:
+        if p is not None and not Path(p).is_file():
+            out.append(f"{where}: {key}: file not found: {p}")
+
+    for key in ("X", "covariates", "analysis_mask"):
+        need(getattr(spec, key), key)
+    for i, f in enumerate(spec.random):
+        need(f.factor, f"random[{i}].factor")
+        need(f.design, f"random[{i}].design")
+    if spec.packed is not None:
+        need(spec.packed.h5, "images.h5")
+    for key, paths in (("images", spec.images), ("observation_masks", spec.observation_masks)):
+        if paths is None:
+            continue
+        listed = raw.get(key)
+        if isinstance(listed, str) and not str(listed).endswith((".nii", ".nii.gz")):
+            lf = Path(os.path.expanduser(listed))
+            lf = lf if lf.is_absolute() else Path(spec.folder) / lf
+            try:
+                read_path_list(lf, nifti=True, check_files=False)
+            except UserError as exc:
+                out.append(str(exc))
+                continue
+            lines = [ln.strip() for ln in lf.read_text(encoding="utf-8-sig").splitlines()]
+            rows = [i + 1 for i, ln in enumerate(lines) if ln and not ln.startswith("#")]
+            for row, p in zip(rows, paths):
+                if not Path(p).is_file():
+                    out.append(f"{lf}: row {row}: file not found: {p}")
+        else:
+            for i, p in enumerate(paths):
+                if not Path(p).is_file():
+                    out.append(f"{where}: {key}[{i}]: file not found: {p}")
+    return out
+
+
+def _images(spec: Any, problems: list[str]) -> tuple[Any, int | None]:
+    """The grid (from headers only) and the number of observations; grid problems listed."""
+    from mpiblmm.io.nifti import read_grid
+
+    if spec.packed is not None:
+        try:
+            import h5py
+
+            with h5py.File(spec.packed.h5, "r") as f:
+                ds = f[spec.packed.dataset]
+                shape = tuple(int(s) for s in ds.attrs.get("grid_shape", ds.shape[1:]))
+                return _PackedGrid(shape, ds.attrs.get("voxels") is not None), int(ds.shape[0])
+        except Exception as exc:
+            problems.append(f"{spec.packed.h5}: cannot read dataset {spec.packed.dataset}: {exc}")
+            return None, None
+    grid = None
+    try:
+        grid = read_grid(spec.images[0])
+    except UserError as exc:
+        problems.append(str(exc))
+        return None, len(spec.images)
+    for p in list(spec.images[1:]) + list(spec.observation_masks or ()) + \
+            ([spec.analysis_mask] if spec.analysis_mask else []):
+        try:
+            g = read_grid(p)
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
+        why = grid.differs(g.shape, g.affine)
+        if why is not None:
+            problems.append(f"{p}: not on the grid of {spec.images[0]}: {why}")
+    return grid, len(spec.images)
+
+
+class _PackedGrid:
+    def __init__(self, shape: tuple[int, ...], listed: bool) -> None:
+        self.shape = shape
+        self.listed = listed
+
+
+# --------------------------------------------------------------------------- design
+def _design(spec: Any, problems: list[str]) -> Any:
+    """The design without contrasts (its first problem listed), then each contrast alone."""
+    from mpiblmm.design import build_design, design_from_spec
+
+    try:
+        design = design_from_spec(replace(spec, contrasts=() if spec.contrasts is not None else None))
+    except UserError as exc:
+        problems.append(str(exc))
+        return None
+    if spec.contrasts is None:
+        return design
+    from mpiblmm.design import spec_contrasts
+
+    good = []
+    for i, c in enumerate(spec.contrasts):
+        one = replace(spec, contrasts=(c,))
+        try:
+            (name, w, alt), = spec_contrasts(one, design.fixed_names)
+            d = build_design(design.X, _factor_tuples(design), [(name, w, alt)], design.fixed_names,
+                             where=f"{spec.path}: contrasts")
+            good.append((name, w, alt))
+        except UserError as exc:
+            problems.append(str(exc).replace("contrasts[0]", f"contrasts[{i}]", 1))
+            continue
+        del d
+    return build_design(design.X, _factor_tuples(design), good, design.fixed_names,
+                        where=f"{spec.path}: contrasts")
+
+
+def _factor_tuples(design: Any) -> list:
+    return [(f.name, [f.labels[c] for c in f.codes], f.Z, f.effect_names) for f in design.factors]
+
+
+def _thresholds(spec: Any, design: Any, n_images: int | None, problems: list[str]) -> None:
+    where = str(spec.path)
+    n, p = design.n, design.p
+    if n_images is not None and n_images != n:
+        problems.append(f"{where}: images: {n_images} observations but the design has {n} rows")
+    if p >= n:
+        problems.append(f"{where}: the design has p = {p} fixed effects for n = {n} observations "
+                        "(need p < n)")
+    rank = int(np.linalg.matrix_rank(design.X))
+    if rank < p:
+        problems.append(f"{where}: the fixed-effects design is rank deficient (rank {rank} of "
+                        f"{p} columns: {', '.join(design.fixed_names)})")
+    m = spec.missingness
+    if m.min_n is not None and m.min_n > n:
+        problems.append(f"{where}: missingness.min_n: {m.min_n} is more than the {n} "
+                        "observations: no voxel could be fitted")
+
+
+# --------------------------------------------------------------------------- summary
+def _summary(spec: Any, design: Any, grid: Any, ranks: int) -> list[str]:
+    from mpiblmm.io.ingest import DEFAULT_MEMORY_MB
+
+    out = [f"spec: {spec.path} ({'formula' if spec.is_formula else 'matrix'} form)"]
+    if spec.is_formula:
+        out.append(f"formula: {spec.formula}")
+    out.append(f"observations: n = {design.n}")
+    out.append(f"fixed effects: p = {design.p}: {', '.join(design.fixed_names)}")
+    out.append(f"random factors: {len(design.factors)}, q = {design.structure.q}")
+    for f in design.factors:
+        sizes = np.bincount(f.codes, minlength=f.n_levels)
+        out.append(f"  {f.name}: {f.n_levels} levels ({sizes.min()}-{sizes.max()} observations "
+                   f"each), {f.n_effects} effect(s): {', '.join(f.effect_names)}")
+    out.append(f"contrasts: {len(design.contrasts)}")
+    for c in design.contrasts:
+        rows = "; ".join(_weights(r, design.fixed_names) for r in c.L)
+        side = "" if c.kind == "F" or c.alternative == "two-sided" else f" ({c.alternative})"
+        out.append(f"  {c.name}: {c.kind}{side}: {rows}")
+    out.append(f"estimation: {spec.estimation.method}; missingness: min_n "
+               f"{spec.missingness.min_n or 'auto'}, min_fraction {spec.missingness.min_fraction}")
+    voxels, how = _candidates(spec, grid)
+    out.append(f"candidate voxels: {how}")
+    budget = spec.max_memory_mb or DEFAULT_MEMORY_MB
+    mem, chunk = _memory(design, voxels, ranks, budget)
+    out.append(f"memory per rank: about {mem:.0f} MiB (chunks of {chunk} voxels; budget "
+               f"{budget:.0f} MiB)")
+    ms = _ms_per_voxel(spec, design)
+    seconds = voxels * ms / 1000.0 / max(ranks, 1)
+    out.append(f"run time: about {_duration(seconds)} on {ranks} rank(s) (the estimator took "
+               f"{ms:.2f} ms per voxel here on {TIMING_VOXELS} simulated voxels; missing data "
+               "and boundary fits cost more; packing the images adds to the first fit)")
+    out.append("check: OK")
+    return out
+
+
+def _weights(row: np.ndarray, names: tuple[str, ...]) -> str:
+    parts = [f"{w:+g} {n}" for w, n in zip(row, names) if w != 0]
+    return " ".join(parts).lstrip("+")
+
+
+def _candidates(spec: Any, grid: Any) -> tuple[int, str]:
+    """Voxels the fit would consider: the analysis mask's, else the whole grid (an upper
+    bound: voxels no image observes are dropped when the images are packed)."""
+    if grid is None:
+        return 0, "unknown"
+    if isinstance(grid, _PackedGrid):
+        v = int(np.prod(grid.shape))
+        return v, f"at most {v} (packed input)"
+    total = int(np.prod(grid.shape))
+    if spec.analysis_mask is not None:
+        from mpiblmm.io.nifti import read_volume
+
+        mask = read_volume(spec.analysis_mask, grid)
+        v = int(np.count_nonzero(np.isfinite(mask) & (mask != 0)))
+        return v, f"at most {v} (in the analysis mask, of {total} on the grid " \
+                  f"{' x '.join(map(str, grid.shape))})"
+    return total, f"at most {total} (the grid {' x '.join(map(str, grid.shape))}, no " \
+                  "analysis mask; voxels no image observes are dropped)"
+
+
+def _memory(design: Any, voxels: int, ranks: int, budget: float) -> tuple[float, int]:
+    from mpiblmm.lmm.analysis import bytes_per_voxel
+    from mpiblmm.pipeline import CHUNK_SHARE, MAX_CHUNK
+
+    per = bytes_per_voxel(design.n, design.p, design.structure, len(design.contrasts))
+    mine = max(1, math.ceil(voxels / max(ranks, 1)))
+    chunk = int(max(1, min(MAX_CHUNK, CHUNK_SHARE * budget * 2**20 // per, mine)))
+    base = 150.0  # Python, numpy, h5py, MPI
+    return base + chunk * per / 2**20 + 8.0 * design.n * chunk / 2**20, chunk
+
+
+def _ms_per_voxel(spec: Any, design: Any) -> float:
+    """Fit a few voxels simulated from the design; milliseconds per voxel."""
+    from mpiblmm.lmm.analysis import analyse_chunk
+    from mpiblmm.pipeline import model_from_design, settings_from_spec
+
+    rng = np.random.default_rng(0)
+    model = model_from_design(design)
+    Y = np.repeat((design.X @ rng.standard_normal(design.p))[:, None], TIMING_VOXELS, axis=1)
+    for f in design.factors:
+        b = rng.standard_normal((f.n_levels, f.n_effects, TIMING_VOXELS))
+        Y += np.einsum("nq,nqv->nv", f.Z, b[f.codes])
+    Y += rng.standard_normal(Y.shape)
+    settings = settings_from_spec(spec)
+    Y = np.ascontiguousarray(Y.T)  # (voxels, n), as the fit reads it
+    analyse_chunk(model, Y[:2], settings)  # warm up
+    start = time.perf_counter()
+    analyse_chunk(model, Y, settings)
+    return 1000.0 * (time.perf_counter() - start) / TIMING_VOXELS
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under 1 s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

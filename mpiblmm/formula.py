@@ -1,0 +1,563 @@
+"""The formula form of the spec: an lme4 formula over a covariates table -> the model arrays.
+
+``"covariates": "participants.csv", "formula": "y ~ age * sex + (1 + time | subject)"``.
+
+This module owns the formula language, nothing else:
+
+- the bar syntax of random terms, parsed here: ``(terms | g)`` (several terms per bar,
+  several bars), groupings ``g1:g2`` (interaction) and ``g1/g2`` (nested: ``g1`` and
+  ``g2:g1``, as lme4's ``expandSlash``), ``(terms || g)`` (uncorrelated: one factor per term
+  on the same grouping, as lme4);
+- the fixed part and the terms inside each bar, given to formulaic, with the variables of
+  every interaction put in R's order (first appearance in the formula) so the columns and
+  their names are those of R's ``model.matrix``: ``(Intercept)``, ``age``, ``sexM``,
+  ``time:sexM`` (treatment coding, reference level the first in sorted order);
+- the covariates CSV (header row, one row per image): a column whose cells are all numbers
+  is numeric, any other is text (categorical); a missing cell (empty, ``NA``) in a column
+  the formula uses is an error naming the row and column; grouping columns are labels as
+  written (``01`` and ``1`` are different levels).
+
+:func:`formula_model` returns plain arrays and names; :mod:`mpiblmm.design` makes the
+:class:`~mpiblmm.design.Design` from them with ``build_design``, like the matrix form.
+Factor names are lme4's: the grouping as written (``subject``, ``site:scanner``), and
+``g.1``, ``g.2`` for further bars on the same grouping.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import difflib
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mpiblmm.errors import SpecError
+
+#: Cells read as a missing value.
+MISSING_TOKENS = frozenset({"", "NA", "N/A", "NaN", "nan", "NULL", "null", "."})
+#: A column name usable in a formula as written.
+VARIABLE = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$")
+#: Names formulaic evaluates itself (transforms), never covariates.
+TRANSFORMS = frozenset({"C", "I", "np", "scale", "center", "poly", "bs", "lag", "hashed",
+                        "factor", "log", "log2", "log10", "log1p", "exp", "sqrt", "abs",
+                        "contr", "levels"})
+_ANSI = re.compile(r"\x1b\[[0-9;]*m|[\u29da\u29db]")
+
+
+# --------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class Table:
+    """A covariates CSV: header names, the cells of each column (text), the file line of each row."""
+
+    path: Path
+    names: tuple[str, ...]
+    cells: dict[str, list[str]]
+    lines: tuple[int, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.lines)
+
+
+def read_table(path: Path) -> Table:
+    """Read a CSV with a header row; every row as wide as the header.
+
+    Errors: ``<file>: row N: <problem>`` with N the line number.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            rows = [(reader.line_num, row) for row in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise SpecError(f"cannot read: {exc}", str(path)) from None
+    rows = [(line, row) for line, row in rows if any(c.strip() for c in row)]
+    if not rows:
+        raise SpecError("the file is empty (expected a header row, then one row per image)",
+                        str(path))
+    header = [h.strip() for h in rows[0][1]]
+    for j, h in enumerate(header):
+        if not h:
+            raise SpecError(f"column {j + 1} has an empty name in the header row", f"{path}: row {rows[0][0]}")
+        if header.index(h) != j:
+            raise SpecError(f"column name {h!r} appears twice in the header row", f"{path}: row {rows[0][0]}")
+    if len(rows) == 1:
+        raise SpecError("has a header row but no data rows", str(path))
+    cells: dict[str, list[str]] = {h: [] for h in header}
+    for line, row in rows[1:]:
+        if len(row) != len(header):
+            raise SpecError(f"has {len(row)} columns; the header has {len(header)}", f"{path}: row {line}")
+        for h, c in zip(header, row):
+            cells[h].append(c.strip())
+    return Table(Path(path), tuple(header), cells, tuple(line for line, _ in rows[1:]))
+
+
+def _column(table: Table, name: str, what: str) -> list[str]:
+    """The cells of a column the formula uses; a missing cell is an error naming its row."""
+    for line, cell in zip(table.lines, table.cells[name]):
+        if cell in MISSING_TOKENS:
+            raise SpecError(f"column {name!r}: missing value {cell!r} in a column the formula "
+                            f"uses ({what}); remove the row and its image, or fill it",
+                            f"{table.path}: row {line}")
+    return table.cells[name]
+
+
+def _numeric(table: Table, name: str) -> np.ndarray | None:
+    """The column as numbers when every cell is one (int64 when all are whole numbers
+    written without a point, so ``factor(x)`` levels read ``2``, not ``2.0``, as in R),
+    else ``None`` (text)."""
+    try:
+        return np.asarray([int(c) for c in table.cells[name]], dtype=np.int64)
+    except (ValueError, OverflowError):
+        pass
+    values = np.empty(table.n)
+    for i, cell in enumerate(table.cells[name]):
+        try:
+            values[i] = float(cell)
+        except ValueError:
+            return None
+        if not math.isfinite(values[i]):
+            raise SpecError(f"column {name!r}: not a finite number: {cell!r}",
+                            f"{table.path}: row {table.lines[i]}")
+    return values
+
+
+# --------------------------------------------------------------------------- parsing
+@dataclass(frozen=True)
+class Bar:
+    """One random term after expansion: ``(terms | grouping)``.
+
+    ``group`` the grouping variables (several for an interaction ``g1:g2``), ``name`` its
+    lme4 name, ``text`` the term as written (for messages).
+    """
+
+    terms: str
+    group: tuple[str, ...]
+    name: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ParsedFormula:
+    """The formula split into its response, fixed part and random terms."""
+
+    lhs: str | None
+    fixed: str
+    bars: tuple[Bar, ...]
+
+
+def _split_top(text: str, seps: str) -> list[tuple[str, str]]:
+    """Split ``text`` at the characters ``seps`` outside brackets and quotes.
+
+    Returns (separator before, piece) pairs; the first separator is ``""``.
+    """
+    out, depth, quote, start, sep = [], 0, None, 0, ""
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"`":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+            if depth < 0:
+                raise _FormulaProblem(f"unbalanced ')' at character {i + 1}")
+        elif depth == 0 and ch in seps:
+            out.append((sep, text[start:i]))
+            sep, start = ch, i + 1
+    if depth != 0 or quote:
+        raise _FormulaProblem("unbalanced parentheses or quotes")
+    out.append((sep, text[start:]))
+    return out
+
+
+class _FormulaProblem(Exception):
+    """A problem with the formula text; becomes a SpecError naming the ``formula`` key."""
+
+
+def _is_group(chunk: str) -> bool:
+    """Is ``chunk`` one parenthesised group, '(' ... ')' with nothing outside?"""
+    if not (chunk.startswith("(") and chunk.endswith(")")):
+        return False
+    depth = 0
+    for i, ch in enumerate(chunk):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0 and i < len(chunk) - 1:
+            return False
+    return True
+
+
+def _bar_split(inner: str) -> tuple[str, str, bool] | None:
+    """``terms | g`` or ``terms || g`` at the top level of ``inner``; None if no bar."""
+    depth = 0
+    for i, ch in enumerate(inner):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if depth == 0 and ch == "|":
+            if inner[i + 1:i + 2] == "|":
+                return inner[:i], inner[i + 2:], False
+            return inner[:i], inner[i + 1:], True
+    return None
+
+
+def _groupings(text: str, term: str) -> list[tuple[str, ...]]:
+    """The groupings of a bar's right side: ``g``, ``g1:g2``, ``g1/g2`` (lme4's expandSlash)."""
+    text = text.strip()
+    if not text:
+        raise _FormulaProblem(f"random term {term}: nothing after '|' (write the grouping column, e.g. (1 | subject))")
+    parts = [p.strip() for p in text.split("/")]
+    nested: list[tuple[str, ...]] = []
+    for part in parts:
+        names = tuple(n.strip() for n in part.split(":"))
+        for n in names:
+            if not VARIABLE.match(n):
+                raise _FormulaProblem(f"random term {term}: unsupported grouping {text!r} "
+                                      "(use column names joined by ':' or '/')")
+        nested.append(names)
+    # a/b/c -> c:b:a, b:a, a  (lme4's order and names: the inner level first)
+    out = []
+    for k in range(len(nested), 0, -1):
+        group: tuple[str, ...] = ()
+        for names in reversed(nested[:k]):
+            group += names
+        out.append(group)
+    return out
+
+
+def parse_formula(text: str) -> ParsedFormula:
+    """Split an lme4 formula into response, fixed part and expanded random terms.
+
+    Raises
+    ------
+    SpecError
+        Naming the ``formula`` key and the term at fault (``where`` is added by the caller).
+    """
+    try:
+        return _parse(text)
+    except _FormulaProblem as exc:
+        raise SpecError(str(exc)) from None
+
+
+def _parse(text: str) -> ParsedFormula:
+    sides = _split_top(text, "~")
+    if len(sides) == 1:
+        raise _FormulaProblem("no '~' (write e.g. y ~ age + (1 | subject))")
+    if len(sides) > 2:
+        raise _FormulaProblem("more than one '~'")
+    lhs, rhs = sides[0][1].strip() or None, sides[1][1]
+    if lhs is not None and not VARIABLE.match(lhs):
+        raise _FormulaProblem(f"the left side {lhs!r} must be one name, the image data (y)")
+    fixed: list[str] = []
+    bars: list[Bar] = []
+    for sign, chunk in _split_top(rhs, "+-"):
+        chunk = chunk.strip()
+        if not chunk:
+            if sign == "-" or not fixed and not bars:
+                continue  # a leading '-' or '+'
+            raise _FormulaProblem(f"empty term after {sign!r}")
+        if _is_group(chunk) and (split := _bar_split(chunk[1:-1])) is not None:
+            if sign == "-":
+                raise _FormulaProblem(f"random term {chunk}: cannot be subtracted")
+            terms, grouping, correlated = split
+            if not terms.strip():
+                raise _FormulaProblem(f"random term {chunk}: nothing before '|' (write e.g. (1 | g))")
+            if "|" in terms or "|" in grouping:
+                raise _FormulaProblem(f"random term {chunk}: more than one bar")
+            for group in _groupings(grouping, chunk):
+                bars.extend(_expand_bar(terms.strip(), group, correlated, chunk))
+            continue
+        if "|" in chunk:
+            raise _FormulaProblem(f"term {chunk!r}: a random term must stand alone in "
+                                  "parentheses, e.g. + (1 + time | subject)")
+        fixed.append(f"{sign} {chunk}" if fixed or sign == "-" else chunk)
+    fixed_text = " ".join(fixed).strip() or "1"
+    if fixed_text.startswith("-"):
+        fixed_text = "1 " + fixed_text
+    return ParsedFormula(lhs, fixed_text, _name_bars(bars))
+
+
+def _expand_bar(terms: str, group: tuple[str, ...], correlated: bool, text: str) -> list[Bar]:
+    """One bar, or for ``||`` one bar per term (lme4: intercept, then ``0 + term`` each)."""
+    name = ":".join(group)
+    if correlated:
+        return [Bar(terms, group, name, text)]
+    try:
+        import formulaic
+
+        parsed = formulaic.Formula(_r_to_python(terms), _ordering="none")
+    except Exception as exc:  # formulaic's syntax errors have no common base class
+        raise _FormulaProblem(f"random term {text}: {_one_line(exc)}") from None
+    out = []
+    labels = [str(t) for t in parsed]
+    if "1" in labels:
+        out.append(Bar("1", group, name, text))
+    out.extend(Bar(f"0 + {label}", group, name, text) for label in labels if label != "1")
+    return out
+
+
+def _name_bars(bars: list[Bar]) -> tuple[Bar, ...]:
+    """Unique factor names as lme4 gives them: ``g``, then ``g.1``, ``g.2``."""
+    seen: dict[str, int] = {}
+    out = []
+    for b in bars:
+        k = seen.get(b.name, 0)
+        seen[b.name] = k + 1
+        out.append(Bar(b.terms, b.group, b.name if k == 0 else f"{b.name}.{k}", b.text))
+    return tuple(out)
+
+
+def _r_to_python(text: str) -> str:
+    """R spellings formulaic does not know: ``^`` inside a call is a power (``I(x^2)``),
+    ``as.factor(x)`` is ``factor(x)``."""
+    text = re.sub(r"\bas\.factor\s*\(", "factor(", text)
+    out, stack = [], []
+    for i, ch in enumerate(text):
+        if ch == "(":
+            j = i - 1
+            while j >= 0 and text[j] == " ":
+                j -= 1
+            stack.append(j >= 0 and (text[j].isalnum() or text[j] in "_."))
+        elif ch == ")" and stack:
+            stack.pop()
+        out.append("**" if ch == "^" and any(stack) else ch)
+    return "".join(out)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = _ANSI.sub("", str(exc))
+    return " ".join(text.split())
+
+
+# --------------------------------------------------------------------------- R names
+def r_expression(expr: str) -> str:
+    """A formulaic factor expression written as R's ``deparse`` would: ``I(age/10)``,
+    ``I(age^2)``, ``log(age)``, ``a + b`` (spaces around ``+ - *``, none around ``/ ^``)."""
+    try:
+        node = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        return expr
+    text = ast.unparse(node)
+    text = text.replace(" ** ", "^").replace(" / ", "/").replace("'", '"')
+    return text
+
+
+def _level_of(piece: str, categories: Sequence[Any] | None) -> str:
+    """The level in a formulaic column piece ``[T.M]`` / ``[M]`` / ``[1]`` (R writes it bare)."""
+    if categories is not None:
+        labels = {str(c) for c in categories}
+        if piece in labels:
+            return piece
+        if piece.startswith("T.") and piece[2:] in labels:
+            return piece[2:]
+    return piece[2:] if piece.startswith("T.") else piece
+
+
+def r_column_names(model_matrix: Any) -> tuple[list[str], list[tuple[str, list[int]]]]:
+    """R's column names of a formulaic model matrix, and R's term labels with their columns.
+
+    ``Intercept`` -> ``(Intercept)``; ``sex[T.M]`` -> ``sexM``; ``time:sex[T.M]`` ->
+    ``time:sexM``; ``I(age / 10)`` -> ``I(age/10)``.
+    """
+    spec = model_matrix.model_spec
+    state = spec.encoder_state
+    names = list(model_matrix.columns)
+    out = list(names)
+    terms = []
+    for structure in spec.structure:
+        factors = [f.expr for f in structure.term.factors]
+        label = ":".join(r_expression(e) for e in factors) if str(structure.term) != "1" else "(Intercept)"
+        cols = [names.index(c) for c in structure.columns]
+        terms.append((label, cols))
+        for j in cols:
+            out[j] = "(Intercept)" if str(structure.term) == "1" else _r_name(names[j], factors, state)
+    return out, terms
+
+
+def _r_name(column: str, exprs: list[str], state: dict) -> str:
+    pos, pieces = 0, []
+    for i, e in enumerate(exprs):
+        if not column.startswith(e, pos):
+            return column  # not the shape we know: keep formulaic's name
+        pos += len(e)
+        level = None
+        if pos < len(column) and column[pos] == "[":
+            end = len(column) - 1 if i == len(exprs) - 1 else column.find("]:" + exprs[i + 1], pos)
+            if end < 0 or column[end] != "]":
+                return column
+            cats = state.get(e, (None, {}))[1].get("categories") if e in state else None
+            level = _level_of(column[pos + 1:end], cats)
+            pos = end + 1
+        pieces.append(r_expression(e) + (level if level is not None else ""))
+        if i < len(exprs) - 1:
+            if column[pos:pos + 1] != ":":
+                return column
+            pos += 1
+    return ":".join(pieces)
+
+
+def _r_ordered(fixed: str) -> str:
+    """The fixed part rewritten with every interaction's variables in R's order.
+
+    R orders the variables of a term by their first appearance in the formula
+    (``y ~ sex + time + time:sex`` has the term ``sex:time``); formulaic keeps them as
+    written.  The terms themselves formulaic orders by degree, as R does.
+    """
+    import formulaic
+
+    parsed = formulaic.Formula(fixed, _ordering="none")
+    order: dict[str, int] = {}
+    for term in parsed:
+        for f in term.factors:
+            order.setdefault(f.expr, len(order))
+    pieces = []
+    intercept = False
+    for term in parsed:
+        if str(term) == "1":
+            intercept = True
+            continue
+        factors = sorted((f.expr for f in term.factors), key=order.__getitem__)
+        pieces.append(":".join(factors))
+    return " + ".join(["1" if intercept else "0"] + pieces)
+
+
+# --------------------------------------------------------------------------- the model
+@dataclass(frozen=True)
+class FormulaModel:
+    """What the formula and table give: X with R's names and terms, the random factors."""
+
+    X: np.ndarray
+    names: tuple[str, ...]
+    terms: tuple[tuple[str, tuple[int, ...]], ...]      # R term label, its columns of X
+    factors: tuple[tuple[str, list[str], np.ndarray, tuple[str, ...]], ...]  # name, labels, Z, effects
+
+
+def _context() -> dict:
+    from formulaic.transforms import C
+
+    return {"factor": C, "log": np.log, "log2": np.log2, "log10": np.log10,
+            "log1p": np.log1p, "exp": np.exp, "sqrt": np.sqrt, "abs": np.abs}
+
+
+def _used_variables(text: str, table: Table, where: str) -> set[str]:
+    """Covariate columns a formula part reads; an unknown name is an error with a suggestion."""
+    import formulaic
+
+    parsed = formulaic.Formula(text, _ordering="none")
+    used = set()
+    for name in parsed.required_variables:
+        if name in table.names:
+            used.add(name)
+        elif name not in TRANSFORMS:
+            raise SpecError(f"{where}: no column {name!r} in {table.path}"
+                            f"{did_you_mean(name, table.names)}")
+    return used
+
+
+def _frame(table: Table, columns: set[str], what: dict[str, str]):
+    import pandas as pd
+
+    data = {}
+    for name in sorted(columns):
+        _column(table, name, what[name])
+        values = _numeric(table, name)
+        data[name] = values if values is not None else np.asarray(table.cells[name], dtype=object)
+    return pd.DataFrame(data, index=range(table.n))
+
+
+def _matrix(text: str, frame, where: str):
+    import formulaic
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return formulaic.model_matrix(_r_ordered(text), frame, context=_context(),
+                                          na_action="raise")
+    except SpecError:
+        raise
+    except Exception as exc:  # formulaic raises many types for a bad term
+        raise SpecError(f"{where}: {_one_line(exc)}") from None
+
+
+def formula_model(formula: str, table: Table) -> FormulaModel:
+    """Evaluate ``formula`` on ``table`` (one row per observation).
+
+    Raises
+    ------
+    SpecError
+        Without a ``where``: the caller prefixes the spec's ``formula`` key.
+    """
+    parsed = parse_formula(formula)
+    if parsed.lhs is not None and parsed.lhs in table.names:
+        raise SpecError(f"the left side names column {parsed.lhs!r} of {table.path}; the "
+                        "response is the image data: write y ~ ...")
+    fixed = _r_to_python(parsed.fixed)
+    try:
+        used = {v: f"fixed part" for v in _used_variables(fixed, table, f"term {parsed.fixed!r}")}
+        for bar in parsed.bars:
+            for v in _used_variables(_r_to_python(bar.terms), table, f"random term {bar.text}"):
+                used.setdefault(v, f"random term {bar.text}")
+            for g in bar.group:
+                if g not in table.names:
+                    raise SpecError(f"random term {bar.text}: no grouping column {g!r} in "
+                                    f"{table.path}{did_you_mean(g, table.names)}")
+    except SpecError:
+        raise
+    except Exception as exc:
+        raise SpecError(_one_line(exc)) from None
+    groups = {g for bar in parsed.bars for g in bar.group}
+    frame = _frame(table, set(used), used)
+    for g in sorted(groups):
+        _column(table, g, "grouping")
+
+    X = _matrix(fixed, frame, "fixed part")
+    names, terms = r_column_names(X)
+    if len(names) == 0:
+        raise SpecError("the fixed part has no columns (remove '0 +' or add a term)")
+    factors = []
+    for bar in parsed.bars:
+        Z = _matrix(_r_to_python(bar.terms), frame, f"random term {bar.text}")
+        effects, _ = r_column_names(Z)
+        if len(effects) == 0:
+            raise SpecError(f"random term {bar.text}: no columns")
+        labels = [":".join(parts) for parts in zip(*(table.cells[g] for g in bar.group))]
+        factors.append((bar.name, labels, np.asarray(Z, dtype=np.float64), tuple(effects)))
+    return FormulaModel(np.asarray(X, dtype=np.float64), tuple(names),
+                        tuple((label, tuple(cols)) for label, cols in terms), tuple(factors))
+
+
+def default_contrasts(model: FormulaModel) -> list[tuple[str, np.ndarray, str]]:
+    """lmerTest's ``summary`` and ``anova``: a T contrast per coefficient (named by it), an F
+    contrast per term of more than one column (named by the term)."""
+    p = len(model.names)
+    out = []
+    for j, name in enumerate(model.names):
+        w = np.zeros(p)
+        w[j] = 1.0
+        out.append((safe_name(name), w, "two-sided"))
+    taken = {c[0] for c in out}
+    for label, cols in model.terms:
+        if len(cols) > 1:
+            L = np.zeros((len(cols), p))
+            L[np.arange(len(cols)), list(cols)] = 1.0
+            name = safe_name(label)
+            out.append((name if name not in taken else f"{name}.F", L, "two-sided"))
+    return out
+
+
+def safe_name(name: str) -> str:
+    """A coefficient or term name usable as an HDF5 group and file name ('/' replaced)."""
+    return name.replace("/", "_")
+
+
+def did_you_mean(word: str, choices: Sequence[str]) -> str:
+    """`` (did you mean 'x'?)`` when a close choice exists, else ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,103 @@
+"""`mpiblmm check` (every problem at once, the summary) and the spec's JSON Schema."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mpiblmm.check import check_spec
+from mpiblmm.schema import SCHEMA, schema_problems
+from mpiblmm.study import write_study
+
+jsonschema = pytest.importorskip("jsonschema")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study")
+    write_study(folder, subjects=8, visits=3, shape=(4, 4, 3), seed=3)
+    return folder
+
+
+def test_schema_is_valid_and_accepts_both_forms(study):
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    spec = json.loads((study / "spec.json").read_text())
+    assert schema_problems(spec) == []
+    formula = {"images": "images.txt", "covariates": "participants.csv",
+               "formula": "y ~ age + time + (1 + time | subject)",
+               "contrasts": [{"name": "t", "weights": {"time": 1}},
+                             {"name": "f", "weights": [{"age": 1}, {"time": 1}]}]}
+    assert schema_problems(formula) == []
+    jsonschema.validate(formula, SCHEMA)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"formual": "y ~ 1"}, ("formual", "did you mean 'formula'?")),
+    ({"covariates": "c.csv"}, ("X", "not both")),
+    ({"contrasts": [{"name": "a", "weights": {"age": "x"}}]},
+     ('contrasts[0] ("a").weights.age', "expected a number")),
+    ({"max_memory_mb": -1}, ("max_memory_mb", "greater than 0")),
+])
+def test_schema_messages(study, change, expected):
+    spec = json.loads((study / "spec.json").read_text())
+    spec.update(change)
+    problems = schema_problems(spec)
+    assert any(k == expected[0] and expected[1] in m for k, m in problems), problems
+
+
+def test_check_summary(study):
+    problems, summary = check_spec(study / "spec.json", ranks=4)
+    assert problems == []
+    text = "\n".join(summary)
+    assert "observations: n = 24" in text
+    assert "fixed effects: p = 3: intercept, age, time" in text
+    assert "subject: 8 levels (3-3 observations each), 2 effect(s): intercept, time" in text
+    assert "age_or_time: F: 1 age; 1 time" in text
+    assert "candidate voxels: at most 48" in text
+    assert "memory per rank: about" in text and "on 4 rank(s)" in text
+    assert summary[-1] == "check: OK"
+
+
+def test_check_lists_every_problem(study, tmp_path):
+    spec = json.loads((study / "spec.json").read_text())
+    spec["images"] = str(study / "images.txt")
+    spec["X"] = str(study / "X.csv")
+    spec["random"][0].update(factor=str(study / "factor_subject.csv"),
+                             design=str(study / "Z_subject.csv"))
+    bad = dict(spec, colour=1, missingness={"min_n": 0}, estimation={"method": "OLS"})
+    bad["contrasts"] = [dict(spec["contrasts"][0], weights=[0, "x", 1])]
+    (tmp_path / "a.json").write_text(json.dumps(bad))
+    problems, _ = check_spec(tmp_path / "a.json")
+    assert len(problems) == 4 and all("\n" not in p for p in problems)
+    assert [p.split(": ")[1] for p in problems] == [
+        "colour", 'contrasts[0] ("time").weights[1]', "estimation.method", "missingness.min_n"]
+
+    bad = dict(spec, X="nope.csv")
+    bad["random"] = [dict(spec["random"][0], design="nah.csv")]
+    (tmp_path / "b.json").write_text(json.dumps(bad))
+    problems, _ = check_spec(tmp_path / "b.json")
+    assert [p.split(": ")[1] for p in problems] == ["X", "random[0].design"]
+
+    bad = dict(spec, missingness={"min_n": 1000})
+    bad["contrasts"] = [dict(spec["contrasts"][0], weights=[0, 0, 0]),
+                        dict(spec["contrasts"][1], weights=[0, 1])]
+    (tmp_path / "c.json").write_text(json.dumps(bad))
+    problems, _ = check_spec(tmp_path / "c.json")
+    assert 'contrasts[0] ("time").weights: all weights are zero' in problems[0]
+    assert 'contrasts[1] ("age").weights: each row needs 3 weights' in problems[1]
+    assert "missingness.min_n: 1000 is more than the 24 observations" in problems[2]
+
+
+def test_check_rank_deficient_design(study, tmp_path):
+    X = np.loadtxt(study / "X.csv", delimiter=",")
+    np.savetxt(tmp_path / "X.csv", np.column_stack([X, X[:, 1] * 2]), delimiter=",")
+    spec = json.loads((study / "spec.json").read_text())
+    spec.update(images=str(study / "images.txt"), X=str(tmp_path / "X.csv"), contrasts=[])
+    spec.pop("fixed_names")
+    spec["random"][0].update(factor=str(study / "factor_subject.csv"),
+                             design=str(study / "Z_subject.csv"))
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    problems, _ = check_spec(tmp_path / "s.json")
+    assert any("rank deficient (rank 3 of 4 columns" in p for p in problems), problems

@@ -1,0 +1,144 @@
+"""The formula front end: R's column names and coding, the bar syntax, the table's rules.
+
+No R on CI: the expected names are written by hand from R's rules for
+``colnames(model.matrix(formula, data))`` (read.csv's column types, treatment contrasts,
+reference level the first sorted level; terms ordered by degree, the variables of an
+interaction in order of first appearance; a factor coded by contrasts when the term without
+it is in the model, else by indicators) and lme4's ``findbars``/``expandSlash`` naming.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mpiblmm.errors import SpecError
+from mpiblmm.formula import default_contrasts, formula_model, parse_formula, read_table
+
+ROWS = [  # subject, visit, age, time, sex, site, grp, code
+    ("s1", 1, 61.5, 0.0, "M", "b", "x", "01"), ("s1", 2, 62.5, 1.0, "M", "b", "y", "1"),
+    ("s2", 1, 55.0, 0.0, "F", "a", "z", "01"), ("s2", 2, 56.1, 1.1, "F", "a", "x", "2"),
+    ("s3", 1, 70.2, 0.0, "M", "c", "y", "1"), ("s3", 2, 71.0, 0.8, "M", "c", "z", "2"),
+    ("s4", 1, 48.3, 0.0, "F", "b", "x", "01"), ("s4", 3, 50.3, 2.0, "F", "b", "y", "2"),
+    ("s5", 1, 66.0, 0.0, "F", "c", "z", "1"), ("s5", 2, 67.2, 1.2, "F", "a", "x", "01"),
+]
+
+
+@pytest.fixture
+def table(tmp_path):
+    path = tmp_path / "participants.csv"
+    path.write_text("subject,visit,age,time,sex,site,grp,code\n"
+                    + "".join(",".join(map(str, r)) + "\n" for r in ROWS))
+    return read_table(path)
+
+
+@pytest.mark.parametrize("formula, names", [
+    ("y ~ age + time * sex + (1 | subject)", ["(Intercept)", "age", "time", "sexM", "time:sexM"]),
+    # the variables of an interaction in order of first appearance in the formula
+    ("y ~ sex + time + time:sex + (1 | subject)", ["(Intercept)", "sexM", "time", "sexM:time"]),
+    ("y ~ 0 + sex + age + (1 | subject)", ["sexF", "sexM", "age"]),
+    ("y ~ age - 1 + (1 | subject)", ["age"]),
+    ("y ~ -1 + age + (1 | subject)", ["age"]),
+    ("y ~ site * grp + (1 | subject)",
+     ["(Intercept)", "siteb", "sitec", "grpy", "grpz",
+      "siteb:grpy", "sitec:grpy", "siteb:grpz", "sitec:grpz"]),
+    ("y ~ factor(visit) + (1 | subject)", ["(Intercept)", "factor(visit)2", "factor(visit)3"]),
+    ("y ~ I(age^2) + log(age) + (1 | subject)", ["(Intercept)", "I(age^2)", "log(age)"]),
+    ("y ~ I(age/10) + (1 | subject)", ["(Intercept)", "I(age/10)"]),
+    # terms by degree; `sex` without `age`'s main effect: indicators for every level
+    ("y ~ age:sex + time + (1 | subject)", ["(Intercept)", "time", "age:sexF", "age:sexM"]),
+    ("y ~ (1 | subject)", ["(Intercept)"]),
+    ("~ age + (1 | subject)", ["(Intercept)", "age"]),
+])
+def test_fixed_names_are_r_colnames(table, formula, names):
+    assert list(formula_model(formula, table).names) == names
+
+
+def test_treatment_coding_values(table):
+    m = formula_model("y ~ age + time * sex + site + (1 | subject)", table)
+    sex = np.array([r[4] == "M" for r in ROWS], dtype=float)
+    time = np.array([r[3] for r in ROWS])
+    assert list(m.names) == ["(Intercept)", "age", "time", "sexM", "siteb", "sitec", "time:sexM"]
+    np.testing.assert_array_equal(m.X[:, 0], 1.0)
+    np.testing.assert_array_equal(m.X[:, 3], sex)
+    np.testing.assert_array_equal(m.X[:, 4], [r[5] == "b" for r in ROWS])
+    np.testing.assert_array_equal(m.X[:, 6], time * sex)
+    assert dict(m.terms)["site"] == (4, 5)
+
+
+def test_default_contrasts_are_lmertest_summary_and_anova(table):
+    m = formula_model("y ~ age + site + (1 | subject)", table)
+    cons = default_contrasts(m)
+    assert [c[0] for c in cons] == ["(Intercept)", "age", "siteb", "sitec", "site"]
+    np.testing.assert_array_equal(cons[1][1], [0, 1, 0, 0])
+    np.testing.assert_array_equal(cons[4][1], [[0, 0, 1, 0], [0, 0, 0, 1]])
+
+
+def test_random_terms_and_groupings(table):
+    m = formula_model("y ~ time + (1 + time | subject) + (1 | site/grp) + (time || sex)", table)
+    names = [f[0] for f in m.factors]
+    assert names == ["subject", "grp:site", "site", "sex", "sex.1"]
+    effects = [f[3] for f in m.factors]
+    assert effects == [("(Intercept)", "time"), ("(Intercept)",), ("(Intercept)",),
+                       ("(Intercept)",), ("time",)]
+    assert m.factors[1][1][:3] == ["x:b", "y:b", "z:a"]
+    np.testing.assert_array_equal(m.factors[0][2][:, 1], [r[3] for r in ROWS])
+
+
+def test_categorical_random_effects_and_interaction_grouping(table):
+    m = formula_model("y ~ 1 + (0 + sex | site:grp) + (sex | subject)", table)
+    assert m.factors[0][0] == "site:grp" and m.factors[0][3] == ("sexF", "sexM")
+    assert m.factors[1][3] == ("(Intercept)", "sexM")
+
+
+def test_number_labels_stay_labels(table):
+    m = formula_model("y ~ 1 + (1 | code)", table)
+    assert sorted(set(m.factors[0][1])) == ["01", "1", "2"]   # '01' and '1' differ
+
+
+@pytest.mark.parametrize("formula, message", [
+    ("y ~ age +", "empty term"),
+    ("age + (1 | subject)", "no '~'"),
+    ("y ~ age ~ time", "more than one '~'"),
+    ("y ~ age + 1 | subject", "must stand alone in parentheses"),
+    ("y ~ age + (1 | )", "nothing after '|'"),
+    ("y ~ age + ( | subject)", "nothing before '|'"),
+    ("y ~ age + (1 | subject + site)", "unsupported grouping"),
+    ("y ~ age + (1 | subjekt)", "no grouping column 'subjekt'"),
+    ("y ~ agee + (1 | subject)", "did you mean 'age'"),
+    ("y ~ age - (1 | subject)", "cannot be subtracted"),
+    ("y ~ (age + (1 | subject)", "unbalanced"),
+    ("age ~ time + (1 | subject)", "the response is the image data"),
+    ("y ~ 0 + (1 | subject)", "no columns"),
+])
+def test_formula_errors_name_the_term(table, formula, message):
+    with pytest.raises(SpecError) as info:
+        formula_model(formula, table)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_value_names_row_and_column(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("subject,age,sex\na,1,M\nb,NA,F\nc,3,\n")
+    t = read_table(path)
+    with pytest.raises(SpecError, match=r"t.csv: row 3: column 'age': missing value 'NA'"):
+        formula_model("y ~ age + (1 | subject)", t)
+    with pytest.raises(SpecError, match=r"t.csv: row 4: column 'sex': missing value ''"):
+        formula_model("y ~ sex + (1 | subject)", t)
+    formula_model("y ~ 1 + (1 | subject)", t)   # unused columns may have gaps
+
+
+def test_table_errors(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("a,b\n1,2\n3\n")
+    with pytest.raises(SpecError, match=r"t.csv: row 3: has 1 columns; the header has 2"):
+        read_table(path)
+    path.write_text("a,a\n1,2\n")
+    with pytest.raises(SpecError, match="appears twice"):
+        read_table(path)
+
+
+def test_parse_keeps_lme4_expansion():
+    p = parse_formula("y ~ a + (1 | g1/g2/g3) - 1")
+    assert p.fixed == "a - 1"
+    assert [b.name for b in p.bars] == ["g3:g2:g1", "g2:g1", "g1"]
