@@ -50,10 +50,27 @@ def report(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("report")
     mpiblmm("simulate", "study", "--subjects", "10", "--visits", "3", "--shape", "7", "6", "4",
             cwd=tmp)
-    mpiblmm("fit", "study/spec.json", "--quiet", cwd=tmp)
+    fit = mpiblmm("fit", "study/spec.json", cwd=tmp)
+    (tmp / "fit.txt").write_text(fit.stdout)
     out = mpiblmm("report", "study/results/results.h5", "--out", "rep", cwd=tmp)
     assert "report.html" in out.stdout
     return tmp / "rep" / "report.html"
+
+
+def test_stored_summary_has_the_printed_total_and_the_export(report):
+    import h5py
+
+    printed = (report.parent.parent / "fit.txt").read_text()
+    headline = re.search(r"fitted \d+ of \d+ voxels in ([0-9.]+) s", printed)
+    with h5py.File(report.parent.parent / "study" / "results" / "results.h5", "r") as f:
+        summary = json.loads(f.attrs["summary"])
+    assert headline and headline.group(1) == f"{summary['total_seconds']:.2f}"
+    seconds = summary["seconds"]
+    assert seconds["total"][2] == summary["total_seconds"]
+    assert 0 < seconds["export"][1] < summary["total_seconds"]
+    assert sum(v[2] for k, v in seconds.items() if k != "total") >= 0.5 * summary["total_seconds"]
+    table = re.search(r"\n\s+total\s+[0-9.]+\s+[0-9.]+\s+([0-9.]+)\n", printed)
+    assert table and table.group(1) == headline.group(1)  # the phase table agrees too
 
 
 def test_report_is_one_self_contained_page(report):
