@@ -12,6 +12,7 @@ returns an exit code):
 - ``fit``      -> ``mpiblmm.pipeline.run_fit(args)``
 - ``export``   -> ``mpiblmm.io.export.run_export(args)``
 - ``simulate`` -> ``mpiblmm.study.run_simulate(args)``
+- ``report``   -> ``mpiblmm.report.run_report(args)``
 - ``env``      -> ``mpiblmm.envreport.run_env(args)``
 - ``check``    -> ``mpiblmm.check.run_check(args)``
 - ``schema``   -> ``mpiblmm.schema.run_schema(args)``
@@ -42,6 +43,7 @@ DISPATCH = {
     "check": ("mpiblmm.check", "run_check"),
     "schema": ("mpiblmm.schema", "run_schema"),
     "convert-blmm": ("mpiblmm.blmm_convert", "run_convert"),
+    "report": ("mpiblmm.report", "run_report"),
 }
 
 
@@ -87,18 +89,49 @@ def get_parser() -> argparse.ArgumentParser:
         "--max-memory-mb",
         type=_positive_int,
         metavar="MB",
-        help="memory budget per rank, in MiB, used to size voxel chunks",
+        help="memory budget per rank, in MiB, used to size voxel chunks "
+        "(default: the spec's max_memory_mb, else 2048)",
     )
     fit.add_argument("--quiet", "-q", action="store_true", help="print only warnings and errors")
 
     export = sub.add_parser(
         "export",
-        help="write NIfTI maps from a results file",
-        description="Write the maps stored in RESULTS_H5 as NIfTI images into DIR.",
+        help="write the maps (NIfTI, or GIfTI/CIFTI for surface studies) from a results file",
+        description=(
+            "Write the maps stored in RESULTS_H5 into DIR, in the input's format: NIfTI "
+            "(.nii.gz) with the input's qform/sform codes, or .func.gii / .dscalar.nii for "
+            "surface studies; plus mask, z and (with --fdr) q-value maps, and maps.json."
+        ),
     )
     export.add_argument("results", metavar="RESULTS_H5", help="results file written by `fit`")
     export.add_argument(
-        "out_dir", metavar="DIR", nargs="?", help="output folder (default: beside RESULTS_H5)"
+        "out_dir", metavar="DIR", nargs="?",
+        help="output folder (default: the folder nifti/ beside RESULTS_H5)",
+    )
+    export.add_argument(
+        "--fdr", action="store_true",
+        help="also write con_<name>_q: Benjamini-Hochberg FDR q-values over the fitted voxels",
+    )
+
+    report = sub.add_parser(
+        "report",
+        help="write an HTML report with figures of a results file",
+        description=(
+            "Write one self-contained HTML page (report.html, figures embedded as PNG) about "
+            "RESULTS_H5: contrast maps, voxel status and counts, the analysis mask, n per "
+            "voxel, iterations, df ranges and time per phase. Reads the results file (and the "
+            "mean image of packed.h5 beside it, when present); recomputes no statistics."
+        ),
+    )
+    report.add_argument("results", metavar="RESULTS_H5", help="results file written by `fit`")
+    report.add_argument(
+        "--out", metavar="DIR",
+        help="folder for report.html (default: the folder report/ beside RESULTS_H5)",
+    )
+    report.add_argument(
+        "--background", metavar="IMAGE",
+        help="NIfTI image on the study grid to draw the maps over "
+        "(default: the mean of the observations, from packed.h5 beside RESULTS_H5)",
     )
 
     simulate = sub.add_parser(
@@ -107,23 +140,26 @@ def get_parser() -> argparse.ArgumentParser:
         description="Simulate a study (images, design table and spec) with known parameters.",
     )
     simulate.add_argument("out_dir", metavar="OUT_DIR", help="folder to write the study into")
-    simulate.add_argument("--subjects", type=_positive_int, default=60, help="number of subjects")
-    simulate.add_argument("--visits", type=_positive_int, default=4, help="visits per subject")
+    simulate.add_argument("--subjects", type=_positive_int, default=60,
+                          help="number of subjects (default: %(default)s)")
+    simulate.add_argument("--visits", type=_positive_int, default=4,
+                          help="visits per subject (default: %(default)s)")
     simulate.add_argument(
         "--shape",
         type=_positive_int,
         nargs=3,
         metavar=("X", "Y", "Z"),
         default=(20, 20, 15),
-        help="image shape in voxels",
+        help="image shape in voxels (default: 20 20 15)",
     )
-    simulate.add_argument("--seed", type=int, default=0, help="random seed")
+    simulate.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     simulate.add_argument(
         "--missing-fraction",
         type=_fraction,
         default=0.3,
         metavar="F",
-        help="fraction of voxels, the outermost, that miss 1-15%% of their observations",
+        help="fraction of voxels, the outermost, that miss 1-15%% of their observations "
+        "(default: %(default)s)",
     )
     _add_spec_tools(sub)
     return parser
@@ -207,7 +243,7 @@ def check_inputs_exist(args: argparse.Namespace) -> None:
         _require_file(args.spec, "SPEC")
     elif args.command == "convert-blmm":
         _require_file(args.config, "CONFIG")
-    elif args.command == "export":
+    elif args.command in ("export", "report"):
         _require_file(args.results, "RESULTS_H5")
 
 

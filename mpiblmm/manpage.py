@@ -1,4 +1,5 @@
-"""Build the ``mpiblmm.1`` man page from :func:`mpiblmm.cli.get_parser` with argparse-manpage.
+"""Build the ``mpiblmm.1`` man page from :func:`mpiblmm.cli.get_parser` with argparse-manpage,
+plus the sections of ``manpage.include`` (exit status, spec reference, outputs, examples).
 
 ``python -m mpiblmm.manpage OUT`` writes the page to OUT (``-`` for stdout).
 ``scripts/setup.sh`` installs it as ``.venv/share/man/man1/mpiblmm.1`` (editable installs do
@@ -9,12 +10,16 @@ not run setuptools' install step); a wheel build gets it from the argparse-manpa
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from mpiblmm import __version__
 
 #: The one-line summary in the man page's NAME section.
 DESCRIPTION = "MPI-parallel voxel-wise linear mixed models for neuroimaging studies"
+#: Sections beyond ``--help`` (exit status, spec reference, outputs, examples, see also), in
+#: argparse-manpage's include format; the wheel build reads the same file (pyproject.toml).
+INCLUDE = Path(__file__).with_name("manpage.include")
 
 
 def manpage_arguments(output: str) -> list[str]:
@@ -27,6 +32,7 @@ def manpage_arguments(output: str) -> list[str]:
         "--description", DESCRIPTION,
         "--version", __version__,
         "--manual-title", "mpiblmm manual",
+        "--include", str(INCLUDE),
         "--output", output,
     ]
 

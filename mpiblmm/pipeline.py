@@ -31,7 +31,7 @@ from mpiblmm.checks import check_fittable
 from mpiblmm.design import Design, design_from_spec
 from mpiblmm.errors import SpecError
 from mpiblmm.io import make_dirs, on_root
-from mpiblmm.io.export import export_nifti
+from mpiblmm.io.export import export_nifti, store_headline
 from mpiblmm.io.ingest import DEFAULT_MEMORY_MB, SlabReader, prepare_input
 from mpiblmm.io.results import RESULTS_NAME, ResultsLayout, create_results
 from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk, bytes_per_voxel
@@ -162,6 +162,7 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
         layout = ResultsLayout.from_design(design, packed.n_voxels, packed.grid_shape,
                                            packed.affine, settings.method, spec.text)
         writer = create_results(results_path, layout, packed.voxels, comm)
+        writer.file.attrs["space"] = packed.space  # the input's format and header codes (maps)
 
     mine = my_slab(packed, size, rank)
     step = chunk_voxels(work, design.n, model)
@@ -196,6 +197,8 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
     n_fitted = sum(v for k, v in counts.items() if k <= STATUS_SINGULAR)
     with timer.phase("export"):
         export_nifti(results_path, results_path.parent / "nifti", comm=comm)
+    phases = {**{k: v for k, v in phases.items() if k != "total"},
+              **store_headline(results_path, comm, timer)}  # export, then the headline total
     if rank == 0 and not options.quiet:
         _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path,
                        timer.seconds["export"], timer.total(), peak, budget)
@@ -226,7 +229,7 @@ def _printer(active: bool):
 def _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path, export,
                    total, peak, budget) -> None:
     V = sum(counts.values())
-    say(f"mpiblmm: fitted {n_fitted} of {V} voxels in {total:.2f} s")
+    say(f"mpiblmm: fitted {n_fitted} of {V} voxels in {phases['total'][2]:.2f} s")
     for code in sorted(counts):
         say(f"  status {code:>3}: {counts[code]:>8}  {STATUS_CODES.get(code, 'not processed')}")
     if n_fitted:
@@ -234,7 +237,6 @@ def _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path, 
     say("  seconds per phase (min / median / max over ranks):")
     for name, (lo, med, hi) in phases.items():
         say(f"    {name:<7} {lo:8.2f} {med:8.2f} {hi:8.2f}")
-    say(f"    export  {export:8.2f} (rank 0)")
     say(f"  peak memory per rank (MiB, min / median / max): "
         f"{peak[0]:.0f} / {peak[1]:.0f} / {peak[2]:.0f}; budget {budget:.0f}")
     say(f"  results: {results_path}  maps: {results_path.parent / 'nifti'}")

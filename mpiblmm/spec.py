@@ -30,7 +30,9 @@ from mpiblmm.errors import SpecError
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 NAME_RULE = "letters, digits, '_', '.', '-', starting with a letter or digit"
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: Image files: NIfTI volumes (CIFTI dense scalar .dscalar.nii included) and GIfTI surface maps
+#: (mpiblmm.io.images picks the reader).
+NIFTI_SUFFIXES = (".nii", ".nii.gz", ".func.gii", ".shape.gii")
 ALTERNATIVES = ("two-sided", "greater", "less")
 METHODS = ("REML", "ML")
 
@@ -329,7 +331,7 @@ class _Validator:
     def file(self, value: Any, key: str, nifti: bool = False) -> Path:
         p = self.resolve(self.string(value, key))
         if nifti and not str(p).endswith(NIFTI_SUFFIXES):
-            raise self.error(key, f"expected a NIfTI file (.nii or .nii.gz): {p}")
+            raise self.error(key, f"expected a NIfTI file (.nii or .nii.gz) or GIfTI (.func.gii, .shape.gii): {p}")
         if self.check_files and not p.is_file():
             raise self.error(key, f"file not found: {p}")
         return p
@@ -480,7 +482,7 @@ def read_path_list(list_file: Path, nifti: bool = True, check_files: bool = True
         p = p if p.is_absolute() else list_file.parent / p
         where = f"{list_file}: row {number}"
         if nifti and not text.endswith(NIFTI_SUFFIXES):
-            raise SpecError(f"expected a NIfTI file (.nii or .nii.gz): {text}", where)
+            raise SpecError(f"expected a NIfTI file (.nii or .nii.gz) or GIfTI (.func.gii, .shape.gii): {text}", where)
         if check_files and not p.is_file():
             raise SpecError(f"file not found: {p}", where)
         out.append(p)

@@ -153,6 +153,23 @@ MPIEXEC_PATH="$(find_mpiexec "$MPICC_PATH" || true)"
 [[ -n "$MPIEXEC_PATH" ]] || die "no launcher found for $MPICC_PATH (MPIEXEC=${MPIEXEC:-unset})" \
     "set MPIEXEC to your site's launcher (mpiexec, srun, ...)"
 
+# ---------------------------------------------------------------- test tools
+# Headless Chromium loads the `mpiblmm report` page in tests/report (tests only; a fit never
+# needs it).  Cheap when present; only on Debian/Ubuntu as root is it installed.
+if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+    if is_debian_root; then
+        step "installing chromium with apt (for the report test)"
+        mkdir -p "$VENV"
+        export DEBIAN_FRONTEND=noninteractive
+        if ! apt-get install -y -q --no-install-recommends chromium >>"$LOG" 2>&1; then
+            run_logged "apt-get update" apt-get update -q
+            run_logged "apt-get install chromium" apt-get install -y -q --no-install-recommends chromium
+        fi
+    else
+        step "warning: no chromium on PATH: tests/report will fail (install Chromium to run it)"
+    fi
+fi
+
 # ---------------------------------------------------------------- fast path
 stamp_key() {
     {

@@ -1,10 +1,16 @@
-"""results.h5 -> NIfTI maps (``mpiblmm export``), from the HDF5 file alone.
+"""results.h5 -> maps (``mpiblmm export``), from the HDF5 file alone.
 
-One compressed NIfTI per map on the input grid and affine (``docs/RESULTS.md`` lists them).
-Integer maps (``n``, ``status``, ``iterations``) keep their integer dtype and hold 0 outside
-the candidate voxels; float maps keep float64 and hold NaN there.  ``beta`` and
-``random_<factor>`` are 4-D (the random-effect covariance as its lower triangle, column by
-column).  A ``maps.json`` beside them names every file and its volumes.
+One map file per dataset, in the input's format: compressed NIfTI on the input grid, affine,
+qform/sform codes and intent (the results file's ``space`` attribute), or for surface studies
+``.func.gii`` / ``.dscalar.nii`` (:mod:`mpiblmm.io.surface`).  ``docs/RESULTS.md`` lists them.
+Integer maps (``n``, ``iterations``, ``mask``) keep their integer dtype and hold 0 outside the
+candidate voxels; ``status`` holds :data:`~mpiblmm.io.derived.STATUS_NOT_ANALYSED` (8) there;
+float maps keep float64 and hold NaN there.  ``beta`` and ``random_<factor>`` are 4-D (the
+random-effect covariance as its lower triangle, column by column).  Derived maps, computed
+from stored datasets only (:mod:`mpiblmm.io.derived`): ``mask`` (1 where a model was fitted,
+status 0-2), ``con_<name>_z`` (z with the contrast's p; signed by the estimate for two-sided T
+contrasts) and, with ``fdr=True``, ``con_<name>_q`` (Benjamini-Hochberg q over fitted voxels).
+A ``maps.json`` beside them names every file and its volumes.
 
 With a communicator of several ranks the maps are shared round-robin; each rank opens the
 results file read-only on its own (no collective I/O) and writes its maps.
@@ -23,7 +29,16 @@ import numpy as np
 
 from mpiblmm.errors import UserError
 from mpiblmm.io import agree, comm_rank, comm_size, make_dirs
+from mpiblmm.io.derived import (NOT_ANALYSED_MEANING, STATUS_NOT_ANALYSED, bh_qvalues,
+                                z_from_neglog10p)
 from mpiblmm.io.nifti import save_map
+
+#: Highest status code of a voxel that holds a fit (converged, iteration cap, singular).
+FITTED_MAX_STATUS = 2
+#: File ending of the maps per input format (the ``format`` of the results' ``space``).
+MAP_SUFFIX = {"nifti": ".nii.gz", "gifti": ".func.gii", "cifti": ".dscalar.nii"}
+#: NIfTI intents of derived maps (others keep the input's intent).
+DERIVED_INTENTS = {"z": "z score", "q": "p value", "p": "p value"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,7 @@ class MapSpec:
     dataset: str
     volumes: tuple[str, ...]
     lower_triangle: bool = False
+    derive: str = ""  # "", "mask", "z" or "q": computed from ``dataset`` at export
 
 
 def vech_indices(q: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,8 +58,8 @@ def vech_indices(q: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
-def list_maps(f: Any) -> list[MapSpec]:
-    """The maps a results file holds, in a fixed order."""
+def list_maps(f: Any, fdr: bool = False) -> list[MapSpec]:
+    """The maps of a results file, in a fixed order (with q-value maps if ``fdr``)."""
     out = []
     beta_names = [str(x) for x in f["beta"].attrs.get("names", [])] or \
         [f"x{j}" for j in range(f["beta"].shape[1])]
@@ -51,6 +67,7 @@ def list_maps(f: Any) -> list[MapSpec]:
     for name in ("sigma2", "llh", "n", "status", "iterations"):
         if name in f:
             out.append(MapSpec(name, name, (name,)))
+    out.append(MapSpec("mask", "status", ("mask",), derive="mask"))
     for factor in f.get("random", {}):
         ds = f[f"random/{factor}/cov"]
         effects = [str(x) for x in ds.attrs.get("names", [])] or [f"z{e}" for e in range(ds.shape[1])]
@@ -60,7 +77,44 @@ def list_maps(f: Any) -> list[MapSpec]:
     for con in f.get("contrasts", {}):
         for stat in f[f"contrasts/{con}"]:
             out.append(MapSpec(f"con_{con}_{stat}", f"contrasts/{con}/{stat}", (stat,)))
+        if "neglog10p" in f[f"contrasts/{con}"]:
+            out.append(MapSpec(f"con_{con}_z", f"contrasts/{con}/neglog10p", ("z",), derive="z"))
+            if fdr:
+                out.append(MapSpec(f"con_{con}_q", f"contrasts/{con}/p", ("q",), derive="q"))
     return out
+
+
+def map_values(f: Any, m: MapSpec) -> np.ndarray:
+    """Per-voxel values (V,) or (V, k) of map ``m``, read or derived from the results file."""
+    if m.derive == "mask":
+        return (np.asarray(f["status"][...]) <= FITTED_MAX_STATUS).astype(np.uint8)
+    data = np.asarray(f[m.dataset][...])
+    if m.lower_triangle:
+        rows, cols = vech_indices(data.shape[1])
+        return data[:, rows, cols]
+    group = f[m.dataset].parent
+    if m.derive == "z":  # FSL's zstat/zfstat: the normal z with the same p
+        kind = str(group.attrs.get("kind", "F" if "F" in group else "T"))
+        sign = np.asarray(group["estimate"][...]) if "estimate" in group else None
+        return z_from_neglog10p(data, kind, str(group.attrs.get("alternative", "two-sided")),
+                                sign)
+    if m.derive == "q":
+        fitted = np.asarray(f["status"][...]) <= FITTED_MAX_STATUS
+        return bh_qvalues(data, fitted)
+    return data
+
+
+def map_info(m: MapSpec, codes: dict[str, str]) -> dict[str, Any]:
+    """The ``maps.json`` entry of a map: source dataset, volume names, derivation, codes."""
+    entry: dict[str, Any] = {"dataset": m.dataset, "volumes": list(m.volumes)}
+    if m.derive:
+        entry["derived"] = {"mask": "1 where a model was fitted (status 0, 1 or 2), else 0",
+                            "z": "standard normal z with the contrast's p (signed by the "
+                                 "estimate for two-sided T contrasts)",
+                            "q": "Benjamini-Hochberg FDR q-value over the fitted voxels"}[m.derive]
+    if m.stem == "status":
+        entry["codes"] = codes
+    return entry
 
 
 def _open(results: Path) -> Any:
@@ -84,21 +138,37 @@ def _check(f: Any, results: Path) -> None:
             raise UserError(f"not a results file: dataset {name!r} is missing", str(results))
 
 
-def volume(values: np.ndarray, voxels: np.ndarray, grid_shape: tuple[int, ...]) -> np.ndarray:
+def volume(values: np.ndarray, voxels: np.ndarray, grid_shape: tuple[int, ...],
+           fill: Any = None) -> np.ndarray:
     """Scatter per-voxel ``values`` (V,) or (V, k) into a 3-D or 4-D grid.
 
-    Outside the voxels: 0 for integer dtypes, NaN for floats.
+    Outside the voxels: ``fill``, by default 0 for integer dtypes and NaN for floats.
     """
     values = np.asarray(values)
-    fill = np.nan if values.dtype.kind == "f" else 0
+    if fill is None:
+        fill = np.nan if values.dtype.kind == "f" else 0
     out = np.full(tuple(grid_shape) + values.shape[1:], fill, dtype=values.dtype)
     out[voxels[:, 0], voxels[:, 1], voxels[:, 2]] = values
     return out
 
 
+def write_map(target: Path, data: np.ndarray, affine: np.ndarray, space: str,
+              names: tuple[str, ...], description: str, intent: str | None = None) -> None:
+    """The one place a map file is written (atomically, by the format writers): NIfTI
+    volumes, or per-vertex GIfTI/CIFTI maps for surface studies (grid ``(N, 1, 1)``)."""
+    fmt = json.loads(space).get("format", "nifti") if space else "nifti"
+    if fmt == "nifti":
+        save_map(target, data, affine, description=description, space=space, intent=intent)
+    else:
+        from mpiblmm.io.surface import save_surface_map
+
+        save_surface_map(target, data.reshape(data.shape[0], -1), space, names, description)
+
+
 def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-                 comm: Any = None) -> list[Path]:
-    """Write every map of a complete results file as ``<out_dir>/<map>.nii.gz``.
+                 comm: Any = None, fdr: bool = False) -> list[Path]:
+    """Write every map of a complete results file as ``<out_dir>/<map>.nii.gz`` (or, for a
+    surface study, ``.func.gii`` / ``.dscalar.nii``).
 
     Parameters
     ----------
@@ -109,6 +179,8 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
     comm
         Communicator to share the maps over (``None``: this process writes them all).
         Collective when given: every rank calls.
+    fdr
+        Also write Benjamini-Hochberg q-value maps ``con_<name>_q`` for every contrast.
 
     Returns
     -------
@@ -141,29 +213,51 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
         voxels = np.asarray(f["voxels"][...], dtype=np.int64)
         grid_shape = tuple(int(s) for s in f.attrs["grid_shape"])
         affine = np.asarray(f.attrs["affine"], dtype=np.float64)
-        maps = list_maps(f)
+        space = str(f.attrs.get("space", ""))
+        suffix = MAP_SUFFIX[json.loads(space).get("format", "nifti") if space else "nifti"]
+        codes = {str(k): v for k, v in json.loads(f["status"].attrs.get("codes", "{}")).items()}
+        codes[str(STATUS_NOT_ANALYSED)] = NOT_ANALYSED_MEANING
+        maps = list_maps(f, fdr)
         for m in maps[rank::size]:
-            data = np.asarray(f[m.dataset][...])
-            if m.lower_triangle:
-                rows, cols = vech_indices(data.shape[1])
-                data = data[:, rows, cols]
-            target = out / f"{m.stem}.nii.gz"
-            save_map(target, volume(data, voxels, grid_shape), affine,
-                     description=f"mpiblmm {m.stem}")
+            fill = STATUS_NOT_ANALYSED if m.stem == "status" else None
+            target = out / f"{m.stem}{suffix}"
+            write_map(target, volume(map_values(f, m), voxels, grid_shape, fill), affine, space,
+                      m.volumes, f"mpiblmm {m.stem}", DERIVED_INTENTS.get(m.derive))
             written.append(target)
     if size > 1:
         comm.Barrier()
     if rank == 0:
-        index = {f"{m.stem}.nii.gz": {"dataset": m.dataset, "volumes": list(m.volumes)} for m in maps}
+        index = {f"{m.stem}{suffix}": map_info(m, codes) for m in maps}
         (out / "maps.json").write_text(json.dumps(index, indent=2) + "\n")
     return written
 
 
+def store_headline(results_path: str | os.PathLike, comm: Any, timer: Any) -> dict[str, list[float]]:
+    """Collective, after the export: seconds of the export and of the whole run (from the
+    timer's start), min / median / max over ranks, added to the results' ``summary`` by rank
+    0 (``seconds.export``, ``seconds.total`` and ``total_seconds``, the slowest rank's total,
+    which is what ``fit`` prints as its headline)."""
+    from mpiblmm.timers import summarise_phases
+
+    times = summarise_phases(comm, timer, ["export"])
+    if comm_rank(comm) == 0:
+        import h5py
+
+        with h5py.File(results_path, "r+") as f:
+            summary = json.loads(f.attrs.get("summary", "{}") or "{}")
+            summary.setdefault("seconds", {}).update(times)
+            summary["total_seconds"] = times["total"][2]
+            f.attrs["summary"] = json.dumps(summary, sort_keys=True, default=str)
+    if comm_size(comm) > 1:
+        comm.Barrier()
+    return times
+
+
 def run_export(args: argparse.Namespace) -> int:
-    """``mpiblmm export RESULTS_H5 [DIR]``: (re)write the NIfTI maps; returns the exit code."""
+    """``mpiblmm export RESULTS_H5 [DIR] [--fdr]``: (re)write the maps; returns the exit code."""
     comm = _world()
     out_dir = getattr(args, "out_dir", None) or getattr(args, "directory", None)
-    written = export_nifti(args.results, out_dir, comm=comm)
+    written = export_nifti(args.results, out_dir, comm=comm, fdr=bool(getattr(args, "fdr", False)))
     total = len(written) if comm is None else comm.allreduce(len(written))
     if comm_rank(comm) == 0:
         target = out_dir or Path(args.results).parent / "nifti"
@@ -181,4 +275,5 @@ def _world() -> Any:
     return comm if comm.Get_size() > 1 else None
 
 
-__all__: list[str] = ["export_nifti", "run_export", "list_maps", "volume", "vech_indices"]
+__all__: list[str] = ["export_nifti", "run_export", "list_maps", "map_values", "volume",
+                      "vech_indices", "write_map"]

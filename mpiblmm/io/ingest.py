@@ -43,7 +43,8 @@ import numpy as np
 from mpiblmm.errors import SpecError, UserError
 from mpiblmm.io import (agree, comm_rank, comm_size, make_dirs, on_root, open_h5, read_hyperslab,
                         write_hyperslab)
-from mpiblmm.io.nifti import Grid, read_grid, read_volume
+from mpiblmm.io.images import read_grid, read_volume  # NIfTI or surface, by file name
+from mpiblmm.io.nifti import Grid
 
 PACKED_FORMAT = "mpiblmm-packed-1"
 PACKED_NAME = "packed.h5"
@@ -72,6 +73,7 @@ class PackedInput:
     grid_layout: bool = False
     zero_is_missing: bool = True
     n_observed: np.ndarray | None = None  # (V,) observations per voxel, where known
+    space: str = ""  # the input's format and header codes (mpiblmm.io.nifti.Grid.space)
 
     @property
     def n_voxels(self) -> int:
@@ -263,7 +265,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         f.flush()
         f.attrs["complete"] = True
     return PackedInput(path, "/Y", n, grid.shape, grid.affine, voxels,
-                       np.arange(V, dtype=np.int64), False, zero_is_missing, counts)
+                       np.arange(V, dtype=np.int64), False, zero_is_missing, counts, grid.space)
 
 
 def _packed_attrs(f: Any, n: int, grid: Grid, zero_is_missing: bool, fingerprint: str) -> None:
@@ -274,6 +276,7 @@ def _packed_attrs(f: Any, n: int, grid: Grid, zero_is_missing: bool, fingerprint
     f.attrs["grid_shape"] = np.asarray(grid.shape, dtype=np.int64)
     f.attrs["affine"] = grid.affine
     f.attrs["source"] = fingerprint
+    f.attrs["space"] = grid.space
 
 
 def _partition(n: int, parts: int, part: int) -> tuple[int, int]:
@@ -351,13 +354,14 @@ def _describe_packed(path: Path, dataset: str, analysis_mask: Path | None) -> tu
         counts = (np.asarray(f["n_observed"][...], dtype=np.int32)
                   if ours and "n_observed" in f else None)
         grid_layout = ds.ndim == 4
+        space = str(f.attrs.get("space", ""))
     if analysis_mask is not None:
-        m = read_volume(Path(analysis_mask), Grid(shape, affine), reference=where)
+        m = read_volume(Path(analysis_mask), Grid(shape, affine, space), reference=where)
         in_mask = (np.isfinite(m) & (m != 0)).reshape(-1)
         keep = np.flatnonzero(in_mask[stored])
     else:
         keep = np.arange(stored.size, dtype=np.int64)
-    return n, shape, affine, stored, keep, grid_layout, ours, stored_zim, counts
+    return n, shape, affine, stored, keep, grid_layout, ours, stored_zim, counts, space
 
 
 def open_packed(path: Path, dataset: str = "/Y", comm: Any = None,
@@ -370,7 +374,7 @@ def open_packed(path: Path, dataset: str = "/Y", comm: Any = None,
     one pass over the data.
     """
     path = Path(path)
-    n, shape, affine, stored, keep, grid_layout, ours, stored_zim, counts = on_root(
+    n, shape, affine, stored, keep, grid_layout, ours, stored_zim, counts, space = on_root(
         comm, lambda: _describe_packed(path, dataset, analysis_mask))
     columns = stored[keep] if grid_layout else keep.astype(np.int64)
     if not (ours and (stored_zim or not zero_is_missing)):
@@ -383,7 +387,8 @@ def open_packed(path: Path, dataset: str = "/Y", comm: Any = None,
                                + (" inside the analysis mask" if analysis_mask else ""), str(path)))
     voxels = np.column_stack(np.unravel_index(stored[keep], shape)).astype(np.int32)
     return PackedInput(path, dataset, n, shape, affine, voxels, columns.astype(np.int64),
-                       grid_layout, zero_is_missing, None if counts is None else counts[keep])
+                       grid_layout, zero_is_missing, None if counts is None else counts[keep],
+                       space)
 
 
 def _observed_columns(path: Path, dataset: str, n: int, shape: tuple[int, int, int],

@@ -1,7 +1,14 @@
-"""NIfTI reading (3-D volumes on one grid) and writing (maps that keep their dtype)."""
+"""NIfTI reading (3-D volumes on one grid) and writing (maps that keep their dtype).
+
+A :class:`Grid` carries, besides shape and affine, its ``space``: a small JSON text with
+what a viewer needs to place a map where the inputs were (format, qform/sform codes, intent,
+units).  It travels through ``packed.h5`` and ``results.h5`` (attribute ``space``) so maps
+written from the results file alone keep the input's codes: MNI input (code 4) gives MNI maps.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +17,8 @@ import numpy as np
 
 from mpiblmm.errors import UserError
 
+#: File endings of maps, longest first (kept on temporary names so nibabel knows the format).
+MAP_SUFFIXES = (".dscalar.nii", ".func.gii", ".shape.gii", ".nii.gz", ".gii", ".nii")
 #: Affines closer than this (absolute, in mm) count as the same grid.
 AFFINE_ATOL = 1e-4
 
@@ -20,6 +29,7 @@ class Grid:
 
     shape: tuple[int, int, int]
     affine: np.ndarray
+    space: str = ""  # JSON: see nifti_space / mpiblmm.io.surface
 
     def differs(self, shape: tuple[int, ...], affine: np.ndarray) -> str | None:
         """Why ``(shape, affine)`` is not this grid, or ``None`` if it is."""
@@ -67,10 +77,25 @@ def _shape3(img, path: Path) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def nifti_space(header) -> str:
+    """The ``space`` JSON of a NIfTI header: qform/sform codes, intent and spatial units."""
+    try:
+        intent = header.get_intent()
+        units = header.get_xyzt_units()[0]
+        info = {"format": "nifti",
+                "qform_code": int(header["qform_code"]), "sform_code": int(header["sform_code"]),
+                "intent": [str(intent[0]), [float(x) for x in intent[1]], str(intent[2])],
+                "xyz_units": str(units)}
+    except Exception:  # not a NIfTI header (Analyze, MGH...): nibabel's defaults apply
+        info = {"format": "nifti"}
+    return json.dumps(info, sort_keys=True)
+
+
 def read_grid(path: Path) -> Grid:
     """The grid of an image, from its header only."""
     img = _load(path)
-    return Grid(_shape3(img, path), np.asarray(img.affine, dtype=np.float64))
+    return Grid(_shape3(img, path), np.asarray(img.affine, dtype=np.float64),
+                nifti_space(img.header))
 
 
 def read_volume(path: Path, grid: Grid | None = None, reference: str | None = None,
@@ -95,25 +120,47 @@ def read_volume(path: Path, grid: Grid | None = None, reference: str | None = No
     return data.reshape(shape).astype(dtype, copy=False)
 
 
-def save_map(path: Path, data: np.ndarray, affine: np.ndarray, description: str = "") -> None:
+def save_map(path: Path, data: np.ndarray, affine: np.ndarray, description: str = "",
+             space: str = "", intent: str | None = None) -> None:
     """Write ``data`` (3-D or 4-D) as NIfTI with its own dtype (no scaling), atomically.
 
-    The file is written beside ``path`` under a temporary name and renamed, so a reader never
-    sees half a file and a re-export replaces maps in place.
+    ``space`` (the input's, see :func:`nifti_space`) sets the qform/sform codes, the intent
+    and the units; without it both codes are 1 (scanner) and the units mm.  ``intent`` (a
+    nibabel intent name such as ``"z score"``) overrides the input's intent for statistic
+    maps.  The file is written beside ``path`` under a temporary name and renamed, so a
+    reader never sees half a file and a re-export replaces maps in place.
     """
     import nibabel as nib
 
+    info = json.loads(space) if space else {}
     img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
     img.header.set_data_dtype(np.asarray(data).dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    img.header.set_xyzt_units("mm")
+    img.header.set_xyzt_units(info.get("xyz_units", "mm"))
     if description:
         img.header["descrip"] = description.encode("ascii", "replace")[:79]
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    path = Path(path)
+    img.set_qform(img.affine, code=int(info.get("qform_code", 1)))
+    img.set_sform(img.affine, code=int(info.get("sform_code", 1)))
+    if intent is not None:
+        img.header.set_intent(intent, (), name="mpiblmm")
+    elif "intent" in info:
+        code, params, name = info["intent"]
+        img.header.set_intent(code, tuple(params), name=name)
+    _atomic_save(img, Path(path))
+
+
+def _atomic_save(img, path: Path) -> None:
+    """``nib.save`` under a temporary name beside ``path``, then rename (readers never see
+    half a file).  Suffixes with two parts (``.nii.gz``, ``.func.gii``, ``.dscalar.nii``)
+    are kept so nibabel picks the format from the temporary name."""
+    import nibabel as nib
+
     name = path.name
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
+    suffix = next((s for s in MAP_SUFFIXES if name.endswith(s)), path.suffix)
     tmp = path.with_name(f".{name[: -len(suffix)]}.tmp{os.getpid()}{suffix}")
-    nib.save(img, str(tmp))
-    os.replace(tmp, path)
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -13,7 +13,7 @@ from mpiblmm import __version__
 from mpiblmm.cli import DISPATCH, get_parser, pin_blas_threads, resolve_handler
 from mpiblmm.errors import UserError
 
-SUBCOMMANDS = {"env", "fit", "export", "simulate", "check", "schema", "convert-blmm"}
+SUBCOMMANDS = {"env", "fit", "export", "simulate", "check", "schema", "convert-blmm", "report"}
 
 
 def run_cli(command, *args, env=None, timeout=60):

@@ -135,7 +135,7 @@ def test_results_and_export_serially(tmp_path):
     beta = np.asanyarray(nib.load(str(tmp_path / "r" / "nifti" / "beta.nii.gz")).dataobj)
     assert beta[0, 0, 0, 1] == 1 and np.isnan(beta[3, 4, 2]).all()
     status = np.asanyarray(nib.load(str(tmp_path / "r" / "nifti" / "status.nii.gz")).dataobj)
-    assert status[3, 4, 2] == 255 and status[1, 2, 1] == 3 and status[0, 0, 1] == 0
+    assert status[3, 4, 2] == 255 and status[1, 2, 1] == 3 and status[0, 0, 1] == 8  # background
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot create the folder .*file/maps"):
         export_nifti(tmp_path / "r" / "results.h5", tmp_path / "file" / "maps")

@@ -1,0 +1,36 @@
+"""Which reader reads an input image: NIfTI volumes or surface files, by file name.
+
+``read_grid`` and ``read_volume`` have the signatures of :mod:`mpiblmm.io.nifti`'s; GIfTI
+(``.func.gii``, ``.shape.gii``) and CIFTI dense scalar (``.dscalar.nii``) files go to
+:mod:`mpiblmm.io.surface`, everything else to NIfTI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mpiblmm.io import nifti, surface
+from mpiblmm.io.nifti import Grid
+
+#: File endings the spec accepts for images and masks.
+IMAGE_SUFFIXES = (".nii", ".nii.gz") + surface.GIFTI_SUFFIXES
+
+
+def _reader(path: Path):
+    return surface if surface.surface_format(path) else nifti
+
+
+def read_grid(path: Path) -> Grid:
+    """The grid (and ``space``) of an image or surface file, from its header."""
+    return _reader(path).read_grid(Path(path))
+
+
+def read_volume(path: Path, grid: Grid | None = None, reference: str | None = None,
+                dtype: type = np.float32) -> np.ndarray:
+    """An image's data on ``grid`` (3-D; ``(N, 1, 1)`` for surfaces) as ``dtype``."""
+    return _reader(path).read_volume(Path(path), grid, reference, dtype)
+
+
+__all__ = ["IMAGE_SUFFIXES", "read_grid", "read_volume"]

@@ -1,0 +1,177 @@
+"""Surface data: GIfTI (``.func.gii``, ``.shape.gii``) and CIFTI-2 dense scalar (``.dscalar.nii``).
+
+Behind the same interface as :mod:`mpiblmm.io.nifti` (``read_grid``, ``read_volume``, a map
+writer), so packing, fitting and the results file do not know they hold a surface:
+
+- a study's ``N`` vertices (GIfTI) or grayordinates (CIFTI) are a grid of shape ``(N, 1, 1)``
+  with the identity affine; one file per observation, holding one map;
+- the :class:`~mpiblmm.io.nifti.Grid`'s ``space`` JSON says which format and carries what the
+  writer needs to give the maps back in that format: GIfTI's structure metadata, CIFTI's
+  brain-model axis (its XML, compressed; for very large headers the path of the first input,
+  which must then still exist at export);
+- :func:`save_surface_map` writes ``(N, k)`` maps as one ``.func.gii`` with k data arrays, or one
+  ``.dscalar.nii`` with k named scalar rows, atomically (temporary name, then rename).
+
+GIfTI allows float32, int32 and uint8 data only: float maps are written as float32 there.
+CIFTI maps keep their dtype.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mpiblmm.errors import UserError
+from mpiblmm.io.nifti import Grid, _atomic_save
+
+GIFTI_SUFFIXES = (".func.gii", ".shape.gii")
+CIFTI_SUFFIXES = (".dscalar.nii",)
+#: Largest compressed CIFTI header kept inside ``space`` (HDF5 attributes stop at 64 KiB).
+MAX_HEADER_CHARS = 48_000
+#: GIfTI data arrays may hold these dtypes only (GIfTI 1.0, section 2.3.4).
+_GIFTI_DTYPES = {"u": np.uint8, "i": np.int32, "f": np.float32, "b": np.uint8}
+
+
+def surface_format(path: Path | str) -> str | None:
+    """``"gifti"``, ``"cifti"`` or ``None`` (not a surface file) from the file name."""
+    name = str(path)
+    if name.endswith(GIFTI_SUFFIXES):
+        return "gifti"
+    if name.endswith(CIFTI_SUFFIXES):
+        return "cifti"
+    return None
+
+
+def _load(path: Path):
+    import nibabel as nib
+
+    try:
+        return nib.load(str(path))
+    except FileNotFoundError:
+        raise UserError("file not found", str(path)) from None
+    except Exception as exc:
+        raise UserError(f"not a readable surface file ({type(exc).__name__}: {exc})",
+                        str(path)) from None
+
+
+def _gifti_data(img, path: Path) -> np.ndarray:
+    arrays = img.darrays
+    if len(arrays) != 1:
+        raise UserError(f"expected one data array (one observation per file), got {len(arrays)}",
+                        str(path))
+    data = np.asarray(arrays[0].data)
+    if data.ndim != 1 and not (data.ndim == 2 and 1 in data.shape):
+        raise UserError(f"expected a per-vertex map, got data of shape {data.shape}", str(path))
+    return data.reshape(-1)
+
+
+def _cifti_data(img, path: Path) -> np.ndarray:
+    from nibabel import cifti2
+
+    if not isinstance(img, cifti2.Cifti2Image):
+        raise UserError("not a CIFTI-2 file", str(path))
+    if len(img.shape) != 2 or img.shape[0] != 1:
+        raise UserError(f"expected a dense scalar file with one map (1 x grayordinates), "
+                        f"got shape {img.shape}", str(path))
+    if not isinstance(img.header.get_axis(1), cifti2.BrainModelAxis):
+        raise UserError("expected dense data (brain models along the second axis)", str(path))
+    return np.asarray(img.get_fdata(dtype=np.float64)).reshape(-1)
+
+
+def _space(img, fmt: str, path: Path) -> str:
+    if fmt == "gifti":
+        meta = dict(img.meta) if img.meta is not None else {}
+        darray_meta = dict(img.darrays[0].meta) if img.darrays[0].meta is not None else {}
+        keep = {k: v for k, v in {**meta, **darray_meta}.items()
+                if k.startswith("AnatomicalStructure")}
+        return json.dumps({"format": "gifti", "meta": keep}, sort_keys=True)
+    xml = img.header.to_xml()
+    packed = base64.b64encode(zlib.compress(xml, 9)).decode("ascii")
+    info = {"format": "cifti"}
+    if len(packed) <= MAX_HEADER_CHARS:
+        info["header"] = packed
+    else:
+        info["template"] = str(Path(path).resolve())
+    return json.dumps(info, sort_keys=True)
+
+
+def _grid(n: int, space: str) -> Grid:
+    return Grid((int(n), 1, 1), np.eye(4), space)
+
+
+def read_grid(path: Path) -> Grid:
+    """The grid of a surface file: ``(N, 1, 1)``, identity affine, and its ``space``."""
+    path = Path(path)
+    fmt = surface_format(path)
+    img = _load(path)
+    data = _gifti_data(img, path) if fmt == "gifti" else _cifti_data(img, path)
+    return _grid(data.size, _space(img, fmt, path))
+
+
+def read_volume(path: Path, grid: Grid | None = None, reference: str | None = None,
+                dtype: type = np.float32) -> np.ndarray:
+    """A surface file's one map as ``(N, 1, 1)`` ``dtype``, checked to have ``grid``'s size."""
+    path = Path(path)
+    fmt = surface_format(path)
+    img = _load(path)
+    data = _gifti_data(img, path) if fmt == "gifti" else _cifti_data(img, path)
+    if grid is not None:
+        why = grid.differs((data.size, 1, 1), np.eye(4))
+        if why is not None:
+            raise UserError(f"not on the surface of {reference or 'the first image'}: "
+                            f"{data.size} vertices, expected {grid.shape[0]}", str(path))
+    return data.astype(dtype).reshape(-1, 1, 1)
+
+
+def _brain_models(info: dict):
+    """The CIFTI brain-model axis stored in a ``space``."""
+    from nibabel.cifti2.parse_cifti2 import Cifti2Extension
+
+    if "header" in info:
+        xml = zlib.decompress(base64.b64decode(info["header"]))
+        return Cifti2Extension(code=32, content=xml).get_content().get_axis(1)
+    template = Path(info.get("template", ""))
+    if not template.is_file():
+        raise UserError("the CIFTI template (the first input image, whose brain models the maps "
+                        "need) is gone", str(template))
+    return _load(template).header.get_axis(1)
+
+
+def save_surface_map(path: Path, data: np.ndarray, space: str, names: Sequence[str],
+                     description: str = "") -> None:
+    """Write per-vertex ``data`` (N,) or (N, k) in the format of ``space``, atomically.
+
+    GIfTI: one data array per column, named by ``names`` (metadata ``Name``), float32/int32/
+    uint8.  CIFTI: a dense scalar file, one named row per column, the input's brain models.
+    """
+    data = np.asarray(data)
+    data = data.reshape(data.shape[0], -1)
+    info = json.loads(space)
+    if info["format"] == "gifti":
+        from nibabel import gifti
+
+        dtype = _GIFTI_DTYPES[data.dtype.kind]
+        meta = dict(info.get("meta", {}))
+        if description:
+            meta["Description"] = description
+        img = gifti.GiftiImage(meta=gifti.GiftiMetaData(meta))
+        for j, name in enumerate(names):
+            img.add_gifti_data_array(gifti.GiftiDataArray(
+                np.ascontiguousarray(data[:, j].astype(dtype)), intent="NIFTI_INTENT_NONE",
+                datatype=np.dtype(dtype).name, meta=gifti.GiftiMetaData({"Name": str(name)})))
+    else:
+        from nibabel import cifti2
+
+        axes = (cifti2.ScalarAxis([str(n) for n in names]), _brain_models(info))
+        img = cifti2.Cifti2Image(np.ascontiguousarray(data.T), cifti2.Cifti2Header.from_axes(axes))
+        img.nifti_header.set_intent("ConnDenseScalar")
+    _atomic_save(img, Path(path))
+
+
+__all__ = ["GIFTI_SUFFIXES", "CIFTI_SUFFIXES", "surface_format", "read_grid", "read_volume",
+           "save_surface_map"]

@@ -1,0 +1,53 @@
+"""``mpiblmm report results.h5 [--out DIR]``: one self-contained HTML page about a fit.
+
+From ``results.h5`` alone (plus the mean image of ``packed.h5`` beside it, when present):
+:mod:`.data` reads what is shown, :mod:`.figures` draws it with matplotlib (Agg),
+:mod:`.page` lays it out as HTML with the figures embedded as PNG.  No statistics are
+recomputed.  Runs on rank 0; other ranks of an MPI launch wait and return the same code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mpiblmm.errors import UserError
+
+
+def make_report(results: str | Path, out_dir: str | Path | None = None,
+                background: str | Path | None = None) -> Path:
+    """Write ``report.html`` for ``results`` into ``out_dir`` (default ``report/`` beside it)."""
+    from mpiblmm.report.data import load_report_data
+    from mpiblmm.report.page import write_report
+
+    results = Path(results)
+    out = results.parent / "report" if out_dir is None else Path(out_dir)
+    data = load_report_data(results, None if background is None else Path(background))
+    try:
+        return write_report(data, out)
+    except OSError as exc:
+        raise UserError(f"cannot write the report ({exc.strerror})", str(out)) from None
+
+
+def run_report(args: Any) -> int:
+    """Handler of ``mpiblmm report`` (every rank calls it; rank 0 writes the page)."""
+    from mpiblmm.io import on_root
+
+    comm = _world()
+    path = on_root(comm, lambda: make_report(args.results, getattr(args, "out", None),
+                                             getattr(args, "background", None)))
+    if comm is None or comm.Get_rank() == 0:
+        print(f"mpiblmm: wrote {path}", flush=True)
+    return 0
+
+
+def _world() -> Any:
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    comm = MPI.COMM_WORLD
+    return comm if comm.Get_size() > 1 else None
+
+
+__all__ = ["make_report", "run_report"]

@@ -1,0 +1,166 @@
+"""What a report shows, read from ``results.h5`` (and ``packed.h5`` beside it, if present).
+
+Only reads and re-expresses stored values (z from the stored -log10 p, as the maps do); no
+model is fitted and no test recomputed.  Everything lands in one :class:`ReportData`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpiblmm.errors import UserError
+from mpiblmm.io.derived import NOT_ANALYSED_MEANING, STATUS_NOT_ANALYSED, z_from_neglog10p
+from mpiblmm.io.export import FITTED_MAX_STATUS, volume
+
+
+@dataclass
+class ContrastView:
+    """One contrast: its kind, z per voxel, and its df range over fitted voxels."""
+
+    name: str
+    kind: str
+    alternative: str
+    z: np.ndarray                     # (V,)
+    df: np.ndarray                    # (V,) T: df; F: df_den
+    df_num: float | None = None
+
+
+@dataclass
+class ReportData:
+    """Per-voxel arrays (V,) of the candidate voxels and the facts of the run."""
+
+    path: Path
+    grid_shape: tuple[int, int, int]
+    voxels: np.ndarray
+    status: np.ndarray
+    n: np.ndarray
+    iterations: np.ndarray
+    codes: dict[int, str]
+    counts: dict[int, int]
+    summary: dict[str, Any]
+    method: str
+    contrasts: list[ContrastView]
+    space_format: str = "nifti"
+    n_total: int | None = None          # observations in the study (None: not known)
+    n_total_source: str = ""
+    background: np.ndarray | None = None  # grid-shaped, or None
+    background_source: str = ""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fitted(self) -> np.ndarray:
+        return self.status <= FITTED_MAX_STATUS
+
+    @property
+    def is_surface(self) -> bool:
+        return self.space_format in ("gifti", "cifti")
+
+    def grid(self, values: np.ndarray, fill: Any = None) -> np.ndarray:
+        """Per-voxel values on the grid (NaN / 0 / ``fill`` outside the candidates)."""
+        return volume(values, self.voxels, self.grid_shape, fill)
+
+    def status_grid(self) -> np.ndarray:
+        return self.grid(self.status, STATUS_NOT_ANALYSED)
+
+
+def _open(path: Path):
+    import h5py
+
+    try:
+        return h5py.File(path, "r", locking=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"not a readable results file ({exc})", str(path)) from None
+
+
+def load_report_data(results: Path, background: Path | None = None) -> ReportData:
+    """Read everything the report draws.  Raises :class:`UserError` for an unusable file."""
+    results = Path(results)
+    if not results.is_file():
+        raise UserError("file not found", str(results))
+    with _open(results) as f:
+        if not bool(f.attrs.get("complete", False)):
+            raise UserError("the results are incomplete (attribute 'complete' is not true): the "
+                            "fit did not finish; re-run `mpiblmm fit` on the spec", str(results))
+        for name in ("voxels", "status", "n", "iterations"):
+            if name not in f:
+                raise UserError(f"not a results file: dataset {name!r} is missing", str(results))
+        status = np.asarray(f["status"][...])
+        codes = {int(k): v for k, v in json.loads(f["status"].attrs.get("codes", "{}")).items()}
+        codes[STATUS_NOT_ANALYSED] = NOT_ANALYSED_MEANING
+        contrasts = []
+        for name in f.get("contrasts", {}):
+            g = f[f"contrasts/{name}"]
+            kind = str(g.attrs.get("kind", "F" if "F" in g else "T"))
+            alt = str(g.attrs.get("alternative", "two-sided"))
+            sign = np.asarray(g["estimate"][...]) if "estimate" in g else None
+            z = z_from_neglog10p(np.asarray(g["neglog10p"][...]), kind, alt, sign)
+            df = np.asarray(g["df"][...] if "df" in g else g["df_den"][...])
+            df_num = float(np.nanmax(g["df_num"][...])) if "df_num" in g else None
+            contrasts.append(ContrastView(name, kind, alt, z, df, df_num))
+        space = str(f.attrs.get("space", ""))
+        data = ReportData(
+            path=results,
+            grid_shape=tuple(int(s) for s in f.attrs["grid_shape"]),  # type: ignore[arg-type]
+            voxels=np.asarray(f["voxels"][...], dtype=np.int64),
+            status=status, n=np.asarray(f["n"][...]), iterations=np.asarray(f["iterations"][...]),
+            codes=codes,
+            counts={int(k): int(v) for k, v in json.loads(f.attrs.get("status_counts", "{}")).items()},
+            summary=json.loads(f.attrs.get("summary", "{}") or "{}"),
+            method=str(f.attrs.get("method", "")),
+            contrasts=contrasts,
+            space_format=json.loads(space).get("format", "nifti") if space else "nifti",
+        )
+    data.counts = data.counts or {int(k): int(v) for k, v in zip(*np.unique(status, return_counts=True))}
+    _add_packed(data, results.parent / "packed.h5")
+    if background is not None:
+        from mpiblmm.io.images import read_volume
+
+        data.background = read_volume(Path(background), None, dtype=np.float64)
+        if data.background.shape != data.grid_shape:
+            raise UserError(f"background shape {data.background.shape} differs from the study "
+                            f"grid {data.grid_shape}", str(background))
+        data.background_source = str(background)
+    if data.n_total is None:
+        data.n_total = int(data.n.max()) if data.n.size else 0
+        data.n_total_source = "the largest n of any voxel (packed.h5 not found)"
+    return data
+
+
+def _add_packed(data: ReportData, packed: Path) -> None:
+    """Mean image and the study's number of observations from ``packed.h5``, if it is ours
+    and matches the results' voxels; silently nothing otherwise."""
+    import h5py
+
+    if not packed.is_file():
+        return
+    try:
+        with h5py.File(packed, "r", locking=False) as f:
+            if f.attrs.get("format") != "mpiblmm-packed-1" or "voxels" not in f:
+                return
+            vox = np.asarray(f["voxels"][...], dtype=np.int64)
+            if tuple(int(s) for s in f.attrs["grid_shape"]) != data.grid_shape:
+                return
+            data.n_total = int(f.attrs["n_observations"])
+            data.n_total_source = "packed.h5"
+            Y = f["Y"]
+            total = np.zeros(vox.shape[0])
+            count = np.zeros(vox.shape[0])
+            step = max(1, (64 << 20) // (8 * max(1, Y.shape[0])))
+            for lo in range(0, vox.shape[0], step):  # column blocks: bounded memory
+                block = np.asarray(Y[:, lo:lo + step], dtype=np.float64)
+                ok = np.isfinite(block)
+                if bool(f.attrs.get("zero_is_missing", False)):
+                    ok &= block != 0
+                total[lo:lo + step] = np.where(ok, block, 0.0).sum(axis=0)
+                count[lo:lo + step] = ok.sum(axis=0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = total / count
+            data.background = volume(mean, vox, data.grid_shape)
+            data.background_source = "mean of the observations (packed.h5)"
+    except (OSError, KeyError, ValueError):
+        return

@@ -1,0 +1,108 @@
+"""``mpiblmm report``: a fitted demo study's page loads in headless Chromium with every figure.
+
+The page itself has no scripts; the test loads a copy with a checking script appended that
+writes, once the page has loaded, how many images there are and how many decoded
+(``naturalWidth > 0``), then reads Chromium's ``--dump-dom``.  A screenshot is kept in
+``test-reports/report.png``.  Chromium is Debian's ``chromium`` (scripts/setup.sh installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+CHECK = """<script>
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  var d = document.createElement('div'); d.id = 'image-check';
+  d.textContent = 'IMAGES ' + imgs.length + ' LOADED ' + ok;
+  document.body.appendChild(d);
+});
+</script>"""
+
+
+def mpiblmm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    job = subprocess.run([sys.executable, "-m", "mpiblmm", *args], cwd=cwd, text=True,
+                         capture_output=True, timeout=300)
+    assert job.returncode == 0, job.stderr
+    return job
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert path, "chromium is missing: scripts/setup.sh installs it (Debian package chromium)"
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("report")
+    mpiblmm("simulate", "study", "--subjects", "10", "--visits", "3", "--shape", "7", "6", "4",
+            cwd=tmp)
+    fit = mpiblmm("fit", "study/spec.json", cwd=tmp)
+    (tmp / "fit.txt").write_text(fit.stdout)
+    out = mpiblmm("report", "study/results/results.h5", "--out", "rep", cwd=tmp)
+    assert "report.html" in out.stdout
+    return tmp / "rep" / "report.html"
+
+
+def test_stored_summary_has_the_printed_total_and_the_export(report):
+    import h5py
+
+    printed = (report.parent.parent / "fit.txt").read_text()
+    headline = re.search(r"fitted \d+ of \d+ voxels in ([0-9.]+) s", printed)
+    with h5py.File(report.parent.parent / "study" / "results" / "results.h5", "r") as f:
+        summary = json.loads(f.attrs["summary"])
+    assert headline and headline.group(1) == f"{summary['total_seconds']:.2f}"
+    seconds = summary["seconds"]
+    assert seconds["total"][2] == summary["total_seconds"]
+    assert 0 < seconds["export"][1] < summary["total_seconds"]
+    assert sum(v[2] for k, v in seconds.items() if k != "total") >= 0.5 * summary["total_seconds"]
+    table = re.search(r"\n\s+total\s+[0-9.]+\s+[0-9.]+\s+([0-9.]+)\n", printed)
+    assert table and table.group(1) == headline.group(1)  # the phase table agrees too
+
+
+def test_report_is_one_self_contained_page(report):
+    text = report.read_text()
+    assert list(report.parent.iterdir()) == [report]
+    srcs = re.findall(r'<img[^>]* src="([^"]+)"', text)
+    assert len(srcs) >= 10 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    for section in ("Contrasts", "Voxel status", "Analysis mask", "Observations per voxel",
+                    "Iterations", "Degrees of freedom", "Time per phase"):
+        assert section in text
+    # the figures' facts come from results.h5: its status counts appear in the table
+    import h5py
+
+    with h5py.File(report.parent.parent / "study" / "results" / "results.h5", "r") as f:
+        counts = json.loads(f.attrs["status_counts"])
+    for code, n in counts.items():
+        assert f"<td>{code}</td>" in text and f"<td>{n}</td>" in text
+
+
+def test_report_loads_in_headless_chromium(report, tmp_path):
+    probe = tmp_path / "probe.html"
+    probe.write_text(report.read_text().replace("</body>", CHECK + "</body>"))
+    flags = CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([chromium(), *flags, "--virtual-time-budget=5000", "--dump-dom",
+                          probe.as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r"IMAGES (\d+) LOADED (\d+)", dom.stdout)
+    assert found, dom.stderr[-2000:]
+    total, loaded = int(found.group(1)), int(found.group(2))
+    assert total >= 10 and loaded == total
+    shots = REPO / "test-reports"
+    shots.mkdir(exist_ok=True)
+    shot = shots / "report.png"
+    subprocess.run([chromium(), *flags, "--window-size=1200,4000", f"--screenshot={shot}",
+                    report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 20_000
