@@ -127,7 +127,7 @@ def _load(spec_path: str, options: FitOptions) -> tuple[Spec, Design]:
 def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> Path:
     """Fit a study end to end on the ranks of ``comm``; return the results file's path."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    log = JobLog(rank, options.quiet, options.log)  # rank 0's lines; progress (progress.py)
+    log = JobLog.open(comm, options.quiet, options.log)  # rank 0's lines (progress.py)
     say = log.say
     timer = PhaseTimer(on_enter=log.phase)
 

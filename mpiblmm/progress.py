@@ -47,6 +47,8 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
+from mpiblmm.errors import UserError
+
 #: Seconds between progress lines unless ``--progress-interval`` says otherwise.
 DEFAULT_INTERVAL = 10.0
 #: Message tag of progress counts (on a private duplicate of the communicator).
@@ -125,6 +127,26 @@ class JobLog:
         Where rank 0's lines go (default: ``sys.stdout``).
     """
 
+    @classmethod
+    def open(cls, comm: Any, quiet: bool = False, options: LogOptions = LogOptions()) -> "JobLog":
+        """Collective: the log of every rank; a log file that cannot be opened is a user error
+        raised on every rank together (before anything else is collective)."""
+        from mpiblmm.parallel import agree_on_user_error
+
+        log, problem = None, None
+        try:
+            log = cls(comm.Get_rank(), quiet, options)
+        except UserError as exc:
+            problem = exc
+        try:
+            agree_on_user_error(comm, problem)
+        except UserError:
+            if log is not None:
+                log.close()
+            raise
+        assert log is not None
+        return log
+
     def __init__(self, rank: int, quiet: bool = False, options: LogOptions = LogOptions(),
                  stream: TextIO | None = None) -> None:
         self.rank = rank
@@ -135,12 +157,12 @@ class JobLog:
         self._tty = bool(self._stream is not None and getattr(self._stream, "isatty",
                                                                 lambda: False)())
         self._bar_shown = False
-        self._file = _open_append(options.log_file) if rank == 0 and options.log_file else None
-        self._rank_file = None
+        self._file = self._rank_file = None
+        if rank == 0 and options.log_file:
+            self._file = _open(Path(options.log_file), "a", "--log-file")
         if options.rank_logs:
-            folder = Path(options.rank_logs)
-            folder.mkdir(parents=True, exist_ok=True)
-            self._rank_file = open(folder / f"rank-{rank:05d}.log", "w")  # noqa: SIM115
+            self._rank_file = _open(Path(options.rank_logs) / f"rank-{rank:05d}.log", "w",
+                                    "--rank-logs")
         self._lock = threading.RLock()  # one writer at a time (main thread, heartbeat)
         self._last_line = self.started
         #: What the heartbeat reports when nothing else was said for an interval.
@@ -255,11 +277,15 @@ def _split(status: Any) -> tuple[str, float | None]:
     return str(status), None
 
 
-def _open_append(path: str) -> TextIO:
-    target = Path(path)
-    if target.parent != Path(""):
-        target.parent.mkdir(parents=True, exist_ok=True)
-    return open(target, "a")  # noqa: SIM115 - closed by JobLog.close
+def _open(path: Path, mode: str, flag: str) -> TextIO:
+    """A log file opened for writing (its folder made); a :class:`UserError` naming the flag
+    if that fails.  Closed by :meth:`JobLog.close`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, mode)  # noqa: SIM115
+    except OSError as exc:
+        why = "its folder is a file" if path.parent.is_file() else exc.strerror or str(exc)
+        raise UserError(f"cannot write {path}: {why}", where=flag) from None
 
 
 class Progress:

@@ -105,3 +105,11 @@ def test_cli_flags_reach_the_log_options():
     assert LogOptions.from_args(get_parser().parse_args(["fit", "s.json"])) == LogOptions()
     with pytest.raises(SystemExit):
         get_parser().parse_args(["fit", "s.json", "--progress-interval", "-1"])
+
+
+def test_a_log_file_that_cannot_be_written_is_a_user_error_naming_the_flag(tmp_path):
+    from mpiblmm.errors import UserError
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match=r"^--rank-logs: cannot write .*rank-00002.log"):
+        JobLog(2, options=LogOptions(rank_logs=str(tmp_path / "a_file")))

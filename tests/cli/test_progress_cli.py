@@ -34,3 +34,16 @@ def test_progress_of_the_whole_job_in_the_log_file_and_per_rank_logs(tmp_path, r
     assert rank_logs == ["rank-00000.log", "rank-00001.log", "rank-00002.log"]
     chunk_lines = (tmp_path / "ranks" / "rank-00002.log").read_text().count(" chunk ")
     assert chunk_lines >= 2  # 1 MiB budget: several chunks per rank
+
+
+@pytest.mark.spawns_mpiexec
+def test_an_unwritable_log_file_is_one_line_and_exit_2_on_every_rank(tmp_path, run_mpi,
+                                                                     mpiblmm_command):
+    (tmp_path / "spec.json").write_text("{}")
+    (tmp_path / "a_file").write_text("")
+    bad = tmp_path / "a_file" / "fit.log"  # its folder is a file
+    run = run_mpi(2, [*mpiblmm_command, "fit", str(tmp_path / "spec.json"), "--log-file",
+                      str(bad)], timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"mpiblmm: error: --log-file: cannot write {bad}: its folder is a file"]
