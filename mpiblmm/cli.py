@@ -93,6 +93,24 @@ def get_parser() -> argparse.ArgumentParser:
         "(default: the spec's max_memory_mb, else 2048)",
     )
     fit.add_argument("--quiet", "-q", action="store_true", help="print only warnings and errors")
+    # -- progress and logs (mpiblmm/progress.py) --
+    fit.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="also append rank 0's lines (progress, summary) to FILE; written even with --quiet",
+    )
+    fit.add_argument(
+        "--progress-interval",
+        type=_non_negative_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between progress lines for the whole job (default 10; 0: start and end only)",
+    )
+    fit.add_argument(
+        "--rank-logs",
+        metavar="DIR",
+        help="write one log per rank (its slab, chunks and phases) as DIR/rank-NNNNN.log",
+    )
 
     export = sub.add_parser(
         "export",
@@ -210,6 +228,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a number of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {text}")
     return value
 
 

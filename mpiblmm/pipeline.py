@@ -39,6 +39,7 @@ from mpiblmm.lmm.model import STATUS_CODES, STATUS_SINGULAR
 from mpiblmm.lmm.products import random_design
 from mpiblmm.memory import agreed_work_budget_mb
 from mpiblmm.parallel import partition, partition_by_cost, summarise_over_ranks
+from mpiblmm.progress import JobLog, LogOptions, Progress
 from mpiblmm.spec import Spec, load_spec
 from mpiblmm.timers import PhaseTimer, summarise_phases
 
@@ -63,6 +64,7 @@ class FitOptions:
     output: str | None = None
     max_memory_mb: float | None = None
     quiet: bool = False
+    log: LogOptions = LogOptions()  # --log-file, --progress-interval, --rank-logs
 
 
 def run_fit(args: Any) -> int:
@@ -70,7 +72,7 @@ def run_fit(args: Any) -> int:
     from mpi4py import MPI
 
     options = FitOptions(output=args.output, max_memory_mb=args.max_memory_mb,
-                         quiet=bool(args.quiet))
+                         quiet=bool(args.quiet), log=LogOptions.from_args(args))
     fit_study(args.spec, MPI.COMM_WORLD, options)
     return 0
 
@@ -137,8 +139,9 @@ def _load(spec_path: str, options: FitOptions) -> tuple[Spec, Design]:
 def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> Path:
     """Fit a study end to end on the ranks of ``comm``; return the results file's path."""
     rank, size = comm.Get_rank(), comm.Get_size()
-    say = _printer(rank == 0 and not options.quiet)
-    timer = PhaseTimer()
+    log = JobLog.open(comm, options.quiet, options.log)  # rank 0's lines (progress.py)
+    say = log.say
+    timer = PhaseTimer(on_enter=log.phase)
 
     with timer.phase("setup"):
         import h5py  # noqa: F401
@@ -168,6 +171,7 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
     step = chunk_voxels(work, design.n, model)
     n_chunks = math.ceil(mine.size / step) if mine.size else 0
     it_sum, it_max = 0.0, 0.0  # over this rank's fitted voxels
+    progress = Progress(comm, packed.n_voxels, log, mine.size, n_chunks)  # collective
     with SlabReader(packed, comm) as reader:
         for c, start in enumerate(range(mine.start, mine.stop, step)):
             stop = min(start + step, mine.stop)
@@ -180,8 +184,8 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
             it = values["iterations"][values["status"] <= STATUS_SINGULAR]
             if it.size:
                 it_sum, it_max = it_sum + float(it.sum()), max(it_max, float(it.max()))
-            say(f"mpiblmm: rank 0 chunk {c + 1}/{n_chunks} done "
-                f"({stop - mine.start}/{mine.size} voxels, {timer.total():.1f} s)")
+            progress.chunk_done(stop - start)  # never waits for other ranks
+    progress.close()  # rank 0 collects the last counts; the others post theirs
 
     with timer.phase("finish"):
         from mpi4py import MPI
@@ -199,9 +203,10 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
         export_nifti(results_path, results_path.parent / "nifti", comm=comm)
     phases = {**{k: v for k, v in phases.items() if k != "total"},
               **store_headline(results_path, comm, timer)}  # export, then the headline total
-    if rank == 0 and not options.quiet:
+    if rank == 0 and log.active:  # stdout unless --quiet, and --log-file
         _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path,
                        timer.seconds["export"], timer.total(), peak, budget)
+    log.close()
     return results_path
 
 
@@ -217,13 +222,6 @@ def peak_memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _printer(active: bool):
-    def say(text: str) -> None:
-        if active:
-            print(text, flush=True)
-    return say
 
 
 def _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path, export,

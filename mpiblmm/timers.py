@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 class PhaseTimer:
     """Seconds spent per phase on this rank (phases may repeat; times add up)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_enter: Callable[[str], None] | None = None) -> None:
         self.seconds: dict[str, float] = {}
         self._start = time.perf_counter()
+        self._on_enter = on_enter  # told each phase's name as it starts (progress logs)
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Time the body of a ``with`` block under ``name``."""
+        if self._on_enter is not None:
+            self._on_enter(name)
         t0 = time.perf_counter()
         try:
             yield

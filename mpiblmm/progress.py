@@ -1,0 +1,424 @@
+"""What a fit tells the user while it runs: rank 0's log lines and job-wide progress.
+
+Two objects, both made on every rank:
+
+- :class:`JobLog` is where lines go.  Rank 0 writes them to stdout (unless ``--quiet``) and
+  to ``--log-file``; on an interactive terminal progress is drawn as a bar on one line, in a
+  batch log every report is a plain line.  With ``--rank-logs DIR`` every rank also writes
+  its own ``DIR/rank-NNNNN.log`` (its slab, its chunks, its phases), for finding a slow
+  rank.  A heartbeat thread on rank 0 prints the phase being run when no line has been
+  printed for ``--progress-interval`` seconds, so a long ingest or export is not silent.
+  :meth:`JobLog.phase` is the :class:`~mpiblmm.timers.PhaseTimer` hook that names phases.
+- :class:`Progress` counts fitted voxels over **all** ranks.  Each rank calls
+  :meth:`Progress.chunk_done` at the end of every chunk; rank 0 reports
+  ``done / total`` voxels, the rate, the time left and how many ranks have finished, every
+  ``interval`` seconds.  Every rank calls :meth:`Progress.close` once after its last chunk.
+
+How counts reach rank 0 without stalling anyone.  A rank posts its running count to rank 0
+with a non-blocking send of two 8-byte integers (``Isend``), at most once per half interval
+plus a last one marked *final*; it never waits for it before its next chunk.  Rank 0 takes
+whatever has arrived (``Iprobe`` + ``Recv``) at its own chunk ends, from the heartbeat thread
+when MPI grants ``MPI_THREAD_MULTIPLE``, and in :meth:`Progress.close`, where it stays until
+every rank's final count has arrived: it would wait for them in the next collective anyway.
+Messages from one sender arrive in order, so after a rank's final message nothing of it is
+left in flight, and the other ranks' ``Waitall`` in ``close`` completes.
+
+Why not the alternatives.  Non-blocking collectives (``Iallreduce``) must be called the same
+number of times on every rank, but ranks have different numbers of chunks (a rank may have
+none), so per-chunk reductions deadlock or need an agreed schedule.  A one-sided counter
+(``Win.Accumulate`` into a window on rank 0) avoids that, but passive-target RMA completes
+only when the target makes MPI progress in many implementations (MPICH's active-message path
+without asynchronous progress): a rank's ``Unlock`` could wait until rank 0 finishes its own
+chunk, which is the stall we must avoid.  An eager ``Isend`` completes locally.
+
+The communicator is duplicated at the start (collective), so these messages never meet
+anyone else's.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import numpy as np
+
+from mpiblmm.errors import UserError
+
+#: Seconds between progress lines unless ``--progress-interval`` says otherwise.
+DEFAULT_INTERVAL = 10.0
+#: Message tag of progress counts (on a private duplicate of the communicator).
+TAG = 12
+#: How often rank 0 looks for counts while it waits in :meth:`Progress.close` (s).
+POLL_SECONDS = 0.02
+#: Phases of the timer that are one user-visible phase: the chunk loop is "fit".
+PHASE_NAMES = {"read": "fit", "write": "fit"}
+#: Width of the terminal progress bar (characters between the brackets).
+BAR_WIDTH = 30
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """Where a fit's lines go (``mpiblmm fit --log-file --progress-interval --rank-logs``)."""
+
+    log_file: str | None = None
+    progress_interval: float = DEFAULT_INTERVAL
+    rank_logs: str | None = None
+
+    @classmethod
+    def from_args(cls, args: Any) -> "LogOptions":
+        """The options of an argparse namespace (missing attributes take the defaults)."""
+        interval = getattr(args, "progress_interval", None)
+        return cls(log_file=getattr(args, "log_file", None),
+                   progress_interval=DEFAULT_INTERVAL if interval is None else float(interval),
+                   rank_logs=getattr(args, "rank_logs", None))
+
+
+def format_seconds(seconds: float) -> str:
+    """``"42 s"``, ``"3 min 05 s"`` or ``"2 h 07 min"``: a duration for a log line."""
+    if not math.isfinite(seconds):
+        return "unknown"
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {sec:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def progress_line(done: int, total: int, elapsed: float, fresh: int, ranks_done: int,
+                  ranks: int) -> str:
+    """One progress report: voxels done of total, rate, time left, ranks finished.
+
+    ``fresh`` is the part of ``done`` fitted in this run (not resumed), which sets the rate.
+    """
+    share = 100.0 * done / total if total else 100.0
+    rate = fresh / elapsed if elapsed > 0 else 0.0
+    left = (total - done) / rate if rate > 0 else (0.0 if done >= total else math.inf)
+    text = (f"fit {done:,}/{total:,} voxels ({share:.1f}%), {rate:,.0f} voxels/s, "
+            f"{format_seconds(elapsed)} elapsed")
+    if done < total:
+        text += (f", about {format_seconds(left)} left" if math.isfinite(left)
+                 else ", time left unknown")
+    return text + f"; {ranks_done}/{ranks} ranks finished"
+
+
+class JobLog:
+    """Rank 0's lines (stdout, ``--log-file``) and each rank's own log (``--rank-logs``).
+
+    Made on every rank (not collective).  Lines are flushed as they are written: a batch
+    job killed at its time limit keeps everything said so far.
+
+    Parameters
+    ----------
+    rank
+        This rank's number; only rank 0 writes to stdout and the log file.
+    quiet
+        No lines on stdout (the log files are still written).
+    options
+        Log file, interval and per-rank log folder.
+    stream
+        Where rank 0's lines go (default: ``sys.stdout``).
+    """
+
+    @classmethod
+    def open(cls, comm: Any, quiet: bool = False, options: LogOptions = LogOptions()) -> "JobLog":
+        """Collective: the log of every rank; a log file that cannot be opened is a user error
+        raised on every rank together (before anything else is collective)."""
+        from mpiblmm.parallel import agree_on_user_error
+
+        log, problem = None, None
+        try:
+            log = cls(comm.Get_rank(), quiet, options)
+        except UserError as exc:
+            problem = exc
+        try:
+            agree_on_user_error(comm, problem)
+        except UserError:
+            if log is not None:
+                log.close()
+            raise
+        assert log is not None
+        return log
+
+    def __init__(self, rank: int, quiet: bool = False, options: LogOptions = LogOptions(),
+                 stream: TextIO | None = None) -> None:
+        self.rank = rank
+        self.interval = float(options.progress_interval)
+        self.started = time.monotonic()
+        self.current = "start"
+        self._stream = None if quiet or rank != 0 else (stream or sys.stdout)
+        self._tty = bool(self._stream is not None and getattr(self._stream, "isatty",
+                                                                lambda: False)())
+        self._bar_shown = False
+        self._file = self._rank_file = None
+        if rank == 0 and options.log_file:
+            self._file = _open(Path(options.log_file), "a", "--log-file")
+        if options.rank_logs:
+            self._rank_file = _open(Path(options.rank_logs) / f"rank-{rank:05d}.log", "w",
+                                    "--rank-logs")
+        self._lock = threading.RLock()  # one writer at a time (main thread, heartbeat)
+        self._last_line = self.started
+        #: What the heartbeat reports when nothing else was said for an interval.
+        self.status: Callable[[], str] = self._phase_status
+        self._stop = threading.Event()
+        self._thread = None
+        if rank == 0 and self.interval > 0 and (self._stream or self._file):
+            self._thread = threading.Thread(target=self._heartbeat, name="mpiblmm-progress",
+                                            daemon=True)
+            self._thread.start()
+
+    # ----------------------------------------------------------------- output
+    @property
+    def active(self) -> bool:
+        """Whether rank 0's lines go anywhere (stdout or a log file)."""
+        return self._stream is not None or self._file is not None
+
+    def say(self, text: str) -> None:
+        """A line from rank 0 (other ranks: nothing); also into this rank's own log."""
+        with self._lock:
+            self._last_line = time.monotonic()
+            if self._stream is not None:
+                if self._bar_shown:
+                    self._stream.write("\n")
+                    self._bar_shown = False
+                self._stream.write(text + "\n")
+                self._stream.flush()
+            if self._file is not None:
+                self._file.write(text + "\n")
+                self._file.flush()
+        self.note(text)
+
+    def report(self, text: str, fraction: float | None = None) -> None:
+        """A progress report: a plain line, or a bar redrawn in place on a terminal."""
+        line = f"mpiblmm: [{format_seconds(self.elapsed())}] {text}"
+        if not self._tty or fraction is None:
+            self.say(line)
+            return
+        with self._lock:
+            self._last_line = time.monotonic()
+            filled = int(round(BAR_WIDTH * min(max(fraction, 0.0), 1.0)))
+            bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+            assert self._stream is not None  # _tty implies a stream
+            self._stream.write(f"\r[{bar}] {text}\033[K")
+            self._stream.flush()
+            self._bar_shown = True
+            if self._file is not None:
+                self._file.write(line + "\n")
+                self._file.flush()
+        self.note(line)
+
+    def note(self, text: str) -> None:
+        """A line for this rank's own log only (``--rank-logs``), stamped with its time."""
+        if self._rank_file is not None:
+            with self._lock:
+                self._rank_file.write(f"{self.elapsed():9.3f} {text}\n")
+                self._rank_file.flush()
+
+    def elapsed(self) -> float:
+        """Seconds since this log was made (the start of the job)."""
+        return time.monotonic() - self.started
+
+    # ----------------------------------------------------------------- phases
+    def phase(self, name: str) -> None:
+        """Hook of :class:`~mpiblmm.timers.PhaseTimer`: a phase starts (``read`` and
+        ``write`` count as ``fit``); a change of phase is logged."""
+        name = PHASE_NAMES.get(name, name)
+        if name == self.current:
+            return
+        self.current = name
+        if name == "fit":  # the fit announces itself with its counts (Progress)
+            self.note(f"phase {name}")
+        else:
+            self.report(f"phase {name}")
+
+    def _phase_status(self) -> str:
+        return f"phase {self.current} running"
+
+    def _heartbeat(self) -> None:
+        """Rank 0's thread: a line when nothing was said for an interval."""
+        tick = min(0.5, self.interval / 4)
+        while not self._stop.wait(tick):
+            if time.monotonic() - self._last_line >= self.interval:
+                try:
+                    with self._lock:  # counts taken and printed in one go: lines stay in order
+                        text, fraction = _split(self.status())
+                        self.report(text, fraction)
+                except Exception as exc:  # noqa: BLE001 - never let reporting kill a fit
+                    self.note(f"progress report failed: {type(exc).__name__}: {exc}")
+                    self._last_line = time.monotonic()
+
+    def close(self) -> None:
+        """Stop the heartbeat and close the log files (every rank, at the end)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            if self._bar_shown and self._stream is not None:
+                self._stream.write("\n")
+                self._stream.flush()
+                self._bar_shown = False
+            for f in (self._file, self._rank_file):
+                if f is not None:
+                    f.close()
+            self._file = self._rank_file = None
+
+
+def _split(status: Any) -> tuple[str, float | None]:
+    """A status is a line, or ``(line, fraction done)`` for the terminal's bar."""
+    if isinstance(status, tuple):
+        return status[0], status[1]
+    return str(status), None
+
+
+def _open(path: Path, mode: str, flag: str) -> TextIO:
+    """A log file opened for writing (its folder made); a :class:`UserError` naming the flag
+    if that fails.  Closed by :meth:`JobLog.close`."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, mode)  # noqa: SIM115
+    except OSError as exc:
+        why = "its folder is a file" if path.parent.is_file() else exc.strerror or str(exc)
+        raise UserError(f"cannot write {path}: {why}", where=flag) from None
+
+
+class Progress:
+    """Voxels fitted over all ranks, reported by rank 0 (see the module docstring).
+
+    Collective to make (duplicates ``comm``).  Then each rank calls :meth:`chunk_done`
+    after each chunk (any number of times, none at all is fine) and :meth:`close` once.
+
+    Parameters
+    ----------
+    comm
+        The communicator of the fit.
+    total
+        Voxels of the whole job (all ranks' slabs together).
+    log
+        The job's :class:`JobLog` (its interval sets how often rank 0 reports).
+    mine, chunks
+        Voxels and chunks of this rank's slab (for its own log).
+    """
+
+    def __init__(self, comm: Any, total: int, log: JobLog, mine: int = 0,
+                 chunks: int = 0) -> None:
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self.comm = comm.Dup()
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.total, self.mine, self.log = int(total), int(mine), log
+        self.interval = log.interval
+        self.started = time.monotonic()
+        self.done = 0  # this rank's voxels done, resumed ones included
+        self.resumed = 0  # of those, done by an earlier run
+        self.chunks = 0
+        self._pending: list[tuple[Any, np.ndarray]] = []
+        self._last_sent = -math.inf
+        self._closed = False
+        self._freed = False
+        # rank 0: every rank's latest (done, resumed, final)
+        self._table = np.zeros((self.size, 3), dtype=np.int64)
+        self._buffer = np.zeros(3, dtype=np.int64)
+        self._lock = threading.Lock()
+        self._threaded = MPI.Query_thread() == MPI.THREAD_MULTIPLE
+        self._last_report = time.monotonic()
+        log.phase("fit")
+        log.note(f"slab of {self.mine} voxels in {chunks} chunk(s); {self.total} voxels over "
+                 f"{self.size} rank(s)")
+        if self.rank == 0:
+            log.status = self._status
+            log.report(f"fit {0:,}/{self.total:,} voxels on {self.size} rank(s)", 0.0)
+
+    # ----------------------------------------------------------------- every rank
+    def chunk_done(self, n_voxels: int, resumed: bool = False) -> None:
+        """``n_voxels`` more of this rank's voxels are done (``resumed``: by an earlier run,
+        so they do not count towards the rate).  Never waits for another rank."""
+        self.done += int(n_voxels)
+        self.resumed += int(n_voxels) if resumed else 0
+        self.chunks += 1
+        self.log.note(f"chunk {self.chunks} done: {n_voxels} voxels"
+                      f"{' (resumed)' if resumed else ''}, {self.done}/{self.mine} of the slab")
+        if self.rank == 0:
+            self._record(0, (self.done, self.resumed, 0))
+            self._poll()
+            if self.interval > 0 and time.monotonic() - self._last_report >= self.interval:
+                self._report()
+        elif self.interval > 0 and time.monotonic() - self._last_sent >= self.interval / 2:
+            self._send(final=False)
+
+    def close(self) -> None:
+        """Every rank, once, after its last chunk.  Rank 0 waits for every rank's final count
+        and reports the last line; the others complete their sends.  Frees the duplicate."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.rank != 0:
+            self._send(final=True)
+            self._MPI.Request.Waitall([request for request, _ in self._pending])
+            self._pending.clear()
+        else:
+            self._record(0, (self.done, self.resumed, 1))
+            while not self._table[:, 2].all():
+                if not self._poll():
+                    time.sleep(POLL_SECONDS)
+                if self.interval > 0 and time.monotonic() - self._last_report >= self.interval:
+                    self._report()
+            self.log.status = self.log._phase_status
+            self._report(final=True)
+        self.log.note(f"fit done: {self.done} voxels in {self.chunks} chunk(s)")
+        with self._lock:  # the heartbeat may be polling
+            self._freed = True
+            self.comm.Free()
+
+    # ----------------------------------------------------------------- internals
+    def _send(self, final: bool) -> None:
+        buffer = np.array([self.done, self.resumed, int(final)], dtype=np.int64)
+        request = self.comm.Isend([buffer, self._MPI.INT64_T], dest=0, tag=TAG)
+        self._pending.append((request, buffer))  # the buffer lives until the send completes
+        self._pending = [(r, b) for r, b in self._pending if not r.Test()]
+        self._last_sent = time.monotonic()
+
+    def _record(self, rank: int, row: Any) -> None:
+        self._table[rank] = row
+
+    def _poll(self) -> bool:
+        """Rank 0: take every count that has arrived; whether there was any."""
+        MPI = self._MPI
+        status = MPI.Status()
+        got = False
+        with self._lock:
+            while not self._freed and self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG, status=status):
+                source = status.Get_source()
+                self.comm.Recv([self._buffer, MPI.INT64_T], source=source, tag=TAG)
+                self._record(source, self._buffer)
+                got = True
+        return got
+
+    def _counts(self) -> tuple[int, int, int]:
+        done, resumed, final = self._table.sum(axis=0)
+        return int(done), int(done - resumed), int(final)
+
+    def _status(self) -> tuple[str, float]:
+        """The heartbeat's report during the fit (polls first if MPI allows threads)."""
+        if self._threaded and not self._closed:
+            self._poll()
+        done, fresh, finished = self._counts()
+        self._last_report = time.monotonic()
+        return (progress_line(done, self.total, time.monotonic() - self.started, fresh,
+                              finished, self.size), done / self.total if self.total else 1.0)
+
+    def _report(self, final: bool = False) -> None:
+        with self.log._lock:  # against the heartbeat: lines stay in order
+            done, fresh, finished = self._counts()
+            self._last_report = time.monotonic()
+            text = progress_line(done, self.total, self._last_report - self.started, fresh,
+                                 finished, self.size)
+            fraction = None if final else (done / self.total if self.total else 1.0)
+            self.log.report(text, fraction)

@@ -1,0 +1,377 @@
+#!/usr/bin/env python3
+"""Strong and weak scaling of `mpiblmm fit` on this machine or cluster: CSV and a PNG.
+
+Strong scaling fits one fixed study at 1, 2, 4, ... ranks; weak scaling grows the study with
+the ranks so every rank keeps the same number of voxels.  Every point is repeated (the
+repeats are interleaved over rank counts, so machine noise hits every rank count alike), from
+a clean output folder each time, packing included: wall time from launch to exit.  Each
+run's per-phase seconds (max over ranks: the slowest rank sets the wall time) are read from
+``results.h5``'s ``summary`` attribute; export comes from rank 0's log, and ``startup`` is
+the rest of the wall time (launch, imports, ``MPI_Init``, exit).
+
+Out, in ``--out`` (default ``scaling-<date>``):
+
+- ``scaling.csv``: one row per run (``mode, ranks, repeat, voxels, images, wall_s`` and
+  ``<phase>_s`` for startup, setup, ingest, create, read, fit, write, finish, export).
+- ``scaling_summary.csv``: one row per mode and rank count: median wall time, speed-up over
+  the smallest rank count, parallel efficiency, median seconds per phase.
+- ``scaling.png``: speed-up against the ideal line, efficiency, and the per-phase breakdown,
+  so one sees whether I/O (ingest, read, write, export), start-up or the fit limits scaling.
+
+The launcher is ``$MPIEXEC`` (e.g. ``srun`` inside an allocation; its process-count flag is
+``$MPIEXEC_NUMPROC_FLAG``, default ``-n``), else the environment's ``mpiexec``.  More ranks
+than cores is allowed with a warning (the figures then measure time sharing, not scaling);
+Open MPI's ``mpiexec`` is given ``--oversubscribe`` then, MPICH's needs nothing.
+
+    .venv/bin/python scripts/scaling.py --ranks 1 2 4 --repeats 3
+    .venv/bin/python scripts/scaling.py --mode strong --spec my_study/spec.json --ranks 64 128 256
+    .venv/bin/python scripts/scaling.py --mode weak --voxels-per-rank 20000 --ranks 1 2 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+#: Phases stored in results.h5's summary (pipeline.PHASES), then what the script adds.
+FIT_PHASES = ["setup", "ingest", "create", "read", "fit", "write", "finish"]
+PHASES = ["startup", *FIT_PHASES, "export"]
+RUN_COLUMNS = ["mode", "ranks", "repeat", "voxels", "images", "wall_s",
+               *[f"{p}_s" for p in PHASES]]
+SUMMARY_COLUMNS = ["mode", "ranks", "voxels", "voxels_per_rank", "repeats", "wall_median_s",
+                   "wall_best_s", "speedup", "ideal_speedup", "efficiency",
+                   *[f"{p}_s" for p in PHASES]]
+#: Groups of the breakdown plot.
+GROUPS = {"start-up": ["startup", "setup"], "ingest": ["ingest"],
+          "results I/O (create, read, write, finish)": ["create", "read", "write", "finish"],
+          "fit": ["fit"], "export": ["export"]}
+EXPORT_LINE = re.compile(r"^\s*export\s+([0-9.]+)")
+
+
+# --------------------------------------------------------------------------- launching
+def launcher() -> tuple[list[str], str]:
+    """The launcher command and its process-count flag ($MPIEXEC, else our mpiexec)."""
+    if os.environ.get("MPIEXEC"):
+        command = shlex.split(os.environ["MPIEXEC"])
+    else:
+        beside = Path(sys.executable).parent / "mpiexec"
+        found = str(beside) if beside.exists() else shutil.which("mpiexec")
+        if found is None:
+            sys.exit("scaling.py: no mpiexec found; set MPIEXEC (e.g. MPIEXEC=srun)")
+        command = [found]
+    return command, os.environ.get("MPIEXEC_NUMPROC_FLAG", "-n")
+
+
+def mpiblmm_command() -> list[str]:
+    """How to start the ``mpiblmm`` of this environment."""
+    script = Path(sys.executable).parent / "mpiblmm"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mpiblmm"]
+
+
+def is_open_mpi(command: list[str]) -> bool:
+    """Whether the launcher is Open MPI's (which refuses more ranks than slots)."""
+    try:
+        text = subprocess.run([*command, "--version"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "Open MPI" in text or "OpenRTE" in text or "open-mpi" in text.lower()
+
+
+def available_cores() -> int:
+    """Cores this job may use: the batch allocation if there is one, else this machine's."""
+    for name in ("SLURM_NTASKS", "PBS_NP", "NSLOTS"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass
+class Runner:
+    """Starts ``mpiblmm`` jobs of a given size with the chosen launcher."""
+
+    command: list[str]
+    flag: str
+    cores: int
+    open_mpi: bool
+    env: dict
+    timeout: float
+
+    def argv(self, ranks: int, args: list[str]) -> list[str]:
+        extra = ["--oversubscribe"] if self.open_mpi and ranks > self.cores else []
+        return [*self.command, *extra, self.flag, str(ranks), *mpiblmm_command(), *args]
+
+    def run(self, ranks: int, args: list[str]) -> float:
+        """Run one job; its wall time from launch to exit (exits the script on failure)."""
+        argv = self.argv(ranks, args)
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(argv, env=self.env, capture_output=True, text=True,
+                                  timeout=self.timeout, check=False)
+        except subprocess.TimeoutExpired:
+            sys.exit(f"scaling.py: timed out after {self.timeout:.0f} s: {shlex.join(argv)}")
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            sys.exit(f"scaling.py: failed ({proc.returncode}): {shlex.join(argv)}\n"
+                     f"{proc.stderr[-3000:]}")
+        return seconds
+
+
+# --------------------------------------------------------------------------- one run
+def read_phases(results: Path, log: Path) -> tuple[int, dict[str, float]]:
+    """Voxels fitted (candidates), and max-over-ranks seconds per phase from results.h5 plus
+    rank 0's export seconds from its log."""
+    import h5py
+
+    with h5py.File(results, "r") as f:
+        summary = json.loads(f.attrs["summary"])
+        voxels = int(f["voxels"].shape[0])
+    seconds = {p: float(summary["seconds"].get(p, [0, 0, 0])[2]) for p in FIT_PHASES}
+    seconds["total"] = float(summary["seconds"]["total"][2])
+    seconds["export"] = math.nan
+    if log.exists():
+        for line in log.read_text().splitlines():
+            match = EXPORT_LINE.match(line)
+            if match:
+                seconds["export"] = float(match.group(1))
+    return voxels, seconds
+
+
+def fit_once(runner: Runner, ranks: int, spec: Path, out: Path, fit_args: list[str]) -> dict:
+    """One clean fit (packing included); wall time and seconds per phase."""
+    shutil.rmtree(out, ignore_errors=True)
+    log = out.parent / f"{out.name}.log"
+    log.unlink(missing_ok=True)
+    wall = runner.run(ranks, ["fit", str(spec), "--output", str(out), "--quiet",
+                              "--log-file", str(log), "--progress-interval", "0", *fit_args])
+    voxels, phases = read_phases(out / "results.h5", log)
+    export = 0.0 if math.isnan(phases["export"]) else phases["export"]
+    phases["startup"] = max(0.0, wall - phases.pop("total") - export)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"voxels": voxels, "wall_s": wall, **{f"{p}_s": phases[p] for p in PHASES}}
+
+
+def simulate(runner: Runner, folder: Path, subjects: int, visits: int,
+             shape: tuple[int, int, int], seed: int) -> Path:
+    """A simulated study (``mpiblmm simulate``, one rank); its spec's path."""
+    if not (folder / "spec.json").exists():
+        runner.run(1, ["simulate", str(folder), "--subjects", str(subjects), "--visits",
+                       str(visits), "--shape", *map(str, shape), "--missing-fraction", "0.3",
+                       "--seed", str(seed)])
+    return folder / "spec.json"
+
+
+def images_of(spec: Path) -> int:
+    """Observations (images) of a study."""
+    from mpiblmm.spec import load_spec
+
+    loaded = load_spec(str(spec))
+    if loaded.images is not None:
+        return len(loaded.images)
+    import h5py
+
+    with h5py.File(loaded.packed.path, "r") as f:  # an already packed study
+        return int(f.attrs["n_observations"])
+
+
+def weak_shape(shape: list[int], voxels_per_rank: int, ranks: int) -> tuple[int, int, int]:
+    """The grid for ``ranks``: the first two sides of ``shape``, the third ``ranks`` times the
+    slices one rank gets, so the grid's voxels grow exactly with the ranks."""
+    x, y = shape[0], shape[1]
+    return x, y, max(1, math.ceil(voxels_per_rank / (x * y))) * ranks
+
+
+# --------------------------------------------------------------------------- summary
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per mode and rank count: medians, speed-up and efficiency over the smallest count."""
+    out = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        mine = [r for r in rows if r["mode"] == mode]
+        counts = sorted({r["ranks"] for r in mine})
+        base_ranks = counts[0]
+        base = statistics.median(r["wall_s"] for r in mine if r["ranks"] == base_ranks)
+        for ranks in counts:
+            runs = [r for r in mine if r["ranks"] == ranks]
+            wall = statistics.median(r["wall_s"] for r in runs)
+            ideal = ranks / base_ranks if mode == "strong" else 1.0
+            speedup = base / wall  # weak: the time ratio, ideally 1
+            row = {"mode": mode, "ranks": ranks, "voxels": runs[0]["voxels"],
+                   "voxels_per_rank": runs[0]["voxels"] / ranks, "repeats": len(runs),
+                   "wall_median_s": wall, "wall_best_s": min(r["wall_s"] for r in runs),
+                   "speedup": speedup, "ideal_speedup": ideal, "efficiency": speedup / ideal}
+            for p in PHASES:
+                row[f"{p}_s"] = statistics.median(r[f"{p}_s"] for r in runs)
+            out.append(row)
+    return out
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v)
+                             for k, v in row.items() if k in columns})
+
+
+def plot(summary: list[dict], path: Path, title: str, cores: int) -> None:
+    """Speed-up with the ideal line, efficiency, and per-phase seconds per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    modes = list(dict.fromkeys(r["mode"] for r in summary))
+    fig, axes = plt.subplots(1, 2 + len(modes), figsize=(5 * (2 + len(modes)), 4.2))
+    ax_speed, ax_eff = axes[0], axes[1]
+    colours = {"strong": "tab:blue", "weak": "tab:orange"}
+    for mode in modes:
+        rows = [r for r in summary if r["mode"] == mode]
+        ranks = [r["ranks"] for r in rows]
+        if mode == "strong":
+            ax_speed.plot(ranks, [r["speedup"] for r in rows], "o-", color=colours[mode],
+                          label="strong: measured")
+            ax_speed.plot(ranks, [r["ideal_speedup"] for r in rows], "k--", label="ideal")
+        else:
+            ax_speed.plot(ranks, [r["speedup"] for r in rows], "s-", color=colours[mode],
+                          label="weak: T(base) / T(R), ideal 1")
+        ax_eff.plot(ranks, [r["efficiency"] for r in rows], "o-" if mode == "strong" else "s-",
+                    color=colours[mode], label=mode)
+    every = sorted({r["ranks"] for r in summary})
+    for ax in (ax_speed, ax_eff):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(every, [str(r) for r in every])
+        ax.set_xlabel("ranks")
+        ax.grid(alpha=0.3)
+    if max(every) > cores:
+        for ax in (ax_speed, ax_eff):
+            ax.axvspan(cores + 0.5, max(every) * 1.1, color="grey", alpha=0.15, lw=0)
+            ax.text(cores + 0.5, ax.get_ylim()[1], " more ranks than cores", fontsize=7,
+                    va="top", color="dimgrey")
+    ax_speed.set_yscale("log", base=2)
+    ax_speed.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax_speed.set_ylabel("speed-up over the fewest ranks")
+    ax_speed.legend(fontsize=8)
+    ax_speed.set_title("speed-up")
+    ax_eff.axhline(1.0, color="k", ls="--", lw=1, label="ideal")
+    ax_eff.set_ylim(0, max(1.1, max(r["efficiency"] for r in summary) * 1.1))
+    ax_eff.set_ylabel("parallel efficiency")
+    ax_eff.set_title("efficiency")
+    ax_eff.legend(fontsize=8)
+    for ax, mode in zip(axes[2:], modes):
+        rows = [r for r in summary if r["mode"] == mode]
+        x = range(len(rows))
+        bottom = [0.0] * len(rows)
+        for group, phases in GROUPS.items():
+            heights = [sum(r[f"{p}_s"] for p in phases) for r in rows]
+            ax.bar(x, heights, bottom=bottom, label=group)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+        ax.set_xticks(list(x), [str(r["ranks"]) for r in rows])
+        ax.set_xlabel("ranks")
+        ax.set_ylabel("seconds (median run; slowest rank per phase)")
+        ax.set_title(f"{mode} scaling: where the time goes")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=["strong", "weak", "both"], default="both")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--spec", type=Path, help="strong scaling on this study instead of a "
+                    "simulated one")
+    ap.add_argument("--subjects", type=int, default=60)
+    ap.add_argument("--visits", type=int, default=4)
+    ap.add_argument("--shape", type=int, nargs=3, default=[20, 20, 15],
+                    help="grid of the simulated strong-scaling study")
+    ap.add_argument("--voxels-per-rank", type=int, default=3000,
+                    help="weak scaling: grid voxels per rank (the grid grows along its 3rd side)")
+    ap.add_argument("--fit-args", default="", help="extra `mpiblmm fit` arguments, e.g. "
+                    "\"--max-memory-mb 512\"")
+    ap.add_argument("--out", type=Path,
+                    default=Path(f"scaling-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"))
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    args = ap.parse_args(argv)
+    if min(args.ranks) < 1 or args.repeats < 1:
+        ap.error("--ranks and --repeats must be at least 1")
+    ranks_list = sorted(set(args.ranks))
+
+    command, flag = launcher()
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    runner = Runner(command, flag, available_cores(), is_open_mpi(command), env, args.timeout)
+    if max(ranks_list) > runner.cores:
+        warnings.warn(f"{max(ranks_list)} ranks on {runner.cores} cores: the larger rank "
+                      f"counts share cores, so their figures measure time sharing, not scaling"
+                      + (" (Open MPI: adding --oversubscribe)" if runner.open_mpi else ""),
+                      stacklevel=1)
+    fit_args = shlex.split(args.fit_args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.out / "work"
+    work.mkdir(exist_ok=True)
+
+    plans: list[tuple[str, int, Path]] = []  # (mode, ranks, spec)
+    if args.mode in ("strong", "both"):
+        spec = args.spec.resolve() if args.spec else simulate(
+            runner, work / "strong", args.subjects, args.visits, tuple(args.shape), 1)
+        plans += [("strong", r, spec) for r in ranks_list]
+    if args.mode in ("weak", "both"):
+        for r in ranks_list:
+            shape = weak_shape(args.shape, args.voxels_per_rank, r)
+            spec = simulate(runner, work / f"weak-{r}", args.subjects, args.visits, shape, 1)
+            plans.append(("weak", r, spec))
+    images = {spec: images_of(spec) for _, _, spec in plans}
+
+    print(f"scaling: {len(plans)} points x {args.repeats} repeats, launcher "
+          f"{shlex.join(command)} {flag} R, {runner.cores} cores", flush=True)
+    rows: list[dict] = []
+    for repeat in range(1, args.repeats + 1):
+        for mode, ranks, spec in plans:  # interleaved: noise hits every point alike
+            result = fit_once(runner, ranks, spec, work / f"out-{mode}-{ranks}", fit_args)
+            rows.append({"mode": mode, "ranks": ranks, "repeat": repeat, "images": images[spec],
+                         **result})
+            print(f"  {mode:<6} {ranks:>4} ranks, repeat {repeat}: {result['wall_s']:7.2f} s "
+                  f"(fit {result['fit_s']:.2f} s, ingest {result['ingest_s']:.2f} s)",
+                  flush=True)
+    summary = summarise(rows)
+    write_csv(args.out / "scaling.csv", RUN_COLUMNS, rows)
+    write_csv(args.out / "scaling_summary.csv", SUMMARY_COLUMNS, summary)
+    title = (f"mpiblmm scaling, {max(images.values())} images; {runner.cores} cores; median of "
+             f"{args.repeats} run(s); {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    plot(summary, args.out / "scaling.png", title, runner.cores)
+    print(f"\n{'mode':<6} {'ranks':>5} {'voxels':>8} {'median s':>9} {'speed-up':>9} "
+          f"{'ideal':>6} {'efficiency':>10}  " + " ".join(f"{p:>7}" for p in PHASES))
+    for r in summary:
+        print(f"{r['mode']:<6} {r['ranks']:>5} {r['voxels']:>8} {r['wall_median_s']:9.2f} "
+              f"{r['speedup']:9.2f} {r['ideal_speedup']:6.1f} {r['efficiency']:10.2f}  "
+              + " ".join(f"{r[f'{p}_s']:7.2f}" for p in PHASES))
+    print(f"\nwrote {args.out / 'scaling.csv'}, {args.out / 'scaling_summary.csv'}, "
+          f"{args.out / 'scaling.png'}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

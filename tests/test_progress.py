@@ -1,0 +1,115 @@
+"""The log of a fit without MPI (mpiblmm/progress.py): progress lines, the heartbeat, the
+terminal bar, the log files and the CLI flags.  The counting over ranks is tested in
+tests/mpi/test_progress.py, the whole command in tests/cli/test_progress_cli.py.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+
+from mpiblmm.cli import get_parser
+from mpiblmm.progress import JobLog, LogOptions, format_seconds, progress_line
+from mpiblmm.timers import PhaseTimer
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("seconds, text", [(0.4, "0 s"), (42.2, "42 s"), (185, "3 min 05 s"),
+                                           (7620, "2 h 07 min"), (float("inf"), "unknown")])
+def test_durations_read_like_a_person_would_write_them(seconds, text):
+    assert format_seconds(seconds) == text
+
+
+def test_a_progress_line_has_counts_share_rate_and_time_left():
+    # 1,000 of 4,000 voxels in 10 s: 100 voxels/s, 3,000 left -> 30 s.
+    line = progress_line(1000, 4000, 10.0, 1000, 1, 4)
+    assert line == ("fit 1,000/4,000 voxels (25.0%), 100 voxels/s, 10 s elapsed, "
+                    "about 30 s left; 1/4 ranks finished")
+    # Resumed voxels count as done but not towards the rate: 500 fresh in 10 s -> 50/s.
+    assert "50 voxels/s, 10 s elapsed, about 1 min 00 s left" in progress_line(1000, 4000, 10.0,
+                                                                                500, 0, 4)
+    assert "left" not in progress_line(4000, 4000, 10.0, 4000, 4, 4)
+
+
+def test_only_rank_0_writes_and_quiet_keeps_the_log_file(tmp_path):
+    out0, out1 = io.StringIO(), io.StringIO()
+    logfile = tmp_path / "sub" / "fit.log"
+    log0 = JobLog(0, quiet=True, options=LogOptions(str(logfile), 0.0), stream=out0)
+    log1 = JobLog(1, options=LogOptions(str(logfile), 0.0), stream=out1)
+    for log in (log0, log1):
+        log.say("mpiblmm: hello")
+        log.close()
+    assert out0.getvalue() == "" and out1.getvalue() == ""
+    assert logfile.read_text() == "mpiblmm: hello\n"
+
+
+def test_phases_are_announced_once_each_and_the_chunk_loop_counts_as_fit():
+    out = io.StringIO()
+    log = JobLog(0, options=LogOptions(progress_interval=0.0), stream=out)
+    timer = PhaseTimer(on_enter=log.phase)
+    for name in ["setup", "ingest", "ingest", "create", "read", "fit", "write", "read",
+                 "finish", "export"]:
+        with timer.phase(name):
+            pass
+    log.close()
+    phases = [line.split("phase ")[1] for line in out.getvalue().splitlines()]
+    assert phases == ["setup", "ingest", "create", "finish", "export"]  # fit: by Progress
+    assert set(timer.seconds) == {"setup", "ingest", "create", "read", "fit", "write", "finish",
+                                  "export"}
+
+
+def test_the_heartbeat_speaks_when_a_phase_runs_long():
+    out = io.StringIO()
+    log = JobLog(0, options=LogOptions(progress_interval=0.1), stream=out)
+    log.phase("ingest")
+    time.sleep(0.45)
+    log.close()
+    beats = [line for line in out.getvalue().splitlines() if "phase ingest running" in line]
+    assert 2 <= len(beats) <= 5, out.getvalue()
+
+
+def test_a_terminal_gets_a_bar_redrawn_in_place_and_the_log_file_plain_lines(tmp_path):
+    term = Terminal()
+    log = JobLog(0, options=LogOptions(str(tmp_path / "f.log"), 0.0), stream=term)
+    log.report("fit 5/10 voxels", 0.5)
+    log.report("fit 10/10 voxels", None)
+    log.close()
+    text = term.getvalue()
+    assert text.startswith("\r[" + "#" * 15 + "-" * 15 + "] fit 5/10 voxels")
+    assert text.endswith("\nmpiblmm: [0 s] fit 10/10 voxels\n")
+    assert (tmp_path / "f.log").read_text().splitlines() == [
+        "mpiblmm: [0 s] fit 5/10 voxels", "mpiblmm: [0 s] fit 10/10 voxels"]
+
+
+def test_rank_logs_are_one_file_per_rank(tmp_path):
+    for rank in (0, 3):
+        log = JobLog(rank, quiet=True, options=LogOptions(rank_logs=str(tmp_path / "logs")))
+        log.note("chunk 1 done")
+        log.close()
+    files = sorted(p.name for p in (tmp_path / "logs").iterdir())
+    assert files == ["rank-00000.log", "rank-00003.log"]
+    assert (tmp_path / "logs" / "rank-00003.log").read_text().split()[1:] == ["chunk", "1",
+                                                                              "done"]
+
+
+def test_cli_flags_reach_the_log_options():
+    args = get_parser().parse_args(["fit", "s.json", "--log-file", "f.log",
+                                    "--progress-interval", "2.5", "--rank-logs", "logs"])
+    assert LogOptions.from_args(args) == LogOptions("f.log", 2.5, "logs")
+    assert LogOptions.from_args(get_parser().parse_args(["fit", "s.json"])) == LogOptions()
+    with pytest.raises(SystemExit):
+        get_parser().parse_args(["fit", "s.json", "--progress-interval", "-1"])
+
+
+def test_a_log_file_that_cannot_be_written_is_a_user_error_naming_the_flag(tmp_path):
+    from mpiblmm.errors import UserError
+
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match=r"^--rank-logs: cannot write .*rank-00002.log"):
+        JobLog(2, options=LogOptions(rank_logs=str(tmp_path / "a_file")))
