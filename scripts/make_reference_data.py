@@ -23,8 +23,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mpiblmm.simulate import (  # noqa: E402
+    Design,
+    Factor,
     FactorSpec,
     covariance,
+    first_appearance_codes,
     missing_mask,
     simulate_design,
     simulate_voxels,
@@ -319,6 +322,147 @@ def ds_three_effects(rng):
     return d, Y, truth, kinds, desc, contrasts
 
 
+def _factor(name, labels, Z, effects):
+    """A grouping factor from per-row labels (codes in order of first appearance)."""
+    labels = np.asarray(labels)
+    codes, levels = first_appearance_codes(labels)
+    return Factor(name, labels, codes, tuple(levels), tuple(effects), np.asarray(Z, float))
+
+
+def _with_factors(d, factors):
+    """``d`` with its grouping factors replaced (designs simulate_design cannot draw)."""
+    return Design(X=d.X, fixed_names=d.fixed_names, factors=tuple(factors),
+                  covariates=d.covariates)
+
+
+def ds_nested_slope(rng):
+    """Three nested factors: subjects (intercept + time) in families (1-3 subjects) in sites."""
+    n_sub = 54
+    visits = rng.choice([3, 4], size=n_sub, p=[0.35, 0.65])
+    d = simulate_design(rng, n_sub, visits, fixed=("intercept", "age", "time", "sex"),
+                        factors=(FactorSpec("subject", effects=("intercept", "time")),))
+    # families of 1-3 subjects (subjects in random order), families in 6 unequal sites
+    order = rng.permutation(n_sub)
+    sizes = []
+    while sum(sizes) < n_sub:
+        sizes.append(int(rng.choice([1, 2, 3], p=[0.25, 0.4, 0.35])))
+    sizes[-1] -= sum(sizes) - n_sub
+    fam_of = np.empty(n_sub, int)
+    start = 0
+    for k, s in enumerate(sizes):
+        fam_of[order[start:start + s]] = k
+        start += s
+    n_fam = len(sizes)
+    while True:
+        site_of_fam = rng.choice(6, size=n_fam, p=rng.dirichlet(np.full(6, 4.0)))
+        if np.bincount(site_of_fam, minlength=6).min() >= 2:
+            break
+    per_site = np.zeros(6, int)
+    fam_label = []
+    for k in range(n_fam):
+        per_site[site_of_fam[k]] += 1
+        fam_label.append(f"site{site_of_fam[k] + 1:02d}_fam{per_site[site_of_fam[k]]}")
+    subj = d.covariates["subject"]
+    site_labels = np.array([f"site{site_of_fam[fam_of[s]] + 1:02d}" for s in subj])
+    fam_labels = np.array([fam_label[fam_of[s]] for s in subj])
+    sub = d.factor("subject")
+    ones = np.ones((d.n, 1))
+    d = _with_factors(d, [_factor("site", site_labels, ones, ("intercept",)),
+                          _factor("family", fam_labels, ones, ("intercept",)),
+                          sub])
+    v = 24
+    per, kinds = [], []
+    for i in range(v):
+        s_site, s_fam = rng.uniform(0.9, 1.6), rng.uniform(0.8, 1.4)
+        sub_c = covariance([rng.uniform(0.6, 1.2), rng.uniform(0.3, 0.6)], rng.uniform(-0.5, 0.5))
+        k = "interior"
+        if i < 4:
+            s_site, k = 0.0, "zero_site"
+        elif i < 7:
+            s_fam, k = 0.0, "zero_family"
+        elif i < 10:
+            sub_c, k = covariance([rng.uniform(0.8, 1.5), 0.0]), "zero_slope"
+        elif i < 12:
+            sub_c, k = covariance([rng.uniform(0.6, 1.2), rng.uniform(0.3, 0.5)], 1.0), "corr_one"
+        elif i == 12:
+            s_site, s_fam, k = 0.0, 0.0, "zero_site_family"
+        per.append({"site": covariance([s_site]), "family": covariance([s_fam]),
+                    "subject": sub_c})
+        kinds.append(k)
+    # missing: voxels 3, 6, 9 (boundary) and 18-23 lose 10% of rows; 21 and 22 first a whole
+    # family (its levels then drop out of the fit)
+    frac = np.zeros(v)
+    frac[[3, 6, 9, 18, 19, 20, 21, 22, 23]] = 0.1
+    whole = np.zeros(v, int)
+    whole[[21, 22]] = 1
+    mask = missing_mask(rng, d, v, fraction=frac, whole_levels=whole, factor="family")
+    beta = np.column_stack([rng.normal(6, 1, v), rng.normal(0, 0.5, v), rng.normal(0.2, 0.3, v),
+                            rng.normal(0, 0.5, v)])
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.2, 0.5, v),
+                               missing=mask)
+    p = d.p
+    contrasts = [
+        _t("age", p, {1: 1}), _t("time", p, {2: 1}), _t("sex", p, {3: 1}),
+        _t("time_minus_age", p, {2: 1, 1: -1}),
+        _f("age_time", p, [{1: 1}, {2: 1}]),
+        _f("three_correlated", p, [{1: 1}, {2: 1}, {1: 0.5, 2: 0.5, 3: 1}]),
+    ]
+    desc = (f"(1 | site) + (1 | family) + (1 + time | subject): {n_sub} subjects x 3-4 visits in "
+            f"{n_fam} families of 1-3 subjects in 6 sites (nested, labels unique); voxels 3, 6, "
+            "9, 18-23 miss 10% of rows, 21-22 first a whole family")
+    return d, Y, truth, kinds, desc, contrasts
+
+
+def ds_crossed_slope(rng):
+    """Subjects (intercept + time) partially crossed with items: each sees 6 of 12 items."""
+    n_sub, n_items, per_sub = 40, 12, 6
+    d = simulate_design(rng, n_sub, per_sub, fixed=("intercept", "age", "time", "group"),
+                        factors=(FactorSpec("subject", effects=("intercept", "time")),))
+    probs = rng.dirichlet(np.full(n_items, 4.0))  # some items seen more often than others
+    items = np.concatenate([rng.choice(n_items, size=per_sub, replace=False, p=probs)
+                            for _ in range(n_sub)])
+    item_labels = np.array([f"item{j + 1:02d}" for j in items])
+    d = _with_factors(d, [d.factor("subject"),
+                          _factor("item", item_labels, np.ones((d.n, 1)), ("intercept",))])
+    v = 24
+    per, kinds = [], []
+    for i in range(v):
+        s_item = rng.uniform(0.4, 1.2)
+        sub_c = covariance([rng.uniform(0.6, 1.5), rng.uniform(0.15, 0.4)], rng.uniform(-0.5, 0.5))
+        k = "interior"
+        if i < 4:
+            s_item, k = 0.0, "zero_item"
+        elif i < 7:
+            sub_c, k = covariance([rng.uniform(0.8, 1.5), 0.0]), "zero_slope"
+        elif i < 9:
+            sub_c, k = covariance([rng.uniform(0.6, 1.2), rng.uniform(0.15, 0.3)], -1.0), "corr_one"
+        elif i == 9:
+            sub_c, k = covariance([0.0, 0.0]), "zero_subject"
+        per.append({"subject": sub_c, "item": covariance([s_item])})
+        kinds.append(k)
+    # missing: voxels 2, 5, 9 (boundary) and 17-23 lose 10% of rows; 21 and 22 first a whole item
+    frac = np.zeros(v)
+    frac[[2, 5, 9, 17, 18, 19, 20, 21, 22, 23]] = 0.1
+    whole = np.zeros(v, int)
+    whole[[21, 22]] = 1
+    mask = missing_mask(rng, d, v, fraction=frac, whole_levels=whole, factor="item")
+    beta = np.column_stack([rng.normal(4, 1, v), rng.normal(0, 0.5, v), rng.normal(0.2, 0.3, v),
+                            rng.normal(0, 0.6, v)])
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.3, 0.8, v),
+                               missing=mask)
+    p = d.p
+    contrasts = [
+        _t("age", p, {1: 1}), _t("time", p, {2: 1}), _t("group", p, {3: 1}),
+        _t("time_plus_group", p, {2: 1, 3: 1}),
+        _f("age_time", p, [{1: 1}, {2: 1}]),
+        _f("three_correlated", p, [{1: 1}, {1: 1, 2: 1}, {2: 1, 3: 1}]),
+    ]
+    desc = (f"(1 + time | subject) + (1 | item): {n_sub} subjects x {per_sub} visits, each visit "
+            f"one item, each subject a random subset of {per_sub} of {n_items} items (unequal "
+            "item frequencies); voxels 2, 5, 9, 17-23 miss 10% of rows, 21-22 first a whole item")
+    return d, Y, truth, kinds, desc, contrasts
+
+
 def _check_unbalanced(d):
     counts = [np.bincount(f.codes) for f in d.factors]
     return all(np.any(c == 1) for c in counts) and all(c.max() >= 8 for c in counts)
@@ -333,6 +477,8 @@ DATASETS = {
     "nested": (ds_nested, 106),
     "unbalanced": (ds_unbalanced, 107),
     "three_effects": (ds_three_effects, 108),
+    "nested_slope": (ds_nested_slope, 109),
+    "crossed_slope": (ds_crossed_slope, 110),
 }
 
 
