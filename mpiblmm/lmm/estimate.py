@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .blocked.newton import newton
 from .fisher import fisher_scoring
 from .model import (
     STATUS_CONSTANT, STATUS_CONVERGED, STATUS_EMPTY, STATUS_MAX_ITER, STATUS_NUMERICAL, STATUS_RANK_DEFICIENT,
     STATUS_SINGULAR, STATUS_TOO_FEW, FitResult, ProductForms,
 )
 from .polish import polish as polish_theta
+from .blocked.pattern import blocked_bytes_per_voxel
 from .products import full_rank
 from .theta import D_from_theta, n_theta, theta_from_D, theta_slices, tril_indices
 
@@ -56,6 +58,8 @@ def bytes_per_voxel(pf: ProductForms) -> int:
     dense (q, q) matrices plus the (q, p + 1) products.
     """
     st, p = pf.structure, pf.p
+    if pf.blocks is not None:
+        return blocked_bytes_per_voxel(pf.blocks, p)
     if st.is_single_factor:
         f = st.factors[0]
         per = 40 * f.n_levels * f.n_effects * (f.n_effects + p + 1)
@@ -127,6 +131,8 @@ def near_boundary(D: tuple[np.ndarray, ...], tol: float = NEAR_BOUNDARY) -> np.n
 def _fit_chunk(pf: ProductForms, method: str, tolerance: float, max_iterations: int,
                polish_mode: str) -> dict:
     """Fisher Scoring then the polish, both within one budget of ``max_iterations`` per voxel."""
+    if pf.blocks is not None:      # several factors at cohort scale: Newton in theta
+        return _fit_chunk_blocked(pf, method, tolerance, max_iterations)
     fs = fisher_scoring(pf, method, tolerance=tolerance, max_iterations=max_iterations)
     theta = theta_from_D(fs.D, pf.structure)
     ev = fs.ev
@@ -152,6 +158,17 @@ def _fit_chunk(pf: ProductForms, method: str, tolerance: float, max_iterations: 
                          ("polish_iterations", pol.iterations), ("converged", pol.converged)):
             out[key][sel] = val
     return out
+
+
+def _fit_chunk_blocked(pf: ProductForms, method: str, tolerance: float,
+                       max_iterations: int) -> dict:
+    """The blocked path (:mod:`~mpiblmm.lmm.blocked.newton`): its Newton iterations are
+    reported as Fisher Scoring iterations (there is no separate polish)."""
+    out = newton(pf.blocks, pf, method, tolerance=tolerance, max_iterations=max_iterations)
+    return dict(theta=out["theta"], llh=out["llh"], beta=out["beta"], s2=out["s2"],
+                XtViX=out["XtViX"], fs_iterations=out["iterations"],
+                polish_iterations=np.zeros(pf.n_voxels, dtype=np.int64),
+                converged=out["converged"])
 
 
 def fit(pf: ProductForms, method: str = "REML", tolerance: float = 1e-12,

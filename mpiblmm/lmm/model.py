@@ -84,6 +84,9 @@ class ProductForms:
     - ``shared``: X'X, Z'X and Z'Z are shared by every voxel (leading axis 1).  Said
       explicitly, not read from the shapes: with one voxel, per-voxel arrays have a leading
       axis of 1 too, and a voxel must take the same arithmetic path whatever chunk it is in.
+    - ``blocks``: None, or the symbolic blocked factorisation
+      (:class:`~mpiblmm.lmm.blocked.pattern.BlockPattern`) chosen for several factors at
+      cohort scale; ``ZtZ`` is then (v|1, n_zz), the non-zero blocks in its layout.
     """
 
     XtX: np.ndarray
@@ -96,6 +99,7 @@ class ProductForms:
     structure: RandomStructure
     y_offset: np.ndarray | None = None
     shared: bool = False
+    blocks: object | None = None
 
     @property
     def n_voxels(self) -> int:
@@ -116,7 +120,7 @@ class ProductForms:
             ZtX=pick(self.ZtX), ZtY=self.ZtY[index], ZtZ=pick(self.ZtZ),
             n=self.n[index], structure=self.structure,
             y_offset=None if self.y_offset is None else self.y_offset[index],
-            shared=self.shared,
+            shared=self.shared, blocks=self.blocks,
         )
 
 

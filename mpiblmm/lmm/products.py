@@ -29,6 +29,7 @@ import scipy.sparse as sp
 
 from .model import ProductForms, RandomFactor, RandomStructure
 from .rowwise import cols_at, rows_at
+from .structure import choose, factor_levels, factor_values
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ def product_forms(
     Y: np.ndarray,
     observed: np.ndarray | None = None,
     centre: bool = True,
+    layout: str = "auto",
 ) -> ProductForms:
     """Product forms of the voxels in ``Y`` (n, v), summed over each voxel's observed rows.
 
@@ -155,6 +157,9 @@ def product_forms(
         (leading axis 1).
     centre
         Subtract each voxel's OLS fit before forming products (recommended; exact).
+    layout
+        "auto", "dense" or "blocked": the Z'Z layout for several factors
+        (:func:`~mpiblmm.lmm.structure.choose`).
     """
     X = np.asarray(X, dtype=np.float64)
     n, p = X.shape
@@ -188,7 +193,10 @@ def product_forms(
     P_zx = _row_outer_matrix(rd.cols, rd.vals, x_cols, X, p, q * p)
     ZtX = _weighted_sums(P_zx, weights).reshape(-1, q, p)
 
-    if structure.is_single_factor:
+    blocks = choose(rd, layout)
+    if blocks is not None:
+        ZtZ = _weighted_sums(_zz_matrix(rd, blocks), weights)
+    elif structure.is_single_factor:
         q1 = structure.factors[0].n_effects
         n_levels = structure.factors[0].n_levels
         level, eff = _block_cols(rd)
@@ -204,8 +212,21 @@ def product_forms(
     n_obs = observed.sum(axis=0).astype(np.int64)
     return ProductForms(
         XtX=XtX, XtY=XtY, YtY=YtY, ZtX=ZtX, ZtY=ZtY, ZtZ=ZtZ,
-        n=n_obs, structure=structure, y_offset=y_offset, shared=shared,
+        n=n_obs, structure=structure, y_offset=y_offset, shared=shared, blocks=blocks,
     )
+
+
+def _zz_matrix(rd: RandomDesign, blocks) -> sp.csc_matrix:
+    """Sparse (n, n_zz): row i holds observation i's contributions to the blocked Z'Z."""
+    cached = blocks.__dict__.get("_zz_matrix")
+    if cached is not None and cached[0] is rd:
+        return cached[1]
+    from .blocked.pattern import zz_rows
+    cols, vals = zz_rows(blocks, factor_levels(rd), factor_values(rd))
+    rows = np.repeat(np.arange(cols.shape[0]), cols.shape[1])
+    P = sp.csc_matrix((vals.ravel(), (rows, cols.ravel())), shape=(cols.shape[0], blocks.n_zz))
+    blocks.__dict__["_zz_matrix"] = (rd, P)
+    return P
 
 
 def full_rank(XtX: np.ndarray, rtol: float = 1e-10) -> np.ndarray:

@@ -42,6 +42,7 @@ from .likelihood import (
     _blocks, _dot, _level_core, _level_layout, _level_residuals, _level_T_R, _level_zx_a_zx,
     _lsum, _products_block, gls, vinv_products,
 )
+from .blocked.inference import blocked_setup
 from .model import ProductForms, RandomStructure
 from .theta import lambdas_from_theta, n_theta, theta_from_D, theta_slices, tril_indices
 
@@ -508,7 +509,9 @@ def satterthwaite_setup(
     if idx.size:
         sub = pf.take(idx)
         varpar = np.concatenate([theta[idx], np.sqrt(s2[idx])[:, None]], axis=1)
-        if st.is_single_factor:
+        if pf.blocks is not None:
+            cov[idx], J[idx], H = blocked_setup(pf.blocks, sub, varpar, method)
+        elif st.is_single_factor:
             cov[idx], J[idx], H = _single_factor_setup(sub, varpar, method)
         else:
             vp = vinv_products(sub, lambdas_from_theta(varpar[:, :-1], st), need_z=True)

@@ -1,0 +1,285 @@
+"""Numeric blocked Cholesky of ``S = I + Lambda' Z'Z Lambda`` for many voxels at once.
+
+Given the symbolic factorisation (:class:`.pattern.BlockPattern`) and ``theta``, for every
+voxel of a chunk (voxel axis *last* here, so each small matrix entry is one contiguous row of
+voxels):
+
+1. ``S`` is assembled in the block pattern: ``Lambda_a' (Z'Z)_{xy} Lambda_b`` per stored block,
+   plus ``I``;
+2. prefix factors (block diagonal, largest first): ``L_bb = chol(S_bb)`` per level,
+   ``L_ab = S_ab L_bb^-T`` in the cross pattern, and the Schur updates ``-L_ab L_cb'`` summed
+   into the later blocks by unit-weight sparse aggregation (fixed order per voxel);
+3. the dense tail (crossed factors, ``m x m``) by LAPACK per voxel;
+4. ``log|V| = log|S| = 2 sum log diag L``;
+5. ``c = L^-1 Lambda' Z'[X Y]`` by block forward substitution; then
+   ``[X Y]' V^-1 [X Y] = [X Y]'[X Y] - c'c`` (ALGORITHM.md, "Product forms").
+
+Cost per voxel ``O(sum_b l_b q_b^3 + sum (nnz of the updates) q^2 + m^3)`` time and
+``O(n_vals + q (p + 1))`` memory: no q x q array.  Sums over levels are sparse-dense products
+with unit weights (or row sums per voxel), so a voxel gets the same bits in any chunk.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..likelihood import VinvProducts, gls, loglik, profiled_s2
+from ..model import ProductForms
+from ..theta import lambdas_from_theta
+from .pattern import BlockPattern
+
+
+# ---------------------------------------------------------------- small matrices, axes first
+def _mm(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``A B`` over the two leading axes; trailing axes broadcast elementwise."""
+    rows = []
+    for i in range(A.shape[0]):
+        row = []
+        for k in range(B.shape[1]):
+            s = A[i, 0] * B[0, k]
+            for j in range(1, A.shape[1]):
+                s = s + A[i, j] * B[j, k]
+            row.append(s)
+        rows.append(np.stack(np.broadcast_arrays(*row)))
+    return np.stack(rows)
+
+
+def _t(A: np.ndarray) -> np.ndarray:
+    return np.swapaxes(A, 0, 1)
+
+
+def chol_lead(S: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of symmetric positive definite ``S`` (q, q, ...)."""
+    q = S.shape[0]
+    L = np.zeros_like(S)
+    for j in range(q):
+        d = S[j, j].copy()
+        for k in range(j):
+            d -= L[j, k] * L[j, k]
+        L[j, j] = np.sqrt(d)
+        for i in range(j + 1, q):
+            s = S[i, j].copy()
+            for k in range(j):
+                s -= L[i, k] * L[j, k]
+            L[i, j] = s / L[j, j]
+    return L
+
+
+def rsolve_lt(X: np.ndarray, L: np.ndarray) -> np.ndarray:
+    """``X L^-T`` for X (qa, qb, ...) and lower triangular L (qb, qb, ...)."""
+    Y = np.empty(np.broadcast_shapes(X.shape, X.shape[:1] + L.shape[1:]))
+    for e in range(L.shape[0]):
+        s = X[:, e].copy()
+        for f in range(e):
+            s -= Y[:, f] * L[e, f]
+        Y[:, e] = s / L[e, e]
+    return Y
+
+
+def solve_lower(L: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``L^-1 B`` for L (q, q, l, v) lower triangular and B (q, l, r, v)."""
+    c = np.empty_like(B)
+    for e in range(L.shape[0]):
+        s = B[e].copy()
+        for f in range(e):
+            s -= L[e, f][:, None] * c[f]
+        c[e] = s / L[e, e][:, None]
+    return c
+
+
+@lru_cache(maxsize=64)
+def _ones(n: int) -> sp.csr_matrix:
+    return sp.csr_matrix(np.ones((1, n)))
+
+
+def colsum(A: np.ndarray) -> np.ndarray:
+    """Sum over the first axis of A (N, v) in a fixed order per voxel: (v,)."""
+    if A.shape[0] == 0:
+        return np.zeros(A.shape[1])
+    return np.asarray(_ones(A.shape[0]) @ A)[0]
+
+
+def _cached(pattern: BlockPattern, name: str, fn):
+    store = pattern.__dict__.setdefault("_numeric_cache", {})
+    if name not in store:
+        store[name] = fn()
+    return store[name]
+
+
+def _placement(pattern: BlockPattern) -> list[tuple[str, tuple, np.ndarray]]:
+    """Where each stored Z'Z segment goes in the flat S values (after the Lambda sandwich)."""
+    out = []
+    K, npre, m, t0 = pattern.K, pattern.n_prefix, pattern.m, pattern.tail_offset
+    for a in range(K):
+        q, l = pattern.q_at(a), pattern.l_at(a)
+        e1 = np.arange(q)[:, None, None]
+        e2 = np.arange(q)[None, :, None]
+        x = np.arange(l)[None, None, :]
+        if a < npre:
+            dest = pattern.diag[a].index(e1, e2, x)
+        else:
+            dest = t0 + pattern.tail_index(a, x, e1) * m + pattern.tail_index(a, x, e2)
+        out.append((pattern.zz_diag[a], (a, a), np.broadcast_to(dest, (q, q, l)).ravel()))
+    for (a, b), seg in sorted(pattern.zz_cross.items()):
+        x0, y0, _ = pattern.zz_pairs[a, b]
+        e1 = np.arange(seg.qa)[:, None, None]
+        e2 = np.arange(seg.qb)[None, :, None]
+        if b < npre:
+            t = pattern.lookup(a, b, x0, y0)
+            dest = pattern.cross[a, b].index(e1, e2, t[None, None, :])
+        else:
+            dest = (t0 + pattern.tail_index(a, x0[None, None, :], e1) * m
+                    + pattern.tail_index(b, y0[None, None, :], e2))
+        out.append((seg, (a, b), np.broadcast_to(dest, (seg.qa, seg.qb, seg.n)).ravel()))
+    return out
+
+
+def _identity_rows(pattern: BlockPattern) -> np.ndarray:
+    rows = []
+    for a in range(pattern.K):
+        q, l = pattern.q_at(a), pattern.l_at(a)
+        e = np.arange(q)[:, None]
+        x = np.arange(l)[None, :]
+        if a < pattern.n_prefix:
+            rows.append(pattern.diag[a].index(e, e, x).ravel())
+        else:
+            r = pattern.tail_index(a, x, e).ravel()
+            rows.append(pattern.tail_offset + r * pattern.m + r)
+    return np.concatenate(rows)
+
+
+# ---------------------------------------------------------------- the evaluation
+def _lambda_lead(pattern: BlockPattern, theta: np.ndarray) -> list[np.ndarray]:
+    """Per position, Lambda (q, q, 1, v)."""
+    lams = lambdas_from_theta(theta, pattern.structure)
+    return [np.ascontiguousarray(np.moveaxis(lams[k], 0, -1))[:, :, None, :]
+            for k in pattern.order]
+
+
+def _rhs(pattern: BlockPattern, pf: ProductForms, lam: list, v: int) -> np.ndarray:
+    """``Lambda' Z'[X Y]`` in the flat layout of :meth:`BlockPattern.rhs_layout` (N, v)."""
+    p = pf.p
+    r = p + 1
+    offs, tail, total = pattern.rhs_layout(r)
+    B = np.empty((total, v))
+    st = pattern.structure
+    slices = st.slices()
+    for a, k in enumerate(pattern.order):
+        q, l = pattern.q_at(a), pattern.l_at(a)
+        ZX = np.moveaxis(pf.ZtX[:, slices[k]].reshape(-1, l, q, p), 0, -1)   # (l, q, p, v|1)
+        ZY = np.moveaxis(pf.ZtY[:, slices[k]].reshape(v, l, q), 0, -1)        # (l, q, v)
+        ZXY = np.concatenate([np.broadcast_to(ZX, (l, q, p, v)), ZY[:, :, None, :]], axis=2)
+        ZXY = np.moveaxis(ZXY, 1, 0)                                          # (q, l, r, v)
+        LB = _mm(_t(lam[a][:, :, :, None, :]), ZXY)                           # Lambda' Z'[X Y]
+        if a < pattern.n_prefix:
+            B[offs[a]:offs[a] + q * l * r] = LB.reshape(-1, v)
+        else:
+            start = tail + pattern.tail_start[a] * r
+            B[start:start + l * q * r] = np.swapaxes(LB, 0, 1).reshape(-1, v)
+    return B
+
+
+def blocked_vinv(pattern: BlockPattern, pf: ProductForms, theta: np.ndarray) -> VinvProducts:
+    """X'V^-1X, X'V^-1Y, Y'V^-1Y and log|V| (voxel axis first) at ``theta`` (v, n_theta).
+
+    Voxels with non-finite ``theta`` get NaN (and do not disturb the others).
+    """
+    v, p = pf.n_voxels, pf.p
+    bad = ~np.isfinite(theta).all(axis=1)
+    theta = np.where(bad[:, None], 0.0, theta)
+    lam = _lambda_lead(pattern, theta)
+    npre, m = pattern.n_prefix, pattern.m
+    # 1. S in the block pattern
+    zz = np.ascontiguousarray(pf.ZtZ.T)                                       # (n_zz, v|1)
+    vals = np.zeros((pattern.n_vals, v))
+    for seg, (a, b), dest in _cached(pattern, "placement", lambda: _placement(pattern)):
+        Z = zz[seg.offset:seg.offset + seg.size].reshape(seg.qa, seg.qb, seg.n, -1)
+        vals[dest] = _mm(_mm(_t(lam[a]), Z), lam[b]).reshape(-1, v)
+    vals[_cached(pattern, "identity", lambda: _identity_rows(pattern))] += 1.0
+    # 2. prefix factors
+    Ld, Lc, logs = {}, {}, []
+    for b in range(npre):
+        seg = pattern.diag[b]
+        L = chol_lead(vals[seg.offset:seg.offset + seg.size].reshape(seg.qa, seg.qa, seg.n, v))
+        Ld[b] = L
+        logs.extend(np.log(L[e, e]) for e in range(seg.qa))
+        for a in pattern.row_factors(b):
+            cs = pattern.cross[a, b]
+            X = vals[cs.offset:cs.offset + cs.size].reshape(cs.qa, cs.qb, cs.n, v)
+            Lc[a, b] = rsolve_lt(X, L[:, :, pattern.pairs[a, b][1]])
+        ups, uniq, A = pattern.updates[b]
+        if ups:
+            prods = [_mm(Lc[u.a, b][:, :, u.i1], _t(Lc[u.c, b][:, :, u.i2])).reshape(-1, v)
+                     for u in ups]
+            vals[uniq] -= A @ np.concatenate(prods)
+    logdet = 2.0 * colsum(np.concatenate(logs)) if logs else np.zeros(v)
+    # 3. dense tail
+    if m:
+        T = np.moveaxis(vals[pattern.tail_offset:].reshape(m, m, v), -1, 0)
+        T = np.tril(T) + np.swapaxes(np.tril(T, -1), 1, 2)
+        C = np.linalg.cholesky(T)
+        logdet = logdet + 2.0 * np.log(np.diagonal(C, axis1=1, axis2=2)).sum(axis=1)
+    # 5. forward substitution
+    r = p + 1
+    B = _rhs(pattern, pf, lam, v)
+    offs, tail, _ = pattern.rhs_layout(r)
+    plans = pattern.solve_plan(r)
+    for b in range(npre):
+        q, l = pattern.q_at(b), pattern.l_at(b)
+        c = solve_lower(Ld[b], B[offs[b]:offs[b] + q * l * r].reshape(q, l, r, v))
+        B[offs[b]:offs[b] + q * l * r] = c.reshape(-1, v)
+        if plans[b] is None:
+            continue
+        prods = []
+        for a in pattern.row_factors(b):
+            cy = c[:, pattern.pairs[a, b][1]]                                # (q_b, n, r, v)
+            La = Lc[a, b]
+            prods.append(_cross_rhs(La, cy).reshape(-1, v))
+        uniq, A = plans[b]
+        B[uniq] -= A @ np.concatenate(prods)
+    G = np.empty((v, r, r))
+    n_pre = tail // r
+    cp = B[:tail].reshape(n_pre, r, v)
+    if m:
+        BT = np.moveaxis(B[tail:].reshape(m, r, v), -1, 0)                   # (v, m, r)
+        XT = np.linalg.solve(T, BT)
+    for s1 in range(r):
+        for s2 in range(s1, r):
+            g = colsum(cp[:, s1] * cp[:, s2])
+            if m:
+                g = g + (BT[:, :, s1] * XT[:, :, s2]).sum(axis=1)
+            G[:, s1, s2] = G[:, s2, s1] = g
+    out = VinvProducts(XtViX=pf.XtX - G[:, :p, :p], XtViY=pf.XtY - G[:, :p, p],
+                       YtViY=pf.YtY - G[:, p, p], logdetV=logdet)
+    if bad.any():
+        for a in (out.XtViX, out.XtViY, out.YtViY, out.logdetV):
+            a[bad] = np.nan
+    return out
+
+
+def _cross_rhs(La: np.ndarray, cy: np.ndarray) -> np.ndarray:
+    """``L_ab[t] c_b[y_t]`` per pair: La (q_a, q_b, n, v), cy (q_b, n, r, v) -> (q_a, n, r, v)."""
+    out = []
+    for e in range(La.shape[0]):
+        s = La[e, 0][:, None] * cy[0]
+        for f in range(1, La.shape[1]):
+            s = s + La[e, f][:, None] * cy[f]
+        out.append(s)
+    return np.stack(out)
+
+
+def profiled(pattern: BlockPattern, pf: ProductForms, theta: np.ndarray, method: str):
+    """Profiled fit at ``theta``: ``(llh, beta, s2, vp)`` (beta for the centred data)."""
+    vp = blocked_vinv(pattern, pf, theta)
+    ok = np.isfinite(vp.XtViX).all(axis=(1, 2))
+    XtViX = np.where(ok[:, None, None], vp.XtViX, np.eye(pf.p))
+    vp2 = VinvProducts(XtViX=XtViX, XtViY=np.where(ok[:, None], vp.XtViY, 0.0),
+                       YtViY=np.where(ok, vp.YtViY, 1.0), logdetV=vp.logdetV)
+    beta, ete = gls(vp2)
+    s2 = profiled_s2(ete, pf.n, pf.p, method)
+    llh = loglik(vp2, pf.n, s2, ete, method)
+    llh = np.where(ok, llh, np.nan)
+    return llh, beta, s2, vp

@@ -1,0 +1,82 @@
+"""Satterthwaite quantities of the blocked path, as lmerTest computes them.
+
+lmerTest differentiates numerically the deviance in ``varpar = (theta, sigma)`` (beta at its GLS
+value) and ``Cov(beta) = sigma^2 A(theta)``, ``A = (X'V^-1X)^-1``.  With ``ld(theta) = log|V|
+(+ log|X'V^-1X|`` for REML) and ``Q(theta) = e'V^-1e`` at the GLS beta, the deviance is
+``dof log sigma^2 + ld + Q / sigma^2 + const`` (dof = n - p for REML, n for ML), so (6)
+
+- ``H_tt = ld'' + Q'' / sigma^2``, ``H_t,sigma = -2 Q' / sigma^3``,
+  ``H_sigma,sigma = -2 dof / sigma^2 + 6 Q / sigma^4``;
+- ``dCov/dtheta_i = sigma^2 dA/dtheta_i``, ``dCov/dsigma = 2 sigma A``.
+
+The theta derivatives of ``ld``, ``Q`` and ``A`` are central finite differences of blocked
+evaluations (:func:`.cholesky.blocked_vinv`), each vectorised over the voxels:
+``theta +- h_i e_i`` and, for the mixed second derivatives, ``theta +- h_i e_i +- h_j e_j``
+(``2m + 2m(m-1)`` evaluations for ``m`` theta entries), ``h_i = 1e-3 max(|theta_i|, 0.1)``.
+The output feeds :class:`~mpiblmm.lmm.satterthwaite.Precomputed` unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..likelihood import gls, logdet_spd
+from ..model import ProductForms
+from .cholesky import blocked_vinv
+
+REL_STEP = 1e-3
+
+
+def _pieces(pattern, pf: ProductForms, theta: np.ndarray, reml: bool):
+    """``ld`` (v,), ``Q`` (v,) and ``A`` (v, p, p) at ``theta``."""
+    vp = blocked_vinv(pattern, pf, theta)
+    _, Q = gls(vp)
+    ld = vp.logdetV + (logdet_spd(vp.XtViX) if reml else 0.0)
+    A = np.linalg.inv(vp.XtViX)
+    return ld, Q, 0.5 * (A + np.swapaxes(A, 1, 2))
+
+
+def blocked_setup(pattern, pf: ProductForms, varpar: np.ndarray, method: str):
+    """``Cov(beta)`` (v, p, p), its Jacobian (v, m+1, p, p) and the deviance Hessian
+    (v, m+1, m+1) at ``varpar = (theta, sigma)`` (v, m+1)."""
+    reml = method == "REML"
+    theta, sigma = varpar[:, :-1], varpar[:, -1]
+    s2 = sigma ** 2
+    v, m = theta.shape
+    p = pf.p
+    h = REL_STEP * np.maximum(np.abs(theta), 0.1)
+    ld0, Q0, A0 = _pieces(pattern, pf, theta, reml)
+    dQ, d2ld, d2Q = np.empty((v, m)), np.empty((v, m, m)), np.empty((v, m, m))
+    J = np.empty((v, m + 1, p, p))
+    for i in range(m):
+        tp, tm = theta.copy(), theta.copy()
+        tp[:, i] += h[:, i]
+        tm[:, i] -= h[:, i]
+        ldp, Qp, Ap = _pieces(pattern, pf, tp, reml)
+        ldm, Qm, Am = _pieces(pattern, pf, tm, reml)
+        hi = h[:, i]
+        dQ[:, i] = (Qp - Qm) / (2.0 * hi)
+        d2ld[:, i, i] = (ldp - 2.0 * ld0 + ldm) / hi ** 2
+        d2Q[:, i, i] = (Qp - 2.0 * Q0 + Qm) / hi ** 2
+        J[:, i] = s2[:, None, None] * (Ap - Am) / (2.0 * hi)[:, None, None]
+    for i in range(m):
+        for j in range(i):
+            vals = {}
+            for si in (1.0, -1.0):
+                for sj in (1.0, -1.0):
+                    t = theta.copy()
+                    t[:, i] += si * h[:, i]
+                    t[:, j] += sj * h[:, j]
+                    vals[si, sj] = _pieces(pattern, pf, t, reml)[:2]
+            den = 4.0 * h[:, i] * h[:, j]
+            for k, out in ((0, d2ld), (1, d2Q)):
+                mixed = (vals[1.0, 1.0][k] - vals[1.0, -1.0][k] - vals[-1.0, 1.0][k]
+                         + vals[-1.0, -1.0][k]) / den
+                out[:, i, j] = out[:, j, i] = mixed
+    dof = (pf.n - p if reml else pf.n).astype(float)
+    H = np.empty((v, m + 1, m + 1))
+    H[:, :m, :m] = d2ld + d2Q / s2[:, None, None]
+    H[:, :m, m] = H[:, m, :m] = -2.0 * dQ / sigma[:, None] ** 3
+    H[:, m, m] = -2.0 * dof / s2 + 6.0 * Q0 / s2 ** 2
+    J[:, m] = 2.0 * sigma[:, None, None] * A0
+    return s2[:, None, None] * A0, J, H

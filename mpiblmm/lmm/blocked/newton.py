@@ -1,0 +1,143 @@
+"""The blocked path's optimiser: saddle-free Newton on the profiled (RE)ML deviance in theta.
+
+The objective is lme4's: ``d(theta) = -2 l(theta)`` with ``beta`` (GLS) and ``s2`` profiled
+out, ``theta`` the lower triangles of the ``Lambda_k`` (:mod:`~mpiblmm.lmm.theta`).  Each
+evaluation is one blocked Cholesky (:func:`.cholesky.profiled`) for all active voxels.
+
+Per iteration, for the active voxels at once:
+
+1. gradient and Hessian by finite differences of ``d``: central differences at
+   ``theta +- h_i e_i`` (gradient, diagonal of H) and ``theta + h_i e_i + h_j e_j`` (the
+   off-diagonal entries), ``h_i = 1e-4 max(|theta_i|, 0.1)``: ``1 + 2m + m(m-1)/2``
+   evaluations for ``m`` theta entries;
+2. direction ``-|H|^-1 g`` (absolute eigenvalues: a descent direction at saddles too);
+3. step halving until ``d`` does not rise (a worse point is never kept);
+4. a voxel stops when the step gained less than ``tolerance`` in ``l`` (or the rounding floor
+   of ``l``), or when no halving helped.
+
+``d`` is even in every column of ``Lambda_k`` (``D_k`` does not change when a column changes
+sign), so the iteration is unconstrained and the boundary (a zero column, ``D_k`` singular) is
+reached as an ordinary minimum; the result is put in lme4's form (non-negative diagonal) at
+the end.  Start: lme4's ``theta0`` (identity ``Lambda_k``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..model import ProductForms
+from ..polish import canonical_theta
+from ..theta import n_theta, theta_slices, tril_indices
+from .cholesky import profiled
+
+REL_STEP = 1e-4
+
+
+def theta0(pf: ProductForms) -> np.ndarray:
+    """lme4's start: ``Lambda_k = I`` for every factor (v, n_theta)."""
+    st = pf.structure
+    out = np.zeros((pf.n_voxels, n_theta(st)))
+    for f, sl in zip(st.factors, theta_slices(st)):
+        rows, cols = tril_indices(f.n_effects)
+        out[:, sl] = (rows == cols).astype(float)
+    return out
+
+
+def steps(theta: np.ndarray, rel: float = REL_STEP) -> np.ndarray:
+    """Finite-difference steps (v, m): relative to theta, floored at 0.1 (theta is ~ sd ratio)."""
+    return rel * np.maximum(np.abs(theta), 0.1)
+
+
+def deviance(pattern, pf: ProductForms, theta: np.ndarray, method: str) -> np.ndarray:
+    """``-2 l`` (v,) at ``theta``; +inf where the evaluation failed."""
+    llh = profiled(pattern, pf, theta, method)[0]
+    return np.where(np.isfinite(llh), -2.0 * llh, np.inf)
+
+
+def fd_gradient_hessian(pattern, pf: ProductForms, theta: np.ndarray, f0: np.ndarray,
+                        method: str) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient (v, m) and Hessian (v, m, m) of the deviance by finite differences."""
+    v, m = theta.shape
+    h = steps(theta)
+    plus = np.empty((v, m))
+    g = np.empty((v, m))
+    H = np.empty((v, m, m))
+    for i in range(m):
+        tp, tm = theta.copy(), theta.copy()
+        tp[:, i] += h[:, i]
+        tm[:, i] -= h[:, i]
+        fp = deviance(pattern, pf, tp, method)
+        fm = deviance(pattern, pf, tm, method)
+        plus[:, i] = fp
+        g[:, i] = (fp - fm) / (2.0 * h[:, i])
+        H[:, i, i] = (fp - 2.0 * f0 + fm) / h[:, i] ** 2
+    for i in range(m):
+        for j in range(i):
+            t = theta.copy()
+            t[:, i] += h[:, i]
+            t[:, j] += h[:, j]
+            fij = deviance(pattern, pf, t, method)
+            H[:, i, j] = H[:, j, i] = (fij - plus[:, i] - plus[:, j] + f0) / (h[:, i] * h[:, j])
+    return g, H
+
+
+def saddle_free_direction(g: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """``-|H|^-1 g`` with absolute eigenvalues floored relative to the largest (v, m)."""
+    ok = np.isfinite(g).all(axis=1) & np.isfinite(H).all(axis=(1, 2))
+    m = g.shape[1]
+    Hs = np.where(ok[:, None, None], 0.5 * (H + np.swapaxes(H, 1, 2)), np.eye(m))
+    w, U = np.linalg.eigh(Hs)
+    aw = np.abs(w)
+    inv = 1.0 / np.maximum(aw, 1e-10 * aw.max(axis=1, keepdims=True) + 1e-300)
+    proj = np.einsum("vji,vj->vi", U, np.where(ok[:, None], g, 0.0))
+    d = -np.einsum("vij,vj->vi", U, inv * proj)
+    return np.where(ok[:, None], d, 0.0)
+
+
+def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | None = None,
+           tolerance: float = 1e-12, max_iterations: int = 200,
+           max_halvings: int = 30) -> dict:
+    """Minimise the profiled deviance for every voxel of ``pf``; see the module docstring.
+
+    Returns a dict of (v,)-arrays: ``theta`` (lme4's form), ``llh``, ``beta`` (centred),
+    ``s2``, ``XtViX``, ``iterations`` and ``converged``.
+    """
+    st, v = pf.structure, pf.n_voxels
+    theta = theta0(pf) if theta_start is None else np.array(theta_start, dtype=np.float64)
+    f = deviance(pattern, pf, theta, method)
+    iterations = np.zeros(v, dtype=np.int64)
+    converged = np.zeros(v, dtype=bool)
+    active = np.flatnonzero(np.isfinite(f))
+    for _ in range(max_iterations):
+        if active.size == 0:
+            break
+        sub = pf.take(active)
+        th, fa = theta[active], f[active]
+        g, H = fd_gradient_hessian(pattern, sub, th, fa, method)
+        d = saddle_free_direction(g, H)
+        new_th, new_f = th.copy(), fa.copy()
+        pending = np.arange(active.size)
+        alpha = 1.0
+        for _ in range(max_halvings + 1):
+            if pending.size == 0:
+                break
+            cand = th[pending] + alpha * d[pending]
+            fc = deviance(pattern, sub.take(pending), cand, method)
+            ok = fc <= fa[pending]
+            new_th[pending[ok]] = cand[ok]
+            new_f[pending[ok]] = fc[ok]
+            pending = pending[~ok]
+            alpha *= 0.5
+        # gain in l (= half the fall of d); the rounding floor of l as in polish
+        gain = 0.5 * (fa - new_f)
+        floor = np.maximum(tolerance, 1e-14 * np.abs(0.5 * fa))
+        theta[active] = new_th
+        f[active] = new_f
+        iterations[active] += 1
+        done = gain < floor
+        converged[active[done]] = True
+        active = active[~done]
+    theta = canonical_theta(theta, st)
+    llh, beta, s2, vp = profiled(pattern, pf, theta, method)
+    return dict(theta=theta, llh=llh, beta=beta, s2=s2, XtViX=vp.XtViX,
+                iterations=iterations, converged=converged)
