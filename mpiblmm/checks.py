@@ -66,10 +66,8 @@ def check_fittable(design: Any, spec: Any = None) -> None:
     names = tuple(getattr(design, "fixed_names", ()) or ())
     j = dependent_column(design.X)
     if j is not None:
-        what = f"column {j + 1}" + (f" ({names[j]!r})" if len(names) == p else "")
-        raise SpecError(f"{what} is {'zero' if not np.any(design.X[:, j]) else 'a linear combination of the columns before it'}: "
-                        "X is rank deficient, so the fixed effects are not identifiable; "
-                        "drop or recode that column", x_where)
+        raise SpecError(f"{_column(design.X, j, names)}: X is rank deficient, so the fixed "
+                        "effects are not identifiable; drop or recode that column", x_where)
     missingness = getattr(spec, "missingness", None)
     min_n = getattr(missingness, "min_n", None)
     if min_n is not None and min_n > n:
@@ -91,8 +89,13 @@ def check_fittable(design: Any, spec: Any = None) -> None:
         k = dependent_column(f.Z)
         if k is not None:
             z_where = str(getattr(fs, "design", None) or where)
-            enames = tuple(f.effect_names)
-            what = f"column {k + 1}" + (f" ({enames[k]!r})" if len(enames) == q else "")
-            raise SpecError(f"{what} of the random effects of factor {f.name!r} is "
-                            f"{'zero' if not np.any(f.Z[:, k]) else 'a linear combination of the columns before it'}"
-                            ": its covariance is not identifiable; drop that column", z_where)
+            raise SpecError(f"random effects of factor {f.name!r}: "
+                            f"{_column(f.Z, k, tuple(f.effect_names))}: their covariance is "
+                            "not identifiable; drop that column", z_where)
+
+
+def _column(A: np.ndarray, j: int, names: tuple[str, ...]) -> str:
+    """'column 3 ('age') is zero' or '... is a linear combination of the columns before it'."""
+    what = f"column {j + 1}" + (f" ({names[j]!r})" if len(names) == A.shape[1] else "")
+    how = "zero" if not np.any(A[:, j]) else "a linear combination of the columns before it"
+    return f"{what} is {how}"

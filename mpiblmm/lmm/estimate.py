@@ -13,8 +13,12 @@ status code (:data:`~mpiblmm.lmm.model.STATUS_CODES`).
 
 Screening happens before any fit, so one voxel's trouble never reaches another: no
 observations (6), ``n <= p`` (3), non-finite product forms (5), rank-deficient ``X`` on the
-observed rows (4), data that are constant after the fixed effects (7, :func:`constant_data`).  A voxel whose algebra fails during the fit gets 5; the others are unaffected
-(:func:`~mpiblmm.lmm.fisher.evaluate` isolates failures).
+observed rows (4), data that are constant after the fixed effects (7,
+:func:`constant_data`).  A voxel whose algebra fails during the fit gets 5; the others are
+unaffected (:func:`~mpiblmm.lmm.fisher.evaluate` isolates failures).
+
+One budget of ``max_iterations`` and one ``tolerance`` bound a voxel's whole fit: the polish
+gets what Fisher Scoring left, and a voxel stopped by the budget gets status 1.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ import numpy as np
 from .blocked.newton import newton
 from .fisher import fisher_scoring
 from .model import (
-    STATUS_CONSTANT, STATUS_CONVERGED, STATUS_EMPTY, STATUS_MAX_ITER, STATUS_NUMERICAL, STATUS_RANK_DEFICIENT,
-    STATUS_SINGULAR, STATUS_TOO_FEW, FitResult, ProductForms,
+    STATUS_CONSTANT, STATUS_CONVERGED, STATUS_EMPTY, STATUS_MAX_ITER, STATUS_NUMERICAL,
+    STATUS_RANK_DEFICIENT, STATUS_SINGULAR, STATUS_TOO_FEW, FitResult, ProductForms,
 )
 from .polish import polish as polish_theta
 from .blocked.pattern import blocked_bytes_per_voxel
@@ -81,7 +85,8 @@ def constant_data(pf: ProductForms, rtol: float = CONSTANT_RTOL) -> np.ndarray:
     if pf.y_offset is None:
         return np.zeros(pf.n_voxels, dtype=bool)
     b0 = np.where(np.isfinite(pf.y_offset), pf.y_offset, 0.0)
-    XtX = np.broadcast_to(np.where(np.isfinite(pf.XtX), pf.XtX, 0.0), (pf.n_voxels,) + pf.XtX.shape[1:])
+    XtX = np.where(np.isfinite(pf.XtX), pf.XtX, 0.0)
+    XtX = np.broadcast_to(XtX, (pf.n_voxels,) + XtX.shape[1:])
     fitted_ss = np.einsum("vi,vij,vj->v", b0, XtX, b0)
     return pf.YtY <= rtol * rtol * (fitted_ss + pf.YtY)
 

@@ -1,0 +1,64 @@
+"""End to end at 2 ranks: constant voxels get status 7 and no statistics, and are counted;
+`estimation.max_iterations: 1` gives status 1 where one iteration was not enough (issue 11:
+34 of 128 constant voxels had p < 0.05; `max_iterations: 1` never gave status 1)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from .studies import read_results
+
+
+def _study(folder, max_iterations=None):
+    import nibabel as nib
+
+    rng = np.random.default_rng(11)
+    n_sub, visits, grid = 12, 4, (16, 8, 2)          # 256 voxels, the first 128 constant
+    n = n_sub * visits
+    t = np.tile(np.arange(visits), n_sub).astype(float)
+    X = np.column_stack([np.ones(n), t])
+    sub = np.repeat(np.arange(n_sub), visits)
+    V = int(np.prod(grid))
+    Y = 50 + (X @ [0.0, 0.3])[:, None] + rng.normal(size=(n_sub, V))[sub] + rng.normal(size=(n, V))
+    Y[:, :128] = rng.uniform(200.0, 900.0, 128)       # constant but not zero
+    Y = Y.astype(np.float32)
+    folder.mkdir()
+    names = []
+    for i in range(n):
+        nib.save(nib.Nifti1Image(Y[i].reshape(grid), np.eye(4)), folder / f"o{i}.nii")
+        names.append(f"o{i}.nii")
+    np.savetxt(folder / "X.csv", X, delimiter=",")
+    (folder / "f.csv").write_text("".join(f"s{s}\n" for s in sub))
+    spec = {"images": names, "X": "X.csv", "random": [{"name": "subject", "factor": "f.csv"}],
+            "contrasts": [{"name": "time", "weights": [0, 1]}], "output": "out"}
+    if max_iterations is not None:
+        spec["estimation"] = {"max_iterations": max_iterations}
+    (folder / "spec.json").write_text(json.dumps(spec))
+    return folder / "spec.json"
+
+
+@pytest.mark.spawns_mpiexec
+def test_constant_voxels_and_the_iteration_cap_end_to_end(tmp_path, run_mpi, mpiblmm_command):
+    results = {}
+    for cap in (None, 1):
+        spec = _study(tmp_path / f"cap{cap}", cap)
+        job = run_mpi(2, [*mpiblmm_command, "fit", str(spec)], timeout=180)
+        assert job.returncode == 0, job.stderr[-3000:]
+        res = read_results(spec.parent / "out" / "results.h5")
+        results[cap] = res
+        status = res["status"]
+        assert (status[:128] == 7).all() and (status[128:] != 7).all()
+        assert np.isnan(res["contrasts/time/p"][:128]).all()
+        assert np.isnan(res["beta"][:128]).all()
+        assert json.loads(res["@"]["status_counts"])["7"] == 128
+        if cap is None:
+            assert "status   7:      128  not fitted: observed data are constant" in job.stdout
+    free, capped = results[None], results[1]
+    assert (capped["iterations"] <= 1).all()
+    slow = free["iterations"][128:] > 1
+    assert slow.sum() > 64
+    assert (capped["status"][128:][slow] == 1).all()
+    assert (capped["status"][128:][~slow] == free["status"][128:][~slow]).all()
