@@ -252,7 +252,7 @@ def _summary(spec: Any, design: Any, grid: Any, ranks: int) -> list[str]:
     ms = _ms_per_voxel(spec, design)
     seconds = voxels * ms / 1000.0 / max(ranks, 1)
     out.append(f"run time: about {_duration(seconds)} on {ranks} rank(s) (the estimator took "
-               f"{ms:.2f} ms per voxel here on {TIMING_VOXELS} simulated voxels; missing data "
+               f"{ms:.2f} ms per voxel here on {_ms_per_voxel.voxels} simulated voxels; missing data "
                "and boundary fits cost more; packing the images adds to the first fit)")
     out.append("check: OK")
     return out
@@ -295,23 +295,38 @@ def _memory(design: Any, voxels: int, ranks: int, budget: float) -> tuple[float,
 
 
 def _ms_per_voxel(spec: Any, design: Any) -> float:
-    """Fit a few voxels simulated from the design; milliseconds per voxel."""
+    """Fit voxels simulated from the design; milliseconds per voxel.
+
+    A first chunk of 4 voxels sizes the second: as many voxels (at most
+    :data:`TIMING_VOXELS`) as take about a second, so the estimate benefits from
+    vectorisation as the fit's chunks do, and the check stays quick for big designs.
+    """
     from mpiblmm.lmm.analysis import analyse_chunk
     from mpiblmm.pipeline import model_from_design, settings_from_spec
 
     rng = np.random.default_rng(0)
     model = model_from_design(design)
-    Y = np.repeat((design.X @ rng.standard_normal(design.p))[:, None], TIMING_VOXELS, axis=1)
-    for f in design.factors:
-        b = rng.standard_normal((f.n_levels, f.n_effects, TIMING_VOXELS))
-        Y += np.einsum("nq,nqv->nv", f.Z, b[f.codes])
-    Y += rng.standard_normal(Y.shape)
     settings = settings_from_spec(spec)
-    Y = np.ascontiguousarray(Y.T)  # (voxels, n), as the fit reads it
-    analyse_chunk(model, Y[:2], settings)  # warm up
-    start = time.perf_counter()
-    analyse_chunk(model, Y, settings)
-    return 1000.0 * (time.perf_counter() - start) / TIMING_VOXELS
+
+    def voxels(k: int) -> np.ndarray:
+        Y = np.repeat((design.X @ rng.standard_normal(design.p))[:, None], k, axis=1)
+        for f in design.factors:
+            b = rng.standard_normal((f.n_levels, f.n_effects, k))
+            Y += np.einsum("nq,nqv->nv", f.Z, b[f.codes])
+        Y += rng.standard_normal(Y.shape)
+        return np.ascontiguousarray(Y.T)  # (voxels, n), as the fit reads it
+
+    def timed(Y: np.ndarray) -> float:
+        start = time.perf_counter()
+        analyse_chunk(model, Y, settings)
+        return (time.perf_counter() - start) / Y.shape[0]
+
+    per = timed(voxels(4))
+    k = int(min(TIMING_VOXELS, max(4, 1.0 / max(per, 1e-6))))
+    if k > 4:
+        per = timed(voxels(k))
+    _ms_per_voxel.voxels = k
+    return 1000.0 * per
 
 
 def _duration(seconds: float) -> str:
