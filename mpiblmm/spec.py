@@ -45,6 +45,27 @@ FORMULA_KEYS = ("covariates", "formula")
 
 
 # --------------------------------------------------------------------------- the Spec
+class VolumePath(type(Path())):  # type: ignore[misc]
+    """Volume ``volume`` (from 0) of a 4-D NIfTI: one observation of a 4-D ``images``.
+
+    A path to the file (``str`` shows the file) that also says which volume to read;
+    :mod:`mpiblmm.io.nifti` reads that volume.  Pickles with its volume (specs are
+    broadcast to every rank).
+    """
+
+    volume: int = 0
+
+    def __reduce__(self):
+        return volume_path, (str(self), self.volume)
+
+
+def volume_path(path: str | os.PathLike, volume: int) -> VolumePath:
+    """The path of volume ``volume`` of the 4-D image ``path``."""
+    p = VolumePath(path)
+    p.volume = int(volume)
+    return p
+
+
 @dataclass(frozen=True)
 class PackedImages:
     """Images already packed into HDF5 (``"images": {"h5": ..., "dataset": ...}``)."""
@@ -342,8 +363,25 @@ class _Validator:
             return tuple(out)
         list_file = self.file(value, key)
         if str(list_file).endswith(NIFTI_SUFFIXES):
+            if key == "images":
+                return self.volumes(list_file, key)
             raise self.error(key, f"expected a text file listing one image per line, got an image: {list_file}")
         return read_path_list(list_file, nifti=nifti, check_files=self.check_files)
+
+    def volumes(self, path: Path, key: str) -> tuple[Path, ...]:
+        """One 4-D NIfTI, one volume per observation (FSL randomise's convention)."""
+        if not path.is_file():
+            return (path,)  # not checked (check_files=False): read when the file exists
+        try:
+            import nibabel as nib
+
+            shape = nib.load(str(path)).shape
+        except Exception as exc:  # nibabel raises several types for unreadable files
+            raise self.error(key, f"not a readable NIfTI image ({type(exc).__name__}): {path}") from None
+        if len(shape) != 4 or shape[3] < 2:
+            raise self.error(key, f"one image given: expected a 4-D NIfTI with one volume per "
+                             f"observation (or a list of images), got shape {tuple(shape)}")
+        return tuple(volume_path(path, i) for i in range(int(shape[3])))
 
     def images(self, value: Any) -> tuple[tuple[Path, ...] | None, PackedImages | None]:
         if isinstance(value, dict):

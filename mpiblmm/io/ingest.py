@@ -155,7 +155,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     cannot be read or lies on another grid (the first such image), or when no voxel is
     observed.
     """
-    images = [Path(p) for p in images]
+    images = [p if isinstance(p, Path) else Path(p) for p in images]  # keeps volume paths
     masks = None if observation_masks is None else [Path(p) for p in observation_masks]
     n = len(images)
     path = Path(path)
