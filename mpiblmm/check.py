@@ -216,6 +216,18 @@ def _thresholds(spec: Any, design: Any, n_images: int | None, problems: list[str
     if rank < p:
         problems.append(f"{where}: the fixed-effects design is rank deficient (rank {rank} of "
                         f"{p} columns: {', '.join(design.fixed_names)})")
+    for f in design.factors:  # lme4's checks of the grouping factors
+        what = f"{where}: random factor {f.name!r}"
+        if f.n_levels < 2:
+            problems.append(f"{what}: has one level; a grouping factor needs at least 2")
+        elif f.n_levels >= n:
+            problems.append(f"{what}: {f.n_levels} levels for {n} observations: every "
+                            "observation is its own level, so its variance cannot be told from "
+                            "the residual variance")
+        elif f.n_levels * f.n_effects >= n:
+            problems.append(f"{what}: {f.n_levels} levels x {f.n_effects} effects = "
+                            f"{f.n_levels * f.n_effects} random effects for {n} observations: "
+                            "not identifiable (need fewer random effects than observations)")
     m = spec.missingness
     if m.min_n is not None and m.min_n > n:
         problems.append(f"{where}: missingness.min_n: {m.min_n} is more than the {n} "

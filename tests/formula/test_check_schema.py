@@ -101,3 +101,18 @@ def test_check_rank_deficient_design(study, tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(spec))
     problems, _ = check_spec(tmp_path / "s.json")
     assert any("rank deficient (rank 3 of 4 columns" in p for p in problems), problems
+
+
+def test_check_factor_levels(tmp_path):
+    rows = "".join(f"s{i},{i % 3},{i * 0.5}\n" for i in range(6))
+    (tmp_path / "c.csv").write_text("subject,site,age\n" + rows)
+    (tmp_path / "images.txt").write_text("".join(f"i{i}.nii\n" for i in range(6)))
+    for i in range(6):
+        (tmp_path / f"i{i}.nii").write_bytes(b"")
+    spec = {"images": "images.txt", "covariates": "c.csv",
+            "formula": "y ~ age + (1 | subject) + (1 + age | site)"}
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    problems, _ = check_spec(tmp_path / "s.json")
+    text = "\n".join(problems)
+    assert "random factor 'subject': 6 levels for 6 observations" in text
+    assert "random factor 'site': 3 levels x 2 effects = 6 random effects for 6" in text
