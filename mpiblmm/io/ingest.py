@@ -108,7 +108,7 @@ def prepare_input(spec: Any, comm: Any = None, n_expected: int | None = None,
                              zero_is_missing=spec.zero_is_missing)
         if n_expected is not None and packed.n_observations != n_expected:
             agree(comm, SpecError(f"{spec.packed.dataset} has {packed.n_observations} "
-                                   f"observations but {spec.X} has {n_expected} rows",
+                                   f"observations but {spec.X or spec.covariates} has {n_expected} rows",
                                    str(spec.packed.h5)))
         return packed
     return pack_images(
