@@ -458,10 +458,12 @@ def _used_variables(text: str, table: Table, where: str) -> set[str]:
     for name in parsed.required_variables:
         if name in table.names:
             used.add(name)
+        elif name in TRANSFORMS:
+            continue
         elif re.search(rf"(?<![\w.]){re.escape(name)}\s*\(", text):
             raise SpecError(f"{where}: unknown function {name!r} (supported: "
                             f"{', '.join(sorted(TRANSFORMS - {'np', 'contr', 'levels', 'lag', 'hashed'}))})")
-        elif name not in TRANSFORMS:
+        else:
             raise SpecError(f"{where}: no column {name!r} in {table.path}"
                             f"{did_you_mean(name, table.names)}")
     return used
