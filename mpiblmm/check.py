@@ -141,7 +141,9 @@ def _images(spec: Any, problems: list[str]) -> tuple[Any, int | None]:
             with h5py.File(spec.packed.h5, "r") as f:
                 ds = f[spec.packed.dataset]
                 shape = tuple(int(s) for s in ds.attrs.get("grid_shape", ds.shape[1:]))
-                return _PackedGrid(shape, ds.attrs.get("voxels") is not None), int(ds.shape[0])
+                listed = ds.attrs.get("voxels")
+                voxels = int(f[listed].shape[0]) if listed is not None else None
+                return _PackedGrid(shape, voxels), int(ds.shape[0])
         except Exception as exc:
             problems.append(f"{spec.packed.h5}: cannot read dataset {spec.packed.dataset}: {exc}")
             return None, None
@@ -165,9 +167,11 @@ def _images(spec: Any, problems: list[str]) -> tuple[Any, int | None]:
 
 
 class _PackedGrid:
-    def __init__(self, shape: tuple[int, ...], listed: bool) -> None:
+    """The grid of packed input, and its candidate voxels when the file lists them."""
+
+    def __init__(self, shape: tuple[int, ...], voxels: int | None) -> None:
         self.shape = shape
-        self.listed = listed
+        self.voxels = voxels
 
 
 # --------------------------------------------------------------------------- design
@@ -189,13 +193,11 @@ def _design(spec: Any, problems: list[str]) -> Any:
         one = replace(spec, contrasts=(c,))
         try:
             (name, w, alt), = spec_contrasts(one, design.fixed_names)
-            d = build_design(design.X, _factor_tuples(design), [(name, w, alt)], design.fixed_names,
-                             where=f"{spec.path}: contrasts")
+            build_design(design.X, _factor_tuples(design), [(name, w, alt)], design.fixed_names,
+                         where=f"{spec.path}: contrasts")
             good.append((name, w, alt))
         except UserError as exc:
             problems.append(str(exc).replace("contrasts[0]", f"contrasts[{i}]", 1))
-            continue
-        del d
     return build_design(design.X, _factor_tuples(design), good, design.fixed_names,
                         where=f"{spec.path}: contrasts")
 
@@ -216,6 +218,18 @@ def _thresholds(spec: Any, design: Any, n_images: int | None, problems: list[str
     if rank < p:
         problems.append(f"{where}: the fixed-effects design is rank deficient (rank {rank} of "
                         f"{p} columns: {', '.join(design.fixed_names)})")
+    for f in design.factors:  # lme4's checks of the grouping factors
+        what = f"{where}: random factor {f.name!r}"
+        if f.n_levels < 2:
+            problems.append(f"{what}: has one level; a grouping factor needs at least 2")
+        elif f.n_levels >= n:
+            problems.append(f"{what}: {f.n_levels} levels for {n} observations: every "
+                            "observation is its own level, so its variance cannot be told from "
+                            "the residual variance")
+        elif f.n_levels * f.n_effects >= n:
+            problems.append(f"{what}: {f.n_levels} levels x {f.n_effects} effects = "
+                            f"{f.n_levels * f.n_effects} random effects for {n} observations: "
+                            "not identifiable (need fewer random effects than observations)")
     m = spec.missingness
     if m.min_n is not None and m.min_n > n:
         problems.append(f"{where}: missingness.min_n: {m.min_n} is more than the {n} "
@@ -251,8 +265,8 @@ def _summary(spec: Any, design: Any, grid: Any, ranks: int) -> list[str]:
                f"{budget:.0f} MiB)")
     ms = _ms_per_voxel(spec, design)
     seconds = voxels * ms / 1000.0 / max(ranks, 1)
-    out.append(f"run time: about {_duration(seconds)} on {ranks} rank(s) (the estimator took "
-               f"{ms:.2f} ms per voxel here on {TIMING_VOXELS} simulated voxels; missing data "
+    out.append(f"run time: {_duration(seconds)} on {ranks} rank(s) (the estimator took "
+               f"{ms:.2f} ms per voxel here on {_ms_per_voxel.voxels} simulated voxels; missing data "
                "and boundary fits cost more; packing the images adds to the first fit)")
     out.append("check: OK")
     return out
@@ -269,18 +283,25 @@ def _candidates(spec: Any, grid: Any) -> tuple[int, str]:
     if grid is None:
         return 0, "unknown"
     if isinstance(grid, _PackedGrid):
+        if grid.voxels is not None:
+            return grid.voxels, f"{grid.voxels} (listed in the packed input)"
         v = int(np.prod(grid.shape))
-        return v, f"at most {v} (packed input)"
-    total = int(np.prod(grid.shape))
-    if spec.analysis_mask is not None:
-        from mpiblmm.io.nifti import read_volume
+        return v, f"at most {v} (packed input, the whole grid)"
+    from mpiblmm.io.ingest import missing
+    from mpiblmm.io.nifti import read_volume
 
+    total = int(np.prod(grid.shape))
+    inside = np.ones(grid.shape, dtype=bool)
+    where = f"the grid {' x '.join(map(str, grid.shape))}, no analysis mask"
+    if spec.analysis_mask is not None:
         mask = read_volume(spec.analysis_mask, grid)
-        v = int(np.count_nonzero(np.isfinite(mask) & (mask != 0)))
-        return v, f"at most {v} (in the analysis mask, of {total} on the grid " \
-                  f"{' x '.join(map(str, grid.shape))})"
-    return total, f"at most {total} (the grid {' x '.join(map(str, grid.shape))}, no " \
-                  "analysis mask; voxels no image observes are dropped)"
+        inside = np.isfinite(mask) & (mask != 0)
+        where = f"in the analysis mask, of {total} on the grid"
+    v = int(np.count_nonzero(inside))
+    first = read_volume(spec.images[0], grid, dtype=np.float64)
+    seen = int(np.count_nonzero(inside & ~missing(first, spec.zero_is_missing)))
+    return v, (f"at most {v} ({where}; {seen} observed in the first image; voxels no image "
+               "observes are dropped)")
 
 
 def _memory(design: Any, voxels: int, ranks: int, budget: float) -> tuple[float, int]:
@@ -295,30 +316,45 @@ def _memory(design: Any, voxels: int, ranks: int, budget: float) -> tuple[float,
 
 
 def _ms_per_voxel(spec: Any, design: Any) -> float:
-    """Fit a few voxels simulated from the design; milliseconds per voxel."""
+    """Fit voxels simulated from the design; milliseconds per voxel.
+
+    A first chunk of 4 voxels sizes the second: as many voxels (at most
+    :data:`TIMING_VOXELS`) as take about a second, so the estimate benefits from
+    vectorisation as the fit's chunks do, and the check stays quick for big designs.
+    """
     from mpiblmm.lmm.analysis import analyse_chunk
     from mpiblmm.pipeline import model_from_design, settings_from_spec
 
     rng = np.random.default_rng(0)
     model = model_from_design(design)
-    Y = np.repeat((design.X @ rng.standard_normal(design.p))[:, None], TIMING_VOXELS, axis=1)
-    for f in design.factors:
-        b = rng.standard_normal((f.n_levels, f.n_effects, TIMING_VOXELS))
-        Y += np.einsum("nq,nqv->nv", f.Z, b[f.codes])
-    Y += rng.standard_normal(Y.shape)
     settings = settings_from_spec(spec)
-    Y = np.ascontiguousarray(Y.T)  # (voxels, n), as the fit reads it
-    analyse_chunk(model, Y[:2], settings)  # warm up
-    start = time.perf_counter()
-    analyse_chunk(model, Y, settings)
-    return 1000.0 * (time.perf_counter() - start) / TIMING_VOXELS
+
+    def voxels(k: int) -> np.ndarray:
+        Y = np.repeat((design.X @ rng.standard_normal(design.p))[:, None], k, axis=1)
+        for f in design.factors:
+            b = rng.standard_normal((f.n_levels, f.n_effects, k))
+            Y += np.einsum("nq,nqv->nv", f.Z, b[f.codes])
+        Y += rng.standard_normal(Y.shape)
+        return np.ascontiguousarray(Y.T)  # (voxels, n), as the fit reads it
+
+    def timed(Y: np.ndarray) -> float:
+        start = time.perf_counter()
+        analyse_chunk(model, Y, settings)
+        return (time.perf_counter() - start) / Y.shape[0]
+
+    per = timed(voxels(4))
+    k = int(min(TIMING_VOXELS, max(4, 1.0 / max(per, 1e-6))))
+    if k > 4:
+        per = timed(voxels(k))
+    _ms_per_voxel.voxels = k
+    return 1000.0 * per
 
 
 def _duration(seconds: float) -> str:
     if seconds < 1:
         return "under 1 s"
     if seconds < 90:
-        return f"{seconds:.0f} s"
+        return f"about {seconds:.0f} s"
     if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"

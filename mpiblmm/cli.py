@@ -179,6 +179,18 @@ def get_parser() -> argparse.ArgumentParser:
         help="fraction of voxels, the outermost, that miss 1-15%% of their observations "
         "(default: %(default)s)",
     )
+    simulate.add_argument("--sites", type=_positive_int, default=0, metavar="N",
+                          help="subjects nested in N sites (a random intercept per site)")
+    simulate.add_argument("--families", type=_positive_int, default=0, metavar="N",
+                          help="subjects nested in about N families (in the sites, if given)")
+    simulate.add_argument("--raters", type=_positive_int, default=0, metavar="N",
+                          help="each observation rated by one of N raters (crossed with subjects)")
+    simulate.add_argument("--slopes", nargs="+", metavar="FACTOR", default=None,
+                          help="factors with a random time slope besides their intercept "
+                               "(subject, site, family, rater; 'none'); default: subject")
+    simulate.add_argument("--form", choices=("matrix", "formula"), default="matrix",
+                          help="write the spec in the matrix form (X.csv, factor and Z files) "
+                               "or the formula form (participants.csv and an lme4 formula)")
     _add_spec_tools(sub)
     return parser
 

@@ -208,8 +208,9 @@ def _bar_split(inner: str) -> tuple[str, str, bool] | None:
     return None
 
 
-def _groupings(text: str, term: str) -> list[tuple[str, ...]]:
-    """The groupings of a bar's right side: ``g``, ``g1:g2``, ``g1/g2`` (lme4's expandSlash)."""
+def _groupings(text: str, term: str) -> list[tuple[tuple[str, ...], str]]:
+    """The groupings of a bar's right side and their lme4 names: ``g``, ``g1:g2``, and
+    ``g1/g2/g3`` -> ``g3:(g2:g1)``, ``g2:g1``, ``g1`` (lme4's expandSlash)."""
     text = text.strip()
     if not text:
         raise _FormulaProblem(f"random term {term}: nothing after '|' (write the grouping column, e.g. (1 | subject))")
@@ -222,14 +223,22 @@ def _groupings(text: str, term: str) -> list[tuple[str, ...]]:
                 raise _FormulaProblem(f"random term {term}: unsupported grouping {text!r} "
                                       "(use column names joined by ':' or '/')")
         nested.append(names)
-    # a/b/c -> c:b:a, b:a, a  (lme4's order and names: the inner level first)
     out = []
     for k in range(len(nested), 0, -1):
         group: tuple[str, ...] = ()
         for names in reversed(nested[:k]):
             group += names
-        out.append(group)
+        out.append((group, _lme4_name(nested[:k])))
     return out
+
+
+def _lme4_name(levels: list[tuple[str, ...]]) -> str:
+    """lme4's name of the innermost grouping of ``a/b/c``: ``a``, ``b:a``, ``c:(b:a)``."""
+    name = ":".join(levels[0])
+    for i, names in enumerate(levels[1:]):
+        outer = name if i == 0 else f"({name})"
+        name = f"{':'.join(names)}:{outer}"
+    return name
 
 
 def parse_formula(text: str) -> ParsedFormula:
@@ -271,8 +280,8 @@ def _parse(text: str) -> ParsedFormula:
                 raise _FormulaProblem(f"random term {chunk}: nothing before '|' (write e.g. (1 | g))")
             if "|" in terms or "|" in grouping:
                 raise _FormulaProblem(f"random term {chunk}: more than one bar")
-            for group in _groupings(grouping, chunk):
-                bars.extend(_expand_bar(terms.strip(), group, correlated, chunk))
+            for group, name in _groupings(grouping, chunk):
+                bars.extend(_expand_bar(terms.strip(), group, name, correlated, chunk))
             continue
         if "|" in chunk:
             raise _FormulaProblem(f"term {chunk!r}: a random term must stand alone in "
@@ -284,9 +293,9 @@ def _parse(text: str) -> ParsedFormula:
     return ParsedFormula(lhs, fixed_text, _name_bars(bars))
 
 
-def _expand_bar(terms: str, group: tuple[str, ...], correlated: bool, text: str) -> list[Bar]:
+def _expand_bar(terms: str, group: tuple[str, ...], name: str, correlated: bool,
+                text: str) -> list[Bar]:
     """One bar, or for ``||`` one bar per term (lme4: intercept, then ``0 + term`` each)."""
-    name = ":".join(group)
     if correlated:
         return [Bar(terms, group, name, text)]
     try:
@@ -331,9 +340,10 @@ def _r_to_python(text: str) -> str:
     return "".join(out)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = _ANSI.sub("", str(exc))
-    return " ".join(text.split())
+def _one_line(exc: BaseException, limit: int = 240) -> str:
+    """A library's error message on one line, without colour codes, at most ``limit`` chars."""
+    text = " ".join(_ANSI.sub("", str(exc)).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- R names
@@ -376,31 +386,42 @@ def r_column_names(model_matrix: Any) -> tuple[list[str], list[tuple[str, list[i
         label = ":".join(r_expression(e) for e in factors) if str(structure.term) != "1" else "(Intercept)"
         cols = [names.index(c) for c in structure.columns]
         terms.append((label, cols))
+        # a term formulaic splits to keep full rank (a:b without its margins) has scoped
+        # terms with fewer factors than the term: try each one's factors
+        candidates = [[f.factor.expr for f in scoped.factors] for scoped in structure.scoped_terms]
         for j in cols:
-            out[j] = "(Intercept)" if str(structure.term) == "1" else _r_name(names[j], factors, state)
+            if str(structure.term) == "1":
+                out[j] = "(Intercept)"
+                continue
+            for exprs in candidates + [factors]:
+                name = _r_name(names[j], exprs, state)
+                if name is not None:
+                    out[j] = name
+                    break
     return out, terms
 
 
-def _r_name(column: str, exprs: list[str], state: dict) -> str:
+def _r_name(column: str, exprs: list[str], state: dict) -> str | None:
+    """R's name of a formulaic column of the factors ``exprs``, or None if it is not theirs."""
     pos, pieces = 0, []
     for i, e in enumerate(exprs):
         if not column.startswith(e, pos):
-            return column  # not the shape we know: keep formulaic's name
+            return None
         pos += len(e)
         level = None
         if pos < len(column) and column[pos] == "[":
             end = len(column) - 1 if i == len(exprs) - 1 else column.find("]:" + exprs[i + 1], pos)
             if end < 0 or column[end] != "]":
-                return column
+                return None
             cats = state.get(e, (None, {}))[1].get("categories") if e in state else None
             level = _level_of(column[pos + 1:end], cats)
             pos = end + 1
         pieces.append(r_expression(e) + (level if level is not None else ""))
         if i < len(exprs) - 1:
             if column[pos:pos + 1] != ":":
-                return column
+                return None
             pos += 1
-    return ":".join(pieces)
+    return ":".join(pieces) if pos == len(column) else None
 
 
 def _r_ordered(fixed: str) -> str:
@@ -450,14 +471,23 @@ def _used_variables(text: str, table: Table, where: str) -> set[str]:
     """Covariate columns a formula part reads; an unknown name is an error with a suggestion."""
     import formulaic
 
+    if re.search(r"(^|[+\-~*:(\s])\.(\s|$|[+\-)])", text):
+        raise SpecError(f"{where}: '.' (every column) is not supported: name the covariates")
     parsed = formulaic.Formula(text, _ordering="none")
     used = set()
     for name in parsed.required_variables:
         if name in table.names:
             used.add(name)
-        elif name not in TRANSFORMS:
+        elif name in TRANSFORMS:
+            continue
+        elif re.search(rf"(?<![\w.]){re.escape(name)}\s*\(", text):
+            raise SpecError(f"{where}: unknown function {name!r} (supported: "
+                            f"{', '.join(sorted(TRANSFORMS - {'np', 'contr', 'levels', 'lag', 'hashed'}))})")
+        else:
             raise SpecError(f"{where}: no column {name!r} in {table.path}"
                             f"{did_you_mean(name, table.names)}")
+    # formulaic leaves out the variables of stateful transforms (scale, center, poly)
+    used |= set(re.findall(r"[A-Za-z_.][A-Za-z0-9_.]*", text)) & set(table.names)
     return used
 
 
@@ -500,7 +530,7 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
                         "response is the image data: write y ~ ...")
     fixed = _r_to_python(parsed.fixed)
     try:
-        used = {v: f"fixed part" for v in _used_variables(fixed, table, f"term {parsed.fixed!r}")}
+        used = {v: "fixed part" for v in _used_variables(fixed, table, f"term {parsed.fixed!r}")}
         for bar in parsed.bars:
             for v in _used_variables(_r_to_python(bar.terms), table, f"random term {bar.text}"):
                 used.setdefault(v, f"random term {bar.text}")

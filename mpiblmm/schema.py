@@ -15,8 +15,9 @@ import json
 import re
 from typing import Any
 
-NAME = {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
-        "description": "letters, digits, '_', '.', '-', starting with a letter or digit"}
+from mpiblmm.spec import ALTERNATIVES, NAME_PATTERN, NAME_RULE, TOP_KEYS  # noqa: E402
+
+NAME = {"type": "string", "pattern": NAME_PATTERN.pattern, "description": NAME_RULE}
 PATH = {"type": "string", "minLength": 1, "description": "a non-empty string"}
 NAMES = {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1},
          "description": "a non-empty list of names"}
@@ -70,7 +71,7 @@ SCHEMA: dict[str, Any] = {
                         "description": ("a row of numbers (T), a list of rows (F), or "
                                         "coefficient names and weights"),
                     },
-                    "alternative": {"enum": ["two-sided", "greater", "less"]},
+                    "alternative": {"enum": list(ALTERNATIVES)},
                 },
             },
         },
@@ -111,6 +112,8 @@ SCHEMA: dict[str, Any] = {
                            {"required": ["fixed_names"]}]}},
     ],
 }
+
+assert set(SCHEMA["properties"]) == TOP_KEYS, "the schema and spec.TOP_KEYS must agree"
 
 _TYPE_WORDS = {"string": "a non-empty string", "number": "a number", "integer": "a whole number",
                "boolean": "true or false", "array": "a list", "object": "a JSON object",

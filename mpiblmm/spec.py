@@ -1,7 +1,9 @@
-"""Read and validate an analysis spec (JSON, matrix form): the one place that knows its keys.
+"""Read and validate an analysis spec (JSON, matrix or formula form): the one place that
+knows its keys.
 
-:func:`load_spec` turns ``spec.json`` into a frozen :class:`Spec`; it checks the keys, the
-types and the values, resolves every path and checks that the files exist.  It reads no CSV
+:func:`load_spec` turns ``spec.json`` into a frozen :class:`Spec`.  It validates the keys,
+types and values against the JSON Schema of :mod:`mpiblmm.schema` (``mpiblmm schema``),
+then checks what the schema cannot, resolves every path and checks that the files exist.  It reads no CSV
 and no image: :mod:`mpiblmm.design` reads the tables, :mod:`mpiblmm.io.ingest` the images.
 Every problem is a :class:`~mpiblmm.errors.SpecError` whose text is one line,
 ``spec.json: <key>: <problem>`` (or ``<file>: row N: <problem>`` for a list file).
@@ -34,7 +36,6 @@ NAME_RULE = "letters, digits, '_', '.', '-', starting with a letter or digit"
 #: (mpiblmm.io.images picks the reader).
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".func.gii", ".shape.gii")
 ALTERNATIVES = ("two-sided", "greater", "less")
-METHODS = ("REML", "ML")
 
 TOP_KEYS = frozenset({
     "images", "X", "random", "covariates", "formula", "contrasts", "output", "fixed_names",
@@ -47,6 +48,27 @@ FORMULA_KEYS = ("covariates", "formula")
 
 
 # --------------------------------------------------------------------------- the Spec
+class VolumePath(type(Path())):  # type: ignore[misc]
+    """Volume ``volume`` (from 0) of a 4-D NIfTI: one observation of a 4-D ``images``.
+
+    A path to the file (``str`` shows the file) that also says which volume to read;
+    :mod:`mpiblmm.io.nifti` reads that volume.  Pickles with its volume (specs are
+    broadcast to every rank).
+    """
+
+    volume: int = 0
+
+    def __reduce__(self):
+        return volume_path, (str(self), self.volume)
+
+
+def volume_path(path: str | os.PathLike, volume: int) -> VolumePath:
+    """The path of volume ``volume`` of the 4-D image ``path``."""
+    p = VolumePath(path)
+    p.volume = int(volume)
+    return p
+
+
 @dataclass(frozen=True)
 class PackedImages:
     """Images already packed into HDF5 (``"images": {"h5": ..., "dataset": ...}``)."""
@@ -196,18 +218,7 @@ def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool 
         raise v.error(*problems[0])
     # What the schema cannot say: files, paths in list files, rows of F contrasts, names
     # that appear twice, cross-key rules.
-    formula_form = any(k in raw for k in FORMULA_KEYS)
-    if formula_form and any(k in raw for k in MATRIX_KEYS):
-        both = next(k for k in MATRIX_KEYS if k in raw)
-        raise v.error(both, "give either X and random (matrix form) or covariates and "
-                      "formula (formula form), not both")
-    for key in ("images",) + (FORMULA_KEYS if formula_form else MATRIX_KEYS):
-        if key not in raw:
-            raise v.error(key, "required key is missing")
-    if formula_form and "fixed_names" in raw:
-        raise v.error("fixed_names", "not used with a formula (the coefficients take R's names "
-                      "from the formula)")
-
+    formula_form = "formula" in raw
     images, packed = v.images(raw["images"])
     masks = None
     if "observation_masks" in raw:
@@ -236,7 +247,7 @@ def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool 
         zero_is_missing=v.boolean(raw.get("zero_is_missing", True), "zero_is_missing"),
         missingness=v.missingness(raw.get("missingness", {})),
         estimation=v.estimation(raw.get("estimation", {})),
-        max_memory_mb=(v.number(raw["max_memory_mb"], "max_memory_mb", positive=True)
+        max_memory_mb=(v.number(raw["max_memory_mb"], "max_memory_mb")
                        if raw.get("max_memory_mb") is not None else None),
     )
 
@@ -264,7 +275,10 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
 
 
 class _Validator:
-    """Checks of one spec; every method raises a one-line :class:`SpecError`."""
+    """What the JSON Schema cannot say, for a spec that passed it (:mod:`mpiblmm.schema`
+    checks keys, types, ranges, name patterns and enumerations first): blank strings,
+    non-finite numbers (Python's JSON reads NaN), names given twice, files, rows of F
+    contrasts.  Every method raises a one-line :class:`SpecError`."""
 
     def __init__(self, path: Path, check_files: bool) -> None:
         self.path = path
@@ -274,54 +288,32 @@ class _Validator:
     def error(self, key: str, problem: str) -> SpecError:
         return SpecError(problem, f"{self.path}: {key}")
 
-    # ---- scalars
+    # ---- scalars (types and ranges: the schema)
     def string(self, value: Any, key: str) -> str:
         if not isinstance(value, str) or not value.strip():
             raise self.error(key, f"expected a non-empty string, got {_show(value)}")
         return value
 
     def boolean(self, value: Any, key: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.error(key, f"expected true or false, got {_show(value)}")
-        return value
+        return bool(value)
 
-    def number(self, value: Any, key: str, positive: bool = False,
-               low: float | None = None, high: float | None = None) -> float:
+    def number(self, value: Any, key: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise self.error(key, f"expected a number, got {_show(value)}")
-        if positive and value <= 0:
-            raise self.error(key, f"expected a number greater than 0, got {value}")
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise self.error(key, f"expected a number between {low} and {high}, got {value}")
         return float(value)
 
-    def integer(self, value: Any, key: str, minimum: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.error(key, f"expected a whole number of at least {minimum}, got {_show(value)}")
+    def integer(self, value: Any, key: str) -> int:
         return int(value)
 
     def name(self, value: Any, key: str) -> str:
-        value = self.string(value, key)
-        if not NAME_PATTERN.match(value):
-            raise self.error(key, f"invalid name {value!r} (use {NAME_RULE})")
         return value
 
     def names(self, value: Any, key: str) -> tuple[str, ...]:
-        if not isinstance(value, list) or not value:
-            raise self.error(key, f"expected a non-empty list of names, got {_show(value)}")
         out = tuple(self.string(x, f"{key}[{i}]") for i, x in enumerate(value))
         seen = _first_duplicate(out)
         if seen is not None:
             raise self.error(key, f"name {seen!r} appears twice")
         return out
-
-    def mapping(self, value: Any, key: str, allowed: set[str]) -> dict:
-        if not isinstance(value, dict):
-            raise self.error(key, f"expected a JSON object, got {_show(value)}")
-        for k in value:
-            if k not in allowed:
-                raise self.error(f"{key}.{k}", unknown_key(k, allowed))
-        return value
 
     # ---- paths
     def resolve(self, text: str, folder: Path | None = None) -> Path:
@@ -347,14 +339,28 @@ class _Validator:
             return tuple(out)
         list_file = self.file(value, key)
         if str(list_file).endswith(NIFTI_SUFFIXES):
+            if key == "images":
+                return self.volumes(list_file, key)
             raise self.error(key, f"expected a text file listing one image per line, got an image: {list_file}")
         return read_path_list(list_file, nifti=nifti, check_files=self.check_files)
 
+    def volumes(self, path: Path, key: str) -> tuple[Path, ...]:
+        """One 4-D NIfTI, one volume per observation (FSL randomise's convention)."""
+        if not path.is_file():
+            return (path,)  # not checked (check_files=False): read when the file exists
+        try:
+            import nibabel as nib
+
+            shape = nib.load(str(path)).shape
+        except Exception as exc:  # nibabel raises several types for unreadable files
+            raise self.error(key, f"not a readable NIfTI image ({type(exc).__name__}): {path}") from None
+        if len(shape) != 4 or shape[3] < 2:
+            raise self.error(key, f"one image given: expected a 4-D NIfTI with one volume per "
+                             f"observation (or a list of images), got shape {tuple(shape)}")
+        return tuple(volume_path(path, i) for i in range(int(shape[3])))
+
     def images(self, value: Any) -> tuple[tuple[Path, ...] | None, PackedImages | None]:
         if isinstance(value, dict):
-            value = self.mapping(value, "images", {"h5", "dataset"})
-            if "h5" not in value:
-                raise self.error("images.h5", "required key is missing")
             h5 = self.file(value["h5"], "images.h5")
             dataset = self.string(value.get("dataset", "/Y"), "images.dataset")
             return None, PackedImages(h5, dataset)
@@ -362,15 +368,9 @@ class _Validator:
 
     # ---- sections
     def random(self, value: Any) -> tuple[FactorSpec, ...]:
-        if not isinstance(value, list) or not value:
-            raise self.error("random", "expected a non-empty list of factors")
         out = []
         for i, entry in enumerate(value):
             key = f"random[{i}]"
-            entry = self.mapping(entry, key, {"name", "factor", "design", "effect_names"})
-            for req in ("name", "factor"):
-                if req not in entry:
-                    raise self.error(f"{key}.{req}", "required key is missing")
             out.append(FactorSpec(
                 name=self.name(entry["name"], f"{key}.name"),
                 factor=self.file(entry["factor"], f"{key}.factor"),
@@ -384,15 +384,9 @@ class _Validator:
         return tuple(out)
 
     def contrasts(self, value: Any) -> tuple[ContrastSpec, ...]:
-        if not isinstance(value, list):
-            raise self.error("contrasts", f"expected a list of contrasts, got {_show(value)}")
         out = []
         for i, entry in enumerate(value):
             key = f"contrasts[{i}]"
-            entry = self.mapping(entry, key, {"name", "weights", "alternative"})
-            for req in ("name", "weights"):
-                if req not in entry:
-                    raise self.error(f"{key}.{req}", "required key is missing")
             name = self.name(entry["name"], f"{key}.name")
             key = f'{key} ("{name}")'
             if isinstance(entry["weights"], dict) or (
@@ -404,9 +398,6 @@ class _Validator:
                 by_name = None
                 weights, kind = self.weights(entry["weights"], f"{key}.weights")
             alternative = entry.get("alternative", "two-sided")
-            if alternative not in ALTERNATIVES:
-                raise self.error(f"{key}.alternative",
-                                 f"expected one of {', '.join(ALTERNATIVES)}, got {_show(alternative)}")
             if kind == "F" and alternative != "two-sided":
                 raise self.error(f"{key}.alternative",
                                  "an F contrast (a list of rows) has no direction; use one row for a one-sided T test")
@@ -430,36 +421,26 @@ class _Validator:
         out = []
         for i, row in enumerate(rows):
             where = key if isinstance(value, dict) else f"{key}[{i}]"
-            if not row:
-                raise self.error(where, "expected at least one coefficient name and its weight")
             out.append(tuple((str(k), self.number(w, f"{where}.{k}")) for k, w in row.items()))
         return tuple(out), "T" if isinstance(value, dict) else "F"
 
     def row(self, value: Any, key: str) -> tuple[float, ...]:
-        if not isinstance(value, list) or not value:
-            raise self.error(key, f"expected a non-empty list of numbers, got {_show(value)}")
         return tuple(self.number(x, f"{key}[{j}]") for j, x in enumerate(value))
 
     def missingness(self, value: Any) -> Missingness:
-        value = self.mapping(value, "missingness", {"min_n", "min_fraction"})
         min_n = value.get("min_n")
         return Missingness(
-            min_n=None if min_n is None else self.integer(min_n, "missingness.min_n", 1),
-            min_fraction=self.number(value.get("min_fraction", 0.0), "missingness.min_fraction",
-                                     low=0.0, high=1.0),
+            min_n=None if min_n is None else self.integer(min_n, "missingness.min_n"),
+            min_fraction=self.number(value.get("min_fraction", 0.0), "missingness.min_fraction"),
         )
 
     def estimation(self, value: Any) -> Estimation:
-        value = self.mapping(value, "estimation", {"method", "tolerance", "max_iterations"})
-        method = value.get("method", "REML")
-        if not isinstance(method, str) or method.upper() not in METHODS:
-            raise self.error("estimation.method", f"expected \"REML\" or \"ML\", got {_show(method)}")
         tol = value.get("tolerance")
         iters = value.get("max_iterations")
         return Estimation(
-            method=method.upper(),
-            tolerance=None if tol is None else self.number(tol, "estimation.tolerance", positive=True),
-            max_iterations=None if iters is None else self.integer(iters, "estimation.max_iterations", 1),
+            method=value.get("method", "REML").upper(),
+            tolerance=None if tol is None else self.number(tol, "estimation.tolerance"),
+            max_iterations=None if iters is None else self.integer(iters, "estimation.max_iterations"),
         )
 
 

@@ -6,6 +6,7 @@
 #
 # The study: 60 subjects x 4 visits on a 20 x 20 x 15 grid (6,000 voxels), a random
 # intercept and slope per subject, 30% of voxels missing 1-15% of their observations.
+# Its spec is in the formula form: participants.csv and y ~ age + time + (1 + time | subject).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(realpath -m "${1:-$ROOT/demo}")"
@@ -16,7 +17,9 @@ BIN="$ROOT/.venv/bin"
 rm -rf "$OUT"
 echo "=== simulating a study into $OUT"
 "$BIN/mpiexec" -n "$RANKS" "$BIN/mpiblmm" simulate "$OUT" --subjects 60 --visits 4 \
-    --shape 20 20 15 --missing-fraction 0.3 --seed 1
+    --shape 20 20 15 --missing-fraction 0.3 --seed 1 --form formula
+echo "=== checking the spec: mpiblmm check $OUT/spec.json"
+"$BIN/mpiexec" -n "$RANKS" "$BIN/mpiblmm" check "$OUT/spec.json" --ranks "$RANKS"
 echo "=== fitting it: mpiexec -n $RANKS mpiblmm fit $OUT/spec.json"
 start=$(date +%s%N)
 "$BIN/mpiexec" -n "$RANKS" "$BIN/mpiblmm" fit "$OUT/spec.json"

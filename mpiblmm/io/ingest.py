@@ -110,7 +110,7 @@ def prepare_input(spec: Any, comm: Any = None, n_expected: int | None = None,
                              zero_is_missing=spec.zero_is_missing)
         if n_expected is not None and packed.n_observations != n_expected:
             agree(comm, SpecError(f"{spec.packed.dataset} has {packed.n_observations} "
-                                   f"observations but {spec.X} has {n_expected} rows",
+                                   f"observations but {spec.X or spec.covariates} has {n_expected} rows",
                                    str(spec.packed.h5)))
         return packed
     return pack_images(
@@ -157,7 +157,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     cannot be read or lies on another grid (the first such image), or when no voxel is
     observed.
     """
-    images = [Path(p) for p in images]
+    images = [p if isinstance(p, Path) else Path(p) for p in images]  # keeps volume paths
     masks = None if observation_masks is None else [Path(p) for p in observation_masks]
     n = len(images)
     path = Path(path)

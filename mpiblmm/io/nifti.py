@@ -68,6 +68,12 @@ def _load(path: Path):
         raise UserError(f"not a readable NIfTI image ({type(exc).__name__}: {exc})", str(path)) from None
 
 
+def _volume(img, path: Path):
+    """Volume ``path.volume`` of a 4-D image when ``path`` names one (a 4-D ``images``)."""
+    index = getattr(path, "volume", None)
+    return img if index is None else img.slicer[..., index]
+
+
 def _shape3(img, path: Path) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in img.shape)
     while len(shape) > 3 and shape[-1] == 1:
@@ -93,7 +99,7 @@ def nifti_space(header) -> str:
 
 def read_grid(path: Path) -> Grid:
     """The grid of an image, from its header only."""
-    img = _load(path)
+    img = _volume(_load(path), path)
     return Grid(_shape3(img, path), np.asarray(img.affine, dtype=np.float64),
                 nifti_space(img.header))
 
@@ -107,7 +113,7 @@ def read_volume(path: Path, grid: Grid | None = None, reference: str | None = No
     UserError
         ``<path>: not on the grid of <reference>: <why>`` or an unreadable/4-D image.
     """
-    img = _load(path)
+    img = _volume(_load(path), path)
     shape = _shape3(img, path)
     if grid is not None:
         why = grid.differs(shape, np.asarray(img.affine))

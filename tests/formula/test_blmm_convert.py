@@ -143,3 +143,28 @@ def test_converted_fit_matches_the_matrix_spec(tmp_path, run_mpi, mpiblmm_comman
     for key in a:
         if key != "@":
             assert np.array_equal(a[key], b[key], equal_nan=a[key].dtype.kind == "f"), key
+
+
+def test_config_for_a_simulated_study(tmp_path, monkeypatch):
+    """A BLMM config written for the study `mpiblmm simulate` makes (the benchmarks' study)
+    converts to the spec simulate writes: the same design and contrasts."""
+    from mpiblmm.design import design_from_spec
+    from mpiblmm.spec import load_spec
+    from mpiblmm.study import write_study
+
+    spec_path = write_study(tmp_path, subjects=8, visits=3, shape=(2, 2, 2), seed=4)
+    spec = json.loads(spec_path.read_text())
+    lines = ["Y_files: images.txt", "X: X.csv", "Z:", "  - f1:", "      name: subject",
+             "      factor: factor_subject.csv", "      design: Z_subject.csv",
+             "outdir: results", "contrasts:"]
+    for i, c in enumerate(spec["contrasts"]):
+        lines += [f"  - c{i + 1}:", f"      name: {c['name']}", f"      vector: {c['weights']}"]
+    (tmp_path / "blmm_config.yml").write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)
+    converted, notes = convert_file("blmm_config.yml", output=tmp_path / "c.json")
+    assert notes == []
+    (tmp_path / "c.json").write_text(json.dumps(converted))
+    a, b = design_from_spec(load_spec(spec_path)), design_from_spec(load_spec(tmp_path / "c.json"))
+    assert np.array_equal(a.X, b.X) and np.array_equal(a.factors[0].Z, b.factors[0].Z)
+    assert np.array_equal(a.factors[0].codes, b.factors[0].codes)
+    assert [(c.name, c.L.tolist()) for c in a.contrasts] == [(c.name, c.L.tolist()) for c in b.contrasts]

@@ -101,3 +101,37 @@ def test_check_rank_deficient_design(study, tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(spec))
     problems, _ = check_spec(tmp_path / "s.json")
     assert any("rank deficient (rank 3 of 4 columns" in p for p in problems), problems
+
+
+def test_check_factor_levels(tmp_path):
+    rows = "".join(f"s{i},{i % 3},{i * 0.5}\n" for i in range(6))
+    (tmp_path / "c.csv").write_text("subject,site,age\n" + rows)
+    (tmp_path / "images.txt").write_text("".join(f"i{i}.nii\n" for i in range(6)))
+    for i in range(6):
+        (tmp_path / f"i{i}.nii").write_bytes(b"")
+    spec = {"images": "images.txt", "covariates": "c.csv",
+            "formula": "y ~ age + (1 | subject) + (1 + age | site)"}
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    problems, _ = check_spec(tmp_path / "s.json")
+    text = "\n".join(problems)
+    assert "random factor 'subject': 6 levels for 6 observations" in text
+    assert "random factor 'site': 3 levels x 2 effects = 6 random effects for 6" in text
+
+
+@pytest.mark.spawns_mpiexec
+def test_check_through_the_cli(tmp_path, run_mpi, mpiblmm_command):
+    """The demo's form: `mpiblmm check` prints the summary and exits 0 on every rank; a
+    spec with several problems lists them all, one line each, and exits 2."""
+    write_study(tmp_path, subjects=6, visits=3, shape=(3, 3, 2), seed=1, form="formula")
+    run = run_mpi(2, [*mpiblmm_command, "check", str(tmp_path / "spec.json")], timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "fixed effects: p = 3: (Intercept), age, time" in run.stdout
+    assert run.stdout.count("check: OK") == 1 and run.stderr == ""
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    spec.update(formual="x", max_memory_mb=0)
+    spec["contrasts"][0]["weights"] = {"time": "a"}
+    (tmp_path / "bad.json").write_text(json.dumps(spec))
+    run = run_mpi(2, [*mpiblmm_command, "check", str(tmp_path / "bad.json")], timeout=120)
+    assert run.returncode == 2
+    errors = [ln for ln in run.stderr.splitlines() if ln.startswith("mpiblmm: error:")]
+    assert len(errors) == 3 and "Traceback" not in run.stderr, run.stderr

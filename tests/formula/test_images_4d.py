@@ -1,0 +1,64 @@
+"""`images` as one 4-D NIfTI (one volume per observation, FSL randomise's convention)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from mpiblmm.errors import SpecError
+from mpiblmm.spec import load_spec
+from tests.cli.studies import read_results, write_reference_study
+from tests.refdata import load_dataset
+
+
+def _stack(folder, names, out="all.nii"):
+    import nibabel as nib
+
+    vols = [nib.load(folder / n) for n in names]
+    data = np.stack([np.asanyarray(v.dataobj) for v in vols], axis=-1)
+    nib.save(nib.Nifti1Image(data, vols[0].affine), folder / out)
+    return out
+
+
+def test_spec_reads_volumes(tmp_path):
+    ds = load_dataset("intercept")
+    path = write_reference_study(ds, tmp_path)
+    spec = json.loads(path.read_text())
+    spec["images"] = _stack(tmp_path, spec["images"])
+    path.write_text(json.dumps(spec))
+    loaded = load_spec(path)
+    assert len(loaded.images) == ds.n
+    assert [p.volume for p in loaded.images[:3]] == [0, 1, 2]
+    back = pickle.loads(pickle.dumps(loaded))
+    assert back.images[5].volume == 5 and str(back.images[5]) == str(tmp_path / "all.nii")
+
+
+def test_a_3d_image_alone_is_an_error(tmp_path):
+    ds = load_dataset("intercept")
+    path = write_reference_study(ds, tmp_path)
+    spec = json.loads(path.read_text())
+    spec["images"] = spec["images"][0]
+    path.write_text(json.dumps(spec))
+    with pytest.raises(SpecError, match="images: one image given: expected a 4-D NIfTI"):
+        load_spec(path)
+
+
+@pytest.mark.spawns_mpiexec
+def test_4d_fit_equals_the_list_of_images(tmp_path, run_mpi, mpiblmm_command):
+    ds = load_dataset("slope")
+    listed = write_reference_study(ds, tmp_path)
+    spec = json.loads(listed.read_text())
+    spec["images"] = _stack(tmp_path, spec["images"])
+    spec["output"] = "results4d"
+    (tmp_path / "4d.json").write_text(json.dumps(spec))
+    for path in (listed, tmp_path / "4d.json"):
+        run = run_mpi(2, [*mpiblmm_command, "fit", "--quiet", str(path)], timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    a = read_results(tmp_path / "results" / "results.h5")
+    b = read_results(tmp_path / "results4d" / "results.h5")
+    for key in a:
+        if key != "@":
+            assert np.array_equal(a[key], b[key], equal_nan=a[key].dtype.kind == "f"), key
