@@ -38,6 +38,7 @@ anyone else's.
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import threading
 import time
@@ -206,7 +207,8 @@ class JobLog:
             filled = int(round(BAR_WIDTH * min(max(fraction, 0.0), 1.0)))
             bar = "#" * filled + "-" * (BAR_WIDTH - filled)
             assert self._stream is not None  # _tty implies a stream
-            self._stream.write(f"\r[{bar}] {text}\033[K")
+            width = shutil.get_terminal_size().columns - BAR_WIDTH - 4  # one line: no wrap
+            self._stream.write(f"\r[{bar}] {text[:max(width, 10)]}\033[K")
             self._stream.flush()
             self._bar_shown = True
             if self._file is not None:
