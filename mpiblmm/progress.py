@@ -38,6 +38,7 @@ anyone else's.
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import threading
 import time
@@ -206,7 +207,8 @@ class JobLog:
             filled = int(round(BAR_WIDTH * min(max(fraction, 0.0), 1.0)))
             bar = "#" * filled + "-" * (BAR_WIDTH - filled)
             assert self._stream is not None  # _tty implies a stream
-            self._stream.write(f"\r[{bar}] {text}\033[K")
+            width = shutil.get_terminal_size().columns - BAR_WIDTH - 4  # one line: no wrap
+            self._stream.write(f"\r[{bar}] {text[:max(width, 10)]}\033[K")
             self._stream.flush()
             self._bar_shown = True
             if self._file is not None:
@@ -292,7 +294,10 @@ class Progress:
     """Voxels fitted over all ranks, reported by rank 0 (see the module docstring).
 
     Collective to make (duplicates ``comm``).  Then each rank calls :meth:`chunk_done`
-    after each chunk (any number of times, none at all is fine) and :meth:`close` once.
+    after each chunk (any number of times, none at all is fine) and :meth:`close` once (or
+    :meth:`abandon`, when all ranks stop early).  A resumed fit reports the voxels of its
+    slab that an earlier run did with ``chunk_done(n, resumed=True)`` first: they count as
+    done but not towards the rate.
 
     Parameters
     ----------
@@ -376,6 +381,27 @@ class Progress:
         with self._lock:  # the heartbeat may be polling
             self._freed = True
             self.comm.Free()
+
+    def abandon(self) -> None:
+        """Instead of :meth:`close`, when every rank stops early together (e.g. at a signal,
+        after the ranks agreed to stop): nobody waits.  Rank 0 takes what has arrived and
+        reports it; the others release their pending sends (MPI lets a send request be freed
+        while active: the message is still delivered).  The duplicate is not freed (that is
+        collective), so abandon is safe on an error path too."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.rank == 0:
+            self._poll()
+            self.log.status = self.log._phase_status
+            done, _, _ = self._counts()
+            self.log.report(f"fit stopped at {done:,}/{self.total:,} voxels")
+        else:
+            for request, _ in self._pending:
+                request.Free()
+            self._pending.clear()
+        with self._lock:
+            self._freed = True  # no more polling
 
     # ----------------------------------------------------------------- internals
     def _send(self, final: bool) -> None:

@@ -79,3 +79,13 @@ def test_a_tiny_scaling_study_writes_csvs_and_a_png(tmp_path):
     assert {"speedup", "ideal_speedup", "efficiency", "wall_median_s"} <= set(summary[0])
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "work").exists()
+
+
+def test_open_mpi_gets_oversubscribe_only_beyond_the_cores_and_mpich_never(scaling):
+    def runner(open_mpi):
+        return scaling.Runner(["srun"] if not open_mpi else ["mpiexec"], "-n", 2, open_mpi,
+                              {}, 10.0)
+    assert runner(True).argv(4, ["fit"])[:4] == ["mpiexec", "--oversubscribe", "-n", "4"]
+    assert runner(True).argv(2, ["fit"])[:3] == ["mpiexec", "-n", "2"]
+    assert runner(False).argv(4, ["fit"])[:3] == ["srun", "-n", "4"]
+    assert runner(False).argv(4, ["fit", "x"])[-2:] == ["fit", "x"]

@@ -187,7 +187,9 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     reference = str(images[0])
 
     def load_row(i: int) -> np.ndarray:
-        vals = read_volume(images[i], grid, reference, dtype=np.float64).reshape(-1)[flat_mask]
+        vals = read_volume(images[i], grid, reference, dtype=np.float64).reshape(-1)  # our own array
+        if mask is not None:
+            vals = vals[flat_mask]
         miss = missing(vals, zero_is_missing)
         if masks is not None:
             m = read_volume(masks[i], grid, reference).reshape(-1)[flat_mask]
@@ -205,7 +207,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
             row = load_row(i)
             finite = np.isfinite(row)
             observed += finite
-            exact32 = exact32 and bool(np.all(row[finite].astype(np.float32) == row[finite]))
+            exact32 = exact32 and np.array_equal(row.astype(np.float32), row, equal_nan=True)
             if cache_ok:
                 cache.append(row)
     except UserError as exc:
@@ -258,8 +260,9 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
                 rows = cache[lo - start:hi - start]
             else:
                 rows = [load_row(i) for i in range(lo, hi)]  # already read once: no new errors
-            data = (np.stack([r[keep] for r in rows]).astype(dtype) if rows
-                    else np.empty((0, V), dtype=dtype))
+            data = np.empty((hi - lo, V), dtype=dtype)  # filled row by row: no float64 stack
+            for j, r in enumerate(rows):
+                data[j] = r if keep.size == r.size else r[keep]
             write_hyperslab(Y, (lo, 0), data, collective=True)
             cache[lo - start:hi - start] = [None] * (hi - lo) if cache_ok else []  # free memory
         f.flush()

@@ -70,3 +70,20 @@ def test_posting_counts_never_waits_for_a_busy_rank_0(mpi):
     # Rank 0 sleeps 1.5 s before its first chunk end: the others post many counts meanwhile.
     _, _, waited = _run(mpi, lambda r: 10, interval=1e-6, busy=1.5, pause=0.005)
     mpi.check(mpi.rank == 0 or waited < 0.5, f"a chunk_done call took {waited:.2f} s")
+
+
+def test_abandoning_after_unequal_work_waits_for_nobody(mpi):
+    stream = io.StringIO()
+    log = JobLog(mpi.rank, options=LogOptions(progress_interval=0.0), stream=stream)
+    progress = Progress(mpi.comm, 100 * mpi.size, log)
+    for _ in range(mpi.rank * 3):  # rank 0 none, the others some: then all stop at once
+        progress.chunk_done(5)
+    t0 = time.perf_counter()
+    progress.abandon()
+    waited = time.perf_counter() - t0
+    log.close()
+    mpi.comm.Barrier()  # the communicator is still usable: nothing left half done
+    lines = stream.getvalue().splitlines()
+    ok = waited < 0.5 and (mpi.rank != 0 or re.search(
+        rf"fit stopped at [\d,]+/{100 * mpi.size:,} voxels$", lines[-1]) is not None)
+    mpi.check(ok, f"waited {waited:.2f} s; lines {lines}")
