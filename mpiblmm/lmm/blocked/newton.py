@@ -28,7 +28,7 @@ import numpy as np
 from ..model import ProductForms
 from ..polish import canonical_theta
 from ..theta import n_theta, theta_slices, tril_indices
-from .cholesky import profiled
+from .cholesky import prepare, profiled
 
 REL_STEP = 1e-4
 
@@ -48,13 +48,13 @@ def steps(theta: np.ndarray, rel: float = REL_STEP) -> np.ndarray:
     return rel * np.maximum(np.abs(theta), 0.1)
 
 
-def deviance(pattern, pf: ProductForms, theta: np.ndarray, method: str) -> np.ndarray:
+def deviance(pattern, pf, theta: np.ndarray, method: str) -> np.ndarray:
     """``-2 l`` (v,) at ``theta``; +inf where the evaluation failed."""
     llh = profiled(pattern, pf, theta, method)[0]
     return np.where(np.isfinite(llh), -2.0 * llh, np.inf)
 
 
-def fd_gradient_hessian(pattern, pf: ProductForms, theta: np.ndarray, f0: np.ndarray,
+def fd_gradient_hessian(pattern, pf, theta: np.ndarray, f0: np.ndarray,
                         method: str) -> tuple[np.ndarray, np.ndarray]:
     """Gradient (v, m) and Hessian (v, m, m) of the deviance by finite differences."""
     v, m = theta.shape
@@ -104,14 +104,15 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
     """
     st, v = pf.structure, pf.n_voxels
     theta = theta0(pf) if theta_start is None else np.array(theta_start, dtype=np.float64)
-    f = deviance(pattern, pf, theta, method)
+    prep = prepare(pattern, pf)
+    f = deviance(pattern, prep, theta, method)
     iterations = np.zeros(v, dtype=np.int64)
     converged = np.zeros(v, dtype=bool)
     active = np.flatnonzero(np.isfinite(f))
     for _ in range(max_iterations):
         if active.size == 0:
             break
-        sub = pf.take(active)
+        sub = prep.take(active)
         th, fa = theta[active], f[active]
         g, H = fd_gradient_hessian(pattern, sub, th, fa, method)
         d = saddle_free_direction(g, H)
@@ -138,6 +139,6 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
         converged[active[done]] = True
         active = active[~done]
     theta = canonical_theta(theta, st)
-    llh, beta, s2, vp = profiled(pattern, pf, theta, method)
+    llh, beta, s2, vp = profiled(pattern, prep, theta, method)
     return dict(theta=theta, llh=llh, beta=beta, s2=s2, XtViX=vp.XtViX,
                 iterations=iterations, converged=converged)
