@@ -73,6 +73,8 @@ def chol_lead(S: np.ndarray) -> np.ndarray:
 
 def rsolve_lt(X: np.ndarray, L: np.ndarray) -> np.ndarray:
     """``X L^-T`` for X (qa, qb, ...) and lower triangular L (qb, qb, ...)."""
+    if L.shape[0] == 1:
+        return X / L
     Y = np.empty(np.broadcast_shapes(X.shape, X.shape[:1] + L.shape[1:]))
     for e in range(L.shape[0]):
         s = X[:, e].copy()
@@ -84,6 +86,8 @@ def rsolve_lt(X: np.ndarray, L: np.ndarray) -> np.ndarray:
 
 def solve_lower(L: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``L^-1 B`` for L (q, q, l, v) lower triangular and B (q, l, r, v)."""
+    if L.shape[0] == 1:
+        return B / L[:, :, :, None, :][0]
     c = np.empty_like(B)
     for e in range(L.shape[0]):
         s = B[e].copy()
@@ -299,13 +303,12 @@ def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray) -> VinvProducts:
 
 def _cross_rhs(La: np.ndarray, cy: np.ndarray) -> np.ndarray:
     """``L_ab[t] c_b[y_t]`` per pair: La (q_a, q_b, n, v), cy (q_b, n, r, v) -> (q_a, n, r, v)."""
-    out = []
+    out = np.empty((La.shape[0],) + cy.shape[1:])
     for e in range(La.shape[0]):
-        s = La[e, 0][:, None] * cy[0]
+        np.multiply(La[e, 0][:, None], cy[0], out=out[e])
         for f in range(1, La.shape[1]):
-            s = s + La[e, f][:, None] * cy[f]
-        out.append(s)
-    return np.stack(out)
+            out[e] += La[e, f][:, None] * cy[f]
+    return out
 
 
 def profiled(pattern: BlockPattern, pf, theta: np.ndarray, method: str):

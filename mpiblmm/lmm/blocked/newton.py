@@ -13,12 +13,16 @@ Per iteration, for the active voxels at once:
 2. direction ``-|H|^-1 g`` (absolute eigenvalues: a descent direction at saddles too);
 3. step halving until ``d`` does not rise (a worse point is never kept);
 4. a voxel stops when the step gained less than ``tolerance`` in ``l`` (or the rounding floor
-   of ``l``), or when no halving helped.
+   of ``l``), or when no halving helped.  (Stopping on a small Newton decrement instead was
+   tried and dropped: near a zero column of ``Lambda_k`` the gradient vanishes by symmetry
+   whether or not the point is a minimum, and one crossed voxel stopped 0.019 below lme4.)
 
 ``d`` is even in every column of ``Lambda_k`` (``D_k`` does not change when a column changes
 sign), so the iteration is unconstrained and the boundary (a zero column, ``D_k`` singular) is
 reached as an ordinary minimum; the result is put in lme4's form (non-negative diagonal) at
-the end.  Start: lme4's ``theta0`` (identity ``Lambda_k``).
+the end.  Start: lme4's ``theta0`` (identity ``Lambda_k``).  (Starting from the best of
+``s theta0``, s = 1 ... 0.03, saved an iteration but found a worse local optimum of the
+REML deviance at one crossed reference voxel, 0.019 below lme4: dropped.)
 """
 
 from __future__ import annotations
@@ -103,8 +107,8 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
     ``s2``, ``XtViX``, ``iterations`` and ``converged``.
     """
     st, v = pf.structure, pf.n_voxels
-    theta = theta0(pf) if theta_start is None else np.array(theta_start, dtype=np.float64)
     prep = prepare(pattern, pf)
+    theta = theta0(pf) if theta_start is None else np.array(theta_start, dtype=np.float64)
     f = deviance(pattern, prep, theta, method)
     iterations = np.zeros(v, dtype=np.int64)
     converged = np.zeros(v, dtype=bool)
