@@ -241,7 +241,7 @@ def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray) -> VinvProducts:
         vals[dest] = _mm(_mm(_t(lam[a]), Z), lam[b]).reshape(-1, v)
     vals[_cached(pattern, "identity", lambda: _identity_rows(pattern))] += 1.0
     # 2. prefix factors
-    Ld, Lc, logs = {}, {}, []
+    Ld, Lc, Lt, logs = {}, {}, {}, []
     for b in range(npre):
         seg = pattern.diag[b]
         L = chol_lead(vals[seg.offset:seg.offset + seg.size].reshape(seg.qa, seg.qa, seg.n, v))
@@ -251,6 +251,11 @@ def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray) -> VinvProducts:
             cs = pattern.cross[a, b]
             X = vals[cs.offset:cs.offset + cs.size].reshape(cs.qa, cs.qb, cs.n, v)
             Lc[a, b] = rsolve_lt(X, L[:, :, pattern.pairs[a, b][1]])
+        dense = pattern.dense_tail[b]
+        if dense is not None:                  # tail x tail update: one product per voxel
+            Lt[b] = _dense_tail_block(pattern, b, dense, Lc, v)
+            upd = np.matmul(Lt[b], np.swapaxes(Lt[b], 1, 2))
+            vals[pattern.tail_offset:] -= upd.reshape(v, m * m).T
         ups, uniq, A = pattern.updates[b]
         if ups:
             prods = [_mm(Lc[u.a, b][:, :, u.i1], _t(Lc[u.c, b][:, :, u.i2])).reshape(-1, v)
@@ -272,10 +277,15 @@ def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray) -> VinvProducts:
         q, l = pattern.q_at(b), pattern.l_at(b)
         c = solve_lower(Ld[b], B[offs[b]:offs[b] + q * l * r].reshape(q, l, r, v))
         B[offs[b]:offs[b] + q * l * r] = c.reshape(-1, v)
+        if b in Lt:                            # tail rows: one product per voxel
+            cv = np.moveaxis(np.swapaxes(c, 0, 1).reshape(l * q, r, v), -1, 0)
+            B[tail:] -= np.moveaxis(np.matmul(Lt[b], cv), 0, -1).reshape(m * r, v)
         if plans[b] is None:
             continue
         prods = []
         for a in pattern.row_factors(b):
+            if b in Lt and a >= npre:
+                continue
             cy = c[:, pattern.pairs[a, b][1]]                                # (q_b, n, r, v)
             La = Lc[a, b]
             prods.append(_cross_rhs(La, cy).reshape(-1, v))
@@ -299,6 +309,15 @@ def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray) -> VinvProducts:
         for a in (out.XtViX, out.XtViY, out.YtViY, out.logdetV):
             a[bad] = np.nan
     return out
+
+
+def _dense_tail_block(pattern: BlockPattern, b: int, dense, Lc: dict, v: int) -> np.ndarray:
+    """``L[T, b]`` as a dense (v, m, l_b q_b) matrix (the tail rows of column factor b)."""
+    tails, flat = dense
+    width = pattern.l_at(b) * pattern.q_at(b)
+    out = np.zeros((pattern.m * width, v))
+    out[flat] = np.concatenate([Lc[a, b].reshape(-1, v) for a in tails])
+    return np.ascontiguousarray(out.T).reshape(v, pattern.m, width)
 
 
 def _cross_rhs(La: np.ndarray, cy: np.ndarray) -> np.ndarray:
