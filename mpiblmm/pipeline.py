@@ -35,6 +35,7 @@ from mpiblmm.io.export import export_nifti, store_headline
 from mpiblmm.io.ingest import DEFAULT_MEMORY_MB, SlabReader, prepare_input
 from mpiblmm.io.results import RESULTS_NAME, ResultsLayout, create_results
 from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk, bytes_per_voxel
+from mpiblmm.lmm.structure import choose
 from mpiblmm.lmm.model import STATUS_CODES, STATUS_SINGULAR
 from mpiblmm.lmm.products import random_design
 from mpiblmm.memory import agreed_work_budget_mb
@@ -111,7 +112,8 @@ def my_slab(packed, size: int, rank: int):
 def chunk_voxels(budget_mb: float, n: int, model: Model) -> int:
     """Voxels per chunk so one chunk's working arrays fit the share of the (work) budget;
     ``$MPIBLMM_CHUNK_VOXELS`` caps it further (tests that need many small chunks)."""
-    per = bytes_per_voxel(n, model.X.shape[1], model.structure, len(model.contrasts))
+    per = bytes_per_voxel(n, model.X.shape[1], model.structure, len(model.contrasts),
+                          blocks=choose(model.rd))
     most = min(MAX_CHUNK, int(os.environ.get("MPIBLMM_CHUNK_VOXELS") or MAX_CHUNK))
     return int(max(1, min(most, CHUNK_SHARE * budget_mb * 2**20 // per)))
 

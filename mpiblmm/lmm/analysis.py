@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .blocked.pattern import blocked_bytes_per_voxel
 from .estimate import fit
 from .inference import f_contrast, t_contrast
 import scipy.sparse as sp
@@ -77,14 +78,19 @@ class Model:
         return self.rd.structure
 
 
-def bytes_per_voxel(n: int, p: int, structure: RandomStructure, n_contrasts: int) -> int:
+def bytes_per_voxel(n: int, p: int, structure: RandomStructure, n_contrasts: int,
+                    blocks=None) -> int:
     """A generous estimate of the working memory one voxel of a chunk needs (bytes).
 
     Counts the data (a few copies of n values), the per-voxel product forms and the
     estimator's and inference's per-voxel arrays (several copies of the largest of them).
+    ``blocks``: the blocked pattern (:func:`~mpiblmm.lmm.structure.choose`) when the design
+    uses it; its Z'Z then costs its non-zero blocks, not q^2.
     """
     q = structure.q
-    if structure.is_single_factor:
+    if blocks is not None:
+        zz = blocked_bytes_per_voxel(blocks, p) // 8
+    elif structure.is_single_factor:
         f = structure.factors[0]
         zz = f.n_levels * f.n_effects**2
     else:

@@ -1,14 +1,18 @@
 """The choice of the random-effects algebra, made once per design.
 
 - one factor: Z'Z block diagonal, per-level closed forms (:mod:`.likelihood`);
-- several factors, small ``q``: one dense ``q x q`` system per voxel (the original path,
-  faster than the blocked one below :data:`BLOCKED_MIN_Q` columns of Z);
-- several factors otherwise: the blocked Cholesky (:mod:`.blocked`), whose memory per voxel
-  grows with the non-zero blocks of Z'Z, never with ``q^2``.
+- several factors: the blocked Cholesky (:mod:`.blocked`), whose memory per voxel grows with
+  the non-zero blocks of Z'Z, never with ``q^2``.
 
-:func:`choose` returns None for the first two (the product forms then carry a dense or
-per-level Z'Z) or the :class:`~.blocked.pattern.BlockPattern`; the estimator and Satterthwaite
-dispatch on ``ProductForms.blocks`` alone.
+The original dense path for several factors (one ``q x q`` system per voxel) stays available
+as ``layout="dense"`` (tests compare the two), but is not chosen: it was faster only for
+tiny ``q`` (crossed reference, q = 56: 12 vs 18 ms/voxel), and its batched BLAS products gave
+a voxel different last bits in different chunks (tests/lmm/test_analysis.py, crossed), which
+the blocked path does not.
+
+:func:`choose` returns None for one factor (or "dense") or the
+:class:`~.blocked.pattern.BlockPattern`; the estimator and Satterthwaite dispatch on
+``ProductForms.blocks`` alone.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 from .blocked.pattern import BlockPattern, build_pattern
 
 #: Several factors with at least this many columns of Z use the blocked path ("auto").
-BLOCKED_MIN_Q = 60
+BLOCKED_MIN_Q = 1
 
 LAYOUTS = ("auto", "dense", "blocked")
 

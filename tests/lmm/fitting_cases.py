@@ -10,7 +10,10 @@ from mpiblmm.lmm.theta import lambdas_from_theta, n_theta, tril_indices
 
 def simulate(seed, n_sub=20, visits=4, q=2, v=12, crossed=False, missing=0.0):
     """Subjects x visits with a random intercept (+ slope, + a covariate for q=3) per subject,
-    optionally a crossed site intercept; a quarter of the voxels have no random effects."""
+    optionally a crossed site intercept; a quarter of the voxels have no random effects.
+    Product forms in the dense layout for two factors: these cases exercise Fisher Scoring
+    and the polish, the engines of that layout (the blocked one has tests/lmm/test_blocked.py
+    and the lme4 reference tests)."""
     rng = np.random.default_rng(seed)
     n = n_sub * visits
     sub = np.repeat(np.arange(n_sub), visits)
@@ -31,7 +34,7 @@ def simulate(seed, n_sub=20, visits=4, q=2, v=12, crossed=False, missing=0.0):
     Y = Y + rng.normal(size=(n, v))
     if missing:
         Y[rng.random((n, v)) < missing] = np.nan
-    return X, rd, Y, product_forms(X, rd, Y)
+    return X, rd, Y, product_forms(X, rd, Y, layout="dense")
 
 
 def brute_optimum(pf, method, starts=()):

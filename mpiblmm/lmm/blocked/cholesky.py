@@ -21,6 +21,7 @@ with unit weights (or row sums per voxel), so a voxel gets the same bits in any 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -35,6 +36,8 @@ from .pattern import BlockPattern
 # ---------------------------------------------------------------- small matrices, axes first
 def _mm(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``A B`` over the two leading axes; trailing axes broadcast elementwise."""
+    if A.shape[:2] == (1, 1) and B.shape[0] == 1:
+        return A * B
     rows = []
     for i in range(A.shape[0]):
         row = []
@@ -70,6 +73,8 @@ def chol_lead(S: np.ndarray) -> np.ndarray:
 
 def rsolve_lt(X: np.ndarray, L: np.ndarray) -> np.ndarray:
     """``X L^-T`` for X (qa, qb, ...) and lower triangular L (qb, qb, ...)."""
+    if L.shape[0] == 1:
+        return X / L
     Y = np.empty(np.broadcast_shapes(X.shape, X.shape[:1] + L.shape[1:]))
     for e in range(L.shape[0]):
         s = X[:, e].copy()
@@ -81,6 +86,8 @@ def rsolve_lt(X: np.ndarray, L: np.ndarray) -> np.ndarray:
 
 def solve_lower(L: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``L^-1 B`` for L (q, q, l, v) lower triangular and B (q, l, r, v)."""
+    if L.shape[0] == 1:
+        return B / L[:, :, :, None, :][0]
     c = np.empty_like(B)
     for e in range(L.shape[0]):
         s = B[e].copy()
@@ -159,48 +166,82 @@ def _lambda_lead(pattern: BlockPattern, theta: np.ndarray) -> list[np.ndarray]:
             for k in pattern.order]
 
 
-def _rhs(pattern: BlockPattern, pf: ProductForms, lam: list, v: int) -> np.ndarray:
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """The product forms of a chunk in the blocked layout, voxel axis last (done once per
+    chunk, reused by every evaluation): ``zz`` (n_zz, v|1); per position ``WX[a]``
+    (q, l, p, v|1) = Z'X and ``WY[a]`` (q, l, v) = Z'Y of that factor."""
+
+    pf: ProductForms
+    zz: np.ndarray
+    WX: tuple
+    WY: tuple
+
+    def take(self, idx: np.ndarray) -> "Prepared":
+        pick = (lambda a: a) if self.pf.shared else (lambda a: a[..., idx])
+        return Prepared(self.pf.take(idx), pick(self.zz), tuple(pick(w) for w in self.WX),
+                        tuple(w[..., idx] for w in self.WY))
+
+
+def prepare(pattern: BlockPattern, pf: ProductForms) -> Prepared:
+    """:class:`Prepared` forms of ``pf`` (whose ``ZtZ`` is in ``pattern``'s layout)."""
+    v, p = pf.n_voxels, pf.p
+    slices = pattern.structure.slices()
+    WX, WY = [], []
+    for a, k in enumerate(pattern.order):
+        q, l = pattern.q_at(a), pattern.l_at(a)
+        zx = pf.ZtX[:, slices[k]].reshape(-1, l, q, p)
+        WX.append(np.ascontiguousarray(np.transpose(zx, (2, 1, 3, 0))))
+        WY.append(np.ascontiguousarray(np.transpose(pf.ZtY[:, slices[k]].reshape(v, l, q),
+                                                    (2, 1, 0))))
+    return Prepared(pf, np.ascontiguousarray(pf.ZtZ.T), tuple(WX), tuple(WY))
+
+
+def _rhs(pattern: BlockPattern, prep: Prepared, lam: list, v: int) -> np.ndarray:
     """``Lambda' Z'[X Y]`` in the flat layout of :meth:`BlockPattern.rhs_layout` (N, v)."""
-    p = pf.p
+    p = prep.pf.p
     r = p + 1
     offs, tail, total = pattern.rhs_layout(r)
     B = np.empty((total, v))
-    st = pattern.structure
-    slices = st.slices()
-    for a, k in enumerate(pattern.order):
+    for a in range(pattern.K):
         q, l = pattern.q_at(a), pattern.l_at(a)
-        ZX = np.moveaxis(pf.ZtX[:, slices[k]].reshape(-1, l, q, p), 0, -1)   # (l, q, p, v|1)
-        ZY = np.moveaxis(pf.ZtY[:, slices[k]].reshape(v, l, q), 0, -1)        # (l, q, v)
-        ZXY = np.concatenate([np.broadcast_to(ZX, (l, q, p, v)), ZY[:, :, None, :]], axis=2)
-        ZXY = np.moveaxis(ZXY, 1, 0)                                          # (q, l, r, v)
-        LB = _mm(_t(lam[a][:, :, :, None, :]), ZXY)                           # Lambda' Z'[X Y]
         if a < pattern.n_prefix:
-            B[offs[a]:offs[a] + q * l * r] = LB.reshape(-1, v)
+            out = B[offs[a]:offs[a] + q * l * r].reshape(q, l, r, v)
         else:
             start = tail + pattern.tail_start[a] * r
-            B[start:start + l * q * r] = np.swapaxes(LB, 0, 1).reshape(-1, v)
+            out = np.moveaxis(B[start:start + l * q * r].reshape(l, q, r, v), 1, 0)
+        WX, WY, lam_a = prep.WX[a], prep.WY[a], lam[a][:, :, 0]       # lam_a (q, q, v)
+        for e in range(q):
+            np.multiply(lam_a[0, e], WX[0], out=out[e, :, :p])
+            np.multiply(lam_a[0, e], WY[0], out=out[e, :, p])
+            for f in range(1, q):
+                out[e, :, :p] += lam_a[f, e] * WX[f]
+                out[e, :, p] += lam_a[f, e] * WY[f]
     return B
 
 
-def blocked_vinv(pattern: BlockPattern, pf: ProductForms, theta: np.ndarray) -> VinvProducts:
+def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray) -> VinvProducts:
     """X'V^-1X, X'V^-1Y, Y'V^-1Y and log|V| (voxel axis first) at ``theta`` (v, n_theta).
 
+    ``pf``: :class:`~mpiblmm.lmm.model.ProductForms` or their :class:`Prepared` form.
     Voxels with non-finite ``theta`` get NaN (and do not disturb the others).
     """
+    prep = pf if isinstance(pf, Prepared) else prepare(pattern, pf)
+    pf = prep.pf
     v, p = pf.n_voxels, pf.p
     bad = ~np.isfinite(theta).all(axis=1)
     theta = np.where(bad[:, None], 0.0, theta)
     lam = _lambda_lead(pattern, theta)
     npre, m = pattern.n_prefix, pattern.m
     # 1. S in the block pattern
-    zz = np.ascontiguousarray(pf.ZtZ.T)                                       # (n_zz, v|1)
+    zz = prep.zz                                                              # (n_zz, v|1)
     vals = np.zeros((pattern.n_vals, v))
     for seg, (a, b), dest in _cached(pattern, "placement", lambda: _placement(pattern)):
         Z = zz[seg.offset:seg.offset + seg.size].reshape(seg.qa, seg.qb, seg.n, -1)
         vals[dest] = _mm(_mm(_t(lam[a]), Z), lam[b]).reshape(-1, v)
     vals[_cached(pattern, "identity", lambda: _identity_rows(pattern))] += 1.0
     # 2. prefix factors
-    Ld, Lc, logs = {}, {}, []
+    Ld, Lc, Lt, logs = {}, {}, {}, []
     for b in range(npre):
         seg = pattern.diag[b]
         L = chol_lead(vals[seg.offset:seg.offset + seg.size].reshape(seg.qa, seg.qa, seg.n, v))
@@ -210,6 +251,11 @@ def blocked_vinv(pattern: BlockPattern, pf: ProductForms, theta: np.ndarray) -> 
             cs = pattern.cross[a, b]
             X = vals[cs.offset:cs.offset + cs.size].reshape(cs.qa, cs.qb, cs.n, v)
             Lc[a, b] = rsolve_lt(X, L[:, :, pattern.pairs[a, b][1]])
+        dense = pattern.dense_tail[b]
+        if dense is not None:                  # tail x tail update: one product per voxel
+            Lt[b] = _dense_tail_block(pattern, b, dense, Lc, v)
+            upd = np.matmul(Lt[b], np.swapaxes(Lt[b], 1, 2))
+            vals[pattern.tail_offset:] -= upd.reshape(v, m * m).T
         ups, uniq, A = pattern.updates[b]
         if ups:
             prods = [_mm(Lc[u.a, b][:, :, u.i1], _t(Lc[u.c, b][:, :, u.i2])).reshape(-1, v)
@@ -224,17 +270,22 @@ def blocked_vinv(pattern: BlockPattern, pf: ProductForms, theta: np.ndarray) -> 
         logdet = logdet + 2.0 * np.log(np.diagonal(C, axis1=1, axis2=2)).sum(axis=1)
     # 5. forward substitution
     r = p + 1
-    B = _rhs(pattern, pf, lam, v)
+    B = _rhs(pattern, prep, lam, v)
     offs, tail, _ = pattern.rhs_layout(r)
     plans = pattern.solve_plan(r)
     for b in range(npre):
         q, l = pattern.q_at(b), pattern.l_at(b)
         c = solve_lower(Ld[b], B[offs[b]:offs[b] + q * l * r].reshape(q, l, r, v))
         B[offs[b]:offs[b] + q * l * r] = c.reshape(-1, v)
+        if b in Lt:                            # tail rows: one product per voxel
+            cv = np.moveaxis(np.swapaxes(c, 0, 1).reshape(l * q, r, v), -1, 0)
+            B[tail:] -= np.moveaxis(np.matmul(Lt[b], cv), 0, -1).reshape(m * r, v)
         if plans[b] is None:
             continue
         prods = []
         for a in pattern.row_factors(b):
+            if b in Lt and a >= npre:
+                continue
             cy = c[:, pattern.pairs[a, b][1]]                                # (q_b, n, r, v)
             La = Lc[a, b]
             prods.append(_cross_rhs(La, cy).reshape(-1, v))
@@ -260,20 +311,30 @@ def blocked_vinv(pattern: BlockPattern, pf: ProductForms, theta: np.ndarray) -> 
     return out
 
 
+def _dense_tail_block(pattern: BlockPattern, b: int, dense, Lc: dict, v: int) -> np.ndarray:
+    """``L[T, b]`` as a dense (v, m, l_b q_b) matrix (the tail rows of column factor b)."""
+    tails, flat = dense
+    width = pattern.l_at(b) * pattern.q_at(b)
+    out = np.zeros((pattern.m * width, v))
+    out[flat] = np.concatenate([Lc[a, b].reshape(-1, v) for a in tails])
+    return np.ascontiguousarray(out.T).reshape(v, pattern.m, width)
+
+
 def _cross_rhs(La: np.ndarray, cy: np.ndarray) -> np.ndarray:
     """``L_ab[t] c_b[y_t]`` per pair: La (q_a, q_b, n, v), cy (q_b, n, r, v) -> (q_a, n, r, v)."""
-    out = []
+    out = np.empty((La.shape[0],) + cy.shape[1:])
     for e in range(La.shape[0]):
-        s = La[e, 0][:, None] * cy[0]
+        np.multiply(La[e, 0][:, None], cy[0], out=out[e])
         for f in range(1, La.shape[1]):
-            s = s + La[e, f][:, None] * cy[f]
-        out.append(s)
-    return np.stack(out)
+            out[e] += La[e, f][:, None] * cy[f]
+    return out
 
 
-def profiled(pattern: BlockPattern, pf: ProductForms, theta: np.ndarray, method: str):
-    """Profiled fit at ``theta``: ``(llh, beta, s2, vp)`` (beta for the centred data)."""
+def profiled(pattern: BlockPattern, pf, theta: np.ndarray, method: str):
+    """Profiled fit at ``theta``: ``(llh, beta, s2, vp)`` (beta for the centred data);
+    ``pf`` as in :func:`blocked_vinv`."""
     vp = blocked_vinv(pattern, pf, theta)
+    pf = pf.pf if isinstance(pf, Prepared) else pf
     ok = np.isfinite(vp.XtViX).all(axis=(1, 2))
     XtViX = np.where(ok[:, None, None], vp.XtViX, np.eye(pf.p))
     vp2 = VinvProducts(XtViX=XtViX, XtViY=np.where(ok[:, None], vp.XtViY, 0.0),

@@ -13,12 +13,16 @@ Per iteration, for the active voxels at once:
 2. direction ``-|H|^-1 g`` (absolute eigenvalues: a descent direction at saddles too);
 3. step halving until ``d`` does not rise (a worse point is never kept);
 4. a voxel stops when the step gained less than ``tolerance`` in ``l`` (or the rounding floor
-   of ``l``), or when no halving helped.
+   of ``l``), or when no halving helped.  (Stopping on a small Newton decrement instead was
+   tried and dropped: near a zero column of ``Lambda_k`` the gradient vanishes by symmetry
+   whether or not the point is a minimum, and one crossed voxel stopped 0.019 below lme4.)
 
 ``d`` is even in every column of ``Lambda_k`` (``D_k`` does not change when a column changes
 sign), so the iteration is unconstrained and the boundary (a zero column, ``D_k`` singular) is
 reached as an ordinary minimum; the result is put in lme4's form (non-negative diagonal) at
-the end.  Start: lme4's ``theta0`` (identity ``Lambda_k``).
+the end.  Start: lme4's ``theta0`` (identity ``Lambda_k``).  (Starting from the best of
+``s theta0``, s = 1 ... 0.03, saved an iteration but found a worse local optimum of the
+REML deviance at one crossed reference voxel, 0.019 below lme4: dropped.)
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import numpy as np
 from ..model import ProductForms
 from ..polish import canonical_theta
 from ..theta import n_theta, theta_slices, tril_indices
-from .cholesky import profiled
+from .cholesky import prepare, profiled
 
 REL_STEP = 1e-4
 
@@ -48,13 +52,13 @@ def steps(theta: np.ndarray, rel: float = REL_STEP) -> np.ndarray:
     return rel * np.maximum(np.abs(theta), 0.1)
 
 
-def deviance(pattern, pf: ProductForms, theta: np.ndarray, method: str) -> np.ndarray:
+def deviance(pattern, pf, theta: np.ndarray, method: str) -> np.ndarray:
     """``-2 l`` (v,) at ``theta``; +inf where the evaluation failed."""
     llh = profiled(pattern, pf, theta, method)[0]
     return np.where(np.isfinite(llh), -2.0 * llh, np.inf)
 
 
-def fd_gradient_hessian(pattern, pf: ProductForms, theta: np.ndarray, f0: np.ndarray,
+def fd_gradient_hessian(pattern, pf, theta: np.ndarray, f0: np.ndarray,
                         method: str) -> tuple[np.ndarray, np.ndarray]:
     """Gradient (v, m) and Hessian (v, m, m) of the deviance by finite differences."""
     v, m = theta.shape
@@ -103,15 +107,16 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
     ``s2``, ``XtViX``, ``iterations`` and ``converged``.
     """
     st, v = pf.structure, pf.n_voxels
+    prep = prepare(pattern, pf)
     theta = theta0(pf) if theta_start is None else np.array(theta_start, dtype=np.float64)
-    f = deviance(pattern, pf, theta, method)
+    f = deviance(pattern, prep, theta, method)
     iterations = np.zeros(v, dtype=np.int64)
     converged = np.zeros(v, dtype=bool)
     active = np.flatnonzero(np.isfinite(f))
     for _ in range(max_iterations):
         if active.size == 0:
             break
-        sub = pf.take(active)
+        sub = prep.take(active)
         th, fa = theta[active], f[active]
         g, H = fd_gradient_hessian(pattern, sub, th, fa, method)
         d = saddle_free_direction(g, H)
@@ -138,6 +143,6 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
         converged[active[done]] = True
         active = active[~done]
     theta = canonical_theta(theta, st)
-    llh, beta, s2, vp = profiled(pattern, pf, theta, method)
+    llh, beta, s2, vp = profiled(pattern, prep, theta, method)
     return dict(theta=theta, llh=llh, beta=beta, s2=s2, XtViX=vp.XtViX,
                 iterations=iterations, converged=converged)

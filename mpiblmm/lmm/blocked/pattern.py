@@ -36,6 +36,10 @@ from ..model import RandomStructure
 #: Largest dense remainder (tail) the blocked path accepts: ``m`` rows of ``m x m`` per voxel.
 MAX_TAIL = 2000
 
+#: The tail update of a column factor is one dense (m x l_b q_b) product per voxel when that
+#: costs at most this many times the pair-by-pair updates (BLAS against gathers/scatters).
+DENSE_TAIL_FACTOR = 32
+
 
 def join_on(ya: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All index pairs ``(i, k)`` with ``ya[i] == yc[k]``, ordered by ``i`` then ``k``."""
@@ -152,8 +156,11 @@ class BlockPattern:
         for b in range(self.n_prefix):
             ups, targets = [], []
             rows = self.row_factors(b)
+            dense = self.dense_tail[b] is not None
             for ia, a in enumerate(rows):
                 for c in rows[:ia + 1]:
+                    if dense and c >= self.n_prefix:
+                        continue                 # tail x tail: one dense product per voxel
                     xa, ya, _ = self.pairs[a, b]
                     xc, yc, _ = self.pairs[c, b]
                     i1, i2 = join_on(ya, yc)
@@ -183,6 +190,38 @@ class BlockPattern:
                 plans[b] = (ups, np.zeros(0, np.int64), None)
         return plans
 
+    @cached_property
+    def dense_tail(self) -> dict:
+        """Per prefix position ``b``: None, or the flat positions in a (m, l_b q_b) matrix of
+        the tail rows' blocks ``L[a, b]`` (row factors in order, entries (e1, e2, pair)) when
+        the tail's update ``L_Tb L_Tb'`` is cheaper as one dense product per voxel (BLAS,
+        the same call for every voxel) than pair by pair (crossed factors)."""
+        out = {}
+        for b in range(self.n_prefix):
+            tails = [a for a in self.row_factors(b) if a >= self.n_prefix]
+            qb, lb = self.q_at(b), self.l_at(b)
+            if not tails:
+                out[b] = None
+                continue
+            counts = np.zeros(lb, np.int64)
+            for a in tails:
+                counts += np.bincount(self.pairs[a, b][1], minlength=lb) * self.q_at(a)
+            sparse_cost = float((counts * (counts + 1) // 2).sum()) * qb
+            if self.m * self.m * lb * qb > DENSE_TAIL_FACTOR * sparse_cost:
+                out[b] = None
+                continue
+            flat = []
+            for a in tails:
+                x, y, _ = self.pairs[a, b]
+                e1 = np.arange(self.q_at(a))[:, None, None]
+                e2 = np.arange(qb)[None, :, None]
+                row = self.tail_index(a, x[None, None, :], e1)
+                col = y[None, None, :] * qb + e2
+                flat.append(np.broadcast_to(row * (lb * qb) + col,
+                                            (self.q_at(a), qb, x.size)).ravel())
+            out[b] = (tails, np.concatenate(flat))
+        return out
+
     def rhs_layout(self, r: int) -> tuple[dict, int, int]:
         """Flat layout of ``Lambda' Z'[X Y]`` with ``r`` columns: prefix positions
         (q_b, l_b, r) from their offsets, then the tail (m, r); returns offsets, tail offset
@@ -204,6 +243,8 @@ class BlockPattern:
         for b in range(self.n_prefix):
             targets = []
             for a in self.row_factors(b):
+                if a >= self.n_prefix and self.dense_tail[b] is not None:
+                    continue
                 x = self.pairs[a, b][0]
                 e = np.arange(self.q_at(a))[:, None, None]
                 s = np.arange(r)[None, None, :]
