@@ -8,6 +8,13 @@ column).  A ``maps.json`` beside them names every file and its volumes.
 
 With a communicator of several ranks the maps are shared round-robin; each rank opens the
 results file read-only on its own (no collective I/O) and writes its maps.
+
+Atomic maps: each map is written under a temporary name and renamed
+(:func:`mpiblmm.io.nifti.save_map`).  A failure (disk full, a corrupt results file) or a
+SIGTERM/SIGINT between maps removes this process's temporary files, every rank agrees on the
+outcome, and it ends as one line (exit 4 for a failed write, 2 for an unreadable file, 3 for
+a signal); temporary files of a process that was killed outright are removed by the next
+export into the same folder, so ``export`` can always be rerun.
 """
 
 from __future__ import annotations
@@ -15,15 +22,58 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mpiblmm import interrupt
 from mpiblmm.errors import UserError
 from mpiblmm.io import agree, comm_rank, comm_size, make_dirs
 from mpiblmm.io.nifti import save_map
+from mpiblmm.parallel import INTERRUPTED_EXIT_CODE, IOFailure, describe_io_error
+
+#: Temporary names of maps being written (``.<stem>.tmp<pid>.nii[.gz]``, see ``save_map``).
+TMP_PATTERN = re.compile(r"^\.(?P<stem>.+)\.tmp(?P<pid>\d+)\.nii(\.gz)?$")
+
+
+class ExportStopped(Exception):
+    """The export stopped at SIGTERM/SIGINT (raised on every rank together)."""
+
+
+def remove_tmp_files(folder: Path, only_pid: int | None = None) -> None:
+    """Remove the temporary maps in ``folder`` of process ``only_pid``, or (``None``) of
+    every process of this host that no longer runs (left by an export that was killed)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        m = TMP_PATTERN.match(name)
+        if not m:
+            continue
+        pid = int(m.group("pid"))
+        if only_pid is not None and pid != only_pid:
+            continue
+        if only_pid is None and _alive(pid):
+            continue
+        try:
+            os.unlink(Path(folder) / name)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)
@@ -136,34 +186,88 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
         f.close()
     agree(comm, error)
 
-    written = []
-    with f:
-        voxels = np.asarray(f["voxels"][...], dtype=np.int64)
-        grid_shape = tuple(int(s) for s in f.attrs["grid_shape"])
-        affine = np.asarray(f.attrs["affine"], dtype=np.float64)
-        maps = list_maps(f)
-        for m in maps[rank::size]:
-            data = np.asarray(f[m.dataset][...])
-            if m.lower_triangle:
-                rows, cols = vech_indices(data.shape[1])
-                data = data[:, rows, cols]
-            target = out / f"{m.stem}.nii.gz"
-            save_map(target, volume(data, voxels, grid_shape), affine,
-                     description=f"mpiblmm {m.stem}")
-            written.append(target)
-    if size > 1:
-        comm.Barrier()
     if rank == 0:
-        index = {f"{m.stem}.nii.gz": {"dataset": m.dataset, "volumes": list(m.volumes)} for m in maps}
-        (out / "maps.json").write_text(json.dumps(index, indent=2) + "\n")
+        remove_tmp_files(out)  # left by an export that was killed outright
+    if size > 1:
+        comm.Barrier()  # before any rank starts writing its own temporary files
+
+    written: list[Path] = []
+    maps: list[MapSpec] = []
+    error: UserError | None = None
+    target = out
+    with f:
+        try:
+            voxels = np.asarray(f["voxels"][...], dtype=np.int64)
+            grid_shape = tuple(int(s) for s in f.attrs["grid_shape"])
+            affine = np.asarray(f.attrs["affine"], dtype=np.float64)
+            if not np.all(np.isfinite(affine)):
+                raise UserError("attribute 'affine' holds NaN or Inf: cannot place the maps",
+                                str(results))
+            maps = list_maps(f)
+            for m in maps[rank::size]:
+                if interrupt.requested():
+                    break
+                target = results
+                data = np.asarray(f[m.dataset][...])
+                if m.lower_triangle:
+                    rows, cols = vech_indices(data.shape[1])
+                    data = data[:, rows, cols]
+                target = out / f"{m.stem}.nii.gz"
+                save_map(target, volume(data, voxels, grid_shape), affine,
+                         description=f"mpiblmm {m.stem}")
+                written.append(target)
+            if rank == 0 and not interrupt.requested():
+                index = {f"{m.stem}.nii.gz": {"dataset": m.dataset, "volumes": list(m.volumes)}
+                         for m in maps}
+                target = out / "maps.json"
+                _write_atomic(target, json.dumps(index, indent=2) + "\n")
+        except UserError as exc:
+            error = exc
+        except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
+            if target == results or target == out:  # reading the results file
+                error = UserError(f"not a readable results file ({describe_io_error(exc)})",
+                                  str(results))
+            else:
+                error = IOFailure(f"rank {rank}: {target}: {describe_io_error(exc)} "
+                                  f"(while writing maps)")
+        finally:
+            remove_tmp_files(out, os.getpid())
+    agree(comm, error)
+    stopped = interrupt.requested()
+    if size > 1:
+        from mpi4py import MPI
+
+        stopped = bool(comm.allreduce(int(stopped), op=MPI.MAX))
+    if stopped:
+        raise ExportStopped()
     return written
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def run_export(args: argparse.Namespace) -> int:
     """``mpiblmm export RESULTS_H5 [DIR]``: (re)write the NIfTI maps; returns the exit code."""
     comm = _world()
     out_dir = getattr(args, "out_dir", None) or getattr(args, "directory", None)
-    written = export_nifti(args.results, out_dir, comm=comm)
+    interrupt.install()
+    try:
+        written = export_nifti(args.results, out_dir, comm=comm)
+    except ExportStopped:
+        if comm_rank(comm) == 0:
+            print(f"mpiblmm: stopped by {interrupt.signal_name() or 'a signal'}; no temporary "
+                  f"files are left: run the same command again to write the maps",
+                  file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
+    finally:
+        interrupt.uninstall()
     total = len(written) if comm is None else comm.allreduce(len(written))
     if comm_rank(comm) == 0:
         target = out_dir or Path(args.results).parent / "nifti"
