@@ -118,6 +118,20 @@ class ResultsLayout:
         return out
 
 
+def _early() -> Any:
+    """Dataset creation properties: space allocated (and filled) when the dataset is made.
+
+    Parallel HDF5 always does so; asking for it on one process too means a full disk or
+    quota shows at creation, before any fitting, rather than later in a write that HDF5's
+    metadata cache may only report when it is too late to say where.
+    """
+    import h5py
+
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return dcpl
+
+
 def _str_array(items: Sequence[str]) -> np.ndarray:
     import h5py
 
@@ -151,7 +165,7 @@ def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
         f.create_group("random")
         f.create_group("contrasts")
         for name, (shape, dtype, fill) in layout.datasets().items():
-            f.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill)
+            f.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill, dcpl=_early())
         f["status"].attrs["codes"] = json.dumps({str(k): v for k, v in status_codes().items()})
         f["beta"].attrs["names"] = _str_array(layout.fixed_names)
         f["cov_beta"].attrs["names"] = _str_array(layout.fixed_names)
@@ -162,7 +176,8 @@ def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
             g.attrs["kind"] = c.kind
             g.attrs["weights"] = np.asarray(c.L, dtype=np.float64)
             g.attrs["alternative"] = c.alternative
-        done = f.create_dataset("progress/done", shape=(layout.n_voxels,), dtype="u1", fillvalue=0)
+        done = f.create_dataset("progress/done", shape=(layout.n_voxels,), dtype="u1", fillvalue=0,
+                                dcpl=_early())
         done.attrs["meaning"] = "1 once every result of the voxel is written"
         root = comm_rank(comm) == 0
         write_hyperslab(vox, (0, 0), voxels if root else voxels[:0], collective=True)
@@ -180,7 +195,7 @@ def check_resumable(path: Path, input_hash: str | None = None,
     import h5py
 
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r", locking=False) as f:  # the output's lock is ours already
             if f.attrs.get("format") != RESULTS_FORMAT or "progress/done" not in f:
                 raise UserError(f"cannot resume {path}: not an mpiblmm results file; use "
                                 f"--overwrite to replace it", where)

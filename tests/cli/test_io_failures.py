@@ -94,9 +94,9 @@ def test_full_disk_at_2_ranks_ends_within_seconds_with_one_line(study, small_dis
     spec, complete = study
     packed, results = _pages(complete / "packed.h5"), _pages(complete / "results.h5")
 
-    def fit(folder: Path):
-        return _run_job(_launch(2, [*_mpiblmm(), "fit", str(spec), "-o", str(folder), "-q"]),
-                        120, None, None)
+    def fit(folder: Path, ranks: int = 2):
+        return _run_job(_launch(ranks, [*_mpiblmm(), "fit", str(spec), "-o", str(folder),
+                                        "-q"]), 120, None, None)
 
     disk = small_disk(packed // 2)                               # full while packing
     _fails_fast_with_one_line(fit(disk / "a"), "packed.h5")
@@ -105,6 +105,8 @@ def test_full_disk_at_2_ranks_ends_within_seconds_with_one_line(study, small_dis
     disk = small_disk(packed + 2 + results // 2)                 # full while creating results
     _fails_fast_with_one_line(fit(disk / "b"), "results.h5")
     assert not (disk / "b" / "mpiblmm.lock").exists()
+    shutil.rmtree(disk / "b")
+    _fails_fast_with_one_line(fit(disk / "b", ranks=1), "results.h5")  # serial HDF5 too
 
     # Full while exporting the maps: the results are complete, no temporary map is left,
     # and the export succeeds once there is room.
