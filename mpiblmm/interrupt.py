@@ -86,11 +86,12 @@ def install(grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
 
 
 def uninstall() -> None:
-    """Restore the handlers :func:`install` replaced and disarm the timer."""
+    """Restore the handlers :func:`install` replaced, disarm the timer, forget the signal."""
     signal.setitimer(signal.ITIMER_REAL, 0)
     for sig, handler in _state.previous.items():
         signal.signal(sig, handler)
     _state.previous = {}
+    _state.signum, _state.expired, _state.computing = None, False, False
 
 
 def requested() -> bool:

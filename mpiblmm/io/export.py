@@ -212,15 +212,10 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
                 if m.lower_triangle:
                     rows, cols = vech_indices(data.shape[1])
                     data = data[:, rows, cols]
+                image = volume(data, voxels, grid_shape)
                 target = out / f"{m.stem}.nii.gz"
-                save_map(target, volume(data, voxels, grid_shape), affine,
-                         description=f"mpiblmm {m.stem}")
+                save_map(target, image, affine, description=f"mpiblmm {m.stem}")
                 written.append(target)
-            if rank == 0 and not interrupt.requested():
-                index = {f"{m.stem}.nii.gz": {"dataset": m.dataset, "volumes": list(m.volumes)}
-                         for m in maps}
-                target = out / "maps.json"
-                _write_atomic(target, json.dumps(index, indent=2) + "\n")
         except UserError as exc:
             error = exc
         except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
@@ -240,6 +235,15 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
         stopped = bool(comm.allreduce(int(stopped), op=MPI.MAX))
     if stopped:
         raise ExportStopped()
+    if rank == 0:  # the index last, once every map is in place
+        index = {f"{m.stem}.nii.gz": {"dataset": m.dataset, "volumes": list(m.volumes)}
+                 for m in maps}
+        try:
+            _write_atomic(out / "maps.json", json.dumps(index, indent=2) + "\n")
+        except OSError as exc:
+            error = IOFailure(f"rank 0: {out / 'maps.json'}: {describe_io_error(exc)} "
+                              f"(while writing maps)")
+    agree(comm, error)
     return written
 
 
