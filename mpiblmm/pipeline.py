@@ -211,7 +211,11 @@ def _load(spec_path: str, options: FitOptions) -> Setup:
     lock, and what to do about results already there (refuse, resume or replace)."""
     from dataclasses import replace
 
-    spec = load_spec(spec_path)
+    try:
+        spec = load_spec(spec_path)
+    except UnicodeDecodeError as exc:  # a file the spec reads is not text (spec.py's job)
+        raise UserError(f"it, or a list file it names, is not UTF-8 text (byte {exc.start}: "
+                        f"{exc.reason})", spec_path) from None
     where = f"{spec_path}: output"
     if options.output is not None:
         if not str(options.output).strip():

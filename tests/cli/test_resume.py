@@ -227,8 +227,11 @@ def test_existing_output_is_refused_without_a_flag(study, tmp_path):
     assert run.returncode == 0, run.stderr
     _same(reference, read_results(out / "results.h5"))
 
-    for bad in (["-o", ""], ["-o", str(out), "--resume", "--overwrite"]):
-        run = fit(*bad)
+    latin1 = spec.parent / "latin1.json"
+    latin1.write_bytes(b'{"images": "\xe9t\xe9.txt"}')
+    for spec_path, bad in ((spec, ["-o", ""]), (spec, ["-o", str(out), "--resume", "--overwrite"]),
+                           (latin1, ["-o", str(out), "--resume"])):
+        run = fit(*bad, spec_path=spec_path)
         lines = _errors(run.stderr)
         assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
         assert len(lines) == 1 or lines[0].startswith("usage:"), run.stderr
