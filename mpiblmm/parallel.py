@@ -296,9 +296,10 @@ def no_hang(comm: Any, path: Any, doing: str = "writing") -> Iterator[None]:
     permission), ``RuntimeError`` or any error raised inside h5py (HDF5 reports a failed
     MPI-IO write as a ``ValueError``) becomes one line,
     ``mpiblmm: error: rank N: <file>: <cause> (while <doing>)``, and exit code
-    :data:`IO_FAILURE_EXIT_CODE` for the whole job; any other exception is a bug: its
-    traceback, then exit code :data:`ABORT_EXIT_CODE`.  An :class:`AgreedUserError` (raised
-    on every rank together) passes through.
+    :data:`IO_FAILURE_EXIT_CODE` for the whole job; a :class:`UserError` of this rank alone
+    becomes its line and exit code 2 (on one process it passes through); any other exception
+    is a bug: its traceback, then exit code :data:`ABORT_EXIT_CODE`.  An
+    :class:`AgreedUserError` (raised on every rank together) passes through.
     """
     swallowed: list[BaseException] = []
     previous = sys.unraisablehook
@@ -330,6 +331,11 @@ def no_hang(comm: Any, path: Any, doing: str = "writing") -> Iterator[None]:
             raise swallowed[0]
     except AgreedUserError:
         raise
+    except UserError as exc:
+        if comm is None or comm.Get_size() == 1:
+            raise  # one process: an ordinary user error
+        die(comm, f"rank {comm.Get_rank()}: {exc}", int(getattr(exc, "exit_code",
+                                                             USER_ERROR_EXIT_CODE)))
     except Exception as exc:  # noqa: BLE001 - sorted below: I/O failure or bug
         if not isinstance(exc, (OSError, RuntimeError)) and not _from_h5py(exc):
             _bug(comm, exc)

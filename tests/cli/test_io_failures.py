@@ -174,3 +174,31 @@ def test_export_of_a_corrupt_or_truncated_file_is_one_line(study, tmp_path):
         assert name in lines[0] and "Traceback" not in run.stderr, lines[0]
         folder = tmp_path / f"maps_{name}"
         assert not folder.exists() or not [p for p in folder.iterdir() if ".tmp" in p.name]
+
+
+@pytest.mark.spawns_mpiexec
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_an_io_error_on_one_rank_while_the_others_wait_ends_the_job(ranks, tmp_path):
+    """The mechanism itself: the last rank's write fails while the others already wait in a
+    collective that can never complete; the job must end at once with one line, and the
+    abort hook (the output lock's release) must run."""
+    marker = tmp_path / "hook-ran"
+    code = f"""
+import errno, sys
+from mpi4py import MPI
+from mpiblmm.parallel import at_abort, no_hang
+comm = MPI.COMM_WORLD
+at_abort(lambda: open({str(marker)!r}, "w").close())
+with no_hang(comm, "/data/results.h5", "writing results"):
+    if comm.Get_rank() == comm.Get_size() - 1:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    comm.Barrier()
+print("never here", flush=True)
+"""
+    run = _run_job(_launch(ranks, [sys.executable, "-c", code]), 60, None, None)
+    lines = _errors(run.stderr)
+    assert not run.timed_out and run.seconds < 20, run.seconds
+    assert run.returncode == 4 and "never here" not in run.stdout, run.stderr
+    assert lines == [f"mpiblmm: error: rank {ranks - 1}: /data/results.h5: No space left on "
+                     f"device (while writing results)"], run.stderr
+    assert marker.exists()
