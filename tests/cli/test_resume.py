@@ -275,3 +275,32 @@ def test_second_writer_is_refused_and_stale_locks_replaced(study, tmp_path):
                                "-q"]), 300, None, None)
     assert run.returncode == 0, run.stderr[-3000:]
     assert not (out / "mpiblmm.lock").exists()
+
+
+@pytest.mark.spawns_mpiexec
+def test_a_half_packed_input_is_packed_again_on_resume(study, tmp_path):
+    """A job killed while packing leaves packed.h5 with complete = false (and no results):
+    --resume starts a new fit, packs again rather than reading the half-written file, and
+    gives the reference bits; a complete packed.h5 of the same images is reused as it is."""
+    import h5py
+
+    spec, reference, ref_out = study
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "packed.h5").write_bytes((ref_out / "packed.h5").read_bytes())
+    with h5py.File(out / "packed.h5", "r+") as f:
+        f.attrs["complete"] = False
+        f["Y"][:, : f["Y"].shape[1] // 2] = 0.0      # the rows never written
+    run = _run_job(_launch(2, [*_mpiblmm(), "fit", str(spec), "-o", str(out), "--resume",
+                               "--chunk-voxels", "60"]), 300, None, None)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "nothing to resume" in run.stdout
+    _same(reference, read_results(out / "results.h5"))
+    with h5py.File(out / "packed.h5", "r") as f:
+        assert f.attrs["complete"]
+    before = (out / "packed.h5").stat().st_mtime_ns
+    run = _run_job(_launch(3, [*_mpiblmm(), "fit", str(spec), "-o", str(out), "--overwrite",
+                               "-q"]), 300, None, None)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "packed.h5").stat().st_mtime_ns == before  # reused, not rewritten
+    _same(reference, read_results(out / "results.h5"))
