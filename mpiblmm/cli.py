@@ -111,6 +111,34 @@ def get_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="write one log per rank (its slab, chunks and phases) as DIR/rank-NNNNN.log",
     )
+    existing = fit.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the fit whose results.h5 is in the output folder (same spec and data, "
+        "any number of ranks): only voxels not yet done are fitted",
+    )
+    existing.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results already in the output folder (without --resume or "
+        "--overwrite, existing results are refused)",
+    )
+    fit.add_argument(
+        "--grace-seconds",
+        type=_positive_float,
+        default=30.0,
+        metavar="S",
+        help="after SIGTERM/SIGINT, seconds a rank may still spend on the chunk in hand before "
+        "abandoning it (default 30); the job then exits with code 3: rerun with --resume",
+    )
+    fit.add_argument(
+        "--chunk-voxels",
+        type=_positive_int,
+        metavar="N",
+        help="at most N voxels per chunk (default: as many as the memory budget allows); "
+        "chunks are the checkpoints of --resume",
+    )
 
     export = sub.add_parser(
         "export",
@@ -254,6 +282,17 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    """argparse type: a number greater than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     """argparse type: a number in [0, 1]."""
     try:
@@ -334,7 +373,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = get_parser().parse_args(argv)
     pin_blas_threads()
+    if args.command not in ("fit", "export"):
+        return _main(args)
+    # SIGTERM/SIGINT ask for a clean stop from now on (also during the imports of _main).
+    from mpiblmm import interrupt
 
+    interrupt.install(getattr(args, "grace_seconds", interrupt.DEFAULT_GRACE_SECONDS))
+    try:
+        return _main(args)
+    finally:
+        interrupt.uninstall()
+
+
+def _main(args: argparse.Namespace) -> int:
+    """:func:`main` after parsing: MPI, the launcher check, and the guarded handler."""
     # Imported here, not at module level: importing mpi4py initialises MPI.
     from mpi4py import MPI
 

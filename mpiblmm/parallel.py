@@ -14,15 +14,28 @@ Rules kept here:
   printed by rank 0, and exit code 2 on every rank. Any other exception is a bug: the rank
   prints ``rank N: <Type>: <message>`` and its traceback, then aborts the whole job so no
   rank waits forever in a collective.
+- An error inside or around collective HDF5 (disk full, I/O error, quota) must not unwind
+  through a collective ``close``, which would wait forever for ranks that are elsewhere:
+  such code runs inside :func:`no_hang`, which prints one line naming the rank, the file and
+  the cause and ends the whole job at once (:func:`die`, exit code
+  :data:`IO_FAILURE_EXIT_CODE`).  Clean-up that must happen even then (the output lock) is
+  registered with :func:`at_abort`.
 - A finished rank leaves through :func:`exit_now`: MPI finalized, no interpreter teardown.
+
+Exit codes: 0 done; 1 a bug (the job was aborted); 2 a user error; 3 stopped by SIGTERM or
+SIGINT (the work done so far is kept: rerun with ``--resume``); 4 an I/O failure while
+writing or reading (disk full, quota, I/O error; the job was aborted).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import sys
 import traceback
-from typing import Any, Callable, Mapping, NamedTuple, NoReturn
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, NoReturn
 
 import numpy as np
 
@@ -30,6 +43,12 @@ from mpiblmm.errors import USER_ERROR_EXIT_CODE, UserError
 
 #: Exit code of a rank that aborts the job after an unexpected exception.
 ABORT_EXIT_CODE = 1
+
+#: Exit code of a job stopped by SIGTERM/SIGINT whose work so far is kept (``--resume``).
+INTERRUPTED_EXIT_CODE = 3
+
+#: Exit code of a job aborted because reading or writing a file failed (disk full, EIO, ...).
+IO_FAILURE_EXIT_CODE = 4
 
 #: Exit code when the launcher started several processes but MPI sees only one each.
 LAUNCHER_MISMATCH_EXIT_CODE = 1
@@ -135,9 +154,18 @@ class AgreedUserError(UserError):
         That rank.
     """
 
-    def __init__(self, message: str, origin_rank: int) -> None:
+    def __init__(self, message: str, origin_rank: int,
+                 exit_code: int = USER_ERROR_EXIT_CODE) -> None:
         super().__init__(message)
         self.origin_rank = origin_rank
+        self.exit_code = exit_code
+
+
+class IOFailure(UserError):
+    """Reading or writing a file failed (disk full, I/O error) where every rank can still
+    agree on it (no collective I/O under way): one line, exit code 4 on every rank."""
+
+    exit_code = 4
 
 
 def agree_on_user_error(comm: Any, error: BaseException | None) -> None:
@@ -166,13 +194,166 @@ def agree_on_user_error(comm: Any, error: BaseException | None) -> None:
     first_bad = comm.allreduce(flag, op=MPI.MIN)
     if first_bad == comm.Get_size():
         return
-    message = str(error) if rank == first_bad else None
-    message = comm.bcast(message, root=first_bad)
-    raise AgreedUserError(message, first_bad)
+    mine = None
+    if rank == first_bad:
+        mine = (str(error), int(getattr(error, "exit_code", USER_ERROR_EXIT_CODE)))
+    message, code = comm.bcast(mine, root=first_bad)
+    raise AgreedUserError(message, first_bad, code)
 
 
 def _print_user_error(message: str) -> None:
     print(f"mpiblmm: error: {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- ending a job
+_ABORT_HOOKS: list[Callable[[], None]] = []
+
+
+def at_abort(hook: Callable[[], None]) -> Callable[[], None]:
+    """Register ``hook`` to run before this rank aborts the job (e.g. release a lock).
+
+    Returns ``hook``; remove it again with :func:`forget_abort_hook`.  Hooks must be quick,
+    never raise into the caller (errors are ignored) and are safe to run more than once.
+    """
+    _ABORT_HOOKS.append(hook)
+    return hook
+
+
+def forget_abort_hook(hook: Callable[[], None]) -> None:
+    """Unregister a hook of :func:`at_abort` (no error if it is not registered)."""
+    if hook in _ABORT_HOOKS:
+        _ABORT_HOOKS.remove(hook)
+
+
+def _run_abort_hooks() -> None:
+    for hook in list(_ABORT_HOOKS):
+        try:
+            hook()
+        except Exception:  # noqa: BLE001 - clean-up must not stop the abort
+            pass
+
+
+def _abort(comm: Any, code: int) -> NoReturn:
+    """End the whole job now: other ranks may be inside a collective that never completes."""
+    _run_abort_hooks()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    if comm is not None and comm.Get_size() > 1:
+        comm.Abort(code)
+    os._exit(code)  # one rank: no interpreter teardown, which would close HDF5 files again
+
+
+def die(comm: Any, message: str, code: int = IO_FAILURE_EXIT_CODE) -> NoReturn:
+    """Print ``mpiblmm: error: <message>`` and end the whole job with ``code``, at once."""
+    print(f"mpiblmm: error: {message}", file=sys.stderr, flush=True)
+    _abort(comm, code)
+
+
+_KNOWN_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES,
+                 errno.EPERM, errno.EFBIG, errno.ENOENT, errno.ESTALE)
+
+
+def _from_h5py(exc: BaseException) -> bool:
+    """True when ``exc`` was raised inside h5py (HDF5 turns I/O failures into ValueError,
+    KeyError or RuntimeError as well as OSError)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and "h5py" in frames[-1].filename.replace("\\", "/")
+
+
+def describe_io_error(exc: BaseException) -> str:
+    """The cause of an I/O error in a few words (``No space left on device``).
+
+    HDF5 reports the ``errno`` of a failed system call inside its message; that errno's
+    text is what a user needs.  Otherwise the first line of the message, shortened.
+    """
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int) and code > 0:
+        return os.strerror(code)
+    text = str(exc)
+    for known in _KNOWN_ERRNOS:  # MPI-IO reports the system's words, without the errno
+        if os.strerror(known) in text:
+            return os.strerror(known)
+    found = re.search(r"errno\s*=\s*(\d+)", text)
+    if found and int(found.group(1)) > 0:
+        return os.strerror(int(found.group(1)))
+    found = re.search(r"error message\s*=\s*'([^']+)'", text)
+    if found:
+        return found.group(1)
+    line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+@contextmanager
+def no_hang(comm: Any, path: Any, doing: str = "writing") -> Iterator[None]:
+    """Run a block of (collective) file I/O; on any error end the job at once, never hang.
+
+    An error on one rank while the others are inside, or on their way into, a collective HDF5
+    call would leave them waiting forever, and closing the file (collective too) would hang
+    this rank as well.  So nothing is unwound: an ``OSError`` (disk full, quota, EIO,
+    permission), ``RuntimeError`` or any error raised inside h5py (HDF5 reports a failed
+    MPI-IO write as a ``ValueError``) becomes one line,
+    ``mpiblmm: error: rank N: <file>: <cause> (while <doing>)``, and exit code
+    :data:`IO_FAILURE_EXIT_CODE` for the whole job; a :class:`UserError` of this rank alone
+    becomes its line and exit code 2 (on one process it passes through); any other exception
+    is a bug: its traceback, then exit code :data:`ABORT_EXIT_CODE`.  An
+    :class:`AgreedUserError` (raised on every rank together) passes through.
+    """
+    swallowed: list[BaseException] = []
+    previous = sys.unraisablehook
+
+    def keep(unraisable: Any) -> None:
+        # Serial HDF5 may report a failed write only when h5py frees an object, where
+        # Python can merely print it ("Exception ignored in ... __dealloc__"): keep it.
+        if unraisable.exc_value is not None and "h5py" in repr(unraisable.object) + str(
+                getattr(unraisable, "err_msg", "")):
+            swallowed.append(unraisable.exc_value)
+        else:
+            previous(unraisable)
+
+    previous_excepthook = sys.excepthook
+
+    def keep_printed(kind: Any, value: Any, tb: Any) -> None:
+        # Cython prints the traceback of such an error through sys.excepthook first.
+        frames = traceback.extract_tb(tb)
+        if frames and "h5py" in frames[-1].filename and value is not None:
+            swallowed.append(value)
+        else:
+            previous_excepthook(kind, value, tb)
+
+    sys.unraisablehook = keep
+    sys.excepthook = keep_printed
+    try:
+        yield
+        if swallowed:
+            raise swallowed[0]
+    except AgreedUserError:
+        raise
+    except UserError as exc:
+        if comm is None or comm.Get_size() == 1:
+            raise  # one process: an ordinary user error
+        die(comm, f"rank {comm.Get_rank()}: {exc}", int(getattr(exc, "exit_code",
+                                                             USER_ERROR_EXIT_CODE)))
+    except Exception as exc:  # noqa: BLE001 - sorted below: I/O failure or bug
+        if not isinstance(exc, (OSError, RuntimeError)) and not _from_h5py(exc):
+            _bug(comm, exc)
+        rank = 0 if comm is None else comm.Get_rank()
+        die(comm, f"rank {rank}: {path}: {describe_io_error(exc)} (while {doing})",
+            IO_FAILURE_EXIT_CODE)
+    except BaseException as exc:  # noqa: BLE001 - a bug inside collective I/O: abort now
+        _bug(comm, exc)
+    finally:
+        sys.unraisablehook = previous
+        sys.excepthook = previous_excepthook
+
+
+def _bug(comm: Any, exc: BaseException) -> NoReturn:
+    rank = 0 if comm is None else comm.Get_rank()
+    print(f"rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    _abort(comm, ABORT_EXIT_CODE)
 
 
 def run_guarded(fn: Callable[[], int | None], comm: Any) -> int:
@@ -200,14 +381,16 @@ def run_guarded(fn: Callable[[], int | None], comm: Any) -> int:
     except AgreedUserError as exc:
         if rank == 0:
             _print_user_error(str(exc))
-        return USER_ERROR_EXIT_CODE
+        return exc.exit_code
     except UserError as exc:
         # Raised on this rank alone, outside agree_on_user_error: the other ranks may be
         # waiting in a collective, so only an abort is safe when there are several.
+        code = int(getattr(exc, "exit_code", USER_ERROR_EXIT_CODE))
         _print_user_error(str(exc) if size == 1 else f"rank {rank}: {exc}")
+        _run_abort_hooks()
         if size > 1:
-            comm.Abort(USER_ERROR_EXIT_CODE)
-        return USER_ERROR_EXIT_CODE
+            comm.Abort(code)
+        return code
     except KeyboardInterrupt:
         raise
     except SystemExit as exc:
@@ -215,12 +398,14 @@ def run_guarded(fn: Callable[[], int | None], comm: Any) -> int:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if code != 0 and size > 1:
             print(f"rank {rank}: exited with code {code}", file=sys.stderr, flush=True)
+            _run_abort_hooks()
             comm.Abort(code)
         return code
     except BaseException as exc:  # noqa: BLE001 - the top of a rank's job
         print(f"rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
+        _run_abort_hooks()
         if size > 1:
             comm.Abort(ABORT_EXIT_CODE)
         return ABORT_EXIT_CODE

@@ -14,11 +14,24 @@ Stages (every rank runs them; the collective ones are marked):
 5. finish   status counts and timers are reduced over ranks, stored as attributes, and
             ``complete`` is set last (collective).
 6. export   NIfTI maps, shared across ranks by map (collective).
+
+Checkpoint and resume: the voxels of every chunk written are marked in ``progress/done``;
+``--resume`` reopens the results file (refused unless its ``input_hash``, see
+:func:`input_hash`, matches the model, settings and data of this run), gives done voxels cost
+0 when the voxels are shared among the ranks (any rank count) and fits only the others.  A
+voxel's arithmetic does not depend on its chunk or rank, so the results are the bits an
+uninterrupted run gives.  Without ``--resume`` or ``--overwrite`` an existing results file
+is refused.  Rank 0 holds the output folder's lock (:mod:`mpiblmm.io.lock`) from setup to
+the end.  SIGTERM/SIGINT (:mod:`mpiblmm.interrupt`): the ranks stop at a chunk end (or
+abandon the chunk in hand after the grace period), close the file, and the job ends with
+exit code 3 and one line naming ``--resume``.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import hashlib
+import json
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -27,19 +40,23 @@ from typing import Any
 
 import numpy as np
 
+from mpiblmm import __version__, interrupt
 from mpiblmm.checks import check_fittable
 from mpiblmm.design import Design, design_from_spec
-from mpiblmm.errors import SpecError
-from mpiblmm.io import make_dirs, on_root
-from mpiblmm.io.export import export_nifti, store_headline
-from mpiblmm.io.ingest import DEFAULT_MEMORY_MB, SlabReader, prepare_input
-from mpiblmm.io.results import RESULTS_NAME, ResultsLayout, create_results
+from mpiblmm.errors import UserError
+from mpiblmm.io import agree, make_dirs, on_root
+from mpiblmm.io.export import ExportStopped, export_nifti, store_headline
+from mpiblmm.io.ingest import DEFAULT_MEMORY_MB, SlabReader, input_fingerprint, prepare_input
+from mpiblmm.io.lock import OutputLock, acquire_lock
+from mpiblmm.io.results import (RESULTS_NAME, ResultsLayout, check_resumable, create_results,
+                                open_results)
 from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk, bytes_per_voxel
 from mpiblmm.lmm.structure import choose
 from mpiblmm.lmm.model import STATUS_CODES, STATUS_SINGULAR
 from mpiblmm.lmm.products import random_design
 from mpiblmm.memory import agreed_work_budget_mb
-from mpiblmm.parallel import partition, partition_by_cost, summarise_over_ranks
+from mpiblmm.parallel import (INTERRUPTED_EXIT_CODE, Slab, at_abort, forget_abort_hook,
+                              no_hang, partition, partition_by_cost, summarise_over_ranks)
 from mpiblmm.progress import JobLog, LogOptions, Progress
 from mpiblmm.spec import Spec, load_spec
 from mpiblmm.timers import PhaseTimer, summarise_phases
@@ -66,15 +83,37 @@ class FitOptions:
     max_memory_mb: float | None = None
     quiet: bool = False
     log: LogOptions = LogOptions()  # --log-file, --progress-interval, --rank-logs
+    resume: bool = False
+    overwrite: bool = False
+    grace_seconds: float = interrupt.DEFAULT_GRACE_SECONDS
+    chunk_voxels: int | None = None  # most voxels per chunk (None: the memory budget decides)
+
+
+class FitStopped(Exception):
+    """The fit stopped at a signal; what was done is kept (raised on every rank together)."""
 
 
 def run_fit(args: Any) -> int:
-    """Handler of ``mpiblmm fit`` (called on every rank inside the CLI's guard)."""
+    """Handler of ``mpiblmm fit`` (called on every rank inside the CLI's guard).
+
+    Returns 0, or :data:`~mpiblmm.parallel.INTERRUPTED_EXIT_CODE` after SIGTERM/SIGINT.
+    """
     from mpi4py import MPI
 
     options = FitOptions(output=args.output, max_memory_mb=args.max_memory_mb,
-                         quiet=bool(args.quiet), log=LogOptions.from_args(args))
-    fit_study(args.spec, MPI.COMM_WORLD, options)
+                         quiet=bool(args.quiet), log=LogOptions.from_args(args),
+                         resume=bool(getattr(args, "resume", False)),
+                         overwrite=bool(getattr(args, "overwrite", False)),
+                         grace_seconds=float(getattr(args, "grace_seconds", None)
+                                             or interrupt.DEFAULT_GRACE_SECONDS),
+                         chunk_voxels=getattr(args, "chunk_voxels", None))
+    interrupt.install(options.grace_seconds)
+    try:
+        fit_study(args.spec, MPI.COMM_WORLD, options)
+    except FitStopped:
+        return INTERRUPTED_EXIT_CODE
+    finally:
+        interrupt.uninstall()
     return 0
 
 
@@ -97,118 +136,253 @@ def settings_from_spec(spec: Spec, budget_mb: float = DEFAULT_MEMORY_MB) -> Sett
                     memory_budget=int(CHUNK_SHARE * budget_mb * 2**20))
 
 
-def my_slab(packed, size: int, rank: int):
+def my_slab(packed, size: int, rank: int, done: np.ndarray | None = None):
     """This rank's contiguous voxels: balanced by cost where the observation counts are known.
 
     Complete voxels share their product forms and fit faster than voxels with missing
     observations, so slabs are cut where the cumulative cost, not the count, is equal.
+    Voxels already ``done`` (a resumed fit) cost nothing.
     """
-    if packed.n_observed is None:
+    if packed.n_observed is None and done is None:
         return partition(packed.n_voxels, size, rank)
-    costs = np.where(packed.n_observed == packed.n_observations, 1.0, INCOMPLETE_COST)
+    if packed.n_observed is None:
+        costs = np.ones(packed.n_voxels)
+    else:
+        costs = np.where(packed.n_observed == packed.n_observations, 1.0, INCOMPLETE_COST)
+    if done is not None:
+        costs = np.where(done != 0, 0.0, costs)
     return partition_by_cost(costs, size, rank)
 
 
-def chunk_voxels(budget_mb: float, n: int, model: Model) -> int:
-    """Voxels per chunk so one chunk's working arrays fit the share of the (work) budget;
-    ``$MPIBLMM_CHUNK_VOXELS`` caps it further (tests that need many small chunks)."""
+def chunk_voxels(budget_mb: float, n: int, model: Model, most: int | None = None) -> int:
+    """Voxels per chunk so one chunk's working arrays fit the share of the (work) budget, and
+    at most ``most`` (``--chunk-voxels``) or ``$MPIBLMM_CHUNK_VOXELS`` when given."""
     per = bytes_per_voxel(n, model.X.shape[1], model.structure, len(model.contrasts),
                           blocks=choose(model.rd))
-    most = min(MAX_CHUNK, int(os.environ.get("MPIBLMM_CHUNK_VOXELS") or MAX_CHUNK))
-    return int(max(1, min(most, CHUNK_SHARE * budget_mb * 2**20 // per)))
+    cap = min(MAX_CHUNK, int(os.environ.get("MPIBLMM_CHUNK_VOXELS") or MAX_CHUNK))
+    if most is not None:
+        cap = min(cap, int(most))
+    return int(max(1, min(cap, CHUNK_SHARE * budget_mb * 2**20 // per)))
 
 
-def _load(spec_path: str, options: FitOptions) -> tuple[Spec, Design]:
-    """The spec with the command line's overrides applied, and its design; the output folder
-    is created here, so an unwritable one is a user error before any collective I/O."""
+def pending_chunks(mine: Slab, done: np.ndarray | None, step: int) -> list[tuple[int, int]]:
+    """The chunks ``[start, stop)`` of this rank's slab still to fit: runs of voxels not
+    ``done``, cut every ``step`` voxels."""
+    if done is None:
+        runs = [(mine.start, mine.stop)] if mine.size else []
+    else:
+        todo = np.concatenate(([False], done[mine.start:mine.stop] == 0, [False]))
+        edges = np.flatnonzero(np.diff(todo.astype(np.int8)))
+        runs = [(mine.start + int(a), mine.start + int(b)) for a, b in zip(edges[::2], edges[1::2])]
+    return [(lo, min(lo + step, hi)) for a, hi in runs for lo in range(a, hi, step)]
+
+
+def input_hash(design: Design, settings: Settings, data_fingerprint: str) -> str:
+    """A hash of everything that decides a fit's numbers: the model (X, random factors,
+    contrasts), the estimation and selection settings, the data (a fingerprint of the input
+    files) and the mpiblmm version.  Not the memory budget, chunking or rank count: they do
+    not change a voxel's bits.  Stored as ``input_hash`` in ``results.h5`` for ``--resume``."""
+    h = hashlib.sha256()
+
+    def put(*items: Any) -> None:
+        for x in items:
+            if isinstance(x, np.ndarray):
+                a = np.ascontiguousarray(x)
+                h.update(f"{a.dtype.str}{a.shape}".encode())
+                h.update(a.tobytes())
+            else:
+                h.update(json.dumps(x, sort_keys=True, default=str).encode())
+            h.update(b"\0")
+
+    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k != "memory_budget"}
+    put("mpiblmm-input-1", __version__, fields, data_fingerprint)
+    put(np.asarray(design.X, dtype=float), list(design.fixed_names))
+    for f in design.factors:
+        put(f.name, np.asarray(f.codes, dtype=np.int64), np.asarray(f.Z, dtype=float),
+            list(f.effect_names))
+    for c in design.contrasts:
+        put(c.name, np.asarray(c.L, dtype=float), c.kind, c.alternative)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What rank 0 found and decided in setup (broadcast to every rank)."""
+
+    spec: Spec
+    design: Design
+    input_hash: str
+    lock: OutputLock
+    done: np.ndarray | None  # progress/done of the results file resumed, or None
+    note: str = ""
+
+
+def _load(spec_path: str, options: FitOptions) -> Setup:
+    """Rank 0: the spec with the command line's overrides applied, its design, the output
+    folder (created, so an unwritable one is a user error before any collective I/O) and its
+    lock, and what to do about results already there (refuse, resume or replace)."""
     from dataclasses import replace
 
-    spec = load_spec(spec_path)
+    try:
+        spec = load_spec(spec_path)
+    except UnicodeDecodeError as exc:  # a file the spec reads is not text (spec.py's job)
+        raise UserError(f"it, or a list file it names, is not UTF-8 text (byte {exc.start}: "
+                        f"{exc.reason})", spec_path) from None
     where = f"{spec_path}: output"
     if options.output is not None:
-        if not options.output.strip():
-            raise SpecError("is empty; name the output folder", "--output")
+        if not str(options.output).strip():
+            raise UserError("is empty: name the output folder (e.g. -o results)", "--output")
         spec = replace(spec, output=Path(options.output).resolve())
         where = "--output"
     if options.max_memory_mb is not None:
         spec = replace(spec, max_memory_mb=float(options.max_memory_mb))
     design = design_from_spec(spec)
     check_fittable(design, spec)
+    settings = settings_from_spec(spec, spec.max_memory_mb or DEFAULT_MEMORY_MB)
     make_dirs(spec.output, where)
-    return spec, design
+    fingerprint = input_fingerprint(spec)
+    lock = acquire_lock(Path(spec.output), where)
+    try:
+        digest = input_hash(design, settings, fingerprint)
+        results = Path(spec.output) / RESULTS_NAME
+        done, note = None, ""
+        if results.exists() or results.is_symlink():
+            if options.resume:
+                done = check_resumable(results, digest)
+                if not os.access(results, os.W_OK):
+                    raise UserError(f"cannot resume {results}: the file is read-only; make it "
+                                    f"writable or use --overwrite", "--resume")
+                note = f"resuming: {int(np.count_nonzero(done))} of {done.size} voxels already done"
+            elif options.overwrite:
+                try:
+                    results.unlink()
+                except OSError as exc:
+                    raise UserError(f"cannot replace {results} ({exc.strerror})",
+                                    "--overwrite") from None
+            else:
+                raise UserError(f"{results} already exists: use --resume to continue that fit, "
+                                f"or --overwrite to replace it", where)
+        elif options.resume:
+            note = "nothing to resume (no results file yet): starting a new fit"
+    except BaseException:
+        lock.release()
+        raise
+    return Setup(spec, design, digest, lock, done, note)
 
 
 def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> Path:
-    """Fit a study end to end on the ranks of ``comm``; return the results file's path."""
-    rank, size = comm.Get_rank(), comm.Get_size()
+    """Fit a study end to end on the ranks of ``comm``; return the results file's path.
+
+    Raises :class:`FitStopped` on every rank when the fit stopped at SIGTERM/SIGINT.
+    """
+    rank = comm.Get_rank()
     log = JobLog.open(comm, options.quiet, options.log)  # rank 0's lines (progress.py)
-    say = log.say
     timer = PhaseTimer(on_enter=log.phase)
 
     with timer.phase("setup"):
         import h5py  # noqa: F401
         import nibabel  # noqa: F401  every rank imports it now, side by side, rather than
         # rank 0 alone inside the packing's first step while the others wait for it
-        spec, design = on_root(comm, lambda: _load(spec_path, options))
+        setup = on_root(comm, lambda: _load(spec_path, options))
+    hook = at_abort(setup.lock.release)  # whichever rank aborts releases the lock
+    try:
+        return _fit(setup, comm, options, log, timer, spec_path)
+    finally:
+        log.close()
+        if rank == 0:
+            setup.lock.release()
+        forget_abort_hook(hook)
+
+
+def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: PhaseTimer,
+         spec_path: str) -> Path:
+    rank, size = comm.Get_rank(), comm.Get_size()
+    say = log.say
+    spec, design, done = setup.spec, setup.design, setup.done
+    with timer.phase("setup"):
         model = model_from_design(design)
         budget = spec.max_memory_mb or DEFAULT_MEMORY_MB
         # the budget is the peak per rank, interpreter included: size the work by what is left
         work = agreed_work_budget_mb(comm, budget, _budget_source(spec_path, spec, options))
         settings = settings_from_spec(spec, work)
+    if setup.note:
+        say(f"mpiblmm: {setup.note}")
     with timer.phase("ingest"):
         packed = prepare_input(replace(spec, max_memory_mb=INGEST_SHARE * work), comm,
                                n_expected=design.n)
+    if done is not None and done.size != packed.n_voxels:
+        agree(comm, UserError(f"cannot resume: it holds {done.size} voxels but the input has "
+                              f"{packed.n_voxels}; use --overwrite to start again",
+                              str(Path(spec.output) / RESULTS_NAME)))
     say(f"mpiblmm: {packed.n_voxels} voxels x {packed.n_observations} observations, "
         f"{design.p} fixed effects, {len(design.factors)} random factor(s), "
         f"{settings.method}, {size} rank(s)")
 
     results_path = Path(spec.output) / RESULTS_NAME
+    stopper = interrupt.StopAgreement(comm)
     with timer.phase("create"):
-        layout = ResultsLayout.from_design(design, packed.n_voxels, packed.grid_shape,
-                                           packed.affine, settings.method, spec.text)
-        writer = create_results(results_path, layout, packed.voxels, comm)
-        writer.file.attrs["space"] = packed.space  # the input's format and header codes (maps)
+        if done is None:
+            layout = ResultsLayout.from_design(design, packed.n_voxels, packed.grid_shape,
+                                               packed.affine, settings.method, spec.text)
+            writer = create_results(results_path, layout, packed.voxels, comm,
+                                    input_hash=setup.input_hash)
+            writer.file.attrs["space"] = packed.space  # the input's format and header codes
+        else:
+            writer = open_results(results_path, comm, input_hash=setup.input_hash)
 
-    mine = my_slab(packed, size, rank)
-    step = chunk_voxels(work, design.n, model)
-    n_chunks = math.ceil(mine.size / step) if mine.size else 0
-    it_sum, it_max = 0.0, 0.0  # over this rank's fitted voxels
-    progress = Progress(comm, packed.n_voxels, log, mine.size, n_chunks)  # collective
-    with SlabReader(packed, comm) as reader:
-        for c, start in enumerate(range(mine.start, mine.stop, step)):
-            stop = min(start + step, mine.stop)
+    mine = my_slab(packed, size, rank, done)
+    step = chunk_voxels(work, design.n, model, options.chunk_voxels)
+    chunks = pending_chunks(mine, done, step)
+    resumed_here = 0 if done is None else int(np.count_nonzero(done[mine.start:mine.stop]))
+    progress = Progress(comm, packed.n_voxels, log, mine.size, len(chunks))  # collective
+    if resumed_here:
+        progress.chunk_done(resumed_here, resumed=True)
+    written = 0
+    with SlabReader(packed, comm) as reader, no_hang(comm, results_path, "fitting"):
+        for start, stop in chunks:
+            if stopper.should_stop():
+                break
             with timer.phase("read"):
                 Y = reader.read(start, stop, collective=False)
-            with timer.phase("fit"):
-                values = analyse_chunk(model, Y, settings)
+            try:
+                with timer.phase("fit"), interrupt.abandonable():
+                    values = analyse_chunk(model, Y, settings)
+            except interrupt.ChunkAbandoned:
+                break
             with timer.phase("write"):
                 writer.write(start, stop, values)
-            it = values["iterations"][values["status"] <= STATUS_SINGULAR]
-            if it.size:
-                it_sum, it_max = it_sum + float(it.sum()), max(it_max, float(it.max()))
+            written += stop - start
             progress.chunk_done(stop - start)  # never waits for other ranks
+
+    if stopper.settle():
+        progress.abandon()
+        _stop(comm, writer, written, done, packed.n_voxels, results_path)
     progress.close()  # rank 0 collects the last counts; the others post theirs
 
     with timer.phase("finish"):
-        from mpi4py import MPI
-
-        it_sum = comm.allreduce(it_sum, op=MPI.SUM)
-        it_max = comm.allreduce(it_max, op=MPI.MAX)
+        _, it_sum, it_max = writer.tally()  # over the whole file: also what a resume kept
         phases = summarise_phases(comm, timer, PHASES)
         peak = summarise_over_ranks(comm, peak_memory_mb())
         summary = {"ranks": size, "chunk_voxels": step, "memory_budget_mb": budget,
                    "work_budget_mb": work,
-                   "iterations_max": it_max, "seconds": phases, "peak_memory_mb": list(peak)}
+                   "iterations_max": it_max, "seconds": phases, "peak_memory_mb": list(peak),
+                   "resumed_voxels": 0 if done is None else int(np.count_nonzero(done))}
         counts = writer.finish(summary)
     n_fitted = sum(v for k, v in counts.items() if k <= STATUS_SINGULAR)
     with timer.phase("export"):
-        export_nifti(results_path, results_path.parent / "nifti", comm=comm)
+        try:
+            export_nifti(results_path, results_path.parent / "nifti", comm=comm)
+        except ExportStopped:
+            if rank == 0:
+                print(f"mpiblmm: stopped by {interrupt.signal_name() or 'a signal'} while "
+                      f"writing the maps; the results are complete: run `mpiblmm export "
+                      f"{results_path}` to write them", file=sys.stderr, flush=True)
+            raise FitStopped() from None
     phases = {**{k: v for k, v in phases.items() if k != "total"},
               **store_headline(results_path, comm, timer)}  # export, then the headline total
     if rank == 0 and log.active:  # stdout unless --quiet, and --log-file
         _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path,
                        timer.seconds["export"], timer.total(), peak, budget)
-    log.close()
     return results_path
 
 
@@ -217,6 +391,22 @@ def _budget_source(spec_path: str, spec: Spec, options: FitOptions) -> str:
     if options.max_memory_mb is not None:
         return "--max-memory-mb"
     return f"{spec_path}: max_memory_mb" if spec.max_memory_mb else "the default memory budget"
+
+
+def _stop(comm: Any, writer: Any, written: int, done: np.ndarray | None, n_voxels: int,
+          results_path: Path) -> None:
+    """Collective: close the results file as it is and raise :class:`FitStopped` everywhere."""
+    from mpi4py import MPI
+
+    writer.close()
+    total = int(comm.allreduce(written, op=MPI.SUM))
+    total += 0 if done is None else int(np.count_nonzero(done))
+    if comm.Get_rank() == 0:
+        name = interrupt.signal_name() or "a signal"
+        print(f"mpiblmm: stopped by {name}: {total} of {n_voxels} voxels are done and kept in "
+              f"{results_path}; run the same command with --resume to continue",
+              file=sys.stderr, flush=True)
+    raise FitStopped()
 
 
 def peak_memory_mb() -> float:

@@ -14,6 +14,13 @@ A ``maps.json`` beside them names every file and its volumes.
 
 With a communicator of several ranks the maps are shared round-robin; each rank opens the
 results file read-only on its own (no collective I/O) and writes its maps.
+
+Atomic maps: each map is written under a temporary name and renamed
+(:func:`mpiblmm.io.nifti.save_map`).  A failure (disk full, a corrupt results file) or a
+SIGTERM/SIGINT between maps removes this process's temporary files, every rank agrees on the
+outcome, and it ends as one line (exit 4 for a failed write, 2 for an unreadable file, 3 for
+a signal); temporary files of a process that was killed outright are removed by the next
+export into the same folder, so ``export`` can always be rerun.
 """
 
 from __future__ import annotations
@@ -21,17 +28,61 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mpiblmm import interrupt
 from mpiblmm.errors import UserError
 from mpiblmm.io import agree, comm_rank, comm_size, make_dirs
 from mpiblmm.io.derived import (NOT_ANALYSED_MEANING, STATUS_NOT_ANALYSED, bh_qvalues,
                                 z_from_neglog10p)
 from mpiblmm.io.nifti import save_map
+from mpiblmm.parallel import INTERRUPTED_EXIT_CODE, IOFailure, describe_io_error
+
+#: Temporary names of maps being written (``.<stem>.tmp<pid><suffix>``, see
+#: ``nifti._atomic_save``).
+TMP_PATTERN = re.compile(r"^\.(?P<stem>.+)\.tmp(?P<pid>\d+)(\.nii(\.gz)?|\.func\.gii|\.dscalar\.nii)$")
+
+
+class ExportStopped(Exception):
+    """The export stopped at SIGTERM/SIGINT (raised on every rank together)."""
+
+
+def remove_tmp_files(folder: Path, only_pid: int | None = None) -> None:
+    """Remove the temporary maps in ``folder`` of process ``only_pid``, or (``None``) of
+    every process of this host that no longer runs (left by an export that was killed)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        m = TMP_PATTERN.match(name)
+        if not m:
+            continue
+        pid = int(m.group("pid"))
+        if only_pid is not None and pid != only_pid:
+            continue
+        if only_pid is None and _alive(pid):
+            continue
+        try:
+            os.unlink(Path(folder) / name)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 #: Highest status code of a voxel that holds a fit (converged, iteration cap, singular).
 FITTED_MAX_STATUS = 2
@@ -208,28 +259,78 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
         f.close()
     agree(comm, error)
 
-    written = []
-    with f:
-        voxels = np.asarray(f["voxels"][...], dtype=np.int64)
-        grid_shape = tuple(int(s) for s in f.attrs["grid_shape"])
-        affine = np.asarray(f.attrs["affine"], dtype=np.float64)
-        space = str(f.attrs.get("space", ""))
-        suffix = MAP_SUFFIX[json.loads(space).get("format", "nifti") if space else "nifti"]
-        codes = {str(k): v for k, v in json.loads(f["status"].attrs.get("codes", "{}")).items()}
-        codes[str(STATUS_NOT_ANALYSED)] = NOT_ANALYSED_MEANING
-        maps = list_maps(f, fdr)
-        for m in maps[rank::size]:
-            fill = STATUS_NOT_ANALYSED if m.stem == "status" else None
-            target = out / f"{m.stem}{suffix}"
-            write_map(target, volume(map_values(f, m), voxels, grid_shape, fill), affine, space,
-                      m.volumes, f"mpiblmm {m.stem}", DERIVED_INTENTS.get(m.derive))
-            written.append(target)
-    if size > 1:
-        comm.Barrier()
     if rank == 0:
+        remove_tmp_files(out)  # left by an export that was killed outright
+    if size > 1:
+        comm.Barrier()  # before any rank starts writing its own temporary files
+
+    written: list[Path] = []
+    maps: list[MapSpec] = []
+    codes: dict[str, str] = {}
+    suffix = MAP_SUFFIX["nifti"]
+    error: UserError | None = None
+    target = out
+    with f:
+        try:
+            voxels = np.asarray(f["voxels"][...], dtype=np.int64)
+            grid_shape = tuple(int(s) for s in f.attrs["grid_shape"])
+            affine = np.asarray(f.attrs["affine"], dtype=np.float64)
+            if not np.all(np.isfinite(affine)):
+                raise UserError("attribute 'affine' holds NaN or Inf: cannot place the maps",
+                                str(results))
+            space = str(f.attrs.get("space", ""))
+            suffix = MAP_SUFFIX[json.loads(space).get("format", "nifti") if space else "nifti"]
+            codes = {str(k): v for k, v in json.loads(f["status"].attrs.get("codes", "{}")).items()}
+            codes[str(STATUS_NOT_ANALYSED)] = NOT_ANALYSED_MEANING
+            maps = list_maps(f, fdr)
+            for m in maps[rank::size]:
+                if interrupt.requested():
+                    break
+                target = results
+                fill = STATUS_NOT_ANALYSED if m.stem == "status" else None
+                image = volume(map_values(f, m), voxels, grid_shape, fill)
+                target = out / f"{m.stem}{suffix}"
+                write_map(target, image, affine, space, m.volumes, f"mpiblmm {m.stem}",
+                          DERIVED_INTENTS.get(m.derive))
+                written.append(target)
+        except UserError as exc:
+            error = exc
+        except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
+            if target == results or target == out:  # reading the results file
+                error = UserError(f"not a readable results file ({describe_io_error(exc)})",
+                                  str(results))
+            else:
+                error = IOFailure(f"rank {rank}: {target}: {describe_io_error(exc)} "
+                                  f"(while writing maps)")
+        finally:
+            remove_tmp_files(out, os.getpid())
+    agree(comm, error)
+    stopped = interrupt.requested()
+    if size > 1:
+        from mpi4py import MPI
+
+        stopped = bool(comm.allreduce(int(stopped), op=MPI.MAX))
+    if stopped:
+        raise ExportStopped()
+    if rank == 0:  # the index last, once every map is in place
         index = {f"{m.stem}{suffix}": map_info(m, codes) for m in maps}
-        (out / "maps.json").write_text(json.dumps(index, indent=2) + "\n")
+        try:
+            _write_atomic(out / "maps.json", json.dumps(index, indent=2) + "\n")
+        except OSError as exc:
+            error = IOFailure(f"rank 0: {out / 'maps.json'}: {describe_io_error(exc)} "
+                              f"(while writing maps)")
+    agree(comm, error)
     return written
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def store_headline(results_path: str | os.PathLike, comm: Any, timer: Any) -> dict[str, list[float]]:
@@ -257,7 +358,18 @@ def run_export(args: argparse.Namespace) -> int:
     """``mpiblmm export RESULTS_H5 [DIR] [--fdr]``: (re)write the maps; returns the exit code."""
     comm = _world()
     out_dir = getattr(args, "out_dir", None) or getattr(args, "directory", None)
-    written = export_nifti(args.results, out_dir, comm=comm, fdr=bool(getattr(args, "fdr", False)))
+    interrupt.install()
+    try:
+        written = export_nifti(args.results, out_dir, comm=comm,
+                               fdr=bool(getattr(args, "fdr", False)))
+    except ExportStopped:
+        if comm_rank(comm) == 0:
+            print(f"mpiblmm: stopped by {interrupt.signal_name() or 'a signal'}; no temporary "
+                  f"files are left: run the same command again to write the maps",
+                  file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
+    finally:
+        interrupt.uninstall()
     total = len(written) if comm is None else comm.allreduce(len(written))
     if comm_rank(comm) == 0:
         target = out_dir or Path(args.results).parent / "nifti"

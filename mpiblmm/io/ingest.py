@@ -26,7 +26,8 @@ independent writes.
 Packing runs in parallel: ranks share the images (contiguous blocks), read them with
 nibabel, reduce "observed anywhere" over ranks, create the file collectively and write
 their rows collectively.  Images are read once if a rank's rows fit half its memory budget,
-else twice.  Collective rules: see :mod:`mpiblmm.io`.
+else twice.  Collective rules: see :mod:`mpiblmm.io`; every collective step runs inside
+:func:`mpiblmm.parallel.no_hang` (an I/O error ends the job with one line, never a hang).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from mpiblmm.io import (agree, comm_rank, comm_size, make_dirs, on_root, open_h5
                         write_hyperslab)
 from mpiblmm.io.images import read_grid, read_volume  # NIfTI or surface, by file name
 from mpiblmm.io.nifti import Grid
+from mpiblmm.parallel import no_hang
 
 PACKED_FORMAT = "mpiblmm-packed-1"
 PACKED_NAME = "packed.h5"
@@ -120,6 +122,38 @@ def prepare_input(spec: Any, comm: Any = None, n_expected: int | None = None,
         max_memory_mb=spec.max_memory_mb or DEFAULT_MEMORY_MB)
 
 
+def input_fingerprint(spec: Any) -> str:
+    """One process: a hash that changes when the data a spec names changes (stat only).
+
+    Images: their paths, sizes and modification times, with the masks and
+    ``zero_is_missing`` (the fingerprint stored in ``packed.h5``).  A packed input: its path,
+    size, modification time and dataset, with the analysis mask and ``zero_is_missing``.
+    """
+    try:
+        if spec.packed is None:
+            return _fingerprint([Path(p) for p in spec.images],
+                                None if spec.observation_masks is None
+                                else [Path(p) for p in spec.observation_masks],
+                                spec.analysis_mask, spec.zero_is_missing)
+        h = hashlib.sha256()
+        h.update(json.dumps(["packed", str(spec.packed.dataset), bool(spec.zero_is_missing)]).encode())
+        for f in [spec.packed.h5] + ([spec.analysis_mask] if spec.analysis_mask else []):
+            st = os.stat(f)
+            h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+    except OSError as exc:
+        raise UserError(f"cannot read: {exc.strerror}", str(exc.filename)) from None
+
+
+def _check_writable(path: Path) -> None:
+    """Rank 0, before a collective create: a file left there must be replaceable."""
+    if path.is_dir():
+        raise UserError("exists and is a folder; remove it", str(path))
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError("cannot be replaced: the file is read-only (left by an earlier run?); "
+                        "remove it or make it writable", str(path))
+
+
 # --------------------------------------------------------------------------- packing
 def _fingerprint(images: Sequence[Path], masks: Sequence[Path] | None,
                  analysis_mask: Path | None, zero_is_missing: bool) -> str:
@@ -172,7 +206,10 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
             fp = _fingerprint(images, masks, analysis_mask, zero_is_missing)
         except OSError as exc:
             raise UserError(f"cannot read: {exc.strerror}", str(exc.filename)) from None
-        return grid, mask, fp, path.exists() and _reusable(path, fp)
+        reuse = path.exists() and _reusable(path, fp)
+        if not reuse:
+            _check_writable(path)
+        return grid, mask, fp, reuse
 
     grid, mask, fingerprint, reuse = on_root(comm, look)
     if reuse:
@@ -231,7 +268,8 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     # Pass 2: create the file collectively and write the rows.
     make_dirs(path.parent)
     names = np.array([str(p).encode("utf-8") for p in images])
-    with open_h5(path, "w", comm) as f:
+    with no_hang(comm, path, "packing the images"):
+        f = open_h5(path, "w", comm)
         _packed_attrs(f, n, grid, zero_is_missing, fingerprint)
         chunk_cols = max(1, min(V, CHUNK_BYTES // (dtype.itemsize * n)))
         Y = f.create_dataset("Y", shape=(n, V), dtype=dtype, chunks=(n, chunk_cols),
@@ -267,6 +305,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
             cache[lo - start:hi - start] = [None] * (hi - lo) if cache_ok else []  # free memory
         f.flush()
         f.attrs["complete"] = True
+        f.close()
     return PackedInput(path, "/Y", n, grid.shape, grid.affine, voxels,
                        np.arange(V, dtype=np.int64), False, zero_is_missing, counts, grid.space)
 
@@ -425,14 +464,20 @@ class SlabReader:
 
     def __init__(self, packed: PackedInput, comm: Any = None) -> None:
         self.packed = packed
-        self.file = open_h5(packed.path, "r", comm)
-        self.dset = self.file[packed.dataset]
+        self.comm = comm
+        with no_hang(comm, packed.path, "opening the packed images"):
+            self.file = open_h5(packed.path, "r", comm)
+            self.dset = self.file[packed.dataset]
 
     def read(self, start: int, stop: int, collective: bool = True) -> np.ndarray:
         """(stop - start, n) float64 observations of candidate voxels ``[start, stop)``.
 
         Missing observations are NaN (NaN/Inf, and 0.0 when ``zero_is_missing``).
         """
+        with no_hang(self.comm, self.packed.path, "reading the packed images"):
+            return self._read(start, stop, collective)
+
+    def _read(self, start: int, stop: int, collective: bool) -> np.ndarray:
         p = self.packed
         n = p.n_observations
         cols = p.columns[start:stop]
@@ -459,7 +504,8 @@ class SlabReader:
         return out
 
     def close(self) -> None:
-        self.file.close()
+        with no_hang(self.comm, self.packed.path, "closing the packed images"):
+            self.file.close()
 
     def __enter__(self) -> "SlabReader":
         return self

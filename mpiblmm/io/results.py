@@ -10,12 +10,16 @@
    it finishes them; by default these are independent writes (a rank writes at its own pace).
    After the values, the run's entries of ``progress/done`` are set to 1: a later run can
    resume by fitting only voxels whose flag is 0 (:meth:`ResultsWriter.pending`), with any
-   number of ranks, since the flags are per voxel.
+   number of ranks, since the flags are per voxel.  :func:`open_results` reopens a file to
+   resume it; it must carry the same ``input_hash`` (the model, settings and data it was
+   created for, see :func:`mpiblmm.pipeline.input_hash`).
 3. :meth:`ResultsWriter.finish` (collective) flushes, counts voxels per status over the whole
    file, writes the summary attributes (rank 0's values, broadcast, so every rank writes the
    same) and only then ``complete = True``.
 
-Collective rules: see :mod:`mpiblmm.io`.
+Collective rules: see :mod:`mpiblmm.io`.  Every collective step runs inside
+:func:`mpiblmm.parallel.no_hang`: an I/O error (disk full, quota, EIO) ends the whole job
+with one line rather than unwinding into a collective ``close`` that would wait forever.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import numpy as np
 from mpiblmm import __version__
 from mpiblmm.errors import UserError
 from mpiblmm.io import agree, comm_rank, comm_size, make_dirs, open_h5, read_hyperslab, write_hyperslab
-from mpiblmm.lmm.model import F_STATS, STATUS_CODES, T_STATS
+from mpiblmm.lmm.model import F_STATS, STATUS_CODES, STATUS_SINGULAR, T_STATS
+from mpiblmm.parallel import no_hang
 
 RESULTS_FORMAT = "mpiblmm-results-1"
 RESULTS_NAME = "results.h5"
@@ -113,6 +118,20 @@ class ResultsLayout:
         return out
 
 
+def _early() -> Any:
+    """Dataset creation properties: space allocated (and filled) when the dataset is made.
+
+    Parallel HDF5 always does so; asking for it on one process too means a full disk or
+    quota shows at creation, before any fitting, rather than later in a write that HDF5's
+    metadata cache may only report when it is too late to say where.
+    """
+    import h5py
+
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return dcpl
+
+
 def _str_array(items: Sequence[str]) -> np.ndarray:
     import h5py
 
@@ -120,19 +139,21 @@ def _str_array(items: Sequence[str]) -> np.ndarray:
 
 
 def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
-                   comm: Any = None) -> "ResultsWriter":
+                   comm: Any = None, input_hash: str = "") -> "ResultsWriter":
     """Collective: create ``path`` with every dataset at full size; return a writer.
 
-    ``voxels`` (V, 3) must be the same on every rank (rank 0's copy is written).
+    ``voxels`` (V, 3) must be the same on every rank (rank 0's copy is written);
+    ``input_hash`` identifies the model and data (checked by :func:`open_results`).
     """
     path = Path(path)
     voxels = np.asarray(voxels, dtype=np.int32)
     if voxels.shape != (layout.n_voxels, 3):
         raise ValueError(f"voxels has shape {voxels.shape}, layout says ({layout.n_voxels}, 3)")
     make_dirs(path.parent)
-    f = open_h5(path, "w", comm)
-    try:
+    with no_hang(comm, path, "creating the results file"):
+        f = open_h5(path, "w", comm)
         a = f.attrs
+        a["input_hash"] = input_hash
         a["complete"] = False
         a["format"] = RESULTS_FORMAT
         a["version"] = __version__
@@ -144,7 +165,7 @@ def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
         f.create_group("random")
         f.create_group("contrasts")
         for name, (shape, dtype, fill) in layout.datasets().items():
-            f.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill)
+            f.create_dataset(name, shape=shape, dtype=dtype, fillvalue=fill, dcpl=_early())
         f["status"].attrs["codes"] = json.dumps({str(k): v for k, v in status_codes().items()})
         f["beta"].attrs["names"] = _str_array(layout.fixed_names)
         f["cov_beta"].attrs["names"] = _str_array(layout.fixed_names)
@@ -155,43 +176,82 @@ def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
             g.attrs["kind"] = c.kind
             g.attrs["weights"] = np.asarray(c.L, dtype=np.float64)
             g.attrs["alternative"] = c.alternative
-        done = f.create_dataset("progress/done", shape=(layout.n_voxels,), dtype="u1", fillvalue=0)
+        done = f.create_dataset("progress/done", shape=(layout.n_voxels,), dtype="u1", fillvalue=0,
+                                dcpl=_early())
         done.attrs["meaning"] = "1 once every result of the voxel is written"
         root = comm_rank(comm) == 0
         write_hyperslab(vox, (0, 0), voxels if root else voxels[:0], collective=True)
         f.flush()
-    except BaseException:
-        f.close()
-        raise
-    return ResultsWriter(f, comm)
+    return ResultsWriter(f, comm, path)
 
 
-def open_results(path: Path, comm: Any = None, spec_text: str | None = None) -> "ResultsWriter":
+def check_resumable(path: Path, input_hash: str | None = None,
+                    where: str = "--resume") -> np.ndarray:
+    """One process: check that ``path`` can be resumed; return its ``progress/done`` (V,).
+
+    Raises :class:`UserError` (one line) when the file is unreadable, not a results file, or
+    was created for another model or other data (its ``input_hash`` differs).
+    """
+    import h5py
+
+    try:
+        with h5py.File(path, "r", locking=False) as f:  # the output's lock is ours already
+            if f.attrs.get("format") != RESULTS_FORMAT or "progress/done" not in f:
+                raise UserError(f"cannot resume {path}: not an mpiblmm results file; use "
+                                f"--overwrite to replace it", where)
+            stored = f.attrs.get("input_hash", "")
+            stored = stored.decode() if isinstance(stored, bytes) else str(stored)
+            if input_hash is not None and stored != input_hash:
+                raise UserError(
+                    f"cannot resume {path}: it was written for another spec or other data "
+                    f"(the model, settings or input images changed); use --overwrite to "
+                    f"start again", where)
+            return np.asarray(f["progress/done"][...], dtype=np.uint8)
+    except OSError as exc:
+        raise UserError(f"cannot resume {path}: not a readable HDF5 file "
+                        f"({describe_error(exc)}); use --overwrite to replace it", where) from None
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short cause for an error of h5py (see :func:`mpiblmm.parallel.describe_io_error`)."""
+    from mpiblmm.parallel import describe_io_error
+
+    return describe_io_error(exc)
+
+
+def open_results(path: Path, comm: Any = None, input_hash: str | None = None) -> "ResultsWriter":
     """Collective: reopen an existing results file to resume writing into it.
 
-    Marks it incomplete until :meth:`ResultsWriter.finish`.  With ``spec_text``, the file
-    must have been created for that very spec (else a :class:`UserError`, on every rank).
+    Marks it incomplete until :meth:`ResultsWriter.finish`.  With ``input_hash``, the file
+    must have been created for the same model and data (else a :class:`UserError`, on every
+    rank together).
     """
     path = Path(path)
-    f = open_h5(path, "r+", comm)
-    error = None
-    if f.attrs.get("format") != RESULTS_FORMAT or (
-            spec_text is not None and f.attrs.get("spec") != spec_text):
-        f.close()
-        error = UserError("cannot resume: it was written for another spec (or is not a results "
-                          "file); remove it or choose another output folder", str(path))
-    agree(comm, error)  # every rank read the same attributes: all raise or none does
-    f.attrs["complete"] = False
-    f.flush()
-    return ResultsWriter(f, comm)
+    with no_hang(comm, path, "opening the results file"):
+        f = open_h5(path, "r+", comm)
+        stored = f.attrs.get("input_hash", "")
+        stored = stored.decode() if isinstance(stored, bytes) else str(stored)
+        ok = f.attrs.get("format") == RESULTS_FORMAT and (input_hash is None
+                                                         or stored == input_hash)
+    if not ok:
+        with no_hang(comm, path, "closing the results file"):
+            f.close()
+        agree(comm, UserError("cannot resume: it was written for another spec or other data "
+                              "(or is not a results file); use --overwrite to start again",
+                              str(path)))
+    with no_hang(comm, path, "reopening the results file"):
+        f.attrs["complete"] = False
+        f.flush()
+    return ResultsWriter(f, comm, path)
 
 
 class ResultsWriter:
     """An open results file.  Close it with :meth:`finish` (collective) or :meth:`close`."""
 
-    def __init__(self, file: Any, comm: Any = None) -> None:
+    def __init__(self, file: Any, comm: Any = None, path: Path | None = None) -> None:
         self.file = file
         self.comm = comm
+        self.path = Path(file.filename) if path is None else Path(path)
         self.n_voxels = int(file["voxels"].shape[0])
 
     def write(self, start: int, stop: int, values: Mapping[str, np.ndarray],
@@ -212,6 +272,11 @@ class ResultsWriter:
         """
         if not 0 <= start <= stop <= self.n_voxels:
             raise ValueError(f"write({start}, {stop}) outside 0..{self.n_voxels}")
+        with no_hang(self.comm, self.path, "writing results"):
+            self._write(start, stop, values, collective, done)
+
+    def _write(self, start: int, stop: int, values: Mapping[str, np.ndarray],
+               collective: bool, done: bool) -> None:
         for name in sorted(values):
             dset = self.file[name]
             data = np.asarray(values[name])
@@ -225,27 +290,43 @@ class ResultsWriter:
 
     def pending(self, start: int, stop: int, collective: bool = False) -> np.ndarray:
         """Boolean (stop - start,): which voxels of ``[start, stop)`` are not written yet."""
-        done = read_hyperslab(self.file["progress/done"], (start,), (stop - start,),
-                              collective=collective)
+        with no_hang(self.comm, self.path, "reading progress/done"):
+            done = read_hyperslab(self.file["progress/done"], (start,), (stop - start,),
+                                  collective=collective)
         return done == 0
 
     def status_counts(self) -> dict[int, int]:
         """Collective: number of voxels per status code over the whole file."""
+        return self.tally()[0]
+
+    def tally(self) -> tuple[dict[int, int], float, float]:
+        """Collective: voxels per status code, and the sum and maximum of ``iterations`` over
+        fitted voxels (status <= singular), over the whole file (so also after a resume)."""
         from mpiblmm.parallel import partition
 
-        self.file.flush()  # makes every rank's independent writes visible (MPI-IO sync)
+        with no_hang(self.comm, self.path, "flushing results"):
+            self.file.flush()  # makes every rank's independent writes visible (MPI-IO sync)
         if self.comm is not None:
             self.comm.Barrier()
         size, rank = comm_size(self.comm), comm_rank(self.comm)
         s = partition(self.n_voxels, size, rank)
-        status = read_hyperslab(self.file["status"], (s.start,), (s.stop - s.start,),
-                                collective=True)
+        with no_hang(self.comm, self.path, "reading results"):
+            status = read_hyperslab(self.file["status"], (s.start,), (s.stop - s.start,),
+                                    collective=True)
+            its = read_hyperslab(self.file["iterations"], (s.start,), (s.stop - s.start,),
+                                 collective=True)
         counts = np.bincount(status, minlength=256).astype(np.int64)
+        fitted = its[status <= STATUS_SINGULAR].astype(np.float64)
+        it_sum, it_max = float(fitted.sum()), float(fitted.max()) if fitted.size else 0.0
         if size > 1:
+            from mpi4py import MPI
+
             from mpiblmm.parallel import allreduce_counts
 
             counts = allreduce_counts(self.comm, counts)
-        return {int(k): int(counts[k]) for k in np.flatnonzero(counts)}
+            it_sum = self.comm.allreduce(it_sum, op=MPI.SUM)
+            it_max = self.comm.allreduce(it_max, op=MPI.MAX)
+        return {int(k): int(counts[k]) for k in np.flatnonzero(counts)}, it_sum, it_max
 
     def finish(self, summary: Mapping[str, Any] | None = None) -> dict[int, int]:
         """Collective: write summaries, then ``complete = True``, and close the file.
@@ -264,15 +345,18 @@ class ResultsWriter:
         counts = self.status_counts()
         if self.comm is not None and comm_size(self.comm) > 1:
             summary = self.comm.bcast(summary, root=0)
-        a = self.file.attrs
-        a["status_counts"] = json.dumps({str(k): v for k, v in counts.items()})
-        a["summary"] = json.dumps(dict(summary or {}), sort_keys=True, default=str)
-        self.file.flush()
-        a["complete"] = True
-        self.file.flush()
-        self.file.close()
+        with no_hang(self.comm, self.path, "finishing the results file"):
+            a = self.file.attrs
+            a["status_counts"] = json.dumps({str(k): v for k, v in counts.items()})
+            a["summary"] = json.dumps(dict(summary or {}), sort_keys=True, default=str)
+            self.file.flush()  # everything, on every rank, before complete is set
+            a["complete"] = True
+            self.file.flush()
+            self.file.close()
         return counts
 
     def close(self) -> None:
-        """Collective: close without marking complete (e.g. after an error)."""
-        self.file.close()
+        """Collective: flush and close without marking complete (e.g. after a stop)."""
+        with no_hang(self.comm, self.path, "closing the results file"):
+            self.file.flush()
+            self.file.close()

@@ -1,0 +1,130 @@
+"""Resume bookkeeping, the output lock and atomic export, on one process without MPI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import h5py  # noqa: E402  runtime dependencies: a missing one must fail, not skip
+
+from mpiblmm import interrupt  # noqa: E402
+from mpiblmm.errors import UserError  # noqa: E402
+from mpiblmm.io.export import ExportStopped, export_nifti  # noqa: E402
+from mpiblmm.io.lock import LOCK_NAME, acquire_lock  # noqa: E402
+from mpiblmm.io.results import (ContrastLayout, ResultsLayout, check_resumable,  # noqa: E402
+                                create_results)
+from mpiblmm.parallel import Slab, describe_io_error, partition_by_cost  # noqa: E402
+from mpiblmm.pipeline import pending_chunks  # noqa: E402
+from tests.io.helpers import AFFINE, GRID  # noqa: E402
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_lock_refuses_a_live_job_and_replaces_a_dead_one(tmp_path):
+    lock = acquire_lock(tmp_path)
+    held = json.loads((tmp_path / LOCK_NAME).read_text())
+    assert held["host"] == socket.gethostname() and held["pid"] == os.getpid()
+    with pytest.raises(UserError, match=f"another mpiblmm job .*PID {os.getpid()}"):
+        acquire_lock(tmp_path)
+    lock.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+    lock.release()  # twice is fine
+
+    for stale in ({"host": socket.gethostname(), "pid": _dead_pid(), "start": 0},):
+        (tmp_path / LOCK_NAME).write_text(json.dumps(stale))
+        acquire_lock(tmp_path).release()
+        assert not list(tmp_path.iterdir())  # replaced, and nothing left beside it
+    for live in ({"host": "another-node", "pid": _dead_pid(), "start": 0}, "", "{half"):
+        (tmp_path / LOCK_NAME).write_text(live if isinstance(live, str) else json.dumps(live))
+        with pytest.raises(UserError, match="another mpiblmm job"):
+            acquire_lock(tmp_path)
+    other = acquire_lock.__globals__["OutputLock"](tmp_path / LOCK_NAME, "not ours")
+    other.release()                          # never removes another job's lock
+    assert (tmp_path / LOCK_NAME).exists()
+
+
+def _results(path, V=6):
+    lay = ResultsLayout(n_voxels=V, fixed_names=("a", "b"), factors=(("s", ("(Intercept)",)),),
+                        contrasts=(ContrastLayout("b", "T", ((0.0, 1.0),)),), method="REML",
+                        grid_shape=GRID, affine=tuple(map(tuple, AFFINE.tolist())))
+    vox = np.column_stack(np.unravel_index(np.arange(V) * 7, GRID)).astype(np.int32)
+    return create_results(path, lay, vox, input_hash="abc")
+
+
+def test_check_resumable_reads_done_and_refuses_other_inputs(tmp_path):
+    w = _results(tmp_path / "results.h5")
+    w.write(1, 3, {"status": np.zeros(2, dtype=np.uint8)})
+    w.close()
+    np.testing.assert_array_equal(check_resumable(tmp_path / "results.h5", "abc"),
+                                  [0, 1, 1, 0, 0, 0])
+    with pytest.raises(UserError, match="another spec or other data.*--overwrite"):
+        check_resumable(tmp_path / "results.h5", "xyz")
+    (tmp_path / "bad.h5").write_text("no")
+    with pytest.raises(UserError, match="not a readable HDF5 file.*--overwrite"):
+        check_resumable(tmp_path / "bad.h5", "abc")
+
+
+def test_pending_chunks_skip_done_voxels_and_done_voxels_cost_nothing():
+    done = np.array([1, 1, 0, 0, 0, 1, 0, 1, 0, 0], dtype=np.uint8)
+    assert pending_chunks(Slab(0, 10), done, 2) == [(2, 4), (4, 5), (6, 7), (8, 10)]
+    assert pending_chunks(Slab(3, 8), done, 5) == [(3, 5), (6, 7)]
+    assert pending_chunks(Slab(0, 5), None, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert pending_chunks(Slab(4, 4), None, 2) == []
+    costs = np.where(done != 0, 0.0, 1.0)
+    slabs = [partition_by_cost(costs, 3, r) for r in range(3)]
+    assert [costs[s.as_slice()].sum() for s in slabs] == [2.0, 2.0, 2.0]
+
+
+def test_export_stopped_by_a_signal_leaves_no_temporary_file_and_can_be_rerun(tmp_path):
+    w = _results(tmp_path / "results.h5")
+    w.write(0, 6, {"status": np.zeros(6, dtype=np.uint8)})
+    w.finish()
+    out = tmp_path / "maps"
+    out.mkdir()
+    left = out / f".beta.tmp{_dead_pid()}.nii.gz"   # of an export killed outright
+    left.write_bytes(b"half a file")
+    interrupt.install()
+    try:
+        interrupt._on_signal(15, None)  # as if SIGTERM arrived
+        with pytest.raises(ExportStopped):
+            export_nifti(tmp_path / "results.h5", out)
+    finally:
+        interrupt.uninstall()
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    assert not (out / "maps.json").exists()
+    written = export_nifti(tmp_path / "results.h5", out)
+    index = json.loads((out / "maps.json").read_text())
+    assert sorted(p.name for p in written) == sorted(index)
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
+def test_export_of_a_damaged_results_file_is_a_user_error(tmp_path):
+    w = _results(tmp_path / "results.h5")
+    w.finish()
+    with h5py.File(tmp_path / "results.h5", "r+") as f:
+        del f["beta"]
+        f["beta"] = np.zeros((3, 2))  # the wrong number of voxels
+    with pytest.raises(UserError, match="not a readable results file"):
+        export_nifti(tmp_path / "results.h5", tmp_path / "maps")
+    assert not [p for p in (tmp_path / "maps").iterdir() if ".tmp" in p.name]
+
+
+def test_describe_io_error_finds_the_system_cause():
+    assert describe_io_error(OSError(28, "x")) == os.strerror(28)
+    hdf5 = ValueError("Unable to create dataset (MPI_File_write_at failed: MPI error string "
+                      "is 'Other I/O error , error stack:\nADIOI_GEN_WRITECONTIG(80): Other "
+                      "I/O error No space left on device')")
+    assert describe_io_error(hdf5) == "No space left on device"
+    assert describe_io_error(RuntimeError("file write failed: errno = 5, error message = "
+                                          "'x'")) == os.strerror(5)
+    assert describe_io_error(KeyError("plain")) == "'plain'"
