@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -90,14 +91,15 @@ def _start_and_stop(spec: Path, out: Path, ranks: int, how: str, after: int,
     """Start a fit, and at its ``after``-th chunk line stop it ``how``; return the exit
     code, stderr and the seconds from the stop to the end of the job."""
     cmd = _launch(ranks, [*_mpiblmm(), "fit", str(spec), "-o", str(out), "--chunk-voxels",
-                          CHUNK, *extra])
+                          CHUNK, "--progress-interval", "0.001", *extra])
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     stopped_at = None
     try:
         seen = 0
         for line in proc.stdout:
-            if " chunk " in line:
+            done = re.search(r"fit ([\d,]+)/[\d,]+ voxels \(", line)  # progress.py's lines
+            if done and int(done.group(1).replace(",", "")) > 0:
                 seen += 1
             if seen == after and stopped_at is None:
                 stopped_at = time.monotonic()
@@ -241,13 +243,14 @@ def test_existing_output_is_refused_without_a_flag(study, tmp_path):
 def test_second_writer_is_refused_and_stale_locks_replaced(study, tmp_path):
     spec, _, _ = study
     out = tmp_path / "out"
+    # a progress line per chunk, unread after the first: the pipe fills and holds the fit
     first = subprocess.Popen(_launch(1, [*_mpiblmm(), "fit", str(spec), "-o", str(out),
-                                         "--chunk-voxels", "4"]),
+                                         "--chunk-voxels", "4", "--progress-interval", "0.001"]),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     try:
         for line in first.stdout:
-            if " chunk " in line:
+            if " voxels (" in line:  # a progress line of the whole job (progress.py)
                 break
         holder = json.loads((out / "mpiblmm.lock").read_text())
         second = _run_job(_launch(2, [*_mpiblmm(), "fit", str(spec), "-o", str(out),
