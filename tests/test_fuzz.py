@@ -13,19 +13,16 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
+from hypothesis import HealthCheck, event, given, settings  # the `test` extra
+from hypothesis import strategies as st
 
-hypothesis = pytest.importorskip("hypothesis")  # in the `test` extra of pyproject.toml
-from hypothesis import HealthCheck, event, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from mpiblmm.checks import check_fittable  # noqa: E402
-from mpiblmm.design import build_design, design_from_spec  # noqa: E402
-from mpiblmm.errors import UserError  # noqa: E402
-from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk  # noqa: E402
-from mpiblmm.lmm.model import STATUS_CODES  # noqa: E402
-from mpiblmm.lmm.products import random_design  # noqa: E402
-from mpiblmm.spec import load_spec  # noqa: E402
+from mpiblmm.checks import check_fittable
+from mpiblmm.design import build_design, design_from_spec
+from mpiblmm.errors import UserError
+from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk
+from mpiblmm.lmm.model import STATUS_CODES
+from mpiblmm.lmm.products import random_design
+from mpiblmm.spec import load_spec
 
 FUZZ = settings(max_examples=60, deadline=10_000, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
