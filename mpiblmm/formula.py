@@ -331,9 +331,10 @@ def _r_to_python(text: str) -> str:
     return "".join(out)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = _ANSI.sub("", str(exc))
-    return " ".join(text.split())
+def _one_line(exc: BaseException, limit: int = 240) -> str:
+    """A library's error message on one line, without colour codes, at most ``limit`` chars."""
+    text = " ".join(_ANSI.sub("", str(exc)).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- R names
@@ -450,12 +451,19 @@ def _used_variables(text: str, table: Table, where: str) -> set[str]:
     """Covariate columns a formula part reads; an unknown name is an error with a suggestion."""
     import formulaic
 
+    if re.search(r"(^|[+\-~*:(\s])\.(\s|$|[+\-)])", text):
+        raise SpecError(f"{where}: '.' (every column) is not supported: name the covariates")
     parsed = formulaic.Formula(text, _ordering="none")
     used = set()
     for name in parsed.required_variables:
         if name in table.names:
             used.add(name)
-        elif name not in TRANSFORMS:
+        elif name in TRANSFORMS:
+            continue
+        elif re.search(rf"(?<![\w.]){re.escape(name)}\s*\(", text):
+            raise SpecError(f"{where}: unknown function {name!r} (supported: "
+                            f"{', '.join(sorted(TRANSFORMS - {'np', 'contr', 'levels', 'lag', 'hashed'}))})")
+        else:
             raise SpecError(f"{where}: no column {name!r} in {table.path}"
                             f"{did_you_mean(name, table.names)}")
     return used

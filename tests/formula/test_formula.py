@@ -110,6 +110,11 @@ def test_number_labels_stay_labels(table):
     ("y ~ (age + (1 | subject)", "unbalanced"),
     ("age ~ time + (1 | subject)", "the response is the image data"),
     ("y ~ 0 + (1 | subject)", "no columns"),
+    ("y ~ age + offset(age) + (1 | subject)", "unknown function 'offset'"),
+    ("y ~ . + (1 | subject)", "'.' (every column) is not supported"),
+    ("y ~ age + (1 | subject:)", "unsupported grouping 'subject:'"),
+    ("y ~ age + (1 + (1 | visit) | subject)", "more than one bar"),
+    ("y ~ age + (1 | subject) | site", "must stand alone in parentheses"),
 ])
 def test_formula_errors_name_the_term(table, formula, message):
     with pytest.raises(SpecError) as info:
