@@ -189,13 +189,11 @@ def _design(spec: Any, problems: list[str]) -> Any:
         one = replace(spec, contrasts=(c,))
         try:
             (name, w, alt), = spec_contrasts(one, design.fixed_names)
-            d = build_design(design.X, _factor_tuples(design), [(name, w, alt)], design.fixed_names,
-                             where=f"{spec.path}: contrasts")
+            build_design(design.X, _factor_tuples(design), [(name, w, alt)], design.fixed_names,
+                         where=f"{spec.path}: contrasts")
             good.append((name, w, alt))
         except UserError as exc:
             problems.append(str(exc).replace("contrasts[0]", f"contrasts[{i}]", 1))
-            continue
-        del d
     return build_design(design.X, _factor_tuples(design), good, design.fixed_names,
                         where=f"{spec.path}: contrasts")
 
@@ -263,7 +261,7 @@ def _summary(spec: Any, design: Any, grid: Any, ranks: int) -> list[str]:
                f"{budget:.0f} MiB)")
     ms = _ms_per_voxel(spec, design)
     seconds = voxels * ms / 1000.0 / max(ranks, 1)
-    out.append(f"run time: about {_duration(seconds)} on {ranks} rank(s) (the estimator took "
+    out.append(f"run time: {_duration(seconds)} on {ranks} rank(s) (the estimator took "
                f"{ms:.2f} ms per voxel here on {_ms_per_voxel.voxels} simulated voxels; missing data "
                "and boundary fits cost more; packing the images adds to the first fit)")
     out.append("check: OK")
@@ -345,7 +343,7 @@ def _duration(seconds: float) -> str:
     if seconds < 1:
         return "under 1 s"
     if seconds < 90:
-        return f"{seconds:.0f} s"
+        return f"about {seconds:.0f} s"
     if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
