@@ -508,7 +508,7 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
                         "response is the image data: write y ~ ...")
     fixed = _r_to_python(parsed.fixed)
     try:
-        used = {v: f"fixed part" for v in _used_variables(fixed, table, f"term {parsed.fixed!r}")}
+        used = {v: "fixed part" for v in _used_variables(fixed, table, f"term {parsed.fixed!r}")}
         for bar in parsed.bars:
             for v in _used_variables(_r_to_python(bar.terms), table, f"random term {bar.text}"):
                 used.setdefault(v, f"random term {bar.text}")
