@@ -377,31 +377,42 @@ def r_column_names(model_matrix: Any) -> tuple[list[str], list[tuple[str, list[i
         label = ":".join(r_expression(e) for e in factors) if str(structure.term) != "1" else "(Intercept)"
         cols = [names.index(c) for c in structure.columns]
         terms.append((label, cols))
+        # a term formulaic splits to keep full rank (a:b without its margins) has scoped
+        # terms with fewer factors than the term: try each one's factors
+        candidates = [[f.factor.expr for f in scoped.factors] for scoped in structure.scoped_terms]
         for j in cols:
-            out[j] = "(Intercept)" if str(structure.term) == "1" else _r_name(names[j], factors, state)
+            if str(structure.term) == "1":
+                out[j] = "(Intercept)"
+                continue
+            for exprs in candidates + [factors]:
+                name = _r_name(names[j], exprs, state)
+                if name is not None:
+                    out[j] = name
+                    break
     return out, terms
 
 
-def _r_name(column: str, exprs: list[str], state: dict) -> str:
+def _r_name(column: str, exprs: list[str], state: dict) -> str | None:
+    """R's name of a formulaic column of the factors ``exprs``, or None if it is not theirs."""
     pos, pieces = 0, []
     for i, e in enumerate(exprs):
         if not column.startswith(e, pos):
-            return column  # not the shape we know: keep formulaic's name
+            return None
         pos += len(e)
         level = None
         if pos < len(column) and column[pos] == "[":
             end = len(column) - 1 if i == len(exprs) - 1 else column.find("]:" + exprs[i + 1], pos)
             if end < 0 or column[end] != "]":
-                return column
+                return None
             cats = state.get(e, (None, {}))[1].get("categories") if e in state else None
             level = _level_of(column[pos + 1:end], cats)
             pos = end + 1
         pieces.append(r_expression(e) + (level if level is not None else ""))
         if i < len(exprs) - 1:
             if column[pos:pos + 1] != ":":
-                return column
+                return None
             pos += 1
-    return ":".join(pieces)
+    return ":".join(pieces) if pos == len(column) else None
 
 
 def _r_ordered(fixed: str) -> str:
@@ -466,6 +477,8 @@ def _used_variables(text: str, table: Table, where: str) -> set[str]:
         else:
             raise SpecError(f"{where}: no column {name!r} in {table.path}"
                             f"{did_you_mean(name, table.names)}")
+    # formulaic leaves out the variables of stateful transforms (scale, center, poly)
+    used |= set(re.findall(r"[A-Za-z_.][A-Za-z0-9_.]*", text)) & set(table.names)
     return used
 
 
