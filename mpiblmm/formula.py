@@ -208,8 +208,9 @@ def _bar_split(inner: str) -> tuple[str, str, bool] | None:
     return None
 
 
-def _groupings(text: str, term: str) -> list[tuple[str, ...]]:
-    """The groupings of a bar's right side: ``g``, ``g1:g2``, ``g1/g2`` (lme4's expandSlash)."""
+def _groupings(text: str, term: str) -> list[tuple[tuple[str, ...], str]]:
+    """The groupings of a bar's right side and their lme4 names: ``g``, ``g1:g2``, and
+    ``g1/g2/g3`` -> ``g3:(g2:g1)``, ``g2:g1``, ``g1`` (lme4's expandSlash)."""
     text = text.strip()
     if not text:
         raise _FormulaProblem(f"random term {term}: nothing after '|' (write the grouping column, e.g. (1 | subject))")
@@ -222,14 +223,22 @@ def _groupings(text: str, term: str) -> list[tuple[str, ...]]:
                 raise _FormulaProblem(f"random term {term}: unsupported grouping {text!r} "
                                       "(use column names joined by ':' or '/')")
         nested.append(names)
-    # a/b/c -> c:b:a, b:a, a  (lme4's order and names: the inner level first)
     out = []
     for k in range(len(nested), 0, -1):
         group: tuple[str, ...] = ()
         for names in reversed(nested[:k]):
             group += names
-        out.append(group)
+        out.append((group, _lme4_name(nested[:k])))
     return out
+
+
+def _lme4_name(levels: list[tuple[str, ...]]) -> str:
+    """lme4's name of the innermost grouping of ``a/b/c``: ``a``, ``b:a``, ``c:(b:a)``."""
+    name = ":".join(levels[0])
+    for i, names in enumerate(levels[1:]):
+        outer = name if i == 0 else f"({name})"
+        name = f"{':'.join(names)}:{outer}"
+    return name
 
 
 def parse_formula(text: str) -> ParsedFormula:
@@ -271,8 +280,8 @@ def _parse(text: str) -> ParsedFormula:
                 raise _FormulaProblem(f"random term {chunk}: nothing before '|' (write e.g. (1 | g))")
             if "|" in terms or "|" in grouping:
                 raise _FormulaProblem(f"random term {chunk}: more than one bar")
-            for group in _groupings(grouping, chunk):
-                bars.extend(_expand_bar(terms.strip(), group, correlated, chunk))
+            for group, name in _groupings(grouping, chunk):
+                bars.extend(_expand_bar(terms.strip(), group, name, correlated, chunk))
             continue
         if "|" in chunk:
             raise _FormulaProblem(f"term {chunk!r}: a random term must stand alone in "
@@ -284,9 +293,9 @@ def _parse(text: str) -> ParsedFormula:
     return ParsedFormula(lhs, fixed_text, _name_bars(bars))
 
 
-def _expand_bar(terms: str, group: tuple[str, ...], correlated: bool, text: str) -> list[Bar]:
+def _expand_bar(terms: str, group: tuple[str, ...], name: str, correlated: bool,
+                text: str) -> list[Bar]:
     """One bar, or for ``||`` one bar per term (lme4: intercept, then ``0 + term`` each)."""
-    name = ":".join(group)
     if correlated:
         return [Bar(terms, group, name, text)]
     try:

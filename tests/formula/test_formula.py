@@ -144,6 +144,11 @@ def test_table_errors(tmp_path):
 
 
 def test_parse_keeps_lme4_expansion():
+    # names as lme4 gives them (checked with lme4 1.1-31: VarCorr's grp)
     p = parse_formula("y ~ a + (1 | g1/g2/g3) - 1")
     assert p.fixed == "a - 1"
-    assert [b.name for b in p.bars] == ["g3:g2:g1", "g2:g1", "g1"]
+    assert [b.name for b in p.bars] == ["g3:(g2:g1)", "g2:g1", "g1"]
+    assert [b.group for b in p.bars] == [("g3", "g2", "g1"), ("g2", "g1"), ("g1",)]
+    p = parse_formula("y ~ (1 | site/subject) + (time || subject) + (1 | a:b)")
+    assert [b.name for b in p.bars] == ["subject:site", "site", "subject", "subject.1", "a:b"]
+    assert p.bars[0].name == "subject:site" and p.bars[2].terms == "1"
