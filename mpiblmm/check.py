@@ -141,7 +141,9 @@ def _images(spec: Any, problems: list[str]) -> tuple[Any, int | None]:
             with h5py.File(spec.packed.h5, "r") as f:
                 ds = f[spec.packed.dataset]
                 shape = tuple(int(s) for s in ds.attrs.get("grid_shape", ds.shape[1:]))
-                return _PackedGrid(shape, ds.attrs.get("voxels") is not None), int(ds.shape[0])
+                listed = ds.attrs.get("voxels")
+                voxels = int(f[listed].shape[0]) if listed is not None else None
+                return _PackedGrid(shape, voxels), int(ds.shape[0])
         except Exception as exc:
             problems.append(f"{spec.packed.h5}: cannot read dataset {spec.packed.dataset}: {exc}")
             return None, None
@@ -165,9 +167,11 @@ def _images(spec: Any, problems: list[str]) -> tuple[Any, int | None]:
 
 
 class _PackedGrid:
-    def __init__(self, shape: tuple[int, ...], listed: bool) -> None:
+    """The grid of packed input, and its candidate voxels when the file lists them."""
+
+    def __init__(self, shape: tuple[int, ...], voxels: int | None) -> None:
         self.shape = shape
-        self.listed = listed
+        self.voxels = voxels
 
 
 # --------------------------------------------------------------------------- design
@@ -279,8 +283,10 @@ def _candidates(spec: Any, grid: Any) -> tuple[int, str]:
     if grid is None:
         return 0, "unknown"
     if isinstance(grid, _PackedGrid):
+        if grid.voxels is not None:
+            return grid.voxels, f"{grid.voxels} (listed in the packed input)"
         v = int(np.prod(grid.shape))
-        return v, f"at most {v} (packed input)"
+        return v, f"at most {v} (packed input, the whole grid)"
     total = int(np.prod(grid.shape))
     if spec.analysis_mask is not None:
         from mpiblmm.io.nifti import read_volume
