@@ -287,16 +287,21 @@ def _candidates(spec: Any, grid: Any) -> tuple[int, str]:
             return grid.voxels, f"{grid.voxels} (listed in the packed input)"
         v = int(np.prod(grid.shape))
         return v, f"at most {v} (packed input, the whole grid)"
-    total = int(np.prod(grid.shape))
-    if spec.analysis_mask is not None:
-        from mpiblmm.io.nifti import read_volume
+    from mpiblmm.io.ingest import missing
+    from mpiblmm.io.nifti import read_volume
 
+    total = int(np.prod(grid.shape))
+    inside = np.ones(grid.shape, dtype=bool)
+    where = f"the grid {' x '.join(map(str, grid.shape))}, no analysis mask"
+    if spec.analysis_mask is not None:
         mask = read_volume(spec.analysis_mask, grid)
-        v = int(np.count_nonzero(np.isfinite(mask) & (mask != 0)))
-        return v, f"at most {v} (in the analysis mask, of {total} on the grid " \
-                  f"{' x '.join(map(str, grid.shape))})"
-    return total, f"at most {total} (the grid {' x '.join(map(str, grid.shape))}, no " \
-                  "analysis mask; voxels no image observes are dropped)"
+        inside = np.isfinite(mask) & (mask != 0)
+        where = f"in the analysis mask, of {total} on the grid"
+    v = int(np.count_nonzero(inside))
+    first = read_volume(spec.images[0], grid, dtype=np.float64)
+    seen = int(np.count_nonzero(inside & ~missing(first, spec.zero_is_missing)))
+    return v, (f"at most {v} ({where}; {seen} observed in the first image; voxels no image "
+               "observes are dropped)")
 
 
 def _memory(design: Any, voxels: int, ranks: int, budget: float) -> tuple[float, int]:
