@@ -60,6 +60,8 @@ POLL_SECONDS = 0.02
 PHASE_NAMES = {"read": "fit", "write": "fit"}
 #: Width of the terminal progress bar (characters between the brackets).
 BAR_WIDTH = 30
+#: Buffers of sends released by :meth:`Progress.abandon` (24 bytes each, at most a few).
+_IN_FLIGHT: list[np.ndarray] = []
 
 
 @dataclass(frozen=True)
@@ -397,8 +399,9 @@ class Progress:
             done, _, _ = self._counts()
             self.log.report(f"fit stopped at {done:,}/{self.total:,} voxels")
         else:
-            for request, _ in self._pending:
+            for request, buffer in self._pending:
                 request.Free()
+                _IN_FLIGHT.append(buffer)  # MPI may still read it: never garbage-collected
             self._pending.clear()
         with self._lock:
             self._freed = True  # no more polling
