@@ -209,7 +209,8 @@ def write_map(target: Path, data: np.ndarray, affine: np.ndarray, space: str,
     volumes, or per-vertex GIfTI/CIFTI maps for surface studies (grid ``(N, 1, 1)``)."""
     fmt = json.loads(space).get("format", "nifti") if space else "nifti"
     if fmt == "nifti":
-        save_map(target, data, affine, description=description, space=space, intent=intent)
+        save_map(target, data, affine, description=description, space=space, intent=intent,
+                 labels=names)
     else:
         from mpiblmm.io.surface import save_surface_map
 

@@ -1,5 +1,9 @@
 """NIfTI images -> one packed HDF5 matrix (observations x candidate voxels), and slab reads.
 
+Surface maps (GIfTI, CIFTI dense scalar) are packed the same way as a grid of (N, 1, 1):
+:mod:`mpiblmm.io.images` picks the reader by file name; the first image's header facts
+(``Grid.space``) are kept in the root attribute ``space`` for the maps.
+
 The packed file (``<output>/packed.h5``, format ``mpiblmm-packed-1``; ``docs/SPEC.md`` is the
 user's description) holds:
 

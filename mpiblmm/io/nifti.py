@@ -126,15 +126,36 @@ def read_volume(path: Path, grid: Grid | None = None, reference: str | None = No
     return data.reshape(shape).astype(dtype, copy=False)
 
 
+#: Characters that would break AFNI's label list or its XML, and their stand-ins.
+_AFNI_UNSAFE = str.maketrans({"~": "-", '"': "'", "<": "(", ">": ")", "&": "+"})
+
+
+def afni_labels(header, labels) -> bytes:
+    """An AFNI NIfTI extension (code 4) naming the volumes (``BRICK_LABS``), so AFNI shows
+    them (``3dinfo -label``).  ``NIfTI_nums`` records dimensions and datatype as AFNI does;
+    AFNI ignores the extension if a later program changes them."""
+    dim = [int(x) for x in header["dim"]]
+    nt = dim[4] if dim[0] >= 4 else 1
+    nu = dim[5] if dim[0] >= 5 else 1
+    nums = f"{dim[1]},{dim[2]},{dim[3]},{nt},{nu},{int(header['datatype'])}"
+    text = "~".join(str(x).translate(_AFNI_UNSAFE) for x in labels)
+    return ("<?xml version='1.0' ?>\n<AFNI_attributes\n  self_idcode=\"XYZ_mpiblmm\"\n"
+            f"  NIfTI_nums=\"{nums}\"\n  ni_form=\"ni_group\" >\n<AFNI_atr\n"
+            "  ni_type=\"String\"\n  ni_dimen=\"1\"\n  atr_name=\"BRICK_LABS\" >\n"
+            f" \"{text}\"\n</AFNI_atr>\n</AFNI_attributes>\n").encode("ascii", "replace")
+
+
 def save_map(path: Path, data: np.ndarray, affine: np.ndarray, description: str = "",
-             space: str = "", intent: str | None = None) -> None:
+             space: str = "", intent: str | None = None,
+             labels: tuple[str, ...] | None = None) -> None:
     """Write ``data`` (3-D or 4-D) as NIfTI with its own dtype (no scaling), atomically.
 
     ``space`` (the input's, see :func:`nifti_space`) sets the qform/sform codes, the intent
     and the units; without it both codes are 1 (scanner) and the units mm.  ``intent`` (a
     nibabel intent name such as ``"z score"``) overrides the input's intent for statistic
-    maps.  The file is written beside ``path`` under a temporary name and renamed, so a
-    reader never sees half a file and a re-export replaces maps in place.
+    maps.  ``labels`` name the volumes for AFNI (:func:`afni_labels`).  The file is written
+    beside ``path`` under a temporary name and renamed, so a reader never sees half a file
+    and a re-export replaces maps in place.
     """
     import nibabel as nib
 
@@ -152,6 +173,8 @@ def save_map(path: Path, data: np.ndarray, affine: np.ndarray, description: str 
     elif "intent" in info:
         code, params, name = info["intent"]
         img.header.set_intent(code, tuple(params), name=name)
+    if labels:
+        img.header.extensions.append(nib.nifti1.Nifti1Extension(4, afni_labels(img.header, labels)))
     _atomic_save(img, Path(path))
 
 

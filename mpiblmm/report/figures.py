@@ -101,16 +101,26 @@ def mosaic(values: np.ndarray, background: np.ndarray | None, title: str, cmap: 
 
 
 def by_vertex(values: np.ndarray, title: str, label: str, cmap: str = "coolwarm",
-              vmin: float | None = None, vmax: float | None = None):
-    """Surface studies: the per-vertex values in vertex order, coloured by value."""
+              vmin: float | None = None, vmax: float | None = None,
+              categorical: Sequence[tuple[int, str, str]] | None = None):
+    """Surface studies: the per-vertex values in vertex order, coloured by value (or, for
+    ``categorical`` (value, colour, label) triples, by category with a legend)."""
     plt = _plt()
     v = np.asarray(values, dtype=float).reshape(-1)
     fig, ax = plt.subplots(figsize=(8, 2.6))
-    idx = np.flatnonzero(np.isfinite(v))
-    sc = ax.scatter(idx, v[idx], c=v[idx], cmap=cmap, s=6, vmin=vmin, vmax=vmax)
     ax.set_xlabel("vertex / grayordinate")
     ax.set_ylabel(label)
     ax.set_title(title)
+    if categorical:
+        for value, colour, text in sorted(categorical):
+            idx = np.flatnonzero(v == value)
+            if idx.size:
+                ax.scatter(idx, v[idx], color=colour if not colour.endswith("00") or
+                           len(colour) != 9 else "#bbbbbb", s=6, label=f"{value}: {text}")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        return fig
+    idx = np.flatnonzero(np.isfinite(v))
+    sc = ax.scatter(idx, v[idx], c=v[idx], cmap=cmap, s=6, vmin=vmin, vmax=vmax)
     if idx.size:
         fig.colorbar(sc, ax=ax, label=label)
     return fig

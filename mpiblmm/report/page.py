@@ -56,12 +56,12 @@ def _fmt(x: float) -> str:
 
 def _map_figure(d: ReportData, values: np.ndarray, title: str, cmap: str, vmin: float,
                 vmax: float, label: str, categorical=None) -> bytes:
-    if d.is_surface:
-        return fg.png(fg.by_vertex(values if not categorical else values.astype(float),
-                                   title, label, cmap, vmin, vmax))
+    grid = d.grid(values) if values.shape[0] == d.voxels.shape[0] else values
+    if d.is_surface:  # grid (N, 1, 1): values in vertex order
+        return fg.png(fg.by_vertex(grid.reshape(-1), title, label, cmap, vmin, vmax,
+                                   categorical))
     occupied = np.zeros(d.grid_shape, bool)
     occupied[tuple(d.voxels.T)] = True
-    grid = d.grid(values) if values.shape[0] == d.voxels.shape[0] else values
     return fg.png(fg.mosaic(grid, d.background, title, cmap, vmin, vmax, label, occupied,
                             categorical))
 

@@ -125,3 +125,10 @@ def test_surface_study_fits_at_2_ranks_like_the_volume(study, nifti_fit, fmt, ru
     z = load("con_time_z")[flat, 0]
     assert np.all(np.sign(z[np.isfinite(z)]) == np.sign(res["contrasts/time/t"][np.isfinite(z)]))
     assert load("n").dtype == np.int32
+
+    if fmt == "gifti":  # the report draws surface maps by vertex, also launched on 2 ranks
+        run = run_mpi(2, [*mpiblmm_command, "report", str(study / "out_gifti" / "results.h5")],
+                      timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        page = (study / "out_gifti" / "report" / "report.html").read_text()
+        assert page.count("data:image/png;base64,") >= 10 and "vertex" not in run.stderr

@@ -153,6 +153,13 @@ def test_export_keeps_codes_and_marks_the_background(tmp_path):
     np.testing.assert_allclose(q[:3], bh_qvalues(np.array([0.04, 1e-320, 0.5]), np.ones(3, bool)))
     index = json.loads((out / "maps.json").read_text())
     assert set(index) == {p.name for p in out.glob("*.nii.gz")}
+    beta = load("beta")  # volume names for AFNI: BRICK_LABS in an AFNI extension
+    ext = [e for e in beta.header.extensions if e.get_code() == 4]
+    assert len(ext) == 1
+    xml = ext[0].get_content().decode()
+    assert '"a~b"' in xml and 'atr_name="BRICK_LABS"' in xml
+    dim = beta.header["dim"]
+    assert f'NIfTI_nums="{dim[1]},{dim[2]},{dim[3]},2,1,64"' in xml
     assert index["status.nii.gz"]["codes"]["8"].startswith("not analysed")
     assert index["con_b_z.nii.gz"]["volumes"] == ["z"]
 

@@ -106,3 +106,20 @@ def test_report_loads_in_headless_chromium(report, tmp_path):
     subprocess.run([chromium(), *flags, "--window-size=1200,4000", f"--screenshot={shot}",
                     report.as_uri()], capture_output=True, text=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+def test_report_over_a_given_background_and_a_wrong_one(report):
+    tmp = report.parent.parent
+    image = sorted((tmp / "study" / "images").glob("*.nii*"))[0]
+    mpiblmm("report", "study/results/results.h5", "--out", "rep2", "--background", str(image),
+            cwd=tmp)
+    assert str(image) in (tmp / "rep2" / "report.html").read_text()
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.zeros((3, 3, 3), np.float32), np.eye(4)), tmp / "small.nii")
+    job = subprocess.run([sys.executable, "-m", "mpiblmm", "report", "study/results/results.h5",
+                          "--background", "small.nii"], cwd=tmp, text=True, capture_output=True,
+                         timeout=120)
+    assert job.returncode == 2 and "Traceback" not in job.stderr
+    assert job.stderr.strip().startswith("mpiblmm: error: small.nii: background shape (3, 3, 3)")
