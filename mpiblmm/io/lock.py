@@ -69,7 +69,18 @@ def _is_stale(text: str) -> bool:
         return True
     except PermissionError:
         return False  # exists, owned by someone else
-    return False
+    return _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """A process that was killed but not yet reaped (state Z in /proc): it still has its PID
+    but runs no more.  In containers whose init does not reap orphans, the ranks of a job
+    killed whole (mpiexec and its proxies first) stay like that."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (not Linux): trust kill(pid, 0)
+    return stat[stat.rfind(")") + 2:].startswith(("Z", "X"))
 
 
 def acquire_lock(folder: Path, where: str = "output") -> OutputLock:
