@@ -60,7 +60,7 @@ def test_a_tiny_scaling_study_writes_csvs_and_a_png(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     run = subprocess.run([sys.executable, str(SCRIPT), "--ranks", "1", "2", "--repeats", "1",
-                          "--subjects", "6", "--visits", "2", "--shape", "4", "4", "3",
+                          "--subjects", "6", "--visits", "3", "--shape", "4", "4", "3",
                           "--voxels-per-rank", "32", "--out", str(out)],
                          capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]

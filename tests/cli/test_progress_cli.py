@@ -17,7 +17,7 @@ def test_progress_of_the_whole_job_in_the_log_file_and_per_rank_logs(tmp_path, r
     assert run.returncode == 0, run.stderr
     log = tmp_path / "logs" / "fit.log"
     run = run_mpi(3, [*mpiblmm_command, "fit", str(study / "spec.json"), "--output",
-                      str(tmp_path / "out"), "--max-memory-mb", "1", "--quiet",
+                      str(tmp_path / "out"), "--chunk-voxels", "7", "--quiet",
                       "--log-file", str(log), "--progress-interval", "0.01",
                       "--rank-logs", str(tmp_path / "ranks")], timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -33,7 +33,7 @@ def test_progress_of_the_whole_job_in_the_log_file_and_per_rank_logs(tmp_path, r
     rank_logs = sorted(p.name for p in (tmp_path / "ranks").iterdir())
     assert rank_logs == ["rank-00000.log", "rank-00001.log", "rank-00002.log"]
     chunk_lines = (tmp_path / "ranks" / "rank-00002.log").read_text().count(" chunk ")
-    assert chunk_lines >= 2  # 1 MiB budget: several chunks per rank
+    assert chunk_lines >= 2  # 7 voxels a chunk: several chunks per rank
 
 
 @pytest.mark.spawns_mpiexec
