@@ -36,7 +36,7 @@ def test_loglik_matches_dense(factors, method, missing):
     if missing:
         Y[rng.random((n, v)) < 0.15] = np.nan
         Y[:, 0] = 1000.0 + rng.normal(size=n)  # keep one complete voxel
-    pf = product_forms(X, rd, Y)
+    pf = product_forms(X, rd, Y, layout="dense")
     Ds = [np.stack([_random_psd(rng, f.n_effects, singular=(vox == 1)) for vox in range(v)])
           for f in rd.structure.factors]
     lambdas = tuple(cov_factor(D) for D in Ds)
@@ -64,7 +64,7 @@ def test_vinv_z_products_match_dense(factors):
     X, rd, Z = _design(rng, n, factors)
     Y = rng.normal(size=(n, v))
     Y[rng.random((n, v)) < 0.1] = np.nan
-    pf = product_forms(X, rd, Y, centre=False)
+    pf = product_forms(X, rd, Y, centre=False, layout="dense")
     Ds = [np.stack([_random_psd(rng, f.n_effects) for _ in range(v)])
           for f in rd.structure.factors]
     vp = vinv_products(pf, tuple(cov_factor(D) for D in Ds), need_z=True)

@@ -24,7 +24,7 @@ def test_products_equal_dense_sums(factors):
     X, rd, Z = _setup(rng, n, factors)
     Y = rng.normal(size=(n, v)).astype(np.float32)
     Y[rng.random((n, v)) < 0.2] = np.nan
-    pf = product_forms(X, rd, Y, centre=False)
+    pf = product_forms(X, rd, Y, centre=False, layout="dense")
     for vox in range(v):
         o = np.isfinite(Y[:, vox])
         Xo, Zo, yo = X[o], Z[o], Y[o, vox].astype(np.float64)
@@ -49,7 +49,7 @@ def test_complete_voxels_share_and_centring_keeps_digits():
     X, rd, Z = _setup(rng, n, [(5, 2)])
     noise = rng.normal(size=(n, 3))
     Y = 1e6 + noise
-    pf = product_forms(X, rd, Y)
+    pf = product_forms(X, rd, Y, layout="dense")
     assert pf.XtX.shape[0] == 1 and pf.ZtZ.shape[0] == 1 and pf.ZtX.shape[0] == 1
     # After centring, Y'Y is the OLS residual sum of squares of the noise (mean is in X).
     for vox in range(3):
@@ -67,5 +67,5 @@ def test_full_rank_flags_voxels_whose_observed_rows_lose_a_column():
     rd = random_design([np.arange(n) % 3], [np.ones((n, 1))])
     Y = rng.normal(size=(n, 2))
     Y[:5, 1] = np.nan  # voxel 1 never sees the indicator column
-    pf = product_forms(X, rd, Y)
+    pf = product_forms(X, rd, Y, layout="dense")
     np.testing.assert_array_equal(full_rank(pf.XtX), [True, False])

@@ -41,7 +41,7 @@ def _problem(factors, seed=0, v=3, missing=False, singular=False):
     Y = 50.0 + X @ rng.normal(size=(3, v)) + Z @ b + rng.normal(size=(n, v))
     if missing:
         Y[rng.random((n, v)) < 0.1] = np.nan
-    pf = product_forms(X, rd, Y)
+    pf = product_forms(X, rd, Y, layout="dense")
     s2 = rng.uniform(0.6, 1.5, size=v)
     return pf, X, Z, Y, tuple(Ds), s2
 

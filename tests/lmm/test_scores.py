@@ -18,7 +18,7 @@ def _problem(factors, seed, missing=True, v=3, n=50):
     Y = 50.0 + rng.normal(size=(n, v)) * 2
     if missing:
         Y[rng.random((n, v)) < 0.12] = np.nan
-    pf = product_forms(X, rd, Y)
+    pf = product_forms(X, rd, Y, layout="dense")
     Ds = []
     for f in rd.structure.factors:
         A = rng.normal(size=(v, f.n_effects, f.n_effects)) * 0.6
