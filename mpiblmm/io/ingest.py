@@ -362,8 +362,10 @@ def _describe_packed(path: Path, dataset: str, analysis_mask: Path | None) -> tu
         affine = np.asarray(ds.attrs["affine"], dtype=np.float64)
         if affine.shape != (4, 4):
             raise SpecError(f"{dataset}: attribute 'affine' must be 4x4, got {affine.shape}", where)
-        if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) == 0:
-            raise SpecError(f"{dataset}: attribute 'affine' must be finite and invertible", where)
+        if not np.isfinite(affine).all():
+            raise SpecError(f"{dataset}: attribute 'affine' holds NaN or Inf", where)
+        if abs(np.linalg.det(affine[:3, :3])) == 0:
+            raise SpecError(f"{dataset}: attribute 'affine' is not invertible", where)
         if "grid_shape" in ds.attrs:
             shape = tuple(int(s) for s in np.asarray(ds.attrs["grid_shape"]).ravel())
         elif ds.ndim == 4:
