@@ -22,15 +22,21 @@ def _reader(path: Path):
     return surface if surface.surface_format(path) else nifti
 
 
+def _as_path(path) -> Path:
+    """``path`` as a Path, kept as it is when it is one: a volume of a 4-D ``images`` file
+    is a Path that carries its ``volume`` index (see :mod:`mpiblmm.spec`)."""
+    return path if isinstance(path, Path) else Path(path)
+
+
 def read_grid(path: Path) -> Grid:
     """The grid (and ``space``) of an image or surface file, from its header."""
-    return _reader(path).read_grid(Path(path))
+    return _reader(path).read_grid(_as_path(path))
 
 
 def read_volume(path: Path, grid: Grid | None = None, reference: str | None = None,
                 dtype: type = np.float32) -> np.ndarray:
     """An image's data on ``grid`` (3-D; ``(N, 1, 1)`` for surfaces) as ``dtype``."""
-    return _reader(path).read_volume(Path(path), grid, reference, dtype)
+    return _reader(path).read_volume(_as_path(path), grid, reference, dtype)
 
 
 __all__ = ["IMAGE_SUFFIXES", "read_grid", "read_volume"]
