@@ -125,7 +125,8 @@ def bench(name, v, dense_voxels, r_voxels, rng):
     if dense_voxels and rd.structure.q <= DENSE_MAX_Q and path == "blocked":
         pfd = product_forms(X, rd, Y[:, :dense_voxels], layout="dense")
         dres, row["dense_ms"], row["dense_kb"] = measure(pfd, L)
-        row["note"] += (f"dense-blocked llh {np.max(np.abs(dres.llh - res.llh[:dense_voxels])):.1e}; ")
+        worst = np.max(np.abs(dres.llh - res.llh[:dense_voxels]))
+        row["note"] += f"dense-blocked llh {worst:.1e}; "
     if r_voxels:
         out, what = run_r(frame, formula, Y[:, :r_voxels])
         if out is None:

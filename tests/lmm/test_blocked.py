@@ -114,3 +114,15 @@ def test_blocked_voxel_gets_the_same_bits_whatever_chunk_it_is_in():
         for key, value in whole.items():
             joined = np.concatenate([part[key] for part in parts])
             np.testing.assert_array_equal(joined, value, err_msg=f"{key} with cuts {cuts}")
+
+
+def test_too_large_dense_remainder_is_a_user_error():
+    from mpiblmm.errors import SpecError
+    from mpiblmm.lmm.blocked.pattern import MAX_TAIL
+
+    rng = np.random.default_rng(0)
+    n = 3 * MAX_TAIL
+    codes = [np.arange(n) % (MAX_TAIL + 50), rng.permutation(n) % (MAX_TAIL + 10)]
+    rd = random_design(codes, [np.ones(n), np.ones(n)], ["item", "rater"])
+    with pytest.raises(SpecError, match="crossed"):
+        product_forms(np.ones((n, 1)), rd, rng.normal(size=(n, 1)))
