@@ -238,6 +238,7 @@ def _load(spec_path: str, options: FitOptions) -> Setup:
         spec = replace(spec, max_memory_mb=float(options.max_memory_mb))
     design = design_from_spec(spec)
     check_fittable(design, spec)
+    choose(model_from_design(design).rd)  # a crossed remainder too large: a user error now
     settings = settings_from_spec(spec, spec.max_memory_mb or DEFAULT_MEMORY_MB)
     make_dirs(spec.output, where)
     fingerprint = input_fingerprint(spec)
