@@ -16,15 +16,9 @@ from tests.refdata import list_datasets, load_dataset
 
 from .studies import read_results, voxel_order, write_reference_study
 
-# KNOWN FAILURE, kept out (not loosened; see the commit that added it and issue 9):
-# nested_slope REML, voxel 14, contrast "age": t = -0.0036118 (lmerTest -0.0036118185,
-# ours -0.0036114), relative 1.15e-4 > 1e-4.  The estimate differs by 5.7e-8 = 4e-7 standard
-# errors and the llh by 2e-12: the optimum is flat along the site variance (6 sites) and a
-# t this close to 0 magnifies that relatively.  Every other check of the case passes.
-EXCLUDED = {("nested_slope", "REML")}
 
 CASES = [(name, method) for name in list_datasets() for method in ("REML", "ML")
-         if method in load_dataset(name).reference and (name, method) not in EXCLUDED]
+         if method in load_dataset(name).reference]
 
 
 def _rel(a, b):
