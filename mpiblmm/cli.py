@@ -271,26 +271,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative_float(text: str) -> float:
-    """argparse type: a number of at least 0."""
+def _finite_float(text: str, positive: bool) -> float:
+    """argparse type: a finite number greater than 0 (``positive``) or at least 0."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0.0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of at least 0, got {text}")
+    if not (value > 0.0 if positive else value >= 0.0) or value == float("inf"):
+        what = "a positive number" if positive else "a number of at least 0"
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
     return value
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a number of at least 0."""
+    return _finite_float(text, positive=False)
 
 
 def _positive_float(text: str) -> float:
     """argparse type: a number greater than 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+    return _finite_float(text, positive=True)
 
 
 def _fraction(text: str) -> float:

@@ -452,6 +452,17 @@ def exit_now(code: int) -> NoReturn:
 
 
 # --------------------------------------------------------------------------- launcher check
+def world_if_parallel() -> Any:
+    """``COMM_WORLD`` when running under MPI with several ranks, else ``None`` (the handlers
+    of commands that also run without MPI, such as ``export`` and ``report``)."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    comm = MPI.COMM_WORLD
+    return comm if comm.Get_size() > 1 else None
+
+
 def launcher_size(environ: Mapping[str, str] | None = None) -> tuple[int, str] | None:
     """Number of processes the launcher says it started, and the variable that says so.
 

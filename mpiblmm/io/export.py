@@ -42,7 +42,8 @@ from mpiblmm.io import agree, comm_rank, comm_size, make_dirs
 from mpiblmm.io.derived import (NOT_ANALYSED_MEANING, STATUS_NOT_ANALYSED, bh_qvalues,
                                 z_from_neglog10p)
 from mpiblmm.io.nifti import save_map
-from mpiblmm.parallel import INTERRUPTED_EXIT_CODE, IOFailure, describe_io_error
+from mpiblmm.parallel import (INTERRUPTED_EXIT_CODE, IOFailure, describe_io_error,
+                              world_if_parallel)
 
 #: Temporary names of maps being written (``.<stem>.tmp<pid><suffix>``, see
 #: ``nifti._atomic_save``).
@@ -357,7 +358,7 @@ def store_headline(results_path: str | os.PathLike, comm: Any, timer: Any) -> di
 
 def run_export(args: argparse.Namespace) -> int:
     """``mpiblmm export RESULTS_H5 [DIR] [--fdr]``: (re)write the maps; returns the exit code."""
-    comm = _world()
+    comm = world_if_parallel()
     out_dir = getattr(args, "out_dir", None) or getattr(args, "directory", None)
     interrupt.install()
     try:
@@ -377,15 +378,6 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"mpiblmm: wrote {total} maps to {target}", flush=True)
     return 0
 
-
-def _world() -> Any:
-    """COMM_WORLD when running under MPI with several ranks, else ``None``."""
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        return None
-    comm = MPI.COMM_WORLD
-    return comm if comm.Get_size() > 1 else None
 
 
 __all__: list[str] = ["export_nifti", "run_export", "list_maps", "map_values", "volume",

@@ -32,22 +32,15 @@ def make_report(results: str | Path, out_dir: str | Path | None = None,
 def run_report(args: Any) -> int:
     """Handler of ``mpiblmm report`` (every rank calls it; rank 0 writes the page)."""
     from mpiblmm.io import on_root
+    from mpiblmm.parallel import world_if_parallel
 
-    comm = _world()
+    comm = world_if_parallel()
     path = on_root(comm, lambda: make_report(args.results, getattr(args, "out", None),
                                              getattr(args, "background", None)))
     if comm is None or comm.Get_rank() == 0:
         print(f"mpiblmm: wrote {path}", flush=True)
     return 0
 
-
-def _world() -> Any:
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        return None
-    comm = MPI.COMM_WORLD
-    return comm if comm.Get_size() > 1 else None
 
 
 __all__ = ["make_report", "run_report"]
