@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .blocked.newton import newton
-from .fisher import fisher_scoring
+from .fisher import eigh_sym, fisher_scoring
 from .model import (
     STATUS_CONSTANT, STATUS_CONVERGED, STATUS_EMPTY, STATUS_MAX_ITER, STATUS_NUMERICAL,
     STATUS_RANK_DEFICIENT, STATUS_SINGULAR, STATUS_TOO_FEW, FitResult, ProductForms,
@@ -128,7 +128,7 @@ def near_boundary(D: tuple[np.ndarray, ...], tol: float = NEAR_BOUNDARY) -> np.n
     """Voxels where some ``D_k`` has an eigenvalue below ``tol * max(1, largest)``."""
     out = np.zeros(D[0].shape[0], dtype=bool)
     for Dk in D:
-        w = np.linalg.eigvalsh(np.where(np.isfinite(Dk), Dk, 0.0))
+        w = eigh_sym(np.where(np.isfinite(Dk), Dk, 0.0))[0]
         out |= w[:, 0] <= tol * np.maximum(1.0, w[:, -1])
     return out
 
@@ -157,7 +157,7 @@ def _fit_chunk(pf: ProductForms, method: str, tolerance: float, max_iterations: 
     sel, left = sel[left > 0], left[left > 0]
     if sel.size:
         pol = polish_theta(pf.take(sel), theta[sel], method, tolerance=tolerance,
-                           max_iterations=left)
+                           max_iterations=left, ev0=ev.take(sel))
         for key, val in (("theta", pol.theta), ("llh", pol.ev.llh), ("beta", pol.ev.beta),
                          ("s2", pol.ev.s2), ("XtViX", pol.ev.vp.XtViX),
                          ("polish_iterations", pol.iterations), ("converged", pol.converged)):

@@ -224,6 +224,30 @@ def _cholesky_solve(A: np.ndarray, b: np.ndarray, rel: float) -> tuple[np.ndarra
     return x, good
 
 
+def eigh_sym(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.linalg.eigh`` of a stack of symmetric matrices (eigenvalues ascending), in
+    closed form for 2 x 2 (intercept + slope), where batched LAPACK is mostly per-matrix
+    overhead; the same formulas for every voxel, so a voxel's bits do not depend on its chunk.
+
+    2 x 2, ``[[a, b], [b, c]]``: ``w = (a + c)/2 -+ r``, ``r = hypot((a - c)/2, b)``; the top
+    eigenvector is ``(cos t, sin t)``, ``t = atan2(b, (a - c)/2) / 2``.  The small eigenvalue
+    carries an absolute rounding error of about eps * |largest|, as LAPACK's.
+    """
+    if A.shape[-1] != 2:
+        return np.linalg.eigh(A)
+    a, b, c = A[..., 0, 0], A[..., 1, 0], A[..., 1, 1]
+    half = 0.5 * (a - c)
+    mid = 0.5 * (a + c)
+    r = np.hypot(half, b)
+    t = 0.5 * np.arctan2(b, half)
+    co, si = np.cos(t), np.sin(t)
+    w = np.stack([mid - r, mid + r], axis=-1)
+    U = np.empty(A.shape)
+    U[..., 0, 0], U[..., 1, 0] = -si, co       # eigenvector of the small eigenvalue
+    U[..., 0, 1], U[..., 1, 1] = co, si        # ... and of the large one
+    return w, U
+
+
 def psd_project(D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Project a stack of symmetric matrices onto the PSD cone (eigenvalues clipped at 0).
 
@@ -235,7 +259,7 @@ def psd_project(D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return d, np.sqrt(d)
     finite = np.isfinite(D).all(axis=(-2, -1))
     Ds = np.where(finite[:, None, None], 0.5 * (D + np.swapaxes(D, -1, -2)), 0.0)
-    w, U = np.linalg.eigh(Ds)
+    w, U = eigh_sym(Ds)
     lam = U * np.sqrt(np.clip(w, 0.0, None))[:, None, :]
     lam = np.where(finite[:, None, None], lam, np.nan)
     return lam @ np.swapaxes(lam, -1, -2), lam

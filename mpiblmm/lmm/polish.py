@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .fisher import Evaluation, evaluate
+from .fisher import Evaluation, eigh_sym, evaluate
 from .model import ProductForms, RandomStructure
 from .scores import score_information, vech
 from .theta import lambdas_from_theta, theta_from_D, theta_slices, tril_indices
@@ -159,12 +159,12 @@ def escape_directions(lambdas: tuple[np.ndarray, ...], der: Derivatives,
         finite = np.isfinite(D).all(axis=(1, 2)) & np.isfinite(Gk).all(axis=(1, 2))
         D = np.where(finite[:, None, None], D, 0.0)
         Gs = np.where(finite[:, None, None], Gk, 0.0)
-        w, U = np.linalg.eigh(D)
+        w, U = eigh_sym(D)
         null = w <= null_tol * np.maximum(w[:, -1:], 1.0)
         # G restricted to the null space: N'GN with N the null eigenvectors (others masked)
         Un = U * null[:, None, :]
         GN = np.swapaxes(Un, 1, 2) @ Gs @ Un
-        mu, Z = np.linalg.eigh(0.5 * (GN + np.swapaxes(GN, 1, 2)))
+        mu, Z = eigh_sym(0.5 * (GN + np.swapaxes(GN, 1, 2)))
         top, z = mu[:, -1], Z[:, :, -1]
         wvec = np.einsum("vij,vj->vi", Un, z)
         E = wvec[:, :, None] * wvec[:, None, :]
@@ -229,18 +229,21 @@ def _line_search(pf, theta, llh, direction_fn, method, max_halvings, predicted=N
 
 def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
            tolerance: float = 1e-12, max_iterations: int | np.ndarray = 100,
-           max_halvings: int = 30) -> PolishResult:
+           max_halvings: int = 30, ev0: Evaluation | None = None) -> PolishResult:
     """Maximise the profiled (RE)ML log-likelihood over theta from ``theta0`` (v, n_theta).
 
     See the module docstring for the two moves.  ``max_iterations`` is one cap or a cap per
     voxel (v,) (what is left of a voxel's budget after Fisher Scoring); a voxel that reaches
     its cap stops with ``converged`` False.  Voxels whose evaluation fails at ``theta0``
-    are returned unchanged with ``llh`` NaN and ``converged`` False.
+    are returned unchanged with ``llh`` NaN and ``converged`` False.  ``ev0``: the evaluation
+    at ``theta0`` when the caller has it (Fisher Scoring's last one: the profiled fit and its
+    level sums depend on ``D = Lambda Lambda'`` alone, so any square root's evaluation
+    serves); it is not evaluated again.
     """
     st, v = pf.structure, pf.n_voxels
     cap = np.broadcast_to(np.asarray(max_iterations, dtype=np.int64), (v,))
     theta = canonical_theta(np.array(theta0, dtype=np.float64), st)
-    ev = evaluate(pf, lambdas_from_theta(theta, st), method, need_z=True)
+    ev = evaluate(pf, lambdas_from_theta(theta, st), method, need_z=True) if ev0 is None else ev0
     iterations = np.zeros(v, dtype=np.int64)
     converged = np.zeros(v, dtype=bool)
     active = np.flatnonzero(np.isfinite(ev.llh))
