@@ -42,6 +42,13 @@ SINGULAR_TOL = 1e-4
 #: Relative eigenvalue of a D_k below which a voxel is polished in theta (mode "auto").
 NEAR_BOUNDARY = 1e-6
 
+#: Step halvings of one-factor Fisher Scoring when the polish follows.  A voxel that no
+#: halving down to 1/8 helps is on (or next to) the boundary, where the eigenvalue clip
+#: stalls; the polish takes it from there.  On a demo-like chunk only 10% of the voxels that
+#: tried the halvings 1/16 .. 1/1024 took one (tiny progress) and the polish reached the same
+#: optimum without them, at ~2.4 evaluations per voxel less (10-15% of the fit).
+FS_HALVINGS_BEFORE_POLISH = 3
+
 #: Residual RMS, relative to the data's RMS, below which a voxel's data count as constant.
 #: float32 (how packed images are stored) rounds a value by up to 2^-24 ~ 6e-8 of its size
 #: (RMS about 3.5e-8), so residuals below 1e-7 of the data are rounding, not variance.
@@ -138,7 +145,11 @@ def _fit_chunk(pf: ProductForms, method: str, tolerance: float, max_iterations: 
     """Fisher Scoring then the polish, both within one budget of ``max_iterations`` per voxel."""
     if pf.blocks is not None:      # several factors at cohort scale: Newton in theta
         return _fit_chunk_blocked(pf, method, tolerance, max_iterations)
-    fs = fisher_scoring(pf, method, tolerance=tolerance, max_iterations=max_iterations)
+    halvings = {}
+    if polish_mode != "none" and pf.structure.is_single_factor:
+        halvings = dict(max_halvings=FS_HALVINGS_BEFORE_POLISH)
+    fs = fisher_scoring(pf, method, tolerance=tolerance, max_iterations=max_iterations,
+                        **halvings)
     theta = theta_from_D(fs.D, pf.structure)
     ev = fs.ev
     v = pf.n_voxels

@@ -262,6 +262,13 @@ def psd_project(D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     w, U = eigh_sym(Ds)
     lam = U * np.sqrt(np.clip(w, 0.0, None))[:, None, :]
     lam = np.where(finite[:, None, None], lam, np.nan)
+    if q == 2:                      # Lambda Lambda' entry by entry (a (v, 2, 2) matmul is slower)
+        Dp = np.empty_like(lam)
+        l00, l01, l10, l11 = lam[:, 0, 0], lam[:, 0, 1], lam[:, 1, 0], lam[:, 1, 1]
+        Dp[:, 0, 0] = l00 * l00 + l01 * l01
+        Dp[:, 1, 1] = l10 * l10 + l11 * l11
+        Dp[:, 0, 1] = Dp[:, 1, 0] = l00 * l10 + l01 * l11
+        return Dp, lam
     return lam @ np.swapaxes(lam, -1, -2), lam
 
 
