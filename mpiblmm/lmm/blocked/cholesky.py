@@ -30,7 +30,21 @@ import scipy.sparse as sp
 from ..likelihood import VinvProducts, gls, loglik, profiled_s2
 from ..model import ProductForms
 from ..theta import lambdas_from_theta
-from .pattern import BlockPattern
+from .pattern import BlockPattern, blocked_bytes_per_voxel
+
+#: Voxels per evaluation batch: the working set of one batch of evaluations (about this many
+#: bytes) stays in the CPU cache; the evaluation is memory bound, so for cohort designs this is
+#: ~2x faster than evaluating a whole chunk at once.  Not fewer than ``MIN_BATCH`` voxels
+#: (per-call Python overhead).  Every voxel's arithmetic is its own column's, so the batching
+#: changes no bits.
+BATCH_BYTES = 4 << 20
+MIN_BATCH = 16
+
+
+def batches(pattern: BlockPattern, p: int, v: int) -> list[np.ndarray]:
+    """Voxel index batches (consecutive) for evaluations of a chunk of ``v`` voxels."""
+    size = max(MIN_BATCH, BATCH_BYTES // max(blocked_bytes_per_voxel(pattern, p), 1))
+    return [np.arange(i, min(i + size, v)) for i in range(0, v, size)] or [np.arange(0)]
 
 
 # ---------------------------------------------------------------- small matrices, axes first
