@@ -110,9 +110,10 @@ def saddle_free_direction(g: np.ndarray, H: np.ndarray) -> np.ndarray:
 
 
 def limit_step(d: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """``d`` scaled (per voxel) so that no entry moves by more than ``MAX_STEP max(|theta_i|,
-    1)`` towards zero or ``MAX_GROW max(|theta_i|, 1)`` away from it: far from the optimum the deviance is log-like in theta, where a Newton step
-    overshoots by orders of magnitude (and then comes back one halving per iteration)."""
+    """``d`` scaled (per voxel) so that no entry moves by more than
+    ``MAX_STEP max(|theta_i|, 1)`` towards zero or ``MAX_GROW max(|theta_i|, 1)`` away from it:
+    far from the optimum the deviance is log-like in theta, where a Newton step overshoots by
+    orders of magnitude (and then comes back one halving per iteration)."""
     cap = np.where(d * theta < 0, MAX_STEP, MAX_GROW) * np.maximum(np.abs(theta), 1.0)
     ratio = np.max(np.abs(d) / cap, axis=1)
     scale = np.minimum(1.0, 1.0 / np.maximum(ratio, 1e-300))
