@@ -24,7 +24,7 @@ import numpy as np
 
 from ..likelihood import gls, logdet_spd
 from ..model import ProductForms
-from .cholesky import blocked_vinv, prepare
+from .cholesky import batches, blocked_vinv, prepare
 
 REL_STEP = 1e-2
 
@@ -78,7 +78,14 @@ def _derivatives(pattern, prep, theta: np.ndarray, h: np.ndarray, reml: bool, ba
 
 def blocked_setup(pattern, pf: ProductForms, varpar: np.ndarray, method: str):
     """``Cov(beta)`` (v, p, p), its Jacobian (v, m+1, p, p) and the deviance Hessian
-    (v, m+1, m+1) at ``varpar = (theta, sigma)`` (v, m+1)."""
+    (v, m+1, m+1) at ``varpar = (theta, sigma)`` (v, m+1), in cache-sized voxel batches
+    (:func:`.cholesky.batches`)."""
+    parts = [_setup(pattern, pf.take(idx), varpar[idx], method)
+             for idx in batches(pattern, pf.p, pf.n_voxels)]
+    return tuple(np.concatenate([part[k] for part in parts]) for k in range(3))
+
+
+def _setup(pattern, pf: ProductForms, varpar: np.ndarray, method: str):
     reml = method == "REML"
     theta, sigma = varpar[:, :-1], varpar[:, -1]
     s2 = sigma ** 2

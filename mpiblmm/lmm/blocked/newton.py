@@ -10,7 +10,13 @@ Per iteration, for the active voxels at once:
    ``theta +- h_i e_i`` (gradient, diagonal of H) and ``theta + h_i e_i + h_j e_j`` (the
    off-diagonal entries), ``h_i = 1e-4 max(|theta_i|, 0.1)``: ``1 + 2m + m(m-1)/2``
    evaluations for ``m`` theta entries;
-2. direction ``-|H|^-1 g`` (absolute eigenvalues: a descent direction at saddles too);
+2. direction ``-|H|^-1 g`` (absolute eigenvalues: a descent direction at saddles too), scaled
+   down so that no entry moves by more than ``1.5 max(|theta_i|, 1)`` towards zero or
+   ``4 max(|theta_i|, 1)`` away from it (:func:`limit_step`; far from the optimum ``d`` is
+   log-like in theta and a Newton step overshot by up to 20x, then came back one halving per
+   iteration: 15% fewer evaluations on the cohort designs, same optima.  1.5 rather than a
+   round fraction: a cap of 0.5 put theta exactly on 0 from 0.5, where the gradient vanishes
+   by symmetry, and such voxels took 25 iterations);
 3. step halving until ``d`` does not rise (a worse point is never kept);
 4. a voxel stops when the step gained less than ``tolerance`` in ``l`` (or the rounding floor
    of ``l``), or when no halving helped.  (Stopping on a small Newton decrement instead was
@@ -32,9 +38,14 @@ import numpy as np
 from ..model import ProductForms
 from ..polish import canonical_theta
 from ..theta import n_theta, theta_slices, tril_indices
-from .cholesky import prepare, profiled
+from .cholesky import batches, prepare, profiled
 
 REL_STEP = 1e-4
+
+#: Largest Newton step per theta entry towards zero (``MAX_STEP``) and away from it
+#: (``MAX_GROW``), relative to max(|theta_i|, 1) (:func:`limit_step`).
+MAX_STEP = 1.5
+MAX_GROW = 4.0
 
 
 def theta0(pf: ProductForms) -> np.ndarray:
@@ -98,14 +109,36 @@ def saddle_free_direction(g: np.ndarray, H: np.ndarray) -> np.ndarray:
     return np.where(ok[:, None], d, 0.0)
 
 
+def limit_step(d: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """``d`` scaled (per voxel) so that no entry moves by more than
+    ``MAX_STEP max(|theta_i|, 1)`` towards zero or ``MAX_GROW max(|theta_i|, 1)`` away from it:
+    far from the optimum the deviance is log-like in theta, where a Newton step overshoots by
+    orders of magnitude (and then comes back one halving per iteration)."""
+    cap = np.where(d * theta < 0, MAX_STEP, MAX_GROW) * np.maximum(np.abs(theta), 1.0)
+    ratio = np.max(np.abs(d) / cap, axis=1)
+    scale = np.minimum(1.0, 1.0 / np.maximum(ratio, 1e-300))
+    return d * scale[:, None]
+
+
 def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | None = None,
            tolerance: float = 1e-12, max_iterations: int = 200,
            max_halvings: int = 30) -> dict:
     """Minimise the profiled deviance for every voxel of ``pf``; see the module docstring.
 
     Returns a dict of (v,)-arrays: ``theta`` (lme4's form), ``llh``, ``beta`` (centred),
-    ``s2``, ``XtViX``, ``iterations`` and ``converged``.
+    ``s2``, ``XtViX``, ``iterations`` and ``converged``.  The voxels are optimised in cache-sized
+    batches (:func:`.cholesky.batches`; each voxel's iterations are its own).
     """
+    parts = []
+    for idx in batches(pattern, pf.p, pf.n_voxels):
+        start = None if theta_start is None else np.asarray(theta_start)[idx]
+        parts.append(_newton(pattern, pf.take(idx), method, start, tolerance,
+                             max_iterations, max_halvings))
+    return {k: np.concatenate([d[k] for d in parts]) for k in parts[0]}
+
+
+def _newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: float,
+            max_iterations: int, max_halvings: int) -> dict:
     st, v = pf.structure, pf.n_voxels
     prep = prepare(pattern, pf)
     theta = theta0(pf) if theta_start is None else np.array(theta_start, dtype=np.float64)
@@ -119,7 +152,7 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
         sub = prep.take(active)
         th, fa = theta[active], f[active]
         g, H = fd_gradient_hessian(pattern, sub, th, fa, method)
-        d = saddle_free_direction(g, H)
+        d = limit_step(saddle_free_direction(g, H), th)
         new_th, new_f = th.copy(), fa.copy()
         pending = np.arange(active.size)
         alpha = 1.0
