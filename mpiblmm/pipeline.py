@@ -356,8 +356,7 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
             progress.chunk_done(stop - start)  # never waits for other ranks
 
     if stopper.settle():
-        progress.abandon()
-        _stop(comm, writer, written, done, packed.n_voxels, results_path)
+        _stop(comm, writer, written, done, packed.n_voxels, results_path, progress)
     progress.close()  # rank 0 collects the last counts; the others post theirs
 
     with timer.phase("finish"):
@@ -395,13 +394,15 @@ def _budget_source(spec_path: str, spec: Spec, options: FitOptions) -> str:
 
 
 def _stop(comm: Any, writer: Any, written: int, done: np.ndarray | None, n_voxels: int,
-          results_path: Path) -> None:
-    """Collective: close the results file as it is and raise :class:`FitStopped` everywhere."""
+          results_path: Path, progress: Progress) -> None:
+    """Collective: close the results file as it is, report the voxels done over all ranks
+    (the progress line and the stop line agree) and raise :class:`FitStopped` everywhere."""
     from mpi4py import MPI
 
     writer.close()
     total = int(comm.allreduce(written, op=MPI.SUM))
     total += 0 if done is None else int(np.count_nonzero(done))
+    progress.abandon(total)
     if comm.Get_rank() == 0:
         name = interrupt.signal_name() or "a signal"
         print(f"mpiblmm: stopped by {name}: {total} of {n_voxels} voxels are done and kept in "

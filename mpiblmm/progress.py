@@ -384,10 +384,11 @@ class Progress:
             self._freed = True
             self.comm.Free()
 
-    def abandon(self) -> None:
+    def abandon(self, done_total: int | None = None) -> None:
         """Instead of :meth:`close`, when every rank stops early together (e.g. at a signal,
-        after the ranks agreed to stop): nobody waits.  Rank 0 takes what has arrived and
-        reports it; the others release their pending sends (MPI lets a send request be freed
+        after the ranks agreed to stop): nobody waits.  Rank 0 reports ``done_total`` (the
+        voxels done over all ranks, when the caller has agreed on it) or else what has
+        arrived; the others release their pending sends (MPI lets a send request be freed
         while active: the message is still delivered).  The duplicate is not freed (that is
         collective), so abandon is safe on an error path too."""
         if self._closed:
@@ -396,7 +397,7 @@ class Progress:
         if self.rank == 0:
             self._poll()
             self.log.status = self.log._phase_status
-            done, _, _ = self._counts()
+            done = self._counts()[0] if done_total is None else int(done_total)
             self.log.report(f"fit stopped at {done:,}/{self.total:,} voxels")
         else:
             for request, buffer in self._pending:
