@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
+import jsonschema
 import numpy as np
 import pytest
 
 from mpiblmm.check import check_spec
 from mpiblmm.schema import SCHEMA, schema_problems
 from mpiblmm.study import write_study
-
-jsonschema = pytest.importorskip("jsonschema")
 
 
 @pytest.fixture(scope="module")
