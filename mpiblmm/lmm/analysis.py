@@ -31,16 +31,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from .blocked.pattern import blocked_bytes_per_voxel
-from .estimate import fit
-from .inference import f_contrast, t_contrast
 import scipy.sparse as sp
 
+from .estimate import fit
+from .inference import f_contrast, t_contrast
 from .model import (F_STATS, STATUS_EMPTY, STATUS_RANK_DEFICIENT, STATUS_TOO_FEW,
                     STATUS_UNIDENTIFIABLE, T_STATS, RandomStructure)
 from .products import RandomDesign, full_rank, product_forms
 from .satterthwaite import satterthwaite_setup
+from .structures import for_structure
 
 
 @dataclass(frozen=True)
@@ -85,16 +84,11 @@ def bytes_per_voxel(n: int, p: int, structure: RandomStructure, n_contrasts: int
     Counts the data (a few copies of n values), the per-voxel product forms and the
     estimator's and inference's per-voxel arrays (several copies of the largest of them).
     ``blocks``: the blocked pattern (:func:`~mpiblmm.lmm.structure.choose`) when the design
-    uses it; its Z'Z then costs its non-zero blocks, not q^2.
+    uses it; the structure's algebra says how many values its Z'Z takes (blocked: its
+    non-zero blocks, not q^2).
     """
     q = structure.q
-    if blocks is not None:
-        zz = blocked_bytes_per_voxel(blocks, p) // 8
-    elif structure.is_single_factor:
-        f = structure.factors[0]
-        zz = f.n_levels * f.n_effects**2
-    else:
-        zz = q * q
+    zz = for_structure(structure, blocks).zz_values_per_voxel(p)
     m = sum(f.n_vech for f in structure.factors) + 1
     per_voxel = 4 * n + 8 * (p * p + q * p + zz + q) + m * m * p * p + 6 * n_contrasts
     return 8 * int(per_voxel) + 4096

@@ -1,15 +1,12 @@
 """The estimator's driver: screen voxels, chunk them by memory, fit, assemble a FitResult.
 
-``fit`` is the one public entry point of the estimator.  For each chunk of voxels it runs
-
-1. :func:`~mpiblmm.lmm.fisher.fisher_scoring` (simplified Fisher Scoring in ``D``, from
-   ``D = 0``), then
-2. :func:`~mpiblmm.lmm.polish.polish` (Newton in lme4's theta with an escape from singular
-   ``D_k``), which guarantees the boundary optimum that the eigenvalue clip of step 1 misses,
-
-and reports per voxel ``beta`` (with the centring offset added back), ``s2``, ``D_k``
-(relative; ``FitResult.cov`` gives lme4's ``VarCorr``), lme4's ``logLik``, iterations and a
-status code (:data:`~mpiblmm.lmm.model.STATUS_CODES`).
+``fit`` is the one public entry point of the estimator.  Each chunk of voxels is fitted as
+the random-effects structure's algebra fits it (``pf.algebra.fit_chunk``,
+:mod:`~mpiblmm.lmm.structures`): one factor and the dense layout by Fisher Scoring then the
+theta polish (:mod:`~mpiblmm.lmm.scoring`), the blocked layout by Newton in theta
+(:mod:`~mpiblmm.lmm.blocked.newton`).  ``fit`` reports per voxel ``beta`` (with the centring
+offset added back), ``s2``, ``D_k`` (relative; ``FitResult.cov`` gives lme4's ``VarCorr``),
+lme4's ``logLik``, iterations and a status code (:data:`~mpiblmm.lmm.model.STATUS_CODES`).
 
 Screening happens before any fit, so one voxel's trouble never reaches another: no
 observations (6), ``n <= p`` (3), non-finite product forms (5), rank-deficient ``X`` on the
@@ -25,29 +22,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .blocked.newton import newton
-from .fisher import eigh_sym, fisher_scoring
 from .model import (
     STATUS_CONSTANT, STATUS_CONVERGED, STATUS_EMPTY, STATUS_MAX_ITER, STATUS_NUMERICAL,
     STATUS_RANK_DEFICIENT, STATUS_SINGULAR, STATUS_TOO_FEW, FitResult, ProductForms,
 )
-from .polish import polish as polish_theta
-from .blocked.pattern import blocked_bytes_per_voxel
 from .products import full_rank
-from .theta import D_from_theta, n_theta, theta_from_D, theta_slices, tril_indices
+from .theta import D_from_theta, n_theta, theta_slices, tril_indices
 
 #: lme4's ``isSingular`` tolerance on the diagonal of each Lambda_k (theta relative to sigma).
 SINGULAR_TOL = 1e-4
-
-#: Relative eigenvalue of a D_k below which a voxel is polished in theta (mode "auto").
-NEAR_BOUNDARY = 1e-6
-
-#: Step halvings of one-factor Fisher Scoring when the polish follows.  A voxel that no
-#: halving down to 1/8 helps is on (or next to) the boundary, where the eigenvalue clip
-#: stalls; the polish takes it from there.  On a demo-like chunk only 10% of the voxels that
-#: tried the halvings 1/16 .. 1/1024 took one (tiny progress) and the polish reached the same
-#: optimum without them, at ~2.4 evaluations per voxel less (10-15% of the fit).
-FS_HALVINGS_BEFORE_POLISH = 3
 
 #: Residual RMS, relative to the data's RMS, below which a voxel's data count as constant.
 #: float32 (how packed images are stored) rounds a value by up to 2^-24 ~ 6e-8 of its size
@@ -63,21 +46,9 @@ DEFAULT_MEMORY = 512 * 2**20
 
 
 def bytes_per_voxel(pf: ProductForms) -> int:
-    """A generous estimate of the working memory one voxel needs inside a fit.
-
-    One factor: about 40 arrays of (l, q1, q1 + p + 1) values; several factors: about 12
-    dense (q, q) matrices plus the (q, p + 1) products.
-    """
-    st, p = pf.structure, pf.p
-    if pf.blocks is not None:
-        return blocked_bytes_per_voxel(pf.blocks, p)
-    if st.is_single_factor:
-        f = st.factors[0]
-        per = 40 * f.n_levels * f.n_effects * (f.n_effects + p + 1)
-    else:
-        per = 12 * st.q * st.q + 20 * st.q * (p + 1)
-    m = n_theta(st)
-    return 8 * (per + 20 * (p * p + m * m + p) + 64)
+    """A generous estimate of the working memory one voxel needs inside a fit (the
+    structure's algebra knows its arrays)."""
+    return pf.algebra.fit_bytes_per_voxel(pf.p)
 
 
 def constant_data(pf: ProductForms, rtol: float = CONSTANT_RTOL) -> np.ndarray:
@@ -131,60 +102,12 @@ def is_singular(theta: np.ndarray, pf: ProductForms, tol: float = SINGULAR_TOL) 
     return out
 
 
-def near_boundary(D: tuple[np.ndarray, ...], tol: float = NEAR_BOUNDARY) -> np.ndarray:
-    """Voxels where some ``D_k`` has an eigenvalue below ``tol * max(1, largest)``."""
-    out = np.zeros(D[0].shape[0], dtype=bool)
-    for Dk in D:
-        w = eigh_sym(np.where(np.isfinite(Dk), Dk, 0.0))[0]
-        out |= w[:, 0] <= tol * np.maximum(1.0, w[:, -1])
-    return out
-
-
 def _fit_chunk(pf: ProductForms, method: str, tolerance: float, max_iterations: int,
                polish_mode: str) -> dict:
-    """Fisher Scoring then the polish, both within one budget of ``max_iterations`` per voxel."""
-    if pf.blocks is not None:      # several factors at cohort scale: Newton in theta
-        return _fit_chunk_blocked(pf, method, tolerance, max_iterations)
-    halvings = {}
-    if polish_mode != "none" and pf.structure.is_single_factor:
-        halvings = dict(max_halvings=FS_HALVINGS_BEFORE_POLISH)
-    fs = fisher_scoring(pf, method, tolerance=tolerance, max_iterations=max_iterations,
-                        **halvings)
-    theta = theta_from_D(fs.D, pf.structure)
-    ev = fs.ev
-    v = pf.n_voxels
-    out = dict(theta=theta, llh=ev.llh, beta=ev.beta, s2=ev.s2, XtViX=ev.vp.XtViX,
-               fs_iterations=fs.iterations, polish_iterations=np.zeros(v, dtype=np.int64),
-               converged=fs.converged.copy())
-    if polish_mode == "none":
-        return out
-    if polish_mode == "all":
-        sel = np.arange(v)
-    else:  # "auto": the boundary, and wherever Fisher Scoring could not finish
-        sel = np.flatnonzero(near_boundary(fs.D) | fs.stalled | ~fs.converged)
-    sel = sel[np.isfinite(ev.llh[sel])]
-    left = max_iterations - fs.iterations[sel]
-    out["converged"][sel[left <= 0]] = False     # needs the polish, but the budget is spent
-    sel, left = sel[left > 0], left[left > 0]
-    if sel.size:
-        pol = polish_theta(pf.take(sel), theta[sel], method, tolerance=tolerance,
-                           max_iterations=left, ev0=ev.take(sel))
-        for key, val in (("theta", pol.theta), ("llh", pol.ev.llh), ("beta", pol.ev.beta),
-                         ("s2", pol.ev.s2), ("XtViX", pol.ev.vp.XtViX),
-                         ("polish_iterations", pol.iterations), ("converged", pol.converged)):
-            out[key][sel] = val
-    return out
-
-
-def _fit_chunk_blocked(pf: ProductForms, method: str, tolerance: float,
-                       max_iterations: int) -> dict:
-    """The blocked path (:mod:`~mpiblmm.lmm.blocked.newton`): its Newton iterations are
-    reported as Fisher Scoring iterations (there is no separate polish)."""
-    out = newton(pf.blocks, pf, method, tolerance=tolerance, max_iterations=max_iterations)
-    return dict(theta=out["theta"], llh=out["llh"], beta=out["beta"], s2=out["s2"],
-                XtViX=out["XtViX"], fs_iterations=out["iterations"],
-                polish_iterations=np.zeros(pf.n_voxels, dtype=np.int64),
-                converged=out["converged"])
+    """One chunk, fitted as the structure's algebra fits it (within one budget of
+    ``max_iterations`` per voxel): a dict of per-voxel ``theta``, ``llh``, ``beta``, ``s2``,
+    ``XtViX``, ``fs_iterations``, ``polish_iterations`` and ``converged``."""
+    return pf.algebra.fit_chunk(pf, method, tolerance, max_iterations, polish_mode)
 
 
 def fit(pf: ProductForms, method: str = "REML", tolerance: float = 1e-12,

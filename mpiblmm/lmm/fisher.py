@@ -27,10 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .likelihood import (
-    LevelSums, VinvProducts, gls, level_sums, loglik, products_and_sums, profiled_s2,
-    vinv_products,
-)
+from .likelihood import VinvProducts, loglik
 from .model import ProductForms
 from .scores import score_information, unvech, vech_score
 
@@ -39,14 +36,15 @@ from .scores import score_information, unvech, vech_score
 @dataclass(frozen=True)
 class Evaluation:
     """The profiled fit at given ``Lambda_k``: ``llh`` (v,), ``beta`` (v, p) centred, ``s2`` (v,),
-    ``vp``, and for one factor the level sums the scores need (``sums``, or None).  ``llh``
-    is NaN where the voxel's algebra failed."""
+    ``vp``, and the sums the scores need when the structure's algebra forms them in the same
+    pass (``sums``, with ``take``/``put``/``concat``; or None).  ``llh`` is NaN where the
+    voxel's algebra failed."""
 
     llh: np.ndarray
     beta: np.ndarray
     s2: np.ndarray
     vp: VinvProducts
-    sums: LevelSums | None = None
+    sums: object | None = None
 
     def take(self, idx: np.ndarray) -> "Evaluation":
         return Evaluation(self.llh[idx], self.beta[idx], self.s2[idx], _vp_take(self.vp, idx),
@@ -88,18 +86,10 @@ def _lambdas_finite(lambdas: tuple[np.ndarray, ...]) -> np.ndarray:
 
 def _evaluate_raw(pf: ProductForms, lambdas: tuple[np.ndarray, ...], method: str,
                   need_z: bool) -> Evaluation:
-    if need_z and pf.structure.is_single_factor:
-        # one factor: the level sums of the scores instead of the Z parts, in the same pass
-        vp, beta, ete, s2, sums = products_and_sums(pf, lambdas[0], method)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            llh = loglik(vp, pf.n, s2, ete, method)
-        return Evaluation(llh, beta, s2, vp, sums)
-    vp = vinv_products(pf, lambdas, need_z=need_z)
-    beta, ete = gls(vp)
-    s2 = profiled_s2(ete, pf.n, pf.p, method)
+    vp, beta, ete, s2, sums = pf.algebra.profiled(pf, lambdas, method, need_z)
     with np.errstate(divide="ignore", invalid="ignore"):
         llh = loglik(vp, pf.n, s2, ete, method)
-    return Evaluation(llh, beta, s2, vp)
+    return Evaluation(llh, beta, s2, vp, sums)
 
 
 def evaluate(pf: ProductForms, lambdas: tuple[np.ndarray, ...], method: str,
@@ -129,7 +119,7 @@ def evaluate(pf: ProductForms, lambdas: tuple[np.ndarray, ...], method: str,
                             np.concatenate([p.s2 for p in parts]),
                             _vp_concat([p.vp for p in parts]),
                             None if parts[0].sums is None
-                            else LevelSums.concat([p.sums for p in parts]))
+                            else type(parts[0].sums).concat([p.sums for p in parts]))
     bad = ~finite | ~np.isfinite(ev.llh) | ~np.isfinite(ev.s2) | (ev.s2 <= 0)
     if bad.any():
         ev.llh[bad] = np.nan
@@ -138,37 +128,20 @@ def evaluate(pf: ProductForms, lambdas: tuple[np.ndarray, ...], method: str,
 
 def _with_sums(ev: Evaluation, pf: ProductForms, lambdas: tuple[np.ndarray, ...],
                method: str) -> Evaluation:
-    """``ev`` (one factor, evaluated without Z parts) with its level sums added.
+    """``ev`` (evaluated without Z parts, a lazy halving) with its score sums added.
 
     Only for accepted steps: their l is finite, so X'V^-1X is positive definite."""
     with np.errstate(all="ignore"):
         A = np.linalg.inv(ev.vp.XtViX) if method == "REML" else None
-        sums = level_sums(pf, lambdas[0], ev.beta, ev.s2, A)
+        sums = pf.algebra.score_sums(pf, lambdas, ev.beta, ev.s2, A)
     return dataclasses.replace(ev, sums=sums)
 
 
 def _failed(pf: ProductForms, need_z: bool) -> Evaluation:
     """A single voxel whose algebra failed: NaN everywhere, shapes as a real evaluation."""
-    st, p = pf.structure, pf.p
-    q = st.q
-    nan = np.full
-    if need_z and st.is_single_factor:
-        vp = VinvProducts(XtViX=nan((1, p, p), np.nan), XtViY=nan((1, p), np.nan),
-                          YtViY=nan(1, np.nan), logdetV=nan(1, np.nan))
-        return Evaluation(nan(1, np.nan), nan((1, p), np.nan), nan(1, np.nan), vp,
-                          LevelSums.nan(1, st.factors[0].n_effects))
-    if need_z:
-        if st.is_single_factor:
-            f = st.factors[0]
-            zz = nan((1, f.n_levels, f.n_effects, f.n_effects), np.nan)
-        else:
-            zz = nan((1, q, q), np.nan)
-        z = dict(ZtViX=nan((1, q, p), np.nan), ZtViY=nan((1, q), np.nan), ZtViZ=zz)
-    else:
-        z = {}
-    vp = VinvProducts(XtViX=nan((1, p, p), np.nan), XtViY=nan((1, p), np.nan),
-                      YtViY=nan(1, np.nan), logdetV=nan(1, np.nan), **z)
-    return Evaluation(nan(1, np.nan), nan((1, p), np.nan), nan(1, np.nan), vp)
+    vp, sums = pf.algebra.failed_products(pf, need_z)
+    p, nan = pf.p, np.full
+    return Evaluation(nan(1, np.nan), nan((1, p), np.nan), nan(1, np.nan), vp, sums)
 
 
 # ---------------------------------------------------------------- small batched algebra
@@ -299,16 +272,6 @@ def scoring_steps(ev: Evaluation, pf: ProductForms, method: str,
     return tuple(out), gain
 
 
-def _halving_groups(max_halvings: int, batched: bool) -> list[list[int]]:
-    """Halving exponents evaluated together: [0], [1, 2, 3], [4, ..., max_halvings] when
-    ``batched`` (one factor: evaluation memory is bounded by its voxel blocks), else one by
-    one (the dense path's memory grows with the number of candidates)."""
-    hs = list(range(max_halvings + 1))
-    if not batched:
-        return [[h] for h in hs]
-    return [g for g in (hs[:1], hs[1:4], hs[4:]) if g]
-
-
 def rounding_floor(llh: np.ndarray) -> np.ndarray:
     """Smallest change of ``l`` that is not rounding: ``1e-14 |l|``."""
     return 1e-14 * np.abs(llh)
@@ -390,11 +353,9 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
         small = ~(predicted >= floor) & ~(size > step_tolerance)
         pending = np.flatnonzero(~small)
         # Step halving, lambda = 1, 1/2, 1/4, ...: a voxel keeps the first (largest) step
-        # that does not lower l.  One factor: the halvings are evaluated in groups ([1],
-        # [1/2 .. 1/8], the rest) in one call each: the same steps are accepted as one by
-        # one, in a few calls instead of max_halvings small ones (voxels stuck on the
-        # boundary try them all).
-        for group in _halving_groups(max_halvings, st.is_single_factor):
+        # that does not lower l.  The structure's algebra says which halvings are evaluated
+        # together (the same steps are accepted as one by one, in fewer calls).
+        for group in pf.algebra.halving_groups(max_halvings):
             if pending.size == 0:
                 break
             vox, lam_steps = [], []
@@ -411,9 +372,9 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
             lam_steps = np.concatenate(lam_steps)[:, None, None]
             trial = [psd_project(Dk[vox] + lam_steps * s[vox]) for Dk, s in zip(D_a, steps)]
             t_lam = tuple(t[1] for t in trial)
-            # one factor: halvings are mostly rejected, so they are evaluated for l only and
-            # the level sums of the scores are formed for the accepted steps afterwards
-            lazy = group[0] > 0 and pf.structure.is_single_factor
+            # halvings are mostly rejected: where the algebra says so, they are evaluated for
+            # l only and the score sums are formed for the accepted steps afterwards
+            lazy = group[0] > 0 and pf.algebra.lazy_halvings
             t_ev = evaluate(pf_a.take(vox), t_lam, method, need_z=not lazy)
             ok = np.flatnonzero(t_ev.llh >= ev_a.llh[vox])     # never keep a worse point
             if ok.size:

@@ -75,8 +75,8 @@ class ProductForms:
 
     - ``XtX`` (v|1, p, p), ``XtY`` (v, p), ``YtY`` (v,)
     - ``ZtX`` (v|1, q, p), ``ZtY`` (v, q)
-    - ``ZtZ``: single factor: (v|1, l, q1, q1), the diagonal blocks (the rest is zero);
-      several factors: (v|1, q, q), dense.
+    - ``ZtZ``: in the layout of ``algebra``: one factor (v|1, l, q1, q1), the diagonal
+      blocks (the rest is zero); dense (v|1, q, q); blocked (v|1, n_zz), the non-zero blocks.
     - ``n`` (v,) number of observations used at each voxel.
     - ``y_offset`` (v, p): ``Y`` was centred as ``Y - X y_offset`` before forming the products
       (so ``Y'Y`` keeps its digits); add it back to the estimated ``beta``.  Exact for ML and
@@ -84,9 +84,10 @@ class ProductForms:
     - ``shared``: X'X, Z'X and Z'Z are shared by every voxel (leading axis 1).  Said
       explicitly, not read from the shapes: with one voxel, per-voxel arrays have a leading
       axis of 1 too, and a voxel must take the same arithmetic path whatever chunk it is in.
-    - ``blocks``: None, or the symbolic blocked factorisation
-      (:class:`~mpiblmm.lmm.blocked.pattern.BlockPattern`) chosen for several factors at
-      cohort scale; ``ZtZ`` is then (v|1, n_zz), the non-zero blocks in its layout.
+    - ``algebra``: the random-effects algebra (:mod:`~mpiblmm.lmm.structures`) chosen once
+      from the design: it owns the Z'Z layout, the V^-1 products, the score and information
+      sums, Satterthwaite and how a chunk is fitted.  The numerics call its methods and never
+      ask which structure it is.
     """
 
     XtX: np.ndarray
@@ -99,7 +100,12 @@ class ProductForms:
     structure: RandomStructure
     y_offset: np.ndarray | None = None
     shared: bool = False
-    blocks: object | None = None
+    algebra: object | None = None
+
+    @property
+    def blocks(self):
+        """The blocked pattern of the algebra, or None (for tests and benchmarks)."""
+        return self.algebra.pattern
 
     @property
     def n_voxels(self) -> int:
@@ -120,7 +126,7 @@ class ProductForms:
             ZtX=pick(self.ZtX), ZtY=self.ZtY[index], ZtZ=pick(self.ZtZ),
             n=self.n[index], structure=self.structure,
             y_offset=None if self.y_offset is None else self.y_offset[index],
-            shared=self.shared, blocks=self.blocks,
+            shared=self.shared, algebra=self.algebra,
         )
 
 

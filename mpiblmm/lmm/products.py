@@ -29,7 +29,8 @@ import scipy.sparse as sp
 
 from .model import ProductForms, RandomFactor, RandomStructure
 from .rowwise import cols_at, rows_at
-from .structure import choose, factor_levels, factor_values
+from .row_outer import row_outer_matrix, weighted_sums
+from .structures import choose
 
 
 @dataclass(frozen=True)
@@ -96,34 +97,6 @@ def random_design(
     )
 
 
-def _row_outer_matrix(
-    left_cols: np.ndarray, left_vals: np.ndarray,
-    right_cols: np.ndarray, right_vals: np.ndarray, n_right: int, n_cols: int,
-) -> sp.csc_matrix:
-    """Sparse (n, n_cols) matrix whose row i holds the outer product of row i's two parts.
-
-    Entry ``(i, a * n_right + b)`` is ``left_vals[i, s] * right_vals[i, t]`` where
-    ``a = left_cols[i, s]`` and ``b = right_cols[i, t]``; duplicates add up.
-    """
-    n = left_cols.shape[0]
-    cols = (left_cols[:, :, None] * n_right + right_cols[:, None, :]).reshape(n, -1)
-    vals = (left_vals[:, :, None] * right_vals[:, None, :]).reshape(n, -1)
-    rows = np.repeat(np.arange(n), cols.shape[1])
-    return sp.csc_matrix((vals.ravel(), (rows, cols.ravel())), shape=(n, n_cols))
-
-
-def _block_cols(rd: RandomDesign) -> tuple[np.ndarray, np.ndarray]:
-    """Single factor: (level, effect) positions as columns of the (l * q1 * q1) block layout."""
-    q1 = rd.structure.factors[0].n_effects
-    level = rd.cols[:, 0] // q1
-    return level, np.arange(q1)
-
-
-def _weighted_sums(P: sp.spmatrix, weights: np.ndarray) -> np.ndarray:
-    """``(P' W)'``: for each voxel (column of ``weights``), the weighted sum of P's rows."""
-    return np.asarray((P.T @ weights).T)
-
-
 def _ols_offset(XtX: np.ndarray, XtY: np.ndarray) -> np.ndarray:
     """Per-voxel OLS coefficients by a pseudo-inverse (safe for rank-deficient voxels)."""
     w, U = np.linalg.eigh(XtX)
@@ -158,8 +131,9 @@ def product_forms(
     centre
         Subtract each voxel's OLS fit before forming products (recommended; exact).
     layout
-        "auto", "dense" or "blocked": the Z'Z layout for several factors
-        (:func:`~mpiblmm.lmm.structure.choose`).
+        "auto", "dense" or "blocked": the Z'Z layout for several factors.  The structure's
+        algebra is chosen here, once (:func:`~mpiblmm.lmm.structures.choose`), and stored on
+        the product forms as ``algebra``; it also forms Z'Z in its layout.
     """
     X = np.asarray(X, dtype=np.float64)
     n, p = X.shape
@@ -190,43 +164,17 @@ def product_forms(
     ZtY = np.asarray((Zs.T @ Y0).T)
 
     x_cols = np.broadcast_to(np.arange(p), (n, p))
-    P_zx = _row_outer_matrix(rd.cols, rd.vals, x_cols, X, p, q * p)
-    ZtX = _weighted_sums(P_zx, weights).reshape(-1, q, p)
+    P_zx = row_outer_matrix(rd.cols, rd.vals, x_cols, X, p, q * p)
+    ZtX = weighted_sums(P_zx, weights).reshape(-1, q, p)
 
-    blocks = choose(rd, layout)
-    if blocks is not None:
-        ZtZ = _weighted_sums(_zz_matrix(rd, blocks), weights)
-    elif structure.is_single_factor:
-        q1 = structure.factors[0].n_effects
-        n_levels = structure.factors[0].n_levels
-        level, eff = _block_cols(rd)
-        # Column of (level j, a, b) in the flattened (l, q1, q1) layout.
-        left = level[:, None] * q1 + eff[None, :]
-        P_zz = _row_outer_matrix(left, rd.vals, np.broadcast_to(eff, (n, q1)), rd.vals,
-                                 q1, n_levels * q1 * q1)
-        ZtZ = _weighted_sums(P_zz, weights).reshape(-1, n_levels, q1, q1)
-    else:
-        P_zz = _row_outer_matrix(rd.cols, rd.vals, rd.cols, rd.vals, q, q * q)
-        ZtZ = _weighted_sums(P_zz, weights).reshape(-1, q, q)
+    algebra = choose(rd, layout)
+    ZtZ = algebra.zz_products(rd, weights)
 
     n_obs = observed.sum(axis=0).astype(np.int64)
     return ProductForms(
         XtX=XtX, XtY=XtY, YtY=YtY, ZtX=ZtX, ZtY=ZtY, ZtZ=ZtZ,
-        n=n_obs, structure=structure, y_offset=y_offset, shared=shared, blocks=blocks,
+        n=n_obs, structure=structure, y_offset=y_offset, shared=shared, algebra=algebra,
     )
-
-
-def _zz_matrix(rd: RandomDesign, blocks) -> sp.csc_matrix:
-    """Sparse (n, n_zz): row i holds observation i's contributions to the blocked Z'Z."""
-    cached = blocks.__dict__.get("_zz_matrix")
-    if cached is not None and cached[0] is rd:
-        return cached[1]
-    from .blocked.pattern import zz_rows
-    cols, vals = zz_rows(blocks, factor_levels(rd), factor_values(rd))
-    rows = np.repeat(np.arange(cols.shape[0]), cols.shape[1])
-    P = sp.csc_matrix((vals.ravel(), (rows, cols.ravel())), shape=(cols.shape[0], blocks.n_zz))
-    blocks.__dict__["_zz_matrix"] = (rd, P)
-    return P
 
 
 def full_rank(XtX: np.ndarray, rtol: float = 1e-10) -> np.ndarray:

@@ -30,6 +30,12 @@ one evaluation of the V^-1 products; finite differences of (5) check it in the t
 
 At a singular fit a column of ``Lambda_k`` that is zero makes its theta entries drop out of
 (2) (``S2`` depends on them only through their squares), exactly as in lmerTest.
+
+:func:`satterthwaite_setup` gets ``Cov(beta)``, ``J`` and ``H`` from the structure's algebra
+(``pf.algebra.satterthwaite``, :mod:`~mpiblmm.lmm.structures`): one factor from level sums,
+the blocked path by finite differences of blocked evaluations, the dense layout by the exact
+formulas here, whose sums over level pairs (the diagonal blocks of ``Z'V^-1Z`` and the pair
+tensor) the algebra provides too.
 """
 
 from __future__ import annotations
@@ -38,11 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .likelihood import (
-    _blocks, _dot, _level_core, _level_layout, _level_residuals, _level_T_R, _level_zx_a_zx,
-    _lsum, _products_block, gls, vinv_products,
-)
-from .blocked.inference import blocked_setup
+from .likelihood import gls, vinv_products
 from .model import ProductForms, RandomStructure
 from .theta import lambdas_from_theta, n_theta, theta_from_D, theta_slices, tril_indices
 
@@ -82,32 +84,28 @@ class Precomputed:
 
 
 # ---------------------------------------------------------------- per-level blocks
-def _factor_blocks(vp, structure: RandomStructure, k: int):
+def _factor_blocks(vp, pf: ProductForms, k: int):
     """Diagonal blocks ``R_kjkj`` (v, l, q_k, q_k) and ``W_kj`` (v, l, q_k, p) of factor k."""
-    f, sl = structure.factors[k], structure.slices()[k]
+    st = pf.structure
+    f, sl = st.factors[k], st.slices()[k]
     v, p = vp.ZtViX.shape[0], vp.ZtViX.shape[2]
     W = vp.ZtViX[:, sl].reshape(v, f.n_levels, f.n_effects, p)
-    if structure.is_single_factor:
-        R = vp.ZtViZ
-    else:
-        R5 = vp.ZtViZ[:, sl, sl].reshape(v, f.n_levels, f.n_effects, f.n_levels, f.n_effects)
-        R = np.einsum("vjajb->vjab", R5)
-    return R, W
+    return pf.algebra.diagonal_blocks(vp, k), W
 
 
-def _level_sum(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+def level_sum(X: np.ndarray, Y: np.ndarray) -> np.ndarray:
     """``sum_j X_j (x) Y_j`` for X (v, l, *a), Y (v, l, *b): (v, *a, *b), one batched matmul."""
     v, l = X.shape[:2]
     out = np.swapaxes(X.reshape(v, l, -1), 1, 2) @ Y.reshape(Y.shape[0], l, -1)
     return out.reshape((out.shape[0],) + X.shape[2:] + Y.shape[2:])
 
 
-def _split(varpar: np.ndarray, structure: RandomStructure):
+def split_varpar(varpar: np.ndarray, structure: RandomStructure):
     theta, sigma = varpar[:, :-1], varpar[:, -1]
     return lambdas_from_theta(theta, structure), sigma
 
 
-def _inv_sym(M: np.ndarray) -> np.ndarray:
+def inv_sym(M: np.ndarray) -> np.ndarray:
     """Inverse of a stack of SPD matrices, symmetrised."""
     Minv = np.linalg.inv(M)
     return 0.5 * (Minv + np.swapaxes(Minv, -1, -2))
@@ -120,7 +118,7 @@ def deviance_gradient(pf: ProductForms, varpar: np.ndarray, method: str) -> np.n
     ``beta`` is at its GLS value for ``theta`` (lmerTest's deviance for both ML and REML).
     """
     st = pf.structure
-    lambdas, sigma = _split(varpar, st)
+    lambdas, sigma = split_varpar(varpar, st)
     s2 = sigma ** 2
     vp = vinv_products(pf, lambdas, need_z=True)
     beta, ete = gls(vp)
@@ -128,10 +126,10 @@ def deviance_gradient(pf: ProductForms, varpar: np.ndarray, method: str) -> np.n
     grad = np.empty_like(varpar, dtype=np.float64)
     grad[:, -1] = 2.0 * sigma * (dof / s2 - ete / s2 ** 2)          # chain rule s2 = sigma^2
     u = vp.ZtViY - np.einsum("vqp,vp->vq", vp.ZtViX, beta)          # Z'V^-1 e
-    A = _inv_sym(vp.XtViX) if method == "REML" else None
+    A = inv_sym(vp.XtViX) if method == "REML" else None
     v = varpar.shape[0]
     for k, (f, tsl, lam) in enumerate(zip(st.factors, theta_slices(st), lambdas)):
-        R, W = _factor_blocks(vp, st, k)
+        R, W = _factor_blocks(vp, pf, k)
         uk = u[:, st.slices()[k]].reshape(v, f.n_levels, f.n_effects)
         G = R.sum(axis=1) - np.einsum("vja,vjb->vab", uk, uk) / s2[:, None, None]
         if A is not None:                                           # REML: - sum_j W A W'
@@ -172,7 +170,7 @@ def deviance_hessian_fd(pf: ProductForms, varpar: np.ndarray, method: str,
     return 0.5 * (H + np.swapaxes(H, 1, 2))
 
 
-def _lambda_directions(lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def lambda_directions(lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``F_t = dD_k/dtheta_t = E_rc Lambda' + Lambda E_cr`` (v, n_t, q, q) and the (r, c) of t."""
     v, q, _ = lam.shape
     rows, cols = tril_indices(q)
@@ -183,7 +181,7 @@ def _lambda_directions(lam: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return F, rows, cols
 
 
-def _second_direction_trace(M: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def second_direction_trace(M: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """``tr(M d2D/dtheta_t dtheta_u)`` (v, n_t, n_t): ``d2D = [c = c'] (E_rr' + E_r'r)``."""
     Ms = M + np.swapaxes(M, -1, -2)
     same_col = (cols[:, None] == cols[None, :]).astype(float)
@@ -208,38 +206,39 @@ def deviance_hessian(pf: ProductForms, varpar: np.ndarray, method: str,
     ``Z'V^-1e``: one evaluation of the V^-1 products in all (``vp``, computed when not given).
     """
     st = pf.structure
-    lambdas, sigma = _split(varpar, st)
+    lambdas, sigma = split_varpar(varpar, st)
     s2 = sigma ** 2
     if vp is None:
         vp = vinv_products(pf, lambdas, need_z=True)
     beta, Q = gls(vp)
     reml = method == "REML"
     dof = pf.n - pf.p if reml else pf.n
-    A = _inv_sym(vp.XtViX)
+    A = inv_sym(vp.XtViX)
     u = vp.ZtViY - np.einsum("vqp,vp->vq", vp.ZtViX, beta)
     v, m = varpar.shape
     K = len(st.factors)
     H = np.zeros((v, m, m))
     F, W, U, tsl = [], [], [], theta_slices(st)
     for k, (f, sl, lam) in enumerate(zip(st.factors, st.slices(), lambdas)):
-        Fk, rows, cols = _lambda_directions(lam)
+        Fk, rows, cols = lambda_directions(lam)
         F.append((Fk, rows, cols))
-        W.append(_factor_blocks(vp, st, k)[1])
+        W.append(_factor_blocks(vp, pf, k)[1])
         U.append(u[:, sl].reshape(v, f.n_levels, f.n_effects))
     # w_t = sum_j W_j' F_t u_j (v, n_t, p); Q_t = sum_j W_j' F_t W_j (v, n_t, p, p)
-    w = [np.einsum("vapb,vtab->vtp", _level_sum(W[k], U[k]), F[k][0]) for k in range(K)]
-    Qt = ([np.einsum("vapbq,vtab->vtpq", _level_sum(W[k], W[k]), F[k][0]) for k in range(K)]
+    w = [np.einsum("vapb,vtab->vtp", level_sum(W[k], U[k]), F[k][0]) for k in range(K)]
+    Qt = ([np.einsum("vapbq,vtab->vtpq", level_sum(W[k], W[k]), F[k][0]) for k in range(K)]
           if reml else None)
     for k in range(K):
         Fk, rows, cols = F[k]
-        R_kk, _ = _factor_blocks(vp, st, k)
+        R_kk, _ = _factor_blocks(vp, pf, k)
         # Terms in V_tu (same factor only): tr(S_tu M) for M = sum_j R_jj, W A W', u u'/s2.
-        M = R_kk.sum(axis=1) - _level_sum(U[k], U[k]) / s2[:, None, None]
+        M = R_kk.sum(axis=1) - level_sum(U[k], U[k]) / s2[:, None, None]
         if reml:
-            M = M - np.einsum("vapbq,vpq->vab", _level_sum(W[k], W[k]), A)
-        H[:, tsl[k], tsl[k]] += _second_direction_trace(M, rows, cols)
+            M = M - np.einsum("vapbq,vpq->vab", level_sum(W[k], W[k]), A)
+        H[:, tsl[k], tsl[k]] += second_direction_trace(M, rows, cols)
         for k2 in range(K):
-            T = _pair_tensor(vp, st, k, k2, U[k], U[k2], W[k], W[k2], A if reml else None, s2)
+            T = pf.algebra.pair_tensor(vp, k, k2, U[k], U[k2], W[k], W[k2],
+                                       A if reml else None, s2)
             H[:, tsl[k], tsl[k2]] += np.einsum("vtab,vucd,vabcd->vtu", Fk, F[k2][0], T)
     # beta moving with theta, and tr(A Q_u A Q_t) (REML)
     wall = np.concatenate(w, axis=1)
@@ -250,44 +249,11 @@ def deviance_hessian(pf: ProductForms, varpar: np.ndarray, method: str,
         AQ = np.einsum("vpq,vtqr->vtpr", A, Qall)
         H[:, :nt, :nt] -= np.einsum("vtpr,vurp->vtu", AQ, AQ)
     # sigma: d2/dsigma2 = -2 m/sigma^2 + 6 Q/sigma^4; d2/dsigma dtheta_t = 2 e'V^-1V_tV^-1e/sigma^3
-    eVte = np.concatenate([np.einsum("vab,vtab->vt", _level_sum(U[k], U[k]), F[k][0])
+    eVte = np.concatenate([np.einsum("vab,vtab->vt", level_sum(U[k], U[k]), F[k][0])
                            for k in range(K)], axis=1)
     H[:, -1, -1] = -2.0 * dof / s2 + 6.0 * Q / s2 ** 2
     H[:, :nt, -1] = H[:, -1, :nt] = 2.0 * eVte / sigma[:, None] ** 3
     return 0.5 * (H + np.swapaxes(H, 1, 2))
-
-
-def _pair_tensor(vp, structure: RandomStructure, k: int, k2: int, U1, U2, W1, W2,
-                 A: np.ndarray | None, s2: np.ndarray) -> np.ndarray:
-    """``T[a,b,c,d]`` (v, q_k, q_k, q_k2, q_k2) with ``H_tu = sum F_t[a,b] F_u[c,d] T[a,b,c,d]``.
-
-    Over level pairs ``(i, j)`` of factors ``k`` and ``k2``, ``R_ij = Z_ki'V^-1 Z_k2j``:
-    ``T = - sum R_ij[b,c] R_ij[a,d]``                     (-tr(V^-1 V_t V^-1 V_u))
-    ``  + 2/s2 sum u_i[a] R_ij[b,c] u_j[d]``               (2 e'V^-1 V_t V^-1 V_u V^-1 e / s2)
-    ``  + 2 sum R_ij[b,c] (W_j A W_i')[d,a]`` (REML)       (2 tr(A X'V^-1 V_t V^-1 V_u V^-1 X)).
-    One factor: ``Z'V^-1Z`` is block diagonal, only ``i = j`` (same factor) contributes.
-    """
-    WA = None if A is None else np.einsum("vjdq,vqp->vjdp", W2, A)
-    if structure.is_single_factor:
-        R = vp.ZtViZ                                                 # (v, l, q, q), i = j
-        T = -_level_sum(R, R)                                        # [b,c,a,d]
-        uu = U1[:, :, :, None] * U2[:, :, None, :]                   # u_j[a] u_j[d]
-        T += (2.0 / s2)[:, None, None, None, None] * _level_sum(R, uu)
-        if WA is not None:
-            T += 2.0 * _level_sum(R, np.einsum("vjdp,vjap->vjad", WA, W1))
-        return np.transpose(T, (0, 3, 1, 2, 4))                      # to [a,b,c,d]
-    f, f2 = structure.factors[k], structure.factors[k2]
-    sl, sl2 = structure.slices()[k], structure.slices()[k2]
-    R = vp.ZtViZ[:, sl, sl2].reshape(-1, f.n_levels, f.n_effects, f2.n_levels, f2.n_effects)
-    # Plain einsum loops, one pair of operands at a time: einsum's optimize=True picks
-    # contractions whose rounding depends on the number of voxels (see rowwise.py).
-    T = -np.einsum("vibjc,viajd->vabcd", R, R)
-    uR = np.einsum("via,vibjc->vabjc", U1, R)
-    T += (2.0 / s2)[:, None, None, None, None] * np.einsum("vabjc,vjd->vabcd", uR, U2)
-    if WA is not None:
-        RW = np.einsum("vibjc,viap->vbjcap", R, W1)
-        T += 2.0 * np.einsum("vbjcap,vjdp->vabcd", RW, WA)
-    return T
 
 
 def covbeta_jacobian(pf: ProductForms, varpar: np.ndarray,
@@ -297,19 +263,19 @@ def covbeta_jacobian(pf: ProductForms, varpar: np.ndarray,
     ``vp``: the V^-1 products at ``varpar`` (with Z), computed when not given.
     """
     st = pf.structure
-    lambdas, sigma = _split(varpar, st)
+    lambdas, sigma = split_varpar(varpar, st)
     s2 = sigma ** 2
     if vp is None:
         vp = vinv_products(pf, lambdas, need_z=True)
-    A = _inv_sym(vp.XtViX)
+    A = inv_sym(vp.XtViX)
     v, m, p = varpar.shape[0], varpar.shape[1], pf.p
     J = np.empty((v, m, p, p))
     J[:, -1] = 2.0 * sigma[:, None, None] * A
     for k, (f, tsl, lam) in enumerate(zip(st.factors, theta_slices(st), lambdas)):
-        _, W = _factor_blocks(vp, st, k)
+        _, W = _factor_blocks(vp, pf, k)
         B = np.swapaxes(W @ A[:, None], 2, 3)                         # A W_kj' (v, l, p, q_k)
         C = B @ lam[:, None]                                         # A W_kj' Lambda_k
-        M = _level_sum(B, C)                                         # sum_j B[:, r] C[:, c]'
+        M = level_sum(B, C)                                         # sum_j B[:, r] C[:, c]'
         rows, cols = tril_indices(f.n_effects)
         for t, (r, c) in enumerate(zip(rows, cols)):
             Mrc = M[:, :, r, :, c]
@@ -328,141 +294,6 @@ def varpar_covariance(H: np.ndarray, sigma: np.ndarray,
     winv = np.where(keep, 1.0 / np.where(keep, w, 1.0), 0.0)
     Hplus = np.einsum("vij,vj,vkj->vik", U, winv, U)
     return 2.0 * Hplus * scale[:, :, None] * scale[:, None, :]
-
-
-# ---------------------------------------------------------------- one factor: level sums
-@dataclass(frozen=True)
-class _SattSums:
-    """Level sums of the one-factor model at the estimate (everything J and H need).
-
-    ``WW`` (v, q, p, q, p) = sum_j W_j (x) W_j; ``WU`` (v, q, p, q) = sum_j W_j (x) u_j;
-    ``UU``, ``R`` (v, q, q); ``T`` (v, q, q, q, q) the single-factor pair tensor in the
-    ``[b, c, a, d]`` order of :func:`_pair_tensor` before its final transpose (without the
-    REML term when ``A`` is not used); plus ``A``, ``XtViX`` (v, p, p) and ``Q`` = e'V^-1e (v,).
-    """
-
-    WW: np.ndarray
-    WU: np.ndarray
-    UU: np.ndarray
-    R: np.ndarray
-    T: np.ndarray
-    A: np.ndarray
-    Q: np.ndarray
-
-
-def _satt_sums_block(pf: ProductForms, lam: np.ndarray, s2: np.ndarray, reml: bool):
-    q, p, v = lam.shape[-1], pf.p, pf.n_voxels
-    B, ZX, ZY = _level_layout(pf)
-    M, _ = _level_core(B, lam, want_logdet=False)
-    vp = _products_block(pf, B, ZX, ZY, M, np.zeros(v))     # (log|V| is not needed)
-    beta, Q = gls(vp)
-    A = _inv_sym(vp.XtViX)
-    T, R = _level_T_R(B, M)
-    r = _level_residuals(ZX, ZY, beta, pf.shared)
-    u = [_dot(T[a], r) for a in range(q)]
-    W = [[_dot(T[a], [ZX[c][s] for c in range(q)]) for s in range(p)] for a in range(q)]
-    # W_j A W_j' = T_j P_j T_j', P_j = ZX_j A ZX_j'
-    P = _level_zx_a_zx(ZX, A, pf.shared)
-    TP = [[_dot(T[a], [P[c][d] for c in range(q)]) for d in range(q)] for a in range(q)]
-    WAW = [[None] * q for _ in range(q)]
-    for a in range(q):
-        for b in range(a, q):
-            WAW[a][b] = WAW[b][a] = _dot(TP[a], T[b])
-    uu = [[None] * q for _ in range(q)]
-    for a in range(q):
-        for b in range(a, q):
-            uu[a][b] = uu[b][a] = u[a] * u[b]
-    WW = np.empty((v, q, p, q, p))
-    flat = [(a, s) for a in range(q) for s in range(p)]
-    for i, (a, s) in enumerate(flat):
-        for b, t in flat[i:]:
-            WW[:, a, s, b, t] = WW[:, b, t, a, s] = _lsum(W[a][s], W[b][t])
-    WU = np.empty((v, q, p, q))
-    for a in range(q):
-        for s in range(p):
-            for b in range(q):
-                WU[:, a, s, b] = _lsum(W[a][s], u[b])
-    UU = np.empty((v, q, q))
-    Rs = np.empty((v, q, q))
-    for a in range(q):
-        for b in range(a, q):
-            UU[:, a, b] = UU[:, b, a] = _lsum(u[a], u[b])
-            Rs[:, a, b] = Rs[:, b, a] = R[a][b].sum(axis=-1)
-    # T[b, c, a, d] = sum_j R[b,c] (-R[a,d] + 2/s2 u[a] u[d] + 2 (W A W')[a,d])  (REML term)
-    X = [[None] * q for _ in range(q)]
-    for a in range(q):
-        for d in range(a, q):
-            x = uu[a][d] * (2.0 / s2)[:, None]
-            x -= R[a][d]
-            if reml:
-                x += 2.0 * WAW[a][d]
-            X[a][d] = X[d][a] = x
-    Tt = np.empty((v, q, q, q, q))
-    done: dict = {}
-    for b in range(q):
-        for c in range(b, q):
-            for a in range(q):
-                for d in range(a, q):
-                    key = (b, c, a, d)
-                    if key not in done:
-                        done[key] = _lsum(R[b][c], X[a][d])
-                    val = done[key]
-                    for bb, cc in {(b, c), (c, b)}:
-                        for aa, dd in {(a, d), (d, a)}:
-                            Tt[:, bb, cc, aa, dd] = val
-    return _SattSums(WW=WW, WU=WU, UU=UU, R=Rs, T=Tt, A=A, Q=Q)
-
-
-def _satt_sums(pf: ProductForms, lam: np.ndarray, s2: np.ndarray, reml: bool) -> _SattSums:
-    parts = [_satt_sums_block(pf.take(sl), lam[sl], s2[sl], reml) for sl in _blocks(pf)]
-    if len(parts) == 1:
-        return parts[0]
-    return _SattSums(*(np.concatenate([getattr(s, k) for s in parts])
-                       for k in ("WW", "WU", "UU", "R", "T", "A", "Q")))
-
-
-def _single_factor_setup(pf: ProductForms, varpar: np.ndarray, method: str):
-    """``Cov(beta)``, its Jacobian and the deviance Hessian of the one-factor model from level
-    sums (the same formulas as :func:`covbeta_jacobian` and :func:`deviance_hessian`)."""
-    st = pf.structure
-    (lam,), sigma = _split(varpar, st)
-    s2 = sigma ** 2
-    reml = method == "REML"
-    S = _satt_sums(pf, lam, s2, reml)
-    A, Q = S.A, S.Q
-    v, m, p = varpar.shape[0], varpar.shape[1], pf.p
-    q = lam.shape[-1]
-    # Jacobian: dCov/dLambda[r, c] = s2 (M_rc + M_rc'), M_rc = sum_e A WW[r, :, e, :] A Lambda[e, c]
-    Y = A[:, None, None] @ np.transpose(S.WW, (0, 1, 3, 2, 4)) @ A[:, None, None]  # (v,r,e,p,p)
-    Mrc = np.einsum("vrepq,vec->vrcpq", Y, lam)
-    J = np.empty((v, m, p, p))
-    J[:, -1] = 2.0 * sigma[:, None, None] * A
-    rows, cols = tril_indices(q)
-    for t, (r, c) in enumerate(zip(rows, cols)):
-        J[:, t] = s2[:, None, None] * (Mrc[:, r, c] + np.swapaxes(Mrc[:, r, c], 1, 2))
-    # Hessian
-    dof = pf.n - pf.p if reml else pf.n
-    F, rows, cols = _lambda_directions(lam)
-    nt = rows.size
-    H = np.zeros((v, m, m))
-    w = np.einsum("vapb,vtab->vtp", S.WU, F)
-    Mk = S.R - S.UU / s2[:, None, None]
-    if reml:
-        Mk = Mk - np.einsum("vapbq,vpq->vab", S.WW, A)
-    H[:, :nt, :nt] += _second_direction_trace(Mk, rows, cols)
-    T = np.transpose(S.T, (0, 3, 1, 2, 4))
-    FT = np.einsum("vtab,vabcd->vtcd", F, T)              # plain einsum: see _pair_tensor
-    H[:, :nt, :nt] += np.einsum("vtcd,vucd->vtu", FT, F)
-    H[:, :nt, :nt] -= 2.0 * np.einsum("vtp,vpq,vuq->vtu", w, A, w) / s2[:, None, None]
-    if reml:
-        Qt = np.einsum("vapbq,vtab->vtpq", S.WW, F)
-        AQ = A[:, None] @ Qt
-        H[:, :nt, :nt] -= np.einsum("vtpr,vurp->vtu", AQ, AQ)
-    eVte = np.einsum("vab,vtab->vt", S.UU, F)
-    H[:, -1, -1] = -2.0 * dof / s2 + 6.0 * Q / s2 ** 2
-    H[:, :nt, -1] = H[:, -1, :nt] = 2.0 * eVte / sigma[:, None] ** 3
-    H = 0.5 * (H + np.swapaxes(H, 1, 2))
-    return s2[:, None, None] * A, J, H
 
 
 # ---------------------------------------------------------------- setup and df
@@ -509,14 +340,7 @@ def satterthwaite_setup(
     if idx.size:
         sub = pf.take(idx)
         varpar = np.concatenate([theta[idx], np.sqrt(s2[idx])[:, None]], axis=1)
-        if pf.blocks is not None:
-            cov[idx], J[idx], H = blocked_setup(pf.blocks, sub, varpar, method)
-        elif st.is_single_factor:
-            cov[idx], J[idx], H = _single_factor_setup(sub, varpar, method)
-        else:
-            vp = vinv_products(sub, lambdas_from_theta(varpar[:, :-1], st), need_z=True)
-            cov[idx], J[idx] = covbeta_jacobian(sub, varpar, vp)
-            H = deviance_hessian(sub, varpar, method, vp)
+        cov[idx], J[idx], H = pf.algebra.satterthwaite(sub, varpar, method)
         Avp[idx] = varpar_covariance(H, varpar[:, -1])
     return Precomputed(cov_beta=cov, jacobian=J, vcov_varpar=Avp, fitted=ok, method=method)
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .likelihood import LevelSums, VinvProducts, level_sums
-from .model import ProductForms, RandomStructure
+from .likelihood import VinvProducts
+from .model import ProductForms
 from .theta import tril_indices
 
 
@@ -80,22 +80,21 @@ class LevelBlocks:
     u: np.ndarray
 
 
-def level_blocks(vp: VinvProducts, beta: np.ndarray,
-                 structure: RandomStructure) -> tuple[LevelBlocks, ...]:
-    """Split the Z parts of ``vp`` into per-factor, per-level blocks at GLS ``beta`` (v, p)."""
+def level_blocks(vp: VinvProducts, beta: np.ndarray, algebra) -> tuple[LevelBlocks, ...]:
+    """Split the Z parts of ``vp`` into per-factor, per-level blocks at GLS ``beta`` (v, p).
+
+    ``algebra``: the structure's algebra (``pf.algebra``), which knows the layout of
+    ``vp.ZtViZ`` and gives its diagonal blocks ``R_kjkj``."""
     if vp.ZtViZ is None:
         raise ValueError("level_blocks needs VinvProducts computed with need_z=True")
     v, p = beta.shape
     # u = Z'V^-1 (Y - X beta) = Z'V^-1 Y - Z'V^-1 X beta
     u_all = vp.ZtViY - np.einsum("vqp,vp->vq", vp.ZtViX, beta)
     out = []
-    for f, sl in zip(structure.factors, structure.slices()):
+    structure = algebra.structure
+    for k, (f, sl) in enumerate(zip(structure.factors, structure.slices())):
         l, q = f.n_levels, f.n_effects
-        if structure.is_single_factor:
-            R = vp.ZtViZ
-        else:
-            block = vp.ZtViZ[:, sl, sl].reshape(v, l, q, l, q)
-            R = np.einsum("vjajb->vjab", block)
+        R = algebra.diagonal_blocks(vp, k)
         out.append(LevelBlocks(R=R, W=vp.ZtViX[:, sl].reshape(v, l, q, p),
                                u=u_all[:, sl].reshape(v, l, q)))
     return tuple(out)
@@ -133,44 +132,6 @@ def beta_score(vp: VinvProducts, beta: np.ndarray, s2: np.ndarray) -> np.ndarray
 
 
 # ---------------------------------------------------------------- information
-def _pair_blocks(vp: VinvProducts, structure: RandomStructure, k1: int, k2: int) -> np.ndarray:
-    """All level pairs ``R_(k1 i)(k2 j)`` as (v, l1, q1, l2, q2) (dense path)."""
-    s1, s2 = structure.slices()[k1], structure.slices()[k2]
-    f1, f2 = structure.factors[k1], structure.factors[k2]
-    v = vp.ZtViZ.shape[0]
-    return vp.ZtViZ[:, s1, s2].reshape(v, f1.n_levels, f1.n_effects, f2.n_levels, f2.n_effects)
-
-
-def information_dd(vp: VinvProducts, blocks: tuple[LevelBlocks, ...],
-                   structure: RandomStructure, cross: bool = False) -> np.ndarray | tuple:
-    """Expected information of the vech(D_k), ``I_Dk1,Dk2 = 1/2 sum_ij R_ij (x) R_ij``.
-
-    Returns the diagonal blocks (one (v, m_k, m_k) per factor, ``m_k = q_k(q_k+1)/2``) when
-    ``cross`` is False, else the whole (v, m, m) matrix over all factors (vech of each factor
-    in turn).
-    """
-    r = len(structure.factors)
-    if structure.is_single_factor:
-        R = blocks[0].R
-        K = 0.5 * np.einsum("vjac,vjbd->vabcd", R, R)
-        info = vech_information(K)
-        return info if cross else (info,)
-    grid = [[None] * r for _ in range(r)]
-    for k1 in range(r):
-        for k2 in range(r):
-            if k2 < k1 or (k2 != k1 and not cross):
-                continue
-            Rp = _pair_blocks(vp, structure, k1, k2)
-            # I_vec[(a,b),(c,d)] = 1/2 sum_ij R_ij[a,c] R_ij[b,d]
-            K = 0.5 * np.einsum("viajc,vibjd->vabcd", Rp, Rp)  # no optimize: rowwise.py
-            grid[k1][k2] = vech_information(K)
-            if k2 != k1:
-                grid[k2][k1] = np.swapaxes(grid[k1][k2], -1, -2)
-    if not cross:
-        return tuple(grid[k][k] for k in range(r))
-    return np.concatenate([np.concatenate(row, axis=-1) for row in grid], axis=-2)
-
-
 def information_s2d(blocks: tuple[LevelBlocks, ...], s2: np.ndarray) -> np.ndarray:
     """``I_s2,vech(D)`` (v, m): ``Dup' vec(sum_j R_kjkj) / (2 s2)``, factors in turn."""
     parts = [vech_score(b.R.sum(axis=1)) for b in blocks]
@@ -190,23 +151,23 @@ def profiled_information(I_dd: np.ndarray, I_s2d: np.ndarray, I_s2s2: np.ndarray
 # ---------------------------------------------------------------- everything a step needs
 def score_information(pf: ProductForms, lambdas: tuple[np.ndarray, ...], vp: VinvProducts,
                       beta: np.ndarray, s2: np.ndarray, method: str, cross: bool = False,
-                      sums: LevelSums | None = None):
+                      sums=None):
     """D-scores ``G_k``, the vech information and ``t_k = Dup' vec(sum_j R_kjkj)`` at one fit.
 
-    One factor, ``vp`` without Z parts: from the
-    :class:`~mpiblmm.lmm.likelihood.LevelSums` ``sums`` of the evaluation (computed from
-    ``lambdas`` when not given; no (v, l, q, p) arrays).  Otherwise from the Z parts of ``vp``
-    (:func:`level_blocks`).  Returns ``(G, info, t)``: ``G`` and ``t`` tuples over factors,
-    ``info`` as :func:`information_dd` with ``cross``.
+    The structure's algebra forms them (``pf.algebra.score_information``): from the Z parts of
+    ``vp`` (:func:`z_score_information`) or, when ``vp`` has none, from the score sums of the
+    evaluation (``sums``; computed from ``lambdas`` when not given).  Returns ``(G, info,
+    t)``: ``G`` and ``t`` tuples over factors; ``info`` the (v, m, m) vech information over
+    all factors when ``cross``, else its diagonal blocks, one (v, m_k, m_k) per factor.
     """
-    st = pf.structure
-    if st.is_single_factor and vp.ZtViZ is None:
-        if sums is None:
-            A = np.linalg.inv(vp.XtViX) if method == "REML" else None
-            sums = level_sums(pf, lambdas[0], beta, s2, A)
-        info = vech_information(0.5 * sums.RR)
-        return (sums.G,), (info if cross else (info,)), (vech_score(sums.R),)
-    blocks = level_blocks(vp, beta, st)
+    return pf.algebra.score_information(pf, lambdas, vp, beta, s2, method, cross, sums)
+
+
+def z_score_information(algebra, vp: VinvProducts, beta: np.ndarray, s2: np.ndarray,
+                        method: str, cross: bool = False):
+    """:func:`score_information` from the Z parts of ``vp`` (:func:`level_blocks`), with the
+    information sums of the structure (``algebra.information_dd``)."""
+    blocks = level_blocks(vp, beta, algebra)
     G = d_scores(vp, blocks, s2, method)
-    info = information_dd(vp, blocks, st, cross=cross)
+    info = algebra.information_dd(vp, blocks, cross=cross)
     return G, info, tuple(vech_score(b.R.sum(axis=1)) for b in blocks)

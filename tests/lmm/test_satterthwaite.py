@@ -251,12 +251,12 @@ def test_combine_f_df_follows_lmertest():
 @pytest.mark.parametrize("missing", [False, True])
 def test_one_factor_level_sums_match_the_general_formulas(q, method, missing):
     """The one-factor setup from level sums equals covbeta_jacobian and deviance_hessian."""
-    from mpiblmm.lmm.satterthwaite import _single_factor_setup
+    from mpiblmm.lmm.structures.level_satterthwaite import level_setup
     pf, *_, Ds, s2 = _problem([(9, q)], seed=30 + q, v=4, missing=missing, singular=q > 1)
     x = _varpar(pf, Ds, s2)
     cov, J = covbeta_jacobian(pf, x)
     H = deviance_hessian(pf, x, method)
-    cov2, J2, H2 = _single_factor_setup(pf, x, method)
+    cov2, J2, H2 = level_setup(pf, x, method)
     np.testing.assert_allclose(cov2, cov, rtol=1e-11, atol=1e-14)
     np.testing.assert_allclose(J2, J, rtol=1e-10, atol=1e-12 * np.abs(J).max())
     np.testing.assert_allclose(H2, H, rtol=1e-10, atol=1e-11 * np.abs(H).max())

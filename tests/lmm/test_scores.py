@@ -6,7 +6,7 @@ import pytest
 from mpiblmm.lmm.likelihood import cov_factor, gls, loglik, vinv_products
 from mpiblmm.lmm.products import product_forms
 from mpiblmm.lmm.scores import (
-    beta_score, d_scores, duplication, information_dd, information_s2d, information_s2s2,
+    beta_score, d_scores, duplication, information_s2d, information_s2s2,
     level_blocks, s2_score, unvech, vech, vech_score,
 )
 
@@ -48,7 +48,7 @@ def test_d_score_matches_finite_differences(factors, method):
     s2 = rng.uniform(0.5, 2.0, size=pf.n_voxels)
     vp = vinv_products(pf, tuple(cov_factor(D) for D in Ds), need_z=True)
     beta, _ = gls(vp)
-    blocks = level_blocks(vp, beta, rd.structure)
+    blocks = level_blocks(vp, beta, pf.algebra)
     G = d_scores(vp, blocks, s2, method)
     h = 1e-6
     for k, f in enumerate(rd.structure.factors):
@@ -98,9 +98,9 @@ def test_information_matches_dense_trace(factors):
     s2 = rng.uniform(0.5, 2.0, size=pf.n_voxels)
     vp = vinv_products(pf, tuple(cov_factor(D) for D in Ds), need_z=True)
     beta, _ = gls(vp)
-    blocks = level_blocks(vp, beta, rd.structure)
-    full = information_dd(vp, blocks, rd.structure, cross=True)
-    diag = information_dd(vp, blocks, rd.structure, cross=False)
+    blocks = level_blocks(vp, beta, pf.algebra)
+    full = pf.algebra.information_dd(vp, blocks, cross=True)
+    diag = pf.algebra.information_dd(vp, blocks, cross=False)
     Is2d = information_s2d(blocks, s2)
     for vox in range(pf.n_voxels):
         obs = np.isfinite(Y[:, vox])
@@ -124,7 +124,7 @@ def test_information_matches_dense_trace(factors):
 @pytest.mark.parametrize("missing", [False, True])
 def test_one_factor_fast_path_matches_z_products(q, missing):
     """The entry-wise one-factor path (no Z parts) equals the V^-1 products and level blocks."""
-    from mpiblmm.lmm.likelihood import level_sums
+    from mpiblmm.lmm.structures.levels import level_sums
     rng, X, rd, Y, pf, Ds = _problem([(10, q)], seed=40 + q, missing=missing, v=5)
     lams = tuple(cov_factor(D) for D in Ds)
     full = vinv_products(pf, lams, need_z=True)
@@ -134,7 +134,7 @@ def test_one_factor_fast_path_matches_z_products(q, missing):
                                    atol=1e-12)
     beta, _ = gls(full)
     A = np.linalg.inv(full.XtViX)
-    b = level_blocks(full, beta, rd.structure)[0]
+    b = level_blocks(full, beta, pf.algebra)[0]
     s2 = np.linspace(0.5, 2.0, pf.n_voxels)
     sums = level_sums(pf, lams[0], beta, s2, A)
     np.testing.assert_allclose(sums.R, b.R.sum(axis=1), rtol=1e-12, atol=1e-12)

@@ -1,0 +1,440 @@
+"""One random factor: the per-level closed forms of the V^-1 products and the score sums.
+
+With one factor ``Z'Z``, ``S = I + Lambda' Z'Z Lambda`` and ``M = Lambda S^-1 Lambda'`` are block
+diagonal: ``l`` blocks of ``q_1 x q_1``, one per level (notation of :mod:`~mpiblmm.lmm.likelihood`).
+Everything here works per level on (v, l) arrays, in closed form for ``q_1 <= 2``, at a cost
+of O(v l q_1^2 p^2); nothing of size (v, q, q) is formed.  Used by
+:class:`~.one_factor.OneFactor` (evaluation, scores) and :mod:`.level_satterthwaite`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..likelihood import VinvProducts, gls, profiled_s2, spd_inv_logdet, sym
+from ..model import ProductForms
+from ..rowwise import rows_at
+
+
+def _mm(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``A B`` for small matrices stored with the matrix axes first: (q, r, ...) x (r, s, ...).
+
+    The trailing (voxel, level) axes are contiguous, so each term is one fast elementwise
+    operation; numpy's matmul on stacks of 2x2 matrices is an order of magnitude slower.
+    """
+    out = A[:, 0][:, None] * B[0][None]
+    for k in range(1, A.shape[1]):
+        out += A[:, k][:, None] * B[k][None]
+    return out
+
+
+def _mm_tn(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """``A' B`` for small matrices stored with the matrix axes first."""
+    return _mm(np.swapaxes(A, 0, 1), B)
+
+
+def _spd_inv_logdet_lead(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`spd_inv_logdet` for matrices stored with the matrix axes first (q, q, ...)."""
+    if S.shape[0] <= 2:
+        inv, logdet = spd_inv_logdet(np.moveaxis(S, (0, 1), (-2, -1)))
+        return np.ascontiguousarray(np.moveaxis(inv, (-2, -1), (0, 1))), logdet
+    inv, logdet = spd_inv_logdet(np.ascontiguousarray(np.moveaxis(S, (0, 1), (-2, -1))))
+    return np.ascontiguousarray(np.moveaxis(inv, (-2, -1), (0, 1))), logdet
+
+
+def _lead(a: np.ndarray, n_small: int) -> np.ndarray:
+    """Move the last ``n_small`` axes to the front (contiguous copy)."""
+    nd = a.ndim
+    return np.ascontiguousarray(np.moveaxis(a, tuple(range(nd - n_small, nd)),
+                                            tuple(range(n_small))))
+
+
+def _trail(a: np.ndarray, n_small: int) -> np.ndarray:
+    """Inverse of :func:`_lead`: move the first ``n_small`` axes to the end."""
+    nd = a.ndim
+    return np.moveaxis(a, tuple(range(n_small)), tuple(range(nd - n_small, nd)))
+
+
+def _x_corrections_shared(ZX: np.ndarray, L: np.ndarray, Sinv: np.ndarray,
+                          MZY: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``X'Z M Z'X`` and ``X'Z M Z'Y`` when Z'X (q1, p, l) is shared by every voxel, with
+    ``M = Lambda S^-1 Lambda'`` per voxel and level formed here from ``L`` and ``S^-1``."""
+    M = _mm(L, _mm(Sinv, np.swapaxes(L, 0, 1)))            # (q1, q1, v, l)
+    return _shared_zx_corrections(M, MZY, ZX)
+
+
+def vinv_single(pf: ProductForms, lam: np.ndarray, need_z: bool) -> VinvProducts:
+    # Work with the small matrix axes first and (voxel, level) last: (q1, q1, v, l).
+    f = pf.structure.factors[0]
+    l, q1, p, v = f.n_levels, f.n_effects, pf.p, pf.n_voxels
+    B = _lead(pf.ZtZ, 2)                                   # (q1, q1, v|1, l)
+    ZX = _lead(pf.ZtX.reshape(-1, l, q1, p), 2)            # (q1, p, v|1, l)
+    ZY = _lead(pf.ZtY.reshape(v, l, q1), 1)                # (q1, v, l)
+    L = _lead(lam, 2)[..., None]                           # (q1, q1, v, 1)
+    BL = _mm(B, L)                                         # Z'Z Lambda per level
+    S = _mm_tn(L, BL)
+    for i in range(q1):
+        S[i, i] += 1.0
+    Sinv, logdet = _spd_inv_logdet_lead(S)                 # S^-1, log|S| (v, l)
+    AY = _mm_tn(L, ZY[:, None])[:, 0]                      # Lambda'Z'Y  (q1, v, l)
+    SAY = _mm(Sinv, AY[:, None])[:, 0]
+    if pf.shared and not need_z:
+        corr_xx, corr_xy = _x_corrections_shared(ZX[:, :, 0], L, Sinv, _mm(L, SAY[:, None])[:, 0])
+    else:
+        AX = _mm_tn(L, ZX)                                 # Lambda'Z'X  (q1, p, v, l)
+        SAX = _mm(Sinv, AX)
+        corr_xx = np.empty((v, p, p))
+        for a in range(p):
+            for b in range(a, p):
+                corr_xx[:, a, b] = corr_xx[:, b, a] = (AX[:, a] * SAX[:, b]).sum(axis=(0, 2))
+        corr_xy = np.stack([(AX[:, a] * SAY).sum(axis=(0, 2)) for a in range(p)], axis=1)
+    out = dict(XtViX=pf.XtX - corr_xx, XtViY=pf.XtY - corr_xy,
+               YtViY=pf.YtY - (AY * SAY).sum(axis=(0, 2)), logdetV=logdet.sum(-1))
+    if need_z:
+        # Z'V^-1B = Z'B - Z'Z Lambda S^-1 Lambda'Z'B
+        ZtViX = ZX - _mm(BL, SAX)
+        ZtViY = ZY - _mm(BL, SAY[:, None])[:, 0]
+        ZtViZ = B - _mm(_mm(BL, Sinv), np.swapaxes(BL, 0, 1))
+        out.update(ZtViX=_trail(ZtViX, 2).reshape(v, l * q1, p),
+                   ZtViY=_trail(ZtViY, 1).reshape(v, l * q1),
+                   ZtViZ=sym(_trail(ZtViZ, 2)))
+    return VinvProducts(**out)
+
+
+# ---------------------------------------------------------------- one factor, entry by entry
+# The one-factor algebra without Z parts, with every small matrix held as a nested list of
+# contiguous (v|1, l) arrays, one per entry: a product of 2x2 matrices is then a handful of
+# fast elementwise operations, symmetric results are formed once and nothing is transposed.
+# Voxels are processed in blocks of about _BLOCK_ELEMENTS (voxel, level) pairs so that the
+# temporaries stay in cache.
+_BLOCK_ELEMENTS = 16384
+
+
+def level_layout(pf: ProductForms):
+    """Z'Z blocks ``B[a][b]`` (v|1, l), Z'X ``ZX[a][r]`` (v|1, l) and Z'Y ``ZY[a]`` (v, l)."""
+    f = pf.structure.factors[0]
+    l, q, p = f.n_levels, f.n_effects, pf.p
+    B = _lead(pf.ZtZ, 2)                                   # (q, q, v|1, l)
+    ZX = _lead(pf.ZtX.reshape(-1, l, q, p), 2)             # (q, p, v|1, l)
+    ZY = _lead(pf.ZtY.reshape(-1, l, q), 1)                # (q, v, l)
+    return B, ZX, ZY
+
+
+def dot(xs, ys) -> np.ndarray:
+    """``sum_i xs[i] * ys[i]`` for broadcastable arrays."""
+    out = xs[0] * ys[0]
+    for x, y in zip(xs[1:], ys[1:]):
+        out += x * y
+    return out
+
+
+def _sandwich(C, X, q: int, add_identity: bool = False):
+    """``Y = C' X C`` for a symmetric ``X`` given by entries (v|1, l) and per-voxel ``C``
+    entries (v, 1): ``Y[c][d] = sum_{a<=b} w_ab X[a][b]`` with per-voxel weights ``w``."""
+    Y = [[None] * q for _ in range(q)]
+    for c in range(q):
+        for d in range(c, q):
+            ws, xs = [], []
+            for a in range(q):
+                for b in range(a, q):
+                    w = C[a][c] * C[b][d]
+                    if a != b:
+                        w = w + C[b][c] * C[a][d]
+                    ws.append(w)
+                    xs.append(X[a][b])
+            y = dot(ws, xs)
+            if add_identity and c == d:
+                y += 1.0
+            Y[c][d] = Y[d][c] = y
+    return Y
+
+
+def _sum_log(det: np.ndarray) -> np.ndarray:
+    """``sum_l log det`` (v,) for det (v, l) >= 1, one log per pair of levels where safe.
+
+    "Safe" is decided per voxel, so a voxel's value never depends on the others in its chunk.
+    """
+    l = det.shape[-1]
+    h = l // 2
+    if not h:
+        return np.log(det).sum(axis=-1)
+    safe = det.max(axis=-1) < 1e150                    # the pair products cannot overflow
+    with np.errstate(over="ignore"):
+        out = np.log(det[:, :h] * det[:, h:2 * h]).sum(axis=-1)
+    if l % 2:
+        out += np.log(det[:, -1])
+    if safe.all():
+        return out
+    return np.where(safe, out, np.log(det).sum(axis=-1))
+
+
+def level_core(B, lam: np.ndarray, want_logdet: bool = True):
+    """``M_j = Lambda S_j^-1 Lambda'`` per level as entries ``M[a][b]`` (v, l), and
+    ``sum_j log|S_j|`` (v,), ``S_j = I + Lambda' B_j Lambda``.  q <= 2 in closed form."""
+    q = lam.shape[-1]
+    L = [[np.ascontiguousarray(lam[:, a, c])[:, None] for c in range(q)] for a in range(q)]
+    S = _sandwich(L, B, q, add_identity=True)
+    if q == 1:
+        Si = [[1.0 / S[0][0]]]
+        logdet = _sum_log(S[0][0]) if want_logdet else None
+    elif q == 2:
+        det = S[0][0] * S[1][1]
+        det -= S[0][1] * S[0][1]
+        r = 1.0 / det
+        Si = [[S[1][1] * r, None], [None, S[0][0] * r]]
+        r *= -1.0
+        Si[0][1] = Si[1][0] = S[0][1] * r
+        logdet = _sum_log(det) if want_logdet else None
+    else:
+        Sm = np.stack([np.stack(row, axis=-1) for row in S], axis=-2)   # (v, l, q, q)
+        logdet = None
+        if want_logdet:
+            C = np.linalg.cholesky(Sm)
+            logdet = 2.0 * np.log(np.diagonal(C, axis1=-2, axis2=-1)).sum(axis=(-2, -1))
+        inv = np.linalg.inv(Sm)
+        Si = [[np.ascontiguousarray(inv[..., a, b]) for b in range(q)] for a in range(q)]
+    Lt = [[L[a][c] for a in range(q)] for c in range(q)]
+    return _sandwich(Lt, Si, q), logdet
+
+
+def lsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``sum_l a * b`` over the trailing (level) axis: (v, l) x (v, l) -> (v,)."""
+    return np.einsum("vl,vl->v", a, b)
+
+
+def _outer_levels(ZXs: np.ndarray, a: int, b: int, both: bool = False) -> np.ndarray:
+    """``ZX_a (x) ZX_b`` (``+ ZX_b (x) ZX_a`` when ``both``) per level, (l, p*p), for a
+    shared Z'X (q, p, l)."""
+    p, l = ZXs.shape[1], ZXs.shape[2]
+    O = ZXs[a][:, None, :] * ZXs[b][None, :, :]
+    if both:
+        O = O + ZXs[b][:, None, :] * ZXs[a][None, :, :]
+    return O.reshape(p * p, l).T
+
+
+def _shared_zx_corrections(M, MZY, ZXs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``sum_j ZX_j' M_j ZX_j`` (v, p, p) and ``sum_j ZX_j' M_j Z_j'Y`` (v, p) for a Z'X
+    ``ZXs`` (q, p, l) shared by every voxel: the level sums are products with the shared
+    per-level outer products of Z'X.  ``M[a][b]`` and ``MZY[a]`` are (v, l); ``M`` is
+    symmetric, so each pair of effects is visited once."""
+    q, p = ZXs.shape[0], ZXs.shape[1]
+    v = MZY[0].shape[0]
+    corr_xx = np.zeros((v, p * p))
+    for a in range(q):
+        for b in range(a, q):
+            corr_xx += rows_at(M[a][b], _outer_levels(ZXs, a, b, both=a != b))
+    corr_xy = rows_at(MZY[0], ZXs[0].T)
+    for a in range(1, q):
+        corr_xy += rows_at(MZY[a], ZXs[a].T)
+    return sym(corr_xx.reshape(v, p, p)), corr_xy
+
+
+def products_block(pf: ProductForms, B, ZX, ZY, M, logdet) -> VinvProducts:
+    """X'V^-1X, X'V^-1Y, Y'V^-1Y: ``X'V^-1B = X'B - sum_j ZX_j' M_j Z_j'B``.  A shared Z'X
+    makes the level sums BLAS products with the per-level outer products of Z'X."""
+    q, p, v = len(M), pf.p, pf.n_voxels
+    MZY = [dot(M[a], list(ZY)) for a in range(q)]
+    corr_yy = lsum(ZY[0], MZY[0])
+    for a in range(1, q):
+        corr_yy += lsum(ZY[a], MZY[a])
+    if pf.shared:
+        corr_xx, corr_xy = _shared_zx_corrections(M, MZY, ZX[:, :, 0])
+    else:
+        MZX = [[dot(M[a], [ZX[b][r] for b in range(q)]) for r in range(p)] for a in range(q)]
+        corr_xx = np.empty((v, p, p))
+        corr_xy = np.empty((v, p))
+        for r in range(p):
+            for s in range(r, p):
+                c = lsum(ZX[0][r], MZX[0][s])
+                for a in range(1, q):
+                    c += lsum(ZX[a][r], MZX[a][s])
+                corr_xx[:, r, s] = corr_xx[:, s, r] = c
+            c = lsum(ZX[0][r], MZY[0])
+            for a in range(1, q):
+                c += lsum(ZX[a][r], MZY[a])
+            corr_xy[:, r] = c
+    return VinvProducts(XtViX=pf.XtX - corr_xx, XtViY=pf.XtY - corr_xy,
+                        YtViY=pf.YtY - corr_yy, logdetV=logdet)
+
+
+@dataclass(frozen=True)
+class LevelSums:
+    """What the scores and information of the one-factor model need, summed over levels.
+
+    ``R`` (v, q, q) = ``sum_j R_jj``; ``G`` (v, q, q) = ``dl/dD`` (:func:`~mpiblmm.lmm.scores.d_scores`,
+    at the GLS beta and the given ``s2``); ``RR`` (v, q, q, q, q) with ``RR[a, b, c, d] =
+    sum_j R_jj[a, c] R_jj[b, d]``.
+    """
+
+    R: np.ndarray
+    G: np.ndarray
+    RR: np.ndarray
+
+    def take(self, idx) -> "LevelSums":
+        return LevelSums(self.R[idx], self.G[idx], self.RR[idx])
+
+    def put(self, idx, other: "LevelSums") -> None:
+        self.R[idx] = other.R
+        self.G[idx] = other.G
+        self.RR[idx] = other.RR
+
+    @staticmethod
+    def concat(parts: list["LevelSums"]) -> "LevelSums":
+        return LevelSums(*(np.concatenate([getattr(s, k) for s in parts]) for k in ("R", "G", "RR")))
+
+    @staticmethod
+    def nan(v: int, q: int) -> "LevelSums":
+        return LevelSums(np.full((v, q, q), np.nan), np.full((v, q, q), np.nan),
+                         np.full((v, q, q, q, q), np.nan))
+
+
+def level_T_R(B, M):
+    """Per level, entry by entry: ``T_j = I - B_j M_j`` and ``R_jj = B_j - B_j M_j B_j``.
+
+    ``B_j = Z_j'Z_j``; ``R_jj = Z_j'V^-1Z_j`` and ``T_j Z_j'b = Z_j'V^-1 b`` for any b.
+    """
+    q = len(M)
+    BM = [[dot(B[a], [M[c][b] for c in range(q)]) for b in range(q)] for a in range(q)]
+    T = [[(1.0 - BM[a][c]) if a == c else -BM[a][c] for c in range(q)] for a in range(q)]
+    R = [[None] * q for _ in range(q)]
+    for a in range(q):
+        for b in range(a, q):
+            R[a][b] = R[b][a] = B[a][b] - dot(BM[a], [B[c][b] for c in range(q)])
+    return T, R
+
+
+def level_residuals(ZX, ZY, beta: np.ndarray, shared: bool):
+    """Per level ``r_j = Z_j'(Y - X beta)``, one (v, l) array per effect."""
+    q, p = ZX.shape[0], ZX.shape[1]
+    if shared:  # Z'X shared by every voxel
+        return [ZY[a] - rows_at(beta, ZX[a, :, 0]) for a in range(q)]
+    return [ZY[a] - dot(list(ZX[a]), [beta[:, s, None] for s in range(p)]) for a in range(q)]
+
+
+def level_zx_a_zx(ZX, A: np.ndarray, shared: bool):
+    """Per level ``P_j = Z_j'X A X'Z_j`` (symmetric, q x q lists of (v, l) arrays)."""
+    q, p, v = ZX.shape[0], ZX.shape[1], A.shape[0]
+    P = [[None] * q for _ in range(q)]
+    if shared:
+        Af = A.reshape(v, p * p)
+        for c in range(q):
+            for d in range(c, q):
+                P[c][d] = P[d][c] = rows_at(Af, _outer_levels(ZX[:, :, 0], c, d).T)
+        return P
+    AZX = [[dot(list(ZX[d]), [A[:, s, t, None] for t in range(p)]) for s in range(p)]
+           for d in range(q)]
+    for c in range(q):
+        for d in range(c, q):
+            P[c][d] = P[d][c] = dot(list(ZX[c]), AZX[d])
+    return P
+
+
+def _sums_block(pf: ProductForms, B, ZX, ZY, M, beta: np.ndarray, s2: np.ndarray,
+                A: np.ndarray | None) -> LevelSums:
+    """:class:`LevelSums` from the per-level ``M`` (see :func:`level_sums`)."""
+    q, v = len(M), pf.n_voxels
+    T, R = level_T_R(B, M)
+    # Q_j = r_j r_j' / s2 (+ P_j = ZX_j A ZX_j' for REML), r_j = Z_j'(Y - X beta)
+    r = level_residuals(ZX, ZY, beta, pf.shared)
+    rs = [r[a] * (1.0 / s2)[:, None] for a in range(q)]
+    Q = [[None] * q for _ in range(q)]
+    for c in range(q):
+        for d in range(c, q):
+            Q[c][d] = Q[d][c] = rs[c] * r[d]
+    if A is not None:
+        P = level_zx_a_zx(ZX, A, pf.shared)
+        for c in range(q):
+            for d in range(c, q):
+                Q[c][d] += P[c][d]
+    # G = 1/2 sum_j (T_j Q_j T_j' - R_jj)
+    TQ = [[dot(T[a], [Q[c][d] for c in range(q)]) for d in range(q)] for a in range(q)]
+    Rs = np.empty((v, q, q))
+    G = np.empty((v, q, q))
+    for a in range(q):
+        for b in range(a, q):
+            Rs[:, a, b] = Rs[:, b, a] = R[a][b].sum(axis=-1)
+            g = lsum(TQ[a][0], T[b][0])
+            for d in range(1, q):
+                g += lsum(TQ[a][d], T[b][d])
+            G[:, a, b] = G[:, b, a] = 0.5 * (g - Rs[:, a, b])
+    RR = np.empty((v, q, q, q, q))
+    done: dict = {}
+    for a in range(q):
+        for b in range(q):
+            for c in range(q):
+                for d in range(q):
+                    key = tuple(sorted((tuple(sorted((a, c))), tuple(sorted((b, d))))))
+                    if key not in done:
+                        done[key] = lsum(R[a][c], R[b][d])
+                    RR[:, a, b, c, d] = done[key]
+    return LevelSums(R=Rs, G=G, RR=RR)
+
+
+def voxel_blocks(pf: ProductForms):
+    """Voxel slices of about ``_BLOCK_ELEMENTS`` (voxel, level) pairs each."""
+    l = pf.structure.factors[0].n_levels
+    size = max(8, _BLOCK_ELEMENTS // max(l, 1))
+    v = pf.n_voxels
+    return [slice(s, min(v, s + size)) for s in range(0, v, size)]
+
+
+def _concat_vp(parts: list[VinvProducts]) -> VinvProducts:
+    if len(parts) == 1:
+        return parts[0]
+    return VinvProducts(*(np.concatenate([getattr(vp, k) for vp in parts])
+                          for k in ("XtViX", "XtViY", "YtViY", "logdetV")))
+
+
+def vinv_single_fast(pf: ProductForms, lam: np.ndarray) -> VinvProducts:
+    """The one-factor V^-1 products without Z parts, entry by entry, in voxel blocks."""
+    parts = []
+    for sl in voxel_blocks(pf):
+        sub = pf.take(sl)
+        B, ZX, ZY = level_layout(sub)
+        M, logdet = level_core(B, lam[sl])
+        parts.append(products_block(sub, B, ZX, ZY, M, logdet))
+    return _concat_vp(parts)
+
+
+def products_and_sums(pf: ProductForms, lam: np.ndarray, method: str):
+    """One-factor V^-1 products (no Z parts), the GLS fit and the :class:`LevelSums` there.
+
+    Returns ``(vp, beta, ete, s2, sums)``; ``s2`` is the profiled residual variance.  Each
+    voxel block is done in one pass (the per-level ``M_j`` is formed once).
+    """
+    out = []
+    for sl in voxel_blocks(pf):
+        sub = pf.take(sl)
+        B, ZX, ZY = level_layout(sub)
+        M, logdet = level_core(B, lam[sl])
+        vp = products_block(sub, B, ZX, ZY, M, logdet)
+        beta, ete = gls(vp)
+        s2 = profiled_s2(ete, sub.n, sub.p, method)
+        A = np.linalg.inv(vp.XtViX) if method == "REML" else None
+        out.append((vp, beta, ete, s2, _sums_block(sub, B, ZX, ZY, M, beta, s2, A)))
+    if len(out) == 1:
+        return out[0]
+    return (_concat_vp([o[0] for o in out]),
+            *(np.concatenate([o[i] for o in out]) for i in (1, 2, 3)),
+            LevelSums.concat([o[4] for o in out]))
+
+
+def level_sums(pf: ProductForms, lam: np.ndarray, beta: np.ndarray, s2: np.ndarray,
+               A: np.ndarray | None = None) -> LevelSums:
+    """:class:`LevelSums` of the one-factor model at ``Lambda`` (v, q, q), ``beta`` (v, p), ``s2``.
+
+    Per level ``Z_j'V^-1 = T_j Z_j'`` with ``T_j = I - B_j M_j`` (``B_j = Z_j'Z_j``), so
+    ``R_jj = B_j - B_j M_j B_j``, ``u_j = T_j r_j`` (``r_j = Z_j'(Y - X beta)``), ``W_j = T_j
+    Z_j'X`` and ``u_j u_j'/s2 + W_j A W_j' = T_j (r_j r_j'/s2 + Z_j'X A X'Z_j) T_j'``: nothing
+    of size (v, l, q, p) is formed.  ``A`` (v, p, p) = ``(X'V^-1X)^-1`` adds the REML term.
+    """
+    parts = []
+    for sl in voxel_blocks(pf):
+        sub = pf.take(sl)
+        B, ZX, ZY = level_layout(sub)
+        M, _ = level_core(B, lam[sl], want_logdet=False)
+        parts.append(_sums_block(sub, B, ZX, ZY, M, beta[sl], s2[sl],
+                                 None if A is None else A[sl]))
+    return parts[0] if len(parts) == 1 else LevelSums.concat(parts)
