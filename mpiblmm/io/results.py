@@ -34,7 +34,7 @@ import numpy as np
 from mpiblmm import __version__
 from mpiblmm.errors import UserError
 from mpiblmm.io import agree, comm_rank, comm_size, make_dirs, open_h5, read_hyperslab, write_hyperslab
-from mpiblmm.lmm.model import F_STATS, STATUS_CODES, STATUS_SINGULAR, T_STATS
+from mpiblmm.lmm.model import F_STATS, STATUS_CODES, STATUS_SINGULAR, T_STATS, result_datasets
 from mpiblmm.parallel import no_hang
 
 RESULTS_FORMAT = "mpiblmm-results-1"
@@ -99,23 +99,12 @@ class ResultsLayout:
 
     def datasets(self) -> dict[str, tuple[tuple[int, ...], str, Any]]:
         """Path -> (shape, dtype, fill value) of every per-voxel dataset, in creation order."""
-        V, p = self.n_voxels, self.p
-        out: dict[str, tuple[tuple[int, ...], str, Any]] = {
-            "status": ((V,), "u1", STATUS_NOT_PROCESSED),
-            "n": ((V,), "i4", 0),
-            "iterations": ((V,), "i4", 0),
-            "beta": ((V, p), "f8", np.nan),
-            "sigma2": ((V,), "f8", np.nan),
-            "llh": ((V,), "f8", np.nan),
-            "cov_beta": ((V, p, p), "f8", np.nan),
-        }
-        for name, effects in self.factors:
-            q = len(effects)
-            out[f"random/{name}/cov"] = ((V, q, q), "f8", np.nan)
-        for c in self.contrasts:
-            for stat in c.stats:
-                out[f"contrasts/{c.name}/{stat}"] = ((V,), "f8", np.nan)
-        return out
+        V = self.n_voxels
+        fills = {"status": STATUS_NOT_PROCESSED, "n": 0, "iterations": 0}
+        layout = result_datasets(self.p, [(name, len(e)) for name, e in self.factors],
+                                 [(c.name, c.kind) for c in self.contrasts])
+        return {path: ((V,) + shape, dtype, fills.get(path, np.nan))
+                for path, (shape, dtype) in layout.items()}
 
 
 def _early() -> Any:

@@ -36,7 +36,7 @@ import scipy.sparse as sp
 from .estimate import fit
 from .inference import f_contrast, t_contrast
 from .model import (F_STATS, STATUS_EMPTY, STATUS_RANK_DEFICIENT, STATUS_TOO_FEW,
-                    STATUS_UNIDENTIFIABLE, T_STATS, RandomStructure)
+                    STATUS_UNIDENTIFIABLE, T_STATS, RandomStructure, result_datasets)
 from .products import RandomDesign, full_rank, product_forms
 from .satterthwaite import satterthwaite_setup
 from .structures import for_structure
@@ -95,23 +95,14 @@ def bytes_per_voxel(n: int, p: int, structure: RandomStructure, n_contrasts: int
 
 
 def empty_results(model: Model, v: int) -> dict[str, np.ndarray]:
-    """Result arrays for ``v`` voxels, every float NaN (the shape of a chunk's output)."""
-    p = model.X.shape[1]
-    out: dict[str, np.ndarray] = {
-        "status": np.full(v, STATUS_EMPTY, dtype=np.uint8),
-        "n": np.zeros(v, dtype=np.int32),
-        "iterations": np.zeros(v, dtype=np.int32),
-        "beta": np.full((v, p), np.nan),
-        "sigma2": np.full(v, np.nan),
-        "llh": np.full(v, np.nan),
-        "cov_beta": np.full((v, p, p), np.nan),
-    }
-    for f in model.structure.factors:
-        out[f"random/{f.name}/cov"] = np.full((v, f.n_effects, f.n_effects), np.nan)
-    for c in model.contrasts:
-        for stat in T_STATS if c.kind == "T" else F_STATS:
-            out[f"contrasts/{c.name}/{stat}"] = np.full(v, np.nan)
-    return out
+    """Result arrays for ``v`` voxels, every float NaN (the shape of a chunk's output; the
+    layout is :func:`~mpiblmm.lmm.model.result_datasets`, as the results file's)."""
+    fills = {"status": STATUS_EMPTY, "n": 0, "iterations": 0}
+    layout = result_datasets(model.X.shape[1],
+                             [(f.name, f.n_effects) for f in model.structure.factors],
+                             [(c.name, c.kind) for c in model.contrasts])
+    return {path: np.full((v,) + shape, fills.get(path, np.nan), dtype=dtype)
+            for path, (shape, dtype) in layout.items()}
 
 
 def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, np.ndarray]:

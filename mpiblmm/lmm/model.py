@@ -149,6 +149,29 @@ class Parameters:
 T_STATS = ("estimate", "se", "t", "df", "p", "neglog10p")
 F_STATS = ("F", "df_num", "df_den", "p", "neglog10p", "r2")
 
+
+
+def result_datasets(p: int, factors, contrasts) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every per-voxel result, in creation order: path -> (shape after the voxel axis, dtype).
+
+    The one description of the results layout: a chunk's output
+    (:func:`~mpiblmm.lmm.analysis.empty_results`) and the results file
+    (:class:`mpiblmm.io.results.ResultsLayout`) are both made from it.  ``factors``: (name,
+    q_k) pairs; ``contrasts``: (name, kind) pairs, kind "T" or "F".
+    """
+    out: dict[str, tuple[tuple[int, ...], str]] = {
+        "status": ((), "u1"), "n": ((), "i4"), "iterations": ((), "i4"),
+        "beta": ((p,), "f8"), "sigma2": ((), "f8"), "llh": ((), "f8"),
+        "cov_beta": ((p, p), "f8"),
+    }
+    for name, q in factors:
+        out[f"random/{name}/cov"] = ((q, q), "f8")
+    for name, kind in contrasts:
+        for stat in T_STATS if kind == "T" else F_STATS:
+            out[f"contrasts/{name}/{stat}"] = ((), "f8")
+    return out
+
+
 # Status codes of a voxel, shared by the estimator and the results file.
 STATUS_CODES: dict[int, str] = {
     0: "fitted and converged",
