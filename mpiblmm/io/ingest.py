@@ -48,7 +48,8 @@ import numpy as np
 from mpiblmm.errors import SpecError, UserError
 from mpiblmm.io import (agree, comm_rank, comm_size, make_dirs, on_root, open_h5, read_hyperslab,
                         write_hyperslab)
-from mpiblmm.io.images import read_grid, read_volume  # NIfTI or surface, by file name
+from mpiblmm.io.images import (read_grid, read_stored, read_volume,  # NIfTI or surface,
+                               with_geometry)  # by file name
 from mpiblmm.io.nifti import Grid
 from mpiblmm.parallel import no_hang
 
@@ -201,7 +202,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     path = Path(path)
 
     def look() -> tuple[Grid, np.ndarray | None, str, bool]:
-        grid = read_grid(images[0])
+        grid = with_geometry(read_grid(images[0]), images[0])  # read_stored compares it
         mask = None
         if analysis_mask is not None:
             m = read_volume(Path(analysis_mask), grid, reference=str(images[0]))
@@ -228,7 +229,11 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     reference = str(images[0])
 
     def load_row(i: int) -> np.ndarray:
-        vals = read_volume(images[i], grid, reference, dtype=np.float64).reshape(-1)  # our own array
+        """Image ``i``'s values at the mask's voxels (missing ones NaN), in its stored dtype
+        when that is float32 (then float32 holds them exactly), else float64."""
+        vals = read_stored(images[i], grid)  # our own array; None: not the fast path
+        if vals is None:
+            vals = read_volume(images[i], grid, reference, dtype=np.float64).reshape(-1)
         if mask is not None:
             vals = vals[flat_mask]
         miss = missing(vals, zero_is_missing)
@@ -246,9 +251,9 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     try:
         for i in range(start, stop):
             row = load_row(i)
-            finite = np.isfinite(row)
-            observed += finite
-            exact32 = exact32 and np.array_equal(row.astype(np.float32), row, equal_nan=True)
+            observed += np.isfinite(row)
+            exact32 = exact32 and (row.dtype == np.float32 or np.array_equal(
+                row.astype(np.float32), row, equal_nan=True))
             if cache_ok:
                 cache.append(row)
     except UserError as exc:
