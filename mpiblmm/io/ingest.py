@@ -500,17 +500,23 @@ class SlabReader:
         if p.grid_layout:
             plane = p.grid_shape[1] * p.grid_shape[2]
             i0, i1 = c0 // plane, (c1 - 1) // plane + 1
+        # float32 is read as stored and widened in the transposing copy below (one pass
+        # instead of HDF5's conversion and then a copy); other types HDF5 converts
+        dtype = None if ds.dtype in (np.float32, np.float64) else np.float64
+        if p.grid_layout:
+            plane = p.grid_shape[1] * p.grid_shape[2]
+            i0, i1 = c0 // plane, (c1 - 1) // plane + 1
             block = read_hyperslab(ds, (0, i0, 0, 0), (n, i1 - i0) + p.grid_shape[1:],
-                                   collective=collective, dtype=np.float64)
+                                   collective=collective, dtype=dtype)
             block = block.reshape(n, -1)
             base = i0 * plane
         else:
             block = read_hyperslab(ds, (0, c0), (n, c1 - c0), collective=collective,
-                                   dtype=np.float64)
+                                   dtype=dtype)
             base = c0
         idx = cols - base
         out = block[:, idx] if idx.size != block.shape[1] else block
-        out = np.ascontiguousarray(out.T)
+        out = out.T.astype(np.float64, order="C")  # our own (voxels, n) copy
         out[missing(out, p.zero_is_missing)] = np.nan
         return out
 
