@@ -281,8 +281,10 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         f = open_h5(path, "w", comm)
         _packed_attrs(f, n, grid, zero_is_missing, fingerprint)
         chunk_cols = max(1, min(V, CHUNK_BYTES // (dtype.itemsize * n)))
+        # every element is written below, so the fill value (NaN, kept as the dataset's
+        # property) is never written: parallel HDF5 would otherwise write all of /Y twice
         Y = f.create_dataset("Y", shape=(n, V), dtype=dtype, chunks=(n, chunk_cols),
-                             fillvalue=np.nan)
+                             fillvalue=np.nan, fill_time="never")
         Y.attrs["grid_shape"] = np.asarray(grid.shape, dtype=np.int64)
         Y.attrs["affine"] = grid.affine
         Y.attrs["voxels"] = "/voxels"
