@@ -166,18 +166,25 @@ def read_stored(path: Path, grid: Grid) -> np.ndarray | None:
     try:
         with open(name, "rb") as fh:
             raw = fh.read()
-        data = zlib.decompress(raw, 31) if name.endswith(".gz") else raw
+        if name.endswith(".gz"):  # the header first: another geometry costs no decompression
+            unzip = zlib.decompressobj(31)
+            data = unzip.decompress(raw, 352)
+            if len(data) < 352 or _geometry(data) != grid.geometry:
+                return None
+            data += unzip.decompress(unzip.unconsumed_tail) + unzip.flush()
+            if unzip.unused_data:  # a second gzip member: leave it to nibabel
+                return None
+        else:
+            data = raw
     except (OSError, zlib.error):
         return None  # nibabel says what is wrong
-    if len(data) < 352 or data[344:348] != b"n+1\0":
+    if len(data) < 352 or data[344:348] != b"n+1\0" or _geometry(data) != grid.geometry:
         return None
     if int.from_bytes(data[:4], "little") == 348:
         order = "<"
     elif int.from_bytes(data[:4], "big") == 348:
         order = ">"
     else:
-        return None
-    if _geometry(data) != grid.geometry:
         return None
     code, = np.frombuffer(data, dtype=order + "i2", count=1, offset=70)
     kind = _DIRECT_TYPES.get(int(code))
