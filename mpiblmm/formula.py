@@ -11,7 +11,9 @@ This module owns the formula language, nothing else:
 - the fixed part and the terms inside each bar, given to formulaic, with the variables of
   every interaction put in R's order (first appearance in the formula) so the columns and
   their names are those of R's ``model.matrix``: ``(Intercept)``, ``age``, ``sexM``,
-  ``time:sexM`` (treatment coding, reference level the first in sorted order);
+  ``time:sexM`` (treatment coding, reference level the first in sorted order); parts that
+  are plain sums of numeric covariates are built here without formulaic (its import
+  costs ~1 s), with the same arrays and names;
 - the covariates CSV (header row, one row per image): a column whose cells are all numbers
   is numeric, any other is text (categorical); a missing cell (empty, ``NA``) in a column
   the formula uses is an error naming the row and column; grouping columns are labels as
