@@ -111,3 +111,25 @@ def test_packing_mixed_sources_matches_nibabel(tmp_path):
             assert f["Y"].id.get_create_plist().get_fill_time() == h5py.h5d.FILL_TIME_NEVER
             assert np.isnan(f["Y"].fillvalue)
         np.testing.assert_array_equal(read_slab(packed, 0, packed.n_voxels), want.T)
+
+
+def test_packing_reuses_a_given_fingerprint(tmp_path, monkeypatch):
+    """The fit hands packing the fingerprint its setup computed: no second stat of every
+    image (40,000 stat calls on rank 0 at UK Biobank size), and the same file."""
+    import mpiblmm.io.ingest as ingest
+
+    images = [_write(tmp_path / f"f{i}.nii.gz", _data(np.float32, i)) for i in range(3)]
+    fingerprint = ingest._fingerprint(images, None, None, True)
+
+    def no_stat(*args, **kwargs):
+        raise AssertionError("stat'ed the images again")
+
+    monkeypatch.setattr(ingest, "_fingerprint", no_stat)
+    packed = pack_images(images, tmp_path / "p.h5", fingerprint=fingerprint)
+    import h5py
+
+    with h5py.File(packed.path, "r") as f:
+        assert f.attrs["source"] == fingerprint
+    again = pack_images(images, tmp_path / "p.h5", fingerprint=fingerprint)  # reused
+    np.testing.assert_array_equal(read_slab(again, 0, again.n_voxels),
+                                  read_slab(packed, 0, packed.n_voxels))
