@@ -215,6 +215,7 @@ class Setup:
     lock: OutputLock
     done: np.ndarray | None  # progress/done of the results file resumed, or None
     note: str = ""
+    fingerprint: str = ""  # input_fingerprint of the spec (packing reuses it)
 
 
 def _load(spec_path: str, options: FitOptions) -> Setup:
@@ -268,7 +269,7 @@ def _load(spec_path: str, options: FitOptions) -> Setup:
     except BaseException:
         lock.release()
         raise
-    return Setup(spec, design, digest, lock, done, note)
+    return Setup(spec, design, digest, lock, done, note, fingerprint)
 
 
 def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> Path:
@@ -310,7 +311,7 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
         say(f"mpiblmm: {setup.note}")
     with timer.phase("ingest"):
         packed = prepare_input(replace(spec, max_memory_mb=INGEST_SHARE * work), comm,
-                               n_expected=design.n)
+                               n_expected=design.n, fingerprint=setup.fingerprint or None)
     if done is not None and done.size != packed.n_voxels:
         agree(comm, UserError(f"cannot resume: it holds {done.size} voxels but the input has "
                               f"{packed.n_voxels}; use --overwrite to start again",

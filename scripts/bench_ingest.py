@@ -7,8 +7,9 @@ Times, interleaved over ``--repeats`` (the page cache is warm for both after the
 - ``nibabel``: ``np.asanyarray(nibabel.load(p).dataobj)`` for every image, the least any
   reader does (decompress and scale);
 - ``ingest``: :func:`mpiblmm.io.ingest.pack_images` on one process (no MPI), which reads
-  every image as float64, marks missing values, counts observations per voxel and writes
-  ``packed.h5`` (n x V, chunked by voxel columns).
+  every image (float32/float64 NIfTI-1 on the first image's geometry directly, in its stored
+  dtype; anything else through nibabel as float64), marks missing values, counts
+  observations per voxel and writes ``packed.h5`` (n x V, chunked by voxel columns).
 
 Prints best and median seconds of each, their ratio, and with ``--profile`` the top of a
 cProfile of one ingest.  Asserts nothing.

@@ -22,10 +22,14 @@ rank count could go on this machine:
   memory bandwidth), which bounds every parallel program here.  "On these cores" is the
   Amdahl bound with the parallel work slowed by that factor.
 
-BLMM's pipeline took 35 s on this study on one core of this machine (../shared/ANCHORS.md);
-that figure is quoted, not re-measured here.  Prints figures; asserts nothing.
+BLMM's pipeline times on the studies of issue 12, measured on one core of this machine, are
+quoted (not re-measured here; ``scripts/bench_blmm.py`` measures them): 29.2 s for 60 x 4
+subjects on 20 x 20 x 15, 144.9 s for 100 x 4 on 30 x 30 x 20 (18,000 voxels), 922 s for
+250 x 4 on 40 x 40 x 25 (40,000 voxels).  ``--chunk-voxels`` passes the same option to the
+fit (small chunks: their fixed cost).  Prints figures; asserts nothing.
 
     .venv/bin/python scripts/bench_pipeline.py [--ranks 1 2] [--repeats 3] [--subjects 60]
+    .venv/bin/python scripts/bench_pipeline.py --ranks 1 2 --subjects 100 --shape 30 30 20
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / ".venv" / "bin"
-BLMM_SECONDS = 35.0
+#: BLMM's end-to-end seconds on one core of this machine (issue 12), by (subjects, visits, shape).
+BLMM_SECONDS = {(60, 4, (20, 20, 15)): 29.2, (100, 4, (30, 30, 20)): 144.9,
+                (250, 4, (40, 40, 25)): 922.0}
 
 
 def run(cmd: list[str], env: dict) -> float:
@@ -98,7 +104,9 @@ def main() -> None:
     ap.add_argument("--subjects", type=int, default=60)
     ap.add_argument("--visits", type=int, default=4)
     ap.add_argument("--shape", type=int, nargs=3, default=[20, 20, 15])
+    ap.add_argument("--chunk-voxels", type=int, help="passed to `mpiblmm fit`")
     args = ap.parse_args()
+    fit_options = [] if args.chunk_voxels is None else ["--chunk-voxels", str(args.chunk_voxels)]
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     work = Path(tempfile.mkdtemp(prefix="mpiblmm-bench-"))
     try:
@@ -118,22 +126,22 @@ def main() -> None:
                 kernel.setdefault(ranks, []).append(kernel_seconds(ranks, env))
                 shutil.rmtree(study / "results", ignore_errors=True)
                 seconds = run([str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "mpiblmm"),
-                               "fit", "--quiet", str(study / "spec.json")], env)
+                               "fit", "--quiet", str(study / "spec.json"), *fit_options], env)
                 times.setdefault(ranks, []).append(seconds)
                 last_phases[ranks] = phases(study / "results" / "results.h5")
         n_vox = args.shape[0] * args.shape[1] * args.shape[2]
         print(f"study: {args.subjects} subjects x {args.visits} visits, grid {args.shape} "
               f"({n_vox} voxels), {args.repeats} repeats, wall time from launch to exit")
-        # BLMM's 35 s is for the issue's study only; other sizes get no comparison.
-        issue_study = (args.subjects, args.visits, tuple(args.shape)) == (60, 4, (20, 20, 15))
+        # BLMM's times are for the issue's studies only; other sizes get no comparison.
+        blmm = BLMM_SECONDS.get((args.subjects, args.visits, tuple(args.shape)))
         print(f"{'ranks':>5} {'best s':>8} {'median s':>9} {'vs 1 rank':>10} {'efficiency':>10} "
-              + (f"{'vs BLMM 35 s':>12}" if issue_study else ""))
+              + (f"{f'vs BLMM {blmm:g} s':>14}" if blmm else ""))
         base = min(times[args.ranks[0]])
         for ranks in args.ranks:
             best, med = min(times[ranks]), statistics.median(times[ranks])
             print(f"{ranks:>5} {best:8.2f} {med:9.2f} {best / base:10.2f} "
                   f"{base / best / ranks * args.ranks[0]:10.2f}"
-                  + (f" {BLMM_SECONDS / best:11.1f}x" if issue_study else ""))
+                  + (f" {blmm / best:13.1f}x" if blmm else ""))
         k1 = min(kernel[args.ranks[0]])
 
         def bound(floors: dict[int, list[float]], ranks: int, slowdown: float = 1.0) -> float:

@@ -154,6 +154,40 @@ def write_hyperslab(dset: Any, start: Sequence[int], data: np.ndarray,
     dset.id.write(mspace, fspace, buf, dxpl=_dxpl(dset, collective))
 
 
+class SlabTarget:
+    """One dataset written many times along its first axis (e.g. a results dataset once
+    per chunk): what :func:`write_hyperslab` looks up on every call (the dataset's
+    identifier, shape and dtype, the transfer properties) is looked up once.  h5py's
+    high-level lookups cost ~0.2 ms per dataset and write, i.e. ~6 ms per chunk for the
+    ~30 datasets of a results file; the low-level calls left cost a few microseconds."""
+
+    def __init__(self, dset: Any, collective: bool = False) -> None:
+        self.id = dset.id
+        self.name = dset.name
+        self.shape = tuple(int(s) for s in dset.shape)
+        self.dtype = np.dtype(dset.dtype)
+        self.dxpl = _dxpl(dset, collective)
+
+    def write(self, start: int, data: np.ndarray) -> None:
+        """Write ``data`` (first axis: rows ``start ..``; may be empty) into the dataset."""
+        import h5py
+
+        data = np.ascontiguousarray(data, dtype=self.dtype)
+        if data.shape[1:] != self.shape[1:]:
+            raise ValueError(f"writing a block of shape {data.shape} into {self.name} "
+                             f"of shape {self.shape}")
+        fspace = self.id.get_space()
+        if data.shape[0] == 0 or 0 in self.shape[1:]:
+            fspace.select_none()
+            mspace = h5py.h5s.create_simple((1,))
+            mspace.select_none()
+            data = np.zeros((1,), dtype=self.dtype)
+        else:
+            fspace.select_hyperslab((int(start),) + (0,) * (len(self.shape) - 1), data.shape)
+            mspace = h5py.h5s.create_simple(data.shape)
+        self.id.write(mspace, fspace, data, dxpl=self.dxpl)
+
+
 def make_dirs(path: str | os.PathLike, where: str | None = None) -> None:
     """Create a folder (and parents) if missing; safe when several ranks do it at once.
 

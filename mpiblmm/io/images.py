@@ -39,4 +39,17 @@ def read_volume(path: Path, grid: Grid | None = None, reference: str | None = No
     return _reader(path).read_volume(_as_path(path), grid, reference, dtype)
 
 
-__all__ = ["IMAGE_SUFFIXES", "read_grid", "read_volume"]
+def with_geometry(grid: Grid, path) -> Grid:
+    """``grid`` with what :func:`read_stored` needs of ``path``'s header (its first image)."""
+    path = _as_path(path)
+    return grid if surface.surface_format(path) else nifti.with_geometry(grid, path)
+
+
+def read_stored(path, grid: Grid) -> np.ndarray | None:
+    """An image's values as a flat C-order array in its stored float dtype, when the fast
+    path of :func:`mpiblmm.io.nifti.read_stored` applies; ``None`` otherwise."""
+    path = _as_path(path)
+    return None if surface.surface_format(path) else nifti.read_stored(path, grid)
+
+
+__all__ = ["IMAGE_SUFFIXES", "read_grid", "read_stored", "read_volume", "with_geometry"]

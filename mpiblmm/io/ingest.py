@@ -48,7 +48,8 @@ import numpy as np
 from mpiblmm.errors import SpecError, UserError
 from mpiblmm.io import (agree, comm_rank, comm_size, make_dirs, on_root, open_h5, read_hyperslab,
                         write_hyperslab)
-from mpiblmm.io.images import read_grid, read_volume  # NIfTI or surface, by file name
+from mpiblmm.io.images import (read_grid, read_stored, read_volume,  # NIfTI or surface,
+                               with_geometry)  # by file name
 from mpiblmm.io.nifti import Grid
 from mpiblmm.parallel import no_hang
 
@@ -96,7 +97,7 @@ def missing(values: np.ndarray, zero_is_missing: bool) -> np.ndarray:
 
 # --------------------------------------------------------------------------- entry point
 def prepare_input(spec: Any, comm: Any = None, n_expected: int | None = None,
-                  path: Path | None = None) -> PackedInput:
+                  path: Path | None = None, fingerprint: str | None = None) -> PackedInput:
     """Collective: the packed input of a spec, packing NIfTI images if needed.
 
     Parameters
@@ -109,6 +110,9 @@ def prepare_input(spec: Any, comm: Any = None, n_expected: int | None = None,
         Number of observations the design has (rows of X); a packed file must match it.
     path
         Where to pack NIfTI images (default ``<spec.output>/packed.h5``).
+    fingerprint
+        :func:`input_fingerprint` of ``spec`` when the caller has it already (rank 0's
+        value is used): packing then does not ``stat`` every image a second time.
     """
     if spec.packed is not None:
         packed = open_packed(spec.packed.h5, spec.packed.dataset, comm=comm,
@@ -123,7 +127,7 @@ def prepare_input(spec: Any, comm: Any = None, n_expected: int | None = None,
         spec.images, Path(spec.output) / PACKED_NAME if path is None else path, comm=comm,
         analysis_mask=spec.analysis_mask, observation_masks=spec.observation_masks,
         zero_is_missing=spec.zero_is_missing,
-        max_memory_mb=spec.max_memory_mb or DEFAULT_MEMORY_MB)
+        max_memory_mb=spec.max_memory_mb or DEFAULT_MEMORY_MB, fingerprint=fingerprint)
 
 
 def input_fingerprint(spec: Any) -> str:
@@ -187,11 +191,13 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
                 analysis_mask: Path | None = None,
                 observation_masks: Sequence[Path] | None = None,
                 zero_is_missing: bool = True,
-                max_memory_mb: float = DEFAULT_MEMORY_MB) -> PackedInput:
+                max_memory_mb: float = DEFAULT_MEMORY_MB,
+                fingerprint: str | None = None) -> PackedInput:
     """Collective: pack NIfTI images into ``path`` (see the module doc for the layout).
 
     Reuses an existing complete ``path`` made from the same inputs (same paths, sizes and
-    modification times).  Raises :class:`UserError` (agreed on every rank) for an image that
+    modification times; ``fingerprint``, when given, is their :func:`_fingerprint` already
+    computed: 40,000 images are 40,000 ``stat`` calls on rank 0).  Raises :class:`UserError` (agreed on every rank) for an image that
     cannot be read or lies on another grid (the first such image), or when no voxel is
     observed.
     """
@@ -201,13 +207,13 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     path = Path(path)
 
     def look() -> tuple[Grid, np.ndarray | None, str, bool]:
-        grid = read_grid(images[0])
+        grid = with_geometry(read_grid(images[0]), images[0])  # read_stored compares it
         mask = None
         if analysis_mask is not None:
             m = read_volume(Path(analysis_mask), grid, reference=str(images[0]))
             mask = np.isfinite(m) & (m != 0)
         try:
-            fp = _fingerprint(images, masks, analysis_mask, zero_is_missing)
+            fp = fingerprint or _fingerprint(images, masks, analysis_mask, zero_is_missing)
         except OSError as exc:
             raise UserError(f"cannot read: {exc.strerror}", str(exc.filename)) from None
         reuse = path.exists() and _reusable(path, fp)
@@ -215,7 +221,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
             _check_writable(path)
         return grid, mask, fp, reuse
 
-    grid, mask, fingerprint, reuse = on_root(comm, look)
+    grid, mask, fingerprint, reuse = on_root(comm, look)  # rank 0's, on every rank
     if reuse:
         return open_packed(path, "/Y", comm=comm, zero_is_missing=zero_is_missing)
 
@@ -228,7 +234,11 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     reference = str(images[0])
 
     def load_row(i: int) -> np.ndarray:
-        vals = read_volume(images[i], grid, reference, dtype=np.float64).reshape(-1)  # our own array
+        """Image ``i``'s values at the mask's voxels (missing ones NaN), in its stored dtype
+        when that is float32 (then float32 holds them exactly), else float64."""
+        vals = read_stored(images[i], grid)  # our own array; None: not the fast path
+        if vals is None:
+            vals = read_volume(images[i], grid, reference, dtype=np.float64).reshape(-1)
         if mask is not None:
             vals = vals[flat_mask]
         miss = missing(vals, zero_is_missing)
@@ -246,9 +256,9 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     try:
         for i in range(start, stop):
             row = load_row(i)
-            finite = np.isfinite(row)
-            observed += finite
-            exact32 = exact32 and np.array_equal(row.astype(np.float32), row, equal_nan=True)
+            observed += np.isfinite(row)
+            exact32 = exact32 and (row.dtype == np.float32 or np.array_equal(
+                row.astype(np.float32), row, equal_nan=True))
             if cache_ok:
                 cache.append(row)
     except UserError as exc:
@@ -276,8 +286,10 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         f = open_h5(path, "w", comm)
         _packed_attrs(f, n, grid, zero_is_missing, fingerprint)
         chunk_cols = max(1, min(V, CHUNK_BYTES // (dtype.itemsize * n)))
+        # every element is written below, so the fill value (NaN, kept as the dataset's
+        # property) is never written: parallel HDF5 would otherwise write all of /Y twice
         Y = f.create_dataset("Y", shape=(n, V), dtype=dtype, chunks=(n, chunk_cols),
-                             fillvalue=np.nan)
+                             fillvalue=np.nan, dcpl=_never_filled())
         Y.attrs["grid_shape"] = np.asarray(grid.shape, dtype=np.int64)
         Y.attrs["affine"] = grid.affine
         Y.attrs["voxels"] = "/voxels"
@@ -312,6 +324,16 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         f.close()
     return PackedInput(path, "/Y", n, grid.shape, grid.affine, voxels,
                        np.arange(V, dtype=np.int64), False, zero_is_missing, counts, grid.space)
+
+
+def _never_filled() -> Any:
+    """Dataset creation properties that never write the fill value (h5py's ``fill_time``
+    argument needs h5py 3.12; this works with every h5py we support)."""
+    import h5py
+
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    return dcpl
 
 
 def _packed_attrs(f: Any, n: int, grid: Grid, zero_is_missing: bool, fingerprint: str) -> None:
@@ -495,17 +517,23 @@ class SlabReader:
         if p.grid_layout:
             plane = p.grid_shape[1] * p.grid_shape[2]
             i0, i1 = c0 // plane, (c1 - 1) // plane + 1
+        # float32 is read as stored and widened in the transposing copy below (one pass
+        # instead of HDF5's conversion and then a copy); other types HDF5 converts
+        dtype = None if ds.dtype in (np.float32, np.float64) else np.float64
+        if p.grid_layout:
+            plane = p.grid_shape[1] * p.grid_shape[2]
+            i0, i1 = c0 // plane, (c1 - 1) // plane + 1
             block = read_hyperslab(ds, (0, i0, 0, 0), (n, i1 - i0) + p.grid_shape[1:],
-                                   collective=collective, dtype=np.float64)
+                                   collective=collective, dtype=dtype)
             block = block.reshape(n, -1)
             base = i0 * plane
         else:
             block = read_hyperslab(ds, (0, c0), (n, c1 - c0), collective=collective,
-                                   dtype=np.float64)
+                                   dtype=dtype)
             base = c0
         idx = cols - base
         out = block[:, idx] if idx.size != block.shape[1] else block
-        out = np.ascontiguousarray(out.T)
+        out = out.T.astype(np.float64, order="C")  # our own (voxels, n) copy
         out[missing(out, p.zero_is_missing)] = np.nan
         return out
 

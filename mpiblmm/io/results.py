@@ -33,7 +33,8 @@ import numpy as np
 
 from mpiblmm import __version__
 from mpiblmm.errors import UserError
-from mpiblmm.io import agree, comm_rank, comm_size, make_dirs, open_h5, read_hyperslab, write_hyperslab
+from mpiblmm.io import (SlabTarget, agree, comm_rank, comm_size, make_dirs, open_h5,
+                        read_hyperslab, write_hyperslab)
 from mpiblmm.lmm.model import F_STATS, STATUS_CODES, STATUS_SINGULAR, T_STATS, result_datasets
 from mpiblmm.parallel import no_hang
 
@@ -242,6 +243,14 @@ class ResultsWriter:
         self.comm = comm
         self.path = Path(file.filename) if path is None else Path(path)
         self.n_voxels = int(file["voxels"].shape[0])
+        self._targets: dict[tuple[str, bool], SlabTarget] = {}  # opened once, written per chunk
+
+    def _target(self, name: str, collective: bool) -> SlabTarget:
+        key = (name, collective)
+        target = self._targets.get(key)
+        if target is None:
+            target = self._targets[key] = SlabTarget(self.file[name], collective)
+        return target
 
     def write(self, start: int, stop: int, values: Mapping[str, np.ndarray],
               collective: bool = False, done: bool = True) -> None:
@@ -267,15 +276,15 @@ class ResultsWriter:
     def _write(self, start: int, stop: int, values: Mapping[str, np.ndarray],
                collective: bool, done: bool) -> None:
         for name in sorted(values):
-            dset = self.file[name]
+            target = self._target(name, collective)
             data = np.asarray(values[name])
-            if data.shape != (stop - start,) + dset.shape[1:]:
+            if data.shape != (stop - start,) + target.shape[1:]:
                 raise ValueError(f"{name}: shape {data.shape} for voxels [{start}, {stop}), "
-                                 f"expected {(stop - start,) + dset.shape[1:]}")
-            write_hyperslab(dset, (start,) + (0,) * (dset.ndim - 1), data, collective=collective)
+                                 f"expected {(stop - start,) + target.shape[1:]}")
+            target.write(start, data)
         if done:
-            write_hyperslab(self.file["progress/done"], (start,),
-                            np.ones(stop - start, dtype=np.uint8), collective=collective)
+            self._target("progress/done", collective).write(
+                start, np.ones(stop - start, dtype=np.uint8))
 
     def pending(self, start: int, stop: int, collective: bool = False) -> np.ndarray:
         """Boolean (stop - start,): which voxels of ``[start, stop)`` are not written yet."""
@@ -341,6 +350,7 @@ class ResultsWriter:
             self.file.flush()  # everything, on every rank, before complete is set
             a["complete"] = True
             self.file.flush()
+            self._targets.clear()
             self.file.close()
         return counts
 
@@ -348,4 +358,5 @@ class ResultsWriter:
         """Collective: flush and close without marking complete (e.g. after a stop)."""
         with no_hang(self.comm, self.path, "closing the results file"):
             self.file.flush()
+            self._targets.clear()
             self.file.close()

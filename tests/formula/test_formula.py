@@ -152,3 +152,44 @@ def test_parse_keeps_lme4_expansion():
     p = parse_formula("y ~ (1 | site/subject) + (time || subject) + (1 | a:b)")
     assert [b.name for b in p.bars] == ["subject:site", "site", "subject", "subject.1", "a:b"]
     assert p.bars[0].name == "subject:site" and p.bars[2].terms == "1"
+
+
+@pytest.mark.parametrize("formula", [
+    "y ~ age + time + (1 + time | subject)",
+    "y ~ time + age + (time | subject)",
+    "y ~ age + 1 + time + (0 + time | subject) + (1 | site)",
+    "y ~ 0 + age + visit + (1 | subject) + (0 + age | site:grp)",
+    "y ~ age - 1 + (1 | subject/site)",
+    "y ~ -1 + time + (1 + visit | subject)",
+    "y ~ 1 + (1 | subject)",
+    "~ visit + (1 | subject)",
+])
+def test_sums_of_numbers_skip_formulaic(table, formula, monkeypatch):
+    """Formulas of numeric covariates are built without formulaic (its import costs ~1 s):
+    the same X, names, terms and random-effect designs as formulaic gives."""
+    import mpiblmm.formula as fm
+
+    assert fm._numeric_model(parse_formula(formula), table) is not None  # the fast path
+    fast = formula_model(formula, table)
+    monkeypatch.setattr(fm, "_numeric_model", lambda parsed, table: None)
+    slow = formula_model(formula, table)
+    assert fast.names == slow.names and fast.terms == slow.terms
+    np.testing.assert_array_equal(fast.X, slow.X)
+    assert fast.X.dtype == slow.X.dtype == np.float64
+    assert len(fast.factors) == len(slow.factors)
+    for (n1, l1, z1, e1), (n2, l2, z2, e2) in zip(fast.factors, slow.factors):
+        assert (n1, list(l1), e1) == (n2, list(l2), e2)
+        np.testing.assert_array_equal(z1, z2)
+
+
+def test_sums_of_numbers_keep_the_checks(tmp_path):
+    """The fast path raises what formulaic's path raises, in the same order."""
+    path = tmp_path / "t.csv"
+    path.write_text("subject,age,time,sex\na,1,0,M\nb,nan,1,F\nc,3,,F\n")
+    t = read_table(path)
+    with pytest.raises(SpecError, match=r"row 3: column 'age': missing value 'nan'"):
+        formula_model("y ~ time + age + (1 | subject)", t)
+    with pytest.raises(SpecError, match=r"no grouping column 'subjekt'"):
+        formula_model("y ~ time + age + (1 | subjekt)", t)
+    with pytest.raises(SpecError, match=r"row 4: column 'time': missing value ''"):
+        formula_model("y ~ 1 + (time | subject)", t)
