@@ -11,9 +11,7 @@ This module owns the formula language, nothing else:
 - the fixed part and the terms inside each bar, given to formulaic, with the variables of
   every interaction put in R's order (first appearance in the formula) so the columns and
   their names are those of R's ``model.matrix``: ``(Intercept)``, ``age``, ``sexM``,
-  ``time:sexM`` (treatment coding, reference level the first in sorted order); parts that
-  are plain sums of numeric covariates are built here without formulaic (its import
-  costs ~1 s), with the same arrays and names;
+  ``time:sexM`` (treatment coding, reference level the first in sorted order);
 - the covariates CSV (header row, one row per image): a column whose cells are all numbers
   is numeric, any other is text (categorical); a missing cell (empty, ``NA``) in a column
   the formula uses is an error naming the row and column; grouping columns are labels as
@@ -530,9 +528,6 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
     if parsed.lhs is not None and parsed.lhs in table.names:
         raise SpecError(f"the left side names column {parsed.lhs!r} of {table.path}; the "
                         "response is the image data: write y ~ ...")
-    simple = _numeric_model(parsed, table)  # the common case, without formulaic
-    if simple is not None:
-        return simple
     fixed = _r_to_python(parsed.fixed)
     try:
         used = {v: "fixed part" for v in _used_variables(fixed, table, f"term {parsed.fixed!r}")}
@@ -566,91 +561,6 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
         factors.append((bar.name, labels, np.asarray(Z, dtype=np.float64), tuple(effects)))
     return FormulaModel(np.asarray(X, dtype=np.float64), tuple(names),
                         tuple((label, tuple(cols)) for label, cols in terms), tuple(factors))
-
-
-# --------------------------------------------------------------------------- sums of numbers
-# formulaic and pandas take ~1 s to import (rank 0, while the other ranks wait).  Formulas
-# whose every part (the fixed part, the terms of each bar) is a sum of numeric covariates
-# with an optional intercept term need neither: R's model matrix is then the intercept
-# column (unless removed) and the columns in the order written, named as written.  Anything
-# else (text columns, interactions, functions, removed terms, repeats, unknown names, an
-# empty part) goes to formulaic, which also words the errors; a test checks both paths give
-# the same arrays and names.
-
-#: A covariate name the fast path takes as written (no dots: formulaic reads ``a.b`` itself).
-_PLAIN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def _sum_of_columns(text: str, table: Table) -> tuple[bool, list[str]] | None:
-    """``(intercept, columns)`` when ``text`` is ``[1 | 0 | -1 +] a + b ...`` over distinct
-    plain column names of ``table``; ``None`` otherwise."""
-    import keyword
-
-    if not re.fullmatch(r"[A-Za-z0-9_+\-\s]*", text):
-        return None
-    if re.match(r"1\s*-", text):  # parse_formula writes a leading "- x" as "1 - x"
-        text = text[1:]
-    pieces = re.split(r"\s*([+-])\s*", text.strip())
-    signs = ["+"] + pieces[1::2]
-    terms = pieces[0::2]
-    if terms and terms[0] == "" and len(terms) > 1:  # a leading sign
-        signs, terms = signs[1:], terms[1:]
-    intercept, explicit, columns = True, 0, []
-    for sign, term in zip(signs, terms):
-        if term in ("0", "1"):
-            explicit += 1
-            if sign == "-" and term == "0":
-                return None
-            intercept = term == "1" and sign == "+"
-        elif (sign == "+" and _PLAIN_NAME.match(term) and not keyword.iskeyword(term)
-              and term not in TRANSFORMS and term in table.names and term not in columns):
-            columns.append(term)
-        else:
-            return None
-    if explicit > 1 or not (intercept or columns):
-        return None
-    return intercept, columns
-
-
-def _numeric_model(parsed: ParsedFormula, table: Table) -> FormulaModel | None:
-    """:func:`formula_model` for formulas whose parts are all sums of numeric covariates
-    (see above), with the same checks in the same order; ``None`` for any other formula."""
-    parts = [_sum_of_columns(parsed.fixed, table)]
-    parts += [_sum_of_columns(bar.terms, table) for bar in parsed.bars]
-    if any(part is None for part in parts):
-        return None
-    used = {v: "fixed part" for v in parts[0][1]}
-    for bar, part in zip(parsed.bars, parts[1:]):
-        for v in part[1]:
-            used.setdefault(v, f"random term {bar.text}")
-        for g in bar.group:
-            if g not in table.names:
-                raise SpecError(f"random term {bar.text}: no grouping column {g!r} in "
-                                f"{table.path}{did_you_mean(g, table.names)}")
-    values = {}
-    for name in sorted(used):
-        _column(table, name, used[name])
-        column = _numeric(table, name)
-        if column is None:
-            return None  # a text column: coded by formulaic
-        values[name] = np.asarray(column, dtype=np.float64)
-    for g in sorted({g for bar in parsed.bars for g in bar.group}):
-        _column(table, g, "grouping")
-
-    def matrix(part: tuple[bool, list[str]]) -> tuple[np.ndarray, tuple[str, ...]]:
-        intercept, columns = part
-        cols = ([np.ones(table.n)] if intercept else []) + [values[c] for c in columns]
-        return (np.column_stack(cols),
-                (("(Intercept)",) if intercept else ()) + tuple(columns))
-
-    X, names = matrix(parts[0])
-    factors = []
-    for bar, part in zip(parsed.bars, parts[1:]):
-        Z, effects = matrix(part)
-        labels = [":".join(cells) for cells in zip(*(table.cells[g] for g in bar.group))]
-        factors.append((bar.name, labels, Z, effects))
-    return FormulaModel(X, names, tuple((name, (j,)) for j, name in enumerate(names)),
-                        tuple(factors))
 
 
 def default_contrasts(model: FormulaModel) -> list[tuple[str, np.ndarray, str]]:

@@ -138,14 +138,7 @@ def run_schema(args: Any) -> int:
 
 
 def schema_problems(raw: Any) -> list[tuple[str, str]]:
-    """Every schema violation of a decoded spec as ``(key, problem)``, in document order.
-
-    A spec that conforms (nearly every spec a fit reads) is recognised by :func:`conforms`
-    alone; jsonschema (~0.1 s to import and build a validator) is only loaded to word the
-    problems of one that does not.
-    """
-    if conforms(raw, SCHEMA):
-        return []
+    """Every schema violation of a decoded spec as ``(key, problem)``, in document order."""
     from jsonschema import Draft202012Validator
 
     validator = Draft202012Validator(SCHEMA)
@@ -158,94 +151,6 @@ def schema_problems(raw: Any) -> list[tuple[str, str]]:
             seen.add(item)
             unique.append(item)
     return unique
-
-
-#: Keywords that only annotate (no rule); :func:`conforms` knows every other one :data:`SCHEMA` uses.
-_ANNOTATIONS = frozenset({"$schema", "$id", "title", "description"})
-
-
-def conforms(value: Any, schema: Any) -> bool:
-    """Whether ``value`` (decoded JSON) is valid under ``schema``, as Draft 2020-12 says.
-
-    Knows the keywords :data:`SCHEMA` uses, with jsonschema's reading of each (an integer
-    may be written 2.0, booleans are not numbers, comparisons with NaN fail); a keyword it
-    does not know makes it answer False, so the caller asks jsonschema.  A test checks it
-    against jsonschema on many valid and broken specs.
-    """
-    if schema is True:
-        return True
-    if schema is False or not isinstance(schema, dict):
-        return False
-    for key, rule in schema.items():
-        check = _KEYWORDS.get(key)
-        if check is None:
-            if key in _ANNOTATIONS:
-                continue
-            return False
-        if not check(value, rule, schema):
-            return False
-    return True
-
-
-def _is_type(value: Any, name: str) -> bool:
-    if name == "string":
-        return isinstance(value, str)
-    if name == "null":
-        return value is None
-    if name == "boolean":
-        return isinstance(value, bool)
-    if name == "array":
-        return isinstance(value, list)
-    if name == "object":
-        return isinstance(value, dict)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    if name == "number":
-        return True
-    if name == "integer":
-        return isinstance(value, int) or value.is_integer()
-    return False
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _properties(value: Any, rule: Any, schema: Any) -> bool:
-    return not isinstance(value, dict) or all(conforms(value[k], sub) for k, sub in rule.items()
-                                              if k in value)
-
-
-def _additional(value: Any, rule: Any, schema: Any) -> bool:
-    if not isinstance(value, dict):
-        return True
-    known = schema.get("properties", {})
-    return all(conforms(v, rule) for k, v in value.items() if k not in known)
-
-
-def _enum(value: Any, rule: Any, schema: Any) -> bool:
-    # jsonschema's equality: 1, 1.0 and True are not the same JSON value
-    return any(type(value) is type(option) and value == option for option in rule)
-
-
-_KEYWORDS: dict[str, Any] = {
-    "type": lambda v, r, s: any(_is_type(v, t) for t in (r if isinstance(r, list) else [r])),
-    "pattern": lambda v, r, s: not isinstance(v, str) or re.search(r, v) is not None,
-    "minLength": lambda v, r, s: not isinstance(v, str) or len(v) >= r,
-    "minItems": lambda v, r, s: not isinstance(v, list) or len(v) >= r,
-    "minProperties": lambda v, r, s: not isinstance(v, dict) or len(v) >= r,
-    "items": lambda v, r, s: not isinstance(v, list) or all(conforms(x, r) for x in v),
-    "properties": _properties,
-    "additionalProperties": _additional,
-    "required": lambda v, r, s: not isinstance(v, dict) or all(k in v for k in r),
-    "enum": _enum,
-    "minimum": lambda v, r, s: not _number(v) or not v < r,
-    "maximum": lambda v, r, s: not _number(v) or not v > r,
-    "exclusiveMinimum": lambda v, r, s: not _number(v) or not v <= r,
-    "oneOf": lambda v, r, s: sum(conforms(v, sub) for sub in r) == 1,
-    "anyOf": lambda v, r, s: any(conforms(v, sub) for sub in r),
-    "not": lambda v, r, s: not conforms(v, r),
-}
 
 
 def key_text(path: Any, raw: Any) -> str:
