@@ -7,6 +7,10 @@ their observations; 60 subjects on 20 x 20 x 15 = 6,000 voxels, 100 on 30 x 30 x
 18,000, 250 on 40 x 40 x 25 = 40,000), then times, interleaved in one run:
 
 1. BLMM's own pipeline (the ``blmm`` command of PyPI's ``pyblmm`` 0.1.1) on one core;
+   with ``--blmm-mode stages`` (or ``both``) also BLMM's stages (setup, batch, concat,
+   results, cleanup: its own functions, in the order its ``blmm`` command submits them)
+   called one after the other in one process without dask, i.e. BLMM's computation
+   without its scheduler: the stricter baseline;
 2. ``mpiexec -n 1 mpiblmm fit``;
 3. ``mpiexec -n 2 mpiblmm fit``;
 
@@ -35,7 +39,7 @@ F contrast included, so it does slightly more work than BLMM.  BLAS runs on one 
 (``OMP_NUM_THREADS=1`` ...) for both.
 
     .venv/bin/python scripts/bench_blmm.py [--subjects 100] [--repeats 3] [--blmm-repeats 1]
-        [--csv runs.csv] [--blmm-venv DIR]
+        [--blmm-mode command|stages|both] [--csv runs.csv] [--blmm-venv DIR]
 """
 
 from __future__ import annotations
@@ -78,6 +82,10 @@ def parser() -> argparse.ArgumentParser:
                     help="mpiblmm rank counts (default: 1 2)")
     ap.add_argument("--repeats", type=int, default=3, help="mpiblmm runs per rank count")
     ap.add_argument("--blmm-repeats", type=int, default=1, help="BLMM runs (0: skip BLMM)")
+    ap.add_argument("--blmm-mode", choices=("command", "stages", "both"), default="command",
+                    help="run BLMM's `blmm` command (dask, one worker, one thread), its "
+                         "stages in one process without dask, or both (default: "
+                         "%(default)s)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--csv", type=Path, default=None, help="write every run to this CSV")
     ap.add_argument("--blmm-venv", type=Path, default=DEFAULT_VENV,
@@ -183,6 +191,36 @@ def timed(cmd: list[str], env: dict, cwd: Path | None = None) -> tuple[float, fl
     return wall, cpu, load
 
 
+#: BLMM's stages in one process, in the order its `blmm` command submits them to dask
+#: (argv: config, output folder); run with BLMM's own Python.
+STAGES = """
+import os, sys
+from blmm.lib.blmm_setup import setup
+from blmm.lib.blmm_batch import batch
+from blmm.lib.blmm_concat import concat
+from blmm.lib.blmm_results import results
+from blmm.lib.blmm_cleanup import cleanup
+config, out = sys.argv[1], sys.argv[2]
+for i in range(1, setup(config) + 1):
+    batch(i, config)
+concat(config)
+with open(os.path.join(out, "nvb.txt")) as f:
+    nvb = int(f.readline())
+for i in range(1, nvb + 1):
+    results(config, i)
+cleanup(config)
+"""
+#: Labels of the BLMM modes in the table.
+MODES = {"command": "BLMM", "stages": "BLMM stages"}
+
+
+def blmm_command(mode: str, venv: Path, config: Path) -> list[str]:
+    """How to run BLMM on ``config``: its ``blmm`` command, or its stages in one process."""
+    if mode == "command":
+        return [str(venv / "bin" / "blmm"), str(config)]
+    return [str(venv / "bin" / "python"), "-c", STAGES, str(config), str(config.parent / "out")]
+
+
 def blmm_env(venv: Path) -> dict:
     """BLMM's environment: its venv first on the path, nothing of the project's."""
     env = {k: v for k, v in os.environ.items()
@@ -240,7 +278,9 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     shape = grid_for(args.subjects, args.shape)
     env = dict(os.environ, **ONE_THREAD)
-    blmm = ensure_blmm(args.blmm_venv) if args.blmm_repeats else None
+    if args.blmm_repeats:
+        ensure_blmm(args.blmm_venv)
+    modes = ["command", "stages"] if args.blmm_mode == "both" else [args.blmm_mode]
     work = args.work or Path(tempfile.mkdtemp(prefix="mpiblmm-bench-blmm-"))
     work.mkdir(parents=True, exist_ok=True)
     uptime_start = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -268,22 +308,24 @@ def main(argv=None) -> None:
                     print(f"  mpiblmm -n {ranks}: {wall:7.2f} s wall, {cpu:7.2f} s CPU "
                           f"(load {load:.2f})", flush=True)
             if round_ < args.blmm_repeats:
-                folder = work / "blmm"
-                shutil.rmtree(folder, ignore_errors=True)
-                config, left_out = write_blmm_inputs(study, folder)
-                wall, cpu, load = timed([str(blmm), str(config)], blmm_env(args.blmm_venv),
-                                        cwd=folder)
-                rows.append(dict(tool="BLMM", ranks=1, repeat=round_ + 1, wall_s=wall,
-                                 cpu_s=cpu, load1=load))
-                print(f"  BLMM (1 worker, 1 thread): {wall:7.2f} s wall, {cpu:7.2f} s CPU "
-                      f"(load {load:.2f})", flush=True)
+                for mode in modes:
+                    folder = work / f"blmm-{mode}"
+                    shutil.rmtree(folder, ignore_errors=True)
+                    config, left_out = write_blmm_inputs(study, folder)
+                    wall, cpu, load = timed(blmm_command(mode, args.blmm_venv, config),
+                                            blmm_env(args.blmm_venv), cwd=folder)
+                    rows.append(dict(tool=MODES[mode], ranks=1, repeat=round_ + 1,
+                                     wall_s=wall, cpu_s=cpu, load1=load))
+                    print(f"  {MODES[mode]}: {wall:7.2f} s wall, {cpu:7.2f} s CPU "
+                          f"(load {load:.2f})", flush=True)
         uptime_end = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-        report(args, shape, n_vox, rows, last_phases, left_out, uptime_start, uptime_end)
-        if args.blmm_repeats:
-            # the last mpiblmm fit's maps are in study/results (the last round ran -n last)
-            if args.repeats:
-                agree = agreement(study / "results" / "results.h5", work / "blmm" / "out")
-                print_agreement(agree)
+        report(args, shape, n_vox, rows, last_phases, left_out, uptime_start, uptime_end,
+               [MODES[m] for m in modes] if args.blmm_repeats else [])
+        if args.blmm_repeats and args.repeats:
+            # the last mpiblmm fit's results are in study/results (any rank count: same bits)
+            for mode in modes:
+                print_agreement(MODES[mode], agreement(study / "results" / "results.h5",
+                                                       work / f"blmm-{mode}" / "out"))
         if args.csv:
             with open(args.csv, "w", newline="") as fh:
                 w = csv.DictWriter(fh, fieldnames=["subjects", "voxels", "tool", "ranks",
@@ -306,7 +348,8 @@ def summary(rows: list[dict], tool: str, ranks: int) -> tuple[float, float, floa
     return min(walls), statistics.median(walls), min(cpus), statistics.median(cpus)
 
 
-def report(args, shape, n_vox, rows, last_phases, left_out, uptime_start, uptime_end) -> None:
+def report(args, shape, n_vox, rows, last_phases, left_out, uptime_start, uptime_end,
+           baselines: list[str]) -> None:
     print(f"\nstudy: {args.subjects} subjects x {args.visits} visits, grid {list(shape)} "
           f"({n_vox:,} voxels), 30% of voxels missing 1-15% of observations; "
           f"mpiblmm {args.repeats} runs per rank count, BLMM {args.blmm_repeats}")
@@ -314,20 +357,20 @@ def report(args, shape, n_vox, rows, last_phases, left_out, uptime_start, uptime
     if left_out:
         print(f"BLMM fits the T contrasts only (its F path fails); left out: "
               f"{', '.join(left_out)}; mpiblmm computes them too")
-    blmm = summary(rows, "BLMM", 1)
+    base = {b: summary(rows, b, 1) for b in baselines}
     one = summary(rows, "mpiblmm", args.ranks[0])
-    print(f"\n{'':22} {'best s':>8} {'median s':>9} {'best CPU s':>10} "
-          f"{'BLMM/this':>9} {'CPU ratio':>9} {'speed-up':>8}")
-    if blmm:
-        print(f"{'BLMM, 1 worker':22} {blmm[0]:8.2f} {blmm[1]:9.2f} {blmm[2]:10.2f}")
+    ratios = "".join(f" {b + '/this':>17} {'CPU':>6}" for b in baselines)
+    print(f"\n{'':16} {'best s':>8} {'median s':>9} {'best CPU s':>10}{ratios} "
+          f"{'speed-up':>8}")
+    for b, s in base.items():
+        print(f"{b:16} {s[0]:8.2f} {s[1]:9.2f} {s[2]:10.2f}")
     for ranks in args.ranks:
         s = summary(rows, "mpiblmm", ranks)
-        ratio = f"{blmm[0] / s[0]:8.1f}x" if blmm else f"{'-':>9}"
-        cpu_ratio = f"{blmm[2] / s[2]:8.1f}x" if blmm else f"{'-':>9}"
-        print(f"{'mpiblmm -n ' + str(ranks):22} {s[0]:8.2f} {s[1]:9.2f} {s[2]:10.2f} "
-              f"{ratio} {cpu_ratio} {one[0] / s[0]:8.2f}")
-    print("  BLMM/this: BLMM's best wall time / this one's; CPU ratio: the same for CPU "
-          "seconds of the process tree; speed-up: best wall time of -n "
+        cells = "".join(f" {v[0] / s[0]:16.1f}x {v[2] / s[2]:5.1f}x" for v in base.values())
+        print(f"{'mpiblmm -n ' + str(ranks):16} {s[0]:8.2f} {s[1]:9.2f} {s[2]:10.2f}{cells} "
+              f"{one[0] / s[0]:8.2f}")
+    print("  X/this: X's best wall time / this one's; CPU: the same for the CPU seconds of "
+          "the process tree; speed-up: best wall time of -n "
           f"{args.ranks[0]} / this one's")
     if last_phases:
         print("\nmpiblmm per-phase seconds of the last run (median over ranks):")
@@ -337,10 +380,10 @@ def report(args, shape, n_vox, rows, last_phases, left_out, uptime_start, uptime
             print(f"{ranks:>5} " + " ".join(f"{last_phases[ranks][n][1]:7.2f}" for n in names))
 
 
-def print_agreement(agree: dict) -> None:
+def print_agreement(label: str, agree: dict) -> None:
     labels = {"converged": "mpiblmm converged", "singular": "mpiblmm singular"}
     cols = [f"{labels[k]} ({int(v['voxels']):,})" for k, v in agree.items()]
-    print("\nBLMM against mpiblmm on the same data, max over the voxels both fitted "
+    print(f"\n{label} against mpiblmm on the same data, max over the voxels both fitted "
           "(BLMM stops short at singular fits):")
     print(f"{'':28} " + " ".join(f"{c:>27}" for c in cols))
     keys = [k for k in next(iter(agree.values())) if k != "voxels"]
