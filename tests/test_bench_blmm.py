@@ -99,9 +99,22 @@ def test_command_line(bench, capsys):
     for option in ("--subjects", "--repeats", "--blmm-repeats", "--csv", "--blmm-venv"):
         assert option in out
     args = bench.parser().parse_args(["--subjects", "100"])
-    assert args.ranks == [1, 2] and args.blmm_repeats == 1
+    assert args.ranks == [1, 2] and args.blmm_repeats == 1 and args.blmm_mode == "command"
     assert bench.grid_for(100, None) == (30, 30, 20)       # 18,000 voxels
     assert bench.grid_for(250, None) == (40, 40, 25)       # 40,000 voxels
     assert bench.grid_for(7, [3, 3, 3]) == (3, 3, 3)
     with pytest.raises(SystemExit):
         bench.grid_for(7, None)
+
+
+def test_blmm_commands(bench, tmp_path):
+    venv, config = tmp_path / "venv", tmp_path / "blmm" / "blmm_config.yml"
+    assert bench.blmm_command("command", venv, config) == [str(venv / "bin" / "blmm"),
+                                                           str(config)]
+    python, flag, code, *rest = bench.blmm_command("stages", venv, config)
+    assert (python, flag, rest) == (str(venv / "bin" / "python"), "-c",
+                                    [str(config), str(tmp_path / "blmm" / "out")])
+    compile(code, "stages", "exec")                        # valid Python, run by BLMM's venv
+    env = bench.blmm_env(venv)
+    assert env["PATH"].startswith(str(venv / "bin")) and "PYTHONPATH" not in env
+    assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "1"
