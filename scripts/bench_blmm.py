@@ -86,6 +86,10 @@ def parser() -> argparse.ArgumentParser:
                     help="run BLMM's `blmm` command (dask, one worker, one thread), its "
                          "stages in one process without dask, or both (default: "
                          "%(default)s)")
+    ap.add_argument("--blmm-maxmem", default=None, metavar="EXPR",
+                    help="BLMM's MAXMEM in bytes as it reads it, e.g. 2**30 (BLMM's default "
+                         "2**32 makes its batch stage ask for 25 GiB on the 40,000-voxel "
+                         "study; its peak memory scales with it)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--csv", type=Path, default=None, help="write every run to this CSV")
     ap.add_argument("--blmm-venv", type=Path, default=DEFAULT_VENV,
@@ -109,11 +113,13 @@ def grid_for(subjects: int, shape) -> tuple[int, int, int]:
 
 # --- BLMM's inputs ----------------------------------------------------------------------
 
-def write_blmm_inputs(study: Path, folder: Path) -> tuple[Path, list[str]]:
+def write_blmm_inputs(study: Path, folder: Path,
+                      maxmem: str | None = None) -> tuple[Path, list[str]]:
     """Write BLMM's inputs for the matrix-form study ``study`` (made by ``mpiblmm
     simulate``) into ``folder``: the image list with absolute paths, the subject factor as
     integer codes 1..l in order of first appearance, and ``blmm_config.yml`` (outputs into
-    ``folder/out``).  Returns the config's path and the contrasts left out (F contrasts,
+    ``folder/out``); ``maxmem``: BLMM's ``MAXMEM`` (bytes, e.g. ``"2**30"``; BLMM's
+    default is 2**32).  Returns the config's path and the contrasts left out (F contrasts,
     which BLMM 0.1.1 cannot compute)."""
     study = study.resolve()
     folder = folder.resolve()
@@ -156,6 +162,8 @@ def write_blmm_inputs(study: Path, folder: Path) -> tuple[Path, list[str]]:
     # One dask worker with one thread (BLMM scales its LocalCluster to numNodes), and the
     # voxel-batched results stage (the non-batched one fails in 0.1.1).
     lines += ["clusterType: local", "numNodes: 1", "voxelBatching: 1"]
+    if maxmem:
+        lines.append(f"MAXMEM: {maxmem!r}")               # BLMM evaluates the string
     config = folder / "blmm_config.yml"
     config.write_text("\n".join(lines) + "\n")
     return config, left_out
@@ -311,7 +319,7 @@ def main(argv=None) -> None:
                 for mode in modes:
                     folder = work / f"blmm-{mode}"
                     shutil.rmtree(folder, ignore_errors=True)
-                    config, left_out = write_blmm_inputs(study, folder)
+                    config, left_out = write_blmm_inputs(study, folder, args.blmm_maxmem)
                     wall, cpu, load = timed(blmm_command(mode, args.blmm_venv, config),
                                             blmm_env(args.blmm_venv), cwd=folder)
                     rows.append(dict(tool=MODES[mode], ranks=1, repeat=round_ + 1,

@@ -45,6 +45,10 @@ def test_blmm_inputs_describe_the_studys_model(bench, tmp_path):
     codes = (tmp_path / "blmm" / "factor.csv").read_text().split()
     assert codes == [str(s) for s in np.repeat(np.arange(1, 6), 3)]
 
+    assert "MAXMEM" not in text                   # BLMM's default unless asked
+    assert "MAXMEM: '2**30'" in bench.write_blmm_inputs(
+        tmp_path / "study", tmp_path / "blmm2", maxmem="2**30")[0].read_text().splitlines()
+
     converted, notes = convert_file(config, output=tmp_path / "c.json")
     assert sorted(n.split(":")[0] for n in notes) == ["clusterType", "numNodes", "voxelBatching"]
     (tmp_path / "c.json").write_text(json.dumps(converted))
