@@ -286,10 +286,8 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         f = open_h5(path, "w", comm)
         _packed_attrs(f, n, grid, zero_is_missing, fingerprint)
         chunk_cols = max(1, min(V, CHUNK_BYTES // (dtype.itemsize * n)))
-        # every element is written below, so the fill value (NaN, kept as the dataset's
-        # property) is never written: parallel HDF5 would otherwise write all of /Y twice
         Y = f.create_dataset("Y", shape=(n, V), dtype=dtype, chunks=(n, chunk_cols),
-                             fillvalue=np.nan, dcpl=_never_filled())
+                             fillvalue=np.nan)
         Y.attrs["grid_shape"] = np.asarray(grid.shape, dtype=np.int64)
         Y.attrs["affine"] = grid.affine
         Y.attrs["voxels"] = "/voxels"
@@ -324,16 +322,6 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         f.close()
     return PackedInput(path, "/Y", n, grid.shape, grid.affine, voxels,
                        np.arange(V, dtype=np.int64), False, zero_is_missing, counts, grid.space)
-
-
-def _never_filled() -> Any:
-    """Dataset creation properties that never write the fill value (h5py's ``fill_time``
-    argument needs h5py 3.12; this works with every h5py we support)."""
-    import h5py
-
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-    return dcpl
 
 
 def _packed_attrs(f: Any, n: int, grid: Grid, zero_is_missing: bool, fingerprint: str) -> None:
