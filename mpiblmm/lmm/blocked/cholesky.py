@@ -234,17 +234,30 @@ def _rhs(pattern: BlockPattern, prep: Prepared, lam: list, v: int) -> np.ndarray
     return B
 
 
-def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray) -> VinvProducts:
-    """X'V^-1X, X'V^-1Y, Y'V^-1Y and log|V| (voxel axis first) at ``theta`` (v, n_theta).
+@dataclass(eq=False)
+class Factor:
+    """One blocked factorisation at ``theta`` for the voxels of a batch (voxel axis last):
+    ``lam[a]`` Lambda (q, q, 1, v); ``Ld[b]`` (q, q, l, v) and ``Lc[a, b]`` (q_a, q_b, n, v)
+    the prefix factor; ``Lt[b]`` the dense tail rows of column factor ``b`` (v, m, l_b q_b);
+    ``T`` (v, m, m) the tail's Schur complement; ``B`` the forward-substituted right-hand
+    sides ``c = L^-1 Lambda'Z'[X Y]`` (prefix part; tail part before the tail solve), ``XT``
+    (v, m, r) ``T^-1`` times the tail part; ``G`` (v, r, r) ``c'c``."""
 
-    ``pf``: :class:`~mpiblmm.lmm.model.ProductForms` or their :class:`Prepared` form.
-    Voxels with non-finite ``theta`` get NaN (and do not disturb the others).
-    """
-    prep = pf if isinstance(pf, Prepared) else prepare(pattern, pf)
+    lam: list
+    Ld: dict
+    Lc: dict
+    Lt: dict
+    T: np.ndarray | None
+    B: np.ndarray
+    XT: np.ndarray | None
+    G: np.ndarray
+    logdet: np.ndarray
+
+
+def factorise(pattern: BlockPattern, prep: Prepared, theta: np.ndarray) -> Factor:
+    """The blocked Cholesky of S and the forward substitution at finite ``theta`` (v, n_theta)."""
     pf = prep.pf
     v, p = pf.n_voxels, pf.p
-    bad = ~np.isfinite(theta).all(axis=1)
-    theta = np.where(bad[:, None], 0.0, theta)
     lam = _lambda_lead(pattern, theta)
     npre, m = pattern.n_prefix, pattern.m
     # 1. S in the block pattern
@@ -277,6 +290,7 @@ def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray) -> VinvProducts:
             vals[uniq] -= A @ np.concatenate(prods)
     logdet = 2.0 * colsum(np.concatenate(logs)) if logs else np.zeros(v)
     # 3. dense tail
+    T = None
     if m:
         T = np.moveaxis(vals[pattern.tail_offset:].reshape(m, m, v), -1, 0)
         T = np.tril(T) + np.swapaxes(np.tril(T, -1), 1, 2)
@@ -315,6 +329,7 @@ def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray) -> VinvProducts:
     G = np.empty((v, r, r))
     n_pre = tail // r
     cp = B[:tail].reshape(n_pre, r, v)
+    XT = None
     if m:
         BT = np.moveaxis(B[tail:].reshape(m, r, v), -1, 0)                   # (v, m, r)
         XT = np.linalg.solve(T, BT)
@@ -324,8 +339,28 @@ def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray) -> VinvProducts:
             if m:
                 g = g + (BT[:, :, s1] * XT[:, :, s2]).sum(axis=1)
             G[:, s1, s2] = G[:, s2, s1] = g
+    return Factor(lam, Ld, Lc, Lt, T, B, XT, G, logdet)
+
+
+def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray,
+                 factor_out: list | None = None) -> VinvProducts:
+    """X'V^-1X, X'V^-1Y, Y'V^-1Y and log|V| (voxel axis first) at ``theta`` (v, n_theta).
+
+    ``pf``: :class:`~mpiblmm.lmm.model.ProductForms` or their :class:`Prepared` form.
+    Voxels with non-finite ``theta`` get NaN (and do not disturb the others).  When
+    ``factor_out`` is a list, the :class:`Factor` is appended to it (for the gradient).
+    """
+    prep = pf if isinstance(pf, Prepared) else prepare(pattern, pf)
+    pf = prep.pf
+    p = pf.p
+    bad = ~np.isfinite(theta).all(axis=1)
+    theta = np.where(bad[:, None], 0.0, theta)
+    fac = factorise(pattern, prep, theta)
+    if factor_out is not None:
+        factor_out.append(fac)
+    G = fac.G
     out = VinvProducts(XtViX=pf.XtX - G[:, :p, :p], XtViY=pf.XtY - G[:, :p, p],
-                       YtViY=pf.YtY - G[:, p, p], logdetV=logdet)
+                       YtViY=pf.YtY - G[:, p, p], logdetV=fac.logdet)
     if bad.any():
         for a in (out.XtViX, out.XtViY, out.YtViY, out.logdetV):
             a[bad] = np.nan

@@ -39,8 +39,12 @@ from ..model import ProductForms
 from ..polish import canonical_theta
 from ..theta import n_theta, theta_slices, tril_indices
 from .cholesky import batches, prepare, profiled
+from .gradient import evaluate
 
 REL_STEP = 1e-4
+#: Forward-difference step of the analytic gradient for the Hessian (relative, as REL_STEP).
+GRAD_STEP = 1e-6
+NEWTON = False
 
 #: Largest Newton step per theta entry towards zero (``MAX_STEP``) and away from it
 #: (``MAX_GROW``), relative to max(|theta_i|, 1) (:func:`limit_step`).
@@ -126,8 +130,9 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
     """Minimise the profiled deviance for every voxel of ``pf``; see the module docstring.
 
     Returns a dict of (v,)-arrays: ``theta`` (lme4's form), ``llh``, ``beta`` (centred),
-    ``s2``, ``XtViX``, ``iterations`` and ``converged``.  The voxels are optimised in cache-sized
-    batches (:func:`.cholesky.batches`; each voxel's iterations are its own).
+    ``s2``, ``XtViX``, ``iterations``, ``evaluations`` and ``converged``.  The voxels are
+    optimised in cache-sized batches (:func:`.cholesky.batches`; each voxel's iterations are
+    its own).
     """
     parts = []
     for idx in batches(pattern, pf.p, pf.n_voxels):
@@ -137,40 +142,92 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
     return {k: np.concatenate([d[k] for d in parts]) for k in parts[0]}
 
 
+def fd_hessian(pattern, prep, theta: np.ndarray, g: np.ndarray, method: str,
+               rel: float = GRAD_STEP) -> np.ndarray:
+    """Hessian (v, m, m) by forward differences of the analytic gradient, symmetrised."""
+    v, m = theta.shape
+    h = steps(theta, rel)
+    H = np.empty((v, m, m))
+    for i in range(m):
+        t = theta.copy()
+        t[:, i] += h[:, i]
+        H[:, :, i] = (evaluate(pattern, prep, t, method)["g"] - g) / h[:, i, None]
+    return 0.5 * (H + np.swapaxes(H, 1, 2))
+
+
+def bfgs_update(H: np.ndarray, s: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """BFGS update of the Hessian approximations (v, m, m) with steps ``s`` and gradient
+    changes ``y`` (v, m); skipped where the curvature ``s'y`` is not safely positive."""
+    Hs = np.einsum("vij,vj->vi", H, s)
+    sHs = np.einsum("vi,vi->v", s, Hs)
+    sy = np.einsum("vi,vi->v", s, y)
+    ok = (sy > 1e-10 * np.sqrt(np.einsum("vi,vi->v", s, s) * np.einsum("vi,vi->v", y, y))) \
+        & (sHs > 0) & np.isfinite(sy)
+    sy_ = np.where(ok, sy, 1.0)
+    sHs_ = np.where(ok, sHs, 1.0)
+    upd = y[:, :, None] * y[:, None, :] / sy_[:, None, None] \
+        - Hs[:, :, None] * Hs[:, None, :] / sHs_[:, None, None]
+    return np.where(ok[:, None, None], H + upd, H), ok
+
+
+def alpha_used(s: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Fraction of the direction ``d`` taken by step ``s`` (v,)."""
+    num = np.einsum("vi,vi->v", s, d)
+    den = np.einsum("vi,vi->v", d, d)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+
+
 def _newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: float,
             max_iterations: int, max_halvings: int) -> dict:
     st, v = pf.structure, pf.n_voxels
     prep = prepare(pattern, pf)
     theta = theta0(pf) if theta_start is None else np.array(theta_start, dtype=np.float64)
-    f = deviance(pattern, prep, theta, method)
+    m = theta.shape[1]
+    ev = evaluate(pattern, prep, theta, method)
+    f, g = ev["f"], ev["g"]
+    H = np.zeros((v, m, m))
+    refresh = np.ones(v, bool)
+    evaluations = np.ones(v, dtype=np.int64)
     iterations = np.zeros(v, dtype=np.int64)
     converged = np.zeros(v, dtype=bool)
-    active = np.flatnonzero(np.isfinite(f))
-    for _ in range(max_iterations):
+    active = np.flatnonzero(np.isfinite(f) & np.isfinite(g).all(axis=1))
+    for it in range(max_iterations):
         if active.size == 0:
             break
         sub = prep.take(active)
-        th, fa = theta[active], f[active]
-        g, H = fd_gradient_hessian(pattern, sub, th, fa, method)
-        d = limit_step(saddle_free_direction(g, H), th)
-        new_th, new_f = th.copy(), fa.copy()
+        th, fa, ga = theta[active], f[active], g[active]
+        fresh = np.flatnonzero(refresh[active] | NEWTON)
+        if fresh.size:
+            H[active[fresh]] = fd_hessian(pattern, sub.take(fresh), th[fresh], ga[fresh], method)
+            evaluations[active[fresh]] += m
+        d = limit_step(saddle_free_direction(ga, H[active]), th)
+        new_th, new_f, new_g = th.copy(), fa.copy(), ga.copy()
         pending = np.arange(active.size)
         alpha = 1.0
         for _ in range(max_halvings + 1):
             if pending.size == 0:
                 break
             cand = th[pending] + alpha * d[pending]
-            fc = deviance(pattern, sub.take(pending), cand, method)
-            ok = fc <= fa[pending]
+            evc = evaluate(pattern, sub.take(pending), cand, method)
+            evaluations[active[pending]] += 1
+            fc = evc["f"]
+            ok = (fc <= fa[pending]) & np.isfinite(evc["g"]).all(axis=1)
             new_th[pending[ok]] = cand[ok]
             new_f[pending[ok]] = fc[ok]
+            new_g[pending[ok]] = evc["g"][ok]
             pending = pending[~ok]
             alpha *= 0.5
-        # gain in l (= half the fall of d); the rounding floor of l as in polish
         gain = 0.5 * (fa - new_f)
         floor = np.maximum(tolerance, 1e-14 * np.abs(0.5 * fa))
+        Hn, upd = bfgs_update(H[active], new_th - th, new_g - ga)
+        H[active] = Hn
+        # a fresh Hessian where the model failed: a halved step, no curvature update, or an
+        # indefinite Hessian (saddle-free steps along negative curvature)
+        pd = np.linalg.eigvalsh(Hn)[:, 0] > 0
+        refresh[active] = (alpha_used(new_th - th, d) < 1.0) | ~upd | ~pd
         theta[active] = new_th
         f[active] = new_f
+        g[active] = new_g
         iterations[active] += 1
         done = gain < floor
         converged[active[done]] = True
@@ -178,4 +235,4 @@ def _newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: floa
     theta = canonical_theta(theta, st)
     llh, beta, s2, vp = profiled(pattern, prep, theta, method)
     return dict(theta=theta, llh=llh, beta=beta, s2=s2, XtViX=vp.XtViX,
-                iterations=iterations, converged=converged)
+                iterations=iterations, evaluations=evaluations, converged=converged)

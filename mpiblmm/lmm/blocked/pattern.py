@@ -84,12 +84,14 @@ class Segment:
 
 @dataclass(frozen=True, eq=False)
 class Update:
-    """Products ``L[a, b][:, :, i1] L[c, b][:, :, i2]'`` of one pair of row factors."""
+    """Products ``L[a, b][:, :, i1] L[c, b][:, :, i2]'`` of one pair of row factors;
+    ``target`` (q_a q_c n,): their flat positions in the S values (lower triangle)."""
 
     a: int
     c: int
     i1: np.ndarray
     i2: np.ndarray
+    target: np.ndarray
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,8 +184,9 @@ class BlockPattern:
                         r = self.tail_index(a, x1[None, None, :], e1)
                         s = self.tail_index(c, x2[None, None, :], e2)
                         tgt = self.tail_offset + r * self.m + s
-                    ups.append(Update(a, c, i1, i2))
-                    targets.append(np.broadcast_to(tgt, (qa, qc, i1.size)).ravel())
+                    flat = np.broadcast_to(tgt, (qa, qc, i1.size)).ravel()
+                    ups.append(Update(a, c, i1, i2, flat))
+                    targets.append(flat)
             if targets:
                 plans[b] = (ups, *aggregator(np.concatenate(targets)))
             else:
