@@ -15,10 +15,14 @@ import numpy as np
 import pytest
 
 from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk
+from mpiblmm.lmm.blocked import inference as blocked_inference
+from mpiblmm.lmm.blocked import newton as blocked_newton
 from mpiblmm.lmm.blocked import pattern as blocked_pattern
 from mpiblmm.lmm.blocked.cholesky import blocked_vinv, prepare
 from mpiblmm.lmm.blocked.gradient import evaluate
+from mpiblmm.lmm.estimate import fit
 from mpiblmm.lmm.inference import t_contrast
+from mpiblmm.lmm.model import STATUS_SINGULAR
 from mpiblmm.lmm.likelihood import vinv_products
 from mpiblmm.lmm.products import product_forms, random_design
 from mpiblmm.lmm.satterthwaite import satterthwaite_setup
@@ -182,8 +186,27 @@ def test_reference_designs_take_the_blocked_path(name):
     assert product_forms(ds.X, rd, ds.Y[:, :2]).blocks is not None
 
 
+@pytest.mark.parametrize("analytic", [True, False], ids=["quasi-newton", "fd-newton"])
+@pytest.mark.parametrize("name", ["crossed", "nested"])
 @pytest.mark.parametrize("method", ["REML", "ML"])
-def test_blocked_satterthwaite_equals_the_dense_analytic_one(method):
+def test_both_optimisers_reach_lme4(name, method, analytic, monkeypatch):
+    # the reference tests run each design through one optimiser (chosen by the number of
+    # theta entries: crossed m = 2 the finite-difference Newton, nested m = 3 the
+    # quasi-Newton); here both designs through both
+    monkeypatch.setattr(blocked_newton, "ANALYTIC_FROM", 0 if analytic else 99)
+    ds = load_dataset(name)
+    ref = ds.reference[method]
+    rd = random_design([f.codes for f in ds.factors], [f.Z for f in ds.factors])
+    res = fit(product_forms(ds.X, rd, ds.Y), method)
+    ok = ref.fitted
+    assert (res.status[ok] <= STATUS_SINGULAR).all()
+    assert (res.llh[ok] - ref.llh[ok]).min() >= -1e-6
+
+
+@pytest.mark.parametrize("analytic", [True, False], ids=["gradient", "richardson"])
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_blocked_satterthwaite_equals_the_dense_analytic_one(method, analytic, monkeypatch):
+    monkeypatch.setattr(blocked_inference, "ANALYTIC_FROM", 0 if analytic else 99)
     ds = load_dataset("nested")
     ref = ds.reference[method]
     rd = random_design([f.codes for f in ds.factors], [f.Z for f in ds.factors])

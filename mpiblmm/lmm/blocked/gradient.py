@@ -84,16 +84,24 @@ def _sinv_plan(pattern: BlockPattern, b: int):
 
 
 def _back_plan(pattern: BlockPattern, b: int, r: int):
-    """Aggregator of ``L_xy' U_x`` into column factor ``b``'s rows (q_b, l_b, r), or None."""
+    """Per row factor of column factor ``b``: ``(direct, order)``; ``direct`` when its pairs,
+    taken in ``order``, meet every level ``y`` of ``b`` once in turn (nesting: one parent per
+    level), so ``L_xy' U_x`` is subtracted in place; and the aggregator of the other
+    factors' products into ``b``'s rows (q_b, l_b, r), or None."""
     lb, qb = pattern.l_at(b), pattern.q_at(b)
-    targets = []
+    modes, targets = [], []
     for a in _back_rows(pattern, b):
         y = pattern.pairs[a, b][1]
+        order = np.argsort(y, kind="stable")
+        if y.size == lb and (y[order] == np.arange(lb)).all():
+            modes.append((True, None if (order == np.arange(lb)).all() else order))
+            continue
+        modes.append((False, None))
         e = np.arange(qb)[:, None, None]
         s = np.arange(r)[None, None, :]
         targets.append(np.broadcast_to((e * lb + y[None, :, None]) * r + s,
                                        (qb, y.size, r)).ravel())
-    return aggregator(np.concatenate(targets)) if targets else None
+    return modes, (aggregator(np.concatenate(targets)) if targets else None)
 
 
 def _back_rows(pattern: BlockPattern, b: int) -> list[int]:
@@ -200,20 +208,27 @@ def back_substitute(pattern: BlockPattern, fac, r: int, v: int) -> np.ndarray:
     for b in reversed(range(pattern.n_prefix)):
         q, l = pattern.q_at(b), pattern.l_at(b)
         rhs = fac.B[offs[b]:offs[b] + q * l * r].reshape(q, l, r, v).copy()
-        plan = _plan(pattern, f"back{b}_{r}", lambda: _back_plan(pattern, b, r))
-        if plan is not None:
-            prods = []
-            for a in _back_rows(pattern, b):
-                x = pattern.pairs[a, b][0]
-                Ux = U[_rows_index(pattern, a, x, r)]                        # (q_a, n, r, v)
-                La = fac.Lc[a, b]                                            # (q_a, q_b, n, v)
-                out = np.empty((q,) + Ux.shape[1:])
+        modes, agg = _plan(pattern, f"back{b}_{r}", lambda: _back_plan(pattern, b, r))
+        prods = []
+        for a, (direct, order) in zip(_back_rows(pattern, b), modes):
+            x = pattern.pairs[a, b][0]
+            La = fac.Lc[a, b]                                                # (q_a, q_b, n, v)
+            if order is not None:
+                x, La = x[order], La[:, :, order]
+            Ux = factor_rows(pattern, U, a, r)[:, x]                         # (q_a, n, r, v)
+            if direct:
                 for f in range(q):
-                    np.multiply(La[0, f][:, None], Ux[0], out=out[f])
-                    for e in range(1, La.shape[0]):
-                        out[f] += La[e, f][:, None] * Ux[e]
-                prods.append(out.reshape(-1, v))
-            uniq, A = plan
+                    for e in range(La.shape[0]):
+                        rhs[f] -= La[e, f][:, None] * Ux[e]
+                continue
+            out = np.empty((q,) + Ux.shape[1:])
+            for f in range(q):
+                np.multiply(La[0, f][:, None], Ux[0], out=out[f])
+                for e in range(1, La.shape[0]):
+                    out[f] += La[e, f][:, None] * Ux[e]
+            prods.append(out.reshape(-1, v))
+        if prods:
+            uniq, A = agg
             rhs.reshape(-1, v)[uniq] -= A @ np.concatenate(prods)
         if b in fac.Lt:
             UT = np.moveaxis(fac.XT, 0, 0)                                   # (v, m, r)
@@ -275,38 +290,26 @@ def zvz(pattern: BlockPattern, prep: Prepared, lam: list, U: np.ndarray, r: int,
 MIN_DIAG_RATIO = 1e-3
 
 
-def unscale(pattern: BlockPattern, prep: Prepared, lam: list, U: np.ndarray, r: int,
-            v: int) -> np.ndarray:
-    """``P = Z'V^-1[X Y]`` from ``Lambda'P = U`` (``Lambda' Z'V^-1 = S^-1 Lambda'Z'``):
-    ``P_k = Lambda_k^-T U_k`` per level, exact and cheap.  One-effect factors: ``U_k / theta_k``
-    (0 where ``theta_k = 0``: then ``U_k = 0`` and every term that uses ``P_k`` also has a
-    factor ``U_k`` or ``theta_k``); voxels with a nearly singular ``Lambda_k`` (q_k > 1)
-    take :func:`zvz` instead."""
-    P = np.empty_like(U)
-    slow = np.zeros(v, bool)
+def lambda_inverses(pattern: BlockPattern, lam: list, v: int):
+    """Per position ``Lambda_k^-1`` (q, q, v) and the voxels (v,) where some ``Lambda_k``
+    (q_k > 1) is too close to singular for ``P_k = Lambda_k^-T U_k``.  One-effect factors:
+    ``1 / theta_k``, 0 where ``theta_k = 0`` (then ``U_k = 0`` and every term that uses
+    ``P_k`` has a factor ``U_k``: the limit is 0)."""
+    out, slow = [], np.zeros(v, bool)
     for a in range(pattern.K):
-        Ua = factor_rows(pattern, U, a, r)
-        Pa = factor_rows(pattern, P, a, r)
-        lam_a = lam[a][:, :, 0]                                               # (q, q, v)
-        q = lam_a.shape[0]
+        L = lam[a][:, :, 0]                                                    # (q, q, v)
+        q = L.shape[0]
+        diag = np.abs(np.stack([L[e, e] for e in range(q)]))
+        if q > 1:
+            slow |= diag.min(axis=0) < MIN_DIAG_RATIO * diag.max(axis=0)
+        safe = L.copy()
+        for e in range(q):
+            safe[e, e] = np.where(diag[e] == 0.0, 1.0, L[e, e])
+        inv = lower_inverse(safe)
         if q == 1:
-            t = lam_a[0, 0]
-            np.divide(Ua[0], np.where(t == 0.0, 1.0, t), out=Pa[0])
-            Pa[0] *= (t != 0.0)
-            continue
-        diag = np.abs(np.stack([lam_a[e, e] for e in range(q)]))
-        slow |= diag.min(axis=0) < MIN_DIAG_RATIO * diag.max(axis=0)
-        safe = [np.where(diag[e] == 0.0, 1.0, lam_a[e, e]) for e in range(q)]
-        for e in reversed(range(q)):
-            s = Ua[e]
-            for f in range(e + 1, q):
-                s = s - lam_a[f, e] * Pa[f]
-            Pa[e] = s / safe[e]
-    if slow.any():
-        idx = np.flatnonzero(slow)
-        P[:, idx] = zvz(pattern, prep.take(idx), [x[..., idx] for x in lam],
-                        np.ascontiguousarray(U[:, idx]), r, idx.size)
-    return P
+            inv = inv * (diag[0] != 0.0)
+        out.append(inv)
+    return out, slow
 
 
 def _zmul(Z: np.ndarray, Vx: np.ndarray) -> np.ndarray:
@@ -338,6 +341,108 @@ def logdet_gradient(pattern: BlockPattern, prep: Prepared, lam: list, sig: np.nd
                 for j in range(seg.qa):
                     F[a][i, j] += colsum(Fa[i, j])
     return F
+
+
+def _gram_terms(pattern: BlockPattern, U: np.ndarray, Linv: list, w: np.ndarray,
+                At: np.ndarray, r: int, reml: bool, jacobian: bool) -> list:
+    """Per position ``(UQ, M, N)`` from the Gram matrix of ``U_k`` over the levels and
+    ``P_k = Lambda_k^-T U_k`` (:func:`lambda_inverses`): ``UQ[s, r] = sum_x u_x[s] p_x[r]``,
+    ``M[s, r] = sum_x (U_x A P_x')[s, r]`` (REML), ``N[r, s][j, l] = sum_x P_x[r, j] U_x[s, l]``
+    (Jacobian); ``G[s, i, t, j] = sum_x U_x[s, i] U_x[t, j]`` costs ``q r (q r + 1) / 2``
+    level sums."""
+    p = r - 1
+    out = []
+    for a in range(pattern.K):
+        Ua = factor_rows(pattern, U, a, r)
+        q, v = Ua.shape[0], Ua.shape[-1]
+        G = np.empty((q, r, q, r, v))
+        cols = [(s, i) for s in range(q) for i in range(r)]
+        for n1, (s, i) in enumerate(cols):
+            for t, j in cols[n1:]:
+                G[s, i, t, j] = G[t, j, s, i] = colsum(Ua[s, :, i] * Ua[t, :, j])
+        Li = Linv[a]
+        Gw = np.empty((q, q, v))
+        K = np.empty((q, q, v)) if reml else None
+        for s in range(q):
+            for t in range(q):
+                acc = 0.0
+                for i in range(r):
+                    row = G[s, i, t, 0] * w[0]
+                    for j in range(1, r):
+                        row = row + G[s, i, t, j] * w[j]
+                    acc = acc + w[i] * row
+                Gw[s, t] = acc
+                if reml:
+                    acc = 0.0
+                    for i in range(p):
+                        row = G[s, i, t, 0] * At[i, 0]
+                        for j in range(1, p):
+                            row = row + G[s, i, t, j] * At[i, j]
+                        acc = acc + row
+                    K[s, t] = acc
+        UQ, M = _times_linv(Gw, Li), (_times_linv(K, Li) if reml else None)
+        N = None
+        if jacobian:
+            N = np.empty((q, q, p, p, v))
+            for rr in range(q):
+                for s in range(q):
+                    for j in range(p):
+                        for ll in range(p):
+                            acc = Li[0, rr] * G[0, j, s, ll]
+                            for t in range(1, q):
+                                acc = acc + Li[t, rr] * G[t, j, s, ll]
+                            N[rr, s, j, ll] = acc
+        out.append((UQ, M, N))
+    return out
+
+
+def _times_linv(K: np.ndarray, Li: np.ndarray) -> np.ndarray:
+    """``out[s, r] = sum_t K[s, t] Li[t, r]`` for (q, q, v) arrays."""
+    q = K.shape[0]
+    out = np.empty_like(K)
+    for s in range(q):
+        for rr in range(q):
+            acc = K[s, 0] * Li[0, rr]
+            for t in range(1, q):
+                acc = acc + K[s, t] * Li[t, rr]
+            out[s, rr] = acc
+    return out
+
+
+def _p_terms(pattern: BlockPattern, U: np.ndarray, P: np.ndarray, w: np.ndarray,
+             At: np.ndarray, r: int, reml: bool, jacobian: bool) -> list:
+    """``(UQ, M, N)`` of :func:`_gram_terms` from an explicit ``P`` (nearly singular
+    ``Lambda_k``)."""
+    p = r - 1
+    out = []
+    for a in range(pattern.K):
+        Ua = factor_rows(pattern, U, a, r)
+        Pa = factor_rows(pattern, P, a, r)
+        q, v = Ua.shape[0], Ua.shape[-1]
+        ue, pe = Ua[:, :, 0] * w[0], Pa[:, :, 0] * w[0]                      # (q, l, v)
+        for j in range(1, r):
+            ue = ue + Ua[:, :, j] * w[j]
+            pe = pe + Pa[:, :, j] * w[j]
+        UQ = _level_sum(ue, pe)
+        M = None
+        if reml:
+            UA = np.zeros(Ua[:, :, :p].shape)
+            for j in range(p):
+                for i in range(p):
+                    UA[:, :, j] += Ua[:, :, i] * At[i, j]
+            M = np.zeros((q, q, v))
+            for j in range(p):
+                M += _level_sum(UA[:, :, j], Pa[:, :, j])
+        N = None
+        if jacobian:
+            N = np.empty((q, q, p, p, v))
+            for rr in range(q):
+                for s in range(q):
+                    for j in range(p):
+                        for ll in range(p):
+                            N[rr, s, j, ll] = colsum(Pa[rr, :, j] * Ua[s, :, ll])
+        out.append((UQ, M, N))
+    return out
 
 
 def _level_sum(Xa: np.ndarray, Ya: np.ndarray) -> np.ndarray:
@@ -382,45 +487,34 @@ def evaluate(pattern: BlockPattern, prep: Prepared, theta: np.ndarray, method: s
     sig = selected_inverse(pattern, fac, v)
     F = logdet_gradient(pattern, prep, fac.lam, sig, v)
     U = back_substitute(pattern, fac, r, v)
-    P = unscale(pattern, prep, fac.lam, U, r, v)
     w = np.concatenate([-beta, np.ones((v, 1))], axis=1).T                    # (r, v)
     At = np.moveaxis(Ainv, 0, -1)                                             # (p, p, v)
+    Linv, slow = lambda_inverses(pattern, fac.lam, v)
+    terms = _gram_terms(pattern, U, Linv, w, At, r, reml, jacobian)
+    if slow.any():                            # P = Z'V^-1[X Y] by the product in Z'Z
+        idx = np.flatnonzero(slow)
+        Us = np.ascontiguousarray(U[:, idx])
+        Ps = zvz(pattern, prep.take(idx), [x[..., idx] for x in fac.lam], Us, r, idx.size)
+        sub = _p_terms(pattern, Us, Ps, w[:, idx], At[..., idx], r, reml, jacobian)
+        for full, part in zip(terms, sub):
+            for x, y in zip(full, part):
+                if x is not None:
+                    x[..., idx] = y
     m = theta.shape[1]
     dld = np.empty((v, m))
     dQ = np.empty((v, m))
     dX = np.empty((v, m, p, p)) if jacobian else None
     slices = theta_slices(pattern.structure)
     for a, k in enumerate(pattern.order):
-        q = pattern.q_at(a)
-        Ua = factor_rows(pattern, U, a, r)
-        Pa = factor_rows(pattern, P, a, r)
-        ue, pe = Ua[:, :, 0] * w[0], Pa[:, :, 0] * w[0]                      # (q, l, v)
-        for j in range(1, r):
-            ue = ue + Ua[:, :, j] * w[j]
-            pe = pe + Pa[:, :, j] * w[j]
-        UQ = _level_sum(ue, pe)                                               # [s, r]
-        gl = 2.0 * F[a]                                                       # [s, r]
-        if reml:
-            UA = np.zeros(Ua[:, :, :p].shape)
-            for j in range(p):
-                for i in range(p):
-                    UA[:, :, j] += Ua[:, :, i] * At[i, j]
-            M = np.zeros((q, q, v))
-            for j in range(p):
-                M += _level_sum(UA[:, :, j], Pa[:, :, j])
-        rows, cols = tril_indices(q)
+        UQ, M, N = terms[a]
+        rows, cols = tril_indices(pattern.q_at(a))
         for t, (rr, ss) in enumerate(zip(rows, cols)):
             i = slices[k].start + t
-            dld[:, i] = gl[ss, rr] - (2.0 * M[ss, rr] if reml else 0.0)
+            dld[:, i] = 2.0 * F[a][ss, rr] - (2.0 * M[ss, rr] if reml else 0.0)
             dQ[:, i] = -2.0 * UQ[ss, rr]
             if jacobian:
-                for j in range(p):
-                    for jj in range(p):
-                        dX[:, i, j, jj] = -colsum(Pa[rr, :, j] * Ua[ss, :, jj])
-        if jacobian:
-            for t in range(len(rows)):
-                i = slices[k].start + t
-                dX[:, i] = dX[:, i] + np.swapaxes(dX[:, i], 1, 2)
+                Nt = np.moveaxis(N[rr, ss], -1, 0)                           # (v, p, p)
+                dX[:, i] = -(Nt + np.swapaxes(Nt, 1, 2))
     dof = (pf.n - p if reml else pf.n).astype(float)
     g = dld + dof[:, None] * dQ / Q[:, None]
     f = np.where(np.isfinite(llh), -2.0 * llh, np.inf)

@@ -22,19 +22,71 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..likelihood import gls, logdet_spd
 from ..model import ProductForms
-from .cholesky import batches, prepare
+from .cholesky import batches, blocked_vinv, prepare
 from .gradient import evaluate
+from .newton import ANALYTIC_FROM
 
 #: Central-difference step of the analytic gradient (relative to max(|theta_i|, 0.1)).
 REL_STEP = 1e-4
+#: Steps h and h/2 of the Richardson scheme on the deviance (below ANALYTIC_FROM entries).
+RICHARDSON_STEP = 1e-2
+
+
+def _pieces(pattern, pf: ProductForms, theta: np.ndarray, reml: bool):
+    """``ld`` (v,), ``Q`` (v,) and ``A`` (v, p, p) at ``theta``."""
+    vp = blocked_vinv(pattern, pf, theta)
+    _, Q = gls(vp)
+    ld = vp.logdetV + (logdet_spd(vp.XtViX) if reml else 0.0)
+    A = np.linalg.inv(vp.XtViX)
+    return ld, Q, 0.5 * (A + np.swapaxes(A, 1, 2))
+
+
+def _derivatives(pattern, prep, theta: np.ndarray, h: np.ndarray, reml: bool, base):
+    """Central differences at steps ``h`` (v, m): ``Q'`` (v, m), ``ld''``, ``Q''`` (v, m, m)
+    and ``A'`` (v, m, p, p)."""
+    ld0, Q0, _ = base
+    v, m = theta.shape
+    dQ, d2ld, d2Q = np.empty((v, m)), np.empty((v, m, m)), np.empty((v, m, m))
+    dA = np.empty((v, m) + base[2].shape[1:])
+    axis = {}
+    for i in range(m):
+        tp, tm = theta.copy(), theta.copy()
+        tp[:, i] += h[:, i]
+        tm[:, i] -= h[:, i]
+        ldp, Qp, Ap = _pieces(pattern, prep, tp, reml)
+        ldm, Qm, Am = _pieces(pattern, prep, tm, reml)
+        axis[i] = (ldp + ldm, Qp + Qm)
+        hi = h[:, i]
+        dQ[:, i] = (Qp - Qm) / (2.0 * hi)
+        d2ld[:, i, i] = (ldp - 2.0 * ld0 + ldm) / hi ** 2
+        d2Q[:, i, i] = (Qp - 2.0 * Q0 + Qm) / hi ** 2
+        dA[:, i] = (Ap - Am) / (2.0 * hi)[:, None, None]
+    # mixed: [f(+i+j) + f(-i-j) - f(+-i) - f(+-j) + 2 f] / (2 h_i h_j), O(h^2) like the
+    # four-point formula (so Richardson applies), with two evaluations instead of four
+    for i in range(m):
+        for j in range(i):
+            tp, tm = theta.copy(), theta.copy()
+            tp[:, i] += h[:, i]
+            tp[:, j] += h[:, j]
+            tm[:, i] -= h[:, i]
+            tm[:, j] -= h[:, j]
+            plus = _pieces(pattern, prep, tp, reml)[:2]
+            minus = _pieces(pattern, prep, tm, reml)[:2]
+            den = 2.0 * h[:, i] * h[:, j]
+            for k, (out, f0) in enumerate(((d2ld, ld0), (d2Q, Q0))):
+                mixed = (plus[k] + minus[k] - axis[i][k] - axis[j][k] + 2.0 * f0) / den
+                out[:, i, j] = out[:, j, i] = mixed
+    return dQ, d2ld, d2Q, dA
 
 
 def blocked_setup(pattern, pf: ProductForms, varpar: np.ndarray, method: str):
     """``Cov(beta)`` (v, p, p), its Jacobian (v, m+1, p, p) and the deviance Hessian
     (v, m+1, m+1) at ``varpar = (theta, sigma)`` (v, m+1), in cache-sized voxel batches
     (:func:`.cholesky.batches`)."""
-    parts = [_setup(pattern, pf.take(idx), varpar[idx], method)
+    run = _setup if varpar.shape[1] - 1 >= ANALYTIC_FROM else _richardson_setup
+    parts = [run(pattern, pf.take(idx), varpar[idx], method)
              for idx in batches(pattern, pf.p, pf.n_voxels)]
     return tuple(np.concatenate([part[k] for part in parts]) for k in range(3))
 
@@ -65,6 +117,31 @@ def _setup(pattern, pf: ProductForms, varpar: np.ndarray, method: str):
     # dA/dtheta_i = -A (dX'V^-1X/dtheta_i) A, analytic
     dA = -np.matmul(np.matmul(A0[:, None], base["dXtViX"]), A0[:, None])
     dA = 0.5 * (dA + np.swapaxes(dA, 2, 3))
+    dof = (n - p if reml else n).astype(float)
+    H = np.empty((v, m + 1, m + 1))
+    H[:, :m, :m] = d2ld + d2Q / s2[:, None, None]
+    H[:, :m, m] = H[:, m, :m] = -2.0 * dQ / sigma[:, None] ** 3
+    H[:, m, m] = -2.0 * dof / s2 + 6.0 * Q0 / s2 ** 2
+    J = np.empty((v, m + 1, p, p))
+    J[:, :m] = s2[:, None, None, None] * dA
+    J[:, m] = 2.0 * sigma[:, None, None] * A0
+    return s2[:, None, None] * A0, J, H
+
+
+def _richardson_setup(pattern, pf: ProductForms, varpar: np.ndarray, method: str):
+    reml = method == "REML"
+    theta, sigma = varpar[:, :-1], varpar[:, -1]
+    s2 = sigma ** 2
+    v, m = theta.shape
+    p, n = pf.p, pf.n
+    h = RICHARDSON_STEP * np.maximum(np.abs(theta), 0.1)
+    prep = prepare(pattern, pf)
+    base = _pieces(pattern, prep, theta, reml)
+    # Richardson: (4 D(h/2) - D(h)) / 3 cancels the h^2 error term of central differences
+    coarse = _derivatives(pattern, prep, theta, h, reml, base)
+    fine = _derivatives(pattern, prep, theta, 0.5 * h, reml, base)
+    dQ, d2ld, d2Q, dA = ((4.0 * b - a) / 3.0 for a, b in zip(coarse, fine))
+    ld0, Q0, A0 = base
     dof = (n - p if reml else n).astype(float)
     H = np.empty((v, m + 1, m + 1))
     H[:, :m, :m] = d2ld + d2Q / s2[:, None, None]

@@ -44,7 +44,10 @@ from .gradient import evaluate
 REL_STEP = 1e-4
 #: Forward-difference step of the analytic gradient for the Hessian (relative, as REL_STEP).
 GRAD_STEP = 1e-6
-NEWTON = False
+#: The analytic-gradient quasi-Newton from this many theta entries on; below it the
+#: finite-difference Newton (:func:`_fd_newton`), which is cheaper there (see the module
+#: docstring and docs/ESTIMATOR.md).
+ANALYTIC_FROM = 3
 
 #: Largest Newton step per theta entry towards zero (``MAX_STEP``) and away from it
 #: (``MAX_GROW``), relative to max(|theta_i|, 1) (:func:`limit_step`).
@@ -137,8 +140,9 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
     parts = []
     for idx in batches(pattern, pf.p, pf.n_voxels):
         start = None if theta_start is None else np.asarray(theta_start)[idx]
-        parts.append(_newton(pattern, pf.take(idx), method, start, tolerance,
-                             max_iterations, max_halvings))
+        run = _quasi_newton if n_theta(pf.structure) >= ANALYTIC_FROM else _fd_newton
+        parts.append(run(pattern, pf.take(idx), method, start, tolerance, max_iterations,
+                         max_halvings))
     return {k: np.concatenate([d[k] for d in parts]) for k in parts[0]}
 
 
@@ -177,7 +181,7 @@ def alpha_used(s: np.ndarray, d: np.ndarray) -> np.ndarray:
     return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
 
 
-def _newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: float,
+def _quasi_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: float,
             max_iterations: int, max_halvings: int) -> dict:
     st, v = pf.structure, pf.n_voxels
     prep = prepare(pattern, pf)
@@ -196,7 +200,7 @@ def _newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: floa
             break
         sub = prep.take(active)
         th, fa, ga = theta[active], f[active], g[active]
-        fresh = np.flatnonzero(refresh[active] | NEWTON)
+        fresh = np.flatnonzero(refresh[active])
         if fresh.size:
             H[active[fresh]] = fd_hessian(pattern, sub.take(fresh), th[fresh], ga[fresh], method)
             evaluations[active[fresh]] += m
@@ -221,13 +225,60 @@ def _newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: floa
         floor = np.maximum(tolerance, 1e-14 * np.abs(0.5 * fa))
         Hn, upd = bfgs_update(H[active], new_th - th, new_g - ga)
         H[active] = Hn
-        # a fresh Hessian where the model failed: a halved step, no curvature update, or an
-        # indefinite Hessian (saddle-free steps along negative curvature)
+        # a fresh Hessian where the model failed (two or more halvings) or is indefinite
         pd = np.linalg.eigvalsh(Hn)[:, 0] > 0
-        refresh[active] = (alpha_used(new_th - th, d) < 1.0) | ~upd | ~pd
+        refresh[active] = (alpha_used(new_th - th, d) < 0.5) | ~pd
         theta[active] = new_th
         f[active] = new_f
         g[active] = new_g
+        iterations[active] += 1
+        done = gain < floor
+        converged[active[done]] = True
+        active = active[~done]
+    theta = canonical_theta(theta, st)
+    llh, beta, s2, vp = profiled(pattern, prep, theta, method)
+    return dict(theta=theta, llh=llh, beta=beta, s2=s2, XtViX=vp.XtViX,
+                iterations=iterations, evaluations=evaluations, converged=converged)
+
+
+def _fd_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: float,
+            max_iterations: int, max_halvings: int) -> dict:
+    st, v = pf.structure, pf.n_voxels
+    prep = prepare(pattern, pf)
+    theta = theta0(pf) if theta_start is None else np.array(theta_start, dtype=np.float64)
+    f = deviance(pattern, prep, theta, method)
+    iterations = np.zeros(v, dtype=np.int64)
+    evaluations = np.ones(v, dtype=np.int64)
+    m = theta.shape[1]
+    converged = np.zeros(v, dtype=bool)
+    active = np.flatnonzero(np.isfinite(f))
+    for _ in range(max_iterations):
+        if active.size == 0:
+            break
+        sub = prep.take(active)
+        th, fa = theta[active], f[active]
+        g, H = fd_gradient_hessian(pattern, sub, th, fa, method)
+        evaluations[active] += 2 * m + m * (m - 1) // 2
+        d = limit_step(saddle_free_direction(g, H), th)
+        new_th, new_f = th.copy(), fa.copy()
+        pending = np.arange(active.size)
+        alpha = 1.0
+        for _ in range(max_halvings + 1):
+            if pending.size == 0:
+                break
+            cand = th[pending] + alpha * d[pending]
+            fc = deviance(pattern, sub.take(pending), cand, method)
+            evaluations[active[pending]] += 1
+            ok = fc <= fa[pending]
+            new_th[pending[ok]] = cand[ok]
+            new_f[pending[ok]] = fc[ok]
+            pending = pending[~ok]
+            alpha *= 0.5
+        # gain in l (= half the fall of d); the rounding floor of l as in polish
+        gain = 0.5 * (fa - new_f)
+        floor = np.maximum(tolerance, 1e-14 * np.abs(0.5 * fa))
+        theta[active] = new_th
+        f[active] = new_f
         iterations[active] += 1
         done = gain < floor
         converged[active[done]] = True
