@@ -123,6 +123,15 @@ def colsum(A: np.ndarray) -> np.ndarray:
     return np.asarray(_ones(A.shape[0]) @ A)[0]
 
 
+def as_slice(rows: np.ndarray):
+    """``rows`` (sorted unique indices) as a slice when they are one contiguous range: an
+    in-place update of a slice is one pass, of fancy-indexed rows a gather and a scatter."""
+    rows = np.asarray(rows)
+    if rows.size and rows[-1] - rows[0] + 1 == rows.size and (np.diff(rows) == 1).all():
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
+
+
 def _cached(pattern: BlockPattern, name: str, fn):
     store = pattern.__dict__.setdefault("_numeric_cache", {})
     if name not in store:
@@ -143,7 +152,7 @@ def _placement(pattern: BlockPattern) -> list[tuple[str, tuple, np.ndarray]]:
             dest = pattern.diag[a].index(e1, e2, x)
         else:
             dest = t0 + pattern.tail_index(a, x, e1) * m + pattern.tail_index(a, x, e2)
-        out.append((pattern.zz_diag[a], (a, a), np.broadcast_to(dest, (q, q, l)).ravel()))
+        out.append((pattern.zz_diag[a], (a, a), as_slice(np.broadcast_to(dest, (q, q, l)).ravel())))
     for (a, b), seg in sorted(pattern.zz_cross.items()):
         x0, y0, _ = pattern.zz_pairs[a, b]
         e1 = np.arange(seg.qa)[:, None, None]
@@ -154,7 +163,7 @@ def _placement(pattern: BlockPattern) -> list[tuple[str, tuple, np.ndarray]]:
         else:
             dest = (t0 + pattern.tail_index(a, x0[None, None, :], e1) * m
                     + pattern.tail_index(b, y0[None, None, :], e2))
-        out.append((seg, (a, b), np.broadcast_to(dest, (seg.qa, seg.qb, seg.n)).ravel()))
+        out.append((seg, (a, b), as_slice(np.broadcast_to(dest, (seg.qa, seg.qb, seg.n)).ravel())))
     return out
 
 
@@ -284,6 +293,7 @@ def factorise(pattern: BlockPattern, prep: Prepared, theta: np.ndarray) -> Facto
             upd = np.matmul(Lt[b], np.swapaxes(Lt[b], 1, 2))
             vals[pattern.tail_offset:] -= upd.reshape(v, m * m).T
         ups, uniq, A = pattern.updates[b]
+        uniq = _cached(pattern, f"upd_rows{b}", lambda: as_slice(uniq))
         if ups:
             prods = [_mm(Lc[u.a, b][:, :, u.i1], _t(Lc[u.c, b][:, :, u.i2])).reshape(-1, v)
                      for u in ups]
@@ -325,6 +335,7 @@ def factorise(pattern: BlockPattern, prep: Prepared, theta: np.ndarray) -> Facto
             else:
                 prods.append(_cross_rhs(La, cy).reshape(-1, v))
         uniq, A = plans[b]
+        uniq = _cached(pattern, f"solve_rows{b}_{r}", lambda: as_slice(uniq))
         B[uniq] -= A @ (prods[0] if len(prods) == 1 else np.concatenate(prods))
     G = np.empty((v, r, r))
     n_pre = tail // r

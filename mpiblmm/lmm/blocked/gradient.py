@@ -30,7 +30,8 @@ import numpy as np
 
 from ..likelihood import VinvProducts, gls, logdet_spd, loglik, profiled_s2
 from ..theta import theta_slices, tril_indices
-from .cholesky import (Prepared, _cached, _mm, _placement, _t, blocked_vinv, colsum)
+from .cholesky import (Prepared, _cached, _mm, _placement, _t, as_slice, blocked_vinv,
+                       colsum)
 from .pattern import BlockPattern, aggregator
 
 
@@ -173,6 +174,7 @@ def selected_inverse(pattern: BlockPattern, fac, v: int) -> np.ndarray:
                 if off is not None:
                     prods.append(_mm(_t(S[:, :, off]), W[u.a][:, :, u.i1[off]]).reshape(-1, v))
             uniq, A = cross
+            uniq = _cached(pattern, f"sinv_rows{b}", lambda: as_slice(uniq))
             sig[uniq] -= A @ np.concatenate(prods)
         if b in fac.Lt:                       # tail x tail: one dense product per voxel
             tails, flat = pattern.dense_tail[b]
