@@ -1,24 +1,37 @@
-"""The blocked path's optimiser: saddle-free Newton on the profiled (RE)ML deviance in theta.
+"""The blocked path's optimisers: Newton-type iterations on the profiled (RE)ML deviance in theta.
 
 The objective is lme4's: ``d(theta) = -2 l(theta)`` with ``beta`` (GLS) and ``s2`` profiled
 out, ``theta`` the lower triangles of the ``Lambda_k`` (:mod:`~mpiblmm.lmm.theta`).  Each
-evaluation is one blocked Cholesky (:func:`.cholesky.profiled`) for all active voxels.
+evaluation is one blocked Cholesky (:func:`.cholesky.profiled`) for all active voxels.  Two
+optimisers, chosen by the number ``m`` of theta entries (``ANALYTIC_FROM``; measured, see
+docs/ESTIMATOR.md):
 
-Per iteration, for the active voxels at once:
+**m >= 3: quasi-Newton with the analytic gradient** (:func:`_quasi_newton`,
+:func:`.gradient.evaluate`: one evaluation with gradient costs ~2-3 evaluations).  The
+Hessian model starts from forward differences of the analytic gradient
+(``h_i = 1e-6 max(|theta_i|, 0.1)``, m gradient evaluations), is updated by BFGS after each
+step and recomputed where it is indefinite or the step needed four or more halvings (from
+lme4's start the Hessian is often indefinite, and pure BFGS then crawled: 60-200 iterations;
+recomputing it after every halving too cost more gradients than it saved iterations).
+Every trial point of the line search is evaluated with its gradient.
 
-1. gradient and Hessian by finite differences of ``d``: central differences at
-   ``theta +- h_i e_i`` (gradient, diagonal of H) and ``theta + h_i e_i + h_j e_j`` (the
-   off-diagonal entries), ``h_i = 1e-4 max(|theta_i|, 0.1)``: ``1 + 2m + m(m-1)/2``
-   evaluations for ``m`` theta entries;
-2. direction ``-|H|^-1 g`` (absolute eigenvalues: a descent direction at saddles too), scaled
+**m <= 2: Newton with finite differences of the deviance** (:func:`_fd_newton`): central
+differences at ``theta +- h_i e_i`` (gradient, diagonal of H) and ``theta + h_i e_i + h_j e_j``
+(the off-diagonal entries), ``h_i = 1e-4 max(|theta_i|, 0.1)``: ``1 + 2m + m(m-1)/2``
+evaluations per iteration (at m = 2 as cheap as the quasi-Newton's ~18-20 gradient
+evaluations, which cost 2-3 evaluations each).
+
+Common to both:
+
+1. direction ``-|H|^-1 g`` (absolute eigenvalues: a descent direction at saddles too), scaled
    down so that no entry moves by more than ``1.5 max(|theta_i|, 1)`` towards zero or
    ``4 max(|theta_i|, 1)`` away from it (:func:`limit_step`; far from the optimum ``d`` is
    log-like in theta and a Newton step overshot by up to 20x, then came back one halving per
    iteration: 15% fewer evaluations on the cohort designs, same optima.  1.5 rather than a
    round fraction: a cap of 0.5 put theta exactly on 0 from 0.5, where the gradient vanishes
    by symmetry, and such voxels took 25 iterations);
-3. step halving until ``d`` does not rise (a worse point is never kept);
-4. a voxel stops when the step gained less than ``tolerance`` in ``l`` (or the rounding floor
+2. step halving until ``d`` does not rise (a worse point is never kept);
+3. a voxel stops when the step gained less than ``tolerance`` in ``l`` (or the rounding floor
    of ``l``), or when no halving helped.  (Stopping on a small Newton decrement instead was
    tried and dropped: near a zero column of ``Lambda_k`` the gradient vanishes by symmetry
    whether or not the point is a minimum, and one crossed voxel stopped 0.019 below lme4.)
@@ -225,9 +238,10 @@ def _quasi_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance
         floor = np.maximum(tolerance, 1e-14 * np.abs(0.5 * fa))
         Hn, upd = bfgs_update(H[active], new_th - th, new_g - ga)
         H[active] = Hn
-        # a fresh Hessian where the model failed (two or more halvings) or is indefinite
+        # a fresh Hessian where the model is indefinite or failed badly (four halvings);
+        # refreshing after every halving cost more gradients than it saved iterations
         pd = np.linalg.eigvalsh(Hn)[:, 0] > 0
-        refresh[active] = (alpha_used(new_th - th, d) < 0.5) | ~pd
+        refresh[active] = (alpha_used(new_th - th, d) < 1.0 / 16) | ~pd
         theta[active] = new_th
         f[active] = new_f
         g[active] = new_g
