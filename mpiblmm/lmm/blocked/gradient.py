@@ -209,8 +209,29 @@ def back_substitute(pattern: BlockPattern, fac, r: int, v: int) -> np.ndarray:
         U[tail:] = np.moveaxis(fac.XT, 0, -1).reshape(m * r, v)
     for b in reversed(range(pattern.n_prefix)):
         q, l = pattern.q_at(b), pattern.l_at(b)
-        rhs = fac.B[offs[b]:offs[b] + q * l * r].reshape(q, l, r, v).copy()
         modes, agg = _plan(pattern, f"back{b}_{r}", lambda: _back_plan(pattern, b, r))
+        c = fac.B[offs[b]:offs[b] + q * l * r].reshape(q, l, r, v)
+        Ub = U[offs[b]:offs[b] + q * l * r].reshape(q, l, r, v)
+        rows = _back_rows(pattern, b)
+        if (q == 1 and rows and all(d for d, _ in modes) and b not in fac.Lt
+                and all(pattern.q_at(a) == 1 for a in rows)):
+            # one parent per level in every later factor (nesting), one-effect factors:
+            # (c - sum_a L_xy U_x) / L_yy on the gathered copies, in the order of the general
+            # path below (same bits)
+            t = None
+            for a, (_, order) in zip(rows, modes):
+                x, La = pattern.pairs[a, b][0], fac.Lc[a, b]
+                if order is not None:
+                    x, La = x[order], La[:, :, order]
+                u = factor_rows(pattern, U, a, r)[0, x]                      # (l, r, v)
+                u *= La[0, 0][:, None]
+                if t is None:
+                    t = np.subtract(c[0], u, out=u)
+                else:
+                    t -= u
+            np.divide(t, fac.Ld[b][0, 0][:, None], out=Ub[0])
+            continue
+        rhs = c.copy()
         prods = []
         for a, (direct, order) in zip(_back_rows(pattern, b), modes):
             x = pattern.pairs[a, b][0]
@@ -237,7 +258,6 @@ def back_substitute(pattern: BlockPattern, fac, r: int, v: int) -> np.ndarray:
             LtU = np.matmul(np.swapaxes(fac.Lt[b], 1, 2), UT)                # (v, l q, r)
             rhs -= np.transpose(LtU.reshape(v, l, q, r), (2, 1, 3, 0))
         Ld = fac.Ld[b]
-        Ub = U[offs[b]:offs[b] + q * l * r].reshape(q, l, r, v)
         for e in reversed(range(q)):
             s = rhs[e]
             for f in range(e + 1, q):
