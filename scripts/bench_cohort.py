@@ -13,8 +13,8 @@ exercised; complete data):
 For each: ms/voxel (CPU time of this process) of the fit plus the Satterthwaite setup and one
 T contrast (what lme4 + lmerTest do), peak working memory per voxel (tracemalloc, product forms
 excluded), mean iterations, evaluations per voxel (blocked factorisations, and how many of
-them also gave the analytic gradient); the dense path on ``--dense-voxels`` voxels where its q x q system
-fits in memory (q <= 2,000), measured in the same run; and with ``Rscript`` (lme4, lmerTest)
+them also gave the analytic gradient); the dense path on ``--dense-voxels`` voxels where its
+q x q system fits in memory (q <= 2,000), measured in the same run; and with ``Rscript`` (lme4, lmerTest)
 lmerTest's ``lmer`` on the first ``--r-voxels`` voxels, its ratio to ours and the worst
 log-likelihood difference (ours - lme4).  BLAS threads pinned to 1.  Prints figures only.
 

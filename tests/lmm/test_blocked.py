@@ -224,10 +224,13 @@ def test_blocked_satterthwaite_equals_the_dense_analytic_one(method, analytic, m
     np.testing.assert_allclose(df[1], df[0], rtol=1e-5)
 
 
-def test_blocked_voxel_gets_the_same_bits_whatever_chunk_it_is_in():
-    # (the crossed case, with a dense tail, is tests/lmm/test_analysis.py)
+@pytest.mark.parametrize("make", [_nested, _crossed], ids=["nested", "crossed"])
+def test_blocked_voxel_gets_the_same_bits_whatever_chunk_it_is_in(make):
+    # both through the quasi-Newton with the analytic gradient and its Satterthwaite scheme
+    # (m >= 3); the crossed case with m = 2 is tests/lmm/test_analysis.py
     rng = np.random.default_rng(7)
-    codes, Zs, t = _nested(rng, n_sub=16)
+    codes, Zs, t = make(rng, n_sub=16)
+    assert n_theta(random_design(codes, Zs).structure) >= blocked_newton.ANALYTIC_FROM
     n = t.size
     X = np.column_stack([np.ones(n), t])
     b = rng.normal(size=(16, 30))
