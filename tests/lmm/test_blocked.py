@@ -190,9 +190,8 @@ def test_reference_designs_take_the_blocked_path(name):
 @pytest.mark.parametrize("name", ["crossed", "nested"])
 @pytest.mark.parametrize("method", ["REML", "ML"])
 def test_both_optimisers_reach_lme4(name, method, analytic, monkeypatch):
-    # the reference tests run each design through one optimiser (chosen by the number of
-    # theta entries: crossed m = 2 the finite-difference Newton, nested m = 3 the
-    # quasi-Newton); here both designs through both
+    # the reference tests run every design through the quasi-Newton; here also through the
+    # finite-difference Newton it replaced
     monkeypatch.setattr(blocked_newton, "ANALYTIC_FROM", 0 if analytic else 99)
     ds = load_dataset(name)
     ref = ds.reference[method]
@@ -227,10 +226,10 @@ def test_blocked_satterthwaite_equals_the_dense_analytic_one(method, analytic, m
 @pytest.mark.parametrize("make", [_nested, _crossed], ids=["nested", "crossed"])
 def test_blocked_voxel_gets_the_same_bits_whatever_chunk_it_is_in(make):
     # both through the quasi-Newton with the analytic gradient and its Satterthwaite scheme
-    # (m >= 3); the crossed case with m = 2 is tests/lmm/test_analysis.py
+    # (m >= 3); the crossed case with m = 2 (Richardson) is tests/lmm/test_analysis.py
     rng = np.random.default_rng(7)
     codes, Zs, t = make(rng, n_sub=16)
-    assert n_theta(random_design(codes, Zs).structure) >= blocked_newton.ANALYTIC_FROM
+    assert n_theta(random_design(codes, Zs).structure) >= blocked_inference.ANALYTIC_FROM
     n = t.size
     X = np.column_stack([np.ones(n), t])
     b = rng.normal(size=(16, 30))
