@@ -43,7 +43,8 @@ MIN_BATCH = 16
 
 def batches(pattern: BlockPattern, p: int, v: int) -> list[np.ndarray]:
     """Voxel index batches (consecutive) for evaluations of a chunk of ``v`` voxels."""
-    size = max(MIN_BATCH, BATCH_BYTES // max(blocked_bytes_per_voxel(pattern, p), 1))
+    per = blocked_bytes_per_voxel(pattern, p, gradient=False)      # the evaluation's own set
+    size = max(MIN_BATCH, BATCH_BYTES // max(per, 1))
     return [np.arange(i, min(i + size, v)) for i in range(0, v, size)] or [np.arange(0)]
 
 
