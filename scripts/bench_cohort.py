@@ -12,8 +12,9 @@ exercised; complete data):
 
 For each: ms/voxel (CPU time of this process) of the fit plus the Satterthwaite setup and one
 T contrast (what lme4 + lmerTest do), peak working memory per voxel (tracemalloc, product forms
-excluded), mean iterations; the dense path on ``--dense-voxels`` voxels where its q x q system
-fits in memory (q <= 2,000), measured in the same run; and with ``Rscript`` (lme4, lmerTest)
+excluded), mean iterations, evaluations per voxel (blocked factorisations, and how many of
+them also gave the analytic gradient); the dense path on ``--dense-voxels`` voxels where its
+q x q system fits in memory (q <= 2,000), measured in the same run; and with ``Rscript`` (lme4, lmerTest)
 lmerTest's ``lmer`` on the first ``--r-voxels`` voxels, its ratio to ours and the worst
 log-likelihood difference (ours - lme4).  BLAS threads pinned to 1.  Prints figures only.
 
@@ -48,6 +49,23 @@ from mpiblmm.lmm.estimate import fit  # noqa: E402
 from mpiblmm.lmm.inference import t_contrast  # noqa: E402
 from mpiblmm.lmm.products import product_forms, random_design  # noqa: E402
 from mpiblmm.lmm.satterthwaite import satterthwaite_setup  # noqa: E402
+from mpiblmm.lmm.blocked import cholesky as _chol, gradient as _grad  # noqa: E402
+
+#: voxel-evaluations of the blocked path (factorisations, and those with the gradient)
+COUNTS = {"eval": 0, "grad": 0}
+
+
+def _counting(module, name, key):
+    inner = getattr(module, name)
+
+    def wrapped(pattern, *args, **kwargs):
+        COUNTS[key] += args[-1] if key == "grad" else args[-1].shape[0]
+        return inner(pattern, *args, **kwargs)
+    setattr(module, name, wrapped)
+
+
+_counting(_chol, "factorise", "eval")            # (pattern, prep, theta)
+_counting(_grad, "selected_inverse", "grad")     # (pattern, fac, v)
 
 DENSE_MAX_Q = 2000
 
@@ -99,15 +117,17 @@ def analyse(pf, L):
 
 
 def measure(pf, L):
+    COUNTS.update(eval=0, grad=0)
     t0 = time.process_time()
     res = analyse(pf, L)
     cpu = time.process_time() - t0
     v = pf.n_voxels
+    counts = (COUNTS["eval"] / v, COUNTS["grad"] / v)
     tracemalloc.start()
     analyse(pf.take(np.arange(min(v, 20))), L)
     peak = tracemalloc.get_traced_memory()[1] / min(v, 20)
     tracemalloc.stop()
-    return res, 1e3 * cpu / v, peak / 1024
+    return res, 1e3 * cpu / v, peak / 1024, counts
 
 
 def bench(name, v, dense_voxels, r_voxels, rng):
@@ -117,14 +137,15 @@ def bench(name, v, dense_voxels, r_voxels, rng):
     L[1] = 1.0
     pf = product_forms(X, rd, Y)
     analyse(pf.take(np.arange(2)), L)                              # warm up (plans)
-    res, ms, kb = measure(pf, L)
+    res, ms, kb, counts = measure(pf, L)
     path = "blocked" if pf.blocks is not None else "dense"
     row = dict(design=name, n=X.shape[0], q=rd.structure.q, voxels=v, path=path, ms=ms, kb=kb,
                it=res.iterations.mean(), singular=(res.status == 2).mean(), dense_ms=None,
+               evals=counts,
                dense_kb=None, r_ms=None, note="")
     if dense_voxels and rd.structure.q <= DENSE_MAX_Q and path == "blocked":
         pfd = product_forms(X, rd, Y[:, :dense_voxels], layout="dense")
-        dres, row["dense_ms"], row["dense_kb"] = measure(pfd, L)
+        dres, row["dense_ms"], row["dense_kb"], _ = measure(pfd, L)
         worst = np.max(np.abs(dres.llh - res.llh[:dense_voxels]))
         row["note"] += f"dense-blocked llh {worst:.1e}; "
     if r_voxels:
@@ -152,15 +173,15 @@ def main(argv=None):
           "+ one T contrast; KB = peak working memory per voxel")
     print(f"{'design':6s} {'n':>6s} {'q':>6s} {'path':>7s} {'ms/vox':>8s} {'KB/vox':>8s} "
           f"{'iter':>5s} {'sing':>5s} {'dense ms':>9s} {'dense KB':>9s} {'R ms/vox':>9s} "
-          f"{'R/ours':>7s}  note")
+          f"{'R/ours':>7s} {'ev/vox':>6s} {'grad':>5s}  note")
     for r in rows:
         dms = f"{r['dense_ms']:9.1f}" if r["dense_ms"] else f"{'-':>9s}"
         dkb = f"{r['dense_kb']:9.0f}" if r["dense_kb"] else f"{'-':>9s}"
         rms = f"{r['r_ms']:9.1f}" if r["r_ms"] else f"{'-':>9s}"
         ratio = f"{r['r_ms'] / r['ms']:7.1f}" if r["r_ms"] else f"{'-':>7s}"
         print(f"{r['design']:6s} {r['n']:6d} {r['q']:6d} {r['path']:>7s} {r['ms']:8.2f} "
-              f"{r['kb']:8.0f} {r['it']:5.1f} {r['singular']:5.2f} {dms} {dkb} {rms} {ratio}  "
-              f"{r['note']}")
+              f"{r['kb']:8.0f} {r['it']:5.1f} {r['singular']:5.2f} {dms} {dkb} {rms} {ratio} "
+              f"{r['evals'][0]:6.1f} {r['evals'][1]:5.1f}  {r['note']}")
     print("targets (issue 9): a, b >= 100x lme4+lmerTest; c >= 10x faster than the dense "
           "path (10-12.5 ms/voxel)")
 

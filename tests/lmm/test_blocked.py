@@ -4,7 +4,10 @@
   chain: subject in family in site) and crossed designs with missing data;
 - the several-factor reference datasets take the blocked path, so the lme4/lmerTest tests
   (tests/lmm/test_against_lme4.py, test_inference_lmertest.py, tests/cli) check it;
-- its finite-difference Satterthwaite quantities against the dense analytic ones;
+- the analytic gradient of the profiled deviance (selected inversion, back substitution)
+  against dense algebra and finite differences (nested chain with a slope, crossed with a
+  dense tail updated densely and pair by pair, missing data);
+- its Satterthwaite quantities against the dense analytic ones;
 - the same bits for a voxel whatever chunk it is in.
 """
 
@@ -12,8 +15,14 @@ import numpy as np
 import pytest
 
 from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk
-from mpiblmm.lmm.blocked.cholesky import blocked_vinv
+from mpiblmm.lmm.blocked import inference as blocked_inference
+from mpiblmm.lmm.blocked import newton as blocked_newton
+from mpiblmm.lmm.blocked import pattern as blocked_pattern
+from mpiblmm.lmm.blocked.cholesky import blocked_vinv, prepare
+from mpiblmm.lmm.blocked.gradient import evaluate
+from mpiblmm.lmm.estimate import fit
 from mpiblmm.lmm.inference import t_contrast
+from mpiblmm.lmm.model import STATUS_SINGULAR
 from mpiblmm.lmm.likelihood import vinv_products
 from mpiblmm.lmm.products import product_forms, random_design
 from mpiblmm.lmm.satterthwaite import satterthwaite_setup
@@ -66,6 +75,108 @@ def test_blocked_products_equal_dense_algebra(make):
                                    atol=1e-10, err_msg=key)
 
 
+def _nested_crossed(rng, n_sub=18, visits=3):
+    """subject (slope) in site, crossed with raters (slope): prefix subject, tail site+rater."""
+    sub = np.repeat(np.arange(n_sub), visits)
+    site = (np.arange(n_sub) % 3)[sub]
+    rater = rng.integers(0, 4, sub.size)
+    t = rng.normal(size=sub.size)
+    one = np.ones_like(t)
+    return [sub, site, rater], [np.column_stack([one, t]), one, np.column_stack([one, t])], t
+
+
+def _dense_derivatives(X, rd, codes, Zs, y, theta, method):
+    """Deviance pieces and their theta derivatives by dense n x n algebra (one voxel)."""
+    st = rd.structure
+    blocks, lams = [], lambdas_from_theta(theta[None], st)
+    for code, Z, f, lam in zip(codes, Zs, st.factors, lams):
+        Z = Z.reshape(len(code), -1)
+        Zk = np.zeros((len(code), f.n_levels * f.n_effects))
+        for e in range(f.n_effects):
+            Zk[np.arange(len(code)), code * f.n_effects + e] = Z[:, e]
+        blocks.append((Zk, f, lam[0]))
+    ok = np.isfinite(y)
+    X, y = X[ok], y[ok]
+    n, p = X.shape
+
+    def V_of(dfac=None, entry=None):
+        V = np.zeros((n, n)) if dfac is not None else np.eye(n)
+        start = 0
+        for k, (Zk, f, lam) in enumerate(blocks):
+            Zk = Zk[ok]
+            if dfac is None:
+                D = lam @ lam.T
+            elif k == dfac:
+                E = np.zeros_like(lam)
+                E[entry] = 1.0
+                D = E @ lam.T + lam @ E.T
+            else:
+                D = np.zeros_like(lam)
+            V += Zk @ np.kron(np.eye(f.n_levels), D) @ Zk.T
+            start += f.n_vech
+        return V
+
+    V = V_of()
+    Vi = np.linalg.inv(V)
+    XVX = X.T @ Vi @ X
+    A = np.linalg.inv(XVX)
+    beta = A @ X.T @ Vi @ y
+    e = y - X @ beta
+    Q = e @ Vi @ e
+    dld, dQ, dX = [], [], []
+    for k, f in enumerate(st.factors):
+        rows, cols = np.tril_indices(f.n_effects)
+        for entry in sorted(zip(rows, cols), key=lambda rc: (rc[1], rc[0])):
+            dV = V_of(k, entry)
+            dXVX = -X.T @ Vi @ dV @ Vi @ X
+            d = np.trace(Vi @ dV) + (np.trace(A @ dXVX) if method == "REML" else 0.0)
+            dld.append(d)
+            dQ.append(-e @ Vi @ dV @ Vi @ e)
+            dX.append(dXVX)
+    dof = n - p if method == "REML" else n
+    g = np.array(dld) + dof * np.array(dQ) / Q
+    return np.array(dld), np.array(dQ), np.array(dX), g
+
+
+@pytest.mark.parametrize("dense_tail", [True, False], ids=["dense-update", "pairwise"])
+@pytest.mark.parametrize("make", [_nested, _crossed, _nested_crossed],
+                         ids=["nested", "crossed", "nested-crossed"])
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_analytic_gradient_equals_dense_algebra_and_differences(make, method, dense_tail,
+                                                                monkeypatch):
+    monkeypatch.setattr(blocked_pattern, "DENSE_TAIL_FACTOR", 1e12 if dense_tail else 0.0)
+    rng = np.random.default_rng(11)
+    codes, Zs, t = make(rng)
+    n = t.size
+    X = np.column_stack([np.ones(n), t, rng.normal(size=n)])
+    Y = rng.normal(size=(n, 4))
+    Y[rng.random(Y.shape) < 0.1] = np.nan
+    rd = random_design(codes, Zs)
+    pf = product_forms(X, rd, Y, layout="blocked")
+    pat = pf.blocks
+    if make is not _nested:
+        assert pat.m > 0 and (pat.dense_tail[0] is not None) == dense_tail
+    prep = prepare(pat, pf)
+    theta = rng.normal(size=(4, n_theta(rd.structure)))
+    theta[1, 0] = 0.0                    # a zero column of Lambda: the gradient still exact
+    got = evaluate(pat, prep, theta, method, jacobian=True)
+    for j in range(4):
+        dld, dQ, dX, g = _dense_derivatives(X, rd, codes, Zs, Y[:, j], theta[j], method)
+        scale = np.abs(g).max()
+        np.testing.assert_allclose(got["g"][j], g, atol=1e-9 * scale)
+        np.testing.assert_allclose(got["dld"][j], dld, atol=1e-9 * np.abs(dld).max())
+        np.testing.assert_allclose(got["dQ"][j], dQ, atol=1e-9 * np.abs(dQ).max())
+        np.testing.assert_allclose(got["dXtViX"][j], dX, atol=1e-9 * np.abs(dX).max())
+    # and against central differences of the blocked deviance itself
+    h = 1e-6
+    for i in range(theta.shape[1]):
+        tp, tm = theta.copy(), theta.copy()
+        tp[:, i] += h
+        tm[:, i] -= h
+        fd = (evaluate(pat, prep, tp, method)["f"] - evaluate(pat, prep, tm, method)["f"]) / (2 * h)
+        np.testing.assert_allclose(got["g"][:, i], fd, atol=1e-6 * np.abs(got["g"]).max())
+
+
 @pytest.mark.parametrize("name", ["crossed", "nested", "three_factors"])
 def test_reference_designs_take_the_blocked_path(name):
     # so tests/lmm/test_against_lme4.py, test_inference_lmertest.py and the CLI tests check
@@ -75,8 +186,26 @@ def test_reference_designs_take_the_blocked_path(name):
     assert product_forms(ds.X, rd, ds.Y[:, :2]).blocks is not None
 
 
+@pytest.mark.parametrize("analytic", [True, False], ids=["quasi-newton", "fd-newton"])
+@pytest.mark.parametrize("name", ["crossed", "nested"])
 @pytest.mark.parametrize("method", ["REML", "ML"])
-def test_blocked_satterthwaite_equals_the_dense_analytic_one(method):
+def test_both_optimisers_reach_lme4(name, method, analytic, monkeypatch):
+    # the reference tests run every design through the quasi-Newton; here also through the
+    # finite-difference Newton it replaced
+    monkeypatch.setattr(blocked_newton, "ANALYTIC_FROM", 0 if analytic else 99)
+    ds = load_dataset(name)
+    ref = ds.reference[method]
+    rd = random_design([f.codes for f in ds.factors], [f.Z for f in ds.factors])
+    res = fit(product_forms(ds.X, rd, ds.Y), method)
+    ok = ref.fitted
+    assert (res.status[ok] <= STATUS_SINGULAR).all()
+    assert (res.llh[ok] - ref.llh[ok]).min() >= -1e-6
+
+
+@pytest.mark.parametrize("analytic", [True, False], ids=["gradient", "richardson"])
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_blocked_satterthwaite_equals_the_dense_analytic_one(method, analytic, monkeypatch):
+    monkeypatch.setattr(blocked_inference, "ANALYTIC_FROM", 0 if analytic else 99)
     ds = load_dataset("nested")
     ref = ds.reference[method]
     rd = random_design([f.codes for f in ds.factors], [f.Z for f in ds.factors])
@@ -94,10 +223,13 @@ def test_blocked_satterthwaite_equals_the_dense_analytic_one(method):
     np.testing.assert_allclose(df[1], df[0], rtol=1e-5)
 
 
-def test_blocked_voxel_gets_the_same_bits_whatever_chunk_it_is_in():
-    # (the crossed case, with a dense tail, is tests/lmm/test_analysis.py)
+@pytest.mark.parametrize("make", [_nested, _crossed], ids=["nested", "crossed"])
+def test_blocked_voxel_gets_the_same_bits_whatever_chunk_it_is_in(make):
+    # both through the quasi-Newton with the analytic gradient and its Satterthwaite scheme
+    # (m >= 3); the crossed case with m = 2 (Richardson) is tests/lmm/test_analysis.py
     rng = np.random.default_rng(7)
-    codes, Zs, t = _nested(rng, n_sub=16)
+    codes, Zs, t = make(rng, n_sub=16)
+    assert n_theta(random_design(codes, Zs).structure) >= blocked_inference.ANALYTIC_FROM
     n = t.size
     X = np.column_stack([np.ones(n), t])
     b = rng.normal(size=(16, 30))

@@ -43,7 +43,8 @@ MIN_BATCH = 16
 
 def batches(pattern: BlockPattern, p: int, v: int) -> list[np.ndarray]:
     """Voxel index batches (consecutive) for evaluations of a chunk of ``v`` voxels."""
-    size = max(MIN_BATCH, BATCH_BYTES // max(blocked_bytes_per_voxel(pattern, p), 1))
+    per = blocked_bytes_per_voxel(pattern, p, gradient=False)      # the evaluation's own set
+    size = max(MIN_BATCH, BATCH_BYTES // max(per, 1))
     return [np.arange(i, min(i + size, v)) for i in range(0, v, size)] or [np.arange(0)]
 
 
@@ -123,6 +124,15 @@ def colsum(A: np.ndarray) -> np.ndarray:
     return np.asarray(_ones(A.shape[0]) @ A)[0]
 
 
+def as_slice(rows: np.ndarray):
+    """``rows`` (sorted unique indices) as a slice when they are one contiguous range: an
+    in-place update of a slice is one pass, of fancy-indexed rows a gather and a scatter."""
+    rows = np.asarray(rows)
+    if rows.size and rows[-1] - rows[0] + 1 == rows.size and (np.diff(rows) == 1).all():
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
+
+
 def _cached(pattern: BlockPattern, name: str, fn):
     store = pattern.__dict__.setdefault("_numeric_cache", {})
     if name not in store:
@@ -143,7 +153,7 @@ def _placement(pattern: BlockPattern) -> list[tuple[str, tuple, np.ndarray]]:
             dest = pattern.diag[a].index(e1, e2, x)
         else:
             dest = t0 + pattern.tail_index(a, x, e1) * m + pattern.tail_index(a, x, e2)
-        out.append((pattern.zz_diag[a], (a, a), np.broadcast_to(dest, (q, q, l)).ravel()))
+        out.append((pattern.zz_diag[a], (a, a), as_slice(np.broadcast_to(dest, (q, q, l)).ravel())))
     for (a, b), seg in sorted(pattern.zz_cross.items()):
         x0, y0, _ = pattern.zz_pairs[a, b]
         e1 = np.arange(seg.qa)[:, None, None]
@@ -154,7 +164,7 @@ def _placement(pattern: BlockPattern) -> list[tuple[str, tuple, np.ndarray]]:
         else:
             dest = (t0 + pattern.tail_index(a, x0[None, None, :], e1) * m
                     + pattern.tail_index(b, y0[None, None, :], e2))
-        out.append((seg, (a, b), np.broadcast_to(dest, (seg.qa, seg.qb, seg.n)).ravel()))
+        out.append((seg, (a, b), as_slice(np.broadcast_to(dest, (seg.qa, seg.qb, seg.n)).ravel())))
     return out
 
 
@@ -234,17 +244,30 @@ def _rhs(pattern: BlockPattern, prep: Prepared, lam: list, v: int) -> np.ndarray
     return B
 
 
-def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray) -> VinvProducts:
-    """X'V^-1X, X'V^-1Y, Y'V^-1Y and log|V| (voxel axis first) at ``theta`` (v, n_theta).
+@dataclass(eq=False)
+class Factor:
+    """One blocked factorisation at ``theta`` for the voxels of a batch (voxel axis last):
+    ``lam[a]`` Lambda (q, q, 1, v); ``Ld[b]`` (q, q, l, v) and ``Lc[a, b]`` (q_a, q_b, n, v)
+    the prefix factor; ``Lt[b]`` the dense tail rows of column factor ``b`` (v, m, l_b q_b);
+    ``T`` (v, m, m) the tail's Schur complement; ``B`` the forward-substituted right-hand
+    sides ``c = L^-1 Lambda'Z'[X Y]`` (prefix part; tail part before the tail solve), ``XT``
+    (v, m, r) ``T^-1`` times the tail part; ``G`` (v, r, r) ``c'c``."""
 
-    ``pf``: :class:`~mpiblmm.lmm.model.ProductForms` or their :class:`Prepared` form.
-    Voxels with non-finite ``theta`` get NaN (and do not disturb the others).
-    """
-    prep = pf if isinstance(pf, Prepared) else prepare(pattern, pf)
+    lam: list
+    Ld: dict
+    Lc: dict
+    Lt: dict
+    T: np.ndarray | None
+    B: np.ndarray
+    XT: np.ndarray | None
+    G: np.ndarray
+    logdet: np.ndarray
+
+
+def factorise(pattern: BlockPattern, prep: Prepared, theta: np.ndarray) -> Factor:
+    """The blocked Cholesky of S and the forward substitution at finite ``theta`` (v, n_theta)."""
     pf = prep.pf
     v, p = pf.n_voxels, pf.p
-    bad = ~np.isfinite(theta).all(axis=1)
-    theta = np.where(bad[:, None], 0.0, theta)
     lam = _lambda_lead(pattern, theta)
     npre, m = pattern.n_prefix, pattern.m
     # 1. S in the block pattern
@@ -271,12 +294,14 @@ def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray) -> VinvProducts:
             upd = np.matmul(Lt[b], np.swapaxes(Lt[b], 1, 2))
             vals[pattern.tail_offset:] -= upd.reshape(v, m * m).T
         ups, uniq, A = pattern.updates[b]
+        uniq = _cached(pattern, f"upd_rows{b}", lambda: as_slice(uniq))
         if ups:
             prods = [_mm(Lc[u.a, b][:, :, u.i1], _t(Lc[u.c, b][:, :, u.i2])).reshape(-1, v)
                      for u in ups]
             vals[uniq] -= A @ np.concatenate(prods)
     logdet = 2.0 * colsum(np.concatenate(logs)) if logs else np.zeros(v)
     # 3. dense tail
+    T = None
     if m:
         T = np.moveaxis(vals[pattern.tail_offset:].reshape(m, m, v), -1, 0)
         T = np.tril(T) + np.swapaxes(np.tril(T, -1), 1, 2)
@@ -311,10 +336,12 @@ def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray) -> VinvProducts:
             else:
                 prods.append(_cross_rhs(La, cy).reshape(-1, v))
         uniq, A = plans[b]
+        uniq = _cached(pattern, f"solve_rows{b}_{r}", lambda: as_slice(uniq))
         B[uniq] -= A @ (prods[0] if len(prods) == 1 else np.concatenate(prods))
     G = np.empty((v, r, r))
     n_pre = tail // r
     cp = B[:tail].reshape(n_pre, r, v)
+    XT = None
     if m:
         BT = np.moveaxis(B[tail:].reshape(m, r, v), -1, 0)                   # (v, m, r)
         XT = np.linalg.solve(T, BT)
@@ -324,8 +351,28 @@ def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray) -> VinvProducts:
             if m:
                 g = g + (BT[:, :, s1] * XT[:, :, s2]).sum(axis=1)
             G[:, s1, s2] = G[:, s2, s1] = g
+    return Factor(lam, Ld, Lc, Lt, T, B, XT, G, logdet)
+
+
+def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray,
+                 factor_out: list | None = None) -> VinvProducts:
+    """X'V^-1X, X'V^-1Y, Y'V^-1Y and log|V| (voxel axis first) at ``theta`` (v, n_theta).
+
+    ``pf``: :class:`~mpiblmm.lmm.model.ProductForms` or their :class:`Prepared` form.
+    Voxels with non-finite ``theta`` get NaN (and do not disturb the others).  When
+    ``factor_out`` is a list, the :class:`Factor` is appended to it (for the gradient).
+    """
+    prep = pf if isinstance(pf, Prepared) else prepare(pattern, pf)
+    pf = prep.pf
+    p = pf.p
+    bad = ~np.isfinite(theta).all(axis=1)
+    theta = np.where(bad[:, None], 0.0, theta)
+    fac = factorise(pattern, prep, theta)
+    if factor_out is not None:
+        factor_out.append(fac)
+    G = fac.G
     out = VinvProducts(XtViX=pf.XtX - G[:, :p, :p], XtViY=pf.XtY - G[:, :p, p],
-                       YtViY=pf.YtY - G[:, p, p], logdetV=logdet)
+                       YtViY=pf.YtY - G[:, p, p], logdetV=fac.logdet)
     if bad.any():
         for a in (out.XtViX, out.XtViY, out.YtViY, out.logdetV):
             a[bad] = np.nan

@@ -1,24 +1,40 @@
-"""The blocked path's optimiser: saddle-free Newton on the profiled (RE)ML deviance in theta.
+"""The blocked path's optimisers: Newton-type iterations on the profiled (RE)ML deviance in theta.
 
 The objective is lme4's: ``d(theta) = -2 l(theta)`` with ``beta`` (GLS) and ``s2`` profiled
 out, ``theta`` the lower triangles of the ``Lambda_k`` (:mod:`~mpiblmm.lmm.theta`).  Each
-evaluation is one blocked Cholesky (:func:`.cholesky.profiled`) for all active voxels.
+evaluation is one blocked Cholesky (:func:`.cholesky.profiled`) for all active voxels.  Two
+optimisers, chosen by the number ``m`` of theta entries (``ANALYTIC_FROM = 2``: every
+several-factor design takes the first; measured, see docs/ESTIMATOR.md):
 
-Per iteration, for the active voxels at once:
+**Quasi-Newton with the analytic gradient** (:func:`_quasi_newton`,
+:func:`.gradient.evaluate`: one evaluation with gradient costs ~2-3 evaluations).  The
+Hessian model starts from forward differences of the analytic gradient
+(``h_i = 1e-6 max(|theta_i|, 0.1)``, m gradient evaluations), is updated by BFGS after each
+step and recomputed where it is indefinite or the step needed four or more halvings (from
+lme4's start the Hessian is often indefinite, and pure BFGS then crawled: 60-200 iterations;
+recomputing it after every halving too cost more gradients than it saved iterations).
+Every trial point of the line search is evaluated with its gradient.  Besides the gain test
+below, a voxel stops where the model is positive definite, the Newton decrement is below
+``0.1 tolerance`` and the last step gained less than ``1e4 tolerance`` (:data:`DECREMENT`):
+the final step that gains nothing is not tried -- its line search halved up to
+``max_halvings`` times on rounding noise (b: 28.9 -> 22.1 gradient evaluations per voxel).
 
-1. gradient and Hessian by finite differences of ``d``: central differences at
-   ``theta +- h_i e_i`` (gradient, diagonal of H) and ``theta + h_i e_i + h_j e_j`` (the
-   off-diagonal entries), ``h_i = 1e-4 max(|theta_i|, 0.1)``: ``1 + 2m + m(m-1)/2``
-   evaluations for ``m`` theta entries;
-2. direction ``-|H|^-1 g`` (absolute eigenvalues: a descent direction at saddles too), scaled
+**Newton with finite differences of the deviance** (:func:`_fd_newton`, the previous
+optimiser, kept as a reference): central differences at ``theta +- h_i e_i`` (gradient,
+diagonal of H) and ``theta + h_i e_i + h_j e_j`` (the off-diagonal entries),
+``h_i = 1e-4 max(|theta_i|, 0.1)``: ``1 + 2m + m(m-1)/2`` evaluations per iteration.
+
+Common to both:
+
+1. direction ``-|H|^-1 g`` (absolute eigenvalues: a descent direction at saddles too), scaled
    down so that no entry moves by more than ``1.5 max(|theta_i|, 1)`` towards zero or
    ``4 max(|theta_i|, 1)`` away from it (:func:`limit_step`; far from the optimum ``d`` is
    log-like in theta and a Newton step overshot by up to 20x, then came back one halving per
    iteration: 15% fewer evaluations on the cohort designs, same optima.  1.5 rather than a
    round fraction: a cap of 0.5 put theta exactly on 0 from 0.5, where the gradient vanishes
    by symmetry, and such voxels took 25 iterations);
-3. step halving until ``d`` does not rise (a worse point is never kept);
-4. a voxel stops when the step gained less than ``tolerance`` in ``l`` (or the rounding floor
+2. step halving until ``d`` does not rise (a worse point is never kept);
+3. a voxel stops when the step gained less than ``tolerance`` in ``l`` (or the rounding floor
    of ``l``), or when no halving helped.  (Stopping on a small Newton decrement instead was
    tried and dropped: near a zero column of ``Lambda_k`` the gradient vanishes by symmetry
    whether or not the point is a minimum, and one crossed voxel stopped 0.019 below lme4.)
@@ -39,8 +55,21 @@ from ..model import ProductForms
 from ..polish import canonical_theta
 from ..theta import n_theta, theta_slices, tril_indices
 from .cholesky import batches, prepare, profiled
+from .gradient import evaluate
 
 REL_STEP = 1e-4
+#: Forward-difference step of the analytic gradient for the Hessian (relative, as REL_STEP).
+GRAD_STEP = 1e-6
+#: The analytic-gradient quasi-Newton from this many theta entries on, i.e. for every
+#: several-factor design; the finite-difference Newton (:func:`_fd_newton`, the previous
+#: optimiser) stays as the reference the tests compare it with (see docs/ESTIMATOR.md).
+ANALYTIC_FROM = 2
+
+#: A voxel also stops where the Hessian model is positive definite, the Newton decrement
+#: ``g'H^-1 g / 2`` is below ``DECREMENT`` times the tolerance and the last step gained less
+#: than ``1e4`` times it: the step that would gain nothing is not tried (near convergence its
+#: line search halved up to ``max_halvings`` times on rounding noise).
+DECREMENT = 0.1
 
 #: Largest Newton step per theta entry towards zero (``MAX_STEP``) and away from it
 #: (``MAX_GROW``), relative to max(|theta_i|, 1) (:func:`limit_step`).
@@ -126,24 +155,133 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
     """Minimise the profiled deviance for every voxel of ``pf``; see the module docstring.
 
     Returns a dict of (v,)-arrays: ``theta`` (lme4's form), ``llh``, ``beta`` (centred),
-    ``s2``, ``XtViX``, ``iterations`` and ``converged``.  The voxels are optimised in cache-sized
-    batches (:func:`.cholesky.batches`; each voxel's iterations are its own).
+    ``s2``, ``XtViX``, ``iterations``, ``evaluations`` and ``converged``.  The voxels are
+    optimised in cache-sized batches (:func:`.cholesky.batches`; each voxel's iterations are
+    its own).
     """
     parts = []
     for idx in batches(pattern, pf.p, pf.n_voxels):
         start = None if theta_start is None else np.asarray(theta_start)[idx]
-        parts.append(_newton(pattern, pf.take(idx), method, start, tolerance,
-                             max_iterations, max_halvings))
+        run = _quasi_newton if n_theta(pf.structure) >= ANALYTIC_FROM else _fd_newton
+        parts.append(run(pattern, pf.take(idx), method, start, tolerance, max_iterations,
+                         max_halvings))
     return {k: np.concatenate([d[k] for d in parts]) for k in parts[0]}
 
 
-def _newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: float,
+def fd_hessian(pattern, prep, theta: np.ndarray, g: np.ndarray, method: str,
+               rel: float = GRAD_STEP) -> np.ndarray:
+    """Hessian (v, m, m) by forward differences of the analytic gradient, symmetrised."""
+    v, m = theta.shape
+    h = steps(theta, rel)
+    H = np.empty((v, m, m))
+    for i in range(m):
+        t = theta.copy()
+        t[:, i] += h[:, i]
+        H[:, :, i] = (evaluate(pattern, prep, t, method)["g"] - g) / h[:, i, None]
+    return 0.5 * (H + np.swapaxes(H, 1, 2))
+
+
+def bfgs_update(H: np.ndarray, s: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """BFGS update of the Hessian approximations (v, m, m) with steps ``s`` and gradient
+    changes ``y`` (v, m); skipped where the curvature ``s'y`` is not safely positive."""
+    Hs = np.einsum("vij,vj->vi", H, s)
+    sHs = np.einsum("vi,vi->v", s, Hs)
+    sy = np.einsum("vi,vi->v", s, y)
+    ok = (sy > 1e-10 * np.sqrt(np.einsum("vi,vi->v", s, s) * np.einsum("vi,vi->v", y, y))) \
+        & (sHs > 0) & np.isfinite(sy)
+    sy_ = np.where(ok, sy, 1.0)
+    sHs_ = np.where(ok, sHs, 1.0)
+    upd = y[:, :, None] * y[:, None, :] / sy_[:, None, None] \
+        - Hs[:, :, None] * Hs[:, None, :] / sHs_[:, None, None]
+    return np.where(ok[:, None, None], H + upd, H), ok
+
+
+def decrement(H: np.ndarray, g: np.ndarray, pd: np.ndarray) -> np.ndarray:
+    """Newton decrement ``g'H^-1 g / 2`` (v,) where ``H`` is positive definite (``pd``), else
+    inf."""
+    Hs = np.where(pd[:, None, None], H, np.eye(H.shape[1]))
+    dec = 0.5 * np.einsum("vi,vi->v", g, np.linalg.solve(Hs, g[:, :, None])[:, :, 0])
+    return np.where(pd, dec, np.inf)
+
+
+def alpha_used(s: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Fraction of the direction ``d`` taken by step ``s`` (v,)."""
+    num = np.einsum("vi,vi->v", s, d)
+    den = np.einsum("vi,vi->v", d, d)
+    return np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+
+
+def _quasi_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: float,
+            max_iterations: int, max_halvings: int) -> dict:
+    st, v = pf.structure, pf.n_voxels
+    prep = prepare(pattern, pf)
+    theta = theta0(pf) if theta_start is None else np.array(theta_start, dtype=np.float64)
+    m = theta.shape[1]
+    ev = evaluate(pattern, prep, theta, method)
+    f, g = ev["f"], ev["g"]
+    H = np.zeros((v, m, m))
+    refresh = np.ones(v, bool)
+    evaluations = np.ones(v, dtype=np.int64)
+    iterations = np.zeros(v, dtype=np.int64)
+    converged = np.zeros(v, dtype=bool)
+    active = np.flatnonzero(np.isfinite(f) & np.isfinite(g).all(axis=1))
+    for it in range(max_iterations):
+        if active.size == 0:
+            break
+        sub = prep.take(active)
+        th, fa, ga = theta[active], f[active], g[active]
+        fresh = np.flatnonzero(refresh[active])
+        if fresh.size:
+            H[active[fresh]] = fd_hessian(pattern, sub.take(fresh), th[fresh], ga[fresh], method)
+            evaluations[active[fresh]] += m
+        d = limit_step(saddle_free_direction(ga, H[active]), th)
+        new_th, new_f, new_g = th.copy(), fa.copy(), ga.copy()
+        pending = np.arange(active.size)
+        alpha = 1.0
+        for _ in range(max_halvings + 1):
+            if pending.size == 0:
+                break
+            cand = th[pending] + alpha * d[pending]
+            evc = evaluate(pattern, sub.take(pending), cand, method)
+            evaluations[active[pending]] += 1
+            fc = evc["f"]
+            ok = (fc <= fa[pending]) & np.isfinite(evc["g"]).all(axis=1)
+            new_th[pending[ok]] = cand[ok]
+            new_f[pending[ok]] = fc[ok]
+            new_g[pending[ok]] = evc["g"][ok]
+            pending = pending[~ok]
+            alpha *= 0.5
+        gain = 0.5 * (fa - new_f)
+        floor = np.maximum(tolerance, 1e-14 * np.abs(0.5 * fa))
+        Hn, upd = bfgs_update(H[active], new_th - th, new_g - ga)
+        H[active] = Hn
+        # a fresh Hessian where the model is indefinite or failed badly (four halvings);
+        # refreshing after every halving cost more gradients than it saved iterations
+        pd = np.linalg.eigvalsh(Hn)[:, 0] > 0
+        refresh[active] = (alpha_used(new_th - th, d) < 1.0 / 16) | ~pd
+        theta[active] = new_th
+        f[active] = new_f
+        g[active] = new_g
+        iterations[active] += 1
+        done = (gain < floor) | (pd & (decrement(Hn, new_g, pd) < DECREMENT * floor)
+                                 & (gain < 1e4 * floor))
+        converged[active[done]] = True
+        active = active[~done]
+    theta = canonical_theta(theta, st)
+    llh, beta, s2, vp = profiled(pattern, prep, theta, method)
+    return dict(theta=theta, llh=llh, beta=beta, s2=s2, XtViX=vp.XtViX,
+                iterations=iterations, evaluations=evaluations, converged=converged)
+
+
+def _fd_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: float,
             max_iterations: int, max_halvings: int) -> dict:
     st, v = pf.structure, pf.n_voxels
     prep = prepare(pattern, pf)
     theta = theta0(pf) if theta_start is None else np.array(theta_start, dtype=np.float64)
     f = deviance(pattern, prep, theta, method)
     iterations = np.zeros(v, dtype=np.int64)
+    evaluations = np.ones(v, dtype=np.int64)
+    m = theta.shape[1]
     converged = np.zeros(v, dtype=bool)
     active = np.flatnonzero(np.isfinite(f))
     for _ in range(max_iterations):
@@ -152,6 +290,7 @@ def _newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: floa
         sub = prep.take(active)
         th, fa = theta[active], f[active]
         g, H = fd_gradient_hessian(pattern, sub, th, fa, method)
+        evaluations[active] += 2 * m + m * (m - 1) // 2
         d = limit_step(saddle_free_direction(g, H), th)
         new_th, new_f = th.copy(), fa.copy()
         pending = np.arange(active.size)
@@ -161,6 +300,7 @@ def _newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: floa
                 break
             cand = th[pending] + alpha * d[pending]
             fc = deviance(pattern, sub.take(pending), cand, method)
+            evaluations[active[pending]] += 1
             ok = fc <= fa[pending]
             new_th[pending[ok]] = cand[ok]
             new_f[pending[ok]] = fc[ok]
@@ -178,4 +318,4 @@ def _newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: floa
     theta = canonical_theta(theta, st)
     llh, beta, s2, vp = profiled(pattern, prep, theta, method)
     return dict(theta=theta, llh=llh, beta=beta, s2=s2, XtViX=vp.XtViX,
-                iterations=iterations, converged=converged)
+                iterations=iterations, evaluations=evaluations, converged=converged)

@@ -84,12 +84,14 @@ class Segment:
 
 @dataclass(frozen=True, eq=False)
 class Update:
-    """Products ``L[a, b][:, :, i1] L[c, b][:, :, i2]'`` of one pair of row factors."""
+    """Products ``L[a, b][:, :, i1] L[c, b][:, :, i2]'`` of one pair of row factors;
+    ``target`` (q_a q_c n,): their flat positions in the S values (lower triangle)."""
 
     a: int
     c: int
     i1: np.ndarray
     i2: np.ndarray
+    target: np.ndarray
 
 
 @dataclass(frozen=True, eq=False)
@@ -182,8 +184,9 @@ class BlockPattern:
                         r = self.tail_index(a, x1[None, None, :], e1)
                         s = self.tail_index(c, x2[None, None, :], e2)
                         tgt = self.tail_offset + r * self.m + s
-                    ups.append(Update(a, c, i1, i2))
-                    targets.append(np.broadcast_to(tgt, (qa, qc, i1.size)).ravel())
+                    flat = np.broadcast_to(tgt, (qa, qc, i1.size)).ravel()
+                    ups.append(Update(a, c, i1, i2, flat))
+                    targets.append(flat)
             if targets:
                 plans[b] = (ups, *aggregator(np.concatenate(targets)))
             else:
@@ -356,15 +359,21 @@ def zz_rows(pattern: BlockPattern, levels: list[np.ndarray],
     return np.concatenate(cols, axis=1), np.concatenate(vals, axis=1)
 
 
-def blocked_bytes_per_voxel(pattern: BlockPattern, p: int) -> int:
+def blocked_bytes_per_voxel(pattern: BlockPattern, p: int, gradient: bool = True) -> int:
     """Working memory of one voxel in the blocked estimator (bytes, generous).
 
     The S values and their Schur update products (about three copies of the update list), the
     right-hand sides ``Lambda' Z'[X Y]`` (a few copies of q (p + 1)), the dense tail and its
-    factor, and the per-voxel Z'Z values.
+    factor, the per-voxel Z'Z values, and (``gradient``) what the analytic gradient adds.
     """
     n_updates = sum(A.shape[1] for _, _, A in pattern.updates.values() if A is not None)
-    q = pattern.structure.q
-    per = (3 * pattern.n_vals + 3 * n_updates + 6 * q * (p + 1) + 3 * pattern.m ** 2
+    q, m = pattern.structure.q, pattern.m
+    width = max([pattern.l_at(b) * pattern.q_at(b) for b, d in pattern.dense_tail.items()
+                 if d is not None] or [0])
+    per = (3 * pattern.n_vals + 3 * n_updates + 6 * q * (p + 1) + 3 * m ** 2
            + 2 * pattern.n_zz + 20 * (p * p + 64))
+    # the analytic gradient (:mod:`.gradient`): S^-1 on the pattern, U and the Gram sums'
+    # products, the tail's inverse and its dense products with the tail rows of L
+    if gradient:
+        per += 2 * pattern.n_vals + 4 * q * (p + 1) + 2 * m ** 2 + 4 * m * width
     return 8 * int(per)
