@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from mpiblmm import __version__
+from mpiblmm.allocator import keep_freed_memory
 from mpiblmm.errors import UserError
 
 #: Variables that pin BLAS/OpenMP to one thread per rank unless the user set them.
@@ -373,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = get_parser().parse_args(argv)
     pin_blas_threads()
+    keep_freed_memory()
     if args.command not in ("fit", "export"):
         return _main(args)
     # SIGTERM/SIGINT ask for a clean stop from now on (also during the imports of _main).

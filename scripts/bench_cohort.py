@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_estimator import run_r, simulate  # noqa: E402
 
+from mpiblmm.allocator import keep_freed_memory  # noqa: E402
 from mpiblmm.lmm.estimate import fit  # noqa: E402
 from mpiblmm.lmm.inference import t_contrast  # noqa: E402
 from mpiblmm.lmm.products import product_forms, random_design  # noqa: E402
@@ -165,7 +166,11 @@ def main(argv=None):
     ap.add_argument("--dense-voxels", type=int, default=4, help="0 skips the dense path")
     ap.add_argument("--r-voxels", type=int, default=5, help="0 skips R")
     ap.add_argument("--designs", nargs="+", default=["a", "b", "c"])
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's trim threshold as it is (`mpiblmm` raises it: mpiblmm/allocator.py)")
     args = ap.parse_args(argv)
+    if not args.default_malloc:
+        keep_freed_memory()
     rng = np.random.default_rng(2026)
     rows = [bench(name, args.voxels, args.dense_voxels, args.r_voxels, rng)
             for name in args.designs]

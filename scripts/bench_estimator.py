@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mpiblmm.allocator import keep_freed_memory  # noqa: E402
 from mpiblmm.lmm.estimate import fit  # noqa: E402
 from mpiblmm.lmm.products import product_forms, random_design  # noqa: E402
 
@@ -165,7 +166,11 @@ def main(argv=None):
     ap.add_argument("--r-voxels", type=int, default=20, help="0 skips R")
     ap.add_argument("--designs", nargs="+", default=["n400", "n1000", "crossed"])
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's trim threshold as it is (`mpiblmm` raises it: mpiblmm/allocator.py)")
     args = ap.parse_args(argv)
+    if not args.default_malloc:
+        keep_freed_memory()
     rng = np.random.default_rng(2024)
     rows = []
     for name in args.designs:
