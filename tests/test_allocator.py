@@ -20,3 +20,7 @@ def test_the_cli_sets_it_before_any_command(monkeypatch):
     monkeypatch.setattr(cli, "_main", lambda args: 0)
     assert cli.main(["simulate", "x"]) == 0
     assert calls == [1]
+
+
+def test_users_mmap_setting_wins_too():
+    assert keep_freed_memory(environ={"MALLOC_MMAP_THRESHOLD_": "1048576"}) is False
