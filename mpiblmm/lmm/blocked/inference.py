@@ -96,9 +96,7 @@ def blocked_setup(pattern, pf: ProductForms, varpar: np.ndarray, method: str):
 def _setup(pattern, pf: ProductForms, varpar: np.ndarray, method: str):
     reml = method == "REML"
     theta, sigma = varpar[:, :-1], varpar[:, -1]
-    s2 = sigma ** 2
     v, m = theta.shape
-    p, n = pf.p, pf.n
     prep = prepare(pattern, pf)
     base = evaluate(pattern, prep, theta, method, jacobian=True)
     A0, Q0, dQ = base["A"], base["Q"], base["dQ"]
@@ -119,23 +117,12 @@ def _setup(pattern, pf: ProductForms, varpar: np.ndarray, method: str):
     # dA/dtheta_i = -A (dX'V^-1X/dtheta_i) A, analytic
     dA = -np.matmul(np.matmul(A0[:, None], base["dXtViX"]), A0[:, None])
     dA = 0.5 * (dA + np.swapaxes(dA, 2, 3))
-    dof = (n - p if reml else n).astype(float)
-    H = np.empty((v, m + 1, m + 1))
-    H[:, :m, :m] = d2ld + d2Q / s2[:, None, None]
-    H[:, :m, m] = H[:, m, :m] = -2.0 * dQ / sigma[:, None] ** 3
-    H[:, m, m] = -2.0 * dof / s2 + 6.0 * Q0 / s2 ** 2
-    J = np.empty((v, m + 1, p, p))
-    J[:, :m] = s2[:, None, None, None] * dA
-    J[:, m] = 2.0 * sigma[:, None, None] * A0
-    return s2[:, None, None] * A0, J, H
+    return _assemble(pf, reml, sigma, Q0, dQ, d2ld, d2Q, A0, dA)
 
 
 def _richardson_setup(pattern, pf: ProductForms, varpar: np.ndarray, method: str):
     reml = method == "REML"
     theta, sigma = varpar[:, :-1], varpar[:, -1]
-    s2 = sigma ** 2
-    v, m = theta.shape
-    p, n = pf.p, pf.n
     h = RICHARDSON_STEP * np.maximum(np.abs(theta), 0.1)
     prep = prepare(pattern, pf)
     base = _pieces(pattern, prep, theta, reml)
@@ -144,7 +131,17 @@ def _richardson_setup(pattern, pf: ProductForms, varpar: np.ndarray, method: str
     fine = _derivatives(pattern, prep, theta, 0.5 * h, reml, base)
     dQ, d2ld, d2Q, dA = ((4.0 * b - a) / 3.0 for a, b in zip(coarse, fine))
     ld0, Q0, A0 = base
-    dof = (n - p if reml else n).astype(float)
+    return _assemble(pf, reml, sigma, Q0, dQ, d2ld, d2Q, A0, dA)
+
+
+def _assemble(pf: ProductForms, reml: bool, sigma, Q0, dQ, d2ld, d2Q, A0, dA):
+    """``Cov(beta)``, its Jacobian and the deviance Hessian in ``(theta, sigma)`` from the
+    theta derivatives of ``ld``, ``Q = e'V^-1e`` and ``A = (X'V^-1X)^-1``; the sigma ones
+    are closed form: ``d = ld + Q / s2 + dof log s2`` (lmerTest's deviance)."""
+    s2 = sigma ** 2
+    v, m = dQ.shape
+    p = pf.p
+    dof = (pf.n - p if reml else pf.n).astype(float)
     H = np.empty((v, m + 1, m + 1))
     H[:, :m, :m] = d2ld + d2Q / s2[:, None, None]
     H[:, :m, m] = H[:, m, :m] = -2.0 * dQ / sigma[:, None] ** 3
