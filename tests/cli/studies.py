@@ -65,6 +65,17 @@ def read_results(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def assert_same_datasets(a: dict, b: dict) -> None:
+    """Two :func:`read_results` dicts hold the same datasets, bit for bit (NaN where NaN)."""
+    assert set(a) == set(b)
+    for key in a:
+        if key == "@":
+            continue
+        x, y = np.asarray(a[key]), np.asarray(b[key])
+        assert x.shape == y.shape and x.dtype == y.dtype, key
+        np.testing.assert_array_equal(x, y, err_msg=key)
+
+
 def voxel_order(results: dict) -> np.ndarray:
     """Dataset voxel index of each results row (C-order grid index)."""
     vox = results["voxels"].astype(np.int64)

@@ -15,17 +15,11 @@ import os
 import numpy as np
 import pytest
 
-from .studies import read_results
+from .studies import assert_same_datasets, read_results
 
 
 def _compare(a: dict, b: dict) -> None:
-    assert set(a) == set(b)
-    for key in a:
-        if key == "@":
-            continue
-        x, y = np.asarray(a[key]), np.asarray(b[key])
-        assert x.shape == y.shape and x.dtype == y.dtype, key
-        np.testing.assert_array_equal(x, y, err_msg=key)      # NaN where NaN, else equal
+    assert_same_datasets(a, b)
     for attr in ("complete", "method", "spec", "status_counts"):
         assert np.all(a["@"][attr] == b["@"][attr]), attr
 

@@ -19,12 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.conftest import _run_job, mpiexec_command
 
-from .studies import read_results
+from .studies import assert_same_datasets, read_results
 
 CHUNK = "16"
 
@@ -42,23 +41,30 @@ def _mpiblmm() -> list[str]:
 def study(tmp_path_factory):
     """The study's spec and the results of an uninterrupted fit at 1 rank."""
     folder = tmp_path_factory.mktemp("resume")
+    spec, reference = _simulate_and_fit(
+        folder, ["12", "3", "10", "8", "6", "3"], 1, ["--chunk-voxels", CHUNK])
+    return spec, reference, folder / "reference"
+
+
+def _simulate_and_fit(folder, study: list[str], ranks: int, fit_args: list[str]):
+    """Simulate a study (subjects, visits, shape x y z, seed; half its voxels missing some
+    observations) into ``folder/study`` and fit it without interruption into
+    ``folder/reference``: the spec and the reference results."""
+    subjects, visits, x, y, z, seed = study
     run = _run_job(_launch(1, [*_mpiblmm(), "simulate", str(folder / "study"), "--subjects",
-                               "12", "--visits", "3", "--shape", "10", "8", "6",
-                               "--missing-fraction", "0.5", "--seed", "3"]), 120, None, None)
+                               subjects, "--visits", visits, "--shape", x, y, z,
+                               "--missing-fraction", "0.5", "--seed", seed]), 120, None, None)
     assert run.returncode == 0, run.stderr
     spec = folder / "study" / "spec.json"
     ref = folder / "reference"
-    run = _run_job(_launch(1, [*_mpiblmm(), "fit", str(spec), "-o", str(ref), "-q",
-                               "--chunk-voxels", CHUNK]), 300, None, None)
+    run = _run_job(_launch(ranks, [*_mpiblmm(), "fit", str(spec), "-o", str(ref), "-q",
+                                   *fit_args]), 300, None, None)
     assert run.returncode == 0, run.stderr[-3000:]
-    return spec, read_results(ref / "results.h5"), ref
+    return spec, read_results(ref / "results.h5")
 
 
 def _same(reference: dict, results: dict) -> None:
-    assert set(reference) == set(results)
-    for key in reference:
-        if key != "@":
-            np.testing.assert_array_equal(reference[key], results[key], err_msg=key)
+    assert_same_datasets(reference, results)
     for attr in ("complete", "method", "spec", "status_counts", "input_hash"):
         assert reference["@"][attr] == results["@"][attr], attr
 
@@ -165,16 +171,7 @@ def test_grace_period_abandons_the_chunk_in_hand(tmp_path):
     chunk) and a grace of 0.2 s: SIGTERM ends the job in about the grace period, the chunk
     abandoned (nothing written), and the job can be resumed to the bits of an uninterrupted
     fit."""
-    run = _run_job(_launch(1, [*_mpiblmm(), "simulate", str(tmp_path / "study"), "--subjects",
-                               "150", "--visits", "4", "--shape", "24", "20", "24",
-                               "--missing-fraction", "0.5", "--seed", "4"]), 120, None, None)
-    assert run.returncode == 0, run.stderr
-    spec = tmp_path / "study" / "spec.json"
-    ref = tmp_path / "reference"
-    run = _run_job(_launch(2, [*_mpiblmm(), "fit", str(spec), "-o", str(ref), "-q"]), 300,
-                   None, None)
-    assert run.returncode == 0, run.stderr[-3000:]
-    reference = read_results(ref / "results.h5")
+    spec, reference = _simulate_and_fit(tmp_path, ["150", "4", "24", "20", "24", "4"], 2, [])
     chunk = json.loads(reference["@"]["summary"])["seconds"]["fit"][2]
     out = tmp_path / "out"
     cmd = _launch(1, [*_mpiblmm(), "fit", str(spec), "-o", str(out), "--grace-seconds", "0.2"])
