@@ -204,6 +204,30 @@ def decrement(H: np.ndarray, g: np.ndarray, pd: np.ndarray) -> np.ndarray:
     return np.where(pd, dec, np.inf)
 
 
+def halving_search(th: np.ndarray, fa: np.ndarray, d: np.ndarray, max_halvings: int,
+                   deviance_at, evaluations: np.ndarray, active: np.ndarray):
+    """Step halving that never keeps a worse point: per voxel the first of ``th + d``,
+    ``th + d/2``, ... (``max_halvings`` halvings) whose deviance is at most ``fa``, else
+    ``th`` itself.  ``deviance_at(rows, points)`` evaluates the pending rows (an infinite
+    value rejects a point); each call counts one evaluation in ``evaluations[active[rows]]``.
+    Returns the new ``(theta, deviance)``."""
+    new_th, new_f = th.copy(), fa.copy()
+    pending = np.arange(th.shape[0])
+    alpha = 1.0
+    for _ in range(max_halvings + 1):
+        if pending.size == 0:
+            break
+        cand = th[pending] + alpha * d[pending]
+        fc = deviance_at(pending, cand)
+        evaluations[active[pending]] += 1
+        ok = fc <= fa[pending]
+        new_th[pending[ok]] = cand[ok]
+        new_f[pending[ok]] = fc[ok]
+        pending = pending[~ok]
+        alpha *= 0.5
+    return new_th, new_f
+
+
 def alpha_used(s: np.ndarray, d: np.ndarray) -> np.ndarray:
     """Fraction of the direction ``d`` taken by step ``s`` (v,)."""
     num = np.einsum("vi,vi->v", s, d)
@@ -235,22 +259,17 @@ def _quasi_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance
             H[active[fresh]] = fd_hessian(pattern, sub.take(fresh), th[fresh], ga[fresh], method)
             evaluations[active[fresh]] += m
         d = limit_step(saddle_free_direction(ga, H[active]), th)
-        new_th, new_f, new_g = th.copy(), fa.copy(), ga.copy()
-        pending = np.arange(active.size)
-        alpha = 1.0
-        for _ in range(max_halvings + 1):
-            if pending.size == 0:
-                break
-            cand = th[pending] + alpha * d[pending]
-            evc = evaluate(pattern, sub.take(pending), cand, method)
-            evaluations[active[pending]] += 1
-            fc = evc["f"]
-            ok = (fc <= fa[pending]) & np.isfinite(evc["g"]).all(axis=1)
-            new_th[pending[ok]] = cand[ok]
-            new_f[pending[ok]] = fc[ok]
-            new_g[pending[ok]] = evc["g"][ok]
-            pending = pending[~ok]
-            alpha *= 0.5
+        new_g = ga.copy()
+
+        def with_gradient(rows, cand):      # a point needs a finite gradient too
+            evc = evaluate(pattern, sub.take(rows), cand, method)
+            fc = np.where(np.isfinite(evc["g"]).all(axis=1), evc["f"], np.inf)
+            kept = fc <= fa[rows]
+            new_g[rows[kept]] = evc["g"][kept]
+            return fc
+
+        new_th, new_f = halving_search(th, fa, d, max_halvings, with_gradient,
+                                       evaluations, active)
         gain = 0.5 * (fa - new_f)
         floor = np.maximum(tolerance, 1e-14 * np.abs(0.5 * fa))
         Hn, upd = bfgs_update(H[active], new_th - th, new_g - ga)
@@ -292,20 +311,10 @@ def _fd_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: f
         g, H = fd_gradient_hessian(pattern, sub, th, fa, method)
         evaluations[active] += 2 * m + m * (m - 1) // 2
         d = limit_step(saddle_free_direction(g, H), th)
-        new_th, new_f = th.copy(), fa.copy()
-        pending = np.arange(active.size)
-        alpha = 1.0
-        for _ in range(max_halvings + 1):
-            if pending.size == 0:
-                break
-            cand = th[pending] + alpha * d[pending]
-            fc = deviance(pattern, sub.take(pending), cand, method)
-            evaluations[active[pending]] += 1
-            ok = fc <= fa[pending]
-            new_th[pending[ok]] = cand[ok]
-            new_f[pending[ok]] = fc[ok]
-            pending = pending[~ok]
-            alpha *= 0.5
+        new_th, new_f = halving_search(
+            th, fa, d, max_halvings,
+            lambda rows, cand: deviance(pattern, sub.take(rows), cand, method),
+            evaluations, active)
         # gain in l (= half the fall of d); the rounding floor of l as in polish
         gain = 0.5 * (fa - new_f)
         floor = np.maximum(tolerance, 1e-14 * np.abs(0.5 * fa))
