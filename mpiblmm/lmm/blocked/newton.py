@@ -204,6 +204,15 @@ def decrement(H: np.ndarray, g: np.ndarray, pd: np.ndarray) -> np.ndarray:
     return np.where(pd, dec, np.inf)
 
 
+def _result(pattern, prep, st, theta: np.ndarray, method: str, iterations: np.ndarray,
+            evaluations: np.ndarray, converged: np.ndarray) -> dict:
+    """An optimiser's outcome: theta with lme4's column signs and the fit at it."""
+    theta = canonical_theta(theta, st)
+    llh, beta, s2, vp = profiled(pattern, prep, theta, method)
+    return dict(theta=theta, llh=llh, beta=beta, s2=s2, XtViX=vp.XtViX,
+                iterations=iterations, evaluations=evaluations, converged=converged)
+
+
 def halving_search(th: np.ndarray, fa: np.ndarray, d: np.ndarray, max_halvings: int,
                    deviance_at, evaluations: np.ndarray, active: np.ndarray):
     """Step halving that never keeps a worse point: per voxel the first of ``th + d``,
@@ -286,10 +295,7 @@ def _quasi_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance
                                  & (gain < 1e4 * floor))
         converged[active[done]] = True
         active = active[~done]
-    theta = canonical_theta(theta, st)
-    llh, beta, s2, vp = profiled(pattern, prep, theta, method)
-    return dict(theta=theta, llh=llh, beta=beta, s2=s2, XtViX=vp.XtViX,
-                iterations=iterations, evaluations=evaluations, converged=converged)
+    return _result(pattern, prep, st, theta, method, iterations, evaluations, converged)
 
 
 def _fd_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: float,
@@ -324,7 +330,4 @@ def _fd_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: f
         done = gain < floor
         converged[active[done]] = True
         active = active[~done]
-    theta = canonical_theta(theta, st)
-    llh, beta, s2, vp = profiled(pattern, prep, theta, method)
-    return dict(theta=theta, llh=llh, beta=beta, s2=s2, XtViX=vp.XtViX,
-                iterations=iterations, evaluations=evaluations, converged=converged)
+    return _result(pattern, prep, st, theta, method, iterations, evaluations, converged)
