@@ -42,9 +42,11 @@ Common to both:
 ``d`` is even in every column of ``Lambda_k`` (``D_k`` does not change when a column changes
 sign), so the iteration is unconstrained and the boundary (a zero column, ``D_k`` singular) is
 reached as an ordinary minimum; the result is put in lme4's form (non-negative diagonal) at
-the end.  Start: lme4's ``theta0`` (identity ``Lambda_k``).  (Starting from the best of
-``s theta0``, s = 1 ... 0.03, saved an iteration but found a worse local optimum of the
-REML deviance at one crossed reference voxel, 0.019 below lme4: dropped.)
+the end.  Start: every factor fitted alone (:mod:`.start`; lme4's ``theta0``, identity
+``Lambda_k``, where that fit fails): ~40% fewer gradient evaluations on the cohort designs,
+to the same optima.  (Starting from the best of ``s theta0``, s = 1 ... 0.03, saved an
+iteration but found a worse local optimum of the REML deviance at one crossed reference
+voxel, 0.019 below lme4: dropped.)
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from ..polish import canonical_theta
 from ..theta import n_theta, theta_slices, tril_indices
 from .cholesky import batches, prepare, profiled
 from .gradient import evaluate
+from .start import single_factor_start
 
 REL_STEP = 1e-4
 #: Forward-difference step of the analytic gradient for the Hessian (relative, as REL_STEP).
@@ -161,9 +164,13 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
     """
     parts = []
     for idx in batches(pattern, pf.p, pf.n_voxels):
-        start = None if theta_start is None else np.asarray(theta_start)[idx]
+        sub = pf.take(idx)
+        if theta_start is None:
+            start = single_factor_start(pattern, sub, method, theta0(sub))
+        else:
+            start = np.asarray(theta_start)[idx]
         run = _quasi_newton if n_theta(pf.structure) >= ANALYTIC_FROM else _fd_newton
-        parts.append(run(pattern, pf.take(idx), method, start, tolerance, max_iterations,
+        parts.append(run(pattern, sub, method, start, tolerance, max_iterations,
                          max_halvings))
     return {k: np.concatenate([d[k] for d in parts]) for k in parts[0]}
 
