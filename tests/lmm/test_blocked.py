@@ -258,3 +258,42 @@ def test_too_large_dense_remainder_is_a_user_error():
     rd = random_design(codes, [np.ones(n), np.ones(n)], ["item", "rater"])
     with pytest.raises(SpecError, match="crossed"):
         product_forms(np.ones((n, 1)), rd, rng.normal(size=(n, 1)))
+
+
+@pytest.mark.parametrize("make", [_nested, _crossed], ids=["nested", "crossed"])
+def test_each_factor_alone_from_the_blocked_products(make):
+    """The optimiser's start (blocked/start.py): a factor's product forms sliced from the
+    blocked ones equal those of the model with that factor alone, and the start holds that
+    model's fitted theta (diagonal floored, lme4's identity where the fit failed)."""
+    from mpiblmm.lmm.blocked.start import FLOOR, factor_product_forms, single_factor_start
+    from mpiblmm.lmm.theta import theta_slices, tril_indices
+
+    rng = np.random.default_rng(8)
+    codes, Zs, t = make(rng)
+    n = t.size
+    X = np.column_stack([np.ones(n), t])
+    Y = rng.normal(size=(n, 6))
+    Y[:, 1:] += 2.0 * rng.normal(size=(codes[0].max() + 1, 5))[codes[0]]   # a subject effect
+    Y[rng.random(Y.shape) < 0.1] = np.nan
+    rd = random_design(codes, Zs)
+    pf = product_forms(X, rd, Y, layout="blocked")
+    pat = pf.blocks
+    default = blocked_newton.theta0(pf)
+    start = single_factor_start(pat, pf, "REML", default)
+    for a, k in enumerate(pat.order):
+        alone = product_forms(X, random_design([codes[k]], [Zs[k]]), Y)
+        got = factor_product_forms(pat, pf, a)
+        for key in ("XtX", "XtY", "YtY", "ZtX", "ZtY", "ZtZ", "n"):
+            np.testing.assert_allclose(getattr(got, key), getattr(alone, key), rtol=1e-12,
+                                       atol=1e-10, err_msg=key)
+        res = fit(alone, "REML", polish="none", tolerance=1e-6)
+        th = res.extras["theta"]
+        rows, cols = tril_indices(rd.structure.factors[k].n_effects)
+        diag = rows == cols
+        expect = th.copy()
+        expect[:, diag] = np.maximum(np.abs(th[:, diag]), FLOOR)
+        expect = np.where(np.isfinite(expect).all(axis=1)[:, None], expect,
+                          default[:, theta_slices(rd.structure)[k]])
+        np.testing.assert_allclose(start[:, theta_slices(rd.structure)[k]], expect,
+                                   rtol=1e-6, atol=1e-8)
+    assert np.isfinite(start).all()
