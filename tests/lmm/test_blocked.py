@@ -226,7 +226,7 @@ def test_blocked_satterthwaite_equals_the_dense_analytic_one(method, analytic, m
 @pytest.mark.parametrize("make", [_nested, _crossed], ids=["nested", "crossed"])
 def test_blocked_voxel_gets_the_same_bits_whatever_chunk_it_is_in(make):
     # both through the quasi-Newton with the analytic gradient and its Satterthwaite scheme
-    # (m >= 3); the crossed case with m = 2 (Richardson) is tests/lmm/test_analysis.py
+    # (m >= 2); another crossed case with m = 2 is tests/lmm/test_analysis.py
     rng = np.random.default_rng(7)
     codes, Zs, t = make(rng, n_sub=16)
     assert n_theta(random_design(codes, Zs).structure) >= blocked_inference.ANALYTIC_FROM
