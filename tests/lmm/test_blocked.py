@@ -297,3 +297,26 @@ def test_each_factor_alone_from_the_blocked_products(make):
         np.testing.assert_allclose(start[:, theta_slices(rd.structure)[k]], expect,
                                    rtol=1e-6, atol=1e-8)
     assert np.isfinite(start).all()
+
+
+def test_a_saddle_on_a_zero_column_is_escaped(monkeypatch):
+    """From a start with a tiny slope entry, one voxel of the unbalanced reference stops on
+    ``L22 ~ 0`` (the gradient of a zero column vanishes by symmetry), 0.138 below lme4's ML
+    fit; the probe at ``L22 = PROBE`` finds the deviance falling there and the voxel is
+    optimised again, to lme4's fit."""
+    from mpiblmm.lmm.blocked import start as blocked_start
+
+    ds = load_dataset("unbalanced")
+    ref = ds.reference["ML"]
+    rd = random_design([f.codes for f in ds.factors], [f.Z for f in ds.factors])
+    pf = product_forms(ds.X, rd, ds.Y).take(np.array([19]))
+    pat = pf.blocks
+    monkeypatch.setattr(blocked_start, "FLOOR", 0.005)
+    start = blocked_start.single_factor_start(pat, pf, "ML", blocked_newton.theta0(pf))
+    run = blocked_newton._quasi_newton
+    stuck = run(pat, pf, "ML", start, 1e-12, 200, 30)
+    assert abs(stuck["theta"][0, 2]) < blocked_newton.PROBE_BELOW
+    assert stuck["llh"][0] < ref.llh[19] - 0.1
+    out = blocked_newton._escape_saddles(pat, pf, "ML", stuck, run, 1e-12, 200, 30)
+    assert out["llh"][0] >= ref.llh[19] - 1e-6
+    assert out["evaluations"][0] > stuck["evaluations"][0]

@@ -79,6 +79,12 @@ DECREMENT = 0.1
 MAX_STEP = 1.5
 MAX_GROW = 4.0
 
+#: A voxel that ends with a diagonal entry of ``Lambda_k`` below ``PROBE_BELOW`` (ten times
+#: lme4's singular-fit tolerance) has the deviance probed with that entry at ``PROBE``
+#: (:func:`_escape_saddles`).
+PROBE_BELOW = 1e-3
+PROBE = 1e-2
+
 
 def theta0(pf: ProductForms) -> np.ndarray:
     """lme4's start: ``Lambda_k = I`` for every factor (v, n_theta)."""
@@ -170,9 +176,59 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
         else:
             start = np.asarray(theta_start)[idx]
         run = _quasi_newton if n_theta(pf.structure) >= ANALYTIC_FROM else _fd_newton
-        parts.append(run(pattern, sub, method, start, tolerance, max_iterations,
-                         max_halvings))
+        out = run(pattern, sub, method, start, tolerance, max_iterations, max_halvings)
+        out = _escape_saddles(pattern, sub, method, out, run, tolerance, max_iterations,
+                              max_halvings)
+        parts.append(out)
     return {k: np.concatenate([d[k] for d in parts]) for k in parts[0]}
+
+
+def _escape_saddles(pattern, pf: ProductForms, method: str, out: dict, run,
+                    tolerance: float, max_iterations: int, max_halvings: int) -> dict:
+    """Voxels that ended with a diagonal entry of some ``Lambda_k`` below :data:`PROBE_BELOW`:
+    the deviance is evaluated with that entry at :data:`PROBE` (one evaluation per such
+    entry); where it falls by more than its rounding, the end was a saddle, and the voxel is
+    optimised again from the best such point.  The higher log-likelihood is kept (the first on
+    a tie); iterations and evaluations count both runs.
+
+    The deviance is even in every column of ``Lambda_k``, so its gradient in a zero column is
+    zero whether that is a minimum or not, and the optimiser can stop there.  Seen from the
+    factors' own fits (:mod:`.start`) with a floor of 0.005: a slope voxel of the unbalanced
+    reference ended at ``L22 = 4e-7``, 0.138 below lme4's fit; with ``L22 = 0.01`` the deviance
+    was 6e-4 lower."""
+    st = pf.structure
+    out = dict(out, evaluations=out["evaluations"].copy())
+    theta = out["theta"]
+    f_end = np.where(np.isfinite(out["llh"]), -2.0 * out["llh"], np.inf)
+    best_f, best_th = f_end.copy(), theta.copy()
+    prep = None
+    for f, sl in zip(st.factors, theta_slices(st)):
+        rows, cols = tril_indices(f.n_effects)
+        for j in np.flatnonzero(rows == cols) + sl.start:
+            idx = np.flatnonzero(np.abs(theta[:, j]) < PROBE_BELOW)
+            if idx.size == 0:
+                continue
+            prep = prep if prep is not None else prepare(pattern, pf)
+            cand = theta[idx].copy()
+            cand[:, j] = PROBE
+            fc = deviance(pattern, prep.take(idx), cand, method)
+            out["evaluations"][idx] += 1
+            better = fc < best_f[idx]
+            best_f[idx[better]] = fc[better]
+            best_th[idx[better]] = cand[better]
+    floor = 2.0 * np.maximum(tolerance, 1e-12 * np.abs(f_end))
+    idx = np.flatnonzero(best_f < f_end - floor)
+    if idx.size == 0:
+        return out
+    again = run(pattern, pf.take(idx), method, best_th[idx], tolerance, max_iterations,
+                max_halvings)
+    better = np.isfinite(again["llh"]) & ~(out["llh"][idx] >= again["llh"])
+    out = {k: v.copy() for k, v in out.items()}
+    for key in ("iterations", "evaluations"):
+        out[key][idx] += again[key]
+    for key in ("theta", "llh", "beta", "s2", "XtViX", "converged"):
+        out[key][idx[better]] = again[key][better]
+    return out
 
 
 def fd_hessian(pattern, prep, theta: np.ndarray, g: np.ndarray, method: str,

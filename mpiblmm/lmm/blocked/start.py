@@ -32,10 +32,12 @@ START_MAX_ITERATIONS = 50
 #: Diagonal entries of a factor's start are at least this.  The deviance is even in every
 #: column of ``Lambda_k``, so its gradient vanishes at a zero column whatever the other
 #: entries: a factor whose own fit is singular must start off the boundary, or it could never
-#: leave it.  Close to it, though: from 0.3 one crossed reference voxel went to an interior
-#: local optimum 0.0186 below lme4's (a boundary fit); from 0.02 and 0.1 none of 1,524
-#: voxel fits (every several-factor reference dataset, REML and ML, and 300 voxels each of
-#: (a) and (c)) differed by more than 1e-6 from the fit started at lme4's identity.
+#: leave it (a start near zero can still end on a saddle there: the optimiser probes such
+#: ends, :func:`.newton._escape_saddles`).  Close to zero, though: from 0.3 one crossed
+#: reference voxel went to an interior local optimum 0.0186 below lme4's (a boundary fit);
+#: from 0.001 to 0.1 none of 1,524 voxel fits (every several-factor reference dataset, REML
+#: and ML, and 300 voxels each of (a) and (c)) differed by more than 1e-6 from the fit
+#: started at lme4's identity (docs/ESTIMATOR.md).
 FLOOR = 0.02
 
 
