@@ -169,12 +169,14 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
     its own).
     """
     parts = []
+    # the factors' own fits for the whole chunk at once (their memory per voxel is a small
+    # part of a blocked evaluation's; per batch, their fixed cost per call would be paid
+    # per 16 voxels on (b))
+    if theta_start is None:
+        theta_start = single_factor_start(pattern, pf, method, theta0(pf))
     for idx in batches(pattern, pf.p, pf.n_voxels):
         sub = pf.take(idx)
-        if theta_start is None:
-            start = single_factor_start(pattern, sub, method, theta0(sub))
-        else:
-            start = np.asarray(theta_start)[idx]
+        start = np.asarray(theta_start)[idx]
         run = _quasi_newton if n_theta(pf.structure) >= ANALYTIC_FROM else _fd_newton
         out = run(pattern, sub, method, start, tolerance, max_iterations, max_halvings)
         out = _escape_saddles(pattern, sub, method, out, run, tolerance, max_iterations,
