@@ -424,6 +424,14 @@ def open_hdf5_files() -> int:
     return int(h5f.get_obj_count(h5f.OBJ_ALL, h5f.OBJ_FILE))
 
 
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):  # closed or replaced stream
+            pass
+
+
 def exit_now(code: int) -> NoReturn:
     """End this process with ``code`` once its work is done, skipping interpreter teardown.
 
@@ -433,16 +441,13 @@ def exit_now(code: int) -> NoReturn:
     initialised (what teardown would do), then leaves with :func:`os._exit`.  If an HDF5
     file is still open it exits normally instead, so HDF5's own shutdown can flush it.
     """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):  # closed or replaced stream
-            pass
+    _flush_std_streams()
     if open_hdf5_files():
         sys.exit(code)
     import atexit
 
     atexit._run_exitfuncs()
+    _flush_std_streams()                 # what the callbacks printed (os._exit drops buffers)
     if "mpi4py.MPI" in sys.modules:
         from mpi4py import MPI
 
