@@ -179,9 +179,12 @@ def selected_inverse(pattern: BlockPattern, fac, v: int) -> np.ndarray:
         if b in fac.Lt:                       # tail x tail: one dense product per voxel
             tails, flat = pattern.dense_tail[b]
             width = pattern.l_at(b) * pattern.q_at(b)
-            WT = np.zeros((m * width, v))
-            WT[flat] = np.concatenate([W[a].reshape(-1, v) for a in tails])
-            WT = np.ascontiguousarray(WT.T).reshape(v, m, width)
+            if pattern.q_at(b) == 1:          # W = L_Tb L_bb^-1: the factor's dense tail
+                WT = fac.Lt[b] * np.ascontiguousarray(Li[0, 0].T)[:, None, :]  # rows scaled,
+            else:                             # the same products as W (same bits)
+                WT = np.zeros((m * width, v))
+                WT[flat] = np.concatenate([W[a].reshape(-1, v) for a in tails])
+                WT = np.ascontiguousarray(WT.T).reshape(v, m, width)
             SW = np.matmul(ST, WT).reshape(v, m * width).T
             s0 = pattern.cross[tails[0], b].offset
             s1 = pattern.cross[tails[-1], b].offset + pattern.cross[tails[-1], b].size
