@@ -182,9 +182,9 @@ def selected_inverse(pattern: BlockPattern, fac, v: int) -> np.ndarray:
             if pattern.q_at(b) == 1:          # W = L_Tb L_bb^-1: the factor's dense tail
                 WT = fac.Lt[b] * np.ascontiguousarray(Li[0, 0].T)[:, None, :]  # rows scaled,
             else:                             # the same products as W (same bits)
-                WT = np.zeros((m * width, v))
-                WT[flat] = np.concatenate([W[a].reshape(-1, v) for a in tails])
-                WT = np.ascontiguousarray(WT.T).reshape(v, m, width)
+                WT = np.zeros((v, m * width))
+                WT[:, flat] = np.concatenate([W[a].reshape(-1, v) for a in tails]).T
+                WT = WT.reshape(v, m, width)
             SW = np.matmul(ST, WT).reshape(v, m * width).T
             s0 = pattern.cross[tails[0], b].offset
             s1 = pattern.cross[tails[-1], b].offset + pattern.cross[tails[-1], b].size
