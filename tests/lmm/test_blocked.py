@@ -265,7 +265,8 @@ def test_each_factor_alone_from_the_blocked_products(make):
     """The optimiser's start (blocked/start.py): a factor's product forms sliced from the
     blocked ones equal those of the model with that factor alone, and the start holds that
     model's fitted theta (diagonal floored, lme4's identity where the fit failed)."""
-    from mpiblmm.lmm.blocked.start import FLOOR, factor_product_forms, single_factor_start
+    from mpiblmm.lmm.blocked.start import (FLOOR, factor_product_forms, nested_in,
+                                           single_factor_start)
     from mpiblmm.lmm.theta import theta_slices, tril_indices
 
     rng = np.random.default_rng(8)
@@ -280,14 +281,25 @@ def test_each_factor_alone_from_the_blocked_products(make):
     pat = pf.blocks
     default = blocked_newton.theta0(pf)
     start = single_factor_start(pat, pf, "REML", default)
+    alone_theta = {}
     for a, k in enumerate(pat.order):
         alone = product_forms(X, random_design([codes[k]], [Zs[k]]), Y)
         got = factor_product_forms(pat, pf, a)
         for key in ("XtX", "XtY", "YtY", "ZtX", "ZtY", "ZtZ", "n"):
             np.testing.assert_allclose(getattr(got, key), getattr(alone, key), rtol=1e-12,
                                        atol=1e-10, err_msg=key)
-        res = fit(alone, "REML", polish="none", tolerance=1e-6)
-        th = res.extras["theta"]
+        alone_theta[a] = fit(alone, "REML", polish="none", tolerance=1e-6).extras["theta"]
+    parents = {a: nested_in(pat, a) for a in range(pat.K)}
+    names = [rd.structure.factors[k].name for k in pat.order]
+    if make is _nested:          # family in site (one effect each); subject has a slope
+        assert {names[a]: parents[a] for a in range(3)} == {      # subject, family, site
+            "factor0": None, "factor1": names.index("factor2"), "factor2": None}
+    else:
+        assert set(parents.values()) == {None}
+    for a, k in enumerate(pat.order):
+        th = alone_theta[a]
+        if parents[a] is not None:
+            th = np.sqrt(np.maximum(th ** 2 - alone_theta[parents[a]] ** 2, 0.0))
         rows, cols = tril_indices(rd.structure.factors[k].n_effects)
         diag = rows == cols
         expect = th.copy()
