@@ -272,6 +272,13 @@ def scoring_steps(ev: Evaluation, pf: ProductForms, method: str,
     return tuple(out), gain
 
 
+#: A halving group of at most this many trial voxels is evaluated with its score sums at
+#: once even where the algebra evaluates halvings lazily: one call instead of two.  Which
+#: way changes no bits (the sums of a point are the same whether formed with its evaluation
+#: or after it); it only trades the per-call cost against sums for rejected trials.
+EAGER_HALVINGS = 48
+
+
 def rounding_floor(llh: np.ndarray) -> np.ndarray:
     """Smallest change of ``l`` that is not rounding: ``1e-14 |l|``."""
     return 1e-14 * np.abs(llh)
@@ -373,8 +380,9 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
             trial = [psd_project(Dk[vox] + lam_steps * s[vox]) for Dk, s in zip(D_a, steps)]
             t_lam = tuple(t[1] for t in trial)
             # halvings are mostly rejected: where the algebra says so, they are evaluated for
-            # l only and the score sums are formed for the accepted steps afterwards
-            lazy = group[0] > 0 and pf.algebra.lazy_halvings
+            # l only and the score sums are formed for the accepted steps afterwards -- unless
+            # they are few, where the extra call costs more than the sums (same bits either way)
+            lazy = group[0] > 0 and pf.algebra.lazy_halvings and vox.size > EAGER_HALVINGS
             t_ev = evaluate(pf_a.take(vox), t_lam, method, need_z=not lazy)
             ok = np.flatnonzero(t_ev.llh >= ev_a.llh[vox])     # never keep a worse point
             if ok.size:
@@ -388,7 +396,9 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
                 for k, t in enumerate(trial):
                     new_D[k][accepted] = t[0][sel]
                     new_lam[k][accepted] = t[1][sel]
-                pending = np.setdiff1d(pending, accepted, assume_unique=True)
+                taken = np.zeros(active.size, dtype=bool)
+                taken[accepted] = True
+                pending = pending[~taken[pending]]
         stuck = ~small & ~(new_ev.llh > ev_a.llh)      # no halving raised l
         iterations[active] += 1
         change = new_ev.llh - ev_a.llh
