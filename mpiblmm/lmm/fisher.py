@@ -221,6 +221,15 @@ def eigh_sym(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return w, U
 
 
+def near_boundary(D: tuple[np.ndarray, ...], tol: float) -> np.ndarray:
+    """Voxels where some ``D_k`` has an eigenvalue below ``tol * max(1, largest)``."""
+    out = np.zeros(D[0].shape[0], dtype=bool)
+    for Dk in D:
+        w = eigh_sym(np.where(np.isfinite(Dk), Dk, 0.0))[0]
+        out |= w[:, 0] <= tol * np.maximum(1.0, w[:, -1])
+    return out
+
+
 def psd_project(D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Project a stack of symmetric matrices onto the PSD cone (eigenvalues clipped at 0).
 
@@ -303,7 +312,8 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
                    max_iterations: int = 200, max_halvings: int = 10,
                    step_tolerance: float = 1e-6,
                    D0: tuple[np.ndarray, ...] | None = None,
-                   profiled: bool = True) -> ScoringResult:
+                   profiled: bool = True,
+                   handover: float | None = None) -> ScoringResult:
     """Simplified Fisher Scoring for every voxel of ``pf`` (see the module docstring).
 
     Parameters
@@ -327,6 +337,10 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
         scoring step from ``D = 0``, as in the card).
     profiled
         Use the information with ``s2`` profiled out (default) or the plain ``I_DkDk``.
+    handover
+        When given (a polish follows), a voxel stops as ``stalled`` once two accepted steps
+        in a row leave some ``D_k`` with an eigenvalue below ``handover`` times its largest
+        (or 1): on the boundary, where the eigenvalue clip only creeps.
     """
     st, v = pf.structure, pf.n_voxels
     if D0 is None:
@@ -337,6 +351,7 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
     iterations = np.zeros(v, dtype=np.int64)
     converged = np.zeros(v, dtype=bool)
     stalled = np.zeros(v, dtype=bool)
+    on_edge = np.zeros(v, dtype=bool)
     # a voxel that failed at the start is finished (not converged); the driver flags it
     active = np.flatnonzero(np.isfinite(ev.llh))
     pf_a = pf.take(active)
@@ -400,6 +415,13 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
                 taken[accepted] = True
                 pending = pending[~taken[pending]]
         stuck = ~small & ~(new_ev.llh > ev_a.llh)      # no halving raised l
+        if handover is not None:
+            # on (next to) the boundary after two steps in a row: the polish that follows
+            # takes the voxel from here (FS creeps along the boundary; one step on it is
+            # often an overshoot of an interior optimum, where the polish would be slow)
+            edge = near_boundary(tuple(new_D), handover)
+            stuck |= edge & on_edge[active]
+            on_edge[active] = edge
         iterations[active] += 1
         change = new_ev.llh - ev_a.llh
         done = ((np.abs(change) < floor) & (size <= step_tolerance)) | small | stuck

@@ -256,6 +256,18 @@ def _outer_levels(ZXs: np.ndarray, a: int, b: int, both: bool = False) -> np.nda
     return O.reshape(p * p, l).T
 
 
+def _outer_upper(ZX: np.ndarray, a: int, b: int) -> np.ndarray:
+    """The entries ``r <= s`` of ``ZX_a (x) ZX_b + ZX_b (x) ZX_a`` (``ZX_a (x) ZX_a`` for
+    ``a = b``) per level, (p(p+1)/2, ..., l), for a Z'X (q, p, ..., l) shared or per voxel.
+    These outer products are symmetric to the bit (the same two products, added in either
+    order), so the entries ``r > s`` are not formed."""
+    pr, ps, _, _ = pair_plan(ZX.shape[1])
+    O = ZX[a][pr] * ZX[b][ps]
+    if a != b:
+        O += ZX[b][pr] * ZX[a][ps]
+    return O
+
+
 @dataclass(frozen=True)
 class SharedPlan:
     """What depends on a shared Z'X alone, formed once per chunk instead of per evaluation,
@@ -275,7 +287,7 @@ _PLAN_CACHE: list = [None, None]          # (the shared Z'X array, its SharedPla
 def _make_plan(ZXs: np.ndarray) -> SharedPlan:
     q = ZXs.shape[0]
     ua, ub, _, _ = pair_plan(q)
-    both = np.stack([_outer_levels(ZXs, a, b, both=a != b).T for a, b in zip(ua, ub)])
+    both = np.stack([_outer_upper(ZXs, a, b) for a, b in zip(ua, ub)])   # (pairs, p.., l)
     one = np.stack([_outer_levels(ZXs, a, b).T for a, b in zip(ua, ub)])
     return SharedPlan(both, one, np.ascontiguousarray(ZXs))
 
@@ -304,11 +316,21 @@ def _shared_zx_corrections(M, MZY, ZXs: np.ndarray,
     v = MZY[0].shape[0]
     plan = plan if plan is not None else _make_plan(ZXs)
     ua, ub, _, _ = pair_plan(q)
-    corr_xx = np.zeros((v, p * p))
-    for o, x in enumerate(np.einsum("ovl,oml->ovm", M[ua, ub], plan.both)):
-        corr_xx += x
     corr_xy = seq_sum(np.einsum("avl,apl->avp", MZY, plan.zx))
-    return sym(corr_xx.reshape(v, p, p)), corr_xy
+    return _fill_sym(np.einsum("ovl,oml->ovm", M[ua, ub], plan.both), p), corr_xy
+
+
+def _fill_sym(parts: np.ndarray, p: int) -> np.ndarray:
+    """``sum_o parts[o]`` (left to right, from zero) as the symmetric (v, p, p) matrix whose
+    upper entries ``r <= s`` these are."""
+    pr, ps, _, _ = pair_plan(p)
+    upper = np.zeros(parts.shape[1:])
+    for x in parts:
+        upper += x
+    out = np.empty((upper.shape[0], p, p))
+    out[:, pr, ps] = upper
+    out[:, ps, pr] = upper
+    return out
 
 
 def products_block(pf: ProductForms, B, ZX, ZY, M, logdet) -> VinvProducts:
