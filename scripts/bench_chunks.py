@@ -4,7 +4,7 @@
 Demo-like study (60 subjects x 4 visits, ``y ~ age + t + (1 + t | subject)``, REML; a quarter
 of the voxels without random effects; 30% of the voxels miss 1-15% of their observations),
 fitted chunk by chunk as the pipeline does (:func:`~mpiblmm.lmm.analysis.analyse_chunk`:
-complete and incomplete voxels are two product-form groups per chunk).  Prints, for the
+complete and incomplete voxels are two product-form groups, fitted as one in small chunks).  Prints, for the
 whole set as one chunk and in chunks of ``--chunk`` voxels, the CPU seconds of
 
 - ``fit``: :func:`~mpiblmm.lmm.estimate.fit` alone (product forms built outside the timing),
@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mpiblmm.allocator import keep_freed_memory  # noqa: E402
 from mpiblmm.lmm.analysis import (  # noqa: E402
-    ContrastDef, Model, Settings, analyse_chunk, product_form_groups,
+    JOINT_GROUPS_UP_TO, ContrastDef, Model, Settings, analyse_chunk, joint_forms,
+    product_form_groups,
 )
 from mpiblmm.lmm.estimate import fit  # noqa: E402
 from mpiblmm.lmm.products import product_forms, random_design  # noqa: E402
@@ -72,14 +73,19 @@ def chunks(v: int, size: int) -> list[slice]:
 
 
 def time_fit(model: Model, Y: np.ndarray, size: int) -> tuple[float, np.ndarray]:
-    """CPU seconds of ``fit`` over chunks of ``size`` voxels (both groups of each), and llh."""
+    """CPU seconds of ``fit`` over chunks of ``size`` voxels, and llh.  Each chunk's groups
+    are fitted as :func:`~mpiblmm.lmm.analysis.analyse_chunk` fits them: apart, or as one
+    (:data:`~mpiblmm.lmm.analysis.JOINT_GROUPS_UP_TO`)."""
     llh = np.full(Y.shape[0], np.nan)
     total = 0.0
     for sl in chunks(Y.shape[0], size):
         Yc = Y[sl]
         obs = np.isfinite(Yc)
-        for g in product_form_groups(obs, np.ones(Yc.shape[0], dtype=bool)):
-            pf = product_forms(model.X, model.rd, Yc[g].T, obs[g].T)
+        groups = list(product_form_groups(obs, np.ones(Yc.shape[0], dtype=bool)))
+        parts = [product_forms(model.X, model.rd, Yc[g].T, obs[g].T) for g in groups]
+        if len(parts) == 2 and parts[0].algebra.joint_groups and Yc.shape[0] <= JOINT_GROUPS_UP_TO:
+            parts, groups = [joint_forms(parts)], [np.concatenate(groups)]
+        for pf, g in zip(parts, groups):
             c0 = time.process_time()
             res = fit(pf)
             total += time.process_time() - c0

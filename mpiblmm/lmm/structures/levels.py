@@ -16,7 +16,6 @@ import numpy as np
 
 from ..likelihood import VinvProducts, gls, profiled_s2, spd_inv_logdet, sym
 from ..model import ProductForms
-from ..rowwise import rows_at
 
 
 def _mm(A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -58,14 +57,6 @@ def _trail(a: np.ndarray, n_small: int) -> np.ndarray:
     return np.moveaxis(a, tuple(range(n_small)), tuple(range(nd - n_small, nd)))
 
 
-def _x_corrections_shared(ZX: np.ndarray, L: np.ndarray, Sinv: np.ndarray,
-                          MZY: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``X'Z M Z'X`` and ``X'Z M Z'Y`` when Z'X (q1, p, l) is shared by every voxel, with
-    ``M = Lambda S^-1 Lambda'`` per voxel and level formed here from ``L`` and ``S^-1``."""
-    M = _mm(L, _mm(Sinv, np.swapaxes(L, 0, 1)))            # (q1, q1, v, l)
-    return _shared_zx_corrections(M, MZY, ZX)
-
-
 def vinv_single(pf: ProductForms, lam: np.ndarray, need_z: bool) -> VinvProducts:
     # Work with the small matrix axes first and (voxel, level) last: (q1, q1, v, l).
     f = pf.structure.factors[0]
@@ -81,16 +72,13 @@ def vinv_single(pf: ProductForms, lam: np.ndarray, need_z: bool) -> VinvProducts
     Sinv, logdet = _spd_inv_logdet_lead(S)                 # S^-1, log|S| (v, l)
     AY = _mm_tn(L, ZY[:, None])[:, 0]                      # Lambda'Z'Y  (q1, v, l)
     SAY = _mm(Sinv, AY[:, None])[:, 0]
-    if pf.shared and not need_z:
-        corr_xx, corr_xy = _x_corrections_shared(ZX[:, :, 0], L, Sinv, _mm(L, SAY[:, None])[:, 0])
-    else:
-        AX = _mm_tn(L, ZX)                                 # Lambda'Z'X  (q1, p, v, l)
-        SAX = _mm(Sinv, AX)
-        corr_xx = np.empty((v, p, p))
-        for a in range(p):
-            for b in range(a, p):
-                corr_xx[:, a, b] = corr_xx[:, b, a] = (AX[:, a] * SAX[:, b]).sum(axis=(0, 2))
-        corr_xy = np.stack([(AX[:, a] * SAY).sum(axis=(0, 2)) for a in range(p)], axis=1)
+    AX = _mm_tn(L, ZX)                                     # Lambda'Z'X  (q1, p, v, l)
+    SAX = _mm(Sinv, AX)
+    corr_xx = np.empty((v, p, p))
+    for a in range(p):
+        for b in range(a, p):
+            corr_xx[:, a, b] = corr_xx[:, b, a] = (AX[:, a] * SAX[:, b]).sum(axis=(0, 2))
+    corr_xy = np.stack([(AX[:, a] * SAY).sum(axis=(0, 2)) for a in range(p)], axis=1)
     out = dict(XtViX=pf.XtX - corr_xx, XtViY=pf.XtY - corr_xy,
                YtViY=pf.YtY - (AY * SAY).sum(axis=(0, 2)), logdetV=logdet.sum(-1))
     if need_z:
@@ -246,111 +234,23 @@ def seq_sum(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def _outer_levels(ZXs: np.ndarray, a: int, b: int, both: bool = False) -> np.ndarray:
-    """``ZX_a (x) ZX_b`` (``+ ZX_b (x) ZX_a`` when ``both``) per level, (l, p*p), for a
-    shared Z'X (q, p, l)."""
-    p, l = ZXs.shape[1], ZXs.shape[2]
-    O = ZXs[a][:, None, :] * ZXs[b][None, :, :]
-    if both:
-        O = O + ZXs[b][:, None, :] * ZXs[a][None, :, :]
-    return O.reshape(p * p, l).T
-
-
-def _outer_upper(ZX: np.ndarray, a: int, b: int) -> np.ndarray:
-    """The entries ``r <= s`` of ``ZX_a (x) ZX_b + ZX_b (x) ZX_a`` (``ZX_a (x) ZX_a`` for
-    ``a = b``) per level, (p(p+1)/2, ..., l), for a Z'X (q, p, ..., l) shared or per voxel.
-    These outer products are symmetric to the bit (the same two products, added in either
-    order), so the entries ``r > s`` are not formed."""
-    pr, ps, _, _ = pair_plan(ZX.shape[1])
-    O = ZX[a][pr] * ZX[b][ps]
-    if a != b:
-        O += ZX[b][pr] * ZX[a][ps]
-    return O
-
-
-@dataclass(frozen=True)
-class SharedPlan:
-    """What depends on a shared Z'X alone, formed once per chunk instead of per evaluation,
-    stacked over the upper pairs ``(a, b)`` of effects (:func:`pair_plan`): the per-level
-    outer products of Z'X for ``X'Z M Z'X`` (``both``: ``ZX_a (x) ZX_b + ZX_b (x) ZX_a`` for
-    ``a != b``) and for ``Z'X A X'Z`` (``one``: ``ZX_a (x) ZX_b``), both (pairs, p*p, l), and
-    ``zx`` = Z'X (q, p, l)."""
-
-    both: np.ndarray
-    one: np.ndarray
-    zx: np.ndarray
-
-
-_PLAN_CACHE: list = [None, None]          # (the shared Z'X array, its SharedPlan)
-
-
-def _make_plan(ZXs: np.ndarray) -> SharedPlan:
-    q = ZXs.shape[0]
-    ua, ub, _, _ = pair_plan(q)
-    both = np.stack([_outer_upper(ZXs, a, b) for a, b in zip(ua, ub)])   # (pairs, p.., l)
-    one = np.stack([_outer_levels(ZXs, a, b).T for a, b in zip(ua, ub)])
-    return SharedPlan(both, one, np.ascontiguousarray(ZXs))
-
-
-def shared_plan(pf: ProductForms) -> SharedPlan:
-    """The :class:`SharedPlan` of ``pf``'s shared Z'X, cached on the identity of the array
-    (``ProductForms.take`` keeps shared arrays, so a chunk's evaluations share one plan)."""
-    if _PLAN_CACHE[0] is pf.ZtX:
-        return _PLAN_CACHE[1]
-    f = pf.structure.factors[0]
-    l, q, p = f.n_levels, f.n_effects, pf.p
-    plan = _make_plan(_lead(pf.ZtX.reshape(-1, l, q, p), 2)[:, :, 0])     # Z'X (q, p, l)
-    _PLAN_CACHE[0], _PLAN_CACHE[1] = pf.ZtX, plan
-    return plan
-
-
-def _shared_zx_corrections(M, MZY, ZXs: np.ndarray,
-                           plan: SharedPlan | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``sum_j ZX_j' M_j ZX_j`` (v, p, p) and ``sum_j ZX_j' M_j Z_j'Y`` (v, p) for a Z'X
-    ``ZXs`` (q, p, l) shared by every voxel: the level sums are products with the shared
-    per-level outer products of Z'X (``plan``, formed here when the caller has none), one
-    loop over the levels per voxel and output entry (numpy's einsum, no BLAS: the same bits
-    in any chunk; :mod:`~mpiblmm.lmm.rowwise`).  ``M`` (q, q, v, l) and ``MZY`` (q, v, l);
-    ``M`` is symmetric, so each pair of effects is visited once."""
-    q, p = ZXs.shape[0], ZXs.shape[1]
-    v = MZY[0].shape[0]
-    plan = plan if plan is not None else _make_plan(ZXs)
-    ua, ub, _, _ = pair_plan(q)
-    corr_xy = seq_sum(np.einsum("avl,apl->avp", MZY, plan.zx))
-    return _fill_sym(np.einsum("ovl,oml->ovm", M[ua, ub], plan.both), p), corr_xy
-
-
-def _fill_sym(parts: np.ndarray, p: int) -> np.ndarray:
-    """``sum_o parts[o]`` (left to right, from zero) as the symmetric (v, p, p) matrix whose
-    upper entries ``r <= s`` these are."""
-    pr, ps, _, _ = pair_plan(p)
-    upper = np.zeros(parts.shape[1:])
-    for x in parts:
-        upper += x
-    out = np.empty((upper.shape[0], p, p))
-    out[:, pr, ps] = upper
-    out[:, ps, pr] = upper
-    return out
-
-
 def products_block(pf: ProductForms, B, ZX, ZY, M, logdet) -> VinvProducts:
-    """X'V^-1X, X'V^-1Y, Y'V^-1Y: ``X'V^-1B = X'B - sum_j ZX_j' M_j Z_j'B``.  A shared Z'X
-    makes the level sums BLAS products with the per-level outer products of Z'X.  Every
-    small-matrix product is formed for all entries at once (stacked (q, ..., v, l) arrays)."""
-    q, p, v = len(M), pf.p, pf.n_voxels
+    """X'V^-1X, X'V^-1Y, Y'V^-1Y: ``X'V^-1B = X'B - sum_j ZX_j' M_j Z_j'B``.  Every
+    small-matrix product is formed for all entries at once (stacked (q, ..., v, l) arrays),
+    each level sum by numpy's einsum loop (no BLAS: the same bits in any chunk)."""
+    p, v = pf.p, pf.n_voxels
     MZY = _mm(M, ZY[:, None])[:, 0]                        # (q, v, l): M_j Z_j'Y
     corr_yy = seq_sum(lsums(ZY, MZY))
-    if pf.shared:
-        corr_xx, corr_xy = _shared_zx_corrections(M, MZY, ZX[:, :, 0], shared_plan(pf))
-    else:
-        MZX = _mm(M, ZX)                                   # (q, p, v, l)
-        pr, ps, _, _ = pair_plan(p)
-        # every (r, s) at once, the upper ones kept (each its own loop over the levels)
-        c = seq_sum(np.einsum("arvl,asvl->arsv", ZX, MZX))[pr, ps].T     # (v, pairs)
-        corr_xx = np.empty((v, p, p))
-        corr_xx[:, pr, ps] = c
-        corr_xx[:, ps, pr] = c
-        corr_xy = seq_sum(np.einsum("arvl,avl->arv", ZX, MZY)).T
+    # Z'X (q, p, v|1, l) shared or per voxel: the same arithmetic (a shared Z'X broadcast),
+    # so a voxel gets the same bits in either kind of group
+    MZX = np.einsum("abvl,bsvl->asvl", M, ZX)              # (q, p, v, l)
+    pr, ps, _, _ = pair_plan(p)
+    # every (r, s) at once, the upper ones kept (each its own loop over the levels)
+    c = seq_sum(np.einsum("arvl,asvl->arsv", ZX, MZX))[pr, ps].T         # (v, pairs)
+    corr_xx = np.empty((v, p, p))
+    corr_xx[:, pr, ps] = c
+    corr_xx[:, ps, pr] = c
+    corr_xy = seq_sum(np.einsum("arvl,avl->arv", ZX, MZY)).T
     return VinvProducts(XtViX=pf.XtX - corr_xx, XtViY=pf.XtY - corr_xy,
                         YtViY=pf.YtY - corr_yy, logdetV=logdet)
 
@@ -408,36 +308,24 @@ def _level_T_Ru(B, M):
     return T, R[ua, ub]
 
 
-def level_residuals(ZX, ZY, beta: np.ndarray, shared: bool) -> np.ndarray:
+def level_residuals(ZX, ZY, beta: np.ndarray) -> np.ndarray:
     """Per level ``r_j = Z_j'(Y - X beta)``, (q, v, l) (one (v, l) array per effect)."""
-    q, p = ZX.shape[0], ZX.shape[1]
-    if shared:  # Z'X shared by every voxel
-        r = np.empty(ZY.shape)
-        for a in range(q):
-            np.subtract(ZY[a], rows_at(beta, ZX[a, :, 0]), out=r[a])
-        return r
-    fit = ZX[:, 0] * beta[:, 0, None]
+    p = ZX.shape[1]
+    fit = ZX[:, 0] * beta[:, 0, None]          # shared Z'X (v = 1) broadcast: the same bits
     for s in range(1, p):
         fit += ZX[:, s] * beta[:, s, None]
     return ZY - fit
 
 
-def level_zx_a_zx(ZX, A: np.ndarray, shared: bool, plan: SharedPlan | None = None) -> np.ndarray:
+def level_zx_a_zx(ZX, A: np.ndarray) -> np.ndarray:
     """Per level ``P_j = Z_j'X A X'Z_j`` (q, q, v, l), symmetric to the bit."""
-    q, p, v = ZX.shape[0], ZX.shape[1], A.shape[0]
+    q = ZX.shape[0]
     ua, ub, full, _ = pair_plan(q)
-    if shared:
-        plan = plan if plan is not None else _make_plan(ZX[:, :, 0])
-        return np.einsum("vk,okl->ovl", A.reshape(v, p * p), plan.one)[full]
-    # AZX[d, s] = sum_t ZX[d, t] A[s, t]; P[c, d] = sum_s ZX[c, s] AZX[d, s]
-    At = A.transpose(1, 2, 0)[..., None]                   # (p, p, v, 1)
-    AZX = ZX[:, 0][:, None] * At[:, 0][None]
-    for t in range(1, p):
-        AZX += ZX[:, t][:, None] * At[:, t][None]
-    P = ZX[ua, 0] * AZX[ub, 0]
-    for s in range(1, p):
-        P += ZX[ua, s] * AZX[ub, s]
-    return P[full]
+    # (a shared Z'X, v = 1, is broadcast: the same arithmetic and bits as per voxel)
+    # AZX[d, s] = sum_t ZX[d, t] A[s, t]; P[c, d] = sum_s ZX[c, s] AZX[d, s] (plain einsum
+    # loops, the sums over t and s in order)
+    AZX = np.einsum("dtvl,vst->dsvl", ZX, A)
+    return np.einsum("osvl,osvl->ovl", ZX[ua], AZX[ub])[full]
 
 
 @functools.lru_cache(maxsize=None)
@@ -468,11 +356,11 @@ def _sums_block(pf: ProductForms, B, ZX, ZY, M, beta: np.ndarray, s2: np.ndarray
     ua, ub, full, _ = pair_plan(q)
     T, Ru = _level_T_Ru(B, M)
     # Q_j = r_j r_j' / s2 (+ P_j = ZX_j A ZX_j' for REML), r_j = Z_j'(Y - X beta)
-    r = level_residuals(ZX, ZY, beta, pf.shared)
+    r = level_residuals(ZX, ZY, beta)
     rs = r * (1.0 / s2)[:, None]
     Q = rs[ua] * r[ub]
     if A is not None:
-        P = level_zx_a_zx(ZX, A, pf.shared, shared_plan(pf) if pf.shared else None)
+        P = level_zx_a_zx(ZX, A)
         Q += P[ua, ub]
     # G = 1/2 sum_j (T_j Q_j T_j' - R_jj)
     TQ = _mm(T, Q[full])

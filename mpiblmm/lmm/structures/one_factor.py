@@ -42,6 +42,7 @@ class OneFactor(Algebra):
 
     name = "one factor"
     lazy_halvings = True
+    joint_groups = True          # levels.py: shared Z'X is broadcast, the same arithmetic
 
     # -- product forms
     def zz_products(self, rd, weights: np.ndarray) -> np.ndarray:
