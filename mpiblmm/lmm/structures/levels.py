@@ -319,13 +319,18 @@ def level_residuals(ZX, ZY, beta: np.ndarray) -> np.ndarray:
 
 def level_zx_a_zx(ZX, A: np.ndarray) -> np.ndarray:
     """Per level ``P_j = Z_j'X A X'Z_j`` (q, q, v, l), symmetric to the bit."""
-    q = ZX.shape[0]
-    ua, ub, full, _ = pair_plan(q)
-    # (a shared Z'X, v = 1, is broadcast: the same arithmetic and bits as per voxel)
-    # AZX[d, s] = sum_t ZX[d, t] A[s, t]; P[c, d] = sum_s ZX[c, s] AZX[d, s] (plain einsum
-    # loops, the sums over t and s in order)
+    return _zx_a_zx_upper(ZX, A)[pair_plan(ZX.shape[0])[2]]
+
+
+def _zx_a_zx_upper(ZX, A: np.ndarray) -> np.ndarray:
+    """The upper entries ``c <= d`` of :func:`level_zx_a_zx`, (q(q+1)/2, v, l).
+
+    ``AZX[d, s] = sum_t ZX[d, t] A[s, t]``, ``P[c, d] = sum_s ZX[c, s] AZX[d, s]``: plain
+    einsum loops, the sums over t and s in order; a shared Z'X (v = 1) is broadcast, the
+    same arithmetic and bits as per voxel."""
+    ua, ub, _, _ = pair_plan(ZX.shape[0])
     AZX = np.einsum("dtvl,vst->dsvl", ZX, A)
-    return np.einsum("osvl,osvl->ovl", ZX[ua], AZX[ub])[full]
+    return np.einsum("csvl,dsvl->cdvl", ZX, AZX)[ua, ub]
 
 
 @functools.lru_cache(maxsize=None)
@@ -360,8 +365,7 @@ def _sums_block(pf: ProductForms, B, ZX, ZY, M, beta: np.ndarray, s2: np.ndarray
     rs = r * (1.0 / s2)[:, None]
     Q = rs[ua] * r[ub]
     if A is not None:
-        P = level_zx_a_zx(ZX, A)
-        Q += P[ua, ub]
+        Q += _zx_a_zx_upper(ZX, A)
     # G = 1/2 sum_j (T_j Q_j T_j' - R_jj)
     TQ = _mm(T, Q[full])
     # g[a, b] = sum_d sum_j TQ[a, d] T[b, d]: every (a, b, d) at once, the upper (a, b) kept
