@@ -13,7 +13,9 @@ Per chunk:
 2. Voxels observed in every image share X'X, Z'X and Z'Z (one product-form group); voxels
    with missing observations get product forms of their own.  A voxel whose observed rows
    leave X rank deficient is not fitted (status 4).
-3. The estimator fits each group; inference computes every contrast at the fitted voxels.
+3. The estimator fits each group -- both as one in a small chunk when the structure's algebra
+   gives a voxel the same bits either way (``joint_groups``: one factor), so the fixed cost of
+   a fit is paid once; inference computes every contrast at the fitted voxels.
 
 A voxel's results do not depend on the other voxels of its chunk, to the last bit: which
 group a voxel joins depends on its own data only, and the numerics treat each voxel alike
