@@ -221,6 +221,15 @@ def eigh_sym(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return w, U
 
 
+def near_boundary(D: tuple[np.ndarray, ...], tol: float) -> np.ndarray:
+    """Voxels where some ``D_k`` has an eigenvalue below ``tol * max(1, largest)``."""
+    out = np.zeros(D[0].shape[0], dtype=bool)
+    for Dk in D:
+        w = eigh_sym(np.where(np.isfinite(Dk), Dk, 0.0))[0]
+        out |= w[:, 0] <= tol * np.maximum(1.0, w[:, -1])
+    return out
+
+
 def psd_project(D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Project a stack of symmetric matrices onto the PSD cone (eigenvalues clipped at 0).
 
@@ -272,6 +281,13 @@ def scoring_steps(ev: Evaluation, pf: ProductForms, method: str,
     return tuple(out), gain
 
 
+#: A halving group of at most this many trial voxels is evaluated with its score sums at
+#: once even where the algebra evaluates halvings lazily: one call instead of two.  Which
+#: way changes no bits (the sums of a point are the same whether formed with its evaluation
+#: or after it); it only trades the per-call cost against sums for rejected trials.
+EAGER_HALVINGS = 48
+
+
 def rounding_floor(llh: np.ndarray) -> np.ndarray:
     """Smallest change of ``l`` that is not rounding: ``1e-14 |l|``."""
     return 1e-14 * np.abs(llh)
@@ -296,7 +312,8 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
                    max_iterations: int = 200, max_halvings: int = 10,
                    step_tolerance: float = 1e-6,
                    D0: tuple[np.ndarray, ...] | None = None,
-                   profiled: bool = True) -> ScoringResult:
+                   profiled: bool = True,
+                   handover: float | None = None) -> ScoringResult:
     """Simplified Fisher Scoring for every voxel of ``pf`` (see the module docstring).
 
     Parameters
@@ -320,6 +337,10 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
         scoring step from ``D = 0``, as in the card).
     profiled
         Use the information with ``s2`` profiled out (default) or the plain ``I_DkDk``.
+    handover
+        When given (a polish follows), a voxel stops as ``stalled`` once two accepted steps
+        in a row leave some ``D_k`` with an eigenvalue below ``handover`` times its largest
+        (or 1): on the boundary, where the eigenvalue clip only creeps.
     """
     st, v = pf.structure, pf.n_voxels
     if D0 is None:
@@ -330,6 +351,7 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
     iterations = np.zeros(v, dtype=np.int64)
     converged = np.zeros(v, dtype=bool)
     stalled = np.zeros(v, dtype=bool)
+    on_edge = np.zeros(v, dtype=bool)
     # a voxel that failed at the start is finished (not converged); the driver flags it
     active = np.flatnonzero(np.isfinite(ev.llh))
     pf_a = pf.take(active)
@@ -373,8 +395,9 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
             trial = [psd_project(Dk[vox] + lam_steps * s[vox]) for Dk, s in zip(D_a, steps)]
             t_lam = tuple(t[1] for t in trial)
             # halvings are mostly rejected: where the algebra says so, they are evaluated for
-            # l only and the score sums are formed for the accepted steps afterwards
-            lazy = group[0] > 0 and pf.algebra.lazy_halvings
+            # l only and the score sums are formed for the accepted steps afterwards -- unless
+            # they are few, where the extra call costs more than the sums (same bits either way)
+            lazy = group[0] > 0 and pf.algebra.lazy_halvings and vox.size > EAGER_HALVINGS
             t_ev = evaluate(pf_a.take(vox), t_lam, method, need_z=not lazy)
             ok = np.flatnonzero(t_ev.llh >= ev_a.llh[vox])     # never keep a worse point
             if ok.size:
@@ -388,8 +411,17 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
                 for k, t in enumerate(trial):
                     new_D[k][accepted] = t[0][sel]
                     new_lam[k][accepted] = t[1][sel]
-                pending = np.setdiff1d(pending, accepted, assume_unique=True)
+                taken = np.zeros(active.size, dtype=bool)
+                taken[accepted] = True
+                pending = pending[~taken[pending]]
         stuck = ~small & ~(new_ev.llh > ev_a.llh)      # no halving raised l
+        if handover is not None:
+            # on (next to) the boundary after two steps in a row: the polish that follows
+            # takes the voxel from here (FS creeps along the boundary; one step on it is
+            # often an overshoot of an interior optimum, where the polish would be slow)
+            edge = near_boundary(tuple(new_D), handover)
+            stuck |= edge & on_edge[active]
+            on_edge[active] = edge
         iterations[active] += 1
         change = new_ev.llh - ev_a.llh
         done = ((np.abs(change) < floor) & (size <= step_tolerance)) | small | stuck

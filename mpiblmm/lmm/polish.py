@@ -32,6 +32,7 @@ PSD-cone problem, ``N'GN <= 0``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,6 +134,44 @@ def newton_direction(der: Derivatives) -> np.ndarray:
     return np.where(ok[:, None], d, 0.0)
 
 
+#: Correct the polish's Hessian model by the secant of the last Newton step (below).
+SECANT = True
+
+
+def _secant_corrected(der: Derivatives, theta: np.ndarray, prev_theta: np.ndarray,
+                      prev_grad: np.ndarray, has_prev: np.ndarray) -> Derivatives:
+    """The negative Hessian model ``N = J' I_p J - C`` corrected so that it reproduces the
+    change of the gradient along the last Newton step (Powell-symmetric-Broyden update):
+    with ``s = theta - theta_prev``, ``y = g - g_prev`` and ``r = -y - N s``,
+    ``N + (r s' + s r')/(s's) - (r's) s s'/(s's)^2`` satisfies ``N s = -y``.
+
+    The expected information in ``N`` differs from the observed one by a fixed amount near
+    the optimum, so the uncorrected Newton iteration converges linearly (gains falling by a
+    factor of only ~20-100 per iteration on boundary voxels); the secant supplies the
+    missing curvature along the path.  Only where the pair has positive curvature
+    (``-s'y > 0``) and everything is finite; elsewhere ``N`` is kept.
+    """
+    s = theta - prev_theta
+    y = der.grad - prev_grad
+    N = der.neg_hess
+    Ns = np.einsum("vij,vj->vi", N, s)
+    ss = np.einsum("vi,vi->v", s, s)
+    sy = -np.einsum("vi,vi->v", s, y)
+    ok = has_prev & (ss > 0) & (sy > 0) & np.isfinite(N).all(axis=(1, 2)) \
+        & np.isfinite(y).all(axis=1)
+    if not ok.any():
+        return der
+    idx = np.flatnonzero(ok)
+    s, y, Ns, ss = s[idx], y[idx], Ns[idx], ss[idx][:, None, None]
+    r = -y - Ns
+    rs = np.einsum("vi,vi->v", r, s)[:, None, None]
+    E = (r[:, :, None] * s[:, None, :] + s[:, :, None] * r[:, None, :]) / ss \
+        - rs * s[:, :, None] * s[:, None, :] / ss ** 2
+    N = N.copy()
+    N[idx] = N[idx] + E
+    return dataclasses.replace(der, neg_hess=N)
+
+
 def canonical_theta(theta: np.ndarray, structure: RandomStructure) -> np.ndarray:
     """lme4's form: flip the sign of every Lambda_k column whose diagonal is negative."""
     out = theta.copy()
@@ -190,15 +229,30 @@ class PolishResult:
     converged: np.ndarray
 
 
+#: Step halvings the line search evaluates together, after the full step alone: a voxel keeps
+#: the first step of the sequence that does not lower ``l``, exactly as one by one, in fewer
+#: calls (their fixed cost is what small chunks pay: docs/ESTIMATOR.md).
+HALVING_BATCH = 3
+
+
+def _alpha_groups(max_halvings: int) -> list[list[float]]:
+    """[1], [1/2 .. 1/8], [1/16 ..], ...: ``max_halvings + 1`` step lengths in groups."""
+    alphas = [0.5 ** h for h in range(max_halvings + 1)]
+    return [alphas[:1]] + [alphas[i:i + HALVING_BATCH]
+                           for i in range(1, len(alphas), HALVING_BATCH)]
+
+
 def _line_search(pf, theta, llh, direction_fn, method, max_halvings, predicted=None,
                  min_gain=0.0):
     """Try ``theta(alpha)`` for alpha = 1, 1/2, ...; keep the first that does not lower ``l``.
 
-    ``direction_fn(idx, alpha)`` returns candidate theta for voxels ``idx``.  When
-    ``predicted`` (v,) is given (the first-order gain of the full step), a voxel stops halving
-    once ``alpha * predicted`` falls below ``min_gain`` (nothing worth an evaluation is left).
-    Returns the new theta, its llh (NaN where nothing was accepted), the accepted mask and the
-    evaluations of the accepted voxels as (index, Evaluation) pairs.
+    ``direction_fn(idx, alpha)`` returns candidate theta for voxels ``idx`` (``alpha`` a
+    scalar or one per voxel, (len(idx), 1)).  When ``predicted`` (v,) is given (the
+    first-order gain of the full step), a voxel stops halving once ``alpha * predicted``
+    falls below ``min_gain`` (nothing worth an evaluation is left).  The halvings are
+    evaluated in groups (:func:`_alpha_groups`); the step kept is the one the sequence would
+    keep.  Returns the new theta, its llh (NaN where nothing was accepted), the accepted mask
+    and the evaluations of the accepted voxels as (index, Evaluation) pairs.
     """
     v = theta.shape[0]
     st = pf.structure
@@ -207,23 +261,29 @@ def _line_search(pf, theta, llh, direction_fn, method, max_halvings, predicted=N
     accepted = np.zeros(v, dtype=bool)
     evs: list[tuple[np.ndarray, Evaluation]] = []
     pending = np.arange(v)
-    alpha = 1.0
-    for _ in range(max_halvings + 1):
-        if predicted is not None:
-            pending = pending[alpha * predicted[pending] > np.broadcast_to(min_gain, (v,))[pending]]
-        if pending.size == 0:
+    gain_floor = None if predicted is None else np.broadcast_to(min_gain, (v,))
+    for group in _alpha_groups(max_halvings):
+        vox, alphas = [], []
+        for alpha in group:
+            if predicted is not None:
+                pending = pending[alpha * predicted[pending] > gain_floor[pending]]
+            vox.append(pending)
+            alphas.append(np.full(pending.size, alpha))
+        vox = np.concatenate(vox)
+        if vox.size == 0:
             break
-        cand = direction_fn(pending, alpha)
-        ev = evaluate(pf.take(pending), lambdas_from_theta(cand, st), method, need_z=True)
-        ok = ev.llh >= llh[pending]
-        if ok.any():
-            idx = pending[ok]
-            new_theta[idx] = cand[ok]
-            new_llh[idx] = ev.llh[ok]
+        alphas = np.concatenate(alphas)[:, None]
+        cand = direction_fn(vox, alphas)
+        ev = evaluate(pf.take(vox), lambdas_from_theta(cand, st), method, need_z=True)
+        ok = np.flatnonzero(ev.llh >= llh[vox])
+        if ok.size:
+            idx, first = np.unique(vox[ok], return_index=True)   # the largest step kept
+            sel = ok[first]
+            new_theta[idx] = cand[sel]
+            new_llh[idx] = ev.llh[sel]
             accepted[idx] = True
-            evs.append((idx, ev.take(np.flatnonzero(ok))))
-        pending = pending[~ok]
-        alpha *= 0.5
+            evs.append((idx, ev.take(sel)))
+            pending = pending[~accepted[pending]]
     return new_theta, new_llh, accepted, evs
 
 
@@ -247,6 +307,9 @@ def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
     iterations = np.zeros(v, dtype=np.int64)
     converged = np.zeros(v, dtype=bool)
     active = np.flatnonzero(np.isfinite(ev.llh))
+    prev_theta = np.zeros_like(theta)
+    prev_grad = np.zeros_like(theta)
+    has_prev = np.zeros(v, dtype=bool)
     for _ in range(int(cap.max(initial=0))):
         active = active[iterations[active] < cap[active]]
         if active.size == 0:
@@ -256,6 +319,10 @@ def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
         th_a = theta[active]
         lam_a = lambdas_from_theta(th_a, st)
         der = derivatives(ev_a, pf_a, lam_a, method)
+        if SECANT:
+            der = _secant_corrected(der, th_a, prev_theta[active], prev_grad[active],
+                                    has_prev[active])
+            prev_theta[active], prev_grad[active] = th_a, der.grad
         d = newton_direction(der)
         floor = np.maximum(tolerance, 1e-14 * np.abs(ev_a.llh))   # rounding floor of l
         # first-order gain of the full Newton step, g'd (>= 0 for the saddle-free direction)
@@ -272,6 +339,7 @@ def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
             mv_r = tuple(m[retry] for m in moves)
 
             def escape(idx, alpha):
+                alpha = np.reshape(alpha, (-1, 1, 1))
                 return theta_from_D(tuple(Dk[idx] + alpha * mk[idx]
                                           for Dk, mk in zip(D_r, mv_r)), st)
 
@@ -295,7 +363,14 @@ def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
         # write back accepted moves (the escape, appended last, wins where it was better)
         for idx, sub_ev in evs:
             ev.put(active[idx], sub_ev)
-        theta[active[acc]] = canonical_theta(new_th[acc], st)
+        canon = canonical_theta(new_th[acc], st)
+        theta[active[acc]] = canon
+        # a secant pair needs two points of one Newton path: not across an escape (a jump
+        # out of the boundary) or a column flipped back to lme4's sign
+        newton = acc.copy()
+        newton[retry] = False
+        newton[np.flatnonzero(acc)[(canon != new_th[acc]).any(axis=1)]] = False
+        has_prev[active] = newton
         iterations[active] += 1
         done = gain < floor
         converged[active[done]] = True

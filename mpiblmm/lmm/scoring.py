@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fisher import eigh_sym, fisher_scoring
+from .fisher import fisher_scoring
+from .fisher import near_boundary as fisher_near_boundary
 from .model import ProductForms
 from .polish import polish as polish_theta
 from .theta import theta_from_D
@@ -25,11 +26,7 @@ NEAR_BOUNDARY = 1e-6
 
 def near_boundary(D: tuple[np.ndarray, ...], tol: float = NEAR_BOUNDARY) -> np.ndarray:
     """Voxels where some ``D_k`` has an eigenvalue below ``tol * max(1, largest)``."""
-    out = np.zeros(D[0].shape[0], dtype=bool)
-    for Dk in D:
-        w = eigh_sym(np.where(np.isfinite(Dk), Dk, 0.0))[0]
-        out |= w[:, 0] <= tol * np.maximum(1.0, w[:, -1])
-    return out
+    return fisher_near_boundary(D, tol)
 
 
 def fit_scoring_polish(pf: ProductForms, method: str, tolerance: float, max_iterations: int,

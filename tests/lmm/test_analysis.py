@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 
-from mpiblmm.lmm.analysis import (ContrastDef, Model, Settings, analyse_chunk,
+from mpiblmm.lmm.analysis import (ContrastDef, Model, Settings, analyse_chunk, joint_forms,
                                   product_form_groups)
+from mpiblmm.lmm.estimate import fit
+from mpiblmm.lmm.satterthwaite import satterthwaite_setup
 from mpiblmm.lmm.model import (STATUS_CONSTANT, STATUS_EMPTY, STATUS_RANK_DEFICIENT,
                                STATUS_TOO_FEW, STATUS_UNIDENTIFIABLE)
-from mpiblmm.lmm.products import random_design
+from mpiblmm.lmm.products import product_forms, random_design
 from mpiblmm.simulate import FactorSpec, covariance, simulate_design, simulate_voxels
 
 
@@ -54,6 +56,26 @@ def test_a_voxel_gets_the_same_bits_whatever_chunk_it_is_in(crossed):
         for key, value in whole.items():
             joined = np.concatenate([part[key] for part in parts])
             np.testing.assert_array_equal(joined, value, err_msg=f"{key} with cuts {cuts}")
+
+
+def test_one_factor_gives_the_same_bits_with_shared_or_per_voxel_product_forms():
+    """What lets a small chunk fit its complete and missing-data voxels as one group
+    (``analysis.joint_forms``): a voxel's fit and Satterthwaite setup do not depend on
+    whether its Z'X, Z'Z and X'X are shared or its own."""
+    model, Y = _model_and_data(seed=4, v=30)
+    Y[:10] *= 1e-3                                     # some voxels fit at the boundary
+    pf = product_forms(model.X, model.rd, Y.T, np.isfinite(Y.T))
+    own = joint_forms([pf])
+    assert pf.shared and not own.shared and own.ZtX.shape[0] == 30
+    a, b = fit(pf), fit(own)
+    assert (a.status == 2).any() and (a.status == 0).any()
+    for key in ("beta", "s2", "llh", "iterations", "status"):
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
+    np.testing.assert_array_equal(a.extras["theta"], b.extras["theta"])
+    pa = satterthwaite_setup(pf, a.s2, a.D, "REML", fitted=a.fitted)
+    pb = satterthwaite_setup(own, b.s2, b.D, "REML", fitted=b.fitted)
+    for key in ("cov_beta", "jacobian", "vcov_varpar"):
+        np.testing.assert_array_equal(getattr(pa, key), getattr(pb, key), err_msg=key)
 
 
 def test_voxels_that_cannot_be_fitted_say_why():

@@ -56,6 +56,9 @@ class Algebra:
     #: Fisher Scoring evaluates halved steps for ``l`` only, and forms the score sums of the
     #: accepted ones afterwards (:meth:`score_sums`).
     lazy_halvings = False
+    #: A chunk may fit its complete-data (shared product forms) and missing-data voxels as one
+    #: group: the algebra gives a voxel the same bits with shared or per-voxel product forms.
+    joint_groups = False
 
     def __init__(self, structure: RandomStructure):
         self.structure = structure

@@ -48,11 +48,11 @@ def _satt_sums_block(pf: ProductForms, lam: np.ndarray, s2: np.ndarray, reml: bo
     beta, Q = gls(vp)
     A = inv_sym(vp.XtViX)
     T, R = level_T_R(B, M)
-    r = level_residuals(ZX, ZY, beta, pf.shared)
+    r = level_residuals(ZX, ZY, beta)
     u = [dot(T[a], r) for a in range(q)]
     W = [[dot(T[a], [ZX[c][s] for c in range(q)]) for s in range(p)] for a in range(q)]
     # W_j A W_j' = T_j P_j T_j', P_j = ZX_j A ZX_j'
-    P = level_zx_a_zx(ZX, A, pf.shared)
+    P = level_zx_a_zx(ZX, A)
     TP = [[dot(T[a], [P[c][d] for c in range(q)]) for d in range(q)] for a in range(q)]
     WAW = [[None] * q for _ in range(q)]
     for a in range(q):

@@ -9,13 +9,13 @@ of O(v l q_1^2 p^2); nothing of size (v, q, q) is formed.  Used by
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..likelihood import VinvProducts, gls, profiled_s2, spd_inv_logdet, sym
 from ..model import ProductForms
-from ..rowwise import rows_at
 
 
 def _mm(A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -47,22 +47,14 @@ def _spd_inv_logdet_lead(S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _lead(a: np.ndarray, n_small: int) -> np.ndarray:
     """Move the last ``n_small`` axes to the front (contiguous copy)."""
     nd = a.ndim
-    return np.ascontiguousarray(np.moveaxis(a, tuple(range(nd - n_small, nd)),
-                                            tuple(range(n_small))))
+    return np.ascontiguousarray(a.transpose(tuple(range(nd - n_small, nd))
+                                            + tuple(range(nd - n_small))))
 
 
 def _trail(a: np.ndarray, n_small: int) -> np.ndarray:
     """Inverse of :func:`_lead`: move the first ``n_small`` axes to the end."""
     nd = a.ndim
     return np.moveaxis(a, tuple(range(n_small)), tuple(range(nd - n_small, nd)))
-
-
-def _x_corrections_shared(ZX: np.ndarray, L: np.ndarray, Sinv: np.ndarray,
-                          MZY: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``X'Z M Z'X`` and ``X'Z M Z'Y`` when Z'X (q1, p, l) is shared by every voxel, with
-    ``M = Lambda S^-1 Lambda'`` per voxel and level formed here from ``L`` and ``S^-1``."""
-    M = _mm(L, _mm(Sinv, np.swapaxes(L, 0, 1)))            # (q1, q1, v, l)
-    return _shared_zx_corrections(M, MZY, ZX)
 
 
 def vinv_single(pf: ProductForms, lam: np.ndarray, need_z: bool) -> VinvProducts:
@@ -80,16 +72,13 @@ def vinv_single(pf: ProductForms, lam: np.ndarray, need_z: bool) -> VinvProducts
     Sinv, logdet = _spd_inv_logdet_lead(S)                 # S^-1, log|S| (v, l)
     AY = _mm_tn(L, ZY[:, None])[:, 0]                      # Lambda'Z'Y  (q1, v, l)
     SAY = _mm(Sinv, AY[:, None])[:, 0]
-    if pf.shared and not need_z:
-        corr_xx, corr_xy = _x_corrections_shared(ZX[:, :, 0], L, Sinv, _mm(L, SAY[:, None])[:, 0])
-    else:
-        AX = _mm_tn(L, ZX)                                 # Lambda'Z'X  (q1, p, v, l)
-        SAX = _mm(Sinv, AX)
-        corr_xx = np.empty((v, p, p))
-        for a in range(p):
-            for b in range(a, p):
-                corr_xx[:, a, b] = corr_xx[:, b, a] = (AX[:, a] * SAX[:, b]).sum(axis=(0, 2))
-        corr_xy = np.stack([(AX[:, a] * SAY).sum(axis=(0, 2)) for a in range(p)], axis=1)
+    AX = _mm_tn(L, ZX)                                     # Lambda'Z'X  (q1, p, v, l)
+    SAX = _mm(Sinv, AX)
+    corr_xx = np.empty((v, p, p))
+    for a in range(p):
+        for b in range(a, p):
+            corr_xx[:, a, b] = corr_xx[:, b, a] = (AX[:, a] * SAX[:, b]).sum(axis=(0, 2))
+    corr_xy = np.stack([(AX[:, a] * SAY).sum(axis=(0, 2)) for a in range(p)], axis=1)
     out = dict(XtViX=pf.XtX - corr_xx, XtViY=pf.XtY - corr_xy,
                YtViY=pf.YtY - (AY * SAY).sum(axis=(0, 2)), logdetV=logdet.sum(-1))
     if need_z:
@@ -130,24 +119,45 @@ def dot(xs, ys) -> np.ndarray:
     return out
 
 
-def _sandwich(C, X, q: int, add_identity: bool = False):
-    """``Y = C' X C`` for a symmetric ``X`` given by entries (v|1, l) and per-voxel ``C``
-    entries (v, 1): ``Y[c][d] = sum_{a<=b} w_ab X[a][b]`` with per-voxel weights ``w``."""
-    Y = [[None] * q for _ in range(q)]
-    for c in range(q):
-        for d in range(c, q):
-            ws, xs = [], []
-            for a in range(q):
-                for b in range(a, q):
-                    w = C[a][c] * C[b][d]
-                    if a != b:
-                        w = w + C[b][c] * C[a][d]
-                    ws.append(w)
-                    xs.append(X[a][b])
-            y = dot(ws, xs)
-            if add_identity and c == d:
-                y += 1.0
-            Y[c][d] = Y[d][c] = y
+@functools.lru_cache(maxsize=None)
+def pair_plan(q: int):
+    """Index plan of the symmetric q x q entries, fixed per q (formed once).
+
+    Returns ``(ua, ub, full, diag)``: the upper entries ``(ua[o], ub[o])``, ``a <= b``, in the
+    order the sums visit them; ``full`` (q, q) the upper entry holding ``[a, b]`` and
+    ``[b, a]``; ``diag`` the upper entries on the diagonal.
+    """
+    pairs = [(a, b) for a in range(q) for b in range(a, q)]
+    ua = np.array([a for a, _ in pairs], dtype=np.intp)
+    ub = np.array([b for _, b in pairs], dtype=np.intp)
+    full = np.empty((q, q), dtype=np.intp)
+    for o, (a, b) in enumerate(pairs):
+        full[a, b] = full[b, a] = o
+    diag = [o for o, (a, b) in enumerate(pairs) if a == b]
+    return ua, ub, full, diag
+
+
+def _sandwich(C: np.ndarray, X, q: int, add_identity: bool = False) -> np.ndarray:
+    """``Y = C' X C`` for a symmetric ``X`` given by entries ``X[a][b]`` (v|1, l) and a
+    per-voxel ``C`` (v, q, q): the upper entries of ``Y`` stacked, (q(q+1)/2, v, l).
+
+    ``Y[c][d] = sum_{a<=b} w_ab X[a][b]`` with per-voxel weights ``w_ab = C[a,c] C[b,d]
+    (+ C[b,c] C[a,d] for a != b)``, all formed by a few operations on (v, pairs, pairs)
+    arrays; the sum over ``(a, b)`` runs in a fixed order for every output entry at once.
+    """
+    ua, ub, _, diag = pair_plan(q)
+    W = C[:, ua[:, None], ua[None, :]] * C[:, ub[:, None], ub[None, :]]   # (v, in, out)
+    off = np.flatnonzero(ua != ub)
+    if off.size:
+        W[:, off] = W[:, off] + (C[:, ub[off][:, None], ua[None, :]]
+                                 * C[:, ua[off][:, None], ub[None, :]])
+    W = np.ascontiguousarray(W.transpose(1, 2, 0))[..., None]           # (in, out, v, 1)
+    Y = W[0] * X[ua[0]][ub[0]]
+    for e in range(1, ua.size):
+        Y += W[e] * X[ua[e]][ub[e]]
+    if add_identity:
+        for o in diag:
+            Y[o] += 1.0
     return Y
 
 
@@ -171,32 +181,35 @@ def _sum_log(det: np.ndarray) -> np.ndarray:
 
 
 def level_core(B, lam: np.ndarray, want_logdet: bool = True):
-    """``M_j = Lambda S_j^-1 Lambda'`` per level as entries ``M[a][b]`` (v, l), and
-    ``sum_j log|S_j|`` (v,), ``S_j = I + Lambda' B_j Lambda``.  q <= 2 in closed form."""
+    """``M_j = Lambda S_j^-1 Lambda'`` per level, (q, q, v, l) (entries ``M[a][b]``,
+    symmetric to the bit), and ``sum_j log|S_j|`` (v,), ``S_j = I + Lambda' B_j Lambda``.
+    q <= 2 in closed form."""
     q = lam.shape[-1]
-    L = [[np.ascontiguousarray(lam[:, a, c])[:, None] for c in range(q)] for a in range(q)]
-    S = _sandwich(L, B, q, add_identity=True)
+    ua, ub, full, _ = pair_plan(q)
+    S = _sandwich(lam, B, q, add_identity=True)                  # upper entries of S
     if q == 1:
-        Si = [[1.0 / S[0][0]]]
-        logdet = _sum_log(S[0][0]) if want_logdet else None
+        Si = 1.0 / S
+        logdet = _sum_log(S[0]) if want_logdet else None
     elif q == 2:
-        det = S[0][0] * S[1][1]
-        det -= S[0][1] * S[0][1]
+        det = S[0] * S[2]
+        det -= S[1] * S[1]
         r = 1.0 / det
-        Si = [[S[1][1] * r, None], [None, S[0][0] * r]]
+        Si = np.empty_like(S)
+        np.multiply(S[2], r, out=Si[0])
+        np.multiply(S[0], r, out=Si[2])
         r *= -1.0
-        Si[0][1] = Si[1][0] = S[0][1] * r
+        np.multiply(S[1], r, out=Si[1])
         logdet = _sum_log(det) if want_logdet else None
     else:
-        Sm = np.stack([np.stack(row, axis=-1) for row in S], axis=-2)   # (v, l, q, q)
+        Sm = np.moveaxis(S[full], (0, 1), (-2, -1))                   # (v, l, q, q)
         logdet = None
         if want_logdet:
             C = np.linalg.cholesky(Sm)
             logdet = 2.0 * np.log(np.diagonal(C, axis1=-2, axis2=-1)).sum(axis=(-2, -1))
         inv = np.linalg.inv(Sm)
-        Si = [[np.ascontiguousarray(inv[..., a, b]) for b in range(q)] for a in range(q)]
-    Lt = [[L[a][c] for a in range(q)] for c in range(q)]
-    return _sandwich(Lt, Si, q), logdet
+        Si = np.ascontiguousarray(np.moveaxis(inv[..., ua, ub], -1, 0))
+    M = _sandwich(np.swapaxes(lam, 1, 2), Si[full], q)
+    return M[full], logdet
 
 
 def lsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -204,57 +217,40 @@ def lsum(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("vl,vl->v", a, b)
 
 
-def _outer_levels(ZXs: np.ndarray, a: int, b: int, both: bool = False) -> np.ndarray:
-    """``ZX_a (x) ZX_b`` (``+ ZX_b (x) ZX_a`` when ``both``) per level, (l, p*p), for a
-    shared Z'X (q, p, l)."""
-    p, l = ZXs.shape[1], ZXs.shape[2]
-    O = ZXs[a][:, None, :] * ZXs[b][None, :, :]
-    if both:
-        O = O + ZXs[b][:, None, :] * ZXs[a][None, :, :]
-    return O.reshape(p * p, l).T
+def lsums(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """:func:`lsum` of many pairs at once: (..., v, l) x (..., v, l) -> (..., v).  The same
+    loop over the levels for every pair and voxel (the same bits as :func:`lsum` per pair)."""
+    lead = a.shape[:-2]
+    out = np.einsum("evl,evl->ev", a.reshape((-1,) + a.shape[-2:]),
+                    b.reshape((-1,) + b.shape[-2:]))
+    return out.reshape(lead + out.shape[-1:])
 
 
-def _shared_zx_corrections(M, MZY, ZXs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``sum_j ZX_j' M_j ZX_j`` (v, p, p) and ``sum_j ZX_j' M_j Z_j'Y`` (v, p) for a Z'X
-    ``ZXs`` (q, p, l) shared by every voxel: the level sums are products with the shared
-    per-level outer products of Z'X.  ``M[a][b]`` and ``MZY[a]`` are (v, l); ``M`` is
-    symmetric, so each pair of effects is visited once."""
-    q, p = ZXs.shape[0], ZXs.shape[1]
-    v = MZY[0].shape[0]
-    corr_xx = np.zeros((v, p * p))
-    for a in range(q):
-        for b in range(a, q):
-            corr_xx += rows_at(M[a][b], _outer_levels(ZXs, a, b, both=a != b))
-    corr_xy = rows_at(MZY[0], ZXs[0].T)
-    for a in range(1, q):
-        corr_xy += rows_at(MZY[a], ZXs[a].T)
-    return sym(corr_xx.reshape(v, p, p)), corr_xy
+def seq_sum(a: np.ndarray) -> np.ndarray:
+    """``a[0] + a[1] + ...`` over the leading axis, left to right (a new array)."""
+    out = a[0].copy()
+    for x in a[1:]:
+        out += x
+    return out
 
 
 def products_block(pf: ProductForms, B, ZX, ZY, M, logdet) -> VinvProducts:
-    """X'V^-1X, X'V^-1Y, Y'V^-1Y: ``X'V^-1B = X'B - sum_j ZX_j' M_j Z_j'B``.  A shared Z'X
-    makes the level sums BLAS products with the per-level outer products of Z'X."""
-    q, p, v = len(M), pf.p, pf.n_voxels
-    MZY = [dot(M[a], list(ZY)) for a in range(q)]
-    corr_yy = lsum(ZY[0], MZY[0])
-    for a in range(1, q):
-        corr_yy += lsum(ZY[a], MZY[a])
-    if pf.shared:
-        corr_xx, corr_xy = _shared_zx_corrections(M, MZY, ZX[:, :, 0])
-    else:
-        MZX = [[dot(M[a], [ZX[b][r] for b in range(q)]) for r in range(p)] for a in range(q)]
-        corr_xx = np.empty((v, p, p))
-        corr_xy = np.empty((v, p))
-        for r in range(p):
-            for s in range(r, p):
-                c = lsum(ZX[0][r], MZX[0][s])
-                for a in range(1, q):
-                    c += lsum(ZX[a][r], MZX[a][s])
-                corr_xx[:, r, s] = corr_xx[:, s, r] = c
-            c = lsum(ZX[0][r], MZY[0])
-            for a in range(1, q):
-                c += lsum(ZX[a][r], MZY[a])
-            corr_xy[:, r] = c
+    """X'V^-1X, X'V^-1Y, Y'V^-1Y: ``X'V^-1B = X'B - sum_j ZX_j' M_j Z_j'B``.  Every
+    small-matrix product is formed for all entries at once (stacked (q, ..., v, l) arrays),
+    each level sum by numpy's einsum loop (no BLAS: the same bits in any chunk)."""
+    p, v = pf.p, pf.n_voxels
+    MZY = _mm(M, ZY[:, None])[:, 0]                        # (q, v, l): M_j Z_j'Y
+    corr_yy = seq_sum(lsums(ZY, MZY))
+    # Z'X (q, p, v|1, l) shared or per voxel: the same arithmetic (a shared Z'X broadcast),
+    # so a voxel gets the same bits in either kind of group
+    MZX = np.einsum("abvl,bsvl->asvl", M, ZX)              # (q, p, v, l)
+    pr, ps, _, _ = pair_plan(p)
+    # every (r, s) at once, the upper ones kept (each its own loop over the levels)
+    c = seq_sum(np.einsum("arvl,asvl->arsv", ZX, MZX))[pr, ps].T         # (v, pairs)
+    corr_xx = np.empty((v, p, p))
+    corr_xx[:, pr, ps] = c
+    corr_xx[:, ps, pr] = c
+    corr_xy = seq_sum(np.einsum("arvl,avl->arv", ZX, MZY)).T
     return VinvProducts(XtViX=pf.XtX - corr_xx, XtViY=pf.XtY - corr_xy,
                         YtViY=pf.YtY - corr_yy, logdetV=logdet)
 
@@ -291,84 +287,98 @@ class LevelSums:
 
 
 def level_T_R(B, M):
-    """Per level, entry by entry: ``T_j = I - B_j M_j`` and ``R_jj = B_j - B_j M_j B_j``.
+    """Per level: ``T_j = I - B_j M_j`` (q, q, v, l) and ``R_jj = B_j - B_j M_j B_j``
+    (q, q, v, l, symmetric to the bit), entries ``T[a][b]``, ``R[a][b]``.
 
     ``B_j = Z_j'Z_j``; ``R_jj = Z_j'V^-1Z_j`` and ``T_j Z_j'b = Z_j'V^-1 b`` for any b.
     """
+    T, Ru = _level_T_Ru(B, M)
+    return T, Ru[pair_plan(len(M))[2]]
+
+
+def _level_T_Ru(B, M):
+    """:func:`level_T_R` with the upper entries of ``R`` only, (q(q+1)/2, v, l)."""
     q = len(M)
-    BM = [[dot(B[a], [M[c][b] for c in range(q)]) for b in range(q)] for a in range(q)]
-    T = [[(1.0 - BM[a][c]) if a == c else -BM[a][c] for c in range(q)] for a in range(q)]
-    R = [[None] * q for _ in range(q)]
+    ua, ub, _, _ = pair_plan(q)
+    BM = _mm(B, M)
+    T = np.negative(BM)
     for a in range(q):
-        for b in range(a, q):
-            R[a][b] = R[b][a] = B[a][b] - dot(BM[a], [B[c][b] for c in range(q)])
-    return T, R
+        np.subtract(1.0, BM[a, a], out=T[a, a])
+    R = B - _mm(BM, B)
+    return T, R[ua, ub]
 
 
-def level_residuals(ZX, ZY, beta: np.ndarray, shared: bool):
-    """Per level ``r_j = Z_j'(Y - X beta)``, one (v, l) array per effect."""
-    q, p = ZX.shape[0], ZX.shape[1]
-    if shared:  # Z'X shared by every voxel
-        return [ZY[a] - rows_at(beta, ZX[a, :, 0]) for a in range(q)]
-    return [ZY[a] - dot(list(ZX[a]), [beta[:, s, None] for s in range(p)]) for a in range(q)]
+def level_residuals(ZX, ZY, beta: np.ndarray) -> np.ndarray:
+    """Per level ``r_j = Z_j'(Y - X beta)``, (q, v, l) (one (v, l) array per effect)."""
+    p = ZX.shape[1]
+    fit = ZX[:, 0] * beta[:, 0, None]          # shared Z'X (v = 1) broadcast: the same bits
+    for s in range(1, p):
+        fit += ZX[:, s] * beta[:, s, None]
+    return ZY - fit
 
 
-def level_zx_a_zx(ZX, A: np.ndarray, shared: bool):
-    """Per level ``P_j = Z_j'X A X'Z_j`` (symmetric, q x q lists of (v, l) arrays)."""
-    q, p, v = ZX.shape[0], ZX.shape[1], A.shape[0]
-    P = [[None] * q for _ in range(q)]
-    if shared:
-        Af = A.reshape(v, p * p)
-        for c in range(q):
-            for d in range(c, q):
-                P[c][d] = P[d][c] = rows_at(Af, _outer_levels(ZX[:, :, 0], c, d).T)
-        return P
-    AZX = [[dot(list(ZX[d]), [A[:, s, t, None] for t in range(p)]) for s in range(p)]
-           for d in range(q)]
-    for c in range(q):
-        for d in range(c, q):
-            P[c][d] = P[d][c] = dot(list(ZX[c]), AZX[d])
-    return P
+def level_zx_a_zx(ZX, A: np.ndarray) -> np.ndarray:
+    """Per level ``P_j = Z_j'X A X'Z_j`` (q, q, v, l), symmetric to the bit."""
+    return _zx_a_zx_upper(ZX, A)[pair_plan(ZX.shape[0])[2]]
+
+
+def _zx_a_zx_upper(ZX, A: np.ndarray) -> np.ndarray:
+    """The upper entries ``c <= d`` of :func:`level_zx_a_zx`, (q(q+1)/2, v, l).
+
+    ``AZX[d, s] = sum_t ZX[d, t] A[s, t]``, ``P[c, d] = sum_s ZX[c, s] AZX[d, s]``: plain
+    einsum loops, the sums over t and s in order; a shared Z'X (v = 1) is broadcast, the
+    same arithmetic and bits as per voxel."""
+    ua, ub, _, _ = pair_plan(ZX.shape[0])
+    AZX = np.einsum("dtvl,vst->dsvl", ZX, A)
+    return np.einsum("csvl,dsvl->cdvl", ZX, AZX)[ua, ub]
+
+
+@functools.lru_cache(maxsize=None)
+def _rr_plan(q: int):
+    """``sum_j R_jj[a, c] R_jj[b, d]`` takes few distinct values: the pairs of upper entries
+    ``(i1, i2)`` to sum, and ``keymap`` (q, q, q, q) saying which of them ``[a, b, c, d]`` is."""
+    _, _, full, _ = pair_plan(q)
+    keys: dict = {}
+    i1, i2 = [], []
+    keymap = np.empty((q, q, q, q), dtype=np.intp)
+    for a in range(q):
+        for b in range(q):
+            for c in range(q):
+                for d in range(q):
+                    key = tuple(sorted((tuple(sorted((a, c))), tuple(sorted((b, d))))))
+                    if key not in keys:
+                        keys[key] = len(keys)
+                        i1.append(full[a, c])
+                        i2.append(full[b, d])
+                    keymap[a, b, c, d] = keys[key]
+    return np.array(i1, dtype=np.intp), np.array(i2, dtype=np.intp), keymap
 
 
 def _sums_block(pf: ProductForms, B, ZX, ZY, M, beta: np.ndarray, s2: np.ndarray,
                 A: np.ndarray | None) -> LevelSums:
     """:class:`LevelSums` from the per-level ``M`` (see :func:`level_sums`)."""
     q, v = len(M), pf.n_voxels
-    T, R = level_T_R(B, M)
+    ua, ub, full, _ = pair_plan(q)
+    T, Ru = _level_T_Ru(B, M)
     # Q_j = r_j r_j' / s2 (+ P_j = ZX_j A ZX_j' for REML), r_j = Z_j'(Y - X beta)
-    r = level_residuals(ZX, ZY, beta, pf.shared)
-    rs = [r[a] * (1.0 / s2)[:, None] for a in range(q)]
-    Q = [[None] * q for _ in range(q)]
-    for c in range(q):
-        for d in range(c, q):
-            Q[c][d] = Q[d][c] = rs[c] * r[d]
+    r = level_residuals(ZX, ZY, beta)
+    rs = r * (1.0 / s2)[:, None]
+    Q = rs[ua] * r[ub]
     if A is not None:
-        P = level_zx_a_zx(ZX, A, pf.shared)
-        for c in range(q):
-            for d in range(c, q):
-                Q[c][d] += P[c][d]
+        Q += _zx_a_zx_upper(ZX, A)
     # G = 1/2 sum_j (T_j Q_j T_j' - R_jj)
-    TQ = [[dot(T[a], [Q[c][d] for c in range(q)]) for d in range(q)] for a in range(q)]
+    TQ = _mm(T, Q[full])
+    # g[a, b] = sum_d sum_j TQ[a, d] T[b, d]: every (a, b, d) at once, the upper (a, b) kept
+    g = seq_sum(np.einsum("advl,bdvl->dabv", TQ, T))[ua, ub]   # (pairs, v)
+    Rsum = Ru.sum(axis=-1)
+    Gu = 0.5 * (g - Rsum)
     Rs = np.empty((v, q, q))
     G = np.empty((v, q, q))
-    for a in range(q):
-        for b in range(a, q):
-            Rs[:, a, b] = Rs[:, b, a] = R[a][b].sum(axis=-1)
-            g = lsum(TQ[a][0], T[b][0])
-            for d in range(1, q):
-                g += lsum(TQ[a][d], T[b][d])
-            G[:, a, b] = G[:, b, a] = 0.5 * (g - Rs[:, a, b])
-    RR = np.empty((v, q, q, q, q))
-    done: dict = {}
-    for a in range(q):
-        for b in range(q):
-            for c in range(q):
-                for d in range(q):
-                    key = tuple(sorted((tuple(sorted((a, c))), tuple(sorted((b, d))))))
-                    if key not in done:
-                        done[key] = lsum(R[a][c], R[b][d])
-                    RR[:, a, b, c, d] = done[key]
+    Rs[:, ua, ub] = Rs[:, ub, ua] = Rsum.T
+    G[:, ua, ub] = G[:, ub, ua] = Gu.T
+    i1, i2, keymap = _rr_plan(q)
+    U = np.einsum("ivl,jvl->ijv", Ru, Ru)[i1, i2]         # sum_j R[a, c] R[b, d], distinct
+    RR = np.ascontiguousarray(U[keymap].transpose(4, 0, 1, 2, 3))
     return LevelSums(R=Rs, G=G, RR=RR)
 
 

@@ -27,12 +27,22 @@ from .levels import LevelSums, level_sums, products_and_sums, vinv_single, vinv_
 #: optimum without them, at ~2.4 evaluations per voxel less (10-15% of the fit).
 FS_HALVINGS_BEFORE_POLISH = 3
 
+#: When the polish follows, Fisher Scoring hands a voxel over to it once two steps in a row
+#: end with a clipped eigenvalue of D (below HANDOVER relative: rounding): FS only creeps
+#: along the boundary there, and the polish is what finds the boundary optimum.  (After one
+#: such step the optimum is often interior -- an overshoot -- and the polish, started on the
+#: boundary, took up to 34 iterations where FS took 10.)  Demo-like study: FS iterations per
+#: voxel 5.0 -> 4.6 (complete data) and 6.2 -> 5.3 (missing data), the slowest voxel's
+#: 12 -> 9 and 18 -> 13; polish unchanged on average; l within 1e-12.
+HANDOVER = 1e-12
+
 
 class OneFactor(Algebra):
     """The algebra of a single grouping factor (see the module docstring)."""
 
     name = "one factor"
     lazy_halvings = True
+    joint_groups = True          # levels.py: shared Z'X is broadcast, the same arithmetic
 
     # -- product forms
     def zz_products(self, rd, weights: np.ndarray) -> np.ndarray:
@@ -127,5 +137,5 @@ class OneFactor(Algebra):
                   polish_mode: str) -> dict:
         halvings = {}
         if polish_mode != "none":
-            halvings = dict(max_halvings=FS_HALVINGS_BEFORE_POLISH)
+            halvings = dict(max_halvings=FS_HALVINGS_BEFORE_POLISH, handover=HANDOVER)
         return fit_scoring_polish(pf, method, tolerance, max_iterations, polish_mode, halvings)
