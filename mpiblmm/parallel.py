@@ -33,6 +33,7 @@ import errno
 import os
 import re
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, NoReturn
@@ -233,16 +234,27 @@ def _run_abort_hooks() -> None:
             pass
 
 
+#: Seconds a rank waits between printing its last words and ``MPI_Abort``: the launcher
+#: forwards a rank's stderr through a pipe and tears the job down on the abort, and under load
+#: MPICH's hydra dropped the one error line still in that pipe (tests/cli/test_io_failures.py
+#: failed 2 runs in 3 with both cores busy; the line was there with this pause).
+ABORT_LINGER = 0.5
+
+
+def abort_job(comm: Any, code: int) -> None:
+    """``comm.Abort(code)`` after the standard streams are flushed and the launcher had
+    :data:`ABORT_LINGER` seconds to forward them."""
+    _flush_std_streams()
+    time.sleep(ABORT_LINGER)
+    comm.Abort(code)
+
+
 def _abort(comm: Any, code: int) -> NoReturn:
     """End the whole job now: other ranks may be inside a collective that never completes."""
     _run_abort_hooks()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
+    _flush_std_streams()
     if comm is not None and comm.Get_size() > 1:
-        comm.Abort(code)
+        abort_job(comm, code)
     os._exit(code)  # one rank: no interpreter teardown, which would close HDF5 files again
 
 
@@ -389,7 +401,7 @@ def run_guarded(fn: Callable[[], int | None], comm: Any) -> int:
         _print_user_error(str(exc) if size == 1 else f"rank {rank}: {exc}")
         _run_abort_hooks()
         if size > 1:
-            comm.Abort(code)
+            abort_job(comm, code)
         return code
     except KeyboardInterrupt:
         raise
@@ -399,7 +411,7 @@ def run_guarded(fn: Callable[[], int | None], comm: Any) -> int:
         if code != 0 and size > 1:
             print(f"rank {rank}: exited with code {code}", file=sys.stderr, flush=True)
             _run_abort_hooks()
-            comm.Abort(code)
+            abort_job(comm, code)
         return code
     except BaseException as exc:  # noqa: BLE001 - the top of a rank's job
         print(f"rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
@@ -407,7 +419,7 @@ def run_guarded(fn: Callable[[], int | None], comm: Any) -> int:
         sys.stderr.flush()
         _run_abort_hooks()
         if size > 1:
-            comm.Abort(ABORT_EXIT_CODE)
+            abort_job(comm, ABORT_EXIT_CODE)
         return ABORT_EXIT_CODE
 
 
