@@ -35,6 +35,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mpiblmm.allocator import keep_freed_memory  # noqa: E402
 from mpiblmm.lmm.analysis import (  # noqa: E402
@@ -42,18 +43,16 @@ from mpiblmm.lmm.analysis import (  # noqa: E402
     product_form_groups,
 )
 from mpiblmm.lmm.estimate import fit  # noqa: E402
-from mpiblmm.lmm.products import product_forms, random_design  # noqa: E402
+from mpiblmm.lmm.products import product_forms  # noqa: E402
+
+from bench_estimator import longitudinal  # noqa: E402
 
 
 def study(v: int, n_sub: int = 60, missing: float = 0.3, seed: int = 1):
     """The model and (v, n) data with NaN for missing observations."""
     rng = np.random.default_rng(seed)
-    n = n_sub * 4
-    sub = np.repeat(np.arange(n_sub), 4)
-    t = np.tile(np.arange(4.0), n_sub)
-    age = rng.normal(size=n)
-    X = np.column_stack([np.ones(n), age, t])
-    rd = random_design([sub], [np.column_stack([np.ones(n), t])], ["subject"])
+    X, rd, _ = longitudinal(n_sub, rng)
+    n = X.shape[0]
     contrasts = (ContrastDef("age", np.array([[0.0, 1.0, 0.0]])),
                  ContrastDef("t", np.array([[0.0, 0.0, 1.0]])),
                  ContrastDef("both", np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), "F"))

@@ -70,17 +70,22 @@ cat(sprintf("%.10f", llh), "\n")
 """
 
 
+def longitudinal(n_sub: int, rng: np.random.Generator):
+    """``n_sub`` subjects x 4 visits, ``y ~ age + t + (1 + t | subject)``: X, RandomDesign
+    and the data frame (dict of columns)."""
+    n = n_sub * 4
+    sub = np.repeat(np.arange(n_sub), 4)
+    t = np.tile(np.arange(4.0), n_sub)
+    age = rng.normal(size=n)
+    X = np.column_stack([np.ones(n), age, t])
+    rd = random_design([sub], [np.column_stack([np.ones(n), t])], ["subject"])
+    return X, rd, dict(age=age, t=t, subject=sub)
+
+
 def design(name: str, rng: np.random.Generator):
     """X, RandomDesign, a data frame (dict of columns) and the lme4 formula of a design."""
     if name in ("n400", "n1000"):
-        n_sub = 100 if name == "n400" else 250
-        n = n_sub * 4
-        sub = np.repeat(np.arange(n_sub), 4)
-        t = np.tile(np.arange(4.0), n_sub)
-        age = rng.normal(size=n)
-        X = np.column_stack([np.ones(n), age, t])
-        rd = random_design([sub], [np.column_stack([np.ones(n), t])], ["subject"])
-        frame = dict(age=age, t=t, subject=sub)
+        X, rd, frame = longitudinal(100 if name == "n400" else 250, rng)
         formula = "y ~ age + t + (1 + t | subject)"
     elif name == "crossed":
         n = 1000
