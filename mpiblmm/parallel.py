@@ -252,9 +252,9 @@ def abort_job(comm: Any, code: int) -> None:
 def _abort(comm: Any, code: int) -> NoReturn:
     """End the whole job now: other ranks may be inside a collective that never completes."""
     _run_abort_hooks()
-    _flush_std_streams()
     if comm is not None and comm.Get_size() > 1:
         abort_job(comm, code)
+    _flush_std_streams()
     os._exit(code)  # one rank: no interpreter teardown, which would close HDF5 files again
 
 

@@ -87,7 +87,7 @@ def _derivatives(pattern, prep, theta: np.ndarray, h: np.ndarray, reml: bool, ba
 
 def blocked_setup(pattern, pf: ProductForms, varpar: np.ndarray, method: str):
     """``Cov(beta)`` (v, p, p), its Jacobian (v, m+1, p, p) and the deviance Hessian
-    (v, m+1, m+1) at ``varpar = (theta, sigma)`` (v, m+1), in cache-sized voxel batches
+    (v, m+1, m+1) at ``varpar = (theta, sigma)`` (v, m+1), in voxel batches
     (:func:`.cholesky.batches`)."""
     run = _setup if varpar.shape[1] - 1 >= ANALYTIC_FROM else _richardson_setup
     parts = [run(pattern, pf.take(idx), varpar[idx], method)

@@ -165,7 +165,7 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
 
     Returns a dict of (v,)-arrays: ``theta`` (lme4's form), ``llh``, ``beta`` (centred),
     ``s2``, ``XtViX``, ``iterations``, ``evaluations`` and ``converged``.  The voxels are
-    optimised in cache-sized batches (:func:`.cholesky.batches`; each voxel's iterations are
+    optimised in batches (:func:`.cholesky.batches`; each voxel's iterations are
     its own).
     """
     parts = []

@@ -79,7 +79,7 @@ def single_factor_start(pattern: BlockPattern, pf: ProductForms, method: str,
     for a, k in enumerate(pattern.order):
         th = alone[a].copy()
         parent = nested_in(pattern, a)
-        if parent is not None:           # alone, b also carries its parent's variance
+        if parent is not None:           # fitted alone it carries its parent's variance too
             th = np.sqrt(np.maximum(th ** 2 - alone[parent] ** 2, 0.0))
         rows, cols = tril_indices(pattern.structure.factors[k].n_effects)
         on_diag = rows == cols
