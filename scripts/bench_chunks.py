@@ -39,8 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mpiblmm.allocator import keep_freed_memory  # noqa: E402
 from mpiblmm.lmm.analysis import (  # noqa: E402
-    JOINT_GROUPS_UP_TO, ContrastDef, Model, Settings, analyse_chunk, joint_forms,
-    product_form_groups,
+    ContrastDef, Model, Settings, analyse_chunk, fit_groups, product_form_groups,
 )
 from mpiblmm.lmm.estimate import fit  # noqa: E402
 from mpiblmm.lmm.products import product_forms  # noqa: E402
@@ -74,17 +73,15 @@ def chunks(v: int, size: int) -> list[slice]:
 def time_fit(model: Model, Y: np.ndarray, size: int) -> tuple[float, np.ndarray]:
     """CPU seconds of ``fit`` over chunks of ``size`` voxels, and llh.  Each chunk's groups
     are fitted as :func:`~mpiblmm.lmm.analysis.analyse_chunk` fits them: apart, or as one
-    (:data:`~mpiblmm.lmm.analysis.JOINT_GROUPS_UP_TO`)."""
+    (:func:`~mpiblmm.lmm.analysis.fit_groups`)."""
     llh = np.full(Y.shape[0], np.nan)
     total = 0.0
     for sl in chunks(Y.shape[0], size):
         Yc = Y[sl]
         obs = np.isfinite(Yc)
-        groups = list(product_form_groups(obs, np.ones(Yc.shape[0], dtype=bool)))
-        parts = [product_forms(model.X, model.rd, Yc[g].T, obs[g].T) for g in groups]
-        if len(parts) == 2 and parts[0].algebra.joint_groups and Yc.shape[0] <= JOINT_GROUPS_UP_TO:
-            parts, groups = [joint_forms(parts)], [np.concatenate(groups)]
-        for pf, g in zip(parts, groups):
+        groups = product_form_groups(obs, np.ones(Yc.shape[0], dtype=bool))
+        for pf, g in fit_groups([(product_forms(model.X, model.rd, Yc[grp].T, obs[grp].T), grp)
+                                 for grp in groups]):
             c0 = time.process_time()
             res = fit(pf)
             total += time.process_time() - c0

@@ -130,18 +130,22 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     out["status"][:] = np.where(n_obs == 0, STATUS_EMPTY, STATUS_TOO_FEW)
     parts = [_group_forms(model, Y[group].T, observed[group].T, group, out)
              for group in product_form_groups(observed, enough)]
-    parts = [part for part in parts if part is not None]
-    if len(parts) == 2 and parts[0][0].algebra.joint_groups \
-            and sum(index.size for _, index in parts) <= JOINT_GROUPS_UP_TO:
-        # a small chunk: both groups in one set of calls (the algebra gives a voxel the same
-        # bits whether its product forms are shared or its own)
-        parts = [(joint_forms([pf for pf, _ in parts]), np.concatenate([i for _, i in parts]))]
-    for pf, index in parts:
+    for pf, index in fit_groups([part for part in parts if part is not None]):
         _fit_forms(model, pf, settings, index, out)
     return out
 
 
-#: Chunks of at most this many voxels to fit fit their complete-data and missing-data voxels
+def fit_groups(parts: list[tuple[ProductForms, np.ndarray]]) -> list:
+    """The (product forms, voxel index) groups a chunk is fitted as: its two product-form
+    groups joined into one when the chunk is small (:data:`JOINT_GROUPS_UP_TO`) and the
+    algebra gives a voxel the same bits whether its product forms are shared or its own."""
+    if len(parts) == 2 and parts[0][0].algebra.joint_groups \
+            and sum(index.size for _, index in parts) <= JOINT_GROUPS_UP_TO:
+        return [(joint_forms([pf for pf, _ in parts]), np.concatenate([i for _, i in parts]))]
+    return parts
+
+
+#: Chunks of at most this many voxels fit their complete-data and missing-data voxels
 #: together when the structure's algebra allows it (``joint_groups``): the fixed cost of a
 #: fit (its calls run as long as the slowest voxel) is then paid once, not twice.  Larger
 #: chunks keep the complete voxels' shared product forms (less memory traffic).

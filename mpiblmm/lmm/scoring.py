@@ -14,19 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fisher import fisher_scoring
-from .fisher import near_boundary as fisher_near_boundary
+from .fisher import fisher_scoring, near_boundary
 from .model import ProductForms
 from .polish import polish as polish_theta
 from .theta import theta_from_D
 
 #: Relative eigenvalue of a D_k below which a voxel is polished in theta (mode "auto").
 NEAR_BOUNDARY = 1e-6
-
-
-def near_boundary(D: tuple[np.ndarray, ...], tol: float = NEAR_BOUNDARY) -> np.ndarray:
-    """Voxels where some ``D_k`` has an eigenvalue below ``tol * max(1, largest)``."""
-    return fisher_near_boundary(D, tol)
 
 
 def fit_scoring_polish(pf: ProductForms, method: str, tolerance: float, max_iterations: int,
@@ -49,7 +43,7 @@ def fit_scoring_polish(pf: ProductForms, method: str, tolerance: float, max_iter
     if polish_mode == "all":
         sel = np.arange(v)
     else:  # "auto": the boundary, and wherever Fisher Scoring could not finish
-        sel = np.flatnonzero(near_boundary(fs.D) | fs.stalled | ~fs.converged)
+        sel = np.flatnonzero(near_boundary(fs.D, NEAR_BOUNDARY) | fs.stalled | ~fs.converged)
     sel = sel[np.isfinite(ev.llh[sel])]
     left = max_iterations - fs.iterations[sel]
     out["converged"][sel[left <= 0]] = False     # needs the polish, but the budget is spent
