@@ -116,6 +116,13 @@ def collect(comm: Any) -> tuple[dict[str, str], list[str]]:
                 f"`rm -rf .venv && scripts/setup.sh` (HDF5_DIR = a parallel HDF5)"
             )
         facts.update(blas_facts())
+        from .lmm.blocked import kernel
+        facts["compiled kernel"] = ("yes (one-effect nested factors)" if kernel.available()
+                                    else "NO (numpy path; rerun scripts/setup.sh)")
+        if not kernel.available():
+            problems.append("mpiblmm's compiled kernel (mpiblmm/lmm/blocked/_kernel.c) is not "
+                            "built: several-factor fits run several times slower; rerun "
+                            "scripts/setup.sh")
     return facts, problems
 
 

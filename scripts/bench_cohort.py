@@ -50,7 +50,7 @@ from mpiblmm.lmm.estimate import fit  # noqa: E402
 from mpiblmm.lmm.inference import t_contrast  # noqa: E402
 from mpiblmm.lmm.products import product_forms, random_design  # noqa: E402
 from mpiblmm.lmm.satterthwaite import satterthwaite_setup  # noqa: E402
-from mpiblmm.lmm.blocked import cholesky as _chol, gradient as _grad  # noqa: E402
+from mpiblmm.lmm.blocked import cholesky as _chol, gradient as _grad, kernel as _kernel  # noqa: E402,E501
 
 #: voxel-evaluations of the blocked path (factorisations, and those with the gradient)
 COUNTS = {"eval": 0, "grad": 0}
@@ -67,6 +67,16 @@ def _counting(module, name, key):
 
 _counting(_chol, "factorise", "eval")            # (pattern, prep, theta)
 _counting(_grad, "selected_inverse", "grad")     # (pattern, fac, v)
+_kernel_evaluate = _kernel.evaluate
+
+
+def _counting_kernel(pattern, prep, theta, gradient):
+    COUNTS["eval"] += theta.shape[0]
+    COUNTS["grad"] += theta.shape[0] if gradient else 0
+    return _kernel_evaluate(pattern, prep, theta, gradient)
+
+
+_kernel.evaluate = _counting_kernel              # the compiled path (one-effect factors)
 
 DENSE_MAX_Q = 2000
 

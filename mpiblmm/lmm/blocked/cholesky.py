@@ -30,6 +30,7 @@ import scipy.sparse as sp
 from ..likelihood import VinvProducts, gls, loglik, profiled_s2
 from ..model import ProductForms
 from ..theta import lambdas_from_theta
+from . import kernel
 from .pattern import BlockPattern, blocked_bytes_per_voxel
 
 #: Voxels per evaluation batch: about this many bytes of evaluation working set.  Larger
@@ -45,7 +46,11 @@ MIN_BATCH = 16
 
 
 def batches(pattern: BlockPattern, p: int, v: int) -> list[np.ndarray]:
-    """Voxel index batches (consecutive) for evaluations of a chunk of ``v`` voxels."""
+    """Voxel index batches (consecutive) for evaluations of a chunk of ``v`` voxels.  The
+    compiled kernel works tile by tile with scratch for one tile: the whole chunk is one
+    batch."""
+    if kernel.applies(pattern):
+        return [np.arange(v)]
     per = blocked_bytes_per_voxel(pattern, p, gradient=False)      # the evaluation's own set
     size = max(MIN_BATCH, BATCH_BYTES // max(per, 1))
     return [np.arange(i, min(i + size, v)) for i in range(0, v, size)] or [np.arange(0)]
@@ -366,16 +371,24 @@ def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray,
     ``factor_out`` is a list, the :class:`Factor` is appended to it (for the gradient).
     """
     prep = pf if isinstance(pf, Prepared) else prepare(pattern, pf)
-    pf = prep.pf
-    p = pf.p
     bad = ~np.isfinite(theta).all(axis=1)
     theta = np.where(bad[:, None], 0.0, theta)
+    if factor_out is None and kernel.applies(pattern):
+        res = kernel.evaluate(pattern, prep, theta, gradient=False)
+        return vinv_products(prep.pf, res.G, res.logdet, bad)
     fac = factorise(pattern, prep, theta)
     if factor_out is not None:
         factor_out.append(fac)
-    G = fac.G
+    return vinv_products(prep.pf, fac.G, fac.logdet, bad)
+
+
+def vinv_products(pf: ProductForms, G: np.ndarray, logdet: np.ndarray,
+                  bad: np.ndarray) -> VinvProducts:
+    """``[X Y]'V^-1[X Y] = [X Y]'[X Y] - c'c`` from ``G = c'c`` (v, r, r), with log|V|; NaN
+    for the ``bad`` voxels."""
+    p = pf.p
     out = VinvProducts(XtViX=pf.XtX - G[:, :p, :p], XtViY=pf.XtY - G[:, :p, p],
-                       YtViY=pf.YtY - G[:, p, p], logdetV=fac.logdet)
+                       YtViY=pf.YtY - G[:, p, p], logdetV=logdet)
     if bad.any():
         for a in (out.XtViX, out.XtViY, out.YtViY, out.logdetV):
             a[bad] = np.nan

@@ -30,8 +30,9 @@ import numpy as np
 
 from ..likelihood import VinvProducts, gls, logdet_spd, loglik, profiled_s2
 from ..theta import theta_slices, tril_indices
-from .cholesky import (Prepared, _cached, _mm, _placement, _t, as_slice, blocked_vinv,
-                       colsum)
+from . import kernel
+from .cholesky import (Prepared, _cached, _lambda_lead, _mm, _placement, _t, as_slice,
+                       blocked_vinv, colsum, vinv_products)
 from .pattern import BlockPattern, aggregator
 
 
@@ -368,14 +369,10 @@ def logdet_gradient(pattern: BlockPattern, prep: Prepared, lam: list, sig: np.nd
     return F
 
 
-def _gram_terms(pattern: BlockPattern, U: np.ndarray, Linv: list, w: np.ndarray,
-                At: np.ndarray, r: int, reml: bool, jacobian: bool) -> list:
-    """Per position ``(UQ, M, N)`` from the Gram matrix of ``U_k`` over the levels and
-    ``P_k = Lambda_k^-T U_k`` (:func:`lambda_inverses`): ``UQ[s, r] = sum_x u_x[s] p_x[r]``,
-    ``M[s, r] = sum_x (U_x A P_x')[s, r]`` (REML), ``N[r, s][j, l] = sum_x P_x[r, j] U_x[s, l]``
-    (Jacobian); ``G[s, i, t, j] = sum_x U_x[s, i] U_x[t, j]`` costs ``q r (q r + 1) / 2``
+def level_grams(pattern: BlockPattern, U: np.ndarray, r: int) -> list[np.ndarray]:
+    """Per position the Gram matrix of ``U_k`` over the levels,
+    ``G[s, i, t, j] = sum_x U_x[s, i] U_x[t, j]`` (q, r, q, r, v): ``q r (q r + 1) / 2``
     level sums."""
-    p = r - 1
     out = []
     for a in range(pattern.K):
         Ua = factor_rows(pattern, U, a, r)
@@ -385,7 +382,20 @@ def _gram_terms(pattern: BlockPattern, U: np.ndarray, Linv: list, w: np.ndarray,
         for n1, (s, i) in enumerate(cols):
             for t, j in cols[n1:]:
                 G[s, i, t, j] = G[t, j, s, i] = colsum(Ua[s, :, i] * Ua[t, :, j])
-        Li = Linv[a]
+        out.append(G)
+    return out
+
+
+def _gram_terms(grams: list, Linv: list, w: np.ndarray, At: np.ndarray, r: int, reml: bool,
+                jacobian: bool) -> list:
+    """Per position ``(UQ, M, N)`` from the Gram matrix ``G`` of ``U_k`` (:func:`level_grams`)
+    and ``P_k = Lambda_k^-T U_k`` (:func:`lambda_inverses`): ``UQ[s, r] = sum_x u_x[s] p_x[r]``,
+    ``M[s, r] = sum_x (U_x A P_x')[s, r]`` (REML), ``N[r, s][j, l] = sum_x P_x[r, j] U_x[s, l]``
+    (Jacobian)."""
+    p = r - 1
+    out = []
+    for G, Li in zip(grams, Linv):
+        q, v = G.shape[0], G.shape[-1]
         Gw = np.empty((q, q, v))
         K = np.empty((q, q, v)) if reml else None
         for s in range(q):
@@ -495,9 +505,19 @@ def evaluate(pattern: BlockPattern, prep: Prepared, theta: np.ndarray, method: s
     reml = method == "REML"
     bad = ~np.isfinite(theta).all(axis=1)
     th = np.where(bad[:, None], 0.0, theta)
-    facs = []
-    vp = blocked_vinv(pattern, prep, th, factor_out=facs)
-    fac = facs[0]
+    K = pattern.K
+    fac = None
+    if kernel.applies(pattern):               # compiled: one pass per stage
+        kr = kernel.evaluate(pattern, prep, th, gradient=True)
+        vp = vinv_products(pf, kr.G, kr.logdet, np.zeros(v, bool))
+        lam = _lambda_lead(pattern, th)
+        F = [kr.F[:, a].reshape(1, 1, v) for a in range(K)]
+        grams = [np.moveaxis(kr.gram[:, a], 0, -1).reshape(1, r, 1, r, v) for a in range(K)]
+    else:
+        facs = []
+        vp = blocked_vinv(pattern, prep, th, factor_out=facs)
+        fac = facs[0]
+        lam = fac.lam
     ok = np.isfinite(vp.XtViX).all(axis=(1, 2)) & ~bad
     XtViX = np.where(ok[:, None, None], vp.XtViX, np.eye(p))
     vp2 = VinvProducts(XtViX=XtViX, XtViY=np.where(ok[:, None], vp.XtViY, 0.0),
@@ -509,14 +529,16 @@ def evaluate(pattern: BlockPattern, prep: Prepared, theta: np.ndarray, method: s
     Ainv = 0.5 * (Ainv + np.swapaxes(Ainv, 1, 2))
     ld = vp.logdetV + (logdet_spd(XtViX) if reml else 0.0)
     # pieces of the gradient
-    sig = selected_inverse(pattern, fac, v)
-    F = logdet_gradient(pattern, prep, fac.lam, sig, v)
-    U = back_substitute(pattern, fac, r, v)
+    if fac is not None:
+        sig = selected_inverse(pattern, fac, v)
+        F = logdet_gradient(pattern, prep, fac.lam, sig, v)
+        U = back_substitute(pattern, fac, r, v)
+        grams = level_grams(pattern, U, r)
     w = np.concatenate([-beta, np.ones((v, 1))], axis=1).T                    # (r, v)
     At = np.moveaxis(Ainv, 0, -1)                                             # (p, p, v)
-    Linv, slow = lambda_inverses(pattern, fac.lam, v)
-    terms = _gram_terms(pattern, U, Linv, w, At, r, reml, jacobian)
-    if slow.any():                            # P = Z'V^-1[X Y] by the product in Z'Z
+    Linv, slow = lambda_inverses(pattern, lam, v)
+    terms = _gram_terms(grams, Linv, w, At, r, reml, jacobian)
+    if slow.any():          # P = Z'V^-1[X Y] by the product in Z'Z (q_k > 1: numpy path only)
         idx = np.flatnonzero(slow)
         Us = np.ascontiguousarray(U[:, idx])
         Ps = zvz(pattern, prep.take(idx), [x[..., idx] for x in fac.lam], Us, r, idx.size)

@@ -1,0 +1,218 @@
+"""The compiled evaluation of the blocked path (``_kernel.c``, loaded with ctypes).
+
+It serves designs whose random factors all have one effect and whose factorisation has no
+dense tail (nested chains such as site / family / subject, and partial crossings whose fill
+stays in the block-diagonal prefix): one pass per stage with the voxels of a tile innermost,
+where the numpy path (:mod:`.cholesky`, :mod:`.gradient`) makes dozens of passes over arrays
+of (entries x voxels).  Same equations, same outputs (log|V|, ``c'c``, and for the gradient
+``F`` of equation (1) and the Gram matrices of ``U`` per factor); the numpy path stays as the
+reference the tests compare with, and serves every other design.
+
+The plan (index arrays of the pattern) is built once per design.  Set
+``MPIBLMM_BLOCKED_KERNEL=0`` to use the numpy path everywhere.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..theta import theta_slices
+from .pattern import BlockPattern
+
+_i64p = ctypes.POINTER(ctypes.c_int64)
+_i32p = ctypes.POINTER(ctypes.c_int32)
+_dp = ctypes.POINTER(ctypes.c_double)
+
+
+def _load():
+    if os.environ.get("MPIBLMM_BLOCKED_KERNEL", "1") == "0":
+        return None, 0
+    try:
+        from . import _kernel
+    except ImportError:
+        return None, 0
+    lib = ctypes.CDLL(_kernel.__file__)
+    fn = lib.mpiblmm_scalar_eval
+    fn.restype = ctypes.c_int
+    fn.argtypes = ([ctypes.c_int64] * 5 + [_i64p] * 5 + [_i32p] * 2 + [_i64p] + [_i32p] * 3
+                   + [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [_i32p] * 3
+                   + [ctypes.c_int64, _i32p]
+                   + [_dp, ctypes.c_int64, _dp]
+                   + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+                   + [_dp, _dp, _i64p, _dp, _dp, _dp, _dp]
+                   + [ctypes.c_int, _dp, _dp, _dp])
+    return fn, int(lib.mpiblmm_kernel_tile())
+
+
+_EVAL, TILE = _load()
+
+
+def available() -> bool:
+    """Whether the compiled kernel was built and loaded."""
+    return _EVAL is not None
+
+
+def applies(pattern: BlockPattern) -> bool:
+    """Whether the kernel serves this design: built, one effect per factor, no dense tail."""
+    return (_EVAL is not None and pattern.m == 0
+            and all(pattern.q_at(a) == 1 for a in range(pattern.K)))
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """The pattern's index arrays in the kernel's layout (see ``_kernel.c``)."""
+
+    levels: np.ndarray
+    node_off: np.ndarray
+    diag_off: np.ndarray
+    cross_off: np.ndarray
+    col_start: np.ndarray
+    col_row: np.ndarray
+    col_y: np.ndarray
+    upd_start: np.ndarray
+    upd_tgt: np.ndarray
+    upd_i1: np.ndarray
+    upd_i2: np.ndarray
+    upd_off: np.ndarray
+    asm_dst: np.ndarray
+    asm_pa: np.ndarray
+    asm_pb: np.ndarray
+    n_diag: int
+    fill: np.ndarray
+    theta_cols: np.ndarray
+
+    @property
+    def n_nodes(self) -> int:
+        return int(self.node_off[-1])
+
+
+def _i32(parts) -> np.ndarray:
+    out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    assert out.size == 0 or (out.min() >= 0 and out.max() < 2 ** 31)
+    return np.ascontiguousarray(out, np.int32)
+
+
+def build_plan(pattern: BlockPattern) -> Plan:
+    """The kernel's plan of ``pattern`` (which :func:`applies`)."""
+    K = pattern.K
+    levels = np.array([pattern.l_at(a) for a in range(K)], np.int64)
+    node_off = np.concatenate([[0], np.cumsum(levels)]).astype(np.int64)
+    diag_off = np.array([pattern.diag[a].offset for a in range(K)], np.int64)
+    col_row, col_y, col_start, cross_off = [], [], [0], np.zeros(K, np.int64)
+    tgt, i1, i2, off, upd_start = [], [], [], [], [0]
+    for b in range(K):
+        if b + 1 < K:                   # column b's cross segments follow one another
+            cross_off[b] = pattern.cross[b + 1, b].offset
+        at = cross_off[b]
+        for a in pattern.row_factors(b):
+            cs = pattern.cross[a, b]
+            x, y, _ = pattern.pairs[a, b]
+            assert cs.offset == at
+            at += cs.n
+            col_row.append(node_off[a] + x)
+            col_y.append(y)
+        col_start.append(col_start[-1] + sum(pattern.pairs[a, b][0].size
+                                             for a in pattern.row_factors(b)))
+        for u in pattern.updates[b][0]:
+            tgt.append(u.target)
+            i1.append(pattern.cross[u.a, b].offset + u.i1)
+            i2.append(pattern.cross[u.c, b].offset + u.i2)
+            off.append((u.a != u.c) | (u.i1 != u.i2))
+        upd_start.append(upd_start[-1] + sum(u.i1.size for u in pattern.updates[b][0]))
+    asm_dst = np.empty(pattern.n_zz, np.int64)
+    asm_pa = np.empty(pattern.n_zz, np.int64)
+    asm_pb = np.empty(pattern.n_zz, np.int64)
+    segs = [(pattern.zz_diag[a], a, a) for a in range(K)]
+    segs += [(seg, a, b) for (a, b), seg in pattern.zz_cross.items()]
+    for seg, a, b in segs:
+        x = np.arange(seg.n)
+        if a == b:
+            dest = pattern.diag[a].index(0, 0, x)
+        else:
+            x0, y0, _ = pattern.zz_pairs[a, b]
+            dest = pattern.cross[a, b].index(0, 0, pattern.lookup(a, b, x0, y0))
+        asm_dst[seg.offset:seg.offset + seg.n] = dest
+        asm_pa[seg.offset:seg.offset + seg.n] = a
+        asm_pb[seg.offset:seg.offset + seg.n] = b
+    n_diag = int(levels.sum())                # the diagonal segments come first in zz
+    assert all(pattern.zz_diag[a].offset == node_off[a] for a in range(K))
+    written = np.zeros(pattern.n_vals, bool)
+    written[asm_dst] = True
+    fill = np.flatnonzero(~written)           # cross entries Z'Z does not store
+    slices = theta_slices(pattern.structure)
+    theta_cols = np.array([slices[k].start for k in pattern.order], np.int64)
+    return Plan(levels, node_off, diag_off, cross_off, np.array(col_start, np.int64),
+                _i32(col_row), _i32(col_y), np.array(upd_start, np.int64), _i32(tgt),
+                _i32(i1), _i32(i2), np.ascontiguousarray(np.concatenate(off) if off else
+                                                         np.zeros(0, bool), np.uint8),
+                _i32([asm_dst]), _i32([asm_pa]), _i32([asm_pb]), n_diag, _i32([fill]),
+                theta_cols)
+
+
+def plan_of(pattern: BlockPattern) -> Plan:
+    store = pattern.__dict__.setdefault("_numeric_cache", {})
+    if "kernel_plan" not in store:
+        store["kernel_plan"] = build_plan(pattern)
+    return store["kernel_plan"]
+
+
+def _p(a: np.ndarray, kind=_dp):
+    return a.ctypes.data_as(kind)
+
+
+@dataclass(frozen=True, eq=False)
+class Result:
+    """``logdet`` (v,) log|V|; ``G`` (v, r, r) ``c'c``; with the gradient ``F`` (v, K) of
+    equation (1) per position and ``gram`` (v, K, r, r) ``sum_x U_x U_x'`` per position."""
+
+    logdet: np.ndarray
+    G: np.ndarray
+    F: np.ndarray | None = None
+    gram: np.ndarray | None = None
+
+
+def evaluate(pattern: BlockPattern, prep, theta: np.ndarray, gradient: bool) -> Result:
+    """One evaluation at finite ``theta`` (v, n_theta) of the voxels of ``prep``
+    (:class:`~.cholesky.Prepared`, voxel axis last)."""
+    plan = plan_of(pattern)
+    pf = prep.pf
+    v, p = pf.n_voxels, pf.p
+    r, K = p + 1, pattern.K
+    T = max(1, min(TILE, v))                   # scratch for one tile of voxels
+    zz = np.ascontiguousarray(prep.zz, np.float64)
+    th = np.ascontiguousarray(theta[:, plan.theta_cols].T, np.float64)         # (K, v)
+    wx = [np.ascontiguousarray(w, np.float64) for w in prep.WX]
+    wy = [np.ascontiguousarray(w, np.float64) for w in prep.WY]
+    wx_per_voxel = int(wx[0].shape[-1] != 1)            # shared forms: one column for all
+    zz_per_voxel = int(zz.shape[-1] != 1)
+    wxp = (ctypes.c_void_p * K)(*[w.ctypes.data for w in wx])
+    wyp = (ctypes.c_void_p * K)(*[w.ctypes.data for w in wy])
+    n_vals, n_nodes = pattern.n_vals, plan.n_nodes
+    vals = np.empty(n_vals * T)
+    c = np.empty(n_nodes * r * T)
+    expo = np.empty(T, np.int64)
+    mant = np.empty(T)
+    acc = np.empty((r * r + K) * T)                     # the tile's sums
+    logdet = np.empty(v)
+    G = np.empty((v, r, r))
+    if gradient:
+        sig = np.empty(n_vals * T)
+        F, gram = np.empty((v, K)), np.empty((v, K, r, r))
+    else:
+        sig = F = gram = np.empty(1)
+    _EVAL(v, K, r, n_vals, n_nodes,
+          _p(plan.levels, _i64p), _p(plan.node_off, _i64p), _p(plan.diag_off, _i64p),
+          _p(plan.cross_off, _i64p), _p(plan.col_start, _i64p), _p(plan.col_row, _i32p),
+          _p(plan.col_y, _i32p), _p(plan.upd_start, _i64p), _p(plan.upd_tgt, _i32p),
+          _p(plan.upd_i1, _i32p), _p(plan.upd_i2, _i32p), plan.upd_off.ctypes.data,
+          pattern.n_zz, plan.n_diag, _p(plan.asm_dst, _i32p), _p(plan.asm_pa, _i32p),
+          _p(plan.asm_pb, _i32p), plan.fill.size, _p(plan.fill, _i32p), _p(zz), zz_per_voxel, _p(th), wxp, wyp, wx_per_voxel,
+          _p(vals), _p(c), _p(expo, _i64p), _p(mant), _p(acc), _p(logdet), _p(G),
+          int(gradient), _p(sig), _p(F), _p(gram))
+    if not gradient:
+        return Result(logdet, G)
+    return Result(logdet, G, F, gram)
