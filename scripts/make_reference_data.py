@@ -413,6 +413,83 @@ def ds_nested_slope(rng):
     return d, Y, truth, kinds, desc, contrasts
 
 
+def ds_nested_intercepts(rng):
+    """Three nested one-effect factors, ABCD-like in small: subjects (2-3 visits) in families
+    (1-3 subjects) in sites; the compiled kernel of the blocked path fits it."""
+    n_sub = 60
+    visits = rng.choice([2, 3], size=n_sub, p=[0.6, 0.4])
+    d = simulate_design(rng, n_sub, visits, fixed=("intercept", "age", "time", "sex"),
+                        factors=(FactorSpec("subject", effects=("intercept",)),))
+    order = rng.permutation(n_sub)
+    sizes = []
+    while sum(sizes) < n_sub:
+        sizes.append(int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2])))
+    sizes[-1] -= sum(sizes) - n_sub
+    fam_of = np.empty(n_sub, int)
+    start = 0
+    for k, s in enumerate(sizes):
+        fam_of[order[start:start + s]] = k
+        start += s
+    n_fam = len(sizes)
+    while True:
+        site_of_fam = rng.choice(7, size=n_fam, p=rng.dirichlet(np.full(7, 4.0)))
+        if np.bincount(site_of_fam, minlength=7).min() >= 2:
+            break
+    per_site = np.zeros(7, int)
+    fam_label = []
+    for k in range(n_fam):
+        per_site[site_of_fam[k]] += 1
+        fam_label.append(f"site{site_of_fam[k] + 1:02d}_fam{per_site[site_of_fam[k]]}")
+    subj = d.covariates["subject"]
+    site_labels = np.array([f"site{site_of_fam[fam_of[s]] + 1:02d}" for s in subj])
+    fam_labels = np.array([fam_label[fam_of[s]] for s in subj])
+    sub = d.factor("subject")
+    ones = np.ones((d.n, 1))
+    d = _with_factors(d, [_factor("site", site_labels, ones, ("intercept",)),
+                          _factor("family", fam_labels, ones, ("intercept",)),
+                          sub])
+    v = 24
+    per, kinds = [], []
+    for i in range(v):
+        s_site, s_fam, s_sub = rng.uniform(0.8, 1.5), rng.uniform(0.6, 1.3), rng.uniform(0.6, 1.2)
+        k = "interior"
+        if i < 4:
+            s_site, k = 0.0, "zero_site"
+        elif i < 7:
+            s_fam, k = 0.0, "zero_family"
+        elif i < 10:
+            s_sub, k = 0.0, "zero_subject"
+        elif i == 10:
+            s_site, s_fam, k = 0.0, 0.0, "zero_site_family"
+        elif i == 11:
+            s_site, s_fam, s_sub, k = 0.0, 0.0, 0.0, "no_random_effects"
+        per.append({"site": covariance([s_site]), "family": covariance([s_fam]),
+                    "subject": covariance([s_sub])})
+        kinds.append(k)
+    # missing: voxels 2, 5, 8 (boundary) and 16-23 lose 10% of rows; 20 and 21 first a whole
+    # family (its levels then drop out of the fit)
+    frac = np.zeros(v)
+    frac[[2, 5, 8, 16, 17, 18, 19, 20, 21, 22, 23]] = 0.1
+    whole = np.zeros(v, int)
+    whole[[20, 21]] = 1
+    mask = missing_mask(rng, d, v, fraction=frac, whole_levels=whole, factor="family")
+    beta = np.column_stack([rng.normal(6, 1, v), rng.normal(0, 0.5, v), rng.normal(0.2, 0.3, v),
+                            rng.normal(0, 0.5, v)])
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.2, 0.5, v),
+                               missing=mask)
+    p = d.p
+    contrasts = [
+        _t("age", p, {1: 1}), _t("time", p, {2: 1}), _t("sex", p, {3: 1}),
+        _t("time_minus_age", p, {2: 1, 1: -1}),
+        _f("age_time", p, [{1: 1}, {2: 1}]),
+        _f("three_correlated", p, [{1: 1}, {2: 1}, {1: 0.5, 2: 0.5, 3: 1}]),
+    ]
+    desc = (f"(1 | site) + (1 | family) + (1 | subject): {n_sub} subjects x 2-3 visits in "
+            f"{n_fam} families of 1-3 subjects in 7 sites (nested, labels unique; the compiled "
+            "kernel's design); voxels 2, 5, 8, 16-23 miss 10% of rows, 20-21 first a whole family")
+    return d, Y, truth, kinds, desc, contrasts
+
+
 def ds_crossed_slope(rng):
     """Subjects (intercept + time) partially crossed with items: each sees 6 of 12 items."""
     n_sub, n_items, per_sub = 40, 12, 6
@@ -479,6 +556,7 @@ DATASETS = {
     "three_effects": (ds_three_effects, 108),
     "nested_slope": (ds_nested_slope, 109),
     "crossed_slope": (ds_crossed_slope, 110),
+    "nested_intercepts": (ds_nested_intercepts, 111),
 }
 
 

@@ -10,8 +10,9 @@
  *                              factor b from cross_off[b], col_start[b + 1] - col_start[b] of
  *                              them (row node col_row[t], column level col_y[t]);
  *   rows      (n_nodes, r, T)  node = node_off[a] + level, r = p + 1 columns [X Y];
- * T the voxels of a tile.  Inputs and outputs hold the whole batch (v voxels): zz (n_zz,
- * v | 1), Z'X of position a (l_a, p, v | 1), Z'Y (l_a, v), theta (K, v); outputs voxel first.
+ * T the voxels of a tile.  Inputs and outputs hold the whole batch (v voxels), in the
+ * kernel's order (kernel.kernel_forms): zz (n_zz, v | 1) in the order of the S values,
+ * Z'X (n_nodes, p, v | 1), Z'Y (n_nodes, v), theta (K, v); outputs voxel first.
  * Each voxel's arithmetic uses its own column only, in a fixed order, so its bits do not
  * depend on the batch or the tile (no FMA contraction: built with -ffp-contract=off; the
  * AVX2 and default clones differ only in vector width).
@@ -39,22 +40,19 @@
 
 typedef int64_t i64;
 
-#define EXP_MASK 0x7ff0000000000000ULL
+#define MANT_MASK 0x000fffffffffffffULL
 #define ONE_EXP 0x3ff0000000000000ULL
 
-/* mantissa of d in [1, 2) and its binary exponent; exp = -2000 marks d not positive and
- * normal (then log|S| is NaN: the voxel is reported as failed, as log of a non-positive
- * pivot would be) */
-static inline double split(double d, i64 *e) {
+/* d = m 2^e with m in [1, 2): branch free, so the loops over a tile vectorise; *bad is set
+ * where d is not positive and normal (then log|S| is NaN: the voxel is reported as failed,
+ * as log of a non-positive pivot would be) */
+static inline double split(double d, i64 *e, i64 *bad) {
     uint64_t bits;
     memcpy(&bits, &d, sizeof bits);
-    i64 ex = (i64)((bits & EXP_MASK) >> 52);
-    if (!(d > 0.0) || ex == 0 || ex == 0x7ff) {
-        *e = -2000;
-        return 1.0;
-    }
+    const i64 ex = (i64)((bits >> 52) & 0x7ff);
+    *bad |= (i64)(ex == 0) | (i64)(ex == 0x7ff) | (i64)(bits >> 63);
     *e = ex - 1023;
-    bits = (bits & ~EXP_MASK) | ONE_EXP;
+    bits = (bits & MANT_MASK) | ONE_EXP;
     memcpy(&d, &bits, sizeof d);
     return d;
 }
@@ -86,7 +84,7 @@ static inline __attribute__((always_inline)) void eval_tile(
     i64 n_zz, i64 n_diag, const ix *asm_dst, const ix *asm_pa, const ix *asm_pb,
     i64 n_fill, const ix *fill,
     const double *zz, i64 zz_per_voxel, const double *theta,
-    const double *const *wx, const double *const *wy, i64 wx_per_voxel,
+    const double *zx, const double *zy, i64 wx_per_voxel,
     double *vals, double *c, i64 *expo, double *mant, double *acc,
     double *logdet, double *G,
     int gradient, double *sig, double *F, double *Gram)
@@ -94,7 +92,7 @@ static inline __attribute__((always_inline)) void eval_tile(
     const i64 p = r - 1, rr = r * r;
     const i64 zv = zz_per_voxel ? v : 1, zs = zz_per_voxel ? 1 : 0;
     const i64 xv = wx_per_voxel ? v : 1, xs = wx_per_voxel ? 1 : 0;
-    i64 a, b, y, t, u, s, s2, j, i;
+    i64 a, b, y, t, u, s, s2, j, i, n;
 
     /* 1. S in the pattern: the stored Z'Z entries (diagonal ones first, plus I), zero at
      *    the fill */
@@ -113,9 +111,11 @@ static inline __attribute__((always_inline)) void eval_tile(
         memset(vals + (i64)fill[i] * T, 0, (size_t)T * sizeof(double));
 
     /* 2. factorisation in place (diagonal: 1 / L_yy; cross: L_xy), log|S| */
+    i64 *bad = expo + T;
     for (j = 0; j < T; ++j) {
         mant[j] = 1.0;
         expo[j] = 0;
+        bad[j] = 0;
     }
     for (b = 0; b < K; ++b) {
         double *d = vals + diag_off[b] * T;
@@ -123,15 +123,16 @@ static inline __attribute__((always_inline)) void eval_tile(
             double *dy = d + y * T;
             for (j = 0; j < T; ++j) {
                 i64 e;
-                mant[j] *= split(dy[j], &e);
-                expo[j] = (e == -2000 || expo[j] <= -1000000) ? -1000000 : expo[j] + e;
-                dy[j] = 1.0 / sqrt(dy[j]);
+                mant[j] *= split(dy[j], &e, bad + j);
+                expo[j] += e;
             }
-            if ((y & 255) == 255)
+            for (j = 0; j < T; ++j)
+                dy[j] = 1.0 / sqrt(dy[j]);
+            if ((y & 255) == 255)          /* the product of 256 mantissas is below 2^256 */
                 for (j = 0; j < T; ++j) {
                     i64 e;
-                    mant[j] = split(mant[j], &e);
-                    expo[j] = (e == -2000 || expo[j] <= -1000000) ? -1000000 : expo[j] + e;
+                    mant[j] = split(mant[j], &e, bad + j);
+                    expo[j] += e;
                 }
         }
         double *x = vals + cross_off[b] * T;
@@ -148,20 +149,19 @@ static inline __attribute__((always_inline)) void eval_tile(
         }
     }
     for (j = 0; j < T; ++j)
-        logdet[j0 + j] = expo[j] <= -1000000 ? NAN
-                         : log(mant[j]) + (double)expo[j] * 0.69314718055994530942;
+        logdet[j0 + j] = bad[j] ? NAN : log(mant[j]) + (double)expo[j] * 0.69314718055994530942;
 
     /* 3. c = L^-1 Lambda' Z'[X Y] by columns, and G = c'c as each column's c is final */
     for (a = 0; a < K; ++a) {
         const double *ta = theta + a * v + j0;
-        for (y = 0; y < levels[a]; ++y) {
-            double *cn = c + (node_off[a] + y) * r * T;
+        for (n = node_off[a]; n < node_off[a + 1]; ++n) {
+            double *cn = c + n * r * T;
             for (s = 0; s < p; ++s) {
-                const double *src = wx[a] + (y * p + s) * xv + j0 * xs;
+                const double *src = zx + (n * p + s) * xv + j0 * xs;
                 for (j = 0; j < T; ++j)
                     cn[s * T + j] = ta[j] * src[j * xs];
             }
-            const double *src = wy[a] + y * v + j0;
+            const double *src = zy + n * v + j0;
             for (j = 0; j < T; ++j)
                 cn[p * T + j] = ta[j] * src[j];
         }
@@ -303,7 +303,7 @@ CLONES int mpiblmm_scalar_eval(
     i64 n_zz, i64 n_diag, const ix *asm_dst, const ix *asm_pa, const ix *asm_pb,
     i64 n_fill, const ix *fill,
     const double *zz, i64 zz_per_voxel, const double *theta,
-    const double *const *wx, const double *const *wy, i64 wx_per_voxel,
+    const double *zx, const double *zy, i64 wx_per_voxel,
     double *vals, double *c, i64 *expo, double *mant, double *acc,
     double *logdet, double *G,
     int gradient, double *sig, double *F, double *Gram)
@@ -311,7 +311,7 @@ CLONES int mpiblmm_scalar_eval(
     i64 j0 = 0;
 #define TILE_AT(T_) eval_tile(T_, v, j0, K, r, n_vals, n_nodes, levels, node_off, diag_off, \
         cross_off, col_start, col_row, col_y, upd_start, upd_tgt, upd_i1, upd_i2, upd_off, \
-        n_zz, n_diag, asm_dst, asm_pa, asm_pb, n_fill, fill, zz, zz_per_voxel, theta, wx, wy, \
+        n_zz, n_diag, asm_dst, asm_pa, asm_pb, n_fill, fill, zz, zz_per_voxel, theta, zx, zy, \
         wx_per_voxel, vals, c, expo, mant, acc, logdet, G, gradient, sig, F, Gram)
     /* whole tiles, then the rest in tiles of 16 and 8 (fixed sizes vectorise fully) */
     for (; j0 + TILE <= v; j0 += TILE)

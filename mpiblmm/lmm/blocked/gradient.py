@@ -507,7 +507,7 @@ def evaluate(pattern: BlockPattern, prep: Prepared, theta: np.ndarray, method: s
     th = np.where(bad[:, None], 0.0, theta)
     K = pattern.K
     fac = None
-    if kernel.applies(pattern):               # compiled: one pass per stage
+    if prep.kernel:                           # compiled: one pass per stage
         kr = kernel.evaluate(pattern, prep, th, gradient=True)
         vp = vinv_products(pf, kr.G, kr.logdet, np.zeros(v, bool))
         lam = _lambda_lead(pattern, th)

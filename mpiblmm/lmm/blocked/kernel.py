@@ -42,7 +42,7 @@ def _load():
                    + [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [_i32p] * 3
                    + [ctypes.c_int64, _i32p]
                    + [_dp, ctypes.c_int64, _dp]
-                   + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+                   + [_dp, _dp, ctypes.c_int64]
                    + [_dp, _dp, _i64p, _dp, _dp, _dp, _dp]
                    + [ctypes.c_int, _dp, _dp, _dp])
     return fn, int(lib.mpiblmm_kernel_tile())
@@ -83,6 +83,8 @@ class Plan:
     asm_pb: np.ndarray
     n_diag: int
     fill: np.ndarray
+    node_level: np.ndarray
+    zz_order: np.ndarray
     theta_cols: np.ndarray
 
     @property
@@ -96,33 +98,73 @@ def _i32(parts) -> np.ndarray:
     return np.ascontiguousarray(out, np.int32)
 
 
+def level_ranks(pattern: BlockPattern) -> list[np.ndarray]:
+    """Per position, the kernel's place of each level: the coarsest factor keeps its order,
+    each finer factor's levels are sorted by their parents' places (the nearest coarser factor
+    first), so that consecutive levels meet the same or neighbouring rows (subjects of one
+    family, families of one site): the sweeps then walk memory in order instead of at random."""
+    K = pattern.K
+    rank = [np.empty(0, np.int64)] * K
+    for a in reversed(range(K)):
+        n = pattern.l_at(a)
+        keys = []
+        for c in range(a + 1, K):
+            x, y, _ = pattern.pairs[c, a]
+            if x.size:
+                key = np.full(n, np.iinfo(np.int64).max)
+                np.minimum.at(key, y, rank[c][x])
+                keys.append(key)
+        order = np.lexsort([np.arange(n)] + keys[::-1])
+        rank[a] = np.empty(n, np.int64)
+        rank[a][order] = np.arange(n)
+    return rank
+
+
 def build_plan(pattern: BlockPattern) -> Plan:
-    """The kernel's plan of ``pattern`` (which :func:`applies`)."""
+    """The kernel's plan of ``pattern`` (which :func:`applies`): the pattern's S values and
+    nodes renumbered by :func:`level_ranks` (log|V|, c'c, F and the Gram sums do not depend on
+    the numbering)."""
     K = pattern.K
     levels = np.array([pattern.l_at(a) for a in range(K)], np.int64)
     node_off = np.concatenate([[0], np.cumsum(levels)]).astype(np.int64)
     diag_off = np.array([pattern.diag[a].offset for a in range(K)], np.int64)
+    rank = level_ranks(pattern)
+    node_level = np.empty(node_off[-1], np.int64)
+    new = np.empty(pattern.n_vals, np.int64)            # the pattern's S index -> the kernel's
+    for a in range(K):
+        node_level[node_off[a] + rank[a]] = np.arange(levels[a])
+        new[diag_off[a] + np.arange(levels[a])] = diag_off[a] + rank[a]
     col_row, col_y, col_start, cross_off = [], [], [0], np.zeros(K, np.int64)
-    tgt, i1, i2, off, upd_start = [], [], [], [], [0]
     for b in range(K):
         if b + 1 < K:                   # column b's cross segments follow one another
             cross_off[b] = pattern.cross[b + 1, b].offset
-        at = cross_off[b]
+        old, row, y, fac = [], [], [], []
         for a in pattern.row_factors(b):
             cs = pattern.cross[a, b]
-            x, y, _ = pattern.pairs[a, b]
-            assert cs.offset == at
-            at += cs.n
-            col_row.append(node_off[a] + x)
-            col_y.append(y)
-        col_start.append(col_start[-1] + sum(pattern.pairs[a, b][0].size
-                                             for a in pattern.row_factors(b)))
-        for u in pattern.updates[b][0]:
-            tgt.append(u.target)
-            i1.append(pattern.cross[u.a, b].offset + u.i1)
-            i2.append(pattern.cross[u.c, b].offset + u.i2)
-            off.append((u.a != u.c) | (u.i1 != u.i2))
-        upd_start.append(upd_start[-1] + sum(u.i1.size for u in pattern.updates[b][0]))
+            xa, ya, _ = pattern.pairs[a, b]
+            old.append(cs.offset + np.arange(cs.n))
+            row.append(node_off[a] + rank[a][xa])
+            y.append(rank[b][ya])
+            fac.append(np.full(cs.n, a))
+        if old:
+            old, row, y, fac = (np.concatenate(z) for z in (old, row, y, fac))
+            order = np.lexsort((row, fac, y))            # by column level, then row
+            new[old[order]] = cross_off[b] + np.arange(old.size)
+            col_row.append(row[order])
+            col_y.append(y[order])
+        col_start.append(col_start[-1] + (old.size if len(old) else 0))
+    tgt, i1, i2, off, upd_start = [], [], [], [], [0]
+    for b in range(K):
+        ups = pattern.updates[b][0]
+        if ups:
+            t = np.concatenate([new[u.target] for u in ups])
+            j1 = np.concatenate([new[pattern.cross[u.a, b].offset + u.i1] for u in ups])
+            j2 = np.concatenate([new[pattern.cross[u.c, b].offset + u.i2] for u in ups])
+            o = np.concatenate([(u.a != u.c) | (u.i1 != u.i2) for u in ups])
+            order = np.lexsort((j2, j1))                 # in the order of the column's entries
+            for lst, z in ((tgt, t), (i1, j1), (i2, j2), (off, o)):
+                lst.append(z[order])
+        upd_start.append(upd_start[-1] + sum(u.i1.size for u in ups))
     asm_dst = np.empty(pattern.n_zz, np.int64)
     asm_pa = np.empty(pattern.n_zz, np.int64)
     asm_pb = np.empty(pattern.n_zz, np.int64)
@@ -135,11 +177,14 @@ def build_plan(pattern: BlockPattern) -> Plan:
         else:
             x0, y0, _ = pattern.zz_pairs[a, b]
             dest = pattern.cross[a, b].index(0, 0, pattern.lookup(a, b, x0, y0))
-        asm_dst[seg.offset:seg.offset + seg.n] = dest
+        asm_dst[seg.offset:seg.offset + seg.n] = new[dest]
         asm_pa[seg.offset:seg.offset + seg.n] = a
         asm_pb[seg.offset:seg.offset + seg.n] = b
     n_diag = int(levels.sum())                # the diagonal segments come first in zz
     assert all(pattern.zz_diag[a].offset == node_off[a] for a in range(K))
+    zz_order = np.argsort(asm_dst, kind="stable")    # zz rows in the order of S (diagonal
+    asm_dst, asm_pa, asm_pb = asm_dst[zz_order], asm_pa[zz_order], asm_pb[zz_order]  # first)
+    assert (asm_dst[:n_diag] == np.arange(n_diag)).all()
     written = np.zeros(pattern.n_vals, bool)
     written[asm_dst] = True
     fill = np.flatnonzero(~written)           # cross entries Z'Z does not store
@@ -150,7 +195,7 @@ def build_plan(pattern: BlockPattern) -> Plan:
                 _i32(i1), _i32(i2), np.ascontiguousarray(np.concatenate(off) if off else
                                                          np.zeros(0, bool), np.uint8),
                 _i32([asm_dst]), _i32([asm_pa]), _i32([asm_pb]), n_diag, _i32([fill]),
-                theta_cols)
+                node_level, zz_order, theta_cols)
 
 
 def plan_of(pattern: BlockPattern) -> Plan:
@@ -158,6 +203,23 @@ def plan_of(pattern: BlockPattern) -> Plan:
     if "kernel_plan" not in store:
         store["kernel_plan"] = build_plan(pattern)
     return store["kernel_plan"]
+
+
+def kernel_forms(pattern: BlockPattern, pf) -> tuple:
+    """``(zz, (ZX,), (ZY,))``: the product forms in the kernel's order, voxel axis last (done
+    once per chunk): ``zz`` (n_zz, v|1) rows in the order of the S values, Z'X (nodes, p, v|1)
+    and Z'Y (nodes, v) rows in node order, so that every sweep reads them in turn."""
+    plan = plan_of(pattern)
+    slices = pattern.structure.slices()
+    zx, zy = [], []
+    for a, k in enumerate(pattern.order):
+        lev = plan.node_level[plan.node_off[a]:plan.node_off[a + 1]]
+        zx.append(pf.ZtX[:, slices[k]][:, lev])                                 # (v|1, l, p)
+        zy.append(pf.ZtY[:, slices[k]][:, lev])                                 # (v, l)
+    ZX = np.ascontiguousarray(np.transpose(np.concatenate(zx, axis=1), (1, 2, 0)))
+    ZY = np.ascontiguousarray(np.concatenate(zy, axis=1).T)
+    zz = np.ascontiguousarray(pf.ZtZ[:, plan.zz_order].T)
+    return zz, (ZX,), (ZY,)
 
 
 def _p(a: np.ndarray, kind=_dp):
@@ -175,6 +237,19 @@ class Result:
     gram: np.ndarray | None = None
 
 
+def _scratch(pattern: BlockPattern, T: int, r: int, n_vals: int, n_nodes: int, K: int):
+    """The kernel's scratch for one tile, kept with the pattern and reused by every call (a
+    fresh ~40 MB per call on (b) cost its page faults): S values, right-hand sides, the log
+    accumulators, the tile's sums and S^-1."""
+    store = pattern.__dict__.setdefault("_numeric_cache", {})
+    key = ("kernel_scratch", T, r)
+    if key not in store:
+        store.pop(next((k for k in store if k[:1] == ("kernel_scratch",)), None), None)
+        store[key] = (np.empty(n_vals * T), np.empty(n_nodes * r * T), np.empty(2 * T, np.int64),
+                      np.empty(T), np.empty((r * r + K) * T), np.empty(n_vals * T))
+    return store[key]
+
+
 def evaluate(pattern: BlockPattern, prep, theta: np.ndarray, gradient: bool) -> Result:
     """One evaluation at finite ``theta`` (v, n_theta) of the voxels of ``prep``
     (:class:`~.cholesky.Prepared`, voxel axis last)."""
@@ -185,32 +260,27 @@ def evaluate(pattern: BlockPattern, prep, theta: np.ndarray, gradient: bool) -> 
     T = max(1, min(TILE, v))                   # scratch for one tile of voxels
     zz = np.ascontiguousarray(prep.zz, np.float64)
     th = np.ascontiguousarray(theta[:, plan.theta_cols].T, np.float64)         # (K, v)
-    wx = [np.ascontiguousarray(w, np.float64) for w in prep.WX]
-    wy = [np.ascontiguousarray(w, np.float64) for w in prep.WY]
-    wx_per_voxel = int(wx[0].shape[-1] != 1)            # shared forms: one column for all
+    assert prep.kernel, "prepare() gave the numpy layout"
+    zx = np.ascontiguousarray(prep.WX[0], np.float64)                       # (nodes, p, v|1)
+    zy = np.ascontiguousarray(prep.WY[0], np.float64)                       # (nodes, v)
+    wx_per_voxel = int(zx.shape[-1] != 1)            # shared forms: one column for all
     zz_per_voxel = int(zz.shape[-1] != 1)
-    wxp = (ctypes.c_void_p * K)(*[w.ctypes.data for w in wx])
-    wyp = (ctypes.c_void_p * K)(*[w.ctypes.data for w in wy])
     n_vals, n_nodes = pattern.n_vals, plan.n_nodes
-    vals = np.empty(n_vals * T)
-    c = np.empty(n_nodes * r * T)
-    expo = np.empty(T, np.int64)
-    mant = np.empty(T)
-    acc = np.empty((r * r + K) * T)                     # the tile's sums
+    vals, c, expo, mant, acc, sig = _scratch(pattern, T, r, n_vals, n_nodes, K)
     logdet = np.empty(v)
     G = np.empty((v, r, r))
     if gradient:
-        sig = np.empty(n_vals * T)
         F, gram = np.empty((v, K)), np.empty((v, K, r, r))
     else:
-        sig = F = gram = np.empty(1)
+        F = gram = np.empty(1)
     _EVAL(v, K, r, n_vals, n_nodes,
           _p(plan.levels, _i64p), _p(plan.node_off, _i64p), _p(plan.diag_off, _i64p),
           _p(plan.cross_off, _i64p), _p(plan.col_start, _i64p), _p(plan.col_row, _i32p),
           _p(plan.col_y, _i32p), _p(plan.upd_start, _i64p), _p(plan.upd_tgt, _i32p),
           _p(plan.upd_i1, _i32p), _p(plan.upd_i2, _i32p), plan.upd_off.ctypes.data,
           pattern.n_zz, plan.n_diag, _p(plan.asm_dst, _i32p), _p(plan.asm_pa, _i32p),
-          _p(plan.asm_pb, _i32p), plan.fill.size, _p(plan.fill, _i32p), _p(zz), zz_per_voxel, _p(th), wxp, wyp, wx_per_voxel,
+          _p(plan.asm_pb, _i32p), plan.fill.size, _p(plan.fill, _i32p),
+          _p(zz), zz_per_voxel, _p(th), _p(zx), _p(zy), wx_per_voxel,
           _p(vals), _p(c), _p(expo, _i64p), _p(mant), _p(acc), _p(logdet), _p(G),
           int(gradient), _p(sig), _p(F), _p(gram))
     if not gradient:
