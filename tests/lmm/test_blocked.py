@@ -265,7 +265,8 @@ def test_each_factor_alone_from_the_blocked_products(make):
     """The optimiser's start (blocked/start.py): a factor's product forms sliced from the
     blocked ones equal those of the model with that factor alone, and the start holds that
     model's fitted theta (diagonal floored, lme4's identity where the fit failed)."""
-    from mpiblmm.lmm.blocked.start import (FLOOR, factor_product_forms, nested_in,
+    from mpiblmm.lmm.blocked.start import (FLOOR, START_MAX_ITERATIONS, START_TOLERANCE,
+                                           factor_product_forms, nested_in,
                                            single_factor_start)
     from mpiblmm.lmm.theta import theta_slices, tril_indices
 
@@ -288,7 +289,8 @@ def test_each_factor_alone_from_the_blocked_products(make):
         for key in ("XtX", "XtY", "YtY", "ZtX", "ZtY", "ZtZ", "n"):
             np.testing.assert_allclose(getattr(got, key), getattr(alone, key), rtol=1e-12,
                                        atol=1e-10, err_msg=key)
-        alone_theta[a] = fit(alone, "REML", polish="none", tolerance=1e-6).extras["theta"]
+        alone_theta[a] = fit(alone, "REML", polish="none", tolerance=START_TOLERANCE,
+                             max_iterations=START_MAX_ITERATIONS).extras["theta"]
     parents = {a: nested_in(pat, a) for a in range(pat.K)}
     names = [rd.structure.factors[k].name for k in pat.order]
     if make is _nested:          # family in site (one effect each); subject has a slope

@@ -225,12 +225,16 @@ def prepare(pattern: BlockPattern, pf: ProductForms, for_kernel: bool | None = N
     """:class:`Prepared` forms of ``pf`` (whose ``ZtZ`` is in ``pattern``'s layout): in the
     compiled kernel's layout where it serves the design (or as ``for_kernel`` says)."""
     if kernel.applies(pattern) if for_kernel is None else for_kernel:
+        memo = pf.__dict__.setdefault("_kernel_prepared", {})   # the fit, its saddle probes
+        if id(pattern) in memo:                                  # and Satterthwaite share it
+            return memo[id(pattern)][1]
         forms = kernel.kernel_forms(pattern, pf)
         # the kernel's copies replace Z'X, Z'Y, Z'Z: subsets (take) then copy no q-sized rows
         v, p = pf.n_voxels, pf.p
         slim = replace(pf, ZtX=np.empty((pf.ZtX.shape[0], 0, p)), ZtY=np.empty((v, 0)),
                        ZtZ=np.empty((pf.ZtZ.shape[0], 0)))
-        return Prepared(slim, *forms, kernel=True)
+        memo[id(pattern)] = (pattern, Prepared(slim, *forms, kernel=True))
+        return memo[id(pattern)][1]
     v, p = pf.n_voxels, pf.p
     slices = pattern.structure.slices()
     WX, WY = [], []

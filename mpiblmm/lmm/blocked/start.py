@@ -28,10 +28,15 @@ from ..model import ProductForms, RandomStructure
 from ..theta import theta_slices, tril_indices
 from .pattern import BlockPattern
 
-#: The factors' own fits stop at this change of the log-likelihood: a start need not be
-#: converged (the optimiser then stops at ``tolerance`` itself).
+#: The factors' own fits stop at this change of the log-likelihood or after this many
+#: iterations: a start need not be converged (the optimiser then stops at ``tolerance``
+#: itself).  With the compiled kernel the start had become ~20% of (b)'s time; with 3
+#: iterations instead of up to 50, (b) took 14.27 -> 14.36 evaluations per voxel and its fit
+#: 12.0-12.4 -> 10.9 ms (same process), and none of 1,708 voxel fits (the six several-factor
+#: references and 300 voxels each of (a) and (c), REML and ML) differed by more than 5e-12
+#: in log-likelihood from the fits started from converged starts or from lme4's theta0.
 START_TOLERANCE = 1e-6
-START_MAX_ITERATIONS = 50
+START_MAX_ITERATIONS = 3
 
 #: Diagonal entries of a factor's start are at least this.  The deviance is even in every
 #: column of ``Lambda_k``, so its gradient vanishes at a zero column whatever the other
