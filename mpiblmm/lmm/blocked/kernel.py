@@ -1,8 +1,8 @@
 """The compiled evaluation of the blocked path (``_kernel.c``, loaded with ctypes).
 
 It serves designs whose random factors all have one effect and whose factorisation has no
-dense tail (nested chains such as site / family / subject, and partial crossings whose fill
-stays in the block-diagonal prefix): one pass per stage with the voxels of a tile innermost,
+dense tail (nested chains such as site / family / subject): one pass per stage with the
+voxels of a tile innermost,
 where the numpy path (:mod:`.cholesky`, :mod:`.gradient`) makes dozens of passes over arrays
 of (entries x voxels).  Same equations, same outputs (log|V|, ``c'c``, and for the gradient
 ``F`` of equation (1) and the Gram matrices of ``U`` per factor); the numpy path stays as the
@@ -237,50 +237,58 @@ class Result:
     gram: np.ndarray | None = None
 
 
-def _scratch(pattern: BlockPattern, T: int, r: int, n_vals: int, n_nodes: int, K: int):
-    """The kernel's scratch for one tile, kept with the pattern and reused by every call (a
-    fresh ~40 MB per call on (b) cost its page faults): S values, right-hand sides, the log
-    accumulators, the tile's sums and S^-1."""
+def _scratch(pattern: BlockPattern, r: int) -> tuple:
+    """The kernel's scratch for one tile of :data:`TILE` voxels, kept with the pattern and
+    reused by every call (a fresh ~40 MB per call on (b) cost its page faults; one rank
+    evaluates one design at a time): S values, right-hand sides, the log accumulators, the
+    tile's sums and S^-1."""
     store = pattern.__dict__.setdefault("_numeric_cache", {})
-    key = ("kernel_scratch", T, r)
+    key = ("kernel_scratch", r)
     if key not in store:
-        store.pop(next((k for k in store if k[:1] == ("kernel_scratch",)), None), None)
-        store[key] = (np.empty(n_vals * T), np.empty(n_nodes * r * T), np.empty(2 * T, np.int64),
-                      np.empty(T), np.empty((r * r + K) * T), np.empty(n_vals * T))
+        for old in [k for k in store if k[:1] == ("kernel_scratch",)]:
+            del store[old]
+        plan, T, K = plan_of(pattern), TILE, pattern.K
+        store[key] = (np.empty(pattern.n_vals * T), np.empty(plan.n_nodes * r * T),
+                      np.empty(2 * T, np.int64), np.empty(T), np.empty((r * r + K) * T),
+                      np.empty(pattern.n_vals * T))
     return store[key]
+
+
+def _plan_args(pattern: BlockPattern) -> tuple:
+    """The plan's arguments of the C call (pointers into the plan's arrays), made once."""
+    store = pattern.__dict__.setdefault("_numeric_cache", {})
+    if "kernel_args" not in store:
+        plan = plan_of(pattern)
+        store["kernel_args"] = (
+            _p(plan.levels, _i64p), _p(plan.node_off, _i64p), _p(plan.diag_off, _i64p),
+            _p(plan.cross_off, _i64p), _p(plan.col_start, _i64p), _p(plan.col_row, _i32p),
+            _p(plan.col_y, _i32p), _p(plan.upd_start, _i64p), _p(plan.upd_tgt, _i32p),
+            _p(plan.upd_i1, _i32p), _p(plan.upd_i2, _i32p), plan.upd_off.ctypes.data,
+            pattern.n_zz, plan.n_diag, _p(plan.asm_dst, _i32p), _p(plan.asm_pa, _i32p),
+            _p(plan.asm_pb, _i32p), plan.fill.size, _p(plan.fill, _i32p))
+    return store["kernel_args"]
 
 
 def evaluate(pattern: BlockPattern, prep, theta: np.ndarray, gradient: bool) -> Result:
     """One evaluation at finite ``theta`` (v, n_theta) of the voxels of ``prep``
-    (:class:`~.cholesky.Prepared`, voxel axis last)."""
-    plan = plan_of(pattern)
-    pf = prep.pf
-    v, p = pf.n_voxels, pf.p
-    r, K = p + 1, pattern.K
-    T = max(1, min(TILE, v))                   # scratch for one tile of voxels
-    zz = np.ascontiguousarray(prep.zz, np.float64)
-    th = np.ascontiguousarray(theta[:, plan.theta_cols].T, np.float64)         # (K, v)
+    (:class:`~.cholesky.Prepared` in the kernel's layout, voxel axis last)."""
     assert prep.kernel, "prepare() gave the numpy layout"
+    plan = plan_of(pattern)
+    v, p = prep.pf.n_voxels, prep.pf.p
+    r, K = p + 1, pattern.K
+    zz = np.ascontiguousarray(prep.zz, np.float64)                          # (n_zz, v|1)
+    th = np.ascontiguousarray(theta[:, plan.theta_cols].T, np.float64)       # (K, v)
     zx = np.ascontiguousarray(prep.WX[0], np.float64)                       # (nodes, p, v|1)
     zy = np.ascontiguousarray(prep.WY[0], np.float64)                       # (nodes, v)
-    wx_per_voxel = int(zx.shape[-1] != 1)            # shared forms: one column for all
-    zz_per_voxel = int(zz.shape[-1] != 1)
-    n_vals, n_nodes = pattern.n_vals, plan.n_nodes
-    vals, c, expo, mant, acc, sig = _scratch(pattern, T, r, n_vals, n_nodes, K)
+    vals, c, expo, mant, acc, sig = _scratch(pattern, r)
     logdet = np.empty(v)
     G = np.empty((v, r, r))
     if gradient:
         F, gram = np.empty((v, K)), np.empty((v, K, r, r))
     else:
         F = gram = np.empty(1)
-    _EVAL(v, K, r, n_vals, n_nodes,
-          _p(plan.levels, _i64p), _p(plan.node_off, _i64p), _p(plan.diag_off, _i64p),
-          _p(plan.cross_off, _i64p), _p(plan.col_start, _i64p), _p(plan.col_row, _i32p),
-          _p(plan.col_y, _i32p), _p(plan.upd_start, _i64p), _p(plan.upd_tgt, _i32p),
-          _p(plan.upd_i1, _i32p), _p(plan.upd_i2, _i32p), plan.upd_off.ctypes.data,
-          pattern.n_zz, plan.n_diag, _p(plan.asm_dst, _i32p), _p(plan.asm_pa, _i32p),
-          _p(plan.asm_pb, _i32p), plan.fill.size, _p(plan.fill, _i32p),
-          _p(zz), zz_per_voxel, _p(th), _p(zx), _p(zy), wx_per_voxel,
+    _EVAL(v, K, r, pattern.n_vals, plan.n_nodes, *_plan_args(pattern),
+          _p(zz), int(zz.shape[-1] != 1), _p(th), _p(zx), _p(zy), int(zx.shape[-1] != 1),
           _p(vals), _p(c), _p(expo, _i64p), _p(mant), _p(acc), _p(logdet), _p(G),
           int(gradient), _p(sig), _p(F), _p(gram))
     if not gradient:
