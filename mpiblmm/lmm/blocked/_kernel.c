@@ -73,8 +73,8 @@ typedef int32_t ix;
 
 #define TILE 32
 
-/* The evaluation of one tile of T voxels (see the top of the file); inlined twice, with
- * T = TILE fixed (fully vectorised inner loops) and with T as given (the last tile). */
+/* The evaluation of one tile of T voxels (see the top of the file); inlined with T fixed at
+ * TILE, 16 and 8 (fully vectorised inner loops) and with T as given (the rest of a batch). */
 static inline __attribute__((always_inline)) void eval_tile(
     const i64 T, i64 v, i64 j0, i64 K, i64 r, i64 n_vals, i64 n_nodes,
     const i64 *levels, const i64 *node_off, const i64 *diag_off, const i64 *cross_off,
@@ -128,7 +128,7 @@ static inline __attribute__((always_inline)) void eval_tile(
             }
             for (j = 0; j < T; ++j)
                 dy[j] = 1.0 / sqrt(dy[j]);
-            if ((y & 255) == 255)          /* the product of 256 mantissas is below 2^256 */
+            if ((y & 255) == 255)          /* < 512 mantissas in [1, 2) between these */
                 for (j = 0; j < T; ++j) {
                     i64 e;
                     mant[j] = split(mant[j], &e, bad + j);
