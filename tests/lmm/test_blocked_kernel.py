@@ -7,11 +7,14 @@
   complete (shared) and missing (per-voxel) data;
 - the deviance, its gradient and the Satterthwaite Jacobian of the whole evaluation agree
   with the numpy path, and the fits reach the same optima;
-- a voxel gets the same bits whatever batch or tile it is evaluated in.
+- a voxel gets the same bits whatever batch or tile it is evaluated in;
+- the same equality on random nested chains (hypothesis).
 """
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, assume, given, settings  # the `test` extra
+from hypothesis import strategies as st
 
 from mpiblmm.lmm.blocked import gradient, kernel
 from mpiblmm.lmm.blocked.cholesky import factorise, prepare
@@ -110,3 +113,58 @@ def test_a_voxel_gets_the_same_bits_in_any_batch_or_tile(missing):
         part = kernel.evaluate(pattern, prep.take(idx), theta[idx], gradient=True)
         for name in ("logdet", "G", "F", "gram"):
             assert np.array_equal(getattr(part, name), getattr(whole, name)[idx]), name
+
+
+FUZZ = settings(max_examples=40, deadline=10_000, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def nested_chains(draw):
+    """A random nested chain of 2-3 one-effect factors (1-4 observations per finest level,
+    1-5 children per parent), random data, some voxels with missing rows, theta anywhere
+    from 0 to 3."""
+    n_fine = draw(st.integers(3, 40))
+    sizes = [n_fine]
+    for _ in range(draw(st.integers(1, 2))):
+        sizes.append(max(1, sizes[-1] // draw(st.integers(1, 5))))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    rng = np.random.default_rng(seed)
+    parents = [rng.integers(0, sizes[k + 1], sizes[k]) for k in range(len(sizes) - 1)]
+    for k, par in enumerate(parents):           # every parent level has a child
+        par[:sizes[k + 1]] = rng.permutation(sizes[k + 1])[:min(sizes[k], sizes[k + 1])]
+    fine = np.repeat(np.arange(n_fine), rng.integers(1, 5, n_fine))
+    codes = [fine]
+    for par in parents:
+        codes.append(par[codes[-1]])
+    codes = [np.unique(c, return_inverse=True)[1] for c in codes]
+    missing = draw(st.booleans())
+    v = draw(st.integers(1, 40))
+    return codes, missing, v, seed
+
+
+@FUZZ
+@given(nested_chains())
+def test_kernel_equals_the_numpy_path_on_random_nested_chains(case):
+    codes, missing, v, seed = case
+    rng = np.random.default_rng(seed + 1)
+    n = codes[0].size
+    X = np.column_stack([np.ones(n), rng.normal(size=n)])
+    rd = random_design(codes, [np.ones((n, 1))] * len(codes))
+    Y = rng.normal(size=(n, v)) + sum(rng.normal(size=(c.max() + 1, v))[c] for c in codes)
+    obs = rng.random(Y.shape) > 0.15 if missing else None
+    if obs is not None:
+        obs[:3] = True                          # enough rows for the fixed effects
+    pf = product_forms(X, rd, Y, observed=obs, layout="blocked")
+    pattern = pf.blocks
+    assume(kernel.applies(pattern))
+    theta = rng.uniform(0, 3, size=(v, pattern.K)) * (rng.random((v, pattern.K)) > 0.2)
+    res = kernel.evaluate(pattern, prepare(pattern, pf), theta, gradient=True)
+    prep = prepare(pattern, pf, for_kernel=False)
+    fac = factorise(pattern, prep, theta)
+    np.testing.assert_allclose(res.logdet, fac.logdet, rtol=1e-12, atol=1e-11)
+    np.testing.assert_allclose(res.G, fac.G, rtol=1e-10, atol=1e-11 * np.abs(fac.G).max())
+    sig = gradient.selected_inverse(pattern, fac, v)
+    F = gradient.logdet_gradient(pattern, prep, fac.lam, sig, v)
+    F = np.stack([f[0, 0] for f in F], axis=1)
+    np.testing.assert_allclose(res.F, F, rtol=1e-10, atol=1e-11 * (np.abs(F).max() + 1))
