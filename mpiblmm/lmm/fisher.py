@@ -144,6 +144,26 @@ def _failed(pf: ProductForms, need_z: bool) -> Evaluation:
     return Evaluation(nan(1, np.nan), nan((1, p), np.nan), nan(1, np.nan), vp, sums)
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """What the scores and information at an evaluation that carries its own sums (or Z
+    parts) need of the product forms: ``n`` (v,), ``p``, the structure and its algebra --
+    without copying a subset's product forms every iteration.  Anything else raises."""
+
+    n: np.ndarray
+    p: int
+    structure: object
+    algebra: object
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self.n.shape[0])
+
+    @staticmethod
+    def of(pf: ProductForms, idx: np.ndarray) -> "Sizes":
+        return Sizes(pf.n[idx], pf.p, pf.structure, pf.algebra)
+
+
 # ---------------------------------------------------------------- small batched algebra
 def solve_small_spd(A: np.ndarray, b: np.ndarray, rcond: float = 1e-12) -> np.ndarray:
     """``A^+ b`` for a stack of small symmetric PSD matrices (pseudo-inverse; never raises).
@@ -342,25 +362,68 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
         in a row leave some ``D_k`` with an eigenvalue below ``handover`` times its largest
         (or 1): on the boundary, where the eigenvalue clip only creeps.
     """
+    return run(pf, method, scoring_rounds(pf, method, tolerance, max_iterations, max_halvings,
+                                          step_tolerance, D0, profiled, handover))
+
+
+# ---------------------------------------------------------------- evaluations on request
+@dataclass(frozen=True)
+class Request:
+    """An evaluation an iteration asks for (:func:`scoring_rounds`, ``polish.polish_rounds``):
+    voxels ``idx`` of the chunk's product forms at ``lambdas``, with score sums if
+    ``need_z``.  The driver answers with the :func:`evaluate` of exactly those voxels --
+    alone (:func:`run`) or within one call with other requests (``scoring``): a voxel's
+    evaluation has the same bits either way (``rowwise.py``)."""
+
+    idx: np.ndarray
+    lambdas: tuple[np.ndarray, ...]
+    need_z: bool
+
+
+def run(pf: ProductForms, method: str, rounds):
+    """Drive one iteration generator alone: answer each :class:`Request` by :func:`evaluate`
+    (``None``, an idle step, by ``None``); returns the generator's result."""
+    try:
+        req = next(rounds)
+        while True:
+            ev = None if req is None else evaluate(pf.take(req.idx), req.lambdas, method,
+                                                    req.need_z)
+            req = rounds.send(ev)
+    except StopIteration as stop:
+        return stop.value
+
+
+def scoring_rounds(pf: ProductForms, method: str = "REML", tolerance: float = 1e-12,
+                   max_iterations: int = 200, max_halvings: int = 10,
+                   step_tolerance: float = 1e-6,
+                   D0: tuple[np.ndarray, ...] | None = None,
+                   profiled: bool = True,
+                   handover: float | None = None, on_done=None):
+    """:func:`fisher_scoring` as a generator: yields a :class:`Request` for each evaluation
+    and is sent its :class:`Evaluation`; returns the :class:`ScoringResult`.
+
+    ``on_done(idx, D, lambdas, ev, iterations, converged, stalled)``, when given, is called
+    at the end of every iteration with the voxels that left the active set in it (and at the
+    end with those stopped by the cap): their final values, never changed afterwards.
+    """
     st, v = pf.structure, pf.n_voxels
     if D0 is None:
         D0 = tuple(np.zeros((v, f.n_effects, f.n_effects)) for f in st.factors)
     D, lambdas = zip(*(psd_project(np.array(Dk, dtype=np.float64)) for Dk in D0))
     D, lambdas = list(D), list(lambdas)
-    ev = evaluate(pf, tuple(lambdas), method, need_z=True)
+    ev = yield Request(np.arange(v), tuple(lambdas), True)
     iterations = np.zeros(v, dtype=np.int64)
     converged = np.zeros(v, dtype=bool)
     stalled = np.zeros(v, dtype=bool)
     on_edge = np.zeros(v, dtype=bool)
     # a voxel that failed at the start is finished (not converged); the driver flags it
     active = np.flatnonzero(np.isfinite(ev.llh))
-    pf_a = pf.take(active)
     ev_a = ev.take(active)
     for _ in range(max_iterations):
         if active.size == 0:
             break
         lam_a = tuple(lam[active] for lam in lambdas)
-        steps, predicted = scoring_steps(ev_a, pf_a, method, profiled, lam_a)
+        steps, predicted = scoring_steps(ev_a, Sizes.of(pf, active), method, profiled, lam_a)
         floor = np.maximum(tolerance, rounding_floor(ev_a.llh))
         D_a = [Dk[active] for Dk in D]
         new_D = [Dk.copy() for Dk in D_a]
@@ -398,14 +461,14 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
             # l only and the score sums are formed for the accepted steps afterwards -- unless
             # they are few, where the extra call costs more than the sums (same bits either way)
             lazy = group[0] > 0 and pf.algebra.lazy_halvings and vox.size > EAGER_HALVINGS
-            t_ev = evaluate(pf_a.take(vox), t_lam, method, need_z=not lazy)
+            t_ev = yield Request(active[vox], t_lam, not lazy)
             ok = np.flatnonzero(t_ev.llh >= ev_a.llh[vox])     # never keep a worse point
             if ok.size:
                 accepted, first = np.unique(vox[ok], return_index=True)
                 sel = ok[first]                                   # the largest step that did
                 got = t_ev.take(sel)
                 if lazy:
-                    got = _with_sums(got, pf_a.take(accepted), tuple(t[1][sel] for t in trial),
+                    got = _with_sums(got, pf.take(active[accepted]), tuple(t[1][sel] for t in trial),
                                      method)
                 new_ev.put(accepted, got)
                 for k, t in enumerate(trial):
@@ -431,10 +494,18 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
         ev.put(active, new_ev)
         converged[active[done]] = True
         stalled[active[stuck]] = True
+        if on_done is not None and done.any():
+            _report(on_done, active[done], D, lambdas, ev, iterations, converged, stalled)
         keep = ~done
         active = active[keep]
         if active.size:
-            pf_a = pf_a.take(np.flatnonzero(keep)) if not keep.all() else pf_a
             ev_a = new_ev.take(np.flatnonzero(keep))
+    if on_done is not None and active.size:                    # stopped by the cap
+        _report(on_done, active, D, lambdas, ev, iterations, converged, stalled)
     return ScoringResult(D=tuple(D), lambdas=tuple(lambdas), ev=ev,
                          iterations=iterations, converged=converged, stalled=stalled)
+
+
+def _report(on_done, idx, D, lambdas, ev, iterations, converged, stalled) -> None:
+    on_done(idx, tuple(Dk[idx] for Dk in D), tuple(lam[idx] for lam in lambdas), ev.take(idx),
+            iterations[idx], converged[idx], stalled[idx])

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .fisher import Evaluation, eigh_sym, evaluate
+from .fisher import Evaluation, Request, Sizes, eigh_sym, evaluate, run
 from .model import ProductForms, RandomStructure
 from .scores import score_information, vech
 from .theta import lambdas_from_theta, theta_from_D, theta_slices, tril_indices
@@ -242,20 +242,21 @@ def _alpha_groups(max_halvings: int) -> list[list[float]]:
                            for i in range(1, len(alphas), HALVING_BATCH)]
 
 
-def _line_search(pf, theta, llh, direction_fn, method, max_halvings, predicted=None,
+def _line_search(index, theta, llh, direction_fn, st, max_halvings, predicted=None,
                  min_gain=0.0):
     """Try ``theta(alpha)`` for alpha = 1, 1/2, ...; keep the first that does not lower ``l``.
 
-    ``direction_fn(idx, alpha)`` returns candidate theta for voxels ``idx`` (``alpha`` a
-    scalar or one per voxel, (len(idx), 1)).  When ``predicted`` (v,) is given (the
-    first-order gain of the full step), a voxel stops halving once ``alpha * predicted``
-    falls below ``min_gain`` (nothing worth an evaluation is left).  The halvings are
-    evaluated in groups (:func:`_alpha_groups`); the step kept is the one the sequence would
-    keep.  Returns the new theta, its llh (NaN where nothing was accepted), the accepted mask
-    and the evaluations of the accepted voxels as (index, Evaluation) pairs.
+    A generator (``yield from``): it yields a :class:`~.fisher.Request` per evaluation, for
+    voxels ``index`` (v,) of the chunk's product forms.  ``direction_fn(idx, alpha)``
+    returns candidate theta for voxels ``idx`` (``alpha`` a scalar or one per voxel,
+    (len(idx), 1)).  When ``predicted`` (v,) is given (the first-order gain of the full
+    step), a voxel stops halving once ``alpha * predicted`` falls below ``min_gain`` (nothing
+    worth an evaluation is left).  The halvings are evaluated in groups
+    (:func:`_alpha_groups`); the step kept is the one the sequence would keep.  Returns the
+    new theta, its llh (NaN where nothing was accepted), the accepted mask and the
+    evaluations of the accepted voxels as (index, Evaluation) pairs.
     """
     v = theta.shape[0]
-    st = pf.structure
     new_theta = theta.copy()
     new_llh = np.full(v, np.nan)
     accepted = np.zeros(v, dtype=bool)
@@ -274,7 +275,7 @@ def _line_search(pf, theta, llh, direction_fn, method, max_halvings, predicted=N
             break
         alphas = np.concatenate(alphas)[:, None]
         cand = direction_fn(vox, alphas)
-        ev = evaluate(pf.take(vox), lambdas_from_theta(cand, st), method, need_z=True)
+        ev = yield Request(index[vox], lambdas_from_theta(cand, st), True)
         ok = np.flatnonzero(ev.llh >= llh[vox])
         if ok.size:
             idx, first = np.unique(vox[ok], return_index=True)   # the largest step kept
@@ -301,24 +302,82 @@ def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
     serves); it is not evaluated again.
     """
     st, v = pf.structure, pf.n_voxels
-    cap = np.broadcast_to(np.asarray(max_iterations, dtype=np.int64), (v,))
-    theta = canonical_theta(np.array(theta0, dtype=np.float64), st)
-    ev = evaluate(pf, lambdas_from_theta(theta, st), method, need_z=True) if ev0 is None else ev0
-    iterations = np.zeros(v, dtype=np.int64)
-    converged = np.zeros(v, dtype=bool)
-    active = np.flatnonzero(np.isfinite(ev.llh))
+    theta0 = np.array(theta0, dtype=np.float64)
+    if ev0 is None:
+        ev0 = evaluate(pf, lambdas_from_theta(canonical_theta(theta0, st), st), method,
+                       need_z=True)
+    state = PolishState(v, theta0.shape[1])
+    state.add(np.arange(v), theta0, ev0, max_iterations, st)
+    state.closed = True
+    run(pf, method, polish_rounds(pf, state, method, tolerance, max_halvings))
+    return PolishResult(theta=state.theta, lambdas=lambdas_from_theta(state.theta, st),
+                        ev=state.ev, iterations=state.iterations, converged=state.converged)
+
+
+class PolishState:
+    """The polish's voxels of one chunk of ``v``: per voxel theta (v, n_theta), the
+    evaluation there (``ev``, an :class:`~.fisher.Evaluation` of all ``v`` voxels, written at
+    the polished ones only), iterations, cap and ``converged``.  Voxels join with
+    :meth:`add` -- also while :func:`polish_rounds` runs (Fisher Scoring hands voxels over
+    as it finishes them); ``closed`` says that no more will come."""
+
+    def __init__(self, v: int, m: int):
+        self.theta = np.full((v, m), np.nan)
+        self.iterations = np.zeros(v, dtype=np.int64)
+        self.converged = np.zeros(v, dtype=bool)
+        self.cap = np.zeros(v, dtype=np.int64)
+        self.ev: Evaluation | None = None
+        self.incoming: list[np.ndarray] = []
+        self.closed = False
+
+    def add(self, idx: np.ndarray, theta0: np.ndarray, ev0: Evaluation, cap, st) -> None:
+        """Voxels ``idx`` start at ``theta0`` (put into lme4's form) with evaluation ``ev0``
+        (voxels where it failed never start) and ``cap`` iterations."""
+        self.theta[idx] = canonical_theta(theta0, st)
+        self.cap[idx] = cap
+        if self.ev is None and idx.size == self.theta.shape[0]:
+            self.ev = ev0
+        else:
+            if self.ev is None:
+                self.ev = _empty_like(ev0, self.theta.shape[0])
+            self.ev.put(idx, ev0)
+        self.incoming.append(idx[np.isfinite(ev0.llh)])
+
+
+def _empty_like(ev: Evaluation, v: int) -> Evaluation:
+    """An evaluation of ``v`` voxels shaped as ``ev``'s rows (values to be put)."""
+    idx = np.zeros(v, dtype=np.int64)
+    return ev.take(idx)
+
+
+def polish_rounds(pf: ProductForms, state: PolishState, method: str = "REML",
+                  tolerance: float = 1e-12, max_halvings: int = 30):
+    """The polish (:func:`polish`) as a generator over the voxels of ``state``: yields a
+    :class:`~.fisher.Request` per evaluation (``None`` while it waits for voxels) and is
+    sent its :class:`~.fisher.Evaluation`.  Every voxel runs the same iterations whenever it
+    joins, so its result does not depend on the others."""
+    st = pf.structure
+    theta, iterations, converged, cap = state.theta, state.iterations, state.converged, state.cap
+    v = theta.shape[0]
+    active = np.zeros(0, dtype=np.int64)
     prev_theta = np.zeros_like(theta)
     prev_grad = np.zeros_like(theta)
     has_prev = np.zeros(v, dtype=bool)
-    for _ in range(int(cap.max(initial=0))):
+    while True:
+        if state.incoming:
+            active = np.concatenate([active] + state.incoming)
+            state.incoming.clear()
         active = active[iterations[active] < cap[active]]
         if active.size == 0:
-            break
-        pf_a = pf.take(active)
+            if state.closed:
+                return
+            yield None
+            continue
+        ev = state.ev
         ev_a = ev.take(active)
         th_a = theta[active]
         lam_a = lambdas_from_theta(th_a, st)
-        der = derivatives(ev_a, pf_a, lam_a, method)
+        der = derivatives(ev_a, Sizes.of(pf, active), lam_a, method)
         if SECANT:
             der = _secant_corrected(der, th_a, prev_theta[active], prev_grad[active],
                                     has_prev[active])
@@ -327,9 +386,9 @@ def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
         floor = np.maximum(tolerance, 1e-14 * np.abs(ev_a.llh))   # rounding floor of l
         # first-order gain of the full Newton step, g'd (>= 0 for the saddle-free direction)
         predicted = np.einsum("vi,vi->v", der.grad, d)
-        new_th, new_llh, acc, evs = _line_search(
-            pf_a, th_a, ev_a.llh, lambda idx, alpha: th_a[idx] + alpha * d[idx],
-            method, max_halvings, predicted=predicted, min_gain=0.01 * floor)
+        new_th, new_llh, acc, evs = yield from _line_search(
+            active, th_a, ev_a.llh, lambda idx, alpha: th_a[idx] + alpha * d[idx],
+            st, max_halvings, predicted=predicted, min_gain=0.01 * floor)
         gain = np.where(acc, new_llh - ev_a.llh, 0.0)
         # where Newton gained (almost) nothing, try to leave the boundary of the PSD cone
         moves, has = escape_directions(lam_a, der)
@@ -346,8 +405,8 @@ def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
             base = ev_a.llh[retry] + np.maximum(gain[retry], 0.0)
             # first-order gain of the escape: sum_k tr(G_k t_k w_k w_k')
             pred = sum(np.einsum("vab,vab->v", Gk[retry], mk) for Gk, mk in zip(der.G, mv_r))
-            s_th, s_llh, s_acc, s_evs = _line_search(
-                pf_a.take(retry), th_a[retry], base, escape, method, max_halvings=20,
+            s_th, s_llh, s_acc, s_evs = yield from _line_search(
+                active[retry], th_a[retry], base, escape, st, max_halvings=20,
                 predicted=pred, min_gain=0.01 * floor[retry])
             better = s_acc & (s_llh > base)
             if better.any():
@@ -375,5 +434,3 @@ def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
         done = gain < floor
         converged[active[done]] = True
         active = active[~done]
-    return PolishResult(theta=theta, lambdas=lambdas_from_theta(theta, st), ev=ev,
-                        iterations=iterations, converged=converged)
