@@ -402,9 +402,10 @@ def scoring_rounds(pf: ProductForms, method: str = "REML", tolerance: float = 1e
     """:func:`fisher_scoring` as a generator: yields a :class:`Request` for each evaluation
     and is sent its :class:`Evaluation`; returns the :class:`ScoringResult`.
 
-    ``on_done(idx, D, lambdas, ev, iterations, converged, stalled)``, when given, is called
-    at the end of every iteration with the voxels that left the active set in it (and at the
-    end with those stopped by the cap): their final values, never changed afterwards.
+    ``on_done(idx, D, ev, iterations, converged, stalled)``, when given, is called at the end
+    of every iteration with the voxels ``idx`` that left the active set in it (and at the end
+    with those stopped by the cap): their final values (``ev`` of all voxels, final at
+    ``idx``), never changed afterwards.
     """
     st, v = pf.structure, pf.n_voxels
     if D0 is None:
@@ -428,7 +429,8 @@ def scoring_rounds(pf: ProductForms, method: str = "REML", tolerance: float = 1e
         D_a = [Dk[active] for Dk in D]
         new_D = [Dk.copy() for Dk in D_a]
         new_lam = [lam.copy() for lam in lam_a]
-        new_ev = ev_a.take(np.arange(active.size))
+        old_llh = ev_a.llh.copy()
+        new_ev = ev_a                  # (a copy of its own: accepted steps are put into it)
         # converged: the full step would gain less than the tolerance and move D by less than
         # step_tolerance relative (flat directions gain little even far from the optimum)
         size = np.zeros(active.size)
@@ -462,14 +464,14 @@ def scoring_rounds(pf: ProductForms, method: str = "REML", tolerance: float = 1e
             # they are few, where the extra call costs more than the sums (same bits either way)
             lazy = group[0] > 0 and pf.algebra.lazy_halvings and vox.size > EAGER_HALVINGS
             t_ev = yield Request(active[vox], t_lam, not lazy)
-            ok = np.flatnonzero(t_ev.llh >= ev_a.llh[vox])     # never keep a worse point
+            ok = np.flatnonzero(t_ev.llh >= old_llh[vox])     # never keep a worse point
             if ok.size:
                 accepted, first = np.unique(vox[ok], return_index=True)
                 sel = ok[first]                                   # the largest step that did
                 got = t_ev.take(sel)
                 if lazy:
-                    got = _with_sums(got, pf.take(active[accepted]), tuple(t[1][sel] for t in trial),
-                                     method)
+                    got = _with_sums(got, pf.take(active[accepted]),
+                                     tuple(t[1][sel] for t in trial), method)
                 new_ev.put(accepted, got)
                 for k, t in enumerate(trial):
                     new_D[k][accepted] = t[0][sel]
@@ -477,7 +479,7 @@ def scoring_rounds(pf: ProductForms, method: str = "REML", tolerance: float = 1e
                 taken = np.zeros(active.size, dtype=bool)
                 taken[accepted] = True
                 pending = pending[~taken[pending]]
-        stuck = ~small & ~(new_ev.llh > ev_a.llh)      # no halving raised l
+        stuck = ~small & ~(new_ev.llh > old_llh)      # no halving raised l
         if handover is not None:
             # on (next to) the boundary after two steps in a row: the polish that follows
             # takes the voxel from here (FS creeps along the boundary; one step on it is
@@ -486,7 +488,7 @@ def scoring_rounds(pf: ProductForms, method: str = "REML", tolerance: float = 1e
             stuck |= edge & on_edge[active]
             on_edge[active] = edge
         iterations[active] += 1
-        change = new_ev.llh - ev_a.llh
+        change = new_ev.llh - old_llh
         done = ((np.abs(change) < floor) & (size <= step_tolerance)) | small | stuck
         for k in range(len(D)):
             D[k][active] = new_D[k]
@@ -495,17 +497,15 @@ def scoring_rounds(pf: ProductForms, method: str = "REML", tolerance: float = 1e
         converged[active[done]] = True
         stalled[active[stuck]] = True
         if on_done is not None and done.any():
-            _report(on_done, active[done], D, lambdas, ev, iterations, converged, stalled)
+            on_done(active[done], tuple(Dk[active[done]] for Dk in D), ev,
+                    iterations[active[done]], converged[active[done]], stalled[active[done]])
         keep = ~done
         active = active[keep]
         if active.size:
-            ev_a = new_ev.take(np.flatnonzero(keep))
+            ev_a = new_ev if keep.all() else new_ev.take(np.flatnonzero(keep))
     if on_done is not None and active.size:                    # stopped by the cap
-        _report(on_done, active, D, lambdas, ev, iterations, converged, stalled)
+        on_done(active, tuple(Dk[active] for Dk in D), ev, iterations[active],
+                converged[active], stalled[active])
     return ScoringResult(D=tuple(D), lambdas=tuple(lambdas), ev=ev,
                          iterations=iterations, converged=converged, stalled=stalled)
 
-
-def _report(on_done, idx, D, lambdas, ev, iterations, converged, stalled) -> None:
-    on_done(idx, tuple(Dk[idx] for Dk in D), tuple(lam[idx] for lam in lambdas), ev.take(idx),
-            iterations[idx], converged[idx], stalled[idx])

@@ -391,11 +391,17 @@ def polish_rounds(pf: ProductForms, state: PolishState, method: str = "REML",
             st, max_halvings, predicted=predicted, min_gain=0.01 * floor)
         gain = np.where(acc, new_llh - ev_a.llh, 0.0)
         # where Newton gained (almost) nothing, try to leave the boundary of the PSD cone
-        moves, has = escape_directions(lam_a, der)
-        retry = np.flatnonzero((gain < floor) & has)
+        # (the escape directions only for those voxels: mostly none, or the few finishing)
+        retry = np.flatnonzero(gain < floor)
         if retry.size:
-            D_r = tuple((lam @ np.swapaxes(lam, 1, 2))[retry] for lam in lam_a)
-            mv_r = tuple(m[retry] for m in moves)
+            lam_r = tuple(lam[retry] for lam in lam_a)
+            mv_r, has = escape_directions(lam_r, Derivatives(
+                der.grad[retry], der.neg_hess[retry], tuple(G[retry] for G in der.G),
+                tuple(I[retry] for I in der.info_kk)))
+            retry, lam_r = retry[has], tuple(lam[has] for lam in lam_r)
+            mv_r = tuple(m[has] for m in mv_r)
+        if retry.size:
+            D_r = tuple(lam @ np.swapaxes(lam, 1, 2) for lam in lam_r)
 
             def escape(idx, alpha):
                 alpha = np.reshape(alpha, (-1, 1, 1))

@@ -44,18 +44,18 @@ def fit_scoring_polish(pf: ProductForms, method: str, tolerance: float, max_iter
     st, v = pf.structure, pf.n_voxels
     state = PolishState(v, n_theta(st)) if polish_mode != "none" else None
 
-    def hand_over(idx, D, lambdas, ev, iterations, converged, stalled):
+    def hand_over(idx, D, ev, iterations, converged, stalled):
         """Voxels ``idx`` that Fisher Scoring finished: to the polish if they need it."""
         if polish_mode == "all":
             need = np.ones(idx.size, dtype=bool)
         else:  # "auto": the boundary, and wherever Fisher Scoring could not finish
             need = near_boundary(D, NEAR_BOUNDARY) | stalled | ~converged
-        need &= np.isfinite(ev.llh)
+        need &= np.isfinite(ev.llh[idx])
         left = max_iterations - iterations
         need &= left > 0              # (no budget left: stays not converged, status 1)
         if need.any():
             sel = np.flatnonzero(need)
-            state.add(idx[sel], theta_from_D(tuple(Dk[sel] for Dk in D), st), ev.take(sel),
+            state.add(idx[sel], theta_from_D(tuple(Dk[sel] for Dk in D), st), ev.take(idx[sel]),
                       left[sel], st)
 
     rounds = [scoring_rounds(pf, method, tolerance=tolerance, max_iterations=max_iterations,
