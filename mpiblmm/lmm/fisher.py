@@ -196,25 +196,38 @@ def _cholesky_solve(A: np.ndarray, b: np.ndarray, rel: float) -> tuple[np.ndarra
     """``A^-1 b`` for a stack of small SPD matrices by Cholesky, vectorised over voxels.
 
     Returns ``(x, good)``; ``good`` is False (and ``x`` meaningless) where a pivot is not
-    above ``rel`` times the largest diagonal entry.
+    above ``rel`` times the largest diagonal entry.  Entry by entry on (v,) vectors (few
+    numpy calls: small chunks pay per call), every inner sum left to right.
     """
     m = A.shape[-1]
+    a = [[A[:, i, j] for j in range(m)] for i in range(m)]
     scale = np.abs(np.diagonal(A, axis1=-2, axis2=-1)).max(axis=-1)
     good = np.isfinite(scale)
-    L = np.zeros_like(A)
+    L = [[None] * m for _ in range(m)]
     for j in range(m):
-        d = A[:, j, j] - (L[:, j, :j] ** 2).sum(axis=-1)
+        d = a[j][j] - _dot(L[j], L[j], range(j)) if j else a[j][j]
         good &= d > rel * scale
-        L[:, j, j] = np.sqrt(np.where(good, d, 1.0))
+        L[j][j] = np.sqrt(np.where(good, d, 1.0))
         for i in range(j + 1, m):
-            L[:, i, j] = (A[:, i, j] - (L[:, i, :j] * L[:, j, :j]).sum(axis=-1)) / L[:, j, j]
-    y = np.empty_like(b)
+            num = a[i][j] - _dot(L[i], L[j], range(j)) if j else a[i][j]
+            L[i][j] = num / L[j][j]
+    y = [None] * m
     for i in range(m):
-        y[:, i] = (b[:, i] - (L[:, i, :i] * y[:, :i]).sum(axis=-1)) / L[:, i, i]
-    x = np.empty_like(b)
+        y[i] = (b[:, i] - _dot(L[i], y, range(i)) if i else b[:, i]) / L[i][i]
+    x = [None] * m
     for i in reversed(range(m)):
-        x[:, i] = (y[:, i] - (L[:, i + 1:, i] * x[:, i + 1:]).sum(axis=-1)) / L[:, i, i]
-    return x, good
+        col = [L[t][i] for t in range(m)]
+        x[i] = (y[i] - _dot(col, x, range(i + 1, m)) if i < m - 1 else y[i]) / L[i][i]
+    return np.stack(x, axis=1), good
+
+
+def _dot(u: list, w: list, ts) -> np.ndarray:
+    """``sum_t u[t] w[t]`` over ``ts``, left to right (as numpy sums a short axis)."""
+    ts = list(ts)
+    acc = u[ts[0]] * w[ts[0]]
+    for t in ts[1:]:
+        acc = acc + u[t] * w[t]
+    return acc
 
 
 def eigh_sym(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,7 @@ PSD-cone problem, ``N'GN <= 0``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,22 +48,35 @@ def _jacobian(lam: np.ndarray) -> np.ndarray:
     """``J[:, n, m] = d vech(D)_n / d theta_m`` for one factor, D = Lambda Lambda' (v, m, m).
 
     With ``theta_m = Lambda[r, c]``: ``dD[a, b] = delta(a, r) Lambda[b, c] + delta(b, r)
-    Lambda[a, c]``.
+    Lambda[a, c]`` (the index pattern built once per q, :func:`_jacobian_plan`).
     """
-    q = lam.shape[-1]
+    v, q = lam.shape[0], lam.shape[-1]
+    m = q * (q + 1) // 2
+    pos1, src1, pos2, src2 = _jacobian_plan(q)
+    flat = lam.reshape(v, q * q)
+    J = np.zeros((v, m * m))
+    J[:, pos1] = 0.0 + flat[:, src1]
+    J[:, pos2] += flat[:, src2]
+    return J.reshape(v, m, m)
+
+
+@functools.lru_cache(maxsize=None)
+def _jacobian_plan(q: int) -> tuple[np.ndarray, ...]:
+    """Flat positions in J and flat entries of Lambda of the first and second term of
+    :func:`_jacobian` (the second where both deltas hold)."""
     rows, cols = tril_indices(q)
     m = rows.size
-    J = np.zeros((lam.shape[0], m, m))
+    pos1, src1, pos2, src2 = [], [], [], []
     for n_, (a, b) in enumerate(zip(rows, cols)):
         for m_, (r, c) in enumerate(zip(rows, cols)):
-            val = 0.0
-            if a == r:
-                val = val + lam[:, b, c]
-            if b == r:
-                val = val + lam[:, a, c]
-            if not np.isscalar(val):
-                J[:, n_, m_] = val
-    return J
+            terms = ([b * q + c] if a == r else []) + ([a * q + c] if b == r else [])
+            if terms:
+                pos1.append(n_ * m + m_)
+                src1.append(terms[0])
+            if len(terms) == 2:
+                pos2.append(n_ * m + m_)
+                src2.append(terms[1])
+    return tuple(np.array(x, dtype=np.intp) for x in (pos1, src1, pos2, src2))
 
 
 def _curvature(G: np.ndarray) -> np.ndarray:
