@@ -188,15 +188,20 @@ def _secant_corrected(der: Derivatives, theta: np.ndarray, prev_theta: np.ndarra
 
 def canonical_theta(theta: np.ndarray, structure: RandomStructure) -> np.ndarray:
     """lme4's form: flip the sign of every Lambda_k column whose diagonal is negative."""
-    out = theta.copy()
-    for f, sl in zip(structure.factors, theta_slices(structure)):
-        rows, cols = tril_indices(f.n_effects)
-        for c in range(f.n_effects):
-            diag = sl.start + int(np.flatnonzero((rows == c) & (cols == c))[0])
-            col = sl.start + np.flatnonzero(cols == c)
-            sign = np.where(out[:, diag] < 0, -1.0, 1.0)
-            out[:, col] *= sign[:, None]
-    return out
+    diag = _column_diagonals(tuple(f.n_effects for f in structure.factors))
+    return theta * np.where(theta[:, diag] < 0, -1.0, 1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _column_diagonals(qs: tuple[int, ...]) -> np.ndarray:
+    """For every theta entry, the position of its Lambda_k column's diagonal entry."""
+    out, start = [], 0
+    for q in qs:
+        rows, cols = tril_indices(q)
+        diag_of = {int(c): start + int(i) for i, (r, c) in enumerate(zip(rows, cols)) if r == c}
+        out += [diag_of[int(c)] for c in cols]
+        start += rows.size
+    return np.array(out, dtype=np.intp)
 
 
 def escape_directions(lambdas: tuple[np.ndarray, ...], der: Derivatives,
