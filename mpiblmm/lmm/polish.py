@@ -87,6 +87,8 @@ def _curvature(G: np.ndarray) -> np.ndarray:
 
 
 def _block_diag(blocks: list[np.ndarray]) -> np.ndarray:
+    if len(blocks) == 1:
+        return blocks[0]
     sizes = [b.shape[-1] for b in blocks]
     out = np.zeros((blocks[0].shape[0], sum(sizes), sum(sizes)))
     start = 0
@@ -183,7 +185,7 @@ def _secant_corrected(der: Derivatives, theta: np.ndarray, prev_theta: np.ndarra
         - rs * s[:, :, None] * s[:, None, :] / ss ** 2
     N = N.copy()
     N[idx] = N[idx] + E
-    return dataclasses.replace(der, neg_hess=N)
+    return Derivatives(der.grad, N, der.G, der.info_kk)
 
 
 def canonical_theta(theta: np.ndarray, structure: RandomStructure) -> np.ndarray:
