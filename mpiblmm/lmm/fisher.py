@@ -18,6 +18,11 @@ A voxel stops when ``l`` changed by less than ``tolerance``, when the first-orde
 next full step ``s' I^-1 s`` is below it, or when no halving improved ``l`` (stuck, usually on
 the boundary: ``stalled``), and is then removed from the active set.  Voxels whose algebra fails (non-finite values, a singular
 solve) are isolated by :func:`evaluate`, never touching the others.
+
+The iteration is a generator (:func:`scoring_rounds`) that asks for its evaluations
+(:class:`Request`) instead of calling :func:`evaluate`: :func:`fisher_scoring` answers them
+one by one (:func:`run`), and a chunk's fit (:mod:`~mpiblmm.lmm.scoring`) answers them
+together with the polish's, in shared calls.
 """
 
 from __future__ import annotations

@@ -28,11 +28,15 @@ candidate moves per iteration:
 A voxel stops when neither move gains ``tolerance`` in ``l``: the first-order conditions hold
 in theta, and no direction out of the boundary raises ``l`` (the second-order condition of the
 PSD-cone problem, ``N'GN <= 0``).
+
+The iteration is a generator (:func:`polish_rounds`) over a :class:`PolishState` that voxels
+may join while it runs: a chunk's fit (:mod:`~mpiblmm.lmm.scoring`) hands each voxel over as
+Fisher Scoring finishes it and answers both iterations' evaluation requests in shared calls;
+:func:`polish` runs it alone.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -41,7 +45,7 @@ import numpy as np
 from .fisher import Evaluation, Request, Sizes, eigh_sym, evaluate, run
 from .model import ProductForms, RandomStructure
 from .scores import score_information, vech
-from .theta import lambdas_from_theta, theta_from_D, theta_slices, tril_indices
+from .theta import lambdas_from_theta, theta_from_D, tril_indices
 
 
 def _jacobian(lam: np.ndarray) -> np.ndarray:
