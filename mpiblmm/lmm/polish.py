@@ -355,24 +355,19 @@ class PolishState:
         self.incoming: list[np.ndarray] = []
         self.closed = False
 
-    def add(self, idx: np.ndarray, theta0: np.ndarray, ev0: Evaluation, cap, st) -> None:
-        """Voxels ``idx`` start at ``theta0`` (put into lme4's form) with evaluation ``ev0``
-        (voxels where it failed never start) and ``cap`` iterations."""
+    def add(self, idx: np.ndarray, theta0: np.ndarray, ev: Evaluation, cap, st) -> None:
+        """Voxels ``idx`` start at ``theta0`` (put into lme4's form) and ``cap`` iterations,
+        with their evaluation in the rows ``idx`` of ``ev`` (all ``v`` voxels; the same
+        object at every call, kept and written at the polished voxels only: Fisher Scoring
+        hands over its own, whose rows of finished voxels it no longer writes).  Voxels
+        whose evaluation failed never start."""
+        if self.ev is None:
+            self.ev = ev
+        elif ev is not self.ev:
+            raise ValueError("every voxel of a polish must come with the same evaluation")
         self.theta[idx] = canonical_theta(theta0, st)
         self.cap[idx] = cap
-        if self.ev is None and idx.size == self.theta.shape[0]:
-            self.ev = ev0
-        else:
-            if self.ev is None:
-                self.ev = _empty_like(ev0, self.theta.shape[0])
-            self.ev.put(idx, ev0)
-        self.incoming.append(idx[np.isfinite(ev0.llh)])
-
-
-def _empty_like(ev: Evaluation, v: int) -> Evaluation:
-    """An evaluation of ``v`` voxels shaped as ``ev``'s rows (values to be put)."""
-    idx = np.zeros(v, dtype=np.int64)
-    return ev.take(idx)
+        self.incoming.append(idx[np.isfinite(ev.llh[idx])])
 
 
 def polish_rounds(pf: ProductForms, state: PolishState, method: str = "REML",

@@ -55,8 +55,8 @@ def fit_scoring_polish(pf: ProductForms, method: str, tolerance: float, max_iter
         need &= left > 0              # (no budget left: stays not converged, status 1)
         if need.any():
             sel = np.flatnonzero(need)
-            state.add(idx[sel], theta_from_D(tuple(Dk[sel] for Dk in D), st), ev.take(idx[sel]),
-                      left[sel], st)
+            # the polish writes its voxels' rows of Fisher Scoring's evaluation (final there)
+            state.add(idx[sel], theta_from_D(tuple(Dk[sel] for Dk in D), st), ev, left[sel], st)
 
     rounds = [scoring_rounds(pf, method, tolerance=tolerance, max_iterations=max_iterations,
                              on_done=None if state is None else hand_over, **halvings)]
