@@ -18,6 +18,11 @@ A voxel stops when ``l`` changed by less than ``tolerance``, when the first-orde
 next full step ``s' I^-1 s`` is below it, or when no halving improved ``l`` (stuck, usually on
 the boundary: ``stalled``), and is then removed from the active set.  Voxels whose algebra fails (non-finite values, a singular
 solve) are isolated by :func:`evaluate`, never touching the others.
+
+The iteration is a generator (:func:`scoring_rounds`) that asks for its evaluations
+(:class:`Request`) instead of calling :func:`evaluate`: :func:`fisher_scoring` answers them
+one by one (:func:`run`), and a chunk's fit (:mod:`~mpiblmm.lmm.scoring`) answers them
+together with the polish's, in shared calls.
 """
 
 from __future__ import annotations
@@ -144,6 +149,26 @@ def _failed(pf: ProductForms, need_z: bool) -> Evaluation:
     return Evaluation(nan(1, np.nan), nan((1, p), np.nan), nan(1, np.nan), vp, sums)
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """What the scores and information at an evaluation that carries its own sums (or Z
+    parts) need of the product forms: ``n`` (v,), ``p``, the structure and its algebra --
+    without copying a subset's product forms every iteration.  Anything else raises."""
+
+    n: np.ndarray
+    p: int
+    structure: object
+    algebra: object
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self.n.shape[0])
+
+    @staticmethod
+    def of(pf: ProductForms, idx: np.ndarray) -> "Sizes":
+        return Sizes(pf.n[idx], pf.p, pf.structure, pf.algebra)
+
+
 # ---------------------------------------------------------------- small batched algebra
 def solve_small_spd(A: np.ndarray, b: np.ndarray, rcond: float = 1e-12) -> np.ndarray:
     """``A^+ b`` for a stack of small symmetric PSD matrices (pseudo-inverse; never raises).
@@ -176,25 +201,38 @@ def _cholesky_solve(A: np.ndarray, b: np.ndarray, rel: float) -> tuple[np.ndarra
     """``A^-1 b`` for a stack of small SPD matrices by Cholesky, vectorised over voxels.
 
     Returns ``(x, good)``; ``good`` is False (and ``x`` meaningless) where a pivot is not
-    above ``rel`` times the largest diagonal entry.
+    above ``rel`` times the largest diagonal entry.  Entry by entry on (v,) vectors (few
+    numpy calls: small chunks pay per call), every inner sum left to right.
     """
     m = A.shape[-1]
+    a = [[A[:, i, j] for j in range(m)] for i in range(m)]
     scale = np.abs(np.diagonal(A, axis1=-2, axis2=-1)).max(axis=-1)
     good = np.isfinite(scale)
-    L = np.zeros_like(A)
+    L = [[None] * m for _ in range(m)]
     for j in range(m):
-        d = A[:, j, j] - (L[:, j, :j] ** 2).sum(axis=-1)
+        d = a[j][j] - _dot(L[j], L[j], range(j)) if j else a[j][j]
         good &= d > rel * scale
-        L[:, j, j] = np.sqrt(np.where(good, d, 1.0))
+        L[j][j] = np.sqrt(np.where(good, d, 1.0))
         for i in range(j + 1, m):
-            L[:, i, j] = (A[:, i, j] - (L[:, i, :j] * L[:, j, :j]).sum(axis=-1)) / L[:, j, j]
-    y = np.empty_like(b)
+            num = a[i][j] - _dot(L[i], L[j], range(j)) if j else a[i][j]
+            L[i][j] = num / L[j][j]
+    y = [None] * m
     for i in range(m):
-        y[:, i] = (b[:, i] - (L[:, i, :i] * y[:, :i]).sum(axis=-1)) / L[:, i, i]
-    x = np.empty_like(b)
+        y[i] = (b[:, i] - _dot(L[i], y, range(i)) if i else b[:, i]) / L[i][i]
+    x = [None] * m
     for i in reversed(range(m)):
-        x[:, i] = (y[:, i] - (L[:, i + 1:, i] * x[:, i + 1:]).sum(axis=-1)) / L[:, i, i]
-    return x, good
+        col = [L[t][i] for t in range(m)]
+        x[i] = (y[i] - _dot(col, x, range(i + 1, m)) if i < m - 1 else y[i]) / L[i][i]
+    return np.stack(x, axis=1), good
+
+
+def _dot(u: list, w: list, ts) -> np.ndarray:
+    """``sum_t u[t] w[t]`` over ``ts``, left to right (as numpy sums a short axis)."""
+    ts = list(ts)
+    acc = u[ts[0]] * w[ts[0]]
+    for t in ts[1:]:
+        acc = acc + u[t] * w[t]
+    return acc
 
 
 def eigh_sym(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -342,30 +380,75 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
         in a row leave some ``D_k`` with an eigenvalue below ``handover`` times its largest
         (or 1): on the boundary, where the eigenvalue clip only creeps.
     """
+    return run(pf, method, scoring_rounds(pf, method, tolerance, max_iterations, max_halvings,
+                                          step_tolerance, D0, profiled, handover))
+
+
+# ---------------------------------------------------------------- evaluations on request
+@dataclass(frozen=True)
+class Request:
+    """An evaluation an iteration asks for (:func:`scoring_rounds`, ``polish.polish_rounds``):
+    voxels ``idx`` of the chunk's product forms at ``lambdas``, with score sums if
+    ``need_z``.  The driver answers with the :func:`evaluate` of exactly those voxels --
+    alone (:func:`run`) or within one call with other requests (``scoring``): a voxel's
+    evaluation has the same bits either way (``rowwise.py``)."""
+
+    idx: np.ndarray
+    lambdas: tuple[np.ndarray, ...]
+    need_z: bool
+
+
+def run(pf: ProductForms, method: str, rounds):
+    """Drive one iteration generator alone: answer each :class:`Request` by :func:`evaluate`
+    (``None``, an idle step, by ``None``); returns the generator's result."""
+    try:
+        req = next(rounds)
+        while True:
+            ev = None if req is None else evaluate(pf.take(req.idx), req.lambdas, method,
+                                                    req.need_z)
+            req = rounds.send(ev)
+    except StopIteration as stop:
+        return stop.value
+
+
+def scoring_rounds(pf: ProductForms, method: str = "REML", tolerance: float = 1e-12,
+                   max_iterations: int = 200, max_halvings: int = 10,
+                   step_tolerance: float = 1e-6,
+                   D0: tuple[np.ndarray, ...] | None = None,
+                   profiled: bool = True,
+                   handover: float | None = None, on_done=None):
+    """:func:`fisher_scoring` as a generator: yields a :class:`Request` for each evaluation
+    and is sent its :class:`Evaluation`; returns the :class:`ScoringResult`.
+
+    ``on_done(idx, D, ev, iterations, converged, stalled)``, when given, is called at the end
+    of every iteration with the voxels ``idx`` that left the active set in it (and at the end
+    with those stopped by the cap): their final values (``ev`` of all voxels, final at
+    ``idx``), never changed afterwards.
+    """
     st, v = pf.structure, pf.n_voxels
     if D0 is None:
         D0 = tuple(np.zeros((v, f.n_effects, f.n_effects)) for f in st.factors)
     D, lambdas = zip(*(psd_project(np.array(Dk, dtype=np.float64)) for Dk in D0))
     D, lambdas = list(D), list(lambdas)
-    ev = evaluate(pf, tuple(lambdas), method, need_z=True)
+    ev = yield Request(np.arange(v), tuple(lambdas), True)
     iterations = np.zeros(v, dtype=np.int64)
     converged = np.zeros(v, dtype=bool)
     stalled = np.zeros(v, dtype=bool)
     on_edge = np.zeros(v, dtype=bool)
     # a voxel that failed at the start is finished (not converged); the driver flags it
     active = np.flatnonzero(np.isfinite(ev.llh))
-    pf_a = pf.take(active)
     ev_a = ev.take(active)
     for _ in range(max_iterations):
         if active.size == 0:
             break
         lam_a = tuple(lam[active] for lam in lambdas)
-        steps, predicted = scoring_steps(ev_a, pf_a, method, profiled, lam_a)
+        steps, predicted = scoring_steps(ev_a, Sizes.of(pf, active), method, profiled, lam_a)
         floor = np.maximum(tolerance, rounding_floor(ev_a.llh))
         D_a = [Dk[active] for Dk in D]
         new_D = [Dk.copy() for Dk in D_a]
         new_lam = [lam.copy() for lam in lam_a]
-        new_ev = ev_a.take(np.arange(active.size))
+        old_llh = ev_a.llh.copy()
+        new_ev = ev_a                  # (a copy of its own: accepted steps are put into it)
         # converged: the full step would gain less than the tolerance and move D by less than
         # step_tolerance relative (flat directions gain little even far from the optimum)
         size = np.zeros(active.size)
@@ -398,15 +481,15 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
             # l only and the score sums are formed for the accepted steps afterwards -- unless
             # they are few, where the extra call costs more than the sums (same bits either way)
             lazy = group[0] > 0 and pf.algebra.lazy_halvings and vox.size > EAGER_HALVINGS
-            t_ev = evaluate(pf_a.take(vox), t_lam, method, need_z=not lazy)
-            ok = np.flatnonzero(t_ev.llh >= ev_a.llh[vox])     # never keep a worse point
+            t_ev = yield Request(active[vox], t_lam, not lazy)
+            ok = np.flatnonzero(t_ev.llh >= old_llh[vox])     # never keep a worse point
             if ok.size:
                 accepted, first = np.unique(vox[ok], return_index=True)
                 sel = ok[first]                                   # the largest step that did
                 got = t_ev.take(sel)
                 if lazy:
-                    got = _with_sums(got, pf_a.take(accepted), tuple(t[1][sel] for t in trial),
-                                     method)
+                    got = _with_sums(got, pf.take(active[accepted]),
+                                     tuple(t[1][sel] for t in trial), method)
                 new_ev.put(accepted, got)
                 for k, t in enumerate(trial):
                     new_D[k][accepted] = t[0][sel]
@@ -414,7 +497,7 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
                 taken = np.zeros(active.size, dtype=bool)
                 taken[accepted] = True
                 pending = pending[~taken[pending]]
-        stuck = ~small & ~(new_ev.llh > ev_a.llh)      # no halving raised l
+        stuck = ~small & ~(new_ev.llh > old_llh)      # no halving raised l
         if handover is not None:
             # on (next to) the boundary after two steps in a row: the polish that follows
             # takes the voxel from here (FS creeps along the boundary; one step on it is
@@ -423,7 +506,7 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
             stuck |= edge & on_edge[active]
             on_edge[active] = edge
         iterations[active] += 1
-        change = new_ev.llh - ev_a.llh
+        change = new_ev.llh - old_llh
         done = ((np.abs(change) < floor) & (size <= step_tolerance)) | small | stuck
         for k in range(len(D)):
             D[k][active] = new_D[k]
@@ -431,10 +514,16 @@ def fisher_scoring(pf: ProductForms, method: str = "REML", tolerance: float = 1e
         ev.put(active, new_ev)
         converged[active[done]] = True
         stalled[active[stuck]] = True
+        if on_done is not None and done.any():
+            on_done(active[done], tuple(Dk[active[done]] for Dk in D), ev,
+                    iterations[active[done]], converged[active[done]], stalled[active[done]])
         keep = ~done
         active = active[keep]
         if active.size:
-            pf_a = pf_a.take(np.flatnonzero(keep)) if not keep.all() else pf_a
-            ev_a = new_ev.take(np.flatnonzero(keep))
+            ev_a = new_ev if keep.all() else new_ev.take(np.flatnonzero(keep))
+    if on_done is not None and active.size:                    # stopped by the cap
+        on_done(active, tuple(Dk[active] for Dk in D), ev, iterations[active],
+                converged[active], stalled[active])
     return ScoringResult(D=tuple(D), lambdas=tuple(lambdas), ev=ev,
                          iterations=iterations, converged=converged, stalled=stalled)
+

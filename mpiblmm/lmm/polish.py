@@ -28,41 +28,59 @@ candidate moves per iteration:
 A voxel stops when neither move gains ``tolerance`` in ``l``: the first-order conditions hold
 in theta, and no direction out of the boundary raises ``l`` (the second-order condition of the
 PSD-cone problem, ``N'GN <= 0``).
+
+The iteration is a generator (:func:`polish_rounds`) over a :class:`PolishState` that voxels
+may join while it runs: a chunk's fit (:mod:`~mpiblmm.lmm.scoring`) hands each voxel over as
+Fisher Scoring finishes it and answers both iterations' evaluation requests in shared calls;
+:func:`polish` runs it alone.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-from .fisher import Evaluation, eigh_sym, evaluate
+from .fisher import Evaluation, Request, Sizes, eigh_sym, evaluate, run
 from .model import ProductForms, RandomStructure
 from .scores import score_information, vech
-from .theta import lambdas_from_theta, theta_from_D, theta_slices, tril_indices
+from .theta import lambdas_from_theta, theta_from_D, tril_indices
 
 
 def _jacobian(lam: np.ndarray) -> np.ndarray:
     """``J[:, n, m] = d vech(D)_n / d theta_m`` for one factor, D = Lambda Lambda' (v, m, m).
 
     With ``theta_m = Lambda[r, c]``: ``dD[a, b] = delta(a, r) Lambda[b, c] + delta(b, r)
-    Lambda[a, c]``.
+    Lambda[a, c]`` (the index pattern built once per q, :func:`_jacobian_plan`).
     """
-    q = lam.shape[-1]
+    v, q = lam.shape[0], lam.shape[-1]
+    m = q * (q + 1) // 2
+    pos1, src1, pos2, src2 = _jacobian_plan(q)
+    flat = lam.reshape(v, q * q)
+    J = np.zeros((v, m * m))
+    J[:, pos1] = 0.0 + flat[:, src1]
+    J[:, pos2] += flat[:, src2]
+    return J.reshape(v, m, m)
+
+
+@functools.lru_cache(maxsize=None)
+def _jacobian_plan(q: int) -> tuple[np.ndarray, ...]:
+    """Flat positions in J and flat entries of Lambda of the first and second term of
+    :func:`_jacobian` (the second where both deltas hold)."""
     rows, cols = tril_indices(q)
     m = rows.size
-    J = np.zeros((lam.shape[0], m, m))
+    pos1, src1, pos2, src2 = [], [], [], []
     for n_, (a, b) in enumerate(zip(rows, cols)):
         for m_, (r, c) in enumerate(zip(rows, cols)):
-            val = 0.0
-            if a == r:
-                val = val + lam[:, b, c]
-            if b == r:
-                val = val + lam[:, a, c]
-            if not np.isscalar(val):
-                J[:, n_, m_] = val
-    return J
+            terms = ([b * q + c] if a == r else []) + ([a * q + c] if b == r else [])
+            if terms:
+                pos1.append(n_ * m + m_)
+                src1.append(terms[0])
+            if len(terms) == 2:
+                pos2.append(n_ * m + m_)
+                src2.append(terms[1])
+    return tuple(np.array(x, dtype=np.intp) for x in (pos1, src1, pos2, src2))
 
 
 def _curvature(G: np.ndarray) -> np.ndarray:
@@ -73,6 +91,8 @@ def _curvature(G: np.ndarray) -> np.ndarray:
 
 
 def _block_diag(blocks: list[np.ndarray]) -> np.ndarray:
+    if len(blocks) == 1:
+        return blocks[0]
     sizes = [b.shape[-1] for b in blocks]
     out = np.zeros((blocks[0].shape[0], sum(sizes), sum(sizes)))
     start = 0
@@ -169,20 +189,25 @@ def _secant_corrected(der: Derivatives, theta: np.ndarray, prev_theta: np.ndarra
         - rs * s[:, :, None] * s[:, None, :] / ss ** 2
     N = N.copy()
     N[idx] = N[idx] + E
-    return dataclasses.replace(der, neg_hess=N)
+    return Derivatives(der.grad, N, der.G, der.info_kk)
 
 
 def canonical_theta(theta: np.ndarray, structure: RandomStructure) -> np.ndarray:
     """lme4's form: flip the sign of every Lambda_k column whose diagonal is negative."""
-    out = theta.copy()
-    for f, sl in zip(structure.factors, theta_slices(structure)):
-        rows, cols = tril_indices(f.n_effects)
-        for c in range(f.n_effects):
-            diag = sl.start + int(np.flatnonzero((rows == c) & (cols == c))[0])
-            col = sl.start + np.flatnonzero(cols == c)
-            sign = np.where(out[:, diag] < 0, -1.0, 1.0)
-            out[:, col] *= sign[:, None]
-    return out
+    diag = _column_diagonals(tuple(f.n_effects for f in structure.factors))
+    return theta * np.where(theta[:, diag] < 0, -1.0, 1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _column_diagonals(qs: tuple[int, ...]) -> np.ndarray:
+    """For every theta entry, the position of its Lambda_k column's diagonal entry."""
+    out, start = [], 0
+    for q in qs:
+        rows, cols = tril_indices(q)
+        diag_of = {int(c): start + int(i) for i, (r, c) in enumerate(zip(rows, cols)) if r == c}
+        out += [diag_of[int(c)] for c in cols]
+        start += rows.size
+    return np.array(out, dtype=np.intp)
 
 
 def escape_directions(lambdas: tuple[np.ndarray, ...], der: Derivatives,
@@ -242,20 +267,21 @@ def _alpha_groups(max_halvings: int) -> list[list[float]]:
                            for i in range(1, len(alphas), HALVING_BATCH)]
 
 
-def _line_search(pf, theta, llh, direction_fn, method, max_halvings, predicted=None,
+def _line_search(index, theta, llh, direction_fn, st, max_halvings, predicted=None,
                  min_gain=0.0):
     """Try ``theta(alpha)`` for alpha = 1, 1/2, ...; keep the first that does not lower ``l``.
 
-    ``direction_fn(idx, alpha)`` returns candidate theta for voxels ``idx`` (``alpha`` a
-    scalar or one per voxel, (len(idx), 1)).  When ``predicted`` (v,) is given (the
-    first-order gain of the full step), a voxel stops halving once ``alpha * predicted``
-    falls below ``min_gain`` (nothing worth an evaluation is left).  The halvings are
-    evaluated in groups (:func:`_alpha_groups`); the step kept is the one the sequence would
-    keep.  Returns the new theta, its llh (NaN where nothing was accepted), the accepted mask
-    and the evaluations of the accepted voxels as (index, Evaluation) pairs.
+    A generator (``yield from``): it yields a :class:`~.fisher.Request` per evaluation, for
+    voxels ``index`` (v,) of the chunk's product forms.  ``direction_fn(idx, alpha)``
+    returns candidate theta for voxels ``idx`` (``alpha`` a scalar or one per voxel,
+    (len(idx), 1)).  When ``predicted`` (v,) is given (the first-order gain of the full
+    step), a voxel stops halving once ``alpha * predicted`` falls below ``min_gain`` (nothing
+    worth an evaluation is left).  The halvings are evaluated in groups
+    (:func:`_alpha_groups`); the step kept is the one the sequence would keep.  Returns the
+    new theta, its llh (NaN where nothing was accepted), the accepted mask and the
+    evaluations of the accepted voxels as (index, Evaluation) pairs.
     """
     v = theta.shape[0]
-    st = pf.structure
     new_theta = theta.copy()
     new_llh = np.full(v, np.nan)
     accepted = np.zeros(v, dtype=bool)
@@ -274,7 +300,7 @@ def _line_search(pf, theta, llh, direction_fn, method, max_halvings, predicted=N
             break
         alphas = np.concatenate(alphas)[:, None]
         cand = direction_fn(vox, alphas)
-        ev = evaluate(pf.take(vox), lambdas_from_theta(cand, st), method, need_z=True)
+        ev = yield Request(index[vox], lambdas_from_theta(cand, st), True)
         ok = np.flatnonzero(ev.llh >= llh[vox])
         if ok.size:
             idx, first = np.unique(vox[ok], return_index=True)   # the largest step kept
@@ -301,24 +327,77 @@ def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
     serves); it is not evaluated again.
     """
     st, v = pf.structure, pf.n_voxels
-    cap = np.broadcast_to(np.asarray(max_iterations, dtype=np.int64), (v,))
-    theta = canonical_theta(np.array(theta0, dtype=np.float64), st)
-    ev = evaluate(pf, lambdas_from_theta(theta, st), method, need_z=True) if ev0 is None else ev0
-    iterations = np.zeros(v, dtype=np.int64)
-    converged = np.zeros(v, dtype=bool)
-    active = np.flatnonzero(np.isfinite(ev.llh))
+    theta0 = np.array(theta0, dtype=np.float64)
+    if ev0 is None:
+        ev0 = evaluate(pf, lambdas_from_theta(canonical_theta(theta0, st), st), method,
+                       need_z=True)
+    state = PolishState(v, theta0.shape[1])
+    state.add(np.arange(v), theta0, ev0, max_iterations, st)
+    state.closed = True
+    run(pf, method, polish_rounds(pf, state, method, tolerance, max_halvings))
+    return PolishResult(theta=state.theta, lambdas=lambdas_from_theta(state.theta, st),
+                        ev=state.ev, iterations=state.iterations, converged=state.converged)
+
+
+class PolishState:
+    """The polish's voxels of one chunk of ``v``: per voxel theta (v, n_theta), the
+    evaluation there (``ev``, an :class:`~.fisher.Evaluation` of all ``v`` voxels, written at
+    the polished ones only), iterations, cap and ``converged``.  Voxels join with
+    :meth:`add` -- also while :func:`polish_rounds` runs (Fisher Scoring hands voxels over
+    as it finishes them); ``closed`` says that no more will come."""
+
+    def __init__(self, v: int, m: int):
+        self.theta = np.full((v, m), np.nan)
+        self.iterations = np.zeros(v, dtype=np.int64)
+        self.converged = np.zeros(v, dtype=bool)
+        self.cap = np.zeros(v, dtype=np.int64)
+        self.ev: Evaluation | None = None
+        self.incoming: list[np.ndarray] = []
+        self.closed = False
+
+    def add(self, idx: np.ndarray, theta0: np.ndarray, ev: Evaluation, cap, st) -> None:
+        """Voxels ``idx`` start at ``theta0`` (put into lme4's form) and ``cap`` iterations,
+        with their evaluation in the rows ``idx`` of ``ev`` (all ``v`` voxels; the same
+        object at every call, kept and written at the polished voxels only: Fisher Scoring
+        hands over its own, whose rows of finished voxels it no longer writes).  Voxels
+        whose evaluation failed never start."""
+        if self.ev is None:
+            self.ev = ev
+        elif ev is not self.ev:
+            raise ValueError("every voxel of a polish must come with the same evaluation")
+        self.theta[idx] = canonical_theta(theta0, st)
+        self.cap[idx] = cap
+        self.incoming.append(idx[np.isfinite(ev.llh[idx])])
+
+
+def polish_rounds(pf: ProductForms, state: PolishState, method: str = "REML",
+                  tolerance: float = 1e-12, max_halvings: int = 30):
+    """The polish (:func:`polish`) as a generator over the voxels of ``state``: yields a
+    :class:`~.fisher.Request` per evaluation (``None`` while it waits for voxels) and is
+    sent its :class:`~.fisher.Evaluation`.  Every voxel runs the same iterations whenever it
+    joins, so its result does not depend on the others."""
+    st = pf.structure
+    theta, iterations, converged, cap = state.theta, state.iterations, state.converged, state.cap
+    v = theta.shape[0]
+    active = np.zeros(0, dtype=np.int64)
     prev_theta = np.zeros_like(theta)
     prev_grad = np.zeros_like(theta)
     has_prev = np.zeros(v, dtype=bool)
-    for _ in range(int(cap.max(initial=0))):
+    while True:
+        if state.incoming:
+            active = np.concatenate([active] + state.incoming)
+            state.incoming.clear()
         active = active[iterations[active] < cap[active]]
         if active.size == 0:
-            break
-        pf_a = pf.take(active)
+            if state.closed:
+                return
+            yield None
+            continue
+        ev = state.ev
         ev_a = ev.take(active)
         th_a = theta[active]
         lam_a = lambdas_from_theta(th_a, st)
-        der = derivatives(ev_a, pf_a, lam_a, method)
+        der = derivatives(ev_a, Sizes.of(pf, active), lam_a, method)
         if SECANT:
             der = _secant_corrected(der, th_a, prev_theta[active], prev_grad[active],
                                     has_prev[active])
@@ -327,16 +406,22 @@ def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
         floor = np.maximum(tolerance, 1e-14 * np.abs(ev_a.llh))   # rounding floor of l
         # first-order gain of the full Newton step, g'd (>= 0 for the saddle-free direction)
         predicted = np.einsum("vi,vi->v", der.grad, d)
-        new_th, new_llh, acc, evs = _line_search(
-            pf_a, th_a, ev_a.llh, lambda idx, alpha: th_a[idx] + alpha * d[idx],
-            method, max_halvings, predicted=predicted, min_gain=0.01 * floor)
+        new_th, new_llh, acc, evs = yield from _line_search(
+            active, th_a, ev_a.llh, lambda idx, alpha: th_a[idx] + alpha * d[idx],
+            st, max_halvings, predicted=predicted, min_gain=0.01 * floor)
         gain = np.where(acc, new_llh - ev_a.llh, 0.0)
         # where Newton gained (almost) nothing, try to leave the boundary of the PSD cone
-        moves, has = escape_directions(lam_a, der)
-        retry = np.flatnonzero((gain < floor) & has)
+        # (the escape directions only for those voxels: mostly none, or the few finishing)
+        retry = np.flatnonzero(gain < floor)
         if retry.size:
-            D_r = tuple((lam @ np.swapaxes(lam, 1, 2))[retry] for lam in lam_a)
-            mv_r = tuple(m[retry] for m in moves)
+            lam_r = tuple(lam[retry] for lam in lam_a)
+            mv_r, has = escape_directions(lam_r, Derivatives(
+                der.grad[retry], der.neg_hess[retry], tuple(G[retry] for G in der.G),
+                tuple(I[retry] for I in der.info_kk)))
+            retry, lam_r = retry[has], tuple(lam[has] for lam in lam_r)
+            mv_r = tuple(m[has] for m in mv_r)
+        if retry.size:
+            D_r = tuple(lam @ np.swapaxes(lam, 1, 2) for lam in lam_r)
 
             def escape(idx, alpha):
                 alpha = np.reshape(alpha, (-1, 1, 1))
@@ -346,8 +431,8 @@ def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
             base = ev_a.llh[retry] + np.maximum(gain[retry], 0.0)
             # first-order gain of the escape: sum_k tr(G_k t_k w_k w_k')
             pred = sum(np.einsum("vab,vab->v", Gk[retry], mk) for Gk, mk in zip(der.G, mv_r))
-            s_th, s_llh, s_acc, s_evs = _line_search(
-                pf_a.take(retry), th_a[retry], base, escape, method, max_halvings=20,
+            s_th, s_llh, s_acc, s_evs = yield from _line_search(
+                active[retry], th_a[retry], base, escape, st, max_halvings=20,
                 predicted=pred, min_gain=0.01 * floor[retry])
             better = s_acc & (s_llh > base)
             if better.any():
@@ -375,5 +460,3 @@ def polish(pf: ProductForms, theta0: np.ndarray, method: str = "REML",
         done = gain < floor
         converged[active[done]] = True
         active = active[~done]
-    return PolishResult(theta=theta, lambdas=lambdas_from_theta(theta, st), ev=ev,
-                        iterations=iterations, converged=converged)

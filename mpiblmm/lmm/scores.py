@@ -20,6 +20,7 @@ is ``Dup' vec G`` and the vech information ``Dup' I_vec Dup``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,13 +31,17 @@ from .theta import tril_indices
 
 
 # ---------------------------------------------------------------- vech helpers
+@functools.lru_cache(maxsize=None)
 def duplication(q: int) -> np.ndarray:
-    """Duplication matrix ``Dup`` (q*q, q(q+1)/2): ``vec(A) = Dup vech(A)`` for symmetric A."""
+    """Duplication matrix ``Dup`` (q*q, q(q+1)/2): ``vec(A) = Dup vech(A)`` for symmetric A.
+
+    Cached (read-only): every scoring step asks for it."""
     rows, cols = tril_indices(q)
     dup = np.zeros((q * q, rows.size))
     for m, (a, b) in enumerate(zip(rows, cols)):
         dup[a * q + b, m] = 1.0
         dup[b * q + a, m] = 1.0
+    dup.flags.writeable = False
     return dup
 
 

@@ -3,8 +3,12 @@
 import numpy as np
 import pytest
 
-from mpiblmm.lmm.fisher import evaluate, fisher_scoring, psd_project, solve_small_spd
+from mpiblmm.lmm.fisher import (evaluate, fisher_scoring, near_boundary, psd_project,
+                                solve_small_spd)
 from mpiblmm.lmm.polish import canonical_theta, polish
+from mpiblmm.lmm.products import product_forms
+from mpiblmm.lmm.scoring import NEAR_BOUNDARY
+from mpiblmm.lmm.structures.one_factor import FS_HALVINGS_BEFORE_POLISH, HANDOVER
 from mpiblmm.lmm.theta import D_from_theta, theta_from_D
 
 from .fitting_cases import brute_optimum, simulate
@@ -68,3 +72,34 @@ def test_small_algebra_is_isolated():
     Dp, lam = psd_project(D)
     np.testing.assert_allclose(Dp[0], np.diag([1.0, 0.0]), atol=1e-14)
     assert np.isnan(Dp[1]).all()
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize("layout", ["one factor", "dense"])
+@pytest.mark.parametrize("max_iterations", [300, 5])
+def test_side_by_side_fit_is_fisher_scoring_then_polish(method, layout, max_iterations):
+    # A chunk runs the polish of the voxels Fisher Scoring has finished alongside Fisher
+    # Scoring of the rest, sharing evaluation calls (scoring._drive): every voxel must get
+    # exactly what Fisher Scoring followed by the polish gives it, to the bit.
+    # one factor: subjects' intercept + slope; dense: crossed with sites (layout="dense")
+    X, rd, Y, pf = simulate(7, q=2, v=24, missing=0.05, crossed=layout == "dense")
+    if layout == "one factor":
+        pf = product_forms(X, rd, Y)
+    assert pf.algebra.name == layout
+    halvings = {} if layout == "dense" else dict(max_halvings=FS_HALVINGS_BEFORE_POLISH,
+                                                 handover=HANDOVER)
+    fs = fisher_scoring(pf, method, max_iterations=max_iterations, **halvings)
+    sel = near_boundary(fs.D, NEAR_BOUNDARY) | fs.stalled | ~fs.converged
+    sel = np.flatnonzero(sel & np.isfinite(fs.ev.llh) & (fs.iterations < max_iterations))
+    assert sel.size >= 4                                      # the polish has work to do
+    pol = polish(pf.take(sel), theta_from_D(fs.D, pf.structure)[sel], method,
+                 max_iterations=max_iterations - fs.iterations[sel], ev0=fs.ev.take(sel))
+    llh, theta = fs.ev.llh.copy(), theta_from_D(fs.D, pf.structure)
+    llh[sel], theta[sel] = pol.ev.llh, pol.theta
+    pol_it = np.zeros(pf.n_voxels, dtype=np.int64)
+    pol_it[sel] = pol.iterations
+    out = pf.algebra.fit_chunk(pf, method, 1e-12, max_iterations, "auto")
+    np.testing.assert_array_equal(out["llh"], llh)
+    np.testing.assert_array_equal(out["theta"], theta)
+    np.testing.assert_array_equal(out["fs_iterations"], fs.iterations)
+    np.testing.assert_array_equal(out["polish_iterations"], pol_it)

@@ -383,10 +383,14 @@ def _sums_block(pf: ProductForms, B, ZX, ZY, M, beta: np.ndarray, s2: np.ndarray
 
 
 def voxel_blocks(pf: ProductForms):
-    """Voxel slices of about ``_BLOCK_ELEMENTS`` (voxel, level) pairs each."""
+    """Voxel slices of about ``_BLOCK_ELEMENTS`` (voxel, level) pairs each, of equal size: the
+    number of blocks rounded, not raised, so no block is a small remainder (a 300-voxel
+    chunk at 60 levels was 273 + 27 voxels: one evaluation cost 2.9 ms, as one block 2.2)."""
     l = pf.structure.factors[0].n_levels
     size = max(8, _BLOCK_ELEMENTS // max(l, 1))
     v = pf.n_voxels
+    n_blocks = max(1, int(round(v / size)))
+    size = -(-v // n_blocks)
     return [slice(s, min(v, s + size)) for s in range(0, v, size)]
 
 
