@@ -335,17 +335,15 @@ def _with_factors(d, factors):
                   covariates=d.covariates)
 
 
-def ds_nested_slope(rng):
-    """Three nested factors: subjects (intercept + time) in families (1-3 subjects) in sites."""
-    n_sub = 54
-    visits = rng.choice([3, 4], size=n_sub, p=[0.35, 0.65])
-    d = simulate_design(rng, n_sub, visits, fixed=("intercept", "age", "time", "sex"),
-                        factors=(FactorSpec("subject", effects=("intercept", "time")),))
-    # families of 1-3 subjects (subjects in random order), families in 6 unequal sites
+def _families_in_sites(rng, d, n_sub: int, size_p: list, n_sites: int):
+    """``d`` with site and family factors (one effect each) before its subject factor:
+    subjects, in random order, grouped into families of 1, 2 or 3 (probabilities
+    ``size_p``), families in ``n_sites`` unequal sites (Dirichlet(4) probabilities, at least 2
+    families each); labels ``siteNN`` and ``siteNN_famK``.  Returns ``(d, n_families)``."""
     order = rng.permutation(n_sub)
     sizes = []
     while sum(sizes) < n_sub:
-        sizes.append(int(rng.choice([1, 2, 3], p=[0.25, 0.4, 0.35])))
+        sizes.append(int(rng.choice([1, 2, 3], p=size_p)))
     sizes[-1] -= sum(sizes) - n_sub
     fam_of = np.empty(n_sub, int)
     start = 0
@@ -354,10 +352,10 @@ def ds_nested_slope(rng):
         start += s
     n_fam = len(sizes)
     while True:
-        site_of_fam = rng.choice(6, size=n_fam, p=rng.dirichlet(np.full(6, 4.0)))
-        if np.bincount(site_of_fam, minlength=6).min() >= 2:
+        site_of_fam = rng.choice(n_sites, size=n_fam, p=rng.dirichlet(np.full(n_sites, 4.0)))
+        if np.bincount(site_of_fam, minlength=n_sites).min() >= 2:
             break
-    per_site = np.zeros(6, int)
+    per_site = np.zeros(n_sites, int)
     fam_label = []
     for k in range(n_fam):
         per_site[site_of_fam[k]] += 1
@@ -370,6 +368,41 @@ def ds_nested_slope(rng):
     d = _with_factors(d, [_factor("site", site_labels, ones, ("intercept",)),
                           _factor("family", fam_labels, ones, ("intercept",)),
                           sub])
+    return d, n_fam
+
+
+def _family_voxels(rng, d, per: list, missing: list, whole: list):
+    """Voxels of a site / family / subject study with fixed effects intercept, age, time, sex:
+    the voxels ``missing`` lose 10% of their rows, those in ``whole`` first a whole family;
+    ``per`` the covariances per voxel.  Returns ``(Y, truth, contrasts)``."""
+    v = len(per)
+    frac = np.zeros(v)
+    frac[missing] = 0.1
+    lose = np.zeros(v, int)
+    lose[whole] = 1
+    mask = missing_mask(rng, d, v, fraction=frac, whole_levels=lose, factor="family")
+    beta = np.column_stack([rng.normal(6, 1, v), rng.normal(0, 0.5, v), rng.normal(0.2, 0.3, v),
+                            rng.normal(0, 0.5, v)])
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.2, 0.5, v),
+                               missing=mask)
+    p = d.p
+    contrasts = [
+        _t("age", p, {1: 1}), _t("time", p, {2: 1}), _t("sex", p, {3: 1}),
+        _t("time_minus_age", p, {2: 1, 1: -1}),
+        _f("age_time", p, [{1: 1}, {2: 1}]),
+        _f("three_correlated", p, [{1: 1}, {2: 1}, {1: 0.5, 2: 0.5, 3: 1}]),
+    ]
+    return Y, truth, contrasts
+
+
+def ds_nested_slope(rng):
+    """Three nested factors: subjects (intercept + time) in families (1-3 subjects) in sites."""
+    n_sub = 54
+    visits = rng.choice([3, 4], size=n_sub, p=[0.35, 0.65])
+    d = simulate_design(rng, n_sub, visits, fixed=("intercept", "age", "time", "sex"),
+                        factors=(FactorSpec("subject", effects=("intercept", "time")),))
+    # families of 1-3 subjects (subjects in random order), families in 6 unequal sites
+    d, n_fam = _families_in_sites(rng, d, n_sub, [0.25, 0.4, 0.35], 6)
     v = 24
     per, kinds = [], []
     for i in range(v):
@@ -391,22 +424,7 @@ def ds_nested_slope(rng):
         kinds.append(k)
     # missing: voxels 3, 6, 9 (boundary) and 18-23 lose 10% of rows; 21 and 22 first a whole
     # family (its levels then drop out of the fit)
-    frac = np.zeros(v)
-    frac[[3, 6, 9, 18, 19, 20, 21, 22, 23]] = 0.1
-    whole = np.zeros(v, int)
-    whole[[21, 22]] = 1
-    mask = missing_mask(rng, d, v, fraction=frac, whole_levels=whole, factor="family")
-    beta = np.column_stack([rng.normal(6, 1, v), rng.normal(0, 0.5, v), rng.normal(0.2, 0.3, v),
-                            rng.normal(0, 0.5, v)])
-    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.2, 0.5, v),
-                               missing=mask)
-    p = d.p
-    contrasts = [
-        _t("age", p, {1: 1}), _t("time", p, {2: 1}), _t("sex", p, {3: 1}),
-        _t("time_minus_age", p, {2: 1, 1: -1}),
-        _f("age_time", p, [{1: 1}, {2: 1}]),
-        _f("three_correlated", p, [{1: 1}, {2: 1}, {1: 0.5, 2: 0.5, 3: 1}]),
-    ]
+    Y, truth, contrasts = _family_voxels(rng, d, per, [3, 6, 9, 18, 19, 20, 21, 22, 23], [21, 22])
     desc = (f"(1 | site) + (1 | family) + (1 + time | subject): {n_sub} subjects x 3-4 visits in "
             f"{n_fam} families of 1-3 subjects in 6 sites (nested, labels unique); voxels 3, 6, "
             "9, 18-23 miss 10% of rows, 21-22 first a whole family")
@@ -420,34 +438,7 @@ def ds_nested_intercepts(rng):
     visits = rng.choice([2, 3], size=n_sub, p=[0.6, 0.4])
     d = simulate_design(rng, n_sub, visits, fixed=("intercept", "age", "time", "sex"),
                         factors=(FactorSpec("subject", effects=("intercept",)),))
-    order = rng.permutation(n_sub)
-    sizes = []
-    while sum(sizes) < n_sub:
-        sizes.append(int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2])))
-    sizes[-1] -= sum(sizes) - n_sub
-    fam_of = np.empty(n_sub, int)
-    start = 0
-    for k, s in enumerate(sizes):
-        fam_of[order[start:start + s]] = k
-        start += s
-    n_fam = len(sizes)
-    while True:
-        site_of_fam = rng.choice(7, size=n_fam, p=rng.dirichlet(np.full(7, 4.0)))
-        if np.bincount(site_of_fam, minlength=7).min() >= 2:
-            break
-    per_site = np.zeros(7, int)
-    fam_label = []
-    for k in range(n_fam):
-        per_site[site_of_fam[k]] += 1
-        fam_label.append(f"site{site_of_fam[k] + 1:02d}_fam{per_site[site_of_fam[k]]}")
-    subj = d.covariates["subject"]
-    site_labels = np.array([f"site{site_of_fam[fam_of[s]] + 1:02d}" for s in subj])
-    fam_labels = np.array([fam_label[fam_of[s]] for s in subj])
-    sub = d.factor("subject")
-    ones = np.ones((d.n, 1))
-    d = _with_factors(d, [_factor("site", site_labels, ones, ("intercept",)),
-                          _factor("family", fam_labels, ones, ("intercept",)),
-                          sub])
+    d, n_fam = _families_in_sites(rng, d, n_sub, [0.4, 0.4, 0.2], 7)
     v = 24
     per, kinds = [], []
     for i in range(v):
@@ -468,22 +459,8 @@ def ds_nested_intercepts(rng):
         kinds.append(k)
     # missing: voxels 2, 5, 8 (boundary) and 16-23 lose 10% of rows; 20 and 21 first a whole
     # family (its levels then drop out of the fit)
-    frac = np.zeros(v)
-    frac[[2, 5, 8, 16, 17, 18, 19, 20, 21, 22, 23]] = 0.1
-    whole = np.zeros(v, int)
-    whole[[20, 21]] = 1
-    mask = missing_mask(rng, d, v, fraction=frac, whole_levels=whole, factor="family")
-    beta = np.column_stack([rng.normal(6, 1, v), rng.normal(0, 0.5, v), rng.normal(0.2, 0.3, v),
-                            rng.normal(0, 0.5, v)])
-    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.2, 0.5, v),
-                               missing=mask)
-    p = d.p
-    contrasts = [
-        _t("age", p, {1: 1}), _t("time", p, {2: 1}), _t("sex", p, {3: 1}),
-        _t("time_minus_age", p, {2: 1, 1: -1}),
-        _f("age_time", p, [{1: 1}, {2: 1}]),
-        _f("three_correlated", p, [{1: 1}, {2: 1}, {1: 0.5, 2: 0.5, 3: 1}]),
-    ]
+    Y, truth, contrasts = _family_voxels(rng, d, per, [2, 5, 8, 16, 17, 18, 19, 20, 21, 22, 23],
+                                         [20, 21])
     desc = (f"(1 | site) + (1 | family) + (1 | subject): {n_sub} subjects x 2-3 visits in "
             f"{n_fam} families of 1-3 subjects in 7 sites (nested, labels unique; the compiled "
             "kernel's design); voxels 2, 5, 8, 16-23 miss 10% of rows, 20-21 first a whole family")

@@ -62,6 +62,13 @@ def _forms(make, missing, v=45, seed=3):
     return pattern, prepare(pattern, pf), theta, prepare(pattern, pf, for_kernel=False)
 
 
+def _numpy_F(pattern, prep, fac, v):
+    """F of equation (1) by the numpy path, (v, K)."""
+    sig = gradient.selected_inverse(pattern, fac, v)
+    F = gradient.logdet_gradient(pattern, prep, fac.lam, sig, v)
+    return np.stack([f[0, 0] for f in F], axis=1)
+
+
 def test_the_kernel_is_built():
     assert kernel.available(), "mpiblmm/lmm/blocked/_kernel.c was not built: run scripts/setup.sh"
 
@@ -76,9 +83,7 @@ def test_kernel_equals_the_numpy_path(make, missing):
     fac = factorise(pattern, prep, theta)
     np.testing.assert_allclose(res.logdet, fac.logdet, rtol=1e-13, atol=1e-12)
     np.testing.assert_allclose(res.G, fac.G, rtol=1e-12, atol=1e-12 * np.abs(fac.G).max())
-    sig = gradient.selected_inverse(pattern, fac, v)
-    F = gradient.logdet_gradient(pattern, prep, fac.lam, sig, v)
-    F = np.stack([f[0, 0] for f in F], axis=1)
+    F = _numpy_F(pattern, prep, fac, v)
     np.testing.assert_allclose(res.F, F, rtol=1e-12, atol=1e-12 * np.abs(F).max())
     U = gradient.back_substitute(pattern, fac, r, v)
     for a, g in enumerate(gradient.level_grams(pattern, U, r)):
@@ -164,7 +169,5 @@ def test_kernel_equals_the_numpy_path_on_random_nested_chains(case):
     fac = factorise(pattern, prep, theta)
     np.testing.assert_allclose(res.logdet, fac.logdet, rtol=1e-12, atol=1e-11)
     np.testing.assert_allclose(res.G, fac.G, rtol=1e-10, atol=1e-11 * np.abs(fac.G).max())
-    sig = gradient.selected_inverse(pattern, fac, v)
-    F = gradient.logdet_gradient(pattern, prep, fac.lam, sig, v)
-    F = np.stack([f[0, 0] for f in F], axis=1)
+    F = _numpy_F(pattern, prep, fac, v)
     np.testing.assert_allclose(res.F, F, rtol=1e-10, atol=1e-11 * (np.abs(F).max() + 1))

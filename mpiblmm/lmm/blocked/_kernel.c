@@ -73,21 +73,26 @@ typedef int32_t ix;
 
 #define TILE 32
 
+/* The parameters both functions take after the sizes: the plan (kernel.py: Plan), the
+ * inputs, the tile's scratch and the outputs. */
+#define EVAL_PARAMS \
+    const i64 *levels, const i64 *node_off, const i64 *diag_off, const i64 *cross_off, \
+    const i64 *col_start, const ix *col_row, const ix *col_y, \
+    const i64 *upd_start, const ix *upd_tgt, const ix *upd_i1, const ix *upd_i2, \
+    const unsigned char *upd_off, \
+    i64 n_zz, i64 n_diag, const ix *asm_dst, const ix *asm_pa, const ix *asm_pb, \
+    i64 n_fill, const ix *fill, \
+    const double *zz, i64 zz_per_voxel, const double *theta, \
+    const double *zx, const double *zy, i64 wx_per_voxel, \
+    double *vals, double *c, i64 *expo, double *mant, double *acc, \
+    double *logdet, double *G, \
+    int gradient, double *sig, double *F, double *Gram
+
 /* The evaluation of one tile of T voxels (see the top of the file); inlined with T fixed at
  * TILE, 16 and 8 (fully vectorised inner loops) and with T as given (the rest of a batch). */
 static inline __attribute__((always_inline)) void eval_tile(
     const i64 T, i64 v, i64 j0, i64 K, i64 r, i64 n_vals, i64 n_nodes,
-    const i64 *levels, const i64 *node_off, const i64 *diag_off, const i64 *cross_off,
-    const i64 *col_start, const ix *col_row, const ix *col_y,
-    const i64 *upd_start, const ix *upd_tgt, const ix *upd_i1, const ix *upd_i2,
-    const unsigned char *upd_off,
-    i64 n_zz, i64 n_diag, const ix *asm_dst, const ix *asm_pa, const ix *asm_pb,
-    i64 n_fill, const ix *fill,
-    const double *zz, i64 zz_per_voxel, const double *theta,
-    const double *zx, const double *zy, i64 wx_per_voxel,
-    double *vals, double *c, i64 *expo, double *mant, double *acc,
-    double *logdet, double *G,
-    int gradient, double *sig, double *F, double *Gram)
+    EVAL_PARAMS)
 {
     const i64 p = r - 1, rr = r * r;
     const i64 zv = zz_per_voxel ? v : 1, zs = zz_per_voxel ? 1 : 0;
@@ -296,17 +301,7 @@ static inline __attribute__((always_inline)) void eval_tile(
 /* All voxels of a batch, tile by tile (scratch arrays sized for TILE voxels). */
 CLONES int mpiblmm_scalar_eval(
     i64 v, i64 K, i64 r, i64 n_vals, i64 n_nodes,
-    const i64 *levels, const i64 *node_off, const i64 *diag_off, const i64 *cross_off,
-    const i64 *col_start, const ix *col_row, const ix *col_y,
-    const i64 *upd_start, const ix *upd_tgt, const ix *upd_i1, const ix *upd_i2,
-    const unsigned char *upd_off,
-    i64 n_zz, i64 n_diag, const ix *asm_dst, const ix *asm_pa, const ix *asm_pb,
-    i64 n_fill, const ix *fill,
-    const double *zz, i64 zz_per_voxel, const double *theta,
-    const double *zx, const double *zy, i64 wx_per_voxel,
-    double *vals, double *c, i64 *expo, double *mant, double *acc,
-    double *logdet, double *G,
-    int gradient, double *sig, double *F, double *Gram)
+    EVAL_PARAMS)
 {
     i64 j0 = 0;
 #define TILE_AT(T_) eval_tile(T_, v, j0, K, r, n_vals, n_nodes, levels, node_off, diag_off, \
