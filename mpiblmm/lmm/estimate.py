@@ -161,8 +161,7 @@ def fit(pf: ProductForms, method: str = "REML", tolerance: float = 1e-12,
     chunk = max(1, int(memory_budget // bytes_per_voxel(pf)))
     for start in range(0, todo.size, chunk):
         idx = todo[start:start + chunk]
-        sub = pf if idx.size == v else pf.take(idx)      # (the whole set: no copy)
-        out = _fit_chunk(sub, method, tolerance, max_iterations, polish)
+        out = _fit_chunk(pf.subset(idx), method, tolerance, max_iterations, polish)
         theta[idx], llh[idx], beta[idx], s2[idx] = out["theta"], out["llh"], out["beta"], out["s2"]
         XtViX[idx] = out["XtViX"]
         fs_it[idx], pol_it[idx] = out["fs_iterations"], out["polish_iterations"]

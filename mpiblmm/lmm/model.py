@@ -115,6 +115,14 @@ class ProductForms:
     def p(self) -> int:
         return int(self.XtY.shape[1])
 
+    def subset(self, index: np.ndarray) -> "ProductForms":
+        """:meth:`take`, or these forms themselves when ``index`` is every voxel in order (no
+        copy; what is prepared from them once, e.g. the blocked kernel's layout, is reused)."""
+        index = np.asarray(index)
+        if index.size == self.n_voxels and np.array_equal(index, np.arange(index.size)):
+            return self
+        return self.take(index)
+
     def take(self, index: np.ndarray) -> "ProductForms":
         """The product forms of a subset of voxels (shared arrays stay shared)."""
 

@@ -338,7 +338,7 @@ def satterthwaite_setup(
     Avp = np.full((v, m, m), np.nan)
     idx = np.flatnonzero(ok)
     if idx.size:
-        sub = pf if idx.size == v else pf.take(idx)   # (all fitted: the fit's own forms)
+        sub = pf.subset(idx)
         varpar = np.concatenate([theta[idx], np.sqrt(s2[idx])[:, None]], axis=1)
         cov[idx], J[idx], H = pf.algebra.satterthwaite(sub, varpar, method)
         Avp[idx] = varpar_covariance(H, varpar[:, -1])

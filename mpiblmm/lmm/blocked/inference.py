@@ -90,7 +90,7 @@ def blocked_setup(pattern, pf: ProductForms, varpar: np.ndarray, method: str):
     (v, m+1, m+1) at ``varpar = (theta, sigma)`` (v, m+1), in voxel batches
     (:func:`.cholesky.batches`)."""
     run = _setup if varpar.shape[1] - 1 >= ANALYTIC_FROM else _richardson_setup
-    parts = [run(pattern, pf if idx.size == pf.n_voxels else pf.take(idx), varpar[idx], method)
+    parts = [run(pattern, pf.subset(idx), varpar[idx], method)
              for idx in batches(pattern, pf.p, pf.n_voxels)]
     return tuple(np.concatenate([part[k] for part in parts]) for k in range(3))
 

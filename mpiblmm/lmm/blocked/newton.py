@@ -175,7 +175,7 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
     if theta_start is None:
         theta_start = single_factor_start(pattern, pf, method, theta0(pf))
     for idx in batches(pattern, pf.p, pf.n_voxels):
-        sub = pf if idx.size == pf.n_voxels else pf.take(idx)
+        sub = pf.subset(idx)
         start = np.asarray(theta_start)[idx]
         run = _quasi_newton if n_theta(pf.structure) >= ANALYTIC_FROM else _fd_newton
         out = run(pattern, sub, method, start, tolerance, max_iterations, max_halvings)
