@@ -118,11 +118,11 @@ def collect(comm: Any) -> tuple[dict[str, str], list[str]]:
         facts.update(blas_facts())
         from .lmm.blocked import kernel
         facts["compiled kernel"] = ("yes (one-effect nested factors)" if kernel.available()
-                                    else "NO (numpy path; rerun scripts/setup.sh)")
-        if not kernel.available():
-            problems.append("mpiblmm's compiled kernel (mpiblmm/lmm/blocked/_kernel.c) is not "
-                            "built: several-factor fits run several times slower; rerun "
-                            "scripts/setup.sh")
+                                    else f"NO, {kernel.WHY_NOT} (numpy path)")
+        if not kernel.available() and kernel.WHY_NOT != kernel.TURNED_OFF:
+            problems.append(f"mpiblmm's compiled kernel (mpiblmm/lmm/blocked/_kernel.c) is "
+                            f"{kernel.WHY_NOT}: several-factor fits run several times slower; "
+                            f"rerun scripts/setup.sh")
     return facts, problems
 
 

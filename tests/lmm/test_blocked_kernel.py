@@ -73,6 +73,15 @@ def test_the_kernel_is_built():
     assert kernel.available(), "mpiblmm/lmm/blocked/_kernel.c was not built: run scripts/setup.sh"
 
 
+def test_a_library_of_another_version_is_refused(monkeypatch):
+    # a build older than the Python code (git pull without scripts/setup.sh) would be called
+    # with the wrong arguments: it is not used, and `mpiblmm env` says why
+    monkeypatch.setattr(kernel, "WHY_NOT", kernel.WHY_NOT)
+    monkeypatch.setattr(kernel, "ABI", kernel.ABI + 1)
+    assert kernel._load() == (None, 0)
+    assert kernel.WHY_NOT == "built from older sources"
+
+
 @pytest.mark.parametrize("missing", [False, True], ids=["shared", "per-voxel"])
 @pytest.mark.parametrize("make", [_nested, _two], ids=["nested", "two"])
 def test_kernel_equals_the_numpy_path(make, missing):

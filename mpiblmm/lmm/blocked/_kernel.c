@@ -327,6 +327,11 @@ CLONES int mpiblmm_scalar_eval(
 
 int mpiblmm_kernel_tile(void) { return TILE; }
 
+/* The version of the call above: kernel.py refuses a library whose version is not its own
+ * (a build older than the Python code, e.g. after `git pull` without scripts/setup.sh).
+ * Raise it whenever the parameters or their meaning change. */
+int mpiblmm_kernel_abi(void) { return 1; }
+
 /* An importable module, so that the build installs the library where kernel.py finds it
  * (it loads this file with ctypes). */
 static struct PyModuleDef kernel_module = {

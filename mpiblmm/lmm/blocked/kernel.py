@@ -28,14 +28,29 @@ _i32p = ctypes.POINTER(ctypes.c_int32)
 _dp = ctypes.POINTER(ctypes.c_double)
 
 
+#: The version of the C call this module makes (``mpiblmm_kernel_abi`` in ``_kernel.c``).
+ABI = 1
+
+#: Why the kernel is not in use ("" when it is): for ``mpiblmm env``.
+WHY_NOT = ""
+TURNED_OFF = "turned off by MPIBLMM_BLOCKED_KERNEL=0"
+
+
 def _load():
+    global WHY_NOT
     if os.environ.get("MPIBLMM_BLOCKED_KERNEL", "1") == "0":
+        WHY_NOT = TURNED_OFF
         return None, 0
     try:
         from . import _kernel
     except ImportError:
+        WHY_NOT = "not built"
         return None, 0
     lib = ctypes.CDLL(_kernel.__file__)
+    abi = getattr(lib, "mpiblmm_kernel_abi", None)
+    if abi is None or abi() != ABI:
+        WHY_NOT = "built from older sources"
+        return None, 0
     fn = lib.mpiblmm_scalar_eval
     fn.restype = ctypes.c_int
     fn.argtypes = ([ctypes.c_int64] * 5 + [_i64p] * 5 + [_i32p] * 2 + [_i64p] + [_i32p] * 3
