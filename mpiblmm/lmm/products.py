@@ -140,13 +140,28 @@ def product_forms(
     Y = np.asarray(Y)
     if Y.ndim == 1:
         Y = Y[:, None]
+    if Y.shape[1] == 1:
+        # One voxel alone: numpy's einsum reduces a single column by another loop (a
+        # contiguous dot product with partial sums), whose last bits differ from the same
+        # voxel's in any wider set, so a missing-data voxel alone in its chunk's group got
+        # other bits than at another rank count.  As two equal columns it takes the loop
+        # every wider set takes.
+        twice = product_forms(X, rd, np.repeat(Y, 2, axis=1),
+                              None if observed is None else np.repeat(observed, 2, axis=1),
+                              centre, layout)
+        return twice.take(np.array([0]))
     if observed is None:
         observed = np.isfinite(Y)
-    observed = np.asarray(observed, dtype=bool)
+    # C order (voxels innermost) whatever the caller's layout: einsum then reduces over the
+    # observations with the voxels as its inner loop, the same sequence of additions for
+    # every voxel; on an F-ordered slice (a chunk's ``Y[group].T``) it took a contiguous
+    # reduction per voxel whose partial sums follow the data's address alignment, so a
+    # voxel's last bits changed with the chunking
+    observed = np.ascontiguousarray(observed, dtype=bool)
     v = Y.shape[1]
     structure = rd.structure
     q = structure.q
-    Y0 = np.where(observed, Y, 0.0).astype(np.float64, copy=False)
+    Y0 = np.ascontiguousarray(np.where(observed, Y, 0.0), dtype=np.float64)
     shared = bool(observed.all())
     weights = np.ones((n, 1)) if shared else observed.astype(np.float64)
 
@@ -157,7 +172,9 @@ def product_forms(
     y_offset = None
     if centre:
         y_offset = np.broadcast_to(_ols_offset(XtX, XtY), (v, p)).copy()
-        Y0 = Y0 - rows_at(y_offset, X.T).T * weights
+        # C order whatever the number of voxels (the product is F-ordered for some widths):
+        # einsum's loops, and so a voxel's bits, follow the layout
+        Y0 = np.ascontiguousarray(Y0 - rows_at(y_offset, X.T).T * weights)
         XtY = cols_at(X, Y0)
     YtY = np.einsum("iv,iv->v", Y0, Y0)
     Zs = rd.sparse()

@@ -340,7 +340,15 @@ def satterthwaite_setup(
     if idx.size:
         sub = pf.subset(idx)
         varpar = np.concatenate([theta[idx], np.sqrt(s2[idx])[:, None]], axis=1)
-        cov[idx], J[idx], H = pf.algebra.satterthwaite(sub, varpar, method)
+        if idx.size == 1:
+            # one voxel as two copies of itself: numpy's einsum reduces a voxel axis of
+            # length one by another loop, whose last bits differ from the same voxel's among
+            # others (structures/levels.py: _alone)
+            parts = pf.algebra.satterthwaite(sub.take(np.array([0, 0])),
+                                             np.repeat(varpar, 2, axis=0), method)
+            cov[idx], J[idx], H = (a[:1] for a in parts)
+        else:
+            cov[idx], J[idx], H = pf.algebra.satterthwaite(sub, varpar, method)
         Avp[idx] = varpar_covariance(H, varpar[:, -1])
     return Precomputed(cov_beta=cov, jacobian=J, vcov_varpar=Avp, fitted=ok, method=method)
 

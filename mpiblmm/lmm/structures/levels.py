@@ -385,13 +385,17 @@ def _sums_block(pf: ProductForms, B, ZX, ZY, M, beta: np.ndarray, s2: np.ndarray
 def voxel_blocks(pf: ProductForms):
     """Voxel slices of about ``_BLOCK_ELEMENTS`` (voxel, level) pairs each, of equal size: the
     number of blocks rounded, not raised, so no block is a small remainder (a 300-voxel
-    chunk at 60 levels was 273 + 27 voxels: one evaluation cost 2.9 ms, as one block 2.2)."""
+    chunk at 60 levels was 273 + 27 voxels: one evaluation cost 2.9 ms, as one block 2.2).
+    Sizes differ by one at most, so no block holds one voxel of several (100 voxels in
+    blocks of 9 left one alone, whose level sums then took einsum's loop for a voxel axis of
+    length one, other bits: see :func:`_alone`)."""
     l = pf.structure.factors[0].n_levels
     size = max(8, _BLOCK_ELEMENTS // max(l, 1))
     v = pf.n_voxels
     n_blocks = max(1, int(round(v / size)))
-    size = -(-v // n_blocks)
-    return [slice(s, min(v, s + size)) for s in range(0, v, size)]
+    base, extra = divmod(v, n_blocks)
+    bounds = np.cumsum([0] + [base + (i < extra) for i in range(n_blocks)])
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def _concat_vp(parts: list[VinvProducts]) -> VinvProducts:
@@ -401,8 +405,29 @@ def _concat_vp(parts: list[VinvProducts]) -> VinvProducts:
                           for k in ("XtViX", "XtViY", "YtViY", "logdetV")))
 
 
+def _twice(*arrays: np.ndarray) -> list[np.ndarray]:
+    """Per-voxel arrays of one voxel, doubled (see :func:`_alone`)."""
+    return [None if a is None else np.repeat(a, 2, axis=0) for a in arrays]
+
+
+def _alone(pf: ProductForms) -> bool:
+    """A single voxel is evaluated as two copies of itself: numpy's einsum reduces over the
+    levels by another loop when the voxel axis has length one (a contiguous reduction with
+    partial sums), whose last bits differ from the same voxel's in any wider block; so a
+    missing-data voxel alone in its chunk's group got other bits than at another rank count
+    (seen at 10,000 and 15,703 levels; 2 to 17 voxels all agree)."""
+    return pf.n_voxels == 1
+
+
+def _vp_first(vp: VinvProducts) -> VinvProducts:
+    return VinvProducts(XtViX=vp.XtViX[:1], XtViY=vp.XtViY[:1], YtViY=vp.YtViY[:1],
+                        logdetV=vp.logdetV[:1])
+
+
 def vinv_single_fast(pf: ProductForms, lam: np.ndarray) -> VinvProducts:
     """The one-factor V^-1 products without Z parts, entry by entry, in voxel blocks."""
+    if _alone(pf):
+        return _vp_first(vinv_single_fast(pf.take(np.array([0, 0])), *_twice(lam)))
     parts = []
     for sl in voxel_blocks(pf):
         sub = pf.take(sl)
@@ -418,6 +443,10 @@ def products_and_sums(pf: ProductForms, lam: np.ndarray, method: str):
     Returns ``(vp, beta, ete, s2, sums)``; ``s2`` is the profiled residual variance.  Each
     voxel block is done in one pass (the per-level ``M_j`` is formed once).
     """
+    if _alone(pf):
+        vp, beta, ete, s2, sums = products_and_sums(pf.take(np.array([0, 0])), *_twice(lam),
+                                                    method)
+        return _vp_first(vp), beta[:1], ete[:1], s2[:1], sums.take(slice(0, 1))
     out = []
     for sl in voxel_blocks(pf):
         sub = pf.take(sl)
@@ -444,6 +473,9 @@ def level_sums(pf: ProductForms, lam: np.ndarray, beta: np.ndarray, s2: np.ndarr
     Z_j'X`` and ``u_j u_j'/s2 + W_j A W_j' = T_j (r_j r_j'/s2 + Z_j'X A X'Z_j) T_j'``: nothing
     of size (v, l, q, p) is formed.  ``A`` (v, p, p) = ``(X'V^-1X)^-1`` adds the REML term.
     """
+    if _alone(pf):
+        return level_sums(pf.take(np.array([0, 0])), *_twice(lam, beta, s2),
+                          *_twice(A)).take(slice(0, 1))
     parts = []
     for sl in voxel_blocks(pf):
         sub = pf.take(sl)
