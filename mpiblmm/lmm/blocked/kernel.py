@@ -252,6 +252,21 @@ class Result:
     gram: np.ndarray | None = None
 
 
+def fit_bytes_per_voxel(pattern: BlockPattern, p: int) -> int:
+    """Working memory of one voxel in a fit on the kernel's path (bytes, generous): its
+    product forms' rows three times over (the chunk's, the kernel's copy in its order, a
+    subset's copy in the optimiser), the factors' own fits of the start (a few (levels,
+    p + 2) arrays), a tile's scratch as if the voxel had it alone (S values, S^-1 and the
+    right-hand sides) and the optimiser's and Satterthwaite's small arrays.  Measured peak
+    on issue 9's (b) (tracemalloc, fit + Satterthwaite + a contrast, 64 voxels): 0.5 MB per
+    voxel with complete data, 3.3 MB with missing data; this gives 6.3 MB."""
+    q, r = pattern.structure.q, p + 1
+    forms = q * r + pattern.n_zz
+    per = 3 * forms + 3 * q * (p + 2) + 2 * pattern.n_vals + q * r + 20 * (
+        p * p + pattern.K * r * r + 64)
+    return 8 * int(per)
+
+
 def _scratch(pattern: BlockPattern, r: int) -> tuple:
     """The kernel's scratch for one tile of :data:`TILE` voxels, kept with the pattern and
     reused by every call (a fresh ~40 MB per call on (b) cost its page faults; one rank

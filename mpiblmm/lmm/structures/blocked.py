@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from ..blocked import kernel
 from ..blocked.inference import blocked_setup
 from ..blocked.newton import newton
 from ..blocked.pattern import BlockPattern, blocked_bytes_per_voxel, build_pattern, zz_rows
@@ -75,9 +76,16 @@ class Blocked(Algebra):
         return weighted_sums(_zz_matrix(rd, self.pattern), weights)
 
     def zz_values_per_voxel(self, p: int) -> int:
+        # the compiled kernel's fit needs a few copies of the product forms (its own sizing,
+        # fit_bytes_per_voxel, bounds the fit): the Z'Z values themselves; the numpy path's
+        # working set is many times that, so the chunk is sized by it
+        if kernel.applies(self.pattern):
+            return self.pattern.n_zz
         return blocked_bytes_per_voxel(self.pattern, p) // 8
 
     def fit_bytes_per_voxel(self, p: int) -> int:
+        if kernel.applies(self.pattern):
+            return kernel.fit_bytes_per_voxel(self.pattern, p)
         return blocked_bytes_per_voxel(self.pattern, p)
 
     # -- evaluation, scores: through blocked.cholesky inside newton / blocked_setup
