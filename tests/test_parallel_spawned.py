@@ -85,7 +85,9 @@ FAST_EXIT = textwrap.dedent(
             print(" torn down", end="", flush=True)
     marker = Teardown()
     comm = MPI.COMM_WORLD
-    atexit.register(lambda: print("atexit ran on", comm.Get_rank()))
+    # one string: print writes its items one by one, and the launcher may put another
+    # rank's output between them
+    atexit.register(lambda: print(f"atexit ran on {{comm.Get_rank()}}"))
     total = comm.allreduce(comm.Get_rank() + 1)
     print(f"rank {{comm.Get_rank()}} total {{total}}", end="")   # no newline: needs a flush
     sys.stderr.write("stderr kept")
