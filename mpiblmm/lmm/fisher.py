@@ -52,7 +52,7 @@ class Evaluation:
     sums: object | None = None
 
     def take(self, idx: np.ndarray) -> "Evaluation":
-        return Evaluation(self.llh[idx], self.beta[idx], self.s2[idx], _vp_take(self.vp, idx),
+        return Evaluation(self.llh[idx], self.beta[idx], self.s2[idx], self.vp.take(idx),
                           None if self.sums is None else self.sums.take(idx))
 
     def put(self, idx: np.ndarray, other: "Evaluation") -> None:
@@ -69,11 +69,6 @@ class Evaluation:
 
 
 _VP_FIELDS = ("XtViX", "XtViY", "YtViY", "logdetV", "ZtViX", "ZtViY", "ZtViZ")
-
-
-def _vp_take(vp: VinvProducts, idx: np.ndarray) -> VinvProducts:
-    return VinvProducts(**{k: (None if getattr(vp, k) is None else getattr(vp, k)[idx])
-                           for k in _VP_FIELDS})
 
 
 def _vp_concat(parts: list[VinvProducts]) -> VinvProducts:

@@ -47,6 +47,12 @@ class VinvProducts:
     ZtViY: np.ndarray | None = None
     ZtViZ: np.ndarray | None = None
 
+    def take(self, idx) -> "VinvProducts":
+        """The products of the voxels ``idx`` (an index array or a slice)."""
+        return VinvProducts(*(None if a is None else a[idx] for a in (
+            self.XtViX, self.XtViY, self.YtViY, self.logdetV, self.ZtViX, self.ZtViY,
+            self.ZtViZ)))
+
 
 # ---------------------------------------------------------------- small batched algebra
 def sym(A: np.ndarray) -> np.ndarray:

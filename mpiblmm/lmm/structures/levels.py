@@ -419,15 +419,10 @@ def _alone(pf: ProductForms) -> bool:
     return pf.n_voxels == 1
 
 
-def _vp_first(vp: VinvProducts) -> VinvProducts:
-    return VinvProducts(XtViX=vp.XtViX[:1], XtViY=vp.XtViY[:1], YtViY=vp.YtViY[:1],
-                        logdetV=vp.logdetV[:1])
-
-
 def vinv_single_fast(pf: ProductForms, lam: np.ndarray) -> VinvProducts:
     """The one-factor V^-1 products without Z parts, entry by entry, in voxel blocks."""
     if _alone(pf):
-        return _vp_first(vinv_single_fast(pf.take(np.array([0, 0])), *_twice(lam)))
+        return vinv_single_fast(pf.take(np.array([0, 0])), *_twice(lam)).take(slice(0, 1))
     parts = []
     for sl in voxel_blocks(pf):
         sub = pf.take(sl)
@@ -446,7 +441,7 @@ def products_and_sums(pf: ProductForms, lam: np.ndarray, method: str):
     if _alone(pf):
         vp, beta, ete, s2, sums = products_and_sums(pf.take(np.array([0, 0])), *_twice(lam),
                                                     method)
-        return _vp_first(vp), beta[:1], ete[:1], s2[:1], sums.take(slice(0, 1))
+        return vp.take(slice(0, 1)), beta[:1], ete[:1], s2[:1], sums.take(slice(0, 1))
     out = []
     for sl in voxel_blocks(pf):
         sub = pf.take(sl)
@@ -474,8 +469,8 @@ def level_sums(pf: ProductForms, lam: np.ndarray, beta: np.ndarray, s2: np.ndarr
     of size (v, l, q, p) is formed.  ``A`` (v, p, p) = ``(X'V^-1X)^-1`` adds the REML term.
     """
     if _alone(pf):
-        return level_sums(pf.take(np.array([0, 0])), *_twice(lam, beta, s2),
-                          *_twice(A)).take(slice(0, 1))
+        return level_sums(pf.take(np.array([0, 0])), *_twice(lam, beta, s2, A)).take(
+            slice(0, 1))
     parts = []
     for sl in voxel_blocks(pf):
         sub = pf.take(sl)
