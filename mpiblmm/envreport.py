@@ -116,14 +116,27 @@ def collect(comm: Any) -> tuple[dict[str, str], list[str]]:
                 f"`rm -rf .venv && scripts/setup.sh` (HDF5_DIR = a parallel HDF5)"
             )
         facts.update(blas_facts())
-        from .lmm.blocked import kernel
-        facts["compiled kernel"] = ("yes (one-effect nested factors)" if kernel.available()
-                                    else f"NO, {kernel.WHY_NOT} (numpy path)")
-        if not kernel.available() and kernel.WHY_NOT != kernel.TURNED_OFF:
-            problems.append(f"mpiblmm's compiled kernel (mpiblmm/lmm/blocked/_kernel.c) is "
-                            f"{kernel.WHY_NOT}: several-factor fits run several times slower; "
-                            f"rerun scripts/setup.sh")
+        facts.update(kernel_facts(problems))
     return facts, problems
+
+
+def kernel_facts(problems: list[str]) -> dict[str, str]:
+    """Whether each compiled kernel is in use (and if not why); a kernel that should be
+    there and is not (not built, built from older sources) is a problem."""
+    from .lmm.blocked import kernel
+    from .lmm.structures import level_kernel
+    facts = {}
+    for name, module, source, serves, slower in (
+            ("compiled kernel", kernel, "mpiblmm/lmm/blocked/_kernel.c",
+             "one-effect nested factors", "several-factor fits run several times slower"),
+            ("one-factor kernel", level_kernel, "mpiblmm/lmm/structures/_level_kernel.c",
+             "one factor, 1-2 effects", "one-factor fits run about 3x slower")):
+        facts[name] = (f"yes ({serves})" if module.available()
+                       else f"NO, {module.WHY_NOT} (numpy path)")
+        if not module.available() and module.WHY_NOT != module.TURNED_OFF:
+            problems.append(f"mpiblmm's {name} ({source}) is {module.WHY_NOT}: {slower}; "
+                            f"rerun scripts/setup.sh")
+    return facts
 
 
 def format_report(facts: dict[str, str], problems: list[str]) -> str:

@@ -15,11 +15,11 @@ The plan (index arrays of the pattern) is built once per design.  Set
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..compiled import load, turned_off
 from ..theta import theta_slices
 from .pattern import BlockPattern
 
@@ -31,26 +31,15 @@ _dp = ctypes.POINTER(ctypes.c_double)
 #: The version of the C call this module makes (``mpiblmm_kernel_abi`` in ``_kernel.c``).
 ABI = 1
 
-#: Why the kernel is not in use ("" when it is): for ``mpiblmm env``.
-WHY_NOT = ""
-TURNED_OFF = "turned off by MPIBLMM_BLOCKED_KERNEL=0"
+#: The switch that turns the kernel off (``=0``).
+ENV = "MPIBLMM_BLOCKED_KERNEL"
+TURNED_OFF = turned_off(ENV)
 
 
 def _load():
-    global WHY_NOT
-    if os.environ.get("MPIBLMM_BLOCKED_KERNEL", "1") == "0":
-        WHY_NOT = TURNED_OFF
-        return None, 0
-    try:
-        from . import _kernel
-    except ImportError:
-        WHY_NOT = "not built"
-        return None, 0
-    lib = ctypes.CDLL(_kernel.__file__)
-    abi = getattr(lib, "mpiblmm_kernel_abi", None)
-    if abi is None or abi() != ABI:
-        WHY_NOT = "built from older sources"
-        return None, 0
+    lib, why_not = load(f"{__package__}._kernel", ENV, "mpiblmm_kernel_abi", ABI)
+    if lib is None:
+        return None, 0, why_not
     fn = lib.mpiblmm_scalar_eval
     fn.restype = ctypes.c_int
     fn.argtypes = ([ctypes.c_int64] * 5 + [_i64p] * 5 + [_i32p] * 2 + [_i64p] + [_i32p] * 3
@@ -60,10 +49,11 @@ def _load():
                    + [_dp, _dp, ctypes.c_int64]
                    + [_dp, _dp, _i64p, _dp, _dp, _dp, _dp]
                    + [ctypes.c_int, _dp, _dp, _dp])
-    return fn, int(lib.mpiblmm_kernel_tile())
+    return fn, int(lib.mpiblmm_kernel_tile()), ""
 
 
-_EVAL, TILE = _load()
+#: Why the kernel is not in use ("" when it is): for ``mpiblmm env``.
+_EVAL, TILE, WHY_NOT = _load()
 
 
 def available() -> bool:

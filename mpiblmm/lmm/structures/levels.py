@@ -16,6 +16,7 @@ import numpy as np
 
 from ..likelihood import VinvProducts, gls, profiled_s2, spd_inv_logdet, sym
 from ..model import ProductForms
+from . import level_kernel
 
 
 def _mm(A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -423,6 +424,8 @@ def vinv_single_fast(pf: ProductForms, lam: np.ndarray) -> VinvProducts:
     """The one-factor V^-1 products without Z parts, entry by entry, in voxel blocks."""
     if _alone(pf):
         return vinv_single_fast(pf.take(np.array([0, 0])), *_twice(lam)).take(slice(0, 1))
+    if level_kernel.applies(lam.shape[-1]):
+        return _kernel_products(pf, lam)
     parts = []
     for sl in voxel_blocks(pf):
         sub = pf.take(sl)
@@ -430,6 +433,13 @@ def vinv_single_fast(pf: ProductForms, lam: np.ndarray) -> VinvProducts:
         M, logdet = level_core(B, lam[sl])
         parts.append(products_block(sub, B, ZX, ZY, M, logdet))
     return _concat_vp(parts)
+
+
+def _kernel_products(pf: ProductForms, lam: np.ndarray) -> VinvProducts:
+    """:func:`vinv_single_fast` by the compiled kernel (:mod:`.level_kernel`)."""
+    cxx, cxy, cyy, logdet = level_kernel.products(pf, lam)
+    return VinvProducts(XtViX=pf.XtX - cxx, XtViY=pf.XtY - cxy, YtViY=pf.YtY - cyy,
+                        logdetV=logdet)
 
 
 def products_and_sums(pf: ProductForms, lam: np.ndarray, method: str):
@@ -442,6 +452,12 @@ def products_and_sums(pf: ProductForms, lam: np.ndarray, method: str):
         vp, beta, ete, s2, sums = products_and_sums(pf.take(np.array([0, 0])), *_twice(lam),
                                                     method)
         return vp.take(slice(0, 1)), beta[:1], ete[:1], s2[:1], sums.take(slice(0, 1))
+    if level_kernel.applies(lam.shape[-1]):
+        vp = _kernel_products(pf, lam)
+        beta, ete = gls(vp)
+        s2 = profiled_s2(ete, pf.n, pf.p, method)
+        A = np.linalg.inv(vp.XtViX) if method == "REML" else None
+        return vp, beta, ete, s2, LevelSums(*level_kernel.sums(pf, lam, beta, s2, A))
     out = []
     for sl in voxel_blocks(pf):
         sub = pf.take(sl)
@@ -471,6 +487,8 @@ def level_sums(pf: ProductForms, lam: np.ndarray, beta: np.ndarray, s2: np.ndarr
     if _alone(pf):
         return level_sums(pf.take(np.array([0, 0])), *_twice(lam, beta, s2, A)).take(
             slice(0, 1))
+    if level_kernel.applies(lam.shape[-1]):
+        return LevelSums(*level_kernel.sums(pf, lam, beta, s2, A))
     parts = []
     for sl in voxel_blocks(pf):
         sub = pf.take(sl)

@@ -1,0 +1,446 @@
+/* Compiled per-level evaluation of the one-factor model (q1 = 1 or 2 effects per level): the
+ * numbers of mpiblmm/lmm/structures/levels.py (products_block and _sums_block), fused into
+ * one pass over the levels with the voxels of a tile innermost, where numpy makes ~200
+ * passes over (voxel, level) arrays per evaluation.
+ *
+ * Called through ctypes by level_kernel.py with the product forms in their own layout
+ * (C order, voxel first): Z'Z (v | 1, l, q, q), Z'X (v | 1, l q, p), Z'Y (v, l q), Lambda
+ * (v, q, q) (any square root of D, not only the Cholesky factor).  A shared Z'Z or Z'X
+ * (complete-data voxels) has stride 0: every voxel of the tile reads the same value, through
+ * the same arithmetic as its own would, so a voxel gets the same bits either way.
+ *
+ * Per level j (notation of levels.py: B_j = Z_j'Z_j, S_j = I + Lambda' B_j Lambda,
+ * M_j = Lambda S_j^-1 Lambda'):
+ *   pass "products": log|V| = sum_j log|S_j| (as mantissa and exponent), and the
+ *     corrections X'Z_j M_j Z_j'X, X'Z_j M_j Z_j'Y, Y'Z_j M_j Z_j'Y summed over j, so that
+ *     X'V^-1X = X'X - sum_j X'Z_j M_j Z_j'X, etc. (ALGORITHM.md, "Product forms");
+ *   pass "sums" (at the GLS beta, 1/s2 and A = (X'V^-1X)^-1 for REML, formed between the
+ *     passes by numpy): T_j = I - B_j M_j, R_jj = B_j - B_j M_j B_j, r_j = Z_j'(Y - X beta),
+ *     Q_j = r_j r_j'/s2 (+ Z_j'X A X'Z_j), and the sums over j of T_j Q_j T_j', of R_jj and
+ *     of the products of R_jj's upper entries (the D-score G = 1/2 sum_j (T_j Q_j T_j' -
+ *     R_jj) and the information 1/2 sum_j R_jj (x) R_jj are assembled from them in Python).
+ * Each voxel's arithmetic uses its own inputs only, in a fixed order, so its bits do not
+ * depend on the batch or the tile (built with -ffp-contract=off: no FMA contraction; the
+ * AVX2 and default clones differ only in vector width).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int64_t i64;
+
+#define MANT_MASK 0x000fffffffffffffULL
+#define ONE_EXP 0x3ff0000000000000ULL
+
+/* d = m 2^e with m in [1, 2), branch free; *bad is set where d is not positive and normal
+ * (log|S_j| would be NaN or -inf: the voxel's log|V| is NaN, reported as failed) */
+static inline double split(double d, i64 *e, i64 *bad) {
+    uint64_t bits;
+    memcpy(&bits, &d, sizeof bits);
+    const i64 ex = (i64)((bits >> 52) & 0x7ff);
+    *bad |= (i64)(ex == 0) | (i64)(ex == 0x7ff) | (i64)(bits >> 63);
+    *e = ex - 1023;
+    bits = (bits & MANT_MASK) | ONE_EXP;
+    memcpy(&d, &bits, sizeof d);
+    return d;
+}
+
+#if defined(__x86_64__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef CLONES
+#define CLONES
+#endif
+
+#define TILE 32
+#define QMAX 2
+#define NQMAX 3          /* upper entries of a QMAX x QMAX matrix */
+
+/* The call's arguments (level_kernel.py: _Args, the same fields in the same order). */
+typedef struct {
+    i64 v, l, q, p;
+    /* the product forms as (voxel, entry) arrays with element strides sv, se: entry e of
+     * voxel t at x[t sv + e se]; sv = 0 when shared, 1 when the voxels are innermost */
+    const double *zz;    /* entries (l, q, q) */
+    i64 zz_sv, zz_se;
+    const double *zx;    /* entries (l q, p) */
+    i64 zx_sv, zx_se;
+    const double *zy;    /* entries (l q) */
+    i64 zy_sv, zy_se;
+    const double *lam;   /* (v, q, q) */
+    /* pass "products": outputs */
+    double *cxx;         /* (v, p, p) */
+    double *cxy;         /* (v, p) */
+    double *cyy;         /* (v,) */
+    double *logdet;      /* (v,) */
+    /* pass "sums": inputs */
+    const double *beta;  /* (v, p) */
+    const double *s2inv; /* (v,) */
+    const double *A;     /* (v, p, p), or NULL (ML) */
+    /* pass "sums": outputs */
+    double *R;           /* (v, q, q): sum_j R_jj */
+    double *g;           /* (v, q, q): sum_j T_j Q_j T_j' */
+    double *RR;          /* (v, nq, nq): sum_j R_jj[u] R_jj[w] over upper entries u, w */
+    int products, sums;
+} Args;
+
+/* The upper entries (a <= b) of a Q x Q matrix, in the order of levels.pair_plan. */
+static inline i64 upper(const i64 Q, i64 a, i64 b) {
+    return a <= b ? a * Q - a * (a - 1) / 2 + (b - a) : b * Q - b * (b - 1) / 2 + (a - b);
+}
+
+/* dst[t] = src[t sv] for the T voxels of a tile: shared, contiguous or strided */
+static inline __attribute__((always_inline)) void load_row(
+    double *dst, const double *src, const i64 sv, const i64 T)
+{
+    i64 t;
+    if (sv == 0) {
+        const double x = src[0];
+        for (t = 0; t < T; ++t)
+            dst[t] = x;
+    } else if (sv == 1) {
+        for (t = 0; t < T; ++t)
+            dst[t] = src[t];
+    } else {
+        for (t = 0; t < T; ++t)
+            dst[t] = src[t * sv];
+    }
+}
+
+/* One tile of T voxels from voxel j0 (Q effects); w is scratch for the p-sized arrays. */
+static inline __attribute__((always_inline)) void level_tile(
+    const i64 Q, const i64 T, const Args *ar, const i64 j0, double *w)
+{
+    const i64 p = ar->p, l = ar->l, NQ = Q * (Q + 1) / 2;
+    const double *zz = ar->zz + j0 * ar->zz_sv, *zx = ar->zx + j0 * ar->zx_sv;
+    const double *zy = ar->zy + j0 * ar->zy_sv;
+    i64 a, b, c, d, s, u, t, j;
+    double L[QMAX * QMAX][TILE], B[QMAX * QMAX][TILE], Y[QMAX][TILE];
+    double BL[QMAX * QMAX][TILE], Si[QMAX * QMAX][TILE], LS[QMAX * QMAX][TILE];
+    double M[QMAX * QMAX][TILE], MY[QMAX][TILE], det[TILE], mant[TILE], cyy[TILE];
+    double BM[QMAX * QMAX][TILE], Tm[QMAX * QMAX][TILE], Ru[NQMAX][TILE], res[QMAX][TILE];
+    double Qm[QMAX * QMAX][TILE], TQ[QMAX * QMAX][TILE], s2i[TILE];
+    double gacc[NQMAX][TILE], Racc[NQMAX][TILE], RRacc[NQMAX * NQMAX][TILE];
+    i64 expo[TILE], bad[TILE];
+    /* p-sized scratch, each (entries, TILE) */
+    double *X = w;                       /* Z_j'X  (Q p) */
+    double *MX = X + QMAX * p * TILE;    /* M_j Z_j'X (Q p) */
+    double *AX = MX + QMAX * p * TILE;   /* Z_j'X A (Q p) */
+    double *cxx = AX + QMAX * p * TILE;  /* (p p) */
+    double *cxy = cxx + p * p * TILE;    /* (p) */
+    double *bet = cxy + p * TILE;        /* (p) */
+    double *Am = bet + p * TILE;         /* (p p) */
+    const int reml = ar->A != NULL;
+
+    for (a = 0; a < Q * Q; ++a)
+        for (t = 0; t < T; ++t)
+            L[a][t] = ar->lam[(j0 + t) * Q * Q + a];
+    for (t = 0; t < T; ++t) {
+        mant[t] = 1.0;
+        expo[t] = 0;
+        bad[t] = 0;
+        cyy[t] = 0.0;
+    }
+    if (ar->products)
+        for (s = 0; s < p * p * T; ++s)
+            cxx[s] = 0.0;
+    if (ar->products)
+        for (s = 0; s < p * T; ++s)
+            cxy[s] = 0.0;
+    if (ar->sums) {
+        for (s = 0; s < p; ++s)
+            for (t = 0; t < T; ++t)
+                bet[s * T + t] = ar->beta[(j0 + t) * p + s];
+        for (t = 0; t < T; ++t)
+            s2i[t] = ar->s2inv[j0 + t];
+        if (reml)
+            for (s = 0; s < p * p; ++s)
+                for (t = 0; t < T; ++t)
+                    Am[s * T + t] = ar->A[(j0 + t) * p * p + s];
+        for (u = 0; u < NQ; ++u)
+            for (t = 0; t < T; ++t)
+                gacc[u][t] = Racc[u][t] = 0.0;
+        for (u = 0; u < NQ * NQ; ++u)
+            for (t = 0; t < T; ++t)
+                RRacc[u][t] = 0.0;
+    }
+
+    for (j = 0; j < l; ++j) {
+        /* this level's product forms */
+        for (a = 0; a < Q * Q; ++a)
+            load_row(B[a], zz + (j * Q * Q + a) * ar->zz_se, ar->zz_sv, T);
+        for (s = 0; s < Q * p; ++s)
+            load_row(X + s * T, zx + (j * Q * p + s) * ar->zx_se, ar->zx_sv, T);
+        for (a = 0; a < Q; ++a)
+            load_row(Y[a], zy + (j * Q + a) * ar->zy_se, ar->zy_sv, T);
+
+        /* S_j = I + Lambda' B_j Lambda (upper entries, mirrored), its inverse and |S_j| */
+        for (a = 0; a < Q; ++a)
+            for (c = 0; c < Q; ++c)
+                for (t = 0; t < T; ++t) {
+                    double x = B[a * Q][t] * L[c][t];
+                    for (b = 1; b < Q; ++b)
+                        x += B[a * Q + b][t] * L[b * Q + c][t];
+                    BL[a * Q + c][t] = x;
+                }
+        if (Q == 1) {
+            for (t = 0; t < T; ++t) {
+                det[t] = L[0][t] * BL[0][t] + 1.0;
+                Si[0][t] = 1.0 / det[t];
+            }
+        } else {
+            for (t = 0; t < T; ++t) {
+                const double s00 = (L[0][t] * BL[0][t] + L[2][t] * BL[2][t]) + 1.0;
+                const double s01 = L[0][t] * BL[1][t] + L[2][t] * BL[3][t];
+                const double s11 = (L[1][t] * BL[1][t] + L[3][t] * BL[3][t]) + 1.0;
+                det[t] = s00 * s11 - s01 * s01;
+                const double r = 1.0 / det[t];
+                Si[0][t] = s11 * r;
+                Si[3][t] = s00 * r;
+                Si[1][t] = Si[2][t] = -(s01 * r);
+            }
+        }
+        if (ar->products) {
+            for (t = 0; t < T; ++t) {
+                i64 e;
+                mant[t] *= split(det[t], &e, bad + t);
+                expo[t] += e;
+            }
+            if ((j & 255) == 255)            /* < 512 mantissas in [1, 2) between these */
+                for (t = 0; t < T; ++t) {
+                    i64 e;
+                    mant[t] = split(mant[t], &e, bad + t);
+                    expo[t] += e;
+                }
+        }
+        /* M_j = Lambda S_j^-1 Lambda' (symmetric to the bit: upper entries, mirrored) */
+        for (a = 0; a < Q; ++a)
+            for (d = 0; d < Q; ++d)
+                for (t = 0; t < T; ++t) {
+                    double x = L[a * Q][t] * Si[d][t];
+                    for (c = 1; c < Q; ++c)
+                        x += L[a * Q + c][t] * Si[c * Q + d][t];
+                    LS[a * Q + d][t] = x;
+                }
+        for (a = 0; a < Q; ++a)
+            for (b = a; b < Q; ++b)
+                for (t = 0; t < T; ++t) {
+                    double x = LS[a * Q][t] * L[b * Q][t];
+                    for (d = 1; d < Q; ++d)
+                        x += LS[a * Q + d][t] * L[b * Q + d][t];
+                    M[a * Q + b][t] = M[b * Q + a][t] = x;
+                }
+
+        if (ar->products) {
+            /* MY = M_j Z_j'Y, MX = M_j Z_j'X; the corrections summed over the levels */
+            for (a = 0; a < Q; ++a)
+                for (t = 0; t < T; ++t) {
+                    double x = M[a * Q][t] * Y[0][t];
+                    for (b = 1; b < Q; ++b)
+                        x += M[a * Q + b][t] * Y[b][t];
+                    MY[a][t] = x;
+                }
+            for (t = 0; t < T; ++t) {
+                double x = Y[0][t] * MY[0][t];
+                for (a = 1; a < Q; ++a)
+                    x += Y[a][t] * MY[a][t];
+                cyy[t] += x;
+            }
+            for (a = 0; a < Q; ++a)
+                for (s = 0; s < p; ++s)
+                    for (t = 0; t < T; ++t) {
+                        double x = M[a * Q][t] * X[s * T + t];
+                        for (b = 1; b < Q; ++b)
+                            x += M[a * Q + b][t] * X[(b * p + s) * T + t];
+                        MX[(a * p + s) * T + t] = x;
+                    }
+            for (s = 0; s < p; ++s) {
+                for (t = 0; t < T; ++t) {
+                    double x = X[s * T + t] * MY[0][t];
+                    for (a = 1; a < Q; ++a)
+                        x += X[(a * p + s) * T + t] * MY[a][t];
+                    cxy[s * T + t] += x;
+                }
+                for (u = s; u < p; ++u)
+                    for (t = 0; t < T; ++t) {
+                        double x = X[s * T + t] * MX[u * T + t];
+                        for (a = 1; a < Q; ++a)
+                            x += X[(a * p + s) * T + t] * MX[(a * p + u) * T + t];
+                        cxx[(s * p + u) * T + t] += x;
+                    }
+            }
+        }
+
+        if (ar->sums) {
+            /* T_j = I - B_j M_j, R_jj = B_j - B_j M_j B_j (upper entries) */
+            for (a = 0; a < Q; ++a)
+                for (b = 0; b < Q; ++b)
+                    for (t = 0; t < T; ++t) {
+                        double x = B[a * Q][t] * M[b][t];
+                        for (c = 1; c < Q; ++c)
+                            x += B[a * Q + c][t] * M[c * Q + b][t];
+                        BM[a * Q + b][t] = x;
+                        Tm[a * Q + b][t] = (a == b ? 1.0 : 0.0) - x;
+                    }
+            for (a = 0; a < Q; ++a)
+                for (b = a; b < Q; ++b)
+                    for (t = 0; t < T; ++t) {
+                        double x = BM[a * Q][t] * B[b][t];
+                        for (c = 1; c < Q; ++c)
+                            x += BM[a * Q + c][t] * B[c * Q + b][t];
+                        Ru[upper(Q, a, b)][t] = B[a * Q + b][t] - x;
+                    }
+            /* r_j = Z_j'Y - Z_j'X beta; Q_j = r_j r_j' / s2 (+ Z_j'X A X'Z_j) */
+            /* (sums over the p fixed effects run left to right, the tile innermost) */
+            for (a = 0; a < Q; ++a) {
+                double *x = res[a];
+                for (t = 0; t < T; ++t)
+                    x[t] = X[(a * p) * T + t] * bet[t];
+                for (s = 1; s < p; ++s)
+                    for (t = 0; t < T; ++t)
+                        x[t] += X[(a * p + s) * T + t] * bet[s * T + t];
+                for (t = 0; t < T; ++t)
+                    x[t] = Y[a][t] - x[t];
+            }
+            if (reml)
+                for (d = 0; d < Q; ++d)
+                    for (s = 0; s < p; ++s) {
+                        double *x = AX + (d * p + s) * T;
+                        for (t = 0; t < T; ++t)
+                            x[t] = X[(d * p) * T + t] * Am[(s * p) * T + t];
+                        for (u = 1; u < p; ++u)
+                            for (t = 0; t < T; ++t)
+                                x[t] += X[(d * p + u) * T + t] * Am[(s * p + u) * T + t];
+                    }
+            for (c = 0; c < Q; ++c)
+                for (d = c; d < Q; ++d) {
+                    double *x = Qm[c * Q + d];
+                    for (t = 0; t < T; ++t)
+                        x[t] = (res[c][t] * s2i[t]) * res[d][t];
+                    if (reml) {
+                        double y[TILE];
+                        for (t = 0; t < T; ++t)
+                            y[t] = X[(c * p) * T + t] * AX[(d * p) * T + t];
+                        for (s = 1; s < p; ++s)
+                            for (t = 0; t < T; ++t)
+                                y[t] += X[(c * p + s) * T + t] * AX[(d * p + s) * T + t];
+                        for (t = 0; t < T; ++t)
+                            x[t] += y[t];
+                    }
+                    if (d != c)
+                        for (t = 0; t < T; ++t)
+                            Qm[d * Q + c][t] = x[t];
+                }
+            /* sum_j T_j Q_j T_j' (upper entries) */
+            for (a = 0; a < Q; ++a)
+                for (d = 0; d < Q; ++d)
+                    for (t = 0; t < T; ++t) {
+                        double x = Tm[a * Q][t] * Qm[d][t];
+                        for (c = 1; c < Q; ++c)
+                            x += Tm[a * Q + c][t] * Qm[c * Q + d][t];
+                        TQ[a * Q + d][t] = x;
+                    }
+            for (a = 0; a < Q; ++a)
+                for (b = a; b < Q; ++b)
+                    for (t = 0; t < T; ++t) {
+                        double x = TQ[a * Q][t] * Tm[b * Q][t];
+                        for (d = 1; d < Q; ++d)
+                            x += TQ[a * Q + d][t] * Tm[b * Q + d][t];
+                        gacc[upper(Q, a, b)][t] += x;
+                    }
+            for (u = 0; u < NQ; ++u)
+                for (t = 0; t < T; ++t)
+                    Racc[u][t] += Ru[u][t];
+            for (u = 0; u < NQ; ++u)
+                for (c = u; c < NQ; ++c)
+                    for (t = 0; t < T; ++t)
+                        RRacc[u * NQ + c][t] += Ru[u][t] * Ru[c][t];
+        }
+    }
+
+    /* outputs, voxel first */
+    if (ar->products)
+        for (t = 0; t < T; ++t) {
+            const i64 vx = j0 + t;
+            ar->logdet[vx] = bad[t] ? NAN
+                : log(mant[t]) + (double)expo[t] * 0.69314718055994530942;
+            ar->cyy[vx] = cyy[t];
+            for (s = 0; s < p; ++s) {
+                ar->cxy[vx * p + s] = cxy[s * T + t];
+                for (u = 0; u < p; ++u)
+                    ar->cxx[(vx * p + s) * p + u] = cxx[((s <= u) ? s * p + u : u * p + s) * T + t];
+            }
+        }
+    if (ar->sums)
+        for (t = 0; t < T; ++t) {
+            const i64 vx = j0 + t;
+            for (a = 0; a < Q; ++a)
+                for (b = 0; b < Q; ++b) {
+                    ar->R[(vx * Q + a) * Q + b] = Racc[upper(Q, a, b)][t];
+                    ar->g[(vx * Q + a) * Q + b] = gacc[upper(Q, a, b)][t];
+                }
+            for (u = 0; u < NQ; ++u)
+                for (c = 0; c < NQ; ++c)
+                    ar->RR[(vx * NQ + u) * NQ + c] = RRacc[u <= c ? u * NQ + c : c * NQ + u][t];
+        }
+}
+
+static inline __attribute__((always_inline)) void all_tiles(const i64 Q, const Args *ar,
+                                                            double *w)
+{
+    i64 j0 = 0;
+    const i64 v = ar->v;
+    /* whole tiles, then the rest in tiles of 16 and 8 (fixed sizes vectorise fully) */
+    for (; j0 + TILE <= v; j0 += TILE)
+        level_tile(Q, TILE, ar, j0, w);
+    if (j0 + 16 <= v) {
+        level_tile(Q, 16, ar, j0, w);
+        j0 += 16;
+    }
+    if (j0 + 8 <= v) {
+        level_tile(Q, 8, ar, j0, w);
+        j0 += 8;
+    }
+    if (j0 < v)
+        level_tile(Q, v - j0, ar, j0, w);
+}
+
+/* All voxels of a batch, tile by tile.  Returns 0, -1 when q is not 1 or 2, -2 when the
+ * scratch could not be allocated. */
+CLONES int mpiblmm_level_eval(const Args *ar)
+{
+    const i64 p = ar->p;
+    double *w = malloc(sizeof(double) * (size_t)((3 * QMAX * p + 2 * p * p + 2 * p) * TILE));
+    if (w == NULL)
+        return -2;
+    if (ar->q == 1)
+        all_tiles(1, ar, w);
+    else if (ar->q == 2)
+        all_tiles(2, ar, w);
+    else {
+        free(w);
+        return -1;
+    }
+    free(w);
+    return 0;
+}
+
+int mpiblmm_level_kernel_tile(void) { return TILE; }
+
+/* The version of the call above: level_kernel.py refuses a library whose version is not its
+ * own (a build older than the Python code).  Raise it whenever Args or its meaning changes. */
+int mpiblmm_level_kernel_abi(void) { return 1; }
+
+static struct PyModuleDef level_kernel_module = {
+    PyModuleDef_HEAD_INIT, "_level_kernel",
+    "Compiled per-level evaluation of mpiblmm's one-factor model (loaded with ctypes).", -1,
+    NULL,
+};
+
+PyMODINIT_FUNC PyInit__level_kernel(void) { return PyModule_Create(&level_kernel_module); }
