@@ -175,3 +175,19 @@ def test_mpiblmm_env_says_whether_the_kernel_is_in_use(monkeypatch):
     monkeypatch.setattr(level_kernel, "WHY_NOT", level_kernel.TURNED_OFF)
     kernel_facts(problems)
     assert not problems                                   # turned off on purpose
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize("missing", [False, True], ids=["shared", "per-voxel"])
+@pytest.mark.parametrize("q", [1, 2])
+def test_satterthwaite_sums_equal_the_numpy_path(q, missing, method, monkeypatch):
+    # Cov(beta), its Jacobian and the deviance Hessian at a fitted estimate
+    from mpiblmm.lmm.structures.level_satterthwaite import level_setup
+    pf, _ = _forms(q, missing, v=30, seed=7)
+    res = fit(pf, method=method)
+    varpar = np.concatenate([res.extras["theta"], np.sqrt(res.s2)[:, None]], axis=1)
+    fast = level_setup(pf, varpar, method)
+    _numpy(monkeypatch)
+    slow = level_setup(pf, varpar, method)
+    for f, s, name in zip(fast, slow, ("cov", "J", "H")):
+        np.testing.assert_allclose(f, s, rtol=1e-10, atol=1e-12 * np.abs(s).max(), err_msg=name)

@@ -88,6 +88,14 @@ typedef struct {
     double *g;           /* (v, q, q): sum_j T_j Q_j T_j' */
     double *RR;          /* (v, nq, nq): sum_j R_jj[u] R_jj[w] over upper entries u, w */
     int products, sums;
+    /* pass "satt" (inputs as for "sums"; R as well): the level sums of the Satterthwaite
+     * setup, level_satterthwaite.py: W_j = T_j Z_j'X, u_j = T_j r_j */
+    double *WW;          /* (v, q p, q p): sum_j W_j (x) W_j, entries (a, s) */
+    double *WU;          /* (v, q, p, q): sum_j W_j[a, s] u_j[b] */
+    double *UU;          /* (v, q, q): sum_j u_j u_j' */
+    double *Tt;          /* (v, q, q, q, q): [b, c, a, d] = sum_j R_jj[b, c] X_j[a, d],
+                            X_j = 2 u_j u_j' / s2 - R_jj (+ 2 W_j A W_j' for REML) */
+    int satt;
 } Args;
 
 /* The upper entries (a <= b) of a Q x Q matrix, in the order of levels.pair_plan. */
@@ -136,7 +144,13 @@ static inline __attribute__((always_inline)) void level_tile(
     double *cxy = cxx + p * p * TILE;    /* (p) */
     double *bet = cxy + p * TILE;        /* (p) */
     double *Am = bet + p * TILE;         /* (p p) */
-    const int reml = ar->A != NULL;
+    double *W = Am + p * p * TILE;       /* T_j Z_j'X (Q p) */
+    double *WUacc = W + QMAX * p * TILE; /* (Q p Q) */
+    double *WWacc = WUacc + QMAX * p * QMAX * TILE;   /* upper entries of (Q p) x (Q p) */
+    const i64 QP = Q * p;
+    double Pm[QMAX * QMAX][TILE], TP[QMAX * QMAX][TILE], WAW[QMAX * QMAX][TILE];
+    double uj[QMAX][TILE], Xm[NQMAX][TILE], UUacc[NQMAX][TILE], Ttacc[NQMAX * NQMAX][TILE];
+    const int reml = ar->A != NULL, level2 = ar->sums || ar->satt;
 
     for (a = 0; a < Q * Q; ++a)
         for (t = 0; t < T; ++t)
@@ -153,7 +167,7 @@ static inline __attribute__((always_inline)) void level_tile(
     if (ar->products)
         for (s = 0; s < p * T; ++s)
             cxy[s] = 0.0;
-    if (ar->sums) {
+    if (level2) {
         for (s = 0; s < p; ++s)
             for (t = 0; t < T; ++t)
                 bet[s * T + t] = ar->beta[(j0 + t) * p + s];
@@ -168,7 +182,16 @@ static inline __attribute__((always_inline)) void level_tile(
                 gacc[u][t] = Racc[u][t] = 0.0;
         for (u = 0; u < NQ * NQ; ++u)
             for (t = 0; t < T; ++t)
-                RRacc[u][t] = 0.0;
+                RRacc[u][t] = Ttacc[u][t] = 0.0;
+        for (u = 0; u < NQ; ++u)
+            for (t = 0; t < T; ++t)
+                UUacc[u][t] = 0.0;
+        if (ar->satt) {
+            for (s = 0; s < QP * Q * T; ++s)
+                WUacc[s] = 0.0;
+            for (s = 0; s < QP * (QP + 1) / 2 * T; ++s)
+                WWacc[s] = 0.0;
+        }
     }
 
     for (j = 0; j < l; ++j) {
@@ -277,7 +300,7 @@ static inline __attribute__((always_inline)) void level_tile(
             }
         }
 
-        if (ar->sums) {
+        if (level2) {
             /* T_j = I - B_j M_j, R_jj = B_j - B_j M_j B_j (upper entries) */
             for (a = 0; a < Q; ++a)
                 for (b = 0; b < Q; ++b)
@@ -318,26 +341,35 @@ static inline __attribute__((always_inline)) void level_tile(
                             for (t = 0; t < T; ++t)
                                 x[t] += X[(d * p + u) * T + t] * Am[(s * p + u) * T + t];
                     }
-            for (c = 0; c < Q; ++c)
-                for (d = c; d < Q; ++d) {
-                    double *x = Qm[c * Q + d];
-                    for (t = 0; t < T; ++t)
-                        x[t] = (res[c][t] * s2i[t]) * res[d][t];
-                    if (reml) {
-                        double y[TILE];
+            /* P_j = Z_j'X A X'Z_j (REML) */
+            if (reml)
+                for (c = 0; c < Q; ++c)
+                    for (d = c; d < Q; ++d) {
+                        double *x = Pm[c * Q + d];
                         for (t = 0; t < T; ++t)
-                            y[t] = X[(c * p) * T + t] * AX[(d * p) * T + t];
+                            x[t] = X[(c * p) * T + t] * AX[(d * p) * T + t];
                         for (s = 1; s < p; ++s)
                             for (t = 0; t < T; ++t)
-                                y[t] += X[(c * p + s) * T + t] * AX[(d * p + s) * T + t];
-                        for (t = 0; t < T; ++t)
-                            x[t] += y[t];
+                                x[t] += X[(c * p + s) * T + t] * AX[(d * p + s) * T + t];
+                        if (d != c)
+                            for (t = 0; t < T; ++t)
+                                Pm[d * Q + c][t] = x[t];
                     }
-                    if (d != c)
-                        for (t = 0; t < T; ++t)
-                            Qm[d * Q + c][t] = x[t];
-                }
-            /* sum_j T_j Q_j T_j' (upper entries) */
+            for (u = 0; u < NQ; ++u)
+                for (t = 0; t < T; ++t)
+                    Racc[u][t] += Ru[u][t];
+        }
+
+        if (ar->sums) {
+            /* Q_j = r_j r_j' / s2 (+ P_j); sum_j T_j Q_j T_j' (upper entries) */
+            for (c = 0; c < Q; ++c)
+                for (d = c; d < Q; ++d)
+                    for (t = 0; t < T; ++t) {
+                        double x = (res[c][t] * s2i[t]) * res[d][t];
+                        if (reml)
+                            x += Pm[c * Q + d][t];
+                        Qm[c * Q + d][t] = Qm[d * Q + c][t] = x;
+                    }
             for (a = 0; a < Q; ++a)
                 for (d = 0; d < Q; ++d)
                     for (t = 0; t < T; ++t) {
@@ -355,12 +387,76 @@ static inline __attribute__((always_inline)) void level_tile(
                         gacc[upper(Q, a, b)][t] += x;
                     }
             for (u = 0; u < NQ; ++u)
-                for (t = 0; t < T; ++t)
-                    Racc[u][t] += Ru[u][t];
-            for (u = 0; u < NQ; ++u)
                 for (c = u; c < NQ; ++c)
                     for (t = 0; t < T; ++t)
                         RRacc[u * NQ + c][t] += Ru[u][t] * Ru[c][t];
+        }
+
+        if (ar->satt) {
+            /* u_j = T_j r_j, W_j = T_j Z_j'X, W_j A W_j' = T_j P_j T_j' */
+            for (a = 0; a < Q; ++a)
+                for (t = 0; t < T; ++t) {
+                    double x = Tm[a * Q][t] * res[0][t];
+                    for (c = 1; c < Q; ++c)
+                        x += Tm[a * Q + c][t] * res[c][t];
+                    uj[a][t] = x;
+                }
+            for (a = 0; a < Q; ++a)
+                for (s = 0; s < p; ++s)
+                    for (t = 0; t < T; ++t) {
+                        double x = Tm[a * Q][t] * X[s * T + t];
+                        for (c = 1; c < Q; ++c)
+                            x += Tm[a * Q + c][t] * X[(c * p + s) * T + t];
+                        W[(a * p + s) * T + t] = x;
+                    }
+            if (reml) {
+                for (a = 0; a < Q; ++a)
+                    for (d = 0; d < Q; ++d)
+                        for (t = 0; t < T; ++t) {
+                            double x = Tm[a * Q][t] * Pm[d][t];
+                            for (c = 1; c < Q; ++c)
+                                x += Tm[a * Q + c][t] * Pm[c * Q + d][t];
+                            TP[a * Q + d][t] = x;
+                        }
+                for (a = 0; a < Q; ++a)
+                    for (b = a; b < Q; ++b)
+                        for (t = 0; t < T; ++t) {
+                            double x = TP[a * Q][t] * Tm[b * Q][t];
+                            for (d = 1; d < Q; ++d)
+                                x += TP[a * Q + d][t] * Tm[b * Q + d][t];
+                            WAW[a * Q + b][t] = x;
+                        }
+            }
+            /* X_j = 2 u_j u_j' / s2 - R_jj (+ 2 W_j A W_j'), upper entries */
+            for (a = 0; a < Q; ++a)
+                for (d = a; d < Q; ++d)
+                    for (t = 0; t < T; ++t) {
+                        double x = ((2.0 * s2i[t]) * uj[a][t]) * uj[d][t]
+                            - Ru[upper(Q, a, d)][t];
+                        if (reml)
+                            x += 2.0 * WAW[a * Q + d][t];
+                        Xm[upper(Q, a, d)][t] = x;
+                    }
+            /* the sums */
+            for (u = 0; u < NQ; ++u)
+                for (c = 0; c < NQ; ++c)
+                    for (t = 0; t < T; ++t)
+                        Ttacc[u * NQ + c][t] += Ru[u][t] * Xm[c][t];
+            for (a = 0; a < Q; ++a)
+                for (b = a; b < Q; ++b)
+                    for (t = 0; t < T; ++t)
+                        UUacc[upper(Q, a, b)][t] += uj[a][t] * uj[b][t];
+            for (s = 0; s < QP; ++s)
+                for (b = 0; b < Q; ++b)
+                    for (t = 0; t < T; ++t)
+                        WUacc[(s * Q + b) * T + t] += W[s * T + t] * uj[b][t];
+            {
+                double *acc = WWacc;
+                for (s = 0; s < QP; ++s)
+                    for (u = s; u < QP; ++u, acc += T)
+                        for (t = 0; t < T; ++t)
+                            acc[t] += W[s * T + t] * W[u * T + t];
+            }
         }
     }
 
@@ -377,17 +473,42 @@ static inline __attribute__((always_inline)) void level_tile(
                     ar->cxx[(vx * p + s) * p + u] = cxx[((s <= u) ? s * p + u : u * p + s) * T + t];
             }
         }
+    if (level2)
+        for (t = 0; t < T; ++t)
+            for (a = 0; a < Q; ++a)
+                for (b = 0; b < Q; ++b)
+                    ar->R[((j0 + t) * Q + a) * Q + b] = Racc[upper(Q, a, b)][t];
     if (ar->sums)
         for (t = 0; t < T; ++t) {
             const i64 vx = j0 + t;
             for (a = 0; a < Q; ++a)
-                for (b = 0; b < Q; ++b) {
-                    ar->R[(vx * Q + a) * Q + b] = Racc[upper(Q, a, b)][t];
+                for (b = 0; b < Q; ++b)
                     ar->g[(vx * Q + a) * Q + b] = gacc[upper(Q, a, b)][t];
-                }
             for (u = 0; u < NQ; ++u)
                 for (c = 0; c < NQ; ++c)
                     ar->RR[(vx * NQ + u) * NQ + c] = RRacc[u <= c ? u * NQ + c : c * NQ + u][t];
+        }
+    if (ar->satt)
+        for (t = 0; t < T; ++t) {
+            const i64 vx = j0 + t;
+            for (a = 0; a < Q; ++a)
+                for (b = 0; b < Q; ++b) {
+                    ar->UU[(vx * Q + a) * Q + b] = UUacc[upper(Q, a, b)][t];
+                    for (c = 0; c < Q; ++c)
+                        for (d = 0; d < Q; ++d)      /* [b, c, a, d] in the a, b, c, d loops */
+                            ar->Tt[(((vx * Q + a) * Q + b) * Q + c) * Q + d] =
+                                Ttacc[upper(Q, a, b) * NQ + upper(Q, c, d)][t];
+                }
+            for (s = 0; s < QP; ++s)
+                for (b = 0; b < Q; ++b)
+                    ar->WU[(vx * QP + s) * Q + b] = WUacc[(s * Q + b) * T + t];
+            for (s = 0; s < QP; ++s)
+                for (u = 0; u < QP; ++u) {
+                    const i64 lo = s < u ? s : u, hi = s < u ? u : s;
+                    /* upper entry (lo, hi) of a QP x QP matrix, rows in turn */
+                    ar->WW[(vx * QP + s) * QP + u] =
+                        WWacc[(lo * QP - lo * (lo - 1) / 2 + (hi - lo)) * T + t];
+                }
         }
 }
 
@@ -416,7 +537,9 @@ static inline __attribute__((always_inline)) void all_tiles(const i64 Q, const A
 CLONES int mpiblmm_level_eval(const Args *ar)
 {
     const i64 p = ar->p;
-    double *w = malloc(sizeof(double) * (size_t)((3 * QMAX * p + 2 * p * p + 2 * p) * TILE));
+    const i64 qp = QMAX * p;
+    double *w = malloc(sizeof(double) * (size_t)((3 * qp + 2 * p * p + 2 * p + qp + qp * QMAX
+                                                   + qp * (qp + 1) / 2) * TILE));
     if (w == NULL)
         return -2;
     if (ar->q == 1)
@@ -435,7 +558,7 @@ int mpiblmm_level_kernel_tile(void) { return TILE; }
 
 /* The version of the call above: level_kernel.py refuses a library whose version is not its
  * own (a build older than the Python code).  Raise it whenever Args or its meaning changes. */
-int mpiblmm_level_kernel_abi(void) { return 1; }
+int mpiblmm_level_kernel_abi(void) { return 2; }
 
 static struct PyModuleDef level_kernel_module = {
     PyModuleDef_HEAD_INIT, "_level_kernel",

@@ -18,7 +18,7 @@ import numpy as np
 from ..compiled import load, turned_off
 
 #: The version of the C call this module makes (``mpiblmm_level_kernel_abi``).
-ABI = 1
+ABI = 2
 #: The switch that turns the kernel off (``=0``).
 ENV = "MPIBLMM_LEVEL_KERNEL"
 TURNED_OFF = turned_off(ENV)
@@ -33,7 +33,9 @@ class _Args(ctypes.Structure):
                                                            (k + "_se", ctypes.c_int64))]
                 + [(k, ctypes.c_void_p) for k in ("lam", "cxx", "cxy", "cyy", "logdet",
                                                   "beta", "s2inv", "A", "R", "g", "RR")]
-                + [("products", ctypes.c_int), ("sums", ctypes.c_int)])
+                + [("products", ctypes.c_int), ("sums", ctypes.c_int)]
+                + [(k, ctypes.c_void_p) for k in ("WW", "WU", "UU", "Tt")]
+                + [("satt", ctypes.c_int)])
 
 
 def _load():
@@ -99,7 +101,7 @@ def products(pf, lam: np.ndarray) -> tuple[np.ndarray, ...]:
     and normal), so that ``X'V^-1X = X'X - corr_xx`` etc."""
     v, p = pf.n_voxels, pf.p
     cxx, cxy, cyy, logdet = np.empty((v, p, p)), np.empty((v, p)), np.empty(v), np.empty(v)
-    _call(pf, lam, cxx=cxx, cxy=cxy, cyy=cyy, logdet=logdet, products=1, sums=0)
+    _call(pf, lam, cxx=cxx, cxy=cxy, cyy=cyy, logdet=logdet, products=1, sums=0, satt=0)
     return cxx, cxy, cyy, logdet
 
 
@@ -113,10 +115,25 @@ def sums(pf, lam: np.ndarray, beta: np.ndarray, s2: np.ndarray,
     beta = np.ascontiguousarray(beta, np.float64)
     s2inv = np.ascontiguousarray(1.0 / s2, np.float64)
     A = None if A is None else np.ascontiguousarray(A, np.float64)
-    _call(pf, lam, beta=beta, s2inv=s2inv, A=A, R=R, g=g, RR=RRu, products=0, sums=1)
+    _call(pf, lam, beta=beta, s2inv=s2inv, A=A, R=R, g=g, RR=RRu, products=0, sums=1, satt=0)
     G = 0.5 * (g - R)                                  # dl/dD = 1/2 sum_j (T Q T' - R_jj)
     i1, i2 = _rr_index(q)
     return R, G, RRu[:, i1, i2]
+
+
+def satterthwaite_sums(pf, lam: np.ndarray, beta: np.ndarray, s2: np.ndarray,
+                       A: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """``(WW, WU, UU, R, T)`` of :class:`.level_satterthwaite._SattSums` (``T`` with the REML
+    term when ``A`` is given) at the GLS ``beta``, ``s2`` and ``A = (X'V^-1X)^-1``."""
+    v, q, p = pf.n_voxels, lam.shape[-1], pf.p
+    WW, WU = np.empty((v, q, p, q, p)), np.empty((v, q, p, q))
+    UU, R, Tt = np.empty((v, q, q)), np.empty((v, q, q)), np.empty((v, q, q, q, q))
+    beta = np.ascontiguousarray(beta, np.float64)
+    s2inv = np.ascontiguousarray(1.0 / s2, np.float64)
+    A = None if A is None else np.ascontiguousarray(A, np.float64)
+    _call(pf, lam, beta=beta, s2inv=s2inv, A=A, R=R, WW=WW, WU=WU, UU=UU, Tt=Tt, products=0,
+          sums=0, satt=1)
+    return WW, WU, UU, R, Tt
 
 
 @functools.lru_cache(maxsize=None)
