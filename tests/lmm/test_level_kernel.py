@@ -2,9 +2,9 @@
 
 - it is built (scripts/setup.sh installs the package, which compiles it), and a library of
   another version is refused;
-- its V^-1 products, log|V| and level sums of the scores and information equal the numpy
-  path's (:mod:`~mpiblmm.lmm.structures.levels`, itself checked against dense algebra and
-  lme4) for one and two effects per level, REML and ML, with complete (shared) and missing
+- its V^-1 products, log|V|, level sums of the scores and information and the
+  Satterthwaite setup equal the numpy path's (:mod:`~mpiblmm.lmm.structures.levels`,
+  itself checked against dense algebra and lme4) for one, two and three effects per level, REML and ML, with complete (shared) and missing
   (per-voxel) data, in both layouts the fit hands it (the chunk's, voxels innermost, and a
   subset's, voxel first), and at any square root Lambda of D;
 - a voxel gets the same bits in any batch, tile, layout, and with shared or its own forms;
@@ -30,7 +30,7 @@ def _forms(q=2, missing=True, v=45, n_sub=30, visits=4, p=3, seed=0):
     sub = np.repeat(np.arange(n_sub), visits)
     t = np.tile(np.arange(visits, dtype=float), n_sub)
     X = np.column_stack([np.ones(n)] + [rng.normal(size=n) for _ in range(p - 1)])
-    Zk = np.column_stack([np.ones(n), t][:q])
+    Zk = np.column_stack([np.ones(n), t, (t - 1.5) ** 2][:q])
     rd = random_design([sub], [Zk])
     Y = X @ rng.normal(size=(p, v)) + rng.normal(size=(n, v))
     Y += (Zk[:, None, :] * rng.normal(size=(n_sub, v, q))[sub]).sum(-1)
@@ -39,7 +39,7 @@ def _forms(q=2, missing=True, v=45, n_sub=30, visits=4, p=3, seed=0):
     assert pf.shared == (not missing)
     lam = rng.normal(size=(v, q, q))           # any square root of D, not only triangular
     lam[0] = 0.0                               # D = 0
-    if q == 2:
+    if q >= 2:
         lam[1, :, 1] = 0.0                     # a singular D
     return pf, lam
 
@@ -58,7 +58,7 @@ def _evaluate(pf, lam, method):
 def test_the_kernel_is_built():
     assert level_kernel.available(), ("mpiblmm/lmm/structures/_level_kernel.c was not built: "
                                       "run scripts/setup.sh")
-    assert level_kernel.applies(1) and level_kernel.applies(2) and not level_kernel.applies(3)
+    assert all(level_kernel.applies(q) for q in (1, 2, 3)) and not level_kernel.applies(4)
 
 
 def test_a_library_of_another_version_is_refused(monkeypatch):
@@ -68,7 +68,7 @@ def test_a_library_of_another_version_is_refused(monkeypatch):
 
 @pytest.mark.parametrize("method", ["REML", "ML"])
 @pytest.mark.parametrize("missing", [False, True], ids=["shared", "per-voxel"])
-@pytest.mark.parametrize("q", [1, 2])
+@pytest.mark.parametrize("q", [1, 2, 3])
 def test_kernel_equals_the_numpy_path(q, missing, method, monkeypatch):
     pf, lam = _forms(q, missing)
     sub = pf.take(np.arange(3, 40))                       # a subset: voxel-first layout
@@ -127,7 +127,7 @@ def test_a_non_positive_determinant_gives_nan_not_a_number():
     assert np.isnan(logdet[2]) and np.isfinite(np.delete(logdet, 2)).all()
 
 
-@pytest.mark.parametrize("q", [1, 2])
+@pytest.mark.parametrize("q", [1, 2, 3])
 @pytest.mark.parametrize("missing", [False, True], ids=["shared", "per-voxel"])
 def test_fits_through_the_kernel_reach_the_numpy_optima(q, missing, monkeypatch):
     pf, _ = _forms(q, missing, v=40, seed=5)
@@ -141,7 +141,7 @@ def test_fits_through_the_kernel_reach_the_numpy_optima(q, missing, monkeypatch)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(q=st.integers(1, 2), p=st.integers(1, 5), n_sub=st.integers(6, 40),
+@given(q=st.integers(1, 3), p=st.integers(1, 5), n_sub=st.integers(6, 40),
        visits=st.integers(3, 6), missing=st.booleans(), ml=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
 def test_kernel_equals_the_numpy_path_on_random_designs(q, p, n_sub, visits, missing, ml,
@@ -179,7 +179,7 @@ def test_mpiblmm_env_says_whether_the_kernel_is_in_use(monkeypatch):
 
 @pytest.mark.parametrize("method", ["REML", "ML"])
 @pytest.mark.parametrize("missing", [False, True], ids=["shared", "per-voxel"])
-@pytest.mark.parametrize("q", [1, 2])
+@pytest.mark.parametrize("q", [1, 2, 3])
 def test_satterthwaite_sums_equal_the_numpy_path(q, missing, method, monkeypatch):
     # Cov(beta), its Jacobian and the deviance Hessian at a fitted estimate
     from mpiblmm.lmm.structures.level_satterthwaite import level_setup

@@ -1,4 +1,4 @@
-/* Compiled per-level evaluation of the one-factor model (q1 = 1 or 2 effects per level): the
+/* Compiled per-level evaluation of the one-factor model (q1 = 1, 2 or 3 effects per level): the
  * numbers of mpiblmm/lmm/structures/levels.py (products_block and _sums_block), fused into
  * one pass over the levels with the voxels of a tile innermost, where numpy makes ~200
  * passes over (voxel, level) arrays per evaluation.
@@ -59,8 +59,8 @@ static inline double split(double d, i64 *e, i64 *bad) {
 #endif
 
 #define TILE 32
-#define QMAX 2
-#define NQMAX 3          /* upper entries of a QMAX x QMAX matrix */
+#define QMAX 3
+#define NQMAX 6          /* upper entries of a QMAX x QMAX matrix */
 
 /* The call's arguments (level_kernel.py: _Args, the same fields in the same order). */
 typedef struct {
@@ -217,7 +217,7 @@ static inline __attribute__((always_inline)) void level_tile(
                 det[t] = L[0][t] * BL[0][t] + 1.0;
                 Si[0][t] = 1.0 / det[t];
             }
-        } else {
+        } else if (Q == 2) {
             for (t = 0; t < T; ++t) {
                 const double s00 = (L[0][t] * BL[0][t] + L[2][t] * BL[2][t]) + 1.0;
                 const double s01 = L[0][t] * BL[1][t] + L[2][t] * BL[3][t];
@@ -227,6 +227,37 @@ static inline __attribute__((always_inline)) void level_tile(
                 Si[0][t] = s11 * r;
                 Si[3][t] = s00 * r;
                 Si[1][t] = Si[2][t] = -(s01 * r);
+            }
+        } else {
+            /* Q = 3: S_j = C C' (Cholesky), S_j^-1 = C^-T C^-1, |S_j| = (c00 c11 c22)^2; a
+             * non-positive pivot gives NaN, hence a NaN log|V| (failed) */
+            double Sx[6][TILE];
+            for (c = 0; c < 3; ++c)
+                for (d = c; d < 3; ++d)
+                    for (t = 0; t < T; ++t) {
+                        double x = L[c][t] * BL[d][t];
+                        for (a = 1; a < 3; ++a)
+                            x += L[a * 3 + c][t] * BL[a * 3 + d][t];
+                        Sx[upper(3, c, d)][t] = c == d ? x + 1.0 : x;
+                    }
+            for (t = 0; t < T; ++t) {
+                const double c00 = sqrt(Sx[0][t]);
+                const double c10 = Sx[1][t] / c00, c20 = Sx[2][t] / c00;
+                const double c11 = sqrt(Sx[3][t] - c10 * c10);
+                const double c21 = (Sx[4][t] - c20 * c10) / c11;
+                const double c22 = sqrt((Sx[5][t] - c20 * c20) - c21 * c21);
+                const double m00 = 1.0 / c00, m11 = 1.0 / c11, m22 = 1.0 / c22;
+                const double m10 = -((c10 * m00) * m11), m21 = -((c21 * m11) * m22);
+                const double m20 = -((c20 * m00 + c21 * m10) * m22);
+                const double pd = (c00 * c11) * c22;
+                det[t] = pd * pd;
+                /* S^-1 = M'M, M = C^-1 lower: [c][d] = sum_{k >= max(c, d)} M[k][c] M[k][d] */
+                Si[0][t] = (m00 * m00 + m10 * m10) + m20 * m20;
+                Si[1][t] = Si[3][t] = m10 * m11 + m20 * m21;
+                Si[2][t] = Si[6][t] = m20 * m22;
+                Si[4][t] = m11 * m11 + m21 * m21;
+                Si[5][t] = Si[7][t] = m21 * m22;
+                Si[8][t] = m22 * m22;
             }
         }
         if (ar->products) {
@@ -532,7 +563,7 @@ static inline __attribute__((always_inline)) void all_tiles(const i64 Q, const A
         level_tile(Q, v - j0, ar, j0, w);
 }
 
-/* All voxels of a batch, tile by tile.  Returns 0, -1 when q is not 1 or 2, -2 when the
+/* All voxels of a batch, tile by tile.  Returns 0, -1 when q is not 1, 2 or 3, -2 when the
  * scratch could not be allocated. */
 CLONES int mpiblmm_level_eval(const Args *ar)
 {
@@ -546,6 +577,8 @@ CLONES int mpiblmm_level_eval(const Args *ar)
         all_tiles(1, ar, w);
     else if (ar->q == 2)
         all_tiles(2, ar, w);
+    else if (ar->q == 3)
+        all_tiles(3, ar, w);
     else {
         free(w);
         return -1;
@@ -558,7 +591,7 @@ int mpiblmm_level_kernel_tile(void) { return TILE; }
 
 /* The version of the call above: level_kernel.py refuses a library whose version is not its
  * own (a build older than the Python code).  Raise it whenever Args or its meaning changes. */
-int mpiblmm_level_kernel_abi(void) { return 2; }
+int mpiblmm_level_kernel_abi(void) { return 3; }
 
 static struct PyModuleDef level_kernel_module = {
     PyModuleDef_HEAD_INIT, "_level_kernel",

@@ -1,11 +1,12 @@
 """The compiled per-level evaluation of the one-factor model (``_level_kernel.c``, ctypes).
 
-It serves one random factor with one or two effects per level (random intercepts, intercept
-and slope): the V^-1 products and log|V| (:func:`products`) and the level sums of the scores
-and information (:func:`sums`) in one pass over the levels each, with the voxels of a tile
-innermost, where the numpy path of :mod:`.levels` makes ~200 passes over (voxel, level)
-arrays.  Same equations; the numpy path stays as the reference the tests compare with and
-serves three or more effects.  Set ``MPIBLMM_LEVEL_KERNEL=0`` to use the numpy path.
+It serves one random factor with one to three effects per level (random intercepts,
+intercept and slope, quadratic trajectories): the V^-1 products and log|V|
+(:func:`products`), the level sums of the scores and information (:func:`sums`) and those of
+the Satterthwaite setup (:func:`satterthwaite_sums`), in one pass over the levels each with
+the voxels of a tile innermost, where the numpy path of :mod:`.levels` makes ~200 passes
+over (voxel, level) arrays.  Same equations; the numpy path stays as the reference the tests compare with and
+serves four or more effects.  Set ``MPIBLMM_LEVEL_KERNEL=0`` to use the numpy path.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from ..compiled import load, turned_off
 
 #: The version of the C call this module makes (``mpiblmm_level_kernel_abi``).
-ABI = 2
+ABI = 3
 #: The switch that turns the kernel off (``=0``).
 ENV = "MPIBLMM_LEVEL_KERNEL"
 TURNED_OFF = turned_off(ENV)
@@ -58,8 +59,8 @@ def available() -> bool:
 
 
 def applies(q: int) -> bool:
-    """Whether the kernel serves a factor of ``q`` effects: built, and q = 1 or 2."""
-    return _EVAL is not None and q in (1, 2)
+    """Whether the kernel serves a factor of ``q`` effects: built, and q = 1, 2 or 3."""
+    return _EVAL is not None and q in (1, 2, 3)
 
 
 def _ptr(a: np.ndarray | None) -> int | None:
