@@ -34,42 +34,10 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <math.h>
-#include <stdint.h>
-#include <string.h>
-
-typedef int64_t i64;
-
-#define MANT_MASK 0x000fffffffffffffULL
-#define ONE_EXP 0x3ff0000000000000ULL
-
-/* d = m 2^e with m in [1, 2): branch free, so the loops over a tile vectorise; *bad is set
- * where d is not positive and normal (then log|S| is NaN: the voxel is reported as failed,
- * as log of a non-positive pivot would be) */
-static inline double split(double d, i64 *e, i64 *bad) {
-    uint64_t bits;
-    memcpy(&bits, &d, sizeof bits);
-    const i64 ex = (i64)((bits >> 52) & 0x7ff);
-    *bad |= (i64)(ex == 0) | (i64)(ex == 0x7ff) | (i64)(bits >> 63);
-    *e = ex - 1023;
-    bits = (bits & MANT_MASK) | ONE_EXP;
-    memcpy(&d, &bits, sizeof d);
-    return d;
-}
+#include "../kernel_common.h"
 
 /* The index type of the plan: int32 halves the bytes of the index streams. */
 typedef int32_t ix;
-
-#if defined(__x86_64__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-/* One build serves any x86-64 CPU; the AVX2 clone is chosen at load time where the CPU has
- * it.  Elementwise +, -, *, /, sqrt are correctly rounded in both: the same bits. */
-#define CLONES __attribute__((target_clones("avx2", "default")))
-#endif
-#endif
-#ifndef CLONES
-#define CLONES
-#endif
 
 #define TILE 32
 

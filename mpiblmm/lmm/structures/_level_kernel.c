@@ -26,37 +26,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-typedef int64_t i64;
-
-#define MANT_MASK 0x000fffffffffffffULL
-#define ONE_EXP 0x3ff0000000000000ULL
-
-/* d = m 2^e with m in [1, 2), branch free; *bad is set where d is not positive and normal
- * (log|S_j| would be NaN or -inf: the voxel's log|V| is NaN, reported as failed) */
-static inline double split(double d, i64 *e, i64 *bad) {
-    uint64_t bits;
-    memcpy(&bits, &d, sizeof bits);
-    const i64 ex = (i64)((bits >> 52) & 0x7ff);
-    *bad |= (i64)(ex == 0) | (i64)(ex == 0x7ff) | (i64)(bits >> 63);
-    *e = ex - 1023;
-    bits = (bits & MANT_MASK) | ONE_EXP;
-    memcpy(&d, &bits, sizeof d);
-    return d;
-}
-
-#if defined(__x86_64__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define CLONES __attribute__((target_clones("avx2", "default")))
-#endif
-#endif
-#ifndef CLONES
-#define CLONES
-#endif
+#include "../kernel_common.h"
 
 #define TILE 32
 #define QMAX 3
