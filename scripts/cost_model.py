@@ -7,7 +7,7 @@ constants measured on the development machine (see docs/SCALING.md) and stated a
 about the cluster (file-system bandwidth, metadata rate, MPI start-up), all overridable.
 Prints one table per study.  Asserts nothing.
 
-    .venv/bin/python scripts/cost_model.py [--ranks 512] [--fs-gbs 20] [--t-level-us 7.3]
+    .venv/bin/python scripts/cost_model.py [--ranks 512] [--fs-gbs 20] [--t-level-us 0.76]
 """
 
 from __future__ import annotations
@@ -70,12 +70,12 @@ def model(s: Study, a: argparse.Namespace) -> list[tuple[str, str]]:
     # ---- flops per voxel (counts from the formulas, docs/SCALING.md)
     pf_complete = 2 * s.n * (2 * s.p + q1 + 1)
     pf_missing = pf_complete + s.n * (s.p * (s.p + 1) + 2 * q1 * s.p + q1 * (q1 + 1))
-    fs = a.evaluations * a.flops_per_level * L * (a.nested_factor if len(s.levels) > 1 else 1)
+    fs = a.evaluations * a.flops_per_level * L * (a.nested_flops if len(s.levels) > 1 else 1)
     rows += [("product forms per voxel: complete / with missing data",
               f"{pf_complete / 1e6:.2g} / {pf_missing / 1e6:.2g} Mflop"),
              ("Fisher Scoring + polish + Satterthwaite per voxel (per-level path)",
               f"{fs / 1e6:.3g} Mflop ({a.evaluations} evaluations x {a.flops_per_level} "
-              f"flop x {L:,} levels" + (f" x {a.nested_factor:g}" if len(s.levels) > 1 else "")
+              f"flop x {L:,} levels" + (f" x {a.nested_flops:g}" if len(s.levels) > 1 else "")
               + ")")]
     if len(s.levels) > 1:
         dense = q_tot ** 3 / 3
@@ -125,8 +125,9 @@ def model(s: Study, a: argparse.Namespace) -> list[tuple[str, str]]:
     ingest = max(decode, s.n * s.image_mb * 1e6 / fs) + 2 * packed / fs  # fill + data
     read = max(vox_rank * s.n * 4.0 / (a.rank_read_mbs * 1e6), packed / fs)
     blocked = a.nested_factor if len(s.levels) > 1 else 1.0  # the blocked path, measured
-    fit = blocked * vox_rank * (a.t_voxel_ms / 1e3 + a.t_level_us / 1e6 * L) + n_chunks * 0.09
-    fit_lo = fit / a.load_factor
+    fit_lo = (blocked * vox_rank * (a.t_voxel_ms / 1e3 + a.t_level_us / 1e6 * L)
+              + n_chunks * a.chunk_s)
+    fit = fit_lo * a.load_factor
     write = n_results * n_chunks * a.small_write_ms / 1e3
     export = 1.0
     total_lo = startup + setup + ingest + read + fit_lo + write + export
@@ -136,7 +137,7 @@ def model(s: Study, a: argparse.Namespace) -> list[tuple[str, str]]:
              ("time: ingest (decode per rank vs file system; packed written twice: fill+data)",
               f"{ingest:.0f} s"),
              ("time: read slabs", f"{read:.1f} s"),
-             ("time: fit (idle core .. loaded dev machine constants)"
+             ("time: fit (idle core .. x{:g} for a loaded or slower one)".format(a.load_factor)
               + (f", x{a.nested_factor:g} for the blocked path" if blocked != 1 else ""),
               f"{fit_lo:.0f} .. {fit:.0f} s"),
              ("time: results writes + export", f"{write + export:.1f} s"),
@@ -158,16 +159,26 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ingest-ms-per-mb", type=float, default=49.0,
                     help="ingest per MB of decoded image (measured: ~250 ms per 3.6 MB image "
                          "on the loaded machine, then 0.70x that with the direct read)")
-    ap.add_argument("--t-voxel-ms", type=float, default=0.7, help="fit cost per voxel")
-    ap.add_argument("--t-level-us", type=float, default=7.3, help="fit cost per voxel-level")
+    ap.add_argument("--t-voxel-ms", type=float, default=0.055,
+                    help="fit cost per voxel, idle core (measured with the one-factor kernel: "
+                         "scripts/scaling.py, 1,000 voxels, 60 / 250 / 1,000 subjects)")
+    ap.add_argument("--t-level-us", type=float, default=0.76,
+                    help="fit cost per voxel-level, idle core (the same runs)")
+    ap.add_argument("--chunk-s", type=float, default=0.015,
+                    help="fixed cost per chunk (scripts/bench_chunks.py: ~14 ms per chunk of 300)")
     ap.add_argument("--load-factor", type=float, default=3.0,
-                    help="how much slower the loaded dev machine ran than an idle core")
-    ap.add_argument("--nested-factor", type=float, default=0.15,
+                    help="the upper end: how much slower a loaded or older core may run (the "
+                         "shared dev machine ran up to 3x slower than idle)")
+    ap.add_argument("--nested-factor", type=float, default=0.95,
                     help="several nested one-effect factors (the blocked path's compiled "
                          "kernel): cost per voxel against the one-factor line at the same "
                          "number of levels (measured: scripts/bench_cohort.py design (b), "
-                         "18,021 levels, 16 ms per voxel on the loaded machine against the "
-                         "line's 132 ms, 0.12)")
+                         "18,021 levels, 12.9-13.3 ms per voxel on an idle core against the "
+                         "line's 13.8 ms)")
+    ap.add_argument("--nested-flops", type=float, default=0.15,
+                    help="the blocked kernel's flops per voxel against the per-level count "
+                         "at the same number of levels (about 21 evaluations x 0.5 Mflop on "
+                         "design (b))")
     ap.add_argument("--evaluations", type=int, default=12)
     ap.add_argument("--flops-per-level", type=int, default=400)
     ap.add_argument("--small-write-ms", type=float, default=2.0)
