@@ -93,6 +93,44 @@ static inline __attribute__((always_inline)) void load_row(
     }
 }
 
+/* out = A X for the tile's small matrices: A (Q x Q), X and out (Q x n), each stored as
+ * rows of voxels (entry (row, col) at ((row * cols + col) * stride + t)); the sum over the
+ * inner index runs left to right. */
+static inline __attribute__((always_inline)) void tile_mm(
+    const i64 Q, const i64 n, const i64 T, double *restrict out, const i64 so,
+    const double *restrict A, const i64 sa, const double *restrict X, const i64 sx)
+{
+    i64 a, s, c, t;
+    for (a = 0; a < Q; ++a)
+        for (s = 0; s < n; ++s)
+            for (t = 0; t < T; ++t) {
+                double x = A[(a * Q) * sa + t] * X[s * sx + t];
+                for (c = 1; c < Q; ++c)
+                    x += A[(a * Q + c) * sa + t] * X[(c * n + s) * sx + t];
+                out[(a * n + s) * so + t] = x;
+            }
+}
+
+/* The upper entries (a <= b) of A B' (Q x Q), stored into (add = 0) or added to (add = 1)
+ * out[upper(a, b)]. */
+static inline __attribute__((always_inline)) void tile_mm_nt_upper(
+    const i64 Q, const i64 T, double (*restrict out)[TILE], double (*restrict A)[TILE],
+    double (*restrict B)[TILE], const int add)
+{
+    i64 a, b, d, t;
+    for (a = 0; a < Q; ++a)
+        for (b = a; b < Q; ++b)
+            for (t = 0; t < T; ++t) {
+                double x = A[a * Q][t] * B[b * Q][t];
+                for (d = 1; d < Q; ++d)
+                    x += A[a * Q + d][t] * B[b * Q + d][t];
+                if (add)
+                    out[upper(Q, a, b)][t] += x;
+                else
+                    out[upper(Q, a, b)][t] = x;
+            }
+}
+
 /* One tile of T voxels from voxel j0 (Q effects); w is scratch for the p-sized arrays. */
 static inline __attribute__((always_inline)) void level_tile(
     const i64 Q, const i64 T, const Args *ar, const i64 j0, double *w)
@@ -120,7 +158,8 @@ static inline __attribute__((always_inline)) void level_tile(
     double *WUacc = W + QMAX * p * TILE; /* (Q p Q) */
     double *WWacc = WUacc + QMAX * p * QMAX * TILE;   /* upper entries of (Q p) x (Q p) */
     const i64 QP = Q * p;
-    double Pm[QMAX * QMAX][TILE], TP[QMAX * QMAX][TILE], WAW[QMAX * QMAX][TILE];
+    double Pm[QMAX * QMAX][TILE], TP[QMAX * QMAX][TILE], WAW[NQMAX][TILE];
+    double Mu[NQMAX][TILE], BMB[QMAX * QMAX][TILE];
     double uj[QMAX][TILE], Xm[NQMAX][TILE], UUacc[NQMAX][TILE], Ttacc[NQMAX * NQMAX][TILE];
     const int reml = ar->A != NULL, level2 = ar->sums || ar->satt;
 
@@ -176,14 +215,7 @@ static inline __attribute__((always_inline)) void level_tile(
             load_row(Y[a], zy + (j * Q + a) * ar->zy_se, ar->zy_sv, T);
 
         /* S_j = I + Lambda' B_j Lambda (upper entries, mirrored), its inverse and |S_j| */
-        for (a = 0; a < Q; ++a)
-            for (c = 0; c < Q; ++c)
-                for (t = 0; t < T; ++t) {
-                    double x = B[a * Q][t] * L[c][t];
-                    for (b = 1; b < Q; ++b)
-                        x += B[a * Q + b][t] * L[b * Q + c][t];
-                    BL[a * Q + c][t] = x;
-                }
+        tile_mm(Q, Q, T, BL[0], TILE, B[0], TILE, L[0], TILE);
         if (Q == 1) {
             for (t = 0; t < T; ++t) {
                 det[t] = L[0][t] * BL[0][t] + 1.0;
@@ -246,46 +278,23 @@ static inline __attribute__((always_inline)) void level_tile(
                 }
         }
         /* M_j = Lambda S_j^-1 Lambda' (symmetric to the bit: upper entries, mirrored) */
-        for (a = 0; a < Q; ++a)
-            for (d = 0; d < Q; ++d)
-                for (t = 0; t < T; ++t) {
-                    double x = L[a * Q][t] * Si[d][t];
-                    for (c = 1; c < Q; ++c)
-                        x += L[a * Q + c][t] * Si[c * Q + d][t];
-                    LS[a * Q + d][t] = x;
-                }
+        tile_mm(Q, Q, T, LS[0], TILE, L[0], TILE, Si[0], TILE);
+        tile_mm_nt_upper(Q, T, Mu, LS, L, 0);
         for (a = 0; a < Q; ++a)
             for (b = a; b < Q; ++b)
-                for (t = 0; t < T; ++t) {
-                    double x = LS[a * Q][t] * L[b * Q][t];
-                    for (d = 1; d < Q; ++d)
-                        x += LS[a * Q + d][t] * L[b * Q + d][t];
-                    M[a * Q + b][t] = M[b * Q + a][t] = x;
-                }
+                for (t = 0; t < T; ++t)
+                    M[a * Q + b][t] = M[b * Q + a][t] = Mu[upper(Q, a, b)][t];
 
         if (ar->products) {
             /* MY = M_j Z_j'Y, MX = M_j Z_j'X; the corrections summed over the levels */
-            for (a = 0; a < Q; ++a)
-                for (t = 0; t < T; ++t) {
-                    double x = M[a * Q][t] * Y[0][t];
-                    for (b = 1; b < Q; ++b)
-                        x += M[a * Q + b][t] * Y[b][t];
-                    MY[a][t] = x;
-                }
+            tile_mm(Q, 1, T, MY[0], TILE, M[0], TILE, Y[0], TILE);
             for (t = 0; t < T; ++t) {
                 double x = Y[0][t] * MY[0][t];
                 for (a = 1; a < Q; ++a)
                     x += Y[a][t] * MY[a][t];
                 cyy[t] += x;
             }
-            for (a = 0; a < Q; ++a)
-                for (s = 0; s < p; ++s)
-                    for (t = 0; t < T; ++t) {
-                        double x = M[a * Q][t] * X[s * T + t];
-                        for (b = 1; b < Q; ++b)
-                            x += M[a * Q + b][t] * X[(b * p + s) * T + t];
-                        MX[(a * p + s) * T + t] = x;
-                    }
+            tile_mm(Q, p, T, MX, T, M[0], TILE, X, T);
             for (s = 0; s < p; ++s) {
                 for (t = 0; t < T; ++t) {
                     double x = X[s * T + t] * MY[0][t];
@@ -305,22 +314,14 @@ static inline __attribute__((always_inline)) void level_tile(
 
         if (level2) {
             /* T_j = I - B_j M_j, R_jj = B_j - B_j M_j B_j (upper entries) */
+            tile_mm(Q, Q, T, BM[0], TILE, B[0], TILE, M[0], TILE);
+            tile_mm(Q, Q, T, BMB[0], TILE, BM[0], TILE, B[0], TILE);
             for (a = 0; a < Q; ++a)
                 for (b = 0; b < Q; ++b)
                     for (t = 0; t < T; ++t) {
-                        double x = B[a * Q][t] * M[b][t];
-                        for (c = 1; c < Q; ++c)
-                            x += B[a * Q + c][t] * M[c * Q + b][t];
-                        BM[a * Q + b][t] = x;
-                        Tm[a * Q + b][t] = (a == b ? 1.0 : 0.0) - x;
-                    }
-            for (a = 0; a < Q; ++a)
-                for (b = a; b < Q; ++b)
-                    for (t = 0; t < T; ++t) {
-                        double x = BM[a * Q][t] * B[b][t];
-                        for (c = 1; c < Q; ++c)
-                            x += BM[a * Q + c][t] * B[c * Q + b][t];
-                        Ru[upper(Q, a, b)][t] = B[a * Q + b][t] - x;
+                        Tm[a * Q + b][t] = (a == b ? 1.0 : 0.0) - BM[a * Q + b][t];
+                        if (a <= b)
+                            Ru[upper(Q, a, b)][t] = B[a * Q + b][t] - BMB[a * Q + b][t];
                     }
             /* r_j = Z_j'Y - Z_j'X beta; Q_j = r_j r_j' / s2 (+ Z_j'X A X'Z_j) */
             /* (sums over the p fixed effects run left to right, the tile innermost) */
@@ -373,22 +374,8 @@ static inline __attribute__((always_inline)) void level_tile(
                             x += Pm[c * Q + d][t];
                         Qm[c * Q + d][t] = Qm[d * Q + c][t] = x;
                     }
-            for (a = 0; a < Q; ++a)
-                for (d = 0; d < Q; ++d)
-                    for (t = 0; t < T; ++t) {
-                        double x = Tm[a * Q][t] * Qm[d][t];
-                        for (c = 1; c < Q; ++c)
-                            x += Tm[a * Q + c][t] * Qm[c * Q + d][t];
-                        TQ[a * Q + d][t] = x;
-                    }
-            for (a = 0; a < Q; ++a)
-                for (b = a; b < Q; ++b)
-                    for (t = 0; t < T; ++t) {
-                        double x = TQ[a * Q][t] * Tm[b * Q][t];
-                        for (d = 1; d < Q; ++d)
-                            x += TQ[a * Q + d][t] * Tm[b * Q + d][t];
-                        gacc[upper(Q, a, b)][t] += x;
-                    }
+            tile_mm(Q, Q, T, TQ[0], TILE, Tm[0], TILE, Qm[0], TILE);
+            tile_mm_nt_upper(Q, T, gacc, TQ, Tm, 1);
             for (u = 0; u < NQ; ++u)
                 for (c = u; c < NQ; ++c)
                     for (t = 0; t < T; ++t)
@@ -397,38 +384,11 @@ static inline __attribute__((always_inline)) void level_tile(
 
         if (ar->satt) {
             /* u_j = T_j r_j, W_j = T_j Z_j'X, W_j A W_j' = T_j P_j T_j' */
-            for (a = 0; a < Q; ++a)
-                for (t = 0; t < T; ++t) {
-                    double x = Tm[a * Q][t] * res[0][t];
-                    for (c = 1; c < Q; ++c)
-                        x += Tm[a * Q + c][t] * res[c][t];
-                    uj[a][t] = x;
-                }
-            for (a = 0; a < Q; ++a)
-                for (s = 0; s < p; ++s)
-                    for (t = 0; t < T; ++t) {
-                        double x = Tm[a * Q][t] * X[s * T + t];
-                        for (c = 1; c < Q; ++c)
-                            x += Tm[a * Q + c][t] * X[(c * p + s) * T + t];
-                        W[(a * p + s) * T + t] = x;
-                    }
+            tile_mm(Q, 1, T, uj[0], TILE, Tm[0], TILE, res[0], TILE);
+            tile_mm(Q, p, T, W, T, Tm[0], TILE, X, T);
             if (reml) {
-                for (a = 0; a < Q; ++a)
-                    for (d = 0; d < Q; ++d)
-                        for (t = 0; t < T; ++t) {
-                            double x = Tm[a * Q][t] * Pm[d][t];
-                            for (c = 1; c < Q; ++c)
-                                x += Tm[a * Q + c][t] * Pm[c * Q + d][t];
-                            TP[a * Q + d][t] = x;
-                        }
-                for (a = 0; a < Q; ++a)
-                    for (b = a; b < Q; ++b)
-                        for (t = 0; t < T; ++t) {
-                            double x = TP[a * Q][t] * Tm[b * Q][t];
-                            for (d = 1; d < Q; ++d)
-                                x += TP[a * Q + d][t] * Tm[b * Q + d][t];
-                            WAW[a * Q + b][t] = x;
-                        }
+                tile_mm(Q, Q, T, TP[0], TILE, Tm[0], TILE, Pm[0], TILE);
+                tile_mm_nt_upper(Q, T, WAW, TP, Tm, 0);
             }
             /* X_j = 2 u_j u_j' / s2 - R_jj (+ 2 W_j A W_j'), upper entries */
             for (a = 0; a < Q; ++a)
@@ -437,7 +397,7 @@ static inline __attribute__((always_inline)) void level_tile(
                         double x = ((2.0 * s2i[t]) * uj[a][t]) * uj[d][t]
                             - Ru[upper(Q, a, d)][t];
                         if (reml)
-                            x += 2.0 * WAW[a * Q + d][t];
+                            x += 2.0 * WAW[upper(Q, a, d)][t];
                         Xm[upper(Q, a, d)][t] = x;
                     }
             /* the sums */
