@@ -130,7 +130,7 @@ def kernel_facts(problems: list[str]) -> dict[str, str]:
             ("compiled kernel", kernel, "mpiblmm/lmm/blocked/_kernel.c",
              "one-effect nested factors", "several-factor fits run several times slower"),
             ("one-factor kernel", level_kernel, "mpiblmm/lmm/structures/_level_kernel.c",
-             "one factor, 1-2 effects", "one-factor fits run about 3x slower")):
+             "one factor, 1-3 effects", "one-factor fits run about 3x slower")):
         facts[name] = (f"yes ({serves})" if module.available()
                        else f"NO, {module.WHY_NOT} (numpy path)")
         if not module.available() and module.WHY_NOT != module.TURNED_OFF:

@@ -1,12 +1,14 @@
-"""The compiled per-level evaluation of the one-factor model (mpiblmm/lmm/structures/_level_kernel.c).
+"""The compiled per-level evaluation of the one-factor model
+(mpiblmm/lmm/structures/_level_kernel.c).
 
 - it is built (scripts/setup.sh installs the package, which compiles it), and a library of
   another version is refused;
 - its V^-1 products, log|V|, level sums of the scores and information and the
   Satterthwaite setup equal the numpy path's (:mod:`~mpiblmm.lmm.structures.levels`,
-  itself checked against dense algebra and lme4) for one, two and three effects per level, REML and ML, with complete (shared) and missing
-  (per-voxel) data, in both layouts the fit hands it (the chunk's, voxels innermost, and a
-  subset's, voxel first), and at any square root Lambda of D;
+  itself checked against dense algebra and lme4) for one, two and three effects per level,
+  REML and ML, with complete (shared) and missing (per-voxel) data, in both layouts the fit
+  hands it (the chunk's, voxels innermost, and a subset's, voxel first), and at any square
+  root Lambda of D;
 - a voxel gets the same bits in any batch, tile, layout, and with shared or its own forms;
 - fits through the kernel reach the numpy path's optima;
 - the same equality on random one-factor designs (hypothesis).

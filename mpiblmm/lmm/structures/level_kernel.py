@@ -5,8 +5,8 @@ intercept and slope, quadratic trajectories): the V^-1 products and log|V|
 (:func:`products`), the level sums of the scores and information (:func:`sums`) and those of
 the Satterthwaite setup (:func:`satterthwaite_sums`), in one pass over the levels each with
 the voxels of a tile innermost, where the numpy path of :mod:`.levels` makes ~200 passes
-over (voxel, level) arrays.  Same equations; the numpy path stays as the reference the tests compare with and
-serves four or more effects.  Set ``MPIBLMM_LEVEL_KERNEL=0`` to use the numpy path.
+over (voxel, level) arrays.  Same equations; the numpy path stays as the reference the tests
+compare with and serves four or more effects.  Set ``MPIBLMM_LEVEL_KERNEL=0`` to use the numpy path.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _call(pf, lam: np.ndarray, **out) -> None:
     ``out`` names the other fields (arrays, kept alive by the caller)."""
     f = pf.structure.factors[0]
     l, q, p, v = f.n_levels, f.n_effects, pf.p, pf.n_voxels
-    fields, keep = {}, []
+    fields, keep = {}, []            # keep: the arrays behind the pointers, alive for the call
     for name, a in (("zz", pf.ZtZ), ("zx", pf.ZtX), ("zy", pf.ZtY)):
         rows, st = _rows(a)
         keep.append(rows)
@@ -94,6 +94,13 @@ def _call(pf, lam: np.ndarray, **out) -> None:
                     for k, a in out.items()})
     if _EVAL(ctypes.byref(args)) != 0:
         raise MemoryError("the one-factor kernel could not allocate its scratch")
+
+
+def _at_fit(beta: np.ndarray, s2: np.ndarray, A: np.ndarray | None) -> dict:
+    """The fields of the passes at a fit: ``beta`` (v, p), ``1 / s2`` (v,), ``A`` or None."""
+    return dict(beta=np.ascontiguousarray(beta, np.float64),
+                s2inv=np.ascontiguousarray(1.0 / s2, np.float64),
+                A=None if A is None else np.ascontiguousarray(A, np.float64))
 
 
 def products(pf, lam: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -113,10 +120,7 @@ def sums(pf, lam: np.ndarray, beta: np.ndarray, s2: np.ndarray,
     v, q = pf.n_voxels, lam.shape[-1]
     nq = q * (q + 1) // 2
     R, g, RRu = np.empty((v, q, q)), np.empty((v, q, q)), np.empty((v, nq, nq))
-    beta = np.ascontiguousarray(beta, np.float64)
-    s2inv = np.ascontiguousarray(1.0 / s2, np.float64)
-    A = None if A is None else np.ascontiguousarray(A, np.float64)
-    _call(pf, lam, beta=beta, s2inv=s2inv, A=A, R=R, g=g, RR=RRu, products=0, sums=1, satt=0)
+    _call(pf, lam, **_at_fit(beta, s2, A), R=R, g=g, RR=RRu, products=0, sums=1, satt=0)
     G = 0.5 * (g - R)                                  # dl/dD = 1/2 sum_j (T Q T' - R_jj)
     i1, i2 = _rr_index(q)
     return R, G, RRu[:, i1, i2]
@@ -129,11 +133,8 @@ def satterthwaite_sums(pf, lam: np.ndarray, beta: np.ndarray, s2: np.ndarray,
     v, q, p = pf.n_voxels, lam.shape[-1], pf.p
     WW, WU = np.empty((v, q, p, q, p)), np.empty((v, q, p, q))
     UU, R, Tt = np.empty((v, q, q)), np.empty((v, q, q)), np.empty((v, q, q, q, q))
-    beta = np.ascontiguousarray(beta, np.float64)
-    s2inv = np.ascontiguousarray(1.0 / s2, np.float64)
-    A = None if A is None else np.ascontiguousarray(A, np.float64)
-    _call(pf, lam, beta=beta, s2inv=s2inv, A=A, R=R, WW=WW, WU=WU, UU=UU, Tt=Tt, products=0,
-          sums=0, satt=1)
+    _call(pf, lam, **_at_fit(beta, s2, A), R=R, WW=WW, WU=WU, UU=UU, Tt=Tt, products=0, sums=0,
+          satt=1)
     return WW, WU, UU, R, Tt
 
 

@@ -18,8 +18,8 @@ from ..satterthwaite import (inv_sym, lambda_directions, second_direction_trace,
                              split_varpar)
 from ..theta import tril_indices
 from . import level_kernel
-from .levels import (_kernel_products, dot, level_core, level_layout, level_residuals, level_T_R, level_zx_a_zx,
-                     lsum, products_block, voxel_blocks)
+from .levels import (dot, kernel_products, level_core, level_layout, level_residuals, level_T_R,
+                     level_zx_a_zx, lsum, products_block, voxel_blocks)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def _satt_sums_block(pf: ProductForms, lam: np.ndarray, s2: np.ndarray, reml: bo
 
 def _satt_sums(pf: ProductForms, lam: np.ndarray, s2: np.ndarray, reml: bool) -> _SattSums:
     if level_kernel.applies(lam.shape[-1]):
-        vp = _kernel_products(pf, lam)
+        vp = kernel_products(pf, lam)
         beta, Q = gls(vp)
         A = inv_sym(vp.XtViX)
         WW, WU, UU, R, T = level_kernel.satterthwaite_sums(pf, lam, beta, s2, A if reml else None)

@@ -425,7 +425,7 @@ def vinv_single_fast(pf: ProductForms, lam: np.ndarray) -> VinvProducts:
     if _alone(pf):
         return vinv_single_fast(pf.take(np.array([0, 0])), *_twice(lam)).take(slice(0, 1))
     if level_kernel.applies(lam.shape[-1]):
-        return _kernel_products(pf, lam)
+        return kernel_products(pf, lam)
     parts = []
     for sl in voxel_blocks(pf):
         sub = pf.take(sl)
@@ -435,7 +435,7 @@ def vinv_single_fast(pf: ProductForms, lam: np.ndarray) -> VinvProducts:
     return _concat_vp(parts)
 
 
-def _kernel_products(pf: ProductForms, lam: np.ndarray) -> VinvProducts:
+def kernel_products(pf: ProductForms, lam: np.ndarray) -> VinvProducts:
     """:func:`vinv_single_fast` by the compiled kernel (:mod:`.level_kernel`)."""
     cxx, cxy, cyy, logdet = level_kernel.products(pf, lam)
     return VinvProducts(XtViX=pf.XtX - cxx, XtViY=pf.XtY - cxy, YtViY=pf.YtY - cyy,
@@ -453,7 +453,7 @@ def products_and_sums(pf: ProductForms, lam: np.ndarray, method: str):
                                                     method)
         return vp.take(slice(0, 1)), beta[:1], ete[:1], s2[:1], sums.take(slice(0, 1))
     if level_kernel.applies(lam.shape[-1]):
-        vp = _kernel_products(pf, lam)
+        vp = kernel_products(pf, lam)
         beta, ete = gls(vp)
         s2 = profiled_s2(ete, pf.n, pf.p, method)
         A = np.linalg.inv(vp.XtViX) if method == "REML" else None
