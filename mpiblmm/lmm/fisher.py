@@ -60,21 +60,9 @@ class Evaluation:
         self.llh[idx] = other.llh
         self.beta[idx] = other.beta
         self.s2[idx] = other.s2
-        for name in _VP_FIELDS:
-            mine = getattr(self.vp, name)
-            if mine is not None:
-                mine[idx] = getattr(other.vp, name)
+        self.vp.put(idx, other.vp)
         if self.sums is not None:
             self.sums.put(idx, other.sums)
-
-
-_VP_FIELDS = ("XtViX", "XtViY", "YtViY", "logdetV", "ZtViX", "ZtViY", "ZtViZ")
-
-
-def _vp_concat(parts: list[VinvProducts]) -> VinvProducts:
-    return VinvProducts(**{k: (None if getattr(parts[0], k) is None
-                               else np.concatenate([getattr(p, k) for p in parts]))
-                           for k in _VP_FIELDS})
 
 
 def _lambdas_finite(lambdas: tuple[np.ndarray, ...]) -> np.ndarray:
@@ -117,7 +105,7 @@ def evaluate(pf: ProductForms, lambdas: tuple[np.ndarray, ...], method: str,
             ev = Evaluation(np.concatenate([p.llh for p in parts]),
                             np.concatenate([p.beta for p in parts]),
                             np.concatenate([p.s2 for p in parts]),
-                            _vp_concat([p.vp for p in parts]),
+                            VinvProducts.concat([p.vp for p in parts]),
                             None if parts[0].sums is None
                             else type(parts[0].sums).concat([p.sums for p in parts]))
     bad = ~finite | ~np.isfinite(ev.llh) | ~np.isfinite(ev.s2) | (ev.s2 <= 0)

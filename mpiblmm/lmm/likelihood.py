@@ -47,11 +47,29 @@ class VinvProducts:
     ZtViY: np.ndarray | None = None
     ZtViZ: np.ndarray | None = None
 
+    FIELDS = ("XtViX", "XtViY", "YtViY", "logdetV", "ZtViX", "ZtViY", "ZtViZ")
+
     def take(self, idx) -> "VinvProducts":
         """The products of the voxels ``idx`` (an index array or a slice)."""
-        return VinvProducts(*(None if a is None else a[idx] for a in (
-            self.XtViX, self.XtViY, self.YtViY, self.logdetV, self.ZtViX, self.ZtViY,
-            self.ZtViZ)))
+        return VinvProducts(*(None if a is None else a[idx]
+                              for a in (getattr(self, k) for k in self.FIELDS)))
+
+    def put(self, idx, other: "VinvProducts") -> None:
+        """Overwrite voxels ``idx`` with ``other``'s (in place; the fields not computed stay
+        None)."""
+        for k in self.FIELDS:
+            mine = getattr(self, k)
+            if mine is not None:
+                mine[idx] = getattr(other, k)
+
+    @staticmethod
+    def concat(parts: list["VinvProducts"]) -> "VinvProducts":
+        """The products of consecutive voxel sets, in order (one part: itself)."""
+        if len(parts) == 1:
+            return parts[0]
+        return VinvProducts(*(None if getattr(parts[0], k) is None
+                              else np.concatenate([getattr(p, k) for p in parts])
+                              for k in VinvProducts.FIELDS))
 
 
 # ---------------------------------------------------------------- small batched algebra

@@ -399,13 +399,6 @@ def voxel_blocks(pf: ProductForms):
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _concat_vp(parts: list[VinvProducts]) -> VinvProducts:
-    if len(parts) == 1:
-        return parts[0]
-    return VinvProducts(*(np.concatenate([getattr(vp, k) for vp in parts])
-                          for k in ("XtViX", "XtViY", "YtViY", "logdetV")))
-
-
 def _twice(*arrays: np.ndarray) -> list[np.ndarray]:
     """Per-voxel arrays of one voxel, doubled (see :func:`_alone`)."""
     return [None if a is None else np.repeat(a, 2, axis=0) for a in arrays]
@@ -432,7 +425,7 @@ def vinv_single_fast(pf: ProductForms, lam: np.ndarray) -> VinvProducts:
         B, ZX, ZY = level_layout(sub)
         M, logdet = level_core(B, lam[sl])
         parts.append(products_block(sub, B, ZX, ZY, M, logdet))
-    return _concat_vp(parts)
+    return VinvProducts.concat(parts)
 
 
 def kernel_products(pf: ProductForms, lam: np.ndarray) -> VinvProducts:
@@ -470,7 +463,7 @@ def products_and_sums(pf: ProductForms, lam: np.ndarray, method: str):
         out.append((vp, beta, ete, s2, _sums_block(sub, B, ZX, ZY, M, beta, s2, A)))
     if len(out) == 1:
         return out[0]
-    return (_concat_vp([o[0] for o in out]),
+    return (VinvProducts.concat([o[0] for o in out]),
             *(np.concatenate([o[i] for o in out]) for i in (1, 2, 3)),
             LevelSums.concat([o[4] for o in out]))
 
