@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .likelihood import VinvProducts, loglik
+from .likelihood import VinvProducts
 from .model import ProductForms
 from .scores import score_information, unvech, vech_score
 
@@ -74,10 +74,7 @@ def _lambdas_finite(lambdas: tuple[np.ndarray, ...]) -> np.ndarray:
 
 def _evaluate_raw(pf: ProductForms, lambdas: tuple[np.ndarray, ...], method: str,
                   need_z: bool) -> Evaluation:
-    vp, beta, ete, s2, sums = pf.algebra.profiled(pf, lambdas, method, need_z)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        llh = loglik(vp, pf.n, s2, ete, method)
-    return Evaluation(llh, beta, s2, vp, sums)
+    return Evaluation(*pf.algebra.profiled_llh(pf, lambdas, method, need_z))
 
 
 def evaluate(pf: ProductForms, lambdas: tuple[np.ndarray, ...], method: str,
@@ -118,10 +115,11 @@ def _with_sums(ev: Evaluation, pf: ProductForms, lambdas: tuple[np.ndarray, ...]
                method: str) -> Evaluation:
     """``ev`` (evaluated without Z parts, a lazy halving) with its score sums added.
 
-    Only for accepted steps: their l is finite, so X'V^-1X is positive definite."""
+    Only for accepted steps: their l is finite, so X'V^-1X is positive definite.  The sums
+    have the bits of an eager evaluation's (the algebra's :meth:`score_sums`), so a voxel's
+    path does not depend on how many voxels its halvings shared a call with."""
     with np.errstate(all="ignore"):
-        A = np.linalg.inv(ev.vp.XtViX) if method == "REML" else None
-        sums = pf.algebra.score_sums(pf, lambdas, ev.beta, ev.s2, A)
+        sums = pf.algebra.score_sums(pf, lambdas, ev, method)
     return dataclasses.replace(ev, sums=sums)
 
 
@@ -387,7 +385,7 @@ def run(pf: ProductForms, method: str, rounds):
     try:
         req = next(rounds)
         while True:
-            ev = None if req is None else evaluate(pf.take(req.idx), req.lambdas, method,
+            ev = None if req is None else evaluate(pf.voxels(req.idx), req.lambdas, method,
                                                     req.need_z)
             req = rounds.send(ev)
     except StopIteration as stop:
@@ -471,7 +469,7 @@ def scoring_rounds(pf: ProductForms, method: str = "REML", tolerance: float = 1e
                 sel = ok[first]                                   # the largest step that did
                 got = t_ev.take(sel)
                 if lazy:
-                    got = _with_sums(got, pf.take(active[accepted]),
+                    got = _with_sums(got, pf.voxels(active[accepted]),
                                      tuple(t[1][sel] for t in trial), method)
                 new_ev.put(accepted, got)
                 for k, t in enumerate(trial):

@@ -123,6 +123,15 @@ class ProductForms:
             return self
         return self.take(index)
 
+    def voxels(self, index: np.ndarray) -> "ProductForms | VoxelRows":
+        """The forms of the voxels ``index`` for an evaluation: :meth:`take`'s copy, or a
+        :class:`VoxelRows` of these forms where the algebra reads them in place through the
+        rows (``algebra.reads_rows``: the compiled one-factor kernel), which saves copying a
+        subset's Z'Z and Z'X every iteration.  Same bits either way."""
+        if self.algebra is not None and self.algebra.reads_rows:
+            return VoxelRows(self, index)
+        return self.take(index)
+
     def take(self, index: np.ndarray) -> "ProductForms":
         """The product forms of a subset of voxels (shared arrays stay shared)."""
 
@@ -136,6 +145,41 @@ class ProductForms:
             y_offset=None if self.y_offset is None else self.y_offset[index],
             shared=self.shared, algebra=self.algebra,
         )
+
+
+class VoxelRows:
+    """Some voxels of a chunk's :class:`ProductForms`, not copied: voxel ``i`` is row
+    ``rows[i]`` of ``forms``.  The compiled one-factor kernel reads the rows in place
+    (``level_kernel.py``); any other reader of an array (``XtX``, ``ZtZ``, ``n``, ...) gets
+    that of :meth:`ProductForms.take`'s copy, made once."""
+
+    _COPIED = frozenset(("XtX", "XtY", "YtY", "ZtX", "ZtY", "ZtZ", "n", "y_offset"))
+
+    def __init__(self, forms: ProductForms, rows):
+        self.forms = forms
+        self.rows = np.arange(forms.n_voxels)[rows] if isinstance(rows, slice) else rows
+        self.structure, self.algebra, self.shared = forms.structure, forms.algebra, forms.shared
+        self._copy = None
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def p(self) -> int:
+        return self.forms.p
+
+    def __getattr__(self, name: str):
+        if name not in VoxelRows._COPIED:
+            raise AttributeError(name)
+        if self._copy is None:
+            self._copy = self.forms.take(self.rows)
+        return getattr(self._copy, name)
+
+    def take(self, index) -> "VoxelRows":
+        return VoxelRows(self.forms, self.rows[index])
+
+    voxels = take
 
 
 @dataclass(frozen=True)

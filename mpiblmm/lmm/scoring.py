@@ -107,12 +107,12 @@ def _drive(pf: ProductForms, method: str, rounds: list, state: PolishState | Non
                 continue
             if len(asks) == 1:
                 r = pending[asks[0]]
-                answers[asks[0]] = evaluate(pf.take(r.idx), r.lambdas, method, need_z)
+                answers[asks[0]] = evaluate(pf.voxels(r.idx), r.lambdas, method, need_z)
                 continue
             idx = np.concatenate([pending[i].idx for i in asks])
             lambdas = tuple(np.concatenate(parts)
                             for parts in zip(*(pending[i].lambdas for i in asks)))
-            ev = evaluate(pf.take(idx), lambdas, method, need_z)
+            ev = evaluate(pf.voxels(idx), lambdas, method, need_z)
             start = 0
             for i in asks:
                 size = pending[i].idx.size

@@ -10,9 +10,15 @@
   hands it (the chunk's, voxels innermost, and a subset's, voxel first), and at any square
   root Lambda of D;
 - a voxel gets the same bits in any batch, tile, layout, and with shared or its own forms;
+- the one-call evaluation (pass "gls": the GLS fit, s2 and lme4's logLik formed in the kernel
+  by the Cholesky factor of X'V^-1X) equals the numpy path's profiled fit; it reads a
+  subset's forms in place through their rows (``VoxelRows``) with the bits of a copy, and a
+  voxel whose X'V^-1X is not positive definite gets NaN;
 - fits through the kernel reach the numpy path's optima;
 - the same equality on random one-factor designs (hypothesis).
 """
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -21,6 +27,8 @@ from hypothesis import strategies as st
 
 from mpiblmm.lmm.analysis import joint_forms
 from mpiblmm.lmm.estimate import fit
+from mpiblmm.lmm.fisher import evaluate
+from mpiblmm.lmm.model import VoxelRows
 from mpiblmm.lmm.products import product_forms, random_design
 from mpiblmm.lmm.structures import level_kernel, levels
 
@@ -127,6 +135,97 @@ def test_a_non_positive_determinant_gives_nan_not_a_number():
     lam[2, 0, 0] = np.nan
     cxx, cxy, cyy, logdet = level_kernel.products(pf, lam)
     assert np.isnan(logdet[2]) and np.isfinite(np.delete(logdet, 2)).all()
+
+
+def _profiled(pf, lam, method, want_sums=True):
+    """The profiled fit as the estimator gets it (``algebra.profiled_llh``)."""
+    llh, beta, s2, vp, sums = pf.algebra.profiled_llh(pf, (lam,), method, want_sums)
+    out = dict(llh=llh, beta=beta, s2=s2, XtViX=vp.XtViX, XtViY=vp.XtViY, YtViY=vp.YtViY,
+               logdetV=vp.logdetV)
+    if want_sums:
+        out.update(R=sums.R, G=sums.G, RR=sums.RR)
+    return out
+
+
+#: Rows of a subset in any order, with a repeat; voxel 0 has D = 0, voxel 1 a singular D.
+ROWS = np.array([7, 3, 3, 40, 0, 12, 44, 1, 21, 5])
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize("missing", [False, True], ids=["shared", "per-voxel"])
+@pytest.mark.parametrize("q", [1, 2, 3])
+def test_the_one_call_fit_equals_the_numpy_path(q, missing, method, monkeypatch):
+    pf, lam = _forms(q, missing)
+    assert pf.algebra.reads_rows and isinstance(pf.voxels(ROWS), VoxelRows)
+    fast = [_profiled(pf, lam, method), _profiled(pf.voxels(ROWS), lam[ROWS], method)]
+    _numpy(monkeypatch)
+    assert not pf.algebra.reads_rows and not isinstance(pf.voxels(ROWS), VoxelRows)
+    slow = [_profiled(pf, lam, method), _profiled(pf.take(ROWS), lam[ROWS], method)]
+    for f, s in zip(fast, slow):
+        assert np.isfinite(s["llh"]).all()
+        for key in s:
+            scale = np.abs(s[key]).max()
+            np.testing.assert_allclose(f[key], s[key], rtol=1e-12, atol=1e-13 * scale,
+                                       err_msg=key)
+
+
+@pytest.mark.parametrize("missing", [False, True], ids=["shared", "per-voxel"])
+def test_rows_read_in_place_give_the_bits_of_a_copy(missing):
+    pf, lam = _forms(2, missing, v=45)
+    whole = _profiled(pf, lam, "REML")
+    rows = VoxelRows(pf, ROWS)
+    in_place = _profiled(rows, lam[ROWS], "REML")
+    _same_bits(in_place, _profiled(pf.take(ROWS), lam[ROWS], "REML"))
+    _same_bits(whole, in_place, ROWS)
+    # without the sums: the same fit, to the bit
+    _same_bits({k: in_place[k] for k in ("llh", "beta", "s2", "XtViX", "logdetV")},
+               _profiled(rows, lam[ROWS], "REML", want_sums=False))
+    # a subset of a subset, a slice, and the level sums alone (lazy halvings) read rows too
+    again = rows.take(np.array([4, 1]))
+    assert np.array_equal(again.rows, ROWS[[4, 1]])
+    _same_bits(whole, _profiled(again, lam[ROWS[[4, 1]]], "REML"), ROWS[[4, 1]])
+    sl = VoxelRows(pf, slice(10, 20))
+    _same_bits(whole, _profiled(sl, lam[10:20], "REML"), slice(10, 20))
+    A = np.linalg.inv(whole["XtViX"][ROWS])
+    a = levels.level_sums(rows, lam[ROWS], whole["beta"][ROWS], whole["s2"][ROWS], A)
+    b = levels.level_sums(pf.take(ROWS), lam[ROWS], whole["beta"][ROWS], whole["s2"][ROWS], A)
+    assert all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("R", "G", "RR"))
+    # any other reader gets the copy's arrays
+    for name in ("XtX", "XtY", "YtY", "ZtX", "ZtY", "ZtZ", "n"):
+        assert np.array_equal(getattr(rows, name), getattr(pf.take(ROWS), name)), name
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+@pytest.mark.parametrize("missing", [False, True], ids=["shared", "per-voxel"])
+def test_sums_added_to_a_lazy_halving_have_the_bits_of_an_eager_one(missing, method):
+    # Fisher Scoring evaluates a group of halvings for l only and adds the sums to the
+    # accepted ones, or evaluates them with the sums when they are few: which one depends on
+    # how many voxels share the call, so both must give a voxel the same bits
+    from mpiblmm.lmm.fisher import _with_sums
+    pf, lam = _forms(2, missing, v=20)
+    sub = pf.voxels(ROWS[ROWS < 20])
+    eager = evaluate(sub, (lam[sub.rows],), method, need_z=True)
+    lazy = _with_sums(evaluate(sub, (lam[sub.rows],), method, need_z=False), sub,
+                      (lam[sub.rows],), method)
+    for key in ("R", "G", "RR"):
+        assert np.array_equal(getattr(lazy.sums, key), getattr(eager.sums, key)), key
+    assert np.array_equal(lazy.llh, eager.llh) and np.array_equal(lazy.beta, eager.beta)
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_a_voxel_whose_gls_matrix_is_not_positive_definite_fails_alone(method):
+    pf, lam = _forms(2, missing=True, v=12)
+    XtX = pf.XtX.copy()
+    XtX[2] = -XtX[2]                            # X'V^-1X negative definite at voxel 2
+    XtX[5, 1, 1] = 0.0                          # a zero pivot at voxel 5
+    bad = dataclasses.replace(pf, XtX=XtX)
+    good, got = _profiled(pf, lam, method), _profiled(bad, lam, method)
+    for key in ("llh", "beta", "s2"):
+        assert np.isnan(got[key][[2, 5]]).all(), key
+        keep = np.delete(np.arange(12), [2, 5])
+        assert np.array_equal(got[key][keep], good[key][keep]), key
+    ev = evaluate(bad, (lam,), method)
+    assert np.isnan(ev.llh[[2, 5]]).all() and np.isfinite(np.delete(ev.llh, [2, 5])).all()
 
 
 @pytest.mark.parametrize("q", [1, 2, 3])

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..likelihood import gls, profiled_s2
+from ..likelihood import gls, loglik, profiled_s2
 from ..model import RandomStructure
 from ..scores import z_score_information
 from ..theta import n_theta
@@ -59,6 +59,9 @@ class Algebra:
     #: A chunk may fit its complete-data (shared product forms) and missing-data voxels as one
     #: group: the algebra gives a voxel the same bits with shared or per-voxel product forms.
     joint_groups = False
+    #: Evaluations read the chunk's product forms in place through a subset's rows
+    #: (:class:`~mpiblmm.lmm.model.VoxelRows`) instead of a copy of them.
+    reads_rows = False
 
     def __init__(self, structure: RandomStructure):
         self.structure = structure
@@ -90,6 +93,13 @@ class Algebra:
         s2 = profiled_s2(ete, pf.n, pf.p, method)
         return vp, beta, ete, s2, None
 
+    def profiled_llh(self, pf, lambdas: tuple[np.ndarray, ...], method: str, need_z: bool):
+        """``(llh, beta, s2, vp, sums)``: :meth:`profiled` and lme4's ``logLik`` there."""
+        vp, beta, ete, s2, sums = self.profiled(pf, lambdas, method, need_z)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            llh = loglik(vp, pf.n, s2, ete, method)
+        return llh, beta, s2, vp, sums
+
     def failed_products(self, pf, need_z: bool):
         """``(vp, sums)`` of one voxel whose algebra failed: NaN, shaped as :meth:`profiled`'s."""
         raise NotImplementedError
@@ -110,8 +120,10 @@ class Algebra:
         """See :func:`~mpiblmm.lmm.scores.score_information`."""
         return z_score_information(self, vp, beta, s2, method, cross)
 
-    def score_sums(self, pf, lambdas, beta, s2, A):
-        """The score sums of :meth:`profiled` at a point evaluated without them."""
+    def score_sums(self, pf, lambdas, ev, method: str):
+        """The score sums of :meth:`profiled` at a point evaluated without them (``ev``, a
+        :class:`~mpiblmm.lmm.fisher.Evaluation`), with the bits :meth:`profiled_llh` would
+        have given them."""
         raise NotImplementedError
 
     def halving_groups(self, max_halvings: int) -> list[list[int]]:

@@ -17,9 +17,11 @@ import functools
 import numpy as np
 
 from ..compiled import load, turned_off
+from ..likelihood import LOG_2PI, VinvProducts
+from ..model import VoxelRows
 
 #: The version of the C call this module makes (``mpiblmm_level_kernel_abi``).
-ABI = 3
+ABI = 4
 #: The switch that turns the kernel off (``=0``).
 ENV = "MPIBLMM_LEVEL_KERNEL"
 TURNED_OFF = turned_off(ENV)
@@ -36,7 +38,13 @@ class _Args(ctypes.Structure):
                                                   "beta", "s2inv", "A", "R", "g", "RR")]
                 + [("products", ctypes.c_int), ("sums", ctypes.c_int)]
                 + [(k, ctypes.c_void_p) for k in ("WW", "WU", "UU", "Tt")]
-                + [("satt", ctypes.c_int)])
+                + [("satt", ctypes.c_int), ("rows", ctypes.c_void_p)]
+                + [f for k in ("xx", "xy", "yy") for f in ((k, ctypes.c_void_p),
+                                                           (k + "_sv", ctypes.c_int64),
+                                                           (k + "_se", ctypes.c_int64))]
+                + [("nobs", ctypes.c_void_p), ("n_sv", ctypes.c_int64), ("gls", ctypes.c_int),
+                   ("reml", ctypes.c_int), ("log2pi", ctypes.c_double)]
+                + [(k, ctypes.c_void_p) for k in ("xvx", "xvy", "yvy", "ete", "s2", "llh")])
 
 
 def _load():
@@ -63,35 +71,54 @@ def applies(q: int) -> bool:
     return _EVAL is not None and q in (1, 2, 3)
 
 
-def _ptr(a: np.ndarray | None) -> int | None:
-    return None if a is None else a.ctypes.data
-
-
-def _rows(a: np.ndarray) -> tuple[np.ndarray, dict]:
-    """``a`` (v | 1, ...) as a (voxel, entry) array the kernel reads in place: the chunk's
-    forms (voxels innermost) and a subset's (voxel first) both are, with their element
-    strides; a shared array (one row) gets voxel stride 0.  Anything else is copied."""
+def _rows(a: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """``a`` (v | 1, ...) as a (voxel, entry) array the kernel reads in place, with its voxel
+    and entry strides in elements: the chunk's forms (voxels innermost) and a subset's (voxel
+    first) both are; a shared array (one row) gets voxel stride 0.  Anything else is copied."""
     rows = a.reshape(a.shape[0], -1)                     # a view for both layouts
     if rows.dtype != np.float64 or any(s % 8 for s in rows.strides):
         rows = np.ascontiguousarray(rows, np.float64)
     sv, se = (s // 8 for s in rows.strides)
-    return rows, dict(sv=0 if rows.shape[0] == 1 else sv, se=se)
+    return rows, 0 if rows.shape[0] == 1 else sv, se
+
+
+def _forms_args(forms) -> _Args:
+    """The fields of a call that come from the product forms ``forms`` (addresses, strides,
+    sizes): made once per forms and kept on them with the arrays behind the addresses, as
+    the blocked kernel keeps its layout on its pattern; a call copies them (a fit calls the
+    kernel ~20 times on the same chunk's forms)."""
+    cached = forms.__dict__.get("_level_kernel_args")
+    if cached is not None:
+        return cached[0]
+    f = forms.structure.factors[0]
+    fields, keep = {}, []
+    for name, a in (("zz", forms.ZtZ), ("zx", forms.ZtX), ("zy", forms.ZtY), ("xx", forms.XtX),
+                    ("xy", forms.XtY), ("yy", forms.YtY)):
+        rows, sv, se = _rows(a)
+        keep.append(rows)
+        fields.update({name: rows.ctypes.data, name + "_sv": sv, name + "_se": se})
+    n = np.ascontiguousarray(forms.n, np.int64)
+    keep.append(n)
+    args = _Args(l=f.n_levels, q=f.n_effects, p=forms.p, nobs=n.ctypes.data,
+                 n_sv=0 if n.shape[0] == 1 else 1, log2pi=LOG_2PI, **fields)
+    forms.__dict__["_level_kernel_args"] = (args, keep)
+    return args
 
 
 def _call(pf, lam: np.ndarray, **out) -> None:
-    """The C call on the product forms of ``pf`` (one factor) at ``Lambda`` (v, q, q);
-    ``out`` names the other fields (arrays, kept alive by the caller)."""
-    f = pf.structure.factors[0]
-    l, q, p, v = f.n_levels, f.n_effects, pf.p, pf.n_voxels
-    fields, keep = {}, []            # keep: the arrays behind the pointers, alive for the call
-    for name, a in (("zz", pf.ZtZ), ("zx", pf.ZtX), ("zy", pf.ZtY)):
-        rows, st = _rows(a)
-        keep.append(rows)
-        fields.update({name: rows.ctypes.data, name + "_sv": st["sv"], name + "_se": st["se"]})
+    """The C call on the product forms of ``pf`` (one factor; a :class:`~..model.VoxelRows`
+    is read in place through its rows) at ``Lambda`` (v, q, q); ``out`` names the other
+    fields (arrays, kept alive by the caller, or flags)."""
+    forms, rows = (pf.forms, pf.rows) if isinstance(pf, VoxelRows) else (pf, None)
+    args = _Args.from_buffer_copy(_forms_args(forms))
+    args.v = pf.n_voxels
     lam = np.ascontiguousarray(lam, np.float64)                     # (v, q, q)
-    args = _Args(v=v, l=l, q=q, p=p, lam=lam.ctypes.data, **fields,
-                 **{k: (_ptr(a) if isinstance(a, np.ndarray) or a is None else a)
-                    for k, a in out.items()})
+    args.lam = lam.ctypes.data
+    if rows is not None:
+        rows = np.ascontiguousarray(rows, np.int64)
+        args.rows = rows.ctypes.data
+    for k, a in out.items():
+        setattr(args, k, a.ctypes.data if isinstance(a, np.ndarray) else a)
     if _EVAL(ctypes.byref(args)) != 0:
         raise MemoryError("the one-factor kernel could not allocate its scratch")
 
@@ -103,13 +130,36 @@ def _at_fit(beta: np.ndarray, s2: np.ndarray, A: np.ndarray | None) -> dict:
                 A=None if A is None else np.ascontiguousarray(A, np.float64))
 
 
+def evaluate(pf, lam: np.ndarray, method: str, want_sums: bool):
+    """The profiled (RE)ML fit at ``Lambda`` (v, q, q) in one call: ``(llh, beta, s2, vp,
+    sums)`` as :meth:`~.base.Algebra.profiled_llh` (``vp`` without Z parts; ``sums`` the
+    ``(R, G, RR)`` of :class:`.levels.LevelSums` when ``want_sums``, else None).  The GLS fit is formed in the
+    kernel by the Cholesky factor of X'V^-1X (pass "gls"): where that is not positive
+    definite, ``beta``, ``s2`` and ``llh`` are NaN (the voxel failed)."""
+    v, q, p = pf.n_voxels, lam.shape[-1], pf.p
+    xvx, xvy, beta = np.empty((v, p, p)), np.empty((v, p)), np.empty((v, p))
+    yvy, logdet, ete, s2, llh = (np.empty(v) for _ in range(5))
+    out = dict(xvx=xvx, xvy=xvy, yvy=yvy, logdet=logdet, beta=beta, ete=ete, s2=s2, llh=llh)
+    if want_sums:
+        nq = q * (q + 1) // 2
+        R, g, RRu = np.empty((v, q, q)), np.empty((v, q, q)), np.empty((v, nq, nq))
+        out.update(R=R, g=g, RR=RRu)
+    _call(pf, lam, gls=1, reml=int(method == "REML"), products=1, sums=int(want_sums), **out)
+    vp = VinvProducts(XtViX=xvx, XtViY=xvy, YtViY=yvy, logdetV=logdet)
+    sums = None
+    if want_sums:
+        i1, i2 = _rr_index(q)
+        sums = (R, 0.5 * (g - R), RRu[:, i1, i2])      # G: as in :func:`sums`
+    return llh, beta, s2, vp, sums
+
+
 def products(pf, lam: np.ndarray) -> tuple[np.ndarray, ...]:
     """``(corr_xx, corr_xy, corr_yy, logdet)``: ``sum_j X'Z_j M_j Z_j'X`` (v, p, p), the same
     for X'.. Y (v, p) and Y'.. Y (v,), and log|V| (v,) (NaN where some |S_j| is not positive
     and normal), so that ``X'V^-1X = X'X - corr_xx`` etc."""
     v, p = pf.n_voxels, pf.p
     cxx, cxy, cyy, logdet = np.empty((v, p, p)), np.empty((v, p)), np.empty(v), np.empty(v)
-    _call(pf, lam, cxx=cxx, cxy=cxy, cyy=cyy, logdet=logdet, products=1, sums=0, satt=0)
+    _call(pf, lam, cxx=cxx, cxy=cxy, cyy=cyy, logdet=logdet, products=1)
     return cxx, cxy, cyy, logdet
 
 
@@ -120,7 +170,7 @@ def sums(pf, lam: np.ndarray, beta: np.ndarray, s2: np.ndarray,
     v, q = pf.n_voxels, lam.shape[-1]
     nq = q * (q + 1) // 2
     R, g, RRu = np.empty((v, q, q)), np.empty((v, q, q)), np.empty((v, nq, nq))
-    _call(pf, lam, **_at_fit(beta, s2, A), R=R, g=g, RR=RRu, products=0, sums=1, satt=0)
+    _call(pf, lam, **_at_fit(beta, s2, A), R=R, g=g, RR=RRu, sums=1)
     G = 0.5 * (g - R)                                  # dl/dD = 1/2 sum_j (T Q T' - R_jj)
     i1, i2 = _rr_index(q)
     return R, G, RRu[:, i1, i2]
@@ -133,8 +183,7 @@ def satterthwaite_sums(pf, lam: np.ndarray, beta: np.ndarray, s2: np.ndarray,
     v, q, p = pf.n_voxels, lam.shape[-1], pf.p
     WW, WU = np.empty((v, q, p, q, p)), np.empty((v, q, p, q))
     UU, R, Tt = np.empty((v, q, q)), np.empty((v, q, q)), np.empty((v, q, q, q, q))
-    _call(pf, lam, **_at_fit(beta, s2, A), R=R, WW=WW, WU=WU, UU=UU, Tt=Tt, products=0, sums=0,
-          satt=1)
+    _call(pf, lam, **_at_fit(beta, s2, A), R=R, WW=WW, WU=WU, UU=UU, Tt=Tt, satt=1)
     return WW, WU, UU, R, Tt
 
 

@@ -435,6 +435,14 @@ def kernel_products(pf: ProductForms, lam: np.ndarray) -> VinvProducts:
                         logdetV=logdet)
 
 
+def profiled_llh(pf: ProductForms, lam: np.ndarray, method: str, want_sums: bool):
+    """The profiled fit, its log-likelihood and (``want_sums``) the :class:`LevelSums` there, in
+    one call of the compiled kernel: ``(llh, beta, s2, vp, sums)``.  Only where
+    :func:`level_kernel.applies`; a voxel's arithmetic is its own, so no :func:`_alone`."""
+    llh, beta, s2, vp, sums = level_kernel.evaluate(pf, lam, method, want_sums)
+    return llh, beta, s2, vp, None if sums is None else LevelSums(*sums)
+
+
 def products_and_sums(pf: ProductForms, lam: np.ndarray, method: str):
     """One-factor V^-1 products (no Z parts), the GLS fit and the :class:`LevelSums` there.
 

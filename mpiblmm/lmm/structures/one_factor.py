@@ -18,7 +18,9 @@ from ..scores import vech_information, vech_score, z_score_information
 from ..scoring import fit_scoring_polish
 from .base import Algebra, batched_halving_groups, scoring_bytes
 from .level_satterthwaite import level_setup
-from .levels import LevelSums, level_sums, products_and_sums, vinv_single, vinv_single_fast
+from . import level_kernel
+from .levels import (LevelSums, level_sums, products_and_sums, profiled_llh, vinv_single,
+                     vinv_single_fast)
 
 #: Step halvings of one-factor Fisher Scoring when the polish follows.  A voxel that no
 #: halving down to 1/8 helps is on (or next to) the boundary, where the eigenvalue clip
@@ -72,6 +74,17 @@ class OneFactor(Algebra):
             return vinv_single_fast(pf, lambdas[0])
         return vinv_single(pf, lambdas[0], need_z)
 
+    @property
+    def reads_rows(self) -> bool:
+        """The compiled kernel reads a subset's forms in place (:class:`~..model.VoxelRows`)."""
+        return level_kernel.applies(self.structure.factors[0].n_effects)
+
+    def profiled_llh(self, pf, lambdas, method: str, need_z: bool):
+        """One call of the compiled kernel where it applies (:func:`.levels.profiled_llh`)."""
+        if level_kernel.applies(lambdas[0].shape[-1]):
+            return profiled_llh(pf, lambdas[0], method, need_z)
+        return super().profiled_llh(pf, lambdas, method, need_z)
+
     def profiled(self, pf, lambdas, method: str, need_z: bool):
         if need_z:
             # the level sums of the scores instead of the Z parts, in the same pass
@@ -108,8 +121,13 @@ class OneFactor(Algebra):
         info = vech_information(0.5 * sums.RR)
         return (sums.G,), (info if cross else (info,)), (vech_score(sums.R),)
 
-    def score_sums(self, pf, lambdas, beta, s2, A) -> LevelSums:
-        return level_sums(pf, lambdas[0], beta, s2, A)
+    def score_sums(self, pf, lambdas, ev, method: str) -> LevelSums:
+        if level_kernel.applies(lambdas[0].shape[-1]):
+            # the one call again: its sums at its own GLS fit (A by the Cholesky factor), as
+            # an eager evaluation forms them -- not at numpy's inverse of X'V^-1X
+            return profiled_llh(pf, lambdas[0], method, True)[4]
+        A = np.linalg.inv(ev.vp.XtViX) if method == "REML" else None
+        return level_sums(pf, lambdas[0], ev.beta, ev.s2, A)
 
     def halving_groups(self, max_halvings: int) -> list[list[int]]:
         """[1], [1/2 .. 1/8], the rest: evaluation memory is bounded by the voxel blocks of
