@@ -7,7 +7,7 @@ constants measured on the development machine (see docs/SCALING.md) and stated a
 about the cluster (file-system bandwidth, metadata rate, MPI start-up), all overridable.
 Prints one table per study.  Asserts nothing.
 
-    .venv/bin/python scripts/cost_model.py [--ranks 512] [--fs-gbs 20] [--t-level-us 0.76]
+    .venv/bin/python scripts/cost_model.py [--ranks 512] [--fs-gbs 20] [--t-level-us 0.62]
 """
 
 from __future__ import annotations
@@ -159,13 +159,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--ingest-ms-per-mb", type=float, default=49.0,
                     help="ingest per MB of decoded image (measured: ~250 ms per 3.6 MB image "
                          "on the loaded machine, then 0.70x that with the direct read)")
-    ap.add_argument("--t-voxel-ms", type=float, default=0.055,
-                    help="fit cost per voxel, idle core (measured with the one-factor kernel: "
-                         "scripts/scaling.py, 1,000 voxels, 60 / 250 / 1,000 subjects)")
-    ap.add_argument("--t-level-us", type=float, default=0.76,
+    ap.add_argument("--t-voxel-ms", type=float, default=0.045,
+                    help="fit cost per voxel, idle core (measured with the one-factor kernel, "
+                         "one call per evaluation: scripts/scaling.py, 1,000 voxels, 60 / 250 "
+                         "/ 1,000 subjects)")
+    ap.add_argument("--t-level-us", type=float, default=0.62,
                     help="fit cost per voxel-level, idle core (the same runs)")
-    ap.add_argument("--chunk-s", type=float, default=0.015,
-                    help="fixed cost per chunk (scripts/bench_chunks.py: ~14 ms per chunk of 300)")
+    ap.add_argument("--chunk-s", type=float, default=0.012,
+                    help="fixed cost per chunk (scripts/bench_chunks.py: ~11 ms per chunk of 300)")
     ap.add_argument("--load-factor", type=float, default=3.0,
                     help="the upper end: how much slower a loaded or older core may run (the "
                          "shared dev machine ran up to 3x slower than idle)")

@@ -5,7 +5,8 @@
  *
  * Called through ctypes by level_kernel.py with the product forms in their own layout
  * (C order, voxel first): Z'Z (v | 1, l, q, q), Z'X (v | 1, l q, p), Z'Y (v, l q), Lambda
- * (v, q, q) (any square root of D, not only the Cholesky factor).  A shared Z'Z or Z'X
+ * (v, q, q) (any square root of D, not only the Cholesky factor).  A subset of a chunk's
+ * voxels is read in place through its rows (Args.rows: a gather instead of a copy).  A shared Z'Z or Z'X
  * (complete-data voxels) has stride 0: every voxel of the tile reads the same value, through
  * the same arithmetic as its own would, so a voxel gets the same bits either way.
  *
@@ -14,8 +15,10 @@
  *   pass "products": log|V| = sum_j log|S_j| (as mantissa and exponent), and the
  *     corrections X'Z_j M_j Z_j'X, X'Z_j M_j Z_j'Y, Y'Z_j M_j Z_j'Y summed over j, so that
  *     X'V^-1X = X'X - sum_j X'Z_j M_j Z_j'X, etc. (ALGORITHM.md, "Product forms");
- *   pass "sums" (at the GLS beta, 1/s2 and A = (X'V^-1X)^-1 for REML, formed between the
- *     passes by numpy): T_j = I - B_j M_j, R_jj = B_j - B_j M_j B_j, r_j = Z_j'(Y - X beta),
+ *   pass "gls" (per tile, after "products"; tile_gls): X'V^-1X, its Cholesky factor, the
+ *     GLS beta, e'V^-1e, s2, A = (X'V^-1X)^-1 for REML and lme4's logLik, so that an
+ *     evaluation is one call (without it, the caller gives beta, 1/s2 and A);
+ *   pass "sums" (at that fit, a second sweep over the tile's levels): T_j = I - B_j M_j, R_jj = B_j - B_j M_j B_j, r_j = Z_j'(Y - X beta),
  *     Q_j = r_j r_j'/s2 (+ Z_j'X A X'Z_j), and the sums over j of T_j Q_j T_j', of R_jj and
  *     of the products of R_jj's upper entries (the D-score G = 1/2 sum_j (T_j Q_j T_j' -
  *     R_jj) and the information 1/2 sum_j R_jj (x) R_jj are assembled from them in Python).

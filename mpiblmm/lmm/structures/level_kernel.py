@@ -1,12 +1,15 @@
 """The compiled per-level evaluation of the one-factor model (``_level_kernel.c``, ctypes).
 
 It serves one random factor with one to three effects per level (random intercepts,
-intercept and slope, quadratic trajectories): the V^-1 products and log|V|
-(:func:`products`), the level sums of the scores and information (:func:`sums`) and those of
-the Satterthwaite setup (:func:`satterthwaite_sums`), in one pass over the levels each with
-the voxels of a tile innermost, where the numpy path of :mod:`.levels` makes ~200 passes
-over (voxel, level) arrays.  Same equations; the numpy path stays as the reference the tests
-compare with and serves four or more effects.  Set ``MPIBLMM_LEVEL_KERNEL=0`` to use the numpy path.
+intercept and slope, quadratic trajectories): a whole evaluation in one call
+(:func:`evaluate`: the V^-1 products, log|V|, the GLS fit, lme4's logLik and the level sums of
+the scores and information), the V^-1 products alone (:func:`products`), the level sums at a
+given fit (:func:`sums`) and those of the Satterthwaite setup (:func:`satterthwaite_sums`),
+in passes over the levels each with the voxels of a tile innermost, reading a subset's
+product forms in place (:class:`~..model.VoxelRows`), where the numpy path of :mod:`.levels`
+makes ~200 passes over (voxel, level) arrays.  Same equations; the numpy path stays as the
+reference the tests compare with and serves four or more effects.  Set
+``MPIBLMM_LEVEL_KERNEL=0`` to use the numpy path.
 """
 
 from __future__ import annotations
@@ -133,9 +136,9 @@ def _at_fit(beta: np.ndarray, s2: np.ndarray, A: np.ndarray | None) -> dict:
 def evaluate(pf, lam: np.ndarray, method: str, want_sums: bool):
     """The profiled (RE)ML fit at ``Lambda`` (v, q, q) in one call: ``(llh, beta, s2, vp,
     sums)`` as :meth:`~.base.Algebra.profiled_llh` (``vp`` without Z parts; ``sums`` the
-    ``(R, G, RR)`` of :class:`.levels.LevelSums` when ``want_sums``, else None).  The GLS fit is formed in the
-    kernel by the Cholesky factor of X'V^-1X (pass "gls"): where that is not positive
-    definite, ``beta``, ``s2`` and ``llh`` are NaN (the voxel failed)."""
+    ``(R, G, RR)`` of :class:`.levels.LevelSums` when ``want_sums``, else None).  The GLS
+    fit is formed in the kernel by the Cholesky factor of X'V^-1X (pass "gls"): where that
+    is not positive definite, ``beta``, ``s2`` and ``llh`` are NaN (the voxel failed)."""
     v, q, p = pf.n_voxels, lam.shape[-1], pf.p
     xvx, xvy, beta = np.empty((v, p, p)), np.empty((v, p)), np.empty((v, p))
     yvy, logdet, ete, s2, llh = (np.empty(v) for _ in range(5))
