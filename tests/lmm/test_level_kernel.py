@@ -59,10 +59,19 @@ def _numpy(monkeypatch):
     assert not level_kernel.applies(2)
 
 
-def _evaluate(pf, lam, method):
-    vp, beta, ete, s2, sums = levels.products_and_sums(pf, lam, method)
-    return dict(XtViX=vp.XtViX, XtViY=vp.XtViY, YtViY=vp.YtViY, logdetV=vp.logdetV,
-                beta=beta, s2=s2, R=sums.R, G=sums.G, RR=sums.RR)
+def _profiled(pf, lam, method, want_sums=True):
+    """The profiled fit as the estimator gets it (``algebra.profiled_llh``): the kernel's one
+    call, or with the kernel off (:func:`_numpy`) the numpy path's ``products_and_sums``."""
+    llh, beta, s2, vp, sums = pf.algebra.profiled_llh(pf, (lam,), method, want_sums)
+    out = dict(llh=llh, beta=beta, s2=s2, XtViX=vp.XtViX, XtViY=vp.XtViY, YtViY=vp.YtViY,
+               logdetV=vp.logdetV)
+    if want_sums:
+        out.update(R=sums.R, G=sums.G, RR=sums.RR)
+    return out
+
+
+#: Rows of a subset in any order, with a repeat; voxel 0 has D = 0, voxel 1 a singular D.
+ROWS = np.array([7, 3, 3, 40, 0, 12, 44, 1, 21, 5])
 
 
 def test_the_kernel_is_built():
@@ -80,14 +89,21 @@ def test_a_library_of_another_version_is_refused(monkeypatch):
 @pytest.mark.parametrize("missing", [False, True], ids=["shared", "per-voxel"])
 @pytest.mark.parametrize("q", [1, 2, 3])
 def test_kernel_equals_the_numpy_path(q, missing, method, monkeypatch):
+    # the one-call fit (pass "gls": the GLS fit, s2 and logLik in the kernel) and the V^-1
+    # products alone, on the chunk's forms, a copied subset (voxel first) and rows read in place
     pf, lam = _forms(q, missing)
     sub = pf.take(np.arange(3, 40))                       # a subset: voxel-first layout
-    fast = [_evaluate(pf, lam, method), _evaluate(sub, lam[3:40], method)]
+    assert pf.algebra.reads_rows and isinstance(pf.voxels(ROWS), VoxelRows)
+    fast = [_profiled(pf, lam, method), _profiled(sub, lam[3:40], method),
+            _profiled(pf.voxels(ROWS), lam[ROWS], method)]
     fast_vinv = levels.vinv_single_fast(pf, lam)
     _numpy(monkeypatch)
-    slow = [_evaluate(pf, lam, method), _evaluate(sub, lam[3:40], method)]
+    assert not pf.algebra.reads_rows and not isinstance(pf.voxels(ROWS), VoxelRows)
+    slow = [_profiled(pf, lam, method), _profiled(sub, lam[3:40], method),
+            _profiled(pf.take(ROWS), lam[ROWS], method)]
     slow_vinv = levels.vinv_single_fast(pf, lam)
     for f, s in zip(fast, slow):
+        assert np.isfinite(s["llh"]).all()
         for key in s:
             scale = np.abs(s[key]).max()
             np.testing.assert_allclose(f[key], s[key], rtol=1e-12, atol=1e-13 * scale,
@@ -106,14 +122,12 @@ def _same_bits(a: dict, b: dict, idx=slice(None)):
 def test_a_voxel_gets_the_same_bits_in_any_batch_tile_or_layout(missing):
     # 45 voxels: tiles of 32 and 8 and a rest of 5; subsets put each voxel in other tiles
     pf, lam = _forms(2, missing, v=45)
-    whole = _evaluate(pf, lam, "REML")
+    whole = _profiled(pf, lam, "REML")
     rng = np.random.default_rng(1)
     for size in (2, 7, 8, 16, 17, 33, 45):
         idx = np.sort(rng.choice(45, size, replace=False))
-        _same_bits(whole, _evaluate(pf.take(idx), lam[idx], "REML"), idx)
-    one = levels.products_and_sums(pf.take(np.array([4])), lam[4:5], "REML")
-    assert np.array_equal(one[0].XtViX, whole["XtViX"][4:5])
-    assert np.array_equal(one[4].G, whole["G"][4:5])
+        _same_bits(whole, _profiled(pf.take(idx), lam[idx], "REML"), idx)
+    _same_bits(whole, _profiled(pf.take(np.array([4])), lam[4:5], "REML"), slice(4, 5))
 
 
 def test_shared_forms_give_the_same_bits_as_per_voxel_ones():
@@ -122,9 +136,9 @@ def test_shared_forms_give_the_same_bits_as_per_voxel_ones():
     pf, lam = _forms(2, missing=False, v=20)
     joint = joint_forms([pf])
     assert not joint.shared and joint.ZtX.shape[0] == 20
-    _same_bits(_evaluate(pf, lam, "REML"), _evaluate(joint, lam, "REML"))
+    _same_bits(_profiled(pf, lam, "REML"), _profiled(joint, lam, "REML"))
     sub = np.arange(5, 20)
-    _same_bits(_evaluate(pf.take(sub), lam[sub], "ML"), _evaluate(joint.take(sub), lam[sub], "ML"))
+    _same_bits(_profiled(pf.take(sub), lam[sub], "ML"), _profiled(joint.take(sub), lam[sub], "ML"))
 
 
 def test_a_non_positive_determinant_gives_nan_not_a_number():
@@ -135,38 +149,6 @@ def test_a_non_positive_determinant_gives_nan_not_a_number():
     lam[2, 0, 0] = np.nan
     cxx, cxy, cyy, logdet = level_kernel.products(pf, lam)
     assert np.isnan(logdet[2]) and np.isfinite(np.delete(logdet, 2)).all()
-
-
-def _profiled(pf, lam, method, want_sums=True):
-    """The profiled fit as the estimator gets it (``algebra.profiled_llh``)."""
-    llh, beta, s2, vp, sums = pf.algebra.profiled_llh(pf, (lam,), method, want_sums)
-    out = dict(llh=llh, beta=beta, s2=s2, XtViX=vp.XtViX, XtViY=vp.XtViY, YtViY=vp.YtViY,
-               logdetV=vp.logdetV)
-    if want_sums:
-        out.update(R=sums.R, G=sums.G, RR=sums.RR)
-    return out
-
-
-#: Rows of a subset in any order, with a repeat; voxel 0 has D = 0, voxel 1 a singular D.
-ROWS = np.array([7, 3, 3, 40, 0, 12, 44, 1, 21, 5])
-
-
-@pytest.mark.parametrize("method", ["REML", "ML"])
-@pytest.mark.parametrize("missing", [False, True], ids=["shared", "per-voxel"])
-@pytest.mark.parametrize("q", [1, 2, 3])
-def test_the_one_call_fit_equals_the_numpy_path(q, missing, method, monkeypatch):
-    pf, lam = _forms(q, missing)
-    assert pf.algebra.reads_rows and isinstance(pf.voxels(ROWS), VoxelRows)
-    fast = [_profiled(pf, lam, method), _profiled(pf.voxels(ROWS), lam[ROWS], method)]
-    _numpy(monkeypatch)
-    assert not pf.algebra.reads_rows and not isinstance(pf.voxels(ROWS), VoxelRows)
-    slow = [_profiled(pf, lam, method), _profiled(pf.take(ROWS), lam[ROWS], method)]
-    for f, s in zip(fast, slow):
-        assert np.isfinite(s["llh"]).all()
-        for key in s:
-            scale = np.abs(s[key]).max()
-            np.testing.assert_allclose(f[key], s[key], rtol=1e-12, atol=1e-13 * scale,
-                                       err_msg=key)
 
 
 @pytest.mark.parametrize("missing", [False, True], ids=["shared", "per-voxel"])
@@ -250,11 +232,11 @@ def test_kernel_equals_the_numpy_path_on_random_designs(q, p, n_sub, visits, mis
     pf, lam = _forms(q, missing, v=11, n_sub=n_sub, visits=visits, p=p, seed=seed)
     method = "ML" if ml else "REML"
     rows = np.array([10, 3, 3, 0, 7])
-    fast = [_evaluate(pf, lam, method), _profiled(pf, lam, method),
+    fast = [_profiled(pf, lam, method), _profiled(pf, lam, method),
             _profiled(pf.voxels(rows), lam[rows], method)]
     with pytest.MonkeyPatch.context() as mp:
         _numpy(mp)
-        slow = [_evaluate(pf, lam, method), _profiled(pf, lam, method),
+        slow = [_profiled(pf, lam, method), _profiled(pf, lam, method),
                 _profiled(pf.take(rows), lam[rows], method)]
     # the GLS fit and what follows it only where X'V^-1X is well conditioned (the fit
     # screens out voxels whose observed rows leave X rank deficient)

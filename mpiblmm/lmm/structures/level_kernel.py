@@ -149,11 +149,7 @@ def evaluate(pf, lam: np.ndarray, method: str, want_sums: bool):
         out.update(R=R, g=g, RR=RRu)
     _call(pf, lam, gls=1, reml=int(method == "REML"), products=1, sums=int(want_sums), **out)
     vp = VinvProducts(XtViX=xvx, XtViY=xvy, YtViY=yvy, logdetV=logdet)
-    sums = None
-    if want_sums:
-        i1, i2 = _rr_index(q)
-        sums = (R, 0.5 * (g - R), RRu[:, i1, i2])      # G: as in :func:`sums`
-    return llh, beta, s2, vp, sums
+    return llh, beta, s2, vp, _level_sums(R, g, RRu) if want_sums else None
 
 
 def products(pf, lam: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -174,8 +170,14 @@ def sums(pf, lam: np.ndarray, beta: np.ndarray, s2: np.ndarray,
     nq = q * (q + 1) // 2
     R, g, RRu = np.empty((v, q, q)), np.empty((v, q, q)), np.empty((v, nq, nq))
     _call(pf, lam, **_at_fit(beta, s2, A), R=R, g=g, RR=RRu, sums=1)
+    return _level_sums(R, g, RRu)
+
+
+def _level_sums(R: np.ndarray, g: np.ndarray, RRu: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``(R, G, RR)`` from the kernel's sums of R_jj, T_j Q_j T_j' and R_jj's upper-entry
+    products."""
     G = 0.5 * (g - R)                                  # dl/dD = 1/2 sum_j (T Q T' - R_jj)
-    i1, i2 = _rr_index(q)
+    i1, i2 = _rr_index(R.shape[-1])
     return R, G, RRu[:, i1, i2]
 
 

@@ -444,7 +444,9 @@ def profiled_llh(pf: ProductForms, lam: np.ndarray, method: str, want_sums: bool
 
 
 def products_and_sums(pf: ProductForms, lam: np.ndarray, method: str):
-    """One-factor V^-1 products (no Z parts), the GLS fit and the :class:`LevelSums` there.
+    """One-factor V^-1 products (no Z parts), the GLS fit and the :class:`LevelSums` there, by
+    numpy: four or more effects, the kernel turned off, and the reference the kernel's one
+    call (:func:`profiled_llh`) is tested against.
 
     Returns ``(vp, beta, ete, s2, sums)``; ``s2`` is the profiled residual variance.  Each
     voxel block is done in one pass (the per-level ``M_j`` is formed once).
@@ -453,12 +455,6 @@ def products_and_sums(pf: ProductForms, lam: np.ndarray, method: str):
         vp, beta, ete, s2, sums = products_and_sums(pf.take(np.array([0, 0])), *_twice(lam),
                                                     method)
         return vp.take(slice(0, 1)), beta[:1], ete[:1], s2[:1], sums.take(slice(0, 1))
-    if level_kernel.applies(lam.shape[-1]):
-        vp = kernel_products(pf, lam)
-        beta, ete = gls(vp)
-        s2 = profiled_s2(ete, pf.n, pf.p, method)
-        A = np.linalg.inv(vp.XtViX) if method == "REML" else None
-        return vp, beta, ete, s2, LevelSums(*level_kernel.sums(pf, lam, beta, s2, A))
     out = []
     for sl in voxel_blocks(pf):
         sub = pf.take(sl)
