@@ -39,6 +39,17 @@ FS_HALVINGS_BEFORE_POLISH = 3
 HANDOVER = 1e-12
 
 
+def _sums_at(pf, lam, vp, beta, s2, method: str) -> LevelSums:
+    """The :class:`LevelSums` at a point evaluated without them (its ``vp``, GLS ``beta`` and
+    ``s2``), with the bits an evaluation with the sums gives them: where the kernel applies,
+    its one call again (the sums at its own GLS fit, A by the Cholesky factor -- not at
+    numpy's inverse of X'V^-1X); else the numpy path at ``A = (X'V^-1X)^-1``."""
+    if level_kernel.applies(lam.shape[-1]):
+        return profiled_llh(pf, lam, method, True)[4]
+    A = np.linalg.inv(vp.XtViX) if method == "REML" else None
+    return level_sums(pf, lam, beta, s2, A)
+
+
 class OneFactor(Algebra):
     """The algebra of a single grouping factor (see the module docstring)."""
 
@@ -116,18 +127,12 @@ class OneFactor(Algebra):
         if vp.ZtViZ is not None:
             return z_score_information(self, vp, beta, s2, method, cross)
         if sums is None:
-            A = np.linalg.inv(vp.XtViX) if method == "REML" else None
-            sums = level_sums(pf, lambdas[0], beta, s2, A)
+            sums = _sums_at(pf, lambdas[0], vp, beta, s2, method)
         info = vech_information(0.5 * sums.RR)
         return (sums.G,), (info if cross else (info,)), (vech_score(sums.R),)
 
     def score_sums(self, pf, lambdas, ev, method: str) -> LevelSums:
-        if level_kernel.applies(lambdas[0].shape[-1]):
-            # the one call again: its sums at its own GLS fit (A by the Cholesky factor), as
-            # an eager evaluation forms them -- not at numpy's inverse of X'V^-1X
-            return profiled_llh(pf, lambdas[0], method, True)[4]
-        A = np.linalg.inv(ev.vp.XtViX) if method == "REML" else None
-        return level_sums(pf, lambdas[0], ev.beta, ev.s2, A)
+        return _sums_at(pf, lambdas[0], ev.vp, ev.beta, ev.s2, method)
 
     def halving_groups(self, max_halvings: int) -> list[list[int]]:
         """[1], [1/2 .. 1/8], the rest: evaluation memory is bounded by the voxel blocks of
