@@ -517,6 +517,43 @@ def ds_crossed_slope(rng):
     return d, Y, truth, kinds, desc, contrasts
 
 
+def ds_scaled(rng):
+    """Covariates in the units users keep them in: head size in mm^3 (~1.5e6) next to the
+    intercept, time in days and age cubed (years^3 ~1e5).  X'X spans ~20 orders of magnitude
+    though X is well conditioned once its columns are scaled: every voxel must be fitted
+    (lme4 only warns that predictors are on very different scales)."""
+    base = simulate_design(rng, 30, 4, fixed=("intercept", "age", "time"),
+                           factors=(FactorSpec("subject", effects=("intercept", "time")),))
+    subj = base.covariates["subject"]
+    icv = rng.normal(1.5e6, 1.2e5, int(subj.max()) + 1)[subj]       # mm^3, one per subject
+    age_years = 50.0 + 10.0 * base.X[:, 1]
+    days = 365.25 * base.X[:, 2]
+    X = np.column_stack([np.ones(base.n), age_years ** 3, icv, days])
+    d = Design(X, ("intercept", "age3", "icv", "days"), base.factors, base.covariates)
+    v = 24
+    per, kinds = [], []
+    for i in range(v):
+        if i < 4:
+            c, k = covariance([rng.uniform(0.6, 1.2), 0.0]), "zero_slope"
+        elif i < 6:
+            c, k = covariance([0.0, 0.0]), "zero"
+        else:
+            c = covariance([rng.uniform(0.5, 1.5), rng.uniform(0.2, 0.5)], rng.uniform(-0.5, 0.5))
+            k = "interior"
+        per.append({"subject": c})
+        kinds.append(k)
+    beta = np.column_stack([rng.normal(5, 1, v), rng.normal(0, 2e-6, v), rng.normal(0, 1e-6, v),
+                            rng.normal(0, 5e-4, v)])
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.5, 1.5, v))
+    p = d.p
+    contrasts = [
+        _t("age3", p, {1: 1}), _t("icv", p, {2: 1}), _t("days", p, {3: 1}),
+        _f("icv_days", p, [{2: 1}, {3: 1}]),
+    ]
+    return (d, Y, truth, kinds, "badly scaled covariates (mm^3, days, years^3), random "
+            "intercept and slope per subject, 30 x 4", contrasts)
+
+
 def _check_unbalanced(d):
     counts = [np.bincount(f.codes) for f in d.factors]
     return all(np.any(c == 1) for c in counts) and all(c.max() >= 8 for c in counts)
@@ -534,6 +571,7 @@ DATASETS = {
     "nested_slope": (ds_nested_slope, 109),
     "crossed_slope": (ds_crossed_slope, 110),
     "nested_intercepts": (ds_nested_intercepts, 111),
+    "scaled": (ds_scaled, 112),
 }
 
 

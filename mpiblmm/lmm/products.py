@@ -197,7 +197,14 @@ def product_forms(
 def full_rank(XtX: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
     """Per-voxel check that X restricted to the observed rows has full column rank.
 
-    Uses the eigenvalues of X'X (smallest relative to largest) so it is vectorised.
+    Uses the eigenvalues (smallest relative to largest) of X'X with its columns scaled to
+    unit length, ``S X'X S`` with ``S = diag(X'X)^-1/2``, so it is vectorised and units do not
+    decide the rank: head size in mm^3 next to an intercept, or age cubed, is as full rank as
+    the same column in litres (the criterion of ``checks.dependent_column``).  A column that
+    is zero on the observed rows is rank deficient.
     """
-    w = np.linalg.eigvalsh(XtX)
-    return (w[..., 0] > rtol * w[..., -1]) & (w[..., -1] > 0)
+    d = np.diagonal(XtX, axis1=-2, axis2=-1)
+    ok = (d > 0).all(axis=-1)
+    s = 1.0 / np.sqrt(np.where(d > 0, d, 1.0))
+    w = np.linalg.eigvalsh(XtX * s[..., :, None] * s[..., None, :])
+    return ok & (w[..., 0] > rtol * w[..., -1]) & (w[..., -1] > 0)

@@ -71,6 +71,23 @@ def test_full_rank_flags_voxels_whose_observed_rows_lose_a_column():
     np.testing.assert_array_equal(full_rank(pf.XtX), [True, False])
 
 
+def test_full_rank_does_not_depend_on_the_units_of_the_columns():
+    """Head size in mm^3 next to the intercept (X'X eigenvalues ~1e-14 apart) is full rank;
+    the same column collinear with the intercept is not, in any units."""
+    rng = np.random.default_rng(3)
+    n = 40
+    icv = rng.normal(1.5e6, 1.2e5, n)
+    X = np.column_stack([np.ones(n), icv, (50 + 10 * rng.normal(size=n)) ** 3])
+    assert np.linalg.eigvalsh(X.T @ X)[0] < 1e-10 * np.linalg.eigvalsh(X.T @ X)[-1]
+    for scale in (1.0, 1e-6, 1e6):
+        Xs = X * np.array([1.0, scale, scale])
+        assert full_rank(Xs.T @ Xs)
+    dep = np.column_stack([np.ones(n), np.full(n, 1.5e6), icv])        # column 1 = 1.5e6 x column 0
+    assert not full_rank(dep.T @ dep)
+    zero = np.column_stack([np.ones(n), np.zeros(n)])
+    assert not full_rank(zero.T @ zero)
+
+
 @pytest.mark.parametrize("factors", [[(60, 2)], [(300, 1), (20, 1)]], ids=["one", "blocked"])
 def test_a_voxel_alone_gets_the_bits_it_gets_among_others(factors):
     """The product forms of a voxel with missing data formed alone (a chunk's missing-data
