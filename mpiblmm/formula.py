@@ -516,6 +516,33 @@ def _matrix(text: str, frame, where: str):
         raise SpecError(f"{where}: {_one_line(exc)}") from None
 
 
+def _single_levels(mm, terms: list[tuple[str, list[int]]], what: str) -> None:
+    """A categorical variable with one level makes no column (formulaic drops it where R
+    stops with "contrasts can be applied only to factors with 2 or more levels"): an error
+    naming the term, not a model silently without it."""
+    state = mm.model_spec.encoder_state
+    for structure, (label, cols) in zip(mm.model_spec.structure, terms):
+        for f in structure.term.factors:
+            kind, info = state.get(f.expr, (None, {}))
+            levels = info.get("categories") if isinstance(info, dict) else None
+            if getattr(kind, "value", None) == "categorical" and levels is not None \
+                    and len(levels) < 2:
+                raise SpecError(f"{what} {label!r}: {r_expression(f.expr)} has a single level "
+                                f"({levels[0]!r} in every row); a factor needs two or more "
+                                "levels: remove the term")
+
+
+def _finite_columns(mm, names: list[str], table: Table, what: str) -> None:
+    """A column a transform made non-finite (``I(age/0)``, ``log(0)``): an error naming the
+    column and the first row, not a rank test on NaN."""
+    values = np.asarray(mm, dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise SpecError(f"{what} {names[col]!r} is not a finite number ({values[row, col]}) "
+                        f"at row {table.lines[row]} of {table.path}")
+
+
 def formula_model(formula: str, table: Table) -> FormulaModel:
     """Evaluate ``formula`` on ``table`` (one row per observation).
 
@@ -525,6 +552,9 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
         Without a ``where``: the caller prefixes the spec's ``formula`` key.
     """
     parsed = parse_formula(formula)
+    if not parsed.bars:
+        raise SpecError("no random-effects term such as (1 | subject): a linear mixed model "
+                        "needs at least one grouping factor")
     if parsed.lhs is not None and parsed.lhs in table.names:
         raise SpecError(f"the left side names column {parsed.lhs!r} of {table.path}; the "
                         "response is the image data: write y ~ ...")
@@ -551,12 +581,16 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
     names, terms = r_column_names(X)
     if len(names) == 0:
         raise SpecError("the fixed part has no columns (remove '0 +' or add a term)")
+    _single_levels(X, terms, "term")
+    _finite_columns(X, names, table, "column")
     factors = []
     for bar in parsed.bars:
         Z = _matrix(_r_to_python(bar.terms), frame, f"random term {bar.text}")
-        effects, _ = r_column_names(Z)
+        effects, zterms = r_column_names(Z)
         if len(effects) == 0:
             raise SpecError(f"random term {bar.text}: no columns")
+        _single_levels(Z, zterms, f"random term {bar.text}: term")
+        _finite_columns(Z, effects, table, f"random term {bar.text}: column")
         labels = [":".join(parts) for parts in zip(*(table.cells[g] for g in bar.group))]
         factors.append((bar.name, labels, np.asarray(Z, dtype=np.float64), tuple(effects)))
     return FormulaModel(np.asarray(X, dtype=np.float64), tuple(names),

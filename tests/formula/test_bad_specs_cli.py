@@ -43,6 +43,13 @@ def _table(edit):
     return apply
 
 
+def _both(*changes):
+    def apply(spec, folder):
+        for change in changes:
+            change(spec, folder)
+    return apply
+
+
 def _cell(row, column, value):
     def edit(lines):
         header = lines[0].split(",")
@@ -94,6 +101,17 @@ CASES = {
     "unknown random covariate": (_formula("y ~ age + (1 + tim | subject)"),
                                  "random term (1 + tim | subject): no column 'tim'"),
     "empty term": (_formula("y ~ age + + (1 | subject)"), "formula: empty term"),
+    "no random term": (_formula("y ~ age + time"),
+                       "formula: no random-effects term such as (1 | subject)"),
+    "non-finite transform": (_formula("y ~ I(age/0) + (1 | subject)"),
+                             "formula: column 'I(age/0)' is not a finite number"),
+    "single-level factor": (_both(_table(lambda ls: [ls[0] + ",site"] + [x + ",A" for x in ls[1:]]),
+                                  _formula("y ~ age + site + (1 | subject)")),
+                            "formula: term 'site': site has a single level ('A' in every row)"),
+    "single-level random covariate": (
+        _both(_table(lambda ls: [ls[0] + ",arm"] + [x + ",B" for x in ls[1:]]),
+              _formula("y ~ age + (1 + arm | subject)")),
+        "random term (1 + arm | subject): term 'arm': arm has a single level"),
     # ---- the covariates table
     "missing value": (_table(_cell(3, "age", "NA")), f"edited.csv: row 4: column 'age': missing value 'NA'"),
     "missing label": (_table(_cell(2, "subject", "")), "edited.csv: row 3: column 'subject': missing value"),
