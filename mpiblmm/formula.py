@@ -25,6 +25,8 @@ Factor names are lme4's: the grouping as written (``subject``, ``site:scanner``)
 
 from __future__ import annotations
 
+import dataclasses
+
 import ast
 import csv
 import difflib
@@ -458,6 +460,9 @@ class FormulaModel:
     names: tuple[str, ...]
     terms: tuple[tuple[str, tuple[int, ...]], ...]      # R term label, its columns of X
     factors: tuple[tuple[str, list[str], np.ndarray, tuple[str, ...]], ...]  # name, labels, Z, effects
+    #: lmerTest's type III hypothesis (rows x p) of each term contained in another
+    #: (:mod:`mpiblmm.type3`); a term not listed is tested by its own columns.
+    type3: tuple[tuple[str, np.ndarray], ...] = ()
 
 
 def _context() -> dict:
@@ -594,12 +599,55 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
         labels = [":".join(parts) for parts in zip(*(table.cells[g] for g in bar.group))]
         factors.append((bar.name, labels, np.asarray(Z, dtype=np.float64), tuple(effects)))
     return FormulaModel(np.asarray(X, dtype=np.float64), tuple(names),
-                        tuple((label, tuple(cols)) for label, cols in terms), tuple(factors))
+                        tuple((label, tuple(cols)) for label, cols in terms), tuple(factors),
+                        tuple(_type3_hypotheses(X, frame, terms).items()))
+
+
+def _type3_hypotheses(mm, frame, terms: list[tuple[str, list[int]]]) -> dict[str, np.ndarray]:
+    """lmerTest's type III hypotheses of the terms contained in others (:mod:`mpiblmm.type3`):
+    the over-parameterised design is ``~ 0 + term`` of every term (each factor by all its
+    levels) after an intercept column.  Empty when no term is contained in another, or when
+    a term cannot be coded that way (its own columns are then its hypothesis)."""
+    from mpiblmm import type3 as t3
+
+    state = mm.model_spec.encoder_state
+    X = np.asarray(mm, dtype=np.float64)
+    found, blocks, width = [], [], 0
+    intercept = False
+    for structure, (label, cols) in zip(mm.model_spec.structure, terms):
+        if str(structure.term) == "1":
+            intercept = True
+            continue
+        found.append((label, tuple(cols), frozenset(f.expr for f in structure.term.factors)))
+    model = {variables for _, _, variables in found}
+    numerics = {e for _, _, variables in found for e in variables
+                if getattr(state.get(e, (None, {}))[0], "value", None) != "categorical"}
+    found = [t3.Term(label, cols, (), variables, marginal, marginal & numerics)
+             for label, cols, variables in found
+             for marginal in [t3.marginal_variables(variables, model)]]
+    if not any(t3.contains(a, b) for a in found for b in found):
+        return {}
+    width = int(intercept)
+    terms3 = []
+    for t in found:
+        try:
+            block = np.asarray(_matrix("0 + " + ":".join(sorted(t.variables)), frame, t.label),
+                               dtype=np.float64)
+        except SpecError:
+            return {}
+        blocks.append(block)
+        terms3.append(dataclasses.replace(t, r_cols=tuple(range(width, width + block.shape[1]))))
+        width += block.shape[1]
+    R = np.column_stack(([np.ones(X.shape[0])] if intercept else []) + blocks)
+    out = t3.type3(X, R, terms3)
+    return {} if out is None else out
 
 
 def default_contrasts(model: FormulaModel) -> list[tuple[str, np.ndarray, str]]:
     """lmerTest's ``summary`` and ``anova``: a T contrast per coefficient (named by it), an F
-    contrast per term of more than one column (named by the term)."""
+    contrast per term of more than one column (named by the term): its type III hypothesis,
+    as ``anova`` tests it (for a term contained in another, e.g. ``group`` in ``sex * group``,
+    the main effect, not the coefficients of its columns)."""
     p = len(model.names)
     out = []
     for j, name in enumerate(model.names):
@@ -607,10 +655,12 @@ def default_contrasts(model: FormulaModel) -> list[tuple[str, np.ndarray, str]]:
         w[j] = 1.0
         out.append((safe_name(name), w, "two-sided"))
     taken = {c[0] for c in out}
+    type3 = dict(model.type3)
     for label, cols in model.terms:
         if len(cols) > 1:
             L = np.zeros((len(cols), p))
             L[np.arange(len(cols)), list(cols)] = 1.0
+            L = type3.get(label, L)      # anova's type III where the term is contained
             name = safe_name(label)
             out.append((name if name not in taken else f"{name}.F", L, "two-sided"))
     return out

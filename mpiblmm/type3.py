@@ -1,0 +1,109 @@
+"""Type III hypotheses of the fixed-effects terms, as lmerTest's ``anova`` tests them.
+
+For a term not contained in another, the hypothesis is that its coefficients are zero.  For a
+term contained in another (``group`` in ``sex * group``) that hypothesis is a simple effect
+(``group`` at the reference level of ``sex``); the type III hypothesis is the main effect,
+averaged over the levels of the containing terms.  lmerTest's ``anova`` (type III, its
+default) builds it as follows (Goodnight's construction, as SAS), and so does :func:`type3`:
+
+1. ``R`` (n x r): the over-parameterised design, an intercept column (if the model has one)
+   and per term every column of ``~ 0 + term`` (each factor coded by all its levels).  The
+   model's ``X`` (n x p, full rank) spans the same space: ``X M = R`` with ``M = X^+ R``.
+2. Column ``j`` of ``L = M'`` (r x p) writes coefficient ``beta_j`` as a function of the
+   over-parameterised effects ``gamma`` (``beta = M gamma``).  Terms are visited from the
+   highest order down; the columns of a term contained in others are replaced by their
+   residuals after least squares on the (already visited) columns of the terms containing
+   it.  Term ``T1`` is contained in ``T2`` when every variable of ``T1`` is in ``T2``,
+   ``T2`` has more, and both have the same numeric variables (so ``group`` is contained in
+   ``sex:group`` but not in ``group:time``).  The variables of a term counted here are R's
+   (its ``terms`` object's ``factors`` coded 1): those whose margin, the term without them,
+   is in the model too (in ``0 + group + group:sex`` the term ``group:sex`` counts ``sex``
+   only, so ``group`` is contained in nothing).
+3. The rows ``h_j' = L[:, j]'`` of a term are estimable functions of ``gamma``; on ``beta``
+   they are ``c_j' = h_j' R^+ X`` (for treatment coding: the entries of ``h_j`` at the
+   columns of ``R`` that are columns of ``X``).  Rows that vanish are dropped.
+
+Pure numpy: no formula parsing here (:mod:`mpiblmm.formula` builds ``R`` and the terms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Entries below this times the largest of a contrast are rounding (lmerTest: ``zapsmall``).
+ZAP = 1e-10
+
+
+@dataclass(frozen=True)
+class Term:
+    """A fixed-effects term: its label, its columns of ``X``, its columns of ``R``, its
+    variables, those whose margin is in the model (``marginal``: R's ``factors`` code 1) and
+    which of these are numeric."""
+
+    label: str
+    x_cols: tuple[int, ...]
+    r_cols: tuple[int, ...]
+    variables: frozenset[str]
+    marginal: frozenset[str]
+    numeric: frozenset[str]
+
+
+def marginal_variables(variables: frozenset[str], model: set[frozenset[str]]) -> frozenset[str]:
+    """R's code 1 in a term's column of ``attr(terms, "factors")``: a variable whose margin
+    (the term without it) is a term of ``model`` (or nothing: a main effect)."""
+    return frozenset(v for v in variables if len(variables) == 1 or variables - {v} in model)
+
+
+def contains(inner: Term, outer: Term) -> bool:
+    """lmerTest's containment: ``outer`` has every (marginal) variable of ``inner`` and
+    more, and the same numeric ones."""
+    return (inner.marginal < outer.marginal) and inner.numeric == outer.numeric
+
+
+def _zap(a: np.ndarray) -> np.ndarray:
+    top = np.abs(a).max() if a.size else 0.0
+    return np.where(np.abs(a) > ZAP * top, a, 0.0)
+
+
+def type3(X: np.ndarray, R: np.ndarray, terms: list[Term]) -> dict[str, np.ndarray] | None:
+    """Type III contrast matrices (rows x p) of the terms contained in others, by label.
+
+    Terms not contained in any other are left out (their hypothesis is their own columns).
+    Returns ``None`` when ``R`` is not in the span of ``X`` (an empty cell of a factor
+    interaction: lmerTest warns that type III hypotheses are then to be read with care; the
+    caller keeps the plain hypotheses).
+    """
+    containers = {t.label: [o for o in terms if contains(t, o)] for t in terms}
+    if not any(containers.values()):
+        return {}
+    M, *_ = np.linalg.lstsq(X, R, rcond=None)                          # X M = R
+    if np.abs(X @ M - R).max() > 1e-8 * max(1.0, np.abs(R).max()):
+        return None
+    L = M.T.copy()                                                     # (r, p)
+    for t in sorted(terms, key=lambda t: len(t.variables), reverse=True):
+        if not containers[t.label]:
+            continue
+        basis = L[:, [j for o in containers[t.label] for j in o.x_cols]]
+        coef, *_ = np.linalg.lstsq(basis, L[:, list(t.x_cols)], rcond=None)
+        L[:, list(t.x_cols)] = _zap(L[:, list(t.x_cols)] - basis @ coef)
+    to_beta = np.linalg.pinv(R) @ X                                    # h' R^+ X
+    out = {}
+    for t in terms:
+        if not containers[t.label]:
+            continue
+        C = _zap(L[:, list(t.x_cols)].T @ to_beta)
+        C = C[np.abs(C).sum(axis=1) > 1e-8]
+        out[t.label] = _independent_rows(C)
+    return out
+
+
+def _independent_rows(C: np.ndarray) -> np.ndarray:
+    """The rows of ``C`` with any row in the span of those before it dropped."""
+    keep: list[int] = []
+    for i in range(C.shape[0]):
+        trial = C[keep + [i]]
+        if np.linalg.matrix_rank(trial, tol=1e-9 * np.abs(C).max()) == len(keep) + 1:
+            keep.append(i)
+    return C[keep]
