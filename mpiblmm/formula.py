@@ -327,8 +327,9 @@ def _name_bars(bars: list[Bar]) -> tuple[Bar, ...]:
 
 def _r_to_python(text: str) -> str:
     """R spellings formulaic does not know: ``^`` inside a call is a power (``I(x^2)``),
-    ``as.factor(x)`` is ``factor(x)``."""
+    ``as.factor(x)`` is ``factor(x)``, ``TRUE``/``FALSE`` are Python's."""
     text = re.sub(r"\bas\.factor\s*\(", "factor(", text)
+    text = re.sub(r"\bTRUE\b", "True", re.sub(r"\bFALSE\b", "False", text))
     out, stack = [], []
     for i, ch in enumerate(text):
         if ch == "(":
@@ -356,9 +357,39 @@ def r_expression(expr: str) -> str:
         node = ast.parse(expr, mode="eval")
     except SyntaxError:
         return expr
+    node = _RConstants().visit(node)
     text = ast.unparse(node)
     text = text.replace(" ** ", "^").replace(" / ", "/").replace("'", '"')
-    return text
+    return re.sub(r"(?<=[(,\s])(\w+)=(?!=)", r"\1 = ", text)     # R: f(x, raw = TRUE)
+
+
+class _RConstants(ast.NodeTransformer):
+    """Constants as R's ``deparse`` writes them: ``TRUE``, ``FALSE``, ``1e+06``."""
+
+    def visit_Constant(self, node: ast.Constant) -> ast.AST:
+        if isinstance(node.value, bool):
+            return ast.Name(id="TRUE" if node.value else "FALSE")
+        if isinstance(node.value, float) and math.isfinite(node.value):
+            return ast.Name(id=r_number(node.value))
+        return node
+
+
+def r_number(x: float) -> str:
+    """A number as R prints it (15 significant digits at most, scientific notation only
+    where it is shorter): ``2``, ``0.5``, ``1e+06``, ``1e-04``, ``10000``, ``1234567.5``."""
+    if x == 0:
+        return "0"
+    for digits in range(1, 16):
+        sci = f"{x:.{digits - 1}e}"
+        if float(sci) == x:
+            break
+    mantissa, exponent = sci.split("e")
+    if "." in mantissa:
+        mantissa = mantissa.rstrip("0").rstrip(".")
+    e = int(exponent)
+    sci = f"{mantissa}e{'+' if e >= 0 else '-'}{abs(e):02d}"
+    fixed = f"{x:.{max(0, digits - 1 - e)}f}"
+    return fixed if len(fixed) <= len(sci) else sci
 
 
 def _level_of(piece: str, categories: Sequence[Any] | None) -> str:
@@ -417,6 +448,8 @@ def _r_name(column: str, exprs: list[str], state: dict) -> str | None:
                 return None
             cats = state.get(e, (None, {}))[1].get("categories") if e in state else None
             level = _level_of(column[pos + 1:end], cats)
+            if re.match(r"poly\(.*\braw\s*=\s*True\b", e) and level.isdigit():
+                level = str(int(level) + 1)      # formulaic counts raw powers from 0, R from 1
             pos = end + 1
         pieces.append(r_expression(e) + (level if level is not None else ""))
         if i < len(exprs) - 1:
@@ -465,10 +498,21 @@ class FormulaModel:
     type3: tuple[tuple[str, np.ndarray], ...] = ()
 
 
+def _log(x, base=None):
+    """R's ``log(x, base)`` (natural by default; ``log10``/``log2`` for those bases, as R)."""
+    if base is None:
+        return np.log(x)
+    if base == 10:
+        return np.log10(x)
+    if base == 2:
+        return np.log2(x)
+    return np.log(x) / np.log(base)
+
+
 def _context() -> dict:
     from formulaic.transforms import C
 
-    return {"factor": C, "log": np.log, "log2": np.log2, "log10": np.log10,
+    return {"factor": C, "log": _log, "log2": np.log2, "log10": np.log10,
             "log1p": np.log1p, "exp": np.exp, "sqrt": np.sqrt, "abs": np.abs}
 
 
