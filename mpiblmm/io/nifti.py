@@ -56,17 +56,153 @@ def _is_nifti1(path: Path) -> bool:
     return len(head) == 4 and 348 in (int.from_bytes(head, "little"), int.from_bytes(head, "big"))
 
 
-def _load(path: Path):
+def _load(path: Path, verify: bool = False):
+    """The nibabel image of ``path``.  ``verify``: its data will be read, so a gzip-compressed
+    file's stream is verified to its end first (CRC-32 and length of every member: nibabel
+    reads only the bytes it needs and never checks them, so a corrupt file would give
+    garbage values).  A 3-D file is decompressed once, verified, and handed to nibabel in
+    memory; a 4-D file (one volume per observation) is verified once per process, streaming,
+    and nibabel then reads the volume from the file."""
     import nibabel as nib
 
+    name = str(path)
     try:
+        if verify and name.endswith(".gz"):
+            if getattr(path, "volume", None) is None:
+                with open(name, "rb") as fh:
+                    raw = fh.read()
+                body = _gunzip(path, raw)
+                klass = _single_file_class(body)
+                if klass is not None:
+                    return klass.from_bytes(body)
+            else:
+                _verify_gzip_file(path)
         if _is_nifti1(path):  # skips nib.load's sniffing of every format: ~40% of a small load
-            return nib.Nifti1Image.from_filename(str(path))
-        return nib.load(str(path))
+            return nib.Nifti1Image.from_filename(name)
+        return nib.load(name)
     except FileNotFoundError:
-        raise UserError("file not found", str(path)) from None
+        raise UserError("file not found", name) from None
+    except UserError:
+        raise
     except Exception as exc:  # nibabel raises several types for unreadable files
-        raise UserError(f"not a readable NIfTI image ({type(exc).__name__}: {exc})", str(path)) from None
+        raise UserError(f"not a readable NIfTI image ({type(exc).__name__}: {exc})", name) from None
+
+
+# ------------------------------------------------------------ verifying gzip-compressed inputs
+_GZIP_MAGIC = b"\x1f\x8b"
+#: What is wrong with a gzip file, by the words of zlib's or Python's gzip module's error.
+_GZIP_PROBLEMS = (
+    ("incorrect data check", "corrupt gzip data (CRC check failed)"),
+    ("crc check failed", "corrupt gzip data (CRC check failed)"),
+    ("incorrect length check", "corrupt gzip data (length check failed)"),
+    ("incorrect length of data", "corrupt gzip data (length check failed)"),
+)
+_GZIP_TRUNCATED = "truncated gzip data (the file ends before the end of the compressed stream)"
+_GZIP_TRAILING = "corrupt gzip data (bytes after the end of the compressed stream are not gzip data)"
+_NOT_GZIP = "not gzip data (a .gz file must be gzip-compressed)"
+#: Compressed 4-D files already verified by this process: (name, size, mtime, inode).
+_VERIFIED: set[tuple] = set()
+
+
+def _gzip_problem(exc: BaseException) -> str:
+    """One line for a zlib/gzip error met reading a gzip stream."""
+    text = str(exc)
+    reason = text.split(": ", 1)[1] if text.startswith("Error ") and ": " in text else text
+    low = reason.lower()
+    for words, problem in _GZIP_PROBLEMS:
+        if words in low:
+            return problem
+    if isinstance(exc, EOFError):
+        return _GZIP_TRUNCATED
+    return f"corrupt gzip data ({reason or type(exc).__name__})"
+
+
+def _gunzip(path: Path, raw: bytes, unzip=None, head: bytes = b"") -> bytes:
+    """All of the gzip file ``raw`` decompressed, every member's CRC-32 and length checked
+    by zlib (as Python's gzip module reads it: several members, NUL padding after one).
+    ``unzip``: a decompressor that already gave ``head`` (the start) and kept the rest of
+    ``raw`` in its ``unconsumed_tail``.
+
+    Raises
+    ------
+    UserError
+        ``<path>: corrupt gzip data (CRC check failed)``, a truncated stream, or the like.
+    """
+    import zlib
+
+    name = str(path)
+    if not raw:
+        raise UserError("empty file", name)
+    parts = [head]
+    block = raw if unzip is None else unzip.unconsumed_tail
+    first = unzip is None
+    try:
+        while True:
+            if unzip is None:
+                if not block.startswith(_GZIP_MAGIC):
+                    raise UserError(_NOT_GZIP if first else _GZIP_TRAILING, name)
+                unzip = zlib.decompressobj(31)
+            parts.append(unzip.decompress(block))
+            parts.append(unzip.flush())
+            if not unzip.eof:
+                raise UserError(_GZIP_TRUNCATED, name)
+            block = unzip.unused_data.lstrip(b"\0")
+            if not block:
+                break
+            unzip, first = None, False
+    except zlib.error as exc:
+        raise UserError(_gzip_problem(exc), name) from None
+    return b"".join(parts)
+
+
+def _verify_gzip_file(path: Path) -> None:
+    """Read the gzip file ``path`` to its end (streaming, in bounded memory) so that Python's
+    gzip module checks every member's CRC-32 and length; once per file per process.  Does
+    nothing for a file it cannot open (nibabel says what is wrong)."""
+    name = str(path)
+    try:
+        fh = open(name, "rb")
+    except OSError:
+        return
+    with fh:
+        st = os.fstat(fh.fileno())
+        key = (name, st.st_size, st.st_mtime_ns, st.st_ino)
+        if key in _VERIFIED:
+            return
+        if st.st_size == 0:
+            raise UserError("empty file", name)
+        if fh.read(2) != _GZIP_MAGIC:
+            raise UserError(_NOT_GZIP, name)
+        fh.seek(0)
+        _read_to_end(fh, name)
+    _VERIFIED.add(key)
+
+
+def _read_to_end(fh, name: str) -> None:
+    """Decompress the gzip file ``fh`` to its end, 16 MiB at a time, and drop the data."""
+    import gzip
+    import zlib
+
+    try:
+        with gzip.GzipFile(fileobj=fh, mode="rb") as gz:
+            while gz.read(1 << 24):
+                pass
+    except gzip.BadGzipFile as exc:
+        raise UserError(_GZIP_TRAILING if str(exc).startswith("Not a gzipped file")
+                        else _gzip_problem(exc), name) from None
+    except (EOFError, zlib.error) as exc:
+        raise UserError(_gzip_problem(exc), name) from None
+
+
+def _single_file_class(data: bytes):
+    """nibabel's class for the decompressed single-file NIfTI ``data`` (NIfTI-1 or -2, by
+    the header size field), or ``None`` (then ``nib.load`` reads the file by name)."""
+    import nibabel as nib
+
+    for size, klass in ((348, nib.Nifti1Image), (540, nib.Nifti2Image)):
+        if size in (int.from_bytes(data[:4], "little"), int.from_bytes(data[:4], "big")):
+            return klass
+    return None
 
 
 def _volume(img, path: Path):
@@ -112,7 +248,9 @@ def read_grid(path: Path) -> Grid:
 # single-file NIfTI-1 whose geometry fields equal the grid's, stored as float32 or float64
 # without scaling, is read here directly: the same numbers nibabel gives, in the stored
 # dtype.  Anything else (other types, scaling, other geometry, 4-D volumes, a short or odd
-# file) goes through nibabel as before, which also words the errors.
+# file) goes through nibabel as before, which also words the errors.  Here and in
+# read_volume a gzip stream is always decompressed to its end, so zlib checks its CRC-32
+# and length: nibabel reads only the bytes it needs and would give a corrupt file's garbage.
 
 #: Header fields that decide nibabel's shape and affine (NIfTI-1 byte offsets): dim,
 #: pixdim, and qform_code .. srow_z (codes, quaternion, offsets, sform rows).
@@ -166,33 +304,36 @@ def read_stored(path: Path, grid: Grid) -> np.ndarray | None:
     try:
         with open(name, "rb") as fh:
             raw = fh.read()
-        if name.endswith(".gz"):  # the header first: another geometry costs no decompression
-            unzip = zlib.decompressobj(31)
-            data = unzip.decompress(raw, 352)
-            if len(data) < 352 or _geometry(data) != grid.geometry:
-                return None
-            data += unzip.decompress(unzip.unconsumed_tail) + unzip.flush()
-            if unzip.unused_data:  # a second gzip member: leave it to nibabel
-                return None
-        else:
-            data = raw
-    except (OSError, zlib.error):
+    except OSError:
         return None  # nibabel says what is wrong
-    if len(data) < 352 or data[344:348] != b"n+1\0" or _geometry(data) != grid.geometry:
+    gz, unzip = name.endswith(".gz"), None
+    if gz:  # the header first: another layout costs no decompression
+        if not raw.startswith(_GZIP_MAGIC):
+            return None  # read_volume says what is wrong
+        unzip = zlib.decompressobj(31)
+        try:
+            head = unzip.decompress(raw, 352)
+        except zlib.error as exc:
+            raise UserError(_gzip_problem(exc), name) from None
+    else:
+        head = raw[:352]
+    if len(head) < 352 or head[344:348] != b"n+1\0" or _geometry(head) != grid.geometry:
         return None
-    if int.from_bytes(data[:4], "little") == 348:
+    if int.from_bytes(head[:4], "little") == 348:
         order = "<"
-    elif int.from_bytes(data[:4], "big") == 348:
+    elif int.from_bytes(head[:4], "big") == 348:
         order = ">"
     else:
         return None
-    code, = np.frombuffer(data, dtype=order + "i2", count=1, offset=70)
+    code, = np.frombuffer(head, dtype=order + "i2", count=1, offset=70)
     kind = _DIRECT_TYPES.get(int(code))
-    offset, slope, inter = (float(x) for x in np.frombuffer(data, dtype=order + "f4", count=3,
+    offset, slope, inter = (float(x) for x in np.frombuffer(head, dtype=order + "f4", count=3,
                                                              offset=108))
     no_scaling = slope == 0.0 or np.isnan(slope) or (slope == 1.0 and inter == 0.0)
     if kind is None or not no_scaling or offset != int(offset) or offset < 352:
         return None
+    # the whole stream, verified (CRC-32 and length): nibabel would not notice corruption
+    data = _gunzip(path, raw, unzip, head) if gz else raw
     dtype = np.dtype(order + kind)
     shape = grid.shape
     count = shape[0] * shape[1] * shape[2]
@@ -214,7 +355,7 @@ def read_volume(path: Path, grid: Grid | None = None, reference: str | None = No
     UserError
         ``<path>: not on the grid of <reference>: <why>`` or an unreadable/4-D image.
     """
-    img = _volume(_load(path), path)
+    img = _volume(_load(path, verify=True), path)
     shape = _shape3(img, path)
     if grid is not None:
         why = grid.differs(shape, np.asarray(img.affine))
