@@ -14,6 +14,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -554,6 +555,39 @@ def ds_scaled(rng):
             "intercept and slope per subject, 30 x 4", contrasts)
 
 
+def ds_days(rng):
+    """The random slope in the units users keep it in: ``(1 + days | subject)``, time in days
+    (~700) next to the intercept, so D's entries are ~1e6 apart; slope variances small per
+    day but far from zero (the fit scales such covariates, ``lmm/effect_scale.py``)."""
+    d = simulate_design(rng, 30, 4, fixed=("intercept", "age", "time"),
+                        factors=(FactorSpec("subject", effects=("intercept", "time")),))
+    per_day = np.array([1.0, 365.25])
+    f = d.factors[0]
+    days = dataclasses.replace(f, Z=f.Z * per_day, effect_names=("intercept", "days"))
+    X = d.X * np.array([1.0, 1.0, 365.25])
+    d = Design(X, ("intercept", "age", "days"), (days,), d.covariates)
+    v = 24
+    per, kinds = [], []
+    for i in range(v):
+        if i < 4:
+            c, k = covariance([rng.uniform(0.6, 1.2), 0.0]), "zero_slope"
+        elif i < 6:
+            c, k = covariance([0.0, 0.0]), "zero"
+        else:
+            c = covariance([rng.uniform(0.5, 1.5), rng.uniform(0.2, 0.5)], rng.uniform(-0.5, 0.5))
+            k = "interior"
+        per.append({"subject": c / np.outer(per_day, per_day)})       # per year -> per day
+        kinds.append(k)
+    beta = np.column_stack([rng.normal(5, 1, v), rng.normal(0, 0.5, v),
+                            rng.normal(0.2, 0.3, v) / 365.25])
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.5, 1.5, v))
+    p = d.p
+    contrasts = [_t("age", p, {1: 1}), _t("days", p, {2: 1}), _t("age_plus_days", p, {1: 1, 2: 1}),
+                 _f("age_days", p, [{1: 1}, {2: 1}])]
+    return (d, Y, truth, kinds, "random intercept and slope per subject with time in days "
+            "(~700), 30 x 4", contrasts)
+
+
 def _check_unbalanced(d):
     counts = [np.bincount(f.codes) for f in d.factors]
     return all(np.any(c == 1) for c in counts) and all(c.max() >= 8 for c in counts)
@@ -572,6 +606,7 @@ DATASETS = {
     "crossed_slope": (ds_crossed_slope, 110),
     "nested_intercepts": (ds_nested_intercepts, 111),
     "scaled": (ds_scaled, 112),
+    "days": (ds_days, 113),
 }
 
 

@@ -22,7 +22,8 @@ from mpiblmm.simulate import (
 from tests.refdata import build_z, level_codes, list_datasets, load_dataset
 
 EXPECTED = {"intercept", "slope", "crossed", "three_factors", "missing", "nested", "unbalanced",
-            "three_effects", "nested_slope", "crossed_slope", "nested_intercepts", "scaled"}
+            "three_effects", "nested_slope", "crossed_slope", "nested_intercepts", "scaled",
+            "days"}
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED))

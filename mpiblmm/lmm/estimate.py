@@ -93,10 +93,10 @@ def screen(pf: ProductForms) -> np.ndarray:
     return status
 
 
-def is_singular(theta: np.ndarray, pf: ProductForms, tol: float = SINGULAR_TOL) -> np.ndarray:
+def is_singular(theta: np.ndarray, structure, tol: float = SINGULAR_TOL) -> np.ndarray:
     """lme4's ``isSingular``: some diagonal entry of some Lambda_k below ``tol``."""
     out = np.zeros(theta.shape[0], dtype=bool)
-    for f, sl in zip(pf.structure.factors, theta_slices(pf.structure)):
+    for f, sl in zip(structure.factors, theta_slices(structure)):
         rows, cols = tril_indices(f.n_effects)
         out |= (np.abs(theta[:, sl][:, rows == cols]) < tol).any(axis=1)
     return out
@@ -171,7 +171,7 @@ def fit(pf: ProductForms, method: str = "REML", tolerance: float = 1e-12,
     fitted = np.zeros(v, dtype=bool)
     fitted[todo] = True
     failed = fitted & ~(np.isfinite(llh) & np.isfinite(s2) & np.isfinite(beta).all(axis=1))
-    singular = fitted & ~failed & is_singular(np.nan_to_num(theta, nan=1.0), pf)
+    singular = fitted & ~failed & is_singular(np.nan_to_num(theta, nan=1.0), st)
     status[fitted] = STATUS_CONVERGED
     status[singular] = STATUS_SINGULAR
     status[fitted & ~converged] = STATUS_MAX_ITER
