@@ -26,11 +26,11 @@ import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from mpiblmm import __version__
 from mpiblmm.allocator import keep_freed_memory
-from mpiblmm.errors import UserError
+from mpiblmm.errors import USER_ERROR_EXIT_CODE, UserError
 
 #: Variables that pin BLAS/OpenMP to one thread per rank unless the user set them.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -48,6 +48,43 @@ DISPATCH = {
 }
 
 
+class CommandLineError(SystemExit):
+    """A bad command line (unknown option, bad value, options that exclude each other).
+
+    Raised by the parser instead of printing argparse's usage and error and exiting: under
+    ``mpiexec -n N`` every rank parses the same arguments, so that text came out N times.
+    :func:`main` reports it as one line, ``mpiblmm: error: <command>: <problem>``, printed by
+    rank 0, and exit code 2 on every rank.  A :class:`SystemExit` with code 2, so a caller of
+    ``get_parser().parse_args`` that does not catch it still exits as argparse would.
+
+    Parameters
+    ----------
+    prog
+        The parser that refused the arguments (``mpiblmm`` or ``mpiblmm fit``, ...).
+    problem
+        argparse's message, e.g. ``argument --chunk-voxels: expected a number of at least
+        1, got 0``.
+    """
+
+    def __init__(self, prog: str, problem: str) -> None:
+        super().__init__(USER_ERROR_EXIT_CODE)
+        self.prog = prog
+        self.problem = problem
+
+    def __str__(self) -> str:
+        command = self.prog.split(None, 1)[1] if " " in self.prog else ""
+        where = f"{command}: " if command else ""
+        return f"{where}{self.problem} (see `{self.prog} --help`)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser whose errors are a :class:`CommandLineError` (its subparsers too:
+    ``add_subparsers`` makes them of the parser's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CommandLineError(self.prog, message)
+
+
 def get_parser() -> argparse.ArgumentParser:
     """Build the ``mpiblmm`` argument parser (also used by argparse-manpage).
 
@@ -56,7 +93,7 @@ def get_parser() -> argparse.ArgumentParser:
     argparse.ArgumentParser
         The parser with one subparser per subcommand; ``args.command`` names the one chosen.
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mpiblmm",
         description=(
             "Fit voxel-wise linear mixed models to neuroimaging studies in one MPI job, "
@@ -326,9 +363,38 @@ def check_inputs_exist(args: argparse.Namespace) -> None:
         _require_file(args.config, "CONFIG")
     elif args.command in ("export", "report"):
         _require_file(args.results, "RESULTS_H5")
+    elif args.command == "simulate":
+        _require_known_slopes(args)
+        _require_output_folder(args.out_dir, "OUT_DIR")
+
+
+def _require_known_slopes(args: argparse.Namespace) -> None:
+    """``simulate --slopes``: only factors of the study (as ``study.run_simulate`` checks, but
+    here every rank agrees on it, so it is printed once)."""
+    factors = ["subject"] + [name for name, n in (("family", args.families),
+                                                  ("site", args.sites),
+                                                  ("rater", args.raters)) if n]
+    unknown = [s for s in (args.slopes or ()) if s != "none" and s not in factors]
+    if unknown:
+        raise UserError(f"--slopes: no factor {unknown[0]!r} in this study (factors: "
+                        f"{', '.join(factors)}; or 'none')")
+
+
+def _require_output_folder(path: str, what: str) -> None:
+    """Create the folder ``simulate`` writes into (and its ``images/``), on every rank at once,
+    so a path that is a file, under a file, or not writable is a user error before the study
+    is simulated; the study writer then finds its folders in place."""
+    from mpiblmm.io import make_dirs
+
+    if not str(path).strip():
+        raise UserError("is empty: name the folder to write the study into", what)
+    make_dirs(path, what)
+    make_dirs(Path(path) / "images", what)
 
 
 def _require_file(path: str, what: str) -> None:
+    if Path(path).is_dir():
+        raise UserError(f"{what} is a directory, not a file: {path}")
     if not Path(path).is_file():
         raise UserError(f"{what} file not found: {path}")
 
@@ -372,8 +438,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         The process exit code: 0 on success, 2 for a user error (on every rank).
     """
-    args = get_parser().parse_args(argv)
     pin_blas_threads()
+    try:
+        args = get_parser().parse_args(argv)
+    except CommandLineError as exc:
+        return _command_line_error(exc)
     keep_freed_memory()
     if args.command not in ("fit", "export"):
         return _main(args)
@@ -385,6 +454,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main(args)
     finally:
         interrupt.uninstall()
+
+
+def _command_line_error(exc: CommandLineError) -> int:
+    """Report a bad command line once (rank 0); exit code 2 on every rank.
+
+    Every rank parsed the same arguments and failed the same way, so all of them take part
+    in the agreement and none waits for another.
+    """
+    try:
+        from mpi4py import MPI
+    except ImportError:  # no MPI at all: this process is the whole job
+        print(f"mpiblmm: error: {exc}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT_CODE
+    from mpiblmm.parallel import agree_on_user_error, run_guarded
+
+    comm = MPI.COMM_WORLD
+    return run_guarded(lambda: agree_on_user_error(comm, UserError(str(exc))), comm)
 
 
 def _main(args: argparse.Namespace) -> int:

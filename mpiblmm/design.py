@@ -22,7 +22,7 @@ import numpy as np
 
 from mpiblmm.errors import ContrastError, SpecError
 from mpiblmm.lmm.model import RandomFactor, RandomStructure
-from mpiblmm.spec import Spec
+from mpiblmm.spec import Spec, name_length_problem, short_name
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,6 +166,9 @@ def _codes(labels: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
 
 
 def _contrast(name: str, weights: np.ndarray, alternative: str, p: int, where: str) -> Contrast:
+    too_long = name_length_problem(name, "contrast")
+    if too_long is not None:  # its maps could not be written, after the whole fit
+        raise ContrastError(too_long, where.replace(f'("{name}")', f'("{short_name(name)}")'))
     w = np.asarray(weights, dtype=np.float64)
     kind = "T" if w.ndim == 1 else "F"
     L = np.atleast_2d(w)
@@ -242,8 +245,19 @@ def design_from_formula(spec: Spec) -> Design:
         if exc.where is not None:  # a file and row of the table
             raise
         raise SpecError(exc.message, f"{spec_where}: formula") from None
+    for name, *_ in model.factors:  # named by the formula's grouping columns
+        too_long = name_length_problem(name, "factor")
+        if too_long is not None:
+            raise SpecError(f"random factor {short_name(name)!r} (its grouping): {too_long}",
+                            f"{spec_where}: formula")
     if spec.contrasts is None:
         contrasts = fm.default_contrasts(model)
+        for name, *_ in contrasts:  # named by the coefficients and terms
+            too_long = name_length_problem(name, "contrast")
+            if too_long is not None:
+                raise SpecError(f"the default contrast of {short_name(name)!r}: {too_long}; "
+                                "rename the column, or give \"contrasts\" with shorter names",
+                                f"{spec_where}: formula")
     else:
         contrasts = spec_contrasts(spec, model.names)
     return build_design(model.X, model.factors, contrasts, model.names,

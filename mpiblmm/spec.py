@@ -32,6 +32,20 @@ from mpiblmm.errors import SpecError
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 NAME_RULE = "letters, digits, '_', '.', '-', starting with a letter or digit"
 
+#: The longest file name (in bytes) of common file systems (``NAME_MAX``: ext4, XFS, NFS,
+#: Lustre, GPFS).
+NAME_MAX = 255
+#: The longest file names ``export`` writes for a contrast or a random factor of name ``{}``:
+#: the temporary name of a map, ``.<map>.tmp<pid><suffix>`` (``mpiblmm.io.nifti``'s atomic
+#: save), with the longest statistic of a contrast (``neglog10p``, ``docs/RESULTS.md``), the
+#: largest Linux pid (``pid_max`` is at most 4194304) and the longest map suffix
+#: (``.dscalar.nii``; NIfTI's is ``.nii.gz``).  A name that makes these longer than
+#: :data:`NAME_MAX` would fail only when the maps are written, after the whole fit.
+LONGEST_MAP_FILES = {
+    "contrast": (".con_{}_neglog10p.tmp4194304.dscalar.nii", "con_<name>_neglog10p.nii.gz"),
+    "factor": (".random_{}.tmp4194304.dscalar.nii", "random_<name>.nii.gz"),
+}
+
 #: Image files: NIfTI volumes (CIFTI dense scalar .dscalar.nii included) and GIfTI surface maps
 #: (mpiblmm.io.images picks the reader).
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".func.gii", ".shape.gii")
@@ -45,6 +59,27 @@ TOP_KEYS = frozenset({
 #: The keys of each form: a spec is in exactly one of them.
 MATRIX_KEYS = ("X", "random")
 FORMULA_KEYS = ("covariates", "formula")
+
+
+def max_name_bytes(kind: str) -> int:
+    """The longest name (UTF-8 bytes) a ``kind`` (``"contrast"`` or ``"factor"``) may have
+    for its map files to fit in :data:`NAME_MAX`."""
+    return NAME_MAX - len(LONGEST_MAP_FILES[kind][0].format("").encode("utf-8"))
+
+
+def name_length_problem(name: str, kind: str) -> str | None:
+    """Why ``name`` cannot name a contrast or factor (its map file names would be too long
+    for the file system), or ``None`` when it can."""
+    size, limit = len(name.encode("utf-8")), max_name_bytes(kind)
+    if size <= limit:
+        return None
+    return (f"name too long: {size} bytes, at most {limit} (it names the map files, e.g. "
+            f"{LONGEST_MAP_FILES[kind][1]}, and a file name has at most {NAME_MAX} bytes)")
+
+
+def short_name(name: str, width: int = 40) -> str:
+    """``name``, cut to ``width`` characters with ``...`` (for messages about long names)."""
+    return name if len(name) <= width else name[: width - 3] + "..."
 
 
 # --------------------------------------------------------------------------- the Spec
@@ -325,7 +360,9 @@ class _Validator:
         if nifti and not str(p).endswith(NIFTI_SUFFIXES):
             raise self.error(key, f"expected a NIfTI file (.nii or .nii.gz) or GIfTI (.func.gii, .shape.gii): {p}")
         if self.check_files and not p.is_file():
-            raise self.error(key, f"file not found: {p}")
+            raise self.error(key, not_a_file(p))
+        if not self.check_files and not nifti and p.is_dir():  # one stat: not one per image
+            raise self.error(key, not_a_file(p))
         return p
 
     def path_list(self, value: Any, key: str, nifti: bool) -> tuple[Path, ...]:
@@ -337,7 +374,7 @@ class _Validator:
             for i, item in enumerate(value):
                 out.append(self.file(item, f"{key}[{i}]", nifti=nifti))
             return tuple(out)
-        list_file = self.file(value, key)
+        list_file = self.file(value, key)  # a directory is refused even without check_files
         if str(list_file).endswith(NIFTI_SUFFIXES):
             if key == "images":
                 return self.volumes(list_file, key)
@@ -371,6 +408,9 @@ class _Validator:
         out = []
         for i, entry in enumerate(value):
             key = f"random[{i}]"
+            too_long = name_length_problem(entry["name"], "factor")
+            if too_long is not None:
+                raise self.error(f"{key}.name", too_long)
             out.append(FactorSpec(
                 name=self.name(entry["name"], f"{key}.name"),
                 factor=self.file(entry["factor"], f"{key}.factor"),
@@ -388,6 +428,9 @@ class _Validator:
         for i, entry in enumerate(value):
             key = f"contrasts[{i}]"
             name = self.name(entry["name"], f"{key}.name")
+            too_long = name_length_problem(name, "contrast")
+            if too_long is not None:
+                raise self.error(f'{key} ("{short_name(name)}")', too_long)
             key = f'{key} ("{name}")'
             if isinstance(entry["weights"], dict) or (
                     isinstance(entry["weights"], list) and entry["weights"]
@@ -465,11 +508,18 @@ def read_path_list(list_file: Path, nifti: bool = True, check_files: bool = True
         if nifti and not text.endswith(NIFTI_SUFFIXES):
             raise SpecError(f"expected a NIfTI file (.nii or .nii.gz) or GIfTI (.func.gii, .shape.gii): {text}", where)
         if check_files and not p.is_file():
-            raise SpecError(f"file not found: {p}", where)
+            raise SpecError(not_a_file(p), where)
         out.append(p)
     if not out:
         raise SpecError("lists no files", str(list_file))
     return tuple(out)
+
+
+def not_a_file(path: Path) -> str:
+    """What is wrong with a path that should name a file but is not one."""
+    if path.is_dir():
+        return f"is a directory, not a file: {path}"
+    return f"file not found: {path}"
 
 
 def _first_duplicate(items: Any) -> Any:

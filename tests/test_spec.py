@@ -131,6 +131,12 @@ def test_list_file_paths_are_relative_to_the_list(tmp_path):
     ({"fixed_names": []}, "spec.json: fixed_names: expected a non-empty list of names"),
     ({"analysis_mask": "mask.png"}, "spec.json: analysis_mask: expected a NIfTI file"),
     ({"observation_masks": ["img/s0.nii.gz"]}, "spec.json: observation_masks: 1 masks for 4 images"),
+    ({"X": "img"}, "spec.json: X: is a directory, not a file"),
+    ({"images": "img"}, "spec.json: images: is a directory, not a file"),
+    ({"contrasts": [{"name": "c" * 218, "weights": [1, 0]}]},
+     f'spec.json: contrasts[0] ("{"c" * 37}..."): name too long: 218 bytes, at most 217'),
+    ({"random": [{"name": "s" * 225, "factor": "f.csv"}]},
+     "spec.json: random[0].name: name too long: 225 bytes, at most 224"),
 ])
 def test_spec_errors(tmp_path, overrides, expected):
     text = spec_error(write_study(tmp_path, **overrides))
@@ -164,6 +170,32 @@ def test_image_list_errors_name_the_row(tmp_path):
     assert f"{tmp_path / 'images.txt'}: row 2: expected a NIfTI file" in spec_error(path)
     (tmp_path / "images.txt").write_text("# nothing\n")
     assert "lists no files" in spec_error(path)
+    (tmp_path / "dir.nii.gz").mkdir()
+    (tmp_path / "images.txt").write_text("img/s0.nii.gz\ndir.nii.gz\n")
+    assert f"{tmp_path / 'images.txt'}: row 2: is a directory, not a file" in spec_error(path)
+
+
+def test_longest_names_that_fit_in_a_file_name(tmp_path):
+    """A contrast or factor name is refused when export's longest file for it (the temporary
+    name of its map: ``.con_<name>_neglog10p.tmp<pid>.dscalar.nii``) would pass 255 bytes."""
+    from mpiblmm.spec import NAME_MAX, max_name_bytes
+
+    limit = max_name_bytes("contrast")
+    assert len(f".con_{'c' * limit}_neglog10p.tmp4194304.dscalar.nii") == NAME_MAX == 255
+    assert len(f".random_{'s' * max_name_bytes('factor')}.tmp4194304.dscalar.nii") == NAME_MAX
+    spec = load_spec(write_study(
+        tmp_path, contrasts=[{"name": "c" * limit, "weights": [1, 0]}],
+        random=[{"name": "s" * max_name_bytes("factor"), "factor": "f.csv"}]))
+    assert spec.contrasts[0].name == "c" * limit
+
+
+@pytest.mark.parametrize("key", ["images", "X"])
+def test_a_directory_is_refused_even_without_check_files(tmp_path, key):
+    """``mpiblmm check`` loads with check_files=False: a list file or table that is a
+    directory is still named as one (one stat each; images are not stat'ed)."""
+    text = str(pytest.raises(SpecError, load_spec, write_study(tmp_path, **{key: "img"}),
+                             check_files=False).value)
+    assert text == f"{tmp_path / 'spec.json'}: {key}: is a directory, not a file: {tmp_path / 'img'}"
 
 
 def test_check_files_false_skips_stat(tmp_path):

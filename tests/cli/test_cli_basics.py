@@ -4,8 +4,11 @@ Tests marked ``spawns_mpiexec`` launch their own MPI job (with a timeout) and so
 the serial suite.
 """
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +124,191 @@ def test_missing_spec_under_mpi_prints_once_and_exits_2(run_mpi, mpiblmm_command
     lines = [line for line in job.stderr.splitlines() if line.startswith("mpiblmm: error:")]
     assert lines == [f"mpiblmm: error: SPEC file not found: {tmp_path / 'nope.json'}"]
     assert "Traceback" not in job.stderr
+
+
+# --------------------------------------------------------------------------- user errors
+def _lines(stderr):
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+#: Bad command lines: argv and what the one error line says (argparse's words, after the
+#: subcommand); the spec need not exist, the arguments are refused first.
+BAD_COMMAND_LINES = {
+    "chunk voxels zero": (["fit", "spec.json", "--chunk-voxels", "0"],
+                          "fit: argument --chunk-voxels: expected a number of at least 1, got 0"),
+    "grace seconds zero": (["fit", "spec.json", "--grace-seconds", "0"],
+                           "fit: argument --grace-seconds: expected a positive number, got 0"),
+    "resume and overwrite": (["fit", "spec.json", "--resume", "--overwrite"],
+                             "fit: argument --overwrite: not allowed with argument --resume"),
+    "no spec": (["fit"], "fit: the following arguments are required: SPEC"),
+    "unknown command": (["fitt"], "argument COMMAND: invalid choice: 'fitt'"),
+    "simulate bad fraction": (["simulate", "out", "--missing-fraction", "2"],
+                              "simulate: argument --missing-fraction: expected a fraction"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_COMMAND_LINES))
+def test_a_bad_command_line_is_one_line_and_exit_2(case, mpiblmm_command, tmp_path):
+    argv, expected = BAD_COMMAND_LINES[case]
+    result = subprocess.run([*mpiblmm_command, *argv], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = _lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"mpiblmm: error: {expected}"), result.stderr
+    assert lines[0].endswith("--help`)") and "usage:" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even the simulate folder
+
+
+def test_help_still_prints_the_usage(mpiblmm_command):
+    result = run_cli(mpiblmm_command, "fit", "--help")
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("usage: mpiblmm fit") and "--chunk-voxels" in result.stdout
+
+
+@pytest.mark.spawns_mpiexec
+@pytest.mark.parametrize("case", ["chunk voxels zero", "grace seconds zero",
+                                  "resume and overwrite"])
+def test_a_bad_command_line_under_three_ranks_is_printed_once(run_mpi, mpiblmm_command,
+                                                               tmp_path, case):
+    argv, expected = BAD_COMMAND_LINES[case]
+    job = run_mpi(3, [*mpiblmm_command, *argv], timeout=60, cwd=tmp_path)
+    assert not job.timed_out
+    assert job.returncode == 2, job.stderr
+    lines = _lines(job.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"mpiblmm: error: {expected}"), job.stderr
+    assert "usage:" not in job.stderr and "Traceback" not in job.stderr
+
+
+def test_a_folder_given_as_spec_is_named_a_directory(mpiblmm_command, tmp_path):
+    for command in ("fit", "check"):
+        result = run_cli(mpiblmm_command, command, str(tmp_path))
+        assert result.returncode == 2
+        assert result.stderr == f"mpiblmm: error: SPEC is a directory, not a file: {tmp_path}\n"
+
+
+@pytest.mark.parametrize("key", ["images", "X"])
+def test_a_folder_given_as_a_file_is_named_a_directory(mpiblmm_command, tmp_path, key):
+    """`fit` used to say 'file not found' where `check` said 'Is a directory'."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "list.txt").write_text("a.nii\n")
+    spec = tmp_path / "spec.json"
+    raw = {"images": "list.txt", "X": "X.csv", "random": [{"name": "subject", "factor": "f.csv"}]}
+    raw[key] = "images"
+    spec.write_text(json.dumps(raw))
+    expected = f"mpiblmm: error: {spec}: {key}: is a directory, not a file: {tmp_path / 'images'}"
+    for command in ("fit", "check") if key == "images" else ("check",):
+        result = run_cli(mpiblmm_command, command, str(spec))
+        assert result.returncode == 2, result.stderr
+        errors = [line for line in _lines(result.stderr) if line.startswith("mpiblmm: error:")]
+        assert errors == [expected], result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def _bad_output_folders(tmp_path):
+    """OUT_DIR values `simulate` cannot write into, and the start of the expected message."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "has_images_file").mkdir()
+    (tmp_path / "has_images_file" / "images").write_text("x")
+    cases = {
+        "a file": (afile, f"OUT_DIR: {afile} exists and is not a folder"),
+        "under a file": (afile / "sub",
+                         f"OUT_DIR: cannot create the folder {afile / 'sub'} (Not a directory)"),
+        "images is a file": (tmp_path / "has_images_file",
+                             f"OUT_DIR: {tmp_path / 'has_images_file' / 'images'} exists and is "
+                             "not a folder"),
+    }
+    if Path("/proc/self").is_dir():
+        cases["under /proc"] = (Path("/proc/mpiblmm-test"),
+                                "OUT_DIR: cannot create the folder /proc/mpiblmm-test (")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if not os.access(read_only, os.W_OK):  # root may write anywhere
+        cases["read-only"] = (read_only, f"OUT_DIR: cannot write into the folder {read_only}")
+    return cases
+
+
+def test_simulate_into_a_bad_folder_is_one_line_and_exit_2(mpiblmm_command, tmp_path):
+    for name, (out, expected) in _bad_output_folders(tmp_path).items():
+        result = run_cli(mpiblmm_command, "simulate", str(out), "--subjects", "4", "--visits",
+                         "2", "--shape", "2", "2", "2")
+        assert result.returncode == 2, (name, result.stderr)
+        lines = _lines(result.stderr)
+        assert len(lines) == 1 and lines[0].startswith(f"mpiblmm: error: {expected}"), (
+            name, result.stderr)
+
+
+@pytest.mark.spawns_mpiexec
+def test_simulate_errors_under_three_ranks_are_printed_once(run_mpi, mpiblmm_command, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for argv, expected in (
+            ([str(afile)], f"mpiblmm: error: OUT_DIR: {afile} exists and is not a folder"),
+            ([str(tmp_path / "out"), "--slopes", "site"],
+             "mpiblmm: error: --slopes: no factor 'site' in this study (factors: subject; or "
+             "'none')")):
+        job = run_mpi(3, [*mpiblmm_command, "simulate", *argv, "--subjects", "4", "--visits",
+                          "2", "--shape", "2", "2", "2"], timeout=90)
+        assert not job.timed_out
+        assert job.returncode == 2, job.stderr
+        assert _lines(job.stderr) == [expected], job.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- long names
+@pytest.fixture(scope="module")
+def formula_study(tmp_path_factory):
+    from mpiblmm.study import write_study
+
+    folder = tmp_path_factory.mktemp("names")
+    write_study(folder, subjects=4, visits=3, shape=(2, 2, 2), seed=2, form="formula")
+    return folder
+
+
+def _check_and_fit_refuse(mpiblmm_command, spec_path, expected):
+    """`check` and `fit` both end with the one line ``expected`` and exit 2, before any work."""
+    for command in ("check", "fit"):
+        result = run_cli(mpiblmm_command, command, str(spec_path), timeout=120)
+        assert result.returncode == 2, result.stdout + result.stderr
+        errors = [line for line in _lines(result.stderr) if line.startswith("mpiblmm: error:")]
+        assert errors == [expected], result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (spec_path.parent / "out_long").exists()
+
+
+def test_a_contrast_name_too_long_for_a_file_name_is_refused(formula_study, mpiblmm_command):
+    """Its maps (con_<name>_<stat>.nii.gz) could not be written: `fit` used to fit every voxel
+    and fail at the end (exit 4)."""
+    spec = json.loads((formula_study / "spec.json").read_text())
+    spec.update(output="out_long", contrasts=[{"name": "a" * 300, "weights": {"time": 1}}])
+    path = formula_study / "long_contrast.json"
+    path.write_text(json.dumps(spec))
+    _check_and_fit_refuse(mpiblmm_command, path, (
+        f'mpiblmm: error: {path}: contrasts[0] ("{"a" * 37}..."): name too long: 300 bytes, at '
+        "most 217 (it names the map files, e.g. con_<name>_neglog10p.nii.gz, and a file name "
+        "has at most 255 bytes)"))
+
+
+def test_a_default_contrast_named_by_a_long_column_is_refused(formula_study, mpiblmm_command):
+    """Without "contrasts" the formula form names a T contrast by each coefficient: a
+    covariate column with a very long name would make a map name too long."""
+    spec = json.loads((formula_study / "spec.json").read_text())
+    spec.pop("contrasts", None)
+    long = "b" * 230
+    table = (formula_study / spec["covariates"]).read_text().replace("time", long)
+    (formula_study / "long_column.csv").write_text(table)
+    spec.update(output="out_long", covariates="long_column.csv",
+                formula=spec["formula"].replace("time", long))
+    path = formula_study / "long_column.json"
+    path.write_text(json.dumps(spec))
+    _check_and_fit_refuse(mpiblmm_command, path, (
+        f"mpiblmm: error: {path}: formula: the default contrast of '{'b' * 37}...': name too "
+        "long: 230 bytes, at most 217 (it names the map files, e.g. "
+        "con_<name>_neglog10p.nii.gz, and a file name has at most 255 bytes); rename the "
+        'column, or give "contrasts" with shorter names'))
+    spec["contrasts"] = [{"name": "slope", "weights": {long: 1}}]  # explicit: fine
+    path.write_text(json.dumps(spec))
+    result = run_cli(mpiblmm_command, "check", str(path), timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
