@@ -434,6 +434,21 @@ def r_column_names(model_matrix: Any) -> tuple[list[str], list[tuple[str, list[i
     return out, terms
 
 
+def _logical(expr: str) -> bool:
+    """``I(...)`` of a comparison or a logical operation: R makes it a logical vector (a
+    factor with levels FALSE and TRUE); formulaic a 0/1 column."""
+    try:
+        node = ast.parse(expr, mode="eval").body
+    except SyntaxError:
+        return False
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id == "I" and len(node.args) == 1):
+        return False
+    inner = node.args[0]
+    return isinstance(inner, (ast.Compare, ast.BoolOp)) or (
+        isinstance(inner, ast.UnaryOp) and isinstance(inner.op, ast.Not))
+
+
 def _r_name(column: str, exprs: list[str], state: dict) -> str | None:
     """R's name of a formulaic column of the factors ``exprs``, or None if it is not theirs."""
     pos, pieces = 0, []
@@ -451,6 +466,8 @@ def _r_name(column: str, exprs: list[str], state: dict) -> str | None:
             if re.match(r"poly\(.*\braw\s*=\s*True\b", e) and level.isdigit():
                 level = str(int(level) + 1)      # formulaic counts raw powers from 0, R from 1
             pos = end + 1
+        elif _logical(e):
+            level = "TRUE"                  # R codes a logical as a factor: I(age > 40)TRUE
         pieces.append(r_expression(e) + (level if level is not None else ""))
         if i < len(exprs) - 1:
             if column[pos:pos + 1] != ":":
