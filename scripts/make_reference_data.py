@@ -518,6 +518,25 @@ def ds_crossed_slope(rng):
     return d, Y, truth, kinds, desc, contrasts
 
 
+def _slope_voxels(rng, v: int, per_unit=(1.0, 1.0)):
+    """Subject covariances of an intercept and a slope for ``v`` voxels: 4 with a zero slope
+    variance, 2 all zero, the rest interior; the slope's units ``per_unit`` (per year -> per
+    day: 365.25)."""
+    per_unit = np.asarray(per_unit, dtype=float)
+    per, kinds = [], []
+    for i in range(v):
+        if i < 4:
+            c, k = covariance([rng.uniform(0.6, 1.2), 0.0]), "zero_slope"
+        elif i < 6:
+            c, k = covariance([0.0, 0.0]), "zero"
+        else:
+            c = covariance([rng.uniform(0.5, 1.5), rng.uniform(0.2, 0.5)], rng.uniform(-0.5, 0.5))
+            k = "interior"
+        per.append({"subject": c / np.outer(per_unit, per_unit)})
+        kinds.append(k)
+    return per, kinds
+
+
 def ds_scaled(rng):
     """Covariates in the units users keep them in: head size in mm^3 (~1.5e6) next to the
     intercept, time in days and age cubed (years^3 ~1e5).  X'X spans ~20 orders of magnitude
@@ -532,17 +551,7 @@ def ds_scaled(rng):
     X = np.column_stack([np.ones(base.n), age_years ** 3, icv, days])
     d = Design(X, ("intercept", "age3", "icv", "days"), base.factors, base.covariates)
     v = 24
-    per, kinds = [], []
-    for i in range(v):
-        if i < 4:
-            c, k = covariance([rng.uniform(0.6, 1.2), 0.0]), "zero_slope"
-        elif i < 6:
-            c, k = covariance([0.0, 0.0]), "zero"
-        else:
-            c = covariance([rng.uniform(0.5, 1.5), rng.uniform(0.2, 0.5)], rng.uniform(-0.5, 0.5))
-            k = "interior"
-        per.append({"subject": c})
-        kinds.append(k)
+    per, kinds = _slope_voxels(rng, v)
     beta = np.column_stack([rng.normal(5, 1, v), rng.normal(0, 2e-6, v), rng.normal(0, 1e-6, v),
                             rng.normal(0, 5e-4, v)])
     Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.5, 1.5, v))
@@ -567,17 +576,7 @@ def ds_days(rng):
     X = d.X * np.array([1.0, 1.0, 365.25])
     d = Design(X, ("intercept", "age", "days"), (days,), d.covariates)
     v = 24
-    per, kinds = [], []
-    for i in range(v):
-        if i < 4:
-            c, k = covariance([rng.uniform(0.6, 1.2), 0.0]), "zero_slope"
-        elif i < 6:
-            c, k = covariance([0.0, 0.0]), "zero"
-        else:
-            c = covariance([rng.uniform(0.5, 1.5), rng.uniform(0.2, 0.5)], rng.uniform(-0.5, 0.5))
-            k = "interior"
-        per.append({"subject": c / np.outer(per_day, per_day)})       # per year -> per day
-        kinds.append(k)
+    per, kinds = _slope_voxels(rng, v, per_day)         # per year -> per day
     beta = np.column_stack([rng.normal(5, 1, v), rng.normal(0, 0.5, v),
                             rng.normal(0.2, 0.3, v) / 365.25])
     Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.5, 1.5, v))
