@@ -1,13 +1,20 @@
 """`mpiblmm check spec.json [--ranks N]`: everything a fit would validate, without fitting.
 
 Lists **every** problem it can find, one line each (the fit stops at the first): the JSON
-Schema's violations, then the files the spec names, the grids of the images, the tables and
-the formula, each contrast, and the thresholds and rank of the design.  With no problem it
+Schema's violations, then the files the spec names, the output folder, the grids of the
+images (a packed HDF5 input: the fit's own checks of its attributes and voxels), the analysis
+mask and the first image's data, the tables and the formula, each contrast, and the
+thresholds and rank of the design and of each factor's covariates.  Where the fit has a check
+the same helper is called here (``mpiblmm.checks``, ``mpiblmm.io.folder_problem``,
+``mpiblmm.io.ingest.describe_packed`` / ``analysis_mask_voxels`` / ``rows_problem``), so
+both print the same line.  Only headers, the mask and the first image are read: the other
+images' data is not (a corrupt later image is found by the fit).  With no problem it
 prints the model summary: n, p and the coefficient names, each factor's levels and effects,
 the contrasts, the candidate voxels, the expected memory per rank and a rough run time for
 N ranks from the estimator's cost measured here on a few simulated voxels of this design.
 
-Runs on rank 0; the other ranks only agree on the exit code (0, or 2 with problems).
+Runs on rank 0; the other ranks only agree on the exit code (0, or 2 with problems).  A
+:class:`UserError` anywhere in it is one of its problems, never rank 0's alone.
 """
 
 from __future__ import annotations
@@ -36,7 +43,10 @@ def run_check(args: Any) -> int:
     comm = MPI.COMM_WORLD
     code = 0
     if comm.Get_rank() == 0:
-        problems, summary = check_spec(args.spec, ranks=args.ranks or comm.Get_size())
+        try:
+            problems, summary = check_spec(args.spec, ranks=args.ranks or comm.Get_size())
+        except UserError as exc:  # one of check's problems, never rank 0's alone (an abort)
+            problems, summary = [str(exc)], []
         if problems:
             for line in problems:
                 print(f"mpiblmm: error: {line}", file=sys.stderr)
@@ -77,14 +87,21 @@ def check_spec(path: str | Path, ranks: int = 1) -> tuple[list[str], list[str]]:
     problems += _missing_files(spec, raw)
     if problems:
         return problems, []
+    _output(spec, problems)
+    before = len(problems)
     grid, n_images = _images(spec, problems)
+    candidates = _candidates(spec, grid, problems) if len(problems) == before else None
     design = _design(spec, problems)
     if design is None:
         return problems, []
     _thresholds(spec, design, n_images, problems)
     if problems:
         return problems, []
-    return [], _summary(spec, design, grid, ranks)
+    try:
+        _estimable(design)
+        return [], _summary(spec, design, candidates or (0, "unknown"), ranks)
+    except UserError as exc:  # whatever the fit would refuse that the steps above missed
+        return [str(exc)], []
 
 
 # --------------------------------------------------------------------------- files
@@ -130,23 +147,35 @@ def _missing_files(spec: Any, raw: dict) -> list[str]:
     return out
 
 
+def _output(spec: Any, problems: list[str]) -> None:
+    """The output folder: the fit creates it (:func:`mpiblmm.io.make_dirs`); here the same
+    error is predicted without creating anything (a file, under a file, not writable)."""
+    from mpiblmm.io import folder_problem
+
+    problem = folder_problem(spec.output, f"{spec.path}: output")
+    if problem is not None:
+        problems.append(str(problem))
+
+
 def _images(spec: Any, problems: list[str]) -> tuple[Any, int | None]:
-    """The grid (from headers only) and the number of observations; grid problems listed."""
-    from mpiblmm.io.nifti import read_grid
+    """The grid (from headers only) and the number of observations; grid problems listed.
+
+    Packed input: the fit's own validation of the file (:func:`~mpiblmm.io.ingest.
+    describe_packed`: attributes, voxel list, analysis mask; no observation is read)."""
+    from mpiblmm.io.images import read_grid
 
     if spec.packed is not None:
-        try:
-            import h5py
+        from mpiblmm.io.ingest import describe_packed
 
-            with h5py.File(spec.packed.h5, "r") as f:
-                ds = f[spec.packed.dataset]
-                shape = tuple(int(s) for s in ds.attrs.get("grid_shape", ds.shape[1:]))
-                listed = ds.attrs.get("voxels")
-                voxels = int(f[listed].shape[0]) if listed is not None else None
-                return _PackedGrid(shape, voxels), int(ds.shape[0])
-        except Exception as exc:
-            problems.append(f"{spec.packed.h5}: cannot read dataset {spec.packed.dataset}: {exc}")
+        try:
+            n, shape, _, stored, keep, _, ours, stored_zim, _, _ = describe_packed(
+                spec.packed.h5, spec.packed.dataset, spec.analysis_mask)
+        except UserError as exc:
+            problems.append(str(exc))
             return None, None
+        exact = ours and (stored_zim or not spec.zero_is_missing)  # no data read by the fit
+        return _PackedGrid(shape, int(keep.size), int(stored.size),
+                           spec.analysis_mask is not None, exact), n
     grid = None
     try:
         grid = read_grid(spec.images[0])
@@ -167,11 +196,15 @@ def _images(spec: Any, problems: list[str]) -> tuple[Any, int | None]:
 
 
 class _PackedGrid:
-    """The grid of packed input, and its candidate voxels when the file lists them."""
+    """The grid of packed input: its stored voxels, and those inside the analysis mask."""
 
-    def __init__(self, shape: tuple[int, ...], voxels: int | None) -> None:
+    def __init__(self, shape: tuple[int, ...], voxels: int, stored: int, masked: bool,
+                 exact: bool) -> None:
         self.shape = shape
-        self.voxels = voxels
+        self.voxels = voxels    # stored voxels inside the analysis mask (if any)
+        self.stored = stored    # voxels the file stores
+        self.masked = masked
+        self.exact = exact      # a file we packed: every stored voxel is observed
 
 
 # --------------------------------------------------------------------------- design
@@ -207,9 +240,17 @@ def _factor_tuples(design: Any) -> list:
 
 
 def _thresholds(spec: Any, design: Any, n_images: int | None, problems: list[str]) -> None:
+    from mpiblmm.checks import random_covariates_problem
+
     where = str(spec.path)
     n, p = design.n, design.p
-    if n_images is not None and n_images != n:
+    if n_images is not None and spec.packed is not None:
+        from mpiblmm.io.ingest import rows_problem
+
+        problem = rows_problem(spec, n_images, n)  # the fit's words
+        if problem is not None:
+            problems.append(str(problem))
+    elif n_images is not None and n_images != n:
         problems.append(f"{where}: images: {n_images} observations but the design has {n} rows")
     if p >= n:
         problems.append(f"{where}: the design has p = {p} fixed effects for n = {n} observations "
@@ -218,7 +259,7 @@ def _thresholds(spec: Any, design: Any, n_images: int | None, problems: list[str
     if rank < p:
         problems.append(f"{where}: the fixed-effects design is rank deficient (rank {rank} of "
                         f"{p} columns: {', '.join(design.fixed_names)})")
-    for f in design.factors:  # lme4's checks of the grouping factors
+    for i, f in enumerate(design.factors):  # lme4's checks of the grouping factors
         what = f"{where}: random factor {f.name!r}"
         if f.n_levels < 2:
             problems.append(f"{what}: has one level; a grouping factor needs at least 2")
@@ -230,14 +271,27 @@ def _thresholds(spec: Any, design: Any, n_images: int | None, problems: list[str
             problems.append(f"{what}: {f.n_levels} levels x {f.n_effects} effects = "
                             f"{f.n_levels * f.n_effects} random effects for {n} observations: "
                             "not identifiable (need fewer random effects than observations)")
+        else:  # dependent covariates Z (e.g. the intercept twice): the fit's check and words
+            problem = random_covariates_problem(design, spec, i)
+            if problem is not None:
+                problems.append(str(problem))
     m = spec.missingness
     if m.min_n is not None and m.min_n > n:
         problems.append(f"{where}: missingness.min_n: {m.min_n} is more than the {n} "
                         "observations: no voxel could be fitted")
 
 
+def _estimable(design: Any) -> None:
+    """What the fit checks of the random design before any data (a crossed remainder too
+    large for the blocked estimator raises :class:`UserError`), as it does."""
+    from mpiblmm.lmm.structure import choose
+    from mpiblmm.pipeline import model_from_design
+
+    choose(model_from_design(design).rd)
+
+
 # --------------------------------------------------------------------------- summary
-def _summary(spec: Any, design: Any, grid: Any, ranks: int) -> list[str]:
+def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) -> list[str]:
     from mpiblmm.io.ingest import DEFAULT_MEMORY_MB
 
     out = [f"spec: {spec.path} ({'formula' if spec.is_formula else 'matrix'} form)"]
@@ -257,7 +311,7 @@ def _summary(spec: Any, design: Any, grid: Any, ranks: int) -> list[str]:
         out.append(f"  {c.name}: {c.kind}{side}: {rows}")
     out.append(f"estimation: {spec.estimation.method}; missingness: min_n "
                f"{spec.missingness.min_n or 'auto'}, min_fraction {spec.missingness.min_fraction}")
-    voxels, how = _candidates(spec, grid)
+    voxels, how = candidates
     out.append(f"candidate voxels: {how}")
     budget = spec.max_memory_mb or DEFAULT_MEMORY_MB
     mem, chunk = _memory(design, voxels, ranks, budget)
@@ -277,28 +331,36 @@ def _weights(row: np.ndarray, names: tuple[str, ...]) -> str:
     return " ".join(parts).lstrip("+")
 
 
-def _candidates(spec: Any, grid: Any) -> tuple[int, str]:
+def _candidates(spec: Any, grid: Any, problems: list[str]) -> tuple[int, str] | None:
     """Voxels the fit would consider: the analysis mask's, else the whole grid (an upper
-    bound: voxels no image observes are dropped when the images are packed)."""
+    bound: voxels no image observes are dropped when the images are packed).
+
+    Reads the analysis mask and the first image only; what the fit would refuse in them (an
+    empty mask, unreadable data) is listed in ``problems`` (then ``None``)."""
     if grid is None:
-        return 0, "unknown"
+        return None
     if isinstance(grid, _PackedGrid):
-        if grid.voxels is not None:
-            return grid.voxels, f"{grid.voxels} (listed in the packed input)"
-        v = int(np.prod(grid.shape))
-        return v, f"at most {v} (packed input, the whole grid)"
-    from mpiblmm.io.ingest import missing
-    from mpiblmm.io.nifti import read_volume
+        where = "in the packed input" + (", inside the analysis mask" if grid.masked else "")
+        if grid.exact:
+            return grid.voxels, f"{grid.voxels} ({where})"
+        return grid.voxels, (f"at most {grid.voxels} ({where}, of {grid.stored} stored; voxels "
+                             "no observation observes are dropped)")
+    from mpiblmm.io.images import read_volume
+    from mpiblmm.io.ingest import analysis_mask_voxels, missing
 
     total = int(np.prod(grid.shape))
     inside = np.ones(grid.shape, dtype=bool)
     where = f"the grid {' x '.join(map(str, grid.shape))}, no analysis mask"
-    if spec.analysis_mask is not None:
-        mask = read_volume(spec.analysis_mask, grid)
-        inside = np.isfinite(mask) & (mask != 0)
-        where = f"in the analysis mask, of {total} on the grid"
+    reference = str(spec.images[0])
+    try:
+        if spec.analysis_mask is not None:
+            inside = analysis_mask_voxels(spec.analysis_mask, grid, reference=reference)
+            where = f"in the analysis mask, of {total} on the grid"
+        first = read_volume(spec.images[0], grid, reference, dtype=np.float64)
+    except UserError as exc:
+        problems.append(str(exc))
+        return None
     v = int(np.count_nonzero(inside))
-    first = read_volume(spec.images[0], grid, dtype=np.float64)
     seen = int(np.count_nonzero(inside & ~missing(first, spec.zero_is_missing)))
     return v, (f"at most {v} ({where}; {seen} observed in the first image; voxels no image "
                "observes are dropped)")

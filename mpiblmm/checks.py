@@ -73,9 +73,7 @@ def check_fittable(design: Any, spec: Any = None) -> None:
     if min_n is not None and min_n > n:
         raise SpecError(f"{min_n} is more than the {n} observations: no voxel could be fitted",
                         f"{spec_path}: missingness.min_n")
-    specs = tuple(getattr(spec, "random", ()) or ())
     for i, f in enumerate(design.factors):
-        fs = specs[i] if i < len(specs) else None
         where = f"{spec_path}: random[{i}] ({f.name!r})"
         l, q = f.n_levels, f.n_effects
         if l < 2:
@@ -86,12 +84,26 @@ def check_fittable(design: Any, spec: Any = None) -> None:
                 "level): the random effects and the residual variance are not identifiable "
                 "(lme4 refuses this too); the number of observations must exceed levels x "
                 "effects", where)
-        k = dependent_column(f.Z)
-        if k is not None:
-            z_where = str(getattr(fs, "design", None) or where)
-            raise SpecError(f"random effects of factor {f.name!r}: "
-                            f"{_column(f.Z, k, tuple(f.effect_names))}: their covariance is "
-                            "not identifiable; drop that column", z_where)
+        problem = random_covariates_problem(design, spec, i)
+        if problem is not None:
+            raise problem
+
+
+def random_covariates_problem(design: Any, spec: Any, i: int) -> SpecError | None:
+    """The error for linearly dependent random-effect covariates ``Z_i`` of factor ``i`` of
+    ``design`` (e.g. the intercept given twice), naming its design file when the spec has
+    one; ``None`` when ``Z_i`` has full column rank.  ``mpiblmm check`` lists it too."""
+    f = design.factors[i]
+    k = dependent_column(f.Z)
+    if k is None:
+        return None
+    specs = tuple(getattr(spec, "random", ()) or ())
+    fs = specs[i] if i < len(specs) else None
+    where = str(getattr(fs, "design", None)
+                or f"{getattr(spec, 'path', 'spec')}: random[{i}] ({f.name!r})")
+    return SpecError(f"random effects of factor {f.name!r}: "
+                     f"{_column(f.Z, k, tuple(f.effect_names))}: their covariance is "
+                     "not identifiable; drop that column", where)
 
 
 def _column(A: np.ndarray, j: int, names: tuple[str, ...]) -> str:

@@ -192,14 +192,57 @@ def make_dirs(path: str | os.PathLike, where: str | None = None) -> None:
     """Create a folder (and parents) if missing; safe when several ranks do it at once.
 
     Raises :class:`UserError` (naming ``where``, e.g. the spec key) when the folder cannot be
-    created, is not a folder, or cannot be written to.
+    created, is not a folder, or cannot be written to.  :func:`folder_problem` predicts the
+    same error without creating anything (``mpiblmm check``).
     """
     path = Path(path)
     try:
         os.makedirs(path, exist_ok=True)
     except FileExistsError:
-        raise UserError(f"{path} exists and is not a folder", where) from None
+        raise _not_a_folder(path, where) from None
     except OSError as exc:
-        raise UserError(f"cannot create the folder {path} ({exc.strerror})", where) from None
+        raise _cannot_create(path, exc.strerror, where) from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write into the folder {path} (permission denied)", where)
+        raise _cannot_write(path, where)
+
+
+def folder_problem(path: str | os.PathLike, where: str | None = None) -> UserError | None:
+    """The :class:`UserError` :func:`make_dirs` would raise for ``path``, found without creating
+    anything (``None`` when it would succeed, as far as the file system tells beforehand):
+    ``path`` is a file, lies under a file, or its folder (or the nearest existing folder
+    above it) cannot be written to or is on a read-only file system."""
+    import errno
+
+    path = Path(path)
+    if path.is_dir():
+        return None if os.access(path, os.W_OK | os.X_OK) else _cannot_write(path, where)
+    if path.exists() or path.is_symlink():
+        return _not_a_folder(path, where)
+    above = path.parent
+    while not (above.exists() or above.is_symlink()) and above != above.parent:
+        above = above.parent
+    if above.is_symlink() and not above.exists():      # a dangling link: makedirs gives ENOENT
+        return _cannot_create(path, os.strerror(errno.ENOENT), where)
+    if not above.is_dir():
+        return _cannot_create(path, os.strerror(errno.ENOTDIR), where)
+    try:
+        read_only = bool(os.statvfs(above).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        return _cannot_create(path, os.strerror(errno.EROFS), where)
+    if not os.access(above, os.W_OK | os.X_OK):
+        return _cannot_create(path, os.strerror(errno.EACCES), where)
+    return None
+
+
+def _not_a_folder(path: Path, where: str | None) -> UserError:
+    return UserError(f"{path} exists and is not a folder", where)
+
+
+def _cannot_create(path: Path, why: str | None, where: str | None) -> UserError:
+    return UserError(f"cannot create the folder {path} ({why})", where)
+
+
+def _cannot_write(path: Path, where: str | None) -> UserError:
+    return UserError(f"cannot write into the folder {path} (permission denied)", where)

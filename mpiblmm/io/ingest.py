@@ -118,16 +118,39 @@ def prepare_input(spec: Any, comm: Any = None, n_expected: int | None = None,
         packed = open_packed(spec.packed.h5, spec.packed.dataset, comm=comm,
                              analysis_mask=spec.analysis_mask,
                              zero_is_missing=spec.zero_is_missing)
-        if n_expected is not None and packed.n_observations != n_expected:
-            agree(comm, SpecError(f"{spec.packed.dataset} has {packed.n_observations} "
-                                   f"observations but {spec.X or spec.covariates} has {n_expected} rows",
-                                   str(spec.packed.h5)))
+        if n_expected is not None:
+            agree(comm, rows_problem(spec, packed.n_observations, n_expected))
         return packed
     return pack_images(
         spec.images, Path(spec.output) / PACKED_NAME if path is None else path, comm=comm,
         analysis_mask=spec.analysis_mask, observation_masks=spec.observation_masks,
         zero_is_missing=spec.zero_is_missing,
         max_memory_mb=spec.max_memory_mb or DEFAULT_MEMORY_MB, fingerprint=fingerprint)
+
+
+def rows_problem(spec: Any, n_observations: int, n_expected: int) -> SpecError | None:
+    """The error for a packed input (``spec.packed``) whose dataset has ``n_observations``
+    rows where the design has ``n_expected``; ``None`` when they agree."""
+    if n_observations == n_expected:
+        return None
+    return SpecError(f"{spec.packed.dataset} has {n_observations} observations but "
+                     f"{spec.X or spec.covariates} has {n_expected} rows", str(spec.packed.h5))
+
+
+def analysis_mask_voxels(path: Path, grid: Grid, reference: str | None = None) -> np.ndarray:
+    """The analysis mask on ``grid`` as a boolean volume: its non-zero, finite voxels.
+
+    Raises :class:`UserError` naming the mask when it lies on another grid than
+    ``reference``'s, cannot be read, or holds no voxel at all (nothing could be fitted).
+    Reads the mask only, so ``mpiblmm check`` refuses an empty mask as the fit does.
+    """
+    m = read_volume(Path(path), grid, reference=reference)
+    inside = np.isfinite(m) & (m != 0)
+    if not inside.any():
+        raise UserError("no voxel is observed in any image inside the analysis mask: the mask "
+                        "is empty (every value is 0, NaN or Inf; voxels where it is non-zero "
+                        "and finite are analysed)", str(path))
+    return inside
 
 
 def input_fingerprint(spec: Any) -> str:
@@ -210,8 +233,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         grid = with_geometry(read_grid(images[0]), images[0])  # read_stored compares it
         mask = None
         if analysis_mask is not None:
-            m = read_volume(Path(analysis_mask), grid, reference=str(images[0]))
-            mask = np.isfinite(m) & (m != 0)
+            mask = analysis_mask_voxels(Path(analysis_mask), grid, reference=str(images[0]))
         try:
             fp = fingerprint or _fingerprint(images, masks, analysis_mask, zero_is_missing)
         except OSError as exc:
@@ -343,8 +365,12 @@ def _partition(n: int, parts: int, part: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- packed input
-def _describe_packed(path: Path, dataset: str, analysis_mask: Path | None) -> tuple:
-    """Rank 0: validate a packed file.
+def describe_packed(path: Path, dataset: str, analysis_mask: Path | None) -> tuple:
+    """Rank 0: validate a packed file (its attributes, voxel list and the analysis mask; no
+    observation is read, so ``mpiblmm check`` runs it too).
+
+    Raises :class:`SpecError` / :class:`UserError` naming the file (or the mask) for what
+    the fit would refuse before reading the data, including no stored voxel inside the mask.
 
     Returns (n, grid shape, affine, stored (S,) grid index of each stored voxel, keep (indices
     into stored inside the mask), 4-D layout?, packed by us?, packed with zero_is_missing?,
@@ -357,69 +383,101 @@ def _describe_packed(path: Path, dataset: str, analysis_mask: Path | None) -> tu
         f = h5py.File(path, "r")
     except OSError as exc:
         raise SpecError(f"not a readable HDF5 file ({exc})", where) from None
-    with f:
-        if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
-            raise SpecError(f"has no dataset {dataset!r}", where)
-        ds = f[dataset]
-        ours = f.attrs.get("format") == PACKED_FORMAT
-        if ours and not bool(f.attrs.get("complete")):
-            raise SpecError("packing did not finish (attribute complete is false); pack again", where)
-        if ds.dtype.kind not in "fiu" or ds.ndim not in (2, 4):
-            raise SpecError(f"{dataset}: expected a numeric (observations x voxels) or "
-                            f"(observations x grid) dataset, got {ds.dtype} {ds.shape}", where)
-        if "affine" not in ds.attrs:
-            raise SpecError(f"{dataset}: attribute 'affine' (4x4) is missing", where)
-        affine = np.asarray(ds.attrs["affine"], dtype=np.float64)
-        if affine.shape != (4, 4):
-            raise SpecError(f"{dataset}: attribute 'affine' must be 4x4, got {affine.shape}", where)
-        if not np.isfinite(affine).all():
-            raise SpecError(f"{dataset}: attribute 'affine' holds NaN or Inf", where)
-        if abs(np.linalg.det(affine[:3, :3])) == 0:
-            raise SpecError(f"{dataset}: attribute 'affine' is not invertible", where)
-        if "grid_shape" in ds.attrs:
-            shape = tuple(int(s) for s in np.asarray(ds.attrs["grid_shape"]).ravel())
-        elif ds.ndim == 4:
-            shape = tuple(int(s) for s in ds.shape[1:])
-        else:
-            raise SpecError(f"{dataset}: attribute 'grid_shape' is missing", where)
-        if len(shape) != 3 or min(shape) < 1:
-            raise SpecError(f"{dataset}: grid_shape must be 3 positive sizes, got {shape}", where)
-        n_grid = int(np.prod(shape))
-        if ds.ndim == 4:
-            if tuple(ds.shape[1:]) != shape:
-                raise SpecError(f"{dataset}: shape {ds.shape} does not match grid_shape {shape}", where)
-            stored = np.arange(n_grid, dtype=np.int64)
-        elif "voxels" in ds.attrs:
-            name = ds.attrs["voxels"]
-            name = name.decode() if isinstance(name, bytes) else str(name)
-            if name not in f:
-                raise SpecError(f"{dataset}: its voxels dataset {name!r} is missing", where)
-            vox = np.asarray(f[name][...])
-            if vox.shape != (ds.shape[1], 3):
-                raise SpecError(f"{name}: expected shape ({ds.shape[1]}, 3), got {vox.shape}", where)
-            if np.any(vox < 0) or np.any(vox >= np.asarray(shape)):
-                raise SpecError(f"{name}: a voxel lies outside grid_shape {shape}", where)
-            stored = np.ravel_multi_index(tuple(vox.T.astype(np.int64)), shape)
-            if np.any(np.diff(stored) <= 0):
-                raise SpecError(f"{name}: voxels must be distinct and in C order", where)
-        elif ds.shape[1] == n_grid:
-            stored = np.arange(n_grid, dtype=np.int64)
-        else:
-            raise SpecError(f"{dataset}: {ds.shape[1]} columns but the grid has {n_grid} voxels "
-                            "and there is no 'voxels' attribute naming their coordinates", where)
-        n = int(ds.shape[0])
-        stored_zim = bool(f.attrs.get("zero_is_missing", False))
-        counts = (np.asarray(f["n_observed"][...], dtype=np.int32)
-                  if ours and "n_observed" in f else None)
-        grid_layout = ds.ndim == 4
-        space = str(f.attrs.get("space", ""))
+    try:
+        with f:
+            described = _describe_open(f, dataset, where)
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:  # h5py's, odd attrs
+        raise SpecError(f"{dataset}: cannot read it ({type(exc).__name__}: {exc})",
+                        where) from None
+    n, shape, affine, stored, grid_layout, ours, stored_zim, counts, space = described
     if analysis_mask is not None:
-        m = read_volume(Path(analysis_mask), Grid(shape, affine, space), reference=where)
-        in_mask = (np.isfinite(m) & (m != 0)).reshape(-1)
+        in_mask = analysis_mask_voxels(Path(analysis_mask), Grid(shape, affine, space),
+                                       reference=where).reshape(-1)
         keep = np.flatnonzero(in_mask[stored])
+        if keep.size == 0:
+            raise _nothing_observed(path, analysis_mask)
     else:
         keep = np.arange(stored.size, dtype=np.int64)
     return n, shape, affine, stored, keep, grid_layout, ours, stored_zim, counts, space
+
+
+def _describe_open(f: Any, dataset: str, where: str) -> tuple:
+    """:func:`describe_packed` of the open file ``f``, without the analysis mask."""
+    import h5py
+
+    if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
+        raise SpecError(f"has no dataset {dataset!r}", where)
+    ds = f[dataset]
+    ours = f.attrs.get("format") == PACKED_FORMAT
+    if ours and not bool(f.attrs.get("complete")):
+        raise SpecError("packing did not finish (attribute complete is false); pack again", where)
+    if ds.dtype.kind not in "fiu" or ds.ndim not in (2, 4):
+        raise SpecError(f"{dataset}: expected a numeric (observations x voxels) or "
+                        f"(observations x grid) dataset, got {ds.dtype} {ds.shape}", where)
+    if "affine" not in ds.attrs:
+        raise SpecError(f"{dataset}: attribute 'affine' (4x4) is missing", where)
+    affine = np.asarray(ds.attrs["affine"])
+    if affine.dtype.kind not in "fiu":
+        raise SpecError(f"{dataset}: attribute 'affine' must be 4x4 numbers, got "
+                        f"{affine.dtype}", where)
+    affine = affine.astype(np.float64)
+    if affine.shape != (4, 4):
+        raise SpecError(f"{dataset}: attribute 'affine' must be 4x4, got {affine.shape}", where)
+    if not np.isfinite(affine).all():
+        raise SpecError(f"{dataset}: attribute 'affine' holds NaN or Inf", where)
+    if abs(np.linalg.det(affine[:3, :3])) == 0:
+        raise SpecError(f"{dataset}: attribute 'affine' is not invertible", where)
+    if "grid_shape" in ds.attrs:
+        given = np.asarray(ds.attrs["grid_shape"]).ravel()
+        if given.dtype.kind not in "iuf" or not np.all(np.isfinite(given) & (given % 1 == 0)):
+            raise SpecError(f"{dataset}: grid_shape must be 3 positive whole numbers, got "
+                            f"{given.tolist()!r}", where)
+        shape = tuple(int(s) for s in given)
+    elif ds.ndim == 4:
+        shape = tuple(int(s) for s in ds.shape[1:])
+    else:
+        raise SpecError(f"{dataset}: attribute 'grid_shape' is missing", where)
+    if len(shape) != 3 or min(shape) < 1:
+        raise SpecError(f"{dataset}: grid_shape must be 3 positive sizes, got {shape}", where)
+    n_grid = int(np.prod(shape))
+    if ds.ndim == 4:
+        if tuple(ds.shape[1:]) != shape:
+            raise SpecError(f"{dataset}: shape {ds.shape} does not match grid_shape {shape}", where)
+        stored = np.arange(n_grid, dtype=np.int64)
+    elif "voxels" in ds.attrs:
+        name = ds.attrs["voxels"]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        if name not in f:
+            raise SpecError(f"{dataset}: its voxels dataset {name!r} is missing", where)
+        if not isinstance(f[name], h5py.Dataset):
+            raise SpecError(f"{dataset}: its voxels {name!r} is not a dataset", where)
+        vox = np.asarray(f[name][...])
+        if vox.dtype.kind not in "iu":
+            raise SpecError(f"{name}: expected integer voxel coordinates, got {vox.dtype}", where)
+        if vox.shape != (ds.shape[1], 3):
+            raise SpecError(f"{name}: expected shape ({ds.shape[1]}, 3), got {vox.shape}", where)
+        if np.any(vox < 0) or np.any(vox >= np.asarray(shape)):
+            raise SpecError(f"{name}: a voxel lies outside grid_shape {shape}", where)
+        stored = np.ravel_multi_index(tuple(vox.T.astype(np.int64)), shape)
+        if np.any(np.diff(stored) <= 0):
+            raise SpecError(f"{name}: voxels must be distinct and in C order", where)
+    elif ds.shape[1] == n_grid:
+        stored = np.arange(n_grid, dtype=np.int64)
+    else:
+        raise SpecError(f"{dataset}: {ds.shape[1]} columns but the grid has {n_grid} voxels "
+                        "and there is no 'voxels' attribute naming their coordinates", where)
+    n = int(ds.shape[0])
+    stored_zim = bool(f.attrs.get("zero_is_missing", False))
+    counts = (np.asarray(f["n_observed"][...], dtype=np.int32)
+              if ours and "n_observed" in f else None)
+    grid_layout = ds.ndim == 4
+    space = str(f.attrs.get("space", ""))
+    return n, shape, affine, stored, grid_layout, ours, stored_zim, counts, space
+
+
+def _nothing_observed(path: Path, analysis_mask: Path | None) -> UserError:
+    return UserError("no voxel is observed in any observation"
+                     + (" inside the analysis mask" if analysis_mask else ""), str(path))
 
 
 def open_packed(path: Path, dataset: str = "/Y", comm: Any = None,
@@ -433,7 +491,7 @@ def open_packed(path: Path, dataset: str = "/Y", comm: Any = None,
     """
     path = Path(path)
     n, shape, affine, stored, keep, grid_layout, ours, stored_zim, counts, space = on_root(
-        comm, lambda: _describe_packed(path, dataset, analysis_mask))
+        comm, lambda: describe_packed(path, dataset, analysis_mask))
     columns = stored[keep] if grid_layout else keep.astype(np.int64)
     if not (ours and (stored_zim or not zero_is_missing)):
         seen = _observed_columns(path, dataset, n, shape, columns, grid_layout,
@@ -441,8 +499,7 @@ def open_packed(path: Path, dataset: str = "/Y", comm: Any = None,
         keep, columns = keep[seen], columns[seen]
         counts = None  # stored counts do not apply to a stricter missingness rule
     if keep.size == 0:
-        agree(comm, UserError("no voxel is observed in any observation"
-                               + (" inside the analysis mask" if analysis_mask else ""), str(path)))
+        agree(comm, _nothing_observed(path, analysis_mask))
     voxels = np.column_stack(np.unravel_index(stored[keep], shape)).astype(np.int32)
     return PackedInput(path, dataset, n, shape, affine, voxels, columns.astype(np.int64),
                        grid_layout, zero_is_missing, None if counts is None else counts[keep],
