@@ -297,6 +297,9 @@ def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) ->
     out = [f"spec: {spec.path} ({'formula' if spec.is_formula else 'matrix'} form)"]
     if spec.is_formula:
         out.append(f"formula: {spec.formula}")
+        from mpiblmm import formula as fm
+
+        out += [f"note: {note}" for note in fm.suspicious_text_columns(fm.read_table(spec.covariates))]
     out.append(f"observations: n = {design.n}")
     out.append(f"fixed effects: p = {design.p}: {', '.join(design.fixed_names)}")
     out.append(f"random factors: {len(design.factors)}, q = {design.structure.q}")

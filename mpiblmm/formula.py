@@ -129,6 +129,30 @@ def _numeric(table: Table, name: str) -> np.ndarray | None:
     return values
 
 
+def suspicious_text_columns(table: Table, most: int = 2) -> list[str]:
+    """Notes on columns read as text (factors) although all but at most ``most`` of their
+    cells are numbers (``2.O`` typed for ``2.0``): as in R, one such cell turns a covariate
+    into a factor of many levels, silently; ``check`` says so."""
+    notes = []
+    for name in table.names:
+        bad = []
+        for line, cell in zip(table.lines, table.cells[name]):
+            try:
+                float(cell)
+            except ValueError:
+                if cell not in MISSING_TOKENS:
+                    bad.append((line, cell))
+                    if len(bad) > most:
+                        break
+        numbers = table.n - len(bad)
+        if 0 < len(bad) <= most and numbers >= 5 * len(bad):
+            cells = ", ".join(f"row {line}: {cell!r}" for line, cell in bad)
+            notes.append(f"column {name!r} of {table.path} is read as text (a factor) because "
+                         f"of {cells}; every other cell is a number: fix the cell if it is a "
+                         "typo")
+    return notes
+
+
 # --------------------------------------------------------------------------- parsing
 @dataclass(frozen=True)
 class Bar:

@@ -134,3 +134,23 @@ def test_check_through_the_cli(tmp_path, run_mpi, mpiblmm_command):
     assert run.returncode == 2
     errors = [ln for ln in run.stderr.splitlines() if ln.startswith("mpiblmm: error:")]
     assert len(errors) == 3 and "Traceback" not in run.stderr, run.stderr
+
+
+def test_check_notes_a_numeric_column_turned_text_by_one_cell(tmp_path):
+    """One '2.O' in a numeric column makes it a factor (as in R): check says which cell."""
+    write_study(tmp_path, subjects=6, visits=3, shape=(3, 3, 2), seed=4, form="formula")
+    lines = (tmp_path / "participants.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    cells = lines[5].split(",")
+    cells[header.index("visit")] = "2.O"
+    lines[5] = ",".join(cells)
+    (tmp_path / "edited.csv").write_text("\n".join(lines) + "\n")
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    spec.update(formula="y ~ visit + (1 | subject)", contrasts=[], covariates="edited.csv")
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    problems, summary = check_spec(tmp_path / "s.json")
+    assert not problems
+    notes = [line for line in summary if line.startswith("note: ")]
+    assert len(notes) == 1 and "column 'visit'" in notes[0] and "row 6: '2.O'" in notes[0], notes
+    _, clean = check_spec(tmp_path / "spec.json")
+    assert not [line for line in clean if line.startswith("note: ")]
