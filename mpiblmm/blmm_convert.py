@@ -13,13 +13,18 @@ every path is resolved here against the working directory and written relative t
 spec's folder (absolute when the spec is printed); an image or mask list whose entries
 would resolve differently is written into the spec as a JSON list.
 
-Every BLMM option without an equivalent is reported, one line each, on stderr.
+Every BLMM option without an equivalent is reported, one line each, on stderr; an option
+whose loss would change the results (``data_mask_thresh``) or a value BLMM itself refuses or
+that cannot be honoured (``MinPercent`` above 1, an absurd ``maxnit``, a malformed contrast)
+is an error naming the key.  BLMM's T maps hold the one-sided (upper-tail) -log10 p, so T
+contrasts are written with ``"alternative": "greater"``.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import math
 import operator
 import os
 import re
@@ -28,23 +33,40 @@ from pathlib import Path
 from typing import Any
 
 from mpiblmm.errors import SpecError
+from mpiblmm.spec import MAX_ITERATIONS
 
-#: BLMM options with no mpiblmm equivalent, and why.
+CLUSTER = "cluster setting: mpiblmm shares voxels over MPI ranks (mpirun -n N)"
+#: BLMM options with no mpiblmm equivalent whose absence does not change the results, and why.
 NO_EQUIVALENT = {
     "MAXMEM": "mpiblmm budgets memory per rank: set max_memory_mb (MiB, default 2048)",
-    "data_mask_thresh": "mpiblmm has no data threshold: values below it stay observations "
-                        "(apply it to the images, or use observation_masks)",
-    "OutputCovB": "mpiblmm always writes cov_beta",
+    "OutputCovB": "mpiblmm always writes cov_beta, into results.h5 only (no map like "
+                  "blmm_vox_cov)",
     "minlog": "mpiblmm stores -log10(p) without a floor",
     "method": "mpiblmm's estimator is its own (Fisher scoring with a polish); BLMM's pSFS/SFS/"
               "pFS/FS choice does not apply",
-    "voxelBatching": "mpiblmm shares voxels over MPI ranks (mpirun -n N)",
-    "maxnvb": "mpiblmm shares voxels over MPI ranks (mpirun -n N)",
-    "resms": "mpiblmm always writes sigma2",
+    "clusterType": CLUSTER,
+    "numNodes": CLUSTER,
+    "voxelBatching": CLUSTER,
+    "maxnvb": CLUSTER,
+    "resms": "mpiblmm does not compute BLMM's resms (e'e/(n-p), blmm_vox_resms); it writes the "
+             "model's residual variance sigma2 (sigma2.nii.gz, sigma2 in results.h5)",
     "safeMode": "mpiblmm fits a voxel only with enough observations (missingness.min_n "
                 "defaults to what the estimator needs)",
 }
+#: Why ``data_mask_thresh`` is refused (BLMM's ``blmm_batch.obtainY``: after multiplying an
+#: image by its data mask, every value below the threshold becomes 0, i.e. missing).
+DATA_MASK_THRESH = (
+    "cannot be converted: BLMM treats every image value below it (after multiplying by "
+    "data_mask_files) as missing, and mpiblmm has no such threshold; set those values to 0 or "
+    "NaN in the images themselves (both are missing in mpiblmm) and delete data_mask_thresh")
+#: BLMM's blmm_vox_conTlp is -log10 of the upper-tail p (``T2P3D``).
+T_ALTERNATIVE = "greater"
+ALTERNATIVE_NOTE = (
+    'contrasts: T contrasts are written with "alternative": "greater", as BLMM\'s '
+    "blmm_vox_conTlp is the one-sided (upper-tail) -log10 p; delete it from the spec for "
+    "two-sided p-values")
 NAME_BAD = re.compile(r"[^A-Za-z0-9_.\-]")
+VECTOR_SHAPE = "a vector such as [1, 0, 0] (T) or a matrix such as [[1, 0, 0], [0, 1, 0]] (F)"
 
 
 def run_convert(args: Any) -> int:
@@ -63,7 +85,7 @@ def run_convert(args: Any) -> int:
                 Path(args.output).write_text(text)
             else:
                 sys.stdout.write(text)
-            for note in notes:
+            for note in notes + conversion_notes(spec):
                 print(f"mpiblmm: convert-blmm: {note}", file=sys.stderr)
             if args.output:
                 print(f"mpiblmm: spec written to {args.output}; check it with: mpiblmm check "
@@ -77,6 +99,14 @@ def run_convert(args: Any) -> int:
     return 0
 
 
+def conversion_notes(spec: dict) -> list[str]:
+    """What the converted spec says differently from its defaults on BLMM's behalf (printed
+    after the notes of :func:`convert_file`)."""
+    if any(c.get("alternative") == T_ALTERNATIVE for c in spec.get("contrasts", [])):
+        return [ALTERNATIVE_NOTE]
+    return []
+
+
 def convert_file(config: str | os.PathLike, output: str | os.PathLike | None = None,
                  cwd: str | os.PathLike | None = None) -> tuple[dict, list[str]]:
     """Read a BLMM config; return (spec, notes).  ``output`` is where the spec will be
@@ -88,6 +118,8 @@ def convert_file(config: str | os.PathLike, output: str | os.PathLike | None = N
         raw = yaml.safe_load(config.read_text())
     except OSError as exc:
         raise SpecError(f"cannot read: {exc.strerror or exc}", str(config)) from None
+    except UnicodeDecodeError:
+        raise SpecError("cannot read: not a text file (UTF-8)", str(config)) from None
     except yaml.YAMLError as exc:
         raise SpecError("not valid YAML: " + " ".join(str(exc).split()), str(config)) from None
     if not isinstance(raw, dict):
@@ -122,20 +154,27 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
     spec["X"] = path(need("X"), "X")
     spec["random"] = _factors(need("Z"), where, path, notes)
     if raw.get("contrasts") is not None:
-        spec["contrasts"] = _contrasts(raw["contrasts"], where, notes)
+        spec["contrasts"] = _contrasts(raw["contrasts"], where, notes,
+                                       _x_columns(raw["X"], cwd))
     if raw.get("analysis_mask"):
         spec["analysis_mask"] = path(raw["analysis_mask"], "analysis_mask")
+    if "data_mask_thresh" in raw:
+        raise SpecError(DATA_MASK_THRESH, f"{where}: data_mask_thresh")
     if raw.get("data_mask_files"):
         spec["observation_masks"] = _list_or_file(raw["data_mask_files"], "data_mask_files",
                                                   path, cwd, notes)
+        notes.append("data_mask_files: written as observation_masks: BLMM multiplies each "
+                     "image by its mask, mpiblmm only drops the observations where the mask "
+                     "is 0; the same for 0/1 masks (multiply the images by any other masks "
+                     "first)")
     missing = _missingness(raw.get("Missingness"), where)
     if missing:
         spec["missingness"] = missing
     estimation = {}
     if raw.get("maxnit") is not None:
-        estimation["max_iterations"] = int(_number(raw["maxnit"], f"{where}: maxnit"))
+        estimation["max_iterations"] = _max_iterations(raw["maxnit"], f"{where}: maxnit")
     if raw.get("tol") is not None:
-        estimation["tolerance"] = _number(raw["tol"], f"{where}: tol")
+        estimation["tolerance"] = _tolerance(raw["tol"], f"{where}: tol")
     if estimation:
         spec["estimation"] = estimation
     spec["output"] = path(need("outdir"), "outdir")
@@ -157,8 +196,8 @@ def _list_or_file(value: Any, key: str, path, cwd: Path, notes: list[str]) -> An
     try:
         entries = [ln.strip() for ln in list_path.read_text().splitlines()
                    if ln.strip() and not ln.strip().startswith("#")]
-    except OSError:
-        return path(value, key)  # the spec's loader names the missing file
+    except (OSError, UnicodeDecodeError):
+        return path(value, key)  # the spec's loader names the missing or unreadable file
     relative = [e for e in entries if not Path(os.path.expanduser(e)).is_absolute()]
     if not relative or list_path.parent.resolve() == cwd.resolve():
         return path(value, key)
@@ -196,28 +235,115 @@ def _factors(value: Any, where: str, path, notes: list[str]) -> list[dict]:
     return out
 
 
-def _contrasts(value: Any, where: str, notes: list[str]) -> list[dict]:
+def _contrasts(value: Any, where: str, notes: list[str], p: int | None) -> list[dict]:
+    """BLMM's contrasts; ``p``: the columns of X (``None`` when X cannot be read here: then
+    every contrast must have the length of the first, as BLMM takes p from it)."""
     out = []
+    first = None
     for label, c in _items(value, f"{where}: contrasts", "c"):
+        key = f"{where}: contrasts: {label}.vector"
         if c.get("vector") is None:
-            raise SpecError("required field is missing", f"{where}: contrasts: {label}.vector")
-        vector = c["vector"]
-        if isinstance(vector, str):
-            try:
-                vector = ast.literal_eval(vector)
-            except (ValueError, SyntaxError):
-                raise SpecError(f"not a vector or matrix: {vector!r}",
-                                f"{where}: contrasts: {label}.vector") from None
-        kind = "F" if isinstance(vector, list) and vector and isinstance(vector[0], list) else "T"
+            raise SpecError("required field is missing", key)
+        vector = _vector(c["vector"], key)
+        kind = "F" if isinstance(vector[0], list) else "T"
+        rows = vector if kind == "F" else [vector]
+        width = len(rows[0])
+        if p is not None and width != p:
+            raise SpecError(f"has {width} weights per row, but X has {p} columns (one weight "
+                            "per column)", key)
+        if p is None and first is not None and width != first[1]:
+            raise SpecError(f"has {width} weights per row, but {first[0]} has {first[1]} (one "
+                            "weight per column of X)", key)
+        first = first or (label, width)
+        _check_rank(rows, kind, key)
         stat = str(c.get("statType", kind)).upper()
         if stat != kind:
             notes.append(f"contrasts: {label}.statType: {stat} given, but the vector makes a "
                          f"{kind} contrast; mpiblmm takes the kind from the vector")
         for extra in sorted(set(c) - {"name", "vector", "statType"}):
             notes.append(f"contrasts: {label}.{extra}: unknown BLMM field, not converted")
-        out.append({"name": _name(c.get("name") or label, f"contrasts: {label}.name", notes),
-                    "weights": vector})
+        entry = {"name": _name(c.get("name") or label, f"contrasts: {label}.name", notes),
+                 "weights": vector}
+        if kind == "T":
+            entry["alternative"] = T_ALTERNATIVE
+        out.append(entry)
     return out
+
+
+def _vector(value: Any, key: str) -> list:
+    """A contrast as BLMM's ``str2vec`` reads it: the text of the YAML value, quotes removed,
+    every single space a separator (``[0 0 1]`` is ``[0, 0, 1]``), then evaluated (here as
+    numbers and lists only, without ``eval``).  A list of numbers (T) or of equally long
+    lists of numbers (F), every weight finite.  ``str2vec`` deletes every comma, so it reads
+    ``'[1,0,0]'`` (a quoted string without spaces) as ``[100]``: refused rather than guessed."""
+    text = str(value).replace("'", "")
+    text = text.replace("][", "], [").replace("],[", "], [").replace("] [", "], [")
+    text = text.replace("[ [", "[[").replace("] ]", "]]")
+    if re.search(r",[^ \]]", text):
+        raise SpecError("BLMM joins the numbers around a comma without a space after it (it "
+                        f"reads '[1,0,0]' as [100]): put a space after each comma: {_show(value)}",
+                        key)
+    text = ", ".join(part.replace(",", "") for part in text.split(" "))
+    try:
+        vector = _literal(ast.parse(text, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError,
+            MemoryError):
+        raise SpecError(f"not {VECTOR_SHAPE}: {_show(value)}", key) from None
+    if not isinstance(vector, list) or not vector:
+        raise SpecError(f"expected {VECTOR_SHAPE}, got {_show(value)}", key)
+    if all(isinstance(x, list) for x in vector):
+        if any(not row or any(isinstance(x, list) for x in row) for row in vector):
+            raise SpecError(f"expected {VECTOR_SHAPE}, got {_show(value)}", key)
+        if len({len(row) for row in vector}) != 1:
+            raise SpecError(f"the rows have different lengths: {_show(value)}", key)
+        weights = [x for row in vector for x in row]
+    elif any(isinstance(x, list) for x in vector):
+        raise SpecError(f"expected {VECTOR_SHAPE}, got {_show(value)}", key)
+    else:
+        weights = vector
+    if not all(math.isfinite(x) for x in weights):
+        raise SpecError(f"every weight must be a finite number: {_show(value)}", key)
+    return vector
+
+
+def _literal(node: ast.AST) -> Any:
+    """Lists (or tuples) of arithmetic, as lists of numbers."""
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(x) for x in node.elts]
+    value = _arith(node)
+    return float(value) if isinstance(value, int) and abs(value) > 2**53 else value
+
+
+def _check_rank(rows: list[list], kind: str, key: str) -> None:
+    """The contrast can be tested: not all zero, an F contrast's rows independent."""
+    import numpy as np
+
+    L = np.asarray(rows, dtype=np.float64)
+    rank = np.linalg.matrix_rank(L)
+    if rank == 0:
+        raise SpecError("all weights are zero", key)
+    if kind == "F" and rank < L.shape[0]:
+        raise SpecError(f"the {L.shape[0]} rows are linearly dependent (rank {rank}); drop the "
+                        "redundant rows", key)
+
+
+def _x_columns(value: Any, cwd: Path) -> int | None:
+    """The number of columns of BLMM's X, or ``None`` when it cannot be read here (the
+    spec's loader reports that)."""
+    from mpiblmm.design import read_numeric_csv
+
+    if not isinstance(value, str) or not value.strip():
+        return None
+    p = Path(os.path.expanduser(value.strip()))
+    try:
+        return read_numeric_csv(p if p.is_absolute() else cwd / p).shape[1]
+    except SpecError:
+        return None
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _name(value: Any, key: str, notes: list[str]) -> str:
@@ -231,6 +357,9 @@ def _name(value: Any, key: str, notes: list[str]) -> str:
 
 
 def _missingness(value: Any, where: str) -> dict:
+    """BLMM's ``Missingness`` (``blmm_concat``): a voxel is kept with at least ``MinN``
+    observations and at least ``MinPercent`` x n, ``MinPercent`` a fraction (0.1) or a
+    percentage string (``"10%"``) from 0 to 1."""
     if not value:
         return {}
     if not isinstance(value, dict):
@@ -238,37 +367,90 @@ def _missingness(value: Any, where: str) -> dict:
     lower = {str(k).lower(): v for k, v in value.items()}
     out = {}
     if lower.get("minn") is not None:
-        out["min_n"] = int(_number(lower["minn"], f"{where}: Missingness.MinN"))
+        key = f"{where}: Missingness.MinN"
+        min_n = _number(lower["minn"], key)
+        if not _finite(min_n) or min_n > 2**31 - 1:
+            raise SpecError(f"expected a number of observations, got {_show(lower['minn'])}", key)
+        if min_n >= 1:  # BLMM drops voxels with fewer than MinN observations
+            out["min_n"] = math.ceil(min_n)
     if lower.get("minpercent") is not None:
+        key = f"{where}: Missingness.MinPercent"
         text = str(lower["minpercent"])
-        frac = (_number(text.replace("%", ""), f"{where}: Missingness.MinPercent") / 100.0
-                if "%" in text else _number(text, f"{where}: Missingness.MinPercent"))
+        frac = _number(text.replace("%", ""), key)
+        if "%" in text:
+            frac = frac / 100.0 if _finite(frac) else math.nan
+        if not _finite(frac) or not 0 <= frac <= 1:
+            raise SpecError("expected a fraction from 0 to 1 (0.1 keeps the voxels observed in "
+                            "at least 10% of the images) or a percentage such as '10%', got "
+                            f"{_show(lower['minpercent'])} (BLMM refuses it too)", key)
         out["min_fraction"] = frac
     return out
 
 
+def _max_iterations(value: Any, key: str) -> int:
+    n = _number(value, key)
+    if not _finite(n) or n != int(n) or not 1 <= n <= MAX_ITERATIONS:
+        raise SpecError(f"expected a whole number of iterations from 1 to {MAX_ITERATIONS} "
+                        f"(mpiblmm's estimation.max_iterations), got {_show(value)}", key)
+    return int(n)
+
+
+def _tolerance(value: Any, key: str) -> float:
+    t = _number(value, key)
+    if not _finite(t) or t <= 0:
+        raise SpecError(f"expected a number greater than 0, got {_show(value)}", key)
+    return t
+
+
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-        ast.Div: operator.truediv, ast.Pow: operator.pow, ast.USub: operator.neg}
+        ast.Div: operator.truediv, ast.USub: operator.neg}
 
 
 def _number(value: Any, where: str) -> float:
     """A number as BLMM accepts it: YAML number or a Python arithmetic string (``1e-6``,
-    ``2**32``), evaluated without ``eval``."""
+    ``2**32``), evaluated without ``eval``.  May be infinite or NaN (``1e400``, ``.nan``):
+    the caller checks the range."""
     if isinstance(value, bool):
         raise SpecError(f"expected a number, got {value!r}", where)
     if isinstance(value, (int, float)):
         return value
     try:
         return _arith(ast.parse(str(value).strip(), mode="eval").body)
-    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError):
+    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError,
+            MemoryError):
         raise SpecError(f"expected a number, got {value!r}", where) from None
 
 
 def _arith(node: ast.AST) -> float:
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) \
+            and not isinstance(node.value, bool):
         return node.value
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        return _power(_arith(node.left), _arith(node.right))
     if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
         return _OPS[type(node.op)](_arith(node.left), _arith(node.right))
     if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
         return _OPS[type(node.op)](_arith(node.operand))
     raise ValueError("not arithmetic")
+
+
+def _power(base: float, exponent: float) -> float:
+    """``base ** exponent``, exact for small whole numbers (``2**32``), else in floating point
+    (so ``10**10**10`` is infinite at once rather than a number of ten billion digits)."""
+    if isinstance(base, int) and isinstance(exponent, int) and 0 <= exponent <= 1024 \
+            and abs(base) <= 2**32:
+        return base ** exponent
+    try:
+        result = float(base) ** float(exponent)
+    except OverflowError:
+        return math.inf
+    if isinstance(result, complex):
+        raise ValueError("not a real number")
+    return result

@@ -15,7 +15,7 @@ import json
 import re
 from typing import Any
 
-from mpiblmm.spec import ALTERNATIVES, NAME_PATTERN, NAME_RULE, TOP_KEYS  # noqa: E402
+from mpiblmm.spec import ALTERNATIVES, MAX_ITERATIONS, NAME_PATTERN, NAME_RULE, TOP_KEYS  # noqa: E402
 
 NAME = {"type": "string", "pattern": NAME_PATTERN.pattern, "description": NAME_RULE}
 PATH = {"type": "string", "minLength": 1, "description": "a non-empty string"}
@@ -98,7 +98,8 @@ SCHEMA: dict[str, Any] = {
                 "tolerance": {"type": ["number", "null"], "exclusiveMinimum": 0,
                               "description": "a number greater than 0"},
                 "max_iterations": {"type": ["integer", "null"], "minimum": 1,
-                                   "description": "a whole number of at least 1"},
+                                   "maximum": MAX_ITERATIONS,
+                                   "description": f"a whole number from 1 to {MAX_ITERATIONS}"},
             },
         },
         "max_memory_mb": {"type": ["number", "null"], "exclusiveMinimum": 0,

@@ -50,6 +50,9 @@ LONGEST_MAP_FILES = {
 #: (mpiblmm.io.images picks the reader).
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".func.gii", ".shape.gii")
 ALTERNATIVES = ("two-sided", "greater", "less")
+#: The largest ``estimation.max_iterations``: far above what a voxel needs (the default is
+#: 300, BLMM's 10000), and small enough for the estimator's integer counters.
+MAX_ITERATIONS = 10**6
 
 TOP_KEYS = frozenset({
     "images", "X", "random", "covariates", "formula", "contrasts", "output", "fixed_names",

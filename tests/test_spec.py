@@ -78,6 +78,14 @@ def test_all_optional_keys(tmp_path):
     assert spec.max_memory_mb == 512.0
 
 
+def test_max_iterations_bound(tmp_path):
+    from mpiblmm.spec import MAX_ITERATIONS
+
+    assert MAX_ITERATIONS == 10**6
+    spec = load_spec(write_study(tmp_path, estimation={"max_iterations": MAX_ITERATIONS}))
+    assert spec.estimation.max_iterations == MAX_ITERATIONS
+
+
 def test_packed_images(tmp_path):
     (tmp_path / "packed.h5").write_bytes(b"")
     spec = load_spec(write_study(tmp_path, images={"h5": "packed.h5"}))
@@ -127,6 +135,12 @@ def test_list_file_paths_are_relative_to_the_list(tmp_path):
     ({"estimation": {"method": "OLS"}}, "spec.json: estimation.method: expected \"REML\" or \"ML\""),
     ({"estimation": {"tolerance": -1}}, "spec.json: estimation.tolerance: expected a number greater than 0"),
     ({"estimation": {"max_iterations": 1.5}}, "spec.json: estimation.max_iterations: expected a whole number"),
+    ({"estimation": {"max_iterations": 10**6 + 1}},
+     "spec.json: estimation.max_iterations: expected a whole number from 1 to 1000000, got 1000001"),
+    ({"estimation": {"max_iterations": 2**63}},     # an OverflowError in the fit, unbounded
+     "spec.json: estimation.max_iterations: expected a whole number from 1 to 1000000"),
+    ({"estimation": {"max_iterations": 1e300}},
+     "spec.json: estimation.max_iterations: expected a whole number from 1 to 1000000"),
     ({"max_memory_mb": 0}, "spec.json: max_memory_mb: expected a number greater than 0"),
     ({"fixed_names": []}, "spec.json: fixed_names: expected a non-empty list of names"),
     ({"analysis_mask": "mask.png"}, "spec.json: analysis_mask: expected a NIfTI file"),

@@ -2,7 +2,9 @@
 
 The end-to-end case writes a reference dataset as a BLMM study (image list, X, factor and
 design CSVs, contrasts as ``- c1: {name, vector}``), converts it through the command line
-and fits it: the results equal bit for bit those of the hand-written matrix spec.
+and fits it: the results equal bit for bit those of the hand-written matrix spec (with BLMM's
+one-sided T tests).  What cannot be converted without changing the results is one error line
+naming the key, exit 2.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpiblmm.blmm_convert import convert_file
+from mpiblmm.blmm_convert import ALTERNATIVE_NOTE, conversion_notes, convert_file
 from mpiblmm.errors import SpecError
 from tests.cli.studies import assert_same_datasets, read_results, write_reference_study
 from tests.refdata import load_dataset
@@ -37,7 +39,6 @@ SEVERAL = """\
 MAXMEM: 2**32
 Y_files: data/Y.txt
 data_mask_files: data/M_.txt
-data_mask_thresh: 0.1
 X: data/X.csv
 Z:
   - f1:
@@ -73,9 +74,10 @@ def test_minimal_readme_style_config(tmp_path):
         "images": f"{tmp_path}/data/Y.txt", "X": f"{tmp_path}/data/X.csv",
         "random": [{"name": "subject", "factor": f"{tmp_path}/data/Z1factorVector.csv",
                     "design": f"{tmp_path}/data/Z1DesignMatrix.csv"}],
-        "contrasts": [{"name": "Tcon1", "weights": [1, 0, 1, 0, 1]}],
+        "contrasts": [{"name": "Tcon1", "weights": [1, 0, 1, 0, 1], "alternative": "greater"}],
         "output": f"{tmp_path}/out"}
     assert notes == []
+    assert conversion_notes(spec) == [ALTERNATIVE_NOTE]
 
 
 def test_config_with_optional_fields(tmp_path):
@@ -84,13 +86,118 @@ def test_config_with_optional_fields(tmp_path):
     assert spec["images"] == "data/Y.txt" and spec["observation_masks"] == "data/M_.txt"
     assert spec["random"][1] == {"name": "site_name", "factor": "data/Z2factorVector.csv",
                                  "design": "data/Z2DesignMatrix.csv"}
-    assert spec["contrasts"][1]["weights"] == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+    assert spec["contrasts"] == [
+        {"name": "Tcon1", "weights": [1, 0, 0], "alternative": "greater"},
+        {"name": "Fcon1", "weights": [[1, 0, 0], [0, 1, 0], [0, 0, 1]]}]   # F: no direction
     assert spec["missingness"] == {"min_n": 15, "min_fraction": 0.1}
     assert spec["estimation"] == {"max_iterations": 500, "tolerance": 1e-6}
     assert spec["analysis_mask"] == "data/mask.nii.gz" and spec["output"] == "out"
     keys = [n.split(":")[0] for n in notes]
-    assert keys == ["Z", "MAXMEM", "data_mask_thresh", "OutputCovB"]
-    assert "no equivalent" in notes[1] and "renamed 'site_name'" in notes[0]
+    assert keys == ["Z", "data_mask_files", "MAXMEM", "OutputCovB"]
+    assert "renamed 'site_name'" in notes[0] and "no equivalent" in notes[2]
+    assert "BLMM multiplies each image by its mask" in notes[1]
+    assert "results.h5 only" in notes[3]
+
+
+BASE = """\
+Y_files: Y.txt
+X: X.csv
+Z:
+  - f1: {name: s, factor: f.csv, design: z.csv}
+outdir: out
+"""
+
+
+def _convert(tmp_path, text, x_columns=3):
+    """Convert ``BASE + text`` with an X of ``x_columns`` columns (none: no X file)."""
+    if x_columns:
+        (tmp_path / "X.csv").write_text("\n".join([",".join(["1"] * x_columns)] * 4) + "\n")
+    (tmp_path / "cfg.yml").write_text(BASE + text)
+    return convert_file(tmp_path / "cfg.yml", output=tmp_path / "spec.json", cwd=tmp_path)
+
+
+def _weights(vector_yaml):
+    return "contrasts:\n  - c1:\n      name: c\n      vector: " + vector_yaml + "\n"
+
+
+@pytest.mark.parametrize("vector, weights", [
+    ("[0 0 1]", [0, 0, 1]),                                # BLMM's str2vec: spaces separate
+    ("[-1 1 0]", [-1, 1, 0]),
+    ("'[0, 0, 1]'", [0, 0, 1]),
+    ("'[1/2, -1/2, 0]'", [0.5, -0.5, 0]),
+    ("[0.5, -0.5, 1e-3]", [0.5, -0.5, 0.001]),
+    ("'[[1 0 0] [0 1 0]]'", [[1, 0, 0], [0, 1, 0]]),
+    ("'[[1 0 0],[0 1 0]]'", [[1, 0, 0], [0, 1, 0]]),
+    ("'[ [1, 0, 0], [0, 1, 0] ]'", [[1, 0, 0], [0, 1, 0]]),
+])
+def test_vectors_read_as_blmm_reads_them(tmp_path, vector, weights):
+    """What BLMM 0.1.1's ``str2vec`` makes of each (checked against it when this was written)."""
+    spec, _ = _convert(tmp_path, _weights(vector))
+    (c,) = spec["contrasts"]
+    assert c["weights"] == weights
+    assert c.get("alternative") == ("greater" if not isinstance(weights[0], list) else None)
+
+
+@pytest.mark.parametrize("vector, x_columns, message", [
+    ("5", 3, "c1.vector: expected a vector such as [1, 0, 0] (T) or a matrix"),
+    ("{a: 1}", 3, "c1.vector: not a vector such as [1, 0, 0]"),
+    ("'[0, 0, 1'", 3, "c1.vector: not a vector"),
+    ("[]", 3, "c1.vector: expected a vector"),
+    ("[[1, 0, 0], 1]", 3, "c1.vector: expected a vector"),
+    ("[[[1, 0, 0]]]", 3, "c1.vector: expected a vector"),
+    ("'[1,0,0]'", 3, "c1.vector: BLMM joins the numbers around a comma without a space"),
+    ("'[1e400, 0, 0]'", 3, "c1.vector: every weight must be a finite number"),
+    ("[0, 1]", 3, "c1.vector: has 2 weights per row, but X has 3 columns"),
+    ("[[0, 1, 0, 0], [0, 0, 1, 0]]", 3, "c1.vector: has 4 weights per row, but X has 3 columns"),
+    ("[[0, 1, 0], [0, 1]]", 3, "c1.vector: the rows have different lengths"),
+    ("[0, 0, 0]", 3, "c1.vector: all weights are zero"),
+    ("[[0, 1, 0], [0, 2, 0]]", 3, "c1.vector: the 2 rows are linearly dependent (rank 1)"),
+])
+def test_invalid_vectors_are_refused(tmp_path, vector, x_columns, message):
+    with pytest.raises(SpecError) as info:
+        _convert(tmp_path, _weights(vector), x_columns)
+    assert str(info.value).startswith(f"{tmp_path / 'cfg.yml'}: contrasts: ")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_contrast_lengths_agree_when_x_cannot_be_read(tmp_path):
+    text = ("contrasts:\n  - c1: {name: a, vector: [0, 1, 0]}\n"
+            "  - c2: {name: b, vector: [0, 1]}\n")
+    with pytest.raises(SpecError, match=r"contrasts: c2.vector: has 2 weights per row, but c1 "
+                                        r"has 3"):
+        _convert(tmp_path, text, x_columns=None)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Missingness: {MinPercent: 0.1}", {"min_fraction": 0.1}),
+    ("Missingness: {MinPercent: '10%'}", {"min_fraction": 0.1}),
+    ("Missingness: {MinPercent: 1}", {"min_fraction": 1}),
+    ("Missingness: {minpercent: 0, minn: 15}", {"min_n": 15, "min_fraction": 0}),
+    ("Missingness: {MinN: 15.5}", {"min_n": 16}),          # BLMM drops n < 15.5
+    ("Missingness: {MinN: 0}", None),                      # no threshold, as without it
+])
+def test_missingness(tmp_path, text, expected):
+    spec, _ = _convert(tmp_path, text + "\n")
+    assert spec.get("missingness") == expected
+
+
+@pytest.mark.parametrize("value, expected", [("1", 1), ("10000", 10000), ("2**10", 1024),
+                                             ("1.0e+3", 1000), ("1000000", 1000000)])
+def test_maxnit(tmp_path, value, expected):
+    spec, _ = _convert(tmp_path, f"maxnit: {value}\n")
+    assert spec["estimation"] == {"max_iterations": expected}
+
+
+def test_cluster_settings_and_unconverted_outputs_are_notes(tmp_path):
+    _, notes = _convert(tmp_path, "clusterType: slurm\nnumNodes: 10\nvoxelBatching: 1\n"
+                                  "maxnvb: 60\nresms: 1\nOutputCovB: True\ncolour: red\n")
+    by_key = {n.split(":")[0]: n for n in notes}
+    for key in ("clusterType", "numNodes", "voxelBatching", "maxnvb"):
+        assert by_key[key] == (f"{key}: no equivalent in mpiblmm: cluster setting: mpiblmm "
+                               "shares voxels over MPI ranks (mpirun -n N)")
+    assert "does not compute BLMM's resms" in by_key["resms"] and "sigma2.nii.gz" in by_key["resms"]
+    assert "cov_beta, into results.h5 only" in by_key["OutputCovB"]
+    assert by_key["colour"] == "colour: unknown BLMM option, not converted"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -99,12 +206,27 @@ def test_config_with_optional_fields(tmp_path):
     ("Y_files: y.txt\nX: x.csv\nZ:\n  - f1:\n      name: s\noutdir: o\n", "f1.factor: required"),
     ("Y_files: [\n", "not valid YAML"),
     ("Y_files: y.txt\nX: x.csv\nZ: []\noutdir: o\ntol: abc\n", "tol: expected a number"),
+    ("Y_files: y.txt\nX: x.csv\nZ: []\noutdir: o\ntol: 1e-400\n",
+     "tol: expected a number greater than 0, got '1e-400'"),
+    ("Y_files: y.txt\nX: x.csv\nZ: []\noutdir: o\ndata_mask_thresh: 0.1\n",
+     "data_mask_thresh: cannot be converted: BLMM treats every image value below it"),
+    ("Y_files: y.txt\nX: x.csv\nZ: []\noutdir: o\nMissingness: {MinPercent: 50}\n",
+     "Missingness.MinPercent: expected a fraction from 0 to 1"),
+    ("Y_files: y.txt\nX: x.csv\nZ: []\noutdir: o\nMissingness: {MinPercent: '150%'}\n",
+     "Missingness.MinPercent: expected a fraction from 0 to 1"),
+    ("Y_files: y.txt\nX: x.csv\nZ: []\noutdir: o\nMissingness: {MinPercent: 1e400}\n",
+     "Missingness.MinPercent: expected a fraction from 0 to 1"),
+    ("Y_files: y.txt\nX: x.csv\nZ: []\noutdir: o\nMissingness: {MinN: .inf}\n",
+     "Missingness.MinN: expected a number of observations"),
+    *[(f"Y_files: y.txt\nX: x.csv\nZ: []\noutdir: o\nmaxnit: {v}\n",
+       "maxnit: expected a whole number of iterations from 1 to 1000000")
+      for v in ("1e400", ".inf", ".nan", "2**100", "10**10**10", "1000001", "0", "10.5")],
 ])
 def test_config_errors(tmp_path, text, message):
     (tmp_path / "cfg.yml").write_text(text)
     with pytest.raises(SpecError) as info:
         convert_file(tmp_path / "cfg.yml", cwd=tmp_path)
-    assert message in str(info.value)
+    assert message in str(info.value) and "\n" not in str(info.value)
 
 
 def _blmm_study(ds, folder: Path) -> Path:
@@ -130,16 +252,74 @@ def test_converted_fit_matches_the_matrix_spec(tmp_path, run_mpi, mpiblmm_comman
         "missingness": {"min_n": 4}, "estimation": {"max_iterations": 200, "tolerance": 1e-7},
         "zero_is_missing": True})
     config = _blmm_study(ds, tmp_path)
+    hand = json.loads(matrix.read_text())      # BLMM's T p-values are upper-tail
+    for c in hand["contrasts"]:
+        if not isinstance(c["weights"][0], list):
+            c["alternative"] = "greater"
+    matrix.write_text(json.dumps(hand))
     run = run_mpi(2, [*mpiblmm_command, "convert-blmm", str(config), "--output",
                       str(tmp_path / "converted.json")], timeout=120, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "resms: no equivalent in mpiblmm" in run.stderr
+    assert run.stderr.count(ALTERNATIVE_NOTE) == 1
     for spec in (matrix, tmp_path / "converted.json"):
         run = run_mpi(2, [*mpiblmm_command, "fit", "--quiet", str(spec)], timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
     a = read_results(tmp_path / "results" / "results.h5")
     b = read_results(tmp_path / "blmm_out" / "results.h5")
     assert_same_datasets(a, b)
+
+
+def _one_sided_neglog10p_as_blmm(t, df):
+    """BLMM 0.1.1's ``T2P3D`` (blmm_vox_conTlp), without its ``minlog`` floor."""
+    from scipy import stats
+
+    out = np.zeros_like(t)
+    out[t < 0] = -np.log10(1 - stats.t.cdf(t[t < 0], df[t < 0]))
+    out[t >= 0] = -np.log10(stats.t.cdf(-t[t >= 0], df[t >= 0]))
+    return out
+
+
+def test_greater_is_blmms_p_value():
+    """BLMM's T p-value map is the upper tail, which mpiblmm gives with "greater"."""
+    from mpiblmm.lmm.inference import t_logsf
+
+    t = np.array([-3.0, -0.5, 0.0, 0.7, 2.5, 6.0])
+    df = np.array([4.0, 10.0, 7.5, 30.0, 12.0, 55.0])
+    ours = -np.asarray(t_logsf(t, df)) / np.log(10)
+    assert np.allclose(ours, _one_sided_neglog10p_as_blmm(t, df), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.spawns_mpiexec
+def test_refusals_through_the_command_line(tmp_path, run_mpi, mpiblmm_command):
+    """Each refusal is one line naming the file and key, exit 2 on every rank, no spec; a
+    spec whose max_iterations is beyond the bound is one line from check and fit."""
+    from mpiblmm.study import write_study
+
+    (tmp_path / "X.csv").write_text("1,0,0\n1,1,0\n1,0,1\n")
+    cases = {"data_mask_thresh": "data_mask_thresh: 0.1\n",
+             "Missingness.MinPercent": "Missingness: {MinPercent: 50}\n",
+             "maxnit": "maxnit: 2**100\n",
+             "contrasts: c1.vector": _weights("5")}
+    for key, text in cases.items():
+        (tmp_path / "cfg.yml").write_text(BASE + text)
+        run = run_mpi(2, [*mpiblmm_command, "convert-blmm", "cfg.yml", "--output", "spec.json"],
+                      timeout=120, cwd=tmp_path)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1, run.stderr
+        assert lines[0].startswith(f"mpiblmm: error: cfg.yml: {key}: "), lines
+        assert "Traceback" not in run.stderr and not (tmp_path / "spec.json").exists()
+
+    spec_path = write_study(tmp_path / "study", subjects=4, visits=3, shape=(2, 2, 1), seed=1)
+    spec = json.loads(spec_path.read_text())
+    spec["estimation"] = {"max_iterations": 2**63}
+    spec_path.write_text(json.dumps(spec))
+    for command in ("check", "fit"):
+        run = run_mpi(2, [*mpiblmm_command, command, str(spec_path)], timeout=120)
+        errors = [ln for ln in run.stderr.splitlines() if ln.startswith("mpiblmm: error:")]
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert errors == [f"mpiblmm: error: {spec_path}: estimation.max_iterations: expected a "
+                          f"whole number from 1 to 1000000, got {2**63}"], run.stderr
 
 
 def test_config_for_a_simulated_study(tmp_path, monkeypatch):
