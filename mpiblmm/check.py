@@ -370,12 +370,18 @@ def _candidates(spec: Any, grid: Any, problems: list[str]) -> tuple[int, str] | 
 
 
 def _memory(design: Any, voxels: int, ranks: int, budget: float) -> tuple[float, int]:
+    """Memory per rank and voxels per chunk, sized as the fit sizes them
+    (:func:`mpiblmm.pipeline.chunk_voxels`: with the blocked pattern, whose Z'Z is its
+    non-zero blocks, not q x q)."""
     from mpiblmm.lmm.analysis import bytes_per_voxel
-    from mpiblmm.pipeline import CHUNK_SHARE, MAX_CHUNK
+    from mpiblmm.lmm.structure import choose
+    from mpiblmm.pipeline import chunk_voxels, model_from_design
 
-    per = bytes_per_voxel(design.n, design.p, design.structure, len(design.contrasts))
+    model = model_from_design(design)
+    per = bytes_per_voxel(design.n, design.p, design.structure, len(design.contrasts),
+                          blocks=choose(model.rd))
     mine = max(1, math.ceil(voxels / max(ranks, 1)))
-    chunk = int(max(1, min(MAX_CHUNK, CHUNK_SHARE * budget * 2**20 // per, mine)))
+    chunk = int(max(1, min(chunk_voxels(budget, design.n, model), mine)))
     base = 150.0  # Python, numpy, h5py, MPI
     return base + chunk * per / 2**20 + 8.0 * design.n * chunk / 2**20, chunk
 

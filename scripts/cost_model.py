@@ -35,8 +35,8 @@ class Study:
     missing: float = 0.1  # share of voxels with some observation missing
 
 
-UKB = Study("UK Biobank: 40,000 images (20,000 subjects x 2 visits), (1 + age | subject)",
-            n=40_000, V=230_000, grid=91 * 109 * 91, levels=(20_000,), q=(2,), p=4,
+UKB = Study("UK Biobank: 40,000 images (16,000 subjects x 2-3 visits), (1 + age | subject)",
+            n=40_000, V=230_000, grid=91 * 109 * 91, levels=(16_000,), q=(2,), p=4,
             contrasts=("T", "T", "F"), image_mb=2.0)
 ABCD = Study("ABCD-like: 20,000 images, (1 | site) + (1 | family) + (1 | subject), nested",
              n=20_000, V=230_000, grid=91 * 109 * 91, levels=(11_800, 9_900, 21), q=(1, 1, 1),

@@ -32,11 +32,11 @@ def test_uk_biobank_counts_at_512_ranks(cost_model):
     assert rows["fit: read per rank (its slab)"] == "72 MB"      # 450*40000*4
     # chunks of 2^20 // (4*40000) = 6 voxels -> ceil(230000/6) = 38,334
     assert rows["packed.h5 chunks"].startswith("38,334 chunks of 6 voxels")
-    # bytes_per_voxel: 8*(4n + 8*(p^2 + qp + L q1^2 + q) + m^2 p^2 + 6c) + 4096, q = 40,000
-    per_voxel = 8 * (4 * 40000 + 8 * (16 + 160000 + 80000 + 40000) + 16 * 16 + 18) + 4096
+    # bytes_per_voxel: 8*(4n + 8*(p^2 + qp + L q1^2 + q) + m^2 p^2 + 6c) + 4096, q = 32,000
+    per_voxel = 8 * (4 * 40000 + 8 * (16 + 128000 + 64000 + 32000) + 16 * 16 + 18) + 4096
     assert rows["working memory per voxel (bytes_per_voxel, generous)"] == \
         f"{per_voxel / 1e6:.3g} MB"
-    assert rows["chunk at --max-memory-mb 1600 / chunks per rank"] == "43 voxels / 11"
+    assert rows["chunk at --max-memory-mb 1600 / chunks per rank"] == "53 voxels / 9"
 
 
 def test_the_model_matches_the_library_memory_rule(cost_model):

@@ -154,3 +154,24 @@ def test_check_notes_a_numeric_column_turned_text_by_one_cell(tmp_path):
     assert len(notes) == 1 and "column 'visit'" in notes[0] and "row 6: '2.O'" in notes[0], notes
     _, clean = check_spec(tmp_path / "spec.json")
     assert not [line for line in clean if line.startswith("note: ")]
+
+
+def test_check_sizes_chunks_as_the_fit_does_for_several_factors(tmp_path):
+    """Sites, families and subjects (the blocked layout): check's chunk is the fit's
+    (pipeline.chunk_voxels), not one sized for a dense q x q Z'Z (it said 1 voxel and ~20 GB
+    per rank for an ABCD-like study the fit ran in 480 MiB)."""
+    from mpiblmm.check import _memory
+    from mpiblmm.design import design_from_spec
+    from mpiblmm.pipeline import chunk_voxels, model_from_design
+    from mpiblmm.spec import load_spec
+    from mpiblmm.study import Grouping
+
+    write_study(tmp_path, subjects=300, visits=2, shape=(3, 3, 2), seed=5,
+                grouping=Grouping(sites=4, families=120, slopes=()))
+    spec = load_spec(tmp_path / "spec.json")
+    design = design_from_spec(spec)
+    model = model_from_design(design)
+    budget = 64.0
+    mem, chunk = _memory(design, 10_000, 1, budget)
+    assert chunk == chunk_voxels(budget, design.n, model) > 1
+    assert mem < 4 * budget
