@@ -1,7 +1,9 @@
 """results.h5 -> maps (``mpiblmm export``), from the HDF5 file alone.
 
-One map file per dataset, in the input's format: compressed NIfTI on the input grid, affine,
-qform/sform codes and intent (the results file's ``space`` attribute), or for surface studies
+One map file per dataset, in the input's format: compressed NIfTI on the input grid with the
+input's qform and sform (matrices and codes) and voxel sizes (the results file's ``space``
+attribute), intent NONE except for z, p and q maps (:data:`DERIVED_INTENTS`) and an AFNI
+extension naming the volumes under an ID code of its own, or for surface studies
 ``.func.gii`` / ``.dscalar.nii`` (:mod:`mpiblmm.io.surface`).  ``docs/RESULTS.md`` lists them.
 Integer maps (``n``, ``iterations``, ``mask``) keep their integer dtype and hold 0 outside the
 candidate voxels; ``status`` holds :data:`~mpiblmm.io.derived.STATUS_NOT_ANALYSED` (8) there;
@@ -89,7 +91,11 @@ def _alive(pid: int) -> bool:
 FITTED_MAX_STATUS = 2
 #: File ending of the maps per input format (the ``format`` of the results' ``space``).
 MAP_SUFFIX = {"nifti": ".nii.gz", "gifti": ".func.gii", "cifti": ".dscalar.nii"}
-#: NIfTI intents of derived maps (others keep the input's intent).
+#: NIfTI intents of the contrast maps whose intent holds at every voxel, by statistic: z
+#: maps (``z score``), q and p maps (``p value``).  Every other map has intent NONE, the
+#: input's intent is never copied (a "t test (12)" input would label beta, p and status
+#: maps t maps), and t and F maps get no t/F intent: their Satterthwaite df vary by voxel,
+#: which one intent parameter cannot say (a viewer would compute p from the wrong df).
 DERIVED_INTENTS = {"z": "z score", "q": "p value", "p": "p value"}
 
 
@@ -156,6 +162,23 @@ def map_values(f: Any, m: MapSpec) -> np.ndarray:
     return data
 
 
+def map_intent(m: MapSpec) -> str:
+    """The NIfTI intent of map ``m``: :data:`DERIVED_INTENTS` for contrast z, q and p maps,
+    else ``"none"``."""
+    if m.dataset.startswith("contrasts/") and len(m.volumes) == 1:
+        return DERIVED_INTENTS.get(m.volumes[0], "none")
+    return "none"
+
+
+def map_idcode(results: Path, input_hash: str, file_name: str) -> str:
+    """The AFNI ID code of map ``file_name`` exported from ``results``: a hash of the results
+    file's absolute path, its ``input_hash`` and the map's name, so every map of a study
+    has its own and a re-export gives the same (no clock, no randomness)."""
+    from mpiblmm.io.nifti import afni_idcode
+
+    return afni_idcode(f"{Path(os.path.abspath(results))}\0{input_hash}\0{file_name}")
+
+
 def map_info(m: MapSpec, codes: dict[str, str]) -> dict[str, Any]:
     """The ``maps.json`` entry of a map: source dataset, volume names, derivation, codes."""
     entry: dict[str, Any] = {"dataset": m.dataset, "volumes": list(m.volumes)}
@@ -205,13 +228,15 @@ def volume(values: np.ndarray, voxels: np.ndarray, grid_shape: tuple[int, ...],
 
 
 def write_map(target: Path, data: np.ndarray, affine: np.ndarray, space: str,
-              names: tuple[str, ...], description: str, intent: str | None = None) -> None:
+              names: tuple[str, ...], description: str, intent: str | None = None,
+              idcode: str | None = None) -> None:
     """The one place a map file is written (atomically, by the format writers): NIfTI
-    volumes, or per-vertex GIfTI/CIFTI maps for surface studies (grid ``(N, 1, 1)``)."""
+    volumes (intent ``intent``, NONE by default; AFNI ID code ``idcode``), or per-vertex
+    GIfTI/CIFTI maps for surface studies (grid ``(N, 1, 1)``)."""
     fmt = json.loads(space).get("format", "nifti") if space else "nifti"
     if fmt == "nifti":
         save_map(target, data, affine, description=description, space=space, intent=intent,
-                 labels=names)
+                 labels=names, idcode=idcode)
     else:
         from mpiblmm.io.surface import save_surface_map
 
@@ -285,6 +310,8 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
             codes = {str(k): v for k, v in json.loads(f["status"].attrs.get("codes", "{}")).items()}
             codes[str(STATUS_NOT_ANALYSED)] = NOT_ANALYSED_MEANING
             maps = list_maps(f, fdr)
+            input_hash = f.attrs.get("input_hash", "")
+            input_hash = input_hash.decode() if isinstance(input_hash, bytes) else str(input_hash)
             for m in maps[rank::size]:
                 if interrupt.requested():
                     break
@@ -293,7 +320,7 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
                 image = volume(map_values(f, m), voxels, grid_shape, fill)
                 target = out / f"{m.stem}{suffix}"
                 write_map(target, image, affine, space, m.volumes, f"mpiblmm {m.stem}",
-                          DERIVED_INTENTS.get(m.derive))
+                          map_intent(m), map_idcode(results, input_hash, target.name))
                 written.append(target)
         except UserError as exc:
             error = exc
@@ -381,4 +408,4 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 __all__: list[str] = ["export_nifti", "run_export", "list_maps", "map_values", "volume",
-                      "vech_indices", "write_map"]
+                      "vech_indices", "write_map", "map_intent", "map_idcode"]

@@ -1,9 +1,11 @@
 """NIfTI reading (3-D volumes on one grid) and writing (maps that keep their dtype).
 
 A :class:`Grid` carries, besides shape and affine, its ``space``: a small JSON text with
-what a viewer needs to place a map where the inputs were (format, qform/sform codes, intent,
-units).  It travels through ``packed.h5`` and ``results.h5`` (attribute ``space``) so maps
-written from the results file alone keep the input's codes: MNI input (code 4) gives MNI maps.
+what a viewer needs to place a map where the inputs were (format; qform and sform, each with
+its code and matrix, and the voxel sizes; units; the input's intent, for reference).  It
+travels through ``packed.h5`` and ``results.h5`` (attribute ``space``) so maps written from
+the results file alone keep the input's transforms: MNI input (code 4) gives MNI maps, and a
+scanner qform beside it stays that qform.
 """
 
 from __future__ import annotations
@@ -221,7 +223,16 @@ def _shape3(img, path: Path) -> tuple[int, int, int]:
 
 
 def nifti_space(header) -> str:
-    """The ``space`` JSON of a NIfTI header: qform/sform codes, intent and spatial units."""
+    """The ``space`` JSON of a NIfTI header: qform/sform codes and matrices, the raw fields
+    they are stored in, intent and spatial units.
+
+    ``qform`` and ``sform`` are the 4x4 matrices as a reader computes them; ``quatern``
+    (quatern_b, c, d, qoffset_x, y, z), ``pixdim`` (qfac and the three voxel sizes) and
+    ``srow`` (srow_x, y, z) are the header's own numbers, so :func:`save_map` writes both
+    transforms and the voxel sizes back exactly as the input had them (a sheared sform and a
+    qform that differs from it included).  ``intent`` is recorded for reference only: maps
+    are not given the input's intent (see :func:`save_map`).
+    """
     try:
         intent = header.get_intent()
         units = header.get_xyzt_units()[0]
@@ -229,9 +240,22 @@ def nifti_space(header) -> str:
                 "qform_code": int(header["qform_code"]), "sform_code": int(header["sform_code"]),
                 "intent": [str(intent[0]), [float(x) for x in intent[1]], str(intent[2])],
                 "xyz_units": str(units)}
+        geometry = {
+            "qform": np.asarray(header.get_qform(), dtype=np.float64).tolist(),
+            "sform": np.asarray(header.get_sform(), dtype=np.float64).tolist(),
+            "quatern": [float(header[k]) for k in _QUATERN_FIELDS],
+            "pixdim": [float(x) for x in np.asarray(header["pixdim"])[:4]],
+            "srow": [[float(x) for x in header[k]] for k in _SROW_FIELDS]}
+        if all(np.all(np.isfinite(np.asarray(v, dtype=np.float64))) for v in geometry.values()):
+            info.update(geometry)  # (a NaN would make the JSON unreadable to strict parsers)
     except Exception:  # not a NIfTI header (Analyze, MGH...): nibabel's defaults apply
         info = {"format": "nifti"}
     return json.dumps(info, sort_keys=True)
+
+
+#: The NIfTI header fields of the qform (besides pixdim) and of the sform.
+_QUATERN_FIELDS = ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")
+_SROW_FIELDS = ("srow_x", "srow_y", "srow_z")
 
 
 def read_grid(path: Path) -> Grid:
@@ -370,53 +394,117 @@ def read_volume(path: Path, grid: Grid | None = None, reference: str | None = No
 
 #: Characters that would break AFNI's label list or its XML, and their stand-ins.
 _AFNI_UNSAFE = str.maketrans({"~": "-", '"': "'", "<": "(", ">": ")", "&": "+"})
+#: AFNI's ID code prefix (its default ``IDCODE_PREFIX``).
+AFNI_ID_PREFIX = "XYZ_"
 
 
-def afni_labels(header, labels) -> bytes:
+def afni_idcode(identity: str) -> str:
+    """An AFNI dataset ID code for ``identity``, made as AFNI's ``UNIQ_hashcode`` makes one:
+    the MD5 hash of the text, Base64-encoded, its first 22 characters with ``/`` -> ``-``
+    and ``+`` -> ``_``, after the prefix ``XYZ_`` (26 characters in all).  AFNI takes two
+    datasets with the same ID code for one, so every map gets its own; the same identity
+    always gives the same code (a re-export writes the same bytes)."""
+    import base64
+    import hashlib
+
+    digest = hashlib.md5(identity.encode("utf-8", "surrogateescape"),
+                         usedforsecurity=False).digest()
+    code = base64.b64encode(digest).decode("ascii")[:22]
+    return AFNI_ID_PREFIX + code.replace("/", "-").replace("+", "_")
+
+
+def afni_labels(header, labels, idcode: str) -> bytes:
     """An AFNI NIfTI extension (code 4) naming the volumes (``BRICK_LABS``), so AFNI shows
-    them (``3dinfo -label``).  ``NIfTI_nums`` records dimensions and datatype as AFNI does;
-    AFNI ignores the extension if a later program changes them."""
+    them (``3dinfo -label``), with the dataset's ID code ``idcode`` (:func:`afni_idcode`,
+    unique per file).  ``NIfTI_nums`` records dimensions and datatype as AFNI does; AFNI
+    ignores the extension if a later program changes them."""
     dim = [int(x) for x in header["dim"]]
     nt = dim[4] if dim[0] >= 4 else 1
     nu = dim[5] if dim[0] >= 5 else 1
     nums = f"{dim[1]},{dim[2]},{dim[3]},{nt},{nu},{int(header['datatype'])}"
     text = "~".join(str(x).translate(_AFNI_UNSAFE) for x in labels)
-    return ("<?xml version='1.0' ?>\n<AFNI_attributes\n  self_idcode=\"XYZ_mpiblmm\"\n"
+    return ("<?xml version='1.0' ?>\n<AFNI_attributes\n"
+            f"  self_idcode=\"{idcode.translate(_AFNI_UNSAFE)}\"\n"
             f"  NIfTI_nums=\"{nums}\"\n  ni_form=\"ni_group\" >\n<AFNI_atr\n"
             "  ni_type=\"String\"\n  ni_dimen=\"1\"\n  atr_name=\"BRICK_LABS\" >\n"
             f" \"{text}\"\n</AFNI_atr>\n</AFNI_attributes>\n").encode("ascii", "replace")
 
 
+def _input_geometry(info: dict, affine: np.ndarray, shape: tuple[int, ...]):
+    """A NIfTI-1 header holding the input's qform and sform (codes, the raw quaternion and
+    srow fields, qfac and voxel sizes) as recorded in ``space`` by :func:`nifti_space`, or
+    ``None`` when they are not recorded (results of older versions) or do not place the
+    voxels where ``affine`` (the results' ``affine``) does."""
+    import nibabel as nib
+
+    if not all(k in info for k in ("quatern", "pixdim", "srow")):
+        return None
+    try:
+        hdr = nib.Nifti1Header()
+        hdr.set_data_shape(tuple(shape))  # the affine of a header without codes needs it
+        for key, value in zip(_QUATERN_FIELDS, info["quatern"]):
+            hdr[key] = float(value)
+        for key, row in zip(_SROW_FIELDS, info["srow"]):
+            hdr[key] = np.asarray(row, dtype=np.float64)
+        pixdim = np.array(hdr["pixdim"], dtype=np.float64)
+        pixdim[:4] = np.asarray(info["pixdim"], dtype=np.float64)
+        hdr["pixdim"] = pixdim
+        hdr["qform_code"] = int(info.get("qform_code", 0))
+        hdr["sform_code"] = int(info.get("sform_code", 0))
+        best = hdr.get_best_affine()
+    except (TypeError, ValueError, KeyError, IndexError):
+        return None
+    if not np.allclose(best, affine, rtol=0, atol=AFFINE_ATOL):
+        return None
+    return hdr
+
+
 def save_map(path: Path, data: np.ndarray, affine: np.ndarray, description: str = "",
              space: str = "", intent: str | None = None,
-             labels: tuple[str, ...] | None = None) -> None:
+             labels: tuple[str, ...] | None = None, idcode: str | None = None) -> None:
     """Write ``data`` (3-D or 4-D) as NIfTI with its own dtype (no scaling), atomically.
 
-    ``space`` (the input's, see :func:`nifti_space`) sets the qform/sform codes, the intent
-    and the units; without it both codes are 1 (scanner) and the units mm.  ``intent`` (a
-    nibabel intent name such as ``"z score"``) overrides the input's intent for statistic
-    maps.  ``labels`` name the volumes for AFNI (:func:`afni_labels`).  The file is written
-    beside ``path`` under a temporary name and renamed, so a reader never sees half a file
-    and a re-export replaces maps in place.
+    ``space`` (the input's, see :func:`nifti_space`) gives the geometry: the input's qform
+    and sform, each with its code and its own matrix, and the input's voxel sizes (pixdim),
+    written back as the input had them; and the spatial units.  Without the recorded
+    matrices (results of older versions) both transforms are ``affine`` with the input's
+    codes; without ``space`` both codes are 1 (scanner) and the units mm.
+
+    ``intent`` (a nibabel intent name such as ``"z score"``) is the map's intent; by default
+    NONE.  The input's intent is never copied: it described the input, and a map of beta,
+    p or Satterthwaite t (whose df vary by voxel) is no "t test (12)" map.  ``labels`` name
+    the volumes for AFNI (:func:`afni_labels`), with the AFNI ID code ``idcode`` (default:
+    one made from the absolute path of ``path``).  The file is written beside ``path``
+    under a temporary name and renamed, so a reader never sees half a file and a
+    re-export replaces maps in place.
     """
     import nibabel as nib
 
     info = json.loads(space) if space else {}
-    img = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64))
-    img.header.set_data_dtype(np.asarray(data).dtype)
+    data = np.asarray(data)
+    affine = np.asarray(affine, dtype=np.float64)
+    geometry = (_input_geometry(info, affine, data.shape)
+                if info.get("format", "nifti") == "nifti" else None)
+    if geometry is not None:  # the affine is the header's own: nibabel keeps the header
+        img = nib.Nifti1Image(data, geometry.get_best_affine(), header=geometry)
+    else:
+        img = nib.Nifti1Image(data, affine)
+    img.header.set_data_dtype(data.dtype)
     img.header.set_slope_inter(1.0, 0.0)
     img.header.set_xyzt_units(info.get("xyz_units", "mm"))
     if description:
         img.header["descrip"] = description.encode("ascii", "replace")[:79]
-    img.set_qform(img.affine, code=int(info.get("qform_code", 1)))
-    img.set_sform(img.affine, code=int(info.get("sform_code", 1)))
-    if intent is not None:
+    if geometry is None:
+        img.set_qform(img.affine, code=int(info.get("qform_code", 1)))
+        img.set_sform(img.affine, code=int(info.get("sform_code", 1)))
+    if intent is not None and intent != "none":
         img.header.set_intent(intent, (), name="mpiblmm")
-    elif "intent" in info:
-        code, params, name = info["intent"]
-        img.header.set_intent(code, tuple(params), name=name)
+    else:
+        img.header.set_intent("none", (), name="")
     if labels:
-        img.header.extensions.append(nib.nifti1.Nifti1Extension(4, afni_labels(img.header, labels)))
+        code = idcode or afni_idcode(os.path.abspath(path))
+        img.header.extensions.append(
+            nib.nifti1.Nifti1Extension(4, afni_labels(img.header, labels, code)))
     _atomic_save(img, Path(path))
 
 

@@ -11,10 +11,12 @@ Each test follows validate -> parameters -> statistic -> p-value -> result:
   the denominator df combines them (:func:`.satterthwaite.combine_f_df`).
   Partial ``R^2 = r F / (r F + df)``.
 
-p-values come from survival functions and their logarithms, never ``1 - cdf``; where
-``log sf`` underflows (p below ~1e-308) it is evaluated from the incomplete beta function's
-hypergeometric series, so ``-log10 p`` stays finite and accurate.  Voxels without a fit give
-NaN in every field.
+p-values come from survival functions and their logarithms, never ``1 - cdf``; where p is
+below 1e-200 (scipy's survival functions lose digits near 1e-300 and give subnormal numbers
+with few digits, or 0, below 2.2e-308) ``log p`` is evaluated in log space, from the
+continued fractions of the incomplete beta function (T, F) or of the incomplete gamma
+function (F with infinite denominator df), so ``-log10 p`` stays finite and accurate to
+~1e-12 relative however small p is.  Voxels without a fit give NaN in every field.
 """
 
 from __future__ import annotations
@@ -58,37 +60,120 @@ class FResult:
 
 
 # ---------------------------------------------------------------- log tail probabilities
-def _log_betainc_small(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``log I_x(a, b)`` for small ``x`` without underflow (DLMF 8.17.8):
-    ``I_x(a,b) = x^a (1-x)^b / (a B(a,b)) 2F1(a+b, 1; a+1; x)``."""
-    return (a * np.log(x) + b * np.log1p(-x) - np.log(a) - special.betaln(a, b)
-            + np.log(special.hyp2f1(a + b, 1.0, a + 1.0, x)))
+#: Below this p scipy's ``stdtr``, ``fdtrc`` and ``chdtrc`` are not used: under ~2.2e-308
+#: they return subnormal numbers (a few significant digits: -log10 p 323.31 for 323.52) or
+#: 0, and ``fdtrc`` already loses digits from ~1e-285 on (relative error 1e-5 in -log10 p
+#: at 1e-299 for F(20, 40)).  From 1e-200 on ``log p`` is evaluated in log space instead.
+_LOG_TINY_P = float(np.log(1e-200))
+
+
+def _log_betainc_small(log_x: np.ndarray, log_1mx: np.ndarray, a: np.ndarray,
+                       b: np.ndarray) -> np.ndarray:
+    """``log I_x(a, b)`` without underflow, for ``x < (a + 1) / (a + b + 2)`` (the lower
+    tail, where the statistic's p is small): ``I_x(a,b) = x^a (1-x)^b / (a B(a,b)) * CF``
+    with the continued fraction of DLMF 8.17.22, evaluated by the modified Lentz method
+    to machine precision.  ``log x`` and ``log(1 - x)`` are given (each computed from the
+    statistic directly: ``1 - x`` by subtraction would lose digits where ``x`` is near 1,
+    with large df).  Elsewhere NaN."""
+    with np.errstate(all="ignore"):
+        return _log_betainc_cf(*np.broadcast_arrays(*(np.asarray(v, dtype=np.float64)
+                                                      for v in (log_x, log_1mx, a, b))))
+
+
+def _log_betainc_cf(log_x: np.ndarray, log_1mx: np.ndarray, a: np.ndarray,
+                    b: np.ndarray) -> np.ndarray:
+    x = np.exp(log_x)
+    ok = x < (a + 1.0) / (a + b + 2.0)
+    tiny = 1e-300
+    c = np.ones(x.shape)
+    d = 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / np.where(np.abs(d) < tiny, tiny, d)
+    h = d.copy()
+    active = ok.copy()
+    for m in range(1, 20000):
+        if not active.any():
+            break
+        m2 = 2.0 * m
+        for aa in (m * (b - m) * x / ((a - 1.0 + m2) * (a + m2)),
+                   -(a + m) * (a + b + m) * x / ((a + m2) * (a + 1.0 + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / np.where(np.abs(d) < tiny, tiny, d)
+            c = 1.0 + aa / c
+            c = np.where(np.abs(c) < tiny, tiny, c)
+            delta = np.where(active, d * c, 1.0)
+            h = h * delta
+        active &= np.abs(delta - 1.0) > 4e-16  # (1 + eps is 2.2e-16 away)
+    out = a * log_x + b * log_1mx - np.log(a) - special.betaln(a, b) + np.log(h)
+    return np.where(ok, out, np.nan)
+
+
+def _log_gammaincc_large(a: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """``log Q(a, z)`` (regularised upper incomplete gamma) for ``z > a + 1``, without
+    underflow: ``Q = z^a e^-z / Gamma(a) * CF`` with the continued fraction
+    ``CF = 1/(z+1-a- 1(1-a)/(z+3-a- 2(2-a)/(z+5-a- ...)))`` (DLMF 8.9.2) by the modified
+    Lentz method, to machine precision."""
+    tiny = 1e-300
+    b = z + 1.0 - a
+    c = np.full(z.shape, 1.0 / tiny)
+    d = 1.0 / b
+    h = d.copy()
+    for i in range(1, 500):
+        an = -i * (i - a)
+        b = b + 2.0
+        d = an * d + b
+        d = np.where(np.abs(d) < tiny, tiny, d)
+        c = b + an / c
+        c = np.where(np.abs(c) < tiny, tiny, c)
+        d = 1.0 / d
+        delta = d * c
+        h = h * delta
+        if np.all(np.abs(delta - 1.0) < 4e-16):
+            break
+    return a * np.log(z) - z - special.gammaln(a) + np.log(h)
 
 
 def t_logsf(t: np.ndarray, df: np.ndarray) -> np.ndarray:
-    """``log P(T > t)`` for Student's t, finite far into the tail; ``df = inf`` is normal."""
+    """``log P(T > t)`` for Student's t, accurate far into the tail (from p = 1e-200 on in
+    log space, so also where p is subnormal or 0 in double precision); ``df = inf`` is
+    normal."""
     t, df = np.broadcast_arrays(np.asarray(t, float), np.asarray(df, float))
     with np.errstate(all="ignore"):
         out = np.where(np.isinf(df), special.log_ndtr(-t), np.log(special.stdtr(df, -t)))
-        bad = ~np.isfinite(out) & np.isfinite(t) & (t > 0) & np.isfinite(df) & (df > 0)
-        if bad.any():
-            # P(T > t) = I_{df/(df+t^2)}(df/2, 1/2) / 2 for t > 0.
-            x = df[bad] / (df[bad] + t[bad] ** 2)
-            out[bad] = np.log(0.5) + _log_betainc_small(x, 0.5 * df[bad], 0.5)
+        tail = (~(out >= _LOG_TINY_P) & np.isfinite(t) & (t > 0) & np.isfinite(df)
+                & (df > 0))
+        if tail.any():
+            # P(T > t) = I_x(df/2, 1/2) / 2 for t > 0, x = df / (df + t^2) = 1 / (1 + u),
+            # u = t^2 / df (its log from t / sqrt(df): no overflow, no cancellation).
+            log_u = 2.0 * np.log(t[tail] / np.sqrt(df[tail]))
+            series = np.log(0.5) + _log_betainc_small(-np.logaddexp(0.0, log_u),
+                                                      -np.logaddexp(0.0, -log_u),
+                                                      0.5 * df[tail], 0.5)
+            out[tail] = np.where(np.isnan(series), out[tail], series)
     return out
 
 
 def f_logsf(F: np.ndarray, d1: float, d2: np.ndarray) -> np.ndarray:
-    """``log P(F(d1, d2) > F)``, finite far into the tail; ``d2 = inf`` is chi2(d1)/d1."""
+    """``log P(F(d1, d2) > F)``, accurate far into the tail (from p = 1e-200 on in log
+    space, so also where p is subnormal or 0 in double precision); ``d2 = inf`` is
+    chi2(d1)/d1."""
     F, d2 = np.broadcast_arrays(np.asarray(F, float), np.asarray(d2, float))
     with np.errstate(all="ignore"):
         out = np.where(np.isinf(d2), np.log(special.chdtrc(d1, d1 * F)),
                        np.log(special.fdtrc(d1, d2, F)))
-        bad = ~np.isfinite(out) & np.isfinite(F) & (F > 0) & np.isfinite(d2) & (d2 > 0)
-        if bad.any():
-            # P(F > f) = I_{d2/(d2 + d1 f)}(d2/2, d1/2).
-            x = d2[bad] / (d2[bad] + d1 * F[bad])
-            out[bad] = _log_betainc_small(x, 0.5 * d2[bad], 0.5 * d1)
+        tail = ~(out >= _LOG_TINY_P) & np.isfinite(F) & (F > 0) & (d2 > 0)
+        finite = tail & np.isfinite(d2)
+        if finite.any():
+            # P(F > f) = I_x(d2/2, d1/2), x = d2 / (d2 + d1 f) = 1 / (1 + u), u = d1 f / d2.
+            log_u = np.log(d1) + np.log(F[finite] / d2[finite])
+            series = _log_betainc_small(-np.logaddexp(0.0, log_u), -np.logaddexp(0.0, -log_u),
+                                        0.5 * d2[finite], 0.5 * d1)
+            out[finite] = np.where(np.isnan(series), out[finite], series)
+        half_all = 0.5 * d1 * F
+        chi2 = tail & np.isinf(d2) & np.isfinite(half_all) & (half_all > 0.5 * d1 + 1.0)
+        if chi2.any():
+            # P(chi2(d1) > d1 f) = Q(d1/2, d1 f / 2).
+            half = half_all[chi2]
+            out[chi2] = _log_gammaincc_large(np.full(half.shape, 0.5 * d1), half)
     return out
 
 

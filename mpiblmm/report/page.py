@@ -66,6 +66,46 @@ def _map_figure(d: ReportData, values: np.ndarray, title: str, cmap: str, vmin: 
                             categorical))
 
 
+#: The z a contrast's voxels are counted beyond, and the z of p = 0.001 (one-sided).
+Z_COUNT = 2.3
+Z_STRONG = 3.09
+
+
+def contrast_summary(kind: str, alternative: str, z: np.ndarray) -> tuple[str, int]:
+    """What a contrast's z map shows (HTML) and how many voxels lie beyond
+    :data:`Z_COUNT` in the direction of an effect.
+
+    Only a two-sided T contrast's z is signed by the estimate with both tails meaning an
+    effect (``|z| > 2.3``, p < 0.021 two-sided).  A one-sided T contrast's and an F
+    contrast's z are ``isf(p)`` of a one-tailed p: an effect is ``z > 2.3`` (p < 0.011;
+    for ``less``, ``z < -2.3``, as its z is ``-isf(p)``), and a z beyond 2.3 on the other
+    side is p > 0.989, no effect at all.  NaN is never counted.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        if kind == "T" and alternative == "two-sided":
+            count = int(np.sum(np.abs(z) > Z_COUNT))
+            what = (f"z with the two-sided p of t, signed by the estimate; |z| &ge; {Z_STRONG} "
+                    f"is p &lt; 0.002 two-sided, before any correction. Voxels with "
+                    f"|z| &gt; {Z_COUNT} (p &lt; 0.021 two-sided)")
+        elif kind == "T" and alternative == "less":
+            count = int(np.sum(z < -Z_COUNT))
+            what = (f"z with the one-sided p of t (alternative 'less': an effect below 0 "
+                    f"gives z &lt; 0); z &le; -{Z_STRONG} is p &lt; 0.001 one-sided, before "
+                    f"any correction. Voxels with z &lt; -{Z_COUNT} (p &lt; 0.011 one-sided)")
+        elif kind == "T":
+            count = int(np.sum(z > Z_COUNT))
+            what = (f"z with the one-sided p of t (alternative 'greater': an effect above 0 "
+                    f"gives z &gt; 0); z &ge; {Z_STRONG} is p &lt; 0.001 one-sided, before "
+                    f"any correction. Voxels with z &gt; {Z_COUNT} (p &lt; 0.011 one-sided)")
+        else:
+            count = int(np.sum(z > Z_COUNT))
+            what = (f"z with the p of F (upper tail, not signed: z &lt; 0 is p &gt; 0.5, no "
+                    f"effect); z &ge; {Z_STRONG} is p &lt; 0.001, before any correction. "
+                    f"Voxels with z &gt; {Z_COUNT} (p &lt; 0.011)")
+    return what, count
+
+
 def sections(d: ReportData) -> list[tuple[str, str]]:
     """(title, html) of every section, in order."""
     out = []
@@ -88,14 +128,11 @@ def sections(d: ReportData) -> list[tuple[str, str]]:
         z = np.where(fitted, c.z, np.nan)
         top = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
         lim = max(3.0, min(top, 12.0))
-        what = ("z with the two-sided p of t, signed by the estimate" if c.kind == "T"
-                and c.alternative == "two-sided" else "z with the contrast's p")
         parts.append(_img(_map_figure(d, z, f"contrast {c.name} ({c.kind}): z", "coolwarm",
-                                      -lim if c.kind == "T" else -lim, lim, "z"),
+                                      -lim, lim, "z"),
                           f"contrast {c.name} z map"))
-        parts.append(f"<p>{html.escape(c.name)}: {what}; |z| &ge; 3.09 is p &lt; 0.002 "
-                     f"two-sided, before any correction. Voxels with |z| &gt; 2.3: "
-                     f"{int(np.sum(np.abs(z) > 2.3))} of {int(fitted.sum())}.</p>")
+        what, count = contrast_summary(c.kind, c.alternative, z)
+        parts.append(f"<p>{html.escape(c.name)}: {what}: {count} of {int(fitted.sum())}.</p>")
     out.append(("Contrasts", "".join(parts) or "<p>No contrasts in this fit.</p>"))
 
     # status
