@@ -205,9 +205,20 @@ def _reusable(path: Path, fingerprint: str) -> bool:
     try:
         with h5py.File(path, "r") as f:
             return (f.attrs.get("format") == PACKED_FORMAT and bool(f.attrs.get("complete"))
-                    and f.attrs.get("source") == fingerprint)
+                    and f.attrs.get("source") == fingerprint
+                    and _space_complete(str(f.attrs.get("space", ""))))
     except (OSError, KeyError):
         return False
+
+
+def _space_complete(space: str) -> bool:
+    """False for a NIfTI study packed before the header facts held the qform and sform
+    themselves (only their codes): packed again, so its maps get the input's transforms."""
+    try:
+        info = json.loads(space) if space else {}
+    except ValueError:
+        return False
+    return "qform_code" not in info or "quatern" in info or "qform" in info
 
 
 def pack_images(images: Sequence[Path], path: Path, comm: Any = None,

@@ -210,3 +210,18 @@ def test_save_map_alone_makes_the_id_from_the_path(tmp_path):
     codes = _idcodes(tmp_path)
     assert codes["x.nii.gz"] != codes["y.nii.gz"]
     assert codes["x.nii.gz"] == afni_idcode(str(tmp_path / "x.nii.gz"))
+
+
+def test_a_study_packed_before_the_transforms_were_kept_is_packed_again():
+    """packed.h5 whose `space` holds the codes only (an older version) is not reused."""
+    import json
+
+    from mpiblmm.io.ingest import _space_complete
+
+    old = json.dumps({"format": "nifti", "qform_code": 1, "sform_code": 4, "intent": ["none", [], ""],
+                      "xyz_units": "mm"})
+    assert not _space_complete(old)
+    assert _space_complete(json.dumps({**json.loads(old), "quatern": [0, 0, 0, 0, 0, 0]}))
+    assert _space_complete(json.dumps({"format": "nifti"}))      # no header facts at all
+    assert _space_complete(json.dumps({"format": "gifti"}))
+    assert _space_complete("")
