@@ -255,7 +255,7 @@ def _contrasts(value: Any, where: str, notes: list[str], p: int | None) -> list[
             raise SpecError(f"has {width} weights per row, but {first[0]} has {first[1]} (one "
                             "weight per column of X)", key)
         first = first or (label, width)
-        _check_rank(rows, kind, key)
+        _check_rank(rows, key)
         stat = str(c.get("statType", kind)).upper()
         if stat != kind:
             notes.append(f"contrasts: {label}.statType: {stat} given, but the vector makes a "
@@ -314,17 +314,16 @@ def _literal(node: ast.AST) -> Any:
     return float(value) if isinstance(value, int) and abs(value) > 2**53 else value
 
 
-def _check_rank(rows: list[list], kind: str, key: str) -> None:
-    """The contrast can be tested: not all zero, an F contrast's rows independent."""
+def _check_rank(rows: list[list], key: str) -> None:
+    """The contrast can be tested: not all zero, an F contrast's rows independent (the
+    spec's own rule, :func:`mpiblmm.design.rank_problem`)."""
     import numpy as np
 
-    L = np.asarray(rows, dtype=np.float64)
-    rank = np.linalg.matrix_rank(L)
-    if rank == 0:
-        raise SpecError("all weights are zero", key)
-    if kind == "F" and rank < L.shape[0]:
-        raise SpecError(f"the {L.shape[0]} rows are linearly dependent (rank {rank}); drop the "
-                        "redundant rows", key)
+    from mpiblmm.design import rank_problem
+
+    problem = rank_problem(np.asarray(rows, dtype=np.float64))
+    if problem is not None:
+        raise SpecError(problem, key)
 
 
 def _x_columns(value: Any, cwd: Path) -> int | None:

@@ -393,10 +393,10 @@ def _require_output_folder(path: str, what: str) -> None:
 
 
 def _require_file(path: str, what: str) -> None:
-    if Path(path).is_dir():
-        raise UserError(f"{what} is a directory, not a file: {path}")
     if not Path(path).is_file():
-        raise UserError(f"{what} file not found: {path}")
+        from mpiblmm.spec import not_a_file
+
+        raise UserError(f"{what} {not_a_file(Path(path))}")
 
 
 def resolve_handler(command: str) -> Callable[[argparse.Namespace], int]:

@@ -165,6 +165,18 @@ def _codes(labels: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
     return rank[inverse.ravel()].astype(np.int64), tuple(str(u) for u in uniq[order])
 
 
+def rank_problem(L: np.ndarray) -> str | None:
+    """Why the contrast rows ``L`` (r, p) cannot be tested (all zero, or rows linearly
+    dependent), or ``None`` when they can."""
+    rank = np.linalg.matrix_rank(L)
+    if rank == 0:
+        return "all weights are zero"
+    if rank < L.shape[0]:
+        return (f"the {L.shape[0]} rows are linearly dependent (rank {rank}); drop the "
+                "redundant rows")
+    return None
+
+
 def _contrast(name: str, weights: np.ndarray, alternative: str, p: int, where: str) -> Contrast:
     too_long = name_length_problem(name, "contrast")
     if too_long is not None:  # its maps could not be written, after the whole fit
@@ -175,12 +187,9 @@ def _contrast(name: str, weights: np.ndarray, alternative: str, p: int, where: s
     if L.ndim != 2 or L.shape[1] != p:
         raise ContrastError(f"each row needs {p} weights (one per column of X), got {L.shape[-1]}",
                             f"{where}.weights")
-    rank = np.linalg.matrix_rank(L)
-    if rank == 0:
-        raise ContrastError("all weights are zero", f"{where}.weights")
-    if rank < L.shape[0]:
-        raise ContrastError(f"the {L.shape[0]} rows are linearly dependent (rank {rank}); "
-                            "drop the redundant rows", f"{where}.weights")
+    problem = rank_problem(L)
+    if problem is not None:
+        raise ContrastError(problem, f"{where}.weights")
     if kind == "F" and alternative != "two-sided":
         raise ContrastError("an F contrast has no direction", f"{where}.alternative")
     return Contrast(name, _frozen(L), alternative, kind)
