@@ -677,7 +677,8 @@ static inline __attribute__((always_inline)) void all_tiles(const i64 Q, const A
 {
     i64 j0 = 0;
     const i64 v = ar->v;
-    /* whole tiles, then the rest in tiles of 16 and 8 (fixed sizes vectorise fully) */
+    /* whole tiles, then the rest in tiles of 16, 8, 4, 2 and 1: fixed sizes vectorise or
+     * unroll fully (a halving often evaluates a handful of voxels) */
     for (; j0 + TILE <= v; j0 += TILE)
         level_tile(Q, TILE, ar, j0, w);
     if (j0 + 16 <= v) {
@@ -688,8 +689,16 @@ static inline __attribute__((always_inline)) void all_tiles(const i64 Q, const A
         level_tile(Q, 8, ar, j0, w);
         j0 += 8;
     }
+    if (j0 + 4 <= v) {
+        level_tile(Q, 4, ar, j0, w);
+        j0 += 4;
+    }
+    if (j0 + 2 <= v) {
+        level_tile(Q, 2, ar, j0, w);
+        j0 += 2;
+    }
     if (j0 < v)
-        level_tile(Q, v - j0, ar, j0, w);
+        level_tile(Q, 1, ar, j0, w);
 }
 
 /* All voxels of a batch, tile by tile.  Returns 0, -1 when q is not 1, 2 or 3, -2 when the
