@@ -5,7 +5,8 @@ Schema's violations, then the files the spec names, the output folder, the grids
 images (a packed HDF5 input: the fit's own checks of its attributes and voxels), the analysis
 mask and the first image's data, the tables and the formula, each contrast, and the
 thresholds and rank of the design and of each factor's covariates.  Where the fit has a check
-the same helper is called here (``mpiblmm.checks``, ``mpiblmm.io.folder_problem``,
+the same helper is called here (``mpiblmm.checks.fittable_problems`` -- all of them, where
+the fit stops at the first --, ``mpiblmm.io.folder_problem``,
 ``mpiblmm.io.ingest.describe_packed`` / ``analysis_mask_voxels`` / ``rows_problem``), so
 both print the same line.  Only headers, the mask and the first image are read: the other
 images' data is not (a corrupt later image is found by the fit).  With no problem it
@@ -240,10 +241,10 @@ def _factor_tuples(design: Any) -> list:
 
 
 def _thresholds(spec: Any, design: Any, n_images: int | None, problems: list[str]) -> None:
-    from mpiblmm.checks import random_covariates_problem
+    from mpiblmm.checks import fittable_problems
 
     where = str(spec.path)
-    n, p = design.n, design.p
+    n = design.n
     if n_images is not None and spec.packed is not None:
         from mpiblmm.io.ingest import rows_problem
 
@@ -252,33 +253,9 @@ def _thresholds(spec: Any, design: Any, n_images: int | None, problems: list[str
             problems.append(str(problem))
     elif n_images is not None and n_images != n:
         problems.append(f"{where}: images: {n_images} observations but the design has {n} rows")
-    if p >= n:
-        problems.append(f"{where}: the design has p = {p} fixed effects for n = {n} observations "
-                        "(need p < n)")
-    rank = int(np.linalg.matrix_rank(design.X))
-    if rank < p:
-        problems.append(f"{where}: the fixed-effects design is rank deficient (rank {rank} of "
-                        f"{p} columns: {', '.join(design.fixed_names)})")
-    for i, f in enumerate(design.factors):  # lme4's checks of the grouping factors
-        what = f"{where}: random factor {f.name!r}"
-        if f.n_levels < 2:
-            problems.append(f"{what}: has one level; a grouping factor needs at least 2")
-        elif f.n_levels >= n:
-            problems.append(f"{what}: {f.n_levels} levels for {n} observations: every "
-                            "observation is its own level, so its variance cannot be told from "
-                            "the residual variance")
-        elif f.n_levels * f.n_effects >= n:
-            problems.append(f"{what}: {f.n_levels} levels x {f.n_effects} effects = "
-                            f"{f.n_levels * f.n_effects} random effects for {n} observations: "
-                            "not identifiable (need fewer random effects than observations)")
-        else:  # dependent covariates Z (e.g. the intercept twice): the fit's check and words
-            problem = random_covariates_problem(design, spec, i)
-            if problem is not None:
-                problems.append(str(problem))
-    m = spec.missingness
-    if m.min_n is not None and m.min_n > n:
-        problems.append(f"{where}: missingness.min_n: {m.min_n} is more than the {n} "
-                        "observations: no voxel could be fitted")
+    # p >= n, rank-deficient X, min_n, lme4's grouping-factor checks and dependent
+    # covariates Z: the fit's own checks, all of them, in its words
+    problems.extend(str(problem) for problem in fittable_problems(design, spec))
 
 
 def _estimable(design: Any) -> None:

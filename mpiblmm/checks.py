@@ -53,40 +53,55 @@ def dependent_column(A: np.ndarray, rtol: float = RANK_RTOL) -> int | None:
 
 
 def check_fittable(design: Any, spec: Any = None) -> None:
-    """Raise :class:`SpecError` if no voxel of ``design`` could be fitted (module doc).
+    """Raise :class:`SpecError` if no voxel of ``design`` could be fitted (module doc): the
+    first of :func:`fittable_problems`.
 
     ``spec`` (optional) gives file names for the messages and ``missingness.min_n``.
     """
+    problems = fittable_problems(design, spec)
+    if problems:
+        raise problems[0]
+
+
+def fittable_problems(design: Any, spec: Any = None) -> list[SpecError]:
+    """Every reason (module doc) why no voxel of ``design`` could be fitted, in the order
+    :func:`check_fittable` tests them; ``mpiblmm check`` lists them all, in the same words."""
     n, p = design.X.shape
     spec_path = str(getattr(spec, "path", "spec"))
     x_where = str(getattr(spec, "X", None) or f"{spec_path}: X")
+    out = []
     if p >= n:
-        raise SpecError(f"{p} fixed effects (columns) but only {n} observations (rows): a fit "
-                        "needs more observations than fixed effects", x_where)
-    names = tuple(getattr(design, "fixed_names", ()) or ())
-    j = dependent_column(design.X)
-    if j is not None:
-        raise SpecError(f"{_column(design.X, j, names)}: X is rank deficient, so the fixed "
-                        "effects are not identifiable; drop or recode that column", x_where)
+        out.append(SpecError(f"{p} fixed effects (columns) but only {n} observations (rows): a "
+                             "fit needs more observations than fixed effects", x_where))
+    else:
+        names = tuple(getattr(design, "fixed_names", ()) or ())
+        j = dependent_column(design.X)
+        if j is not None:
+            out.append(SpecError(f"{_column(design.X, j, names)}: X is rank deficient, so the "
+                                 "fixed effects are not identifiable; drop or recode that "
+                                 "column", x_where))
     missingness = getattr(spec, "missingness", None)
     min_n = getattr(missingness, "min_n", None)
     if min_n is not None and min_n > n:
-        raise SpecError(f"{min_n} is more than the {n} observations: no voxel could be fitted",
-                        f"{spec_path}: missingness.min_n")
+        out.append(SpecError(f"{min_n} is more than the {n} observations: no voxel could be "
+                             "fitted", f"{spec_path}: missingness.min_n"))
     for i, f in enumerate(design.factors):
         where = f"{spec_path}: random[{i}] ({f.name!r})"
         l, q = f.n_levels, f.n_effects
         if l < 2:
-            raise SpecError(f"has {l} level: a grouping factor needs at least 2 levels", where)
-        if n <= l * q:
-            raise SpecError(
+            out.append(SpecError(f"has {l} level: a grouping factor needs at least 2 levels",
+                                 where))
+        elif n <= l * q:
+            out.append(SpecError(
                 f"{n} observations for {l * q} random effects ({l} levels x {q} effects per "
                 "level): the random effects and the residual variance are not identifiable "
                 "(lme4 refuses this too); the number of observations must exceed levels x "
-                "effects", where)
-        problem = random_covariates_problem(design, spec, i)
-        if problem is not None:
-            raise problem
+                "effects", where))
+        else:
+            problem = random_covariates_problem(design, spec, i)
+            if problem is not None:
+                out.append(problem)
+    return out
 
 
 def random_covariates_problem(design: Any, spec: Any, i: int) -> SpecError | None:

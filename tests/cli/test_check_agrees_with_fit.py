@@ -8,6 +8,10 @@ voxels, text data, odd attributes), and a first image or analysis mask whose hea
 but whose data does not (an error inside check's candidate-voxel count, which at several
 ranks came out as ``rank 0: ...`` and an MPI abort).
 
+The designs no voxel could fit (rank-deficient X, p >= n, lme4's refusals of a grouping
+factor, ``min_n`` above n) used to get ``check``'s own wording (and its unscaled rank test);
+both now come from :func:`mpiblmm.checks.fittable_problems`.
+
 For every case ``check`` must exit 2 on every rank with exactly one ``mpiblmm: error:`` line
 naming the file or key, and ``fit`` must print the very same line (one test per case).  The
 cases run in-process through ``bad_inputs_driver.py``, one launch for all of them: at 1 rank
@@ -28,8 +32,9 @@ import pytest
 
 from tests.conftest import _run_job, mpiexec_command
 
-from .test_bad_inputs import (GRID, N, _Y, _mk, _packed_ok, _spec_argv, _t, base_spec, edit,
-                              h5, nifti, packed, with_file, write_base, z_file)
+from .test_bad_inputs import (GRID, N, _Y, _mk, _packed_ok, _spec_argv, _t, base_X, base_spec,
+                              edit, factor_file, h5, nifti, packed, setkey, with_file,
+                              write_base, x_file, z_file)
 
 
 def _truncated_gz(data: np.ndarray):
@@ -119,6 +124,26 @@ CASES = {
     "Z: the intercept twice": (
         z_file(np.ones((N, 2))),
         "Z.csv: random effects of factor 'subject': column 2"),
+    "X: a column a multiple of another": (
+        x_file(np.column_stack([base_X(), 2 * base_X()[:, 1]])),
+        "{case}/X.csv: column 4 ('x3') is a linear combination of the columns before it: X is "
+        "rank deficient"),
+    "X: a column dependent up to 1e-7 of its size": (   # check's unscaled rank passed it
+        x_file(np.column_stack([base_X(), base_X()[:, 1] + base_X()[:, 2] + 1e-7
+                                * np.random.default_rng(3).normal(size=N)])),
+        "{case}/X.csv: column 4 ('x3') is a linear combination of the columns before it"),
+    "X: more fixed effects than observations": (
+        x_file(np.random.default_rng(2).normal(size=(N, N))),
+        "{case}/X.csv: 24 fixed effects (columns) but only 24 observations (rows)"),
+    "factor with one level": (
+        factor_file(["all"] * N),
+        "spec.json: random[0] ('subject'): has 1 level: a grouping factor needs at least 2"),
+    "one observation per level": (
+        factor_file([f"s{i}" for i in range(N)]),
+        "spec.json: random[0] ('subject'): 24 observations for 48 random effects"),
+    "min_n above n": (
+        setkey("missingness.min_n", N + 1),
+        "spec.json: missingness.min_n: 25 is more than the 24 observations"),
     "Z: a column a multiple of another": (
         z_file(np.column_stack([_t(), 3 * _t()])), "Z.csv: random effects of factor 'subject'"),
     "output is a file": (

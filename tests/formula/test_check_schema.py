@@ -99,7 +99,8 @@ def test_check_rank_deficient_design(study, tmp_path):
                              design=str(study / "Z_subject.csv"))
     (tmp_path / "s.json").write_text(json.dumps(spec))
     problems, _ = check_spec(tmp_path / "s.json")
-    assert any("rank deficient (rank 3 of 4 columns" in p for p in problems), problems
+    assert any("X.csv: column 4 ('x3') is a linear combination of the columns before it: X "
+               "is rank deficient" in p for p in problems), problems
 
 
 def test_check_factor_levels(tmp_path):
@@ -113,8 +114,8 @@ def test_check_factor_levels(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(spec))
     problems, _ = check_spec(tmp_path / "s.json")
     text = "\n".join(problems)
-    assert "random factor 'subject': 6 levels for 6 observations" in text
-    assert "random factor 'site': 3 levels x 2 effects = 6 random effects for 6" in text
+    assert "random[0] ('subject'): 6 observations for 6 random effects (6 levels x 1" in text
+    assert "random[1] ('site'): 6 observations for 6 random effects (3 levels x 2" in text
 
 
 @pytest.mark.spawns_mpiexec
