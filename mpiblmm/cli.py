@@ -77,12 +77,35 @@ class CommandLineError(SystemExit):
         return f"{where}{self.problem} (see `{self.prog} --help`)"
 
 
+#: Environment variables in which MPI launchers tell a process its rank (MPICH's Hydra and
+#: Intel MPI, Open MPI, PMIx, MVAPICH2, Slurm's srun), read before MPI is initialised.
+LAUNCHER_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK",
+                           "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+
+
+def launcher_rank() -> int | None:
+    """This process's rank as its launcher says (``None`` when not launched as one of
+    several), without initialising MPI: ``--help`` and ``--version`` need no MPI."""
+    for name in LAUNCHER_RANK_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's parser whose errors are a :class:`CommandLineError` (its subparsers too:
-    ``add_subparsers`` makes them of the parser's class)."""
+    ``add_subparsers`` makes them of the parser's class), and whose ``--help`` and
+    ``--version`` text is printed by rank 0 only: under ``mpiexec -n N`` every process parses
+    the same arguments, and the text came out N times."""
 
     def error(self, message: str) -> NoReturn:
         raise CommandLineError(self.prog, message)
+
+    def _print_message(self, message: str, file=None) -> None:
+        # argparse prints help, usage and version through this one method
+        if launcher_rank() in (None, 0):
+            super()._print_message(message, file)
 
 
 def get_parser() -> argparse.ArgumentParser:

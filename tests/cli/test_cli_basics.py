@@ -179,6 +179,31 @@ def test_a_bad_command_line_under_three_ranks_is_printed_once(run_mpi, mpiblmm_c
     assert "usage:" not in job.stderr and "Traceback" not in job.stderr
 
 
+@pytest.mark.spawns_mpiexec
+@pytest.mark.parametrize("argv, first", [(["--help"], "usage: mpiblmm "),
+                                         (["fit", "--help"], "usage: mpiblmm fit "),
+                                         (["--version"], "mpiblmm ")])
+def test_help_and_version_under_three_ranks_are_printed_once(run_mpi, mpiblmm_command,
+                                                             tmp_path, argv, first):
+    """argparse printed them once per process (three usages at -n 3)."""
+    job = run_mpi(3, [*mpiblmm_command, *argv], timeout=60, cwd=tmp_path)
+    assert not job.timed_out and job.returncode == 0, job.stderr
+    assert job.stdout.startswith(first) and job.stdout.count(first) == 1, job.stdout
+    assert job.stderr == ""
+
+
+def test_launcher_rank_is_read_from_the_launchers_variables(monkeypatch):
+    from mpiblmm.cli import LAUNCHER_RANK_VARIABLES, launcher_rank
+
+    for name in LAUNCHER_RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert launcher_rank() is None
+    for name in LAUNCHER_RANK_VARIABLES:
+        monkeypatch.setenv(name, "2")
+        assert launcher_rank() == 2
+        monkeypatch.delenv(name)
+
+
 def test_a_folder_given_as_spec_is_named_a_directory(mpiblmm_command, tmp_path):
     for command in ("fit", "check"):
         result = run_cli(mpiblmm_command, command, str(tmp_path))
