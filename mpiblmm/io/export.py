@@ -240,7 +240,8 @@ def write_map(target: Path, data: np.ndarray, affine: np.ndarray, space: str,
     else:
         from mpiblmm.io.surface import save_surface_map
 
-        save_surface_map(target, data.reshape(data.shape[0], -1), space, names, description)
+        save_surface_map(target, data.reshape(data.shape[0], -1), space, names, description,
+                         intent)
 
 
 def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | None = None,

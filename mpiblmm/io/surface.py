@@ -143,11 +143,13 @@ def _brain_models(info: dict):
 
 
 def save_surface_map(path: Path, data: np.ndarray, space: str, names: Sequence[str],
-                     description: str = "") -> None:
+                     description: str = "", intent: str | None = None) -> None:
     """Write per-vertex ``data`` (N,) or (N, k) in the format of ``space``, atomically.
 
     GIfTI: one data array per column, named by ``names`` (metadata ``Name``), float32/int32/
-    uint8.  CIFTI: a dense scalar file, one named row per column, the input's brain models.
+    uint8, with the NIfTI intent ``intent`` (a nibabel name such as ``"z score"``, as for the
+    volume maps; NONE by default).  CIFTI: a dense scalar file (intent ConnDenseScalar, which
+    the format fixes), one named row per column, the input's brain models.
     """
     data = np.asarray(data)
     data = data.reshape(data.shape[0], -1)
@@ -155,14 +157,17 @@ def save_surface_map(path: Path, data: np.ndarray, space: str, names: Sequence[s
     if info["format"] == "gifti":
         from nibabel import gifti
 
+        from nibabel.nifti1 import intent_codes
+
         dtype = _GIFTI_DTYPES[data.dtype.kind]
+        code = intent_codes.niistring[intent or "none"]
         meta = dict(info.get("meta", {}))
         if description:
             meta["Description"] = description
         img = gifti.GiftiImage(meta=gifti.GiftiMetaData(meta))
         for j, name in enumerate(names):
             img.add_gifti_data_array(gifti.GiftiDataArray(
-                np.ascontiguousarray(data[:, j].astype(dtype)), intent="NIFTI_INTENT_NONE",
+                np.ascontiguousarray(data[:, j].astype(dtype)), intent=code,
                 datatype=np.dtype(dtype).name, meta=gifti.GiftiMetaData({"Name": str(name)})))
     else:
         from nibabel import cifti2

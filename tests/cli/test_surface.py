@@ -125,6 +125,12 @@ def test_surface_study_fits_at_2_ranks_like_the_volume(study, nifti_fit, fmt, ru
     z = load("con_time_z")[flat, 0]
     assert np.all(np.sign(z[np.isfinite(z)]) == np.sign(res["contrasts/time/t"][np.isfinite(z)]))
     assert load("n").dtype == np.int32
+    if fmt == "gifti":  # intents as the volume maps': z and p maps say so, the others NONE
+        intents = {stem: {d.intent for d in nib.load(maps / f"{stem}{suffix}").darrays}
+                   for stem in ("con_time_z", "con_time_p", "beta", "con_time_t")}
+        assert intents == {"con_time_z": {nib.nifti1.intent_codes.code["z score"]},
+                           "con_time_p": {nib.nifti1.intent_codes.code["p value"]},
+                           "beta": {0}, "con_time_t": {0}}, intents
 
     if fmt == "gifti":  # the report draws surface maps by vertex, also launched on 2 ranks
         run = run_mpi(2, [*mpiblmm_command, "report", str(study / "out_gifti" / "results.h5")],
