@@ -351,7 +351,9 @@ def _name_bars(bars: list[Bar]) -> tuple[Bar, ...]:
 
 def _r_to_python(text: str) -> str:
     """R spellings formulaic does not know: ``^`` inside a call is a power (``I(x^2)``),
-    ``as.factor(x)`` is ``factor(x)``, ``TRUE``/``FALSE`` are Python's."""
+    ``as.factor(x)`` is ``factor(x)``, ``TRUE``/``FALSE`` are Python's, ``a %in% b`` is
+    ``a:b`` (formulaic reads it as nesting, ``b/a``, adding ``b``'s main effect)."""
+    text = re.sub(r"\s*%in%\s*", ":", text)       # R: a %in% b is the term a:b
     text = re.sub(r"\bas\.factor\s*\(", "factor(", text)
     text = re.sub(r"\bTRUE\b", "True", re.sub(r"\bFALSE\b", "False", text))
     out, stack = [], []
@@ -593,13 +595,24 @@ def _frame(table: Table, columns: set[str], what: dict[str, str]):
 
 
 def _matrix(text: str, frame, where: str):
+    """The model matrix of ``text`` with R's coding of each categorical variable
+    (:mod:`mpiblmm.r_coding`); where that is rank deficient (``a:b`` of two text columns
+    with an intercept, which lme4 trims), formulaic's full-rank coding of the same terms."""
     import formulaic
+
+    from mpiblmm.checks import dependent_column
+    from mpiblmm.r_coding import RCodingMaterializer
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return formulaic.model_matrix(_r_ordered(text), frame, context=_context(),
-                                          na_action="raise")
+            ordered = _r_ordered(text)
+            mm = formulaic.model_matrix(ordered, frame, context=_context(), na_action="raise",
+                                        materializer=RCodingMaterializer)
+            if mm.shape[1] and dependent_column(np.asarray(mm, dtype=np.float64)) is not None:
+                mm = formulaic.model_matrix(ordered, frame, context=_context(),
+                                            na_action="raise")
+            return mm
     except SpecError:
         raise
     except Exception as exc:  # formulaic raises many types for a bad term
