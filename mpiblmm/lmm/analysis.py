@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from .effect_scale import effect_scales, scaled_design, unscale
+from .effect_scale import EffectTransform, effect_transform, restore, transformed_design
 from .estimate import fit
 from .inference import f_contrast, t_contrast
 from .model import (F_STATS, STATUS_EMPTY, STATUS_RANK_DEFICIENT, STATUS_TOO_FEW,
@@ -129,13 +129,14 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     out["n"][:] = n_obs
     enough = (n_obs >= max(settings.min_n, p + 1)) & (n_obs >= settings.min_fraction * n)
     out["status"][:] = np.where(n_obs == 0, STATUS_EMPTY, STATUS_TOO_FEW)
-    scales = effect_scales(model.rd)         # covariates far from unit size: fitted scaled
-    fitted_model = model if scales is None else Model(model.X, scaled_design(model.rd, scales),
-                                                      model.contrasts)
+    # covariates far from unit size or from zero: fitted scaled and centred (effect_scale)
+    transform = effect_transform(model.rd)
+    fitted_model = model if transform is None else Model(
+        model.X, transformed_design(model.rd, transform), model.contrasts)
     parts = [_group_forms(fitted_model, Y[group].T, observed[group].T, group, out)
              for group in product_form_groups(observed, enough)]
     for pf, index in fit_groups([part for part in parts if part is not None]):
-        _fit_forms(fitted_model, pf, settings, index, out, scales)
+        _fit_forms(fitted_model, pf, settings, index, out, transform)
     return out
 
 
@@ -223,14 +224,14 @@ def _group_forms(model: Model, Yg: np.ndarray, obs: np.ndarray, index: np.ndarra
 
 
 def _fit_forms(model: Model, pf: ProductForms, settings: Settings, index: np.ndarray,
-               out: dict[str, np.ndarray], scales: np.ndarray | None = None) -> None:
-    """Fit the voxels of ``pf`` and fill ``out`` at ``index``.  ``scales``: the design's
-    random-effect covariates were scaled (:mod:`.effect_scale`); Satterthwaite works in the
-    fit's units, the covariances and the status are reported in the user's."""
+               out: dict[str, np.ndarray], transform: EffectTransform | None = None) -> None:
+    """Fit the voxels of ``pf`` and fill ``out`` at ``index``.  ``transform``: the design's
+    random-effect covariates were scaled or centred (:mod:`.effect_scale`); Satterthwaite
+    works in the fit's units, the covariances and the status are reported in the user's."""
     kwargs = {k: getattr(settings, k) for k in ("tolerance", "max_iterations", "memory_budget")
               if getattr(settings, k) is not None}
     fitted_res = fit(pf, method=settings.method, **kwargs)
-    res = fitted_res if scales is None else unscale(fitted_res, scales, pf.structure)
+    res = fitted_res if transform is None else restore(fitted_res, transform, pf.structure)
     out["status"][index] = res.status
     out["iterations"][index] = res.iterations
     fitted = res.fitted

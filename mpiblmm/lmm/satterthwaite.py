@@ -357,10 +357,13 @@ def contrast_variance_df(pre: Precomputed, rows: np.ndarray) -> tuple[np.ndarray
     """``S2 = l Cov l'`` and its Satterthwaite df (eq. 4) for one row per voxel.
 
     ``rows`` is (p,) (the same contrast everywhere) or (v, p).  A zero gradient gives
-    ``df = inf`` (as lmerTest); voxels not fitted give NaN.
+    ``df = inf`` (as lmerTest); voxels not fitted give NaN, and so does a variance that
+    rounding made non-positive (Cov(beta) is positive definite at any fit): no statistic
+    where nothing could be estimated.
     """
     rows = np.broadcast_to(rows, pre.cov_beta.shape[:2])
     var = np.einsum("vp,vpq,vq->v", rows, pre.cov_beta, rows)
+    var = np.where(var > 0, var, np.nan)
     g = np.einsum("vp,vmpq,vq->vm", rows, pre.jacobian, rows)
     denom = np.einsum("vm,vmn,vn->v", g, pre.vcov_varpar, g)
     with np.errstate(divide="ignore", invalid="ignore"):
