@@ -5,8 +5,10 @@ job writes anything into the folder, and holds one JSON line: host, PID, start t
 command.  A second job that finds it refuses to start, naming the job that holds it.
 
 A lock is *stale* when it names a process on this host that no longer runs (a job killed
-with SIGKILL, or by the batch system): it is then replaced.  A lock of another host cannot be
-checked from here; the message says to delete the file if that job is no longer running.
+with SIGKILL, or by the batch system), or an earlier run of this very batch job (Slurm keeps a
+requeued job's ``SLURM_JOB_ID`` and counts ``SLURM_RESTART_COUNT`` up: the earlier run has
+ended, on whichever node it ran): it is then replaced.  Any other lock of another host cannot
+be checked from here; the message says to delete the file if that job is no longer running.
 
 The holder releases the lock at exit (:meth:`OutputLock.release`), including after an error
 or a signal; a job that aborts releases it from whichever rank aborts first (every rank knows
@@ -54,13 +56,25 @@ def _describe(text: str) -> str:
         return "a job that is starting now"
 
 
+def _batch_run() -> dict:
+    """This process's Slurm job and restart count (empty outside Slurm)."""
+    job = os.environ.get("SLURM_JOB_ID", "")
+    return {"slurm_job": job, "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0")} \
+        if job else {}
+
+
 def _is_stale(text: str) -> bool:
-    """True when the lock names a process of this host that no longer exists."""
+    """True when the lock names a process of this host that no longer exists, or an earlier
+    run of this requeued Slurm job."""
     try:
         info = json.loads(text)
         host, pid = str(info["host"]), int(info["pid"])
     except (ValueError, KeyError, TypeError):
         return False  # empty or half written: a job is creating it right now
+    run = _batch_run()
+    if run and info.get("slurm_job") == run["slurm_job"] \
+            and str(info.get("slurm_restart")) != run["slurm_restart"]:
+        return True
     if host != socket.gethostname():
         return False
     try:
@@ -92,7 +106,7 @@ def acquire_lock(folder: Path, where: str = "output") -> OutputLock:
     """
     path = Path(folder) / LOCK_NAME
     token = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "start": time.time(),
-                        "command": " ".join(sys.argv)[:500]}) + "\n"
+                        "command": " ".join(sys.argv)[:500], **_batch_run()}) + "\n"
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

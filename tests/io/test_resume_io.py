@@ -53,6 +53,26 @@ def test_lock_refuses_a_live_job_and_replaces_a_dead_one(tmp_path):
     assert (tmp_path / LOCK_NAME).exists()
 
 
+def test_lock_of_an_earlier_run_of_this_requeued_slurm_job_is_stale(tmp_path, monkeypatch):
+    """A requeued Slurm job keeps its job id and may start on another node: the lock its
+    killed first run left (SIGKILL: no release) is replaced; it used to stop the requeued
+    run with "another mpiblmm job is writing" (audit, tenth session)."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    earlier = {"host": "another-node", "pid": 1, "start": 0, "slurm_job": "4242",
+               "slurm_restart": "0"}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(earlier))
+    lock = acquire_lock(tmp_path)
+    held = json.loads((tmp_path / LOCK_NAME).read_text())
+    assert (held["slurm_job"], held["slurm_restart"]) == ("4242", "1")
+    lock.release()
+    for live in (dict(earlier, slurm_restart="1"),          # this run (another step)
+                 dict(earlier, slurm_job="777")):           # another job
+        (tmp_path / LOCK_NAME).write_text(json.dumps(live))
+        with pytest.raises(UserError, match="another mpiblmm job"):
+            acquire_lock(tmp_path)
+
+
 def _results(path, V=6):
     lay = ResultsLayout(n_voxels=V, fixed_names=("a", "b"), factors=(("s", ("(Intercept)",)),),
                         contrasts=(ContrastLayout("b", "T", ((0.0, 1.0),)),), method="REML",
