@@ -109,10 +109,18 @@ def _column(table: Table, name: str, what: str) -> list[str]:
     return table.cells[name]
 
 
+#: A cell that is a number as R's ``read.csv`` reads one: ASCII digits, a point, an
+#: exponent (Python's ``float`` also takes ``62_5`` and other scripts' digits: text to R).
+NUMBER = re.compile(r"\s*[-+]?(([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?|inf|infinity|nan)\s*",
+                    re.IGNORECASE)
+
+
 def _numeric(table: Table, name: str) -> np.ndarray | None:
-    """The column as numbers when every cell is one (int64 when all are whole numbers
-    written without a point, so ``factor(x)`` levels read ``2``, not ``2.0``, as in R),
-    else ``None`` (text)."""
+    """The column as numbers when every cell is one (:data:`NUMBER`; int64 when all are
+    whole numbers written without a point, so ``factor(x)`` levels read ``2``, not ``2.0``,
+    as in R), else ``None`` (text)."""
+    if not all(NUMBER.fullmatch(c) for c in table.cells[name]):
+        return None
     try:
         return np.asarray([int(c) for c in table.cells[name]], dtype=np.int64)
     except (ValueError, OverflowError):
@@ -675,6 +683,10 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
         raise
     except Exception as exc:
         raise SpecError(_one_line(exc)) from None
+    if "Intercept" in used:   # formulaic's name for the intercept: the column would replace it
+        raise SpecError(f"{used['Intercept']}: column 'Intercept' of {table.path} has the name "
+                        "formulaic gives the intercept, and would silently replace it: rename "
+                        "the column")
     groups = {g for bar in parsed.bars for g in bar.group}
     frame = _frame(table, set(used), used)
     for g in sorted(groups):

@@ -152,3 +152,22 @@ def test_parse_keeps_lme4_expansion():
     p = parse_formula("y ~ (1 | site/subject) + (time || subject) + (1 | a:b)")
     assert [b.name for b in p.bars] == ["subject:site", "site", "subject", "subject.1", "a:b"]
     assert p.bars[0].name == "subject:site" and p.bars[2].terms == "1"
+
+
+def test_cells_r_reads_as_text_are_text(tmp_path):
+    """Python's float() takes '62_5' (625) and other scripts' digits; R's read.csv makes the
+    column text (audit, tenth session)."""
+    for cell in ("62_5", "\u0665\u0665"):
+        path = tmp_path / "c.csv"
+        path.write_text("subject,age\n" + "".join(f"s{i % 4},{60 + i}\n" for i in range(11))
+                        + f"s3,{cell}\n")
+        model = formula_model("y ~ age + (1 | subject)", read_table(path))
+        assert len(model.names) == 12, model.names      # a factor of 12 levels, as in R
+
+
+def test_a_column_named_intercept_is_refused(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("subject,Intercept,age\n" + "".join(f"s{i % 4},{i * 0.1},{i}\n"
+                                                        for i in range(12)))
+    with pytest.raises(SpecError, match="column 'Intercept' .* rename the column"):
+        formula_model("y ~ age + Intercept + (1 | subject)", read_table(path))
