@@ -355,6 +355,7 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
                 writer.write(start, stop, values)
             written += stop - start
             progress.chunk_done(stop - start)  # never waits for other ranks
+    progress.chunks_done()  # this rank's final count, before settle waits for the others
 
     if stopper.settle():
         _stop(comm, writer, written, done, packed.n_voxels, results_path, progress)

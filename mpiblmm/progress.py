@@ -16,7 +16,10 @@ Two objects, both made on every rank:
 
 How counts reach rank 0 without stalling anyone.  A rank posts its running count to rank 0
 with a non-blocking send of two 8-byte integers (``Isend``), at most once per half interval
-plus a last one marked *final*; it never waits for it before its next chunk.  Rank 0 takes
+plus a last one marked *final* as soon as its chunk loop ends (:meth:`Progress.chunks_done`,
+before the collective that waits for the slower ranks: else a finished rank's last chunks
+went uncounted, and "ranks finished" read 0/N, until the end); it never waits for it before
+its next chunk.  Rank 0 takes
 whatever has arrived (``Iprobe`` + ``Recv``) at its own chunk ends, from the heartbeat thread
 when MPI grants ``MPI_THREAD_MULTIPLE``, and in :meth:`Progress.close`, where it stays until
 every rank's final count has arrived: it would wait for them in the next collective anyway.
@@ -329,6 +332,7 @@ class Progress:
         self._pending: list[tuple[Any, np.ndarray]] = []
         self._last_sent = -math.inf
         self._closed = False
+        self._final_sent = False
         self._freed = False
         # rank 0: every rank's latest (done, resumed, final)
         self._table = np.zeros((self.size, 3), dtype=np.int64)
@@ -360,18 +364,29 @@ class Progress:
         elif self.interval > 0 and time.monotonic() - self._last_sent >= self.interval / 2:
             self._send(final=False)
 
+    def chunks_done(self) -> None:
+        """Every rank, as its chunk loop ends (before any collective that waits for the
+        others): its final count is on its way, so rank 0's lines count this rank's last
+        chunks and "ranks finished" while the slower ranks still work.  Never waits."""
+        if self._final_sent or self._closed:
+            return
+        self._final_sent = True
+        if self.rank == 0:
+            self._record(0, (self.done, self.resumed, 1))
+        else:
+            self._send(final=True)
+
     def close(self) -> None:
         """Every rank, once, after its last chunk.  Rank 0 waits for every rank's final count
         and reports the last line; the others complete their sends.  Frees the duplicate."""
         if self._closed:
             return
+        self.chunks_done()
         self._closed = True
         if self.rank != 0:
-            self._send(final=True)
             self._MPI.Request.Waitall([request for request, _ in self._pending])
             self._pending.clear()
         else:
-            self._record(0, (self.done, self.resumed, 1))
             while not self._table[:, 2].all():
                 if not self._poll():
                     time.sleep(POLL_SECONDS)

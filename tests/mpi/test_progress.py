@@ -66,6 +66,34 @@ def test_intermediate_lines_count_up_and_carry_rate_and_time_left(mpi):
     mpi.check(ok, f"lines: {lines}")
 
 
+def test_a_rank_that_finished_is_counted_while_rank_0_still_works(mpi):
+    """A rank's final count used to be sent only in close(), after the collective that
+    waits for every rank: rank 0's lines missed its last chunks and read "0/N ranks
+    finished" until the end (audit, tenth session)."""
+    stream = io.StringIO()
+    log = JobLog(mpi.rank, options=LogOptions(progress_interval=0.02), stream=stream)
+    chunks = [25] + [3] * (mpi.size - 1)
+    progress = Progress(mpi.comm, 5 * sum(chunks), log, 5 * chunks[mpi.rank], chunks[mpi.rank])
+    for _ in range(chunks[mpi.rank]):
+        time.sleep(0.03 if mpi.rank == 0 else 0.0)
+        progress.chunk_done(5)
+    progress.chunks_done()
+    mpi.comm.barrier()  # the fit's settle(): waits for rank 0
+    progress.close()
+    log.close()
+    lines = stream.getvalue().splitlines()
+    others = 5 * 3 * (mpi.size - 1)
+    if mpi.rank == 0 and mpi.size > 1:
+        early = [line for line in lines[:-1] if "left" in line
+                 and f"{mpi.size - 1}/{mpi.size} ranks finished" in line]
+        counts = [int(re.search(r"fit ([\d,]+)/", line).group(1).replace(",", ""))
+                  for line in early]
+        ok = bool(early) and all(c > others for c in counts)
+    else:
+        ok = True
+    mpi.check(ok, f"lines: {lines}")
+
+
 def test_posting_counts_never_waits_for_a_busy_rank_0(mpi):
     # Rank 0 sleeps 1.5 s before its first chunk end: the others post many counts meanwhile.
     _, _, waited = _run(mpi, lambda r: 10, interval=1e-6, busy=1.5, pause=0.005)
