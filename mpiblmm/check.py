@@ -51,6 +51,8 @@ def run_check(args: Any) -> int:
         if problems:
             for line in problems:
                 print(f"mpiblmm: error: {line}", file=sys.stderr)
+            for line in summary:  # with problems: notes that may explain them
+                print(f"mpiblmm: {line}", file=sys.stderr)
             print(f"mpiblmm: {len(problems)} problem(s) found in {args.spec}", file=sys.stderr)
             code = USER_ERROR_EXIT_CODE
         else:
@@ -61,7 +63,8 @@ def run_check(args: Any) -> int:
 
 
 def check_spec(path: str | Path, ranks: int = 1) -> tuple[list[str], list[str]]:
-    """Validate a spec fully; return (problems, summary lines)."""
+    """Validate a spec fully; return (problems, summary lines); with problems, the second
+    list holds only notes that may explain them."""
     from mpiblmm.schema import schema_problems
     from mpiblmm.spec import _no_duplicate_keys, parse_spec
 
@@ -96,8 +99,8 @@ def check_spec(path: str | Path, ranks: int = 1) -> tuple[list[str], list[str]]:
     if design is None:
         return problems, []
     _thresholds(spec, design, n_images, problems)
-    if problems:
-        return problems, []
+    if problems:  # (a column read as text may be why: p >= n, a rank-deficient X)
+        return problems, _text_column_notes(spec)
     try:
         _estimable(design)
         return [], _summary(spec, design, candidates or (0, "unknown"), ranks)
@@ -268,6 +271,16 @@ def _estimable(design: Any) -> None:
 
 
 # --------------------------------------------------------------------------- summary
+def _text_column_notes(spec: Any) -> list[str]:
+    """``note: column 'age' is read as text ...`` lines of a formula spec's covariates (a
+    cell such as ``2.O`` makes a numeric column a factor, as in R)."""
+    if not spec.is_formula:
+        return []
+    from mpiblmm import formula as fm
+
+    return [f"note: {note}" for note in fm.suspicious_text_columns(fm.read_table(spec.covariates))]
+
+
 def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) -> list[str]:
     from mpiblmm.io.ingest import DEFAULT_MEMORY_MB
 
@@ -276,7 +289,7 @@ def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) ->
         out.append(f"formula: {spec.formula}")
         from mpiblmm import formula as fm
 
-        out += [f"note: {note}" for note in fm.suspicious_text_columns(fm.read_table(spec.covariates))]
+        out += _text_column_notes(spec)
     out.append(f"observations: n = {design.n}")
     out.append(f"fixed effects: p = {design.p}: {', '.join(design.fixed_names)}")
     out.append(f"random factors: {len(design.factors)}, q = {design.structure.q}")

@@ -157,6 +157,27 @@ def test_check_notes_a_numeric_column_turned_text_by_one_cell(tmp_path):
     assert not [line for line in clean if line.startswith("note: ")]
 
 
+def test_check_gives_the_note_with_the_problem_a_text_column_causes(tmp_path):
+    """A typo that makes a numeric column a factor of many levels can make p >= n; the note
+    saying which cell did it used to come only with a successful check (audit, tenth
+    session)."""
+    write_study(tmp_path, subjects=6, visits=3, shape=(3, 3, 2), seed=4, form="formula")
+    lines = (tmp_path / "participants.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [line.split(",") for line in lines[1:]]
+    for i, cells in enumerate(rows):          # age: 18 distinct values, one of them a typo
+        cells[header.index("age")] = f"{60 + i * 0.5}" if i != 4 else "6O.5"
+    (tmp_path / "edited.csv").write_text("\n".join([lines[0]] + [",".join(c) for c in rows])
+                                         + "\n")
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    spec.update(formula="y ~ age + (1 | subject)", contrasts=[], covariates="edited.csv")
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    problems, notes = check_spec(tmp_path / "s.json")
+    assert any("fixed effects (columns) but only 18 observations" in p for p in problems)
+    assert len(notes) == 1 and notes[0].startswith("note: column 'age'") \
+        and "'6O.5'" in notes[0], notes
+
+
 def test_check_sizes_chunks_as_the_fit_does_for_several_factors(tmp_path):
     """Sites, families and subjects (the blocked layout): check's chunk is the fit's
     (pipeline.chunk_voxels), not one sized for a dense q x q Z'Z (it said 1 voxel and ~20 GB
