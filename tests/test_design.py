@@ -101,3 +101,33 @@ def test_name_count_errors(tmp_path, overrides, expected):
     with pytest.raises(SpecError) as info:
         design_from_spec(load_spec(path))
     assert str(info.value).startswith(f"{path}: {expected}")
+
+
+def _formula_spec(tmp_path, csv_text, formula):
+    from mpiblmm.spec import parse_spec
+
+    (tmp_path / "c.csv").write_text(csv_text)
+    raw = {"images": [f"i{k}.nii" for k in range(csv_text.count("\n") - 1)],
+           "covariates": "c.csv", "formula": formula}
+    return parse_spec(raw, tmp_path / "spec.json", check_files=False)
+
+
+def test_two_coefficients_of_one_name_are_refused(tmp_path):
+    """A level 'b' of text column 'site' and a numeric column 'siteb': a contrast
+    {"siteb": 1} took the site dummy, and a default contrast was dropped (audit, tenth
+    session)."""
+    rows = "".join(f"s{i % 4},{'ab'[i % 2]},{i * 0.5}\n" for i in range(12))
+    spec = _formula_spec(tmp_path, "subject,site,siteb\n" + rows, "y ~ site + siteb + (1 | subject)")
+    with pytest.raises(SpecError, match=r"columns 2 and 3 of the fixed part are both named "
+                                        r"'siteb'.*rename a column"):
+        design_from_spec(spec)
+
+
+def test_default_contrasts_whose_file_names_collide_are_refused(tmp_path):
+    rows = "".join(f"s{i % 4},{i + 1.0},{(i * 7) % 5 + 1.0},{i * 0.3}\n" for i in range(12))
+    spec = _formula_spec(tmp_path, "subject,a,b,a_b\n" + rows, "y ~ I(a/b) + a_b + (1 | subject)")
+    design_from_spec(spec)   # 'I(a/b)' -> 'I(a_b)' and 'a_b': distinct
+    spec = _formula_spec(tmp_path, "subject,a,b,a_b\n" + rows,
+                         "y ~ I(a/b) + I(a_b) + (1 | subject)")
+    with pytest.raises(SpecError, match=r"two default contrasts would be named 'I\(a_b\)'"):
+        design_from_spec(spec)
