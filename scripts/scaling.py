@@ -6,17 +6,30 @@ the ranks so every rank keeps the same number of voxels.  Every point is repeate
 repeats are interleaved over rank counts, so machine noise hits every rank count alike), from
 a clean output folder each time, packing included: wall time from launch to exit.  Each
 run's per-phase seconds (max over ranks: the slowest rank sets the wall time) are read from
-``results.h5``'s ``summary`` attribute; export comes from rank 0's log, and ``startup`` is
-the rest of the wall time (launch, imports, ``MPI_Init``, exit).
+``results.h5``'s ``summary`` attribute, export included (from rank 0's log if the summary
+lacks it).  ``other`` is the part of the fit's total (the slowest rank's) that no phase
+times: the collective open and close of packed.h5 for the fit, the progress and stop
+communicators, the final waits.  It is slightly negative when different ranks are the
+slowest in different phases.  ``startup`` is the rest of the wall time (launch, imports,
+``MPI_Init``, exit), so ``startup + setup + ... + export + other = wall``.
 
 Out, in ``--out`` (default ``scaling-<date>``):
 
 - ``scaling.csv``: one row per run (``mode, ranks, repeat, voxels, images, wall_s`` and
-  ``<phase>_s`` for startup, setup, ingest, create, read, fit, write, finish, export).
+  ``<phase>_s`` for startup, setup, ingest, create, read, fit, write, finish, export,
+  other), appended (and flushed) as soon as the run is measured.
 - ``scaling_summary.csv``: one row per mode and rank count: median wall time, speed-up over
   the smallest rank count, parallel efficiency, median seconds per phase.
 - ``scaling.png``: speed-up against the ideal line, efficiency, and the per-phase breakdown,
   so one sees whether I/O (ingest, read, write, export), start-up or the fit limits scaling.
+
+The summary and the PNG are written from the rows there are also when a run fails or times
+out, and on SIGTERM or Ctrl-C (the running point is stopped and not counted); the exit code
+is then non-zero (1 for a failed run, 143 for SIGTERM, 130 for Ctrl-C).  ``--resume``
+continues a study in an existing ``--out``: the (mode, ranks, repeat) points already in its
+``scaling.csv`` are kept and not run again; without it an ``--out`` that already has a
+``scaling.csv`` is refused.  The simulated studies (in ``--out``/work) are kept after an
+interrupted study, for ``--resume``, and removed when a study ends normally.
 
 The launcher is ``$MPIEXEC`` (e.g. ``srun`` inside an allocation; its process-count flag is
 ``$MPIEXEC_NUMPROC_FLAG``, default ``-n``), else the environment's ``mpiexec``.  More ranks
@@ -26,6 +39,7 @@ Open MPI's ``mpiexec`` is given ``--oversubscribe`` then, MPICH's needs nothing.
     .venv/bin/python scripts/scaling.py --ranks 1 2 4 --repeats 3
     .venv/bin/python scripts/scaling.py --mode strong --spec my_study/spec.json --ranks 64 128 256
     .venv/bin/python scripts/scaling.py --mode weak --voxels-per-rank 20000 --ranks 1 2 4 8
+    .venv/bin/python scripts/scaling.py --resume --out scaling-20250101-120000 ...  # continue
 """
 
 from __future__ import annotations
@@ -38,18 +52,19 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 #: Phases stored in results.h5's summary (pipeline.PHASES), then what the script adds.
 FIT_PHASES = ["setup", "ingest", "create", "read", "fit", "write", "finish"]
-PHASES = ["startup", *FIT_PHASES, "export"]
+PHASES = ["startup", *FIT_PHASES, "export", "other"]
 RUN_COLUMNS = ["mode", "ranks", "repeat", "voxels", "images", "wall_s",
                *[f"{p}_s" for p in PHASES]]
 SUMMARY_COLUMNS = ["mode", "ranks", "voxels", "voxels_per_rank", "repeats", "wall_median_s",
@@ -58,8 +73,26 @@ SUMMARY_COLUMNS = ["mode", "ranks", "voxels", "voxels_per_rank", "repeats", "wal
 #: Groups of the breakdown plot.
 GROUPS = {"start-up": ["startup", "setup"], "ingest": ["ingest"],
           "results I/O (create, read, write, finish)": ["create", "read", "write", "finish"],
-          "fit": ["fit"], "export": ["export"]}
-EXPORT_LINE = re.compile(r"^\s*export\s+([0-9.]+)")
+          "fit": ["fit"], "export": ["export"],
+          "other (untimed: opening packed.h5, progress, waits)": ["other"]}
+#: The export line of the fit's "seconds per phase" table: min, median, max over ranks.
+EXPORT_LINE = re.compile(r"^\s*export\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s*$")
+
+
+class RunFailed(Exception):
+    """A run failed or timed out (the message says which and how)."""
+
+
+class Stopped(BaseException):
+    """SIGTERM (or SIGINT) arrived: write what there is and stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, _frame):
+    raise Stopped(signum)
 
 
 # --------------------------------------------------------------------------- launching
@@ -119,59 +152,90 @@ class Runner:
         return [*self.command, *extra, self.flag, str(ranks), *mpiblmm_command(), *args]
 
     def run(self, ranks: int, args: list[str]) -> float:
-        """Run one job; its wall time from launch to exit (exits the script on failure)."""
+        """Run one job; its wall time from launch to exit.  Raises RunFailed if it fails or
+        times out; on Stopped (a signal to this script) the job is sent SIGTERM (mpiblmm
+        stops after the chunk in hand), given 30 s, then killed."""
         argv = self.argv(ranks, args)
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(argv, env=self.env, capture_output=True, text=True,
-                                  timeout=self.timeout, check=False)
-        except subprocess.TimeoutExpired:
-            sys.exit(f"scaling.py: timed out after {self.timeout:.0f} s: {shlex.join(argv)}")
-        seconds = time.perf_counter() - t0
-        if proc.returncode != 0:
-            sys.exit(f"scaling.py: failed ({proc.returncode}): {shlex.join(argv)}\n"
-                     f"{proc.stderr[-3000:]}")
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=err)
+            try:
+                code = proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                _end(proc)
+                raise RunFailed(f"timed out after {self.timeout:.0f} s: "
+                                f"{shlex.join(argv)}") from None
+            except BaseException:  # Stopped, KeyboardInterrupt
+                _end(proc)
+                raise
+            seconds = time.perf_counter() - t0
+            if code != 0:
+                err.seek(0)
+                tail = err.read()[-3000:].decode(errors="replace")
+                raise RunFailed(f"failed ({code}): {shlex.join(argv)}\n{tail}")
         return seconds
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """SIGTERM to a job, SIGKILL 30 s later if it is still there."""
+    try:
+        proc.terminate()
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------- one run
 def read_phases(results: Path, log: Path) -> tuple[int, dict[str, float]]:
-    """Voxels fitted (candidates), and max-over-ranks seconds per phase from results.h5 plus
-    rank 0's export seconds from its log."""
+    """Voxels fitted (candidates), and max-over-ranks seconds per phase, export included,
+    plus ``total``: the slowest rank's seconds from its timer's start to the export's end."""
     import h5py
 
     with h5py.File(results, "r") as f:
         summary = json.loads(f.attrs["summary"])
         voxels = int(f["voxels"].shape[0])
-    seconds = {p: float(summary["seconds"].get(p, [0, 0, 0])[2]) for p in FIT_PHASES}
-    seconds["total"] = float(summary["seconds"]["total"][2])
-    seconds["export"] = math.nan
-    if log.exists():
-        for line in log.read_text().splitlines():
-            match = EXPORT_LINE.match(line)
-            if match:
-                seconds["export"] = float(match.group(1))
+    stored = summary["seconds"]
+    seconds = {p: float(stored.get(p, [0, 0, 0])[2]) for p in FIT_PHASES}
+    seconds["total"] = float(stored["total"][2])
+    if "export" in stored:  # added after the export, with the total that includes it
+        seconds["export"] = float(stored["export"][2])
+    else:  # the summary's total ends before the export: the log's max over ranks
+        seconds["export"] = 0.0
+        if log.exists():
+            for line in log.read_text().splitlines():
+                match = EXPORT_LINE.match(line)
+                if match:
+                    seconds["export"] = float(match.group(3))
+        seconds["total"] += seconds["export"]
     return voxels, seconds
 
 
 def fit_once(runner: Runner, ranks: int, spec: Path, out: Path, fit_args: list[str]) -> dict:
-    """One clean fit (packing included); wall time and seconds per phase."""
+    """One clean fit (packing included); wall time and seconds per phase (which, with
+    ``startup`` and ``other``, add up to the wall time)."""
     shutil.rmtree(out, ignore_errors=True)
     log = out.parent / f"{out.name}.log"
     log.unlink(missing_ok=True)
     wall = runner.run(ranks, ["fit", str(spec), "--output", str(out), "--quiet",
                               "--log-file", str(log), "--progress-interval", "0", *fit_args])
     voxels, phases = read_phases(out / "results.h5", log)
-    export = 0.0 if math.isnan(phases["export"]) else phases["export"]
-    phases["startup"] = max(0.0, wall - phases.pop("total") - export)
+    total = phases.pop("total")
+    phases["other"] = total - sum(phases[p] for p in [*FIT_PHASES, "export"])
+    phases["startup"] = max(0.0, wall - total)
     shutil.rmtree(out, ignore_errors=True)
+    log.unlink(missing_ok=True)
     return {"voxels": voxels, "wall_s": wall, **{f"{p}_s": phases[p] for p in PHASES}}
 
 
 def simulate(runner: Runner, folder: Path, subjects: int, visits: int,
              shape: tuple[int, int, int], seed: int) -> Path:
-    """A simulated study (``mpiblmm simulate``, one rank); its spec's path."""
+    """A simulated study (``mpiblmm simulate``, one rank); its spec's path.  A study of an
+    earlier, interrupted run is reused if it is complete (its spec.json is written last)."""
     if not (folder / "spec.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)
         runner.run(1, ["simulate", str(folder), "--subjects", str(subjects), "--visits",
                        str(visits), "--shape", *map(str, shape), "--missing-fraction", "0.3",
                        "--seed", str(seed)])
@@ -253,6 +317,7 @@ def plot(summary: list[dict], path: Path, title: str, cores: int) -> None:
         else:
             ax_speed.plot(ranks, [r["speedup"] for r in rows], "s-", color=colours[mode],
                           label="weak: T(base) / T(R), ideal 1")
+            ax_speed.axhline(1.0, color=colours[mode], ls=":", lw=1, label="weak: ideal")
         ax_eff.plot(ranks, [r["efficiency"] for r in rows], "o-" if mode == "strong" else "s-",
                     color=colours[mode], label=mode)
     every = sorted({r["ranks"] for r in summary})
@@ -295,9 +360,67 @@ def plot(summary: list[dict], path: Path, title: str, cores: int) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- rows on disk
+INT_COLUMNS = {"ranks", "repeat", "voxels", "images"}
+
+
+def load_rows(path: Path) -> list[dict]:
+    """The rows of an earlier run's scaling.csv (ValueError if its columns are not ours)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != RUN_COLUMNS:
+            raise ValueError(f"{path} has other columns than this script writes "
+                             f"({', '.join(reader.fieldnames or [])})")
+        return [{k: (v if k == "mode" else int(v) if k in INT_COLUMNS else float(v))
+                 for k, v in row.items()} for row in reader]
+
+
+def append_row(path: Path, row: dict) -> None:
+    """One measured run onto scaling.csv at once (with the header if the file is new)."""
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RUN_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v)
+                         for k, v in row.items() if k in RUN_COLUMNS})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_outputs(out: Path, rows: list[dict], cores: int) -> None:
+    """scaling_summary.csv and scaling.png from the rows measured so far, and the table."""
+    summary = summarise(rows) if rows else []
+    write_csv(out / "scaling_summary.csv", SUMMARY_COLUMNS, summary)
+    if not rows:
+        print(f"scaling: no point measured; wrote an empty {out / 'scaling_summary.csv'}",
+              flush=True)
+        return
+    repeats = max(r["repeat"] for r in rows)
+    title = (f"mpiblmm scaling, {max(r['images'] for r in rows)} images; {cores} cores; "
+             f"median of up to {repeats} run(s); "
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    plot(summary, out / "scaling.png", title, cores)
+    print(f"\n{'mode':<6} {'ranks':>5} {'voxels':>8} {'median s':>9} {'speed-up':>9} "
+          f"{'ideal':>6} {'efficiency':>10}  " + " ".join(f"{p:>7}" for p in PHASES))
+    for r in summary:
+        print(f"{r['mode']:<6} {r['ranks']:>5} {r['voxels']:>8} {r['wall_median_s']:9.2f} "
+              f"{r['speedup']:9.2f} {r['ideal_speedup']:6.1f} {r['efficiency']:10.2f}  "
+              + " ".join(f"{r[f'{p}_s']:7.2f}" for p in PHASES))
+    print(f"\nwrote {out / 'scaling.csv'}, {out / 'scaling_summary.csv'}, "
+          f"{out / 'scaling.png'}", flush=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line (exit 2), not the usage."""
+
+    def error(self, message):
+        self.exit(2, f"scaling.py: {message}\n")
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = _Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=["strong", "weak", "both"], default="both")
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--repeats", type=int, default=3)
@@ -308,67 +431,117 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", type=int, nargs=3, default=[20, 20, 15],
                     help="grid of the simulated strong-scaling study")
     ap.add_argument("--voxels-per-rank", type=int, default=3000,
-                    help="weak scaling: grid voxels per rank (the grid grows along its 3rd side)")
+                    help="weak scaling: grid voxels per rank (the grid grows along its 3rd "
+                    "side, by whole slices of the first two sides of --shape)")
     ap.add_argument("--fit-args", default="", help="extra `mpiblmm fit` arguments, e.g. "
                     "\"--max-memory-mb 512\"")
     ap.add_argument("--out", type=Path,
                     default=Path(f"scaling-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"))
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the study in --out: keep the points of its scaling.csv "
+                    "and run only the missing ones")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     args = ap.parse_args(argv)
     if min(args.ranks) < 1 or args.repeats < 1:
         ap.error("--ranks and --repeats must be at least 1")
+    if min(args.shape) < 1 or args.voxels_per_rank < 1 or args.subjects < 1 or args.visits < 1:
+        ap.error("--shape, --voxels-per-rank, --subjects and --visits must be at least 1")
+    if args.spec is not None and not args.spec.is_file():
+        ap.error(f"--spec {args.spec}: no such file")
     ranks_list = sorted(set(args.ranks))
+    csv_path = args.out / "scaling.csv"
+    rows: list[dict] = []
+    if csv_path.exists() and csv_path.stat().st_size > 0:
+        if not args.resume:
+            ap.error(f"{csv_path} exists: pass --resume to continue that study, or choose "
+                     f"another --out")
+        try:
+            rows = load_rows(csv_path)
+        except (ValueError, KeyError) as exc:
+            ap.error(f"--resume: {exc}")
 
     command, flag = launcher()
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     runner = Runner(command, flag, available_cores(), is_open_mpi(command), env, args.timeout)
     if max(ranks_list) > runner.cores:
-        warnings.warn(f"{max(ranks_list)} ranks on {runner.cores} cores: the larger rank "
-                      f"counts share cores, so their figures measure time sharing, not scaling"
-                      + (" (Open MPI: adding --oversubscribe)" if runner.open_mpi else ""),
-                      stacklevel=1)
+        print(f"scaling.py: warning: {max(ranks_list)} ranks on {runner.cores} cores: the "
+              f"larger rank counts share cores, so their figures measure time sharing, not "
+              f"scaling" + (" (Open MPI: adding --oversubscribe)" if runner.open_mpi else ""),
+              file=sys.stderr, flush=True)
     fit_args = shlex.split(args.fit_args)
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "work"
     work.mkdir(exist_ok=True)
 
-    plans: list[tuple[str, int, Path]] = []  # (mode, ranks, spec)
+    plans: list[tuple[str, int, object]] = []  # (mode, ranks, how to make its study)
     if args.mode in ("strong", "both"):
-        spec = args.spec.resolve() if args.spec else simulate(
-            runner, work / "strong", args.subjects, args.visits, tuple(args.shape), 1)
-        plans += [("strong", r, spec) for r in ranks_list]
+        strong = (lambda: args.spec.resolve()) if args.spec else (
+            lambda: simulate(runner, work / "strong", args.subjects, args.visits,
+                             tuple(args.shape), 1))
+        plans += [("strong", r, strong) for r in ranks_list]
     if args.mode in ("weak", "both"):
         for r in ranks_list:
             shape = weak_shape(args.shape, args.voxels_per_rank, r)
-            spec = simulate(runner, work / f"weak-{r}", args.subjects, args.visits, shape, 1)
-            plans.append(("weak", r, spec))
-    images = {spec: images_of(spec) for _, _, spec in plans}
+            plans.append(("weak", r, lambda shape=shape, r=r: simulate(
+                runner, work / f"weak-{r}", args.subjects, args.visits, shape, 1)))
+    done = {(r["mode"], r["ranks"], r["repeat"]) for r in rows}
+    todo = sum((mode, ranks, repeat) not in done for repeat in range(1, args.repeats + 1)
+               for mode, ranks, _ in plans)
 
-    print(f"scaling: {len(plans)} points x {args.repeats} repeats, launcher "
-          f"{shlex.join(command)} {flag} R, {runner.cores} cores", flush=True)
-    rows: list[dict] = []
-    for repeat in range(1, args.repeats + 1):
-        for mode, ranks, spec in plans:  # interleaved: noise hits every point alike
-            result = fit_once(runner, ranks, spec, work / f"out-{mode}-{ranks}", fit_args)
-            rows.append({"mode": mode, "ranks": ranks, "repeat": repeat, "images": images[spec],
-                         **result})
-            print(f"  {mode:<6} {ranks:>4} ranks, repeat {repeat}: {result['wall_s']:7.2f} s "
-                  f"(fit {result['fit_s']:.2f} s, ingest {result['ingest_s']:.2f} s)",
-                  flush=True)
-    summary = summarise(rows)
-    write_csv(args.out / "scaling.csv", RUN_COLUMNS, rows)
-    write_csv(args.out / "scaling_summary.csv", SUMMARY_COLUMNS, summary)
-    title = (f"mpiblmm scaling, {max(images.values())} images; {runner.cores} cores; median of "
-             f"{args.repeats} run(s); {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
-    plot(summary, args.out / "scaling.png", title, runner.cores)
-    print(f"\n{'mode':<6} {'ranks':>5} {'voxels':>8} {'median s':>9} {'speed-up':>9} "
-          f"{'ideal':>6} {'efficiency':>10}  " + " ".join(f"{p:>7}" for p in PHASES))
-    for r in summary:
-        print(f"{r['mode']:<6} {r['ranks']:>5} {r['voxels']:>8} {r['wall_median_s']:9.2f} "
-              f"{r['speedup']:9.2f} {r['ideal_speedup']:6.1f} {r['efficiency']:10.2f}  "
-              + " ".join(f"{r[f'{p}_s']:7.2f}" for p in PHASES))
-    print(f"\nwrote {args.out / 'scaling.csv'}, {args.out / 'scaling_summary.csv'}, "
-          f"{args.out / 'scaling.png'}")
+    print(f"scaling: {len(plans)} points x {args.repeats} repeats"
+          + (f" ({len(plans) * args.repeats - todo} already in {csv_path})" if rows else "")
+          + f", launcher {shlex.join(command)} {flag} R, {runner.cores} cores", flush=True)
+    handlers = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    specs: dict[tuple[str, int], Path] = {}
+    code = 0
+    try:
+        for repeat in range(1, args.repeats + 1):
+            for mode, ranks, make in plans:  # interleaved: noise hits every point alike
+                if (mode, ranks, repeat) in done:
+                    continue
+                if (mode, ranks) not in specs:  # simulated when first needed
+                    specs[mode, ranks] = make()
+                spec = specs[mode, ranks]
+                images = images_of(spec)
+                earlier = {r["images"] for r in rows if (r["mode"], r["ranks"]) == (mode, ranks)}
+                if earlier and earlier != {images}:
+                    raise RunFailed(f"--resume: {csv_path} has {mode} {ranks}-rank runs of "
+                                    f"{sorted(earlier)} images, this study has {images}: "
+                                    f"give the same study options as before")
+                result = fit_once(runner, ranks, spec, work / f"out-{mode}-{ranks}", fit_args)
+                row = {"mode": mode, "ranks": ranks, "repeat": repeat, "images": images,
+                       **result}
+                signals = {signal.SIGTERM, signal.SIGINT}
+                signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # no half-written row
+                try:
+                    append_row(csv_path, row)
+                    rows.append(row)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+                print(f"  {mode:<6} {ranks:>4} ranks, repeat {repeat}: "
+                      f"{result['wall_s']:7.2f} s (fit {result['fit_s']:.2f} s, ingest "
+                      f"{result['ingest_s']:.2f} s)", flush=True)
+    except RunFailed as exc:
+        print(f"scaling.py: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    except (Stopped, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        print(f"scaling.py: stopped by {signal.Signals(signum).name}", file=sys.stderr,
+              flush=True)
+        code = 128 + signum
+    finally:
+        # a second signal while the summary is written should not cut it short
+        for sig in handlers:
+            signal.signal(sig, signal.SIG_IGN)
+    write_outputs(args.out, rows, runner.cores)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    if code:
+        for folder in work.glob("out-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+        print(f"scaling.py: {len(rows)} run(s) are in {csv_path}; run the same command with "
+              f"--resume to add the missing ones", file=sys.stderr, flush=True)
+        return code
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -113,25 +113,59 @@ def test_fit_sbatch_passes_a_failed_fit_on(tmp_path):
     assert "--resume" not in (tmp_path / "calls.txt").read_text()  # a fresh folder
 
 
-def test_pbs_job_stops_before_the_walltime_and_resubmits_itself(tmp_path):
+def _pbs_env(tmp_path, **extra):
     nodefile = tmp_path / "nodes"
     nodefile.write_text("node1\nnode1\n")
-    env = _env(tmp_path, SPEC=str(tmp_path / "spec.json"), OUTPUT=str(tmp_path / "out"),
-               PBS_NODEFILE=str(nodefile), PBS_O_WORKDIR=str(tmp_path),
-               WALLTIME_SECONDS="121", JOB_SCRIPT="/x/fit.pbs")  # TERM after 1 s
+    return _env(tmp_path, SPEC=str(tmp_path / "spec.json"), OUTPUT=str(tmp_path / "out"),
+                PBS_NODEFILE=str(nodefile), PBS_O_WORKDIR=str(tmp_path), **extra)
+
+
+@pytest.mark.parametrize("killed", [False, True])
+def test_pbs_job_stops_before_the_walltime_and_resubmits_itself(tmp_path, killed):
+    """killed: the ranks outlived the SIGTERM and --kill-after's SIGKILL ended them (timeout
+    returns 137); the chunks written are kept, so that job is resubmitted too (it used to
+    end the chain)."""
+    job_script = tmp_path / "jobs" / "fit.pbs"   # not under PBS_O_WORKDIR/scripts/pbs
+    job_script.parent.mkdir()
+    job_script.write_text("#!/bin/bash\n")
+    env = _pbs_env(tmp_path, WALLTIME_SECONDS="121", JOB_SCRIPT=str(job_script))  # TERM at 1 s
     bin_dir = tmp_path / "bin"
     _stub(bin_dir, "mpiexec", 'echo "mpiexec $*" >> "$CALLS"\n'
-          'trap \'echo "mpiexec got TERM" >> "$CALLS"; exit 143\' TERM\n'
-          'while true; do sleep 0.05; done\n')
+          + ('exit 137\n' if killed else
+             'trap \'echo "mpiexec got TERM" >> "$CALLS"; exit 143\' TERM\n'
+             'while true; do sleep 0.05; done\n'))
     _stub(bin_dir, "qsub", 'echo "qsub $*" >> "$CALLS"\n')
     run = subprocess.run([BASH, str(SCRIPTS["pbs/fit.pbs"])], env=env, capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     lines = (tmp_path / "calls.txt").read_text().splitlines()
     assert lines[0].startswith("mpiexec -n 2 mpiblmm fit ") and "--resume" not in lines[0]
-    assert lines[1] == "mpiexec got TERM"
-    assert lines[2].startswith("qsub -v SPEC=") and "RESUBMIT=1," in lines[2]
-    assert lines[2].endswith(" /x/fit.pbs")
+    if not killed:
+        assert lines.pop(1) == "mpiexec got TERM"
+    assert lines[1].startswith("qsub -v SPEC=") and "RESUBMIT=1," in lines[1]
+    assert f"JOB_SCRIPT={job_script}," in lines[1]
+    assert lines[1].endswith(f" {job_script}")
+
+
+@pytest.mark.parametrize("job_script", ["", "relative/fit.pbs", "/nonexistent/fit.pbs"])
+def test_pbs_job_without_its_own_path_stops_before_the_fit(tmp_path, job_script):
+    """JOB_SCRIPT used to default to $PBS_O_WORKDIR/scripts/pbs/fit.pbs, which exists only
+    if qsub was run from the repository root: the resubmission failed after the first
+    walltime (audit 10, section 4)."""
+    (tmp_path / "relative").mkdir()
+    (tmp_path / "relative" / "fit.pbs").write_text("")
+    env = _pbs_env(tmp_path, WALLTIME_SECONDS="121")
+    if job_script:
+        env["JOB_SCRIPT"] = job_script
+    else:
+        env.pop("JOB_SCRIPT", None)
+    _stub(tmp_path / "bin", "mpiexec", 'echo "mpiexec $*" >> "$CALLS"\n')
+    _stub(tmp_path / "bin", "qsub", 'echo "qsub $*" >> "$CALLS"\n')
+    run = subprocess.run([BASH, str(SCRIPTS["pbs/fit.pbs"])], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 2
+    assert "JOB_SCRIPT" in run.stderr and "absolute path" in run.stderr
+    assert not (tmp_path / "calls.txt").exists()   # no fit, no qsub
 
 
 @pytest.mark.spawns_mpiexec
@@ -155,3 +189,53 @@ def test_fit_sbatch_runs_a_real_fit_through_srun(tmp_path, mpiblmm_command):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "fit 48/48 voxels (100.0%)" in run.stdout and "2/2 ranks finished" in run.stdout
     assert (tmp_path / "out" / "results.h5").exists()
+
+
+def test_scaling_sbatch_passes_the_time_limit_signal_on_and_waits_for_the_summary(tmp_path):
+    """B:TERM reaches only the batch shell. It used to exit at once (`wait` returns 143, and
+    `set -e`), so scaling.py, killed with the job, wrote nothing (audit 10, section 2). Now
+    scaling.py gets the TERM, and the shell waits while it writes what it has."""
+    import signal
+    import time
+
+    env = _env(tmp_path, SLURM_NTASKS="2", SLURM_JOB_ID="5151", SLURM_MEM_PER_CPU="2048",
+               MPIBLMM_ROOT=str(REPO_ROOT), OUT=str(tmp_path / "out"))
+    # python: scaling.py that records its arguments, and on TERM takes a while to write
+    _stub(tmp_path / "bin", "python",
+          'echo "python $*" >> "$CALLS"\n'
+          'trap \'sleep 0.5; echo "wrote the summary" >> "$CALLS"; exit 143\' TERM\n'
+          'for i in $(seq 200); do sleep 0.05; done\n'
+          'echo "not signalled" >> "$CALLS"\n')
+    proc = subprocess.Popen([BASH, str(SCRIPTS["slurm/scaling.sbatch"])], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    calls = tmp_path / "calls.txt"
+    deadline = time.monotonic() + 30
+    while not calls.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # the trap is set right after scaling.py starts
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    lines = calls.read_text().splitlines()
+    assert lines[1:] == ["wrote the summary"], lines   # waited for it; it got the signal
+    assert proc.returncode == 143                     # scaling.py's code, passed on
+    args = shlex.split(lines[0])
+    assert "--resume" in args and args[args.index("--out") + 1] == str(tmp_path / "out")
+    assert "points measured so far" in err
+
+
+def test_scaling_sbatch_default_studies_fit_the_memory_of_one_task():
+    """`mpiblmm simulate` (one task, --mem-per-cpu) holds the whole study: about 31 bytes per
+    voxel and image. The defaults used to need about 58 GB (audit 10, section 3)."""
+    text = SCRIPTS["slurm/scaling.sbatch"].read_text()
+    mem_gb = int(re.search(r"^#SBATCH --mem-per-cpu=(\d+)G$", text, re.MULTILINE).group(1))
+    max_ranks = 4 * 128
+    assert re.search(r"^#SBATCH --nodes=4$", text, re.MULTILINE)
+    assert re.search(r"^#SBATCH --ntasks-per-node=128$", text, re.MULTILINE)
+    line = re.search(r"ARGS\+=\(--mode both (.*)\)", text).group(1).split()
+    value = {k: line[i + 1] for i, k in enumerate(line) if k.startswith("--")}
+    shape = [int(v) for v in line[line.index("--shape") + 1:][:3]]
+    images = int(value["--subjects"]) * int(value["--visits"])
+    slice_ = shape[0] * shape[1]
+    per_rank = -(-int(value["--voxels-per-rank"]) // slice_) * slice_
+    largest = max(shape[0] * shape[1] * shape[2], per_rank * max_ranks)
+    assert largest * images * 31 + 150e6 < 0.75 * mem_gb * 2**30
