@@ -19,8 +19,11 @@ This module owns the formula language, nothing else:
 
 :func:`formula_model` returns plain arrays and names; :mod:`mpiblmm.design` makes the
 :class:`~mpiblmm.design.Design` from them with ``build_design``, like the matrix form.
-Factor names are lme4's: the grouping as written (``subject``, ``site:scanner``), and
-``g.1``, ``g.2`` for further bars on the same grouping.
+Factor names are lme4's (``VarCorr``'s): the grouping as written (``subject``,
+``site:scanner``); where a grouping repeats, the names lme4 gives after putting the terms
+by decreasing number of levels (:func:`mpiblmm.formula_names.lme4_factor_names`).
+Column names that are not Python names (``age.z``, ``x.1``) are renamed for formulaic and
+named back (:class:`mpiblmm.formula_names.ColumnAliases`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mpiblmm.errors import SpecError
+from mpiblmm.formula_names import ColumnAliases, backtick_names, lme4_factor_names
 
 #: Cells read as a missing value.
 MISSING_TOKENS = frozenset({"", "NA", "N/A", "NaN", "nan", "NULL", "null", "."})
@@ -166,14 +170,18 @@ def suspicious_text_columns(table: Table, most: int = 2) -> list[str]:
 class Bar:
     """One random term after expansion: ``(terms | grouping)``.
 
-    ``group`` the grouping variables (several for an interaction ``g1:g2``), ``name`` its
-    lme4 name, ``text`` the term as written (for messages).
+    ``group`` the grouping variables (several for an interaction ``g1:g2``), ``name`` the
+    grouping as lme4 writes it (``g2:g1``; the factor's name is made unique from it by
+    :func:`~mpiblmm.formula_names.lme4_factor_names`), ``text`` the term as written (for
+    messages), ``lme4_order`` its place in lme4's ``findbars`` order (which expands ``||``
+    before ``/``, and a ``||`` term's pieces in ``terms()``'s order, by degree).
     """
 
     terms: str
     group: tuple[str, ...]
     name: str
     text: str
+    lme4_order: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -314,8 +322,10 @@ def _parse(text: str) -> ParsedFormula:
                 raise _FormulaProblem(f"random term {chunk}: nothing before '|' (write e.g. (1 | g))")
             if "|" in terms or "|" in grouping:
                 raise _FormulaProblem(f"random term {chunk}: more than one bar")
-            for group, name in _groupings(grouping, chunk):
-                bars.extend(_expand_bar(terms.strip(), group, name, correlated, chunk))
+            first = len(bars)      # lme4: the formula's terms, each one's pieces, groupings
+            for g, (group, name) in enumerate(_groupings(grouping, chunk)):
+                for bar, rank in _expand_bar(terms.strip(), group, name, correlated, chunk):
+                    bars.append(dataclasses.replace(bar, lme4_order=(first, rank, g)))
             continue
         if "|" in chunk:
             raise _FormulaProblem(f"term {chunk!r}: a random term must stand alone in "
@@ -324,37 +334,31 @@ def _parse(text: str) -> ParsedFormula:
     fixed_text = " ".join(fixed).strip() or "1"
     if fixed_text.startswith("-"):
         fixed_text = "1 " + fixed_text
-    return ParsedFormula(lhs, fixed_text, _name_bars(bars))
+    return ParsedFormula(lhs, fixed_text, tuple(bars))
 
 
 def _expand_bar(terms: str, group: tuple[str, ...], name: str, correlated: bool,
-                text: str) -> list[Bar]:
-    """One bar, or for ``||`` one bar per term (lme4: intercept, then ``0 + term`` each)."""
+                text: str) -> list[tuple[Bar, int]]:
+    """One bar, or for ``||`` one bar per term (lme4: intercept, then ``0 + term`` each),
+    each with its rank in lme4's order (``terms()``'s term labels: by degree, then as
+    written); the bars themselves stay in the order written."""
     if correlated:
-        return [Bar(terms, group, name, text)]
+        return [(Bar(terms, group, name, text), 0)]
     try:
         import formulaic
 
-        parsed = formulaic.Formula(_r_to_python(terms), _ordering="none")
+        parsed = formulaic.Formula(_r_to_python(backtick_names(terms)), _ordering="none")
     except Exception as exc:  # formulaic's syntax errors have no common base class
         raise _FormulaProblem(f"random term {text}: {_one_line(exc)}") from None
     out = []
-    labels = [str(t) for t in parsed]
-    if "1" in labels:
-        out.append(Bar("1", group, name, text))
-    out.extend(Bar(f"0 + {label}", group, name, text) for label in labels if label != "1")
+    pieces = [(str(t).replace("`", ""), len(t.factors)) for t in parsed]
+    if any(label == "1" for label, _ in pieces):
+        out.append((Bar("1", group, name, text), 0))
+    pieces = [(label, degree) for label, degree in pieces if label != "1"]
+    by_degree = sorted(range(len(pieces)), key=lambda k: pieces[k][1])
+    out.extend((Bar(f"0 + {pieces[k][0]}", group, name, text), 1 + by_degree.index(k))
+               for k in range(len(pieces)))
     return out
-
-
-def _name_bars(bars: list[Bar]) -> tuple[Bar, ...]:
-    """Unique factor names as lme4 gives them: ``g``, then ``g.1``, ``g.2``."""
-    seen: dict[str, int] = {}
-    out = []
-    for b in bars:
-        k = seen.get(b.name, 0)
-        seen[b.name] = k + 1
-        out.append(Bar(b.terms, b.group, b.name if k == 0 else f"{b.name}.{k}", b.text))
-    return tuple(out)
 
 
 def _r_to_python(text: str) -> str:
@@ -567,38 +571,44 @@ def _context() -> dict:
             "log1p": np.log1p, "exp": np.exp, "sqrt": np.sqrt, "abs": np.abs}
 
 
-def _used_variables(text: str, table: Table, where: str) -> set[str]:
-    """Covariate columns a formula part reads; an unknown name is an error with a suggestion."""
+def _used_variables(text: str, table: Table, where: str, aliases: ColumnAliases) -> set[str]:
+    """Covariate columns a formula part (``text``: its columns renamed by ``aliases``) reads;
+    an unknown name is an error with a suggestion."""
     import formulaic
 
     if re.search(r"(^|[+\-~*:(\s])\.(\s|$|[+\-)])", text):
         raise SpecError(f"{where}: '.' (every column) is not supported: name the covariates")
     parsed = formulaic.Formula(text, _ordering="none")
+    columns = {aliases.python(name): name for name in table.names}
     used = set()
     for name in parsed.required_variables:
-        if name in table.names:
-            used.add(name)
+        if name in columns:
+            used.add(columns[name])
         elif name in TRANSFORMS:
             continue
         elif re.search(rf"(?<![\w.]){re.escape(name)}\s*\(", text):
             raise SpecError(f"{where}: unknown function {name!r} (supported: "
                             f"{', '.join(sorted(TRANSFORMS - {'np', 'contr', 'levels', 'lag', 'hashed'}))})")
         else:
+            # formulaic reads age.zz inside a call as age's attribute: name the whole word
+            dotted = re.search(rf"(?<![\w.]){re.escape(name)}\.[A-Za-z0-9_.]*", text)
+            name = dotted.group() if dotted else name
             raise SpecError(f"{where}: no column {name!r} in {table.path}"
                             f"{did_you_mean(name, table.names)}")
     # formulaic leaves out the variables of stateful transforms (scale, center, poly)
-    used |= set(re.findall(r"[A-Za-z_.][A-Za-z0-9_.]*", text)) & set(table.names)
+    used |= {columns[w] for w in re.findall(r"[A-Za-z_.][A-Za-z0-9_.]*", text) if w in columns}
     return used
 
 
-def _frame(table: Table, columns: set[str], what: dict[str, str]):
+def _frame(table: Table, columns: set[str], what: dict[str, str], aliases: ColumnAliases):
     import pandas as pd
 
     data = {}
     for name in sorted(columns):
         _column(table, name, what[name])
         values = _numeric(table, name)
-        data[name] = values if values is not None else np.asarray(table.cells[name], dtype=object)
+        data[aliases.python(name)] = (values if values is not None
+                                      else np.asarray(table.cells[name], dtype=object))
     return pd.DataFrame(data, index=range(table.n))
 
 
@@ -662,6 +672,26 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
     SpecError
         Without a ``where``: the caller prefixes the spec's ``formula`` key.
     """
+    aliases = ColumnAliases(table.names)
+    try:
+        model = _formula_model(formula, table, aliases)
+    except SpecError as exc:
+        if not aliases.alias:
+            raise
+        raise SpecError(aliases.restore(exc.message), exc.where) from None
+    if not aliases.alias:
+        return model
+    back = aliases.restore
+    return FormulaModel(
+        model.X, tuple(back(n) for n in model.names),
+        tuple((back(label), cols) for label, cols in model.terms),
+        tuple((name, labels, Z, tuple(back(e) for e in effects))
+              for name, labels, Z, effects in model.factors),
+        tuple((back(label), L) for label, L in model.type3))
+
+
+def _formula_model(formula: str, table: Table, aliases: ColumnAliases) -> FormulaModel:
+    """:func:`formula_model`, the columns of ``aliases`` under their aliases."""
     parsed = parse_formula(formula)
     if not parsed.bars:
         raise SpecError("no random-effects term such as (1 | subject): a linear mixed model "
@@ -669,11 +699,13 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
     if parsed.lhs is not None and parsed.lhs in table.names:
         raise SpecError(f"the left side names column {parsed.lhs!r} of {table.path}; the "
                         "response is the image data: write y ~ ...")
-    fixed = _r_to_python(parsed.fixed)
+    fixed = _r_to_python(aliases.rename(parsed.fixed))
+    bar_terms = [_r_to_python(aliases.rename(bar.terms)) for bar in parsed.bars]
     try:
-        used = {v: "fixed part" for v in _used_variables(fixed, table, f"term {parsed.fixed!r}")}
-        for bar in parsed.bars:
-            for v in _used_variables(_r_to_python(bar.terms), table, f"random term {bar.text}"):
+        used = {v: "fixed part"
+                for v in _used_variables(fixed, table, f"term {parsed.fixed!r}", aliases)}
+        for bar, terms in zip(parsed.bars, bar_terms):
+            for v in _used_variables(terms, table, f"random term {bar.text}", aliases):
                 used.setdefault(v, f"random term {bar.text}")
             for g in bar.group:
                 if g not in table.names:
@@ -688,7 +720,7 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
                         "formulaic gives the intercept, and would silently replace it: rename "
                         "the column")
     groups = {g for bar in parsed.bars for g in bar.group}
-    frame = _frame(table, set(used), used)
+    frame = _frame(table, set(used), used, aliases)
     for g in sorted(groups):
         _column(table, g, "grouping")
 
@@ -699,17 +731,22 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
     _single_levels(X, terms, "term")
     _finite_columns(X, names, table, "column")
     factors = []
-    for bar in parsed.bars:
-        Z = _matrix(_r_to_python(bar.terms), frame, f"random term {bar.text}")
+    for bar, terms_text in zip(parsed.bars, bar_terms):
+        Z = _matrix(terms_text, frame, f"random term {bar.text}")
         effects, zterms = r_column_names(Z)
         if len(effects) == 0:
             raise SpecError(f"random term {bar.text}: no columns")
         _single_levels(Z, zterms, f"random term {bar.text}: term")
         _finite_columns(Z, effects, table, f"random term {bar.text}: column")
         labels = [":".join(parts) for parts in zip(*(table.cells[g] for g in bar.group))]
-        factors.append((bar.name, labels, np.asarray(Z, dtype=np.float64), tuple(effects)))
+        factors.append((labels, np.asarray(Z, dtype=np.float64), tuple(effects)))
+    # lme4's names need each term's number of levels (mkReTrms orders the terms by it)
+    factor_names = lme4_factor_names([bar.name for bar in parsed.bars],
+                                     [bar.lme4_order for bar in parsed.bars],
+                                     [len(set(labels)) for labels, _, _ in factors])
     return FormulaModel(np.asarray(X, dtype=np.float64), tuple(names),
-                        tuple((label, tuple(cols)) for label, cols in terms), tuple(factors),
+                        tuple((label, tuple(cols)) for label, cols in terms),
+                        tuple((name, *factor) for name, factor in zip(factor_names, factors)),
                         tuple(_type3_hypotheses(X, frame, terms).items()))
 
 

@@ -2,20 +2,30 @@
 #
 #   Rscript tests/formula/make_r_colnames.R      (run from the repository root)
 #
-# Reads tests/formula/r_colnames_data.csv and the "formula" of every case in
-# tests/formula/r_colnames.json, and writes back R's column names and the model matrix
-# (column by column) of the fixed part (lme4::nobars), for tests/formula/test_formula_r.py.
+# Reads tests/formula/r_colnames_data.csv (or the case's "data", another CSV there) and the
+# "formula" of every case in tests/formula/r_colnames.json, and writes back R's column names
+# and the model matrix (column by column) of the fixed part (lme4::nobars), for
+# tests/formula/test_formula_r.py; for a case with "data", also its random terms (grouping
+# and effects, lme4::lFormula's reTrms$cnms, in lme4's order).
 library(jsonlite)
 library(lme4)
 folder <- "tests/formula"
-d <- read.csv(file.path(folder, "r_colnames_data.csv"))
-d$y <- seq_len(nrow(d))
 ref <- fromJSON(file.path(folder, "r_colnames.json"), simplifyVector = FALSE)
+control <- lmerControl(check.nobs.vs.nRE = "ignore", check.nobs.vs.nlev = "ignore",
+                       check.nobs.vs.rankZ = "ignore")
 for (i in seq_along(ref$cases)) {
+  data <- ref$cases[[i]]$data
+  d <- read.csv(file.path(folder, if (is.null(data)) "r_colnames_data.csv" else data))
+  d$y <- seq_len(nrow(d))
   f <- as.formula(ref$cases[[i]]$formula)
   mm <- model.matrix(lme4::nobars(f), d)
   ref$cases[[i]]$names <- I(colnames(mm))
   ref$cases[[i]]$X <- unname(lapply(seq_len(ncol(mm)), function(j) I(as.vector(mm[, j]))))
+  if (!is.null(data)) {
+    cnms <- lFormula(f, d, control = control)$reTrms$cnms
+    ref$cases[[i]]$random <- unname(lapply(seq_along(cnms), function(k)
+      list(grouping = names(cnms)[k], effects = I(cnms[[k]]))))
+  }
 }
 ref$R <- R.version.string
 ref$lme4 <- as.character(packageVersion("lme4"))

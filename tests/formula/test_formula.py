@@ -77,7 +77,10 @@ def test_default_contrasts_are_lmertest_summary_and_anova(table):
 def test_random_terms_and_groupings(table):
     m = formula_model("y ~ time + (1 + time | subject) + (1 | site/grp) + (time || sex)", table)
     names = [f[0] for f in m.factors]
-    assert names == ["subject", "grp:site", "site", "sex", "sex.1"]
+    # lme4 1.1-31 (VarCorr): grp.site subject site sex [time] sex.1 [(Intercept)]: the terms
+    # by decreasing number of levels (6, 5, 3, 2, 2: the tie reversed), then
+    # make.names(unique = TRUE), as the grouping sex repeats; the order stays the formula's
+    assert names == ["subject", "grp.site", "site", "sex.1", "sex"]
     effects = [f[3] for f in m.factors]
     assert effects == [("(Intercept)", "time"), ("(Intercept)",), ("(Intercept)",),
                        ("(Intercept)",), ("time",)]
@@ -150,8 +153,16 @@ def test_parse_keeps_lme4_expansion():
     assert [b.name for b in p.bars] == ["g3:(g2:g1)", "g2:g1", "g1"]
     assert [b.group for b in p.bars] == [("g3", "g2", "g1"), ("g2", "g1"), ("g1",)]
     p = parse_formula("y ~ (1 | site/subject) + (time || subject) + (1 | a:b)")
-    assert [b.name for b in p.bars] == ["subject:site", "site", "subject", "subject.1", "a:b"]
+    # the groupings; the factors' unique names need the table (formula_model)
+    assert [b.name for b in p.bars] == ["subject:site", "site", "subject", "subject", "a:b"]
     assert p.bars[0].name == "subject:site" and p.bars[2].terms == "1"
+    # lme4's findbars order: `||` expanded before `/`, a `||` term's pieces by degree
+    p = parse_formula("y ~ (a:t + t || g1/g2)")
+    assert [(b.terms, b.name) for b in p.bars] == [
+        ("1", "g2:g1"), ("0 + a:t", "g2:g1"), ("0 + t", "g2:g1"),
+        ("1", "g1"), ("0 + a:t", "g1"), ("0 + t", "g1")]
+    assert [b.lme4_order for b in p.bars] == [(0, 0, 0), (0, 2, 0), (0, 1, 0),
+                                              (0, 0, 1), (0, 2, 1), (0, 1, 1)]
 
 
 def test_cells_r_reads_as_text_are_text(tmp_path):
@@ -171,3 +182,21 @@ def test_a_column_named_intercept_is_refused(tmp_path):
                                                         for i in range(12)))
     with pytest.raises(SpecError, match="column 'Intercept' .* rename the column"):
         formula_model("y ~ age + Intercept + (1 | subject)", read_table(path))
+
+
+def test_dotted_column_names_in_messages(tmp_path):
+    """Columns named as read.csv names them (age.z) are renamed for formulaic, which would
+    read age.z inside a call as an attribute: messages name them as written (R's values
+    and names: test_formula_r.py)."""
+    path = tmp_path / "t.csv"
+    path.write_text("subject,age.z,grp.f\n" + "".join(
+        f"s{i % 4},{i * 0.5 + 1},{'ab'[i % 2]}\n" for i in range(12)))
+    t = read_table(path)
+    with pytest.raises(SpecError, match=r"term 'log\(age\.zz\)': no column 'age\.zz' .*"
+                                        r"did you mean 'age\.z'"):
+        formula_model("y ~ log(age.zz) + (1 | subject)", t)
+    with pytest.raises(SpecError, match=r"'I\(age\.z/0\)' is not a finite number"):
+        formula_model("y ~ I(age.z/0) + (1 | subject)", t)
+    m = formula_model("y ~ I(age.z^2):grp.f + (0 + scale(age.z) | subject)", t)
+    assert list(m.names) == ["(Intercept)", "I(age.z^2):grp.fa", "I(age.z^2):grp.fb"]
+    assert m.factors[0][3] == ("scale(age.z)",)
