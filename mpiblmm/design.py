@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from mpiblmm.errors import ContrastError, SpecError
+from mpiblmm.formula import NUMBER
 from mpiblmm.lmm.model import RandomFactor, RandomStructure
 from mpiblmm.spec import Spec, name_length_problem, short_name
 
@@ -366,6 +367,8 @@ def read_numeric_csv(path: Path) -> np.ndarray:
             raise SpecError(f"has {len(cells)} columns; row {rows[0][0]} has {width}", where)
         for j, cell in enumerate(cells):
             try:
+                if not NUMBER.fullmatch(cell):     # float() also takes '1_0' and other digits
+                    raise ValueError(cell)
                 value = float(cell)
             except ValueError:
                 hint = " (the file must have no header row)" if i == 0 else ""

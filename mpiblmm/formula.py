@@ -45,8 +45,8 @@ import numpy as np
 from mpiblmm.errors import SpecError
 from mpiblmm.formula_names import ColumnAliases, backtick_names, lme4_factor_names
 
-#: Cells read as a missing value.
-MISSING_TOKENS = frozenset({"", "NA", "N/A", "NaN", "nan", "NULL", "null", "."})
+#: Cells read as a missing value (``n/a``: BIDS's own, in participants.tsv).
+MISSING_TOKENS = frozenset({"", "NA", "N/A", "n/a", "na", "NaN", "nan", "NULL", "null", "."})
 #: A column name usable in a formula as written.
 VARIABLE = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$")
 #: Names formulaic evaluates itself (transforms), never covariates.
@@ -149,9 +149,7 @@ def suspicious_text_columns(table: Table, most: int = 2) -> list[str]:
     for name in table.names:
         bad = []
         for line, cell in zip(table.lines, table.cells[name]):
-            try:
-                float(cell)
-            except ValueError:
+            if not NUMBER.fullmatch(cell):
                 if cell not in MISSING_TOKENS:
                     bad.append((line, cell))
                     if len(bad) > most:

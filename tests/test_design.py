@@ -131,3 +131,14 @@ def test_default_contrasts_whose_file_names_collide_are_refused(tmp_path):
                          "y ~ I(a/b) + I(a_b) + (1 | subject)")
     with pytest.raises(SpecError, match=r"two default contrasts would be named 'I\(a_b\)'"):
         design_from_spec(spec)
+
+
+def test_a_matrix_cell_is_a_number_only_as_csv_readers_read_one(tmp_path):
+    """float() takes '1_0' (10); the X file's cell is refused as not a number."""
+    from mpiblmm.design import read_numeric_csv
+
+    (tmp_path / "X.csv").write_text("1,2.5\n1,1_0\n")
+    with pytest.raises(SpecError, match=r"row 2: column 2: not a number: '1_0'"):
+        read_numeric_csv(tmp_path / "X.csv")
+    (tmp_path / "ok.csv").write_text("1, 2.5e-3\n-1,.5\n")
+    assert read_numeric_csv(tmp_path / "ok.csv").tolist() == [[1.0, 0.0025], [-1.0, 0.5]]

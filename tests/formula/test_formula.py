@@ -200,3 +200,14 @@ def test_dotted_column_names_in_messages(tmp_path):
     m = formula_model("y ~ I(age.z^2):grp.f + (0 + scale(age.z) | subject)", t)
     assert list(m.names) == ["(Intercept)", "I(age.z^2):grp.fa", "I(age.z^2):grp.fb"]
     assert m.factors[0][3] == ("scale(age.z)",)
+
+
+def test_bids_missing_values_are_missing_not_a_level(tmp_path):
+    """'n/a' is BIDS's missing value: it made a numeric column a factor of many levels, exit
+    0 (audit, tenth session); a missing cell in a used column is an error naming it."""
+    path = tmp_path / "c.csv"
+    rows = [f"s{i % 4},{60 + i}" for i in range(12)]
+    rows[8] = "s0,n/a"
+    path.write_text("subject,age\n" + "\n".join(rows) + "\n")
+    with pytest.raises(SpecError, match="age"):
+        formula_model("y ~ age + (1 | subject)", read_table(path))
