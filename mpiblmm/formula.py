@@ -11,7 +11,8 @@ This module owns the formula language, nothing else:
 - the fixed part and the terms inside each bar, given to formulaic, with the variables of
   every interaction put in R's order (first appearance in the formula) so the columns and
   their names are those of R's ``model.matrix``: ``(Intercept)``, ``age``, ``sexM``,
-  ``time:sexM`` (treatment coding, reference level the first in sorted order);
+  ``time:sexM`` (treatment coding, reference level the first in R's sorted order,
+  :mod:`mpiblmm.r_collation`);
 - the covariates CSV (header row, one row per image): a column whose cells are all numbers
   is numeric, any other is text (categorical); a missing cell (empty, ``NA``) in a column
   the formula uses is an error naming the row and column; grouping columns are labels as
@@ -601,12 +602,16 @@ def _used_variables(text: str, table: Table, where: str, aliases: ColumnAliases)
 def _frame(table: Table, columns: set[str], what: dict[str, str], aliases: ColumnAliases):
     import pandas as pd
 
+    from mpiblmm.r_collation import r_sorted
+
     data = {}
     for name in sorted(columns):
         _column(table, name, what[name])
         values = _numeric(table, name)
-        data[aliases.python(name)] = (values if values is not None
-                                      else np.asarray(table.cells[name], dtype=object))
+        if values is None:   # text: a factor with its levels in R's order (r_collation)
+            cells = table.cells[name]
+            values = pd.Categorical(cells, categories=r_sorted(cells))
+        data[aliases.python(name)] = values
     return pd.DataFrame(data, index=range(table.n))
 
 

@@ -23,7 +23,8 @@ from mpiblmm.formula import formula_model, parse_formula, read_table
 HERE = Path(__file__).resolve().parent
 REFERENCE = json.loads((HERE / "r_colnames.json").read_text())
 TABLE = read_table(HERE / "r_colnames_data.csv")
-TABLES = {"r_colnames_dotted_data.csv": read_table(HERE / "r_colnames_dotted_data.csv")}
+TABLES = {name: read_table(HERE / name)
+          for name in {case["data"] for case in REFERENCE["cases"] if "data" in case}}
 
 
 @pytest.mark.parametrize("case", REFERENCE["cases"], ids=[c["formula"] for c in REFERENCE["cases"]])
