@@ -6,7 +6,7 @@ images (a packed HDF5 input: the fit's own checks of its attributes and voxels),
 mask and the first image's data, the tables and the formula, each contrast, and the
 thresholds and rank of the design and of each factor's covariates.  Where the fit has a check
 the same helper is called here (``mpiblmm.checks.fittable_problems`` -- all of them, where
-the fit stops at the first --, ``mpiblmm.io.folder_problem``,
+the fit stops at the first --, ``mpiblmm.io.folder_problem``, ``mpiblmm.memory.work_budget_mb``,
 ``mpiblmm.io.ingest.describe_packed`` / ``analysis_mask_voxels`` / ``rows_problem``), so
 both print the same line.  Only headers, the mask and the first image are read: the other
 images' data is not (a corrupt later image is found by the fit).  With no problem it
@@ -20,7 +20,6 @@ Runs on rank 0; the other ranks only agree on the exit code (0, or 2 with proble
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -66,19 +65,14 @@ def check_spec(path: str | Path, ranks: int = 1) -> tuple[list[str], list[str]]:
     """Validate a spec fully; return (problems, summary lines); with problems, the second
     list holds only notes that may explain them."""
     from mpiblmm.schema import schema_problems
-    from mpiblmm.spec import _no_duplicate_keys, parse_spec
+    from mpiblmm.spec import parse_spec, read_spec_json
 
     path = Path(path)
     problems: list[str] = []
     try:
-        text = path.read_text(encoding="utf-8-sig")
-        raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except OSError as exc:
-        return [f"{path}: cannot read the spec: {exc.strerror or exc}"], []
-    except json.JSONDecodeError as exc:
-        return [f"{path}: not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}"], []
-    except Exception as exc:  # _DuplicateKey
-        return [f"{path}: key given twice: {exc.args[0]!r}"], []
+        text, raw = read_spec_json(path)  # the fit's reading, in its words
+    except UserError as exc:
+        return [str(exc)], []
     if not isinstance(raw, dict):
         return [f"{path}: expected a JSON object at the top level"], []
     problems += [f"{path}: {key}: {msg}" for key, msg in schema_problems(raw)]
@@ -92,6 +86,7 @@ def check_spec(path: str | Path, ranks: int = 1) -> tuple[list[str], list[str]]:
     if problems:
         return problems, []
     _output(spec, problems)
+    _budget(spec, path, problems)
     before = len(problems)
     grid, n_images = _images(spec, problems)
     candidates = _candidates(spec, grid, problems) if len(problems) == before else None
@@ -111,14 +106,14 @@ def check_spec(path: str | Path, ranks: int = 1) -> tuple[list[str], list[str]]:
 # --------------------------------------------------------------------------- files
 def _missing_files(spec: Any, raw: dict) -> list[str]:
     """Every file the spec names that does not exist (list files: every row)."""
-    from mpiblmm.spec import read_path_list
+    from mpiblmm.spec import not_a_file, read_path_list
 
     out = []
     where = str(spec.path)
 
     def need(p: Path | None, key: str) -> None:
         if p is not None and not Path(p).is_file():
-            out.append(f"{where}: {key}: file not found: {p}")
+            out.append(f"{where}: {key}: {not_a_file(Path(p))}")
 
     for key in ("X", "covariates", "analysis_mask"):
         need(getattr(spec, key), key)
@@ -143,12 +138,30 @@ def _missing_files(spec: Any, raw: dict) -> list[str]:
             rows = [i + 1 for i, ln in enumerate(lines) if ln and not ln.startswith("#")]
             for row, p in zip(rows, paths):
                 if not Path(p).is_file():
-                    out.append(f"{lf}: row {row}: file not found: {p}")
+                    out.append(f"{lf}: row {row}: {not_a_file(Path(p))}")
         else:
             for i, p in enumerate(paths):
                 if not Path(p).is_file():
-                    out.append(f"{where}: {key}[{i}]: file not found: {p}")
+                    out.append(f"{where}: {key}[{i}]: {not_a_file(Path(p))}")
     return out
+
+
+def _budget(spec: Any, path: Path, problems: list[str]) -> None:
+    """The memory budget: the fit's own check (:func:`mpiblmm.memory.work_budget_mb`, from
+    what this process holds now, as the fit measures its ranks at their start), so a budget
+    the fit would refuse as too little to run is refused here in its words."""
+    from mpiblmm.io.ingest import DEFAULT_MEMORY_MB
+    from mpiblmm.memory import resident_mb, work_budget_mb
+    from mpiblmm.pipeline import FitOptions, _budget_source
+
+    import h5py  # noqa: F401  what a rank of the fit has imported when it measures itself
+    import nibabel  # noqa: F401
+
+    try:
+        work_budget_mb(spec.max_memory_mb or DEFAULT_MEMORY_MB, resident_mb(),
+                       _budget_source(str(path), spec, FitOptions()))
+    except UserError as exc:
+        problems.append(str(exc))
 
 
 def _output(spec: Any, problems: list[str]) -> None:

@@ -57,7 +57,7 @@ def work_budget_mb(budget_mb: float, baseline_mb: float, where: str) -> float:
     work = budget_mb - baseline_mb
     if work < MIN_WORK_MB:
         raise UserError(
-            f"{budget_mb:.0f} MiB per rank is too little to run: the interpreter and libraries "
+            f"{budget_mb:g} MiB per rank is too little to run: the interpreter and libraries "
             f"already take {baseline_mb:.0f} MiB, and the work needs at least "
             f"{MIN_WORK_MB:.0f} MiB more; give at least {minimum_budget_mb(baseline_mb)} MiB",
             where)

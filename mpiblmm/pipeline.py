@@ -45,7 +45,7 @@ from mpiblmm.checks import check_fittable
 from mpiblmm.design import Design, design_from_spec
 from mpiblmm.errors import UserError
 from mpiblmm.io import agree, make_dirs, on_root
-from mpiblmm.io.export import ExportStopped, export_nifti, store_headline
+from mpiblmm.io.export import MAPS_INDEX, ExportStopped, export_nifti, maps_state, store_headline
 from mpiblmm.io.ingest import DEFAULT_MEMORY_MB, SlabReader, input_fingerprint, prepare_input
 from mpiblmm.io.lock import OutputLock, acquire_lock
 from mpiblmm.io.results import (RESULTS_NAME, ResultsLayout, check_resumable, create_results,
@@ -261,15 +261,41 @@ def _load(spec_path: str, options: FitOptions) -> Setup:
                 except OSError as exc:
                     raise UserError(f"cannot replace {results} ({exc.strerror})",
                                     "--overwrite") from None
+                _forget_maps(results)
             else:
-                raise UserError(f"{results} already exists: use --resume to continue that fit, "
-                                f"or --overwrite to replace it", where)
+                raise _exists(results, where)
         elif options.resume:
             note = "nothing to resume (no results file yet): starting a new fit"
     except BaseException:
         lock.release()
         raise
     return Setup(spec, design, digest, lock, done, note, fingerprint)
+
+
+def _exists(results: Path, where: str) -> UserError:
+    """The refusal of an existing results file without --resume or --overwrite; for a
+    finished fit whose maps are not all written (an export that was killed), the advice is
+    ``mpiblmm export``, not a new fit."""
+    state = maps_state(results)
+    if state is not None and state[0] and not state[1]:
+        return UserError(f"{results} already exists and its fit is complete, but its maps in "
+                         f"{results.parent / 'nifti'} are not (the export was interrupted): "
+                         f"run `mpiblmm export {results}` to write them (--resume also "
+                         f"writes them; --overwrite fits again)", where)
+    return UserError(f"{results} already exists: use --resume to continue that fit, "
+                     f"or --overwrite to replace it", where)
+
+
+def _forget_maps(results: Path) -> None:
+    """--overwrite: the maps' index of the replaced fit goes with it, so maps left beside a
+    new fit that does not finish do not look complete (the maps are rewritten at its end)."""
+    try:
+        (results.parent / "nifti" / MAPS_INDEX).unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise UserError(f"cannot replace {results.parent / 'nifti' / MAPS_INDEX} "
+                        f"({exc.strerror})", "--overwrite") from None
 
 
 def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> Path:

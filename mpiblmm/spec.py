@@ -226,6 +226,19 @@ def load_spec(path: str | os.PathLike, check_files: bool = True) -> Spec:
         One line naming the spec file and key, or the list file and row.
     """
     path = Path(path)
+    text, raw = read_spec_json(path)
+    return parse_spec(raw, path, text=text, check_files=check_files)
+
+
+def read_spec_json(path: str | os.PathLike) -> tuple[str, Any]:
+    """The spec file's text and its decoded JSON (``fit`` and ``check`` both read it so).
+
+    Raises
+    ------
+    SpecError
+        One line naming the spec file: unreadable, not UTF-8, not JSON, a key given twice.
+    """
+    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
@@ -241,7 +254,7 @@ def load_spec(path: str | os.PathLike, check_files: bool = True) -> Spec:
         raise SpecError(
             f"not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}", str(path)
         ) from None
-    return parse_spec(raw, path, text=text, check_files=check_files)
+    return text, raw
 
 
 def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool = True) -> Spec:
@@ -519,9 +532,26 @@ def read_path_list(list_file: Path, nifti: bool = True, check_files: bool = True
 
 
 def not_a_file(path: Path) -> str:
-    """What is wrong with a path that should name a file but is not one."""
-    if path.is_dir():
+    """What is wrong with a path that should name a file but is not one (``fit`` and
+    ``check`` both word it so): a directory, a symbolic link loop, something that is not a
+    regular file (a FIFO, a device, a socket), a path that cannot be looked up, or none."""
+    import errno
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"symbolic link loop: {path}"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, None):
+            return f"file not found: {path}"
+        return f"cannot be looked up ({exc.strerror}): {path}"
+    except ValueError:  # a NUL byte in the path
+        return f"file not found: {path}"
+    if stat.S_ISDIR(mode):
         return f"is a directory, not a file: {path}"
+    if not stat.S_ISREG(mode):
+        return f"not a regular file: {path}"
     return f"file not found: {path}"
 
 

@@ -81,6 +81,9 @@ def open_h5(path: str | os.PathLike, mode: str, comm: Any = None) -> Any:
 
     With ``comm`` of size > 1 h5py must support MPI; otherwise a ``RuntimeError`` (an
     installation problem, not a user error).  Collective: every rank of ``comm`` calls it.
+    A serial open does not use HDF5's file locking, as MPI-IO does not: the output folder's
+    lock (:mod:`mpiblmm.io.lock`) keeps other writers out, and a reader holding the file
+    open (h5py, h5dump, HDFView) must not make a one-rank fit fail where more ranks do not.
     """
     import h5py
 
@@ -89,7 +92,11 @@ def open_h5(path: str | os.PathLike, mode: str, comm: Any = None) -> Any:
             raise RuntimeError("h5py was built without MPI: run scripts/setup.sh to build it "
                                "against parallel HDF5")
         return h5py.File(path, mode, driver="mpio", comm=comm, libver=LIBVER)
-    return h5py.File(path, mode, libver=LIBVER) if mode != "r" else h5py.File(path, mode)
+    kwargs = {"libver": LIBVER} if mode != "r" else {}
+    try:
+        return h5py.File(path, mode, locking=False, **kwargs)
+    except TypeError:  # older h5py without the locking argument
+        return h5py.File(path, mode, **kwargs)
 
 
 def _dxpl(dset: Any, collective: bool) -> Any:

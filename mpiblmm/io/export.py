@@ -23,6 +23,12 @@ SIGTERM/SIGINT between maps removes this process's temporary files, every rank a
 outcome, and it ends as one line (exit 4 for a failed write, 2 for an unreadable file, 3 for
 a signal); temporary files of a process that was killed outright are removed by the next
 export into the same folder, so ``export`` can always be rerun.
+
+Complete maps: an export first removes the folder's ``maps.json`` and writes it again last,
+once every map is in place, so a ``maps.json`` vouches for the maps beside it.  Exporting
+into the ``nifti/`` folder beside the results file (what ``fit`` does) also records it in
+the results file's root attribute ``maps_complete``: false while the maps are written,
+true once ``maps.json`` is (:func:`maps_state` reads both).
 """
 
 from __future__ import annotations
@@ -274,6 +280,11 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
     results = Path(results_path)
     out = results.parent / "nifti" if out_dir is None else Path(out_dir)
     size, rank = comm_size(comm), comm_rank(comm)
+    beside = is_default_maps_folder(results, out)  # the folder ``maps_complete`` speaks of
+    if rank == 0 and beside and results.is_file():  # being (re)written: not complete yet
+        _mark_maps(results, False)
+    if size > 1:
+        comm.Barrier()  # before any rank opens the file to read it
     error, f = None, None
     try:
         if not results.is_file():
@@ -289,6 +300,7 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
 
     if rank == 0:
         remove_tmp_files(out)  # left by an export that was killed outright
+        _remove(out / MAPS_INDEX)  # an earlier index must not vouch for a partial export
     if size > 1:
         comm.Barrier()  # before any rank starts writing its own temporary files
 
@@ -345,12 +357,89 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
     if rank == 0:  # the index last, once every map is in place
         index = {f"{m.stem}{suffix}": map_info(m, codes) for m in maps}
         try:
-            _write_atomic(out / "maps.json", json.dumps(index, indent=2) + "\n")
+            _write_atomic(out / MAPS_INDEX, json.dumps(index, indent=2) + "\n")
         except OSError as exc:
-            error = IOFailure(f"rank 0: {out / 'maps.json'}: {describe_io_error(exc)} "
+            error = IOFailure(f"rank 0: {out / MAPS_INDEX}: {describe_io_error(exc)} "
                               f"(while writing maps)")
     agree(comm, error)
+    if rank == 0 and beside:  # and only then: the maps beside the results are complete
+        _mark_maps(results, True)
+    if size > 1:
+        comm.Barrier()
     return written
+
+
+#: The index of the maps, written last by an export (:func:`export_nifti`).
+MAPS_INDEX = "maps.json"
+#: Root attribute of ``results.h5``: true once every map of the ``nifti/`` folder beside it
+#: and its ``maps.json`` are written (false from the creation of the file until then).
+MAPS_COMPLETE = "maps_complete"
+
+
+def is_default_maps_folder(results: Path, out: Path) -> bool:
+    """True when ``out`` is the ``nifti/`` folder beside ``results`` (the fit's maps)."""
+    return os.path.abspath(out) == os.path.abspath(Path(results).parent / "nifti")
+
+
+def open_serial_rw(path: str | os.PathLike) -> Any:
+    """Open a results file for writing from one process once the ranks have closed it,
+    without HDF5's file locking (as :func:`~mpiblmm.io.results.check_resumable` reads it):
+    the output's lock is ours already, and a reader that holds the file open (h5py, h5dump,
+    HDFView) must not turn a finished fit into a failure."""
+    import h5py
+
+    try:
+        return h5py.File(path, "r+", locking=False)
+    except TypeError:  # older h5py without the locking argument
+        return h5py.File(path, "r+")
+
+
+def _mark_maps(results: Path, complete: bool) -> None:
+    """Rank 0: record in ``results`` whether the maps beside it are complete.  Best effort:
+    a results file that cannot be written (read-only) keeps its attribute, and a file of
+    an earlier version without the attribute gets it.  Only a complete results file is
+    touched (an incomplete one is refused by the export, or is being written by a fit)."""
+    try:
+        with _open(results) as f:  # read first: a file being written is not opened to write
+            if not bool(f.attrs.get("complete", False)):
+                return
+            marked = f.attrs.get(MAPS_COMPLETE, None)
+            if marked is not None and bool(marked) == complete:
+                return
+    except UserError:
+        return  # unreadable: the export says so
+    try:
+        with open_serial_rw(results) as f:
+            f.attrs[MAPS_COMPLETE] = bool(complete)
+    except (OSError, ValueError) as exc:
+        if complete:
+            print(f"mpiblmm: note: the maps are complete, but {results} cannot be written to "
+                  f"record it (attribute {MAPS_COMPLETE}: {describe_io_error(exc)})",
+                  file=sys.stderr, flush=True)
+
+
+def maps_state(results: str | os.PathLike) -> tuple[bool, bool] | None:
+    """(fit complete, maps beside it complete) of a results file, or ``None`` when it cannot
+    be read.  The maps are complete when ``maps_complete`` is true (a file of an earlier
+    version: when it lacks the attribute) and ``nifti/maps.json`` beside it exists."""
+    import h5py
+
+    results = Path(results)
+    try:
+        with h5py.File(results, "r", locking=False) as f:
+            complete = bool(f.attrs.get("complete", False))
+            marked = f.attrs.get(MAPS_COMPLETE, None)
+    except (OSError, TypeError, ValueError):
+        return None
+    maps = (marked is None or bool(marked)) and (results.parent / "nifti" / MAPS_INDEX).is_file()
+    return complete, complete and maps
+
+
+def _remove(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:  # none there; an unwritable folder is found when the maps are written
+        pass
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -372,13 +461,16 @@ def store_headline(results_path: str | os.PathLike, comm: Any, timer: Any) -> di
 
     times = summarise_phases(comm, timer, ["export"])
     if comm_rank(comm) == 0:
-        import h5py
-
-        with h5py.File(results_path, "r+") as f:
-            summary = json.loads(f.attrs.get("summary", "{}") or "{}")
-            summary.setdefault("seconds", {}).update(times)
-            summary["total_seconds"] = times["total"][2]
-            f.attrs["summary"] = json.dumps(summary, sort_keys=True, default=str)
+        try:
+            with open_serial_rw(results_path) as f:
+                summary = json.loads(f.attrs.get("summary", "{}") or "{}")
+                summary.setdefault("seconds", {}).update(times)
+                summary["total_seconds"] = times["total"][2]
+                f.attrs["summary"] = json.dumps(summary, sort_keys=True, default=str)
+        except (OSError, ValueError) as exc:  # the results and maps are written: not a failure
+            print(f"mpiblmm: note: the results and maps are complete, but the export's times "
+                  f"could not be added to the summary of {results_path} "
+                  f"({describe_io_error(exc)})", file=sys.stderr, flush=True)
     if comm_size(comm) > 1:
         comm.Barrier()
     return times

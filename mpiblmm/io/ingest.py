@@ -156,9 +156,10 @@ def analysis_mask_voxels(path: Path, grid: Grid, reference: str | None = None) -
 def input_fingerprint(spec: Any) -> str:
     """One process: a hash that changes when the data a spec names changes (stat only).
 
-    Images: their paths, sizes and modification times, with the masks and
-    ``zero_is_missing`` (the fingerprint stored in ``packed.h5``).  A packed input: its path,
-    size, modification time and dataset, with the analysis mask and ``zero_is_missing``.
+    Images: their paths and :func:`_stat_key` (size, modification and change times, inode),
+    with the masks and ``zero_is_missing`` (the fingerprint stored in ``packed.h5``).  A
+    packed input: its path, :func:`_stat_key` and dataset, with the analysis mask and
+    ``zero_is_missing``.
     """
     try:
         if spec.packed is None:
@@ -169,8 +170,7 @@ def input_fingerprint(spec: Any) -> str:
         h = hashlib.sha256()
         h.update(json.dumps(["packed", str(spec.packed.dataset), bool(spec.zero_is_missing)]).encode())
         for f in [spec.packed.h5] + ([spec.analysis_mask] if spec.analysis_mask else []):
-            st = os.stat(f)
-            h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(_stat_key(f))
         return h.hexdigest()
     except OSError as exc:
         raise UserError(f"cannot read: {exc.strerror}", str(exc.filename)) from None
@@ -186,16 +186,27 @@ def _check_writable(path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- packing
+def _stat_key(f: Any) -> bytes:
+    """What the fingerprint keeps of one input file: its absolute path, size, modification
+    time, inode and change time.  A file replaced by another of the same size whose
+    modification time was kept (``cp -p``, ``touch -r``, or a file system with coarse
+    times) still has another inode or change time, which no user command can set back."""
+    st = os.stat(f)
+    return (f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
+            f"\0{st.st_ctime_ns}\n").encode()
+
+
 def _fingerprint(images: Sequence[Path], masks: Sequence[Path] | None,
                  analysis_mask: Path | None, zero_is_missing: bool) -> str:
-    """A hash of the inputs' paths, sizes and modification times (stat only, no reads)."""
+    """A hash of the inputs' paths and :func:`_stat_key` (stat only, no reads).  A
+    ``packed.h5`` of an earlier version (whose fingerprint held sizes and modification times
+    only) does not match: it is packed again once."""
     h = hashlib.sha256()
     files = list(images) + list(masks or []) + ([analysis_mask] if analysis_mask else [])
-    h.update(json.dumps([PACKED_FORMAT, len(images), bool(masks), analysis_mask is not None,
-                         zero_is_missing]).encode())
+    h.update(json.dumps([PACKED_FORMAT, "stat-2", len(images), bool(masks),
+                         analysis_mask is not None, zero_is_missing]).encode())
     for f in files:
-        st = os.stat(f)
-        h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(_stat_key(f))
     return h.hexdigest()
 
 
@@ -229,8 +240,8 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
                 fingerprint: str | None = None) -> PackedInput:
     """Collective: pack NIfTI images into ``path`` (see the module doc for the layout).
 
-    Reuses an existing complete ``path`` made from the same inputs (same paths, sizes and
-    modification times; ``fingerprint``, when given, is their :func:`_fingerprint` already
+    Reuses an existing complete ``path`` made from the same inputs (same paths, sizes,
+    modification and change times and inodes; ``fingerprint``, when given, is their :func:`_fingerprint` already
     computed: 40,000 images are 40,000 ``stat`` calls on rank 0).  Raises :class:`UserError` (agreed on every rank) for an image that
     cannot be read or lies on another grid (the first such image), or when no voxel is
     observed.
@@ -290,8 +301,10 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         for i in range(start, stop):
             row = load_row(i)
             observed += np.isfinite(row)
-            exact32 = exact32 and (row.dtype == np.float32 or np.array_equal(
-                row.astype(np.float32), row, equal_nan=True))
+            if exact32 and row.dtype != np.float32:
+                with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, and
+                    exact32 = np.array_equal(row.astype(np.float32), row, equal_nan=True)
+                # not equal, so the file is float64 (such voxels end with status 5)
             if cache_ok:
                 cache.append(row)
     except UserError as exc:

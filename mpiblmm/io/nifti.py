@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,20 @@ def _load(path: Path, verify: bool = False):
     import nibabel as nib
 
     name = str(path)
+    try:  # one wording for an unreadable file, whether its header or its data is read
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK)  # (opening a FIFO does not block)
+        try:
+            mode = os.fstat(fd).st_mode
+        finally:
+            os.close(fd)
+    except FileNotFoundError:
+        raise UserError("file not found", name) from None
+    except OSError as exc:
+        raise UserError(f"cannot read the file ({exc.strerror or exc})", name) from None
+    if stat.S_ISDIR(mode):
+        raise UserError("is a directory, not a file", name)
+    if not stat.S_ISREG(mode):  # a FIFO or a device: reading it could wait forever
+        raise UserError("not a regular file", name)
     try:
         if verify and name.endswith(".gz"):
             if getattr(path, "volume", None) is None:
@@ -222,6 +237,47 @@ def _shape3(img, path: Path) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+#: NIfTI datatype codes that do not hold one real number per voxel -> (what, datatype).
+_NOT_SCALAR = {128: ("an RGB image", "RGB24"), 2304: ("an RGBA image", "RGBA32"),
+               32: ("a complex-valued image", "complex64"),
+               1792: ("a complex-valued image", "complex128"),
+               2048: ("a complex-valued image", "complex256")}
+
+
+def scalar_problem(img) -> str | None:
+    """Why the image ``img`` (nibabel) does not hold one real number per voxel, read from its
+    header's datatype, or ``None``.  RGB and complex images are refused rather than read:
+    nibabel would give a record per voxel, or drop the imaginary part with a warning."""
+    try:
+        code = int(img.header["datatype"])
+    except Exception:  # a header without the field: its dtype says
+        code = None
+    if code in _NOT_SCALAR:
+        what, name = _NOT_SCALAR[code]
+    else:
+        try:
+            dtype = np.dtype(img.get_data_dtype())
+        except Exception:
+            return None
+        if dtype.kind == "c":
+            what, name = "a complex-valued image", str(dtype)
+        elif dtype.kind == "V" and dtype.names:
+            what, name = f"an {''.join(dtype.names)} image", str(dtype)
+        elif dtype.kind in "VOSU":
+            return (f"has datatype {code if code is not None else dtype}, which cannot be "
+                    f"read as one number per voxel")
+        else:
+            return None
+    real = "real " if "complex" in what else ""
+    return f"is {what} (datatype {name}): expected one {real}number per voxel"
+
+
+def _scalar(img, path: Path) -> None:
+    problem = scalar_problem(img)
+    if problem is not None:
+        raise UserError(problem, str(path))
+
+
 def nifti_space(header) -> str:
     """The ``space`` JSON of a NIfTI header: qform/sform codes and matrices, the raw fields
     they are stored in, intent and spatial units.
@@ -259,8 +315,10 @@ _SROW_FIELDS = ("srow_x", "srow_y", "srow_z")
 
 
 def read_grid(path: Path) -> Grid:
-    """The grid of an image, from its header only."""
+    """The grid of an image, from its header only (refused when its datatype is not one
+    real number per voxel: RGB, complex)."""
     img = _volume(_load(path), path)
+    _scalar(img, path)
     return Grid(_shape3(img, path), np.asarray(img.affine, dtype=np.float64),
                 nifti_space(img.header))
 
@@ -380,6 +438,7 @@ def read_volume(path: Path, grid: Grid | None = None, reference: str | None = No
         ``<path>: not on the grid of <reference>: <why>`` or an unreadable/4-D image.
     """
     img = _volume(_load(path, verify=True), path)
+    _scalar(img, path)
     shape = _shape3(img, path)
     if grid is not None:
         why = grid.differs(shape, np.asarray(img.affine))

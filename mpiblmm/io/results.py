@@ -16,6 +16,9 @@
 3. :meth:`ResultsWriter.finish` (collective) flushes, counts voxels per status over the whole
    file, writes the summary attributes (rank 0's values, broadcast, so every rank writes the
    same) and only then ``complete = True``.
+4. The export (:func:`mpiblmm.io.export.export_nifti`) writes the maps into ``nifti/``
+   beside it, ``maps.json`` last, and then sets ``maps_complete = True`` (false from the
+   creation of the file, or from a resume, until then).
 
 Collective rules: see :mod:`mpiblmm.io`.  Every collective step runs inside
 :func:`mpiblmm.parallel.no_hang`: an I/O error (disk full, quota, EIO) ends the whole job
@@ -145,6 +148,7 @@ def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
         a = f.attrs
         a["input_hash"] = input_hash
         a["complete"] = False
+        a["maps_complete"] = False  # set by the export once nifti/ and maps.json are written
         a["format"] = RESULTS_FORMAT
         a["version"] = __version__
         a["method"] = layout.method
@@ -231,6 +235,7 @@ def open_results(path: Path, comm: Any = None, input_hash: str | None = None) ->
                               str(path)))
     with no_hang(comm, path, "reopening the results file"):
         f.attrs["complete"] = False
+        f.attrs["maps_complete"] = False  # the export that follows the fit rewrites them
         f.flush()
     return ResultsWriter(f, comm, path)
 

@@ -218,6 +218,10 @@ def test_existing_output_is_refused_without_a_flag(study, tmp_path):
     assert run.returncode == 2 and len(lines) == 1, run.stderr
     assert "already exists" in lines[0] and "--resume" in lines[0] and "--overwrite" in lines[0]
     assert "Traceback" not in run.stderr and not (out / "mpiblmm.lock").exists()
+    # a complete fit without its maps (copied here without nifti/, or an export killed):
+    # the advice is to export them, not to fit again
+    assert "fit is complete, but its maps" in lines[0], lines[0]
+    assert lines[0].index(f"mpiblmm export {out / 'results.h5'}") < lines[0].index("--overwrite")
 
     changed = json.loads(spec.read_text())
     changed["estimation"] = {"method": "ML"}
@@ -240,6 +244,10 @@ def test_existing_output_is_refused_without_a_flag(study, tmp_path):
     run = fit("-o", str(out), "--overwrite", "-q", "--chunk-voxels", "100")
     assert run.returncode == 0, run.stderr
     _same(reference, read_results(out / "results.h5"))
+    run = fit("-o", str(out), ranks=1)       # maps complete too: the plain refusal
+    lines = _errors(run.stderr)
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert "already exists: use --resume" in lines[0] and "mpiblmm export" not in lines[0]
 
     latin1 = spec.parent / "latin1.json"
     latin1.write_bytes(b'{"images": "\xe9t\xe9.txt"}')

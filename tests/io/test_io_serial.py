@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -150,3 +152,36 @@ def test_make_dirs_names_the_key_and_the_problem(tmp_path):
         make_dirs(tmp_path / "f", "spec.json: output")
     with pytest.raises(UserError, match=r"^k: cannot create the folder .*\(Not a directory\)"):
         make_dirs(tmp_path / "f" / "sub", "k")
+
+
+def test_an_unreadable_image_is_worded_alike_for_header_and_data(tmp_path, monkeypatch):
+    """`check` reads headers, `fit` data: both say the same of a file they may not read.
+    (Opening it is made to fail as for mode 000 by another user: CI runs as root.)"""
+    from mpiblmm.io.nifti import read_grid
+
+    save(tmp_path / "locked.nii", np.ones((2, 2, 2)))
+    real_open = os.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file).endswith("locked.nii"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    for read in (read_grid, read_volume):
+        with pytest.raises(UserError, match=r"locked.nii: cannot read the file \(Permission "
+                                            r"denied\)$"):
+            read(tmp_path / "locked.nii")
+
+
+def test_a_fifo_or_a_folder_as_an_image_is_refused_without_reading(tmp_path):
+    """Opening a FIFO to read it would wait for a writer forever."""
+    from mpiblmm.io.nifti import read_grid
+
+    os.mkfifo(tmp_path / "fifo.nii")
+    (tmp_path / "dir.nii").mkdir()
+    for read in (read_grid, read_volume):
+        with pytest.raises(UserError, match=r"fifo.nii: not a regular file$"):
+            read(tmp_path / "fifo.nii")
+        with pytest.raises(UserError, match=r"dir.nii: is a directory, not a file$"):
+            read(tmp_path / "dir.nii")

@@ -7,6 +7,8 @@ everything else, which then goes through nibabel as before.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,43 @@ def test_packing_reuses_a_given_fingerprint(tmp_path, monkeypatch):
     again = pack_images(images, tmp_path / "p.h5", fingerprint=fingerprint)  # reused
     np.testing.assert_array_equal(read_slab(again, 0, again.n_voxels),
                                   read_slab(packed, 0, packed.n_voxels))
+
+
+def test_an_image_replaced_with_its_size_and_mtime_kept_is_packed_again(tmp_path):
+    """``cp -p`` / ``touch -r`` keep a replaced image's size and modification time (and a
+    coarse-time file system may too): its inode or change time differ, so the fingerprint
+    does, and the packed file of the old image is not reused (by --overwrite or --resume)."""
+    import shutil
+
+    import mpiblmm.io.ingest as ingest
+
+    images = [_write(tmp_path / f"f{i}.nii", _data(np.float32, i)) for i in range(3)]
+    before = ingest._fingerprint(images, None, None, True)
+    old = pack_images(images, tmp_path / "p.h5", fingerprint=before)
+    old_rows = read_slab(old, 0, old.n_voxels)
+    st = images[1].stat()
+    fixed = _write(tmp_path / "fixed.nii", _data(np.float32, 1) * 10)
+    assert fixed.stat().st_size == st.st_size
+    os.utime(fixed, ns=(st.st_atime_ns, st.st_mtime_ns))
+    shutil.copy2(fixed, tmp_path / "new.nii")
+    os.replace(tmp_path / "new.nii", images[1])            # same path, size and mtime
+    assert images[1].stat().st_mtime_ns == st.st_mtime_ns
+    after = ingest._fingerprint(images, None, None, True)
+    assert after != before
+    again = pack_images(images, tmp_path / "p.h5", fingerprint=after)
+    assert not np.array_equal(read_slab(again, 0, again.n_voxels), old_rows)
+    assert ingest._fingerprint(images, None, None, True) == after  # stable while unchanged
+
+
+def test_values_beyond_float32_are_packed_as_float64_without_a_warning(tmp_path):
+    import warnings
+
+    images = [_write(tmp_path / f"f{i}.nii", _data(np.float64, i)) for i in range(2)]
+    big = _data(np.float64, 5)
+    big[2, 2, 1], big[2, 3, 1] = 1e300, -1e300
+    images.append(_write(tmp_path / "big.nii", big))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "overflow encountered in cast" would leak to stderr
+        packed = pack_images(images, tmp_path / "p.h5")
+    rows = read_slab(packed, 0, packed.n_voxels)
+    assert rows.dtype == np.float64 and 1e300 in rows and -1e300 in rows

@@ -128,6 +128,96 @@ def test_export_stopped_by_a_signal_leaves_no_temporary_file_and_can_be_rerun(tm
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
 
 
+def _hold_open(path) -> subprocess.Popen:
+    """Another process that holds ``path`` open as a user peeking at it would: h5py with
+    its default file locking (a shared lock on the file)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, h5py\n"
+         "f = h5py.File(sys.argv[1], 'r')\nprint('holding', flush=True)\ntime.sleep(60)",
+         str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "holding"
+    return holder
+
+
+def test_the_last_serial_writes_ignore_a_reader_holding_the_results_open(tmp_path, capsys):
+    """The export's mark and the headline's summary are written by one process after the
+    ranks closed the file, and a one-rank --resume reopens it serially: a reader with h5py's
+    default locking must not make them fail (MPI-IO, at several ranks, ignores it too)."""
+    from mpiblmm.io.export import maps_state, store_headline
+    from mpiblmm.io.results import open_results
+    from mpiblmm.timers import PhaseTimer
+
+    path = tmp_path / "results.h5"
+    w = _results(path)
+    w.write(0, 3, {"status": np.zeros(3, dtype=np.uint8)})
+    w.close()
+    holder = _hold_open(path)
+    try:
+        w = open_results(path, None, input_hash="abc")  # a resume at one rank
+        w.write(3, 6, {"status": np.zeros(3, dtype=np.uint8)})
+        w.finish({"ranks": 1})
+        timer = PhaseTimer()
+        with timer.phase("export"):
+            export_nifti(path)
+        times = store_headline(path, None, timer)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert capsys.readouterr().err == ""
+    with h5py.File(path, "r") as f:
+        summary = json.loads(f.attrs["summary"])
+        assert summary["ranks"] == 1 and summary["total_seconds"] == times["total"][2]
+        assert f.attrs["complete"] and f.attrs["maps_complete"]
+    assert maps_state(path) == (True, True)
+
+
+def test_a_failed_headline_write_is_one_note_not_a_failure(tmp_path, capsys, monkeypatch):
+    from mpiblmm.io import export
+    from mpiblmm.timers import PhaseTimer
+
+    path = tmp_path / "results.h5"
+    _results(path).finish()
+
+    def refuse(_path):
+        raise BlockingIOError(11, "Unable to open file (unable to lock file)")
+
+    monkeypatch.setattr(export, "open_serial_rw", refuse)
+    export.store_headline(path, None, PhaseTimer())
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "the results and maps are complete" in err[0], err
+
+
+def test_maps_complete_is_set_only_once_the_export_has_written_maps_json(tmp_path):
+    """A fit's results file says maps_complete = false until its export into nifti/ has
+    written every map and then maps.json; an export that stops (or is killed) leaves it
+    false and no maps.json, also when an earlier export had written one."""
+    from mpiblmm.io.export import maps_state
+
+    path = tmp_path / "results.h5"
+    w = _results(path)
+    assert not w.file.attrs["maps_complete"] and not w.file.attrs["complete"]
+    w.write(0, 6, {"status": np.zeros(6, dtype=np.uint8)})
+    w.finish()
+    assert maps_state(path) == (True, False)
+    export_nifti(path)
+    assert maps_state(path) == (True, True)
+    interrupt.install()
+    try:
+        interrupt._on_signal(15, None)  # SIGTERM during a re-export
+        with pytest.raises(ExportStopped):
+            export_nifti(path)
+    finally:
+        interrupt.uninstall()
+    assert not (tmp_path / "nifti" / "maps.json").exists()
+    assert maps_state(path) == (True, False)
+    export_nifti(path, tmp_path / "elsewhere")  # another folder says nothing of nifti/
+    assert maps_state(path) == (True, False)
+    export_nifti(path)
+    assert maps_state(path) == (True, True)
+    (tmp_path / "nifti" / "maps.json").unlink()  # e.g. results.h5 copied without its maps
+    assert maps_state(path) == (True, False)
+
+
 def test_export_of_a_damaged_results_file_is_a_user_error(tmp_path):
     w = _results(tmp_path / "results.h5")
     w.finish()
