@@ -23,7 +23,7 @@ import numpy as np
 from mpiblmm.errors import ContrastError, SpecError
 from mpiblmm.formula import NUMBER
 from mpiblmm.lmm.model import RandomFactor, RandomStructure
-from mpiblmm.spec import Spec, name_length_problem, short_name
+from mpiblmm.spec import Spec, first_duplicate, name_length_problem, short_name
 
 
 @dataclass(frozen=True, eq=False)
@@ -255,7 +255,7 @@ def design_from_formula(spec: Spec) -> Design:
         if exc.where is not None:  # a file and row of the table
             raise
         raise SpecError(exc.message, f"{spec_where}: formula") from None
-    twice = _first_repeat(model.names)
+    twice = first_duplicate(model.names)
     if twice is not None:  # a contrast by that name would take the first column silently
         i, j = [k + 1 for k, name in enumerate(model.names) if name == twice][:2]
         raise SpecError(f"columns {i} and {j} of the fixed part are both named {twice!r} (e.g. "
@@ -268,7 +268,7 @@ def design_from_formula(spec: Spec) -> Design:
                             f"{spec_where}: formula")
     if spec.contrasts is None:
         contrasts = fm.default_contrasts(model)
-        twice = _first_repeat([name for name, *_ in contrasts])
+        twice = first_duplicate([name for name, *_ in contrasts])
         if twice is not None:  # results.h5 would keep one of them
             raise SpecError(f"two default contrasts would be named {twice!r} ('/' becomes '_' "
                             "in group and file names): rename a column, or give \"contrasts\" "
@@ -283,16 +283,6 @@ def design_from_formula(spec: Spec) -> Design:
         contrasts = spec_contrasts(spec, model.names)
     return build_design(model.X, model.factors, contrasts, model.names,
                         where=f"{spec_where}: contrasts")
-
-
-def _first_repeat(names: Sequence[str]) -> str | None:
-    """The first name that appears a second time, or None."""
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            return name
-        seen.add(name)
-    return None
 
 
 def spec_contrasts(spec: Spec, names: Sequence[str]) -> list[tuple[str, np.ndarray, str]]:

@@ -361,7 +361,7 @@ class _Validator:
 
     def names(self, value: Any, key: str) -> tuple[str, ...]:
         out = tuple(self.string(x, f"{key}[{i}]") for i, x in enumerate(value))
-        seen = _first_duplicate(out)
+        seen = first_duplicate(out)
         if seen is not None:
             raise self.error(key, f"name {seen!r} appears twice")
         return out
@@ -434,7 +434,7 @@ class _Validator:
                 effect_names=(self.names(entry["effect_names"], f"{key}.effect_names")
                               if "effect_names" in entry else None),
             ))
-        dup = _first_duplicate([f.name for f in out])
+        dup = first_duplicate([f.name for f in out])
         if dup is not None:
             raise self.error("random", f"factor name {dup!r} appears twice")
         return tuple(out)
@@ -461,7 +461,7 @@ class _Validator:
                 raise self.error(f"{key}.alternative",
                                  "an F contrast (a list of rows) has no direction; use one row for a one-sided T test")
             out.append(ContrastSpec(name, weights, kind, alternative, by_name))
-        dup = _first_duplicate([c.name for c in out])
+        dup = first_duplicate([c.name for c in out])
         if dup is not None:
             raise self.error("contrasts", f"contrast name {dup!r} appears twice")
         return tuple(out)
@@ -555,7 +555,8 @@ def not_a_file(path: Path) -> str:
     return f"file not found: {path}"
 
 
-def _first_duplicate(items: Any) -> Any:
+def first_duplicate(items: Any) -> Any:
+    """The first item that appears a second time, or None."""
     seen = set()
     for x in items:
         if x in seen:
