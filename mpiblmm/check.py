@@ -300,8 +300,6 @@ def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) ->
     out = [f"spec: {spec.path} ({'formula' if spec.is_formula else 'matrix'} form)"]
     if spec.is_formula:
         out.append(f"formula: {spec.formula}")
-        from mpiblmm import formula as fm
-
         out += _text_column_notes(spec)
     out.append(f"observations: n = {design.n}")
     out.append(f"fixed effects: p = {design.p}: {', '.join(design.fixed_names)}")
