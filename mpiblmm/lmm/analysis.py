@@ -8,8 +8,9 @@ Per chunk:
 1. Missingness: a voxel is fitted when it has at least ``max(min_n, p + 1)`` observations and
    at least ``min_fraction`` of all observations; otherwise its status says why.  A voxel
    whose observed rows cannot identify the random effects (lme4's rule on the voxel's own
-   data: observations must exceed levels x effects of every factor, counting the levels it
-   observes) is not fitted (status 9, :func:`identifiable`).
+   data: every factor observed at 2 levels or more, and more observations than levels x
+   effects of every factor, counting the levels it observes) is not fitted (status 9,
+   :func:`identifiable`).
 2. Voxels observed in every image share X'X, Z'X and Z'Z (one product-form group); voxels
    with missing observations get product forms of their own.  A voxel whose observed rows
    leave X rank deficient is not fitted (status 4).
@@ -176,9 +177,10 @@ def joint_forms(parts: list[ProductForms]) -> ProductForms:
 
 
 def identifiable(rd: RandomDesign, observed: np.ndarray) -> np.ndarray:
-    """Voxels (v,) whose observed rows identify the random effects, by lme4's rule
-    (``check.nobs.vs.nRE``, which implies ``check.nobs.vs.nlev``) on the voxel's own data:
-    ``n_obs > l_obs,k q_k`` for every factor ``k``, ``l_obs,k`` its levels with at least one
+    """Voxels (v,) whose observed rows identify the random effects, by lme4's rules on the
+    voxel's own data: ``l_obs,k >= 2`` (``check.nlev.gtr.1``: "grouping factors must have > 1
+    sampled level") and ``n_obs > l_obs,k q_k`` (``check.nobs.vs.nRE``, which implies
+    ``check.nobs.vs.nlev``) for every factor ``k``, ``l_obs,k`` its levels with at least one
     observed row.  ``observed`` is (v, n)."""
     if observed.shape[0] > 1 and observed.all():         # complete voxels: one answer
         return np.repeat(identifiable(rd, observed[:1]), observed.shape[0])
@@ -191,7 +193,7 @@ def identifiable(rd: RandomDesign, observed: np.ndarray) -> np.ndarray:
         incidence = sp.csr_matrix((np.ones(rd.n), (level, np.arange(rd.n))),
                                   shape=(f.n_levels, rd.n))
         levels_seen = (np.asarray(incidence @ obs) > 0).sum(axis=0)
-        ok &= n_obs > levels_seen * f.n_effects
+        ok &= (levels_seen >= 2) & (n_obs > levels_seen * f.n_effects)
         start += f.n_effects
     return ok
 

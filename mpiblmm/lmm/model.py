@@ -234,8 +234,9 @@ STATUS_CODES: dict[int, str] = {
     5: "not fitted: numerical failure (non-finite values in the fit)",
     6: "not fitted: no observations",
     7: "not fitted: observed data are constant (no residual variance)",
-    9: ("not fitted: random effects not identifiable on the observed rows (observations "
-        "must exceed levels x effects of every factor)"),
+    9: ("not fitted: random effects not identifiable on the observed rows (every factor "
+        "needs 2 or more observed levels, and observations must exceed levels x effects of "
+        "every factor)"),
 }
 STATUS_CONVERGED = 0
 STATUS_MAX_ITER = 1

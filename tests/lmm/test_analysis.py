@@ -149,3 +149,21 @@ def test_voxels_whose_observed_rows_cannot_identify_the_random_effects():
     assert out["status"][0] == STATUS_UNIDENTIFIABLE and out["n"][0] == 50
     assert np.isnan(out["beta"][0]).all() and np.isnan(out["contrasts/time/p"][0])
     assert out["status"][1] <= 2 and out["status"][2] <= 2
+
+
+def test_voxels_that_observe_one_level_of_a_factor_are_not_fitted():
+    """lme4 refuses a grouping factor with one sampled level (``check.nlev.gtr.1``, default
+    "stop": "grouping factors must have > 1 sampled level"), whatever n is: a voxel whose
+    observed rows are all in one site gets status 9 and no numbers; one row of a second site
+    and it is fitted.  (24 rows of 6 subjects in site 0: n > levels x effects holds.)"""
+    model, Y = _model_and_data(seed=8, v=3, crossed=True)
+    offsets = model.rd.structure.offsets
+    site = model.rd.cols[:, 2] - offsets[1]
+    assert np.count_nonzero(site == 0) == 24
+    Y[0, site != 0] = np.nan                             # site 0 only
+    Y[1, site != 0] = np.nan
+    Y[1, np.flatnonzero(site == 1)[0]] = 0.5 * (Y[2, 0] + Y[2, 1])   # and one row of site 1
+    out = analyse_chunk(model, Y, Settings())
+    assert out["status"][0] == STATUS_UNIDENTIFIABLE and out["n"][0] == 24
+    assert np.isnan(out["beta"][0]).all() and np.isnan(out["contrasts/time/p"][0])
+    assert out["status"][1] <= 2 and out["status"][2] <= 2
