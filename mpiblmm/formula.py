@@ -363,7 +363,9 @@ def _expand_bar(terms: str, group: tuple[str, ...], name: str, correlated: bool,
 def _r_to_python(text: str) -> str:
     """R spellings formulaic does not know: ``^`` inside a call is a power (``I(x^2)``),
     ``as.factor(x)`` is ``factor(x)``, ``TRUE``/``FALSE`` are Python's, ``a %in% b`` is
-    ``a:b`` (formulaic reads it as nesting, ``b/a``, adding ``b``'s main effect)."""
+    ``a:b`` (formulaic reads it as nesting, ``b/a``, adding ``b``'s main effect), ``C(x,
+    sum)`` is ``C(x, "sum")`` (:func:`_r_factor_calls`)."""
+    text = _r_factor_calls(text)
     text = re.sub(r"\s*%in%\s*", ":", text)       # R: a %in% b is the term a:b
     text = re.sub(r"\bas\.factor\s*\(", "factor(", text)
     text = re.sub(r"\bTRUE\b", "True", re.sub(r"\bFALSE\b", "False", text))
@@ -378,6 +380,50 @@ def _r_to_python(text: str) -> str:
             stack.pop()
         out.append("**" if ch == "^" and any(stack) else ch)
     return "".join(out)
+
+
+#: R's contrasts that ``C(x, contr)`` takes here, as C() accepts them: the function
+#: (``contr.sum``; formulaic's ``contr`` has these five with R's values) or its short name
+#: (``sum``, which R's C() reads as ``"contr.sum"``).
+R_CONTRASTS = ("treatment", "sum", "helmert", "poly", "SAS")
+_FACTOR_CALL = re.compile(r"(?<![\w.])(C|factor|as\.factor)\s*\(")
+
+
+def _r_factor_calls(text: str) -> str:
+    """Check every ``factor(x)`` and ``C(x, contr)`` of ``text``, and write C's short
+    contrast names as strings (``C(grp, sum)`` -> ``C(grp, "sum")``, for :func:`_r_C`; the
+    names keep R's spelling, :func:`r_expression`).
+
+    What formulaic cannot code as R does is an error naming the call: ``factor()`` with
+    more than its variable (``levels``, ``ordered``), ``C()`` with other contrasts
+    (``contr.diff``), a contrast matrix or call (``contr.treatment(3)``: R's argument is the
+    number of levels, formulaic's the base level), ``how.many`` or named arguments.
+    """
+    out, pos = [], 0
+    while (m := _FACTOR_CALL.search(text, pos)) is not None:
+        depth, end = 1, m.end()
+        while depth:                    # the call's closing ')' (the formula is balanced)
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            end += 1
+        call = text[m.start():end]
+        args = [a.strip() for _, a in _split_top(text[m.end():end - 1], ",")]
+        named = [a for a in args if re.match(r"[\w.]+\s*=(?!=)", a)]
+        if m.group(1) != "C" and (len(args) != 1 or named):
+            raise SpecError(f"term {call!r}: {m.group(1)}() takes only the variable here "
+                            "(levels, labels, ordered are not supported)")
+        # contr.sum, sum, or "sum" as written here before (a || term is read twice)
+        short = args[1].removeprefix("contr.").strip("\"'") if len(args) == 2 else None
+        if m.group(1) == "C" and (len(args) > 2 or named or (short is not None
+                                                             and short not in R_CONTRASTS)):
+            raise SpecError(f"term {call!r}: C() takes the variable and one of R's contrasts "
+                            f"by name: contr.{', contr.'.join(R_CONTRASTS)} (or "
+                            f"{', '.join(R_CONTRASTS)}); no other contrasts, calls or arguments")
+        args[0] = _r_factor_calls(args[0])
+        if short is not None and not args[1].startswith("contr."):
+            args[1] = f'"{short}"'
+        out += [text[pos:m.start()], f"{m.group(1)}({', '.join(args)})"]
+        pos = end
+    return "".join(out) + text[pos:]
 
 
 def _one_line(exc: BaseException, limit: int = 240) -> str:
@@ -401,7 +447,13 @@ def r_expression(expr: str) -> str:
 
 
 class _RConstants(ast.NodeTransformer):
-    """Constants as R's ``deparse`` writes them: ``TRUE``, ``FALSE``, ``1e+06``."""
+    """Constants as R's ``deparse`` writes them: ``TRUE``, ``FALSE``, ``1e+06``; C's short
+    contrast names bare again (``C(grp, "sum")`` -> ``C(grp, sum)``, :func:`_r_factor_calls`)."""
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        if _short_contrasts(node) is not None:
+            node.args[1] = ast.Name(id=node.args[1].value)
+        return self.generic_visit(node)
 
     def visit_Constant(self, node: ast.Constant) -> ast.AST:
         if isinstance(node.value, bool):
@@ -429,45 +481,118 @@ def r_number(x: float) -> str:
     return fixed if len(fixed) <= len(sci) else sci
 
 
-def _level_of(piece: str, categories: Sequence[Any] | None) -> str:
-    """The level in a formulaic column piece ``[T.M]`` / ``[M]`` / ``[1]`` (R writes it bare)."""
-    if categories is not None:
-        labels = {str(c) for c in categories}
-        if piece in labels:
-            return piece
-        if piece.startswith("T.") and piece[2:] in labels:
-            return piece[2:]
-    return piece[2:] if piece.startswith("T.") else piece
+def _short_contrasts(node: ast.AST) -> str | None:
+    """``sum`` for the call ``C(x, "sum")`` (C's short name, as :func:`_r_factor_calls`
+    writes it), else None."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "C" \
+            and len(node.args) == 2 and isinstance(node.args[1], ast.Constant) \
+            and node.args[1].value in R_CONTRASTS:
+        return node.args[1].value
+    return None
+
+
+def _contrasts_function(expr: str) -> bool:
+    """Are the contrasts of ``expr`` given as R's function (``C(x, contr.treatment)``)?"""
+    try:
+        node = ast.parse(expr, mode="eval").body
+    except SyntaxError:
+        return False
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+        and node.func.id == "C" and len(node.args) == 2 and isinstance(node.args[1], ast.Attribute)
+
+
+def r_level(level: Any) -> str:
+    """A factor level as R's ``as.character`` writes it: a number as R prints it (``2`` not
+    ``2.0``, ``1e+05``; a whole number written without a point is an integer to read.csv,
+    when it fits in 32 bits), ``TRUE``/``FALSE``; text as is."""
+    if isinstance(level, (bool, np.bool_)):
+        return "TRUE" if level else "FALSE"
+    if isinstance(level, (int, np.integer)) and abs(int(level)) < 2**31:
+        return str(int(level))
+    if isinstance(level, (int, float, np.integer, np.floating)):
+        return r_number(float(level))
+    return str(level)
+
+
+def _r_contrast_labels(expr: str, contrasts: Any, levels: list, fields: list) -> list[str]:
+    """R's labels of the columns of a factor coded by contrasts (``fields``: formulaic's).
+
+    ``model.matrix`` labels them by the contrast matrix's column names, else 1, 2, ...:
+    ``contr.sum`` and ``contr.helmert`` have none (``1 ... n-1``); ``contr.poly`` has
+    ``.L .Q .C ^4 ...`` (formulaic's too); ``contr.treatment`` and ``contr.SAS`` called with
+    the levels (a factor's default, ``C(x, treatment)``) have the levels but the reference,
+    called with their number (``C(x, contr.treatment)``: C() calls the function with
+    ``nlevels``) the levels' positions (``2 ... n``; SAS ``1 ... n-1``).
+    """
+    from formulaic.transforms.contrasts import HelmertContrasts, PolyContrasts, SumContrasts
+
+    if isinstance(contrasts, PolyContrasts):
+        return [str(f) for f in fields]
+    if isinstance(contrasts, (SumContrasts, HelmertContrasts)):
+        return [str(j) for j in range(1, len(levels))]
+    if _contrasts_function(expr):
+        return [str(levels.index(f) + 1) for f in fields]
+    return [r_level(f) for f in fields]
+
+
+def _codings(expr: str, info: dict, reduced: bool | None) -> list[tuple[str, str]]:
+    """(formulaic's label, R's label) of each column of the categorical ``expr``: coded by
+    indicators (``reduced`` False: one per level), by contrasts (True), either (None)."""
+    state = info.get("contrasts")
+    levels = list(state.levels if state is not None else info.get("categories") or [])
+    out = []
+    if reduced is not True:
+        out += [(str(level), r_level(level)) for level in levels]
+    if reduced is not False and state is not None:
+        fields = list(state.contrasts.get_coding_column_names(levels, reduced_rank=True))
+        form = state.contrasts.get_factor_format(levels, reduced_rank=True)   # "{name}[S.{field}]"
+        ours = [form.format(name="", field=f)[1:-1] for f in fields]
+        out += zip(ours, _r_contrast_labels(expr, state.contrasts, levels, fields))
+    return out
 
 
 def r_column_names(model_matrix: Any) -> tuple[list[str], list[tuple[str, list[int]]]]:
     """R's column names of a formulaic model matrix, and R's term labels with their columns.
 
     ``Intercept`` -> ``(Intercept)``; ``sex[T.M]`` -> ``sexM``; ``time:sex[T.M]`` ->
-    ``time:sexM``; ``I(age / 10)`` -> ``I(age/10)``.
+    ``time:sexM``; ``I(age / 10)`` -> ``I(age/10)``; ``factor(v)[T.2.0]`` -> ``factor(v)2``;
+    ``C(g, contr.sum)[S.a]`` -> ``C(g, contr.sum)1``; ``poly(x)[1]`` -> ``poly(x)``.
+    A column that cannot be read so is an error naming its term.
     """
     spec = model_matrix.model_spec
     state = spec.encoder_state
     names = list(model_matrix.columns)
     out = list(names)
     terms = []
+    parsed: dict[int, list[tuple[str, str, bool]]] = {}
     for structure in spec.structure:
         factors = [f.expr for f in structure.term.factors]
         label = ":".join(r_expression(e) for e in factors) if str(structure.term) != "1" else "(Intercept)"
         cols = [names.index(c) for c in structure.columns]
         terms.append((label, cols))
-        # a term formulaic splits to keep full rank (a:b without its margins) has scoped
-        # terms with fewer factors than the term: try each one's factors
-        candidates = [[f.factor.expr for f in scoped.factors] for scoped in structure.scoped_terms]
+        # each column is one of the term's scoped terms (formulaic splits a term to keep full
+        # rank, a:b without its margins, into scoped terms of fewer factors), each factor
+        # coded by indicators or contrasts (reduced)
+        candidates = [[(f.factor.expr, f.reduced) for f in scoped.factors]
+                      for scoped in structure.scoped_terms] + [[(e, None) for e in factors]]
         for j in cols:
             if str(structure.term) == "1":
                 out[j] = "(Intercept)"
                 continue
-            for exprs in candidates + [factors]:
-                name = _r_name(names[j], exprs, state)
-                if name is not None:
-                    out[j] = name
-                    break
+            parts = next((p for c in candidates if (p := _r_parts(names[j], c, state))), None)
+            if parts is None:
+                raise SpecError(f"term {label!r}: cannot give its column {names[j]!r} R's name")
+            parsed[j] = parts
+    # R names a one-column matrix by its expression alone (poly(x), as scale(x)), the
+    # columns of a wider one by its column names (poly(x, 2)1)
+    width: dict[str, set[str]] = {}
+    for parts in parsed.values():
+        for e, label, matrix in parts:
+            if matrix:
+                width.setdefault(e, set()).add(label)
+    for j, parts in parsed.items():
+        out[j] = ":".join(r_expression(e) + ("" if matrix and len(width[e]) == 1 else label)
+                          for e, label, matrix in parts)
     return out, terms
 
 
@@ -486,31 +611,42 @@ def _logical(expr: str) -> bool:
         isinstance(inner, ast.UnaryOp) and isinstance(inner.op, ast.Not))
 
 
-def _r_name(column: str, exprs: list[str], state: dict) -> str | None:
-    """R's name of a formulaic column of the factors ``exprs``, or None if it is not theirs."""
-    pos, pieces = 0, []
-    for i, e in enumerate(exprs):
+def _r_parts(column: str, factors: list[tuple[str, bool | None]],
+             state: dict) -> list[tuple[str, str, bool]] | None:
+    """A formulaic column read as a column of ``factors`` ((expression, reduced) in order):
+    per factor its expression, R's label of its column (a level, a contrast, a power:
+    ``poly(x, 2)[1]``) and whether that label is a matrix column's; None if not theirs."""
+    pos, parts = 0, []
+    for i, (e, reduced) in enumerate(factors):
+        if i:
+            if not column.startswith(":", pos):
+                return None
+            pos += 1
         if not column.startswith(e, pos):
             return None
         pos += len(e)
-        level = None
-        if pos < len(column) and column[pos] == "[":
-            end = len(column) - 1 if i == len(exprs) - 1 else column.find("]:" + exprs[i + 1], pos)
-            if end < 0 or column[end] != "]":
+        kind, info = state.get(e, (None, {}))
+        if getattr(kind, "value", None) == "categorical":
+            for ours, r in _codings(e, info, reduced):
+                after = pos + len(ours) + 2
+                if column.startswith(f"[{ours}]", pos) and column[after:after + 1] in ("", ":"):
+                    parts.append((e, r, False))
+                    pos = after
+                    break
+            else:
                 return None
-            cats = state.get(e, (None, {}))[1].get("categories") if e in state else None
-            level = _level_of(column[pos + 1:end], cats)
+        elif column.startswith("[", pos):       # a numeric matrix: poly(x, 2)[1]
+            end = column.find("]", pos)
+            if end < 0:
+                return None
+            level = column[pos + 1:end]
             if re.match(r"poly\(.*\braw\s*=\s*True\b", e) and level.isdigit():
                 level = str(int(level) + 1)      # formulaic counts raw powers from 0, R from 1
+            parts.append((e, level, True))
             pos = end + 1
-        elif _logical(e):
-            level = "TRUE"                  # R codes a logical as a factor: I(age > 40)TRUE
-        pieces.append(r_expression(e) + (level if level is not None else ""))
-        if i < len(exprs) - 1:
-            if column[pos:pos + 1] != ":":
-                return None
-            pos += 1
-    return ":".join(pieces) if pos == len(column) else None
+        else:          # R codes a logical as a factor: I(age > 40)TRUE
+            parts.append((e, "TRUE" if _logical(e) else "", False))
+    return parts if pos == len(column) else None
 
 
 def _r_ordered(fixed: str) -> str:
@@ -563,10 +699,21 @@ def _log(x, base=None):
     return np.log(x) / np.log(base)
 
 
+def _r_C(data, contrasts=None):
+    """R's ``C(x, contr)``: ``contr`` formulaic's class of one of R's contrasts
+    (``contr.sum``) or C's short name of one (``"sum"``, :func:`_r_factor_calls`)."""
+    from formulaic.transforms import C
+    from formulaic.transforms.contrasts import ContrastsRegistry
+
+    if isinstance(contrasts, str):
+        contrasts = getattr(ContrastsRegistry, contrasts)
+    return C(data, contrasts)
+
+
 def _context() -> dict:
     from formulaic.transforms import C
 
-    return {"factor": C, "log": _log, "log2": np.log2, "log10": np.log10,
+    return {"C": _r_C, "factor": C, "log": _log, "log2": np.log2, "log10": np.log10,
             "log1p": np.log1p, "exp": np.exp, "sqrt": np.sqrt, "abs": np.abs}
 
 

@@ -6,7 +6,11 @@
 # "formula" of every case in tests/formula/r_colnames.json, and writes back R's column names
 # and the model matrix (column by column) of the fixed part (lme4::nobars), for
 # tests/formula/test_formula_r.py; for a case with "data", also its random terms (grouping
-# and effects, lme4::lFormula's reTrms$cnms, in lme4's order).
+# and effects, lme4::lFormula's reTrms$cnms, in lme4's order).  A case with
+# "strings_as_factors": true reads the text columns as factors (R's C() needs a factor:
+# C(grp, contr.sum) on a character column is an error in R; mpiblmm codes a text column as
+# that factor).  A case with "known_difference" is one mpiblmm codes otherwise, on purpose
+# (test_formula_r.py says how).
 library(jsonlite)
 library(lme4)
 folder <- "tests/formula"
@@ -15,7 +19,8 @@ control <- lmerControl(check.nobs.vs.nRE = "ignore", check.nobs.vs.nlev = "ignor
                        check.nobs.vs.rankZ = "ignore")
 for (i in seq_along(ref$cases)) {
   data <- ref$cases[[i]]$data
-  d <- read.csv(file.path(folder, if (is.null(data)) "r_colnames_data.csv" else data))
+  d <- read.csv(file.path(folder, if (is.null(data)) "r_colnames_data.csv" else data),
+                stringsAsFactors = isTRUE(ref$cases[[i]]$strings_as_factors))
   d$y <- seq_len(nrow(d))
   f <- as.formula(ref$cases[[i]]$formula)
   mm <- model.matrix(lme4::nobars(f), d)

@@ -118,6 +118,15 @@ def test_number_labels_stay_labels(table):
     ("y ~ age + (1 | subject:)", "unsupported grouping 'subject:'"),
     ("y ~ age + (1 + (1 | visit) | subject)", "more than one bar"),
     ("y ~ age + (1 | subject) | site", "must stand alone in parentheses"),
+    # C() as R takes it, with R's five contrasts by name only (test_formula_r.py has them)
+    ("y ~ C(site, contr.diff) + (1 | subject)", "term 'C(site, contr.diff)': C() takes"),
+    ("y ~ C(site, contr.treatment(3)) + (1 | subject)", "term 'C(site, contr.treatment(3))'"),
+    ("y ~ C(site, sum, 1) + (1 | subject)", "term 'C(site, sum, 1)': C() takes"),
+    ("y ~ C(site, base = 2) + (1 | subject)", "term 'C(site, base = 2)': C() takes"),
+    ("y ~ C(site, \"contr.sum\") + (1 | subject)", "C() takes the variable and one of R's"),
+    ("y ~ age + (C(site, custom) | subject)", "term 'C(site, custom)': C() takes"),
+    ("y ~ factor(site, ordered = TRUE) + (1 | subject)", "factor() takes only the variable"),
+    ("y ~ as.factor(visit, levels = 2) + (1 | subject)", "as.factor() takes only the variable"),
 ])
 def test_formula_errors_name_the_term(table, formula, message):
     with pytest.raises(SpecError) as info:

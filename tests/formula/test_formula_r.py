@@ -5,8 +5,14 @@ cases over ``r_colnames_dotted_data.csv`` (columns named as read.csv names them:
 ``x.1``, ``.hidden``, ``class``, used inside calls too) also with their random terms'
 groupings and effects (``lFormula(...)$reTrms$cnms``).
 
-One known difference is recorded too and checked as such: an interaction of two text
-columns without its main effects (``a:b`` with an intercept), which R codes
+The cases over ``r_colnames_coding_data.csv`` check R's names of levels of numbers
+(``factor(vf)2`` for 2.0, ``1e+05``), one-column matrices (``poly(x)``) and contrasts given
+to ``C()`` (``C(grp, contr.sum)1``; by function or short name, R's five); those with
+``"strings_as_factors"`` were read by R with text columns as factors (R's ``C()`` needs a
+factor; mpiblmm codes a text column as that factor).
+
+Known differences are recorded too and checked as such: an interaction of text columns
+without its margins (``a:b`` with an intercept, ``a:b:c + a``), which R codes
 rank-deficiently and formulaic (hence mpiblmm) with full rank.
 """
 
@@ -27,7 +33,11 @@ TABLES = {name: read_table(HERE / name)
           for name in {case["data"] for case in REFERENCE["cases"] if "data" in case}}
 
 
-@pytest.mark.parametrize("case", REFERENCE["cases"], ids=[c["formula"] for c in REFERENCE["cases"]])
+SAME = [c for c in REFERENCE["cases"] if "known_difference" not in c]
+DIFFERENT = [c for c in REFERENCE["cases"] if "known_difference" in c]
+
+
+@pytest.mark.parametrize("case", SAME, ids=[c["formula"] for c in SAME])
 def test_names_and_values_equal_r(case):
     model = formula_model(case["formula"], TABLES.get(case.get("data"), TABLE))
     assert list(model.names) == case["names"]
@@ -46,3 +56,20 @@ def test_known_difference_interaction_without_margins():
     assert list(model.names) == ["(Intercept)", "siteb", "sitec", "sexM:sitea", "sexM:siteb",
                                  "sexM:sitec"]
     assert model.X.shape[1] == 6
+
+
+@pytest.mark.parametrize("case", DIFFERENT, ids=[c["formula"] for c in DIFFERENT])
+def test_known_difference_rank_deficient_coding(case):
+    """R's coding is rank deficient (lme4 then drops columns); ours is formulaic's full-rank
+    coding of the same terms: the same column space, and names as R writes them (R's labels
+    of each variable, ``grpa:hq:ohi``, never formulaic's ``grp[a]:h[T.q]:o[hi]``), a column of
+    R's name having R's values."""
+    model = formula_model(case["formula"], TABLES.get(case.get("data"), TABLE))
+    R = np.asarray(case["X"], dtype=float).T
+    assert np.linalg.matrix_rank(model.X) == model.X.shape[1] == np.linalg.matrix_rank(R)
+    assert np.linalg.matrix_rank(np.column_stack([model.X, R])) == model.X.shape[1]
+    r_labels = {piece for name in case["names"] for piece in name.split(":")}
+    for j, name in enumerate(model.names):
+        assert set(name.split(":")) <= r_labels, name
+        if name in case["names"]:
+            np.testing.assert_array_equal(model.X[:, j], R[:, case["names"].index(name)])
