@@ -179,7 +179,7 @@ def _images(spec: Any, problems: list[str]) -> tuple[Any, int | None]:
 
     Packed input: the fit's own validation of the file (:func:`~mpiblmm.io.ingest.
     describe_packed`: attributes, voxel list, analysis mask; no observation is read)."""
-    from mpiblmm.io.images import read_grid
+    from mpiblmm.io.images import grid_problem, read_grid
 
     if spec.packed is not None:
         from mpiblmm.io.ingest import describe_packed
@@ -209,6 +209,10 @@ def _images(spec: Any, problems: list[str]) -> tuple[Any, int | None]:
         why = grid.differs(g.shape, g.affine)
         if why is not None:
             problems.append(f"{p}: not on the grid of {spec.images[0]}: {why}")
+            continue
+        why = grid_problem(grid, p, g, reference=str(spec.images[0]))  # kind, structure
+        if why is not None:
+            problems.append(f"{p}: {why}")
     return grid, len(spec.images)
 
 

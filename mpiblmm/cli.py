@@ -6,6 +6,13 @@ need when they run.  Every subcommand runs inside :func:`mpiblmm.parallel.run_gu
 :class:`~mpiblmm.errors.UserError` becomes one line on stderr and exit code 2 on every rank,
 and any other exception aborts the whole MPI job.
 
+Standard output whose reader has gone (``mpiblmm check spec.json | head -1``, ``mpiblmm env |
+true``) is :class:`QuietWhenClosed`: what is still printed is dropped, the command runs to its
+end and exits with the code it would have had, no traceback.  A fit whose output pipe closes
+so keeps working and releases its lock.  (Under MPICH's ``mpiexec`` piped into ``head`` it is
+the launcher whose reader goes: ``mpiexec`` dies of it and kills the ranks, which nothing in
+them can prevent; the lock they leave is stale and the next fit replaces it.)
+
 Dispatch targets (written by the pipeline/IO work; each takes the argparse namespace and
 returns an exit code):
 
@@ -100,6 +107,10 @@ class _Parser(argparse.ArgumentParser):
     the same arguments, and the text came out N times."""
 
     def error(self, message: str) -> NoReturn:
+        if {"--resume", "--overwrite"} <= set(message.replace(":", " ").split()):
+            # After a stop the line says "run the same command with --resume"; a command
+            # that had --overwrite then has both, which exclude each other.
+            message += "; to continue a stopped fit, replace --overwrite with --resume"
         raise CommandLineError(self.prog, message)
 
     def _print_message(self, message: str, file=None) -> None:
@@ -365,6 +376,46 @@ def _fraction(text: str) -> float:
     return value
 
 
+class QuietWhenClosed:
+    """``sys.stdout`` that stops printing, quietly, once its reader has closed the pipe.
+
+    The usual CLI rule for a broken pipe (EPIPE: ``mpiblmm env | head -1``): the output is not
+    wanted any more, which is no error of the command.  On the first :class:`BrokenPipeError`
+    the stream's file descriptor is pointed at ``/dev/null`` (so the interpreter's own last
+    flush cannot fail either) and every later write is dropped; the command goes on.
+    Everything else is the wrapped stream's.
+    """
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no descriptor (a test's capture)
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def pin_blas_threads(environ: dict | None = None) -> None:
     """Set one BLAS/OpenMP thread per rank unless the user chose otherwise.
 
@@ -462,6 +513,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         The process exit code: 0 on success, 2 for a user error (on every rank).
     """
     pin_blas_threads()
+    stdout = sys.stdout
+    if stdout is None:  # no standard output at all: print() already drops its lines
+        return _main_quiet_when_closed(argv)
+    sys.stdout = QuietWhenClosed(stdout)  # a closed reader ends the printing, not the command
+    try:
+        return _main_quiet_when_closed(argv)
+    finally:
+        sys.stdout.flush()  # what is still buffered, while a broken pipe is still quiet
+        sys.stdout = stdout
+
+
+def _main_quiet_when_closed(argv: Sequence[str] | None) -> int:
+    """:func:`main` with ``sys.stdout`` a :class:`QuietWhenClosed`."""
     try:
         args = get_parser().parse_args(argv)
     except CommandLineError as exc:

@@ -308,6 +308,9 @@ def _named_row(row: Sequence[tuple[str, float]], names: Sequence[str], where: st
         if key not in names:
             close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
+            if tuple(names) == tuple(f"x{j}" for j in range(len(names))):  # X's columns unnamed
+                hint += ("; name the columns of X with the spec's \"fixed_names\" to use "
+                         "other names")
             raise ContrastError(f"no coefficient {key!r}{hint} (coefficients: "
                                 f"{', '.join(names)})", where)
         w[list(names).index(key)] = value

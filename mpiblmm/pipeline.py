@@ -384,7 +384,8 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
     progress.chunks_done()  # this rank's final count, before settle waits for the others
 
     if stopper.settle():
-        _stop(comm, writer, written, done, packed.n_voxels, results_path, progress)
+        _stop(comm, writer, written, done, packed.n_voxels, results_path, progress,
+              options.overwrite)
     progress.close()  # rank 0 collects the last counts; the others post theirs
 
     with timer.phase("finish"):
@@ -422,7 +423,7 @@ def _budget_source(spec_path: str, spec: Spec, options: FitOptions) -> str:
 
 
 def _stop(comm: Any, writer: Any, written: int, done: np.ndarray | None, n_voxels: int,
-          results_path: Path, progress: Progress) -> None:
+          results_path: Path, progress: Progress, overwrite: bool = False) -> None:
     """Collective: close the results file as it is, report the voxels done over all ranks
     (the progress line and the stop line agree) and raise :class:`FitStopped` everywhere."""
     from mpi4py import MPI
@@ -434,7 +435,8 @@ def _stop(comm: Any, writer: Any, written: int, done: np.ndarray | None, n_voxel
     if comm.Get_rank() == 0:
         name = interrupt.signal_name() or "a signal"
         print(f"mpiblmm: stopped by {name}: {total} of {n_voxels} voxels are done and kept in "
-              f"{results_path}; run the same command with --resume to continue",
+              f"{results_path}; run the same command with --resume "
+              f"{'in place of --overwrite ' if overwrite else ''}to continue",
               file=sys.stderr, flush=True)
     raise FitStopped()
 

@@ -4,7 +4,9 @@ knows its keys.
 :func:`load_spec` turns ``spec.json`` into a frozen :class:`Spec`.  It validates the keys,
 types and values against the JSON Schema of :mod:`mpiblmm.schema` (``mpiblmm schema``),
 then checks what the schema cannot, resolves every path and checks that the files exist.  It reads no CSV
-and no image: :mod:`mpiblmm.design` reads the tables, :mod:`mpiblmm.io.ingest` the images.
+and of the images only the first one's header, for how many observations it holds (a 4-D
+``images`` file, or a 4-D or multi-map file in a list, where one file is one observation):
+:mod:`mpiblmm.design` reads the tables, :mod:`mpiblmm.io.ingest` the images.
 Every problem is a :class:`~mpiblmm.errors.SpecError` whose text is one line,
 ``spec.json: <key>: <problem>`` (or ``<file>: row N: <problem>`` for a list file).
 
@@ -49,6 +51,13 @@ LONGEST_MAP_FILES = {
 #: Image files: NIfTI volumes (CIFTI dense scalar .dscalar.nii included) and GIfTI surface maps
 #: (mpiblmm.io.images picks the reader).
 NIFTI_SUFFIXES = (".nii", ".nii.gz", ".func.gii", ".shape.gii")
+#: Mask files: images, and GIfTI label files (a surface ROI; inside where the label is not 0).
+MASK_SUFFIXES = NIFTI_SUFFIXES + (".label.gii",)
+IMAGE_KINDS = "a NIfTI file (.nii, .nii.gz), GIfTI (.func.gii, .shape.gii) or CIFTI (.dscalar.nii)"
+MASK_KINDS = ("a NIfTI file (.nii, .nii.gz), GIfTI (.func.gii, .shape.gii, .label.gii) or CIFTI "
+              "(.dscalar.nii)")
+#: Characters of a shell wildcard: paths are never expanded, so a glob names no file.
+GLOB_CHARACTERS = re.compile(r"[*?\[]")
 ALTERNATIVES = ("two-sided", "greater", "less")
 #: The largest ``estimation.max_iterations``: far above what a voxel needs (the default is
 #: 300, BLMM's 10000), and small enough for the estimator's integer counters.
@@ -276,7 +285,8 @@ def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool 
         if packed is not None:
             raise v.error("observation_masks", "not allowed with packed HDF5 images "
                           "(apply the masks when packing)")
-        masks = v.path_list(raw["observation_masks"], "observation_masks", nifti=True)
+        masks = v.path_list(raw["observation_masks"], "observation_masks", nifti=True,
+                            mask=True)
         if images is not None and len(masks) != len(images):
             raise v.error("observation_masks", f"{len(masks)} masks for {len(images)} images "
                           "(give one mask per image)")
@@ -292,7 +302,7 @@ def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool 
         covariates=v.file(raw["covariates"], "covariates") if formula_form else None,
         formula=v.string(raw["formula"], "formula") if formula_form else None,
         fixed_names=v.names(raw["fixed_names"], "fixed_names") if "fixed_names" in raw else None,
-        analysis_mask=(v.file(raw["analysis_mask"], "analysis_mask", nifti=True)
+        analysis_mask=(v.file(raw["analysis_mask"], "analysis_mask", nifti=True, mask=True)
                        if raw.get("analysis_mask") is not None else None),
         observation_masks=masks,
         zero_is_missing=v.boolean(raw.get("zero_is_missing", True), "zero_is_missing"),
@@ -371,46 +381,87 @@ class _Validator:
         p = Path(os.path.expanduser(text))
         return p if p.is_absolute() else (folder if folder is not None else self.folder) / p
 
-    def file(self, value: Any, key: str, nifti: bool = False) -> Path:
+    def file(self, value: Any, key: str, nifti: bool = False, mask: bool = False) -> Path:
         p = self.resolve(self.string(value, key))
-        if nifti and not str(p).endswith(NIFTI_SUFFIXES):
-            raise self.error(key, f"expected a NIfTI file (.nii or .nii.gz) or GIfTI (.func.gii, .shape.gii): {p}")
+        if nifti and not str(p).endswith(MASK_SUFFIXES if mask else NIFTI_SUFFIXES):
+            raise self.error(key, f"expected {MASK_KINDS if mask else IMAGE_KINDS}: {p}")
         if self.check_files and not p.is_file():
             raise self.error(key, not_a_file(p))
         if not self.check_files and not nifti and p.is_dir():  # one stat: not one per image
             raise self.error(key, not_a_file(p))
         return p
 
-    def path_list(self, value: Any, key: str, nifti: bool) -> tuple[Path, ...]:
+    def path_list(self, value: Any, key: str, nifti: bool, mask: bool = False) -> tuple[Path, ...]:
         """A JSON list of paths, or a text file with one path per line."""
         if isinstance(value, list):
             if not value:
                 raise self.error(key, "the list is empty")
             out = []
             for i, item in enumerate(value):
-                out.append(self.file(item, f"{key}[{i}]", nifti=nifti))
+                out.append(self.file(item, f"{key}[{i}]", nifti=nifti, mask=mask))
+            if key == "images":
+                self.one_observation(out[0], f"{self.path}: {key}[0]")
             return tuple(out)
+        p = self.resolve(self.string(value, key))
+        if GLOB_CHARACTERS.search(str(value)) and not p.exists():
+            # The shell expands wildcards; a spec is JSON, so a glob names no file.
+            raise self.error(key, f"wildcards are not expanded: {value} (list the files in a "
+                             "text file, one per line, or in a JSON list)")
         list_file = self.file(value, key)  # a directory is refused even without check_files
-        if str(list_file).endswith(NIFTI_SUFFIXES):
+        if str(list_file).endswith(MASK_SUFFIXES):
             if key == "images":
                 return self.volumes(list_file, key)
             raise self.error(key, f"expected a text file listing one image per line, got an image: {list_file}")
-        return read_path_list(list_file, nifti=nifti, check_files=self.check_files)
+        out = read_path_list(list_file, nifti=nifti, check_files=self.check_files, mask=mask)
+        if key == "images":
+            self.one_observation(out[0], f"{list_file}: row {_first_row(list_file)}")
+        return out
 
     def volumes(self, path: Path, key: str) -> tuple[Path, ...]:
-        """One 4-D NIfTI, one volume per observation (FSL randomise's convention)."""
+        """One 4-D NIfTI, one volume per observation (FSL randomise's convention).
+
+        A surface file is one observation (mpiblmm.io.surface): one given alone is refused,
+        whether it holds one map or several."""
+        from mpiblmm.io import surface
+
+        fmt = surface.surface_format(path)
+        if fmt is not None and not path.is_file():  # (check_files=False): not a list file
+            raise self.error(key, not_a_file(path))
+        if fmt is not None:
+            maps = _count_maps(path, f"{self.path}: {key}")
+            if maps != 1:
+                raise self.error(key, surface.maps_problem(fmt, maps))
+            raise self.error(key, f"one {'GIfTI' if fmt == 'gifti' else 'CIFTI'} file given: "
+                             "expected one file per observation (list them in a text file, one "
+                             "per line, or in a JSON list)")
         if not path.is_file():
             return (path,)  # not checked (check_files=False): read when the file exists
-        try:
-            import nibabel as nib
-
-            shape = nib.load(str(path)).shape
-        except Exception as exc:  # nibabel raises several types for unreadable files
-            raise self.error(key, f"not a readable NIfTI image ({type(exc).__name__}): {path}") from None
+        shape = _nifti_shape(path, f"{self.path}: {key}")
         if len(shape) != 4 or shape[3] < 2:
             raise self.error(key, f"one image given: expected a 4-D NIfTI with one volume per "
                              f"observation (or a list of images), got shape {tuple(shape)}")
         return tuple(volume_path(path, i) for i in range(int(shape[3])))
+
+    def one_observation(self, path: Path, where: str) -> None:
+        """Refuse a listed image (the first: its header only is read) that holds several
+        observations: in a list one file is one observation, so the number of rows would
+        not match the design and that mismatch would hide the cause."""
+        from mpiblmm.io import surface
+
+        if not path.is_file():
+            return  # the readers say what is wrong with it
+        fmt = surface.surface_format(path)
+        if fmt is not None:
+            maps = _count_maps(path, where, quiet=True)
+            if maps is not None and maps > 1:
+                raise SpecError(surface.maps_problem(fmt, maps), where)
+            return
+        shape = _nifti_shape(path, where, quiet=True)
+        if shape is not None and len(shape) == 4 and shape[3] > 1:
+            raise SpecError(f"a 4-D NIfTI with {shape[3]} volumes in a list of images, where "
+                            "each file is one observation: give that file alone as \"images\" "
+                            "(not in a list) for one observation per volume, or list one 3-D "
+                            "image per observation", where)
 
     def images(self, value: Any) -> tuple[tuple[Path, ...] | None, PackedImages | None]:
         if isinstance(value, dict):
@@ -503,8 +554,44 @@ class _Validator:
         )
 
 
-def read_path_list(list_file: Path, nifti: bool = True, check_files: bool = True) -> tuple[Path, ...]:
-    """Paths listed one per line in ``list_file`` (blank and ``#`` lines ignored).
+def _nifti_shape(path: Path, where: str, quiet: bool = False) -> tuple[int, ...] | None:
+    """The shape in a NIfTI's header; unreadable: a :class:`SpecError` (``None`` when
+    ``quiet``: the readers say what is wrong with it, in their words)."""
+    try:
+        import nibabel as nib
+
+        return tuple(int(s) for s in nib.load(str(path)).shape)
+    except Exception as exc:  # nibabel raises several types for unreadable files
+        if quiet:
+            return None
+        why = " ".join(str(exc).split()) or "unreadable header"
+        raise SpecError(f"not a readable NIfTI image ({why}): {path}", where) from None
+
+
+def _count_maps(path: Path, where: str, quiet: bool = False) -> int | None:
+    """The maps in a surface file (:func:`mpiblmm.io.surface.count_maps`); unreadable: a
+    :class:`SpecError` naming ``where`` (``None`` when ``quiet``)."""
+    from mpiblmm.io import surface
+
+    try:
+        return surface.count_maps(path)
+    except Exception as exc:  # a UserError naming the file, or nibabel's
+        if quiet:
+            return None
+        raise SpecError(str(exc), where) from None
+
+
+def _first_row(list_file: Path) -> int:
+    """The line number of the first path in a list file (after blank and ``#`` lines)."""
+    lines = list_file.read_text(encoding="utf-8-sig").splitlines()
+    return next(i for i, line in enumerate(lines, start=1)
+                if line.strip() and not line.strip().startswith("#"))
+
+
+def read_path_list(list_file: Path, nifti: bool = True, check_files: bool = True,
+                   mask: bool = False) -> tuple[Path, ...]:
+    """Paths listed one per line in ``list_file`` (blank and ``#`` lines ignored); ``mask``:
+    they are masks (label GIfTI files allowed).
 
     Relative paths are relative to ``list_file``'s folder.  Errors read
     ``<list_file>: row N: <problem>`` with N the line number.
@@ -521,8 +608,8 @@ def read_path_list(list_file: Path, nifti: bool = True, check_files: bool = True
         p = Path(os.path.expanduser(text))
         p = p if p.is_absolute() else list_file.parent / p
         where = f"{list_file}: row {number}"
-        if nifti and not text.endswith(NIFTI_SUFFIXES):
-            raise SpecError(f"expected a NIfTI file (.nii or .nii.gz) or GIfTI (.func.gii, .shape.gii): {text}", where)
+        if nifti and not text.endswith(MASK_SUFFIXES if mask else NIFTI_SUFFIXES):
+            raise SpecError(f"expected {MASK_KINDS if mask else IMAGE_KINDS}: {text}", where)
         if check_files and not p.is_file():
             raise SpecError(not_a_file(p), where)
         out.append(p)
@@ -544,7 +631,7 @@ def not_a_file(path: Path) -> str:
         if exc.errno == errno.ELOOP:
             return f"symbolic link loop: {path}"
         if exc.errno in (errno.ENOENT, errno.ENOTDIR, None):
-            return f"file not found: {path}"
+            return f"file not found: {path}{_glob_hint(path)}"
         return f"cannot be looked up ({exc.strerror}): {path}"
     except ValueError:  # a NUL byte in the path
         return f"file not found: {path}"
@@ -553,6 +640,12 @@ def not_a_file(path: Path) -> str:
     if not stat.S_ISREG(mode):
         return f"not a regular file: {path}"
     return f"file not found: {path}"
+
+
+def _glob_hint(path: Path) -> str:
+    """For a path not found that holds wildcard characters: that they are not expanded."""
+    return (" (wildcards are not expanded: list the files)"
+            if GLOB_CHARACTERS.search(path.name) else "")
 
 
 def first_duplicate(items: Any) -> Any:

@@ -91,6 +91,19 @@ def test_contrast_errors(tmp_path, contrasts, expected):
     assert str(info.value).startswith(f"{path}: {expected}")
 
 
+def test_a_contrast_by_name_without_fixed_names_says_how_to_name_the_columns(tmp_path):
+    """X's columns are x0, x1, ... until the spec names them: the error says which key does."""
+    path = write_study(tmp_path, contrasts=[{"name": "c", "weights": {"time": 1}}])
+    with pytest.raises(ContrastError, match=r"no coefficient 'time'; name the columns of X "
+                                            r"with the spec's \"fixed_names\""):
+        design_from_spec(load_spec(path))
+    named = write_study(tmp_path, contrasts=[{"name": "c", "weights": {"tme": 1}}],
+                        fixed_names=["intercept", "time"])
+    with pytest.raises(ContrastError) as info:
+        design_from_spec(load_spec(named))
+    assert "fixed_names" not in str(info.value)
+
+
 @pytest.mark.parametrize("overrides, expected", [
     ({"fixed_names": ["a", "b", "c"]}, "fixed_names: 3 names for the 2 columns"),
     ({"random": [{"name": "s", "factor": "f.csv", "design": "Z.csv", "effect_names": ["a"]}]},

@@ -213,7 +213,8 @@ def _open(results: Path) -> Any:
 def _check(f: Any, results: Path) -> None:
     if not bool(f.attrs.get("complete", False)):
         raise UserError("the results are incomplete (attribute 'complete' is not true): the "
-                        "fit did not finish; re-run `mpiblmm fit` on the spec", str(results))
+                        "fit did not finish; re-run `mpiblmm fit` on the spec with --resume to "
+                        "finish it (the voxels done are kept)", str(results))
     for name in ("voxels", "beta", "status"):
         if name not in f:
             raise UserError(f"not a results file: dataset {name!r} is missing", str(results))

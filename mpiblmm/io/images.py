@@ -1,21 +1,32 @@
 """Which reader reads an input image: NIfTI volumes or surface files, by file name.
 
 ``read_grid`` and ``read_volume`` have the signatures of :mod:`mpiblmm.io.nifti`'s; GIfTI
-(``.func.gii``, ``.shape.gii``) and CIFTI dense scalar (``.dscalar.nii``) files go to
-:mod:`mpiblmm.io.surface`, everything else to NIfTI.
+(``.func.gii``, ``.shape.gii``, and ``.label.gii`` masks) and CIFTI dense scalar
+(``.dscalar.nii``) files go to :mod:`mpiblmm.io.surface`, everything else to NIfTI.
+
+A study is of one kind: an image or mask read on a grid (``read_volume(path, grid)``) must be
+of the grid's kind -- NIfTI, GIfTI or CIFTI, from the grid's ``space`` -- and, for surfaces,
+of its structure (:func:`mpiblmm.io.surface.structure_problem`).  A NIfTI volume of N x 1 x 1
+voxels and a GIfTI of N vertices have the same shape, but not the same meaning.
 """
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from mpiblmm.errors import UserError
 from mpiblmm.io import nifti, surface
 from mpiblmm.io.nifti import Grid
 
 #: File endings the spec accepts for images and masks.
 IMAGE_SUFFIXES = (".nii", ".nii.gz") + surface.GIFTI_SUFFIXES
+
+#: A file's kind, as messages name it, by the ``format`` of its ``space``.
+KINDS = {"nifti": "NIfTI", "gifti": "GIfTI", "cifti": "CIFTI"}
 
 
 def _reader(path: Path):
@@ -28,6 +39,44 @@ def _as_path(path) -> Path:
     return path if isinstance(path, Path) else Path(path)
 
 
+def kind(path) -> str:
+    """``"nifti"``, ``"gifti"`` or ``"cifti"``: the kind of an image file, from its name."""
+    return surface.surface_format(path) or "nifti"
+
+
+def grid_kind(grid: Grid) -> str | None:
+    """The kind of the image a grid was read from (its ``space``), or ``None`` when it is not
+    recorded (a packed file written before ``space`` was kept)."""
+    return _space_kind(grid.space)
+
+
+@lru_cache(maxsize=8)
+def _space_kind(space: str) -> str | None:
+    try:
+        fmt = json.loads(space).get("format") if space else None
+    except (ValueError, AttributeError):
+        return None
+    return fmt if fmt in KINDS else None
+
+
+def kind_problem(path, grid: Grid, reference: str | None = None) -> str | None:
+    """Why the file ``path`` cannot be read on ``grid`` for its kind (a NIfTI among GIfTI
+    files, a NIfTI mask for a surface study, GIfTI with CIFTI), or ``None``."""
+    mine, theirs = kind(path), grid_kind(grid)
+    if theirs is None or mine == theirs:
+        return None
+    return (f"a {KINDS[mine]} file, but {reference or 'the first image'} is {KINDS[theirs]}: "
+            "the images and masks of a study must all be of one kind")
+
+
+def grid_problem(grid: Grid, path, other: Grid, reference: str | None = None) -> str | None:
+    """Why ``path`` (whose header gave ``other``, :func:`read_grid`) is not on the study's
+    ``grid``: another kind of file, another grid or another surface structure; ``None`` when
+    it is on it.  What ``read_volume(path, grid)`` would refuse, from headers only."""
+    return (kind_problem(path, grid, reference) or grid.differs(other.shape, other.affine)
+            or surface.space_problem(grid.space, other.space, reference))
+
+
 def read_grid(path: Path) -> Grid:
     """The grid (and ``space``) of an image or surface file, from its header."""
     return _reader(path).read_grid(_as_path(path))
@@ -35,7 +84,12 @@ def read_grid(path: Path) -> Grid:
 
 def read_volume(path: Path, grid: Grid | None = None, reference: str | None = None,
                 dtype: type = np.float32) -> np.ndarray:
-    """An image's data on ``grid`` (3-D; ``(N, 1, 1)`` for surfaces) as ``dtype``."""
+    """An image's data on ``grid`` (3-D; ``(N, 1, 1)`` for surfaces) as ``dtype``; refused
+    (:class:`UserError`) when it is of another kind than the grid's image."""
+    if grid is not None:
+        why = kind_problem(path, grid, reference)
+        if why is not None:
+            raise UserError(why, str(path))
     return _reader(path).read_volume(_as_path(path), grid, reference, dtype)
 
 
@@ -47,9 +101,13 @@ def with_geometry(grid: Grid, path) -> Grid:
 
 def read_stored(path, grid: Grid) -> np.ndarray | None:
     """An image's values as a flat C-order array in its stored float dtype, when the fast
-    path of :func:`mpiblmm.io.nifti.read_stored` applies; ``None`` otherwise."""
+    path of :func:`mpiblmm.io.nifti.read_stored` applies; ``None`` otherwise (a surface file,
+    or a file of another kind than the grid's: :func:`read_volume` then says why)."""
     path = _as_path(path)
-    return None if surface.surface_format(path) else nifti.read_stored(path, grid)
+    if surface.surface_format(path) or kind_problem(path, grid) is not None:
+        return None
+    return nifti.read_stored(path, grid)
 
 
-__all__ = ["IMAGE_SUFFIXES", "read_grid", "read_stored", "read_volume", "with_geometry"]
+__all__ = ["IMAGE_SUFFIXES", "grid_kind", "grid_problem", "kind", "kind_problem", "read_grid",
+           "read_stored", "read_volume", "with_geometry"]

@@ -9,6 +9,11 @@ writer), so packing, fitting and the results file do not know they hold a surfac
   writer needs to give the maps back in that format: GIfTI's structure metadata, CIFTI's
   brain-model axis (its XML, compressed; for very large headers the path of the first input,
   which must then still exist at export);
+- every image and mask must be of the first image's structure: a GIfTI whose
+  ``AnatomicalStructurePrimary`` differs from the first image's (a right hemisphere among left
+  ones, with the same vertex count) is refused, as is a CIFTI file whose brain models differ
+  (:func:`structure_problem`); a GIfTI without that metadata is not checked;
+- a ``.label.gii`` file is read as a mask (its label keys; non-zero: inside), never as data;
 - :func:`save_surface_map` writes ``(N, k)`` maps as one ``.func.gii`` with k data arrays, or one
   ``.dscalar.nii`` with k named scalar rows, atomically (temporary name, then rename).
 
@@ -21,8 +26,9 @@ from __future__ import annotations
 import base64
 import json
 import zlib
+from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -30,7 +36,11 @@ from mpiblmm.errors import UserError
 from mpiblmm.io.nifti import Grid, _atomic_save
 
 GIFTI_SUFFIXES = (".func.gii", ".shape.gii")
+#: A GIfTI label file (a surface ROI): accepted as an analysis or observation mask only.
+GIFTI_MASK_SUFFIXES = GIFTI_SUFFIXES + (".label.gii",)
 CIFTI_SUFFIXES = (".dscalar.nii",)
+#: The GIfTI metadata that names the structure (hemisphere) a file's vertices belong to.
+STRUCTURE_KEY = "AnatomicalStructurePrimary"
 #: Largest compressed CIFTI header kept inside ``space`` (HDF5 attributes stop at 64 KiB).
 MAX_HEADER_CHARS = 48_000
 #: GIfTI data arrays may hold these dtypes only (GIfTI 1.0, section 2.3.4).
@@ -40,7 +50,7 @@ _GIFTI_DTYPES = {"u": np.uint8, "i": np.int32, "f": np.float32, "b": np.uint8}
 def surface_format(path: Path | str) -> str | None:
     """``"gifti"``, ``"cifti"`` or ``None`` (not a surface file) from the file name."""
     name = str(path)
-    if name.endswith(GIFTI_SUFFIXES):
+    if name.endswith(GIFTI_MASK_SUFFIXES):
         return "gifti"
     if name.endswith(CIFTI_SUFFIXES):
         return "cifti"
@@ -59,11 +69,27 @@ def _load(path: Path):
                         str(path)) from None
 
 
+def maps_problem(fmt: str, count: int) -> str:
+    """The words for a surface file holding ``count`` maps where one (one observation) is
+    expected: mpiblmm reads one observation per surface file."""
+    if fmt == "gifti":
+        return (f"a GIfTI file with {count} data arrays: expected one data array (give one file "
+                "per observation)")
+    return f"a CIFTI file with {count} maps: expected one map (give one file per observation)"
+
+
+def count_maps(path: Path) -> int:
+    """The number of maps in the surface file ``path``: GIfTI data arrays, CIFTI rows."""
+    img = _load(Path(path))
+    if surface_format(path) == "gifti":
+        return len(img.darrays)
+    return int(img.shape[0]) if len(img.shape) == 2 else 1
+
+
 def _gifti_data(img, path: Path) -> np.ndarray:
     arrays = img.darrays
     if len(arrays) != 1:
-        raise UserError(f"expected one data array (one observation per file), got {len(arrays)}",
-                        str(path))
+        raise UserError(maps_problem("gifti", len(arrays)), str(path))
     data = np.asarray(arrays[0].data)
     if data.ndim != 1 and not (data.ndim == 2 and 1 in data.shape):
         raise UserError(f"expected a per-vertex map, got data of shape {data.shape}", str(path))
@@ -75,7 +101,9 @@ def _cifti_data(img, path: Path) -> np.ndarray:
 
     if not isinstance(img, cifti2.Cifti2Image):
         raise UserError("not a CIFTI-2 file", str(path))
-    if len(img.shape) != 2 or img.shape[0] != 1:
+    if len(img.shape) == 2 and img.shape[0] != 1:
+        raise UserError(maps_problem("cifti", img.shape[0]), str(path))
+    if len(img.shape) != 2:
         raise UserError(f"expected a dense scalar file with one map (1 x grayordinates), "
                         f"got shape {img.shape}", str(path))
     if not isinstance(img.header.get_axis(1), cifti2.BrainModelAxis):
@@ -83,13 +111,17 @@ def _cifti_data(img, path: Path) -> np.ndarray:
     return np.asarray(img.get_fdata(dtype=np.float64)).reshape(-1)
 
 
+def _gifti_meta(img) -> dict:
+    """A GIfTI's ``AnatomicalStructure*`` metadata: the file's, overridden by its data
+    array's."""
+    meta = dict(img.meta) if img.meta is not None else {}
+    darray_meta = dict(img.darrays[0].meta) if img.darrays[0].meta is not None else {}
+    return {k: v for k, v in {**meta, **darray_meta}.items() if k.startswith("AnatomicalStructure")}
+
+
 def _space(img, fmt: str, path: Path) -> str:
     if fmt == "gifti":
-        meta = dict(img.meta) if img.meta is not None else {}
-        darray_meta = dict(img.darrays[0].meta) if img.darrays[0].meta is not None else {}
-        keep = {k: v for k, v in {**meta, **darray_meta}.items()
-                if k.startswith("AnatomicalStructure")}
-        return json.dumps({"format": "gifti", "meta": keep}, sort_keys=True)
+        return json.dumps({"format": "gifti", "meta": _gifti_meta(img)}, sort_keys=True)
     xml = img.header.to_xml()
     packed = base64.b64encode(zlib.compress(xml, 9)).decode("ascii")
     info = {"format": "cifti"}
@@ -125,7 +157,67 @@ def read_volume(path: Path, grid: Grid | None = None, reference: str | None = No
         if why is not None:
             raise UserError(f"not on the surface of {reference or 'the first image'}: "
                             f"{data.size} vertices, expected {grid.shape[0]}", str(path))
+        why = structure_problem(grid.space, _structure(img, fmt), reference)
+        if why is not None:
+            raise UserError(why, str(path))
     return data.astype(dtype).reshape(-1, 1, 1)
+
+
+def _structure(img, fmt: str) -> Any:
+    """What a surface file covers: a GIfTI's structure name (``None`` when it has none), a
+    CIFTI file's brain-model axis."""
+    if fmt == "gifti":
+        return _gifti_meta(img).get(STRUCTURE_KEY)
+    return img.header.get_axis(1)
+
+
+@lru_cache(maxsize=8)
+def _space_structure(space: str) -> tuple[str, Any]:
+    """(format, what it covers) of a grid's ``space``, as :func:`_structure` gives it for
+    the image it came from; cached, as every image of a study is compared with one space."""
+    info = json.loads(space) if space else {}
+    fmt = str(info.get("format", ""))
+    if fmt == "gifti":
+        return fmt, info.get("meta", {}).get(STRUCTURE_KEY)
+    if fmt == "cifti":
+        return fmt, _brain_models(info)
+    return fmt, None
+
+
+def _cifti_structures(axis) -> str:
+    return ", ".join(sorted({str(n).replace("CIFTI_STRUCTURE_", "") for n in axis.name})) or "none"
+
+
+def structure_problem(space: str, structure: Any, reference: str | None = None) -> str | None:
+    """Why a surface file covering ``structure`` (:func:`_structure`) cannot be read with the
+    first image's, whose grid ``space`` is given; ``None`` when it can.
+
+    The rule: a study is one surface.  GIfTI: when both name an ``AnatomicalStructurePrimary``
+    they must be the same (the vertex count alone cannot tell a left hemisphere from a right
+    one).  CIFTI: the brain models (structures, vertex and voxel indices) must be the same.
+    Files of another format are :func:`mpiblmm.io.images.kind_problem`'s.
+    """
+    fmt, first = _space_structure(space)
+    ref = reference or "the first image"
+    if fmt == "gifti" and structure is not None and first is not None and structure != first:
+        return (f"anatomical structure {structure}, but {ref} is {first}: every image and "
+                "mask of a surface study must be of one structure")
+    if fmt == "cifti" and not isinstance(structure, str) and structure is not None \
+            and structure != first:
+        mine, theirs = _cifti_structures(structure), _cifti_structures(first)
+        what = (f"brain models of {mine}, but {ref} has {theirs}" if mine != theirs else
+                f"other brain models (vertices or voxels of {mine}) than {ref}")
+        return f"{what}: every image and mask of a CIFTI study must have the same brain models"
+    return None
+
+
+def space_problem(space: str, other: str, reference: str | None = None) -> str | None:
+    """:func:`structure_problem` between two grids' ``space`` (the first image's, another
+    file's, both from :func:`read_grid`), for checks that read headers only."""
+    fmt, covers = _space_structure(other)
+    if fmt not in ("gifti", "cifti"):
+        return None
+    return structure_problem(space, covers, reference)
 
 
 def _brain_models(info: dict):
@@ -178,5 +270,6 @@ def save_surface_map(path: Path, data: np.ndarray, space: str, names: Sequence[s
     _atomic_save(img, Path(path))
 
 
-__all__ = ["GIFTI_SUFFIXES", "CIFTI_SUFFIXES", "surface_format", "read_grid", "read_volume",
-           "save_surface_map"]
+__all__ = ["GIFTI_SUFFIXES", "GIFTI_MASK_SUFFIXES", "CIFTI_SUFFIXES", "count_maps",
+           "maps_problem", "surface_format", "read_grid", "read_volume", "save_surface_map",
+           "space_problem", "structure_problem"]

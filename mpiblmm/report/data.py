@@ -85,7 +85,8 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
     with _open(results) as f:
         if not bool(f.attrs.get("complete", False)):
             raise UserError("the results are incomplete (attribute 'complete' is not true): the "
-                            "fit did not finish; re-run `mpiblmm fit` on the spec", str(results))
+                            "fit did not finish; re-run `mpiblmm fit` on the spec with --resume "
+                            "to finish it (the voxels done are kept)", str(results))
         for name in ("voxels", "status", "n", "iterations"):
             if name not in f:
                 raise UserError(f"not a results file: dataset {name!r} is missing", str(results))
