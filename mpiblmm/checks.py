@@ -14,7 +14,9 @@ cause when no voxel, even one observed in every image, could be fitted:
   factor must be < number of observations", "number of observations (=n) <= number of
   random effects (=l q)"): fewer than 2 levels, or ``n <= l_k q_k``;
 - per random factor, linearly dependent columns of its covariates ``Z_k`` (e.g. the
-  intercept given twice): ``D_k`` is then not identifiable.
+  intercept given twice): ``D_k`` is then not identifiable;
+- the factors together fit every row exactly, ``rank([X Z]) = n``: the residual variance is
+  not identifiable (:func:`saturated_design`).
 
 Where identifiability depends on a voxel's missing data (its observed rows and levels), the
 voxel gets a status code instead (:func:`~mpiblmm.lmm.analysis.identifiable`, status 9).
@@ -101,7 +103,27 @@ def fittable_problems(design: Any, spec: Any = None) -> list[SpecError]:
             problem = random_covariates_problem(design, spec, i)
             if problem is not None:
                 out.append(problem)
+    if not out and design.factors and saturated_design(design):
+        formula = getattr(spec, "formula", None)
+        out.append(SpecError(
+            f"the fixed and random effects fit all {n} observations exactly (rank of [X Z] = "
+            f"{n}): the residual variance is not identifiable; drop a random term or factor",
+            f"{spec_path}: formula {formula!r}" if formula else f"{spec_path}: random"))
     return out
+
+
+def saturated_design(design: Any) -> bool:
+    """Whether ``[X Z]`` has rank ``n`` on all rows (no residual variance at any voxel;
+    :func:`~mpiblmm.lmm.analysis.saturated`, the test a voxel's observed rows get).  Only
+    designs with ``p + q >= n`` and ``n`` within the exact test's reach are tested."""
+    from mpiblmm.lmm.analysis import SATURATED_EXACT_UP_TO, saturated
+    from mpiblmm.lmm.products import random_design
+    n, p = design.X.shape
+    if p + sum(f.n_levels * f.n_effects for f in design.factors) < n \
+            or n > SATURATED_EXACT_UP_TO:
+        return False
+    rd = random_design([f.codes for f in design.factors], [f.Z for f in design.factors])
+    return bool(saturated(design.X, rd, np.ones((1, n), dtype=bool))[0][0])
 
 
 def random_covariates_problem(design: Any, spec: Any, i: int) -> SpecError | None:

@@ -236,7 +236,9 @@ STATUS_CODES: dict[int, str] = {
     7: "not fitted: observed data are constant (no residual variance)",
     9: ("not fitted: random effects not identifiable on the observed rows (every factor "
         "needs 2 or more observed levels, and observations must exceed levels x effects of "
-        "every factor)"),
+        "every factor), or the observed rows are fitted exactly by the fixed and random "
+        "effects (rank of [X Z] equals the observations), so the residual variance is not "
+        "identifiable"),
 }
 STATUS_CONVERGED = 0
 STATUS_MAX_ITER = 1
