@@ -13,10 +13,12 @@ This module owns the formula language, nothing else:
   their names are those of R's ``model.matrix``: ``(Intercept)``, ``age``, ``sexM``,
   ``time:sexM`` (treatment coding, reference level the first in R's sorted order,
   :mod:`mpiblmm.r_collation`);
-- the covariates CSV (header row, one row per image): a column whose cells are all numbers
-  is numeric, any other is text (categorical); a missing cell (empty, ``NA``) in a column
-  the formula uses is an error naming the row and column; grouping columns are labels as
-  written (``01`` and ``1`` are different levels).
+- the covariates table (header row, one row per image; comma-separated, or tab-separated
+  for a ``.tsv`` file such as BIDS's ``participants.tsv`` or a header with tabs and no
+  commas): a column whose cells are all numbers is numeric, any other is text
+  (categorical); a missing cell (empty, ``NA``, ``n/a``) in a column the formula uses is an
+  error naming the row and column; grouping columns are labels as written (``01`` and ``1``
+  are different levels).
 
 :func:`formula_model` returns plain arrays and names; :mod:`mpiblmm.design` makes the
 :class:`~mpiblmm.design.Design` from them with ``build_design``, like the matrix form.
@@ -24,7 +26,8 @@ Factor names are lme4's (``VarCorr``'s): the grouping as written (``subject``,
 ``site:scanner``); where a grouping repeats, the names lme4 gives after putting the terms
 by decreasing number of levels (:func:`mpiblmm.formula_names.lme4_factor_names`).
 Column names that are not Python names (``age.z``, ``x.1``) are renamed for formulaic and
-named back (:class:`mpiblmm.formula_names.ColumnAliases`).
+named back; a column whose name is not a syntactic R name (``age at scan``) is named by
+read.csv's name (``age.at.scan``) or in backticks (:class:`mpiblmm.formula_names.ColumnAliases`).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import dataclasses
 import ast
 import csv
 import difflib
+import io
 import math
 import re
 import warnings
@@ -44,12 +48,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from mpiblmm.errors import SpecError
-from mpiblmm.formula_names import ColumnAliases, backtick_names, lme4_factor_names
+from mpiblmm.formula_names import (ColumnAliases, backtick_names, lme4_factor_names,
+                                   plain_name, r_syntactic)
 
 #: Cells read as a missing value (``n/a``: BIDS's own, in participants.tsv).
 MISSING_TOKENS = frozenset({"", "NA", "N/A", "n/a", "na", "NaN", "nan", "NULL", "null", "."})
-#: A column name usable in a formula as written.
-VARIABLE = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$")
+#: A column name usable in a formula as written (letters of any script, as R in UTF-8).
+VARIABLE = re.compile(r"^(?:[^\W\d]|\.)[\w.]*$")
+#: A name in backticks, R's quoting of a name that is not syntactic (`` `age at scan` ``).
+QUOTED = re.compile(r"^`[^`]+`$")
 #: Names formulaic evaluates itself (transforms), never covariates.
 TRANSFORMS = frozenset({"C", "I", "np", "scale", "center", "poly", "bs", "lag", "hashed",
                         "factor", "log", "log2", "log10", "log1p", "exp", "sqrt", "abs",
@@ -60,7 +67,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m|[\u29da\u29db]")
 # --------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Table:
-    """A covariates CSV: header names, the cells of each column (text), the file line of each row."""
+    """A covariates table: header names, the cells of each column (text), the file line of each row."""
 
     path: Path
     names: tuple[str, ...]
@@ -72,15 +79,26 @@ class Table:
         return len(self.lines)
 
 
+def table_delimiter(path: Path, header: str) -> str:
+    """The table's separator: a tab for a ``.tsv`` file (BIDS's ``participants.tsv``) or a
+    header line with tabs and no commas, else a comma (CSV)."""
+    if Path(path).suffix.lower() == ".tsv" or ("\t" in header and "," not in header):
+        return "\t"
+    return ","
+
+
 def read_table(path: Path) -> Table:
-    """Read a CSV with a header row; every row as wide as the header.
+    """Read a CSV (or TSV: :func:`table_delimiter`) with a header row; every row as wide as
+    the header.
 
     Errors: ``<file>: row N: <problem>`` with N the line number.
     """
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh)
-            rows = [(reader.line_num, row) for row in reader]
+            text = fh.read()
+        header = next((line for line in text.splitlines() if line.strip()), "")
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=table_delimiter(path, header))
+        rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise SpecError(f"cannot read: {exc}", str(path)) from None
     rows = [(line, row) for line, row in rows if any(c.strip() for c in row)]
@@ -169,8 +187,10 @@ def suspicious_text_columns(table: Table, most: int = 2) -> list[str]:
 class Bar:
     """One random term after expansion: ``(terms | grouping)``.
 
-    ``group`` the grouping variables (several for an interaction ``g1:g2``), ``name`` the
-    grouping as lme4 writes it (``g2:g1``; the factor's name is made unique from it by
+    ``group`` the grouping variables as written (several for an interaction ``g1:g2``; a
+    name, read.csv's name or one in backticks: ``ColumnAliases.grouping`` finds the column),
+    ``name`` the grouping as lme4 writes it (``g2:g1``, `` `site id`:subject``, ``site id``
+    alone; the factor's name is made unique from it by
     :func:`~mpiblmm.formula_names.lme4_factor_names`), ``text`` the term as written (for
     messages), ``lme4_order`` its place in lme4's ``findbars`` order (which expands ``||``
     before ``/``, and a ``||`` term's pieces in ``terms()``'s order, by degree).
@@ -255,12 +275,12 @@ def _groupings(text: str, term: str) -> list[tuple[tuple[str, ...], str]]:
     text = text.strip()
     if not text:
         raise _FormulaProblem(f"random term {term}: nothing after '|' (write the grouping column, e.g. (1 | subject))")
-    parts = [p.strip() for p in text.split("/")]
+    parts = [p.strip() for _, p in _split_top(text, "/")]
     nested: list[tuple[str, ...]] = []
     for part in parts:
-        names = tuple(n.strip() for n in part.split(":"))
+        names = tuple(n.strip() for _, n in _split_top(part, ":"))
         for n in names:
-            if not VARIABLE.match(n):
+            if not (VARIABLE.match(n) or QUOTED.match(n)):
                 raise _FormulaProblem(f"random term {term}: unsupported grouping {text!r} "
                                       "(use column names joined by ':' or '/')")
         nested.append(names)
@@ -269,8 +289,19 @@ def _groupings(text: str, term: str) -> list[tuple[tuple[str, ...], str]]:
         group: tuple[str, ...] = ()
         for names in reversed(nested[:k]):
             group += names
-        out.append((group, _lme4_name(nested[:k])))
+        if len(group) == 1 and QUOTED.match(group[0]):   # lme4: deparse of the symbol
+            name = group[0][1:-1]
+        else:
+            name = _lme4_name([tuple(map(_r_deparsed, names)) for names in nested[:k]])
+        out.append((group, name))
     return out
+
+
+def _r_deparsed(name: str) -> str:
+    """A name as R's ``deparse`` writes it in a call: in backticks unless syntactic."""
+    if QUOTED.match(name) and r_syntactic(name[1:-1]):
+        return name[1:-1]
+    return name
 
 
 def _lme4_name(levels: list[tuple[str, ...]]) -> str:
@@ -350,7 +381,7 @@ def _expand_bar(terms: str, group: tuple[str, ...], name: str, correlated: bool,
     except Exception as exc:  # formulaic's syntax errors have no common base class
         raise _FormulaProblem(f"random term {text}: {_one_line(exc)}") from None
     out = []
-    pieces = [(str(t).replace("`", ""), len(t.factors)) for t in parsed]
+    pieces = [(":".join(_r_piece(f.expr) for f in t.factors), len(t.factors)) for t in parsed]
     if any(label == "1" for label, _ in pieces):
         out.append((Bar("1", group, name, text), 0))
     pieces = [(label, degree) for label, degree in pieces if label != "1"]
@@ -358,6 +389,17 @@ def _expand_bar(terms: str, group: tuple[str, ...], name: str, correlated: bool,
     out.extend((Bar(f"0 + {pieces[k][0]}", group, name, text), 1 + by_degree.index(k))
                for k in range(len(pieces)))
     return out
+
+
+def _r_piece(expr: str) -> str:
+    """A factor of formulaic's term (parsed after :func:`backtick_names`) as R code again:
+    backticks only around a name that is not one (`` `age at scan` ``, also inside calls)."""
+    if "`" in expr:
+        return re.sub(r"`([^`]*)`", lambda m: m.group(1) if plain_name(m.group(1))
+                      else m.group(), expr)
+    if expr == "1" or "(" in expr or plain_name(expr):
+        return expr
+    return f"`{expr}`"
 
 
 def _r_to_python(text: str) -> str:
@@ -718,18 +760,24 @@ def _context() -> dict:
 
 
 def _used_variables(text: str, table: Table, where: str, aliases: ColumnAliases) -> set[str]:
-    """Covariate columns a formula part (``text``: its columns renamed by ``aliases``) reads;
-    an unknown name is an error with a suggestion."""
+    """The names of covariate columns (formulaic's: ``aliases``' Python names) a formula part
+    reads (``text``: its columns renamed by ``aliases``); an unknown name is an error with a
+    suggestion, the first unknown name in the order written."""
     import formulaic
 
     if re.search(r"(^|[+\-~*:(\s])\.(\s|$|[+\-)])", text):
         raise SpecError(f"{where}: '.' (every column) is not supported: name the covariates")
     parsed = formulaic.Formula(text, _ordering="none")
-    columns = {aliases.python(name): name for name in table.names}
+    columns = aliases.column
     used = set()
-    for name in parsed.required_variables:
+
+    def written_at(name: str) -> int:     # a set's order changes from run to run
+        m = re.search(rf"(?<![\w.]){re.escape(name)}", text)
+        return m.start() if m else len(text)
+
+    for name in sorted(parsed.required_variables, key=lambda v: (written_at(v), v)):
         if name in columns:
-            used.add(columns[name])
+            used.add(name)
         elif name in TRANSFORMS:
             continue
         elif re.search(rf"(?<![\w.]){re.escape(name)}\s*\(", text):
@@ -737,28 +785,46 @@ def _used_variables(text: str, table: Table, where: str, aliases: ColumnAliases)
                             f"{', '.join(sorted(TRANSFORMS - {'np', 'contr', 'levels', 'lag', 'hashed'}))})")
         else:
             # formulaic reads age.zz inside a call as age's attribute: name the whole word
-            dotted = re.search(rf"(?<![\w.]){re.escape(name)}\.[A-Za-z0-9_.]*", text)
+            dotted = re.search(rf"(?<![\w.]){re.escape(name)}\.[\w.]*", text)
             name = dotted.group() if dotted else name
             raise SpecError(f"{where}: no column {name!r} in {table.path}"
-                            f"{did_you_mean(name, table.names)}")
+                            f"{_column_hint(name, table, aliases)}")
     # formulaic leaves out the variables of stateful transforms (scale, center, poly)
-    used |= {columns[w] for w in re.findall(r"[A-Za-z_.][A-Za-z0-9_.]*", text) if w in columns}
+    used |= {w for w in re.findall(r"[\w.]+", text) if w in columns}
     return used
 
 
-def _frame(table: Table, columns: set[str], what: dict[str, str], aliases: ColumnAliases):
+def _column_hint(name: str, table: Table, aliases: ColumnAliases) -> str:
+    """`` (did you mean 'age'?)`` when a column is named close to ``name`` (as a formula can
+    name it), else `` (its columns: subject, age, ...)``."""
+    choices = aliases.suggestions()
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {choices[close[0]]!r}?)"
+    shown = [repr(n) if not VARIABLE.match(n) else n for n in table.names[:30]]
+    more = f", ... ({len(table.names)} in all)" if len(table.names) > 30 else ""
+    if len(table.names) == 1 and re.search(r"[;\t|]", table.names[0]):
+        more += ("; one column only: separate the columns by commas (CSV), or by tabs in a "
+                 ".tsv file")
+    return f" (its columns: {', '.join(shown)}{more})"
+
+
+def _frame(table: Table, used: dict[str, str], aliases: ColumnAliases):
+    """The data frame formulaic evaluates: a column of the table under each of its Python
+    names in ``used`` (with what uses it, for messages)."""
     import pandas as pd
 
     from mpiblmm.r_collation import r_sorted
 
     data = {}
-    for name in sorted(columns):
-        _column(table, name, what[name])
+    for python in sorted(used):
+        name = aliases.column[python]
+        _column(table, name, used[python])
         values = _numeric(table, name)
         if values is None:   # text: a factor with its levels in R's order (r_collation)
             cells = table.cells[name]
             values = pd.Categorical(cells, categories=r_sorted(cells))
-        data[aliases.python(name)] = values
+        data[python] = values
     return pd.DataFrame(data, index=range(table.n))
 
 
@@ -851,16 +917,24 @@ def _formula_model(formula: str, table: Table, aliases: ColumnAliases) -> Formul
                         "response is the image data: write y ~ ...")
     fixed = _r_to_python(aliases.rename(parsed.fixed))
     bar_terms = [_r_to_python(aliases.rename(bar.terms)) for bar in parsed.bars]
+    groupings: dict[str, str] = {}     # a grouping as written -> its column
     try:
-        used = {v: "fixed part"
-                for v in _used_variables(fixed, table, f"term {parsed.fixed!r}", aliases)}
+        used: dict[str, str] = {}
+        for term in _written_terms(parsed.fixed):   # the first unknown name, in its term
+            for v in _used_variables(_r_to_python(aliases.rename(term)), table,
+                                     f"term {term!r}", aliases):
+                used.setdefault(v, "fixed part")
+        used.update((v, "fixed part") for v in _used_variables(fixed, table, "fixed part",
+                                                                aliases))
         for bar, terms in zip(parsed.bars, bar_terms):
             for v in _used_variables(terms, table, f"random term {bar.text}", aliases):
                 used.setdefault(v, f"random term {bar.text}")
             for g in bar.group:
-                if g not in table.names:
+                column = aliases.grouping(g)
+                if column is None:
                     raise SpecError(f"random term {bar.text}: no grouping column {g!r} in "
-                                    f"{table.path}{did_you_mean(g, table.names)}")
+                                    f"{table.path}{_column_hint(g.strip('`'), table, aliases)}")
+                groupings[g] = column
     except SpecError:
         raise
     except Exception as exc:
@@ -869,9 +943,8 @@ def _formula_model(formula: str, table: Table, aliases: ColumnAliases) -> Formul
         raise SpecError(f"{used['Intercept']}: column 'Intercept' of {table.path} has the name "
                         "formulaic gives the intercept, and would silently replace it: rename "
                         "the column")
-    groups = {g for bar in parsed.bars for g in bar.group}
-    frame = _frame(table, set(used), used, aliases)
-    for g in sorted(groups):
+    frame = _frame(table, used, aliases)
+    for g in sorted(set(groupings.values())):
         _column(table, g, "grouping")
 
     X = _matrix(fixed, frame, "fixed part")
@@ -888,7 +961,8 @@ def _formula_model(formula: str, table: Table, aliases: ColumnAliases) -> Formul
             raise SpecError(f"random term {bar.text}: no columns")
         _single_levels(Z, zterms, f"random term {bar.text}: term")
         _finite_columns(Z, effects, table, f"random term {bar.text}: column")
-        labels = [":".join(parts) for parts in zip(*(table.cells[g] for g in bar.group))]
+        labels = [":".join(parts)
+                  for parts in zip(*(table.cells[groupings[g]] for g in bar.group))]
         factors.append((labels, np.asarray(Z, dtype=np.float64), tuple(effects)))
     # lme4's names need each term's number of levels (mkReTrms orders the terms by it)
     factor_names = lme4_factor_names([bar.name for bar in parsed.bars],
@@ -966,6 +1040,11 @@ def default_contrasts(model: FormulaModel) -> list[tuple[str, np.ndarray, str]]:
 def safe_name(name: str) -> str:
     """A coefficient or term name usable as an HDF5 group and file name ('/' replaced)."""
     return name.replace("/", "_")
+
+
+def _written_terms(fixed: str) -> list[str]:
+    """The terms of the fixed part as written (``age``, ``group * factor(visit)``)."""
+    return [t.strip() for _, t in _split_top(fixed, "+-") if t.strip()]
 
 
 def did_you_mean(word: str, choices: Sequence[str]) -> str:

@@ -8,7 +8,10 @@
   slope), ``subject.1`` (the intercept) and ``site``.
 - :class:`ColumnAliases`: covariate columns whose R names are not Python names (``age.z``,
   ``x.1``, ``.hidden``, ``lambda``), renamed for formulaic, which evaluates the inside of a
-  call as Python (``age.z`` would be an attribute), and named back in every name and message.
+  call as Python (``age.z`` would be an attribute), and named back in every name and message;
+  a column whose name is not a syntactic R name (``age at scan``) by the name ``read.csv``
+  gives it (``age.at.scan``, ``make.names``) or in backticks (`` `age at scan` ``, as with
+  ``check.names = FALSE``), named back as R names it each way.
 """
 
 from __future__ import annotations
@@ -21,20 +24,37 @@ from typing import Iterator, Sequence
 R_RESERVED = frozenset({"if", "else", "repeat", "while", "function", "for", "next", "break",
                         "in", "TRUE", "FALSE", "NULL", "Inf", "NaN", "NA", "NA_integer_",
                         "NA_real_", "NA_character_", "NA_complex_"})
-_TOKEN = re.compile(r"(?<![A-Za-z0-9_.])[A-Za-z_.][A-Za-z0-9_.]*")
+#: A name in R code (letters of any script, as R in a UTF-8 locale).
+_TOKEN = re.compile(r"(?<![\w.])(?:[^\W\d]|\.)[\w.]*")
 
 
 # --------------------------------------------------------------------------- R's make.names
+def _r_letter(ch: str) -> bool:
+    """Can ``ch`` start a syntactic R name (R in a UTF-8 locale: any script's letters)?"""
+    return ch.isalpha() if ch.isascii() else ch.isalnum()
+
+
+def _r_word(ch: str) -> bool:
+    """Can ``ch`` be in a syntactic R name?"""
+    return ch.isalnum() or ch in "._" if ch.isascii() else ch.isalnum()
+
+
 def r_make_name(name: str) -> str:
-    """R's ``make.names`` of one (ASCII) name: ``X`` before a name not starting with a
-    letter or a dot (or a dot then a digit), ``.`` for every other invalid character, ``.``
-    after a reserved word: ``site:grp`` -> ``site.grp``, ``g3:(g2:g1)`` -> ``g3..g2.g1.``."""
+    """R's ``make.names`` of one name: ``X`` before a name not starting with a letter or a
+    dot (or a dot then a digit), ``.`` for every other invalid character, ``.`` after a
+    reserved word: ``site:grp`` -> ``site.grp``, ``g3:(g2:g1)`` -> ``g3..g2.g1.``,
+    ``age at scan`` -> ``age.at.scan``; letters of other scripts are letters (R in a UTF-8
+    locale: ``âge moyen`` -> ``âge.moyen``)."""
     out = name
-    if not out or not ((out[0].isascii() and out[0].isalpha())
-                       or (out[0] == "." and not out[1:2].isdigit())):
+    if not out or not (_r_letter(out[0]) or (out[0] == "." and not out[1:2].isdigit())):
         out = "X" + out
-    out = re.sub(r"[^A-Za-z0-9._]", ".", out)
+    out = "".join(ch if _r_word(ch) else "." for ch in out)
     return out + "." if out in R_RESERVED else out
+
+
+def r_syntactic(name: str) -> bool:
+    """Is ``name`` a syntactic R name (R writes it without backticks)?"""
+    return bool(name) and r_make_name(name) == name
 
 
 def r_make_unique(names: Sequence[str]) -> list[str]:
@@ -143,42 +163,90 @@ def backtick_names(text: str) -> str:
     return "".join(out) + text[pos:]
 
 
-class ColumnAliases:
-    """Python names for the columns whose names are not (``age.z`` -> ``_mpiblmm_c0_``).
+def plain_name(name: str) -> bool:
+    """Can ``name`` be written bare in a formula (a name token, not R's reserved words nor a
+    number such as ``.5``)?"""
+    return bool(_TOKEN.fullmatch(name)) and name not in R_RESERVED \
+        and not (name[0] == "." and name[1:2].isdigit())
 
-    :meth:`rename` rewrites an R expression for formulaic; :meth:`restore` writes the
-    column names back into a column name, term label or message.
+
+class ColumnAliases:
+    """The names a formula may give the table's columns, and Python names for them.
+
+    A column is named in a formula as written when that is a name (``age``, ``age.z``), by
+    ``read.csv``'s name (``make.names(unique = TRUE)``: ``age at scan`` -> ``age.at.scan``,
+    ``if`` -> ``if.``) when that differs, or in backticks (`` `age at scan` ``).  Each way
+    of writing it that is not a Python name gets a Python name (``_mpiblmm_c0_``) for
+    formulaic; :meth:`rename` rewrites an R expression for formulaic, :meth:`restore` writes
+    the names back as R writes them: ``age.at.scan``, `` `age at scan` `` (R's
+    ``model.matrix`` backticks a name that is not syntactic), ``age.z`` for `` `age.z` ``.
     """
 
-    _ALIAS = re.compile(r"(?<![A-Za-z0-9_.])_mpiblmm_c([0-9]+)_")
+    _ALIAS = re.compile(r"(?<![\w.])_mpiblmm_c[0-9]+_")
 
     def __init__(self, columns: Sequence[str]) -> None:
-        self.alias: dict[str, str] = {}
-        self.column: dict[str, str] = {}
-        for i, name in enumerate(columns):
-            if python_name(name) or name in R_RESERVED or (name[0] == "." and name[1:2].isdigit()):
-                continue
-            alias = f"_mpiblmm_c{i}_"
-            self.alias[name] = alias
-            self.column[alias] = name
-
-    def python(self, column: str) -> str:
-        """The name formulaic sees for ``column``."""
-        return self.alias.get(column, column)
+        self.columns = tuple(columns)
+        #: read.csv's name of each column (``check.names = TRUE``).
+        self.r_names = tuple(r_make_names_unique(self.columns))
+        self.token: dict[str, str] = {}    # a bare name in the formula -> its Python name
+        self.quoted: dict[str, str] = {}   # the text inside backticks -> its Python name
+        self.column: dict[str, str] = {}   # a Python name -> the table's column
+        self.alias: dict[str, str] = {}    # an alias -> the column's name as R writes it
+        written: dict[tuple[str, str], str] = {}
+        for name, r_name in zip(self.columns, self.r_names):
+            forms = []
+            if plain_name(name):
+                forms.append((self.token, name, name))
+            if r_name != name:
+                forms.append((self.token, r_name, r_name))
+            forms.append((self.quoted, name, name if r_syntactic(name) else f"`{name}`"))
+            for table, spelling, as_r in forms:
+                key = (name, as_r)
+                if key not in written:
+                    if as_r == name and python_name(name):
+                        written[key] = name
+                    else:
+                        written[key] = f"_mpiblmm_c{len(self.alias)}_"
+                        self.alias[written[key]] = as_r
+                    self.column[written[key]] = name
+                table.setdefault(spelling, written[key])
 
     def rename(self, text: str) -> str:
-        """``text`` (R) with every aliased column name replaced by its alias."""
-        if not self.alias:
-            return text
+        """``text`` (R) with every name of a column (bare or in backticks) replaced by its
+        Python name."""
+        found = [(m.start(), m.end(), self.token.get(m.group())) for m in name_tokens(text)]
+        found += [(a, b, self.quoted.get(text[a + 1:b - 1])) for a, b in _quoted_spans(text)
+                  if text[a] == "`" and b - a >= 2 and text[b - 1] == "`"]
         out, pos = [], 0
-        for m in name_tokens(text):
-            if m.group() in self.alias:
-                out += [text[pos:m.start()], self.alias[m.group()]]
-                pos = m.end()
+        for start, end, python in sorted(found):
+            if python is not None:
+                out += [text[pos:start], python]
+                pos = end
         return "".join(out) + text[pos:]
 
+    def grouping(self, name: str) -> str | None:
+        """The column a grouping names (as written: bare, read.csv's name or in backticks)."""
+        if len(name) >= 2 and name[0] == name[-1] == "`":
+            python = self.quoted.get(name[1:-1])
+        else:
+            python = self.token.get(name)
+            if python is None and name in self.columns:
+                return name
+        return None if python is None else self.column[python]
+
+    def suggestions(self) -> dict[str, str]:
+        """For a did-you-mean: each way of naming a column -> the name to suggest (as a
+        formula can write it: as written, else read.csv's name)."""
+        out = {}
+        for name, r_name in zip(self.columns, self.r_names):
+            shown = name if plain_name(name) else r_name
+            out.setdefault(name, shown)
+            out.setdefault(r_name, shown)
+        return out
+
     def restore(self, text: str) -> str:
-        """``text`` with every alias replaced by its column's name (a level may follow it)."""
+        """``text`` with every alias replaced by its column's name as R writes it (a level
+        may follow it)."""
         if not self.alias:
             return text
-        return self._ALIAS.sub(lambda m: self.column.get(m.group(), m.group()), text)
+        return self._ALIAS.sub(lambda m: self.alias.get(m.group(), m.group()), text)

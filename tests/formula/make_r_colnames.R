@@ -10,7 +10,9 @@
 # "strings_as_factors": true reads the text columns as factors (R's C() needs a factor:
 # C(grp, contr.sum) on a character column is an error in R; mpiblmm codes a text column as
 # that factor).  A case with "known_difference" is one mpiblmm codes otherwise, on purpose
-# (test_formula_r.py says how).
+# (test_formula_r.py says how).  A case with "check_names": false reads the table with
+# check.names = FALSE (the columns keep names that are not syntactic, `age at scan`, written
+# in backticks in the formula); the others get read.csv's names (make.names: age.at.scan).
 library(jsonlite)
 library(lme4)
 folder <- "tests/formula"
@@ -20,7 +22,8 @@ control <- lmerControl(check.nobs.vs.nRE = "ignore", check.nobs.vs.nlev = "ignor
 for (i in seq_along(ref$cases)) {
   data <- ref$cases[[i]]$data
   d <- read.csv(file.path(folder, if (is.null(data)) "r_colnames_data.csv" else data),
-                stringsAsFactors = isTRUE(ref$cases[[i]]$strings_as_factors))
+                stringsAsFactors = isTRUE(ref$cases[[i]]$strings_as_factors),
+                check.names = !isFALSE(ref$cases[[i]]$check_names))
   d$y <- seq_len(nrow(d))
   f <- as.formula(ref$cases[[i]]$formula)
   mm <- model.matrix(lme4::nobars(f), d)

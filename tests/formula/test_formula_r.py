@@ -3,7 +3,11 @@
 ``tests/formula/make_r_colnames.R`` (R 4.2.2, lme4 1.1-31) in ``r_colnames.json``; the
 cases over ``r_colnames_dotted_data.csv`` (columns named as read.csv names them: ``age.z``,
 ``x.1``, ``.hidden``, ``class``, used inside calls too) also with their random terms'
-groupings and effects (``lFormula(...)$reTrms$cnms``).
+groupings and effects (``lFormula(...)$reTrms$cnms``); so too the cases over
+``r_colnames_spaced_data.csv``, whose columns are not syntactic R names (``age at scan``,
+``grp-f``, ``if``, ``a b`` beside ``a.b``): named as read.csv names them (``age.at.scan``,
+``a.b.1``) or, the cases with ``"check_names": false`` (R read the table with
+``check.names = FALSE``), in backticks (`` `age at scan` ``, also in groupings).
 
 The cases over ``r_colnames_coding_data.csv`` check R's names of levels of numbers
 (``factor(vf)2`` for 2.0, ``1e+05``), one-column matrices (``poly(x)``) and contrasts given
