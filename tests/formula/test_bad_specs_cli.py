@@ -113,7 +113,7 @@ CASES = {
               _formula("y ~ age + (1 + arm | subject)")),
         "random term (1 + arm | subject): term 'arm': arm has a single level"),
     # ---- the covariates table
-    "missing value": (_table(_cell(3, "age", "NA")), f"edited.csv: row 4: column 'age': missing value 'NA'"),
+    "missing value": (_table(_cell(3, "age", "NA")), "edited.csv: row 4: column 'age': missing value 'NA'"),
     "missing label": (_table(_cell(2, "subject", "")), "edited.csv: row 3: column 'subject': missing value"),
     "ragged row": (_table(lambda ls: ls[:4] + [ls[4].rsplit(",", 1)[0]] + ls[5:]),
                    "edited.csv: row 5: has 3 columns; the header has 4"),
