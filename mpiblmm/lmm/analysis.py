@@ -133,14 +133,18 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     out["n"][:] = n_obs
     enough = (n_obs >= max(settings.min_n, p + 1)) & (n_obs >= settings.min_fraction * n)
     out["status"][:] = np.where(n_obs == 0, STATUS_EMPTY, STATUS_TOO_FEW)
-    sat = np.zeros(v, dtype=bool)
-    sat[enough], post_fit = saturated(model.X, model.rd, observed[enough])
+    # the per-factor counts of observed levels, once for both rules that use them
+    levels = levels_observed(model.rd, observed[enough])
+    sat, ident = np.zeros(v, dtype=bool), np.zeros(v, dtype=bool)
+    sat[enough], post_fit = saturated(model.X, model.rd, observed[enough], levels=levels)
+    ident[enough] = identifiable(model.rd, observed[enough], levels=levels)
     check_after = np.flatnonzero(enough)[post_fit]
     # covariates far from unit size or from zero: fitted scaled and centred (effect_scale)
     transform = effect_transform(model.rd)
     fitted_model = model if transform is None else Model(
         model.X, transformed_design(model.rd, transform), model.contrasts)
-    parts = [_group_forms(fitted_model, Y[group].T, observed[group].T, group, out, sat[group])
+    parts = [_group_forms(fitted_model, Y[group].T, observed[group].T, group, out,
+                          ident[group] & ~sat[group])
              for group in product_form_groups(observed, enough)]
     for pf, index in fit_groups([part for part in parts if part is not None]):
         _fit_forms(fitted_model, pf, settings, index, out, transform)
@@ -170,7 +174,19 @@ _SATURATED_BATCH_ENTRIES = 1 << 22
 
 def levels_observed(rd: RandomDesign, observed: np.ndarray) -> list[np.ndarray]:
     """Per factor, the number of its levels with at least one observed row, per voxel (v,);
-    ``observed`` is (v, n)."""
+    ``observed`` is (v, n).  Complete voxels share one count."""
+    complete = observed.all(axis=1)
+    if complete.sum() > 1:
+        rest = np.flatnonzero(~complete)
+        first = levels_observed(rd, observed[np.flatnonzero(complete)[:1]])
+        part = levels_observed(rd, observed[rest]) if rest.size else [None] * len(first)
+        out = []
+        for one, some in zip(first, part):
+            counts = np.full(observed.shape[0], one[0])
+            if some is not None:
+                counts[rest] = some
+            out.append(counts)
+        return out
     obs = observed.T.astype(np.float64)
     out, start = [], 0
     for f, offset in zip(rd.structure.factors, rd.structure.offsets):
@@ -182,8 +198,8 @@ def levels_observed(rd: RandomDesign, observed: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def saturated(X: np.ndarray, rd: RandomDesign, observed: np.ndarray,
-              rtol: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
+def saturated(X: np.ndarray, rd: RandomDesign, observed: np.ndarray, rtol: float = 1e-10,
+              levels: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Voxels (v,) whose observed rows the fixed and random effects fit exactly,
     ``rank([X Z]) = n_obs`` on those rows, so the residual variance is not identifiable; and
     the voxels (v,) left to the post-fit test (:data:`SATURATED_EXACT_UP_TO`).
@@ -196,24 +212,27 @@ def saturated(X: np.ndarray, rd: RandomDesign, observed: np.ndarray,
     smallest above ``rtol`` times largest (``full_rank``'s criterion).  Cost per candidate
     ``O(m^2 (p + r) + m^3)``, ``m = n_obs <= p + q_obs``.  Candidates are taken in groups of
     equal ``n_obs`` (no padding), so a voxel's answer depends on its own rows only.
-    Complete voxels share one answer.  ``observed`` is (v, n)."""
+    Complete voxels share one answer.  ``observed`` is (v, n); ``levels``: its
+    :func:`levels_observed`, when already counted."""
     v = observed.shape[0]
     sat, late = np.zeros(v, dtype=bool), np.zeros(v, dtype=bool)
     if v == 0:
         return sat, late
     complete = observed.all(axis=1)
     if complete.any() and (v > 1):                       # complete voxels: one answer
-        first = saturated(X, rd, observed[np.flatnonzero(complete)[:1]], rtol)
+        one = np.flatnonzero(complete)[:1]
+        first = saturated(X, rd, observed[one], rtol, _rows(levels, one))
         sat[complete], late[complete] = first[0][0], first[1][0]
         if complete.all():
             return sat, late
         rest = np.flatnonzero(~complete)
-        sat[rest], late[rest] = saturated(X, rd, observed[rest], rtol)
+        sat[rest], late[rest] = saturated(X, rd, observed[rest], rtol, _rows(levels, rest))
         return sat, late
     p = X.shape[1]
     n_obs = observed.sum(axis=1)
-    effects = p + sum(seen * f.n_effects
-                      for seen, f in zip(levels_observed(rd, observed), rd.structure.factors))
+    if levels is None:
+        levels = levels_observed(rd, observed)
+    effects = p + sum(seen * f.n_effects for seen, f in zip(levels, rd.structure.factors))
     candidate = (effects >= n_obs) & (n_obs > 0)
     late[:] = candidate & (n_obs > SATURATED_EXACT_UP_TO)
     exact = candidate & ~late
@@ -301,17 +320,24 @@ def joint_forms(parts: list[ProductForms]) -> ProductForms:
         y_offset=joined("y_offset"), shared=False, algebra=first.algebra)
 
 
-def identifiable(rd: RandomDesign, observed: np.ndarray) -> np.ndarray:
+def _rows(levels: list[np.ndarray] | None, index: np.ndarray) -> list[np.ndarray] | None:
+    """The :func:`levels_observed` counts of the voxels ``index``."""
+    return None if levels is None else [counts[index] for counts in levels]
+
+
+def identifiable(rd: RandomDesign, observed: np.ndarray,
+                 levels: list[np.ndarray] | None = None) -> np.ndarray:
     """Voxels (v,) whose observed rows identify the random effects, by lme4's rules on the
     voxel's own data: ``l_obs,k >= 2`` (``check.nlev.gtr.1``: "grouping factors must have > 1
     sampled level") and ``n_obs > l_obs,k q_k`` (``check.nobs.vs.nRE``, which implies
     ``check.nobs.vs.nlev``) for every factor ``k``, ``l_obs,k`` its levels with at least one
-    observed row.  ``observed`` is (v, n)."""
-    if observed.shape[0] > 1 and observed.all():         # complete voxels: one answer
-        return np.repeat(identifiable(rd, observed[:1]), observed.shape[0])
+    observed row.  ``observed`` is (v, n); ``levels``: its :func:`levels_observed`, when
+    already counted."""
     n_obs = observed.sum(axis=1)
     ok = np.ones(observed.shape[0], dtype=bool)
-    for levels_seen, f in zip(levels_observed(rd, observed), rd.structure.factors):
+    if levels is None:
+        levels = levels_observed(rd, observed)
+    for levels_seen, f in zip(levels, rd.structure.factors):
         ok &= (levels_seen >= 2) & (n_obs > levels_seen * f.n_effects)
     return ok
 
@@ -326,15 +352,13 @@ def product_form_groups(observed: np.ndarray, fit: np.ndarray):
 
 
 def _group_forms(model: Model, Yg: np.ndarray, obs: np.ndarray, index: np.ndarray,
-                 out: dict[str, np.ndarray], sat: np.ndarray | None = None):
+                 out: dict[str, np.ndarray], ident: np.ndarray):
     """The product forms of one group (all complete, or all per-voxel) and the voxels of it
     to fit (``None`` when there are none); the others get their status in ``out``.
-    ``sat``: the group's voxels whose observed rows are fitted exactly (:func:`saturated`)."""
+    ``ident``: the group's voxels whose random effects the observed rows identify
+    (:func:`identifiable`, and not :func:`saturated`)."""
     pf = product_forms(model.X, model.rd, Yg, obs)
     ranked = np.broadcast_to(full_rank(pf.XtX), (index.size,))
-    ident = identifiable(model.rd, obs.T)
-    if sat is not None:
-        ident = ident & ~sat
     out["status"][index[ranked & ~ident]] = STATUS_UNIDENTIFIABLE
     out["status"][index[~ranked]] = STATUS_RANK_DEFICIENT
     ok = ranked & ident
