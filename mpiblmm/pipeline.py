@@ -24,7 +24,9 @@ uninterrupted run gives.  Without ``--resume`` or ``--overwrite`` an existing re
 is refused.  Rank 0 holds the output folder's lock (:mod:`mpiblmm.io.lock`) from setup to
 the end.  SIGTERM/SIGINT (:mod:`mpiblmm.interrupt`): the ranks stop at a chunk end (or
 abandon the chunk in hand after the grace period), close the file, and the job ends with
-exit code 3 and one line naming ``--resume``.
+exit code 3 and one line naming ``--resume``.  A signal while the images are packed stops
+the packing at a block boundary (:class:`~mpiblmm.io.ingest.PackingStopped`), with the same
+exit code and line; ``packed.h5`` is left incomplete and ``--resume`` packs again.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ from mpiblmm.design import Design, design_from_spec
 from mpiblmm.errors import UserError
 from mpiblmm.io import agree, make_dirs, on_root
 from mpiblmm.io.export import MAPS_INDEX, ExportStopped, export_nifti, maps_state, store_headline
-from mpiblmm.io.ingest import DEFAULT_MEMORY_MB, SlabReader, input_fingerprint, prepare_input
+from mpiblmm.io.ingest import (DEFAULT_MEMORY_MB, PackingStopped, SlabReader, input_fingerprint,
+                               prepare_input)
 from mpiblmm.io.lock import OutputLock, acquire_lock
 from mpiblmm.io.results import (RESULTS_NAME, ResultsLayout, check_resumable, create_results,
                                 open_results)
@@ -110,7 +113,11 @@ def run_fit(args: Any) -> int:
     interrupt.install(options.grace_seconds)
     try:
         fit_study(args.spec, MPI.COMM_WORLD, options)
-    except FitStopped:
+    except FitStopped:  # raised on every rank together: the barrier cannot wait forever
+        # Leave together, once every rank has closed its files and rank 0 has released the
+        # lock and printed its line: a launcher that ends the job at the first non-zero exit
+        # (srun --kill-on-bad-exit=1, hydra, Open MPI) then finds the others leaving too.
+        MPI.COMM_WORLD.Barrier()
         return INTERRUPTED_EXIT_CODE
     finally:
         interrupt.uninstall()
@@ -336,8 +343,12 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
     if setup.note:
         say(f"mpiblmm: {setup.note}")
     with timer.phase("ingest"):
-        packed = prepare_input(replace(spec, max_memory_mb=INGEST_SHARE * work), comm,
-                               n_expected=design.n, fingerprint=setup.fingerprint or None)
+        try:
+            packed = prepare_input(replace(spec, max_memory_mb=INGEST_SHARE * work), comm,
+                                   n_expected=design.n, fingerprint=setup.fingerprint or None)
+        except PackingStopped as stop:  # on every rank, at the same block boundary
+            _stop_packing(comm, stop.path, done, Path(spec.output) / RESULTS_NAME,
+                          options.overwrite)
     if done is not None and done.size != packed.n_voxels:
         agree(comm, UserError(f"cannot resume: it holds {done.size} voxels but the input has "
                               f"{packed.n_voxels}; use --overwrite to start again",
@@ -436,6 +447,24 @@ def _stop(comm: Any, writer: Any, written: int, done: np.ndarray | None, n_voxel
         name = interrupt.signal_name() or "a signal"
         print(f"mpiblmm: stopped by {name}: {total} of {n_voxels} voxels are done and kept in "
               f"{results_path}; run the same command with --resume "
+              f"{'in place of --overwrite ' if overwrite else ''}to continue",
+              file=sys.stderr, flush=True)
+    raise FitStopped()
+
+
+def _stop_packing(comm: Any, packed: Path, done: np.ndarray | None, results_path: Path,
+                  overwrite: bool = False) -> None:
+    """Packing stopped at a signal on every rank (:class:`~mpiblmm.io.ingest.PackingStopped`):
+    rank 0 prints the one line of a stopped fit, and :class:`FitStopped` is raised
+    everywhere.  ``packed.h5`` is not complete, so ``--resume`` packs again from the start;
+    voxels a resumed results file holds (``done``) are kept."""
+    if comm.Get_rank() == 0:
+        name = interrupt.signal_name() or "a signal"
+        kept = ("no voxel is fitted yet" if done is None else
+                f"{int(np.count_nonzero(done))} of {done.size} voxels are done and kept in "
+                f"{results_path}")
+        print(f"mpiblmm: stopped by {name} while packing the images into {packed} (not "
+              f"complete; packing starts again): {kept}; run the same command with --resume "
               f"{'in place of --overwrite ' if overwrite else ''}to continue",
               file=sys.stderr, flush=True)
     raise FitStopped()

@@ -32,6 +32,13 @@ nibabel, reduce "observed anywhere" over ranks, create the file collectively and
 their rows collectively.  Images are read once if a rank's rows fit half its memory budget,
 else twice.  Collective rules: see :mod:`mpiblmm.io`; every collective step runs inside
 :func:`mpiblmm.parallel.no_hang` (an I/O error ends the job with one line, never a hang).
+
+SIGTERM/SIGINT (:mod:`mpiblmm.interrupt`) stop packing at a block boundary, agreed by every
+rank without any rank waiting: while the images are read, a rank stops after the image in
+hand (or abandons it when the grace period ends) and tells the others, who stop after theirs;
+while the rows are written, the ranks agree before each collective block.  Every rank then
+raises :class:`PackingStopped`; the file is left with ``complete`` false (or not written at
+all), so it is never reused and the next fit packs again from the start.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from mpiblmm import interrupt
 from mpiblmm.errors import SpecError, UserError
 from mpiblmm.io import (agree, comm_rank, comm_size, make_dirs, on_root, open_h5, read_hyperslab,
                         write_hyperslab)
@@ -60,6 +68,16 @@ CHUNK_BYTES = 1 << 20
 DEFAULT_MEMORY_MB = 2048.0
 #: Largest block of rows one rank writes at once (bytes).
 WRITE_BLOCK_BYTES = 64 << 20
+
+
+class PackingStopped(Exception):
+    """Packing stopped at SIGTERM/SIGINT (:mod:`mpiblmm.interrupt`), raised on every rank
+    together at the same block boundary; ``path`` is not complete (its ``complete`` is
+    false, or it was never written), so the next fit packs again from the start."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(str(path))
+        self.path = path
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,7 +174,7 @@ def analysis_mask_voxels(path: Path, grid: Grid, reference: str | None = None) -
 def input_fingerprint(spec: Any) -> str:
     """One process: a hash that changes when the data a spec names changes (stat only).
 
-    Images: their paths and :func:`_stat_key` (size, modification and change times, inode),
+    Images: their paths and :func:`_stat_key` (size, modification time, inode),
     with the masks and ``zero_is_missing`` (the fingerprint stored in ``packed.h5``).  A
     packed input: its path, :func:`_stat_key` and dataset, with the analysis mask and
     ``zero_is_missing``.
@@ -188,22 +206,25 @@ def _check_writable(path: Path) -> None:
 # --------------------------------------------------------------------------- packing
 def _stat_key(f: Any) -> bytes:
     """What the fingerprint keeps of one input file: its absolute path, size, modification
-    time, inode and change time.  A file replaced by another of the same size whose
-    modification time was kept (``cp -p``, ``touch -r``, or a file system with coarse
-    times) still has another inode or change time, which no user command can set back."""
+    time (ns) and inode -- what changes when its content does.  Writing a file changes its
+    modification time; a file replaced by another (``mv``, ``cp -p`` to a new name and
+    back, an unpacked archive) has another inode even when its size and modification time
+    were kept.  Not the change time: ``chmod``, ``chown``, ``touch -a``, a new hard link or
+    a backup tool's reading of the file change it (and only it) without changing a byte,
+    and a ``--resume`` after them must not be refused.  Not the device number either: on a
+    network file system it may differ between the nodes (or boots) rank 0 runs on."""
     st = os.stat(f)
-    return (f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}"
-            f"\0{st.st_ctime_ns}\n").encode()
+    return f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode()
 
 
 def _fingerprint(images: Sequence[Path], masks: Sequence[Path] | None,
                  analysis_mask: Path | None, zero_is_missing: bool) -> str:
     """A hash of the inputs' paths and :func:`_stat_key` (stat only, no reads).  A
-    ``packed.h5`` of an earlier version (whose fingerprint held sizes and modification times
-    only) does not match: it is packed again once."""
+    ``packed.h5`` of an earlier version (whose fingerprint held other stat fields) does not
+    match: it is packed again once."""
     h = hashlib.sha256()
     files = list(images) + list(masks or []) + ([analysis_mask] if analysis_mask else [])
-    h.update(json.dumps([PACKED_FORMAT, "stat-2", len(images), bool(masks),
+    h.update(json.dumps([PACKED_FORMAT, "stat-3", len(images), bool(masks),
                          analysis_mask is not None, zero_is_missing]).encode())
     for f in files:
         h.update(_stat_key(f))
@@ -241,7 +262,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     """Collective: pack NIfTI images into ``path`` (see the module doc for the layout).
 
     Reuses an existing complete ``path`` made from the same inputs (same paths, sizes,
-    modification and change times and inodes; ``fingerprint``, when given, is their :func:`_fingerprint` already
+    modification times and inodes; ``fingerprint``, when given, is their :func:`_fingerprint` already
     computed: 40,000 images are 40,000 ``stat`` calls on rank 0).  Raises :class:`UserError` (agreed on every rank) for an image that
     cannot be read or lies on another grid (the first such image), or when no voxel is
     observed.
@@ -297,9 +318,16 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     cache: list[np.ndarray] = []
     error = None
     exact32 = True  # every value of this rank's images is a float32 number
+    stopper = interrupt.StopAgreement(comm)  # SIGTERM/SIGINT: stop after the image in hand
     try:
         for i in range(start, stop):
-            row = load_row(i)
+            if stopper.should_stop():  # never waits: other ranks hear it at their next image
+                break
+            try:
+                with interrupt.abandonable():  # the grace period ends inside a slow read
+                    row = load_row(i)
+            except interrupt.ChunkAbandoned:
+                break
             observed += np.isfinite(row)
             if exact32 and row.dtype != np.float32:
                 with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, and
@@ -309,6 +337,8 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
                 cache.append(row)
     except UserError as exc:
         error = exc
+    if stopper.settle():  # collective: every rank learns whether any rank was signalled
+        raise PackingStopped(path)  # nothing written yet
     agree(comm, error)
     if size > 1:
         from mpi4py import MPI
@@ -351,23 +381,47 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         block = max(1, min(WRITE_BLOCK_BYTES // (dtype.itemsize * V),
                            int(budget // (3 * 8 * flat_mask.size))))
         most = -(-n // size)  # rows of the busiest rank
+        stopped = False
         for b in range(-(-most // block)):
             lo = min(stop, start + b * block)
             hi = min(stop, lo + block)
+            abandoned = False
             if cache_ok:
                 rows = cache[lo - start:hi - start]
             else:
-                rows = [load_row(i) for i in range(lo, hi)]  # already read once: no new errors
+                try:
+                    with interrupt.abandonable():
+                        rows = [load_row(i) for i in range(lo, hi)]  # read once: no new errors
+                except interrupt.ChunkAbandoned:
+                    abandoned, rows = True, []
+            # every rank is here at the same block (the writes are collective): agree
+            if _stop_agreed(comm, abandoned):
+                stopped = True  # this block and the rest unwritten; complete stays false
+                break
             data = np.empty((hi - lo, V), dtype=dtype)  # filled row by row: no float64 stack
             for j, r in enumerate(rows):
                 data[j] = r if keep.size == r.size else r[keep]
             write_hyperslab(Y, (lo, 0), data, collective=True)
             cache[lo - start:hi - start] = [None] * (hi - lo) if cache_ok else []  # free memory
         f.flush()
-        f.attrs["complete"] = True
+        if not stopped:
+            f.attrs["complete"] = True
         f.close()
+    if stopped:
+        raise PackingStopped(path)
     return PackedInput(path, "/Y", n, grid.shape, grid.affine, voxels,
                        np.arange(V, dtype=np.int64), False, zero_is_missing, counts, grid.space)
+
+
+def _stop_agreed(comm: Any, local: bool) -> bool:
+    """Collective: True on every rank when any rank was signalled (or ``local``: its read
+    was abandoned at the end of the grace period)."""
+    stop = interrupt.requested() or local
+    if comm_size(comm) == 1:
+        return stop
+    from mpi4py import MPI
+
+    return bool(comm.allreduce(int(stop), op=MPI.MAX))
 
 
 def _packed_attrs(f: Any, n: int, grid: Grid, zero_is_missing: bool, fingerprint: str) -> None:

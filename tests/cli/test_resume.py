@@ -327,3 +327,125 @@ def test_a_half_packed_input_is_packed_again_on_resume(study, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert (out / "packed.h5").stat().st_mtime_ns == before  # reused, not rewritten
     _same(reference, read_results(out / "results.h5"))
+
+
+@pytest.fixture(scope="module")
+def packing_study(tmp_path_factory):
+    """A study whose packing takes about a second (160 images of 64 x 64 x 48 voxels) and
+    whose fit is quick (an analysis mask of 384 voxels), with an uninterrupted fit at 1 rank."""
+    import nibabel as nib
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("packing")
+    run = _run_job(_launch(1, [*_mpiblmm(), "simulate", str(folder / "study"), "--subjects",
+                               "40", "--visits", "4", "--shape", "64", "64", "48",
+                               "--missing-fraction", "0.5", "--seed", "2"]), 300, None, None)
+    assert run.returncode == 0, run.stderr
+    first = nib.load(str(folder / "study" / "images" / "obs_00000.nii.gz"))
+    mask = np.zeros(first.shape, dtype=np.uint8)
+    mask[20:28, 20:28, 20:26] = 1
+    nib.save(nib.Nifti1Image(mask, first.affine), str(folder / "study" / "mask.nii.gz"))
+    spec = folder / "study" / "spec.json"
+    spec.write_text(json.dumps({**json.loads(spec.read_text()), "analysis_mask": "mask.nii.gz"}))
+    ref = folder / "reference"
+    run = _run_job(_launch(1, [*_mpiblmm(), "fit", str(spec), "-o", str(ref), "-q"]), 300,
+                   None, None)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return spec, read_results(ref / "results.h5")
+
+
+@pytest.mark.spawns_mpiexec
+@pytest.mark.parametrize("how, ranks, resume_ranks", [
+    ("SIGTERM", 3, 1), ("SIGTERM", 1, 2), ("SIGINT", 2, 3)])
+def test_stopped_while_packing_resumes_to_the_same_bits(packing_study, tmp_path, how, ranks,
+                                                        resume_ranks):
+    """A signal while the images are packed (the job's first phase) is honoured at once, as
+    in the fit: every rank stops at a block boundary of the packing, one line names
+    --resume, exit code 3, the lock is released, nothing looks complete (no results file;
+    packed.h5 absent or marked not complete), and --resume at another rank count packs again
+    and gives the bits of an uninterrupted fit.  Before, the signal waited for the end of
+    the packing."""
+    import h5py
+
+    spec, reference = packing_study
+    out = tmp_path / "out"
+    cmd = _launch(ranks, [*_mpiblmm(), "fit", str(spec), "-o", str(out)])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "phase ingest" in line:  # progress.py's phase line: packing starts now
+                t0 = time.monotonic()
+                if how == "SIGTERM":
+                    for pid in _rank_pids(proc.pid):
+                        os.kill(pid, signal.SIGTERM)
+                else:
+                    os.kill(proc.pid, signal.SIGINT)
+                break
+        rest, err = proc.communicate(timeout=60)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 3 if how == "SIGTERM" else proc.returncode in (0, 3), err
+    lines = _errors(err)
+    assert len(lines) == 1 and how in lines[0] and "while packing the images" in lines[0], err
+    assert "--resume" in lines[0] and "no voxel is fitted yet" in lines[0], err
+    assert "voxels x" not in rest, rest  # the fit never started
+    assert seconds < 30, f"the job took {seconds:.1f} s to end after {how}"
+    assert not (out / "results.h5").exists() and not (out / "mpiblmm.lock").exists()
+    if (out / "packed.h5").exists():
+        with h5py.File(out / "packed.h5", "r") as f:
+            assert not f.attrs["complete"]
+
+    run = _run_job(_launch(resume_ranks, [*_mpiblmm(), "fit", str(spec), "-o", str(out),
+                                          "--resume"]), 300, None, None)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "nothing to resume" in run.stdout
+    _same(reference, read_results(out / "results.h5"))
+
+
+@pytest.mark.spawns_mpiexec
+def test_a_resume_after_chmod_is_not_refused_but_after_a_content_change_is(study, tmp_path):
+    """The inputs' fingerprint (part of input_hash) follows content, not metadata: after an
+    interrupted fit, chmod of an image, touch -a of another and chmod of the design give a
+    resume to the same bits (it was refused: the fingerprint held the change time); a byte
+    of an image changed in place, its size kept, is still refused."""
+    import shutil
+
+    spec0, reference, _ = study
+    shutil.copytree(spec0.parent, tmp_path / "study")    # the module's study stays untouched
+    spec = tmp_path / "study" / "spec.json"
+    images = [tmp_path / "study" / line for line in
+              (tmp_path / "study" / "images.txt").read_text().split()]
+    out = tmp_path / "out"
+    code, err, _, _ = _start_and_stop(spec, out, 2, "SIGTERM", 2)
+    assert code == 3, err
+    done = int(read_results(out / "results.h5")["progress/done"].sum())
+    os.chmod(images[3], 0o600)
+    st = images[5].stat()
+    os.utime(images[5], ns=(st.st_atime_ns + 10**9, st.st_mtime_ns))   # touch -a
+    os.chmod(tmp_path / "study" / "X.csv", 0o640)
+    run = _run_job(_launch(1, [*_mpiblmm(), "fit", str(spec), "-o", str(out), "--resume",
+                               "--chunk-voxels", "40"]), 300, None, None)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"resuming: {done} of 480 voxels already done" in run.stdout
+    results = read_results(out / "results.h5")
+    assert_same_datasets(reference, results)    # (input_hash differs: the copy's paths)
+    for attr in ("complete", "method", "status_counts"):
+        assert reference["@"][attr] == results["@"][attr], attr
+
+    out2 = tmp_path / "out2"
+    code, err, _, _ = _start_and_stop(spec, out2, 2, "SIGTERM", 2)
+    assert code == 3, err
+    raw = bytearray(images[7].read_bytes())
+    raw[-1] ^= 0x01     # gzip's CRC now fails: the point is only that the bytes differ
+    st = images[7].stat()
+    images[7].write_bytes(bytes(raw))
+    os.utime(images[7], ns=(st.st_atime_ns, st.st_mtime_ns + 10**6))  # (a clock tick)
+    run = _run_job(_launch(2, [*_mpiblmm(), "fit", str(spec), "-o", str(out2), "--resume"]),
+                   300, None, None)
+    lines = _errors(run.stderr)
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert "other data" in lines[0] and "--overwrite" in lines[0], lines[0]

@@ -135,8 +135,8 @@ def test_packing_reuses_a_given_fingerprint(tmp_path, monkeypatch):
 
 def test_an_image_replaced_with_its_size_and_mtime_kept_is_packed_again(tmp_path):
     """``cp -p`` / ``touch -r`` keep a replaced image's size and modification time (and a
-    coarse-time file system may too): its inode or change time differ, so the fingerprint
-    does, and the packed file of the old image is not reused (by --overwrite or --resume)."""
+    coarse-time file system may too): its inode differs, so the fingerprint does, and the
+    packed file of the old image is not reused (by --overwrite or --resume)."""
     import shutil
 
     import mpiblmm.io.ingest as ingest
@@ -171,3 +171,33 @@ def test_values_beyond_float32_are_packed_as_float64_without_a_warning(tmp_path)
         packed = pack_images(images, tmp_path / "p.h5")
     rows = read_slab(packed, 0, packed.n_voxels)
     assert rows.dtype == np.float64 and 1e300 in rows and -1e300 in rows
+
+
+def test_the_fingerprint_ignores_what_does_not_change_content(tmp_path):
+    """chmod, touch -a, a hard link and a read change an image's change time (or access
+    time) but not a byte: the fingerprint stays (a --resume is not refused, packed.h5 is
+    reused); writing other bytes of the same size does change it."""
+    import mpiblmm.io.ingest as ingest
+
+    images = [_write(tmp_path / f"f{i}.nii", _data(np.float32, i)) for i in range(3)]
+    mask = _write(tmp_path / "m.nii", np.ones(GRID, dtype=np.float32))
+
+    def fp():
+        return ingest._fingerprint(images, None, mask, True)
+
+    before = fp()
+    st1 = images[1].stat()
+    os.chmod(images[1], 0o600)
+    os.chmod(mask, 0o640)
+    st = images[2].stat()
+    os.utime(images[2], ns=(st.st_atime_ns + 10**9, st.st_mtime_ns))   # touch -a
+    os.link(images[0], tmp_path / "another-name.nii")
+    images[0].read_bytes()
+    assert images[1].stat().st_ctime_ns != st1.st_ctime_ns      # what the old key held
+    assert fp() == before
+    raw = bytearray(images[1].read_bytes())
+    raw[-1] ^= 0x01                                      # one bit of the data, same size
+    images[1].write_bytes(bytes(raw))
+    # (the clock may not have ticked since the file was written: the write's own mtime)
+    os.utime(images[1], ns=(st1.st_atime_ns, st1.st_mtime_ns + 10**6))
+    assert fp() != before

@@ -150,3 +150,71 @@ def test_more_ranks_than_voxels(comm, tmp):
         assert packed.n_voxels == 2
         np.testing.assert_array_equal(got, Y[:, keep].T)
     all_ranks_pass(comm, check)
+
+
+@pytest.mark.parametrize("phase, who, grace", [
+    ("read", 0, 30.0), ("read", -1, 30.0), ("read", -1, 0.0),
+    ("write", 0, 30.0), ("write", -1, 30.0), ("write", 0, 0.0)])
+def test_a_signal_stops_packing_on_every_rank_at_a_block_boundary(comm, tmp, monkeypatch,
+                                                                  phase, who, grace):
+    """SIGTERM reaches one rank only, while it reads an image in the first pass (``read``) or
+    in the second (``write``: a budget too small to keep the rows, so they are read again and
+    written a row at a time).  Every rank stops (none waits forever: the hang guard), raises
+    PackingStopped, and the file is either not written or marked not complete.  With a grace
+    of 0 the read in hand is abandoned at once.  Packing again then gives every row."""
+    from mpiblmm import interrupt
+    from mpiblmm.io import ingest
+
+    study = study_on_root(comm, tmp / "study", n=7)
+    rank, size = comm.Get_rank(), comm.Get_size()
+    s = partition(len(study["images"]), size, rank)
+    trigger = 1 if phase == "read" else s.stop - s.start + 1   # the call that gets the signal
+    signalled = rank == who % size
+    calls = []
+    real = ingest.read_stored
+
+    def read_stored(path, grid):
+        calls.append(path)
+        if signalled and len(calls) == trigger:
+            interrupt._on_signal(15, None)        # as if SIGTERM arrived during this read
+        return real(path, grid)
+
+    monkeypatch.setattr(ingest, "read_stored", read_stored)
+    path = tmp / "packed.h5"
+    interrupt.install(grace_seconds=grace)
+    try:
+        stopped = False
+        try:
+            pack_images(study["images"], path, comm=comm, max_memory_mb=1e-6)
+        except ingest.PackingStopped as exc:
+            stopped = exc.path == path
+    finally:
+        interrupt.uninstall()
+    mine = s.stop - s.start
+    all_ranks_pass(comm, lambda: stopped or pytest.fail("packing was not stopped here"))
+    # the signalled rank read no image after the one in hand (pass 1), and none after the
+    # signal in pass 2 (a row a block)
+    all_ranks_pass(comm, lambda: not signalled or len(calls) == trigger
+                   or pytest.fail(f"{len(calls)} reads after the signal at read {trigger}"))
+    all_ranks_pass(comm, lambda: phase == "write" or len(calls) <= mine
+                   or pytest.fail(f"{len(calls)} reads"))
+
+    def left():
+        if phase == "read":
+            assert not path.exists()
+        else:
+            with h5py.File(path, "r") as f:
+                assert not f.attrs["complete"]
+    all_ranks_pass(comm, left)
+    monkeypatch.undo()
+    comm.Barrier()
+    packed = pack_images(study["images"], path, comm=comm)     # packs again: no stop
+    voxels, Y = reference(study)
+    got = gather_slabs(comm, packed)
+
+    def check():
+        np.testing.assert_array_equal(packed.voxels, voxels)
+        np.testing.assert_array_equal(got, Y.T)
+        with h5py.File(path, "r") as f:
+            assert f.attrs["complete"]
+    all_ranks_pass(comm, check)
