@@ -61,6 +61,28 @@ def test_the_jobs_use_only_flags_mpiblmm_fit_has():
         assert used and used <= known, f"{name}: {sorted(used - known)}"
 
 
+def _srun_lines(name: str) -> list[str]:
+    """The srun command lines of a job script (continuation lines joined)."""
+    text = SCRIPTS[name].read_text().replace("\\\n", " ")
+    return [ln.strip() for ln in text.splitlines()
+            if re.match(r"\s*srun\s", ln) or re.search(r'MPIEXEC="srun\s', ln)]
+
+
+@pytest.mark.parametrize("name", ["slurm/fit.sbatch", "slurm/scaling.sbatch"])
+def test_every_srun_ends_the_step_when_a_rank_dies(name):
+    """srun without --kill-on-bad-exit=1 leaves the other ranks of a rank that died (the
+    OOM killer, a node failure) waiting in their next collective until the time limit."""
+    lines = _srun_lines(name)
+    assert lines, f"{name}: no srun line"
+    for line in lines:
+        assert "--kill-on-bad-exit=1" in line, f"{name}: {line}"
+
+
+def test_the_pbs_job_says_how_its_launcher_ends_a_job_whose_rank_died():
+    text = SCRIPTS["pbs/fit.pbs"].read_text()
+    assert "--kill-on-bad-exit" in text and "orte_abort_on_non_zero_status 0" in text
+
+
 def _stub(folder: Path, name: str, body: str) -> None:
     path = folder / name
     path.write_text("#!/bin/bash\n" + body)
@@ -96,7 +118,7 @@ def test_fit_sbatch_requeues_when_the_ranks_stopped_on_the_time_limit_signal(
     assert run.returncode == code, run.stderr
     lines = (tmp_path / "calls.txt").read_text().splitlines()
     srun = shlex.split(lines[0])
-    assert srun[:2] == ["srun", "--cpu-bind=cores"] and "--resume" in srun
+    assert srun[:3] == ["srun", "--kill-on-bad-exit=1", "--cpu-bind=cores"] and "--resume" in srun
     assert srun[srun.index("--max-memory-mb") + 1] == "800"  # 80% of 1000 MiB per CPU
     assert lines[1:] == (["scontrol requeue 4242"] if requeued else [])
     assert ("requeueing" in run.stdout) == requeued
@@ -179,7 +201,8 @@ def test_fit_sbatch_runs_a_real_fit_through_srun(tmp_path, mpiblmm_command):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     # srun inside a 2-task allocation, played by mpiexec; `mpiblmm` is this environment's.
-    _stub(bin_dir, "srun", f'shift 1; exec {shlex.join(launcher)} -n 2 "$@"\n')
+    _stub(bin_dir, "srun", 'while [[ "$1" == --* ]]; do shift; done\n'   # srun's own flags
+          f'exec {shlex.join(launcher)} -n 2 "$@"\n')
     _stub(bin_dir, "mpiblmm", f'exec {shlex.join(mpiblmm_command)} "$@"\n')
     env = _env(tmp_path, SPEC=str(study / "spec.json"), OUTPUT=str(tmp_path / "out"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT),
