@@ -7,15 +7,23 @@ mask and the first image's data, the tables and the formula, each contrast, and 
 thresholds and rank of the design and of each factor's covariates.  Where the fit has a check
 the same helper is called here (``mpiblmm.checks.fittable_problems`` -- all of them, where
 the fit stops at the first --, ``mpiblmm.io.folder_problem``, ``mpiblmm.memory.work_budget_mb``,
-``mpiblmm.io.ingest.describe_packed`` / ``analysis_mask_voxels`` / ``rows_problem``), so
-both print the same line.  Only headers, the mask and the first image are read: the other
-images' data is not (a corrupt later image is found by the fit).  With no problem it
+``mpiblmm.io.ingest.describe_packed`` / ``analysis_mask_voxels`` / ``rows_problem``,
+``mpiblmm.io.images.verify_data``), so both print the same line.  Every image's and
+observation mask's data is verified to be complete and readable
+(:func:`mpiblmm.io.images.verify_data`: an uncompressed NIfTI's size against its header, a
+compressed one decompressed once to its end, so its CRC-32 and length are checked; a
+surface file read), so a truncated or corrupt later image is named here, not only by the
+fit's packing.  Under ``mpiexec`` the ranks share that reading (contiguous blocks of the
+files); alone, one process reads them all (for a study of many compressed images this is
+most of check's time: about the first pass of packing).  With no problem it
 prints the model summary: n, p and the coefficient names, each factor's levels and effects,
 the contrasts, the candidate voxels, the expected memory per rank and a rough run time for
 N ranks from the estimator's cost measured here on a few simulated voxels of this design.
 
-Runs on rank 0; the other ranks only agree on the exit code (0, or 2 with problems).  A
-:class:`UserError` anywhere in it is one of its problems, never rank 0's alone.
+Runs on rank 0; the other ranks only verify their share of the images' data when rank 0
+asks (a broadcast; rank 0 always ends with one, so no rank waits forever) and agree on the
+exit code (0, or 2 with problems).  A :class:`UserError` anywhere in it is one of its
+problems, never rank 0's alone.
 """
 
 from __future__ import annotations
@@ -42,9 +50,18 @@ def run_check(args: Any) -> int:
 
     comm = MPI.COMM_WORLD
     code = 0
+    shared = comm.Get_size() > 1
+    if comm.Get_rank() != 0:
+        while shared:  # rank 0 asks for shares of the data to verify, then sends the code
+            kind, value = comm.bcast(None, root=0)
+            if kind == "done":
+                return int(value)
+            _verify_share(comm, value)
     if comm.Get_rank() == 0:
+        verify = (lambda files: _verify_on_root(comm, files)) if shared else None
         try:
-            problems, summary = check_spec(args.spec, ranks=args.ranks or comm.Get_size())
+            problems, summary = check_spec(args.spec, ranks=args.ranks or comm.Get_size(),
+                                           verify=verify)
         except UserError as exc:  # one of check's problems, never rank 0's alone (an abort)
             problems, summary = [str(exc)], []
         if problems:
@@ -58,12 +75,49 @@ def run_check(args: Any) -> int:
             print("\n".join(summary))
         sys.stdout.flush()
         sys.stderr.flush()
-    return comm.bcast(code, root=0)
+    if shared:
+        comm.bcast(("done", code), root=0)
+    return code
 
 
-def check_spec(path: str | Path, ranks: int = 1) -> tuple[list[str], list[str]]:
+# --------------------------------------------------------------------------- image data
+def verify_files(files: list) -> list[tuple[int, str]]:
+    """``(index, problem)`` of each of ``files`` (``(path, grid, reference)``) whose data is
+    incomplete or unreadable (:func:`mpiblmm.io.images.verify_data`, the fit's words)."""
+    from mpiblmm.io.images import verify_data
+
+    out = []
+    for i, (path, grid, reference) in enumerate(files):
+        try:
+            verify_data(path, grid, reference)
+        except UserError as exc:
+            out.append((i, str(exc)))
+    return out
+
+
+def _verify_share(comm: Any, files: list) -> list[tuple[int, str]] | None:
+    """Collective: each rank verifies its contiguous block of ``files``; rank 0 gets every
+    problem (``None`` elsewhere)."""
+    from mpiblmm.parallel import partition
+
+    part = partition(len(files), comm.Get_size(), comm.Get_rank())
+    mine = [(part.start + i, why) for i, why in verify_files(files[part.start:part.stop])]
+    gathered = comm.gather(mine, root=0)
+    return None if gathered is None else sorted(x for got in gathered for x in got)
+
+
+def _verify_on_root(comm: Any, files: list) -> list[tuple[int, str]]:
+    """Rank 0: the other ranks, waiting in :func:`run_check`, take their shares."""
+    comm.bcast(("verify", files), root=0)
+    return _verify_share(comm, files) or []
+
+
+def check_spec(path: str | Path, ranks: int = 1,
+               verify: Any = None) -> tuple[list[str], list[str]]:
     """Validate a spec fully; return (problems, summary lines); with problems, the second
-    list holds only notes that may explain them."""
+    list holds only notes that may explain them.  ``verify``: how the images' data is
+    verified (a function of a list of ``(path, grid, reference)`` giving ``(index,
+    problem)`` pairs; default :func:`verify_files` in this process)."""
     from mpiblmm.schema import schema_problems
     from mpiblmm.spec import parse_spec, read_spec_json
 
@@ -88,7 +142,7 @@ def check_spec(path: str | Path, ranks: int = 1) -> tuple[list[str], list[str]]:
     _output(spec, problems)
     _budget(spec, path, problems)
     before = len(problems)
-    grid, n_images = _images(spec, problems)
+    grid, n_images = _images(spec, problems, verify or verify_files)
     candidates = _candidates(spec, grid, problems) if len(problems) == before else None
     design = _design(spec, problems)
     if design is None:
@@ -174,8 +228,11 @@ def _output(spec: Any, problems: list[str]) -> None:
         problems.append(str(problem))
 
 
-def _images(spec: Any, problems: list[str]) -> tuple[Any, int | None]:
-    """The grid (from headers only) and the number of observations; grid problems listed.
+def _images(spec: Any, problems: list[str], verify: Any = None) -> tuple[Any, int | None]:
+    """The grid (from the headers) and the number of observations; grid problems listed,
+    then the problems of the data of every image and observation mask on the grid
+    (``verify``, see :func:`check_spec`; the first image's data is read by
+    :func:`_candidates`, the analysis mask's too).
 
     Packed input: the fit's own validation of the file (:func:`~mpiblmm.io.ingest.
     describe_packed`: attributes, voxel list, analysis mask; no observation is read)."""
@@ -199,6 +256,7 @@ def _images(spec: Any, problems: list[str]) -> tuple[Any, int | None]:
     except UserError as exc:
         problems.append(str(exc))
         return None, len(spec.images)
+    data = {}  # files on the grid whose data is to be verified: one entry per file
     for p in list(spec.images[1:]) + list(spec.observation_masks or ()) + \
             ([spec.analysis_mask] if spec.analysis_mask else []):
         try:
@@ -213,6 +271,12 @@ def _images(spec: Any, problems: list[str]) -> tuple[Any, int | None]:
         why = grid_problem(grid, p, g, reference=str(spec.images[0]))  # kind, structure
         if why is not None:
             problems.append(f"{p}: {why}")
+            continue
+        if p != spec.analysis_mask and str(p) != str(spec.images[0]):
+            data.setdefault(str(p), p)  # the volumes of a 4-D file: the file once
+    if verify is not None and data:
+        files = [(p, grid, str(spec.images[0])) for p in data.values()]
+        problems.extend(why for _, why in verify(files))
     return grid, len(spec.images)
 
 

@@ -93,6 +93,18 @@ def read_volume(path: Path, grid: Grid | None = None, reference: str | None = No
     return _reader(path).read_volume(_as_path(path), grid, reference, dtype)
 
 
+def verify_data(path, grid: Grid | None = None, reference: str | None = None) -> None:
+    """Raise the :class:`UserError` that reading the data of ``path`` raises when the data is
+    incomplete or corrupt (``mpiblmm check`` runs it on every image): for NIfTI
+    :func:`mpiblmm.io.nifti.verify_data` (an uncompressed file's size, a compressed file
+    read through once); a surface file is read as the fit reads it."""
+    path = _as_path(path)
+    if surface.surface_format(path):
+        read_volume(path, grid, reference)
+    else:
+        nifti.verify_data(path)
+
+
 def with_geometry(grid: Grid, path) -> Grid:
     """``grid`` with what :func:`read_stored` needs of ``path``'s header (its first image)."""
     path = _as_path(path)
@@ -110,4 +122,4 @@ def read_stored(path, grid: Grid) -> np.ndarray | None:
 
 
 __all__ = ["IMAGE_SUFFIXES", "grid_kind", "grid_problem", "kind", "kind_problem", "read_grid",
-           "read_stored", "read_volume", "with_geometry"]
+           "read_stored", "read_volume", "verify_data", "with_geometry"]

@@ -119,6 +119,8 @@ _GZIP_TRAILING = "corrupt gzip data (bytes after the end of the compressed strea
 _NOT_GZIP = "not gzip data (a .gz file must be gzip-compressed)"
 #: Compressed 4-D files already verified by this process: (name, size, mtime, inode).
 _VERIFIED: set[tuple] = set()
+#: Their decompressed sizes (bytes), by the same key.
+_LENGTHS: dict[tuple, int] = {}
 
 
 def _gzip_problem(exc: BaseException) -> str:
@@ -191,24 +193,82 @@ def _verify_gzip_file(path: Path) -> None:
         if fh.read(2) != _GZIP_MAGIC:
             raise UserError(_NOT_GZIP, name)
         fh.seek(0)
-        _read_to_end(fh, name)
+        _LENGTHS[key] = _read_to_end(fh, name)
     _VERIFIED.add(key)
 
 
-def _read_to_end(fh, name: str) -> None:
-    """Decompress the gzip file ``fh`` to its end, 16 MiB at a time, and drop the data."""
+def _stat_key(name: str) -> tuple | None:
+    try:
+        st = os.stat(name)
+    except OSError:
+        return None
+    return (name, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _read_to_end(fh, name: str) -> int:
+    """Decompress the gzip file ``fh`` to its end, 16 MiB at a time, and drop the data;
+    return the number of bytes decompressed."""
     import gzip
     import zlib
 
+    total = 0
     try:
         with gzip.GzipFile(fileobj=fh, mode="rb") as gz:
-            while gz.read(1 << 24):
-                pass
+            while True:
+                block = gz.read(1 << 24)
+                if not block:
+                    break
+                total += len(block)
     except gzip.BadGzipFile as exc:
         raise UserError(_GZIP_TRAILING if str(exc).startswith("Not a gzipped file")
                         else _gzip_problem(exc), name) from None
     except (EOFError, zlib.error) as exc:
         raise UserError(_gzip_problem(exc), name) from None
+    return total
+
+
+def _short_data(img, path: Path) -> str | None:
+    """Why the file of ``img`` (:func:`_load`'s image of the whole file, not a volume of
+    it) ends before the data its header describes, or ``None``: the header's data offset
+    plus every voxel of every volume, against the file's size (an uncompressed file: its
+    ``stat``, no data read) or its decompressed size (a compressed one, as :func:`_load`
+    verified it).  nibabel would fail later with a message spread over two lines."""
+    proxy = getattr(img, "dataobj", None)
+    try:
+        offset = int(proxy.offset)
+        need = offset + int(np.prod(proxy.shape)) * np.dtype(proxy.dtype).itemsize
+    except Exception:  # not an array proxy of a single file: nibabel reads it its own way
+        return None
+    name = str(path)
+    if name.endswith(".gz"):
+        fileobj = getattr(img.file_map.get("image"), "fileobj", None)
+        if hasattr(fileobj, "getbuffer"):  # decompressed into memory by _load
+            have = fileobj.getbuffer().nbytes
+        else:
+            have = _LENGTHS.get(_stat_key(name))  # a 4-D file, verified by streaming
+        what = "decompresses to"
+    else:
+        try:
+            have = os.stat(name).st_size
+        except OSError:
+            have = None
+        what = "has"
+    if have is None or have >= need:
+        return None
+    return (f"truncated: the header describes {need - offset} bytes of data from byte "
+            f"{offset}, {need} bytes in all, but the file {what} {have} bytes")
+
+
+def verify_data(path: Path) -> None:
+    """Raise the :class:`UserError` :func:`read_volume` raises for an image whose data is
+    incomplete or corrupt (a truncated file, a gzip stream that ends early or fails its
+    CRC-32 or length check), reading no more than that takes: an uncompressed file's header
+    (its size against the header's), every byte of a compressed one (decompressed once and
+    dropped; a 4-D file once per process).  ``mpiblmm check`` runs it on every image."""
+    full = _load(path, verify=True)
+    why = _short_data(full, path)
+    if why is not None:
+        raise UserError(why, str(path))
 
 
 def _single_file_class(data: bytes):
@@ -437,13 +497,17 @@ def read_volume(path: Path, grid: Grid | None = None, reference: str | None = No
     UserError
         ``<path>: not on the grid of <reference>: <why>`` or an unreadable/4-D image.
     """
-    img = _volume(_load(path, verify=True), path)
+    full = _load(path, verify=True)
+    img = _volume(full, path)
     _scalar(img, path)
     shape = _shape3(img, path)
     if grid is not None:
         why = grid.differs(shape, np.asarray(img.affine))
         if why is not None:
             raise UserError(f"not on the grid of {reference or 'the first image'}: {why}", str(path))
+    why = _short_data(full, path)
+    if why is not None:
+        raise UserError(why, str(path))
     try:
         data = np.asarray(img.get_fdata(dtype=np.float64 if dtype == np.float64 else np.float32))
     except Exception as exc:

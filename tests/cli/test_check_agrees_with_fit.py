@@ -65,6 +65,29 @@ def _bad_crc_gz(data: np.ndarray):
     return write
 
 
+def _truncated_nii(data: np.ndarray, cut: int = 40):
+    """An uncompressed .nii whose header reads but whose data ends ``cut`` bytes early."""
+    def write(path: Path):
+        import nibabel as nib
+
+        raw = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])).to_bytes()
+        path.write_bytes(raw[:len(raw) - cut])
+    return write
+
+
+def _observation_masks(index: int, writer):
+    """Observation masks (all ones) with mask ``index`` written by ``writer`` (bad.nii.gz)."""
+    def change(spec, base, case):
+        ones = nifti(np.ones(GRID, np.uint8))
+        paths = []
+        for i in range(N):
+            p = case / ("bad.nii.gz" if i == index else f"m{i:02d}.nii")
+            (writer if i == index else ones)(p)
+            paths.append(str(p))
+        spec["observation_masks"] = paths
+    return edit(change)
+
+
 def _first_image(writer):
     """The image list with image 0 replaced by ``bad.nii.gz`` written by ``writer``."""
     def change(spec, base, case):
@@ -238,6 +261,20 @@ CASES = {
     "first image data unreadable": (
         _first_image(_truncated_gz(_Y()[0].reshape(GRID))),
         "{case}/bad.nii.gz: truncated gzip data"),
+    # check read only the first image's data: a later image's was found by the fit alone
+    "a later image truncated (uncompressed)": (
+        images_replaced(17, _truncated_nii(_Y()[17].reshape(GRID).astype(np.float32))),
+        "{case}/bad.nii: truncated: the header describes 72 bytes of data from byte 352, "
+        "424 bytes in all, but the file has 384 bytes"),
+    "a later image's gzip data truncated": (
+        images_replaced(11, _truncated_gz(_Y()[11].reshape(GRID)), "bad.nii.gz"),
+        "{case}/bad.nii.gz: truncated gzip data"),
+    "a later image's gzip CRC wrong": (
+        images_replaced(N - 1, _bad_crc_gz(_Y()[N - 1].reshape(GRID)), "bad.nii.gz"),
+        "{case}/bad.nii.gz: corrupt gzip data (CRC check failed)"),
+    "an observation mask's gzip CRC wrong": (
+        _observation_masks(6, _bad_crc_gz(np.ones(GRID, np.uint8))),
+        "{case}/bad.nii.gz: corrupt gzip data (CRC check failed)"),
     "analysis mask data unreadable": (
         with_file("analysis_mask", "m.nii.gz", _bad_crc_gz(np.ones(GRID, np.uint8))),
         "{case}/m.nii.gz: corrupt gzip data"),
@@ -249,6 +286,7 @@ MEASURED = ("max_memory_mb too little to run",)
 
 #: Also run at 3 ranks (check and fit): the errors inside check's candidate count, and others.
 AT_THREE_RANKS = ("first image data unreadable", "analysis mask data unreadable",
+                  "a later image truncated (uncompressed)", "a later image's gzip CRC wrong",
                   "a complex-valued image",
                   "Z: the intercept twice", "output under a file", "analysis mask all zero",
                   "packed voxels repeated")
