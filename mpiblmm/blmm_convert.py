@@ -18,6 +18,14 @@ whose loss would change the results (``data_mask_thresh``) or a value BLMM itsel
 that cannot be honoured (``MinPercent`` above 1, an absurd ``maxnit``, a malformed contrast)
 is an error naming the key.  BLMM's T maps hold the one-sided (upper-tail) -log10 p, so T
 contrasts are written with ``"alternative": "greater"``.
+
+BLMM's own voxel rules (``blmm_concat``) go into ``missingness.min_n``: it drops every voxel
+with ``n <= p + 1`` observations and, in its ``safeMode`` (on unless set to 0), with
+``n <= q``, q the number of random effects (levels x effects, summed over the factors).  Its
+analysis mask keeps only the voxels equal to 1 (``get_amInds``), where mpiblmm keeps every
+non-zero one, and it multiplies each image by its data mask, where mpiblmm only drops the
+observations where the mask is 0: an analysis or data mask with values other than 0 and 1
+(NaN aside, missing in both) is refused.
 """
 
 from __future__ import annotations
@@ -50,9 +58,15 @@ NO_EQUIVALENT = {
     "maxnvb": CLUSTER,
     "resms": "mpiblmm does not compute BLMM's resms (e'e/(n-p), blmm_vox_resms); it writes the "
              "model's residual variance sigma2 (sigma2.nii.gz, sigma2 in results.h5)",
-    "safeMode": "mpiblmm fits a voxel only with enough observations (missingness.min_n "
-                "defaults to what the estimator needs)",
 }
+#: Keys BLMM's setup writes into the config it is given (and into outdir/inputs.yml) when it
+#: runs: not the user's options, ignored without a note.
+BLMM_WRITTEN = {"q"}
+#: BLMM 0.1.1's estimation methods other than its default pSFS (``blmm_estimate``).
+OTHER_METHODS = (
+    "mpiblmm fits REML with its own estimator, as BLMM's default pSFS does; BLMM 0.1.1 calls "
+    "FS, SFS and pFS without reml (maximum likelihood) and fails in them (TypeError, "
+    "ValueError): set estimation.method to ML in the spec for ML estimates")
 #: Why ``data_mask_thresh`` is refused (BLMM's ``blmm_batch.obtainY``: after multiplying an
 #: image by its data mask, every value below the threshold becomes 0, i.e. missing).
 DATA_MASK_THRESH = (
@@ -65,6 +79,10 @@ ALTERNATIVE_NOTE = (
     'contrasts: T contrasts are written with "alternative": "greater", as BLMM\'s '
     "blmm_vox_conTlp is the one-sided (upper-tail) -log10 p; delete it from the spec for "
     "two-sided p-values")
+#: BLMM 0.1.1 opens the entries of Y_files and data_mask_files after changing directory into
+#: its own package (``os.chdir`` in ``blmm_setup`` and ``blmm_batch``).
+RELATIVE_ENTRIES = ("BLMM 0.1.1 cannot read relative entries (it changes directory into its "
+                    "own package folder first: 'The image ... does not exist')")
 NAME_BAD = re.compile(r"[^A-Za-z0-9_.\-]")
 VECTOR_SHAPE = "a vector such as [1, 0, 0] (T) or a matrix such as [[1, 0, 0], [0, 1, 0]] (F)"
 
@@ -158,16 +176,23 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
                                        _x_columns(raw["X"], cwd))
     if raw.get("analysis_mask"):
         spec["analysis_mask"] = path(raw["analysis_mask"], "analysis_mask")
+        _check_analysis_mask(raw["analysis_mask"], cwd, f"{where}: analysis_mask")
     if "data_mask_thresh" in raw:
         raise SpecError(DATA_MASK_THRESH, f"{where}: data_mask_thresh")
     if raw.get("data_mask_files"):
+        masks: list[Path] = []
         spec["observation_masks"] = _list_or_file(raw["data_mask_files"], "data_mask_files",
-                                                  path, cwd, notes)
-        notes.append("data_mask_files: written as observation_masks: BLMM multiplies each "
-                     "image by its mask, mpiblmm only drops the observations where the mask "
-                     "is 0; the same for 0/1 masks (multiply the images by any other masks "
-                     "first)")
-    missing = _missingness(raw.get("Missingness"), where)
+                                                  path, cwd, notes, masks)
+        if not masks or not _zero_one_masks(masks, f"{where}: data_mask_files"):
+            notes.append("data_mask_files: written as observation_masks: BLMM multiplies each "
+                         "image by its mask, mpiblmm only drops the observations where the "
+                         "mask is 0; the same for 0/1 masks (multiply the images by any other "
+                         "masks first)")
+    missing = _missingness(raw.get("Missingness"), where, notes)
+    floor = _blmm_min_n(raw, cwd, notes)
+    if floor is not None and floor[0] > missing.get("min_n", 0):
+        missing["min_n"] = floor[0]
+        notes.append(floor[1])
     if missing:
         spec["missingness"] = missing
     estimation = {}
@@ -179,18 +204,22 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
         spec["estimation"] = estimation
     spec["output"] = path(need("outdir"), "outdir")
     known = {"Y_files", "X", "Z", "contrasts", "analysis_mask", "data_mask_files",
-             "Missingness", "maxnit", "tol", "outdir"}
+             "Missingness", "maxnit", "tol", "outdir", "safeMode"} | BLMM_WRITTEN
     for key in raw:
         if key in known:
             continue
         reason = NO_EQUIVALENT.get(key)
+        if key == "method" and str(raw[key]).strip() != "pSFS":
+            reason = OTHER_METHODS
         notes.append(f"{key}: no equivalent in mpiblmm: {reason}" if reason else
                      f"{key}: unknown BLMM option, not converted")
     return spec, notes
 
 
-def _list_or_file(value: Any, key: str, path, cwd: Path, notes: list[str]) -> Any:
-    """A BLMM list file: kept when its entries resolve the same for the spec, else inlined."""
+def _list_or_file(value: Any, key: str, path, cwd: Path, notes: list[str],
+                  files: list[Path] | None = None) -> Any:
+    """A BLMM list file: kept when its entries resolve the same for the spec, else inlined.
+    ``files`` (if given) receives the entries as absolute paths, as the spec will read them."""
     list_path = Path(os.path.expanduser(str(value)))
     list_path = list_path if list_path.is_absolute() else cwd / list_path
     try:
@@ -198,12 +227,25 @@ def _list_or_file(value: Any, key: str, path, cwd: Path, notes: list[str]) -> An
                    if ln.strip() and not ln.strip().startswith("#")]
     except (OSError, UnicodeDecodeError):
         return path(value, key)  # the spec's loader names the missing or unreadable file
-    relative = [e for e in entries if not Path(os.path.expanduser(e)).is_absolute()]
-    if not relative or list_path.parent.resolve() == cwd.resolve():
-        return path(value, key)
-    notes.append(f"{key}: its relative entries are relative to the working directory in BLMM; "
-                 "written into the spec as a list of paths")
-    return [path(e, f"{key} entry") for e in entries]
+    expanded = [Path(os.path.expanduser(e)) for e in entries]
+    relative = [e for e in expanded if not e.is_absolute()]
+    base = list_path.parent
+    if relative and list_path.parent.resolve() != cwd.resolve():
+        at_cwd = all((cwd / e).exists() for e in relative)
+        at_list = all((list_path.parent / e).exists() for e in relative)
+        if at_list and not at_cwd:
+            notes.append(f"{key}: {RELATIVE_ENTRIES}; they name files relative to the list's "
+                         "folder, where mpiblmm reads them: the list is kept")
+        else:
+            notes.append(f"{key}: {RELATIVE_ENTRIES}; they are read relative to the working "
+                         "directory, as BLMM reads its other paths, and written into the spec "
+                         "as a list of paths")
+            base = cwd
+    if files is not None:
+        files.extend(e if e.is_absolute() else base / e for e in expanded)
+    if base == cwd and relative and list_path.parent.resolve() != cwd.resolve():
+        return [path(e, f"{key} entry") for e in entries]
+    return path(value, key)
 
 
 def _items(value: Any, where: str, prefix: str) -> list[tuple[str, dict]]:
@@ -355,15 +397,26 @@ def _name(value: Any, key: str, notes: list[str]) -> str:
     return name
 
 
-def _missingness(value: Any, where: str) -> dict:
+def _missingness(value: Any, where: str, notes: list[str] | None = None) -> dict:
     """BLMM's ``Missingness`` (``blmm_concat``): a voxel is kept with at least ``MinN``
     observations and at least ``MinPercent`` x n, ``MinPercent`` a fraction (0.1) or a
-    percentage string (``"10%"``) from 0 to 1."""
+    percentage string (``"10%"``) from 0 to 1.  BLMM reads the keys ``MinPercent`` (else
+    ``minpercent``) and ``minn`` (else ``MinN``) only; any other spelling (``minPercent``) it
+    ignores, and so does the conversion, with a note."""
     if not value:
         return {}
     if not isinstance(value, dict):
         raise SpecError("expected MinN and/or MinPercent", f"{where}: Missingness")
-    lower = {str(k).lower(): v for k, v in value.items()}
+    lower = {}
+    for first, second in (("MinPercent", "minpercent"), ("minn", "MinN")):
+        for k in (first, second):
+            if k in value:
+                lower[first.lower()] = value[k]
+                break
+    for k in value:
+        if k not in ("MinPercent", "minpercent", "MinN", "minn") and notes is not None:
+            notes.append(f"Missingness.{k}: ignored, as BLMM ignores it: BLMM reads only "
+                         "MinPercent (or minpercent) and MinN (or minn)")
     out = {}
     if lower.get("minn") is not None:
         key = f"{where}: Missingness.MinN"
@@ -384,6 +437,113 @@ def _missingness(value: Any, where: str) -> dict:
                             f"{_show(lower['minpercent'])} (BLMM refuses it too)", key)
         out["min_fraction"] = frac
     return out
+
+
+def _blmm_min_n(raw: dict, cwd: Path, notes: list[str]) -> tuple[int, str] | None:
+    """BLMM's own minimum of observations per voxel (``blmm_concat``), as ``(min_n, note)``:
+    it drops a voxel with ``n <= p + 1`` and, in ``safeMode`` (``safeMode: 1``, its default),
+    with ``n <= q``, q = levels x random effects summed over the factors (all levels of the
+    factor files, as BLMM counts them).  ``None`` when X or a factor's files cannot be read
+    here (the spec's loader reports them).  When q is not below the number of images BLMM
+    fits no voxel at all: the safe-mode rule is then left out, with a note."""
+    from mpiblmm.design import read_labels_csv, read_numeric_csv
+
+    def resolve(value: Any) -> Path | None:
+        if not isinstance(value, str) or not value.strip():
+            return None
+        p = Path(os.path.expanduser(value.strip()))
+        return p if p.is_absolute() else cwd / p
+
+    try:
+        x_path = resolve(raw.get("X"))
+        if x_path is None:
+            return None
+        n, p = read_numeric_csv(x_path).shape
+        q = 0
+        for _, f in _items(raw.get("Z"), "Z", "f"):
+            factor, design = resolve(f.get("factor")), resolve(f.get("design"))
+            if factor is None or design is None:
+                return None
+            labels = read_labels_csv(factor)
+            try:                              # BLMM reads the levels as numbers (1 == 1.0)
+                levels = len({float(x) for x in labels})
+            except ValueError:
+                levels = len(set(labels))
+            q += levels * read_numeric_csv(design).shape[1]
+    except (SpecError, OSError, UnicodeDecodeError, ValueError):
+        return None
+    safe = raw.get("safeMode", 1)
+    safe = not isinstance(safe, str) and safe == 1        # BLMM: inputs['safeMode'] == 1
+    floor = p + 2
+    why = f"more than p + 1 = {p + 1} observations"
+    if safe and q + 1 > n:
+        notes.append(f"safeMode: BLMM drops every voxel here (q = {q} random effects, levels x "
+                     f"effects, is not below the {n} observations); not converted: mpiblmm fits "
+                     "the voxels whose random effects are identifiable")
+    elif safe and q + 1 > floor:
+        floor = q + 1
+        why += (f" and, in its safeMode (on by default; safeMode: 0 turns it off), more than "
+                f"q = {q} (levels x random effects, summed over the factors)")
+    return floor, (f"missingness.min_n: set to {floor}, as BLMM fits a voxel only with {why}; "
+                   "lower it in the spec to fit more voxels than BLMM")
+
+
+def _zero_one_masks(masks: list[Path], key: str) -> bool:
+    """Whether every data mask was read and holds only 0, 1 and NaN; a mask with other finite
+    values is refused: BLMM multiplies each image by its mask (``blmm_batch.obtainY``), so
+    such a mask rescales the data in BLMM but only marks "observed" in mpiblmm.  ``False``
+    when a mask cannot be read here (the spec's loader reports it)."""
+    import numpy as np
+
+    try:
+        import nibabel as nib
+    except ImportError:  # pragma: no cover  (a dependency of mpiblmm)
+        return False
+    for mask in masks:
+        try:
+            data = np.asarray(nib.load(str(mask)).get_fdata(), dtype=np.float64)
+        except Exception:  # noqa: BLE001  (not an image here: the spec's loader says why)
+            return False
+        other = np.isfinite(data) & (data != 0) & (data != 1)
+        if other.any():
+            raise SpecError(f"{mask}: has values other than 0 and 1 ({_values(data[other])} in "
+                            f"{int(other.sum())} voxels): BLMM multiplies each image by its "
+                            "mask, mpiblmm only drops the observations where the mask is 0; "
+                            "multiply the images by the masks first (and list the products in "
+                            "Y_files), or give 0/1 masks", key)
+    return True
+
+
+def _values(values) -> str:
+    import numpy as np
+
+    values = np.unique(values)
+    return ", ".join(f"{v:g}" for v in values[:3]) + (", ..." if len(values) > 3 else "")
+
+
+def _check_analysis_mask(value: Any, cwd: Path, key: str) -> None:
+    """BLMM analyses the voxels where its analysis mask is exactly 1 (``get_amInds``: ``am ==
+    1``), mpiblmm those where it is non-zero: a mask with other finite values is refused (a
+    mask that cannot be read here is left to the spec's loader)."""
+    import numpy as np
+
+    if not isinstance(value, str) or not value.strip():
+        return
+    p = Path(os.path.expanduser(value.strip()))
+    p = p if p.is_absolute() else cwd / p
+    try:
+        import nibabel as nib
+
+        data = np.asarray(nib.load(str(p)).get_fdata(), dtype=np.float64)
+    except Exception:  # noqa: BLE001  (not an image here: the spec's loader says why)
+        return
+    other = np.isfinite(data) & (data != 0) & (data != 1)
+    if other.any():
+        raise SpecError(f"has values other than 0 and 1 ({_values(data[other])} in "
+                        f"{int(other.sum())} voxels): "
+                        "BLMM analyses only the voxels where it is exactly 1, mpiblmm every "
+                        "voxel where it is non-zero; write a mask that is 1 where this one is 1 "
+                        "and 0 elsewhere, and name it here", key)
 
 
 def _max_iterations(value: Any, key: str) -> int:

@@ -50,7 +50,8 @@ def test_blmm_inputs_describe_the_studys_model(bench, tmp_path):
         tmp_path / "study", tmp_path / "blmm2", maxmem="2**30")[0].read_text().splitlines()
 
     converted, notes = convert_file(config, output=tmp_path / "c.json")
-    assert sorted(n.split(":")[0] for n in notes) == ["clusterType", "numNodes", "voxelBatching"]
+    assert sorted(n.split(":")[0] for n in notes) == ["clusterType", "missingness.min_n",
+                                                      "numNodes", "voxelBatching"]
     (tmp_path / "c.json").write_text(json.dumps(converted))
     a = design_from_spec(load_spec(spec_path))
     b = design_from_spec(load_spec(tmp_path / "c.json"))

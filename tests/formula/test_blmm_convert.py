@@ -339,7 +339,12 @@ def test_config_for_a_simulated_study(tmp_path, monkeypatch):
     (tmp_path / "blmm_config.yml").write_text("\n".join(lines) + "\n")
     monkeypatch.chdir(tmp_path)
     converted, notes = convert_file("blmm_config.yml", output=tmp_path / "c.json")
-    assert notes == []
+    # 8 subjects x (1 + time): BLMM's safe mode drops the voxels with n <= q = 16
+    assert notes == ["missingness.min_n: set to 17, as BLMM fits a voxel only with more than "
+                     "p + 1 = 4 observations and, in its safeMode (on by default; safeMode: 0 "
+                     "turns it off), more than q = 16 (levels x random effects, summed over "
+                     "the factors); lower it in the spec to fit more voxels than BLMM"]
+    assert converted.pop("missingness") == {"min_n": 17}
     (tmp_path / "c.json").write_text(json.dumps(converted))
     a, b = design_from_spec(load_spec(spec_path)), design_from_spec(load_spec(tmp_path / "c.json"))
     assert np.array_equal(a.X, b.X) and np.array_equal(a.factors[0].Z, b.factors[0].Z)
