@@ -587,6 +587,132 @@ def ds_days(rng):
             "(~700), 30 x 4", contrasts)
 
 
+#: ``local_optima``: of the 900 voxels drawn, the first 30 and those where the several-factor
+#: estimator, started from the factors' own fits, stopped at a boundary local optimum below
+#: lme4's log-likelihood (found by a search over seeds and designs; restarted from lme4's
+#: start, identity ``Lambda_k``, each reached lme4's fit), by method.
+LOCAL_OPTIMA = {"REML": [355, 464, 768], "ML": [209, 268, 667, 768]}
+LOCAL_OPTIMA_KEEP = sorted(set(range(30)) | set(LOCAL_OPTIMA["REML"]) | set(LOCAL_OPTIMA["ML"]))
+
+
+def ds_local_optima(rng):
+    """``(1 | subject) + (1 | scanner) + (1 | rater)``, three crossed factors (scanner and
+    rater drawn per visit), 20-60% of the rows of each voxel missing: kept are voxels where
+    the blocked estimator stopped at a local optimum on the boundary (status 2), 0.01-0.4
+    below lme4's log-likelihood, next to ordinary ones."""
+    n_sub, n_scan = int(rng.integers(20, 28)), int(rng.integers(3, 5))
+    n_rater = int(rng.integers(3, 6))
+    visits = rng.integers(3, 7, n_sub)
+    d = simulate_design(rng, n_sub, visits, fixed=("intercept", "age", "time"),
+                        factors=(FactorSpec("subject"),
+                                 FactorSpec("scanner", n_levels=n_scan, assign="observation",
+                                            concentration=3.0),
+                                 FactorSpec("rater", n_levels=n_rater, assign="observation",
+                                            concentration=3.0)))
+    names = ("subject", "scanner", "rater")
+    v = 900                                 # drawn; LOCAL_OPTIMA_KEEP of them are kept
+    per, kinds = [], []
+    for _ in range(v):
+        size = rng.integers(0, 3, 3)        # per factor: zero, small or moderate variance
+        sd = [[0.0, rng.uniform(0.05, 0.3), rng.uniform(0.3, 1.2)][size[k]] for k in range(3)]
+        per.append({n: covariance([s]) for n, s in zip(names, sd)})
+        z = [n for n, s in zip(names, sd) if s == 0]
+        kinds.append("zero_" + "_".join(z) if z else "interior")
+    mask = missing_mask(rng, d, v, fraction=rng.uniform(0.2, 0.6, v))
+    beta = np.column_stack([rng.normal(5, 1, v), rng.normal(0, 0.5, v), rng.normal(0.2, 0.3, v)])
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.3, 1.0, v),
+                               missing=mask)
+    keep = np.array(LOCAL_OPTIMA_KEEP)
+    Y = Y[:, keep]
+    truth = dataclasses.replace(
+        truth, beta=truth.beta[keep], sigma2=truth.sigma2[keep], missing=truth.missing[:, keep],
+        covariances={k: c[keep] for k, c in truth.covariances.items()},
+        random_effects={k: e[keep] for k, e in truth.random_effects.items()})
+    kinds = [kinds[j] for j in keep]
+    p = d.p
+    contrasts = [
+        _t("intercept", p, {0: 1}), _t("age", p, {1: 1}), _t("time", p, {2: 1}),
+        _t("age_plus_time", p, {1: 1, 2: 1}),
+        _f("age_time", p, [{1: 1}, {2: 1}]),
+        _f("all_correlated", p, [{0: 1}, {1: 1}, {1: 1, 2: 1}]),
+    ]
+    at = {m: ", ".join(str(LOCAL_OPTIMA_KEEP.index(j)) for j in js)
+          for m, js in LOCAL_OPTIMA.items()}
+    desc = (f"(1 | subject) + (1 | scanner) + (1 | rater), crossed: {n_sub} subjects x 3-6 "
+            f"visits, scanner ({n_scan}) and rater ({n_rater}) drawn per visit; each voxel "
+            "misses 20-60% of rows; zero, small or moderate variances; "
+            f"{keep.size} of {v} voxels drawn: the first 30, and those where the blocked "
+            "estimator, started from the factors' own fits, stops at a boundary local optimum "
+            "(status 2) 0.01-0.4 below lme4's log-likelihood: voxels "
+            f"{at['REML']} (REML) and {at['ML']} (ML); from lme4's identity start they reach "
+            "lme4's optimum")
+    return d, Y, truth, kinds, desc, contrasts
+
+
+#: ``local_optima_slope``: of the 300 voxels drawn, the first 30 (but 12 and 13, whose
+#: observations do not exceed twice their observed subjects: not identifiable, status 9) and
+#: the others where the several-factor estimator stopped at a boundary local optimum below
+#: lme4's log-likelihood (found and confirmed as for ``local_optima``), by method (ML 2, 4
+#: and 33 are among the first 30).
+LOCAL_OPTIMA_SLOPE = {"REML": [27, 147, 155], "ML": [2, 4, 33]}
+LOCAL_OPTIMA_SLOPE_KEEP = sorted((set(range(30)) - {12, 13}) | set(LOCAL_OPTIMA_SLOPE["REML"])
+                                 | set(LOCAL_OPTIMA_SLOPE["ML"]))
+
+
+def ds_local_optima_slope(rng):
+    """``(1 + time | subject) + (1 | site)``, subjects nested in sites, 3-5 visits, 30-60% of
+    the rows of each voxel missing: kept are voxels where the blocked estimator stopped at a
+    local optimum on the boundary (status 2), 0.01-0.2 below lme4's log-likelihood, next to
+    ordinary ones."""
+    n_sub, n_site = int(rng.integers(20, 41)), int(rng.integers(3, 7))
+    visits = rng.integers(3, 6, n_sub)
+    d = simulate_design(rng, n_sub, visits, fixed=("intercept", "age", "time", "sex"),
+                        factors=(FactorSpec("subject", effects=("intercept", "time")),
+                                 FactorSpec("site", n_levels=n_site, assign="subject",
+                                            concentration=3.0)))
+    v = 300                                 # drawn; LOCAL_OPTIMA_SLOPE_KEEP of them are kept
+    per, kinds = [], []
+    for _ in range(v):
+        size = rng.integers(0, 3, 3)        # per variance: zero, small or moderate
+        s_int = [0.0, rng.uniform(0.1, 0.5), rng.uniform(0.5, 1.5)][size[0]]
+        s_slope = [0.0, rng.uniform(0.02, 0.2), rng.uniform(0.2, 0.5)][size[1]]
+        s_site = [0.0, rng.uniform(0.05, 0.3), rng.uniform(0.3, 1.0)][size[2]]
+        per.append({"subject": covariance([s_int, s_slope], rng.uniform(-0.8, 0.8)),
+                    "site": covariance([s_site])})
+        z = [n for n, s in (("intercept", s_int), ("slope", s_slope), ("site", s_site)) if s == 0]
+        kinds.append("zero_" + "_".join(z) if z else "interior")
+    mask = missing_mask(rng, d, v, fraction=rng.uniform(0.3, 0.6, v))
+    beta = np.column_stack([rng.normal(5, 1, v), rng.normal(0, 0.5, v), rng.normal(0.2, 0.3, v),
+                            rng.normal(0, 0.5, v)])
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.3, 1.0, v),
+                               missing=mask)
+    keep = np.array(LOCAL_OPTIMA_SLOPE_KEEP)
+    Y = Y[:, keep]
+    truth = dataclasses.replace(
+        truth, beta=truth.beta[keep], sigma2=truth.sigma2[keep], missing=truth.missing[:, keep],
+        covariances={k: c[keep] for k, c in truth.covariances.items()},
+        random_effects={k: e[keep] for k, e in truth.random_effects.items()})
+    kinds = [kinds[j] for j in keep]
+    p = d.p
+    contrasts = [
+        _t("age", p, {1: 1}), _t("time", p, {2: 1}), _t("sex", p, {3: 1}),
+        _t("time_minus_age", p, {2: 1, 1: -1}),
+        _f("age_time", p, [{1: 1}, {2: 1}]),
+        _f("three_correlated", p, [{1: 1}, {2: 1}, {1: 0.5, 2: 0.5, 3: 1}]),
+    ]
+    at = {m: ", ".join(str(LOCAL_OPTIMA_SLOPE_KEEP.index(j)) for j in js)
+          for m, js in LOCAL_OPTIMA_SLOPE.items()}
+    desc = (f"(1 + time | subject) + (1 | site): {n_sub} subjects x 3-5 visits nested in "
+            f"{n_site} sites, each voxel missing 30-60% of rows; zero, small or moderate "
+            f"intercept, slope and site variances; {keep.size} of {v} voxels drawn: the first "
+            "30 but two not identifiable, and those where the blocked estimator, started from "
+            "the factors' own fits, stops at a boundary local optimum (status 2) 0.005-0.2 "
+            "below lme4's log-likelihood: voxels "
+            f"{at['REML']} (REML) and {at['ML']} (ML); from lme4's identity start they reach "
+            "lme4's optimum")
+    return d, Y, truth, kinds, desc, contrasts
+
+
 def _check_unbalanced(d):
     counts = [np.bincount(f.codes) for f in d.factors]
     return all(np.any(c == 1) for c in counts) and all(c.max() >= 8 for c in counts)
@@ -606,6 +732,8 @@ DATASETS = {
     "nested_intercepts": (ds_nested_intercepts, 111),
     "scaled": (ds_scaled, 112),
     "days": (ds_days, 113),
+    "local_optima": (ds_local_optima, 139),
+    "local_optima_slope": (ds_local_optima_slope, 225),
 }
 
 

@@ -23,7 +23,7 @@ from tests.refdata import build_z, level_codes, list_datasets, load_dataset
 
 EXPECTED = {"intercept", "slope", "crossed", "three_factors", "missing", "nested", "unbalanced",
             "three_effects", "nested_slope", "crossed_slope", "nested_intercepts", "scaled",
-            "days"}
+            "days", "local_optima", "local_optima_slope"}
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED))
