@@ -587,6 +587,15 @@ def ds_days(rng):
             "(~700), 30 x 4", contrasts)
 
 
+def _kept_voxels(Y, truth, kinds, keep):
+    """The voxels ``keep`` of drawn data, truth and kinds (a search's finds among the draws)."""
+    truth = dataclasses.replace(
+        truth, beta=truth.beta[keep], sigma2=truth.sigma2[keep], missing=truth.missing[:, keep],
+        covariances={k: c[keep] for k, c in truth.covariances.items()},
+        random_effects={k: e[keep] for k, e in truth.random_effects.items()})
+    return Y[:, keep], truth, [kinds[j] for j in keep]
+
+
 #: ``local_optima``: of the 900 voxels drawn, the first 30 and those where the several-factor
 #: estimator, started from the factors' own fits, stopped at a boundary local optimum below
 #: lme4's log-likelihood (found by a search over seeds and designs; restarted from lme4's
@@ -623,12 +632,7 @@ def ds_local_optima(rng):
     Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.3, 1.0, v),
                                missing=mask)
     keep = np.array(LOCAL_OPTIMA_KEEP)
-    Y = Y[:, keep]
-    truth = dataclasses.replace(
-        truth, beta=truth.beta[keep], sigma2=truth.sigma2[keep], missing=truth.missing[:, keep],
-        covariances={k: c[keep] for k, c in truth.covariances.items()},
-        random_effects={k: e[keep] for k, e in truth.random_effects.items()})
-    kinds = [kinds[j] for j in keep]
+    Y, truth, kinds = _kept_voxels(Y, truth, kinds, keep)
     p = d.p
     contrasts = [
         _t("intercept", p, {0: 1}), _t("age", p, {1: 1}), _t("time", p, {2: 1}),
@@ -687,12 +691,7 @@ def ds_local_optima_slope(rng):
     Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.3, 1.0, v),
                                missing=mask)
     keep = np.array(LOCAL_OPTIMA_SLOPE_KEEP)
-    Y = Y[:, keep]
-    truth = dataclasses.replace(
-        truth, beta=truth.beta[keep], sigma2=truth.sigma2[keep], missing=truth.missing[:, keep],
-        covariances={k: c[keep] for k, c in truth.covariances.items()},
-        random_effects={k: e[keep] for k, e in truth.random_effects.items()})
-    kinds = [kinds[j] for j in keep]
+    Y, truth, kinds = _kept_voxels(Y, truth, kinds, keep)
     p = d.p
     contrasts = [
         _t("age", p, {1: 1}), _t("time", p, {2: 1}), _t("sex", p, {3: 1}),

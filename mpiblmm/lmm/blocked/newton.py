@@ -239,13 +239,7 @@ def _escape_saddles(pattern, pf: ProductForms, method: str, out: dict, run,
         return out
     again = run(pattern, pf.take(idx), method, best_th[idx], tolerance, max_iterations,
                 max_halvings)
-    better = np.isfinite(again["llh"]) & ~(out["llh"][idx] >= again["llh"])
-    out = {k: v.copy() for k, v in out.items()}
-    for key in ("iterations", "evaluations"):
-        out[key][idx] += again[key]
-    for key in ("theta", "llh", "beta", "s2", "XtViX", "converged"):
-        out[key][idx[better]] = again[key][better]
-    return out
+    return _keep_better(out, idx, again, 0.0)
 
 
 def _diagonal_entries(st) -> np.ndarray:
@@ -257,12 +251,11 @@ def _diagonal_entries(st) -> np.ndarray:
     return np.array(out, dtype=np.intp)
 
 
-def _keep_better(out: dict, idx: np.ndarray, again: dict, tolerance: float) -> dict:
+def _keep_better(out: dict, idx: np.ndarray, again: dict, floor) -> dict:
     """``out`` with the voxels ``idx`` replaced by ``again``'s fits where those are higher by
-    more than ``max(tolerance, 1e-12 |l|)`` (a tie keeps the first fit, so its bits); the
+    more than ``floor`` (a tie keeps the first fit, so its bits) or the first fit failed; the
     iterations and evaluations of both runs are summed."""
     l0 = out["llh"][idx]
-    floor = np.maximum(tolerance, 1e-12 * np.abs(np.nan_to_num(l0)))
     better = np.isfinite(again["llh"]) & (~np.isfinite(l0) | (again["llh"] > l0 + floor))
     out = {k: v.copy() for k, v in out.items()}
     for key in ("iterations", "evaluations"):
@@ -277,7 +270,8 @@ def _restart_boundary_ends(pattern, pf: ProductForms, method: str, out: dict, ru
     """Voxels that ended on the boundary (a diagonal entry of some ``Lambda_k`` below
     :data:`RESTART_BELOW`, lme4's singular-fit tolerance) are optimised again from lme4's own
     start (:func:`theta0`, identity ``Lambda_k``), saddles escaped as in the first run, and
-    keep the higher log-likelihood (the first fit on a tie, :func:`_keep_better`).
+    keep the log-likelihood higher by more than ``max(tolerance, 1e-12 |l|)`` (else the
+    first fit, :func:`_keep_better`).
 
     From the factors' own fits (:mod:`.start`) a factor whose fit alone is singular starts
     near zero, and with heavy missingness the deviance can have a boundary local minimum
@@ -304,7 +298,8 @@ def _restart_boundary_ends(pattern, pf: ProductForms, method: str, out: dict, ru
                     max_halvings, **near)
         again = _escape_saddles(pattern, sub, method, again, run, tolerance, max_iterations,
                                 max_halvings)
-        out = _keep_better(out, idx, again, tolerance)
+        floor = np.maximum(tolerance, 1e-12 * np.abs(np.nan_to_num(out["llh"][idx])))
+        out = _keep_better(out, idx, again, floor)
     return out
 
 
