@@ -493,57 +493,50 @@ def _zero_one_masks(masks: list[Path], key: str) -> bool:
     values is refused: BLMM multiplies each image by its mask (``blmm_batch.obtainY``), so
     such a mask rescales the data in BLMM but only marks "observed" in mpiblmm.  ``False``
     when a mask cannot be read here (the spec's loader reports it)."""
+    for mask in masks:
+        other = _other_values(mask)
+        if other is None:
+            return False
+        if other:
+            raise SpecError(f"{mask}: has values other than 0 and 1 ({other}): BLMM multiplies "
+                            "each image by its mask, mpiblmm only drops the observations where "
+                            "the mask is 0; multiply the images by the masks first (and list the "
+                            "products in Y_files), or give 0/1 masks", key)
+    return True
+
+
+def _other_values(path: Path) -> str | None:
+    """What of the image ``path`` is neither 0, 1 nor NaN, as ``"2, 0.5 in 7 voxels"`` ("" if
+    nothing); ``None`` when it cannot be read here (the spec's loader says why)."""
     import numpy as np
 
     try:
         import nibabel as nib
-    except ImportError:  # pragma: no cover  (a dependency of mpiblmm)
-        return False
-    for mask in masks:
-        try:
-            data = np.asarray(nib.load(str(mask)).get_fdata(), dtype=np.float64)
-        except Exception:  # noqa: BLE001  (not an image here: the spec's loader says why)
-            return False
-        other = np.isfinite(data) & (data != 0) & (data != 1)
-        if other.any():
-            raise SpecError(f"{mask}: has values other than 0 and 1 ({_values(data[other])} in "
-                            f"{int(other.sum())} voxels): BLMM multiplies each image by its "
-                            "mask, mpiblmm only drops the observations where the mask is 0; "
-                            "multiply the images by the masks first (and list the products in "
-                            "Y_files), or give 0/1 masks", key)
-    return True
 
-
-def _values(values) -> str:
-    import numpy as np
-
-    values = np.unique(values)
-    return ", ".join(f"{v:g}" for v in values[:3]) + (", ..." if len(values) > 3 else "")
+        data = np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float64)
+    except Exception:  # noqa: BLE001  (not an image here: the spec's loader says why)
+        return None
+    other = data[np.isfinite(data) & (data != 0) & (data != 1)]
+    if other.size == 0:
+        return ""
+    values = np.unique(other)
+    shown = ", ".join(f"{v:g}" for v in values[:3]) + (", ..." if len(values) > 3 else "")
+    return f"{shown} in {other.size} voxels"
 
 
 def _check_analysis_mask(value: Any, cwd: Path, key: str) -> None:
     """BLMM analyses the voxels where its analysis mask is exactly 1 (``get_amInds``: ``am ==
     1``), mpiblmm those where it is non-zero: a mask with other finite values is refused (a
     mask that cannot be read here is left to the spec's loader)."""
-    import numpy as np
-
     if not isinstance(value, str) or not value.strip():
         return
     p = Path(os.path.expanduser(value.strip()))
-    p = p if p.is_absolute() else cwd / p
-    try:
-        import nibabel as nib
-
-        data = np.asarray(nib.load(str(p)).get_fdata(), dtype=np.float64)
-    except Exception:  # noqa: BLE001  (not an image here: the spec's loader says why)
-        return
-    other = np.isfinite(data) & (data != 0) & (data != 1)
-    if other.any():
-        raise SpecError(f"has values other than 0 and 1 ({_values(data[other])} in "
-                        f"{int(other.sum())} voxels): "
-                        "BLMM analyses only the voxels where it is exactly 1, mpiblmm every "
-                        "voxel where it is non-zero; write a mask that is 1 where this one is 1 "
-                        "and 0 elsewhere, and name it here", key)
+    other = _other_values(p if p.is_absolute() else cwd / p)
+    if other:
+        raise SpecError(f"has values other than 0 and 1 ({other}): BLMM analyses only the "
+                        "voxels where it is exactly 1, mpiblmm every voxel where it is "
+                        "non-zero; write a mask that is 1 where this one is 1 and 0 elsewhere, "
+                        "and name it here", key)
 
 
 def _max_iterations(value: Any, key: str) -> int:
