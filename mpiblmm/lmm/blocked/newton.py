@@ -38,6 +38,9 @@ Common to both:
    of ``l``), or when no halving helped.  (Stopping on a small Newton decrement instead was
    tried and dropped: near a zero column of ``Lambda_k`` the gradient vanishes by symmetry
    whether or not the point is a minimum, and one crossed voxel stopped 0.019 below lme4.)
+4. a voxel that ends on the boundary is fitted again from lme4's start and keeps the better
+   fit (:func:`_restart_boundary_ends`: boundary local optima near the factors' own start);
+   one that stopped just inside it is put on it (:func:`_snap_to_boundary`).
 
 ``d`` is even in every column of ``Lambda_k`` (``D_k`` does not change when a column changes
 sign), so the iteration is unconstrained and the boundary (a zero column, ``D_k`` singular) is
