@@ -259,9 +259,22 @@ def _abort(comm: Any, code: int) -> NoReturn:
 
 
 def die(comm: Any, message: str, code: int = IO_FAILURE_EXIT_CODE) -> NoReturn:
-    """Print ``mpiblmm: error: <message>`` and end the whole job with ``code``, at once."""
+    """Print ``mpiblmm: error: <message>`` and end the whole job with ``code``, at once.
+
+    Several ranks often fail together (a file removed under a collective open, a full disk
+    under a collective write): each would print its own line.  So rank r > 0 first waits
+    ``min(r, 4)`` x (:data:`ABORT_LINGER` + 0.5 s): a lower rank failing too ends the job
+    (its line the only one) before r prints.  A rank failing alone still ends the job within
+    seconds.
+    """
+    rank = 0 if comm is None else comm.Get_rank()
+    if rank > 0:
+        time.sleep(min(rank, 4) * (ABORT_LINGER + _DIE_STAGGER_SECONDS))
     print(f"mpiblmm: error: {message}", file=sys.stderr, flush=True)
     _abort(comm, code)
+
+
+_DIE_STAGGER_SECONDS = 0.5  # MPI_Abort's reach to the other ranks, with room to spare
 
 
 _KNOWN_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES,
@@ -294,6 +307,9 @@ def describe_io_error(exc: BaseException) -> str:
     found = re.search(r"error message\s*=\s*'([^']+)'", text)
     if found:
         return found.group(1)
+    found = re.search(r"MPI error string is '([^,'\n]+)", text)  # ROMIO: 'File does not exist, ...
+    if found and found.group(1).strip():
+        return found.group(1).strip()
     line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return line if len(line) <= 200 else line[:197] + "..."
 

@@ -52,14 +52,15 @@ from mpiblmm.io.ingest import (DEFAULT_MEMORY_MB, PackingStopped, SlabReader, in
                                prepare_input)
 from mpiblmm.io.lock import OutputLock, acquire_lock
 from mpiblmm.io.results import (RESULTS_NAME, ResultsLayout, check_resumable, create_results,
-                                open_results)
+                                creating_marker, open_results, unfinished_creation)
 from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk, bytes_per_voxel
 from mpiblmm.lmm.structure import choose
 from mpiblmm.lmm.model import STATUS_CODES, STATUS_SINGULAR
 from mpiblmm.lmm.products import random_design
 from mpiblmm.memory import agreed_work_budget_mb
-from mpiblmm.parallel import (INTERRUPTED_EXIT_CODE, Slab, at_abort, forget_abort_hook,
-                              no_hang, partition, partition_by_cost, summarise_over_ranks)
+from mpiblmm.parallel import (INTERRUPTED_EXIT_CODE, IOFailure, Slab, at_abort,
+                              forget_abort_hook, no_hang, partition, partition_by_cost,
+                              summarise_over_ranks)
 from mpiblmm.progress import JobLog, LogOptions, Progress
 from mpiblmm.spec import Spec, load_spec
 from mpiblmm.timers import PhaseTimer, summarise_phases
@@ -255,6 +256,17 @@ def _load(spec_path: str, options: FitOptions) -> Setup:
         digest = input_hash(design, settings, fingerprint)
         results = Path(spec.output) / RESULTS_NAME
         done, note = None, ""
+        if (results.exists() or results.is_symlink()) and unfinished_creation(results):
+            # A job stopped while creating it (killed, or out of space): no voxel was fitted.
+            try:
+                results.unlink()
+                creating_marker(results).unlink()
+            except OSError as exc:
+                raise UserError(f"cannot replace {results}, left unfinished by a job stopped "
+                                f"while creating it ({exc.strerror})", where) from None
+            _forget_maps(results)
+            note = (f"{results} was left unfinished by a job stopped while creating it (no "
+                    f"voxel fitted): starting a new fit")
         if results.exists() or results.is_symlink():
             if options.resume:
                 done = check_resumable(results, digest)
@@ -271,7 +283,7 @@ def _load(spec_path: str, options: FitOptions) -> Setup:
                 _forget_maps(results)
             else:
                 raise _exists(results, where)
-        elif options.resume:
+        elif options.resume and not note:
             note = "nothing to resume (no results file yet): starting a new fit"
     except BaseException:
         lock.release()
@@ -364,10 +376,10 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
             layout = ResultsLayout.from_design(design, packed.n_voxels, packed.grid_shape,
                                                packed.affine, settings.method, spec.text)
             writer = create_results(results_path, layout, packed.voxels, comm,
-                                    input_hash=setup.input_hash)
-            writer.file.attrs["space"] = packed.space  # the input's format and header codes
+                                    input_hash=setup.input_hash, space=packed.space)
         else:
-            writer = open_results(results_path, comm, input_hash=setup.input_hash)
+            writer = open_results(results_path, comm, input_hash=setup.input_hash,
+                                  space=packed.space)
 
     mine = my_slab(packed, size, rank, done)
     step = chunk_voxels(work, design.n, model, options.chunk_voxels)
@@ -408,6 +420,16 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
                    "iterations_max": it_max, "seconds": phases, "peak_memory_mb": list(peak),
                    "resumed_voxels": 0 if done is None else int(np.count_nonzero(done))}
         counts = writer.finish(summary)
+    # The file (or its folder) removed or moved while the job ran: the fit went into it all
+    # the same; say so with exit code 4, not a "file not found" from the export (exit 2).
+    gone = None
+    if rank == 0 and not results_path.is_file():
+        gone = IOFailure("no longer there when the fit ended (it, or its folder, was removed "
+                         "or moved while the job ran): the maps are not written; if it was "
+                         "moved, it is complete: run `mpiblmm export` on it where it is now; "
+                         "if it was removed, its results are lost: fit again",
+                         str(results_path))
+    agree(comm, gone)
     n_fitted = sum(v for k, v in counts.items() if k <= STATUS_SINGULAR)
     with timer.phase("export"):
         try:

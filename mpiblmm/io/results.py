@@ -43,6 +43,41 @@ from mpiblmm.parallel import no_hang
 
 RESULTS_FORMAT = "mpiblmm-results-1"
 RESULTS_NAME = "results.h5"
+CREATING_SUFFIX = ".creating"  # beside a results file while it is being created
+
+
+def creating_marker(path: Path) -> Path:
+    """The marker that stands beside ``path`` from just before it is created until its first
+    flush: a job killed (or out of space) in between leaves a file with no fitted voxel, which
+    may not even be readable HDF5; the next fit replaces it (:func:`unfinished_creation`)."""
+    return Path(path).with_name(Path(path).name + CREATING_SUFFIX)
+
+
+def unfinished_creation(path: Path) -> bool:
+    """One process: whether ``path`` is a results file whose creation never finished (its
+    marker is there and no voxel of it is done), so it holds no work and may be replaced.
+
+    A marker beside a file with done voxels (the marker could not be removed) is removed and
+    the file kept.
+    """
+    marker = creating_marker(path)
+    if not marker.exists():
+        return False
+    try:
+        import h5py
+
+        with h5py.File(path, "r", locking=False) as f:
+            has_work = bool(np.any(np.asarray(f["progress/done"][...])))
+    except Exception:  # noqa: BLE001 - unreadable, or not a results file yet: no work in it
+        has_work = False
+    if has_work:
+        try:
+            marker.unlink()
+        except OSError:
+            pass
+    return not has_work
+
+
 #: ``status`` of a voxel the fit has not reached (yet).
 STATUS_NOT_PROCESSED = 255
 
@@ -132,17 +167,24 @@ def _str_array(items: Sequence[str]) -> np.ndarray:
 
 
 def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
-                   comm: Any = None, input_hash: str = "") -> "ResultsWriter":
+                   comm: Any = None, input_hash: str = "", space: str = "") -> "ResultsWriter":
     """Collective: create ``path`` with every dataset at full size; return a writer.
 
     ``voxels`` (V, 3) must be the same on every rank (rank 0's copy is written);
-    ``input_hash`` identifies the model and data (checked by :func:`open_results`).
+    ``input_hash`` identifies the model and data (checked by :func:`open_results`);
+    ``space`` (the input's format and header codes) is stored with the other attributes, before
+    the file's first flush, so a job killed while fitting leaves it in the file.
     """
     path = Path(path)
     voxels = np.asarray(voxels, dtype=np.int32)
     if voxels.shape != (layout.n_voxels, 3):
         raise ValueError(f"voxels has shape {voxels.shape}, layout says ({layout.n_voxels}, 3)")
     make_dirs(path.parent)
+    marker = creating_marker(path)
+    root = comm_rank(comm) == 0
+    if root:
+        with no_hang(comm, marker, "creating the results file"):
+            marker.write_bytes(b"")  # before rank 0 creates the file (collectively, below)
     with no_hang(comm, path, "creating the results file"):
         f = open_h5(path, "w", comm)
         a = f.attrs
@@ -155,6 +197,8 @@ def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
         a["spec"] = layout.spec_text
         a["grid_shape"] = np.asarray(layout.grid_shape, dtype=np.int64)
         a["affine"] = np.asarray(layout.affine, dtype=np.float64)
+        if space:
+            a["space"] = space
         vox = f.create_dataset("voxels", shape=voxels.shape, dtype="i4")
         f.create_group("random")
         f.create_group("contrasts")
@@ -173,9 +217,13 @@ def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
         done = f.create_dataset("progress/done", shape=(layout.n_voxels,), dtype="u1", fillvalue=0,
                                 dcpl=_early())
         done.attrs["meaning"] = "1 once every result of the voxel is written"
-        root = comm_rank(comm) == 0
         write_hyperslab(vox, (0, 0), voxels if root else voxels[:0], collective=True)
         f.flush()
+    if root:
+        try:
+            marker.unlink()
+        except OSError:
+            pass  # unfinished_creation() sees the done voxels and keeps the file
     return ResultsWriter(f, comm, path)
 
 
@@ -213,12 +261,14 @@ def describe_error(exc: BaseException) -> str:
     return describe_io_error(exc)
 
 
-def open_results(path: Path, comm: Any = None, input_hash: str | None = None) -> "ResultsWriter":
+def open_results(path: Path, comm: Any = None, input_hash: str | None = None,
+                 space: str = "") -> "ResultsWriter":
     """Collective: reopen an existing results file to resume writing into it.
 
     Marks it incomplete until :meth:`ResultsWriter.finish`.  With ``input_hash``, the file
     must have been created for the same model and data (else a :class:`UserError`, on every
-    rank together).
+    rank together).  ``space`` is written again (a file left by an older version or killed
+    before its attributes reached the disk may lack it; the maps' header codes come from it).
     """
     path = Path(path)
     with no_hang(comm, path, "opening the results file"):
@@ -236,6 +286,8 @@ def open_results(path: Path, comm: Any = None, input_hash: str | None = None) ->
     with no_hang(comm, path, "reopening the results file"):
         f.attrs["complete"] = False
         f.attrs["maps_complete"] = False  # the export that follows the fit rewrites them
+        if space:
+            f.attrs["space"] = space
         f.flush()
     return ResultsWriter(f, comm, path)
 

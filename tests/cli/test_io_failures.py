@@ -107,10 +107,17 @@ def test_full_disk_at_2_ranks_ends_within_seconds_with_one_line(study, small_dis
     assert not (disk / "b" / "mpiblmm.lock").exists()
     shutil.rmtree(disk / "b")
     _fails_fast_with_one_line(fit(disk / "b", ranks=1), "results.h5")  # serial HDF5 too
+    # Space freed: --resume starts the fit anew there (the half-created results.h5 holds no
+    # fitted voxel) rather than refusing a file that is not readable HDF5.
+    shutil.rmtree(disk / "a")
+    small_disk(packed + results + 60)
+    run = _run_job(_launch(2, [*_mpiblmm(), "fit", str(spec), "-o", str(disk / "b"), "-q",
+                               "--resume"]), 120, None, None)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+    assert read_results(disk / "b" / "results.h5")["@"]["complete"]
 
     # Full while exporting the maps: the results are complete, no temporary map is left,
     # and the export succeeds once there is room.
-    shutil.rmtree(disk / "a")
     shutil.rmtree(disk / "b")
     disk = small_disk(packed + results + 4 + 6)
     run = fit(disk / "c")
@@ -202,3 +209,27 @@ print("never here", flush=True)
     assert lines == [f"mpiblmm: error: rank {ranks - 1}: /data/results.h5: No space left on "
                      f"device (while writing results)"], run.stderr
     assert marker.exists()
+
+
+@pytest.mark.spawns_mpiexec
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_an_io_error_on_every_rank_at_once_is_still_one_line(ranks, tmp_path):
+    """Every rank fails at the same collective (a packed.h5 removed before the ranks open it,
+    as seen when the output folder was deleted during a fit): one line, not one per rank;
+    and ROMIO's message is reduced to its words (`File does not exist`)."""
+    code = """
+from mpi4py import MPI
+from mpiblmm.parallel import no_hang
+comm = MPI.COMM_WORLD
+with no_hang(comm, "/data/packed.h5", "opening the packed images"):
+    raise OSError("Unable to open file (MPI_File_open failed: MPI error string is 'File does "
+                  "not exist, error stack:\\nADIOI_UFS_OPEN(37): File /data/packed.h5 does "
+                  "not exist')")
+print("never here", flush=True)
+"""
+    run = _run_job(_launch(ranks, [sys.executable, "-c", code]), 60, None, None)
+    lines = _errors(run.stderr)
+    assert not run.timed_out and run.seconds < 20, run.seconds
+    assert run.returncode == 4 and "never here" not in run.stdout, run.stderr
+    assert lines == ["mpiblmm: error: rank 0: /data/packed.h5: File does not exist (while "
+                     "opening the packed images)"], run.stderr
