@@ -8,10 +8,15 @@ recomputed.  Runs on rank 0; other ranks of an MPI launch wait and return the sa
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
 from mpiblmm.errors import UserError
+from mpiblmm.parallel import IOFailure
+
+#: errno values of a write that failed for the file system's reasons (exit code 4).
+_WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)
 
 
 def make_report(results: str | Path, out_dir: str | Path | None = None,
@@ -26,7 +31,10 @@ def make_report(results: str | Path, out_dir: str | Path | None = None,
     try:
         return write_report(data, out)
     except OSError as exc:
-        raise UserError(f"cannot write the report ({exc.strerror})", str(out)) from None
+        # a full disk, a quota, an I/O error: exit code 4, as every failed write (README);
+        # anything else (a path under a file, no permission) is the user's to mend: 2
+        kind = IOFailure if exc.errno in _WRITE_FAILURES else UserError
+        raise kind(f"cannot write the report ({exc.strerror})", str(out)) from None
 
 
 def run_report(args: Any) -> int:

@@ -123,3 +123,30 @@ def test_report_over_a_given_background_and_a_wrong_one(report):
                          timeout=120)
     assert job.returncode == 2 and "Traceback" not in job.stderr
     assert job.stderr.strip().startswith("mpiblmm: error: small.nii: background shape (3, 3, 3)")
+
+
+#: Runs ``mpiblmm report`` with files limited to 64 KB once MPI is up (its own start-up
+#: needs larger shared-memory files): a larger write fails with EFBIG, as on a full quota.
+_SMALL_FILES = """
+import resource, signal, sys
+from mpi4py import MPI
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+from mpiblmm.cli import run
+sys.argv[0] = "mpiblmm"
+run()
+"""
+
+
+def test_a_report_that_cannot_be_written_is_one_line_and_exit_code_4(report):
+    """A failed write (the page with its figures is larger than the limit) is an I/O
+    failure, exit code 4 as the README says for every failed write; not a user error."""
+    tmp = report.parent.parent
+    job = subprocess.run([sys.executable, "-c", _SMALL_FILES, "report",
+                          "study/results/results.h5", "--out", "rep_small"], cwd=tmp,
+                         text=True, capture_output=True, timeout=300)
+    assert job.returncode == 4, job.stderr
+    lines = job.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in job.stderr
+    assert lines[0].startswith("mpiblmm: error: rep_small: cannot write the report (File too "
+                               "large)"), lines[0]
