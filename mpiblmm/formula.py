@@ -81,15 +81,25 @@ class Table:
 
 def table_delimiter(path: Path, header: str) -> str:
     """The table's separator: a tab for a ``.tsv`` file (BIDS's ``participants.tsv``) or a
-    header line with tabs and no commas, else a comma (CSV)."""
+    header line with tabs and no commas; a semicolon for a header line with semicolons and
+    neither commas nor tabs (the European CSV of R's ``read.csv2``: its decimal mark is the
+    comma, :func:`read_table`); else a comma (CSV)."""
     if Path(path).suffix.lower() == ".tsv" or ("\t" in header and "," not in header):
         return "\t"
+    if ";" in header and "," not in header and "\t" not in header:
+        return ";"
     return ","
 
 
+#: A number with a decimal comma (``61,5``, ``-0,25``, ``1,5e-3``): R's ``read.csv2``
+#: (``dec = ","``) reads it as ``61.5``.
+DECIMAL_COMMA = re.compile(r"\s*[-+]?([0-9]+,[0-9]*|,[0-9]+)([eE][-+]?[0-9]+)?\s*")
+
+
 def read_table(path: Path) -> Table:
-    """Read a CSV (or TSV: :func:`table_delimiter`) with a header row; every row as wide as
-    the header.
+    """Read a CSV (or TSV, or a semicolon-separated table: :func:`table_delimiter`) with a
+    header row; every row as wide as the header.  In a semicolon-separated table a number
+    with a decimal comma is read as R's ``read.csv2`` reads it (``61,5`` is 61.5).
 
     Errors: ``<file>: row N: <problem>`` with N the line number.
     """
@@ -97,7 +107,8 @@ def read_table(path: Path) -> Table:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             text = fh.read()
         header = next((line for line in text.splitlines() if line.strip()), "")
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=table_delimiter(path, header))
+        delimiter = table_delimiter(path, header)
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
         rows = [(reader.line_num, row) for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise SpecError(f"cannot read: {exc}", str(path)) from None
@@ -118,7 +129,10 @@ def read_table(path: Path) -> Table:
         if len(row) != len(header):
             raise SpecError(f"has {len(row)} columns; the header has {len(header)}", f"{path}: row {line}")
         for h, c in zip(header, row):
-            cells[h].append(c.strip())
+            c = c.strip()
+            if delimiter == ";" and DECIMAL_COMMA.fullmatch(c):   # read.csv2's dec = ","
+                c = c.replace(",", ".")
+            cells[h].append(c)
     return Table(Path(path), tuple(header), cells, tuple(line for line, _ in rows[1:]))
 
 
@@ -158,6 +172,25 @@ def _numeric(table: Table, name: str) -> np.ndarray | None:
             raise SpecError(f"column {name!r}: not a finite number: {cell!r}",
                             f"{table.path}: row {table.lines[i]}")
     return values
+
+
+#: The cells R's ``read.csv`` (``type.convert``) reads as a logical column, when every cell
+#: is one of them: ``T``/``F`` too (``TRUE``/``FALSE`` to R); ``true``, ``True`` are text.
+R_LOGICAL = {"TRUE": "TRUE", "T": "TRUE", "FALSE": "FALSE", "F": "FALSE"}
+
+
+def r_labels(table: Table, name: str) -> list[str]:
+    """The cells of a column as R's ``as.character`` writes the column ``read.csv`` reads:
+    numbers as R prints them (``01``, ``1.0`` and ``1`` are all ``1``; ``2.50`` is ``2.5``),
+    a logical column's ``T``/``F`` as ``TRUE``/``FALSE``, text as is.  The levels of a
+    text column and of a grouping factor are these labels, as R's are."""
+    values = _numeric(table, name)
+    if values is not None:
+        return [r_level(v) for v in values.tolist()]
+    cells = table.cells[name]
+    if all(c in R_LOGICAL for c in cells):
+        return [R_LOGICAL[c] for c in cells]
+    return cells
 
 
 def suspicious_text_columns(table: Table, most: int = 2) -> list[str]:
@@ -822,7 +855,7 @@ def _frame(table: Table, used: dict[str, str], aliases: ColumnAliases):
         _column(table, name, used[python])
         values = _numeric(table, name)
         if values is None:   # text: a factor with its levels in R's order (r_collation)
-            cells = table.cells[name]
+            cells = r_labels(table, name)     # a logical column's T/F: TRUE/FALSE
             values = pd.Categorical(cells, categories=r_sorted(cells))
         data[python] = values
     return pd.DataFrame(data, index=range(table.n))
@@ -961,8 +994,8 @@ def _formula_model(formula: str, table: Table, aliases: ColumnAliases) -> Formul
             raise SpecError(f"random term {bar.text}: no columns")
         _single_levels(Z, zterms, f"random term {bar.text}: term")
         _finite_columns(Z, effects, table, f"random term {bar.text}: column")
-        labels = [":".join(parts)
-                  for parts in zip(*(table.cells[groupings[g]] for g in bar.group))]
+        labels = [":".join(parts)     # R's levels: a number's as R prints it (01 is 1)
+                  for parts in zip(*(r_labels(table, groupings[g]) for g in bar.group))]
         factors.append((labels, np.asarray(Z, dtype=np.float64), tuple(effects)))
     # lme4's names need each term's number of levels (mkReTrms orders the terms by it)
     factor_names = lme4_factor_names([bar.name for bar in parsed.bars],

@@ -112,6 +112,11 @@ CASES = {
         _both(_table(lambda ls: [ls[0] + ",arm"] + [x + ",B" for x in ls[1:]]),
               _formula("y ~ age + (1 + arm | subject)")),
         "random term (1 + arm | subject): term 'arm': arm has a single level"),
+    # ---- constructs R has and mpiblmm refuses, in one line naming the term
+    "ordered": (_formula("y ~ age + ordered(subject) + (1 | subject)"),
+                "formula: term 'ordered(subject)': unknown function 'ordered'"),
+    "natural spline": (_formula("y ~ ns(age, 3) + (1 | subject)"),
+                       "formula: term 'ns(age, 3)': unknown function 'ns'"),
     # ---- the covariates table
     "missing value": (_table(_cell(3, "age", "NA")), "edited.csv: row 4: column 'age': missing value 'NA'"),
     "missing label": (_table(_cell(2, "subject", "")), "edited.csv: row 3: column 'subject': missing value"),

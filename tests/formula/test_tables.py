@@ -102,10 +102,26 @@ def test_unknown_column_message_is_the_same_in_every_process(tmp_path):
 
 
 def test_a_table_read_as_one_column_says_so(tmp_path):
-    table = read_table(_write(tmp_path / "p.csv", HEADER, ROWS, ";"))
+    table = read_table(_write(tmp_path / "p.csv", HEADER, ROWS, "|"))
     with pytest.raises(SpecError, match=r"^term 'age': no column 'age' .*its columns: "
-                                        r"'subject;age;sex;group;visit;site'; one column only"):
+                                        r"'subject\|age\|sex\|group\|visit\|site'; one column only"):
         formula_model(FORMULA, table)
+
+
+def test_a_semicolon_table_is_read_as_read_csv2(tmp_path):
+    """A header with ';' and no ',' or tab: R's read.csv2 (sep ';', dec ','); the model is
+    the comma CSV's (R's values over such a table: test_labels_r.py)."""
+    european = [tuple(c.replace(".", ",") for c in row) for row in ROWS]
+    semi = read_table(_write(tmp_path / "p.csv", HEADER, european, ";"))
+    comma = read_table(_write(tmp_path / "q.csv", HEADER, ROWS, ","))
+    assert semi.cells == comma.cells
+    formula = "y ~ age + sex + group + (1 | subject)"
+    a, b = formula_model(formula, semi), formula_model(formula, comma)
+    assert a.names == b.names == ("(Intercept)", "age", "sexM", "grouppatient")
+    np.testing.assert_array_equal(a.X, b.X)
+    # a comma in a header cell: a comma CSV (whose cells may then hold ';')
+    assert read_table(_write(tmp_path / "r.csv", ["a;b", "c"], [("1;2", "3")], ",")).names \
+        == ("a;b", "c")
 
 
 # --------------------------------------------------------------------------- non-syntactic names
