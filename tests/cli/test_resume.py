@@ -96,41 +96,65 @@ def _rank_pids(launcher_pid: int) -> list[int]:
     return [r for proxy in _children(launcher_pid) for r in _children(proxy)]
 
 
+def _act_at(cmd: list[str], when, act, timeout: float = 60) -> tuple[int, str, str, float]:
+    """Run a job, and at the first stdout line for which ``when(line)`` holds call
+    ``act(proc)`` once; return the exit code, the rest of stdout, stderr and the seconds
+    from the act to the end of the job.  The job's process group is killed if anything
+    fails (the test never leaves a job behind)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    acted_at = None
+    try:
+        for line in proc.stdout:
+            if when(line):
+                acted_at = time.monotonic()
+                act(proc)
+                break
+        assert acted_at is not None, "the job ended before the moment to act on it"
+        rest, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, rest, err, time.monotonic() - acted_at
+
+
+def _signal_ranks(sig):
+    """An ``act`` for :func:`_act_at`: ``sig`` to every rank, as srun and Slurm's time limit
+    send it."""
+    def act(proc):
+        for pid in _rank_pids(proc.pid):
+            os.kill(pid, sig)
+    return act
+
+
 def _start_and_stop(spec: Path, out: Path, ranks: int, how: str, after: int,
                     extra: tuple[str, ...] = ()) -> tuple[int, str, float, str]:
     """Start a fit, and at its ``after``-th chunk line stop it ``how``; return the exit
     code, stderr and the seconds from the stop to the end of the job."""
     cmd = _launch(ranks, [*_mpiblmm(), "fit", str(spec), "-o", str(out), "--chunk-voxels",
                           CHUNK, "--progress-interval", "0.001", *extra])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    stopped_at = None
-    try:
-        seen = 0
-        for line in proc.stdout:
-            done = re.search(r"fit ([\d,]+)/[\d,]+ voxels \(", line)  # progress.py's lines
-            if done and int(done.group(1).replace(",", "")) > 0:
-                seen += 1
-            if seen == after and stopped_at is None:
-                stopped_at = time.monotonic()
-                if how == "SIGKILL one rank":
-                    os.kill(_rank_pids(proc.pid)[-1], signal.SIGKILL)
-                elif how == "SIGKILL all":  # every process of the job, as a batch system does
-                    for pid in [proc.pid, *_descendants(proc.pid)]:
-                        os.kill(pid, signal.SIGKILL)
-                elif how == "SIGTERM":  # to every rank, as srun and Slurm's time limit do
-                    for pid in _rank_pids(proc.pid):
-                        os.kill(pid, signal.SIGTERM)
-                else:  # to mpiexec, which forwards it to the ranks (Ctrl-C)
-                    os.kill(proc.pid, getattr(signal, how))
-                break
-        assert stopped_at is not None, "the fit ended before it could be stopped"
-        rest, err = proc.communicate(timeout=60)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return proc.returncode, err, time.monotonic() - stopped_at, rest
+    seen = [0]
+
+    def when(line):
+        done = re.search(r"fit ([\d,]+)/[\d,]+ voxels \(", line)  # progress.py's lines
+        if done and int(done.group(1).replace(",", "")) > 0:
+            seen[0] += 1
+        return seen[0] == after
+
+    def stop(proc):
+        if how == "SIGKILL one rank":
+            os.kill(_rank_pids(proc.pid)[-1], signal.SIGKILL)
+        elif how == "SIGKILL all":  # every process of the job, as a batch system does
+            for pid in [proc.pid, *_descendants(proc.pid)]:
+                os.kill(pid, signal.SIGKILL)
+        elif how == "SIGTERM":
+            _signal_ranks(signal.SIGTERM)(proc)
+        else:  # to mpiexec, which forwards it to the ranks (Ctrl-C)
+            os.kill(proc.pid, getattr(signal, how))
+
+    code, rest, err, seconds = _act_at(cmd, when, stop)
+    return code, err, seconds, rest
 
 
 @pytest.mark.spawns_mpiexec
@@ -179,23 +203,14 @@ def test_grace_period_abandons_the_chunk_in_hand(tmp_path):
     chunk = json.loads(reference["@"]["summary"])["seconds"]["fit"][2]
     out = tmp_path / "out"
     cmd = _launch(1, [*_mpiblmm(), "fit", str(spec), "-o", str(out), "--grace-seconds", "0.2"])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        for line in proc.stdout:
-            if "voxels x" in line:  # the chunk loop starts now
-                time.sleep(0.3)
-                t0 = time.monotonic()
-                for pid in _rank_pids(proc.pid):
-                    os.kill(pid, signal.SIGTERM)
-                break
-        _, err = proc.communicate(timeout=60)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    seconds = time.monotonic() - t0
-    assert proc.returncode == 3 and "--resume" in err, err
+
+    def later_sigterm(proc):  # the chunk loop starts at "voxels x": well inside the chunk
+        time.sleep(0.3)
+        _signal_ranks(signal.SIGTERM)(proc)
+
+    code, _, err, seconds = _act_at(cmd, lambda line: "voxels x" in line, later_sigterm)
+    seconds -= 0.3
+    assert code == 3 and "--resume" in err, err
     part = read_results(out / "results.h5")
     assert part["progress/done"].sum() == 0 and not part["@"]["complete"]
     # without the grace: the whole chunk (its fit phase at 2 ranks took `chunk` s a rank)
@@ -411,25 +426,11 @@ def test_stopped_while_packing_resumes_to_the_same_bits(packing_study, tmp_path,
     spec, reference = packing_study
     out = tmp_path / "out"
     cmd = _launch(ranks, [*_mpiblmm(), "fit", str(spec), "-o", str(out)])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        for line in proc.stdout:
-            if "phase ingest" in line:  # progress.py's phase line: packing starts now
-                t0 = time.monotonic()
-                if how == "SIGTERM":
-                    for pid in _rank_pids(proc.pid):
-                        os.kill(pid, signal.SIGTERM)
-                else:
-                    os.kill(proc.pid, signal.SIGINT)
-                break
-        rest, err = proc.communicate(timeout=60)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    seconds = time.monotonic() - t0
-    assert proc.returncode == 3 if how == "SIGTERM" else proc.returncode in (0, 3), err
+    stop = _signal_ranks(signal.SIGTERM) if how == "SIGTERM" else \
+        (lambda proc: os.kill(proc.pid, signal.SIGINT))
+    # progress.py's phase line: packing starts now
+    code, rest, err, seconds = _act_at(cmd, lambda line: "phase ingest" in line, stop)
+    assert code == 3 if how == "SIGTERM" else code in (0, 3), err
     lines = _errors(err)
     assert len(lines) == 1 and how in lines[0] and "while packing the images" in lines[0], err
     assert "--resume" in lines[0] and "no voxel is fitted yet" in lines[0], err
@@ -504,18 +505,9 @@ def test_output_folder_removed_while_fitting_is_one_line_exit_4(study, tmp_path,
     out = tmp_path / "out"
     cmd = _launch(ranks, [*_mpiblmm(), "fit", str(spec), "-o", str(out), "--chunk-voxels",
                           "4", "--progress-interval", "0.001"])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        for line in proc.stdout:
-            if re.search(r"fit ([1-9][\d,]*)/[\d,]+ voxels \(", line):
-                shutil.rmtree(out)
-                break
-        _, err = proc.communicate(timeout=120)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
+    code, _, err, _ = _act_at(
+        cmd, lambda line: re.search(r"fit ([1-9][\d,]*)/[\d,]+ voxels \(", line),
+        lambda proc: shutil.rmtree(out), timeout=120)
     lines = _errors(err)
-    assert proc.returncode == 4 and len(lines) == 1, err
+    assert code == 4 and len(lines) == 1, err
     assert "no longer there when the fit ended" in lines[0] and "Traceback" not in err, err
