@@ -48,8 +48,8 @@ from mpiblmm.design import Design, design_from_spec
 from mpiblmm.errors import UserError
 from mpiblmm.io import agree, make_dirs, on_root
 from mpiblmm.io.export import MAPS_INDEX, ExportStopped, export_nifti, maps_state, store_headline
-from mpiblmm.io.ingest import (DEFAULT_MEMORY_MB, PackingStopped, SlabReader, input_fingerprint,
-                               prepare_input)
+from mpiblmm.io.ingest import (DEFAULT_MEMORY_MB, PackingStopped, SlabReader, prepare_input,
+                               shared_input_fingerprint)
 from mpiblmm.io.lock import OutputLock, acquire_lock
 from mpiblmm.io.results import (RESULTS_NAME, ResultsLayout, check_resumable, create_results,
                                 creating_marker, open_results, unfinished_creation)
@@ -217,7 +217,7 @@ def input_hash(design: Design, settings: Settings, data_fingerprint: str) -> str
 class Setup:
     """What rank 0 found and decided in setup (broadcast to every rank)."""
 
-    spec: Spec
+    spec: Spec | None  # (every rank has it before rank 0 makes the rest: it is not sent again)
     design: Design
     input_hash: str
     lock: OutputLock
@@ -226,31 +226,48 @@ class Setup:
     fingerprint: str = ""  # input_fingerprint of the spec (packing reuses it)
 
 
-def _load(spec_path: str, options: FitOptions) -> Setup:
-    """Rank 0: the spec with the command line's overrides applied, its design, the output
-    folder (created, so an unwritable one is a user error before any collective I/O) and its
-    lock, and what to do about results already there (refuse, resume or replace)."""
-    from dataclasses import replace
-
+def _read_spec(spec_path: str, options: FitOptions, check_listed: bool = False) -> Spec:
+    """Rank 0: the spec with the command line's overrides applied.  The files its image and
+    mask lists name are checked by :func:`shared_input_fingerprint` (over every rank) unless
+    ``check_listed``.  A spec that fails without that check is parsed again with it, so its
+    first problem is the one a full parse finds first (a missing image before a missing
+    X.csv)."""
     try:
-        spec = load_spec(spec_path)
+        try:
+            spec = load_spec(spec_path, check_listed=check_listed)
+        except UserError:
+            if not check_listed:
+                load_spec(spec_path)  # raises the first problem in the spec's order
+            raise
     except UnicodeDecodeError as exc:  # a file the spec reads is not text (spec.py's job)
         raise UserError(f"it, or a list file it names, is not UTF-8 text (byte {exc.start}: "
                         f"{exc.reason})", spec_path) from None
-    where = f"{spec_path}: output"
     if options.output is not None:
         if not str(options.output).strip():
             raise UserError("is empty: name the output folder (e.g. -o results)", "--output")
         spec = replace(spec, output=Path(options.output).resolve())
-        where = "--output"
     if options.max_memory_mb is not None:
         spec = replace(spec, max_memory_mb=float(options.max_memory_mb))
+    return spec
+
+
+def _refuse_listed(spec_path: str, options: FitOptions) -> None:
+    """Rank 0, when a file listed in the spec is not a regular file: the full parse, which
+    raises the spec's own line for it (its list file and row)."""
+    _read_spec(spec_path, options, check_listed=True)
+
+
+def _load(spec: Spec, spec_path: str, options: FitOptions, fingerprint: str) -> Setup:
+    """Rank 0: the spec's design, the output folder (created, so an unwritable one is a user
+    error before any collective I/O) and its lock, and what to do about results already there
+    (refuse, resume or replace).  The setup's ``spec`` is left to the caller (every rank has
+    it already)."""
+    where = "--output" if options.output is not None else f"{spec_path}: output"
     design = design_from_spec(spec)
     check_fittable(design, spec)
     choose(model_from_design(design).rd)  # a crossed remainder too large: a user error now
     settings = settings_from_spec(spec, spec.max_memory_mb or DEFAULT_MEMORY_MB)
     make_dirs(spec.output, where)
-    fingerprint = input_fingerprint(spec)
     lock = acquire_lock(Path(spec.output), where)
     try:
         digest = input_hash(design, settings, fingerprint)
@@ -288,7 +305,7 @@ def _load(spec_path: str, options: FitOptions) -> Setup:
     except BaseException:
         lock.release()
         raise
-    return Setup(spec, design, digest, lock, done, note, fingerprint)
+    return Setup(None, design, digest, lock, done, note, fingerprint)
 
 
 def _exists(results: Path, where: str) -> UserError:
@@ -330,7 +347,13 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
         import h5py  # noqa: F401
         import nibabel  # noqa: F401  every rank imports it now, side by side, rather than
         # rank 0 alone inside the packing's first step while the others wait for it
-        setup = on_root(comm, lambda: _load(spec_path, options))
+        # the spec on rank 0; the stat calls of its 10^4-10^5 images over every rank; then
+        # the design, the output folder and what is there, on rank 0 again
+        spec = on_root(comm, lambda: _read_spec(spec_path, options))
+        fingerprint = shared_input_fingerprint(
+            spec, comm, on_problem=lambda: _refuse_listed(spec_path, options))
+        setup = replace(on_root(comm, lambda: _load(spec, spec_path, options, fingerprint)),
+                        spec=spec)
     hook = at_abort(setup.lock.release)  # whichever rank aborts releases the lock
     try:
         return _fit(setup, comm, options, log, timer, spec_path)

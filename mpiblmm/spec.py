@@ -215,7 +215,8 @@ class Spec:
 
 
 # --------------------------------------------------------------------------- loading
-def load_spec(path: str | os.PathLike, check_files: bool = True) -> Spec:
+def load_spec(path: str | os.PathLike, check_files: bool = True,
+              check_listed: bool = True) -> Spec:
     """Read and validate ``spec.json``.
 
     Parameters
@@ -224,6 +225,11 @@ def load_spec(path: str | os.PathLike, check_files: bool = True) -> Spec:
         The spec file.
     check_files
         Check that every named file exists (one ``stat`` per image).
+    check_listed
+        With ``check_files``: also the files of the ``images`` and ``observation_masks``
+        lists.  ``False`` leaves them to the caller (the fit shares their ``stat`` calls over
+        its ranks: :func:`mpiblmm.io.ingest.shared_input_fingerprint`); the list files
+        themselves and every other file are still checked.
 
     Returns
     -------
@@ -236,7 +242,7 @@ def load_spec(path: str | os.PathLike, check_files: bool = True) -> Spec:
     """
     path = Path(path)
     text, raw = read_spec_json(path)
-    return parse_spec(raw, path, text=text, check_files=check_files)
+    return parse_spec(raw, path, text=text, check_files=check_files, check_listed=check_listed)
 
 
 def read_spec_json(path: str | os.PathLike) -> tuple[str, Any]:
@@ -266,9 +272,11 @@ def read_spec_json(path: str | os.PathLike) -> tuple[str, Any]:
     return text, raw
 
 
-def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool = True) -> Spec:
-    """Validate an already decoded spec; ``path`` is where it came from (for messages, paths)."""
-    v = _Validator(Path(path), check_files)
+def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool = True,
+               check_listed: bool = True) -> Spec:
+    """Validate an already decoded spec; ``path`` is where it came from (for messages, paths).
+    ``check_files``, ``check_listed``: as :func:`load_spec`'s."""
+    v = _Validator(Path(path), check_files, check_listed)
     if not isinstance(raw, dict):
         raise SpecError("expected a JSON object at the top level", str(path))
     from mpiblmm.schema import schema_problems
@@ -341,10 +349,11 @@ class _Validator:
     non-finite numbers (Python's JSON reads NaN), names given twice, files, rows of F
     contrasts.  Every method raises a one-line :class:`SpecError`."""
 
-    def __init__(self, path: Path, check_files: bool) -> None:
+    def __init__(self, path: Path, check_files: bool, check_listed: bool = True) -> None:
         self.path = path
         self.folder = path.parent
         self.check_files = check_files
+        self.check_listed = check_files and check_listed  # the files a list names
 
     def error(self, key: str, problem: str) -> SpecError:
         return SpecError(problem, f"{self.path}: {key}")
@@ -381,11 +390,12 @@ class _Validator:
         p = Path(os.path.expanduser(text))
         return p if p.is_absolute() else (folder if folder is not None else self.folder) / p
 
-    def file(self, value: Any, key: str, nifti: bool = False, mask: bool = False) -> Path:
+    def file(self, value: Any, key: str, nifti: bool = False, mask: bool = False,
+             listed: bool = False) -> Path:
         p = self.resolve(self.string(value, key))
         if nifti and not str(p).endswith(MASK_SUFFIXES if mask else NIFTI_SUFFIXES):
             raise self.error(key, f"expected {MASK_KINDS if mask else IMAGE_KINDS}: {p}")
-        if self.check_files and not p.is_file():
+        if (self.check_listed if listed else self.check_files) and not p.is_file():
             raise self.error(key, not_a_file(p))
         if not self.check_files and not nifti and p.is_dir():  # one stat: not one per image
             raise self.error(key, not_a_file(p))
@@ -398,7 +408,7 @@ class _Validator:
                 raise self.error(key, "the list is empty")
             out = []
             for i, item in enumerate(value):
-                out.append(self.file(item, f"{key}[{i}]", nifti=nifti, mask=mask))
+                out.append(self.file(item, f"{key}[{i}]", nifti=nifti, mask=mask, listed=True))
             if key == "images":
                 self.one_observation(out[0], f"{self.path}: {key}[0]")
             return tuple(out)
@@ -412,7 +422,7 @@ class _Validator:
             if key == "images":
                 return self.volumes(list_file, key)
             raise self.error(key, f"expected a text file listing one image per line, got an image: {list_file}")
-        out = read_path_list(list_file, nifti=nifti, check_files=self.check_files, mask=mask)
+        out = read_path_list(list_file, nifti=nifti, check_files=self.check_listed, mask=mask)
         if key == "images":
             self.one_observation(out[0], f"{list_file}: row {_first_row(list_file)}")
         return out

@@ -11,6 +11,8 @@ import pytest
 import h5py  # noqa: E402  runtime dependencies: a missing one must fail, not skip
 
 from mpiblmm.errors import UserError  # noqa: E402
+from mpiblmm.errors import SpecError  # noqa: E402
+from mpiblmm.io import ingest  # noqa: E402
 from mpiblmm.io.ingest import SlabReader, open_packed, pack_images, read_slab  # noqa: E402
 from mpiblmm.parallel import partition  # noqa: E402
 from tests.io.helpers import AFFINE, GRID, all_ranks_pass, make_study, reference  # noqa: E402
@@ -217,4 +219,84 @@ def test_a_signal_stops_packing_on_every_rank_at_a_block_boundary(comm, tmp, mon
         np.testing.assert_array_equal(got, Y.T)
         with h5py.File(path, "r") as f:
             assert f.attrs["complete"]
+    all_ranks_pass(comm, check)
+
+
+# ------------------------------------------------------------------ the inputs' stat calls
+class _Spec:
+    """What :func:`ingest.shared_input_fingerprint` reads of a spec."""
+
+    def __init__(self, study, path):
+        self.images = tuple(study["images"])
+        self.observation_masks = study["observation_masks"]
+        self.analysis_mask = study["analysis_mask"]
+        self.zero_is_missing = True
+        self.packed = None
+        self.path = path
+
+
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_shared_fingerprint_is_the_serial_one_and_each_rank_stats_its_block(
+        comm, tmp, monkeypatch, with_masks):
+    """The fingerprint (packed.h5's ``source``, part of results.h5's ``input_hash``) has
+    the bits of the one-process fingerprint at any rank count, so a packed file or a fit is
+    reused or resumed at another; each listed file is ``stat``ed by one rank only, its
+    block, not all of them by rank 0."""
+    study = study_on_root(comm, tmp / "study", n=11, with_masks=with_masks)
+    spec = _Spec(study, tmp / "spec.json")
+    serial = ingest._fingerprint(study["images"], study["observation_masks"],
+                                 study["analysis_mask"], True)
+    listed = {str(p) for p in list(study["images"]) + list(study["observation_masks"] or [])}
+    seen = []
+    real_stat = ingest.os.stat
+
+    def counting_stat(path, *args, **kwargs):
+        if str(path) in listed:
+            seen.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(ingest.os, "stat", counting_stat)
+    got = ingest.shared_input_fingerprint(spec, comm, on_problem=lambda: None)
+    monkeypatch.undo()
+    files = [str(p) for p in list(study["images"]) + list(study["observation_masks"] or [])]
+    block = partition(len(files), comm.Get_size(), comm.Get_rank())
+    everyone = comm.allgather(seen)
+
+    def check():
+        assert got == serial
+        assert seen == files[block.start:block.stop]
+        assert sorted(f for part in everyone for f in part) == sorted(files)
+    all_ranks_pass(comm, check)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_a_listed_path_that_is_no_file_is_the_specs_line_on_every_rank(comm, tmp, fixed):
+    """A missing image (here the last, in the last rank's block) is refused on every rank
+    with the line of the spec's own full parse (``on_problem`` on rank 0: its list file and
+    row); if that parse finds nothing (the file came back meanwhile), with the lowest
+    failing rank's line naming the path."""
+    study = study_on_root(comm, tmp / "study", n=5)
+    gone = tmp / "study" / "gone.nii.gz"
+    (tmp / "study" / "dir.nii").mkdir(exist_ok=True) if comm.Get_rank() == 0 else None
+    comm.Barrier()
+    study["images"] = list(study["images"]) + [tmp / "study" / "dir.nii", gone]
+    spec = _Spec(study, tmp / "spec.json")
+    calls = []
+
+    def on_problem():
+        calls.append(comm.Get_rank())
+        if not fixed:
+            raise SpecError("file not found: gone.nii.gz", "images.txt: row 7")
+
+    with pytest.raises(UserError) as info:
+        ingest.shared_input_fingerprint(spec, comm, on_problem=on_problem)
+    text = str(info.value)
+
+    def check():
+        assert calls == ([0] if comm.Get_rank() == 0 else [])
+        if fixed:   # the first bad path in list order: the directory
+            assert text == f"{tmp / 'spec.json'}: is a directory, not a file: " \
+                           f"{tmp / 'study' / 'dir.nii'}", text
+        else:
+            assert text == "images.txt: row 7: file not found: gone.nii.gz", text
     all_ranks_pass(comm, check)
