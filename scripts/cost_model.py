@@ -160,9 +160,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--stat-ms", type=float, default=0.5, help="one stat() on the shared FS")
     ap.add_argument("--startup-s", type=float, default=5.0, help="imports at scale")
     ap.add_argument("--mpi-init-s", type=float, default=2.0)
-    ap.add_argument("--ingest-ms-per-mb", type=float, default=49.0,
-                    help="ingest per MB of decoded image (measured: ~250 ms per 3.6 MB image "
-                         "on the loaded machine, then 0.70x that with the direct read)")
+    ap.add_argument("--ingest-ms-per-mb", type=float, default=18.6,
+                    help="ingest per MB of decoded image (measured with the direct read of "
+                         "float32 NIfTI, scripts/bench_ingest.py on 2 mm images of 3.6 MB: "
+                         "67 ms per image on the loaded machine, 25 ms on an idle one)")
     ap.add_argument("--t-voxel-ms", type=float, default=0.045,
                     help="fit cost per voxel, idle core (measured with the one-factor kernel, "
                          "one call per evaluation: scripts/scaling.py, 1,000 voxels, 60 / 250 "
