@@ -48,8 +48,8 @@ from mpiblmm.design import Design, design_from_spec
 from mpiblmm.errors import UserError
 from mpiblmm.io import agree, make_dirs, on_root
 from mpiblmm.io.export import MAPS_INDEX, ExportStopped, export_nifti, maps_state, store_headline
-from mpiblmm.io.ingest import (DEFAULT_MEMORY_MB, PackingStopped, SlabReader, prepare_input,
-                               shared_input_fingerprint)
+from mpiblmm.io.ingest import (DEFAULT_MEMORY_MB, PackingStopped, ReadingStopped, SlabReader,
+                               prepare_input, shared_input_fingerprint)
 from mpiblmm.io.lock import OutputLock, acquire_lock
 from mpiblmm.io.results import (RESULTS_NAME, ResultsLayout, check_resumable, create_results,
                                 creating_marker, open_results, unfinished_creation)
@@ -383,7 +383,7 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
                                    n_expected=design.n, fingerprint=setup.fingerprint or None)
         except PackingStopped as stop:  # on every rank, at the same block boundary
             _stop_packing(comm, stop.path, done, Path(spec.output) / RESULTS_NAME,
-                          options.overwrite)
+                          options.overwrite, reading=isinstance(stop, ReadingStopped))
     if done is not None and done.size != packed.n_voxels:
         agree(comm, UserError(f"cannot resume: it holds {done.size} voxels but the input has "
                               f"{packed.n_voxels}; use --overwrite to start again",
@@ -498,18 +498,20 @@ def _stop(comm: Any, writer: Any, written: int, done: np.ndarray | None, n_voxel
 
 
 def _stop_packing(comm: Any, packed: Path, done: np.ndarray | None, results_path: Path,
-                  overwrite: bool = False) -> None:
+                  overwrite: bool = False, reading: bool = False) -> None:
     """Packing stopped at a signal on every rank (:class:`~mpiblmm.io.ingest.PackingStopped`):
     rank 0 prints the one line of a stopped fit, and :class:`FitStopped` is raised
     everywhere.  ``packed.h5`` is not complete, so ``--resume`` packs again from the start;
-    voxels a resumed results file holds (``done``) are kept."""
+    voxels a resumed results file holds (``done``) are kept.  ``reading``: the input was
+    packed already (``images: {"h5": ...}``) and only read, so it is unchanged."""
     if comm.Get_rank() == 0:
         name = interrupt.signal_name() or "a signal"
         kept = ("no voxel is fitted yet" if done is None else
                 f"{int(np.count_nonzero(done))} of {done.size} voxels are done and kept in "
                 f"{results_path}")
-        print(f"mpiblmm: stopped by {name} while packing the images into {packed} (not "
-              f"complete; packing starts again): {kept}; run the same command with --resume "
+        where = (f"while reading the packed images {packed} (unchanged)" if reading else
+                 f"while packing the images into {packed} (not complete; packing starts again)")
+        print(f"mpiblmm: stopped by {name} {where}: {kept}; run the same command with --resume "
               f"{'in place of --overwrite ' if overwrite else ''}to continue",
               file=sys.stderr, flush=True)
     raise FitStopped()

@@ -80,6 +80,12 @@ class PackingStopped(Exception):
         self.path = path
 
 
+class ReadingStopped(PackingStopped):
+    """Reading an already-packed input (``images: {"h5": ...}``) to find its observed voxels
+    stopped at SIGTERM/SIGINT, on every rank together before the same block; the file is
+    only read, so it is unchanged, and the next fit reads it again."""
+
+
 @dataclass(frozen=True, eq=False)
 class PackedInput:
     """Where the observations are and which voxels are fitted.
@@ -668,6 +674,10 @@ def _observed_columns(path: Path, dataset: str, n: int, shape: tuple[int, int, i
     out = np.zeros(stop - start, dtype=bool)
     with SlabReader(stub, comm) as reader:
         for b in range(-(-most // block)):
+            # one pass over up to 40,000 x 230,000 values: SIGTERM/SIGINT is heard before
+            # each collective block (64 MiB per rank), agreed by every rank
+            if _stop_agreed(comm, False):
+                raise ReadingStopped(path)
             lo = min(stop, start + b * block)
             hi = min(stop, lo + block)
             out[lo - start:hi - start] = np.isfinite(reader.read(lo, hi)).any(axis=1)

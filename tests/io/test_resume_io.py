@@ -238,3 +238,23 @@ def test_describe_io_error_finds_the_system_cause():
     assert describe_io_error(RuntimeError("file write failed: errno = 5, error message = "
                                           "'x'")) == os.strerror(5)
     assert describe_io_error(KeyError("plain")) == "'plain'"
+
+
+def test_a_stop_while_reading_a_packed_input_says_it_is_unchanged(tmp_path, capsys):
+    """``images: {"h5": ...}``: the one line of a fit stopped during the pass over the
+    packed input says the file is only read (unchanged), not that packing starts again."""
+    from mpiblmm.pipeline import FitStopped, _stop_packing
+
+    class Rank0:
+        def Get_rank(self):
+            return 0
+
+    for reading, words in ((True, f"while reading the packed images {tmp_path / 'in.h5'} "
+                                  "(unchanged): no voxel is fitted yet; run the same command "
+                                  "with --resume to continue"),
+                           (False, "while packing the images into")):
+        with pytest.raises(FitStopped):
+            _stop_packing(Rank0(), tmp_path / "in.h5", None, tmp_path / "results.h5",
+                          reading=reading)
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
