@@ -287,10 +287,12 @@ def _unfit_vanishing_residual(Y: np.ndarray, index: np.ndarray,
 
 def fit_groups(parts: list[tuple[ProductForms, np.ndarray]]) -> list:
     """The (product forms, voxel index) groups a chunk is fitted as: its two product-form
-    groups joined into one when the chunk is small (:data:`JOINT_GROUPS_UP_TO`) and the
-    algebra gives a voxel the same bits whether its product forms are shared or its own."""
+    groups joined into one when the chunk is small (:data:`JOINT_GROUPS_UP_TO`), the shared
+    forms are small (:data:`JOINT_LEVEL_VALUES_UP_TO`) and the algebra gives a voxel the same
+    bits whether its product forms are shared or its own."""
     if len(parts) == 2 and parts[0][0].algebra.joint_groups \
-            and sum(index.size for _, index in parts) <= JOINT_GROUPS_UP_TO:
+            and sum(index.size for _, index in parts) <= JOINT_GROUPS_UP_TO \
+            and _level_values(parts[0][0]) <= JOINT_LEVEL_VALUES_UP_TO:
         return [(joint_forms([pf for pf, _ in parts]), np.concatenate([i for _, i in parts]))]
     return parts
 
@@ -300,6 +302,18 @@ def fit_groups(parts: list[tuple[ProductForms, np.ndarray]]) -> list:
 #: fit (its calls run as long as the slowest voxel) is then paid once, not twice.  Larger
 #: chunks keep the complete voxels' shared product forms (less memory traffic).
 JOINT_GROUPS_UP_TO = 2048
+
+#: ... and only while a voxel's Z'Z and Z'X hold at most this many values: joined, every
+#: complete voxel reads its own copy of them in every evaluation, where shared ones stay in
+#: cache.  Measured (scripts/bench_chunks.py, chunks of 300, q1 = 2, p = 3): at 60 levels
+#: (600 values) joining halves a chunk's fit time; at 250 (2,500) it is even; at 1,000
+#: (10,000) it costs 1.2-1.25x.
+JOINT_LEVEL_VALUES_UP_TO = 2048
+
+
+def _level_values(pf: ProductForms) -> int:
+    """Values of Z'Z and Z'X per voxel of ``pf``."""
+    return int(np.prod(pf.ZtZ.shape[1:])) + int(np.prod(pf.ZtX.shape[1:]))
 
 
 def joint_forms(parts: list[ProductForms]) -> ProductForms:

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mpiblmm.lmm.analysis import (ContrastDef, Model, Settings, analyse_chunk, joint_forms,
-                                  product_form_groups)
+from mpiblmm.lmm.analysis import (JOINT_LEVEL_VALUES_UP_TO, ContrastDef, Model, Settings,
+                                  analyse_chunk, fit_groups, joint_forms, product_form_groups)
 from mpiblmm.lmm.estimate import fit
 from mpiblmm.lmm.satterthwaite import satterthwaite_setup
 from mpiblmm.lmm.model import (STATUS_CONSTANT, STATUS_EMPTY, STATUS_RANK_DEFICIENT,
@@ -76,6 +76,31 @@ def test_one_factor_gives_the_same_bits_with_shared_or_per_voxel_product_forms()
     pb = satterthwaite_setup(own, b.s2, b.D, "REML", fitted=b.fitted)
     for key in ("cov_beta", "jacobian", "vcov_varpar"):
         np.testing.assert_array_equal(getattr(pa, key), getattr(pb, key), err_msg=key)
+
+
+@pytest.mark.parametrize("subjects, joined", [(25, True), (600, False)])
+def test_a_small_chunk_joins_its_groups_only_while_the_shared_forms_are_small(subjects, joined):
+    """Joined, every complete voxel reads its own copy of Z'Z and Z'X in every evaluation:
+    worth it at 25 levels (one fit's fixed cost saved), not at 600 (2 x 2 Z'Z and 2 x 3 Z'X
+    per level: 6,000 values, past :data:`JOINT_LEVEL_VALUES_UP_TO`), where the complete
+    voxels keep their shared forms."""
+    rng = np.random.default_rng(3)
+    d = simulate_design(rng, subjects, 4, factors=(FactorSpec("subject", ("intercept", "time")),))
+    Y, _ = simulate_voxels(rng, d, 20, [100.0, 1.0, 0.5], {"subject": covariance([2.0, 0.5], 0.2)},
+                           1.0)
+    Y = Y.T.copy()
+    Y[10:, 0] = np.nan                                   # 10 complete voxels, 10 with a hole
+    rd = random_design([f.codes for f in d.factors], [f.Z for f in d.factors])
+    obs = np.isfinite(Y)
+    parts = [(product_forms(d.X, rd, Y[g].T, obs[g].T), g)
+             for g in product_form_groups(obs, np.ones(20, dtype=bool))]
+    assert len(parts) == 2 and parts[0][0].shared
+    groups = fit_groups(parts)
+    values = 10 * subjects                              # 4 + 6 values per level
+    assert (values <= JOINT_LEVEL_VALUES_UP_TO) == joined
+    assert len(groups) == (1 if joined else 2)
+    if joined:
+        assert not groups[0][0].shared and list(groups[0][1]) == list(range(20))
 
 
 def test_voxels_that_cannot_be_fitted_say_why():
