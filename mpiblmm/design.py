@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -51,12 +51,16 @@ class Factor:
 
 @dataclass(frozen=True, eq=False)
 class Contrast:
-    """A contrast: ``L`` (r, p); ``kind`` "T" (one row, may be one-sided) or "F"."""
+    """A contrast: ``L`` (r, p); ``kind`` "T" (one row, may be one-sided) or "F".
+    ``sequential``: the columns of X of a term whose F test takes, at each voxel, the type I
+    rows of that voxel's own X'X (lmerTest's ``anova`` of a one-term fixed part; ``L`` is
+    then those rows on every observation); empty for a contrast tested by ``L`` itself."""
 
     name: str
     L: np.ndarray
     alternative: str = "two-sided"
     kind: str = "T"
+    sequential: tuple[int, ...] = ()
 
     @property
     def n_rows(self) -> int:
@@ -113,7 +117,8 @@ def build_design(
         ``(name, labels, Z, effect_names)`` per factor: ``labels`` n level labels, ``Z``
         (n, q) covariates or ``None`` for an intercept, ``effect_names`` or ``None``.
     contrasts
-        ``(name, weights, alternative)``; ``weights`` 1-D (T) or 2-D (F) of width p.
+        ``(name, weights, alternative)``; ``weights`` 1-D (T) or 2-D (F) of width p; a fourth
+        item, when given, is :attr:`Contrast.sequential`.
     fixed_names
         Names of the p columns of X (default ``x0..x{p-1}``).
     where
@@ -149,8 +154,9 @@ def build_design(
             raise SpecError(f"factor {name!r}: {len(effect_names)} effect_names for {q} columns", where)
         made.append(Factor(name, _frozen(codes), uniq, _frozen(Z), effect_names))
 
-    cons = tuple(_contrast(name, w, alt, p, f'{where}[{i}] ("{name}")')
-                 for i, (name, w, alt) in enumerate(contrasts))
+    cons = tuple(replace(_contrast(name, w, alt, p, f'{where}[{i}] ("{name}")'),
+                         sequential=tuple(int(j) for j in (rest[0] if rest else ())))
+                 for i, (name, w, alt, *rest) in enumerate(contrasts))
     structure = RandomStructure(tuple(
         RandomFactor(f.name, f.n_levels, f.n_effects, f.effect_names) for f in made))
     return Design(X, fixed_names, tuple(made), cons, structure)

@@ -758,9 +758,12 @@ class FormulaModel:
     names: tuple[str, ...]
     terms: tuple[tuple[str, tuple[int, ...]], ...]      # R term label, its columns of X
     factors: tuple[tuple[str, list[str], np.ndarray, tuple[str, ...]], ...]  # name, labels, Z, effects
-    #: lmerTest's type III hypothesis (rows x p) of each term contained in another
-    #: (:mod:`mpiblmm.type3`); a term not listed is tested by its own columns.
+    #: the hypothesis (rows x p) lmerTest's ``anova`` tests for each term listed
+    #: (:func:`_anova_hypotheses`); a term not listed is tested by its own columns.
     type3: tuple[tuple[str, np.ndarray], ...] = ()
+    #: the fixed part has one term: ``anova`` tests type I rows, those of each voxel's own
+    #: X'X (``type3`` holds them for every observation).
+    one_term: bool = False
 
 
 def _log(x, base=None):
@@ -936,7 +939,7 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
         tuple((back(label), cols) for label, cols in model.terms),
         tuple((name, labels, Z, tuple(back(e) for e in effects))
               for name, labels, Z, effects in model.factors),
-        tuple((back(label), L) for label, L in model.type3))
+        tuple((back(label), L) for label, L in model.type3), model.one_term)
 
 
 def _formula_model(formula: str, table: Table, aliases: ColumnAliases) -> FormulaModel:
@@ -1004,7 +1007,80 @@ def _formula_model(formula: str, table: Table, aliases: ColumnAliases) -> Formul
     return FormulaModel(np.asarray(X, dtype=np.float64), tuple(names),
                         tuple((label, tuple(cols)) for label, cols in terms),
                         tuple((name, *factor) for name, factor in zip(factor_names, factors)),
-                        tuple(_type3_hypotheses(X, frame, terms).items()))
+                        tuple(_anova_hypotheses(X, frame, terms, fixed).items()),
+                        _one_term(X, terms))
+
+
+def _one_term(mm, terms: list[tuple[str, list[int]]]) -> bool:
+    """lmerTest's test for type I rows in place of type III: one column, or one term
+    besides the intercept."""
+    labelled = [label for structure, (label, _) in zip(mm.model_spec.structure, terms)
+                if str(structure.term) != "1"]
+    return mm.shape[1] <= 1 or len(labelled) <= 1
+
+
+def _anova_hypotheses(mm, frame, terms: list[tuple[str, list[int]]],
+                      fixed: str) -> dict[str, np.ndarray]:
+    """The hypotheses lmerTest's ``anova`` (type III, its default) tests for the terms whose
+    rows are not simply their own coefficients (``lmerTest:::get_contrasts_type3``):
+
+    - a fixed part of one term (or one column): type I rows (:func:`mpiblmm.type3.type1_rows`);
+    - a factor coded other than by treatment contrasts (``C(g, sum)``, ``C(g, helmert)``,
+      ``C(g, SAS)``...): the hypotheses of the same formula in treatment coding (below),
+      written on this coding's coefficients (:func:`mpiblmm.type3.mapped_rows`), for every
+      term of several columns;
+    - otherwise those of the terms contained in others (:func:`_type3_hypotheses`).
+
+    They span the same hypothesis as the plain ones (F is the same), but Satterthwaite's
+    denominator df depends on the rows.  Empty where a step cannot be taken (the plain
+    hypotheses are then kept)."""
+    from mpiblmm import type3 as t3
+
+    X = np.asarray(mm, dtype=np.float64)
+    if _one_term(mm, terms):
+        return {label: t3.type1_rows(X, cols) for label, cols in terms if len(cols) > 1}
+    treatment = _treatment_coded(fixed)
+    if treatment == fixed:
+        return _type3_hypotheses(mm, frame, terms)
+    mm_t = _matrix(treatment, frame, "fixed part")
+    _, terms_t = r_column_names(mm_t)
+    X_t = np.asarray(mm_t, dtype=np.float64)
+    if len(terms_t) != len(terms) or [len(c) for _, c in terms_t] != [len(c) for _, c in terms]:
+        return {}
+    contained = _type3_hypotheses(mm_t, frame, terms_t)
+    out = {}
+    for (label, cols), (label_t, cols_t) in zip(terms, terms_t):
+        if len(cols) < 2:
+            continue
+        L_t = contained.get(label_t)
+        if L_t is None:
+            L_t = np.zeros((len(cols_t), X_t.shape[1]))
+            L_t[np.arange(len(cols_t)), list(cols_t)] = 1.0
+        L = t3.mapped_rows(L_t, X_t, X)
+        if L is None:
+            return {}
+        out[label] = L
+    return out
+
+
+def _treatment_coded(text: str) -> str:
+    """The fixed part ``text`` (formulaic's spelling) with every ``C(x, contrasts)`` coded by
+    R's treatment contrasts, ``C(x)`` (lmerTest's ``contrasts = "contr.treatment"``
+    remake of the model matrix); ``text`` itself when there is none."""
+    out, pos = [], 0
+    while (m := _FACTOR_CALL.search(text, pos)) is not None:
+        depth, end = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            end += 1
+        args = [a.strip() for _, a in _split_top(text[m.end():end - 1], ",")]
+        first = _treatment_coded(args[0])
+        if m.group(1) == "C" and len(args) == 2:
+            out += [text[pos:m.start()], f"C({first})"]
+        else:
+            out += [text[pos:m.start()], f"{m.group(1)}({', '.join([first] + args[1:])})"]
+        pos = end
+    return "".join(out) + text[pos:]
 
 
 def _type3_hypotheses(mm, frame, terms: list[tuple[str, list[int]]]) -> dict[str, np.ndarray]:
@@ -1047,26 +1123,30 @@ def _type3_hypotheses(mm, frame, terms: list[tuple[str, list[int]]]) -> dict[str
     return {} if out is None else out
 
 
-def default_contrasts(model: FormulaModel) -> list[tuple[str, np.ndarray, str]]:
+def default_contrasts(model: FormulaModel) -> list[tuple]:
     """lmerTest's ``summary`` and ``anova``: a T contrast per coefficient (named by it), an F
-    contrast per term of more than one column (named by the term): its type III hypothesis,
-    as ``anova`` tests it (for a term contained in another, e.g. ``group`` in ``sex * group``,
-    the main effect, not the coefficients of its columns)."""
+    contrast per term of more than one column (named by the term): the rows ``anova`` tests
+    (:func:`_anova_hypotheses`: for a term contained in another, e.g. ``group`` in ``sex *
+    group``, the main effect, not the coefficients of its columns).  Each is ``(name, weights,
+    alternative, sequential)``; ``sequential`` (:attr:`mpiblmm.design.Contrast.sequential`)
+    is the term's columns where the fixed part has one term, whose rows then follow each
+    voxel's own X'X."""
     p = len(model.names)
     out = []
     for j, name in enumerate(model.names):
         w = np.zeros(p)
         w[j] = 1.0
-        out.append((safe_name(name), w, "two-sided"))
+        out.append((safe_name(name), w, "two-sided", ()))
     taken = {c[0] for c in out}
     type3 = dict(model.type3)
     for label, cols in model.terms:
         if len(cols) > 1:
             L = np.zeros((len(cols), p))
             L[np.arange(len(cols)), list(cols)] = 1.0
-            L = type3.get(label, L)      # anova's type III where the term is contained
+            L = type3.get(label, L)      # anova's hypothesis where it has other rows
             name = safe_name(label)
-            out.append((name if name not in taken else f"{name}.F", L, "two-sided"))
+            out.append((name if name not in taken else f"{name}.F", L, "two-sided",
+                        tuple(cols) if model.one_term else ()))   # type I rows per voxel
     return out
 
 

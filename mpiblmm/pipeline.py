@@ -130,8 +130,8 @@ def model_from_design(design: Design) -> Model:
     rd = random_design([f.codes for f in design.factors], [f.Z for f in design.factors],
                        names=[f.name for f in design.factors],
                        effect_names=[f.effect_names for f in design.factors])
-    contrasts = tuple(ContrastDef(c.name, np.asarray(c.L, dtype=float), c.kind, c.alternative)
-                      for c in design.contrasts)
+    contrasts = tuple(ContrastDef(c.name, np.asarray(c.L, dtype=float), c.kind, c.alternative,
+                                  c.sequential) for c in design.contrasts)
     return Model(np.asarray(design.X, dtype=float), rd, contrasts)
 
 
@@ -210,6 +210,8 @@ def input_hash(design: Design, settings: Settings, data_fingerprint: str) -> str
             list(f.effect_names))
     for c in design.contrasts:
         put(c.name, np.asarray(c.L, dtype=float), c.kind, c.alternative)
+        if c.sequential:  # its rows follow each voxel's X'X
+            put("sequential", list(c.sequential))
     return h.hexdigest()
 
 

@@ -99,6 +99,30 @@ def type3(X: np.ndarray, R: np.ndarray, terms: list[Term]) -> dict[str, np.ndarr
     return out
 
 
+def type1_rows(X: np.ndarray, cols: list[int]) -> np.ndarray:
+    """lmerTest's type I (sequential) hypothesis of the term with columns ``cols`` of ``X``
+    (:func:`mpiblmm.lmm.contrasts.sequential_rows` of ``X'X``).  lmerTest's ``anova`` tests
+    these in place of type III when the fixed part has one term
+    (``lmerTest:::get_contrasts_type3``); they span the same hypothesis as the term's
+    coefficients, but Satterthwaite's F denominator df depends on the rows."""
+    from mpiblmm.lmm.contrasts import sequential_rows
+
+    return sequential_rows((X.T @ X)[None], cols)[0]
+
+
+def mapped_rows(L_t: np.ndarray, X_t: np.ndarray, X: np.ndarray) -> np.ndarray | None:
+    """Rows ``L_t`` on the coefficients of ``X_t`` written on those of ``X`` (the same column
+    space in another coding): ``L_t A`` with ``X_t A = X`` (lmerTest's ``map = ginv(X_t)
+    %*% X``, for a model whose factors are not all coded by ``contr.treatment``: it builds
+    the type III hypotheses in treatment coding and maps them).  ``None`` when ``X`` is not
+    in the span of ``X_t``."""
+    A = np.linalg.pinv(X_t) @ X
+    if np.abs(X_t @ A - X).max() > 1e-8 * max(1.0, np.abs(X).max()):
+        return None
+    out = _zap(L_t @ _zap(A))
+    return out[np.abs(out).sum(axis=1) > 1e-8]
+
+
 def _independent_rows(C: np.ndarray) -> np.ndarray:
     """The rows of ``C`` with any row in the span of those before it dropped."""
     keep: list[int] = []

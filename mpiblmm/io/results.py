@@ -97,6 +97,7 @@ class ContrastLayout:
     kind: str
     L: tuple[tuple[float, ...], ...]
     alternative: str = "two-sided"
+    sequential: bool = False  # F rows per voxel (mpiblmm.design.Contrast.sequential)
 
     @property
     def stats(self) -> tuple[str, ...]:
@@ -125,7 +126,8 @@ class ResultsLayout:
             fixed_names=tuple(design.fixed_names),
             factors=tuple((f.name, tuple(f.effect_names)) for f in design.factors),
             contrasts=tuple(ContrastLayout(c.name, c.kind, tuple(map(tuple, np.asarray(c.L).tolist())),
-                                           c.alternative) for c in design.contrasts),
+                                           c.alternative, bool(getattr(c, "sequential", ())))
+                            for c in design.contrasts),
             method=method,
             grid_shape=tuple(int(s) for s in grid_shape),  # type: ignore[arg-type]
             affine=tuple(map(tuple, np.asarray(affine, dtype=float).tolist())),
@@ -214,6 +216,9 @@ def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
             g.attrs["kind"] = c.kind
             g.attrs["weights"] = np.asarray(c.L, dtype=np.float64)
             g.attrs["alternative"] = c.alternative
+            if c.sequential:  # lmerTest's anova of a one-term fixed part
+                g.attrs["rows"] = ("type I rows of each voxel's own X'X (its observed rows); "
+                                   "weights: those of all observations")
         done = f.create_dataset("progress/done", shape=(layout.n_voxels,), dtype="u1", fillvalue=0,
                                 dcpl=_early())
         done.attrs["meaning"] = "1 once every result of the voxel is written"

@@ -41,6 +41,7 @@ import scipy.sparse as sp
 
 from .effect_scale import EffectTransform, effect_transform, restore, transformed_design
 from .estimate import fit
+from .contrasts import sequential_rows
 from .inference import f_contrast, t_contrast
 from .model import (F_STATS, STATUS_EMPTY, STATUS_RANK_DEFICIENT, STATUS_TOO_FEW,
                     STATUS_UNIDENTIFIABLE, T_STATS, ProductForms, RandomStructure,
@@ -52,12 +53,15 @@ from .structures import for_structure
 
 @dataclass(frozen=True)
 class ContrastDef:
-    """A contrast to test at every voxel: ``L`` (r, p); ``kind`` "T" or "F"."""
+    """A contrast to test at every voxel: ``L`` (r, p); ``kind`` "T" or "F".  ``sequential``:
+    the columns of a term whose F test takes the type I rows of each voxel's own X'X
+    (:func:`.contrasts.sequential_rows`; lmerTest's ``anova`` of a one-term fixed part)."""
 
     name: str
     L: np.ndarray
     kind: str = "T"
     alternative: str = "two-sided"
+    sequential: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -411,6 +415,10 @@ def _fit_forms(model: Model, pf: ProductForms, settings: Settings, index: np.nda
             for stat in T_STATS:
                 out[prefix + stat][where] = getattr(r, stat)[fitted]
         else:
-            r = f_contrast(pre, res.beta, c.L, name=c.name)
+            L = c.L
+            if c.sequential:  # rows of each voxel's own X'X (observed rows), (v, r, p)
+                XtX = np.broadcast_to(pf.XtX, (pf.n_voxels,) + pf.XtX.shape[1:])
+                L = sequential_rows(XtX, c.sequential)
+            r = f_contrast(pre, res.beta, L, name=c.name)
             for stat in F_STATS:
                 out[prefix + stat][where] = np.broadcast_to(getattr(r, stat), fitted.shape)[fitted]

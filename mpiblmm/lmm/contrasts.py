@@ -61,3 +61,39 @@ def f_weights(weights, p: int, name: str = "F") -> np.ndarray:
             f"the {r} rows of weights have rank {rank}: the matrix is rank deficient "
             f"(drop the redundant rows)", where=f"contrast {name!r}")
     return L
+
+
+def doolittle_lower(A: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """The unit lower triangular ``L`` of ``A = L U`` (LU without pivoting) of each matrix of
+    the stack ``A`` (v, p, p), as ``lmerTest:::doolittle`` computes it: a column whose pivot
+    ``|U_ii|`` is below ``eps`` is left 0, and entries below ``eps`` are set to 0 (absolute
+    thresholds, as lmerTest's).  Entry by entry over the small ``p``, vectorised over ``v``;
+    every sum left to right, as lmerTest's loops."""
+    v, p = A.shape[0], A.shape[-1]
+    L = np.zeros((v, p, p))
+    U = np.zeros((v, p, p))
+    for i in range(p):
+        L[:, i, i] = 1.0
+        for j in range(p):                                  # U[i, j] = A[i, j] - sum L U
+            acc = A[:, i, j].copy()
+            for k in range(i):
+                acc -= L[:, i, k] * U[:, k, j]
+            U[:, i, j] = acc
+        pivot = U[:, i, i]
+        small = np.abs(pivot) < eps
+        for j in range(i + 1, p):                           # L[j, i] = (A - sum L U) / U_ii
+            acc = A[:, j, i].copy()
+            for k in range(i):
+                acc -= L[:, j, k] * U[:, k, i]
+            L[:, j, i] = np.where(small, 0.0, acc / np.where(small, 1.0, pivot))
+    L[np.abs(L) < eps] = 0.0
+    return L
+
+
+def sequential_rows(XtX: np.ndarray, cols) -> np.ndarray:
+    """lmerTest's type I (sequential) hypothesis rows of the term whose columns of X are
+    ``cols``, for each voxel's own ``X'X`` (v, p, p): rows ``cols`` of ``t(L)``, ``L`` of
+    :func:`doolittle_lower` (``lmerTest:::get_contrasts_type1``), (v, r, p).  Its ``anova``
+    tests these when the fixed part has one term; with missing data each voxel's fit has
+    its own rows of X, so its own rows here."""
+    return np.swapaxes(doolittle_lower(XtX), 1, 2)[:, list(cols), :]

@@ -231,20 +231,26 @@ def f_contrast(pre: Precomputed, beta: np.ndarray, weights, name: str = "F") -> 
     beta
         (v, p) fixed-effect estimates.
     weights
-        (r, p) contrast matrix of full row rank (a single row is allowed: then ``F = t^2``).
+        (r, p) contrast matrix of full row rank (a single row is allowed: then ``F = t^2``),
+        or (v, r, p): each voxel's own rows (:func:`.contrasts.sequential_rows`; the same
+        hypothesis written by other rows: Satterthwaite's df depends on the rows).
     name
         The contrast's name, for error messages.
     """
     # validate
     beta = np.asarray(beta, dtype=np.float64)
-    L = f_weights(weights, beta.shape[1], name)
-    r = L.shape[0]
+    per_voxel = np.ndim(weights) == 3
+    L = np.asarray(weights, dtype=np.float64) if per_voxel else \
+        f_weights(weights, beta.shape[1], name)[None]
+    r = L.shape[1]
     fit = pre.fitted
+    if per_voxel:   # a voxel not fitted may have rows of a singular X'X: never used
+        L = np.where(fit[:, None, None], L, np.eye(r, L.shape[2]))
     # parameters: eigen-directions of L Cov L' (identity stand-in where not fitted)
-    S2 = np.einsum("ip,vpq,jq->vij", L, pre.cov_beta, L)
+    S2 = np.einsum("vip,vpq,vjq->vij", L, pre.cov_beta, L)
     S2 = np.where(fit[:, None, None], S2, np.eye(r))
     d, P = np.linalg.eigh(0.5 * (S2 + np.swapaxes(S2, 1, 2)))
-    rows = np.einsum("vir,ip->vrp", P, L)                 # rows of P'L, (v, r, p)
+    rows = np.einsum("vir,vip->vrp", P, L)                # rows of P'L, (v, r, p)
     nu = np.stack([contrast_variance_df(pre, rows[:, i])[1] for i in range(r)], axis=1)
     df_den = combine_f_df(nu)
     # statistic: F = sum_i (P'L beta)_i^2 / d_i / r

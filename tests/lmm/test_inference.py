@@ -130,3 +130,31 @@ def test_contrast_validation_names_the_contrast():
     # ContrastError is a user error: one line, no traceback in the CLI.
     assert "\n" not in str(ContrastError("x", where="contrast 'c'"))
     assert isinstance(pre, Precomputed)
+
+
+def test_f_with_each_voxels_own_rows_is_the_f_of_each_voxel_alone():
+    """Rows per voxel (v, r, p), as a one-term formula's default F takes them
+    (``contrasts.sequential_rows``): every voxel gets what its own rows give as a 2-D
+    contrast, and rows spanning the same hypothesis give the same F but another df."""
+    from mpiblmm.lmm.contrasts import doolittle_lower, sequential_rows
+
+    pre, beta = _pre_beta(v=4)
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(4, 30, 3))
+    XtX = np.einsum("vni,vnj->vij", X, X)
+    L = sequential_rows(XtX, [1, 2])
+    for v in range(4):        # Doolittle: XtX = L U, L unit lower, U upper; the rows: t(L)
+        Lf = doolittle_lower(XtX[v:v + 1])[0]
+        U = np.linalg.solve(Lf, XtX[v])
+        np.testing.assert_allclose(np.tril(U, -1), 0.0, atol=1e-12)
+        np.testing.assert_array_equal(np.diag(Lf), 1.0)
+        np.testing.assert_array_equal(L[v], Lf.T[[1, 2]])
+    both = f_contrast(pre, beta, L)
+    plain = f_contrast(pre, beta, np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
+    for v in range(4):
+        alone = f_contrast(pre, beta, L[v])
+        for stat in ("F", "df_den", "p"):
+            np.testing.assert_allclose(getattr(both, stat)[v], getattr(alone, stat)[v],
+                                       rtol=1e-13, err_msg=stat)
+    np.testing.assert_allclose(both.F, plain.F, rtol=1e-12)
+    assert np.abs(both.df_den / plain.df_den - 1).max() > 1e-6
