@@ -380,7 +380,9 @@ def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) ->
     for c in design.contrasts:
         rows = "; ".join(_weights(r, design.fixed_names) for r in c.L)
         side = "" if c.kind == "F" or c.alternative == "two-sided" else f" ({c.alternative})"
-        out.append(f"  {c.name}: {c.kind}{side}: {rows}")
+        per_voxel = (" (lmerTest's type I rows: these with every observation, each voxel's "
+                     "own where some are missing)") if c.sequential else ""
+        out.append(f"  {c.name}: {c.kind}{side}: {rows}{per_voxel}")
     out.append(f"estimation: {spec.estimation.method}; missingness: min_n "
                f"{spec.missingness.min_n or 'auto'}, min_fraction {spec.missingness.min_fraction}")
     voxels, how = candidates
