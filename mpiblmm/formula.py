@@ -475,13 +475,8 @@ def _r_factor_calls(text: str) -> str:
     number of levels, formulaic's the base level), ``how.many`` or named arguments.
     """
     out, pos = [], 0
-    while (m := _FACTOR_CALL.search(text, pos)) is not None:
-        depth, end = 1, m.end()
-        while depth:                    # the call's closing ')' (the formula is balanced)
-            depth += {"(": 1, ")": -1}.get(text[end], 0)
-            end += 1
+    for m, end, args in _factor_calls(text):
         call = text[m.start():end]
-        args = [a.strip() for _, a in _split_top(text[m.end():end - 1], ",")]
         named = [a for a in args if re.match(r"[\w.]+\s*=(?!=)", a)]
         if m.group(1) != "C" and (len(args) != 1 or named):
             raise SpecError(f"term {call!r}: {m.group(1)}() takes only the variable here "
@@ -499,6 +494,19 @@ def _r_factor_calls(text: str) -> str:
         out += [text[pos:m.start()], f"{m.group(1)}({', '.join(args)})"]
         pos = end
     return "".join(out) + text[pos:]
+
+
+def _factor_calls(text: str):
+    """Each ``factor(...)``, ``as.factor(...)`` and ``C(...)`` call of ``text`` (not those
+    inside them), in order: its match, the end of the call and its arguments."""
+    pos = 0
+    while (m := _FACTOR_CALL.search(text, pos)) is not None:
+        depth, end = 1, m.end()
+        while depth:                    # the call's closing ')' (the formula is balanced)
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            end += 1
+        yield m, end, [a.strip() for _, a in _split_top(text[m.end():end - 1], ",")]
+        pos = end
 
 
 def _one_line(exc: BaseException, limit: int = 240) -> str:
@@ -1068,12 +1076,7 @@ def _treatment_coded(text: str) -> str:
     R's treatment contrasts, ``C(x)`` (lmerTest's ``contrasts = "contr.treatment"``
     remake of the model matrix); ``text`` itself when there is none."""
     out, pos = [], 0
-    while (m := _FACTOR_CALL.search(text, pos)) is not None:
-        depth, end = 1, m.end()
-        while depth:
-            depth += {"(": 1, ")": -1}.get(text[end], 0)
-            end += 1
-        args = [a.strip() for _, a in _split_top(text[m.end():end - 1], ",")]
+    for m, end, args in _factor_calls(text):
         first = _treatment_coded(args[0])
         if m.group(1) == "C" and len(args) == 2:
             out += [text[pos:m.start()], f"C({first})"]

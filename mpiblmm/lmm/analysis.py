@@ -39,9 +39,9 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from .contrasts import sequential_rows
 from .effect_scale import EffectTransform, effect_transform, restore, transformed_design
 from .estimate import fit
-from .contrasts import sequential_rows
 from .inference import f_contrast, t_contrast
 from .model import (F_STATS, STATUS_EMPTY, STATUS_RANK_DEFICIENT, STATUS_TOO_FEW,
                     STATUS_UNIDENTIFIABLE, T_STATS, ProductForms, RandomStructure,
