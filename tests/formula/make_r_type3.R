@@ -21,6 +21,7 @@ formulas <- c(
   "y ~ C(group, sum) + age + (1 | subject)",
   "y ~ C(group, helmert) * time + (1 | subject)",
   "y ~ C(site, contr.SAS) + C(sex, sum) * group + (1 | subject)",
+  "y ~ C(group, poly) * time + age + (1 | subject)",
   # one term: anova tests type I (sequential) rows
   "y ~ group + (1 | subject)",
   "y ~ C(site, sum) + (1 | subject)"
