@@ -993,6 +993,7 @@ def _formula_model(formula: str, table: Table, aliases: ColumnAliases) -> Formul
 
     X = _matrix(fixed, frame, "fixed part")
     names, terms = r_column_names(X)
+    one = _one_term(X, terms)
     if len(names) == 0:
         raise SpecError("the fixed part has no columns (remove '0 +' or add a term)")
     _single_levels(X, terms, "term")
@@ -1015,8 +1016,7 @@ def _formula_model(formula: str, table: Table, aliases: ColumnAliases) -> Formul
     return FormulaModel(np.asarray(X, dtype=np.float64), tuple(names),
                         tuple((label, tuple(cols)) for label, cols in terms),
                         tuple((name, *factor) for name, factor in zip(factor_names, factors)),
-                        tuple(_anova_hypotheses(X, frame, terms, fixed).items()),
-                        _one_term(X, terms))
+                        tuple(_anova_hypotheses(X, frame, terms, fixed, one).items()), one)
 
 
 def _one_term(mm, terms: list[tuple[str, list[int]]]) -> bool:
@@ -1027,12 +1027,13 @@ def _one_term(mm, terms: list[tuple[str, list[int]]]) -> bool:
     return mm.shape[1] <= 1 or len(labelled) <= 1
 
 
-def _anova_hypotheses(mm, frame, terms: list[tuple[str, list[int]]],
-                      fixed: str) -> dict[str, np.ndarray]:
+def _anova_hypotheses(mm, frame, terms: list[tuple[str, list[int]]], fixed: str,
+                      one_term: bool) -> dict[str, np.ndarray]:
     """The hypotheses lmerTest's ``anova`` (type III, its default) tests for the terms whose
     rows are not simply their own coefficients (``lmerTest:::get_contrasts_type3``):
 
-    - a fixed part of one term (or one column): type I rows (:func:`mpiblmm.type3.type1_rows`);
+    - a fixed part of one term (or one column, ``one_term``: :func:`_one_term`): type I rows
+      (:func:`mpiblmm.type3.type1_rows`);
     - a factor coded other than by treatment contrasts (``C(g, sum)``, ``C(g, helmert)``,
       ``C(g, SAS)``...): the hypotheses of the same formula in treatment coding (below),
       written on this coding's coefficients (:func:`mpiblmm.type3.mapped_rows`), for every
@@ -1045,7 +1046,7 @@ def _anova_hypotheses(mm, frame, terms: list[tuple[str, list[int]]],
     from mpiblmm import type3 as t3
 
     X = np.asarray(mm, dtype=np.float64)
-    if _one_term(mm, terms):
+    if one_term:
         return {label: t3.type1_rows(X, cols) for label, cols in terms if len(cols) > 1}
     treatment = _treatment_coded(fixed)
     if treatment == fixed:
@@ -1062,8 +1063,7 @@ def _anova_hypotheses(mm, frame, terms: list[tuple[str, list[int]]],
             continue
         L_t = contained.get(label_t)
         if L_t is None:
-            L_t = np.zeros((len(cols_t), X_t.shape[1]))
-            L_t[np.arange(len(cols_t)), list(cols_t)] = 1.0
+            L_t = _own_rows(cols_t, X_t.shape[1])
         L = t3.mapped_rows(L_t, X_t, X)
         if L is None:
             return {}
@@ -1144,13 +1144,18 @@ def default_contrasts(model: FormulaModel) -> list[tuple]:
     type3 = dict(model.type3)
     for label, cols in model.terms:
         if len(cols) > 1:
-            L = np.zeros((len(cols), p))
-            L[np.arange(len(cols)), list(cols)] = 1.0
-            L = type3.get(label, L)      # anova's hypothesis where it has other rows
+            L = type3.get(label, _own_rows(cols, p))   # anova's where it has other rows
             name = safe_name(label)
             out.append((name if name not in taken else f"{name}.F", L, "two-sided",
                         tuple(cols) if model.one_term else ()))   # type I rows per voxel
     return out
+
+
+def _own_rows(cols, p: int) -> np.ndarray:
+    """The hypothesis that the coefficients ``cols`` (of ``p``) are zero: a row for each."""
+    L = np.zeros((len(cols), p))
+    L[np.arange(len(cols)), list(cols)] = 1.0
+    return L
 
 
 def safe_name(name: str) -> str:

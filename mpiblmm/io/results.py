@@ -126,7 +126,7 @@ class ResultsLayout:
             fixed_names=tuple(design.fixed_names),
             factors=tuple((f.name, tuple(f.effect_names)) for f in design.factors),
             contrasts=tuple(ContrastLayout(c.name, c.kind, tuple(map(tuple, np.asarray(c.L).tolist())),
-                                           c.alternative, bool(getattr(c, "sequential", ())))
+                                           c.alternative, bool(c.sequential))
                             for c in design.contrasts),
             method=method,
             grid_shape=tuple(int(s) for s in grid_shape),  # type: ignore[arg-type]

@@ -416,9 +416,9 @@ def _fit_forms(model: Model, pf: ProductForms, settings: Settings, index: np.nda
                 out[prefix + stat][where] = getattr(r, stat)[fitted]
         else:
             L = c.L
-            if c.sequential:  # rows of each voxel's own X'X (observed rows), (v, r, p)
-                XtX = np.broadcast_to(pf.XtX, (pf.n_voxels,) + pf.XtX.shape[1:])
-                L = sequential_rows(XtX, c.sequential)
+            if c.sequential:  # rows of each voxel's own X'X (observed rows), (v, r, p);
+                L = sequential_rows(pf.XtX, c.sequential)   # shared X'X: formed once
+                L = np.broadcast_to(L, (pf.n_voxels,) + L.shape[1:])
             r = f_contrast(pre, res.beta, L, name=c.name)
             for stat in F_STATS:
                 out[prefix + stat][where] = np.broadcast_to(getattr(r, stat), fitted.shape)[fitted]
