@@ -712,6 +712,50 @@ def ds_local_optima_slope(rng):
     return d, Y, truth, kinds, desc, contrasts
 
 
+#: ``few_repeats``: of the 600 voxels drawn, the first identifiable ones and those where
+#: Fisher Scoring from ``D = 0`` stopped below lme4's log-likelihood -- at ``D = 0`` (a local
+#: maximum there, or REML's profiled information not positive definite) or, when stopped
+#: early, inside -- before the probes of ``mpiblmm/lmm/probe.py`` (found by comparing every
+#: drawn voxel with lme4, best of two optimisers).
+FEW_REPEATS = {"REML": [33, 40, 51, 268, 319, 390, 409, 594],
+               "ML": [4, 40, 268, 388, 409, 430, 571]}
+FEW_REPEATS_KEEP = sorted(set(range(24)) | set(FEW_REPEATS["REML"]) | set(FEW_REPEATS["ML"]))
+
+
+def ds_few_repeats(rng):
+    """``(1 | subject)``, 10 subjects x 4 visits, each voxel observed on 11-16 of its 40
+    rows: a factor barely identified (most subjects seen once or twice), where the REML
+    profile can have a local maximum at zero variance and its global one far inside."""
+    d = simulate_design(rng, 10, 4, fixed=("intercept", "age", "time"),
+                        factors=(FactorSpec("subject"),))
+    v = 600                               # drawn; FEW_REPEATS_KEEP of them are kept
+    kept_rows = rng.integers(11, 17, v)
+    mask = missing_mask(rng, d, v, fraction=1.0 - kept_rows / d.n)
+    sd = rng.choice([0.0, 1.0, 3.0, 10.0], v)
+    kinds = ["zero" if s == 0 else "interior" for s in sd]
+    beta = np.column_stack([rng.normal(1000, 5, v), rng.normal(0, 0.5, v),
+                            rng.normal(0.2, 0.3, v)])
+    s2 = rng.choice([0.01, 1.0, 25.0], v)
+    Y, truth = simulate_voxels(rng, d, v, beta, _stack([{"subject": covariance([x])} for x in sd]),
+                               s2, missing=mask)
+    keep = np.array(FEW_REPEATS_KEEP)
+    Y, truth, kinds = _kept_voxels(Y, truth, kinds, keep)
+    p = d.p
+    contrasts = [
+        _t("intercept", p, {0: 1}), _t("age", p, {1: 1}), _t("time", p, {2: 1}),
+        _t("age_plus_time", p, {1: 1, 2: 1}),
+        _f("age_time", p, [{1: 1}, {2: 1}]),
+    ]
+    at = {m: ", ".join(str(FEW_REPEATS_KEEP.index(j)) for j in js)
+          for m, js in FEW_REPEATS.items()}
+    desc = ("(1 | subject), 10 subjects x 4 visits, each voxel observed on 11-16 rows; "
+            f"{keep.size} of {v} voxels drawn: the first 24 (all identifiable) and those "
+            "where Fisher Scoring from D = 0 and the polish stopped 0.002-11 below lme4's "
+            "log-likelihood (a local maximum at zero variance, or REML's profiled information "
+            f"not positive definite): voxels {at['REML']} (REML) and {at['ML']} (ML)")
+    return d, Y, truth, kinds, desc, contrasts
+
+
 def _check_unbalanced(d):
     counts = [np.bincount(f.codes) for f in d.factors]
     return all(np.any(c == 1) for c in counts) and all(c.max() >= 8 for c in counts)
@@ -733,6 +777,7 @@ DATASETS = {
     "days": (ds_days, 113),
     "local_optima": (ds_local_optima, 139),
     "local_optima_slope": (ds_local_optima_slope, 225),
+    "few_repeats": (ds_few_repeats, 226),
 }
 
 

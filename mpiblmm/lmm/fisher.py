@@ -240,6 +240,27 @@ def eigh_sym(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return w, U
 
 
+def positive_definite(A: np.ndarray) -> np.ndarray:
+    """(v,) bool: each of a stack of symmetric matrices is positive definite (Sylvester's
+    leading minors, in closed form up to 3 x 3; eigenvalues beyond).  Non-finite: False."""
+    m = A.shape[-1]
+    with np.errstate(invalid="ignore"):
+        if m > 3:
+            ok = np.isfinite(A).all(axis=(-2, -1))
+            w = np.linalg.eigvalsh(np.where(ok[:, None, None], A, np.eye(m)))
+            return ok & (w[:, 0] > 0)
+        a = A[:, 0, 0]
+        if m == 1:
+            return a > 0
+        b, d = A[:, 1, 0], A[:, 1, 1]
+        minor2 = a * d - b * b
+        if m == 2:
+            return (a > 0) & (minor2 > 0)
+        c, e, f = A[:, 2, 0], A[:, 2, 1], A[:, 2, 2]
+        det3 = a * (d * f - e * e) - b * (b * f - e * c) + c * (b * e - d * c)
+        return (a > 0) & (minor2 > 0) & (det3 > 0)
+
+
 def near_boundary(D: tuple[np.ndarray, ...], tol: float) -> np.ndarray:
     """Voxels where some ``D_k`` has an eigenvalue below ``tol * max(1, largest)``."""
     out = np.zeros(D[0].shape[0], dtype=bool)
@@ -291,8 +312,13 @@ def scoring_steps(ev: Evaluation, pf: ProductForms, method: str,
     # (the caller also measures the step size: flat directions gain little for a big step)
     for f, t, Gk, Ik in zip(st.factors, ts, G, info):
         if profiled:
-            # I_DD - I_Ds2 I_s2s2^-1 I_s2D with I_s2D = t/(2 s2), I_s2s2 = dof/(2 s2^2)
-            Ik = Ik - t[:, :, None] * t[:, None, :] / (2.0 * dof[:, None, None])
+            # I_DD - I_Ds2 I_s2s2^-1 I_s2D with I_s2D = t/(2 s2), I_s2s2 = dof/(2 s2^2).
+            # For REML the traces are V^-1's against dof = n - p, and where the factor is
+            # barely identified (n = 11 on 9 levels, 2 repeated) this is not positive
+            # definite: its pseudo-inverse dropped the step and the voxel stopped as
+            # converged, up to 0.4 below lme4.  There I_DD itself scales the step.
+            Ip = Ik - t[:, :, None] * t[:, None, :] / (2.0 * dof[:, None, None])
+            Ik = np.where(positive_definite(Ip)[:, None, None], Ip, Ik)
         s = vech_score(Gk)
         step = solve_small_spd(Ik, s)
         gain += np.einsum("vi,vi->v", s, step)

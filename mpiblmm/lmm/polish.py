@@ -104,13 +104,20 @@ def _block_diag(blocks: list[np.ndarray]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Derivatives:
-    """theta gradient (v, m), negative Hessian approximation (v, m, m), D-scores ``G_k`` and
-    the profiled vech information diagonal blocks ``I_kk`` per factor."""
+    """theta gradient (v, m), negative Hessian approximation (v, m, m), D-scores ``G_k``, and
+    per factor the vech information diagonal blocks ``I_kk`` with ``s2`` profiled out and,
+    ``plain_kk``, without (the escape's step length where the profiled one is degenerate)."""
 
     grad: np.ndarray
     neg_hess: np.ndarray
     G: tuple[np.ndarray, ...]
     info_kk: tuple[np.ndarray, ...]
+    plain_kk: tuple[np.ndarray, ...]
+
+    def take(self, idx: np.ndarray) -> "Derivatives":
+        return Derivatives(self.grad[idx], self.neg_hess[idx], tuple(G[idx] for G in self.G),
+                           tuple(I[idx] for I in self.info_kk),
+                           tuple(I[idx] for I in self.plain_kk))
 
 
 def derivatives(ev: Evaluation, pf: ProductForms, lambdas: tuple[np.ndarray, ...],
@@ -122,6 +129,7 @@ def derivatives(ev: Evaluation, pf: ProductForms, lambdas: tuple[np.ndarray, ...
     dof = (pf.n - pf.p if method == "REML" else pf.n).astype(float)
     # s2 profiled out: I_DD - I_Ds2 I_s2s2^-1 I_s2D = I_DD - t t' / (2 dof)
     t = np.concatenate(ts, axis=-1)
+    plain = info
     info = info - t[:, :, None] * t[:, None, :] / (2.0 * dof[:, None, None])
     grads, Js, Cs = [], [], []
     for f, Gk, lam in zip(st.factors, G, lambdas):
@@ -131,11 +139,14 @@ def derivatives(ev: Evaluation, pf: ProductForms, lambdas: tuple[np.ndarray, ...
         Cs.append(_curvature(Gk))
     J = _block_diag(Js)
     neg_hess = np.swapaxes(J, 1, 2) @ info @ J - _block_diag(Cs)
-    info_kk, start = [], 0
+    info_kk, plain_kk, start = [], [], 0
     for f in st.factors:
-        info_kk.append(info[:, start:start + f.n_vech, start:start + f.n_vech])
+        block = slice(start, start + f.n_vech)
+        info_kk.append(info[:, block, block])
+        plain_kk.append(plain[:, block, block])
         start += f.n_vech
-    return Derivatives(np.concatenate(grads, axis=-1), neg_hess, G, tuple(info_kk))
+    return Derivatives(np.concatenate(grads, axis=-1), neg_hess, G, tuple(info_kk),
+                       tuple(plain_kk))
 
 
 def newton_direction(der: Derivatives) -> np.ndarray:
@@ -189,7 +200,7 @@ def _secant_corrected(der: Derivatives, theta: np.ndarray, prev_theta: np.ndarra
         - rs * s[:, :, None] * s[:, None, :] / ss ** 2
     N = N.copy()
     N[idx] = N[idx] + E
-    return Derivatives(der.grad, N, der.G, der.info_kk)
+    return Derivatives(der.grad, N, der.G, der.info_kk, der.plain_kk)
 
 
 def canonical_theta(theta: np.ndarray, structure: RandomStructure) -> np.ndarray:
@@ -218,7 +229,7 @@ def escape_directions(lambdas: tuple[np.ndarray, ...], der: Derivatives,
     at least one.
     """
     moves, any_move = [], None
-    for lam, Gk, Ik in zip(lambdas, der.G, der.info_kk):
+    for lam, Gk, Ik, Pk in zip(lambdas, der.G, der.info_kk, der.plain_kk):
         D = lam @ np.swapaxes(lam, 1, 2)
         finite = np.isfinite(D).all(axis=(1, 2)) & np.isfinite(Gk).all(axis=(1, 2))
         D = np.where(finite[:, None, None], D, 0.0)
@@ -235,6 +246,13 @@ def escape_directions(lambdas: tuple[np.ndarray, ...], der: Derivatives,
         e = vech(E)
         # 1-D scoring step along E: t = tr(G E) / (e' I e), tr(G E) = w'Gw = mu
         curv = np.einsum("vi,vij,vj->v", e, Ik, e)
+        # REML's profiled information (traces of V^-1 against dof n - p) can be <= 0 along E
+        # where the factor is barely identified (n = 12 on 10 levels, 2 of them repeated):
+        # there the information without s2 profiled out sizes the step (the line search
+        # halves it as needed); with no step at all the voxel stayed at D_k = 0, up to 5
+        # below lme4's logLik (BLMM audit, tests/lmm/test_polish.py)
+        plain = np.einsum("vi,vij,vj->v", e, Pk, e)
+        curv = np.where(curv > 0, curv, plain)
         has = finite & (top > 0) & null.any(axis=1) & (curv > 0)
         t = np.where(has, top / np.where(curv > 0, curv, 1.0), 0.0)
         moves.append(t[:, None, None] * E)
@@ -415,9 +433,7 @@ def polish_rounds(pf: ProductForms, state: PolishState, method: str = "REML",
         retry = np.flatnonzero(gain < floor)
         if retry.size:
             lam_r = tuple(lam[retry] for lam in lam_a)
-            mv_r, has = escape_directions(lam_r, Derivatives(
-                der.grad[retry], der.neg_hess[retry], tuple(G[retry] for G in der.G),
-                tuple(I[retry] for I in der.info_kk)))
+            mv_r, has = escape_directions(lam_r, der.take(retry))
             retry, lam_r = retry[has], tuple(lam[has] for lam in lam_r)
             mv_r = tuple(m[has] for m in mv_r)
         if retry.size:

@@ -6,7 +6,9 @@ the structures that evaluate with Z parts or level sums (one factor, dense).
 2. the polish (:func:`~mpiblmm.lmm.polish.polish_rounds`: Newton in lme4's theta with an
    escape from singular ``D_k``), which guarantees the boundary optimum that the eigenvalue
    clip of step 1 misses, on the voxels that need it (``polish_mode``: "auto", "all" or
-   "none").
+   "none"), and then
+3. with the polish, a second start for voxels that ended on the boundary where a probe of
+   lme4's start beats the end (:mod:`~mpiblmm.lmm.probe`).
 
 A voxel goes to the polish as soon as Fisher Scoring finishes it, and the two run side by
 side: both are generators that ask for their evaluations (:class:`~mpiblmm.lmm.fisher.Request`)
@@ -28,6 +30,7 @@ import numpy as np
 from .fisher import Evaluation, evaluate, near_boundary, scoring_rounds
 from .model import ProductForms
 from .polish import PolishState, polish_rounds
+from .probe import restart_boundary_ends
 from .theta import n_theta, theta_from_D
 
 #: Relative eigenvalue of a D_k below which a voxel is polished in theta (mode "auto").
@@ -83,7 +86,8 @@ def fit_scoring_polish(pf: ProductForms, method: str, tolerance: float, max_iter
                          ("polish_iterations", state.iterations[sel]),
                          ("converged", state.converged[sel])):
             out[key][sel] = val
-    return out
+    # boundary ends that lme4's start (or a ladder around it) beats: fitted again from there
+    return restart_boundary_ends(pf, method, tolerance, max_iterations, out)
 
 
 def _drive(pf: ProductForms, method: str, rounds: list, state: PolishState | None) -> list:
