@@ -170,10 +170,15 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
     spec: dict[str, Any] = {}
     spec["images"] = _list_or_file(need("Y_files"), "Y_files", path, cwd, notes)
     spec["X"] = path(need("X"), "X")
+    _header_free(raw["X"], cwd, f"{where}: X")
     spec["random"] = _factors(need("Z"), where, path, notes)
+    for label, f in _items(raw["Z"], f"{where}: Z", "f"):
+        _header_free(f["design"], cwd, f"{where}: Z: {label}.design")
+    _unique(spec["random"], "Z", notes)
     if raw.get("contrasts") is not None:
         spec["contrasts"] = _contrasts(raw["contrasts"], where, notes,
                                        _x_columns(raw["X"], cwd))
+        _unique(spec["contrasts"], "contrasts", notes)
     if raw.get("analysis_mask"):
         spec["analysis_mask"] = path(raw["analysis_mask"], "analysis_mask")
         _check_analysis_mask(raw["analysis_mask"], cwd, f"{where}: analysis_mask")
@@ -368,6 +373,49 @@ def _check_rank(rows: list[list], key: str) -> None:
         raise SpecError(problem, key)
 
 
+def _resolve(value: str, cwd: Path) -> Path:
+    p = Path(os.path.expanduser(value.strip()))
+    return p if p.is_absolute() else cwd / p
+
+
+def _header_free(value: Any, cwd: Path, key: str) -> None:
+    """A numeric CSV of BLMM's (``X``, a factor's ``design``) as mpiblmm reads it: BLMM
+    skips a header row, the spec's files have none, so a headed file is an error naming the
+    key (with it the conversion could not check the contrasts or set BLMM's ``min_n``, and
+    the fit would refuse the file).  A file not found here is left to the spec's loader."""
+    from mpiblmm.design import read_numeric_csv
+
+    if not isinstance(value, str) or not value.strip():
+        return
+    p = _resolve(value, cwd)
+    if not p.is_file():
+        return
+    try:
+        read_numeric_csv(p)
+    except SpecError as exc:
+        if exc.message.endswith("(the file must have no header row)"):
+            raise SpecError(f"{p} starts with a header row, which BLMM skips but mpiblmm's "
+                            "CSV files must not have: delete that line (the conversion "
+                            "keeps the path)", key) from None
+        raise SpecError(str(exc), key) from None
+
+
+def _unique(entries: list[dict], key: str, notes: list[str]) -> None:
+    """Names made unique in place (``name_2``, ...): BLMM only prints them, the spec keys
+    results by them."""
+    seen = {e["name"] for e in entries}
+    used: set[str] = set()
+    for e in entries:
+        name = e["name"]
+        if name in used:
+            k = 2
+            while f"{name}_{k}" in seen or f"{name}_{k}" in used:
+                k += 1
+            notes.append(f"{key}: a second {name!r} renamed {name}_{k} (names key the results)")
+            e["name"] = f"{name}_{k}"
+        used.add(e["name"])
+
+
 def _x_columns(value: Any, cwd: Path) -> int | None:
     """The number of columns of BLMM's X, or ``None`` when it cannot be read here (the
     spec's loader reports that)."""
@@ -480,6 +528,11 @@ def _blmm_min_n(raw: dict, cwd: Path, notes: list[str]) -> tuple[int, str] | Non
         notes.append(f"safeMode: BLMM drops every voxel here (q = {q} random effects, levels x "
                      f"effects, is not below the {n} observations); not converted: mpiblmm fits "
                      "the voxels whose random effects are identifiable")
+    elif not safe:
+        notes.append("safeMode: 0: BLMM then fits voxels with no more observations than "
+                     "random effects; mpiblmm still does not fit a voxel whose observed rows "
+                     "cannot identify its random effects (a factor seen at fewer than 2 levels, "
+                     "or n <= observed levels x effects: status 9)")
     elif safe and q + 1 > floor:
         floor = q + 1
         why += (f" and, in its safeMode (on by default; safeMode: 0 turns it off), more than "

@@ -78,7 +78,12 @@ def test_safe_mode_setting_and_min_n(tmp_path, extra, min_n):
     _study(tmp_path, subjects=6, visits=3)
     spec, notes = _convert(tmp_path, extra)
     assert spec["missingness"]["min_n"] == min_n
-    assert not any(n.startswith("safeMode") for n in notes)
+    safe_notes = [n for n in notes if n.startswith("safeMode")]
+    if min_n == 4:                          # safe mode off: what mpiblmm still does not fit
+        (note,) = safe_notes
+        assert "status 9" in note and "n <= observed levels x effects" in note
+    else:
+        assert not safe_notes
 
 
 def test_p_plus_one_rule_without_random_slopes(tmp_path):
@@ -250,3 +255,36 @@ def test_safe_mode_voxels_are_not_fitted(tmp_path, run_mpi, mpiblmm_command):
                     zip(f["voxels"][...], f["status"][...], f["n"][...])}
     assert by_voxel[(0, 0, 0)][0] == by_voxel[(0, 1, 0)][0] == 3
     assert by_voxel[(1, 0, 0)][0] in (0, 2) and by_voxel[(1, 1, 0)][0] in (0, 2)
+
+
+@pytest.mark.parametrize("which, key", [("X.csv", "X"), ("z.csv", "Z: f1.design")])
+def test_csv_with_a_header_row_is_an_error_naming_the_key(tmp_path, which, key):
+    """BLMM skips a header row of X and of a factor's design (an audit ran one through
+    BLMM: the same maps as without it); the spec's files have none, and without reading X
+    the conversion could not set BLMM's min_n or check the contrasts' lengths."""
+    _study(tmp_path)
+    path = tmp_path / which
+    path.write_text("intercept,time\n" + path.read_text())
+    with pytest.raises(SpecError) as err:
+        _convert(tmp_path)
+    assert err.value.where.endswith(f"cfg.yml: {key}")
+    assert "header row" in err.value.message and str(path) in err.value.message
+
+
+def test_names_repeated_in_blmm_are_made_unique(tmp_path):
+    """BLMM only prints factor and contrast names; the spec keys results by them, so a
+    repeated name (also one that repeats after renaming) gets a suffix and a note."""
+    _study(tmp_path)
+    (tmp_path / "cfg.yml").write_text(
+        "Y_files: Y.txt\nX: X.csv\nZ:\n"
+        "  - f1: {name: subject, factor: f.csv, design: z.csv}\n"
+        "  - f2: {name: subject, factor: f.csv, design: z.csv}\n"
+        "outdir: out\ncontrasts:\n"
+        "  - c1: {name: age time, vector: [0, 1]}\n"
+        "  - c2: {name: age_time, vector: [1, 0]}\n")
+    spec, notes = convert_file(tmp_path / "cfg.yml", output=tmp_path / "spec.json",
+                               cwd=tmp_path)
+    assert [f["name"] for f in spec["random"]] == ["subject", "subject_2"]
+    assert [c["name"] for c in spec["contrasts"]] == ["age_time", "age_time_2"]
+    assert sum("renamed subject_2" in n for n in notes) == 1
+    assert sum("renamed age_time_2" in n for n in notes) == 1
