@@ -37,7 +37,7 @@ from typing import Callable, NoReturn, Sequence
 
 from mpiblmm import __version__
 from mpiblmm.allocator import keep_freed_memory
-from mpiblmm.errors import USER_ERROR_EXIT_CODE, UserError
+from mpiblmm.errors import USER_ERROR_EXIT_CODE, UserError, warn_unwritable
 
 #: Variables that pin BLAS/OpenMP to one thread per rank unless the user set them.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -383,26 +383,45 @@ class QuietWhenClosed:
     wanted any more, which is no error of the command.  On the first :class:`BrokenPipeError`
     the stream's file descriptor is pointed at ``/dev/null`` (so the interpreter's own last
     flush cannot fail either) and every later write is dropped; the command goes on.
+    Any other write error (a full disk under ``> fit.out``) does the same after one warning
+    on stderr: a batch job's output is never worth its results.
     Everything else is the wrapped stream's.
     """
 
     def __init__(self, stream) -> None:
         self._stream = stream
+        self._dropped = False
 
     def write(self, text: str) -> int:
+        if self._dropped:
+            return len(text)
         try:
             return self._stream.write(text)
         except BrokenPipeError:
             self._to_devnull()
-            return len(text)
+        except OSError as exc:
+            self._failed(exc)
+        return len(text)
 
     def flush(self) -> None:
+        if self._dropped:
+            return
         try:
             self._stream.flush()
         except BrokenPipeError:
             self._to_devnull()
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        warn_unwritable("standard output", exc)
+        self._to_devnull()
 
     def _to_devnull(self) -> None:
+        self._dropped = True
+        self._point_at_devnull()
+
+    def _point_at_devnull(self) -> None:
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             try:

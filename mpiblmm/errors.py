@@ -8,6 +8,8 @@ exception is a bug and aborts the MPI job.
 
 from __future__ import annotations
 
+import sys
+
 USER_ERROR_EXIT_CODE = 2
 
 
@@ -34,3 +36,13 @@ class SpecError(UserError):
 
 class ContrastError(UserError):
     """A contrast cannot be tested (wrong length, rank-deficient matrix, ...)."""
+
+
+def warn_unwritable(what: str, exc: OSError) -> None:
+    """One line on stderr: ``what`` (an output of lines, not of results) cannot be written
+    any more, and the job goes on without it."""
+    try:
+        print(f"mpiblmm: warning: cannot write {what} ({exc.strerror or exc}); the job goes on "
+              "without it", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass

@@ -51,7 +51,7 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
-from mpiblmm.errors import UserError
+from mpiblmm.errors import UserError, warn_unwritable
 
 #: Seconds between progress lines unless ``--progress-interval`` says otherwise.
 DEFAULT_INTERVAL = 10.0
@@ -196,9 +196,7 @@ class JobLog:
                     self._bar_shown = False
                 self._stream.write(text + "\n")
                 self._stream.flush()
-            if self._file is not None:
-                self._file.write(text + "\n")
-                self._file.flush()
+            self._to_file("_file", text + "\n")
         self.note(text)
 
     def report(self, text: str, fraction: float | None = None) -> None:
@@ -216,17 +214,29 @@ class JobLog:
             self._stream.write(f"\r[{bar}] {text[:max(width, 10)]}\033[K")
             self._stream.flush()
             self._bar_shown = True
-            if self._file is not None:
-                self._file.write(line + "\n")
-                self._file.flush()
+            self._to_file("_file", line + "\n")
         self.note(line)
 
     def note(self, text: str) -> None:
         """A line for this rank's own log only (``--rank-logs``), stamped with its time."""
         if self._rank_file is not None:
             with self._lock:
-                self._rank_file.write(f"{self.elapsed():9.3f} {text}\n")
-                self._rank_file.flush()
+                self._to_file("_rank_file", f"{self.elapsed():9.3f} {text}\n")
+
+    def _to_file(self, which: str, text: str) -> None:
+        """Write and flush to the log file ``which`` (an attribute); one that cannot be
+        written any more (a full disk) is closed with a warning on stderr and the job goes
+        on: a log is never worth a job's results."""
+        f = getattr(self, which)
+        if f is None:
+            return
+        try:
+            f.write(text)
+            f.flush()
+        except (OSError, ValueError) as exc:
+            setattr(self, which, None)
+            _close_quietly(f)
+            warn_unwritable(f"rank {self.rank}'s log {f.name}", exc)
 
     def elapsed(self) -> float:
         """Seconds since this log was made (the start of the job)."""
@@ -273,8 +283,17 @@ class JobLog:
                 self._bar_shown = False
             for f in (self._file, self._rank_file):
                 if f is not None:
-                    f.close()
+                    _close_quietly(f)
             self._file = self._rank_file = None
+
+
+def _close_quietly(f: TextIO) -> None:
+    """Close a log file whose last flush may fail (a full disk): its lines are lost, not
+    the job."""
+    try:
+        f.close()
+    except OSError:
+        pass
 
 
 def _split(status: Any) -> tuple[str, float | None]:

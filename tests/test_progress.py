@@ -113,3 +113,43 @@ def test_a_log_file_that_cannot_be_written_is_a_user_error_naming_the_flag(tmp_p
     (tmp_path / "a_file").write_text("")
     with pytest.raises(UserError, match=r"^--rank-logs: cannot write .*rank-00002.log"):
         JobLog(2, options=LogOptions(rank_logs=str(tmp_path / "a_file")))
+
+
+class _FullDisk(io.StringIO):
+    """A stream whose disk filled after ``room`` characters (ENOSPC, as a full tmpfs)."""
+
+    def __init__(self, room: int):
+        super().__init__()
+        self.room = room
+        self.name = "full.log"
+
+    def write(self, text):
+        if self.tell() + len(text) > self.room:
+            raise OSError(28, "No space left on device")
+        return super().write(text)
+
+
+def test_a_log_on_a_full_disk_is_dropped_with_one_warning_and_the_job_goes_on(capsys):
+    """An audit filled the disk under --log-file and --rank-logs: the job ended with a
+    traceback after its voxels were fitted, results.h5 left incomplete."""
+    out = io.StringIO()
+    log = JobLog(0, options=LogOptions(progress_interval=0), stream=out)
+    log._file, log._rank_file = _FullDisk(40), _FullDisk(10**6)
+    for i in range(5):
+        log.say(f"line {i} of the fit's log")
+    log.close()
+    assert out.getvalue().count("\n") == 5                  # stdout got every line
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["mpiblmm: warning: cannot write rank 0's log full.log (No space left on "
+                   "device); the job goes on without it"]
+
+
+def test_standard_output_on_a_full_disk_is_dropped_with_one_warning(capsys):
+    from mpiblmm.cli import QuietWhenClosed
+
+    stream = QuietWhenClosed(_FullDisk(12))
+    for _ in range(3):
+        print("mpiblmm: a summary line", file=stream)
+        stream.flush()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "cannot write standard output (No space left" in err[0]
