@@ -172,15 +172,40 @@ def _codes(labels: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
     return rank[inverse.ravel()].astype(np.int64), tuple(str(u) for u in uniq[order])
 
 
+#: Rows of a contrast whose smallest singular value, each row scaled to length 1, is below
+#: this times the largest are "nearly dependent": F's (L C L')^-1 then loses every digit
+#: (an audit's rows [0, 1, 0], [0, 1, 1e-8] gave F = inf, p = 0 at most voxels; at 1e-5
+#: F was still within 4e-5).
+NEARLY_DEPENDENT = 1e-6
+
+#: A row's largest weight must lie within these (t, F and p do not depend on a row's scale,
+#: but estimate * se overflows or underflows outside them).
+WEIGHT_RANGE = (1e-100, 1e100)
+
+
 def rank_problem(L: np.ndarray) -> str | None:
-    """Why the contrast rows ``L`` (r, p) cannot be tested (all zero, or rows linearly
-    dependent), or ``None`` when they can."""
+    """Why the contrast rows ``L`` (r, p) cannot be tested (all zero, rows linearly or
+    nearly dependent, a row's weights too large or too small to compute with), or ``None``
+    when they can."""
     rank = np.linalg.matrix_rank(L)
     if rank == 0:
         return "all weights are zero"
     if rank < L.shape[0]:
         return (f"the {L.shape[0]} rows are linearly dependent (rank {rank}); drop the "
                 "redundant rows")
+    size = np.abs(L).max(axis=1)
+    lo, hi = WEIGHT_RANGE
+    bad = np.flatnonzero((size < lo) | (size > hi))
+    if bad.size:
+        where = f"row {bad[0] + 1}'s" if L.shape[0] > 1 else "the"
+        return (f"{where} largest weight is {size[bad[0]]:.3g}: outside {lo:g} .. {hi:g}; "
+                "rescale it (t, F and p do not depend on a row's scale)")
+    if L.shape[0] > 1:
+        sv = np.linalg.svd(L / np.linalg.norm(L, axis=1, keepdims=True), compute_uv=False)
+        if sv[-1] < NEARLY_DEPENDENT * sv[0]:
+            return (f"the {L.shape[0]} rows are nearly linearly dependent (scaled to length "
+                    f"1, their smallest singular value is {sv[-1] / sv[0]:.2g} of the largest); "
+                    "F cannot be computed reliably: drop the redundant rows or combine them")
     return None
 
 

@@ -83,6 +83,16 @@ def test_image_count_must_match(tmp_path):
     ([{"name": "c", "weights": [0, 0]}], "contrasts[0] (\"c\").weights: all weights are zero"),
     ([{"name": "ok", "weights": [0, 1]}, {"name": "c", "weights": [[0, 1], [0, 2]]}],
      "contrasts[1] (\"c\").weights: the 2 rows are linearly dependent (rank 1)"),
+    # from a fault audit: F = inf and p = 0 at most voxels, though these rows span the
+    # same hypothesis as [0, 1], [1, 0]
+    ([{"name": "c", "weights": [[0, 1], [1e-8, 1]]}],
+     "contrasts[0] (\"c\").weights: the 2 rows are nearly linearly dependent (scaled to "
+     "length 1, their smallest singular value is 5e-09 of the largest)"),
+    # ... and t = -0 with se = inf, or NaN t at fitted voxels
+    ([{"name": "c", "weights": [0, 1e308]}],
+     "contrasts[0] (\"c\").weights: the largest weight is 1e+308: outside 1e-100 .. 1e+100"),
+    ([{"name": "c", "weights": [[0, 1e-300], [1e-300, 0]]}],
+     "contrasts[0] (\"c\").weights: row 1's largest weight is 1e-300: outside"),
 ])
 def test_contrast_errors(tmp_path, contrasts, expected):
     path = write_study(tmp_path, contrasts=contrasts)
