@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mpiblmm.errors import ContrastError, SpecError
+from mpiblmm.errors import ContrastError, SpecError, not_utf8
 from mpiblmm.formula import NUMBER
 from mpiblmm.lmm.model import RandomFactor, RandomStructure
 from mpiblmm.spec import Spec, first_duplicate, name_length_problem, short_name
@@ -359,7 +359,9 @@ def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             rows = [(reader_line, row) for reader_line, row in _numbered(csv.reader(fh))]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc) from None
+    except (OSError, csv.Error) as exc:
         raise SpecError(f"cannot read: {exc}", str(path)) from None
     while rows and not any(c.strip() for c in rows[-1][1]):
         rows.pop()

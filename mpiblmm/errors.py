@@ -46,3 +46,22 @@ def warn_unwritable(what: str, exc: OSError) -> None:
               "without it", file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass
+
+
+def not_utf8(path, exc: UnicodeDecodeError) -> "SpecError":
+    """The error for a text file that is not UTF-8, naming the row of the first bad byte
+    (a decoder's position counts bytes, often of a chunk only)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as first:
+            bad = raw[first.start]
+            row = raw[:first.start].count(b"\n") + 1
+            return SpecError(f"row {row}: not UTF-8 text (byte 0x{bad:02x}); save the file as "
+                             "UTF-8", str(path))
+    except OSError:
+        pass
+    return SpecError(f"not UTF-8 text ({exc.reason}); save the file as UTF-8", str(path))
+

@@ -47,7 +47,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mpiblmm.errors import SpecError
+from mpiblmm.errors import SpecError, not_utf8
 from mpiblmm.formula_names import (ColumnAliases, backtick_names, lme4_factor_names,
                                    plain_name, r_syntactic)
 
@@ -110,7 +110,9 @@ def read_table(path: Path) -> Table:
         delimiter = table_delimiter(path, header)
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
         rows = [(reader.line_num, row) for row in reader]
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc) from None
+    except (OSError, csv.Error) as exc:
         raise SpecError(f"cannot read: {exc}", str(path)) from None
     rows = [(line, row) for line, row in rows if any(c.strip() for c in row)]
     if not rows:

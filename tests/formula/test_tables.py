@@ -212,3 +212,20 @@ def test_check_reads_a_tsv_and_contrasts_by_non_syntactic_names(tmp_path):
 
     check_names("`age at scan`")
     check_names("age.at.scan")
+
+
+def test_a_table_not_in_utf8_names_the_row_of_the_first_bad_byte(tmp_path):
+    """A Latin-1 table (a fault audit's): the decoder's byte position meant nothing to a
+    user; the row does, for the covariates table and for the matrix form's CSV files."""
+    from mpiblmm.design import read_numeric_csv
+
+    path = tmp_path / "participants.csv"
+    path.write_bytes(b"subject,site\nsub-01,A\nsub-02,Montr\xe9al\n")
+    with pytest.raises(SpecError) as err:
+        read_table(path)
+    assert str(err.value) == (f"{path}: row 3: not UTF-8 text (byte 0xe9); save the file as "
+                              "UTF-8")
+    x = tmp_path / "X.csv"
+    x.write_bytes(b"1,0\n1,1\n" * 3000 + b"1,\xff\n")        # past the reader's first chunk
+    with pytest.raises(SpecError, match=r"X.csv: row 6001: not UTF-8 text \(byte 0xff\)"):
+        read_numeric_csv(x)
