@@ -427,7 +427,10 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     keep = np.flatnonzero(observed)
     if keep.size == 0:
         agree(comm, UserError("no voxel is observed in any image"
-                               + (" inside the analysis mask" if mask is not None else ""),
+                               + (" inside the analysis mask" if mask is not None else "")
+                               + (" where its observation mask is non-zero (every mask is "
+                                  "0, NaN or Inf wherever its image is observed)"
+                                  if masks is not None else ""),
                                reference))
     flat = flat_mask[keep]
     voxels = np.column_stack(np.unravel_index(flat, grid.shape)).astype(np.int32)

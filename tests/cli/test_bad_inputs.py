@@ -331,6 +331,10 @@ CASES: list[Case] = [
     ("every image empty", edit(lambda s, b, c: (
         [nifti(np.zeros(GRID, np.float32))(c / f"z{i}.nii") for i in range(N)],
         s.update(images=[str(c / f"z{i}.nii") for i in range(N)]))), "no voxel is observed"),
+    ("every observation mask empty", edit(lambda s, b, c: (
+        nifti(np.zeros(GRID, np.uint8))(c / "zero_mask.nii"),
+        s.update(observation_masks=[str(c / "zero_mask.nii")] * N))),
+     "where its observation mask is non-zero"),
     ("analysis mask on another grid",
      with_file("analysis_mask", "m.nii", nifti(np.ones((2, 2, 2), np.uint8))), "m.nii"),
     ("analysis mask empty",
