@@ -47,6 +47,8 @@ CLUSTER = "cluster setting: mpiblmm shares voxels over MPI ranks (mpirun -n N)"
 #: BLMM options with no mpiblmm equivalent whose absence does not change the results, and why.
 NO_EQUIVALENT = {
     "MAXMEM": "mpiblmm budgets memory per rank: set max_memory_mb (MiB, default 2048)",
+    "diskMem": "mpiblmm never writes BLMM's ZtY files: each rank fits its voxels in chunks "
+               "sized by max_memory_mb (MiB per rank)",
     "OutputCovB": "mpiblmm always writes cov_beta, into results.h5 only (no map like "
                   "blmm_vox_cov)",
     "minlog": "mpiblmm stores -log10(p) without a floor",

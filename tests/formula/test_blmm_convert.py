@@ -190,7 +190,8 @@ def test_maxnit(tmp_path, value, expected):
 
 def test_cluster_settings_and_unconverted_outputs_are_notes(tmp_path):
     _, notes = _convert(tmp_path, "clusterType: slurm\nnumNodes: 10\nvoxelBatching: 1\n"
-                                  "maxnvb: 60\nresms: 1\nOutputCovB: True\ncolour: red\n")
+                                  "maxnvb: 60\nresms: 1\nOutputCovB: True\ncolour: red\n"
+                                  "diskMem: 1\n")
     by_key = {n.split(":")[0]: n for n in notes}
     for key in ("clusterType", "numNodes", "voxelBatching", "maxnvb"):
         assert by_key[key] == (f"{key}: no equivalent in mpiblmm: cluster setting: mpiblmm "
@@ -198,6 +199,9 @@ def test_cluster_settings_and_unconverted_outputs_are_notes(tmp_path):
     assert "does not compute BLMM's resms" in by_key["resms"] and "sigma2.nii.gz" in by_key["resms"]
     assert "cov_beta, into results.h5 only" in by_key["OutputCovB"]
     assert by_key["colour"] == "colour: unknown BLMM option, not converted"
+    # BLMM's undocumented switch (blmm_setup.py's developer note), not an unknown option
+    assert by_key["diskMem"].startswith("diskMem: no equivalent in mpiblmm: mpiblmm never "
+                                        "writes BLMM's ZtY files")
 
 
 @pytest.mark.parametrize("text, message", [
