@@ -11,7 +11,7 @@ audit found the first such voxel).  These tests show what brings each to lme4's 
 import numpy as np
 import pytest
 
-from mpiblmm.lmm import scoring
+from mpiblmm.lmm import probe, scoring
 from mpiblmm.lmm.estimate import fit
 from mpiblmm.lmm.fisher import evaluate, positive_definite
 from mpiblmm.lmm.polish import derivatives, escape_directions
@@ -89,3 +89,37 @@ def test_positive_definite_agrees_with_the_eigenvalues(m):
     sure = np.abs(w) > 1e-9                              # away from rounding
     np.testing.assert_array_equal(positive_definite(A)[sure], expect[sure])
     assert expect.any() and (~expect).any()
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_replication_is_the_profiled_share_of_the_information_at_zero(method, few_repeats):
+    """:func:`replication` from the level sums equals ``I_p / I_DD`` at ``D = 0`` from the
+    score information (one random intercept: ``1 - n^2 / (dof sum_j n_j^2)``), and the
+    voxels a probe helped are all below :data:`WEAK_BELOW`."""
+    ds, pf = few_repeats
+    lam = (np.zeros((pf.n_voxels, 1, 1)),)
+    der = derivatives(evaluate(pf, lam, method), pf, lam, method)
+    expect = der.info_kk[0][:, 0, 0] / der.plain_kk[0][:, 0, 0]
+    np.testing.assert_allclose(probe.replication(pf, method), expect, rtol=1e-12)
+    counts = np.stack([np.bincount(ds.factors[0].codes[np.isfinite(ds.Y[:, j])],
+                                   minlength=10) for j in range(pf.n_voxels)])
+    n = counts.sum(axis=1)
+    dof = n - 3 if method == "REML" else n
+    np.testing.assert_allclose(probe.replication(pf, method),
+                               1 - n**2 / (dof * (counts**2).sum(axis=1)), rtol=1e-12)
+
+
+def test_well_replicated_boundary_ends_are_not_probed(monkeypatch):
+    """Four complete visits per subject (replication 1 - l/dof = 0.75): a boundary end is
+    left as it is, without an evaluation."""
+    rng = np.random.default_rng(5)
+    l, visits = 30, 4
+    codes = np.repeat(np.arange(l), visits)
+    X = np.column_stack([np.ones(l * visits), np.tile(np.arange(visits), l)])
+    Y = rng.normal(size=(l * visits, 40))                    # no subject variance at all
+    pf = product_forms(X, random_design([codes], [np.ones((l * visits, 1))]), Y)
+    np.testing.assert_allclose(probe.replication(pf, "REML"), 1 - l / (l * visits - 2))
+    calls = []
+    monkeypatch.setattr(probe, "evaluate", lambda *a, **k: calls.append(1))
+    res = fit(pf, "REML")
+    assert (res.status == 2).sum() >= 10 and not calls

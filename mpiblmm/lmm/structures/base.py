@@ -75,6 +75,12 @@ class Algebra:
         """Number of float64 values of one voxel's Z'Z (the chunk memory estimate)."""
         raise NotImplementedError
 
+    def effect_sums(self, pf) -> tuple[np.ndarray, ...]:
+        """Per factor, the diagonal of each level's block of Z'Z, (v|1, l_k, q_k): an
+        effect's sum of squares over the level's observed rows (its row count for an
+        intercept); what :mod:`~mpiblmm.lmm.probe` measures replication with."""
+        raise NotImplementedError
+
     def fit_bytes_per_voxel(self, p: int) -> int:
         """A generous estimate of the working memory of one voxel inside a fit (bytes)."""
         raise NotImplementedError

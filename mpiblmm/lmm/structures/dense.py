@@ -77,6 +77,12 @@ class Dense(Algebra):
     def zz_values_per_voxel(self, p: int) -> int:
         return self.structure.q ** 2
 
+    def effect_sums(self, pf) -> tuple[np.ndarray, ...]:
+        # Z's columns: factor after factor, level after level, effect after effect
+        diag = np.diagonal(pf.ZtZ, axis1=-2, axis2=-1)
+        return tuple(diag[:, sl].reshape(diag.shape[0], f.n_levels, f.n_effects)
+                     for f, sl in zip(self.structure.factors, self.structure.slices()))
+
     def fit_bytes_per_voxel(self, p: int) -> int:
         """About 12 dense (q, q) matrices plus the (q, p + 1) products."""
         q = self.structure.q

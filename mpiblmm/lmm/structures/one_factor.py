@@ -73,6 +73,9 @@ class OneFactor(Algebra):
         f = self.structure.factors[0]
         return f.n_levels * f.n_effects**2
 
+    def effect_sums(self, pf) -> tuple[np.ndarray, ...]:
+        return (np.diagonal(pf.ZtZ, axis1=-2, axis2=-1),)
+
     def fit_bytes_per_voxel(self, p: int) -> int:
         """About 40 arrays of (l, q1, q1 + p + 1) values."""
         f = self.structure.factors[0]
