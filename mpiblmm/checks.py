@@ -148,3 +148,26 @@ def _column(A: np.ndarray, j: int, names: tuple[str, ...]) -> str:
     what = f"column {j + 1}" + (f" ({names[j]!r})" if len(names) == A.shape[1] else "")
     how = "zero" if not np.any(A[:, j]) else "a linear combination of the columns before it"
     return f"{what} is {how}"
+
+
+def overlapping_random_terms(design: Any) -> list[str]:
+    """Notes (not errors) for pairs of random factors with the same grouping whose
+    covariates overlap, ``rank([Z_a Z_b]) < q_a + q_b``: ``(1 | subject) + (1 | subject)``,
+    or ``(cond || subject)`` with a factor ``cond`` (its indicator columns sum to the
+    intercept).  lme4 fits them without a word, and so does mpiblmm: the likelihood, the
+    fixed effects and their tests are identified, but how the variance splits between the
+    two terms is not (an audit saw the split differ 40-237 fold from lme4's at equal
+    log-likelihoods)."""
+    notes = []
+    factors = list(design.factors)
+    for i, a in enumerate(factors):
+        for b in factors[i + 1:]:
+            if not np.array_equal(a.codes, b.codes):
+                continue
+            both = np.column_stack([a.Z, b.Z])
+            if dependent_column(both) is not None:
+                notes.append(f"random terms {a.name!r} and {b.name!r} group by the same "
+                             "levels and their effects overlap: the fit, the fixed effects "
+                             "and their tests are identified, but how the variance splits "
+                             "between the two terms is arbitrary (lme4's is too)")
+    return notes

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from mpiblmm import __version__, interrupt
-from mpiblmm.checks import check_fittable
+from mpiblmm.checks import check_fittable, overlapping_random_terms
 from mpiblmm.design import Design, design_from_spec
 from mpiblmm.errors import UserError
 from mpiblmm.io import agree, make_dirs, on_root
@@ -307,6 +307,8 @@ def _load(spec: Spec, spec_path: str, options: FitOptions, fingerprint: str) -> 
     except BaseException:
         lock.release()
         raise
+    notes = [note] * bool(note) + [f"note: {n}" for n in overlapping_random_terms(design)]
+    note = "\n".join(notes)
     return Setup(None, design, digest, lock, done, note, fingerprint)
 
 
@@ -377,8 +379,8 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
         # the budget is the peak per rank, interpreter included: size the work by what is left
         work = agreed_work_budget_mb(comm, budget, _budget_source(spec_path, spec, options))
         settings = settings_from_spec(spec, work)
-    if setup.note:
-        say(f"mpiblmm: {setup.note}")
+    for line in setup.note.splitlines():
+        say(f"mpiblmm: {line}")
     with timer.phase("ingest"):
         try:
             packed = prepare_input(replace(spec, max_memory_mb=INGEST_SHARE * work), comm,

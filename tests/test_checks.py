@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mpiblmm.checks import check_fittable, dependent_column
+from mpiblmm.checks import check_fittable, dependent_column, overlapping_random_terms
 from mpiblmm.design import build_design
 from mpiblmm.errors import SpecError
 
@@ -88,3 +88,29 @@ def test_dependent_column_finds_the_first_culprit():
     A[:, 2] = A[:, 0] * 1e6 + A[:, 1]                   # scaling does not hide it
     assert dependent_column(A) == 2
     assert dependent_column(np.column_stack([np.ones(5) * 1e-9, np.arange(5)])) is None
+
+
+def test_overlapping_terms_of_one_grouping_get_a_note_not_an_error():
+    """``(1 | subject) + (1 | subject)`` and ``(cond || subject)`` with a two-level factor
+    (indicators summing to the intercept): lme4 and mpiblmm fit them, but the variance split
+    between the terms is arbitrary.  Other groupings, and (1 + time || subject), are fine."""
+    n_sub, visits = 10, 4
+    labels = [f"s{i}" for i in np.repeat(np.arange(n_sub), visits)]
+    n = n_sub * visits
+    t = np.tile(np.arange(visits), n_sub).astype(float)
+    cond = np.tile([1.0, 0.0], n // 2)
+    cases = {
+        "twice": (np.ones((n, 1)), np.ones((n, 1)), labels, 1),
+        "cond ||": (np.ones((n, 1)), np.column_stack([cond, 1 - cond]), labels, 1),
+        "time ||": (np.ones((n, 1)), t[:, None], labels, 0),
+        "other grouping": (np.ones((n, 1)), np.ones((n, 1)),
+                           [f"site{i % 3}" for i in range(n)], 0),
+    }
+    for name, (Za, Zb, labels_b, expected) in cases.items():
+        d = _design(n_sub, visits, Z=Za, extra_factor=("subject.1", labels_b, Zb, None))
+        check_fittable(d)                                   # never an error
+        notes = overlapping_random_terms(d)
+        assert len(notes) == expected, name
+        if expected:
+            assert notes[0].startswith("random terms 'subject' and 'subject.1' group by the "
+                                       "same levels and their effects overlap")
