@@ -472,6 +472,12 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
     if rank == 0 and log.active:  # stdout unless --quiet, and --log-file
         _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path,
                        timer.seconds["export"], timer.total(), peak, budget)
+    if rank == 0 and n_fitted == 0:
+        # a job that ran to the end without a single estimate: a batch log must say so
+        why = "; ".join(f"{counts[c]} with status {c}, "
+                        f"{STATUS_CODES.get(c, 'not processed').removeprefix('not fitted: ')}"
+                        for c in sorted(counts))
+        print(f"mpiblmm: warning: no voxel was fitted: {why}", file=sys.stderr, flush=True)
     return results_path
 
 

@@ -12,7 +12,7 @@ import pytest
 from .studies import read_results
 
 
-def _study(folder, max_iterations=None):
+def _study(folder, max_iterations=None, constant=128):
     import nibabel as nib
 
     rng = np.random.default_rng(11)
@@ -23,7 +23,7 @@ def _study(folder, max_iterations=None):
     sub = np.repeat(np.arange(n_sub), visits)
     V = int(np.prod(grid))
     Y = 50 + (X @ [0.0, 0.3])[:, None] + rng.normal(size=(n_sub, V))[sub] + rng.normal(size=(n, V))
-    Y[:, :128] = rng.uniform(200.0, 900.0, 128)       # constant but not zero
+    Y[:, :constant] = rng.uniform(200.0, 900.0, constant)    # constant but not zero
     Y = Y.astype(np.float32)
     folder.mkdir()
     names = []
@@ -62,3 +62,20 @@ def test_constant_voxels_and_the_iteration_cap_end_to_end(tmp_path, run_mpi, mpi
     assert slow.sum() > 64
     assert (capped["status"][128:][slow] == 1).all()
     assert (capped["status"][128:][~slow] == free["status"][128:][~slow]).all()
+
+
+@pytest.mark.spawns_mpiexec
+def test_a_job_without_a_single_fitted_voxel_warns(tmp_path, run_mpi, mpiblmm_command):
+    """A fault audit's job fitted none of its voxels (every one below the missingness
+    thresholds) and ended with exit 0 and only the status counts: a batch log gets one
+    warning line saying so and why, even with --quiet; a job that fits voxels gets none."""
+    spec = _study(tmp_path / "none", constant=256)
+    job = run_mpi(2, [*mpiblmm_command, "fit", "--quiet", str(spec)], timeout=180)
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.stderr.strip().splitlines()[-1] == (
+        "mpiblmm: warning: no voxel was fitted: 256 with status 7, observed data are "
+        "constant (no residual variance)")
+    spec = _study(tmp_path / "some")
+    job = run_mpi(2, [*mpiblmm_command, "fit", "--quiet", str(spec)], timeout=180)
+    assert job.returncode == 0 and "warning" not in job.stderr
+
