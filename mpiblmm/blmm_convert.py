@@ -61,6 +61,8 @@ NO_EQUIVALENT = {
     "resms": "mpiblmm does not compute BLMM's resms (e'e/(n-p), blmm_vox_resms); it writes the "
              "model's residual variance sigma2 (sigma2.nii.gz, sigma2 in results.h5)",
 }
+#: mpiblmm's default estimation.tolerance (``mpiblmm.lmm.estimate.fit``); BLMM's is 1e-6.
+DEFAULT_TOLERANCE = 1e-12
 #: Keys BLMM's setup writes into the config it is given (and into outdir/inputs.yml) when it
 #: runs: not the user's options, ignored without a note.
 BLMM_WRITTEN = {"q"}
@@ -207,6 +209,11 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
         estimation["max_iterations"] = _max_iterations(raw["maxnit"], f"{where}: maxnit")
     if raw.get("tol") is not None:
         estimation["tolerance"] = _tolerance(raw["tol"], f"{where}: tol")
+        if estimation["tolerance"] > DEFAULT_TOLERANCE:
+            notes.append(f"tol: {estimation['tolerance']:g} converted as given, looser than "
+                         f"mpiblmm's default {DEFAULT_TOLERANCE:g} (a voxel stops when its "
+                         "log-likelihood changes by less): delete it to fit as close to "
+                         "lme4's optimum as mpiblmm's default does")
     if estimation:
         spec["estimation"] = estimation
     spec["output"] = path(need("outdir"), "outdir")

@@ -93,10 +93,12 @@ def test_config_with_optional_fields(tmp_path):
     assert spec["estimation"] == {"max_iterations": 500, "tolerance": 1e-6}
     assert spec["analysis_mask"] == "data/mask.nii.gz" and spec["output"] == "out"
     keys = [n.split(":")[0] for n in notes]
-    assert keys == ["Z", "data_mask_files", "MAXMEM", "OutputCovB"]
-    assert "renamed 'site_name'" in notes[0] and "no equivalent" in notes[2]
+    assert keys == ["Z", "data_mask_files", "tol", "MAXMEM", "OutputCovB"]
+    assert "renamed 'site_name'" in notes[0] and "no equivalent" in notes[3]
     assert "BLMM multiplies each image by its mask" in notes[1]
-    assert "results.h5 only" in notes[3]
+    assert notes[2].startswith("tol: 1e-06 converted as given, looser than mpiblmm's "
+                               "default 1e-12")
+    assert "results.h5 only" in notes[4]
 
 
 BASE = """\
@@ -354,3 +356,12 @@ def test_config_for_a_simulated_study(tmp_path, monkeypatch):
     assert np.array_equal(a.X, b.X) and np.array_equal(a.factors[0].Z, b.factors[0].Z)
     assert np.array_equal(a.factors[0].codes, b.factors[0].codes)
     assert [(c.name, c.L.tolist()) for c in a.contrasts] == [(c.name, c.L.tolist()) for c in b.contrasts]
+
+
+def test_the_tolerance_note_names_the_estimators_own_default():
+    import inspect
+
+    from mpiblmm.blmm_convert import DEFAULT_TOLERANCE
+    from mpiblmm.lmm.estimate import fit
+
+    assert inspect.signature(fit).parameters["tolerance"].default == DEFAULT_TOLERANCE
