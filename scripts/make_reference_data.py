@@ -59,6 +59,16 @@ def _f(name, p, rows):
     return {"name": name, "weights": out}
 
 
+def _age_time_contrasts(p, all_correlated=True):
+    """T contrasts of the intercept, age, time and age + time, the F of age and time and
+    (``all_correlated``) an F of three correlated rows, for X = (intercept, age, time, ...)."""
+    out = [_t("intercept", p, {0: 1}), _t("age", p, {1: 1}), _t("time", p, {2: 1}),
+           _t("age_plus_time", p, {1: 1, 2: 1}), _f("age_time", p, [{1: 1}, {2: 1}])]
+    if all_correlated:
+        out.append(_f("all_correlated", p, [{0: 1}, {1: 1}, {1: 1, 2: 1}]))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # the datasets: each returns (design, Y, truth, kinds, description, contrasts)
 
@@ -74,12 +84,7 @@ def ds_intercept(rng):
     beta[::5, 1:] = 0.0  # some voxels with no effect
     Y, truth = simulate_voxels(rng, d, v, beta, covs, rng.uniform(0.5, 2.0, v))
     p = d.p
-    contrasts = [
-        _t("intercept", p, {0: 1}), _t("age", p, {1: 1}), _t("time", p, {2: 1}),
-        _t("age_plus_time", p, {1: 1, 2: 1}),
-        _f("age_time", p, [{1: 1}, {2: 1}]),
-        _f("all_correlated", p, [{0: 1}, {1: 1}, {1: 1, 2: 1}]),
-    ]
+    contrasts = _age_time_contrasts(p)
     return d, Y, truth, kinds, "random intercept per subject, 30 subjects x 4 visits", contrasts
 
 
@@ -280,11 +285,7 @@ def ds_unbalanced(rng):
     beta = np.column_stack([rng.normal(6, 1, v), rng.normal(0, 0.5, v), rng.normal(0.2, 0.3, v)])
     Y, truth = simulate_voxels(rng, d, v, beta, _stack(per), rng.uniform(0.5, 1.5, v))
     p = d.p
-    contrasts = [
-        _t("intercept", p, {0: 1}), _t("age", p, {1: 1}), _t("time", p, {2: 1}),
-        _t("age_plus_time", p, {1: 1, 2: 1}),
-        _f("age_time", p, [{1: 1}, {2: 1}]),
-    ]
+    contrasts = _age_time_contrasts(p, all_correlated=False)
     desc = ("unbalanced: 40 subjects with 1 (15 of them) to 10 visits, intercept+slope per subject; "
             "centre (7 levels, per observation, very unequal sizes incl. singletons)")
     return d, Y, truth, kinds, desc, contrasts
@@ -634,12 +635,7 @@ def ds_local_optima(rng):
     keep = np.array(LOCAL_OPTIMA_KEEP)
     Y, truth, kinds = _kept_voxels(Y, truth, kinds, keep)
     p = d.p
-    contrasts = [
-        _t("intercept", p, {0: 1}), _t("age", p, {1: 1}), _t("time", p, {2: 1}),
-        _t("age_plus_time", p, {1: 1, 2: 1}),
-        _f("age_time", p, [{1: 1}, {2: 1}]),
-        _f("all_correlated", p, [{0: 1}, {1: 1}, {1: 1, 2: 1}]),
-    ]
+    contrasts = _age_time_contrasts(p)
     at = {m: ", ".join(str(LOCAL_OPTIMA_KEEP.index(j)) for j in js)
           for m, js in LOCAL_OPTIMA.items()}
     desc = (f"(1 | subject) + (1 | scanner) + (1 | rater), crossed: {n_sub} subjects x 3-6 "
@@ -741,11 +737,7 @@ def ds_few_repeats(rng):
     keep = np.array(FEW_REPEATS_KEEP)
     Y, truth, kinds = _kept_voxels(Y, truth, kinds, keep)
     p = d.p
-    contrasts = [
-        _t("intercept", p, {0: 1}), _t("age", p, {1: 1}), _t("time", p, {2: 1}),
-        _t("age_plus_time", p, {1: 1, 2: 1}),
-        _f("age_time", p, [{1: 1}, {2: 1}]),
-    ]
+    contrasts = _age_time_contrasts(p, all_correlated=False)
     at = {m: ", ".join(str(FEW_REPEATS_KEEP.index(j)) for j in js)
           for m, js in FEW_REPEATS.items()}
     desc = ("(1 | subject), 10 subjects x 4 visits, each voxel observed on 11-16 rows; "

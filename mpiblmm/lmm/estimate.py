@@ -27,10 +27,8 @@ from .model import (
     STATUS_RANK_DEFICIENT, STATUS_SINGULAR, STATUS_TOO_FEW, FitResult, ProductForms,
 )
 from .products import full_rank
-from .theta import D_from_theta, n_theta, theta_slices, tril_indices
+from .theta import D_from_theta, is_singular, n_theta
 
-#: lme4's ``isSingular`` tolerance on the diagonal of each Lambda_k (theta relative to sigma).
-SINGULAR_TOL = 1e-4
 
 #: Residual RMS, relative to the data's RMS, below which a voxel's data count as constant.
 #: float32 (how packed images are stored) rounds a value by up to 2^-24 ~ 6e-8 of its size
@@ -91,15 +89,6 @@ def screen(pf: ProductForms) -> np.ndarray:
     status[pf.n <= p] = STATUS_TOO_FEW
     status[pf.n <= 0] = STATUS_EMPTY
     return status
-
-
-def is_singular(theta: np.ndarray, structure, tol: float = SINGULAR_TOL) -> np.ndarray:
-    """lme4's ``isSingular``: some diagonal entry of some Lambda_k below ``tol``."""
-    out = np.zeros(theta.shape[0], dtype=bool)
-    for f, sl in zip(structure.factors, theta_slices(structure)):
-        rows, cols = tril_indices(f.n_effects)
-        out |= (np.abs(theta[:, sl][:, rows == cols]) < tol).any(axis=1)
-    return out
 
 
 def _fit_chunk(pf: ProductForms, method: str, tolerance: float, max_iterations: int,

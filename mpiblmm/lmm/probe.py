@@ -27,26 +27,15 @@ import numpy as np
 from .fisher import evaluate
 from .model import ProductForms
 from .polish import polish
-from .theta import theta_slices, tril_indices
+from .theta import is_singular, lambdas_from_theta, tril_indices
 
 #: Scales ``c`` of the probes ``Lambda_k = c I``: lme4's start (1) and a ladder around it.
 PROBES = tuple(float(c) for c in np.geomspace(0.25, 64.0, 17))
-
-#: A diagonal entry of ``Lambda_k`` below this ends on the boundary (lme4's isSingular).
-BOUNDARY_BELOW = 1e-4
 
 #: Only voxels whose replication (:func:`replication`) of some effect is below this are
 #: probed.  In simulated searches every voxel a probe improved had 0.11-0.63; four complete
 #: visits per subject give 0.75, three 0.67, two 0.5, one visit each about 0.
 WEAK_BELOW = 0.7
-
-
-def _on_boundary(theta: np.ndarray, structure) -> np.ndarray:
-    out = np.zeros(theta.shape[0], dtype=bool)
-    for f, sl in zip(structure.factors, theta_slices(structure)):
-        rows, cols = tril_indices(f.n_effects)
-        out |= (np.abs(theta[:, sl][:, rows == cols]) < BOUNDARY_BELOW).any(axis=1)
-    return out
 
 
 def _probe_theta(c: float, structure, v: int) -> np.ndarray:
@@ -83,7 +72,7 @@ def restart_boundary_ends(pf: ProductForms, method: str, tolerance: float,
     boundary ends that a probe beats fitted again (see the module docstring)."""
     st = pf.structure
     used = out["fs_iterations"] + out["polish_iterations"]
-    todo = np.flatnonzero(np.isfinite(out["llh"]) & _on_boundary(out["theta"], st)
+    todo = np.flatnonzero(np.isfinite(out["llh"]) & is_singular(out["theta"], st)
                           & (used < max_iterations))
     if todo.size:
         todo = todo[replication(pf.subset(todo), method) < WEAK_BELOW]
@@ -91,13 +80,8 @@ def restart_boundary_ends(pf: ProductForms, method: str, tolerance: float,
         return out
     k = len(PROBES)
     starts = np.concatenate([_probe_theta(c, st, todo.size) for c in PROBES])
-    lambdas = []
-    for f, sl in zip(st.factors, theta_slices(st)):
-        lam = np.zeros((starts.shape[0], f.n_effects, f.n_effects))
-        rows, cols = tril_indices(f.n_effects)
-        lam[:, rows, cols] = starts[:, sl]
-        lambdas.append(lam)
-    ev = evaluate(pf.voxels(np.tile(todo, k)), tuple(lambdas), method, need_z=False)
+    ev = evaluate(pf.voxels(np.tile(todo, k)), lambdas_from_theta(starts, st), method,
+                  need_z=False)
     llh = np.where(np.isfinite(ev.llh), ev.llh, -np.inf).reshape(k, todo.size)
     best = np.argmax(llh, axis=0)
     best_llh = llh[best, np.arange(todo.size)]

@@ -43,6 +43,20 @@ def theta_slices(structure: RandomStructure) -> tuple[slice, ...]:
     return tuple(out)
 
 
+#: lme4's ``isSingular`` tolerance on the diagonal of each Lambda_k (theta relative to sigma).
+SINGULAR_TOL = 1e-4
+
+
+def is_singular(theta: np.ndarray, structure: RandomStructure,
+                tol: float = SINGULAR_TOL) -> np.ndarray:
+    """lme4's ``isSingular``: some diagonal entry of some Lambda_k below ``tol`` (v,)."""
+    out = np.zeros(theta.shape[0], dtype=bool)
+    for f, sl in zip(structure.factors, theta_slices(structure)):
+        rows, cols = tril_indices(f.n_effects)
+        out |= (np.abs(theta[:, sl][:, rows == cols]) < tol).any(axis=1)
+    return out
+
+
 def lambdas_from_theta(theta: np.ndarray, structure: RandomStructure) -> tuple[np.ndarray, ...]:
     """Lower-triangular factors ``Lambda_k`` (v, q_k, q_k) from theta (v, n_theta)."""
     out = []

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from mpiblmm.lmm.effect_scale import effect_scales, effect_transform, restore, transformed_design
-from mpiblmm.lmm.estimate import SINGULAR_TOL, fit
+from mpiblmm.lmm.estimate import fit
+from mpiblmm.lmm.theta import SINGULAR_TOL
 from mpiblmm.lmm.model import STATUS_SINGULAR
 from mpiblmm.lmm.products import product_forms, random_design
 from mpiblmm.lmm.theta import cholesky_psd

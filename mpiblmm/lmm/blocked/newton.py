@@ -89,7 +89,7 @@ PROBE_BELOW = 1e-3
 PROBE = 1e-2
 
 #: A voxel that ends with a diagonal entry of ``Lambda_k`` below this (lme4's singular-fit
-#: tolerance, ``estimate.SINGULAR_TOL``) is optimised again from lme4's start
+#: tolerance, ``theta.SINGULAR_TOL``) is optimised again from lme4's start
 #: (:func:`_restart_boundary_ends`).
 RESTART_BELOW = 1e-4
 
