@@ -36,6 +36,13 @@ from .theta import n_theta, theta_from_D
 #: Relative eigenvalue of a D_k below which a voxel is polished in theta (mode "auto").
 NEAR_BOUNDARY = 1e-6
 
+#: Fisher Scoring iterations after which a voxel still going is handed to the polish (with
+#: the rest of its budget).  Where a factor is weakly replicated the expected information
+#: is far from the observed one and FS converges linearly at a rate near 1: an lme4 audit's
+#: voxel (120 subjects, 15% seen twice) crept for 300 iterations at lme4's logLik to 2e-10
+#: and ended "not converged"; Newton in theta finishes it.
+FS_ITERATIONS = 50
+
 
 def fit_scoring_polish(pf: ProductForms, method: str, tolerance: float, max_iterations: int,
                        polish_mode: str, halvings: dict) -> dict:
@@ -61,7 +68,8 @@ def fit_scoring_polish(pf: ProductForms, method: str, tolerance: float, max_iter
             # the polish writes its voxels' rows of Fisher Scoring's evaluation (final there)
             state.add(idx[sel], theta_from_D(tuple(Dk[sel] for Dk in D), st), ev, left[sel], st)
 
-    rounds = [scoring_rounds(pf, method, tolerance=tolerance, max_iterations=max_iterations,
+    fs_cap = max_iterations if state is None else min(max_iterations, FS_ITERATIONS)
+    rounds = [scoring_rounds(pf, method, tolerance=tolerance, max_iterations=fs_cap,
                              on_done=None if state is None else hand_over, **halvings)]
     if state is not None:
         rounds.append(polish_rounds(pf, state, method, tolerance))

@@ -1,6 +1,7 @@
 """Barely identified factors in the one-factor path: a local maximum at zero variance, and
 REML's profiled information that is not positive definite (mpiblmm.lmm.probe, the escape's
-step length in mpiblmm.lmm.polish, the scoring step in mpiblmm.lmm.fisher).
+step length in mpiblmm.lmm.polish, the scoring step in mpiblmm.lmm.fisher), and Fisher
+Scoring that creeps where a factor is weakly replicated (mpiblmm.lmm.scoring.FS_ITERATIONS).
 
 The reference dataset ``few_repeats`` (tests/reference, lme4 values beside it, made by
 scripts/make_reference.R) keeps voxels of a 10-subject study seen on 11-16 of 40 rows where
@@ -123,3 +124,37 @@ def test_well_replicated_boundary_ends_are_not_probed(monkeypatch):
     monkeypatch.setattr(probe, "evaluate", lambda *a, **k: calls.append(1))
     res = fit(pf, "REML")
     assert (res.status == 2).sum() >= 10 and not calls
+
+
+def _slow_voxel():
+    import csv
+    import json
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    rows = list(csv.DictReader(open(here / "slow_scoring.csv")))
+    y = np.array([float(r["y"]) for r in rows])
+    X = np.column_stack([np.ones(y.size), [float(r["age"]) for r in rows],
+                         [float(r["time"]) for r in rows]])
+    labels = [r["subject"] for r in rows]
+    codes = np.unique(labels, return_inverse=True)[1]
+    pf = product_forms(X, random_design([codes], [np.ones((y.size, 1))]), y[:, None])
+    return pf, json.loads((here / "slow_scoring_lme4.json").read_text())
+
+
+def test_weakly_replicated_interior_voxel_is_finished_by_the_polish(monkeypatch):
+    """An lme4 audit's voxel (91 observations of ~80 subjects, y ~ age + time + (1 |
+    subject), REML; lme4 values from make_slow_scoring.R): Fisher Scoring crept at lme4's
+    logLik to 2e-10 for all 300 iterations and the voxel ended "not converged" (status 1).
+    After scoring.FS_ITERATIONS the polish takes over and converges."""
+    pf, ref = _slow_voxel()
+    res = fit(pf, "REML")
+    assert res.status[0] == 0
+    assert res.extras["fs_iterations"][0] == scoring.FS_ITERATIONS
+    assert 0 < res.extras["polish_iterations"][0] < 10
+    assert res.llh[0] >= ref["logLik"] - LLH_TOL
+    np.testing.assert_allclose(res.extras["theta"][0, 0], ref["theta"], rtol=1e-4)
+    np.testing.assert_allclose(res.s2[0], ref["sigma2"], rtol=1e-5)
+    np.testing.assert_allclose(res.beta[0], ref["beta"], rtol=1e-7)
+    monkeypatch.setattr(scoring, "FS_ITERATIONS", 10**6)           # Fisher Scoring alone
+    assert fit(pf, "REML").status[0] == 1
