@@ -165,8 +165,7 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
     def path(value: Any, key: str) -> str:
         if not isinstance(value, str) or not value.strip():
             raise SpecError(f"expected a path, got {value!r}", f"{where}: {key}")
-        p = Path(os.path.expanduser(value.strip()))
-        p = p if p.is_absolute() else cwd / p
+        p = _resolve(value, cwd)
         if folder is None:
             return str(p)
         return os.path.relpath(p, folder)
@@ -383,6 +382,7 @@ def _check_rank(rows: list[list], key: str) -> None:
 
 
 def _resolve(value: str, cwd: Path) -> Path:
+    """A path of the config as BLMM resolves it: ``~`` expanded, relative to ``cwd``."""
     p = Path(os.path.expanduser(value.strip()))
     return p if p.is_absolute() else cwd / p
 
@@ -432,9 +432,8 @@ def _x_columns(value: Any, cwd: Path) -> int | None:
 
     if not isinstance(value, str) or not value.strip():
         return None
-    p = Path(os.path.expanduser(value.strip()))
     try:
-        return read_numeric_csv(p if p.is_absolute() else cwd / p).shape[1]
+        return read_numeric_csv(_resolve(value, cwd)).shape[1]
     except SpecError:
         return None
 
@@ -508,8 +507,7 @@ def _blmm_min_n(raw: dict, cwd: Path, notes: list[str]) -> tuple[int, str] | Non
     def resolve(value: Any) -> Path | None:
         if not isinstance(value, str) or not value.strip():
             return None
-        p = Path(os.path.expanduser(value.strip()))
-        return p if p.is_absolute() else cwd / p
+        return _resolve(value, cwd)
 
     try:
         x_path = resolve(raw.get("X"))
@@ -592,8 +590,7 @@ def _check_analysis_mask(value: Any, cwd: Path, key: str) -> None:
     mask that cannot be read here is left to the spec's loader)."""
     if not isinstance(value, str) or not value.strip():
         return
-    p = Path(os.path.expanduser(value.strip()))
-    other = _other_values(p if p.is_absolute() else cwd / p)
+    other = _other_values(_resolve(value, cwd))
     if other:
         raise SpecError(f"has values other than 0 and 1 ({other}): BLMM analyses only the "
                         "voxels where it is exactly 1, mpiblmm every voxel where it is "

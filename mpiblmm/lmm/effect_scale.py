@@ -145,8 +145,7 @@ def restore(res: FitResult, tr: EffectTransform, structure: RandomStructure) -> 
     ``M = T S^-1``; lme4's theta ``Lambda_k = S^-1 Lambda~_k`` (its entry ``[r, c]`` divided by
     ``s_r``; exact) where nothing was centred, else the Cholesky factor of ``D_k``; and the
     status of every converged voxel decided again by lme4's singular test on that theta."""
-    from .theta import is_singular
-    from .theta import cholesky_psd, theta_slices, tril_indices
+    from .theta import cholesky_psd, is_singular, theta_slices, tril_indices
 
     D, theta = [], res.extras["theta"].copy()
     start = 0

@@ -250,7 +250,7 @@ def escape_directions(lambdas: tuple[np.ndarray, ...], der: Derivatives,
         # where the factor is barely identified (n = 12 on 10 levels, 2 of them repeated):
         # there the information without s2 profiled out sizes the step (the line search
         # halves it as needed); with no step at all the voxel stayed at D_k = 0, up to 5
-        # below lme4's logLik (BLMM audit, tests/lmm/test_polish.py)
+        # below lme4's logLik (BLMM audit, tests/lmm/test_probe.py)
         plain = np.einsum("vi,vij,vj->v", e, Pk, e)
         curv = np.where(curv > 0, curv, plain)
         has = finite & (top > 0) & null.any(axis=1) & (curv > 0)

@@ -3,7 +3,7 @@
 Fisher Scoring starts from ``D = 0``.  Where a factor is barely identified (a voxel with a
 dozen observations on ten levels, only two of them repeated) the profiled (RE)ML
 log-likelihood can have a local maximum at ``D_k = 0`` and its global one far inside
-(``theta`` 1.5-100): the fit ends singular, up to 13 below lme4's logLik, while lme4, from
+(``theta`` 1.5-100): the fit ends singular, up to 11 below lme4's logLik, while lme4, from
 its start ``Lambda_k = I``, climbs to the interior optimum (found by a BLMM audit; in
 simulated voxels with 11-15 observations on 10 subjects about one boundary end in ten).
 
@@ -12,8 +12,8 @@ tolerance, and whose factors are weakly replicated (:func:`replication` below
 :data:`WEAK_BELOW`: no probe ever helped a better replicated voxel, and probing every
 boundary end cost ~20% of the fit on the demo study), has its log-likelihood evaluated at
 ``Lambda_k = c I`` (every factor) for each ``c`` in :data:`PROBES` (lme4's start and a
-ladder above and below it: one evaluation call for all of them); where the best of these is higher than the end by more than
-``max(tolerance, 1e-12 |l|)``, the polish (:func:`~mpiblmm.lmm.polish.polish`) runs again
+ladder above and below it: one evaluation call for all of them); where the best of these
+is higher than the end by more than ``max(tolerance, 1e-12 |l|)``, the polish (:func:`~mpiblmm.lmm.polish.polish`) runs again
 from it with what is left of the voxel's iteration budget, and the higher log-likelihood
 is kept (the first fit on a tie, so every other voxel keeps its bits).  Iterations count
 both runs.  The blocked structure restarts its boundary ends from lme4's start instead
