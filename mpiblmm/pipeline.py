@@ -439,7 +439,7 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
     progress.close()  # rank 0 collects the last counts; the others post theirs
 
     with timer.phase("finish"):
-        _, it_sum, it_max = writer.tally()  # over the whole file: also what a resume kept
+        _, it_sum, it_max, dropped = writer.tally()  # the whole file: also what a resume kept
         phases = summarise_phases(comm, timer, PHASES)
         peak = summarise_over_ranks(comm, peak_memory_mb())
         summary = {"ranks": size, "chunk_voxels": step, "memory_budget_mb": budget,
@@ -471,7 +471,7 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
               **store_headline(results_path, comm, timer)}  # export, then the headline total
     if rank == 0 and log.active:  # stdout unless --quiet, and --log-file
         _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path,
-                       timer.seconds["export"], timer.total(), peak, budget)
+                       timer.seconds["export"], timer.total(), peak, budget, dropped)
     if rank == 0 and n_fitted == 0:
         # a job that ran to the end without a single estimate: a batch log must say so
         why = "; ".join(f"{counts[c]} with status {c}, "
@@ -535,11 +535,14 @@ def peak_memory_mb() -> float:
 
 
 def _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path, export,
-                   total, peak, budget) -> None:
+                   total, peak, budget, dropped) -> None:
     V = sum(counts.values())
     say(f"mpiblmm: fitted {n_fitted} of {V} voxels in {phases['total'][2]:.2f} s")
     for code in sorted(counts):
         say(f"  status {code:>3}: {counts[code]:>8}  {STATUS_CODES.get(code, 'not processed')}")
+    if dropped:   # lme4's "fixed-effect model matrix is rank deficient so dropping ..."
+        say(f"  {dropped} fitted voxels leave X rank deficient on their observed rows: fitted "
+            f"without the dependent columns, as lme4 drops them (NaN there in beta)")
     if n_fitted:
         say(f"  iterations: mean {it_sum / n_fitted:.1f}, max {int(it_max)}")
     say("  seconds per phase (min / median / max over ranks):")

@@ -359,9 +359,11 @@ class ResultsWriter:
         """Collective: number of voxels per status code over the whole file."""
         return self.tally()[0]
 
-    def tally(self) -> tuple[dict[int, int], float, float]:
-        """Collective: voxels per status code, and the sum and maximum of ``iterations`` over
-        fitted voxels (status <= singular), over the whole file (so also after a resume)."""
+    def tally(self) -> tuple[dict[int, int], float, float, int]:
+        """Collective: voxels per status code; the sum and maximum of ``iterations`` over
+        fitted voxels (status <= singular); and how many fitted voxels have a NaN ``beta``
+        (columns dropped where their observed rows left X rank deficient), over the whole
+        file (so also after a resume)."""
         from mpiblmm.parallel import partition
 
         with no_hang(self.comm, self.path, "flushing results"):
@@ -375,9 +377,14 @@ class ResultsWriter:
                                     collective=True)
             its = read_hyperslab(self.file["iterations"], (s.start,), (s.stop - s.start,),
                                  collective=True)
+            beta = read_hyperslab(self.file["beta"], (s.start, 0),
+                                  (s.stop - s.start, self.file["beta"].shape[1]),
+                                  collective=True)
         counts = np.bincount(status, minlength=256).astype(np.int64)
-        fitted = its[status <= STATUS_SINGULAR].astype(np.float64)
+        is_fitted = status <= STATUS_SINGULAR
+        fitted = its[is_fitted].astype(np.float64)
         it_sum, it_max = float(fitted.sum()), float(fitted.max()) if fitted.size else 0.0
+        dropped = int(np.isnan(beta[is_fitted]).any(axis=1).sum())
         if size > 1:
             from mpi4py import MPI
 
@@ -386,7 +393,8 @@ class ResultsWriter:
             counts = allreduce_counts(self.comm, counts)
             it_sum = self.comm.allreduce(it_sum, op=MPI.SUM)
             it_max = self.comm.allreduce(it_max, op=MPI.MAX)
-        return {int(k): int(counts[k]) for k in np.flatnonzero(counts)}, it_sum, it_max
+            dropped = self.comm.allreduce(dropped, op=MPI.SUM)
+        return {int(k): int(counts[k]) for k in np.flatnonzero(counts)}, it_sum, it_max, dropped
 
     def finish(self, summary: Mapping[str, Any] | None = None) -> dict[int, int]:
         """Collective: write summaries, then ``complete = True``, and close the file.

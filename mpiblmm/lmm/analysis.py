@@ -16,7 +16,9 @@ Per chunk:
    (:func:`saturated`).
 2. Voxels observed in every image share X'X, Z'X and Z'Z (one product-form group); voxels
    with missing observations get product forms of their own.  A voxel whose observed rows
-   leave X rank deficient is not fitted (status 4).
+   leave X rank deficient is fitted without the columns lme4 drops, voxels that drop the
+   same columns together (:func:`_fit_dropping_columns`); status 4 where that leaves X
+   nearly rank deficient.
 3. The estimator fits each group -- both as one in a small chunk when the structure's algebra
    gives a voxel the same bits either way (``joint_groups``: one factor), so the fixed cost of
    a fit is paid once; inference computes every contrast at the fitted voxels.
@@ -40,6 +42,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .contrasts import sequential_rows
+from .dropped_columns import estimable, kept_columns
 from .effect_scale import EffectTransform, effect_transform, restore, transformed_design
 from .estimate import fit
 from .inference import f_contrast, t_contrast
@@ -153,6 +156,7 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     for pf, index in fit_groups([part for part in parts if part is not None]):
         _fit_forms(fitted_model, pf, settings, index, out, transform)
     _unfit_vanishing_residual(Y, check_after, out)
+    _fit_dropping_columns(model, Y, settings, out)
     return out
 
 
@@ -268,6 +272,65 @@ def saturated(X: np.ndarray, rd: RandomDesign, observed: np.ndarray, rtol: float
             w = np.linalg.eigvalsh(K * s[:, :, None] * s[:, None, :])
             sat[which] = ok & (w[:, 0] > rtol * w[:, -1])
     return sat, late
+
+
+def _fit_dropping_columns(model: Model, Y: np.ndarray, settings: Settings,
+                          out: dict[str, np.ndarray]) -> None:
+    """Fit the voxels whose observed rows leave X rank deficient (status 4 so far) as lme4
+    fits such data: without the columns it drops (:mod:`.dropped_columns`).  Voxels that
+    keep the same columns are analysed together on those columns; their beta and cov_beta
+    stay NaN in the dropped columns, and a contrast gets statistics only at the voxels where
+    it is estimable.  A voxel that lme4's test keeps whole (rank deficient only by
+    :func:`~.products.full_rank`'s stricter measure) stays status 4."""
+    deficient = np.flatnonzero(out["status"] == STATUS_RANK_DEFICIENT)
+    if not deficient.size:
+        return
+    observed = np.isfinite(Y[deficient]).astype(np.float64)
+    XtX = np.einsum("kn,np,nq->kpq", observed, model.X, model.X)
+    keep = kept_columns(XtX)
+    patterns, which = np.unique(keep, axis=0, return_inverse=True)
+    for pattern, cols in enumerate(patterns):
+        if cols.all():
+            continue
+        members = np.flatnonzero(which.ravel() == pattern)
+        index, kc = deficient[members], np.flatnonzero(cols)
+        contrasts, ok = [], {}
+        for c in model.contrasts:
+            reduced = _reduced_contrast(c, cols)
+            if reduced is not None:
+                contrasts.append(reduced)
+                ok[c.name] = (np.ones(members.size, dtype=bool) if c.sequential
+                              else estimable(c.L, XtX[members], cols))
+        sub = analyse_chunk(Model(model.X[:, cols], model.rd, tuple(contrasts)), Y[index],
+                            settings)
+        for path, values in sub.items():
+            if path == "beta":
+                out[path][np.ix_(index, kc)] = values
+            elif path == "cov_beta":
+                out[path][index[:, None, None], kc[:, None], kc] = values
+            elif path.startswith("contrasts/"):
+                out[path][index] = np.where(ok[path.split("/")[1]], values, np.nan)
+            else:
+                out[path][index] = values
+
+
+def _reduced_contrast(c: ContrastDef, cols: np.ndarray) -> ContrastDef | None:
+    """Contrast ``c`` on the kept columns ``cols`` (p,) bool, or ``None`` where no voxel that
+    keeps them can estimate it.  A type I contrast tests the term's kept columns (lmerTest's
+    ``anova`` of lme4's reduced fit); another keeps its weights on the kept columns, and is
+    estimable only where its rows stay independent there (``L = L_K [I A]`` for estimable
+    ``L``)."""
+    if c.sequential:
+        position = np.cumsum(cols) - 1
+        seq = tuple(int(position[j]) for j in c.sequential if cols[j])
+        if not seq:
+            return None
+        return ContrastDef(c.name, np.eye(int(cols.sum()))[list(seq)], c.kind,
+                           c.alternative, seq)
+    L = c.L[:, cols]
+    if np.linalg.matrix_rank(L) < L.shape[0]:   # f_weights' rank rule (numpy's tolerance)
+        return None
+    return ContrastDef(c.name, L, c.kind, c.alternative)
 
 
 def _unfit_vanishing_residual(Y: np.ndarray, index: np.ndarray,
