@@ -51,6 +51,7 @@ class ReportData:
     background: np.ndarray | None = None  # grid-shaped, or None
     background_source: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
+    dropped_columns: int = 0            # fitted voxels with NaN in beta (lme4's dropped columns)
 
     @property
     def fitted(self) -> np.ndarray:
@@ -91,6 +92,8 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
             if name not in f:
                 raise UserError(f"not a results file: dataset {name!r} is missing", str(results))
         status = np.asarray(f["status"][...])
+        fitted = status <= FITTED_MAX_STATUS
+        dropped = int(np.isnan(f["beta"][...][fitted]).any(axis=1).sum()) if "beta" in f else 0
         codes = {int(k): v for k, v in json.loads(f["status"].attrs.get("codes", "{}")).items()}
         codes[STATUS_NOT_ANALYSED] = NOT_ANALYSED_MEANING
         contrasts = []
@@ -115,6 +118,7 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
             method=str(f.attrs.get("method", "")),
             contrasts=contrasts,
             space_format=json.loads(space).get("format", "nifti") if space else "nifti",
+            dropped_columns=dropped,
         )
     data.counts = data.counts or {int(k): int(v) for k, v in zip(*np.unique(status, return_counts=True))}
     _add_packed(data, results.parent / "packed.h5")

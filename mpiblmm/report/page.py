@@ -38,6 +38,16 @@ MASK_CATEGORIES = [
 ]
 
 
+def _dropped_text(dropped: int, V: int) -> str:
+    """The paragraph on fitted voxels whose observed rows left X rank deficient."""
+    if not dropped:
+        return ""
+    return (f"<p>{dropped} fitted voxels ({100.0 * dropped / max(V, 1):.1f}%) leave X rank "
+            "deficient on their observed rows (e.g. no image of a group there): they are "
+            "fitted without the dependent columns, as lme4 drops them, with NaN in those "
+            "columns of beta and in the contrasts they cannot estimate.</p>")
+
+
 def _img(data: bytes, alt: str) -> str:
     b64 = base64.b64encode(data).decode("ascii")
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"></figure>'
@@ -148,7 +158,8 @@ def sections(d: ReportData) -> list[tuple[str, str]]:
             + _img(_map_figure(d, status_grid, "status per voxel", "tab10", 0, 9, "status",
                                categorical=cats), "status map")
             + f"<p>{n_sing} voxels ({100.0 * n_sing / max(V, 1):.1f}%) are singular fits. "
-            + SINGULAR_TEXT + "</p><p>Background (status 8 in the maps): voxels outside the "
+            + SINGULAR_TEXT + "</p>" + _dropped_text(d.dropped_columns, V)
+            + "<p>Background (status 8 in the maps): voxels outside the "
             "analysis mask or never observed; they are not in results.h5.</p>")
     out.append(("Voxel status: why voxels were dropped", body))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import h5py
 import numpy as np
 from scipy import stats
 
@@ -81,3 +82,20 @@ def test_report_page_counts_f_one_sided_and_two_sided_contrasts(tmp_path):
     assert "two-sided" in found["noise"][0]
     for name in ("noiseF", "noise_gt", "noise_lt"):
         assert "two-sided" not in found[name][0] and "|z|" not in found[name][0], name
+
+
+def test_report_counts_fitted_voxels_with_dropped_columns(tmp_path):
+    """Fitted voxels with a NaN in beta (columns lme4 drops where their observed rows leave X
+    rank deficient) are counted on the page; a run without them says nothing of it."""
+    V = 50
+    p = np.full(V, 0.5)
+    path = _results(tmp_path, p, np.ones(V))
+    beta = np.ones((V, 2))
+    with h5py.File(path, "r+") as f:
+        f["beta"][...] = beta
+    assert "leave X rank deficient" not in render(load_report_data(path))
+    beta[[3, 7, 11], 1] = np.nan
+    with h5py.File(path, "r+") as f:
+        f["beta"][...] = beta
+    page = render(load_report_data(path))
+    assert "<p>3 fitted voxels (6.0%) leave X rank deficient on their observed rows" in page
