@@ -422,6 +422,8 @@ class _Validator:
             if key == "images":
                 return self.volumes(list_file, key)
             raise self.error(key, f"expected a text file listing one image per line, got an image: {list_file}")
+        if not list_file.is_file():   # also where files are not checked (check): fit's words
+            raise self.error(key, not_a_file(list_file))
         out = read_path_list(list_file, nifti=nifti, check_files=self.check_listed, mask=mask)
         if key == "images":
             self.one_observation(out[0], f"{list_file}: row {_first_row(list_file)}")

@@ -251,6 +251,12 @@ CASES = {
             f"{b}/images/obs{i:02d}.nii\n" if i != 4 else "img.nii\n" for i in range(N))),
             s.update(images=str(c / "list.txt")))),
         "{case}/list.txt: row 5: is a directory, not a file: {case}/img.nii"),
+    "image list file missing": (
+        edit(lambda s, b, c: s.update(images=str(c / "image.txt"))),
+        "spec.json: images: file not found: {case}/image.txt"),
+    "observation mask list file missing": (
+        edit(lambda s, b, c: s.update(observation_masks=str(c / "masks.txt"))),
+        "spec.json: observation_masks: file not found: {case}/masks.txt"),
     "spec not UTF-8": (
         raw(b'{"images": "\xe9t\xe9.txt"}'),
         "{case}/spec.json: not UTF-8 text (byte 13 cannot be decoded); save the spec as UTF-8"),
