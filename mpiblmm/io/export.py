@@ -137,7 +137,8 @@ def list_maps(f: Any, fdr: bool = False) -> list[MapSpec]:
         effects = [str(x) for x in ds.attrs.get("names", [])] or [f"z{e}" for e in range(ds.shape[1])]
         rows, cols = vech_indices(ds.shape[1])
         vols = tuple(f"cov({effects[r]},{effects[c]})" for r, c in zip(rows, cols))
-        out.append(MapSpec(f"random_{factor}", ds.name, vols, lower_triangle=True))
+        out.append(MapSpec(f"random_{factor}", f"random/{factor}/cov", vols,
+                           lower_triangle=True))
     for con in f.get("contrasts", {}):
         for stat in f[f"contrasts/{con}"]:
             out.append(MapSpec(f"con_{con}_{stat}", f"contrasts/{con}/{stat}", (stat,)))

@@ -153,6 +153,9 @@ def test_export_keeps_codes_and_marks_the_background(tmp_path):
     np.testing.assert_allclose(q[:3], bh_qvalues(np.array([0.04, 1e-320, 0.5]), np.ones(3, bool)))
     index = json.loads((out / "maps.json").read_text())
     assert set(index) == {p.name for p in out.glob("*.nii.gz")}
+    with h5py.File(path, "r") as f:  # every source is the results file's path, as written
+        assert all(entry["dataset"] in f and not entry["dataset"].startswith("/")
+                   for entry in index.values()), index
     beta = load("beta")  # volume names for AFNI: BRICK_LABS in an AFNI extension
     ext = [e for e in beta.header.extensions if e.get_code() == 4]
     assert len(ext) == 1
