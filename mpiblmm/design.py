@@ -154,7 +154,7 @@ def build_design(
             raise SpecError(f"factor {name!r}: {len(effect_names)} effect_names for {q} columns", where)
         made.append(Factor(name, _frozen(codes), uniq, _frozen(Z), effect_names))
 
-    cons = tuple(replace(_contrast(name, w, alt, p, f'{where}[{i}] ("{name}")'),
+    cons = tuple(replace(_contrast(name, w, alt, fixed_names, f'{where}[{i}] ("{name}")'),
                          sequential=tuple(int(j) for j in (rest[0] if rest else ())))
                  for i, (name, w, alt, *rest) in enumerate(contrasts))
     structure = RandomStructure(tuple(
@@ -209,7 +209,9 @@ def rank_problem(L: np.ndarray) -> str | None:
     return None
 
 
-def _contrast(name: str, weights: np.ndarray, alternative: str, p: int, where: str) -> Contrast:
+def _contrast(name: str, weights: np.ndarray, alternative: str, fixed_names: tuple[str, ...],
+              where: str) -> Contrast:
+    p = len(fixed_names)
     too_long = name_length_problem(name, "contrast")
     if too_long is not None:  # its maps could not be written, after the whole fit
         raise ContrastError(too_long, where.replace(f'("{name}")', f'("{short_name(name)}")'))
@@ -217,8 +219,9 @@ def _contrast(name: str, weights: np.ndarray, alternative: str, p: int, where: s
     kind = "T" if w.ndim == 1 else "F"
     L = np.atleast_2d(w)
     if L.ndim != 2 or L.shape[1] != p:
-        raise ContrastError(f"each row needs {p} weights (one per column of X), got {L.shape[-1]}",
-                            f"{where}.weights")
+        shown = ", ".join(fixed_names[:12]) + (", ..." if p > 12 else "")
+        raise ContrastError(f"each row needs {p} weights, one per column of X ({shown}), got "
+                            f"{L.shape[-1]}", f"{where}.weights")
     problem = rank_problem(L)
     if problem is not None:
         raise ContrastError(problem, f"{where}.weights")

@@ -75,7 +75,8 @@ CASES = {
     # ---- contrasts
     "unknown coefficient": (_contrast({"tme": 1}),
                             "contrasts[0] (\"time\").weights: no coefficient 'tme'; did you mean 'time'?"),
-    "short vector": (_contrast([0, 1]), "contrasts[0] (\"time\").weights: each row needs 3 weights"),
+    "short vector": (_contrast([0, 1]), "contrasts[0] (\"time\").weights: each row needs 3 weights, "
+                     "one per column of X ((Intercept), age, time), got 2"),
     "weight not a number": (_contrast({"time": "a"}),
                             "contrasts[0] (\"time\").weights.time: expected a number"),
     "dependent rows": (_contrast([{"time": 1}, {"time": 2}]),
