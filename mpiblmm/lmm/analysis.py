@@ -287,7 +287,7 @@ def _fit_dropping_columns(model: Model, Y: np.ndarray, settings: Settings,
         return
     observed = np.isfinite(Y[deficient]).astype(np.float64)
     XtX = np.einsum("kn,np,nq->kpq", observed, model.X, model.X)
-    keep = kept_columns(XtX)
+    keep = kept_columns(model.X, observed)
     patterns, which = np.unique(keep, axis=0, return_inverse=True)
     for pattern, cols in enumerate(patterns):
         if cols.all():

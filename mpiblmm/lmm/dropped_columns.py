@@ -8,7 +8,7 @@ which moves a column whose norm, after the columns before it are projected out, 
 keep their order and span X's column space, so the fit on them is the fit of the full model,
 reported in the kept columns' coefficients (``fixef``).
 
-This module decides the kept columns from each voxel's own ``X'X`` and which contrasts of
+This module decides the kept columns from each voxel's observed rows and which contrasts of
 the full parameterisation the voxel can estimate.  A contrast ``L beta`` is estimable when
 ``L n = 0`` for every null vector ``n`` of X on the observed rows; its value and test are then
 those of ``L[:, kept]`` in the reduced fit (the reduced fit's beta, zero in the dropped
@@ -36,24 +36,35 @@ def _unit_scaled(XtX: np.ndarray) -> np.ndarray:
     return XtX * s[:, :, None] * s[:, None, :]
 
 
-def kept_columns(XtX: np.ndarray) -> np.ndarray:
-    """The columns lme4 keeps at each voxel, (k, p) bool, from the voxel's ``X'X`` (k, p, p).
+#: Entries of the (voxels, n, p) masked copies of X a batch of :func:`kept_columns` holds.
+_BATCH_ENTRIES = 1 << 22
 
-    Column ``j`` is kept when its squared residual after projection on the kept columns
-    before it, relative to its squared norm, ``1 - c_j' C_K^-1 c_j`` in the unit-scaled
-    ``C = S X'X S``, is at least ``LME4_TOL^2`` (dqrdc2's test, on norms).  A column zero on
-    the observed rows is dropped.
+
+def kept_columns(X: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """The columns lme4 keeps at each voxel, (k, p) bool: ``X`` (n, p), ``observed`` (k, n).
+
+    dqrdc2's test on the voxel's observed rows of X: column ``j`` is kept when the norm of
+    its part orthogonal to the kept columns before it is at least ``LME4_TOL`` times its own
+    norm; a column zero on the observed rows is dropped.  The orthogonal part is formed by
+    classical Gram-Schmidt applied twice (accurate to rounding, as a QR is; a residual from
+    X'X loses half the digits, and an exactly dependent column after correlated ones
+    passed for independent).  Vectorised over voxels, in batches.
     """
-    C = _unit_scaled(XtX)
-    k, p = C.shape[:2]
+    k, p = observed.shape[0], X.shape[1]
     keep = np.zeros((k, p), dtype=bool)
-    for j in range(p):   # over the few columns, vectorised over voxels
-        both = keep[:, :j, None] & keep[:, None, :j]
-        A = np.where(both, C[:, :j, :j], np.eye(j))     # identity in place of dropped ones
-        b = np.where(keep[:, :j], C[:, :j, j], 0.0)
-        x = np.linalg.solve(A, b[..., None])[..., 0] if j else b
-        residual = C[:, j, j] - np.einsum("ki,ki->k", b, x)
-        keep[:, j] = residual >= LME4_TOL ** 2
+    step = max(1, _BATCH_ENTRIES // max(1, X.size))
+    for lo in range(0, k, step):
+        Xm = np.asarray(observed[lo:lo + step], dtype=np.float64)[:, :, None] * X  # (b, n, p)
+        Q = np.zeros_like(Xm)
+        for j in range(p):   # over the few columns, vectorised over voxels
+            v = Xm[:, :, j].copy()
+            for _ in range(2):
+                v -= np.einsum("bni,bi->bn", Q[:, :, :j], np.einsum("bni,bn->bi", Q[:, :, :j], v))
+            size = np.linalg.norm(v, axis=1)
+            kept = size >= LME4_TOL * np.linalg.norm(Xm[:, :, j], axis=1)
+            kept &= size > 0
+            Q[:, :, j] = np.where(kept[:, None], v / np.where(kept, size, 1.0)[:, None], 0.0)
+            keep[lo:lo + step, j] = kept
     return keep
 
 
