@@ -47,7 +47,8 @@ from mpiblmm.checks import check_fittable, overlapping_random_terms
 from mpiblmm.design import Design, design_from_spec
 from mpiblmm.errors import UserError
 from mpiblmm.io import agree, make_dirs, on_root
-from mpiblmm.io.export import MAPS_INDEX, ExportStopped, export_nifti, maps_state, store_headline
+from mpiblmm.io.export import (MAPS_INDEX, ExportStopped, export_nifti, listed_maps, maps_state,
+                               store_headline)
 from mpiblmm.io.ingest import (DEFAULT_MEMORY_MB, PackingStopped, ReadingStopped, SlabReader,
                                prepare_input, shared_input_fingerprint)
 from mpiblmm.io.lock import OutputLock, acquire_lock
@@ -327,10 +328,16 @@ def _exists(results: Path, where: str) -> UserError:
 
 
 def _forget_maps(results: Path) -> None:
-    """--overwrite: the maps' index of the replaced fit goes with it, so maps left beside a
-    new fit that does not finish do not look complete (the maps are rewritten at its end)."""
+    """--overwrite: the maps of the replaced fit (those its ``maps.json`` lists) and the index
+    go with it, so no map of the old model is left beside a new fit, finished or not."""
+    folder = results.parent / "nifti"
+    for name in listed_maps(folder):
+        try:
+            (folder / name).unlink()
+        except OSError:   # gone already; an unwritable folder is reported below
+            pass
     try:
-        (results.parent / "nifti" / MAPS_INDEX).unlink()
+        (folder / MAPS_INDEX).unlink()
     except FileNotFoundError:
         pass
     except OSError as exc:

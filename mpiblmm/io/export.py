@@ -25,7 +25,9 @@ a signal); temporary files of a process that was killed outright are removed by 
 export into the same folder, so ``export`` can always be rerun.
 
 Complete maps: an export first removes the folder's ``maps.json`` and writes it again last,
-once every map is in place, so a ``maps.json`` vouches for the maps beside it.  Exporting
+once every map is in place, so a ``maps.json`` vouches for the maps beside it; the maps the
+earlier ``maps.json`` listed that this export did not write (q maps, dropped contrasts) are
+removed just before.  Exporting
 into the ``nifti/`` folder beside the results file (what ``fit`` does) also records it in
 the results file's root attribute ``maps_complete``: false while the maps are written,
 true once ``maps.json`` is (:func:`maps_state` reads both).
@@ -300,8 +302,10 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
         f.close()
     agree(comm, error)
 
+    earlier: set[str] = set()
     if rank == 0:
         remove_tmp_files(out)  # left by an export that was killed outright
+        earlier = listed_maps(out)  # removed at the end where this export does not rewrite them
         _remove(out / MAPS_INDEX)  # an earlier index must not vouch for a partial export
     if size > 1:
         comm.Barrier()  # before any rank starts writing its own temporary files
@@ -358,6 +362,8 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
         raise ExportStopped()
     if rank == 0:  # the index last, once every map is in place
         index = {f"{m.stem}{suffix}": map_info(m, codes) for m in maps}
+        for name in earlier - set(index):   # an earlier export's q map, a dropped contrast
+            _remove(out / name)
         try:
             _write_atomic(out / MAPS_INDEX, json.dumps(index, indent=2) + "\n")
         except OSError as exc:
@@ -435,6 +441,20 @@ def maps_state(results: str | os.PathLike) -> tuple[bool, bool] | None:
         return None
     maps = (marked is None or bool(marked)) and (results.parent / "nifti" / MAPS_INDEX).is_file()
     return complete, complete and maps
+
+
+def listed_maps(folder: Path) -> set[str]:
+    """The map files the ``maps.json`` of ``folder`` lists (none when it is missing or not
+    ours): what an earlier export wrote there.  Only plain file names count, so removing
+    them touches nothing outside the folder."""
+    try:
+        index = json.loads((folder / MAPS_INDEX).read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(index, dict):
+        return set()
+    return {name for name in index if isinstance(name, str) and name == Path(name).name
+            and name.endswith(tuple(MAP_SUFFIX.values()))}
 
 
 def _remove(path: Path) -> None:

@@ -297,9 +297,17 @@ def test_existing_output_is_refused_without_a_flag(study, tmp_path):
     run = fit("-o", str(out), "--resume", ranks=1)    # complete already: nothing to fit
     assert run.returncode == 0 and "480 of 480 voxels already done" in run.stdout, run.stderr
     _same(reference, read_results(out / "results.h5"))
+    export = _run_job(_launch(1, [*_mpiblmm(), "export", str(out / "results.h5"), "--fdr"]),
+                      300, None, None)
+    q_maps = sorted((out / "nifti").glob("con_*_q.nii.gz"))
+    assert export.returncode == 0 and q_maps, export.stderr
     run = fit("-o", str(out), "--overwrite", "-q", "--chunk-voxels", "100")
     assert run.returncode == 0, run.stderr
     _same(reference, read_results(out / "results.h5"))
+    # the replaced fit's maps went with it: no q map of the old model beside the new one
+    assert not any(q.exists() for q in q_maps)
+    assert {p.name for p in (out / "nifti").iterdir()} == \
+        set(json.loads((out / "nifti" / "maps.json").read_text())) | {"maps.json"}
     run = fit("-o", str(out), ranks=1)       # maps complete too: the plain refusal
     lines = _errors(run.stderr)
     assert run.returncode == 2 and len(lines) == 1, run.stderr

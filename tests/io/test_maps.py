@@ -178,3 +178,20 @@ def test_codes_of_the_first_image_survive_but_not_its_intent(tmp_path):
     assert (int(beta.header["qform_code"]), int(beta.header["sform_code"])) == (0, 2)
     assert beta.header.get_intent()[0] == "none"  # the input's intent described the input
     assert not (tmp_path / "r" / "nifti" / "con_b_q.nii.gz").exists()  # q maps only on request
+
+
+def test_an_export_removes_the_maps_an_earlier_one_listed_and_no_other_file(tmp_path):
+    """Maps are what maps.json lists: a q map of an earlier `export --fdr` goes when the next
+    export writes none; files the exports did not write stay."""
+    space = nifti_space(nib.load(str(_mni_image(tmp_path / "mni.nii.gz", 4, 4))).header)
+    path, _, _ = _results(tmp_path, space)
+    out = tmp_path / "r" / "nifti"
+    export_nifti(path, fdr=True)
+    assert (out / "con_b_q.nii.gz").is_file()
+    (out / "mine.nii.gz").write_bytes(b"x")
+    (out / "notes.txt").write_text("x")
+    export_nifti(path)
+    index = json.loads((out / "maps.json").read_text())
+    assert not (out / "con_b_q.nii.gz").exists()
+    assert {p.name for p in out.iterdir()} == set(index) | {"maps.json", "mine.nii.gz",
+                                                            "notes.txt"}
