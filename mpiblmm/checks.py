@@ -70,7 +70,8 @@ def fittable_problems(design: Any, spec: Any = None) -> list[SpecError]:
     :func:`check_fittable` tests them; ``mpiblmm check`` lists them all, in the same words."""
     n, p = design.X.shape
     spec_path = str(getattr(spec, "path", "spec"))
-    x_where = str(getattr(spec, "X", None) or f"{spec_path}: X")
+    x_key = "formula" if getattr(spec, "is_formula", False) else "X"   # the formula makes X
+    x_where = str(getattr(spec, "X", None) or f"{spec_path}: {x_key}")
     out = []
     if p >= n:
         out.append(SpecError(f"{p} fixed effects (columns) but only {n} observations (rows): a "

@@ -72,6 +72,8 @@ CASES = {
     "min_n zero": (_spec(missingness={"min_n": 0}), "missingness.min_n: expected a whole number"),
     "method": (_spec(estimation={"method": "OLS"}), 'estimation.method: expected "REML" or "ML"'),
     "memory": (_spec(max_memory_mb="lots"), "max_memory_mb: expected a number greater than 0"),
+    "dependent fixed columns": (_formula("y ~ age + time + I(age + time) + (1 | subject)"),
+                                "formula: column 4 ('I(age + time)') is a linear combination"),
     # ---- contrasts
     "unknown coefficient": (_contrast({"tme": 1}),
                             "contrasts[0] (\"time\").weights: no coefficient 'tme'; did you mean 'time'?"),
