@@ -289,8 +289,9 @@ def get_parser() -> argparse.ArgumentParser:
                           help="factors with a random time slope besides their intercept "
                                "(subject, site, family, rater; 'none'); default: subject")
     simulate.add_argument("--form", choices=("matrix", "formula"), default="matrix",
-                          help="write the spec in the matrix form (X.csv, factor and Z files) "
-                               "or the formula form (participants.csv and an lme4 formula)")
+                          help="write the spec in the matrix form (X.csv, factor and Z files; "
+                               "the default) or the formula form (participants.csv and an lme4 "
+                               "formula)")
     _add_spec_tools(sub)
     return parser
 
