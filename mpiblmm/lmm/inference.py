@@ -27,7 +27,7 @@ import numpy as np
 from scipy import special  # not scipy.stats: its import alone costs ~1 s per rank
 
 from .contrasts import f_weights, t_weights
-from .rowwise import rows_at
+from .rowwise import rows_at, voxel_sum
 from .satterthwaite import Precomputed, combine_f_df, contrast_variance_df
 
 ALTERNATIVES = ("two-sided", "greater", "less")
@@ -247,14 +247,17 @@ def f_contrast(pre: Precomputed, beta: np.ndarray, weights, name: str = "F") -> 
     if per_voxel:   # a voxel not fitted may have rows of a singular X'X: never used
         L = np.where(fit[:, None, None], L, np.eye(r, L.shape[2]))
     # parameters: eigen-directions of L Cov L' (identity stand-in where not fitted)
-    S2 = np.einsum("vip,vpq,vjq->vij", L, pre.cov_beta, L)
+    # reductions over one contiguous axis (rowwise.voxel_sum): a voxel's bits in any company
+    S2 = voxel_sum(L[:, :, None, :, None] * pre.cov_beta[:, None, None]
+                   * L[:, None, :, None, :], 2)
     S2 = np.where(fit[:, None, None], S2, np.eye(r))
     d, P = np.linalg.eigh(0.5 * (S2 + np.swapaxes(S2, 1, 2)))
-    rows = np.einsum("vir,vip->vrp", P, L)                # rows of P'L, (v, r, p)
+    rows = voxel_sum(np.swapaxes(P, 1, 2)[:, :, None, :]
+                     * np.swapaxes(L, 1, 2)[:, None, :, :], 1)   # rows of P'L, (v, r, p)
     nu = np.stack([contrast_variance_df(pre, rows[:, i])[1] for i in range(r)], axis=1)
     df_den = combine_f_df(nu)
     # statistic: F = sum_i (P'L beta)_i^2 / d_i / r
-    proj = np.einsum("vrp,vp->vr", rows, beta)
+    proj = voxel_sum(rows * beta[:, None, :], 1)
     F = np.where(fit, (proj ** 2 / d).sum(axis=1) / r, np.nan)
     # p-value
     p, nl = _p_and_neglog10(f_logsf(F, float(r), df_den))

@@ -36,3 +36,13 @@ def cols_at(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     for j in range(A.shape[1]):
         np.einsum("nv,n->v", B, A[:, j], out=out[:, j])
     return out
+
+
+def voxel_sum(products: np.ndarray, axes: int) -> np.ndarray:
+    """Sum over the last ``axes`` axes of a per-voxel array (v, ...), in one order for every
+    voxel: the summed axes flattened into one contiguous last axis, which numpy reduces row
+    by row the same way whatever the leading shape.  (einsum reducing over two axes, or
+    over one when the voxel axis has length one, chose another loop order by the shape: a
+    voxel alone got other last bits than among others.)"""
+    a = np.ascontiguousarray(products)
+    return a.reshape(a.shape[:a.ndim - axes] + (-1,)).sum(axis=-1)

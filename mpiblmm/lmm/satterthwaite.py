@@ -46,6 +46,7 @@ import numpy as np
 
 from .likelihood import gls, vinv_products
 from .model import ProductForms, RandomStructure
+from .rowwise import voxel_sum
 from .theta import lambdas_from_theta, n_theta, theta_from_D, theta_slices, tril_indices
 
 # lmerTest's threshold on the eigenvalues of the deviance Hessian (kept when above it).
@@ -362,10 +363,11 @@ def contrast_variance_df(pre: Precomputed, rows: np.ndarray) -> tuple[np.ndarray
     where nothing could be estimated.
     """
     rows = np.broadcast_to(rows, pre.cov_beta.shape[:2])
-    var = np.einsum("vp,vpq,vq->v", rows, pre.cov_beta, rows)
+    # the quadratic forms reduce over one contiguous axis: a voxel's bits in any company
+    var = voxel_sum(rows[:, :, None] * pre.cov_beta * rows[:, None, :], 2)
     var = np.where(var > 0, var, np.nan)
-    g = np.einsum("vp,vmpq,vq->vm", rows, pre.jacobian, rows)
-    denom = np.einsum("vm,vmn,vn->v", g, pre.vcov_varpar, g)
+    g = voxel_sum(rows[:, None, :, None] * pre.jacobian * rows[:, None, None, :], 2)
+    denom = voxel_sum(g[:, :, None] * pre.vcov_varpar * g[:, None, :], 2)
     with np.errstate(divide="ignore", invalid="ignore"):
         df = np.where(denom > 0, 2.0 * var ** 2 / np.where(denom > 0, denom, 1.0), np.inf)
     df = np.where(np.isfinite(var), df, np.nan)
