@@ -90,3 +90,27 @@ def test_contrast_df_and_f_of_a_voxel_alone_equal_its_values_among_others():
             np.testing.assert_array_equal(getattr(t, name), getattr(t_all, name)[[i]], name)
         for name in ("F", "df_den", "p"):
             np.testing.assert_array_equal(getattr(f, name), getattr(f_all, name)[[i]], name)
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_every_reference_structure_gives_a_voxel_alone_its_bits_among_others(method):
+    """Every random-effects structure of the reference datasets (one factor with slopes,
+    crossed, nested, three factors, missing data), through analyse_chunk with the datasets'
+    contrasts: each of 12 voxels alone has the bits it has in their chunk (what
+    `--chunk-voxels 1` or a one-voxel slab gives)."""
+    from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk
+    from tests.refdata import list_datasets, load_dataset
+
+    for name in list_datasets():
+        ds = load_dataset(name)
+        rd = random_design([f.codes for f in ds.factors], [f.Z for f in ds.factors],
+                           names=[f.name for f in ds.factors])
+        contrasts = tuple(ContrastDef(c.name, np.atleast_2d(np.asarray(c.L, float)), c.kind)
+                          for c in ds.contrasts)
+        model, Y = Model(ds.X, rd, contrasts), ds.Y.T[:12]      # (voxels, n)
+        whole = analyse_chunk(model, Y, Settings(method=method))
+        for v in range(Y.shape[0]):
+            alone = analyse_chunk(model, Y[v:v + 1], Settings(method=method))
+            for key, values in whole.items():
+                np.testing.assert_array_equal(alone[key][0], values[v],
+                                              err_msg=f"{name} voxel {v} {key}")
