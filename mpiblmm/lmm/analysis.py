@@ -6,7 +6,8 @@ arrays out; no MPI, no files), so a whole analysis can be checked serially.
 Per chunk:
 
 1. Missingness: a voxel is fitted when it has at least ``max(min_n, p + 1)`` observations and
-   at least ``min_fraction`` of all observations; otherwise its status says why.  A voxel
+   at least ``min_fraction`` of all observations (``p`` counts the columns its observed rows
+   support, step 2); otherwise its status says why.  A voxel
    whose observed rows cannot identify the random effects (lme4's rule on the voxel's own
    data: every factor observed at 2 levels or more, and more observations than levels x
    effects of every factor, counting the levels it observes) is not fitted (status 9,
@@ -138,7 +139,8 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     observed = np.isfinite(Y)
     n_obs = observed.sum(axis=1)
     out["n"][:] = n_obs
-    enough = (n_obs >= max(settings.min_n, p + 1)) & (n_obs >= settings.min_fraction * n)
+    allowed = (n_obs >= settings.min_n) & (n_obs >= settings.min_fraction * n)
+    enough = allowed & (n_obs >= p + 1)
     out["status"][:] = np.where(n_obs == 0, STATUS_EMPTY, STATUS_TOO_FEW)
     # the per-factor counts of observed levels, once for both rules that use them
     levels = levels_observed(model.rd, observed[enough])
@@ -156,7 +158,8 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     for pf, index in fit_groups([part for part in parts if part is not None]):
         _fit_forms(fitted_model, pf, settings, index, out, transform)
     _unfit_vanishing_residual(Y, check_after, out)
-    _fit_dropping_columns(model, Y, settings, out)
+    # n <= p: too few for all p columns, maybe not for those the observed rows support
+    _fit_dropping_columns(model, Y, settings, out, np.flatnonzero(allowed & (n_obs > 0) & ~enough))
     return out
 
 
@@ -275,19 +278,23 @@ def saturated(X: np.ndarray, rd: RandomDesign, observed: np.ndarray, rtol: float
 
 
 def _fit_dropping_columns(model: Model, Y: np.ndarray, settings: Settings,
-                          out: dict[str, np.ndarray]) -> None:
+                          out: dict[str, np.ndarray], short: np.ndarray) -> None:
     """Fit the voxels whose observed rows leave X rank deficient (status 4 so far) as lme4
-    fits such data: without the columns it drops (:mod:`.dropped_columns`).  Voxels that
-    keep the same columns are analysed together on those columns; their beta and cov_beta
-    stay NaN in the dropped columns, and a contrast gets statistics only at the voxels where
-    it is estimable.  A voxel that lme4's test keeps whole (rank deficient only by
+    fits such data: without the columns it drops (:mod:`.dropped_columns`).  So also the
+    voxels ``short`` with no more observations than columns (status 3 so far) whose observed
+    rows have a lower rank: lme4 fits them if the observations outnumber the kept columns.
+    Voxels that keep the same columns are analysed together on those columns; their beta and
+    cov_beta stay NaN in the dropped columns, and a contrast gets statistics only at the
+    voxels where it is estimable.  A voxel that lme4's test keeps whole (rank deficient only by
     :func:`~.products.full_rank`'s stricter measure) stays status 4."""
-    deficient = np.flatnonzero(out["status"] == STATUS_RANK_DEFICIENT)
+    deficient = np.union1d(np.flatnonzero(out["status"] == STATUS_RANK_DEFICIENT), short)
     if not deficient.size:
         return
     observed = np.isfinite(Y[deficient]).astype(np.float64)
-    XtX = np.einsum("kn,np,nq->kpq", observed, model.X, model.X)
     keep = kept_columns(model.X, observed)
+    more = observed.sum(axis=1) > keep.sum(axis=1)   # others stay short of observations
+    deficient, observed, keep = deficient[more], observed[more], keep[more]
+    XtX = np.einsum("kn,np,nq->kpq", observed, model.X, model.X)
     patterns, which = np.unique(keep, axis=0, return_inverse=True)
     for pattern, cols in enumerate(patterns):
         if cols.all():

@@ -229,7 +229,8 @@ STATUS_CODES: dict[int, str] = {
     0: "fitted and converged",
     1: "fitted; hit the iteration cap before converging",
     2: "fitted; singular fit (a random-effect covariance is on the boundary)",
-    3: "not fitted: too few observations (below min_n or min_fraction, or not more than p)",
+    3: ("not fitted: too few observations (below min_n or min_fraction, or not more than "
+        "the rank of X on the observed rows)"),
     4: ("not fitted: design matrix X is nearly rank deficient on the observed rows "
         "(exactly rank deficient: fitted without the dependent columns, as lme4)"),
     5: "not fitted: numerical failure (non-finite values in the fit)",

@@ -3,7 +3,9 @@
 # deficient so dropping k columns / coefficients") and fits the rest.
 # 24 subjects in groups A, B, C (8 each) x visits at time 0, 1, 2; y1..y5 are five voxels:
 #   y1 complete; y2 no image of group C; y3 group C seen at time 1 only;
-#   y4 group B seen at time 0 only (and 6 other images missing); y5 group A alone.
+#   y4 group B seen at time 0 only (and 6 other images missing); y5 group A alone;
+#   y6 three subjects of group A at times 0 and 1: 6 observations, no more than the 6
+#   columns of X, but more than the 2 it supports (lme4 fits it).
 # Writes rank_deficient.csv (the data) and rank_deficient_lme4.json (per model and voxel:
 # the kept coefficients and their estimates, vcov, logLik, sigma^2, theta; T and F contests
 # of the test's contrasts on the kept coefficients, where their kept rows have full rank;
@@ -16,13 +18,14 @@ d <- expand.grid(time = 0:2, subject = sprintf("s%02d", 1:24))[, c("subject", "t
 d$group <- c("A", "B", "C")[(as.integer(factor(d$subject)) - 1) %/% 8 + 1]
 u <- rnorm(24, sd = 1.2)[as.integer(factor(d$subject))]
 shift <- c(A = 0, B = 0.8, C = -0.5)[d$group]
-for (v in 1:5) d[[paste0("y", v)]] <- round(10 + shift + 0.4 * d$time + u + rnorm(nrow(d)), 6)
+for (v in 1:6) d[[paste0("y", v)]] <- round(10 + shift + 0.4 * d$time + u + rnorm(nrow(d)), 6)
 d$y2[d$group == "C"] <- NA
 d$y3[d$group == "C" & d$time != 1] <- NA
 d$y4[d$group == "B" & d$time != 0] <- NA
 d$y4[c(2, 4, 7, 9, 50, 70)] <- NA
 d$y5[d$group != "A"] <- NA
-write.csv(d[, c("subject", "time", "group", paste0("y", 1:5))], "tests/lmm/rank_deficient.csv", row.names = FALSE, quote = FALSE, na = "")
+d$y6[!(d$subject %in% c("s01", "s02", "s03") & d$time < 2)] <- NA
+write.csv(d[, c("subject", "time", "group", paste0("y", 1:6))], "tests/lmm/rank_deficient.csv", row.names = FALSE, quote = FALSE, na = "")
 
 # X as numbers, as mpiblmm gets it: a group unseen at a voxel leaves zero columns, which
 # lme4 drops (a factor would lose the level in model.frame, and lme4 refuses a factor
@@ -41,7 +44,7 @@ summarise <- function(m) list(
   kept = names(fixef(m)), beta = unname(fixef(m)), vcov = unname(as.matrix(vcov(m))),
   logLik = as.numeric(logLik(m)), sigma2 = sigma(m)^2, theta = unname(getME(m, "theta")))
 out <- list()
-for (reml in c(TRUE, FALSE)) for (v in 1:5) {
+for (reml in c(TRUE, FALSE)) for (v in 1:6) {
   data <- d[!is.na(d[[paste0("y", v)]]), ]
   m <- best(as.formula(paste0("y", v, " ~ gB + gC + time + gB:time + gC:time + (1 | subject)")), data, reml)
   r <- summarise(m)

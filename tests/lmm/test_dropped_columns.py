@@ -2,8 +2,9 @@
 
 Reference: lme4/lmerTest on the data of ``rank_deficient.csv``, made by
 ``make_rank_deficient.R`` beside this file: y ~ gB + gC + time + gB:time + gC:time +
-(1 | subject) over 3 groups x 3 visits, five voxels (complete; no group C; group C at time 1
-only; group B at time 0 only; group A alone), REML and ML, and y ~ group + (1 | subject) for
+(1 | subject) over 3 groups x 3 visits, six voxels (complete; no group C; group C at time 1
+only; group B at time 0 only; group A alone; 6 observations of group A, no more than the 6
+columns of X but more than the 2 they support), REML and ML, and y ~ group + (1 | subject) for
 lmerTest's type I anova.
 """
 
@@ -26,8 +27,8 @@ COLUMNS = ["(Intercept)", "gB", "gC", "time", "gB:time", "gC:time"]
 CONTRASTS = {"time": [[0, 0, 0, 1, 0, 0]], "gC": [[0, 0, 1, 0, 0, 0]],
              "C_at_1": [[0, 0, 1, 0, 0, 1]],
              "interaction": [[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1]]}
-# known truth: where each contrast is estimable (voxels y1..y5)
-ESTIMABLE = {"time": [1, 2, 3, 4, 5], "gC": [1, 4], "C_at_1": [1, 3, 4], "interaction": [1]}
+# known truth: where each contrast is estimable (voxels y1..y6)
+ESTIMABLE = {"time": [1, 2, 3, 4, 5, 6], "gC": [1, 4], "C_at_1": [1, 3, 4], "interaction": [1]}
 T_FIELDS = ("estimate", "se", "df", "t", "p")
 F_FIELDS = ("F", "df_num", "df_den", "p")
 
@@ -40,7 +41,7 @@ def study():
     gB, gC = (group == "B").astype(float), (group == "C").astype(float)
     X = np.column_stack([np.ones(time.size), gB, gC, time, gB * time, gC * time])
     Y = np.array([[float(r[f"y{v}"]) if r[f"y{v}"] else np.nan for r in rows]
-                  for v in range(1, 6)])
+                  for v in range(1, 7)])
     codes = np.unique([r["subject"] for r in rows], return_inverse=True)[1]
     rd = random_design([codes], [np.ones((time.size, 1))], names=["subject"])
     ref = json.loads((HERE / "rank_deficient_lme4.json").read_text())
@@ -64,7 +65,7 @@ def test_rank_deficient_voxels_match_lme4(study, method):
     X, Y, rd, ref = study
     out = analyse_chunk(Model(X, rd, _contrasts()), Y, Settings(method=method))
     assert set(out["status"]) <= {0, 2}
-    for v in range(5):
+    for v in range(6):
         r = ref[f"{method}_y{v + 1}"]
         kept = [COLUMNS.index(name) for name in r["kept"]]
         assert np.flatnonzero(np.isfinite(out["beta"][v])).tolist() == kept
@@ -106,7 +107,7 @@ def test_a_voxel_has_the_same_bits_alone_and_in_a_chunk(study):
     X, Y, rd, _ = study
     model = Model(X, rd, _contrasts())
     together = analyse_chunk(model, Y, Settings())
-    for v in range(5):
+    for v in range(6):
         alone = analyse_chunk(model, Y[v:v + 1], Settings())
         for path, values in together.items():
             np.testing.assert_array_equal(alone[path][0], values[v], err_msg=path)
