@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .products import unit_scaled
+
 #: lme4's tolerance: a column is dropped when the norm of its part outside the span of the
 #: kept columns before it is below this fraction of its norm (``chkRank.drop.cols``).
 LME4_TOL = 1e-7
@@ -27,13 +29,6 @@ LME4_TOL = 1e-7
 #: A contrast row is estimable when its product with every unit null vector of the
 #: column-scaled X is below this fraction of its own (column-scaled) norm.
 ESTIMABLE_TOL = 1e-6
-
-
-def _unit_scaled(XtX: np.ndarray) -> np.ndarray:
-    """``S X'X S`` with ``S = diag(X'X)^-1/2`` (a zero column stays zero), (k, p, p)."""
-    d = np.diagonal(XtX, axis1=-2, axis2=-1)
-    s = np.where(d > 0, 1.0 / np.sqrt(np.where(d > 0, d, 1.0)), 0.0)
-    return XtX * s[:, :, None] * s[:, None, :]
 
 
 #: Entries of the (voxels, n, p) masked copies of X a batch of :func:`kept_columns` holds.
@@ -72,7 +67,7 @@ def null_vectors(XtX: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """Unit null vectors of the column-scaled X at each voxel, one per dropped column,
     (k, p, d): for dropped column ``j``, ``e_j - C_K^-1 c_j`` on the kept columns ``K``
     (``keep`` (p,) bool, the same at every voxel), normalised."""
-    C = _unit_scaled(XtX)
+    C = unit_scaled(XtX)
     kept, dropped = np.flatnonzero(keep), np.flatnonzero(~keep)
     coef = np.linalg.solve(C[:, kept][:, :, kept], C[:, kept][:, :, dropped])   # (k, K, d)
     n = np.zeros((C.shape[0], C.shape[1], dropped.size))

@@ -194,6 +194,14 @@ def product_forms(
     )
 
 
+def unit_scaled(XtX: np.ndarray) -> np.ndarray:
+    """``S X'X S`` with ``S = diag(X'X)^-1/2``: X'X of X's columns scaled to unit length
+    (a column zero on the observed rows stays zero), for each matrix of the stack."""
+    d = np.diagonal(XtX, axis1=-2, axis2=-1)
+    s = 1.0 / np.sqrt(np.where(d > 0, d, 1.0))
+    return XtX * s[..., :, None] * s[..., None, :]
+
+
 def full_rank(XtX: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
     """Per-voxel check that X restricted to the observed rows has full column rank.
 
@@ -203,8 +211,6 @@ def full_rank(XtX: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
     the same column in litres (the criterion of ``checks.dependent_column``).  A column that
     is zero on the observed rows is rank deficient.
     """
-    d = np.diagonal(XtX, axis1=-2, axis2=-1)
-    ok = (d > 0).all(axis=-1)
-    s = 1.0 / np.sqrt(np.where(d > 0, d, 1.0))
-    w = np.linalg.eigvalsh(XtX * s[..., :, None] * s[..., None, :])
+    ok = (np.diagonal(XtX, axis1=-2, axis2=-1) > 0).all(axis=-1)
+    w = np.linalg.eigvalsh(unit_scaled(XtX))
     return ok & (w[..., 0] > rtol * w[..., -1]) & (w[..., -1] > 0)
