@@ -446,14 +446,14 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
     progress.close()  # rank 0 collects the last counts; the others post theirs
 
     with timer.phase("finish"):
-        _, it_sum, it_max, dropped = writer.tally()  # the whole file: also what a resume kept
+        tallied, it_sum, it_max, dropped = writer.tally()  # the whole file, resumed part too
         phases = summarise_phases(comm, timer, PHASES)
         peak = summarise_over_ranks(comm, peak_memory_mb())
         summary = {"ranks": size, "chunk_voxels": step, "memory_budget_mb": budget,
                    "work_budget_mb": work,
                    "iterations_max": it_max, "seconds": phases, "peak_memory_mb": list(peak),
                    "resumed_voxels": 0 if done is None else int(np.count_nonzero(done))}
-        counts = writer.finish(summary)
+        counts = writer.finish(summary, tallied)
     # The file (or its folder) removed or moved while the job ran: the fit went into it all
     # the same; say so with exit code 4, not a "file not found" from the export (exit 2).
     gone = None

@@ -396,7 +396,8 @@ class ResultsWriter:
             dropped = self.comm.allreduce(dropped, op=MPI.SUM)
         return {int(k): int(counts[k]) for k in np.flatnonzero(counts)}, it_sum, it_max, dropped
 
-    def finish(self, summary: Mapping[str, Any] | None = None) -> dict[int, int]:
+    def finish(self, summary: Mapping[str, Any] | None = None,
+               counts: dict[int, int] | None = None) -> dict[int, int]:
         """Collective: write summaries, then ``complete = True``, and close the file.
 
         Parameters
@@ -404,13 +405,16 @@ class ResultsWriter:
         summary
             JSON-serialisable facts (timers, settings); rank 0's value is broadcast, so
             ranks may pass different values (or ``None``).
+        counts
+            The status counts of a :meth:`tally` made after the last write (``None``: count
+            them now), so the file is not read twice.
 
         Returns
         -------
         dict
             Voxels per status code (also stored as the root attribute ``status_counts``).
         """
-        counts = self.status_counts()
+        counts = self.status_counts() if counts is None else counts
         if self.comm is not None and comm_size(self.comm) > 1:
             summary = self.comm.bcast(summary, root=0)
         with no_hang(self.comm, self.path, "finishing the results file"):
