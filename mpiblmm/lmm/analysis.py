@@ -305,9 +305,9 @@ def _fit_dropping_columns(model: Model, Y: np.ndarray, settings: Settings,
         for c in model.contrasts:
             reduced = _reduced_contrast(c, cols)
             if reduced is not None:
-                contrasts.append(reduced)
-                ok[c.name] = (np.ones(members.size, dtype=bool) if c.sequential
-                              else estimable(c.L, XtX[members], cols))
+                contrasts.append(reduced[0])
+                ok[c.name] = (np.ones(members.size, dtype=bool) if reduced[1] is None
+                              else estimable(reduced[1], XtX[members], cols))
         sub = analyse_chunk(Model(model.X[:, cols], model.rd, tuple(contrasts)), Y[index],
                             settings)
         for path, values in sub.items():
@@ -321,23 +321,49 @@ def _fit_dropping_columns(model: Model, Y: np.ndarray, settings: Settings,
                 out[path][index] = values
 
 
-def _reduced_contrast(c: ContrastDef, cols: np.ndarray) -> ContrastDef | None:
-    """Contrast ``c`` on the kept columns ``cols`` (p,) bool, or ``None`` where no voxel that
-    keeps them can estimate it.  A type I contrast tests the term's kept columns (lmerTest's
-    ``anova`` of lme4's reduced fit); another keeps its weights on the kept columns, and is
-    estimable only where its rows stay independent there (``L = L_K [I A]`` for estimable
-    ``L``)."""
+def _reduced_contrast(c: ContrastDef, cols: np.ndarray
+                      ) -> tuple[ContrastDef, np.ndarray | None] | None:
+    """Contrast ``c`` on the kept columns ``cols`` (p,) bool, and the rows of ``c.L`` a voxel
+    must be able to estimate for it to get statistics (``None``: every voxel that keeps
+    ``cols`` gets them); ``None`` where no voxel that keeps ``cols`` can estimate it.
+
+    - A type I contrast tests the term's kept columns (lmerTest's ``anova`` of lme4's
+      reduced fit).
+    - An F contrast whose rows are coefficients (``beta_j = 0`` for some ``j``: the default F
+      test of a term contained in no other) tests those of its coefficients that are kept,
+      as lmerTest's ``anova`` tests such a term in lme4's reduced fit (``group:time`` at a
+      voxel without group C: ``groupB:time`` alone, 1 numerator df), where they are
+      estimable.
+    - Another contrast keeps its weights on the kept columns, and is estimable only where its
+      rows stay independent there (``L = L_K [I A]`` for estimable ``L``).
+    """
     if c.sequential:
         position = np.cumsum(cols) - 1
         seq = tuple(int(position[j]) for j in c.sequential if cols[j])
         if not seq:
             return None
         return ContrastDef(c.name, np.eye(int(cols.sum()))[list(seq)], c.kind,
-                           c.alternative, seq)
-    L = c.L[:, cols]
-    if np.linalg.matrix_rank(L) < L.shape[0]:   # f_weights' rank rule (numpy's tolerance)
+                           c.alternative, seq), None
+    L = c.L
+    coefficients = _coefficient_rows(L) if c.kind == "F" else None
+    if coefficients is not None:
+        L = L[cols[coefficients]]
+        if not L.shape[0]:
+            return None
+    if np.linalg.matrix_rank(L[:, cols]) < L.shape[0]:   # f_weights' rank rule (numpy's)
         return None
-    return ContrastDef(c.name, L, c.kind, c.alternative)
+    return ContrastDef(c.name, L[:, cols], c.kind, c.alternative), L
+
+
+def _coefficient_rows(L: np.ndarray) -> np.ndarray | None:
+    """The coefficient each row of ``L`` picks, when every row is a distinct unit vector
+    (the hypothesis that those coefficients are zero); else ``None``."""
+    picked = np.argmax(L != 0, axis=1)
+    unit = np.zeros_like(L)
+    unit[np.arange(L.shape[0]), picked] = 1.0
+    if not np.array_equal(L, unit) or np.unique(picked).size < picked.size:
+        return None
+    return picked
 
 
 def _unfit_vanishing_residual(Y: np.ndarray, index: np.ndarray,

@@ -9,7 +9,8 @@
 # Writes rank_deficient.csv (the data) and rank_deficient_lme4.json (per model and voxel:
 # the kept coefficients and their estimates, vcov, logLik, sigma^2, theta; T and F contests
 # of the test's contrasts on the kept coefficients, where their kept rows have full rank;
-# lmerTest's type I anova of y ~ group).  Best of bobyqa and Nelder_Mead by logLik.
+# lmerTest's type I anova of y ~ group; lmerTest's type III anova of group:time in
+# y ~ group * time and of group in y ~ group + time, group a factor).  Best of bobyqa and Nelder_Mead by logLik.
 # Run from the repository root: Rscript tests/lmm/make_rank_deficient.R
 # (R 4.2.2, lme4 1.1-31, lmerTest 3.1-3, jsonlite 1.8.4)
 suppressMessages({library(lme4); library(lmerTest); library(jsonlite)})
@@ -72,6 +73,23 @@ for (v in 1:4) {  # one term: lmerTest's type I anova of the kept columns of the
   if ("group" %in% rownames(a)) r$type1 <- list(F = a["group", "F value"],
     df_num = a["group", "NumDF"], df_den = a["group", "DenDF"], p = a["group", "Pr(>F)"])
   out[[paste0("group_y", v)]] <- r
+}
+# lmerTest's anova (type III, its default) of the same data with group a factor, as a user
+# of lme4 fits each voxel's observed rows (lme4 drops an unused level, and the columns the
+# rest leave dependent): a term contained in no other is tested by its kept columns, so
+# group:time of y ~ group * time and group of y ~ group + time (1 numerator df where one of
+# their two columns is gone).  y5 and y6 see group A alone: lme4 refuses a one-level factor.
+anova_row <- function(a, term) if (term %in% rownames(a)) list(F = a[term, "F value"],
+  df_num = a[term, "NumDF"], df_den = a[term, "DenDF"], p = a[term, "Pr(>F)"])
+d$group <- factor(d$group)
+for (reml in c(TRUE, FALSE)) for (v in 1:4) {
+  data <- d[!is.na(d[[paste0("y", v)]]), ]
+  y <- paste0("y", v)
+  m <- best(as.formula(paste(y, "~ group * time + (1 | subject)")), data, reml)
+  out[[paste0("anova_", if (reml) "REML" else "ML", "_y", v)]] <- list(
+    interaction = anova_row(anova(m), "group:time"),
+    additive = anova_row(anova(best(as.formula(paste(y, "~ group + time + (1 | subject)")),
+                                    data, reml)), "group"))
 }
 writeLines(toJSON(out, digits = NA, auto_unbox = TRUE, pretty = TRUE),
            "tests/lmm/rank_deficient_lme4.json")

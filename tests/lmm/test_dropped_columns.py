@@ -4,8 +4,9 @@ Reference: lme4/lmerTest on the data of ``rank_deficient.csv``, made by
 ``make_rank_deficient.R`` beside this file: y ~ gB + gC + time + gB:time + gC:time +
 (1 | subject) over 3 groups x 3 visits, six voxels (complete; no group C; group C at time 1
 only; group B at time 0 only; group A alone; 6 observations of group A, no more than the 6
-columns of X but more than the 2 they support), REML and ML, and y ~ group + (1 | subject) for
-lmerTest's type I anova.
+columns of X but more than the 2 they support), REML and ML, y ~ group + (1 | subject) for
+lmerTest's type I anova, and y ~ group * time and y ~ group + time (group a factor) for its
+type III anova.
 """
 
 import csv
@@ -27,8 +28,12 @@ COLUMNS = ["(Intercept)", "gB", "gC", "time", "gB:time", "gC:time"]
 CONTRASTS = {"time": [[0, 0, 0, 1, 0, 0]], "gC": [[0, 0, 1, 0, 0, 0]],
              "C_at_1": [[0, 0, 1, 0, 0, 1]],
              "interaction": [[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1]]}
-# known truth: where each contrast is estimable (voxels y1..y6)
-ESTIMABLE = {"time": [1, 2, 3, 4, 5, 6], "gC": [1, 4], "C_at_1": [1, 3, 4], "interaction": [1]}
+# known truth: where each contrast is estimable (voxels y1..y6); "interaction" (the
+# coefficients of group:time) is tested by those kept where they are estimable, as lmerTest's
+# anova tests group:time (its reference: ANOVA)
+ESTIMABLE = {"time": [1, 2, 3, 4, 5, 6], "gC": [1, 4], "C_at_1": [1, 3, 4],
+             "interaction": [1, 2, 3, 4]}
+ANOVA = {"interaction"}
 T_FIELDS = ("estimate", "se", "df", "t", "p")
 F_FIELDS = ("F", "df_num", "df_den", "p")
 
@@ -61,7 +66,9 @@ def _contrasts():
 @pytest.mark.parametrize("method", ["REML", "ML"])
 def test_rank_deficient_voxels_match_lme4(study, method):
     """lme4's kept columns, estimates, covariances and logLik; each contrast only where it
-    is estimable, then lmerTest's contest on the kept coefficients."""
+    is estimable, then lmerTest's contest on the kept coefficients; the F of group:time's
+    coefficients as lmerTest's anova tests the term: by those kept (1 numerator df where
+    group C is unseen, seen at one time, or group B at one time)."""
     X, Y, rd, ref = study
     out = analyse_chunk(Model(X, rd, _contrasts()), Y, Settings(method=method))
     assert set(out["status"]) <= {0, 2}
@@ -83,7 +90,8 @@ def test_rank_deficient_voxels_match_lme4(study, method):
             if v + 1 not in where:
                 assert np.isnan(got).all(), (name, v)
                 continue
-            want = [r["contrasts"][name][f] for f in fields]
+            want = [(ref[f"anova_{method}_y{v + 1}"] if name in ANOVA else r["contrasts"])
+                    [name][f] for f in fields]
             assert _rel(got, want) < 1e-4, (name, v, got, want)
 
 
@@ -101,6 +109,21 @@ def test_type1_anova_tests_the_kept_columns_of_the_term(study):
         assert _rel(out["beta"][v][np.isfinite(out["beta"][v])], r["beta"]) < REL_TOL
     assert out["status"][4] in (0, 2) and np.isfinite(out["beta"][4, 0])
     assert np.isnan([out[f"contrasts/group/{f}"][4] for f in F_FIELDS]).all()
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_a_terms_f_tests_its_kept_columns_as_lmertests_anova(study, method):
+    """y ~ group + time: lmerTest's anova tests group by its kept columns, groupB alone where
+    group C is unseen (1 numerator df), both elsewhere; no F where neither is kept."""
+    X, Y, rd, ref = study
+    model = Model(X[:, :4], rd, (ContrastDef("group", np.eye(4)[1:3], "F"),))
+    out = analyse_chunk(model, Y, Settings(method=method))
+    for v in range(4):
+        want = ref[f"anova_{method}_y{v + 1}"]["additive"]
+        got = [out[f"contrasts/group/{f}"][v] for f in F_FIELDS]
+        assert _rel(got, [want[f] for f in F_FIELDS]) < 1e-4, (v, got, want)
+    assert out["contrasts/group/df_num"][1] == 1
+    assert np.isnan([out[f"contrasts/group/{f}"][4:] for f in F_FIELDS]).all()
 
 
 def test_a_voxel_has_the_same_bits_alone_and_in_a_chunk(study):
