@@ -357,9 +357,9 @@ def _text_column_notes(spec: Any) -> list[str]:
     cell such as ``2.O`` makes a numeric column a factor, as in R)."""
     if not spec.is_formula:
         return []
-    from mpiblmm import formula as fm
+    from mpiblmm.formula_table import read_table, suspicious_text_columns
 
-    return [f"note: {note}" for note in fm.suspicious_text_columns(fm.read_table(spec.covariates))]
+    return [f"note: {note}" for note in suspicious_text_columns(read_table(spec.covariates))]
 
 
 def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) -> list[str]:

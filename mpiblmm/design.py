@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from mpiblmm.errors import ContrastError, SpecError, not_utf8
-from mpiblmm.formula import NUMBER
+from mpiblmm.formula_table import NUMBER, read_table
 from mpiblmm.lmm.model import RandomFactor, RandomStructure
 from mpiblmm.spec import Spec, first_duplicate, name_length_problem, short_name
 
@@ -279,7 +279,7 @@ def design_from_formula(spec: Spec) -> Design:
     from mpiblmm import formula as fm
 
     spec_where = str(spec.path)
-    table = fm.read_table(spec.covariates)
+    table = read_table(spec.covariates)
     if spec.images is not None and len(spec.images) != table.n:
         raise SpecError(f"lists {len(spec.images)} images but {spec.covariates} has "
                         f"{table.n} rows (one image per row)", f"{spec_where}: images")

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpiblmm.formula import formula_model, parse_formula, read_table
+from mpiblmm.formula import formula_model, parse_formula
+from mpiblmm.formula_table import read_table
 from mpiblmm.formula_names import r_make_name, r_make_names_unique, r_make_unique
 
 HERE = Path(__file__).resolve().parent

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from mpiblmm.errors import SpecError
-from mpiblmm.formula import default_contrasts, formula_model, parse_formula, read_table
+from mpiblmm.formula import default_contrasts, formula_model, parse_formula
+from mpiblmm.formula_table import read_table
 
 ROWS = [  # subject, visit, age, time, sex, site, grp, code
     ("s1", 1, 61.5, 0.0, "M", "b", "x", "01"), ("s1", 2, 62.5, 1.0, "M", "b", "y", "1"),

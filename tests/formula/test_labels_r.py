@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mpiblmm.formula import formula_model, parse_formula, read_table
+from mpiblmm.formula import formula_model, parse_formula
+from mpiblmm.formula_table import read_table
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = json.loads((HERE / "r_labels.json").read_text())

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 
 from mpiblmm.errors import SpecError
-from mpiblmm.formula import default_contrasts, formula_model, parse_formula, read_table
+from mpiblmm.formula import default_contrasts, formula_model, parse_formula
+from mpiblmm.formula_table import read_table
 from mpiblmm.formula_names import ColumnAliases, r_make_name, r_make_names_unique
 
 HEADER = ["subject", "age", "sex", "group", "visit", "site"]
@@ -89,7 +90,7 @@ def test_unknown_column_is_the_first_written_and_names_its_term(tmp_path):
 def test_unknown_column_message_is_the_same_in_every_process(tmp_path):
     """The unknown variables are a set: its order changed with the hash seed."""
     path = _write(tmp_path / "p.tsv", ["subject", "score"], [("s1", "1"), ("s2", "2")], "\t")
-    code = ("import sys\nfrom mpiblmm.formula import formula_model, read_table\n"
+    code = ("import sys\nfrom mpiblmm.formula import formula_model\nfrom mpiblmm.formula_table import read_table\n"
             "try:\n    formula_model(sys.argv[1], read_table(sys.argv[2]))\n"
             "except Exception as exc:\n    print(exc.message)\n")
     seen = set()

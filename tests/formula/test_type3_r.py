@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from mpiblmm.design import build_design
-from mpiblmm.formula import default_contrasts, formula_model, read_table
+from mpiblmm.formula import default_contrasts, formula_model
+from mpiblmm.formula_table import read_table
 from mpiblmm.lmm.analysis import Settings, analyse_chunk
 from mpiblmm.pipeline import model_from_design
 from mpiblmm.type3 import Term, contains, marginal_variables, type3
