@@ -48,7 +48,7 @@ from mpiblmm.design import Design, design_from_spec
 from mpiblmm.errors import UserError
 from mpiblmm.io import agree, make_dirs, on_root
 from mpiblmm.io.export import (MAPS_INDEX, ExportStopped, export_nifti, listed_maps, maps_state,
-                               store_headline)
+                               remove_maps, store_headline)
 from mpiblmm.io.ingest import (DEFAULT_MEMORY_MB, PackingStopped, ReadingStopped, SlabReader,
                                prepare_input, shared_input_fingerprint)
 from mpiblmm.io.lock import OutputLock, acquire_lock
@@ -331,11 +331,7 @@ def _forget_maps(results: Path) -> None:
     """--overwrite: the maps of the replaced fit (those its ``maps.json`` lists) and the index
     go with it, so no map of the old model is left beside a new fit, finished or not."""
     folder = results.parent / "nifti"
-    for name in listed_maps(folder):
-        try:
-            (folder / name).unlink()
-        except OSError:   # gone already; an unwritable folder is reported below
-            pass
+    remove_maps(folder, listed_maps(folder))   # an unwritable folder is reported below
     try:
         (folder / MAPS_INDEX).unlink()
     except FileNotFoundError:

@@ -362,8 +362,7 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
         raise ExportStopped()
     if rank == 0:  # the index last, once every map is in place
         index = {f"{m.stem}{suffix}": map_info(m, codes) for m in maps}
-        for name in earlier - set(index):   # an earlier export's q map, a dropped contrast
-            _remove(out / name)
+        remove_maps(out, earlier - set(index))   # an earlier export's q map, a dropped contrast
         try:
             _write_atomic(out / MAPS_INDEX, json.dumps(index, indent=2) + "\n")
         except OSError as exc:
@@ -455,6 +454,14 @@ def listed_maps(folder: Path) -> set[str]:
         return set()
     return {name for name in index if isinstance(name, str) and name == Path(name).name
             and name.endswith(tuple(MAP_SUFFIX.values()))}
+
+
+def remove_maps(folder: Path, names) -> None:
+    """Remove the map files ``names`` (plain names, :func:`listed_maps`) from ``folder``; one
+    already gone or that cannot be removed is passed over (an unwritable folder is found
+    when maps are written there)."""
+    for name in names:
+        _remove(Path(folder) / name)
 
 
 def _remove(path: Path) -> None:

@@ -38,7 +38,8 @@ from mpiblmm import __version__
 from mpiblmm.errors import UserError
 from mpiblmm.io import (SlabTarget, agree, comm_rank, comm_size, make_dirs, open_h5,
                         read_hyperslab, write_hyperslab)
-from mpiblmm.lmm.model import F_STATS, STATUS_CODES, STATUS_SINGULAR, T_STATS, result_datasets
+from mpiblmm.lmm.model import (F_STATS, STATUS_CODES, STATUS_SINGULAR, T_STATS,
+                                dropped_column_voxels, result_datasets)
 from mpiblmm.parallel import no_hang
 
 RESULTS_FORMAT = "mpiblmm-results-1"
@@ -384,7 +385,7 @@ class ResultsWriter:
         is_fitted = status <= STATUS_SINGULAR
         fitted = its[is_fitted].astype(np.float64)
         it_sum, it_max = float(fitted.sum()), float(fitted.max()) if fitted.size else 0.0
-        dropped = int(np.isnan(beta[is_fitted]).any(axis=1).sum())
+        dropped = dropped_column_voxels(beta, status)
         if size > 1:
             from mpi4py import MPI
 

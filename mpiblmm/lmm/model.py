@@ -253,6 +253,13 @@ STATUS_CONSTANT = 7
 STATUS_UNIDENTIFIABLE = 9
 
 
+def dropped_column_voxels(beta: np.ndarray, status: np.ndarray) -> int:
+    """How many fitted voxels (status 0-2) went without some columns of X (NaN in their
+    ``beta``: lme4's "fixed-effect model matrix is rank deficient so dropping ..."); ``beta``
+    (v, p), ``status`` (v,)."""
+    return int(np.isnan(beta[status <= STATUS_SINGULAR]).any(axis=1).sum())
+
+
 @dataclass(frozen=True)
 class FitResult:
     """Per-voxel outcome of the estimator (voxel axis first; NaN where not fitted).
