@@ -23,6 +23,7 @@ import numpy as np
 from mpiblmm.errors import ContrastError, SpecError, not_utf8
 from mpiblmm.formula_table import NUMBER, read_table
 from mpiblmm.lmm.model import RandomFactor, RandomStructure
+from mpiblmm.lmm.type3 import Type3Basis
 from mpiblmm.spec import Spec, first_duplicate, name_length_problem, short_name
 
 
@@ -54,13 +55,17 @@ class Contrast:
     """A contrast: ``L`` (r, p); ``kind`` "T" (one row, may be one-sided) or "F".
     ``sequential``: the columns of X of a term whose F test takes, at each voxel, the type I
     rows of that voxel's own X'X (lmerTest's ``anova`` of a one-term fixed part; ``L`` is
-    then those rows on every observation); empty for a contrast tested by ``L`` itself."""
+    then those rows on every observation); empty for a contrast tested by ``L`` itself.
+    ``term``: the formula term whose ``anova`` F this is (a default contrast): where a voxel's
+    observed rows drop columns, it is tested as lmerTest's ``anova`` tests the term in lme4's
+    fit without them (:func:`mpiblmm.lmm.analysis._fit_dropping_columns`)."""
 
     name: str
     L: np.ndarray
     alternative: str = "two-sided"
     kind: str = "T"
     sequential: tuple[int, ...] = ()
+    term: str = ""
 
     @property
     def n_rows(self) -> int:
@@ -80,6 +85,9 @@ class Design:
     factors: tuple[Factor, ...]
     contrasts: tuple[Contrast, ...]
     structure: RandomStructure
+    #: the formula's type III hypotheses to make again at voxels that drop columns
+    #: (:class:`~mpiblmm.lmm.type3.Type3Basis`), or ``None``
+    type3_basis: Type3Basis | None = None
 
     @property
     def n(self) -> int:
@@ -106,6 +114,7 @@ def build_design(
     contrasts: Sequence[tuple[str, np.ndarray, str]] = (),
     fixed_names: Sequence[str] | None = None,
     where: str = "design",
+    type3_basis: Type3Basis | None = None,
 ) -> Design:
     """Make a :class:`Design` from arrays (the common end of every front end).
 
@@ -118,11 +127,13 @@ def build_design(
         (n, q) covariates or ``None`` for an intercept, ``effect_names`` or ``None``.
     contrasts
         ``(name, weights, alternative)``; ``weights`` 1-D (T) or 2-D (F) of width p; a fourth
-        item, when given, is :attr:`Contrast.sequential`.
+        item, when given, is :attr:`Contrast.sequential`, a fifth :attr:`Contrast.term`.
     fixed_names
         Names of the p columns of X (default ``x0..x{p-1}``).
     where
         Prefix of error messages for contrasts, e.g. ``"spec.json: contrasts"``.
+    type3_basis
+        :attr:`Design.type3_basis` (the formula form's).
 
     Raises
     ------
@@ -155,11 +166,12 @@ def build_design(
         made.append(Factor(name, _frozen(codes), uniq, _frozen(Z), effect_names))
 
     cons = tuple(replace(_contrast(name, w, alt, fixed_names, f'{where}[{i}] ("{name}")'),
-                         sequential=tuple(int(j) for j in (rest[0] if rest else ())))
+                         sequential=tuple(int(j) for j in (rest[0] if rest else ())),
+                         term=str(rest[1]) if len(rest) > 1 else "")
                  for i, (name, w, alt, *rest) in enumerate(contrasts))
     structure = RandomStructure(tuple(
         RandomFactor(f.name, f.n_levels, f.n_effects, f.effect_names) for f in made))
-    return Design(X, fixed_names, tuple(made), cons, structure)
+    return Design(X, fixed_names, tuple(made), cons, structure, type3_basis)
 
 
 def _codes(labels: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
@@ -316,7 +328,7 @@ def design_from_formula(spec: Spec) -> Design:
     else:
         contrasts = spec_contrasts(spec, model.names)
     return build_design(model.X, model.factors, contrasts, model.names,
-                        where=f"{spec_where}: contrasts")
+                        where=f"{spec_where}: contrasts", type3_basis=model.type3_basis)
 
 
 def spec_contrasts(spec: Spec, names: Sequence[str]) -> list[tuple[str, np.ndarray, str]]:

@@ -42,6 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mpiblmm.errors import SpecError
+from mpiblmm.lmm.type3 import Type3Basis
 from mpiblmm.formula_table import (Table, numeric_column, r_labels, r_level, r_number,
                                    used_column)
 from mpiblmm.formula_names import (ColumnAliases, backtick_names, lme4_factor_names,
@@ -584,6 +585,10 @@ class FormulaModel:
     #: the fixed part has one term: ``anova`` tests type I rows, those of each voxel's own
     #: X'X (``type3`` holds them for every observation).
     one_term: bool = False
+    #: what the type III hypotheses of ``type3`` are made from, to make them again where a
+    #: voxel's observed rows drop columns (:func:`mpiblmm.lmm.type3.observed_type3`); only
+    #: for treatment coding, where some term is contained in another.
+    type3_basis: Type3Basis | None = None
 
 
 def _log(x, base=None):
@@ -759,7 +764,9 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
         tuple((back(label), cols) for label, cols in model.terms),
         tuple((name, labels, Z, tuple(back(e) for e in effects))
               for name, labels, Z, effects in model.factors),
-        tuple((back(label), L) for label, L in model.type3), model.one_term)
+        tuple((back(label), L) for label, L in model.type3), model.one_term,
+        None if model.type3_basis is None else Type3Basis(model.type3_basis.M, tuple(
+            dataclasses.replace(t, label=back(t.label)) for t in model.type3_basis.terms)))
 
 
 def _formula_model(formula: str, table: Table, aliases: ColumnAliases) -> FormulaModel:
@@ -825,10 +832,11 @@ def _formula_model(formula: str, table: Table, aliases: ColumnAliases) -> Formul
     factor_names = lme4_factor_names([bar.name for bar in parsed.bars],
                                      [bar.lme4_order for bar in parsed.bars],
                                      [len(set(labels)) for labels, _, _ in factors])
+    hypotheses, basis = _anova_hypotheses(X, frame, terms, fixed, one)
     return FormulaModel(np.asarray(X, dtype=np.float64), tuple(names),
                         tuple((label, tuple(cols)) for label, cols in terms),
                         tuple((name, *factor) for name, factor in zip(factor_names, factors)),
-                        tuple(_anova_hypotheses(X, frame, terms, fixed, one).items()), one)
+                        tuple(hypotheses.items()), one, basis)
 
 
 def _one_term(mm, terms: list[tuple[str, list[int]]]) -> bool:
@@ -839,27 +847,28 @@ def _one_term(mm, terms: list[tuple[str, list[int]]]) -> bool:
     return mm.shape[1] <= 1 or len(labelled) <= 1
 
 
-def _anova_hypotheses(mm, frame, terms: list[tuple[str, list[int]]], fixed: str,
-                      one_term: bool) -> dict[str, np.ndarray]:
+def _anova_hypotheses(mm, frame, terms: list[tuple[str, list[int]]], fixed: str, one_term: bool
+                      ) -> tuple[dict[str, np.ndarray], Type3Basis | None]:
     """The hypotheses lmerTest's ``anova`` (type III, its default) tests for the terms whose
     rows are not simply their own coefficients (``lmerTest:::get_contrasts_type3``):
 
     - a fixed part of one term (or one column, ``one_term``: :func:`_one_term`): type I rows
-      (:func:`mpiblmm.type3.type1_rows`);
+      (:func:`mpiblmm.lmm.type3.type1_rows`);
     - a factor coded other than by treatment contrasts (``C(g, sum)``, ``C(g, helmert)``,
       ``C(g, SAS)``...): the hypotheses of the same formula in treatment coding (below),
-      written on this coding's coefficients (:func:`mpiblmm.type3.mapped_rows`), for every
+      written on this coding's coefficients (:func:`mpiblmm.lmm.type3.mapped_rows`), for every
       term of several columns;
     - otherwise those of the terms contained in others (:func:`_type3_hypotheses`).
 
     They span the same hypothesis as the plain ones (F is the same), but Satterthwaite's
     denominator df depends on the rows.  Empty where a step cannot be taken (the plain
-    hypotheses are then kept)."""
-    from mpiblmm import type3 as t3
+    hypotheses are then kept).  With them, the :class:`~mpiblmm.lmm.type3.Type3Basis` of the
+    type III hypotheses, in the last case only."""
+    from mpiblmm.lmm import type3 as t3
 
     X = np.asarray(mm, dtype=np.float64)
     if one_term:
-        return {label: t3.type1_rows(X, cols) for label, cols in terms if len(cols) > 1}
+        return {label: t3.type1_rows(X, cols) for label, cols in terms if len(cols) > 1}, None
     treatment = _treatment_coded(fixed)
     if treatment == fixed:
         return _type3_hypotheses(mm, frame, terms)
@@ -867,8 +876,8 @@ def _anova_hypotheses(mm, frame, terms: list[tuple[str, list[int]]], fixed: str,
     _, terms_t = r_column_names(mm_t)
     X_t = np.asarray(mm_t, dtype=np.float64)
     if len(terms_t) != len(terms) or [len(c) for _, c in terms_t] != [len(c) for _, c in terms]:
-        return {}
-    contained = _type3_hypotheses(mm_t, frame, terms_t)
+        return {}, None
+    contained, _ = _type3_hypotheses(mm_t, frame, terms_t)
     out = {}
     for (label, cols), (label_t, cols_t) in zip(terms, terms_t):
         if len(cols) < 2:
@@ -878,9 +887,9 @@ def _anova_hypotheses(mm, frame, terms: list[tuple[str, list[int]]], fixed: str,
             L_t = _own_rows(cols_t, X_t.shape[1])
         L = t3.mapped_rows(L_t, X_t, X)
         if L is None:
-            return {}
+            return {}, None
         out[label] = L
-    return out
+    return out, None
 
 
 def _treatment_coded(text: str) -> str:
@@ -898,12 +907,14 @@ def _treatment_coded(text: str) -> str:
     return "".join(out) + text[pos:]
 
 
-def _type3_hypotheses(mm, frame, terms: list[tuple[str, list[int]]]) -> dict[str, np.ndarray]:
-    """lmerTest's type III hypotheses of the terms contained in others (:mod:`mpiblmm.type3`):
+def _type3_hypotheses(mm, frame, terms: list[tuple[str, list[int]]]
+                      ) -> tuple[dict[str, np.ndarray], Type3Basis | None]:
+    """lmerTest's type III hypotheses of the terms contained in others (:mod:`mpiblmm.lmm.type3`):
     the over-parameterised design is ``~ 0 + term`` of every term (each factor by all its
     levels) after an intercept column.  Empty when no term is contained in another, or when
-    a term cannot be coded that way (its own columns are then its hypothesis)."""
-    from mpiblmm import type3 as t3
+    a term cannot be coded that way (its own columns are then its hypothesis).  With them,
+    their :class:`~mpiblmm.lmm.type3.Type3Basis` (``None`` when empty)."""
+    from mpiblmm.lmm import type3 as t3
 
     state = mm.model_spec.encoder_state
     X = np.asarray(mm, dtype=np.float64)
@@ -921,7 +932,7 @@ def _type3_hypotheses(mm, frame, terms: list[tuple[str, list[int]]]) -> dict[str
              for label, cols, variables in found
              for marginal in [t3.marginal_variables(variables, model)]]
     if not any(t3.contains(a, b) for a in found for b in found):
-        return {}
+        return {}, None
     width = int(intercept)
     terms3 = []
     for t in found:
@@ -929,13 +940,15 @@ def _type3_hypotheses(mm, frame, terms: list[tuple[str, list[int]]]) -> dict[str
             block = np.asarray(_matrix("0 + " + ":".join(sorted(t.variables)), frame, t.label),
                                dtype=np.float64)
         except SpecError:
-            return {}
+            return {}, None
         blocks.append(block)
         terms3.append(dataclasses.replace(t, r_cols=tuple(range(width, width + block.shape[1]))))
         width += block.shape[1]
     R = np.column_stack(([np.ones(X.shape[0])] if intercept else []) + blocks)
     out = t3.type3(X, R, terms3)
-    return {} if out is None else out
+    if not out:
+        return {}, None
+    return out, t3.Type3Basis(t3.over_parameterised_map(X, R), tuple(terms3))
 
 
 def default_contrasts(model: FormulaModel) -> list[tuple]:
@@ -943,9 +956,9 @@ def default_contrasts(model: FormulaModel) -> list[tuple]:
     contrast per term of more than one column (named by the term): the rows ``anova`` tests
     (:func:`_anova_hypotheses`: for a term contained in another, e.g. ``group`` in ``sex *
     group``, the main effect, not the coefficients of its columns).  Each is ``(name, weights,
-    alternative, sequential)``; ``sequential`` (:attr:`mpiblmm.design.Contrast.sequential`)
-    is the term's columns where the fixed part has one term, whose rows then follow each
-    voxel's own X'X."""
+    alternative, sequential)``, and an F's also its term's label (:attr:`mpiblmm.design.
+    Contrast.term`); ``sequential`` (:attr:`mpiblmm.design.Contrast.sequential`) is the term's
+    columns where the fixed part has one term, whose rows then follow each voxel's own X'X."""
     p = len(model.names)
     out = []
     for j, name in enumerate(model.names):
@@ -959,7 +972,8 @@ def default_contrasts(model: FormulaModel) -> list[tuple]:
             L = type3.get(label, _own_rows(cols, p))   # anova's where it has other rows
             name = safe_name(label)
             out.append((name if name not in taken else f"{name}.F", L, "two-sided",
-                        tuple(cols) if model.one_term else ()))   # type I rows per voxel
+                        tuple(cols) if model.one_term else (),   # type I rows per voxel
+                        label))   # anova's test of the term, also where columns drop
     return out
 
 

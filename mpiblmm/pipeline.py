@@ -132,8 +132,8 @@ def model_from_design(design: Design) -> Model:
                        names=[f.name for f in design.factors],
                        effect_names=[f.effect_names for f in design.factors])
     contrasts = tuple(ContrastDef(c.name, np.asarray(c.L, dtype=float), c.kind, c.alternative,
-                                  c.sequential) for c in design.contrasts)
-    return Model(np.asarray(design.X, dtype=float), rd, contrasts)
+                                  c.sequential, c.term) for c in design.contrasts)
+    return Model(np.asarray(design.X, dtype=float), rd, contrasts, design.type3_basis)
 
 
 def settings_from_spec(spec: Spec, budget_mb: float = DEFAULT_MEMORY_MB) -> Settings:
@@ -213,6 +213,12 @@ def input_hash(design: Design, settings: Settings, data_fingerprint: str) -> str
         put(c.name, np.asarray(c.L, dtype=float), c.kind, c.alternative)
         if c.sequential:  # its rows follow each voxel's X'X
             put("sequential", list(c.sequential))
+        if c.term:  # anova's test of the term where a voxel drops columns
+            put("term", c.term)
+    if design.type3_basis is not None:
+        put("type3", np.asarray(design.type3_basis.M, dtype=float),
+            [[t.label, list(t.x_cols), sorted(t.variables), sorted(t.marginal),
+              sorted(t.numeric)] for t in design.type3_basis.terms])
     return h.hexdigest()
 
 

@@ -53,19 +53,23 @@ from .model import (F_STATS, STATUS_EMPTY, STATUS_RANK_DEFICIENT, STATUS_TOO_FEW
 from .products import RandomDesign, full_rank, product_forms
 from .satterthwaite import satterthwaite_setup
 from .structures import for_structure
+from .type3 import Type3Basis, observed_type3
 
 
 @dataclass(frozen=True)
 class ContrastDef:
-    """A contrast to test at every voxel: ``L`` (r, p); ``kind`` "T" or "F".  ``sequential``:
-    the columns of a term whose F test takes the type I rows of each voxel's own X'X
-    (:func:`.contrasts.sequential_rows`; lmerTest's ``anova`` of a one-term fixed part)."""
+    """A contrast to test at every voxel: ``L`` (r, p), or (v, r, p) each voxel's own rows;
+    ``kind`` "T" or "F".  ``sequential``: the columns of a term whose F test takes the type I
+    rows of each voxel's own X'X (:func:`.contrasts.sequential_rows`; lmerTest's ``anova`` of
+    a one-term fixed part).  ``term``: the formula term whose ``anova`` F this is, tested as
+    ``anova`` tests it where a voxel's observed rows drop columns (:func:`_fit_dropping_columns`)."""
 
     name: str
     L: np.ndarray
     kind: str = "T"
     alternative: str = "two-sided"
     sequential: tuple[int, ...] = ()
+    term: str = ""
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ class Model:
     X: np.ndarray
     rd: RandomDesign
     contrasts: tuple[ContrastDef, ...]
+    #: the formula's type III hypotheses, to make again on a voxel's kept columns
+    type3: Type3Basis | None = None
 
     @property
     def structure(self) -> RandomStructure:
@@ -284,9 +290,12 @@ def _fit_dropping_columns(model: Model, Y: np.ndarray, settings: Settings,
     voxels ``short`` with no more observations than columns (status 3 so far) whose observed
     rows have a lower rank: lme4 fits them if the observations outnumber the kept columns.
     Voxels that keep the same columns are analysed together on those columns; their beta and
-    cov_beta stay NaN in the dropped columns, and a contrast gets statistics only at the
-    voxels where it is estimable.  A voxel that lme4's test keeps whole (rank deficient only by
-    :func:`~.products.full_rank`'s stricter measure) stays status 4."""
+    cov_beta stay NaN in the dropped columns, a contrast gets statistics only at the voxels
+    where it is estimable, and a formula term's F is lmerTest's ``anova`` of lme4's fit there
+    (:func:`_fit_kept_columns`; a contained term's type III rows are made again for each
+    voxel, :func:`~.type3.observed_type3`: a loop over these few voxels).  A voxel that lme4's
+    test keeps whole (rank deficient only by :func:`~.products.full_rank`'s stricter measure)
+    stays status 4."""
     deficient = np.union1d(np.flatnonzero(out["status"] == STATUS_RANK_DEFICIENT), short)
     if not deficient.size:
         return
@@ -300,25 +309,57 @@ def _fit_dropping_columns(model: Model, Y: np.ndarray, settings: Settings,
         if cols.all():
             continue
         members = np.flatnonzero(which.ravel() == pattern)
-        index, kc = deficient[members], np.flatnonzero(cols)
-        contrasts, ok = [], {}
-        for c in model.contrasts:
-            reduced = _reduced_contrast(c, cols)
-            if reduced is not None:
-                contrasts.append(reduced[0])
-                ok[c.name] = (np.ones(members.size, dtype=bool) if reduced[1] is None
-                              else estimable(reduced[1], XtX[members], cols))
-        sub = analyse_chunk(Model(model.X[:, cols], model.rd, tuple(contrasts)), Y[index],
-                            settings)
-        for path, values in sub.items():
-            if path == "beta":
-                out[path][np.ix_(index, kc)] = values
-            elif path == "cov_beta":
-                out[path][index[:, None, None], kc[:, None], kc] = values
-            elif path.startswith("contrasts/"):
-                out[path][index] = np.where(ok[path.split("/")[1]], values, np.nan)
-            else:
-                out[path][index] = values
+        # a type III term's rows, made again on each voxel's observed rows (few voxels)
+        remade = {c.name: [observed_type3(model.X[observed[k] > 0], model.type3, cols, c.term)
+                           for k in members]
+                  for c in model.contrasts if _remade_type3(model, c)}
+        shapes = [tuple(0 if rows[k] is None else rows[k].shape[0] for rows in remade.values())
+                  for k in range(members.size)]
+        for shape in sorted(set(shapes)):   # voxels whose remade rows match in number
+            part = np.flatnonzero([s == shape for s in shapes])
+            _fit_kept_columns(model, Y[deficient[members[part]]], settings, out,
+                              deficient[members[part]], cols, XtX[members[part]],
+                              {name: [rows[k] for k in part] for name, rows in remade.items()})
+
+
+def _remade_type3(model: Model, c: ContrastDef) -> bool:
+    """Is ``c`` the type III F of a term contained in another, made again where columns drop?"""
+    return bool(c.term) and not c.sequential and model.type3 is not None \
+        and model.type3.contained(c.term)
+
+
+def _fit_kept_columns(model: Model, Y: np.ndarray, settings: Settings,
+                      out: dict[str, np.ndarray], index: np.ndarray, cols: np.ndarray,
+                      XtX: np.ndarray, remade: dict[str, list]) -> None:
+    """Analyse the voxels ``index`` (their data ``Y``, their X'X) on the kept columns ``cols``
+    and fill ``out`` there.  A formula term's F (:attr:`ContrastDef.term`) is lmerTest's
+    ``anova`` of lme4's fit: the term's kept columns, or its type III rows ``remade`` for
+    each voxel (the same number at every voxel here; ``None`` where there are none); another
+    contrast is tested only where estimable (:func:`_reduced_contrast`)."""
+    contrasts, ok = [], {}
+    everywhere = np.ones(index.size, dtype=bool)
+    for c in model.contrasts:
+        if c.name in remade:
+            rows = remade[c.name]
+            if rows[0] is not None:
+                contrasts.append(ContrastDef(c.name, np.stack(rows), c.kind, c.alternative))
+                ok[c.name] = everywhere
+            continue
+        reduced = _reduced_contrast(c, cols)
+        if reduced is not None:
+            contrasts.append(reduced[0])
+            ok[c.name] = everywhere if reduced[1] is None else estimable(reduced[1], XtX, cols)
+    sub = analyse_chunk(Model(model.X[:, cols], model.rd, tuple(contrasts)), Y, settings)
+    kc = np.flatnonzero(cols)
+    for path, values in sub.items():
+        if path == "beta":
+            out[path][np.ix_(index, kc)] = values
+        elif path == "cov_beta":
+            out[path][index[:, None, None], kc[:, None], kc] = values
+        elif path.startswith("contrasts/"):
+            out[path][index] = np.where(ok[path.split("/")[1]], values, np.nan)
+        else:
+            out[path][index] = values
 
 
 def _reduced_contrast(c: ContrastDef, cols: np.ndarray
@@ -329,11 +370,11 @@ def _reduced_contrast(c: ContrastDef, cols: np.ndarray
 
     - A type I contrast tests the term's kept columns (lmerTest's ``anova`` of lme4's
       reduced fit).
-    - An F contrast whose rows are coefficients (``beta_j = 0`` for some ``j``: the default F
-      test of a term contained in no other) tests those of its coefficients that are kept,
-      as lmerTest's ``anova`` tests such a term in lme4's reduced fit (``group:time`` at a
-      voxel without group C: ``groupB:time`` alone, 1 numerator df), where they are
-      estimable.
+    - An F contrast whose rows are coefficients (``beta_j = 0`` for some ``j``) tests those
+      of its coefficients that are kept, where they are estimable; a formula term's F
+      (:attr:`ContrastDef.term`, the term contained in no other) at every voxel, as
+      lmerTest's ``anova`` tests the term in lme4's reduced fit (``group:time`` at a voxel
+      without group C: ``groupB:time`` alone, 1 numerator df).
     - Another contrast keeps its weights on the kept columns, and is estimable only where its
       rows stay independent there (``L = L_K [I A]`` for estimable ``L``).
     """
@@ -350,6 +391,8 @@ def _reduced_contrast(c: ContrastDef, cols: np.ndarray
         L = L[cols[coefficients]]
         if not L.shape[0]:
             return None
+        if c.term:
+            return ContrastDef(c.name, L[:, cols], c.kind, c.alternative), None
     if np.linalg.matrix_rank(L[:, cols]) < L.shape[0]:   # f_weights' rank rule (numpy's)
         return None
     return ContrastDef(c.name, L[:, cols], c.kind, c.alternative), L
@@ -511,7 +554,7 @@ def _fit_forms(model: Model, pf: ProductForms, settings: Settings, index: np.nda
             for stat in T_STATS:
                 out[prefix + stat][where] = getattr(r, stat)[fitted]
         else:
-            L = c.L
+            L = c.L[index] if c.L.ndim == 3 else c.L   # each voxel's own rows, or shared
             if c.sequential:  # rows of each voxel's own X'X (observed rows), (v, r, p);
                 L = sequential_rows(pf.XtX, c.sequential)   # shared X'X: formed once
                 L = np.broadcast_to(L, (pf.n_voxels,) + L.shape[1:])

@@ -3,8 +3,8 @@
 The five voxels of ``tests/lmm/rank_deficient.csv`` (lme4 reference from
 ``tests/lmm/make_rank_deficient.R``) as NIfTI images with ``y ~ group * time + (1 | subject)``
 over a participants table, fitted at 2 ranks: lme4's kept coefficients and estimates,
-NaN in the dropped ones, the default T and F contrasts only where estimable (group:time's F
-as lmerTest's anova: by its kept columns), and maps.
+NaN in the dropped ones, the default T contrasts only where estimable, the default F contrasts
+as lmerTest's anova tests the terms (by their kept columns), and maps.
 """
 
 from __future__ import annotations
@@ -68,14 +68,18 @@ def test_fit_drops_columns_as_lme4(tmp_path, run_mpi, mpiblmm_command):
             assert np.isnan(t_gC)
         np.testing.assert_allclose(res["contrasts/time/df"][row],
                                    r["contrasts"]["time"]["df"], rtol=1e-4)
-        # the default F of group:time, a term in no other: lmerTest's anova of lme4's fit,
-        # i.e. its kept columns (1 numerator df at y2-y4); none kept at y5
-        F = [res[f"contrasts/group:time/{f}"][row] for f in ("F", "df_num", "df_den", "p")]
-        if v < 4:
-            a = ref[f"anova_REML_y{v + 1}"]["interaction"]
-            np.testing.assert_allclose(F, [a["F"], a["df_num"], a["df_den"], a["p"]], rtol=1e-4)
-        else:
-            assert np.isnan(F).all()
+        # the default F of group:time and of group (the groups at time 0: time is numeric),
+        # terms in no other: lmerTest's anova of lme4's fit, i.e. their kept columns (1
+        # numerator df where one is gone, even where its meaning changed: group C seen at
+        # time 1 only); none kept at y5
+        for term, key in (("group:time", "interaction"), ("group", "group")):
+            F = [res[f"contrasts/{term}/{f}"][row] for f in ("F", "df_num", "df_den", "p")]
+            if v < 4:
+                a = ref[f"anova_REML_y{v + 1}"][key]
+                np.testing.assert_allclose(F, [a["F"], a["df_num"], a["df_den"], a["p"]],
+                                           rtol=1e-4, err_msg=f"{term} y{v + 1}")
+            else:
+                assert np.isnan(F).all()
     beta_map = nib.load(tmp_path / "results" / "nifti" / "beta.nii.gz").get_fdata()
     assert beta_map.shape[:3] == (5, 1, 1)
     assert np.isnan(beta_map[1, 0, 0, NAMES.index("groupC")])       # y2: no group C

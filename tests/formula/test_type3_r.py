@@ -23,7 +23,7 @@ from mpiblmm.formula import default_contrasts, formula_model
 from mpiblmm.formula_table import read_table
 from mpiblmm.lmm.analysis import Settings, analyse_chunk
 from mpiblmm.pipeline import model_from_design
-from mpiblmm.type3 import Term, contains, marginal_variables, type3
+from mpiblmm.lmm.type3 import Term, contains, marginal_variables, type3
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = json.loads((HERE / "r_type3.json").read_text())

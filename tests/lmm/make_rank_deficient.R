@@ -77,8 +77,9 @@ for (v in 1:4) {  # one term: lmerTest's type I anova of the kept columns of the
 # lmerTest's anova (type III, its default) of the same data with group a factor, as a user
 # of lme4 fits each voxel's observed rows (lme4 drops an unused level, and the columns the
 # rest leave dependent): a term contained in no other is tested by its kept columns, so
-# group:time of y ~ group * time and group of y ~ group + time (1 numerator df where one of
-# their two columns is gone).  y5 and y6 see group A alone: lme4 refuses a one-level factor.
+# group:time and group (the groups at time 0: time is numeric) of y ~ group * time and group
+# of y ~ group + time (1 numerator df where one of their two columns is gone).  y5 and y6 see
+# group A alone: lme4 refuses a one-level factor.
 anova_row <- function(a, term) if (term %in% rownames(a)) list(F = a[term, "F value"],
   df_num = a[term, "NumDF"], df_den = a[term, "DenDF"], p = a[term, "Pr(>F)"])
 d$group <- factor(d$group)
@@ -87,7 +88,7 @@ for (reml in c(TRUE, FALSE)) for (v in 1:4) {
   y <- paste0("y", v)
   m <- best(as.formula(paste(y, "~ group * time + (1 | subject)")), data, reml)
   out[[paste0("anova_", if (reml) "REML" else "ML", "_y", v)]] <- list(
-    interaction = anova_row(anova(m), "group:time"),
+    interaction = anova_row(anova(m), "group:time"), group = anova_row(anova(m), "group"),
     additive = anova_row(anova(best(as.formula(paste(y, "~ group + time + (1 | subject)")),
                                     data, reml)), "group"))
 }

@@ -23,6 +23,11 @@ default) builds it as follows (Goodnight's construction, as SAS), and so does :f
    they are ``c_j' = h_j' R^+ X`` (for treatment coding: the entries of ``h_j`` at the
    columns of ``R`` that are columns of ``X``).  Rows that vanish are dropped.
 
+At a voxel whose observed rows leave X rank deficient, lme4 drops the dependent columns and
+lmerTest builds these hypotheses on what is left, on those rows (``Missing cells for: ...``,
+"interpret type III hypotheses with care"): :func:`observed_type3` does the same from a
+:class:`Type3Basis`, since ``R = X M`` holds row by row.
+
 Pure numpy: no formula parsing here (:mod:`mpiblmm.formula` builds ``R`` and the terms).
 """
 
@@ -67,6 +72,29 @@ def _zap(a: np.ndarray) -> np.ndarray:
     return np.where(np.abs(a) > ZAP * top, a, 0.0)
 
 
+@dataclass(frozen=True, eq=False)
+class Type3Basis:
+    """What the type III hypotheses of a model need besides X: ``M`` (p, r) with ``X M = R``
+    for the over-parameterised design ``R`` (so ``R = X M`` on any rows), and the terms."""
+
+    M: np.ndarray
+    terms: tuple[Term, ...]
+
+    def contained(self, label: str) -> bool:
+        """Is term ``label`` contained in another (its hypothesis made by :func:`type3`)?"""
+        inner = [t for t in self.terms if t.label == label]
+        return bool(inner) and any(contains(inner[0], o) for o in self.terms)
+
+
+def over_parameterised_map(X: np.ndarray, R: np.ndarray) -> np.ndarray | None:
+    """``M`` with ``X M = R`` (least squares), or ``None`` when ``R`` is not in the span of
+    ``X`` (an empty cell of a factor interaction)."""
+    M, *_ = np.linalg.lstsq(X, R, rcond=None)
+    if np.abs(X @ M - R).max() > 1e-8 * max(1.0, np.abs(R).max()):
+        return None
+    return M
+
+
 def type3(X: np.ndarray, R: np.ndarray, terms: list[Term]) -> dict[str, np.ndarray] | None:
     """Type III contrast matrices (rows x p) of the terms contained in others, by label.
 
@@ -78,14 +106,14 @@ def type3(X: np.ndarray, R: np.ndarray, terms: list[Term]) -> dict[str, np.ndarr
     containers = {t.label: [o for o in terms if contains(t, o)] for t in terms}
     if not any(containers.values()):
         return {}
-    M, *_ = np.linalg.lstsq(X, R, rcond=None)                          # X M = R
-    if np.abs(X @ M - R).max() > 1e-8 * max(1.0, np.abs(R).max()):
+    M = over_parameterised_map(X, R)                                   # X M = R
+    if M is None:
         return None
     L = M.T.copy()                                                     # (r, p)
     for t in sorted(terms, key=lambda t: len(t.variables), reverse=True):
-        if not containers[t.label]:
-            continue
         basis = L[:, [j for o in containers[t.label] for j in o.x_cols]]
+        if not basis.shape[1] or not t.x_cols:   # nothing contains it, or nothing is left
+            continue
         coef, *_ = np.linalg.lstsq(basis, L[:, list(t.x_cols)], rcond=None)
         L[:, list(t.x_cols)] = _zap(L[:, list(t.x_cols)] - basis @ coef)
     to_beta = np.linalg.pinv(R) @ X                                    # h' R^+ X
@@ -97,6 +125,20 @@ def type3(X: np.ndarray, R: np.ndarray, terms: list[Term]) -> dict[str, np.ndarr
         C = C[np.abs(C).sum(axis=1) > 1e-8]
         out[t.label] = _independent_rows(C)
     return out
+
+
+def observed_type3(X_obs: np.ndarray, basis: Type3Basis, keep: np.ndarray,
+                   label: str) -> np.ndarray | None:
+    """lmerTest's type III hypothesis of term ``label`` (contained in another) at a voxel
+    whose observed rows ``X_obs`` (m, p) keep the columns ``keep`` (p,) bool: the rows
+    :func:`type3` gives for the model lme4 fits there (those columns, those rows, ``R`` on
+    those rows), on the kept coefficients; ``None`` where it gives none."""
+    position = np.cumsum(keep) - 1
+    terms = [Term(t.label, tuple(int(position[j]) for j in t.x_cols if keep[j]), t.r_cols,
+                  t.variables, t.marginal, t.numeric) for t in basis.terms]
+    out = type3(X_obs[:, keep], X_obs @ basis.M, terms)
+    rows = None if out is None else out.get(label)
+    return rows if rows is not None and rows.shape[0] else None
 
 
 def type1_rows(X: np.ndarray, cols: list[int]) -> np.ndarray:

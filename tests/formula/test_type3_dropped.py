@@ -1,0 +1,88 @@
+"""A formula's default F tests are lmerTest's anova where a voxel's observed rows drop columns.
+
+Reference: lme4/lmerTest on ``type3_dropped.csv``, made by ``make_type3_dropped.R`` beside
+this file: y ~ group * sex + time + (1 | subject) over 3 groups x 2 sexes x 3 visits, five
+voxels (complete; no cell C:F; no group C; no cell B:M and 9 more images missing; no cells
+C:F and A:M), REML and ML, each fitted on its observed rows with group and sex factors.
+There lme4 drops the columns those rows leave dependent, and lmerTest's anova (type III)
+builds its hypotheses on what is left: ``group`` (contained in ``group:sex``) by the type III
+construction made again on the voxel's rows and kept columns, ``group:sex`` by its kept
+columns; ``group:sex`` has none left at y5 (NA in R, NaN here).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mpiblmm.design import build_design
+from mpiblmm.formula import default_contrasts, formula_model
+from mpiblmm.formula_table import read_table
+from mpiblmm.lmm.analysis import Settings, analyse_chunk
+from mpiblmm.pipeline import model_from_design
+
+HERE = Path(__file__).parent
+FORMULA = "y ~ group * sex + time + (1 | subject)"
+FIELDS = ("F", "df_num", "df_den", "p")
+
+
+@pytest.fixture(scope="module")
+def study():
+    table = read_table(HERE / "type3_dropped.csv")
+    fm = formula_model(FORMULA, table)
+    design = build_design(fm.X, fm.factors, default_contrasts(fm), fm.names,
+                          type3_basis=fm.type3_basis)
+    Y = np.array([[float(c) if c else np.nan for c in table.cells[f"y{v}"]]
+                  for v in range(1, 6)])
+    ref = json.loads((HERE / "type3_dropped_lme4.json").read_text())
+    return fm, model_from_design(design), Y, ref
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-8))
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_default_f_tests_are_anovas_where_columns_drop(study, method):
+    fm, model, Y, ref = study
+    assert fm.type3_basis is not None and model.type3 is fm.type3_basis
+    out = analyse_chunk(model, Y, Settings(method=method))
+    assert set(out["status"]) <= {0, 2}
+    for v in range(5):
+        r = ref[f"{method}_y{v + 1}"]
+        kept = [fm.names.index(name) for name in r["kept"]]
+        assert np.flatnonzero(np.isfinite(out["beta"][v])).tolist() == kept
+        assert r["logLik"] - 1e-6 <= out["llh"][v] < r["logLik"] + 1e-5
+        for term in ("group", "group:sex"):
+            got = [out[f"contrasts/{term}/{f}"][v] for f in FIELDS]
+            want = r["anova"][term]
+            if want["F"] == "NA":
+                assert np.isnan(got).all(), (term, v, got)
+            else:
+                assert _rel(got, [want[f] for f in FIELDS]) < 1e-4, (term, v, got, want)
+
+
+def test_a_voxel_has_the_same_bits_alone_and_in_a_chunk(study):
+    _, model, Y, _ = study
+    together = analyse_chunk(model, Y, Settings())
+    for v in range(5):
+        alone = analyse_chunk(model, Y[v:v + 1], Settings())
+        for path, values in together.items():
+            np.testing.assert_array_equal(alone[path][0], values[v], err_msg=path)
+
+
+def test_only_treatment_coded_type3_terms_are_made_again(study):
+    """The basis is kept for the type III construction itself: not for a one-term fixed part
+    (type I rows per voxel), nor where no term is contained in another, nor for other codings
+    (their rows are mapped from treatment coding; they stay NaN where not estimable)."""
+    fm, *_ = study
+    table = read_table(HERE / "type3_dropped.csv")
+    assert {t.label for t in fm.type3_basis.terms if fm.type3_basis.contained(t.label)} == \
+        {"group", "sex"}
+    for formula in ("y ~ group + (1 | subject)", "y ~ group + sex + time + (1 | subject)",
+                    "y ~ C(group, contr.sum) * sex + (1 | subject)"):
+        assert formula_model(formula, table).type3_basis is None, formula
+    terms = {c[0]: c[4] for c in default_contrasts(fm) if len(c) > 4}
+    assert terms == {"group": "group", "group:sex": "group:sex"}
