@@ -309,10 +309,16 @@ def _fit_dropping_columns(model: Model, Y: np.ndarray, settings: Settings,
         if cols.all():
             continue
         members = np.flatnonzero(which.ravel() == pattern)
-        # a type III term's rows, made again on each voxel's observed rows (few voxels)
-        remade = {c.name: [observed_type3(model.X[observed[k] > 0], model.type3, cols, c.term)
-                           for k in members]
-                  for c in model.contrasts if _remade_type3(model, c)}
+        # a type III term's rows, made again on each voxel's observed rows: once per set of
+        # rows (voxels outside one site's field of view share theirs)
+        remade = {}
+        terms = [c for c in model.contrasts if _remade_type3(model, c)]
+        if terms:
+            rows_seen, which_rows = np.unique(observed[members] > 0, axis=0, return_inverse=True)
+            for c in terms:
+                made = [observed_type3(model.X[rows], model.type3, cols, c.term)
+                        for rows in rows_seen]
+                remade[c.name] = [made[i] for i in which_rows.ravel()]
         shapes = [tuple(0 if rows[k] is None else rows[k].shape[0] for rows in remade.values())
                   for k in range(members.size)]
         for shape in sorted(set(shapes)):   # voxels whose remade rows match in number
