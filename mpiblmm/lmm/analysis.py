@@ -62,7 +62,8 @@ class ContrastDef:
     ``kind`` "T" or "F".  ``sequential``: the columns of a term whose F test takes the type I
     rows of each voxel's own X'X (:func:`.contrasts.sequential_rows`; lmerTest's ``anova`` of
     a one-term fixed part).  ``term``: the formula term whose ``anova`` F this is, tested as
-    ``anova`` tests it where a voxel's observed rows drop columns (:func:`_fit_dropping_columns`)."""
+    ``anova`` tests it where a voxel's observed rows drop columns
+    (:func:`_fit_dropping_columns`)."""
 
     name: str
     L: np.ndarray
@@ -292,10 +293,10 @@ def _fit_dropping_columns(model: Model, Y: np.ndarray, settings: Settings,
     Voxels that keep the same columns are analysed together on those columns; their beta and
     cov_beta stay NaN in the dropped columns, a contrast gets statistics only at the voxels
     where it is estimable, and a formula term's F is lmerTest's ``anova`` of lme4's fit there
-    (:func:`_fit_kept_columns`; a contained term's type III rows are made again for each
-    voxel, :func:`~.type3.observed_type3`: a loop over these few voxels).  A voxel that lme4's
-    test keeps whole (rank deficient only by :func:`~.products.full_rank`'s stricter measure)
-    stays status 4."""
+    (:func:`_fit_kept_columns`; a contained term's type III rows are made again for each set
+    of observed rows, :func:`~.type3.observed_type3`: a loop over those sets).  A voxel that
+    lme4's test keeps whole (rank deficient only by :func:`~.products.full_rank`'s stricter
+    measure) stays status 4."""
     deficient = np.union1d(np.flatnonzero(out["status"] == STATUS_RANK_DEFICIENT), short)
     if not deficient.size:
         return
@@ -384,6 +385,8 @@ def _reduced_contrast(c: ContrastDef, cols: np.ndarray
     - Another contrast keeps its weights on the kept columns, and is estimable only where its
       rows stay independent there (``L = L_K [I A]`` for estimable ``L``).
     """
+    if c.L.ndim == 3:   # rows made for other columns (a voxel nearly rank deficient again)
+        return None
     if c.sequential:
         position = np.cumsum(cols) - 1
         seq = tuple(int(position[j]) for j in c.sequential if cols[j])
