@@ -3,9 +3,10 @@
 # a whole cell of group x sex or a whole group, where lme4 drops the dependent columns and
 # lmerTest builds the type III hypotheses on what is left ("Missing cells for: ...").
 # 36 subjects: groups A, B, C x sex F, M (6 subjects per cell) x visits at time 0, 1, 2;
-# y1..y5 are five voxels:
+# y1..y6 are six voxels:
 #   y1 complete; y2 no image of cell C:F; y3 no image of group C; y4 no image of cell B:M
-#   and 9 other images missing; y5 no image of cells C:F and A:M.
+#   and 9 other images missing; y5 no image of cells C:F and A:M; y6 no image of group A,
+#   the reference level (R's factor then takes B as reference; mpiblmm keeps its X).
 # Writes type3_dropped.csv (the data) and type3_dropped_lme4.json (per model and voxel: the
 # kept coefficients, logLik, and the F, NumDF, DenDF and p of each term's row of anova(m)).
 # Each voxel is fitted on its observed rows as a user of lme4 would (group and sex factors:
@@ -21,13 +22,14 @@ d$sex <- c("F", "M")[(k %/% 6) %% 2 + 1]
 u <- rnorm(36, sd = 1.1)[k + 1]
 shift <- c(A = 0, B = 0.7, C = -0.4)[d$group] + ifelse(d$sex == "M", 0.3, 0) +
   ifelse(d$group == "C" & d$sex == "M", 0.5, 0)
-for (v in 1:5) d[[paste0("y", v)]] <- round(10 + shift + 0.4 * d$time + u + rnorm(nrow(d)), 6)
+for (v in 1:6) d[[paste0("y", v)]] <- round(10 + shift + 0.4 * d$time + u + rnorm(nrow(d)), 6)
 d$y2[d$group == "C" & d$sex == "F"] <- NA
 d$y3[d$group == "C"] <- NA
 d$y4[d$group == "B" & d$sex == "M"] <- NA
 d$y4[c(1, 5, 11, 20, 44, 60, 75, 90, 101)] <- NA
 d$y5[(d$group == "C" & d$sex == "F") | (d$group == "A" & d$sex == "M")] <- NA
-write.csv(d[, c("subject", "time", "group", "sex", paste0("y", 1:5))],
+d$y6[d$group == "A"] <- NA
+write.csv(d[, c("subject", "time", "group", "sex", paste0("y", 1:6))],
           "tests/formula/type3_dropped.csv", row.names = FALSE, quote = FALSE, na = "")
 d$group <- factor(d$group); d$sex <- factor(d$sex)
 best <- function(formula, data, reml) {
@@ -36,7 +38,7 @@ best <- function(formula, data, reml) {
   fits[[which.max(sapply(fits, function(f) as.numeric(logLik(f))))]]
 }
 out <- list()
-for (reml in c(TRUE, FALSE)) for (v in 1:5) {
+for (reml in c(TRUE, FALSE)) for (v in 1:6) {
   data <- d[!is.na(d[[paste0("y", v)]]), ]
   m <- best(as.formula(paste0("y", v, " ~ group * sex + time + (1 | subject)")), data, reml)
   a <- suppressMessages(anova(m))

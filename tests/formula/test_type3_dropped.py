@@ -1,13 +1,16 @@
 """A formula's default F tests are lmerTest's anova where a voxel's observed rows drop columns.
 
 Reference: lme4/lmerTest on ``type3_dropped.csv``, made by ``make_type3_dropped.R`` beside
-this file: y ~ group * sex + time + (1 | subject) over 3 groups x 2 sexes x 3 visits, five
+this file: y ~ group * sex + time + (1 | subject) over 3 groups x 2 sexes x 3 visits, six
 voxels (complete; no cell C:F; no group C; no cell B:M and 9 more images missing; no cells
-C:F and A:M), REML and ML, each fitted on its observed rows with group and sex factors.
+C:F and A:M; no group A, the reference level), REML and ML, each fitted on its observed rows
+with group and sex factors.
 There lme4 drops the columns those rows leave dependent, and lmerTest's anova (type III)
 builds its hypotheses on what is left: ``group`` (contained in ``group:sex``) by the type III
 construction made again on the voxel's rows and kept columns, ``group:sex`` by its kept
-columns; ``group:sex`` has none left at y5 (NA in R, NaN here).
+columns; ``group:sex`` has none left at y5 (NA in R, NaN here).  Without group A, R's
+factor takes B as reference (``groupC``) where mpiblmm keeps the columns of its X
+(``groupB``, against C): the same fit and F tests.
 """
 
 import json
@@ -34,7 +37,7 @@ def study():
     design = build_design(fm.X, fm.factors, default_contrasts(fm), fm.names,
                           type3_basis=fm.type3_basis)
     Y = np.array([[float(c) if c else np.nan for c in table.cells[f"y{v}"]]
-                  for v in range(1, 6)])
+                  for v in range(1, 7)])
     ref = json.loads((HERE / "type3_dropped_lme4.json").read_text())
     return fm, model_from_design(design), Y, ref
 
@@ -50,9 +53,10 @@ def test_default_f_tests_are_anovas_where_columns_drop(study, method):
     assert fm.type3_basis is not None and model.type3 is fm.type3_basis
     out = analyse_chunk(model, Y, Settings(method=method))
     assert set(out["status"]) <= {0, 2}
-    for v in range(5):
+    for v in range(6):
         r = ref[f"{method}_y{v + 1}"]
-        kept = [fm.names.index(name) for name in r["kept"]]
+        names = [n.replace("groupC", "groupB") if v == 5 else n for n in r["kept"]]
+        kept = [fm.names.index(name) for name in names]
         assert np.flatnonzero(np.isfinite(out["beta"][v])).tolist() == kept
         assert r["logLik"] - 1e-6 <= out["llh"][v] < r["logLik"] + 1e-5
         for term in ("group", "group:sex"):
@@ -67,7 +71,7 @@ def test_default_f_tests_are_anovas_where_columns_drop(study, method):
 def test_a_voxel_has_the_same_bits_alone_and_in_a_chunk(study):
     _, model, Y, _ = study
     together = analyse_chunk(model, Y, Settings())
-    for v in range(5):
+    for v in range(6):
         alone = analyse_chunk(model, Y[v:v + 1], Settings())
         for path, values in together.items():
             np.testing.assert_array_equal(alone[path][0], values[v], err_msg=path)
