@@ -42,7 +42,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mpiblmm.errors import SpecError
-from mpiblmm.lmm.type3 import Type3Basis
+from mpiblmm.lmm.type3 import Term, Type3Basis
 from mpiblmm.formula_table import (Table, numeric_column, r_labels, r_level, r_number,
                                    used_column)
 from mpiblmm.formula_names import (ColumnAliases, backtick_names, lme4_factor_names,
@@ -765,7 +765,7 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
         tuple((name, labels, Z, tuple(back(e) for e in effects))
               for name, labels, Z, effects in model.factors),
         tuple((back(label), L) for label, L in model.type3), model.one_term,
-        None if model.type3_basis is None else Type3Basis(model.type3_basis.M, tuple(
+        None if model.type3_basis is None else dataclasses.replace(model.type3_basis, terms=tuple(
             dataclasses.replace(t, label=back(t.label)) for t in model.type3_basis.terms)))
 
 
@@ -862,8 +862,8 @@ def _anova_hypotheses(mm, frame, terms: list[tuple[str, list[int]]], fixed: str,
 
     They span the same hypothesis as the plain ones (F is the same), but Satterthwaite's
     denominator df depends on the rows.  Empty where a step cannot be taken (the plain
-    hypotheses are then kept).  With them, the :class:`~mpiblmm.lmm.type3.Type3Basis` of the
-    type III hypotheses, in the last case only."""
+    hypotheses are then kept).  With them, the :class:`~mpiblmm.lmm.type3.Type3Basis` to
+    make them again where a voxel's rows drop columns (not for type I rows)."""
     from mpiblmm.lmm import type3 as t3
 
     X = np.asarray(mm, dtype=np.float64)
@@ -877,7 +877,7 @@ def _anova_hypotheses(mm, frame, terms: list[tuple[str, list[int]]], fixed: str,
     X_t = np.asarray(mm_t, dtype=np.float64)
     if len(terms_t) != len(terms) or [len(c) for _, c in terms_t] != [len(c) for _, c in terms]:
         return {}, None
-    contained, _ = _type3_hypotheses(mm_t, frame, terms_t)
+    contained, basis_t = _type3_hypotheses(mm_t, frame, terms_t)
     out = {}
     for (label, cols), (label_t, cols_t) in zip(terms, terms_t):
         if len(cols) < 2:
@@ -889,7 +889,14 @@ def _anova_hypotheses(mm, frame, terms: list[tuple[str, list[int]]], fixed: str,
         if L is None:
             return {}, None
         out[label] = L
-    return out, None
+    # to make them again where columns drop: the treatment coding's terms (named as the
+    # model's), its R if a term is contained in another, and its design X_t
+    if basis_t is None:
+        named = _type3_terms(mm_t, frame, terms_t)[0]
+        basis_t = t3.Type3Basis(np.zeros((X_t.shape[0], 0)), tuple(named))
+    names = {label_t: label for (label, _), (label_t, _) in zip(terms, terms_t)}
+    return out, t3.Type3Basis(basis_t.R, tuple(
+        dataclasses.replace(t, label=names.get(t.label, t.label)) for t in basis_t.terms), X_t)
 
 
 def _treatment_coded(text: str) -> str:
@@ -916,9 +923,22 @@ def _type3_hypotheses(mm, frame, terms: list[tuple[str, list[int]]]
     their :class:`~mpiblmm.lmm.type3.Type3Basis` (``None`` when empty)."""
     from mpiblmm.lmm import type3 as t3
 
-    state = mm.model_spec.encoder_state
     X = np.asarray(mm, dtype=np.float64)
-    found, blocks, width = [], [], 0
+    terms3, R = _type3_terms(mm, frame, terms)
+    out = None if R is None else t3.type3(X, R, terms3)
+    if not out:
+        return {}, None
+    return out, t3.Type3Basis(R, tuple(terms3))
+
+
+def _type3_terms(mm, frame, terms: list[tuple[str, list[int]]]) -> tuple[list[Term], Any]:
+    """The terms of the fixed part as :class:`~mpiblmm.lmm.type3.Term` (their variables, and
+    which are marginal and numeric), and the over-parameterised design ``R``: ``None`` when
+    no term is contained in another (none is needed) or a term cannot be coded that way."""
+    from mpiblmm.lmm import type3 as t3
+
+    state = mm.model_spec.encoder_state
+    found, blocks = [], []
     intercept = False
     for structure, (label, cols) in zip(mm.model_spec.structure, terms):
         if str(structure.term) == "1":
@@ -932,7 +952,7 @@ def _type3_hypotheses(mm, frame, terms: list[tuple[str, list[int]]]
              for label, cols, variables in found
              for marginal in [t3.marginal_variables(variables, model)]]
     if not any(t3.contains(a, b) for a in found for b in found):
-        return {}, None
+        return found, None
     width = int(intercept)
     terms3 = []
     for t in found:
@@ -940,15 +960,11 @@ def _type3_hypotheses(mm, frame, terms: list[tuple[str, list[int]]]
             block = np.asarray(_matrix("0 + " + ":".join(sorted(t.variables)), frame, t.label),
                                dtype=np.float64)
         except SpecError:
-            return {}, None
+            return found, None
         blocks.append(block)
         terms3.append(dataclasses.replace(t, r_cols=tuple(range(width, width + block.shape[1]))))
         width += block.shape[1]
-    R = np.column_stack(([np.ones(X.shape[0])] if intercept else []) + blocks)
-    out = t3.type3(X, R, terms3)
-    if not out:
-        return {}, None
-    return out, t3.Type3Basis(t3.over_parameterised_map(X, R), tuple(terms3))
+    return terms3, np.column_stack(([np.ones(mm.shape[0])] if intercept else []) + blocks)
 
 
 def default_contrasts(model: FormulaModel) -> list[tuple]:

@@ -216,9 +216,11 @@ def input_hash(design: Design, settings: Settings, data_fingerprint: str) -> str
         if c.term:  # anova's test of the term where a voxel drops columns
             put("term", c.term)
     if design.type3_basis is not None:
-        put("type3", np.asarray(design.type3_basis.M, dtype=float),
-            [[t.label, list(t.x_cols), sorted(t.variables), sorted(t.marginal),
-              sorted(t.numeric)] for t in design.type3_basis.terms])
+        put("type3", np.asarray(design.type3_basis.R, dtype=float),
+            [[t.label, list(t.x_cols), list(t.r_cols), sorted(t.variables),
+              sorted(t.marginal), sorted(t.numeric)] for t in design.type3_basis.terms])
+        if design.type3_basis.treatment_X is not None:
+            put("treatment_X", np.asarray(design.type3_basis.treatment_X, dtype=float))
     return h.hexdigest()
 
 

@@ -317,7 +317,7 @@ def _fit_dropping_columns(model: Model, Y: np.ndarray, settings: Settings,
         if terms:
             rows_seen, which_rows = np.unique(observed[members] > 0, axis=0, return_inverse=True)
             for c in terms:
-                made = [observed_type3(model.X[rows], model.type3, cols, c.term)
+                made = [observed_type3(rows, model.X, model.type3, cols, c.term)
                         for rows in rows_seen]
                 remade[c.name] = [made[i] for i in which_rows.ravel()]
         shapes = [tuple(0 if rows[k] is None else rows[k].shape[0] for rows in remade.values())
@@ -330,9 +330,10 @@ def _fit_dropping_columns(model: Model, Y: np.ndarray, settings: Settings,
 
 
 def _remade_type3(model: Model, c: ContrastDef) -> bool:
-    """Is ``c`` the type III F of a term contained in another, made again where columns drop?"""
+    """Is ``c`` a term's F whose ``anova`` rows are made again where columns drop (a term
+    contained in another, or any term of a model not coded by treatment contrasts)?"""
     return bool(c.term) and not c.sequential and model.type3 is not None \
-        and model.type3.contained(c.term)
+        and (model.type3.treatment_X is not None or model.type3.contained(c.term))
 
 
 def _fit_kept_columns(model: Model, Y: np.ndarray, settings: Settings,

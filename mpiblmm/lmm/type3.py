@@ -26,7 +26,9 @@ default) builds it as follows (Goodnight's construction, as SAS), and so does :f
 At a voxel whose observed rows leave X rank deficient, lme4 drops the dependent columns and
 lmerTest builds these hypotheses on what is left, on those rows (``Missing cells for: ...``,
 "interpret type III hypotheses with care"): :func:`observed_type3` does the same from a
-:class:`Type3Basis`, since ``R = X M`` holds row by row.
+:class:`Type3Basis`, which keeps ``R`` (and for other codings the treatment coding's design)
+row by row: products such as ``X M`` would leave rounding where R's columns are exactly zero
+on those rows, and R's pivoted QR keeps such a column.
 
 Pure numpy: no formula parsing here (:mod:`mpiblmm.formula` builds ``R`` and the terms).
 """
@@ -74,11 +76,16 @@ def _zap(a: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class Type3Basis:
-    """What the type III hypotheses of a model need besides X: ``M`` (p, r) with ``X M = R``
-    for the over-parameterised design ``R`` (so ``R = X M`` on any rows), and the terms."""
+    """What the type III hypotheses of a model need besides X, row by row: the
+    over-parameterised design ``R`` (n, r; (n, 0) where no term is contained in another) and
+    the terms."""
 
-    M: np.ndarray
+    R: np.ndarray
     terms: tuple[Term, ...]
+    #: for a model whose factors are not all coded by treatment contrasts: the treatment
+    #: coding's design ``X_t`` (n, p_t), whose columns ``terms`` refer to (lmerTest builds
+    #: the hypotheses there and maps them: :func:`mapped_rows`)
+    treatment_X: np.ndarray | None = None
 
     def contained(self, label: str) -> bool:
         """Is term ``label`` contained in another (its hypothesis made by :func:`type3`)?"""
@@ -127,18 +134,44 @@ def type3(X: np.ndarray, R: np.ndarray, terms: list[Term]) -> dict[str, np.ndarr
     return out
 
 
-def observed_type3(X_obs: np.ndarray, basis: Type3Basis, keep: np.ndarray,
+def observed_type3(rows: np.ndarray, X: np.ndarray, basis: Type3Basis, keep: np.ndarray,
                    label: str) -> np.ndarray | None:
-    """lmerTest's type III hypothesis of term ``label`` (contained in another) at a voxel
-    whose observed rows ``X_obs`` (m, p) keep the columns ``keep`` (p,) bool: the rows
-    :func:`type3` gives for the model lme4 fits there (those columns, those rows, ``R`` on
-    those rows), on the kept coefficients; ``None`` where it gives none."""
+    """lmerTest's ``anova`` hypothesis of term ``label`` at a voxel whose observed rows
+    ``rows`` (n,) bool of ``X`` (n, p) keep the columns ``keep`` (p,) bool, on the kept
+    coefficients; ``None`` where it has none.  With treatment coding: the rows :func:`type3`
+    gives for the model lme4 fits there (those columns, those rows of X and R).  Otherwise
+    lmerTest's steps: the treatment coding's design on those rows, without the columns R's
+    pivoted QR finds dependent (``ensure_full_rank``), its hypothesis (the type III rows of a
+    contained term, else the term's own columns), mapped to the kept coefficients by
+    ``ginv(X_t) X``."""
+    if basis.treatment_X is None:
+        return _kept_type3(X[rows], keep, basis.R[rows], basis.terms, label)
+    from .dropped_columns import kept_columns
+
+    X_t = basis.treatment_X[rows]
+    keep_t = kept_columns(X_t, np.ones((1, X_t.shape[0])))[0]
+    L = _kept_type3(X_t, keep_t, basis.R[rows], basis.terms, label)
+    if L is None:
+        return None
+    L = _zap(L @ _zap(np.linalg.pinv(X_t[:, keep_t]) @ X[rows][:, keep]))
+    L = L[np.abs(L).sum(axis=1) > 1e-8]
+    return L if L.shape[0] else None
+
+
+def _kept_type3(X: np.ndarray, keep: np.ndarray, R: np.ndarray, terms: tuple[Term, ...],
+                label: str) -> np.ndarray | None:
+    """:func:`observed_type3` in the coding of ``terms``, on the rows given: a contained
+    term's type III rows, another's own kept columns."""
     position = np.cumsum(keep) - 1
-    terms = [Term(t.label, tuple(int(position[j]) for j in t.x_cols if keep[j]), t.r_cols,
-                  t.variables, t.marginal, t.numeric) for t in basis.terms]
-    out = type3(X_obs[:, keep], X_obs @ basis.M, terms)
-    rows = None if out is None else out.get(label)
-    return rows if rows is not None and rows.shape[0] else None
+    kept = [Term(t.label, tuple(int(position[j]) for j in t.x_cols if keep[j]), t.r_cols,
+                 t.variables, t.marginal, t.numeric) for t in terms]
+    inner = next(t for t in kept if t.label == label)
+    if any(contains(inner, o) for o in kept):
+        out = type3(X[:, keep], R, kept)
+        L = None if out is None else out.get(label)
+    else:
+        L = np.eye(int(keep.sum()))[list(inner.x_cols)]
+    return L if L is not None and L.shape[0] else None
 
 
 def type1_rows(X: np.ndarray, cols: list[int]) -> np.ndarray:

@@ -8,7 +8,8 @@
 #   and 9 other images missing; y5 no image of cells C:F and A:M; y6 no image of group A,
 #   the reference level (R's factor then takes B as reference; mpiblmm keeps its X).
 # Writes type3_dropped.csv (the data) and type3_dropped_lme4.json (per model and voxel: the
-# kept coefficients, logLik, and the F, NumDF, DenDF and p of each term's row of anova(m)).
+# kept coefficients, logLik, and the F, NumDF, DenDF and p of each term's row of anova(m);
+# "sum_..." the same with group and sex coded by contr.sum).
 # Each voxel is fitted on its observed rows as a user of lme4 would (group and sex factors:
 # lme4 drops an unused level).  Best of bobyqa and Nelder_Mead by logLik.
 # Run from the repository root: Rscript tests/formula/make_type3_dropped.R
@@ -32,9 +33,10 @@ d$y6[d$group == "A"] <- NA
 write.csv(d[, c("subject", "time", "group", "sex", paste0("y", 1:6))],
           "tests/formula/type3_dropped.csv", row.names = FALSE, quote = FALSE, na = "")
 d$group <- factor(d$group); d$sex <- factor(d$sex)
-best <- function(formula, data, reml) {
+best <- function(formula, data, reml, contrasts = NULL) {
   fits <- lapply(c("bobyqa", "Nelder_Mead"), function(opt) suppressMessages(
-    lmer(formula, data = data, REML = reml, control = lmerControl(optimizer = opt))))
+    lmer(formula, data = data, REML = reml, contrasts = contrasts,
+         control = lmerControl(optimizer = opt))))
   fits[[which.max(sapply(fits, function(f) as.numeric(logLik(f))))]]
 }
 out <- list()
@@ -46,6 +48,15 @@ for (reml in c(TRUE, FALSE)) for (v in 1:6) {
   for (term in rownames(a)) r$anova[[term]] <- list(F = a[term, "F value"],
     df_num = a[term, "NumDF"], df_den = a[term, "DenDF"], p = a[term, "Pr(>F)"])
   out[[paste0(if (reml) "REML" else "ML", "_y", v)]] <- r
+  # the same with sum-to-zero coding: lmerTest builds the hypotheses in treatment coding and
+  # maps them to these coefficients
+  m <- best(as.formula(paste0("y", v, " ~ group * sex + time + (1 | subject)")), data, reml,
+            list(group = "contr.sum", sex = "contr.sum"))
+  a <- suppressMessages(anova(m))
+  r <- list(kept = names(fixef(m)), logLik = as.numeric(logLik(m)), anova = list())
+  for (term in rownames(a)) r$anova[[term]] <- list(F = a[term, "F value"],
+    df_num = a[term, "NumDF"], df_den = a[term, "DenDF"], p = a[term, "Pr(>F)"])
+  out[[paste0("sum_", if (reml) "REML" else "ML", "_y", v)]] <- r
 }
 writeLines(toJSON(out, digits = NA, auto_unbox = TRUE, pretty = TRUE),
            "tests/formula/type3_dropped_lme4.json")

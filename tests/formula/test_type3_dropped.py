@@ -10,7 +10,9 @@ builds its hypotheses on what is left: ``group`` (contained in ``group:sex``) by
 construction made again on the voxel's rows and kept columns, ``group:sex`` by its kept
 columns; ``group:sex`` has none left at y5 (NA in R, NaN here).  Without group A, R's
 factor takes B as reference (``groupC``) where mpiblmm keeps the columns of its X
-(``groupB``, against C): the same fit and F tests.
+(``groupB``, against C): the same fit and F tests.  With sum-to-zero coding (``C(x,
+contr.sum)``) lmerTest builds the hypotheses in treatment coding on the voxel's rows and maps
+them to the model's coefficients, and so does mpiblmm.
 """
 
 import json
@@ -27,13 +29,17 @@ from mpiblmm.pipeline import model_from_design
 
 HERE = Path(__file__).parent
 FORMULA = "y ~ group * sex + time + (1 | subject)"
+SUM = "y ~ C(group, contr.sum) * C(sex, contr.sum) + time + (1 | subject)"
 FIELDS = ("F", "df_num", "df_den", "p")
+# the default F contrasts (named by their terms) and lmerTest's anova rows, per coding
+CODINGS = {"treatment": (FORMULA, "", {"group": "group", "group:sex": "group:sex"}),
+           "sum": (SUM, "sum_", {"C(group, contr.sum)": "group",
+                                 "C(group, contr.sum):C(sex, contr.sum)": "group:sex"})}
 
 
-@pytest.fixture(scope="module")
-def study():
+def _study(formula):
     table = read_table(HERE / "type3_dropped.csv")
-    fm = formula_model(FORMULA, table)
+    fm = formula_model(formula, table)
     design = build_design(fm.X, fm.factors, default_contrasts(fm), fm.names,
                           type3_basis=fm.type3_basis)
     Y = np.array([[float(c) if c else np.nan for c in table.cells[f"y{v}"]]
@@ -42,26 +48,42 @@ def study():
     return fm, model_from_design(design), Y, ref
 
 
+@pytest.fixture(scope="module")
+def study():
+    return _study(FORMULA)
+
+
 def _rel(a, b):
     a, b = np.asarray(a, float), np.asarray(b, float)
     return np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-8))
 
 
+@pytest.mark.parametrize("coding", CODINGS)
 @pytest.mark.parametrize("method", ["REML", "ML"])
-def test_default_f_tests_are_anovas_where_columns_drop(study, method):
-    fm, model, Y, ref = study
+def test_default_f_tests_are_anovas_where_columns_drop(method, coding):
+    formula, prefix, terms = CODINGS[coding]
+    fm, model, Y, ref = _study(formula)
     assert fm.type3_basis is not None and model.type3 is fm.type3_basis
     out = analyse_chunk(model, Y, Settings(method=method))
     assert set(out["status"]) <= {0, 2}
     for v in range(6):
-        r = ref[f"{method}_y{v + 1}"]
-        names = [n.replace("groupC", "groupB") if v == 5 else n for n in r["kept"]]
-        kept = [fm.names.index(name) for name in names]
-        assert np.flatnonzero(np.isfinite(out["beta"][v])).tolist() == kept
-        assert r["logLik"] - 1e-6 <= out["llh"][v] < r["logLik"] + 1e-5
-        for term in ("group", "group:sex"):
+        r = ref[f"{prefix}{method}_y{v + 1}"]
+        if coding == "treatment":
+            names = [n.replace("groupC", "groupB") if v == 5 else n for n in r["kept"]]
+            kept = [fm.names.index(name) for name in names]
+            assert np.flatnonzero(np.isfinite(out["beta"][v])).tolist() == kept
+        else:   # R names these group1, group2, sex1, ...
+            assert np.isfinite(out["beta"][v]).sum() == len(r["kept"])
+        shift = 0.0
+        if coding == "sum" and method == "REML" and v in (2, 5):
+            # a whole group unseen: R's factor codes the two levels left by contr.sum (+1, -1
+            # where mpiblmm's X has 1, 0): the same fit, another parameterisation, whose REML
+            # log-likelihood differs by log|det| of the recoding (2 columns halved: log 4)
+            shift = np.log(4.0)
+        assert r["logLik"] - 1e-6 <= out["llh"][v] - shift < r["logLik"] + 1e-5
+        for term, row in terms.items():
             got = [out[f"contrasts/{term}/{f}"][v] for f in FIELDS]
-            want = r["anova"][term]
+            want = r["anova"][row]
             if want["F"] == "NA":
                 assert np.isnan(got).all(), (term, v, got)
             else:
@@ -77,16 +99,20 @@ def test_a_voxel_has_the_same_bits_alone_and_in_a_chunk(study):
             np.testing.assert_array_equal(alone[path][0], values[v], err_msg=path)
 
 
-def test_only_treatment_coded_type3_terms_are_made_again(study):
-    """The basis is kept for the type III construction itself: not for a one-term fixed part
-    (type I rows per voxel), nor where no term is contained in another, nor for other codings
-    (their rows are mapped from treatment coding; they stay NaN where not estimable)."""
+def test_what_is_kept_to_make_the_hypotheses_again(study):
+    """The basis: R where some term is contained in another (treatment coding), also the
+    treatment coding's design for other codings; none for a one-term fixed part (type I rows
+    per voxel) or where no term is contained in another (a term's own kept columns)."""
     fm, *_ = study
     table = read_table(HERE / "type3_dropped.csv")
     assert {t.label for t in fm.type3_basis.terms if fm.type3_basis.contained(t.label)} == \
         {"group", "sex"}
-    for formula in ("y ~ group + (1 | subject)", "y ~ group + sex + time + (1 | subject)",
-                    "y ~ C(group, contr.sum) * sex + (1 | subject)"):
+    assert fm.type3_basis.treatment_X is None
+    for formula in ("y ~ group + (1 | subject)", "y ~ group + sex + time + (1 | subject)"):
         assert formula_model(formula, table).type3_basis is None, formula
+    summed = formula_model(SUM, table).type3_basis
+    assert summed.treatment_X.shape == fm.X.shape
+    np.testing.assert_array_equal(summed.treatment_X, fm.X)
+    np.testing.assert_array_equal(summed.R, fm.type3_basis.R)
     terms = {c[0]: c[4] for c in default_contrasts(fm) if len(c) > 4}
     assert terms == {"group": "group", "group:sex": "group:sex"}
