@@ -151,11 +151,9 @@ def observed_type3(rows: np.ndarray, X: np.ndarray, basis: Type3Basis, keep: np.
     X_t = basis.treatment_X[rows]
     keep_t = kept_columns(X_t, np.ones((1, X_t.shape[0])))[0]
     L = _kept_type3(X_t, keep_t, basis.R[rows], basis.terms, label)
-    if L is None:
-        return None
-    L = _zap(L @ _zap(np.linalg.pinv(X_t[:, keep_t]) @ X[rows][:, keep]))
-    L = L[np.abs(L).sum(axis=1) > 1e-8]
-    return L if L.shape[0] else None
+    if L is not None:
+        L = mapped_rows(L, X_t[:, keep_t], X[rows][:, keep])
+    return L if L is not None and L.shape[0] else None
 
 
 def _kept_type3(X: np.ndarray, keep: np.ndarray, R: np.ndarray, terms: tuple[Term, ...],
