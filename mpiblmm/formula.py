@@ -586,8 +586,9 @@ class FormulaModel:
     #: X'X (``type3`` holds them for every observation).
     one_term: bool = False
     #: what the type III hypotheses of ``type3`` are made from, to make them again where a
-    #: voxel's observed rows drop columns (:func:`mpiblmm.lmm.type3.observed_type3`); only
-    #: for treatment coding, where some term is contained in another.
+    #: voxel's observed rows drop columns (:func:`mpiblmm.lmm.type3.observed_type3`): with
+    #: treatment coding where some term is contained in another, with other codings always
+    #: (where those hypotheses could be made); ``None`` for a one-term fixed part.
     type3_basis: Type3Basis | None = None
 
 
@@ -877,7 +878,8 @@ def _anova_hypotheses(mm, frame, terms: list[tuple[str, list[int]]], fixed: str,
     X_t = np.asarray(mm_t, dtype=np.float64)
     if len(terms_t) != len(terms) or [len(c) for _, c in terms_t] != [len(c) for _, c in terms]:
         return {}, None
-    contained, basis_t = _type3_hypotheses(mm_t, frame, terms_t)
+    terms3_t, R_t = _type3_terms(mm_t, frame, terms_t)
+    contained = (None if R_t is None else t3.type3(X_t, R_t, terms3_t)) or {}
     out = {}
     for (label, cols), (label_t, cols_t) in zip(terms, terms_t):
         if len(cols) < 2:
@@ -890,13 +892,14 @@ def _anova_hypotheses(mm, frame, terms: list[tuple[str, list[int]]], fixed: str,
             return {}, None
         out[label] = L
     # to make them again where columns drop: the treatment coding's terms (named as the
-    # model's), its R if a term is contained in another, and its design X_t
-    if basis_t is None:
-        named = _type3_terms(mm_t, frame, terms_t)[0]
-        basis_t = t3.Type3Basis(np.zeros((X_t.shape[0], 0)), tuple(named))
+    # model's), its R where a term is contained in another, and its design X_t; none where
+    # such a term's hypothesis could not be made (it is then its own columns everywhere)
+    if t3.any_contained(terms3_t) and not contained:
+        return out, None
     names = {label_t: label for (label, _), (label_t, _) in zip(terms, terms_t)}
-    return out, t3.Type3Basis(basis_t.R, tuple(
-        dataclasses.replace(t, label=names.get(t.label, t.label)) for t in basis_t.terms), X_t)
+    R = R_t if R_t is not None else np.zeros((X_t.shape[0], 0))
+    return out, t3.Type3Basis(R, tuple(dataclasses.replace(t, label=names.get(t.label, t.label))
+                                       for t in terms3_t), X_t)
 
 
 def _treatment_coded(text: str) -> str:
@@ -951,7 +954,7 @@ def _type3_terms(mm, frame, terms: list[tuple[str, list[int]]]) -> tuple[list[Te
     found = [t3.Term(label, cols, (), variables, marginal, marginal & numerics)
              for label, cols, variables in found
              for marginal in [t3.marginal_variables(variables, model)]]
-    if not any(t3.contains(a, b) for a in found for b in found):
+    if not t3.any_contained(found):
         return found, None
     width = int(intercept)
     terms3 = []

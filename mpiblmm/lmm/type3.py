@@ -69,6 +69,12 @@ def contains(inner: Term, outer: Term) -> bool:
     return (inner.marginal < outer.marginal) and inner.numeric == outer.numeric
 
 
+def any_contained(terms) -> bool:
+    """Is some term of ``terms`` contained in another (so type III differs from a term's own
+    columns somewhere)?"""
+    return any(contains(a, b) for a in terms for b in terms)
+
+
 def _zap(a: np.ndarray) -> np.ndarray:
     top = np.abs(a).max() if a.size else 0.0
     return np.where(np.abs(a) > ZAP * top, a, 0.0)
