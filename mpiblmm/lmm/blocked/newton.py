@@ -58,7 +58,7 @@ import numpy as np
 
 from ..model import ProductForms
 from ..polish import canonical_theta
-from ..theta import cholesky_psd, lambdas_from_theta, n_theta, theta_slices, tril_indices
+from ..theta import D_from_theta, cholesky_psd, n_theta, theta_slices, tril_indices
 from .cholesky import batches, prepare, profiled
 from .gradient import evaluate
 from .start import single_factor_start
@@ -436,15 +436,15 @@ def alpha_used(s: np.ndarray, d: np.ndarray) -> np.ndarray:
 
 def rank_reduced(theta: np.ndarray, st, below: float = RANK_PROBE_BELOW):
     """theta with, in every ``Lambda_k`` (q_k >= 2) whose ``D_k`` has its smallest
-    eigenvalue in ``(0, below)`` times its largest, that eigenvalue removed: ``D_k - w u u'``,
-    the nearest singular ``D_k`` (its lme4 factor, :func:`~mpiblmm.lmm.theta.cholesky_psd`,
-    has a zero column).  Returns the candidates (v, m) and the (v,) mask of voxels changed."""
+    eigenvalue between ``1e-10`` and ``below`` times its largest (a ``D_k`` already singular
+    is left), that eigenvalue removed: ``D_k - w u u'``, the nearest singular ``D_k`` (its
+    lme4 factor, :func:`~mpiblmm.lmm.theta.cholesky_psd`, has a zero column).  Returns the
+    candidates (v, m) and the (v,) mask of voxels changed."""
     cand = theta.copy()
     has = np.zeros(theta.shape[0], dtype=bool)
-    for f, lam, sl in zip(st.factors, lambdas_from_theta(theta, st), theta_slices(st)):
+    for f, D, sl in zip(st.factors, D_from_theta(theta, st), theta_slices(st)):
         if f.n_effects < 2:
             continue
-        D = lam @ np.swapaxes(lam, 1, 2)
         w, U = np.linalg.eigh(D)
         small = (w[:, 0] > 1e-10 * w[:, -1]) & (w[:, 0] < below * w[:, -1])
         if not small.any():
