@@ -480,8 +480,34 @@ def exit_now(code: int) -> NoReturn:
         from mpi4py import MPI
 
         if MPI.Is_initialized() and not MPI.Is_finalized():
-            MPI.Finalize()
+            _finalize_without_the_gil(MPI)
     os._exit(code)
+
+
+_finalizing = False
+
+
+def finalizing() -> bool:
+    """True once :func:`exit_now` has begun ``MPI_Finalize``: every result is written, and a
+    watchdog that has to end this process then just leaves (``MPI_Abort`` is no longer
+    allowed)."""
+    return _finalizing
+
+
+def _finalize_without_the_gil(MPI: Any) -> None:
+    """``MPI_Finalize`` through ctypes, which lets go of the GIL (mpi4py's ``Finalize`` holds
+    it): where a partner the launcher killed leaves it waiting for ever, the watchdog thread
+    (:mod:`mpiblmm.watchdog`) can still run and end the process."""
+    global _finalizing
+    _finalizing = True
+    try:
+        import ctypes
+
+        finalize = ctypes.CDLL(MPI.__file__).MPI_Finalize
+    except (OSError, AttributeError):
+        MPI.Finalize()
+        return
+    finalize()
 
 
 # --------------------------------------------------------------------------- launcher check

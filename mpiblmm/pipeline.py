@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from mpiblmm import __version__, interrupt
+from mpiblmm import __version__, interrupt, watchdog
 from mpiblmm.checks import check_fittable, overlapping_random_terms
 from mpiblmm.design import Design, design_from_spec
 from mpiblmm.errors import UserError
@@ -113,15 +113,23 @@ def run_fit(args: Any) -> int:
                                              or interrupt.DEFAULT_GRACE_SECONDS),
                          chunk_voxels=getattr(args, "chunk_voxels", None))
     interrupt.install(options.grace_seconds)
+    # ends the job where a rank's main thread cannot: stuck inside MPI or HDF5 (watchdog.py),
+    # also in the barrier below, whose partner the launcher may have killed
+    dog = watchdog.start(MPI.COMM_WORLD, options.grace_seconds)
     try:
-        fit_study(args.spec, MPI.COMM_WORLD, options)
+        fit_study(args.spec, MPI.COMM_WORLD, options, dog)
     except FitStopped:  # raised on every rank together: the barrier cannot wait forever
         # Leave together, once every rank has closed its files and rank 0 has released the
         # lock and printed its line: a launcher that ends the job at the first non-zero exit
         # (srun --kill-on-bad-exit=1, hydra, Open MPI) then finds the others leaving too.
+        # The watchdog stays up to the process's end: a partner the launcher killed leaves
+        # this rank waiting in the barrier or in MPI_Finalize.
+        dog = None
         MPI.COMM_WORLD.Barrier()
         return INTERRUPTED_EXIT_CODE
     finally:
+        if dog is not None:
+            dog.stop()
         interrupt.uninstall()
     return 0
 
@@ -349,8 +357,10 @@ def _forget_maps(results: Path) -> None:
                         f"({exc.strerror})", "--overwrite") from None
 
 
-def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> Path:
+def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions(),
+              dog: watchdog.Watchdog | None = None) -> Path:
     """Fit a study end to end on the ranks of ``comm``; return the results file's path.
+    ``dog``: told to watch the output folder's free space once the setup made it.
 
     Raises :class:`FitStopped` on every rank when the fit stopped at SIGTERM/SIGINT.
     """
@@ -370,6 +380,8 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions()) -> 
         setup = replace(on_root(comm, lambda: _load(spec, spec_path, options, fingerprint)),
                         spec=spec)
     hook = at_abort(setup.lock.release)  # whichever rank aborts releases the lock
+    if dog is not None:
+        dog.watch(Path(setup.spec.output), lambda: log.current)
     try:
         return _fit(setup, comm, options, log, timer, spec_path)
     finally:
