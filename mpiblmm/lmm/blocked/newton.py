@@ -98,6 +98,10 @@ RESTART_BELOW = 1e-4
 #: ``RANK_PROBE_BELOW`` times its largest, the nearest singular ``D_k`` (that eigenvalue
 #: removed), and moves there where the deviance is not higher (:func:`_probe_rank`).
 RANK_PROBE_EVERY = 10
+
+#: Scalings of lme4's start and of a boundary end at which :func:`_ladder_boundary_ends`
+#: looks for a better basin.
+LADDER = (0.1, 10.0)
 RANK_PROBE_BELOW = 1e-2
 
 #: A second fit (:func:`_restart_boundary_ends`) stops when every theta entry is within this
@@ -207,6 +211,8 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
     out = {k: np.concatenate([d[k] for d in parts]) for k in parts[0]}
     out = _restart_boundary_ends(pattern, pf, method, out, run, tolerance, max_iterations,
                                  max_halvings)
+    out = _ladder_boundary_ends(pattern, pf, method, out, run, tolerance, max_iterations,
+                                max_halvings)
     return _snap_to_boundary(pattern, pf, method, out)
 
 
@@ -313,6 +319,51 @@ def _restart_boundary_ends(pattern, pf: ProductForms, method: str, out: dict, ru
                                 max_halvings)
         floor = np.maximum(tolerance, 1e-12 * np.abs(np.nan_to_num(out["llh"][idx])))
         out = _keep_better(out, idx, again, floor)
+    return out
+
+
+def _ladder_boundary_ends(pattern, pf: ProductForms, method: str, out: dict, run,
+                          tolerance: float, max_iterations: int, max_halvings: int) -> dict:
+    """Voxels that still end on the boundary (as in :func:`_restart_boundary_ends`) have the
+    deviance evaluated at lme4's start and at their end, each scaled by every factor of
+    :data:`LADDER` (four evaluations); where the best of those is lower than the end by more
+    than its rounding, the voxel is optimised again from there and keeps the better fit.
+
+    Both starts can lie in the basin of a local optimum that a far one beats: a nested
+    ``(1 | site/subject)`` audit voxel (151 rows, age varying within subjects) has the
+    profiled log-likelihood along the subject theta (site on zero) peak at 1.07 (-290.45,
+    ML), where lme4's start at 1 leads, and again at 14 (-273.01), which every lme4
+    optimiser reached (its first steps are large) and ours did not: 17.4 below lme4 (20.7
+    with REML).  One voxel in ~9,000 audited fits."""
+    theta = out["theta"]
+    diag = _diagonal_entries(pf.structure)
+    ends = np.isfinite(out["llh"]) & (np.abs(theta[:, diag]) < RESTART_BELOW).any(axis=1)
+    todo = np.flatnonzero(ends)
+    if todo.size == 0:
+        return out
+    out = dict(out, evaluations=out["evaluations"].copy())
+    for batch in batches(pattern, pf.p, todo.size):
+        idx = todo[batch]
+        sub = pf.take(idx)
+        prep = prepare(pattern, sub)
+        f_end = -2.0 * out["llh"][idx]
+        best_f, best_th = f_end.copy(), out["theta"][idx].copy()
+        for base in (theta0(sub), out["theta"][idx]):
+            for scale in LADDER:
+                cand = base * scale
+                fc = deviance(pattern, prep, cand, method)
+                out["evaluations"][idx] += 1
+                better = fc < best_f
+                best_f[better], best_th[better] = fc[better], cand[better]
+        floor = 2.0 * np.maximum(tolerance, 1e-12 * np.abs(f_end))
+        far = np.flatnonzero(best_f < f_end - floor)
+        if far.size == 0:
+            continue
+        again = run(pattern, sub.take(far), method, best_th[far], tolerance, max_iterations,
+                    max_halvings)
+        again = _escape_saddles(pattern, sub.take(far), method, again, run, tolerance,
+                                max_iterations, max_halvings)
+        out = _keep_better(out, idx[far], again, floor[far])
     return out
 
 
