@@ -20,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mpiblmm.errors import ContrastError, SpecError, not_utf8
-from mpiblmm.formula_table import NUMBER, read_table
+from mpiblmm.errors import ContrastError, SpecError, UserError, not_utf8
+from mpiblmm.formula_table import NUMBER, read_table, suspicious_text_columns
 from mpiblmm.lmm.model import RandomFactor, RandomStructure
 from mpiblmm.lmm.type3 import Type3Basis
 from mpiblmm.spec import Spec, first_duplicate, name_length_problem, short_name
@@ -326,7 +326,13 @@ def design_from_formula(spec: Spec) -> Design:
                                 "rename the column, or give \"contrasts\" with shorter names",
                                 f"{spec_where}: formula")
     else:
-        contrasts = spec_contrasts(spec, model.names)
+        try:
+            contrasts = spec_contrasts(spec, model.names)
+        except UserError as exc:  # often a covariate read as text because of one typo
+            notes = suspicious_text_columns(table)
+            if not notes:
+                raise
+            raise type(exc)(f"{exc.message} (perhaps because {notes[0]})", exc.where) from None
     return build_design(model.X, model.factors, contrasts, model.names,
                         where=f"{spec_where}: contrasts", type3_basis=model.type3_basis)
 

@@ -129,6 +129,9 @@ CASES = {
     "duplicate column": (_table(lambda ls: [ls[0].replace("visit", "age")] + ls[1:]),
                          "edited.csv: row 1: column name 'age' appears twice"),
     "empty table": (_table(lambda ls: []), "edited.csv: the file is empty"),
+    "typo in a numeric covariate": (  # the fit names the cell too, as `check` does
+        _both(_table(_cell(6, "age", "abc")), _contrast({"age": 1}, name="age")),
+        "no coefficient 'age'"),
 }
 
 
@@ -153,6 +156,9 @@ def test_bad_input_is_one_line_and_exit_2(case, study, run_mpi, mpiblmm_command)
     lines = [ln for ln in run.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("mpiblmm: error: "), run.stderr
     assert expected in lines[0], lines[0]
+    if case == "typo in a numeric covariate":
+        assert "(perhaps because column 'age' of" in lines[0], lines[0]
+        assert "row 7: 'abc'" in lines[0], lines[0]
     assert "Traceback" not in run.stderr + run.stdout
     assert not (study / "results" / "results.h5").exists()
 
