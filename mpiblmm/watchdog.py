@@ -43,17 +43,21 @@ FULL_DISK_SECONDS = 20.0
 STUCK_AFTER_SIGNAL_SECONDS = 60.0
 
 
-def free_blocks(folder: Path) -> int:
+def free_blocks(folder: Path) -> int | None:
     """Blocks this process may still write in ``folder``'s file system (root may use the
-    reserved ones)."""
+    reserved ones); ``None`` where the file system reports no size at all (some FUSE and
+    object-store mounts say 0 blocks of 0: not full)."""
     st = os.statvfs(folder)
+    if st.f_blocks == 0:
+        return None
     return st.f_bfree if os.geteuid() == 0 else st.f_bavail
 
 
 class Watchdog:
     """The thread of the module docstring (:func:`start`; :meth:`stop` at the end)."""
 
-    def __init__(self, comm: Any, grace: float, free: Callable[[Path], int] = free_blocks) -> None:
+    def __init__(self, comm: Any, grace: float,
+                 free: Callable[[Path], int | None] = free_blocks) -> None:
         self.comm, self.grace, self.free = comm, grace, free
         self.rank = comm.Get_rank()   # (not asked later: MPI may be finalizing by then)
         self.folder: Path | None = None
@@ -130,7 +134,8 @@ class Watchdog:
                     f"command with --resume", IO_FAILURE_EXIT_CODE)
 
 
-def start(comm: Any, grace: float, free: Callable[[Path], int] = free_blocks) -> Watchdog | None:
+def start(comm: Any, grace: float,
+          free: Callable[[Path], int | None] = free_blocks) -> Watchdog | None:
     """A :class:`Watchdog` on this rank (main thread only: it takes the signal wakeup fd);
     ``None`` where one cannot run (not the main thread).  It watches for signals at once, and
     a folder's free space once told (:meth:`Watchdog.watch`)."""
