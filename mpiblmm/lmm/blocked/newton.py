@@ -270,6 +270,14 @@ def _diagonal_entries(st) -> np.ndarray:
     return np.array(out, dtype=np.intp)
 
 
+def _boundary_ends(out: dict, st) -> np.ndarray:
+    """The voxels of ``out`` whose fit ended with a diagonal entry of some ``Lambda_k`` below
+    :data:`RESTART_BELOW` (lme4's singular-fit tolerance)."""
+    diag = _diagonal_entries(st)
+    return np.flatnonzero(np.isfinite(out["llh"])
+                          & (np.abs(out["theta"][:, diag]) < RESTART_BELOW).any(axis=1))
+
+
 def _keep_better(out: dict, idx: np.ndarray, again: dict, floor) -> dict:
     """``out`` with the voxels ``idx`` replaced by ``again``'s fits where those are higher by
     more than ``floor`` (a tie keeps the first fit, so its bits) or the first fit failed; the
@@ -305,9 +313,7 @@ def _restart_boundary_ends(pattern, pf: ProductForms, method: str, out: dict, ru
     stops there (it cannot end better): most boundary voxels are truly on the boundary, and
     from the identity their second fit mostly crawls back to it (docs/ESTIMATOR.md)."""
     theta = out["theta"]
-    diag = _diagonal_entries(pf.structure)
-    ends = np.isfinite(out["llh"]) & (np.abs(theta[:, diag]) < RESTART_BELOW).any(axis=1)
-    todo = np.flatnonzero(ends)
+    todo = _boundary_ends(out, pf.structure)
     for batch in batches(pattern, pf.p, todo.size) if todo.size else []:
         idx = todo[batch]
         sub = pf.take(idx)
@@ -335,10 +341,7 @@ def _ladder_boundary_ends(pattern, pf: ProductForms, method: str, out: dict, run
     ML), where lme4's start at 1 leads, and again at 14 (-273.01), which every lme4
     optimiser reached (its first steps are large) and ours did not: 17.4 below lme4 (20.7
     with REML).  One voxel in ~9,000 audited fits."""
-    theta = out["theta"]
-    diag = _diagonal_entries(pf.structure)
-    ends = np.isfinite(out["llh"]) & (np.abs(theta[:, diag]) < RESTART_BELOW).any(axis=1)
-    todo = np.flatnonzero(ends)
+    todo = _boundary_ends(out, pf.structure)
     if todo.size == 0:
         return out
     out = dict(out, evaluations=out["evaluations"].copy())
