@@ -98,11 +98,11 @@ RESTART_BELOW = 1e-4
 #: ``RANK_PROBE_BELOW`` times its largest, the nearest singular ``D_k`` (that eigenvalue
 #: removed), and moves there where the deviance is not higher (:func:`_probe_rank`).
 RANK_PROBE_EVERY = 10
+RANK_PROBE_BELOW = 1e-2
 
 #: Scalings of lme4's start and of a boundary end at which :func:`_ladder_boundary_ends`
 #: looks for a better basin.
 LADDER = (0.1, 10.0)
-RANK_PROBE_BELOW = 1e-2
 
 #: A second fit (:func:`_restart_boundary_ends`) stops when every theta entry is within this
 #: of the first fit's end and its deviance is not lower: it is in the same basin.
