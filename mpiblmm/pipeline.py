@@ -243,6 +243,7 @@ class Setup:
     done: np.ndarray | None  # progress/done of the results file resumed, or None
     note: str = ""
     fingerprint: str = ""  # input_fingerprint of the spec (packing reuses it)
+    created_output: bool = False  # the output folder did not exist before this run
 
 
 def _read_spec(spec_path: str, options: FitOptions, check_listed: bool = False) -> Spec:
@@ -286,6 +287,7 @@ def _load(spec: Spec, spec_path: str, options: FitOptions, fingerprint: str) -> 
     check_fittable(design, spec)
     choose(model_from_design(design).rd)  # a crossed remainder too large: a user error now
     settings = settings_from_spec(spec, spec.max_memory_mb or DEFAULT_MEMORY_MB)
+    created = not os.path.lexists(spec.output)
     make_dirs(spec.output, where)
     lock = acquire_lock(Path(spec.output), where)
     try:
@@ -326,7 +328,7 @@ def _load(spec: Spec, spec_path: str, options: FitOptions, fingerprint: str) -> 
         raise
     notes = [note] * bool(note) + [f"note: {n}" for n in overlapping_random_terms(design)]
     note = "\n".join(notes)
-    return Setup(None, design, digest, lock, done, note, fingerprint)
+    return Setup(None, design, digest, lock, done, note, fingerprint, created)
 
 
 def _exists(results: Path, where: str) -> UserError:
@@ -384,11 +386,26 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions(),
         dog.watch(Path(setup.spec.output), lambda: log.current)
     try:
         return _fit(setup, comm, options, log, timer, spec_path)
+    except BaseException:
+        if rank == 0:
+            setup.lock.release()
+            _remove_if_empty(setup)
+        raise
     finally:
         log.close()
         if rank == 0:
             setup.lock.release()
         forget_abort_hook(hook)
+
+
+def _remove_if_empty(setup: Setup) -> None:
+    """Rank 0, when the fit failed: the output folder this run created goes again if nothing
+    was left in it (a refused input must not leave an empty results folder behind)."""
+    if setup.created_output and setup.spec is not None:
+        try:
+            os.rmdir(setup.spec.output)
+        except OSError:  # not empty (a packed input or a log kept for --resume), or gone
+            pass
 
 
 def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: PhaseTimer,

@@ -252,4 +252,9 @@ def _cannot_create(path: Path, why: str | None, where: str | None) -> UserError:
 
 
 def _cannot_write(path: Path, where: str | None) -> UserError:
-    return UserError(f"cannot write into the folder {path} (permission denied)", where)
+    try:  # os.access says "no" alike for a read-only mount and for missing permission
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    why = "read-only file system" if read_only else "permission denied"
+    return UserError(f"cannot write into the folder {path} ({why})", where)

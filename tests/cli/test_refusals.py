@@ -79,3 +79,25 @@ def test_a_job_without_a_single_fitted_voxel_warns(tmp_path, run_mpi, mpiblmm_co
     job = run_mpi(2, [*mpiblmm_command, "fit", "--quiet", str(spec)], timeout=180)
     assert job.returncode == 0 and "warning" not in job.stderr
 
+
+
+@pytest.mark.spawns_mpiexec
+def test_an_input_refused_at_ingest_leaves_no_empty_output_folder(tmp_path, run_mpi,
+                                                                  mpiblmm_command):
+    """A fault audit found the output folder a refused fit had created left behind, empty: a
+    refusal found while packing (an image off the grid) removes the folder the run made, and
+    keeps one that was there before."""
+    import nibabel as nib
+
+    spec = _study(tmp_path / "study")
+    nib.save(nib.Nifti1Image(np.zeros((16, 8, 3), np.float32), np.eye(4)),
+             spec.parent / "o5.nii")
+    for existed in (False, True):
+        if existed:
+            (spec.parent / "out").mkdir()
+        job = run_mpi(2, [*mpiblmm_command, "fit", str(spec)], timeout=180)
+        assert job.returncode == 2, job.stderr[-3000:]
+        assert "o5.nii: not on the grid of" in job.stderr
+        assert (spec.parent / "out").exists() == existed
+        if existed:
+            assert list((spec.parent / "out").iterdir()) == []

@@ -154,6 +154,36 @@ def test_make_dirs_names_the_key_and_the_problem(tmp_path):
         make_dirs(tmp_path / "f" / "sub", "k")
 
 
+def test_a_folder_on_a_read_only_mount_is_not_called_permission_denied(tmp_path, monkeypatch):
+    """A fault audit's output folder on a read-only file system was reported as "permission
+    denied"; os.access answers no alike for both.  (The mount is made read-only for statvfs
+    and os.access: mounting needs root.)"""
+    import mpiblmm.io as mio
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    real_statvfs = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, real):
+            self._real = real
+            self.f_flag = real.f_flag | os.ST_RDONLY
+
+        def __getattr__(self, name):
+            return getattr(self._real, name)
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    monkeypatch.setattr(os, "statvfs", lambda path: ReadOnly(real_statvfs(path)))
+    expected = f"--output: cannot write into the folder {folder} (read-only file system)"
+    with pytest.raises(UserError) as raised:
+        make_dirs(folder, "--output")
+    assert str(raised.value) == expected
+    assert str(mio.folder_problem(folder, "--output")) == expected
+    monkeypatch.setattr(os, "statvfs", real_statvfs)
+    with pytest.raises(UserError, match=r"\(permission denied\)$"):
+        make_dirs(folder, "--output")
+
+
 def test_an_unreadable_image_is_worded_alike_for_header_and_data(tmp_path, monkeypatch):
     """`check` reads headers, `fit` data: both say the same of a file they may not read.
     (Opening it is made to fail as for mode 000 by another user: CI runs as root.)"""
