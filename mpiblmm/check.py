@@ -264,11 +264,7 @@ def _images(spec: Any, problems: list[str], verify: Any = None) -> tuple[Any, in
         except UserError as exc:
             problems.append(str(exc))
             continue
-        why = grid.differs(g.shape, g.affine)
-        if why is not None:
-            problems.append(f"{p}: not on the grid of {spec.images[0]}: {why}")
-            continue
-        why = grid_problem(grid, p, g, reference=str(spec.images[0]))  # kind, structure
+        why = grid_problem(grid, p, g, reference=str(spec.images[0]))  # kind, size, structure
         if why is not None:
             problems.append(f"{p}: {why}")
             continue

@@ -73,8 +73,21 @@ def grid_problem(grid: Grid, path, other: Grid, reference: str | None = None) ->
     """Why ``path`` (whose header gave ``other``, :func:`read_grid`) is not on the study's
     ``grid``: another kind of file, another grid or another surface structure; ``None`` when
     it is on it.  What ``read_volume(path, grid)`` would refuse, from headers only."""
-    return (kind_problem(path, grid, reference) or grid.differs(other.shape, other.affine)
+    return (kind_problem(path, grid, reference) or _shape_problem(grid, other, reference)
             or surface.space_problem(grid.space, other.space, reference))
+
+
+def _shape_problem(grid: Grid, other: Grid, reference: str | None) -> str | None:
+    """The words ``read_volume`` uses for a file of another size: vertices on a surface,
+    shape or affine on a voxel grid."""
+    why = grid.differs(other.shape, other.affine)
+    if why is None:
+        return None
+    reference = reference or "the first image"
+    if grid_kind(grid) in ("gifti", "cifti"):
+        return (f"not on the surface of {reference}: {other.shape[0]} vertices, expected "
+                f"{grid.shape[0]}")
+    return f"not on the grid of {reference}: {why}"
 
 
 def read_grid(path: Path) -> Grid:

@@ -153,6 +153,30 @@ def test_check_refuses_a_nifti_observation_in_a_gifti_study(study):
     _refused(study, "check", _mix(study), "nii/v_04.nii.gz: a NIfTI file, but")
 
 
+def test_a_surface_of_another_size_is_worded_alike_by_check_and_fit(study):
+    """A fault audit: `check` called a GIfTI of 20 vertices in a 24-vertex study "not on the
+    grid ...: shape (20, 1, 1) differs", `fit` "not on the surface ...: 20 vertices"; and
+    `check` tested a NIfTI mask's shape before its kind, `fit` the kind first."""
+    import nibabel as nib
+
+    _save_gifti(study / "gii/short.func.gii", np.ones(20, np.float32))
+    paths = [f"gii/lh_{i:02d}.func.gii" for i in range(N)]
+    paths[3] = "gii/short.func.gii"
+    nib.save(nib.Nifti1Image(np.ones((20, 1, 1), np.float32), np.eye(4)),
+             str(study / "nii/short.nii.gz"))
+    cases = [(_spec(study, "short", images=_list(study, "short.txt", paths)),
+              "gii/short.func.gii: not on the surface of gii/lh_00.func.gii: 20 vertices, "
+              "expected 24"),
+             (_spec(study, "short_mask", analysis_mask="gii/short.func.gii"),
+              "gii/short.func.gii: not on the surface of gii/lh_00.func.gii: 20 vertices, "
+              "expected 24"),
+             (_spec(study, "short_nifti_mask", analysis_mask="nii/short.nii.gz"),
+              "nii/short.nii.gz: a NIfTI file, but gii/lh_00.func.gii is GIfTI")]
+    for spec, expected in cases:
+        lines = {command: _refused(study, command, spec, expected) for command in ("check", "fit")}
+        assert lines["check"] == lines["fit"]
+
+
 def test_a_label_gifti_analysis_mask_is_accepted(study):
     import nibabel as nib
 
