@@ -63,6 +63,8 @@ NO_EQUIVALENT = {
 }
 #: mpiblmm's default estimation.tolerance (``mpiblmm.lmm.estimate.fit``); BLMM's is 1e-6.
 DEFAULT_TOLERANCE = 1e-12
+#: mpiblmm's default estimation.max_iterations (``mpiblmm.lmm.estimate.fit``).
+DEFAULT_MAX_ITERATIONS = 300
 #: Keys BLMM's setup writes into the config it is given (and into outdir/inputs.yml) when it
 #: runs: not the user's options, ignored without a note.
 BLMM_WRITTEN = {"q"}
@@ -170,6 +172,16 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
             return str(p)
         return os.path.relpath(p, folder)
 
+    home = Path(where).resolve().parent
+    inputs = [("Y_files", raw.get("Y_files")), ("X", raw.get("X")),
+              ("analysis_mask", raw.get("analysis_mask")),
+              ("data_mask_files", raw.get("data_mask_files"))]
+    if isinstance(raw.get("Z"), (list, dict)):
+        inputs += [(f"Z: {label}.{part}", f.get(part)) for label, f in _items(raw["Z"], where, "f")
+                   for part in ("factor", "design")]
+    for key, value in inputs:
+        _found_here(value, cwd, home, f"{where}: {key}")
+
     spec: dict[str, Any] = {}
     spec["images"] = _list_or_file(need("Y_files"), "Y_files", path, cwd, notes)
     spec["X"] = path(need("X"), "X")
@@ -198,6 +210,12 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
                          "masks first)")
     missing = _missingness(raw.get("Missingness"), where, notes)
     floor = _blmm_min_n(raw, cwd, notes)
+    unread = _unread_inputs(raw, cwd) if home.resolve() != cwd.resolve() else []
+    if floor is None and unread:  # converted away from the config: say what it could not do
+        notes.append(f"Missingness: BLMM's own voxel rules (n > p + 1, and n > q in its "
+                     f"safeMode) are not in the spec: {', '.join(unread)} name no file "
+                     f"(relative paths are read from the working directory, {cwd}); convert "
+                     "again where BLMM runs, once the files are there")
     if floor is not None and floor[0] > missing.get("min_n", 0):
         missing["min_n"] = floor[0]
         notes.append(floor[1])
@@ -206,6 +224,12 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
     estimation = {}
     if raw.get("maxnit") is not None:
         estimation["max_iterations"] = _max_iterations(raw["maxnit"], f"{where}: maxnit")
+        if estimation["max_iterations"] < DEFAULT_MAX_ITERATIONS:
+            notes.append(f"maxnit: {estimation['max_iterations']} converted as given, below "
+                         f"mpiblmm's default {DEFAULT_MAX_ITERATIONS}: it caps every iteration "
+                         "of a voxel's fit (Fisher scoring and the polish after it), so voxels "
+                         "stopped by it end short of the optimum with status 1; delete it to "
+                         "use the default")
     if raw.get("tol") is not None:
         estimation["tolerance"] = _tolerance(raw["tol"], f"{where}: tol")
         if estimation["tolerance"] > DEFAULT_TOLERANCE:
@@ -311,7 +335,7 @@ def _contrasts(value: Any, where: str, notes: list[str], p: int | None) -> list[
                             "weight per column of X)", key)
         first = first or (label, width)
         _check_rank(rows, key)
-        stat = str(c.get("statType", kind)).upper()
+        stat = str(c.get("statType") or kind).upper()  # BLMM's template leaves it empty
         if stat != kind:
             notes.append(f"contrasts: {label}.statType: {stat} given, but the vector makes a "
                          f"{kind} contrast; mpiblmm takes the kind from the vector")
@@ -385,6 +409,38 @@ def _resolve(value: str, cwd: Path) -> Path:
     """A path of the config as BLMM resolves it: ``~`` expanded, relative to ``cwd``."""
     p = Path(os.path.expanduser(value.strip()))
     return p if p.is_absolute() else cwd / p
+
+
+def _found_here(value: Any, cwd: Path, home: Path, key: str) -> None:
+    """An input file of the config where BLMM reads it (a relative path: in the working
+    directory).  Converted from another folder, the spec would name files that are not there
+    and BLMM's voxel rules (``min_n``) could not be read from X and Z, so: a relative path
+    found beside the config (``home``) but not here is an error saying where to run; X or a
+    factor's file found nowhere is an error (``needed``); an image or mask list found nowhere
+    is left to the spec's loader (``mpiblmm check`` names it)."""
+    if not isinstance(value, str) or not value.strip():
+        return  # a missing or malformed value: the conversion names it
+    given = Path(os.path.expanduser(value.strip()))
+    if _resolve(value, cwd).exists():
+        return
+    if not given.is_absolute() and home.resolve() != cwd.resolve() and (home / given).exists():
+        raise SpecError(f"{value.strip()} is not in the working directory {cwd}, where BLMM "
+                        "reads relative paths, but beside the config: run convert-blmm in "
+                        f"{home}, where BLMM would run", key)
+
+
+
+def _unread_inputs(raw: dict, cwd: Path) -> list[str]:
+    """The keys of X and the factors' files whose paths name no file here."""
+    keys = [("X", raw.get("X"))]
+    if isinstance(raw.get("Z"), (list, dict)):
+        try:
+            keys += [(f"Z: {label}.{part}", f.get(part)) for label, f in _items(raw["Z"], "Z", "f")
+                     for part in ("factor", "design")]
+        except SpecError:
+            return []
+    return [key for key, value in keys
+            if isinstance(value, str) and value.strip() and not _resolve(value, cwd).is_file()]
 
 
 def _header_free(value: Any, cwd: Path, key: str) -> None:

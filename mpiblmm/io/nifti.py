@@ -40,7 +40,9 @@ class Grid:
         if tuple(shape) != self.shape:
             return f"shape {tuple(shape)} differs from {self.shape}"
         if not np.allclose(affine, self.affine, rtol=0, atol=AFFINE_ATOL):
-            return "affine differs"
+            gap = float(np.max(np.abs(np.asarray(affine, dtype=float) - self.affine)))
+            return (f"affine differs (by up to {gap:.3g} mm; at most {AFFINE_ATOL:g} is the "
+                    "same grid)")
         return None
 
 

@@ -76,7 +76,12 @@ def test_minimal_readme_style_config(tmp_path):
                     "design": f"{tmp_path}/data/Z1DesignMatrix.csv"}],
         "contrasts": [{"name": "Tcon1", "weights": [1, 0, 1, 0, 1], "alternative": "greater"}],
         "output": f"{tmp_path}/out"}
-    assert notes == []
+    # its files do not exist: BLMM's voxel rules could not be read from them (a BLMM audit's
+    # config converted from another folder said nothing of it)
+    assert notes == ["Missingness: BLMM's own voxel rules (n > p + 1, and n > q in its "
+                     "safeMode) are not in the spec: X, Z: f1.factor, Z: f1.design name no "
+                     f"file (relative paths are read from the working directory, {Path.cwd()}); "
+                     "convert again where BLMM runs, once the files are there"]
     assert conversion_notes(spec) == [ALTERNATIVE_NOTE]
 
 
@@ -186,8 +191,38 @@ def test_missingness(tmp_path, text, expected):
 @pytest.mark.parametrize("value, expected", [("1", 1), ("10000", 10000), ("2**10", 1024),
                                              ("1.0e+3", 1000), ("1000000", 1000000)])
 def test_maxnit(tmp_path, value, expected):
-    spec, _ = _convert(tmp_path, f"maxnit: {value}\n")
+    spec, notes = _convert(tmp_path, f"maxnit: {value}\n")
     assert spec["estimation"] == {"max_iterations": expected}
+    # a BLMM audit: maxnit 10 left 60 voxels at status 1, two below BLMM's logLik, unsaid
+    capped = [n for n in notes if n.startswith("maxnit:")]
+    assert capped == ([] if expected >= 300 else [
+        f"maxnit: {expected} converted as given, below mpiblmm's default 300: it caps every "
+        "iteration of a voxel's fit (Fisher scoring and the polish after it), so voxels "
+        "stopped by it end short of the optimum with status 1; delete it to use the default"])
+
+
+def test_an_empty_stat_type_is_no_stat_type(tmp_path):
+    """BLMM's template leaves `statType:` empty; it was read as the text NONE."""
+    spec, notes = _convert(tmp_path, "contrasts:\n  - c1: {name: a, vector: [0, 1, 0], "
+                                     "statType: }\n")
+    assert spec["contrasts"] == [{"name": "a", "weights": [0, 1, 0], "alternative": "greater"}]
+    assert not [n for n in notes if "statType" in n]
+
+
+def test_a_config_converted_from_another_folder(tmp_path, monkeypatch):
+    """A BLMM audit converted a config with paths relative to its own folder from another
+    working directory: exit 0, a spec naming files that are not there, no voxel rules."""
+    (tmp_path / "study").mkdir()
+    _convert(tmp_path / "study", "")
+    (tmp_path / "study" / "Y.txt").write_text("")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(SpecError) as info:
+        convert_file(tmp_path / "study" / "cfg.yml")
+    assert str(info.value) == (
+        f"{tmp_path}/study/cfg.yml: Y_files: Y.txt is not in the working directory "
+        f"{tmp_path}/elsewhere, where BLMM reads relative paths, but beside the config: run "
+        f"convert-blmm in {tmp_path}/study, where BLMM would run")
 
 
 def test_cluster_settings_and_unconverted_outputs_are_notes(tmp_path):
@@ -361,7 +396,8 @@ def test_config_for_a_simulated_study(tmp_path, monkeypatch):
 def test_the_tolerance_note_names_the_estimators_own_default():
     import inspect
 
-    from mpiblmm.blmm_convert import DEFAULT_TOLERANCE
+    from mpiblmm.blmm_convert import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE
     from mpiblmm.lmm.estimate import fit
 
     assert inspect.signature(fit).parameters["tolerance"].default == DEFAULT_TOLERANCE
+    assert inspect.signature(fit).parameters["max_iterations"].default == DEFAULT_MAX_ITERATIONS

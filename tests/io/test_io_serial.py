@@ -215,3 +215,17 @@ def test_a_fifo_or_a_folder_as_an_image_is_refused_without_reading(tmp_path):
             read(tmp_path / "fifo.nii")
         with pytest.raises(UserError, match=r"dir.nii: is a directory, not a file$"):
             read(tmp_path / "dir.nii")
+
+
+def test_an_affine_that_differs_says_by_how_much():
+    """A BLMM audit's mask differed from the images' affine; "affine differs" alone did not
+    say whether by a rounding or by a voxel."""
+    from mpiblmm.io.nifti import Grid
+
+    grid = Grid((2, 2, 2), np.eye(4))
+    other = np.eye(4)
+    other[0, 3] = 5e-5
+    assert grid.differs((2, 2, 2), other) is None
+    other[1, 3] = -0.25
+    assert grid.differs((2, 2, 2), other) == ("affine differs (by up to 0.25 mm; at most "
+                                              "0.0001 is the same grid)")
