@@ -777,8 +777,9 @@ def _formula_model(formula: str, table: Table, aliases: ColumnAliases) -> Formul
         raise SpecError("no random-effects term such as (1 | subject): a linear mixed model "
                         "needs at least one grouping factor")
     if parsed.lhs is not None and parsed.lhs in table.names:
-        raise SpecError(f"the left side names column {parsed.lhs!r} of {table.path}; the "
-                        "response is the image data: write y ~ ...")
+        raise SpecError(f"the left side names column {parsed.lhs!r} of {table.path}, but the "
+                        "response is the image data, not a column: leave the left side out "
+                        f"(~ {formula.split('~', 1)[1].strip()}) or rename the column")
     fixed = _r_to_python(aliases.rename(parsed.fixed))
     bar_terms = [_r_to_python(aliases.rename(bar.terms)) for bar in parsed.bars]
     groupings: dict[str, str] = {}     # a grouping as written -> its column

@@ -114,6 +114,8 @@ def test_number_labels_are_rs_numbers(table):
     ("y ~ age - (1 | subject)", "cannot be subtracted"),
     ("y ~ (age + (1 | subject)", "unbalanced"),
     ("age ~ time + (1 | subject)", "the response is the image data"),
+    # a fault audit: a column named y got "write y ~ ...", what the user had written
+    ("age ~ time + (1 | subject)", "leave the left side out (~ time + (1 | subject)) or rename"),
     ("y ~ 0 + (1 | subject)", "no columns"),
     ("y ~ age + offset(age) + (1 | subject)", "unknown function 'offset'"),
     ("y ~ . + (1 | subject)", "'.' (every column) is not supported"),
