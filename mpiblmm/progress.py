@@ -55,6 +55,8 @@ from mpiblmm.errors import UserError, warn_unwritable
 
 #: Seconds between progress lines unless ``--progress-interval`` says otherwise.
 DEFAULT_INTERVAL = 10.0
+#: How every line of the job log starts (a file that starts otherwise is not a log).
+LOG_PREFIX = b"mpiblmm:"
 #: Message tag of progress counts (on a private duplicate of the communicator).
 TAG = 12
 #: How often rank 0 looks for counts while it waits in :meth:`Progress.close` (s).
@@ -165,6 +167,7 @@ class JobLog:
         self._bar_shown = False
         self._file = self._rank_file = None
         if rank == 0 and options.log_file:
+            _refuse_other_files(Path(options.log_file))
             self._file = _open(Path(options.log_file), "a", "--log-file")
         if options.rank_logs:
             self._rank_file = _open(Path(options.rank_logs) / f"rank-{rank:05d}.log", "w",
@@ -301,6 +304,23 @@ def _split(status: Any) -> tuple[str, float | None]:
     if isinstance(status, tuple):
         return status[0], status[1]
     return str(status), None
+
+
+def _refuse_other_files(path: Path) -> None:
+    """The job log is appended to (a resumed job continues its log), so a file that is not
+    one, such as an input of the spec named by mistake, is refused before a line goes into
+    it: an existing non-empty file must start as every log does (``mpiblmm:``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(LOG_PREFIX))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+        return  # created below, or _open names the problem
+    except OSError:
+        return
+    if head and head != LOG_PREFIX:
+        raise UserError(f"{path} exists and is not an mpiblmm log (its first line does not "
+                        "start with 'mpiblmm:'): name a new file, or this job's earlier log",
+                        where="--log-file")
 
 
 def _open(path: Path, mode: str, flag: str) -> TextIO:

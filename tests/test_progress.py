@@ -153,3 +153,24 @@ def test_standard_output_on_a_full_disk_is_dropped_with_one_warning(capsys):
         stream.flush()
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "cannot write standard output (No space left" in err[0]
+
+
+def test_a_log_file_that_is_not_a_log_is_refused_untouched(tmp_path):
+    """A fault audit named the spec's X.csv as --log-file: a line went into it before the
+    spec was read, and the fit then blamed the CSV.  An existing file that is not a log is
+    refused as it is; an empty file and an earlier log (a resumed job's) are appended to."""
+    from mpiblmm.errors import UserError
+
+    data = tmp_path / "X.csv"
+    data.write_text("1,2\n3,4\n")
+    with pytest.raises(UserError, match=r"^--log-file: .*X.csv exists and is not an mpiblmm "
+                                        r"log"):
+        JobLog(0, quiet=True, options=LogOptions(str(data), 0.0))
+    assert data.read_text() == "1,2\n3,4\n"
+    for name, before in (("empty.log", ""), ("earlier.log", "mpiblmm: [0 s] phase setup\n")):
+        path = tmp_path / name
+        path.write_text(before)
+        log = JobLog(0, quiet=True, options=LogOptions(str(path), 0.0))
+        log.say("mpiblmm: resumed")
+        log.close()
+        assert path.read_text() == before + "mpiblmm: resumed\n"
