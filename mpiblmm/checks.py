@@ -35,12 +35,30 @@ from mpiblmm.errors import SpecError
 RANK_RTOL = 1e-10
 
 
+#: Largest magnitude of a column of X (and, inverted, the smallest non-zero one) the fit
+#: takes: its sums of products over up to ~1e6 rows and the kernels' products of several
+#: such sums must stay within float64 (1e308, and 1e-308 without denormals).
+X_SCALE_LIMIT = 1e100
+
+
+def out_of_scale_column(A: np.ndarray) -> int | None:
+    """Index of the first column of ``A`` whose largest magnitude is above
+    :data:`X_SCALE_LIMIT` or, not zero, below its inverse; ``None`` if every column is in
+    range (a fault audit's age column in 1e200 crashed the fit, in 1e-170 it was dropped as
+    zero without a word)."""
+    peak = np.abs(np.asarray(A, dtype=np.float64)).max(axis=0, initial=0.0)
+    bad = (peak > X_SCALE_LIMIT) | ((peak > 0) & (peak < 1 / X_SCALE_LIMIT))
+    return int(np.flatnonzero(bad)[0]) if bad.any() else None
+
+
 def dependent_column(A: np.ndarray, rtol: float = RANK_RTOL) -> int | None:
     """Index of the first column of ``A`` (n, p) in the span of the columns before it (or
     zero), by the eigenvalues of the leading Gram blocks; ``None`` if ``A`` has full column
     rank."""
     A = np.asarray(A, dtype=np.float64)
-    scale = np.sqrt((A * A).sum(axis=0))
+    peak = np.abs(A).max(axis=0) if A.shape[0] else np.zeros(A.shape[1])
+    peak = np.where(peak > 0, peak, 1.0)      # squares of 1e160 or 1e-170 would over/underflow
+    scale = peak * np.sqrt(((A / peak) ** 2).sum(axis=0))
     if not (scale > 0).all():
         return int(np.flatnonzero(~(scale > 0))[0])
     G = (A / scale).T @ (A / scale)          # column scaling: units do not decide the rank
@@ -78,7 +96,15 @@ def fittable_problems(design: Any, spec: Any = None) -> list[SpecError]:
                              "fit needs more observations than fixed effects", x_where))
     else:
         names = tuple(getattr(design, "fixed_names", ()) or ())
-        j = dependent_column(design.X)
+        j = out_of_scale_column(design.X)
+        if j is not None:
+            label = f"column {j + 1}" + (f" ({names[j]!r})" if len(names) == p else "")
+            peak = float(np.abs(design.X[:, j]).max())
+            out.append(SpecError(f"{label} has values up to {peak:.3g} in magnitude: the fit "
+                                 "multiplies columns of X together, which over- or underflows "
+                                 f"outside {1 / X_SCALE_LIMIT:g} to {X_SCALE_LIMIT:g}; rescale "
+                                 "it (other units)", x_where))
+        j = None if j is not None else dependent_column(design.X)
         if j is not None:
             out.append(SpecError(f"{_column(design.X, j, names)}: X is rank deficient, so the "
                                  "fixed effects are not identifiable; drop or recode that "

@@ -114,3 +114,18 @@ def test_overlapping_terms_of_one_grouping_get_a_note_not_an_error():
         if expected:
             assert notes[0].startswith("random terms 'subject' and 'subject.1' group by the "
                                        "same levels and their effects overlap")
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e200, 1e-170])
+def test_a_column_out_of_float_scale_is_refused_by_name(scale):
+    """A fault audit's age column in 1e160-1e200 passed as 'a linear combination' (the
+    column norms overflowed, with numpy warnings) and crashed the fit; in 1e-170 it was
+    dropped as zero at every voxel without a word."""
+    rng = np.random.default_rng(3)
+    X = np.column_stack([np.ones(30), rng.normal(size=30) * scale, rng.normal(size=30)])
+    with pytest.raises(SpecError, match=r"column 2 \('c1'\) has values up to .* in magnitude.*"
+                                        r"rescale it"):
+        check_fittable(_design(X=X))
+    assert dependent_column(X) is None          # the rank test itself is scale-free now
+    X[:, 1] *= 1e90 / scale                      # 1e90: in range
+    check_fittable(_design(X=X))
