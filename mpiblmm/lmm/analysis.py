@@ -47,9 +47,9 @@ from .dropped_columns import estimable, kept_columns
 from .effect_scale import EffectTransform, effect_transform, restore, transformed_design
 from .estimate import fit
 from .inference import f_contrast, t_contrast
-from .model import (F_STATS, STATUS_EMPTY, STATUS_RANK_DEFICIENT, STATUS_TOO_FEW,
-                    STATUS_UNIDENTIFIABLE, T_STATS, ProductForms, RandomStructure,
-                    result_datasets)
+from .model import (F_STATS, STATUS_EMPTY, STATUS_RANK_DEFICIENT, STATUS_SINGULAR,
+                    STATUS_TOO_FEW, STATUS_UNIDENTIFIABLE, T_STATS, ProductForms,
+                    RandomStructure, result_datasets)
 from .products import RandomDesign, full_rank, product_forms
 from .satterthwaite import satterthwaite_setup
 from .structures import for_structure
@@ -167,7 +167,34 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     _unfit_vanishing_residual(Y, check_after, out)
     # n <= p: too few for all p columns, maybe not for those the observed rows support
     _fit_dropping_columns(model, Y, settings, out, np.flatnonzero(allowed & (n_obs > 0) & ~enough))
+    _blank_unobserved_effects(model.rd, observed, out)
     return out
+
+
+def _blank_unobserved_effects(rd: RandomDesign, observed: np.ndarray,
+                              out: dict[str, np.ndarray]) -> None:
+    """NaN in the rows and columns of ``random/<factor>/cov`` for the effects whose covariate
+    is zero on every observed row of a fitted voxel: no observation carries them, so the
+    likelihood is flat along their variance and the number the fit ends at means nothing
+    (an lme4 audit: a random slope of a group none of whose images is observed, and
+    ``(0 + time | subject)`` where only time 0 is; lme4 reports a value with a warning that
+    its Hessian is singular).  The likelihood, the fixed effects and the contrasts do not
+    depend on them and stay."""
+    fitted = out["status"] <= STATUS_SINGULAR
+    if not fitted.any():
+        return
+    seen_rows = observed[fitted].astype(np.float64)          # (v, n)
+    start = 0
+    for f in rd.structure.factors:
+        carried = (rd.vals[:, start:start + f.n_effects] != 0).astype(np.float64)  # (n, q_k)
+        start += f.n_effects
+        absent = (seen_rows @ carried) == 0                    # (v, q_k): no observed row
+        if not absent.any():
+            continue
+        cov = out[f"random/{f.name}/cov"]
+        block = cov[fitted]
+        block[absent[:, :, None] | absent[:, None, :]] = np.nan
+        cov[fitted] = block
 
 
 #: Saturation (:func:`saturated`) is decided by exact algebra on an ``n_obs x n_obs`` matrix
