@@ -139,17 +139,44 @@ def convert_file(config: str | os.PathLike, output: str | os.PathLike | None = N
 
     config = Path(config)
     try:
-        raw = yaml.safe_load(config.read_text())
+        raw = yaml.load(config.read_text(), Loader=_unique_key_loader())  # noqa: S506 (safe)
     except OSError as exc:
         raise SpecError(f"cannot read: {exc.strerror or exc}", str(config)) from None
     except UnicodeDecodeError:
         raise SpecError("cannot read: not a text file (UTF-8)", str(config)) from None
+    except _DuplicateKey as exc:
+        raise SpecError(str(exc), str(config)) from None
     except yaml.YAMLError as exc:
         raise SpecError("not valid YAML: " + " ".join(str(exc).split()), str(config)) from None
     if not isinstance(raw, dict):
         raise SpecError("expected a YAML mapping of BLMM options", str(config))
     return convert(raw, str(config), Path(cwd or os.getcwd()),
                    Path(output).resolve().parent if output else None)
+
+
+class _DuplicateKey(Exception):
+    """A key given twice in one YAML mapping (PyYAML keeps the last without a word)."""
+
+
+def _unique_key_loader() -> type:
+    """PyYAML's safe loader, refusing a key given twice in a mapping, as the JSON spec does:
+    a fault audit's config named ``Y_files`` twice and the first was dropped silently."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: set = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool)):
+                    continue  # an unhashable key: the base loader names it
+                if key in seen:
+                    raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: {key!s} is given "
+                                        "twice: keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict, list[str]]:

@@ -401,3 +401,17 @@ def test_the_tolerance_note_names_the_estimators_own_default():
 
     assert inspect.signature(fit).parameters["tolerance"].default == DEFAULT_TOLERANCE
     assert inspect.signature(fit).parameters["max_iterations"].default == DEFAULT_MAX_ITERATIONS
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """PyYAML keeps the last of a repeated key without a word (a fault audit's Y_files); the
+    JSON spec refuses a repeated key, and so does the conversion, naming the line."""
+    (tmp_path / "cfg.yml").write_text(BASE + "contrasts:\n  - c1: {name: a, vector: [0, 1, 0]}\n"
+                                      "Y_files: other.txt\n")
+    with pytest.raises(SpecError) as info:
+        convert_file(tmp_path / "cfg.yml", cwd=tmp_path)
+    assert str(info.value) == f"{tmp_path}/cfg.yml: line 8: Y_files is given twice: keep one"
+    nested = BASE.replace("{name: s, factor: f.csv", "{name: s, name: t, factor: f.csv")
+    (tmp_path / "cfg.yml").write_text(nested)
+    with pytest.raises(SpecError, match="line 4: name is given twice"):
+        convert_file(tmp_path / "cfg.yml", cwd=tmp_path)
