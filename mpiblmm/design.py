@@ -418,12 +418,23 @@ def read_numeric_csv(path: Path) -> np.ndarray:
                     raise ValueError(cell)
                 value = float(cell)
             except ValueError:
-                hint = " (the file must have no header row)" if i == 0 else ""
-                raise SpecError(f"column {j + 1}: not a number: {cell.strip()!r}{hint}", where) from None
+                hint = _not_a_number_hint(cell, first_row=i == 0)
+                raise SpecError(f"column {j + 1}: not a number: {cell.strip()!r}{hint}",
+                                where) from None
             if not math.isfinite(value):
                 raise SpecError(f"column {j + 1}: not a finite number: {cell.strip()!r}", where)
             out[i, j] = value
     return out
+
+
+def _not_a_number_hint(cell: str, first_row: bool) -> str:
+    """Why a cell of a numeric CSV may not be a number: numbers joined by another separator
+    (a tab-separated file: a fault audit's X got "must have no header row"), or a header."""
+    for sep, name in (("\t", "tabs"), (";", "semicolons"), (" ", "spaces")):
+        parts = cell.strip().split(sep)
+        if len(parts) > 1 and all(NUMBER.fullmatch(part.strip()) for part in parts if part):
+            return f" (numbers separated by {name}: the file must be comma-separated)"
+    return " (the file must have no header row)" if first_row else ""
 
 
 def read_labels_csv(path: Path) -> list[str]:

@@ -165,3 +165,18 @@ def test_a_matrix_cell_is_a_number_only_as_csv_readers_read_one(tmp_path):
         read_numeric_csv(tmp_path / "X.csv")
     (tmp_path / "ok.csv").write_text("1, 2.5e-3\n-1,.5\n")
     assert read_numeric_csv(tmp_path / "ok.csv").tolist() == [[1.0, 0.0025], [-1.0, 0.5]]
+
+
+@pytest.mark.parametrize("text, hint", [
+    ("1\t2.5\t0\n1\t3\t1\n", "(numbers separated by tabs: the file must be comma-separated)"),
+    ("1;2.5\n1;3\n", "(numbers separated by semicolons: the file must be comma-separated)"),
+    ("intercept,age\n1,2\n", "(the file must have no header row)"),
+])
+def test_a_numeric_csv_says_why_a_cell_is_not_a_number(tmp_path, text, hint):
+    """A fault audit's tab-separated X.csv was told to drop its header row."""
+    from mpiblmm.design import read_numeric_csv
+
+    (tmp_path / "X.csv").write_text(text)
+    with pytest.raises(SpecError) as info:
+        read_numeric_csv(tmp_path / "X.csv")
+    assert str(info.value).endswith(hint)
