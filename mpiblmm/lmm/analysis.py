@@ -13,8 +13,8 @@ Per chunk:
    effects of every factor, counting the levels it observes) is not fitted (status 9,
    :func:`identifiable`).  So is a voxel whose observed rows the fixed and random effects fit
    exactly, ``rank([X Z]) = n_obs`` on those rows (several factors together can saturate
-   while each passes lme4's rule): its residual variance is not identifiable
-   (:func:`saturated`).
+   while each passes lme4's rule): its residual variance is at best weakly identified
+   (often fitted as 0; :func:`saturated`).
 2. Voxels observed in every image share X'X, Z'X and Z'Z (one product-form group); voxels
    with missing observations get product forms of their own.  A voxel whose observed rows
    leave X rank deficient is fitted without the columns lme4 drops, voxels that drop the
@@ -246,8 +246,8 @@ def levels_observed(rd: RandomDesign, observed: np.ndarray) -> list[np.ndarray]:
 def saturated(X: np.ndarray, rd: RandomDesign, observed: np.ndarray, rtol: float = 1e-10,
               levels: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Voxels (v,) whose observed rows the fixed and random effects fit exactly,
-    ``rank([X Z]) = n_obs`` on those rows, so the residual variance is not identifiable; and
-    the voxels (v,) left to the post-fit test (:data:`SATURATED_EXACT_UP_TO`).
+    ``rank([X Z]) = n_obs`` on those rows, so the residual variance is at best weakly
+    identified; and the voxels (v,) left to the post-fit test (:data:`SATURATED_EXACT_UP_TO`).
 
     Screen: the rank is at most ``p +`` the effects of the observed levels, so only voxels
     where that count reaches ``n_obs`` are candidates (cheap, from the level counts).  For a
