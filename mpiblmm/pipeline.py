@@ -47,8 +47,8 @@ from mpiblmm.checks import check_fittable, overlapping_random_terms
 from mpiblmm.design import Design, design_from_spec
 from mpiblmm.errors import UserError
 from mpiblmm.io import agree, make_dirs, on_root
-from mpiblmm.io.export import (MAPS_INDEX, ExportStopped, export_nifti, listed_maps, maps_state,
-                               remove_maps, store_headline)
+from mpiblmm.io.export import (ExportStopped, export_nifti, forget_maps, maps_state,
+                               store_headline)
 from mpiblmm.io.ingest import (DEFAULT_MEMORY_MB, PackingStopped, ReadingStopped, SlabReader,
                                prepare_input, shared_input_fingerprint)
 from mpiblmm.io.lock import OutputLock, acquire_lock
@@ -346,17 +346,16 @@ def _exists(results: Path, where: str) -> UserError:
 
 
 def _forget_maps(results: Path) -> None:
-    """--overwrite: the maps of the replaced fit (those its ``maps.json`` lists) and the index
-    go with it, so no map of the old model is left beside a new fit, finished or not."""
+    """--overwrite: the maps of the replaced fit go with it (those its ``maps.json`` lists,
+    and those an export that was stopped or killed before its ``maps.json`` had begun to
+    write, which its pending list names), so no map of the old model is left beside a new
+    fit, finished or not; files the exports did not write stay."""
     folder = results.parent / "nifti"
-    remove_maps(folder, listed_maps(folder))   # an unwritable folder is reported below
     try:
-        (folder / MAPS_INDEX).unlink()
-    except FileNotFoundError:
-        pass
+        forget_maps(folder)   # an unwritable folder is reported here, by its lists
     except OSError as exc:
-        raise UserError(f"cannot replace {results.parent / 'nifti' / MAPS_INDEX} "
-                        f"({exc.strerror})", "--overwrite") from None
+        raise UserError(f"cannot replace {exc.filename or folder} ({exc.strerror or exc})",
+                        "--overwrite") from None
 
 
 def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions(),

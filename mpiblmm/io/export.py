@@ -24,13 +24,21 @@ outcome, and it ends as one line (exit 4 for a failed write, 2 for an unreadable
 a signal); temporary files of a process that was killed outright are removed by the next
 export into the same folder, so ``export`` can always be rerun.
 
-Complete maps: an export first removes the folder's ``maps.json`` and writes it again last,
-once every map is in place, so a ``maps.json`` vouches for the maps beside it; the maps the
-earlier ``maps.json`` listed that this export did not write (q maps, dropped contrasts) are
-removed just before.  Exporting
+Complete maps: an export first records the maps it is about to write (with those the earlier
+``maps.json`` listed) in ``maps.pending.json``, then removes the folder's ``maps.json`` and
+writes it again last, once every map is in place, so a ``maps.json`` vouches for the maps
+beside it; the maps the earlier lists named that this export did not write (q maps, dropped
+contrasts) are removed just before, and the pending list just after.  An export that is
+stopped, fails or is killed leaves the pending list, so its maps are still known to the next
+export and to ``fit --overwrite`` (:func:`forget_maps`), which remove them.  Exporting
 into the ``nifti/`` folder beside the results file (what ``fit`` does) also records it in
 the results file's root attribute ``maps_complete``: false while the maps are written,
 true once ``maps.json`` is (:func:`maps_state` reads both).
+
+One writer per folder: ``mpiblmm export`` holds the lock of the folder it writes into
+(:func:`lock_folder`: for ``<output>/nifti`` the output folder's, the lock ``fit`` holds), and
+refuses the ``nifti/`` folder beside another results file, whose ``maps_complete`` would go on
+vouching for maps replaced by those of another fit.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from mpiblmm.io import agree, comm_rank, comm_size, make_dirs
 from mpiblmm.io.derived import (NOT_ANALYSED_MEANING, STATUS_NOT_ANALYSED, bh_qvalues,
                                 z_from_neglog10p)
 from mpiblmm.io.nifti import save_map
+from mpiblmm.io.results import RESULTS_NAME
 from mpiblmm.parallel import (INTERRUPTED_EXIT_CODE, IOFailure, describe_io_error,
                               world_if_parallel)
 
@@ -285,35 +294,36 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
     out = results.parent / "nifti" if out_dir is None else Path(out_dir)
     size, rank = comm_size(comm), comm_rank(comm)
     beside = is_default_maps_folder(results, out)  # the folder ``maps_complete`` speaks of
+    # Another fit's maps folder: its results file would go on vouching for maps replaced here.
+    agree(comm, _foreign_folder_error(results, out) if rank == 0 else None)
     if rank == 0 and beside and results.is_file():  # being (re)written: not complete yet
         _mark_maps(results, False)
     if size > 1:
         comm.Barrier()  # before any rank opens the file to read it
     error, f = None, None
+    maps: list[MapSpec] = []
+    suffix = MAP_SUFFIX["nifti"]
     try:
         if not results.is_file():
             raise UserError("file not found", str(results))
         f = _open(results)
         _check(f, results)
+        maps, suffix = _plan(f, results, fdr)
         make_dirs(out)
     except UserError as exc:
         error = exc
-    if error is not None and f is not None:
-        f.close()
-    agree(comm, error)
+    _agree_or_close(comm, error, f)
 
     earlier: set[str] = set()
+    error = None
     if rank == 0:
         remove_tmp_files(out)  # left by an export that was killed outright
         earlier = listed_maps(out)  # removed at the end where this export does not rewrite them
-        _remove(out / MAPS_INDEX)  # an earlier index must not vouch for a partial export
-    if size > 1:
-        comm.Barrier()  # before any rank starts writing its own temporary files
+        error = _announce(out, earlier | {f"{m.stem}{suffix}" for m in maps})
+    _agree_or_close(comm, error, f)  # also before any rank starts writing its own temporary files
 
     written: list[Path] = []
-    maps: list[MapSpec] = []
     codes: dict[str, str] = {}
-    suffix = MAP_SUFFIX["nifti"]
     error: UserError | None = None
     target = out
     with f:
@@ -325,10 +335,8 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
                 raise UserError("attribute 'affine' holds NaN or Inf: cannot place the maps",
                                 str(results))
             space = str(f.attrs.get("space", ""))
-            suffix = MAP_SUFFIX[json.loads(space).get("format", "nifti") if space else "nifti"]
             codes = {str(k): v for k, v in json.loads(f["status"].attrs.get("codes", "{}")).items()}
             codes[str(STATUS_NOT_ANALYSED)] = NOT_ANALYSED_MEANING
-            maps = list_maps(f, fdr)
             input_hash = f.attrs.get("input_hash", "")
             input_hash = input_hash.decode() if isinstance(input_hash, bytes) else str(input_hash)
             for m in maps[rank::size]:
@@ -365,6 +373,7 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
         remove_maps(out, earlier - set(index))   # an earlier export's q map, a dropped contrast
         try:
             _write_atomic(out / MAPS_INDEX, json.dumps(index, indent=2) + "\n")
+            _remove(out / MAPS_PENDING)  # maps.json lists all there is now
         except OSError as exc:
             error = IOFailure(f"rank 0: {out / MAPS_INDEX}: {describe_io_error(exc)} "
                               f"(while writing maps)")
@@ -378,6 +387,11 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
 
 #: The index of the maps, written last by an export (:func:`export_nifti`).
 MAPS_INDEX = "maps.json"
+#: The maps an export is about to write (and those the index before it listed), written
+#: before the first map and removed once ``maps.json`` is: an export that is stopped, fails
+#: or is killed leaves it, so its maps can still be found and removed (``fit --overwrite``,
+#: the next export) although there is no ``maps.json``.
+MAPS_PENDING = "maps.pending.json"
 #: Root attribute of ``results.h5``: true once every map of the ``nifti/`` folder beside it
 #: and its ``maps.json`` are written (false from the creation of the file until then).
 MAPS_COMPLETE = "maps_complete"
@@ -399,6 +413,58 @@ def open_serial_rw(path: str | os.PathLike) -> Any:
         return h5py.File(path, "r+", locking=False)
     except TypeError:  # older h5py without the locking argument
         return h5py.File(path, "r+")
+
+
+def _agree_or_close(comm: Any, error: BaseException | None, f: Any) -> None:
+    """:func:`agree`, closing the results file ``f`` on every rank when some rank failed."""
+    try:
+        agree(comm, error)
+    except BaseException:
+        if f is not None:
+            f.close()
+        raise
+
+
+def _foreign_folder_error(results: Path, out: Path) -> UserError | None:
+    """The refusal of ``out`` when it is the ``nifti/`` folder beside a results file other than
+    ``results``: its maps would be replaced while that file's ``maps_complete`` still vouched
+    for them.  Folders are compared as the file system resolves them (symbolic links)."""
+    real = Path(os.path.realpath(out))
+    other = real.parent / RESULTS_NAME
+    if real.name != "nifti" or not other.is_file() or not results.is_file():
+        return None  # no results file to export: the export says so
+    try:
+        if os.path.samefile(other, results):
+            return None
+    except OSError:
+        pass
+    return UserError(f"this is the maps folder of another fit ({other}), whose maps would be "
+                     f"replaced by those of {results}: export into another folder", str(out))
+
+
+def _plan(f: Any, results: Path, fdr: bool) -> tuple[list[MapSpec], str]:
+    """The maps of an open results file and their file ending (:data:`MAP_SUFFIX`); a file
+    that does not say them is a user error."""
+    try:
+        space = str(f.attrs.get("space", ""))
+        fmt = json.loads(space).get("format", "nifti") if space else "nifti"
+        return list_maps(f, fdr), MAP_SUFFIX[fmt]
+    except (OSError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise UserError(f"not a readable results file ({describe_io_error(exc)})",
+                        str(results)) from None
+
+
+def _announce(out: Path, names: set[str]) -> IOFailure | None:
+    """Rank 0, before any map is written: record ``names`` in :data:`MAPS_PENDING`, then remove
+    ``maps.json`` (which must not vouch for a partial export).  In this order, the folder
+    always holds a list of every map an export may have written there."""
+    try:
+        _write_atomic(out / MAPS_PENDING, json.dumps(sorted(names), indent=1) + "\n")
+    except OSError as exc:
+        return IOFailure(f"rank 0: {out / MAPS_PENDING}: {describe_io_error(exc)} "
+                         f"(while writing maps)")
+    _remove(out / MAPS_INDEX)
+    return None
 
 
 def _mark_maps(results: Path, complete: bool) -> None:
@@ -443,17 +509,37 @@ def maps_state(results: str | os.PathLike) -> tuple[bool, bool] | None:
 
 
 def listed_maps(folder: Path) -> set[str]:
-    """The map files the ``maps.json`` of ``folder`` lists (none when it is missing or not
-    ours): what an earlier export wrote there.  Only plain file names count, so removing
-    them touches nothing outside the folder."""
+    """The map files that ``maps.json`` of ``folder`` and :data:`MAPS_PENDING` list (none when
+    they are missing or not ours): what earlier exports wrote there, also one that was
+    stopped or killed before its ``maps.json``.  Only plain file names of maps count, so
+    removing them touches nothing outside the folder and no other kind of file."""
+    folder = Path(folder)
+    return _listed(folder / MAPS_INDEX) | _listed(folder / MAPS_PENDING)
+
+
+def _listed(path: Path) -> set[str]:
+    """The map file names of one list (``maps.json``: its keys; the pending list: its items)."""
     try:
-        index = json.loads((folder / MAPS_INDEX).read_text())
+        names = json.loads(path.read_text())
     except (OSError, ValueError):
         return set()
-    if not isinstance(index, dict):
+    if not isinstance(names, (dict, list)):
         return set()
-    return {name for name in index if isinstance(name, str) and name == Path(name).name
+    return {name for name in names if isinstance(name, str) and name == Path(name).name
             and name.endswith(tuple(MAP_SUFFIX.values()))}
+
+
+def forget_maps(folder: Path) -> None:
+    """Remove every map :func:`listed_maps` names in ``folder`` and then the lists (the
+    pending one last: it names the most).  Raises ``OSError`` when a list cannot be
+    removed (the caller says what for); a map that cannot be is passed over."""
+    folder = Path(folder)
+    remove_maps(folder, listed_maps(folder))
+    for name in (MAPS_INDEX, MAPS_PENDING):
+        try:
+            (folder / name).unlink()
+        except FileNotFoundError:
+            pass
 
 
 def remove_maps(folder: Path, names) -> None:
@@ -505,12 +591,49 @@ def store_headline(results_path: str | os.PathLike, comm: Any, timer: Any) -> di
     return times
 
 
+def lock_folder(out: Path) -> Path:
+    """The folder whose lock (:mod:`mpiblmm.io.lock`) an export into ``out`` takes: the output
+    folder of a fit when ``out`` is its ``nifti/`` (a results file or a fit's lock is there:
+    the lock ``fit`` takes), else ``out`` itself (two exports into one folder)."""
+    from mpiblmm.io.lock import LOCK_NAME
+
+    real = Path(os.path.realpath(out))
+    if real.name == "nifti" and ((real.parent / RESULTS_NAME).exists()
+                                 or (real.parent / LOCK_NAME).exists()):
+        return real.parent
+    return real
+
+
+def _take_lock(results: Path, out: Path) -> Any:
+    """Rank 0 of ``mpiblmm export``: the lock of :func:`lock_folder` (created if missing), or
+    ``None`` when there is no results file (:func:`export_nifti` says so).  A fit or another
+    export writing there is refused with one line naming it."""
+    from mpiblmm.io.lock import acquire_lock
+
+    if not results.is_file():
+        return None
+    error = _foreign_folder_error(results, out)  # before a folder is created for it
+    if error is not None:
+        raise error
+    folder = lock_folder(out)
+    make_dirs(folder, str(out))
+    return acquire_lock(folder, str(out))
+
+
 def run_export(args: argparse.Namespace) -> int:
-    """``mpiblmm export RESULTS_H5 [DIR] [--fdr]``: (re)write the maps; returns the exit code."""
+    """``mpiblmm export RESULTS_H5 [DIR] [--fdr]``: (re)write the maps; returns the exit code.
+    The folder's lock is held throughout, so no fit or other export writes there meanwhile."""
+    from mpiblmm.io import on_root
+    from mpiblmm.parallel import at_abort, forget_abort_hook
+
     comm = world_if_parallel()
     out_dir = getattr(args, "out_dir", None) or getattr(args, "directory", None)
-    interrupt.install()
+    out = Path(args.results).parent / "nifti" if out_dir is None else Path(out_dir)
+    lock, hook = None, None
+    interrupt.install()  # first: a signal while the lock is taken must not leave it behind
     try:
+        lock = on_root(comm, lambda: _take_lock(Path(args.results), out))
+        hook = at_abort(lock.release) if lock is not None else None  # whichever rank aborts
         written = export_nifti(args.results, out_dir, comm=comm,
                                fdr=bool(getattr(args, "fdr", False)))
     except ExportStopped:
@@ -521,6 +644,10 @@ def run_export(args: argparse.Namespace) -> int:
         return INTERRUPTED_EXIT_CODE
     finally:
         interrupt.uninstall()
+        if lock is not None and comm_rank(comm) == 0:
+            lock.release()
+        if hook is not None:
+            forget_abort_hook(hook)
     total = len(written) if comm is None else comm.allreduce(len(written))
     if comm_rank(comm) == 0:
         target = out_dir or Path(args.results).parent / "nifti"
@@ -530,4 +657,5 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 __all__: list[str] = ["export_nifti", "run_export", "list_maps", "map_values", "volume",
-                      "vech_indices", "write_map", "map_intent", "map_idcode"]
+                      "vech_indices", "write_map", "map_intent", "map_idcode", "forget_maps",
+                      "listed_maps", "lock_folder"]

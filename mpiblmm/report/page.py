@@ -248,7 +248,15 @@ def write_report(d: ReportData, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.html"
+    text = render(d)  # before the temporary file exists: a failure here leaves nothing
     tmp = out_dir / f".report.html.tmp{os.getpid()}"
-    tmp.write_text(render(d), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # disk full, quota, a signal: no half-written page is left behind
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
     return path
