@@ -221,9 +221,10 @@ def _budget(spec: Any, path: Path, problems: list[str]) -> None:
 def _output(spec: Any, problems: list[str]) -> None:
     """The output folder: the fit creates it (:func:`mpiblmm.io.make_dirs`); here the same
     error is predicted without creating anything (a file, under a file, not writable)."""
-    from mpiblmm.io import folder_problem
+    from mpiblmm.io import folder_problem, maps_folder_problem
 
-    problem = folder_problem(spec.output, f"{spec.path}: output")
+    where = f"{spec.path}: output"
+    problem = folder_problem(spec.output, where) or maps_folder_problem(spec.output, where)
     if problem is not None:
         problems.append(str(problem))
 

@@ -46,7 +46,7 @@ from mpiblmm import __version__, interrupt, watchdog
 from mpiblmm.checks import check_fittable, overlapping_random_terms
 from mpiblmm.design import Design, design_from_spec
 from mpiblmm.errors import UserError
-from mpiblmm.io import agree, make_dirs, on_root
+from mpiblmm.io import agree, make_dirs, maps_folder_problem, on_root
 from mpiblmm.io.export import (ExportStopped, export_nifti, forget_maps, maps_state,
                                store_headline)
 from mpiblmm.io.ingest import (DEFAULT_MEMORY_MB, PackingStopped, ReadingStopped, SlabReader,
@@ -289,6 +289,9 @@ def _load(spec: Spec, spec_path: str, options: FitOptions, fingerprint: str) -> 
     settings = settings_from_spec(spec, spec.max_memory_mb or DEFAULT_MEMORY_MB)
     created = not os.path.lexists(spec.output)
     make_dirs(spec.output, where)
+    problem = maps_folder_problem(spec.output, where)
+    if problem is not None:
+        raise problem
     lock = acquire_lock(Path(spec.output), where)
     try:
         digest = input_hash(design, settings, fingerprint)

@@ -243,6 +243,17 @@ def folder_problem(path: str | os.PathLike, where: str | None = None) -> UserErr
     return None
 
 
+def maps_folder_problem(output: str | os.PathLike, where: str | None = None) -> UserError | None:
+    """The error for an output folder whose ``nifti`` (where the maps go) is there but not a
+    folder, found before the fit rather than after it (a fault audit: results complete, maps
+    refused at the end); ``None`` otherwise (missing: the export makes it)."""
+    maps = Path(output) / "nifti"
+    if (maps.exists() or maps.is_symlink()) and not maps.is_dir():
+        return UserError(f"{maps} exists and is not a folder: the maps are written there; "
+                         "move it away", where)
+    return None
+
+
 def _not_a_folder(path: Path, where: str | None) -> UserError:
     return UserError(f"{path} exists and is not a folder", where)
 

@@ -101,3 +101,22 @@ def test_an_input_refused_at_ingest_leaves_no_empty_output_folder(tmp_path, run_
         assert (spec.parent / "out").exists() == existed
         if existed:
             assert list((spec.parent / "out").iterdir()) == []
+
+
+@pytest.mark.spawns_mpiexec
+def test_a_maps_folder_that_is_a_file_is_refused_before_the_fit(tmp_path, run_mpi,
+                                                                mpiblmm_command):
+    """A fault audit's `<output>/nifti` was a file: the fit ran to the end, then the maps were
+    refused.  `check` and `fit` now refuse it first, with the same line."""
+    spec = _study(tmp_path / "study")
+    (spec.parent / "out").mkdir()
+    (spec.parent / "out" / "nifti").write_text("not a folder")
+    lines = {}
+    for command in ("check", "fit"):
+        job = run_mpi(2, [*mpiblmm_command, command, str(spec)], timeout=180)
+        assert job.returncode == 2, job.stderr[-3000:]
+        lines[command] = [ln for ln in job.stderr.splitlines() if ln.startswith("mpiblmm: error")]
+    expected = (f"mpiblmm: error: {spec}: output: {spec.parent / 'out' / 'nifti'} exists and is "
+                "not a folder: the maps are written there; move it away")
+    assert lines["check"] == lines["fit"] == [expected]
+    assert not (spec.parent / "out" / "results.h5").exists()
