@@ -296,6 +296,8 @@ def _load(spec: Spec, spec_path: str, options: FitOptions, fingerprint: str) -> 
     try:
         digest = input_hash(design, settings, fingerprint)
         results = Path(spec.output) / RESULTS_NAME
+        if results.is_dir():  # neither --resume nor --overwrite could use or replace it
+            raise UserError("is a folder, not a results file: move it away", str(results))
         done, note = None, ""
         if (results.exists() or results.is_symlink()) and unfinished_creation(results):
             # A job stopped while creating it (killed, or out of space): no voxel was fitted.

@@ -120,3 +120,12 @@ def test_a_maps_folder_that_is_a_file_is_refused_before_the_fit(tmp_path, run_mp
                 "not a folder: the maps are written there; move it away")
     assert lines["check"] == lines["fit"] == [expected]
     assert not (spec.parent / "out" / "results.h5").exists()
+    # a results.h5 that is a folder: --resume said to use --overwrite, which then failed
+    (spec.parent / "out" / "nifti").unlink()
+    (spec.parent / "out" / "results.h5").mkdir()
+    for flags in ([], ["--resume"], ["--overwrite"]):
+        job = run_mpi(2, [*mpiblmm_command, "fit", str(spec), *flags], timeout=180)
+        assert job.returncode == 2, job.stderr[-3000:]
+        assert job.stderr.strip().splitlines()[-1] == (
+            f"mpiblmm: error: {spec.parent / 'out' / 'results.h5'}: is a folder, not a results "
+            "file: move it away")
