@@ -38,6 +38,7 @@ from typing import Callable, NoReturn, Sequence
 from mpiblmm import __version__
 from mpiblmm.allocator import keep_freed_memory
 from mpiblmm.errors import USER_ERROR_EXIT_CODE, UserError, warn_unwritable
+from mpiblmm.interrupt import MAX_GRACE_SECONDS
 
 #: Variables that pin BLAS/OpenMP to one thread per rank unless the user set them.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -159,7 +160,7 @@ def get_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--max-memory-mb",
-        type=_positive_int,
+        type=_memory_mb,
         metavar="MB",
         help="memory budget per rank, in MiB, used to size voxel chunks "
         "(default: the spec's max_memory_mb, else 2048)",
@@ -257,7 +258,8 @@ def get_parser() -> argparse.ArgumentParser:
         help="write a simulated longitudinal study with known truth",
         description="Simulate a study (images, design table and spec) with known parameters.",
     )
-    simulate.add_argument("out_dir", metavar="OUT_DIR", help="folder to write the study into")
+    simulate.add_argument("out_dir", metavar="OUT_DIR",
+                          help="folder to write the study into: a new or empty one")
     simulate.add_argument("--subjects", type=_positive_int, default=60,
                           help="number of subjects (default: %(default)s)")
     simulate.add_argument("--visits", type=_positive_int, default=4,
@@ -338,14 +340,34 @@ def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {_short(text)!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
     return value
 
 
+def _memory_mb(text: str) -> int:
+    """argparse type of ``--max-memory-mb``: a whole number of MiB from 1 to the spec's
+    :data:`~mpiblmm.spec.MAX_MEMORY_MB` (a larger budget overflows the byte counts the
+    chunks are sized with)."""
+    from mpiblmm.spec import MAX_MEMORY_MB
+
+    value = _positive_int(text)
+    if value > MAX_MEMORY_MB:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_MEMORY_MB} MiB (1 PiB) per rank, got {_short(text)}")
+    return value
+
+
+#: The longest ``--grace-seconds`` and ``--progress-interval``: one week, longer than any batch
+#: job's time limit.  ``signal.setitimer`` (the grace timer) refuses about 9.3e9 s with an
+#: OverflowError, raised inside the signal handler.
+MAX_SECONDS = int(MAX_GRACE_SECONDS)
+
+
 def _finite_float(text: str, positive: bool) -> float:
-    """argparse type: a finite number greater than 0 (``positive``) or at least 0."""
+    """argparse type: a number greater than 0 (``positive``) or at least 0, and at most
+    :data:`MAX_SECONDS` (the options of this type are durations)."""
     try:
         value = float(text)
     except ValueError:
@@ -353,16 +375,24 @@ def _finite_float(text: str, positive: bool) -> float:
     if not (value > 0.0 if positive else value >= 0.0) or value == float("inf"):
         what = "a positive number" if positive else "a number of at least 0"
         raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_SECONDS} seconds (one week), got {_short(text)}")
     return value
 
 
+def _short(text: str, width: int = 40) -> str:
+    """A value from the command line, cut for an error line (``1`` and 400 zeros)."""
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def _non_negative_float(text: str) -> float:
-    """argparse type: a number of at least 0."""
+    """argparse type: a number of at least 0 (and at most :data:`MAX_SECONDS`)."""
     return _finite_float(text, positive=False)
 
 
 def _positive_float(text: str) -> float:
-    """argparse type: a number greater than 0."""
+    """argparse type: a number greater than 0 (and at most :data:`MAX_SECONDS`)."""
     return _finite_float(text, positive=True)
 
 
@@ -387,10 +417,15 @@ class QuietWhenClosed:
     Any other write error (a full disk under ``> fit.out``) does the same after one warning
     on stderr: a batch job's output is never worth its results.
     Everything else is the wrapped stream's.
+
+    Standard error is wrapped too, with ``what=None``: no warning (there is nowhere left to
+    print one), so a user error under ``2>/dev/full`` still ends with exit code 2, not with
+    the OSError of printing its line.
     """
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream, what: str | None = "standard output") -> None:
         self._stream = stream
+        self._what = what
         self._dropped = False
 
     def write(self, text: str) -> int:
@@ -415,7 +450,8 @@ class QuietWhenClosed:
             self._failed(exc)
 
     def _failed(self, exc: OSError) -> None:
-        warn_unwritable("standard output", exc)
+        if self._what is not None:
+            warn_unwritable(self._what, exc)
         self._to_devnull()
 
     def _to_devnull(self) -> None:
@@ -476,14 +512,34 @@ def _require_known_slopes(args: argparse.Namespace) -> None:
 
 def _require_output_folder(path: str, what: str) -> None:
     """Create the folder ``simulate`` writes into (and its ``images/``), on every rank at once,
-    so a path that is a file, under a file, or not writable is a user error before the study
-    is simulated; the study writer then finds its folders in place."""
+    so a path that is a file, under a file, not writable, or a folder that already holds
+    files is a user error before the study is simulated; the study writer then finds its
+    folders in place."""
     from mpiblmm.io import make_dirs
 
     if not str(path).strip():
         raise UserError("is empty: name the folder to write the study into", what)
     make_dirs(path, what)
+    _require_no_study_there(Path(path), what)
     make_dirs(Path(path) / "images", what)
+
+
+def _require_no_study_there(folder: Path, what: str) -> None:
+    """Refuse a folder that holds anything but an empty ``images/``: simulating into an
+    earlier study replaced some of its files and left the rest (30 old images beside the 9
+    of a new images.txt), a study that is neither.  An empty ``images/`` is no study: the
+    other ranks, which run this at the same time, may have made it already."""
+    try:
+        entries = list(folder.iterdir())
+        if [e.name for e in entries] == ["images"] and not entries[0].is_symlink():
+            if not entries[0].is_dir():
+                return  # a file named images: make_dirs says what is wrong with it
+            entries = list(entries[0].iterdir())
+    except OSError as exc:
+        raise UserError(f"cannot read the folder {folder} ({exc.strerror or exc})", what) from None
+    if entries:
+        raise UserError(f"{folder} is not empty: choose a new or empty folder (simulate writes "
+                        "a whole study and would mix it with the files already there)", what)
 
 
 def _require_file(path: str, what: str) -> None:
@@ -533,15 +589,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         The process exit code: 0 on success, 2 for a user error (on every rank).
     """
     pin_blas_threads()
-    stdout = sys.stdout
-    if stdout is None:  # no standard output at all: print() already drops its lines
-        return _main_quiet_when_closed(argv)
-    sys.stdout = QuietWhenClosed(stdout)  # a closed reader ends the printing, not the command
+    stdout, stderr = sys.stdout, sys.stderr
+    # A closed reader or a full disk ends the printing, not the command.  (A stream that is
+    # None, no standard output at all, is left alone: print() already drops its lines.)
+    if stdout is not None:
+        sys.stdout = QuietWhenClosed(stdout)
+    if stderr is not None:
+        sys.stderr = QuietWhenClosed(stderr, what=None)
     try:
         return _main_quiet_when_closed(argv)
     finally:
-        sys.stdout.flush()  # what is still buffered, while a broken pipe is still quiet
-        sys.stdout = stdout
+        for stream in (sys.stdout, sys.stderr):  # what is still buffered, while still quiet
+            if isinstance(stream, QuietWhenClosed):
+                stream.flush()
+        sys.stdout, sys.stderr = stdout, stderr
 
 
 def _main_quiet_when_closed(argv: Sequence[str] | None) -> int:
@@ -572,7 +633,10 @@ def _command_line_error(exc: CommandLineError) -> int:
     try:
         from mpi4py import MPI
     except ImportError:  # no MPI at all: this process is the whole job
-        print(f"mpiblmm: error: {exc}", file=sys.stderr, flush=True)
+        try:
+            print(f"mpiblmm: error: {exc}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # stderr unwritable: the exit code still says it
+            pass
         return USER_ERROR_EXIT_CODE
     from mpiblmm.parallel import agree_on_user_error, run_guarded
 
@@ -590,12 +654,13 @@ def _main(args: argparse.Namespace) -> int:
         agree_on_user_error,
         launcher_mismatch,
         run_guarded,
+        say,
     )
 
     comm = MPI.COMM_WORLD
     mismatch = launcher_mismatch(comm)
     if mismatch and args.command != "env":  # `env` reports it in full
-        print(f"mpiblmm: error: {mismatch}", file=sys.stderr, flush=True)
+        say(f"mpiblmm: error: {mismatch}")
         return LAUNCHER_MISMATCH_EXIT_CODE
 
     def job() -> int:

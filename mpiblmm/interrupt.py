@@ -29,6 +29,11 @@ from typing import Any, Iterator
 #: Grace period (s) between SIGTERM and the abandoning of the chunk in hand.
 DEFAULT_GRACE_SECONDS = 30.0
 
+#: The longest grace period (one week, longer than any batch job's time limit; the command
+#: line refuses more).  The timer is armed inside the signal handler, where the OverflowError
+#: of ``signal.setitimer`` (above about 9.3e9 s) would be a traceback instead of a clean stop.
+MAX_GRACE_SECONDS = 7 * 24 * 3600.0
+
 #: Message tag of "I am stopping" (on the agreement's own duplicate communicator).
 _STOP_TAG = 71
 
@@ -76,7 +81,8 @@ def install(grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
     in between is kept.  The command line installs the handlers first thing, so a signal
     during the imports and the setup is not lost either.
     """
-    _state.grace = float(grace_seconds)
+    # Bounded here too, for callers other than the command line (whose option is bounded).
+    _state.grace = min(float(grace_seconds), MAX_GRACE_SECONDS)
     if _state.previous:
         return
     _state.signum, _state.expired, _state.computing = None, False, False

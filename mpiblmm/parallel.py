@@ -203,7 +203,26 @@ def agree_on_user_error(comm: Any, error: BaseException | None) -> None:
 
 
 def _print_user_error(message: str) -> None:
-    print(f"mpiblmm: error: {message}", file=sys.stderr, flush=True)
+    say(f"mpiblmm: error: {message}")
+
+
+def say(line: str) -> None:
+    """Print ``line`` on stderr, or nothing if stderr cannot be written (``2>/dev/full``, a
+    closed pipe): the exit code must stay what the error calls for (2 for a user error), not
+    become a traceback or an abort about the message."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # ValueError: a closed stream
+        pass
+
+
+def _print_traceback(exc: BaseException) -> None:
+    """:func:`say` for a traceback."""
+    try:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 # --------------------------------------------------------------------------- ending a job
@@ -270,7 +289,7 @@ def die(comm: Any, message: str, code: int = IO_FAILURE_EXIT_CODE) -> NoReturn:
     rank = 0 if comm is None else comm.Get_rank()
     if rank > 0:
         time.sleep(min(rank, 4) * (ABORT_LINGER + _DIE_STAGGER_SECONDS))
-    print(f"mpiblmm: error: {message}", file=sys.stderr, flush=True)
+    say(f"mpiblmm: error: {message}")
     _abort(comm, code)
 
 
@@ -379,8 +398,8 @@ def no_hang(comm: Any, path: Any, doing: str = "writing") -> Iterator[None]:
 
 def _bug(comm: Any, exc: BaseException) -> NoReturn:
     rank = 0 if comm is None else comm.Get_rank()
-    print(f"rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    say(f"rank {rank}: {type(exc).__name__}: {exc}")
+    _print_traceback(exc)
     _abort(comm, ABORT_EXIT_CODE)
 
 
@@ -425,14 +444,13 @@ def run_guarded(fn: Callable[[], int | None], comm: Any) -> int:
         # sys.exit() on one rank: the others may be in a collective, so end them too.
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if code != 0 and size > 1:
-            print(f"rank {rank}: exited with code {code}", file=sys.stderr, flush=True)
+            say(f"rank {rank}: exited with code {code}")
             _run_abort_hooks()
             abort_job(comm, code)
         return code
     except BaseException as exc:  # noqa: BLE001 - the top of a rank's job
-        print(f"rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        traceback.print_exc(file=sys.stderr)
-        sys.stderr.flush()
+        say(f"rank {rank}: {type(exc).__name__}: {exc}")
+        _print_traceback(exc)
         _run_abort_hooks()
         if size > 1:
             abort_job(comm, ABORT_EXIT_CODE)

@@ -15,7 +15,8 @@ import json
 import re
 from typing import Any
 
-from mpiblmm.spec import ALTERNATIVES, MAX_ITERATIONS, NAME_PATTERN, NAME_RULE, TOP_KEYS  # noqa: E402
+from mpiblmm.spec import (  # noqa: E402
+    ALTERNATIVES, MAX_ITERATIONS, MAX_MEMORY_MB, NAME_PATTERN, NAME_RULE, TOP_KEYS)
 
 NAME = {"type": "string", "pattern": NAME_PATTERN.pattern, "description": NAME_RULE}
 PATH = {"type": "string", "minLength": 1, "description": "a non-empty string"}
@@ -103,7 +104,9 @@ SCHEMA: dict[str, Any] = {
             },
         },
         "max_memory_mb": {"type": ["number", "null"], "exclusiveMinimum": 0,
-                          "description": "a number greater than 0"},
+                          "maximum": MAX_MEMORY_MB,
+                          "description": f"a number greater than 0 and at most {MAX_MEMORY_MB} "
+                                         "(MiB per rank: 1 PiB)"},
     },
     "oneOf": [
         {"title": "matrix form", "required": ["X", "random"],

@@ -62,6 +62,11 @@ ALTERNATIVES = ("two-sided", "greater", "less")
 #: The largest ``estimation.max_iterations``: far above what a voxel needs (the default is
 #: 300, BLMM's 10000), and small enough for the estimator's integer counters.
 MAX_ITERATIONS = 10**6
+#: The largest ``max_memory_mb`` (and ``--max-memory-mb``): 2**30 MiB, 1 PiB per rank, far
+#: above any node's memory.  The budget is turned into byte counts (MiB x 2**20) that size the
+#: chunks; a budget near the largest float (1e308) overflowed them, after the inputs were
+#: packed.
+MAX_MEMORY_MB = 2**30
 
 TOP_KEYS = frozenset({
     "images", "X", "random", "covariates", "formula", "contrasts", "output", "fixed_names",
@@ -269,7 +274,22 @@ def read_spec_json(path: str | os.PathLike) -> tuple[str, Any]:
         raise SpecError(
             f"not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}", str(path)
         ) from None
+    except RecursionError:  # Python's decoder recurses once per level of [ and {
+        raise SpecError("not valid JSON for mpiblmm: nested too deeply (lists or objects "
+                        "inside each other hundreds of levels deep)", str(path)) from None
+    except ValueError as exc:  # a literal too long for an int (Python's int_max_str_digits)
+        problem = (f"a number with more than {_max_digits()} digits" if "digits" in str(exc)
+                   else " ".join(str(exc).split()))
+        raise SpecError(f"not valid JSON for mpiblmm: {problem}", str(path)) from None
     return text, raw
+
+
+def _max_digits() -> int:
+    """The most digits Python turns into an int (``sys.get_int_max_str_digits``, 4300)."""
+    import sys
+
+    get = getattr(sys, "get_int_max_str_digits", None)
+    return get() if get is not None else 4300
 
 
 def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool = True,
@@ -306,7 +326,7 @@ def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool 
         X=None if formula_form else v.file(raw["X"], "X"),
         random=() if formula_form else v.random(raw["random"]),
         contrasts=v.contrasts(raw["contrasts"]) if "contrasts" in raw else None,
-        output=v.resolve(v.string(raw.get("output", "results"), "output")),
+        output=v.resolve(v.path_text(raw.get("output", "results"), "output")),
         covariates=v.file(raw["covariates"], "covariates") if formula_form else None,
         formula=v.string(raw["formula"], "formula") if formula_form else None,
         fixed_names=v.names(raw["fixed_names"], "fixed_names") if "fixed_names" in raw else None,
@@ -316,7 +336,7 @@ def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool 
         zero_is_missing=v.boolean(raw.get("zero_is_missing", True), "zero_is_missing"),
         missingness=v.missingness(raw.get("missingness", {})),
         estimation=v.estimation(raw.get("estimation", {})),
-        max_memory_mb=(v.number(raw["max_memory_mb"], "max_memory_mb")
+        max_memory_mb=(v.memory_mb(raw["max_memory_mb"])
                        if raw.get("max_memory_mb") is not None else None),
     )
 
@@ -362,15 +382,41 @@ class _Validator:
     def string(self, value: Any, key: str) -> str:
         if not isinstance(value, str) or not value.strip():
             raise self.error(key, f"expected a non-empty string, got {_show(value)}")
+        if "\0" in value:  # no file name, formula or name holds one; os calls refuse it
+            raise self.error(key, f"contains a NUL character (\\u0000): {_show(value)}")
         return value
+
+    def path_text(self, value: Any, key: str) -> str:
+        """A path as written: a non-empty string the file system can take."""
+        text = self.string(value, key)
+        problem = path_problem(text)
+        if problem is not None:
+            raise self.error(key, problem)
+        return text
 
     def boolean(self, value: Any, key: str) -> bool:
         return bool(value)
 
     def number(self, value: Any, key: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.error(key, f"expected a number, got {_show(value)}")
-        return float(value)
+        try:
+            number = float(value)  # JSON's integers have no bound; a float does
+        except OverflowError:
+            raise self.error(key, f"expected a number, got {_show(value)} (too large for a "
+                                  "floating-point number)") from None
+        if not math.isfinite(number):
+            raise self.error(key, f"expected a number, got {_show(value)}")
+        return number
+
+    def memory_mb(self, value: Any) -> float:
+        """``max_memory_mb``: a number of MiB up to :data:`MAX_MEMORY_MB` (the schema says
+        so too; checked here as well, for a huge integer the schema compares exactly)."""
+        number = self.number(value, "max_memory_mb")
+        if number > MAX_MEMORY_MB:
+            raise self.error("max_memory_mb", f"expected at most {MAX_MEMORY_MB} (MiB per rank, "
+                                              f"1 PiB), got {_show(value)}")
+        return number
 
     def integer(self, value: Any, key: str) -> int:
         return int(value)
@@ -392,7 +438,7 @@ class _Validator:
 
     def file(self, value: Any, key: str, nifti: bool = False, mask: bool = False,
              listed: bool = False) -> Path:
-        p = self.resolve(self.string(value, key))
+        p = self.resolve(self.path_text(value, key))
         if nifti and not str(p).endswith(MASK_SUFFIXES if mask else NIFTI_SUFFIXES):
             raise self.error(key, f"expected {MASK_KINDS if mask else IMAGE_KINDS}: {p}")
         if (self.check_listed if listed else self.check_files) and not p.is_file():
@@ -412,7 +458,7 @@ class _Validator:
             if key == "images":
                 self.one_observation(out[0], f"{self.path}: {key}[0]")
             return tuple(out)
-        p = self.resolve(self.string(value, key))
+        p = self.resolve(self.path_text(value, key))
         if GLOB_CHARACTERS.search(str(value)) and not p.exists():
             # The shell expands wildcards; a spec is JSON, so a glob names no file.
             raise self.error(key, f"wildcards are not expanded: {value} (list the files in a "
@@ -617,9 +663,12 @@ def read_path_list(list_file: Path, nifti: bool = True, check_files: bool = True
         text = line.strip()
         if not text or text.startswith("#"):
             continue
+        where = f"{list_file}: row {number}"
+        problem = path_problem(text)
+        if problem is not None:
+            raise SpecError(problem, where)
         p = Path(os.path.expanduser(text))
         p = p if p.is_absolute() else list_file.parent / p
-        where = f"{list_file}: row {number}"
         if nifti and not text.endswith(MASK_SUFFIXES if mask else NIFTI_SUFFIXES):
             raise SpecError(f"expected {MASK_KINDS if mask else IMAGE_KINDS}: {text}", where)
         if check_files and not p.is_file():
@@ -628,6 +677,20 @@ def read_path_list(list_file: Path, nifti: bool = True, check_files: bool = True
     if not out:
         raise SpecError("lists no files", str(list_file))
     return tuple(out)
+
+
+def path_problem(text: str) -> str | None:
+    """Why ``text`` cannot be a path on this system, or ``None``: a NUL character (every
+    system call refuses it), or a name longer than :data:`NAME_MAX` bytes (an output folder
+    of that name failed only when created).  Shown escaped, so the error line holds no NUL."""
+    if "\0" in text:
+        return f"contains a NUL character (\\u0000): {_show(text)}"
+    for name in Path(text).parts:
+        size = len(name.encode("utf-8", errors="surrogateescape"))
+        if size > NAME_MAX:
+            return (f"a name in the path is {size} bytes long, at most {NAME_MAX}: "
+                    f"{short_name(name)}")
+    return None
 
 
 def not_a_file(path: Path) -> str:

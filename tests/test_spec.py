@@ -215,3 +215,90 @@ def test_a_directory_is_refused_even_without_check_files(tmp_path, key):
 def test_check_files_false_skips_stat(tmp_path):
     path = write_study(tmp_path, X="elsewhere.csv")
     assert load_spec(path, check_files=False).X == tmp_path / "elsewhere.csv"
+
+
+# --------------------------------------------------------------------------- fault audit
+#: A JSON integer too large for a float (a fault audit's ``1`` and 400 zeros).
+HUGE = 10**400
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"max_memory_mb": HUGE}, "max_memory_mb"),
+    ({"estimation": {"tolerance": HUGE}}, "estimation.tolerance"),
+    ({"contrasts": [{"name": "c", "weights": [0, HUGE]}]}, 'contrasts[0] ("c").weights[1]'),
+    ({"contrasts": [{"name": "c", "weights": {"x": HUGE}}]}, 'contrasts[0] ("c").weights.x'),
+    ({"missingness": {"min_fraction": HUGE}}, "missingness.min_fraction"),
+])
+def test_an_integer_too_large_for_a_float_names_its_key(tmp_path, overrides, key):
+    """Validator.number called math.isfinite on it: an OverflowError traceback."""
+    for check_files in (True, False):                    # fit and check
+        with pytest.raises(SpecError) as info:
+            load_spec(write_study(tmp_path, **overrides), check_files=check_files)
+        text = str(info.value)
+        assert text.startswith(f"{tmp_path / 'spec.json'}: {key}: expected "), text
+        assert "\n" not in text and len(text) < 400
+
+
+def test_max_memory_mb_has_an_upper_bound(tmp_path):
+    """1e308 passed the check and overflowed the chunk sizing of the fit."""
+    from mpiblmm.spec import MAX_MEMORY_MB
+
+    assert MAX_MEMORY_MB == 2**30
+    assert load_spec(write_study(tmp_path, max_memory_mb=MAX_MEMORY_MB)).max_memory_mb == 2**30
+    for value in (1e308, MAX_MEMORY_MB + 1, 2**1000):
+        text = spec_error(write_study(tmp_path, max_memory_mb=value))
+        assert text.startswith(f"{tmp_path / 'spec.json'}: max_memory_mb: expected a number "
+                               f"greater than 0 and at most {MAX_MEMORY_MB}"), text
+
+
+@pytest.mark.parametrize("overrides, key", [
+    ({"output": "res\0ults"}, "output"),
+    ({"X": "X\0.csv"}, "X"),
+    ({"images": "images\0.txt"}, "images"),
+    ({"images": ["img/s0\0.nii.gz"] * 4}, "images[0]"),
+    ({"random": [{"name": "s", "factor": "f\0.csv"}]}, "random[0].factor"),
+    ({"random": [{"name": "s", "factor": "f.csv", "design": "Z.csv\0"}]}, "random[0].design"),
+    ({"analysis_mask": "m\0.nii"}, "analysis_mask"),
+    ({"observation_masks": "m\0.txt"}, "observation_masks"),
+    ({"images": {"h5": "p\0.h5"}}, "images.h5"),
+])
+def test_a_nul_character_in_a_path_names_its_key(tmp_path, overrides, key):
+    """``check`` said OK to an output with a NUL, and the fit failed with ValueError:
+    embedded null byte.  The line shows the NUL escaped, never the raw byte."""
+    for check_files in (True, False):
+        with pytest.raises(SpecError) as info:
+            load_spec(write_study(tmp_path, **overrides), check_files=check_files)
+        text = str(info.value)
+        assert text.startswith(f"{tmp_path / 'spec.json'}: {key}: contains a NUL character"), text
+        assert "\0" not in text and "\\u0000" in text
+
+
+def test_a_nul_character_in_a_list_file_names_the_row(tmp_path):
+    path = write_study(tmp_path)
+    (tmp_path / "images.txt").write_text("img/s0.nii.gz\n# c\nimg/s\0.nii.gz\n")
+    for check_files in (True, False):
+        with pytest.raises(SpecError) as info:
+            load_spec(path, check_files=check_files)
+        text = str(info.value)
+        assert text.startswith(f"{tmp_path / 'images.txt'}: row 3: contains a NUL character")
+        assert "\0" not in text
+
+
+def test_a_name_too_long_for_the_file_system_names_its_key(tmp_path):
+    """An output folder named by 300 characters passed the spec and failed when created."""
+    text = spec_error(write_study(tmp_path, output="out/" + "a" * 300))
+    assert text.startswith(f"{tmp_path / 'spec.json'}: output: a name in the path is 300 bytes "
+                           "long, at most 255")
+    assert load_spec(write_study(tmp_path, output="a" * 255)).output == tmp_path / ("a" * 255)
+
+
+def test_json_nested_too_deeply_or_with_a_number_too_long(tmp_path):
+    """json.loads raised RecursionError (100,000 nested lists) and ValueError (an integer of
+    more than 4300 digits): tracebacks."""
+    path = tmp_path / "spec.json"
+    path.write_text('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert spec_error(path) == f"{path}: not valid JSON for mpiblmm: nested too deeply (lists " \
+                               "or objects inside each other hundreds of levels deep)"
+    path.write_text('{"max_memory_mb": 1' + "0" * 5000 + "}")
+    assert spec_error(path).startswith(f"{path}: not valid JSON for mpiblmm: a number with more "
+                                       "than ")

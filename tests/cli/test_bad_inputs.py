@@ -258,6 +258,20 @@ CASES: list[Case] = [
     ("max_memory_mb zero", setkey("max_memory_mb", 0), "max_memory_mb"),
     ("max_memory_mb text", setkey("max_memory_mb", "lots"), "max_memory_mb"),
     ("max_memory_mb too small to run", setkey("max_memory_mb", 20), "give at least"),
+    # (a fault audit's: tracebacks from Python's float, json and os)
+    ("max_memory_mb too large for a float", setkey("max_memory_mb", 10**400), "max_memory_mb"),
+    ("max_memory_mb 1e308", setkey("max_memory_mb", 1e308),
+     "max_memory_mb: expected a number greater than 0 and at most 1073741824"),
+    ("tolerance too large for a float", setkey("estimation.tolerance", 10**400),
+     "estimation.tolerance: expected a number"),
+    ("contrast weight too large for a float", setkey("contrasts.0.weights", [0, 10**400, 0]),
+     'contrasts[0] ("time").weights[1]: expected a number'),
+    ("output with a NUL character", setkey("output", "res\0ults"),
+     "output: contains a NUL character"),
+    ("image list row with a NUL character", with_file("images", "list.txt", "a\0.nii\n"),
+     "list.txt: row 1: contains a NUL character"),
+    ("spec nested too deeply", raw('{"images": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+     "not valid JSON for mpiblmm: nested too deeply"),
     # ---- contrasts
     ("contrasts not a list", setkey("contrasts", {"time": [0, 1, 0]}), "contrasts"),
     ("contrast without weights", delkey("contrasts.0.weights"), 'contrasts[0] ("time").weights'),
@@ -367,6 +381,12 @@ CASES: list[Case] = [
      "fit: argument --overwrite: not allowed with argument --resume"),
     ("simulate into a file", lambda b, c: ["simulate", str(b / "X.csv"), "--subjects", "4"],
      "X.csv exists and is not a folder"),
+    ("simulate into an earlier study", lambda b, c: ["simulate", str(b), "--subjects", "4"],
+     "OUT_DIR: " + "{base}" + " is not empty: choose a new or empty folder"),
+    ("--grace-seconds too large", edit(lambda s, b, c: None, "--grace-seconds", "1e300"),
+     "fit: argument --grace-seconds: expected at most 604800 seconds"),
+    ("--max-memory-mb too large", edit(lambda s, b, c: None, "--max-memory-mb", "2000000000"),
+     "fit: argument --max-memory-mb: expected at most 1073741824 MiB"),
     ("simulate with slopes of a missing factor",
      lambda b, c: ["simulate", str(c / "sim"), "--subjects", "4", "--slopes", "rater"],
      "--slopes: no factor 'rater'"),
@@ -395,7 +415,7 @@ def test_every_bad_input_is_one_line_and_exit_2_at_two_ranks(tmp_path, run_mpi):
     for i, (name, writer, culprit) in enumerate(CASES):
         case = _mk(tmp_path / f"case{i:02d}")
         cases.append({"name": name, "argv": writer(base, case)})
-        culprits[name] = (culprit, case)
+        culprits[name] = (culprit.replace("{base}", str(base)), case)
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     driver = Path(__file__).with_name("bad_inputs_driver.py")
     job = run_mpi(2, [sys.executable, str(driver), str(tmp_path / "cases.json"),

@@ -144,6 +144,16 @@ BAD_COMMAND_LINES = {
     "unknown command": (["fitt"], "argument COMMAND: invalid choice: 'fitt'"),
     "simulate bad fraction": (["simulate", "out", "--missing-fraction", "2"],
                               "simulate: argument --missing-fraction: expected a fraction"),
+    # A fault audit: 1e300 s of grace overflowed signal.setitimer at the SIGTERM (a traceback).
+    "grace seconds too large": (["fit", "spec.json", "--grace-seconds", "1e300"],
+                                "fit: argument --grace-seconds: expected at most 604800 seconds "
+                                "(one week), got 1e300"),
+    "progress interval too large": (["fit", "spec.json", "--progress-interval", "1e10"],
+                                    "fit: argument --progress-interval: expected at most 604800 "
+                                    "seconds (one week), got 1e10"),
+    "memory budget too large": (["fit", "spec.json", "--max-memory-mb", "1" + "0" * 400],
+                                "fit: argument --max-memory-mb: expected at most 1073741824 MiB "
+                                "(1 PiB) per rank, got 1000000000000000000000000000000000000..."),
 }
 
 
@@ -337,3 +347,48 @@ def test_a_default_contrast_named_by_a_long_column_is_refused(formula_study, mpi
     path.write_text(json.dumps(spec))
     result = run_cli(mpiblmm_command, "check", str(path), timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- simulate's folder
+def _simulate_args(out):
+    return get_parser().parse_args(["simulate", str(out), "--subjects", "4"])
+
+
+def test_simulate_refuses_a_folder_that_holds_files(tmp_path):
+    """A fault audit simulated 9 images into a study of 30: images.txt listed the 9 and the
+    other 21 stayed, silently.  New and empty folders (also one with an empty images/, which
+    another rank may have made) are taken."""
+    from mpiblmm.cli import check_inputs_exist
+
+    for name, make in (("new", lambda f: None), ("empty", lambda f: f.mkdir()),
+                       ("empty images", lambda f: (f / "images").mkdir(parents=True))):
+        folder = tmp_path / name
+        make(folder)
+        check_inputs_exist(_simulate_args(folder))
+        assert sorted(p.name for p in folder.iterdir()) == ["images"]
+    for name, make in (("a file", lambda f: (f / "spec.json").write_text("{}")),
+                       ("old images", lambda f: (f / "images" / "obs_00000.nii.gz").write_text("")),
+                       ("a folder", lambda f: (f / "results").mkdir())):
+        folder = tmp_path / name.replace(" ", "_")
+        (folder / "images").mkdir(parents=True)
+        make(folder)
+        before = sorted(str(p) for p in folder.rglob("*"))
+        with pytest.raises(UserError) as info:
+            check_inputs_exist(_simulate_args(folder))
+        assert str(info.value) == (f"OUT_DIR: {folder} is not empty: choose a new or empty folder "
+                                   "(simulate writes a whole study and would mix it with the "
+                                   "files already there)"), name
+        assert sorted(str(p) for p in folder.rglob("*")) == before    # nothing written
+
+
+def test_simulate_into_an_earlier_study_is_one_line_and_exit_2(mpiblmm_command, tmp_path):
+    study = tmp_path / "study"
+    argv = ["simulate", str(study), "--subjects", "4", "--visits", "2", "--shape", "2", "2", "2"]
+    assert run_cli(mpiblmm_command, *argv).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in study.rglob("*")}
+    result = run_cli(mpiblmm_command, *argv[:3], "3")
+    assert result.returncode == 2, result.stderr
+    assert _lines(result.stderr) == [f"mpiblmm: error: OUT_DIR: {study} is not empty: choose a "
+                                     "new or empty folder (simulate writes a whole study and "
+                                     "would mix it with the files already there)"]
+    assert {p: p.stat().st_mtime_ns for p in study.rglob("*")} == before
