@@ -272,8 +272,8 @@ def read_spec_json(path: str | os.PathLike) -> tuple[str, Any]:
         raise SpecError(f"key given twice: {exc.args[0]!r}", str(path)) from None
     except json.JSONDecodeError as exc:
         raise SpecError(
-            f"not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}", str(path)
-        ) from None
+            f"not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}"
+            f"{_yaml_hint(text)}", str(path)) from None
     except RecursionError:  # Python's decoder recurses once per level of [ and {
         raise SpecError("not valid JSON for mpiblmm: nested too deeply (lists or objects "
                         "inside each other hundreds of levels deep)", str(path)) from None
@@ -282,6 +282,16 @@ def read_spec_json(path: str | os.PathLike) -> tuple[str, Any]:
                    else " ".join(str(exc).split()))
         raise SpecError(f"not valid JSON for mpiblmm: {problem}", str(path)) from None
     return text, raw
+
+
+def _yaml_hint(text: str) -> str:
+    """A note for a spec written as YAML (``key: value`` lines, BLMM's format): what to do."""
+    first = next((line for line in text.splitlines() if line.strip()
+                  and not line.lstrip().startswith("#")), "")
+    if re.match(r"\s*[A-Za-z_][\w ]*:\s", first + " ") and not first.lstrip().startswith("{"):
+        return (" (this looks like YAML: a spec is JSON; a BLMM configuration is converted by "
+                "mpiblmm convert-blmm)")
+    return ""
 
 
 def _max_digits() -> int:
@@ -496,8 +506,10 @@ class _Validator:
             return (path,)  # not checked (check_files=False): read when the file exists
         shape = _nifti_shape(path, f"{self.path}: {key}")
         if len(shape) != 4 or shape[3] < 2:
-            raise self.error(key, f"one image given: expected a 4-D NIfTI with one volume per "
-                             f"observation (or a list of images), got shape {tuple(shape)}")
+            got = (f"a 4-D NIfTI with {shape[3]} volume" if len(shape) == 4
+                   else f"an image of shape {tuple(shape)}")
+            raise self.error(key, f"one image given, {got}: expected a 4-D NIfTI with one "
+                             "volume per observation (or a list of images)")
         return tuple(volume_path(path, i) for i in range(int(shape[3])))
 
     def one_observation(self, path: Path, where: str) -> None:

@@ -171,6 +171,10 @@ def test_json_problems(tmp_path):
     assert "key given twice: 'X'" in spec_error(path)
     path.write_text('{"X": ')
     assert "not valid JSON: line 1" in spec_error(path)
+    assert "YAML" not in spec_error(path)
+    path.write_text("# a BLMM config given as the spec\nY_files: images.txt\nX: X.csv\n")
+    assert spec_error(path).endswith("(this looks like YAML: a spec is JSON; a BLMM "
+                                     "configuration is converted by mpiblmm convert-blmm)")
     path.write_text('[1]')
     assert "expected a JSON object" in spec_error(path)
     assert "cannot read the spec" in spec_error(tmp_path / "none.json")

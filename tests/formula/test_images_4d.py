@@ -42,7 +42,23 @@ def test_a_3d_image_alone_is_an_error(tmp_path):
     spec = json.loads(path.read_text())
     spec["images"] = spec["images"][0]
     path.write_text(json.dumps(spec))
-    with pytest.raises(SpecError, match="images: one image given: expected a 4-D NIfTI"):
+    with pytest.raises(SpecError, match=r"images: one image given, an image of shape \(.*\): "
+                                        "expected a 4-D NIfTI"):
+        load_spec(path)
+
+
+def test_a_4d_image_of_one_volume_alone_says_so(tmp_path):
+    """A fault audit's one-volume 4-D file was told it should be 4-D ("got shape (6, 6, 4, 1)")."""
+    import nibabel as nib
+
+    ds = load_dataset("intercept")
+    path = write_reference_study(ds, tmp_path)
+    spec = json.loads(path.read_text())
+    nib.save(nib.Nifti1Image(np.ones((2, 2, 2, 1), np.float32), np.eye(4)), tmp_path / "one.nii")
+    spec["images"] = "one.nii"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(SpecError, match="images: one image given, a 4-D NIfTI with 1 volume: "
+                                        "expected a 4-D NIfTI with one volume per observation"):
         load_spec(path)
 
 
