@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import _run_job
 
 from .studies import read_results
-from .test_io_failures import _errors, _launch, _mpiblmm, _pages
+from .test_io_failures import _errors, _launch, _mpiblmm, _pages, small_disk  # noqa: F401
 
 
 def _run(ranks: int, *args: str, timeout: float = 120):
@@ -41,29 +41,6 @@ def fitted(tmp_path_factory):
     run = _run(1, "fit", str(spec), "-o", str(folder / "out"), "-q", timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return spec, folder / "out"
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """mount(pages) -> a folder on a tmpfs of that size (remounted when called again)."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    mounted = []
-
-    def mount(pages: int) -> Path:
-        opts = f"size={pages * 4}k"
-        action = ["-o", f"remount,{opts}"] if mounted else ["-t", "tmpfs", "-o", opts, "tmpfs"]
-        run = subprocess.run(["mount", *action, str(where)], capture_output=True, text=True)
-        if run.returncode != 0:
-            reason = f"cannot mount a tmpfs here ({run.stderr.strip() or run.returncode})"
-            print(f"SKIPPED: {reason}")
-            pytest.skip(reason)
-        mounted.append(True)
-        return where
-
-    yield mount
-    if mounted:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def _maps(folder: Path) -> set[str]:
