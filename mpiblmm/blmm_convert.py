@@ -200,13 +200,7 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
         return os.path.relpath(p, folder)
 
     home = Path(where).resolve().parent
-    inputs = [("Y_files", raw.get("Y_files")), ("X", raw.get("X")),
-              ("analysis_mask", raw.get("analysis_mask")),
-              ("data_mask_files", raw.get("data_mask_files"))]
-    if isinstance(raw.get("Z"), (list, dict)):
-        inputs += [(f"Z: {label}.{part}", f.get(part)) for label, f in _items(raw["Z"], where, "f")
-                   for part in ("factor", "design")]
-    for key, value in inputs:
+    for key, value in _input_files(raw):
         _found_here(value, cwd, home, f"{where}: {key}")
 
     spec: dict[str, Any] = {}
@@ -457,17 +451,24 @@ def _found_here(value: Any, cwd: Path, home: Path, key: str) -> None:
 
 
 
-def _unread_inputs(raw: dict, cwd: Path) -> list[str]:
-    """The keys of X and the factors' files whose paths name no file here."""
-    keys = [("X", raw.get("X"))]
+def _input_files(raw: dict) -> list[tuple[str, Any]]:
+    """The config's input files as (key, value): the image list, X, the masks and the
+    factors' files (none of a malformed Z's: the conversion names what is wrong with it)."""
+    files = [(key, raw.get(key)) for key in ("Y_files", "X", "analysis_mask", "data_mask_files")]
     if isinstance(raw.get("Z"), (list, dict)):
         try:
-            keys += [(f"Z: {label}.{part}", f.get(part)) for label, f in _items(raw["Z"], "Z", "f")
-                     for part in ("factor", "design")]
+            files += [(f"Z: {label}.{part}", f.get(part)) for label, f in _items(raw["Z"], "Z", "f")
+                      for part in ("factor", "design")]
         except SpecError:
-            return []
-    return [key for key, value in keys
-            if isinstance(value, str) and value.strip() and not _resolve(value, cwd).is_file()]
+            pass
+    return files
+
+
+def _unread_inputs(raw: dict, cwd: Path) -> list[str]:
+    """The keys of X and the factors' files whose paths name no file here (BLMM's voxel rules
+    are read from them)."""
+    return [key for key, value in _input_files(raw) if (key == "X" or key.startswith("Z: "))
+            and isinstance(value, str) and value.strip() and not _resolve(value, cwd).is_file()]
 
 
 def _header_free(value: Any, cwd: Path, key: str) -> None:

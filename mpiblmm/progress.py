@@ -313,10 +313,8 @@ def _refuse_other_files(path: Path) -> None:
     try:
         with open(path, "rb") as f:
             head = f.read(len(LOG_PREFIX))
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
-        return  # created below, or _open names the problem
     except OSError:
-        return
+        return  # missing (created below), or not readable: _open names the problem
     if head and head != LOG_PREFIX:
         raise UserError(f"{path} exists and is not an mpiblmm log (its first line does not "
                         "start with 'mpiblmm:'): name a new file, or this job's earlier log",
