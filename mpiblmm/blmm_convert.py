@@ -200,8 +200,10 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
         return os.path.relpath(p, folder)
 
     home = Path(where).resolve().parent
-    for key, value in _input_files(raw):
-        _found_here(value, cwd, home, f"{where}: {key}")
+    away = home != cwd.resolve()       # converted outside the config's folder
+    if away:
+        for key, value in _input_files(raw):
+            _not_only_beside(value, cwd, home, f"{where}: {key}")
 
     spec: dict[str, Any] = {}
     spec["images"] = _list_or_file(need("Y_files"), "Y_files", path, cwd, notes)
@@ -231,7 +233,7 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
                          "masks first)")
     missing = _missingness(raw.get("Missingness"), where, notes)
     floor = _blmm_min_n(raw, cwd, notes)
-    unread = _unread_inputs(raw, cwd) if home.resolve() != cwd.resolve() else []
+    unread = _unread_inputs(raw, cwd) if away else []
     if floor is None and unread:  # converted away from the config: say what it could not do
         notes.append(f"Missingness: BLMM's own voxel rules (n > p + 1, and n > q in its "
                      f"safeMode) are not in the spec: {', '.join(unread)} name no file "
@@ -432,23 +434,20 @@ def _resolve(value: str, cwd: Path) -> Path:
     return p if p.is_absolute() else cwd / p
 
 
-def _found_here(value: Any, cwd: Path, home: Path, key: str) -> None:
-    """An input file of the config where BLMM reads it (a relative path: in the working
-    directory).  Converted from another folder, the spec would name files that are not there
-    and BLMM's voxel rules (``min_n``) could not be read from X and Z, so: a relative path
-    found beside the config (``home``) but not here is an error saying where to run; X or a
-    factor's file found nowhere is an error (``needed``); an image or mask list found nowhere
-    is left to the spec's loader (``mpiblmm check`` names it)."""
+def _not_only_beside(value: Any, cwd: Path, home: Path, key: str) -> None:
+    """Converted outside the config's folder ``home``: a relative input path that names no
+    file in the working directory (where BLMM reads it) but one beside the config is an error
+    saying where to run (the spec would name files that are not there, and BLMM's voxel rules
+    could not be read from X and Z).  A file found nowhere is left to the spec's loader."""
     if not isinstance(value, str) or not value.strip():
         return  # a missing or malformed value: the conversion names it
     given = Path(os.path.expanduser(value.strip()))
-    if _resolve(value, cwd).exists():
+    if given.is_absolute() or (cwd / given).exists():
         return
-    if not given.is_absolute() and home.resolve() != cwd.resolve() and (home / given).exists():
+    if (home / given).exists():
         raise SpecError(f"{value.strip()} is not in the working directory {cwd}, where BLMM "
                         "reads relative paths, but beside the config: run convert-blmm in "
                         f"{home}, where BLMM would run", key)
-
 
 
 def _input_files(raw: dict) -> list[tuple[str, Any]]:

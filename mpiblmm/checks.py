@@ -56,7 +56,7 @@ def dependent_column(A: np.ndarray, rtol: float = RANK_RTOL) -> int | None:
     zero), by the eigenvalues of the leading Gram blocks; ``None`` if ``A`` has full column
     rank."""
     A = np.asarray(A, dtype=np.float64)
-    peak = np.abs(A).max(axis=0) if A.shape[0] else np.zeros(A.shape[1])
+    peak = np.abs(A).max(axis=0, initial=0.0)
     peak = np.where(peak > 0, peak, 1.0)      # squares of 1e160 or 1e-170 would over/underflow
     scale = peak * np.sqrt(((A / peak) ** 2).sum(axis=0))
     if not (scale > 0).all():
@@ -104,8 +104,7 @@ def fittable_problems(design: Any, spec: Any = None) -> list[SpecError]:
                                  "multiplies columns of X together, which over- or underflows "
                                  f"outside {1 / X_SCALE_LIMIT:g} to {X_SCALE_LIMIT:g}; rescale "
                                  "it (other units)", x_where))
-        j = None if j is not None else dependent_column(design.X)
-        if j is not None:
+        elif (j := dependent_column(design.X)) is not None:
             out.append(SpecError(f"{_column(design.X, j, names)}: X is rank deficient, so the "
                                  "fixed effects are not identifiable; drop or recode that "
                                  "column", x_where))

@@ -388,17 +388,17 @@ def fit_study(spec_path: str, comm: Any, options: FitOptions = FitOptions(),
     hook = at_abort(setup.lock.release)  # whichever rank aborts releases the lock
     if dog is not None:
         dog.watch(Path(setup.spec.output), lambda: log.current)
+    failed = True
     try:
-        return _fit(setup, comm, options, log, timer, spec_path)
-    except BaseException:
-        if rank == 0:
-            setup.lock.release()
-            _remove_if_empty(setup)
-        raise
+        results = _fit(setup, comm, options, log, timer, spec_path)
+        failed = False
+        return results
     finally:
         log.close()
         if rank == 0:
             setup.lock.release()
+            if failed:
+                _remove_if_empty(setup)
         forget_abort_hook(hook)
 
 

@@ -393,7 +393,7 @@ class _Validator:
         if not isinstance(value, str) or not value.strip():
             raise self.error(key, f"expected a non-empty string, got {_show(value)}")
         if "\0" in value:  # no file name, formula or name holds one; os calls refuse it
-            raise self.error(key, f"contains a NUL character (\\u0000): {_show(value)}")
+            raise self.error(key, _nul_problem(value))
         return value
 
     def path_text(self, value: Any, key: str) -> str:
@@ -691,12 +691,17 @@ def read_path_list(list_file: Path, nifti: bool = True, check_files: bool = True
     return tuple(out)
 
 
+def _nul_problem(text: str) -> str:
+    """The words for a string holding a NUL character (shown escaped: no NUL in the line)."""
+    return f"contains a NUL character (\\u0000): {_show(text)}"
+
+
 def path_problem(text: str) -> str | None:
     """Why ``text`` cannot be a path on this system, or ``None``: a NUL character (every
     system call refuses it), or a name longer than :data:`NAME_MAX` bytes (an output folder
     of that name failed only when created).  Shown escaped, so the error line holds no NUL."""
     if "\0" in text:
-        return f"contains a NUL character (\\u0000): {_show(text)}"
+        return _nul_problem(text)
     for name in Path(text).parts:
         size = len(name.encode("utf-8", errors="surrogateescape"))
         if size > NAME_MAX:
