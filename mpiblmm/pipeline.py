@@ -194,42 +194,72 @@ def pending_chunks(mine: Slab, done: np.ndarray | None, step: int) -> list[tuple
     return [(lo, min(lo + step, hi)) for a, hi in runs for lo in range(a, hi, step)]
 
 
+def _input_items(design: Design, settings: Settings, data_fingerprint: str):
+    """What decides a fit's numbers, as (part, item) pairs in a fixed order: the part names
+    what a user would say changed (:func:`input_parts`)."""
+    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k != "memory_budget"}
+    yield from (("version", "mpiblmm-input-1"), ("version", __version__),
+                ("settings", fields), ("data", data_fingerprint),
+                ("fixed", np.asarray(design.X, dtype=float)), ("fixed", list(design.fixed_names)))
+    for f in design.factors:
+        for item in (f.name, np.asarray(f.codes, dtype=np.int64), np.asarray(f.Z, dtype=float),
+                     list(f.effect_names)):
+            yield "random", item
+    for c in design.contrasts:
+        items = [c.name, np.asarray(c.L, dtype=float), c.kind, c.alternative]
+        if c.sequential:  # its rows follow each voxel's X'X
+            items += ["sequential", list(c.sequential)]
+        if c.term:  # anova's test of the term where a voxel drops columns
+            items += ["term", c.term]
+        yield from (("contrasts", item) for item in items)
+    if design.type3_basis is not None:
+        yield "contrasts", "type3"
+        yield "contrasts", np.asarray(design.type3_basis.R, dtype=float)
+        yield "contrasts", [[t.label, list(t.x_cols), list(t.r_cols), sorted(t.variables),
+                             sorted(t.marginal), sorted(t.numeric)]
+                            for t in design.type3_basis.terms]
+        if design.type3_basis.treatment_X is not None:
+            yield "contrasts", "treatment_X"
+            yield "contrasts", np.asarray(design.type3_basis.treatment_X, dtype=float)
+
+
+def _hash_item(h: Any, x: Any) -> None:
+    """Feed one item to the hash ``h`` (an array with its dtype and shape), then a NUL."""
+    if isinstance(x, np.ndarray):
+        a = np.ascontiguousarray(x)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    else:
+        h.update(json.dumps(x, sort_keys=True, default=str).encode())
+    h.update(b"\0")
+
+
 def input_hash(design: Design, settings: Settings, data_fingerprint: str) -> str:
     """A hash of everything that decides a fit's numbers: the model (X, random factors,
     contrasts), the estimation and selection settings, the data (a fingerprint of the input
     files) and the mpiblmm version.  Not the memory budget, chunking or rank count: they do
     not change a voxel's bits.  Stored as ``input_hash`` in ``results.h5`` for ``--resume``."""
     h = hashlib.sha256()
-
-    def put(*items: Any) -> None:
-        for x in items:
-            if isinstance(x, np.ndarray):
-                a = np.ascontiguousarray(x)
-                h.update(f"{a.dtype.str}{a.shape}".encode())
-                h.update(a.tobytes())
-            else:
-                h.update(json.dumps(x, sort_keys=True, default=str).encode())
-            h.update(b"\0")
-
-    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k != "memory_budget"}
-    put("mpiblmm-input-1", __version__, fields, data_fingerprint)
-    put(np.asarray(design.X, dtype=float), list(design.fixed_names))
-    for f in design.factors:
-        put(f.name, np.asarray(f.codes, dtype=np.int64), np.asarray(f.Z, dtype=float),
-            list(f.effect_names))
-    for c in design.contrasts:
-        put(c.name, np.asarray(c.L, dtype=float), c.kind, c.alternative)
-        if c.sequential:  # its rows follow each voxel's X'X
-            put("sequential", list(c.sequential))
-        if c.term:  # anova's test of the term where a voxel drops columns
-            put("term", c.term)
-    if design.type3_basis is not None:
-        put("type3", np.asarray(design.type3_basis.R, dtype=float),
-            [[t.label, list(t.x_cols), list(t.r_cols), sorted(t.variables),
-              sorted(t.marginal), sorted(t.numeric)] for t in design.type3_basis.terms])
-        if design.type3_basis.treatment_X is not None:
-            put("treatment_X", np.asarray(design.type3_basis.treatment_X, dtype=float))
+    for _, item in _input_items(design, settings, data_fingerprint):
+        _hash_item(h, item)
     return h.hexdigest()
+
+
+def input_parts(design: Design, settings: Settings, data_fingerprint: str) -> dict:
+    """What :func:`input_hash` covers, part by part, so a refused ``--resume`` can say what
+    changed: the version and each setting as values, the number of observations, and a
+    hash of each of the data, the fixed effects, the random effects and the contrasts.
+    Stored (JSON) as ``input_parts`` in ``results.h5``."""
+    hashes: dict = {}
+    for part, item in _input_items(design, settings, data_fingerprint):
+        _hash_item(hashes.setdefault(part, hashlib.sha256()), item)
+    parts = {k: h.hexdigest()[:16] for k, h in hashes.items() if k not in ("version", "settings")}
+    parts["version"] = __version__
+    parts["observations"] = int(design.n)
+    parts["settings"] = json.loads(json.dumps(
+        {k: v for k, v in dataclasses.asdict(settings).items() if k != "memory_budget"},
+        default=str))
+    return parts
 
 
 @dataclass(frozen=True)
@@ -244,6 +274,7 @@ class Setup:
     note: str = ""
     fingerprint: str = ""  # input_fingerprint of the spec (packing reuses it)
     created_output: bool = False  # the output folder did not exist before this run
+    input_parts: dict = dataclasses.field(default_factory=dict)  # input_parts(), for results.h5
 
 
 def _read_spec(spec_path: str, options: FitOptions, check_listed: bool = False) -> Spec:
@@ -295,6 +326,7 @@ def _load(spec: Spec, spec_path: str, options: FitOptions, fingerprint: str) -> 
     lock = acquire_lock(Path(spec.output), where)
     try:
         digest = input_hash(design, settings, fingerprint)
+        parts = input_parts(design, settings, fingerprint)
         results = Path(spec.output) / RESULTS_NAME
         if results.is_dir():  # neither --resume nor --overwrite could use or replace it
             raise UserError("is a folder, not a results file: move it away", str(results))
@@ -312,7 +344,7 @@ def _load(spec: Spec, spec_path: str, options: FitOptions, fingerprint: str) -> 
                     f"voxel fitted): starting a new fit")
         if results.exists() or results.is_symlink():
             if options.resume:
-                done = check_resumable(results, digest)
+                done = check_resumable(results, digest, parts)
                 if not os.access(results, os.W_OK):
                     raise UserError(f"cannot resume {results}: the file is read-only; make it "
                                     f"writable or use --overwrite", "--resume")
@@ -333,7 +365,7 @@ def _load(spec: Spec, spec_path: str, options: FitOptions, fingerprint: str) -> 
         raise
     notes = [note] * bool(note) + [f"note: {n}" for n in overlapping_random_terms(design)]
     note = "\n".join(notes)
-    return Setup(None, design, digest, lock, done, note, fingerprint, created)
+    return Setup(None, design, digest, lock, done, note, fingerprint, created, parts)
 
 
 def _exists(results: Path, where: str) -> UserError:
@@ -447,7 +479,8 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
             layout = ResultsLayout.from_design(design, packed.n_voxels, packed.grid_shape,
                                                packed.affine, settings.method, spec.text)
             writer = create_results(results_path, layout, packed.voxels, comm,
-                                    input_hash=setup.input_hash, space=packed.space)
+                                    input_hash=setup.input_hash, space=packed.space,
+                                    input_parts=setup.input_parts)
         else:
             writer = open_results(results_path, comm, input_hash=setup.input_hash,
                                   space=packed.space)

@@ -170,11 +170,13 @@ def _str_array(items: Sequence[str]) -> np.ndarray:
 
 
 def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
-                   comm: Any = None, input_hash: str = "", space: str = "") -> "ResultsWriter":
+                   comm: Any = None, input_hash: str = "", space: str = "",
+                   input_parts: dict | None = None) -> "ResultsWriter":
     """Collective: create ``path`` with every dataset at full size; return a writer.
 
     ``voxels`` (V, 3) must be the same on every rank (rank 0's copy is written);
-    ``input_hash`` identifies the model and data (checked by :func:`open_results`);
+    ``input_hash`` identifies the model and data (checked by :func:`open_results`), and
+    ``input_parts`` its parts (stored as JSON; :func:`check_resumable` says which changed);
     ``space`` (the input's format and header codes) is stored with the other attributes, before
     the file's first flush, so a job killed while fitting leaves it in the file.
     """
@@ -192,6 +194,7 @@ def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
         f = open_h5(path, "w", comm)
         a = f.attrs
         a["input_hash"] = input_hash
+        a["input_parts"] = json.dumps(input_parts or {}, sort_keys=True)
         a["complete"] = False
         a["maps_complete"] = False  # set by the export once nifti/ and maps.json are written
         a["format"] = RESULTS_FORMAT
@@ -233,12 +236,13 @@ def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
     return ResultsWriter(f, comm, path)
 
 
-def check_resumable(path: Path, input_hash: str | None = None,
+def check_resumable(path: Path, input_hash: str | None = None, input_parts: dict | None = None,
                     where: str = "--resume") -> np.ndarray:
     """One process: check that ``path`` can be resumed; return its ``progress/done`` (V,).
 
     Raises :class:`UserError` (one line) when the file is unreadable, not a results file, or
-    was created for another model or other data (its ``input_hash`` differs).
+    was created for another model or other data (its ``input_hash`` differs; what changed is
+    named from its ``input_parts`` and this run's, see :func:`what_changed`).
     """
     import h5py
 
@@ -250,14 +254,66 @@ def check_resumable(path: Path, input_hash: str | None = None,
             stored = f.attrs.get("input_hash", "")
             stored = stored.decode() if isinstance(stored, bytes) else str(stored)
             if input_hash is not None and stored != input_hash:
+                changed = what_changed(_stored_parts(f), input_parts or {})
                 raise UserError(
-                    f"cannot resume {path}: it was written for another spec or other data "
-                    f"(the model, settings or input images changed); use --overwrite to "
-                    f"start again", where)
+                    f"cannot resume {path}: " + (f"since it was written, {changed}" if changed
+                                                 else "it was written for another spec or "
+                                                 "other data (the model, settings or input "
+                                                 "images changed)")
+                    + "; use --overwrite to start again", where)
             return np.asarray(f["progress/done"][...], dtype=np.uint8)
     except OSError as exc:
         raise UserError(f"cannot resume {path}: not a readable HDF5 file "
                         f"({describe_error(exc)}); use --overwrite to replace it", where) from None
+
+
+def _stored_parts(f: Any) -> dict:
+    """The ``input_parts`` of an open results file ({} when absent or unreadable)."""
+    raw = f.attrs.get("input_parts", "")
+    try:
+        parts = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+    except ValueError:
+        return {}
+    return parts if isinstance(parts, dict) else {}
+
+
+#: How each part of the input (``mpiblmm.pipeline.input_parts``) is named when it changed.
+_PART_NAMES = (("data", "the input files changed (an image, mask or packed file was "
+                        "written, replaced, added or removed)"),
+               ("fixed", "the fixed effects changed (X, or the formula's fixed part)"),
+               ("random", "the random effects changed (factors, their levels or covariates)"),
+               ("contrasts", "the contrasts changed"))
+
+
+#: The spec's key of each setting in ``input_parts``.
+_SETTING_KEYS = {"method": "estimation.method", "tolerance": "estimation.tolerance",
+                 "max_iterations": "estimation.max_iterations", "min_n": "missingness.min_n",
+                 "min_fraction": "missingness.min_fraction"}
+
+
+def what_changed(stored: dict, now: dict) -> str:
+    """What differs between a results file's ``input_parts`` and this run's, in words
+    ("" when either is unknown: a file of an older version, or no parts given).  Another
+    number of observations says it all (the data and the design change with it)."""
+    if not stored or not now:
+        return ""
+    said = []
+    if stored.get("version") != now.get("version"):
+        said.append(f"mpiblmm changed ({stored.get('version')} -> {now.get('version')})")
+    if stored.get("observations") != now.get("observations"):
+        return "; ".join(said + [f"the number of observations changed "
+                                 f"({stored.get('observations')} -> {now.get('observations')})"])
+    old, new = stored.get("settings") or {}, now.get("settings") or {}
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            said.append(f"{_SETTING_KEYS.get(key, key)} changed ({_setting(old.get(key))} "
+                        f"-> {_setting(new.get(key))})")
+    said += [words for key, words in _PART_NAMES if stored.get(key) != now.get(key)]
+    return "; ".join(said)
+
+
+def _setting(value: Any) -> str:
+    return "default" if value in (None, 0) else str(value)
 
 
 def describe_error(exc: BaseException) -> str:

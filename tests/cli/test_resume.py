@@ -498,7 +498,31 @@ def test_a_resume_after_chmod_is_not_refused_but_after_a_content_change_is(study
                    300, None, None)
     lines = _errors(run.stderr)
     assert run.returncode == 2 and len(lines) == 1, run.stderr
-    assert "other data" in lines[0] and "--overwrite" in lines[0], lines[0]
+    assert "since it was written, the input files changed" in lines[0], lines[0]
+    assert "--overwrite" in lines[0], lines[0]
+
+
+@pytest.mark.spawns_mpiexec
+def test_a_refused_resume_says_what_changed_in_the_spec(study, tmp_path):
+    """--resume with the method, the tolerance and a contrast changed: one line naming the
+    spec's keys with their old and new values and the contrasts, not only "another spec"."""
+    import shutil
+
+    spec0, _, reference_folder = study
+    shutil.copytree(spec0.parent, tmp_path / "study")
+    shutil.copytree(reference_folder, tmp_path / "out")
+    spec = json.loads((tmp_path / "study" / "spec.json").read_text())
+    spec["estimation"] = {"method": "ML", "tolerance": 1e-6}
+    spec["contrasts"] = spec["contrasts"][:1]
+    (tmp_path / "study" / "changed.json").write_text(json.dumps(spec))
+    run = _run_job(_launch(2, [*_mpiblmm(), "fit", str(tmp_path / "study" / "changed.json"),
+                               "-o", str(tmp_path / "out"), "--resume"]), 300, None, None)
+    lines = _errors(run.stderr)
+    assert run.returncode == 2 and len(lines) == 1, run.stderr
+    assert ("since it was written, estimation.method changed (REML -> ML); "
+            "estimation.tolerance changed (default -> 1e-06); the input files changed"
+            in lines[0]), lines[0]   # (the copy's paths differ from the reference's)
+    assert lines[0].endswith("the contrasts changed; use --overwrite to start again"), lines[0]
 
 
 @pytest.mark.spawns_mpiexec

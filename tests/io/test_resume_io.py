@@ -18,7 +18,7 @@ from mpiblmm.errors import UserError  # noqa: E402
 from mpiblmm.io.export import ExportStopped, export_nifti  # noqa: E402
 from mpiblmm.io.lock import LOCK_NAME, acquire_lock  # noqa: E402
 from mpiblmm.io.results import (ContrastLayout, ResultsLayout, check_resumable,  # noqa: E402
-                                create_results)
+                                create_results, what_changed)
 from mpiblmm.parallel import Slab, describe_io_error, partition_by_cost  # noqa: E402
 from mpiblmm.pipeline import pending_chunks  # noqa: E402
 from tests.io.helpers import AFFINE, GRID  # noqa: E402
@@ -92,6 +92,47 @@ def test_check_resumable_reads_done_and_refuses_other_inputs(tmp_path):
     (tmp_path / "bad.h5").write_text("no")
     with pytest.raises(UserError, match="not a readable HDF5 file.*--overwrite"):
         check_resumable(tmp_path / "bad.h5", "abc")
+
+
+PARTS = {"version": "1.0", "observations": 240, "data": "d1", "fixed": "f1", "random": "r1",
+         "contrasts": "c1", "settings": {"method": "REML", "tolerance": None, "min_n": 0}}
+
+
+def test_a_refused_resume_names_what_changed_from_the_stored_parts(tmp_path):
+    lay = ResultsLayout(n_voxels=2, fixed_names=("a",), factors=(), contrasts=(), method="REML",
+                        grid_shape=GRID, affine=tuple(map(tuple, AFFINE.tolist())))
+    vox = np.zeros((2, 3), dtype=np.int32)
+    create_results(tmp_path / "r.h5", lay, vox, input_hash="abc", input_parts=PARTS).close()
+    now = dict(PARTS, random="r2", settings=dict(PARTS["settings"], min_n=5))
+    with pytest.raises(UserError, match=r"since it was written, missingness.min_n changed "
+                                        r"\(default -> 5\); the random effects changed"):
+        check_resumable(tmp_path / "r.h5", "xyz", now)
+    # a file without parts (an earlier version's) gets the general line
+    with pytest.raises(UserError, match=r"another spec or other data \(the model, settings"):
+        check_resumable(_old_file(tmp_path), "xyz", now)
+
+
+def _old_file(tmp_path):
+    import h5py
+
+    path = tmp_path / "old.h5"
+    _results(path).close()
+    with h5py.File(path, "r+") as f:
+        del f.attrs["input_parts"]
+    return path
+
+
+def test_what_changed_in_words():
+    assert what_changed(PARTS, PARTS) == ""
+    assert what_changed({}, PARTS) == ""        # unknown: the caller says it in general
+    assert what_changed(PARTS, dict(PARTS, version="1.1", observations=236, fixed="f2")) == (
+        "mpiblmm changed (1.0 -> 1.1); the number of observations changed (240 -> 236)")
+    assert what_changed(PARTS, dict(PARTS, data="d2", contrasts="c2")) == (
+        "the input files changed (an image, mask or packed file was written, replaced, added "
+        "or removed); the contrasts changed")
+    assert what_changed(PARTS, dict(PARTS, settings=dict(PARTS["settings"], method="ML",
+                                                         tolerance=1e-8))) == (
+        "estimation.method changed (REML -> ML); estimation.tolerance changed (default -> 1e-08)")
 
 
 def test_pending_chunks_skip_done_voxels_and_done_voxels_cost_nothing():
