@@ -51,6 +51,7 @@ class _State:
     computing = False
     grace = DEFAULT_GRACE_SECONDS
     previous: dict[int, Any] = {}
+    held = False  # hold_until_exit(): the handlers stay to the process's end
 
 
 _state = _State()
@@ -91,8 +92,25 @@ def install(grace_seconds: float = DEFAULT_GRACE_SECONDS) -> None:
         _state.previous[sig] = signal.signal(sig, handler)
 
 
+def hold_until_exit() -> None:
+    """The command's work is over and the process is about to leave (``MPI_Finalize``, then
+    :func:`~mpiblmm.parallel.exit_now`): keep the handlers to the end, so a SIGTERM or SIGINT
+    arriving now is only noted and the process leaves with the code its work earned.  With
+    the handlers restored, such a signal ended a rank whose results were complete with
+    signal 15 (a batch system took the job as killed).  :func:`uninstall` then does nothing;
+    a rank stuck inside ``MPI_Finalize`` after such a signal is ended by its watchdog
+    (:meth:`~mpiblmm.watchdog.Watchdog.finish`).  For the console script only: the process
+    ends right after the command."""
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    _state.computing = False
+    _state.held = True
+
+
 def uninstall() -> None:
-    """Restore the handlers :func:`install` replaced, disarm the timer, forget the signal."""
+    """Restore the handlers :func:`install` replaced, disarm the timer, forget the signal
+    (nothing once :func:`hold_until_exit` was called)."""
+    if _state.held:
+        return
     signal.setitimer(signal.ITIMER_REAL, 0)
     for sig, handler in _state.previous.items():
         signal.signal(sig, handler)

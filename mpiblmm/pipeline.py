@@ -125,8 +125,16 @@ def run_fit(args: Any) -> int:
         # The watchdog stays up to the process's end: a partner the launcher killed leaves
         # this rank waiting in the barrier or in MPI_Finalize.
         dog = None
+        interrupt.hold_until_exit()   # a second signal now must not turn 3 into 15
         MPI.COMM_WORLD.Barrier()
         return INTERRUPTED_EXIT_CODE
+    else:
+        # Results and maps are complete: a signal from now on (a batch system's time limit
+        # reached while MPI finalizes) leaves with 0, not killed by signal 15.
+        if dog is not None:
+            dog.finish(0)
+            dog = None
+        interrupt.hold_until_exit()
     finally:
         if dog is not None:
             dog.stop()

@@ -40,6 +40,8 @@ POLL_SECONDS = 2.0
 FULL_DISK_SECONDS = 20.0
 #: Seconds after a signal's grace period after which a rank still running ends the job.
 STUCK_AFTER_SIGNAL_SECONDS = 60.0
+#: Seconds a rank whose work is done (:meth:`Watchdog.finish`) may stay after a signal.
+DONE_AFTER_SIGNAL_SECONDS = 10.0
 
 
 def free_blocks(folder: Path) -> int | None:
@@ -61,6 +63,7 @@ class Watchdog:
         self.rank = comm.Get_rank()   # (not asked later: MPI may be finalizing by then)
         self.folder: Path | None = None
         self._code: int | None = None   # the exit code of the job this thread is ending
+        self._done_code: int | None = None   # finish(): the work is done, with this code
         self.phase: Callable[[], str] = lambda: "setup"
         self._stop = threading.Event()
         self._read_fd, write_fd = os.pipe()
@@ -74,6 +77,14 @@ class Watchdog:
     def watch(self, folder: Path, phase: Callable[[], str]) -> None:
         """From now on also watch ``folder``'s free space; ``phase()`` names the phase."""
         self.folder, self.phase = folder, phase
+
+    def finish(self, code: int) -> None:
+        """The work is done and the process leaves with ``code``: stop watching the disk;
+        a rank still alive :data:`DONE_AFTER_SIGNAL_SECONDS` after a SIGTERM or SIGINT
+        (stuck in ``MPI_Finalize``, its partner gone) leaves with ``code``, since nothing
+        is left to save.  The thread runs on to the process's end (no :meth:`stop`)."""
+        self.folder = None
+        self._done_code = code
 
     def stop(self) -> None:
         """Stop the thread and give the wakeup fd back (main thread)."""
@@ -113,6 +124,12 @@ class Watchdog:
             now = time.monotonic()
             if signalled_at is None and self._signalled():
                 signalled_at = now
+            if signalled_at is not None and self._done_code is not None and \
+                    now - signalled_at >= DONE_AFTER_SIGNAL_SECONDS:
+                print(f"mpiblmm: rank {self.rank}: stopped by a signal after its work was done "
+                      f"and still inside MPI {now - signalled_at:.0f} s later: leaving",
+                      file=sys.stderr, flush=True)
+                os._exit(self._done_code)
             if signalled_at is not None and \
                     now - signalled_at > self.grace + STUCK_AFTER_SIGNAL_SECONDS:
                 end(f"rank {self.rank}: stopped by a signal, but still inside an "
