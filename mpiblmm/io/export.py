@@ -60,7 +60,7 @@ from mpiblmm.io import agree, comm_rank, comm_size, make_dirs
 from mpiblmm.io.derived import (NOT_ANALYSED_MEANING, STATUS_NOT_ANALYSED, bh_qvalues,
                                 z_from_neglog10p)
 from mpiblmm.io.nifti import save_map
-from mpiblmm.io.results import RESULTS_NAME
+from mpiblmm.io.results import RESULTS_NAME, refuse_missing_datasets
 from mpiblmm.parallel import (INTERRUPTED_EXIT_CODE, IOFailure, describe_io_error,
                               world_if_parallel)
 
@@ -230,6 +230,7 @@ def _check(f: Any, results: Path) -> None:
     for name in ("voxels", "beta", "status"):
         if name not in f:
             raise UserError(f"not a results file: dataset {name!r} is missing", str(results))
+    refuse_missing_datasets(f, results, "its maps cannot be written")
 
 
 def volume(values: np.ndarray, voxels: np.ndarray, grid_shape: tuple[int, ...],

@@ -267,6 +267,26 @@ def check_resumable(path: Path, input_hash: str | None = None, input_parts: dict
                         f"({describe_error(exc)}); use --overwrite to replace it", where) from None
 
 
+def missing_datasets(f: Any) -> list[str]:
+    """The per-voxel datasets a complete results file holds for its own factors and
+    contrasts (:func:`~mpiblmm.lmm.model.result_datasets`) that the open file ``f`` lacks."""
+    factors = [(name, 0) for name in f.get("random", {})]
+    contrasts = [(name, str(f[f"contrasts/{name}"].attrs.get("kind", "T")))
+                 for name in f.get("contrasts", {})]
+    return [path for path in result_datasets(0, factors, contrasts) if path not in f]
+
+
+def refuse_missing_datasets(f: Any, path: Path, consequence: str) -> None:
+    """One line (:class:`UserError`) when :func:`missing_datasets` finds any: a dataset
+    deleted by hand after the fit.  The export wrote the maps of those left and marked the
+    set complete without a word, and the report stopped with a ``KeyError``."""
+    missing = missing_datasets(f)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UserError(f"dataset {missing[0]!r}{more} missing (removed or renamed after the "
+                        f"fit?): {consequence}; fit again with --overwrite", str(path))
+
+
 def _stored_parts(f: Any) -> dict:
     """The ``input_parts`` of an open results file ({} when absent or unreadable)."""
     raw = f.attrs.get("input_parts", "")

@@ -16,6 +16,7 @@ import numpy as np
 from mpiblmm.errors import UserError
 from mpiblmm.io.derived import NOT_ANALYSED_MEANING, STATUS_NOT_ANALYSED, z_from_neglog10p
 from mpiblmm.io.export import FITTED_MAX_STATUS, volume
+from mpiblmm.io.results import refuse_missing_datasets
 from mpiblmm.lmm.model import dropped_column_voxels
 
 
@@ -92,6 +93,7 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
         for name in ("voxels", "status", "n", "iterations"):
             if name not in f:
                 raise UserError(f"not a results file: dataset {name!r} is missing", str(results))
+        refuse_missing_datasets(f, results, "the report cannot be made")
         status = np.asarray(f["status"][...])
         dropped = dropped_column_voxels(f["beta"][...], status) if "beta" in f else 0
         codes = {int(k): v for k, v in json.loads(f["status"].attrs.get("codes", "{}")).items()}

@@ -27,6 +27,7 @@ from mpiblmm.io.export import (MAPS_INDEX, MAPS_PENDING, export_nifti, forget_ma
 from mpiblmm.io.lock import LOCK_NAME, acquire_lock  # noqa: E402
 from mpiblmm.io.results import ContrastLayout, ResultsLayout, create_results  # noqa: E402
 from mpiblmm.parallel import IOFailure  # noqa: E402
+from mpiblmm.report.data import load_report_data  # noqa: E402
 from tests.io.helpers import AFFINE, GRID  # noqa: E402
 
 #: Files in a maps folder that no export wrote: they must survive every removal.
@@ -204,3 +205,25 @@ def test_export_command_refuses_another_fits_folder_before_touching_it(tmp_path)
     assert sorted(os.listdir(tmp_path / "b")) == ["results.h5"]  # no nifti/, no lock
     with h5py.File(b, "r") as f:
         assert not f.attrs["maps_complete"]
+
+
+@pytest.mark.parametrize("removed", ["contrasts/b/t", "sigma2", "random/s/cov"])
+def test_export_refuses_a_results_file_with_a_dataset_removed_after_the_fit(tmp_path, removed):
+    """A dataset deleted by hand (h5py, h5copy of a subset): the export wrote the other maps
+    and marked the set complete without a word (the report stopped with a KeyError); now
+    one line names what is missing, and no map is written."""
+    path = _results(tmp_path / "results.h5", contrasts=("b", "c"))
+    with h5py.File(path, "r+") as f:
+        del f[removed]
+    with pytest.raises(UserError, match=rf"dataset '{removed}' missing \(removed or renamed "
+                                        r"after the fit\?\).*fit again with --overwrite"):
+        export_nifti(path)
+    assert not (tmp_path / "nifti").exists() or not _map_files(tmp_path / "nifti")
+    with h5py.File(path, "r") as f:
+        assert not f.attrs["maps_complete"]
+    with pytest.raises(UserError, match=rf"'{removed}' missing .*the report cannot be made"):
+        load_report_data(path)             # (it stopped with a KeyError)
+    with h5py.File(path, "r+") as f:       # two gone: the first is named and the count
+        del f["contrasts/c/p"], f["llh"]
+    with pytest.raises(UserError, match=r"dataset '[^']+' and 2 more missing"):
+        export_nifti(path)
