@@ -475,11 +475,15 @@ class QuietWhenClosed:
 def pin_blas_threads(environ: dict | None = None) -> None:
     """Set one BLAS/OpenMP thread per rank unless the user chose otherwise.
 
+    ``OMP_NUM_THREADS``, where set (a batch script's ``$SLURM_CPUS_PER_TASK``), is the
+    choice for the libraries' own variables not set: OpenBLAS and MKL read those first, so
+    setting them to 1 beside it had left the user's ``OMP_NUM_THREADS=4`` without effect.
     Must run before numpy is imported: BLAS reads these variables when it loads.
     """
     environ = os.environ if environ is None else environ
+    threads = environ.get("OMP_NUM_THREADS", "").strip() or "1"
     for name in THREAD_VARIABLES:
-        environ.setdefault(name, "1")
+        environ.setdefault(name, threads)
 
 
 def check_inputs_exist(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ the serial suite.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,10 +62,23 @@ def test_version(mpiblmm_command):
 
 
 def test_blas_threads_are_pinned_unless_set():
-    environ = {"OMP_NUM_THREADS": "4"}
+    environ = {}
     pin_blas_threads(environ)
-    assert environ == {"OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "1",
-                       "MKL_NUM_THREADS": "1"}
+    assert environ == dict.fromkeys(("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                     "MKL_NUM_THREADS"), "1")
+    # OMP_NUM_THREADS is the user's choice for the libraries' own variables left unset
+    environ = {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "2"}
+    pin_blas_threads(environ)
+    assert environ == {"OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "4",
+                       "MKL_NUM_THREADS": "2"}
+
+
+def test_omp_num_threads_reaches_the_blas_of_a_rank(mpiblmm_command):
+    """Checked through `mpiblmm env`, which reports the BLAS threads numpy's library runs."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    result = run_cli(mpiblmm_command, "env", env=dict(env, OMP_NUM_THREADS="2"))
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"BLAS .*\(2 threads\)", result.stdout), result.stdout
 
 
 def test_a_missing_module_is_a_clear_user_error(monkeypatch):
