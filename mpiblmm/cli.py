@@ -156,7 +156,9 @@ def get_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("spec", metavar="SPEC", help="the analysis spec (JSON)")
     fit.add_argument(
-        "--output", "-o", metavar="DIR", help="output folder (default: the spec's \"output\")"
+        "--output", "-o", metavar="DIR",
+        help="output folder, relative to the current folder (default: the spec's \"output\", "
+             "relative to the spec's folder)"
     )
     fit.add_argument(
         "--max-memory-mb",

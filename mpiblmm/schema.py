@@ -87,14 +87,15 @@ SCHEMA: dict[str, Any] = {
             "properties": {
                 "min_n": {"type": ["integer", "null"], "minimum": 1,
                           "description": "a whole number of at least 1"},
-                "min_fraction": {"type": "number", "minimum": 0, "maximum": 1,
+                "min_fraction": {"type": ["number", "null"], "minimum": 0, "maximum": 1,
                                  "description": "a number between 0.0 and 1.0"},
             },
         },
         "estimation": {
             "type": "object", "additionalProperties": False,
             "properties": {
-                "method": {"type": "string", "pattern": "^([Rr][Ee][Mm][Ll]|[Mm][Ll])$",
+                "method": {"type": ["string", "null"],
+                           "pattern": "^([Rr][Ee][Mm][Ll]|[Mm][Ll])$",
                            "description": "\"REML\" or \"ML\""},
                 "tolerance": {"type": ["number", "null"], "exclusiveMinimum": 0,
                               "description": "a number greater than 0"},

@@ -611,17 +611,25 @@ class _Validator:
         min_n = value.get("min_n")
         return Missingness(
             min_n=None if min_n is None else self.integer(min_n, "missingness.min_n"),
-            min_fraction=self.number(value.get("min_fraction", 0.0), "missingness.min_fraction"),
+            min_fraction=self.number(_or_default(value, "min_fraction", 0.0),
+                                     "missingness.min_fraction"),
         )
 
     def estimation(self, value: Any) -> Estimation:
         tol = value.get("tolerance")
         iters = value.get("max_iterations")
         return Estimation(
-            method=value.get("method", "REML").upper(),
+            method=_or_default(value, "method", "REML").upper(),
             tolerance=None if tol is None else self.number(tol, "estimation.tolerance"),
             max_iterations=None if iters is None else self.integer(iters, "estimation.max_iterations"),
         )
+
+
+def _or_default(value: dict, key: str, default: Any) -> Any:
+    """``value[key]``, or ``default`` where it is absent or null (SPEC.md: "omitted (or
+    null) values take the estimator's defaults")."""
+    got = value.get(key)
+    return default if got is None else got
 
 
 def _nifti_shape(path: Path, where: str, quiet: bool = False) -> tuple[int, ...] | None:

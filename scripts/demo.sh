@@ -2,7 +2,7 @@
 # The README's demo command: set up (if needed), simulate a small study with known truth,
 # fit it with 2 MPI ranks, and print the fit summary and how close it came to the truth.
 #
-#   scripts/demo.sh [OUT_DIR]        (default: ./demo; re-running overwrites it)
+#   scripts/demo.sh [OUT_DIR]        (default: demo/ in the repository; re-running overwrites it)
 #
 # The study: 60 subjects x 4 visits on a 20 x 20 x 15 grid (6,000 voxels), a random
 # intercept and slope per subject, 30% of voxels missing 1-15% of their observations.

@@ -86,6 +86,17 @@ def test_max_iterations_bound(tmp_path):
     assert spec.estimation.max_iterations == MAX_ITERATIONS
 
 
+def test_null_takes_the_default_for_every_estimation_and_missingness_key(tmp_path):
+    """SPEC.md: omitted or null values take the defaults; "method": null and
+    "min_fraction": null were refused ("expected \"REML\" or \"ML\", got null")."""
+    spec = load_spec(write_study(tmp_path, missingness={"min_n": None, "min_fraction": None},
+                                 estimation={"method": None, "tolerance": None,
+                                             "max_iterations": None}, max_memory_mb=None))
+    assert (spec.estimation.method, spec.estimation.tolerance,
+            spec.estimation.max_iterations) == ("REML", None, None)
+    assert (spec.missingness.min_n, spec.missingness.min_fraction) == (None, 0.0)
+
+
 def test_packed_images(tmp_path):
     (tmp_path / "packed.h5").write_bytes(b"")
     spec = load_spec(write_study(tmp_path, images={"h5": "packed.h5"}))
