@@ -132,8 +132,11 @@ def check_spec(path: str | Path, ranks: int = 1,
     problems += [f"{path}: {key}: {msg}" for key, msg in schema_problems(raw)]
     if problems:
         return problems, []
+    from mpiblmm.io.nifti import quiet_nibabel
+
     try:
-        spec = parse_spec(raw, path, text=text, check_files=False)
+        with quiet_nibabel():  # it reads the first and last images' headers (4-D or not)
+            spec = parse_spec(raw, path, text=text, check_files=False)
     except UserError as exc:
         return [str(exc)], []
     problems += _missing_files(spec, raw)
@@ -419,14 +422,15 @@ def _candidates(spec: Any, grid: Any, problems: list[str]) -> tuple[int, str] | 
             return grid.voxels, f"{grid.voxels} ({where})"
         return grid.voxels, (f"at most {grid.voxels} ({where}, of {grid.stored} stored; voxels "
                              "no observation observes are dropped)")
-    from mpiblmm.io.images import read_volume
+    from mpiblmm.io.images import read_volume, verify_size
     from mpiblmm.io.ingest import analysis_mask_voxels, missing
 
     total = int(np.prod(grid.shape))
-    inside = np.ones(grid.shape, dtype=bool)
     where = f"the grid {' x '.join(map(str, grid.shape))}, no analysis mask"
     reference = str(spec.images[0])
     try:
+        verify_size(spec.images[0])  # as the fit: a short file before its grid's arrays
+        inside = None
         if spec.analysis_mask is not None:
             inside = analysis_mask_voxels(spec.analysis_mask, grid, reference=reference)
             where = f"in the analysis mask, of {total} on the grid"
@@ -434,6 +438,8 @@ def _candidates(spec: Any, grid: Any, problems: list[str]) -> tuple[int, str] | 
     except UserError as exc:
         problems.append(str(exc))
         return None
+    if inside is None:
+        inside = np.ones(grid.shape, dtype=bool)
     v = int(np.count_nonzero(inside))
     seen = int(np.count_nonzero(inside & ~missing(first, spec.zero_is_missing)))
     return v, (f"at most {v} ({where}; {seen} observed in the first image; voxels no image "

@@ -256,7 +256,7 @@ def design_from_spec(spec: Spec) -> Design:
     n = X.shape[0]
     spec_where = str(spec.path)
     if spec.images is not None and len(spec.images) != n:
-        raise SpecError(f"lists {len(spec.images)} images but {spec.X} has {n} rows "
+        raise SpecError(f"{_image_count(spec.images)} but {spec.X} has {n} rows "
                         "(one image per row of X)", f"{spec_where}: images")
     factors = []
     for fs in spec.random:
@@ -281,6 +281,14 @@ def design_from_spec(spec: Spec) -> Design:
     return build_design(X, factors, contrasts, spec.fixed_names, where=f"{spec_where}: contrasts")
 
 
+def _image_count(images) -> str:
+    """How many observations the spec's images hold, in the user's terms: a list of images,
+    or one 4-D image's volumes (its volumes carry ``volume``, :func:`mpiblmm.spec.volume_path`)."""
+    if images and hasattr(images[0], "volume"):
+        return f"{images[0]} has {len(images)} volumes"
+    return f"lists {len(images)} images"
+
+
 def design_from_formula(spec: Spec) -> Design:
     """The formula form: the covariates table and the lme4 formula
     (:mod:`mpiblmm.formula`), then the same :func:`build_design` as the matrix form.
@@ -293,7 +301,7 @@ def design_from_formula(spec: Spec) -> Design:
     spec_where = str(spec.path)
     table = read_table(spec.covariates)
     if spec.images is not None and len(spec.images) != table.n:
-        raise SpecError(f"lists {len(spec.images)} images but {spec.covariates} has "
+        raise SpecError(f"{_image_count(spec.images)} but {spec.covariates} has "
                         f"{table.n} rows (one image per row)", f"{spec_where}: images")
     try:
         model = fm.formula_model(spec.formula, table)

@@ -638,7 +638,10 @@ def _nifti_shape(path: Path, where: str, quiet: bool = False) -> tuple[int, ...]
     try:
         import nibabel as nib
 
-        return tuple(int(s) for s in nib.load(str(path)).shape)
+        from mpiblmm.io.nifti import quiet_nibabel
+
+        with quiet_nibabel():  # its header fixes ("vox offset ...") are not the user's news
+            return tuple(int(s) for s in nib.load(str(path)).shape)
     except Exception as exc:  # nibabel raises several types for unreadable files
         if quiet:
             return None

@@ -180,3 +180,16 @@ def test_a_numeric_csv_says_why_a_cell_is_not_a_number(tmp_path, text, hint):
     with pytest.raises(SpecError) as info:
         read_numeric_csv(tmp_path / "X.csv")
     assert str(info.value).endswith(hint)
+
+
+def test_a_4d_image_of_too_few_volumes_is_counted_in_volumes(tmp_path):
+    """One 4-D NIfTI given as "images": its volumes are the observations, and the line says
+    so (it said "lists 3 images" of a spec that lists one file)."""
+    import nibabel as nib
+
+    path = write_study(tmp_path, images="all.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((2, 2, 2, 3), dtype=np.float32), np.eye(4)),
+             str(tmp_path / "all.nii.gz"))
+    with pytest.raises(SpecError, match=r"spec.json: images: .*all.nii.gz has 3 volumes but "
+                                        r".*X.csv has 4 rows"):
+        design_from_spec(load_spec(path))

@@ -106,6 +106,15 @@ def read_volume(path: Path, grid: Grid | None = None, reference: str | None = No
     return _reader(path).read_volume(_as_path(path), grid, reference, dtype)
 
 
+def read_mask(path: Path, grid: Grid | None = None, reference: str | None = None) -> np.ndarray:
+    """A mask on ``grid`` as a boolean volume: True where its value is non-zero and finite.
+
+    Read as float64, not float32: a float64 mask's 1e-50 (non-zero) would become 0 in
+    float32, and its 1e40 (finite) would overflow to Inf, both then counted as outside."""
+    m = read_volume(path, grid, reference, dtype=np.float64)
+    return np.isfinite(m) & (m != 0)
+
+
 def verify_data(path, grid: Grid | None = None, reference: str | None = None) -> None:
     """Raise the :class:`UserError` that reading the data of ``path`` raises when the data is
     incomplete or corrupt (``mpiblmm check`` runs it on every image): for NIfTI
@@ -113,8 +122,19 @@ def verify_data(path, grid: Grid | None = None, reference: str | None = None) ->
     read through once); a surface file is read as the fit reads it."""
     path = _as_path(path)
     if surface.surface_format(path):
-        read_volume(path, grid, reference)
+        read_volume(path, grid, reference, dtype=np.float64)  # (float32 could overflow)
     else:
+        nifti.verify_data(path)
+
+
+def verify_size(path) -> None:
+    """Raise the :class:`UserError` of a NIfTI image whose file holds less data than its
+    header's grid (:func:`mpiblmm.io.nifti.verify_data`), before anything proportional to
+    that grid is allocated: a header claiming 2000^3 voxels over 24 stored ones must be
+    refused in one line, not end in a MemoryError.  Surface files: nothing to do (their
+    size is that of the data read)."""
+    path = _as_path(path)
+    if not surface.surface_format(path):
         nifti.verify_data(path)
 
 
@@ -135,4 +155,5 @@ def read_stored(path, grid: Grid) -> np.ndarray | None:
 
 
 __all__ = ["IMAGE_SUFFIXES", "grid_kind", "grid_problem", "kind", "kind_problem", "read_grid",
-           "read_stored", "read_volume", "verify_data", "with_geometry"]
+           "read_mask", "read_stored", "read_volume", "verify_data", "verify_size",
+           "with_geometry"]

@@ -56,8 +56,8 @@ from mpiblmm import interrupt
 from mpiblmm.errors import SpecError, UserError
 from mpiblmm.io import (agree, comm_rank, comm_size, make_dirs, on_root, open_h5, read_hyperslab,
                         write_hyperslab)
-from mpiblmm.io.images import (read_grid, read_stored, read_volume,  # NIfTI or surface,
-                               with_geometry)  # by file name
+from mpiblmm.io.images import (read_grid, read_mask, read_stored,  # NIfTI or surface,
+                               read_volume, verify_size, with_geometry)  # by file name
 from mpiblmm.io.nifti import Grid
 from mpiblmm.parallel import no_hang
 
@@ -168,8 +168,7 @@ def analysis_mask_voxels(path: Path, grid: Grid, reference: str | None = None) -
     ``reference``'s, cannot be read, or holds no voxel at all (nothing could be fitted).
     Reads the mask only, so ``mpiblmm check`` refuses an empty mask as the fit does.
     """
-    m = read_volume(Path(path), grid, reference=reference)
-    inside = np.isfinite(m) & (m != 0)
+    inside = read_mask(Path(path), grid, reference=reference)
     if not inside.any():
         raise UserError("no voxel is observed in any image inside the analysis mask: the mask "
                         "is empty (every value is 0, NaN or Inf; voxels where it is non-zero "
@@ -223,8 +222,11 @@ def _stat_key(f: Any) -> bytes:
 
 
 def _key_of(f: Any, st: os.stat_result) -> bytes:
-    """:func:`_stat_key` from ``f``'s ``stat`` result."""
-    return f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode()
+    """:func:`_stat_key` from ``f``'s ``stat`` result.  The path is encoded as the file
+    system stores it (``os.fsencode``): a name that is not UTF-8 (a latin-1 byte, held as a
+    surrogate escape) must be hashed, not refused; a UTF-8 name gives the same bytes."""
+    stats = f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode()
+    return os.fsencode(os.path.abspath(f)) + stats
 
 
 def _fingerprint(images: Sequence[Path], masks: Sequence[Path] | None,
@@ -323,10 +325,16 @@ def _reusable(path: Path, fingerprint: str) -> bool:
 
 def _space_complete(space: str) -> bool:
     """False for a NIfTI study packed before the header facts held the qform and sform
-    themselves (only their codes): packed again, so its maps get the input's transforms."""
+    themselves (only their codes), or a CIFTI study packed before its template's brain
+    models were recorded (the export could not tell a replaced template): packed again, so
+    its maps get the input's transforms, or the brain models the fit read."""
+    from mpiblmm.io.surface import TEMPLATE_DIGEST
+
     try:
         info = json.loads(space) if space else {}
     except ValueError:
+        return False
+    if "template" in info and TEMPLATE_DIGEST not in info:
         return False
     return "qform_code" not in info or "quatern" in info or "qform" in info
 
@@ -361,6 +369,9 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
             raise UserError(f"cannot read: {exc.strerror}", str(exc.filename)) from None
         reuse = path.exists() and _reusable(path, fp)
         if not reuse:
+            # a header's huge grid over a short file: refused before any array of the
+            # grid's size is made (every other image must be on this grid)
+            verify_size(images[0])
             _check_writable(path)
         return grid, mask, fp, reuse
 
@@ -386,8 +397,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
             vals = vals[flat_mask]
         miss = missing(vals, zero_is_missing)
         if masks is not None:
-            m = read_volume(masks[i], grid, reference).reshape(-1)[flat_mask]
-            miss |= ~(np.isfinite(m) & (m != 0))
+            miss |= ~read_mask(masks[i], grid, reference).reshape(-1)[flat_mask]
         vals[miss] = np.nan
         return vals
 
@@ -438,7 +448,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
 
     # Pass 2: create the file collectively and write the rows.
     make_dirs(path.parent)
-    names = np.array([str(p).encode("utf-8") for p in images])
+    names = np.array([os.fsencode(str(p)) for p in images])  # bytes as on disk: any name
     with no_hang(comm, path, "packing the images"):
         f = open_h5(path, "w", comm)
         _packed_attrs(f, n, grid, zero_is_missing, fingerprint)

@@ -10,9 +10,13 @@ scanner qform beside it stays that qform.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import stat
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +48,35 @@ class Grid:
             return (f"affine differs (by up to {gap:.3g} mm; at most {AFFINE_ATOL:g} is the "
                     "same grid)")
         return None
+
+
+@contextmanager
+def quiet_nibabel():
+    """Silence nibabel's logger and Python warnings (nibabel's, numpy's) while an input is
+    read: nibabel logs the header fixes it makes ("vox offset (=360) not divisible by 16")
+    and warns on odd files, once per image -- hundreds of lines on stderr for a study, around
+    the one line that matters.  What makes an input unusable is raised, never logged: our
+    own errors are :class:`UserError` lines, and nibabel's raised errors still raise."""
+    loggers = [logging.getLogger(name) for name in ("nibabel", "nibabel.global")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def quiet(func):
+    """``func`` run inside :func:`quiet_nibabel` (the readers of inputs' headers and data)."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with quiet_nibabel():
+            return func(*args, **kwargs)
+    return wrapper
 
 
 def _is_nifti1(path: Path) -> bool:
@@ -261,6 +294,7 @@ def _short_data(img, path: Path) -> str | None:
             f"{offset}, {need} bytes in all, but the file {what} {have} bytes")
 
 
+@quiet
 def verify_data(path: Path) -> None:
     """Raise the :class:`UserError` :func:`read_volume` raises for an image whose data is
     incomplete or corrupt (a truncated file, a gzip stream that ends early or fails its
@@ -376,13 +410,32 @@ _QUATERN_FIELDS = ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_
 _SROW_FIELDS = ("srow_x", "srow_y", "srow_z")
 
 
+def _affine(img, path: Path) -> np.ndarray:
+    """The voxel-to-world affine of ``img``, refused when it holds NaN or Inf (a corrupt
+    qform or sform field): no grid can be compared with it, and no map placed by it."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all():
+        raise UserError("affine holds NaN or Inf (a corrupt qform or sform field of the "
+                        "header): the image cannot be placed in space", str(path))
+    return affine
+
+
+def _grid_size(shape: tuple[int, int, int], path: Path) -> None:
+    """Refuse a grid of no voxel (a dimension of size 0): nothing could be fitted."""
+    if min(shape) < 1:
+        raise UserError(f"the image holds no voxel: its grid is {shape}", str(path))
+
+
+@quiet
 def read_grid(path: Path) -> Grid:
     """The grid of an image, from its header only (refused when its datatype is not one
-    real number per voxel: RGB, complex)."""
+    real number per voxel: RGB, complex; when it has no voxel; when its affine holds NaN
+    or Inf)."""
     img = _volume(_load(path), path)
     _scalar(img, path)
-    return Grid(_shape3(img, path), np.asarray(img.affine, dtype=np.float64),
-                nifti_space(img.header))
+    shape = _shape3(img, path)
+    _grid_size(shape, path)
+    return Grid(shape, _affine(img, path), nifti_space(img.header))
 
 
 # ---------------------------------------------------------------- the fast path of packing
@@ -490,6 +543,7 @@ def read_stored(path: Path, grid: Grid) -> np.ndarray | None:
     return out.reshape(-1)
 
 
+@quiet
 def read_volume(path: Path, grid: Grid | None = None, reference: str | None = None,
                 dtype: type = np.float32) -> np.ndarray:
     """A 3-D image's data (scaling applied) as ``dtype``, checked to lie on ``grid``.
@@ -504,7 +558,7 @@ def read_volume(path: Path, grid: Grid | None = None, reference: str | None = No
     _scalar(img, path)
     shape = _shape3(img, path)
     if grid is not None:
-        why = grid.differs(shape, np.asarray(img.affine))
+        why = grid.differs(shape, _affine(img, path))
         if why is not None:
             raise UserError(f"not on the grid of {reference or 'the first image'}: {why}", str(path))
     why = _short_data(full, path)

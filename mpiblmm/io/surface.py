@@ -8,7 +8,8 @@ writer), so packing, fitting and the results file do not know they hold a surfac
 - the :class:`~mpiblmm.io.nifti.Grid`'s ``space`` JSON says which format and carries what the
   writer needs to give the maps back in that format: GIfTI's structure metadata, CIFTI's
   brain-model axis (its XML, compressed; for very large headers the path of the first input,
-  which must then still exist at export);
+  which must then still exist at export, with the :func:`models_digest` of its brain models:
+  a file that has other brain models by then is refused, never written into the maps);
 - every image and mask must be of the first image's structure: a GIfTI whose
   ``AnatomicalStructurePrimary`` differs from the first image's (a right hemisphere among left
   ones, with the same vertex count) is refused, as is a CIFTI file whose brain models differ
@@ -33,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mpiblmm.errors import UserError
-from mpiblmm.io.nifti import Grid, _atomic_save
+from mpiblmm.io.nifti import Grid, _atomic_save, quiet
 
 GIFTI_SUFFIXES = (".func.gii", ".shape.gii")
 #: A GIfTI label file (a surface ROI): accepted as an analysis or observation mask only.
@@ -43,6 +44,10 @@ CIFTI_SUFFIXES = (".dscalar.nii",)
 STRUCTURE_KEY = "AnatomicalStructurePrimary"
 #: Largest compressed CIFTI header kept inside ``space`` (HDF5 attributes stop at 64 KiB).
 MAX_HEADER_CHARS = 48_000
+#: Keys of a CIFTI ``space`` that keeps the path of its template (the first input): the
+#: :func:`models_digest` and the number of grayordinates of its brain models at the fit.
+TEMPLATE_DIGEST = "template_models_sha256"
+TEMPLATE_COUNT = "template_grayordinates"
 #: GIfTI data arrays may hold these dtypes only (GIfTI 1.0, section 2.3.4).
 _GIFTI_DTYPES = {"u": np.uint8, "i": np.int32, "f": np.float32, "b": np.uint8}
 
@@ -78,6 +83,7 @@ def maps_problem(fmt: str, count: int) -> str:
     return f"a CIFTI file with {count} maps: expected one map (give one file per observation)"
 
 
+@quiet
 def count_maps(path: Path) -> int:
     """The number of maps in the surface file ``path``: GIfTI data arrays, CIFTI rows."""
     img = _load(Path(path))
@@ -124,27 +130,53 @@ def _space(img, fmt: str, path: Path) -> str:
         return json.dumps({"format": "gifti", "meta": _gifti_meta(img)}, sort_keys=True)
     xml = img.header.to_xml()
     packed = base64.b64encode(zlib.compress(xml, 9)).decode("ascii")
-    info = {"format": "cifti"}
+    info: dict[str, Any] = {"format": "cifti"}
     if len(packed) <= MAX_HEADER_CHARS:
         info["header"] = packed
-    else:
+    else:  # the export reloads the file: what it must find there, to know it is this one
+        models = img.header.get_axis(1)
         info["template"] = str(Path(path).resolve())
+        info[TEMPLATE_DIGEST] = models_digest(models)
+        info[TEMPLATE_COUNT] = int(len(models))
     return json.dumps(info, sort_keys=True)
+
+
+def models_digest(axis) -> str:
+    """A SHA-256 of a CIFTI brain-model axis: every grayordinate's structure, vertex and
+    voxel index, the vertex counts of the surfaces and the volume's shape and affine --
+    what the maps' brain models are (not the file's bytes, nor nibabel's XML, which may
+    change with nibabel's version for the same models)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(json.dumps({"n": len(axis), "nvertices": {str(k): int(v) for k, v in
+                                                       axis.nvertices.items()},
+                         "volume_shape": None if axis.volume_shape is None
+                         else [int(x) for x in axis.volume_shape]}, sort_keys=True).encode())
+    h.update("\n".join(str(n) for n in axis.name).encode("utf-8", "surrogateescape"))
+    for array in (axis.vertex, axis.voxel) + (() if axis.affine is None else (axis.affine,)):
+        kind = "<f8" if np.asarray(array).dtype.kind == "f" else "<i8"
+        h.update(np.ascontiguousarray(array, dtype=kind).tobytes())
+    return h.hexdigest()
 
 
 def _grid(n: int, space: str) -> Grid:
     return Grid((int(n), 1, 1), np.eye(4), space)
 
 
+@quiet
 def read_grid(path: Path) -> Grid:
     """The grid of a surface file: ``(N, 1, 1)``, identity affine, and its ``space``."""
     path = Path(path)
     fmt = surface_format(path)
     img = _load(path)
     data = _gifti_data(img, path) if fmt == "gifti" else _cifti_data(img, path)
+    if data.size == 0:  # nothing could be fitted (the fit would find no voxel observed)
+        raise UserError("holds no vertex: its map is empty", str(path))
     return _grid(data.size, _space(img, fmt, path))
 
 
+@quiet
 def read_volume(path: Path, grid: Grid | None = None, reference: str | None = None,
                 dtype: type = np.float32) -> np.ndarray:
     """A surface file's one map as ``(N, 1, 1)`` ``dtype``, checked to have ``grid``'s size."""
@@ -220,6 +252,7 @@ def space_problem(space: str, other: str, reference: str | None = None) -> str |
     return structure_problem(space, covers, reference)
 
 
+@quiet
 def _brain_models(info: dict):
     """The CIFTI brain-model axis stored in a ``space``."""
     from nibabel.cifti2.parse_cifti2 import Cifti2Extension
@@ -231,7 +264,36 @@ def _brain_models(info: dict):
     if not template.is_file():
         raise UserError("the CIFTI template (the first input image, whose brain models the maps "
                         "need) is gone", str(template))
-    return _load(template).header.get_axis(1)
+    axis = _template_models(template)
+    if TEMPLATE_DIGEST in info and models_digest(axis) != info[TEMPLATE_DIGEST]:
+        raise _template_changed(template, len(axis), info.get(TEMPLATE_COUNT))
+    return axis
+
+
+def _template_models(template: Path):
+    """The brain-model axis of the CIFTI template, refused in one line when the file is no
+    longer a dense CIFTI file (replaced since the fit)."""
+    from nibabel import cifti2
+
+    img = _load(template)
+    try:
+        axis = img.header.get_axis(1)
+    except Exception:  # a NIfTI now has that name
+        axis = None
+    if not isinstance(axis, cifti2.BrainModelAxis):  # (or CIFTI of parcels, of series...)
+        raise UserError("changed since the fit: the CIFTI template (the first input image, "
+                        "whose brain models the maps need) is no longer a dense CIFTI file; "
+                        "restore the file the fit read", str(template))
+    return axis
+
+
+def _template_changed(template: Path, count: int, expected: Any) -> UserError:
+    """The refusal of a CIFTI template whose brain models are not those the fit read."""
+    was = f", {expected} at the fit" if expected is not None else ""
+    return UserError(f"changed since the fit: the CIFTI template (the first input image, "
+                     f"whose brain models the maps need) now has other brain models "
+                     f"({count} grayordinates{was}); restore the file the fit read",
+                     str(template))
 
 
 def save_surface_map(path: Path, data: np.ndarray, space: str, names: Sequence[str],
@@ -264,7 +326,11 @@ def save_surface_map(path: Path, data: np.ndarray, space: str, names: Sequence[s
     else:
         from nibabel import cifti2
 
-        axes = (cifti2.ScalarAxis([str(n) for n in names]), _brain_models(info))
+        models = _brain_models(info)
+        if "template" in info and len(models) != data.shape[0]:  # an older results file's
+            # template (no digest kept), replaced since: nibabel would fail, in two lines
+            raise _template_changed(Path(info.get("template", "")), len(models), data.shape[0])
+        axes = (cifti2.ScalarAxis([str(n) for n in names]), models)
         img = cifti2.Cifti2Image(np.ascontiguousarray(data.T), cifti2.Cifti2Header.from_axes(axes))
         img.nifti_header.set_intent("ConnDenseScalar")
     _atomic_save(img, Path(path))

@@ -64,7 +64,11 @@ def test_cifti_header_travels_in_space_or_as_a_template(tmp_path, monkeypatch):
 
     monkeypatch.setattr(surface, "MAX_HEADER_CHARS", 10)  # a header too large for HDF5 attrs
     big = images.read_grid(path)
-    assert json.loads(big.space) == {"format": "cifti", "template": str(path.resolve())}
+    info = json.loads(big.space)    # the path, and what its brain models must be at export
+    assert (info["format"], info["template"], info[surface.TEMPLATE_COUNT]) == (
+        "cifti", str(path.resolve()), 6)
+    assert info[surface.TEMPLATE_DIGEST] == surface.models_digest(
+        nib.load(str(path)).header.get_axis(1))
     surface.save_surface_map(tmp_path / "t.dscalar.nii", np.ones((6, 1)), big.space, ("p",))
     assert nib.load(str(tmp_path / "t.dscalar.nii")).shape == (1, 6)
     path.unlink()
