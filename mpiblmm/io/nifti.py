@@ -275,6 +275,11 @@ def _short_data(img, path: Path) -> str | None:
     except Exception:  # not an array proxy of a single file: nibabel reads it its own way
         return None
     name = str(path)
+    first = _first_data_byte(img)
+    if name.endswith((".nii", ".nii.gz")) and first is not None and offset < first:
+        return (f"corrupt header: vox_offset is {offset}, but the data of a single-file NIfTI "
+                f"start at byte {first} or later (after the header; FSL would read from "
+                f"{first}, nibabel from {offset})")
     if name.endswith(".gz"):
         fileobj = getattr(img.file_map.get("image"), "fileobj", None)
         if hasattr(fileobj, "getbuffer"):  # decompressed into memory by _load
@@ -292,6 +297,13 @@ def _short_data(img, path: Path) -> str | None:
         return None
     return (f"truncated: the header describes {need - offset} bytes of data from byte "
             f"{offset}, {need} bytes in all, but the file {what} {have} bytes")
+
+
+def _first_data_byte(img) -> int | None:
+    """Where a single-file NIfTI's data may start at the earliest: after its header and the
+    4 extension-flag bytes (352 for NIfTI-1, 544 for NIfTI-2); ``None`` for other formats."""
+    size = getattr(getattr(img, "header", None), "sizeof_hdr", None)
+    return None if size is None else int(size) + 4
 
 
 @quiet

@@ -255,3 +255,23 @@ def test_nibabel_s_header_fixes_are_not_logged_while_inputs_are_read(tmp_path, m
     finally:
         logger.removeHandler(handler)
     assert logger.level == logging.NOTSET  # restored after reading
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a_single_file_nifti_whose_data_offset_is_inside_its_header_is_refused(tmp_path,
+                                                                            suffix):
+    """vox_offset 0 in a .nii: nibabel reads the data from byte 0 (the header's bytes as
+    values: every voxel ended at status 7), FSL from 352; refused, naming the offset."""
+    import gzip
+
+    path = tmp_path / f"a{suffix}"
+    nib.save(nib.Nifti1Image(np.arange(24, dtype=np.float32).reshape(4, 3, 2), np.eye(4)),
+             str(tmp_path / "a.nii"))
+    raw = bytearray((tmp_path / "a.nii").read_bytes())
+    struct.pack_into("<f", raw, 108, 0.0)
+    path.write_bytes(gzip.compress(bytes(raw)) if suffix == ".nii.gz" else bytes(raw))
+    grid = images.read_grid(path)
+    for read in (lambda: images.read_volume(path, grid), lambda: images.verify_data(path)):
+        with pytest.raises(UserError, match=r"a\.nii(\.gz)?: corrupt header: vox_offset is 0, "
+                                            r"but the data .* start at byte 352 or later"):
+            read()
