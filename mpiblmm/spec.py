@@ -641,7 +641,10 @@ def _nifti_shape(path: Path, where: str, quiet: bool = False) -> tuple[int, ...]
         from mpiblmm.io.nifti import quiet_nibabel
 
         with quiet_nibabel():  # its header fixes ("vox offset ...") are not the user's news
-            return tuple(int(s) for s in nib.load(str(path)).shape)
+            shape = tuple(int(s) for s in nib.load(str(path)).shape)
+        while len(shape) > 4 and shape[-1] == 1:  # (x, y, z, n, 1): n volumes, as the
+            shape = shape[:-1]                     # readers drop trailing singletons too
+        return shape
     except Exception as exc:  # nibabel raises several types for unreadable files
         if quiet:
             return None

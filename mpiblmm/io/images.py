@@ -85,8 +85,8 @@ def _shape_problem(grid: Grid, other: Grid, reference: str | None) -> str | None
         return None
     reference = reference or "the first image"
     if grid_kind(grid) in ("gifti", "cifti"):
-        return (f"not on the surface of {reference}: {other.shape[0]} vertices, expected "
-                f"{grid.shape[0]}")
+        return (f"not on the surface of {reference}: {other.shape[0]} "
+                f"{surface.points(grid_kind(grid))}, expected {grid.shape[0]}")
     return f"not on the grid of {reference}: {why}"
 
 

@@ -333,7 +333,7 @@ def _single_file_class(data: bytes):
 def _volume(img, path: Path):
     """Volume ``path.volume`` of a 4-D image when ``path`` names one (a 4-D ``images``)."""
     index = getattr(path, "volume", None)
-    return img if index is None else img.slicer[..., index]
+    return img if index is None else img.slicer[:, :, :, index]  # (x, y, z, n, 1) too
 
 
 def _shape3(img, path: Path) -> tuple[int, int, int]:

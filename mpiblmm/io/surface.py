@@ -160,6 +160,12 @@ def models_digest(axis) -> str:
     return h.hexdigest()
 
 
+def points(fmt: str) -> str:
+    """What a surface file's values are counted in: GIfTI vertices, CIFTI grayordinates
+    (vertices and voxels together)."""
+    return "grayordinates" if fmt == "cifti" else "vertices"
+
+
 def _grid(n: int, space: str) -> Grid:
     return Grid((int(n), 1, 1), np.eye(4), space)
 
@@ -188,7 +194,7 @@ def read_volume(path: Path, grid: Grid | None = None, reference: str | None = No
         why = grid.differs((data.size, 1, 1), np.eye(4))
         if why is not None:
             raise UserError(f"not on the surface of {reference or 'the first image'}: "
-                            f"{data.size} vertices, expected {grid.shape[0]}", str(path))
+                            f"{data.size} {points(fmt)}, expected {grid.shape[0]}", str(path))
         why = structure_problem(grid.space, _structure(img, fmt), reference)
         if why is not None:
             raise UserError(why, str(path))

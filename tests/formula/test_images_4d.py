@@ -14,11 +14,14 @@ from tests.cli.studies import assert_same_datasets, read_results, write_referenc
 from tests.refdata import load_dataset
 
 
-def _stack(folder, names, out="all.nii"):
+def _stack(folder, names, out="all.nii", fifth=False):
+    """The images as one 4-D file (``fifth``: of shape (x, y, z, n, 1), as some tools write)."""
     import nibabel as nib
 
     vols = [nib.load(folder / n) for n in names]
     data = np.stack([np.asanyarray(v.dataobj) for v in vols], axis=-1)
+    if fifth:
+        data = data[..., None]
     nib.save(nib.Nifti1Image(data, vols[0].affine), folder / out)
     return out
 
@@ -67,12 +70,17 @@ def test_4d_fit_equals_the_list_of_images(tmp_path, run_mpi, mpiblmm_command):
     ds = load_dataset("slope")
     listed = write_reference_study(ds, tmp_path)
     spec = json.loads(listed.read_text())
-    spec["images"] = _stack(tmp_path, spec["images"])
+    names = spec["images"]
+    spec["images"] = _stack(tmp_path, names)
     spec["output"] = "results4d"
     (tmp_path / "4d.json").write_text(json.dumps(spec))
-    for path in (listed, tmp_path / "4d.json"):
+    # (x, y, z, n, 1) is n volumes too (it was refused as "an image of shape ...")
+    spec["images"] = _stack(tmp_path, names, "all5.nii", fifth=True)
+    spec["output"] = "results5d"
+    (tmp_path / "5d.json").write_text(json.dumps(spec))
+    for path in (listed, tmp_path / "4d.json", tmp_path / "5d.json"):
         run = run_mpi(2, [*mpiblmm_command, "fit", "--quiet", str(path)], timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
     a = read_results(tmp_path / "results" / "results.h5")
-    b = read_results(tmp_path / "results4d" / "results.h5")
-    assert_same_datasets(a, b)
+    for other in ("results4d", "results5d"):
+        assert_same_datasets(a, read_results(tmp_path / other / "results.h5"))

@@ -62,6 +62,14 @@ def test_cifti_header_travels_in_space_or_as_a_template(tmp_path, monkeypatch):
     assert list(back.header.get_axis(0).name) == ["p", "q"] and back.shape == (2, 6)
     assert back.header.get_axis(1) == nib.load(str(path)).header.get_axis(1)
 
+    # CIFTI counts grayordinates (vertices and voxels), in read_volume and in check's words
+    other = _cifti(tmp_path / "b.dscalar.nii", np.arange(5.0))
+    with pytest.raises(UserError, match="b.dscalar.nii: not on the surface of a: 5 "
+                                        "grayordinates, expected 6"):
+        images.read_volume(other, grid, reference="a")
+    assert images.grid_problem(grid, other, images.read_grid(other), "a") == (
+        "not on the surface of a: 5 grayordinates, expected 6")
+
     monkeypatch.setattr(surface, "MAX_HEADER_CHARS", 10)  # a header too large for HDF5 attrs
     big = images.read_grid(path)
     info = json.loads(big.space)    # the path, and what its brain models must be at export
