@@ -207,19 +207,9 @@ def test_a_header_claiming_a_huge_grid_is_refused_as_truncated_in_bounded_memory
 
 # --------------------------------------------------------------------------- 5. NaN affine
 def test_a_nan_affine_is_refused_at_the_first_image_by_fit_and_check(tmp_path):
-    import nibabel as nib
+    from tests.io.test_image_input_audit import _nan_affine
 
-    names = []
-    for i, a in enumerate(_data(4)):
-        p = tmp_path / f"img{i:02d}.nii"
-        img = nib.Nifti1Image(a.astype(np.float32), AFFINE)
-        img.set_qform(AFFINE, 1)
-        img.set_sform(AFFINE, 2)
-        nib.save(img, str(p))
-        raw = bytearray(p.read_bytes())
-        struct.pack_into("<f", raw, 280, float("nan"))  # srow_x[0]
-        p.write_bytes(bytes(raw))
-        names.append(p.name)
+    names = [_nan_affine(tmp_path / f"img{i:02d}.nii", a).name for i, a in enumerate(_data(4))]
     spec = _spec(tmp_path, names)
     code, stderr = _run("fit", spec, "--quiet")
     fit_line = _one_line(code, stderr, "affine holds NaN or Inf")
