@@ -511,7 +511,8 @@ def joint_forms(parts: list[ProductForms]) -> ProductForms:
     return ProductForms(
         XtX=joined("XtX"), XtY=joined("XtY"), YtY=joined("YtY"), ZtX=joined("ZtX"),
         ZtY=joined("ZtY"), ZtZ=joined("ZtZ"), n=joined("n"), structure=first.structure,
-        y_offset=joined("y_offset"), shared=False, algebra=first.algebra)
+        y_offset=joined("y_offset"), shared=False, algebra=first.algebra,
+        rtol_constant=joined("rtol_constant"))
 
 
 def _rows(levels: list[np.ndarray] | None, index: np.ndarray) -> list[np.ndarray] | None:

@@ -27,13 +27,13 @@ from .model import (
     STATUS_RANK_DEFICIENT, STATUS_SINGULAR, STATUS_TOO_FEW, FitResult, ProductForms,
 )
 from .products import full_rank
+from .products import CONSTANT_RTOL_FLOAT32
 from .theta import D_from_theta, is_singular, n_theta
 
 
-#: Residual RMS, relative to the data's RMS, below which a voxel's data count as constant.
-#: float32 (how packed images are stored) rounds a value by up to 2^-24 ~ 6e-8 of its size
-#: (RMS about 3.5e-8), so residuals below 1e-7 of the data are rounding, not variance.
-CONSTANT_RTOL = 1e-7
+#: Residual RMS, relative to the data's RMS, below which a voxel's data count as constant,
+#: where product forms do not say (their ``rtol_constant``): float32 data's.
+CONSTANT_RTOL = CONSTANT_RTOL_FLOAT32
 
 #: Default iteration cap of a voxel's whole fit (Fisher Scoring + polish; before the cap
 #: covered both, they had 200 and 100 of their own).
@@ -49,15 +49,19 @@ def bytes_per_voxel(pf: ProductForms) -> int:
     return pf.algebra.fit_bytes_per_voxel(pf.p)
 
 
-def constant_data(pf: ProductForms, rtol: float = CONSTANT_RTOL) -> np.ndarray:
+def constant_data(pf: ProductForms, rtol: float | None = None) -> np.ndarray:
     """Voxels whose observed data are constant after the fixed effects (v,) bool.
 
     With centred products (``y_offset`` = the OLS fit ``b0``), ``Y'Y`` is the residual sum of
     squares ``RSS`` and the uncentred sum of squares is ``b0' X'X b0 + RSS``; the data are
     constant when ``RSS <= rtol^2 (b0' X'X b0 + RSS)`` (zero data included).  Measured
     against the data's own size, not their variance, because rounding (float32 input) is
-    relative to the size.  Uncentred products carry no such split: nothing is flagged.
+    relative to the size.  ``rtol``: each voxel's ``pf.rtol_constant`` (by its data's
+    precision), else :data:`CONSTANT_RTOL`.  Uncentred products carry no such split:
+    nothing is flagged.
     """
+    if rtol is None:
+        rtol = CONSTANT_RTOL if pf.rtol_constant is None else pf.rtol_constant
     if pf.y_offset is None:
         return np.zeros(pf.n_voxels, dtype=bool)
     b0 = np.where(np.isfinite(pf.y_offset), pf.y_offset, 0.0)

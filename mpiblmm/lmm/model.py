@@ -101,6 +101,9 @@ class ProductForms:
     y_offset: np.ndarray | None = None
     shared: bool = False
     algebra: object | None = None
+    #: (v,) the relative size below which a voxel's residuals count as constant data
+    #: (:func:`~mpiblmm.lmm.products.constant_rtol`); None: the float32 one for every voxel
+    rtol_constant: np.ndarray | None = None
 
     @property
     def blocks(self):
@@ -144,6 +147,7 @@ class ProductForms:
             n=self.n[index], structure=self.structure,
             y_offset=None if self.y_offset is None else self.y_offset[index],
             shared=self.shared, algebra=self.algebra,
+            rtol_constant=None if self.rtol_constant is None else self.rtol_constant[index],
         )
 
 
@@ -153,7 +157,8 @@ class VoxelRows:
     (``level_kernel.py``); any other reader of an array (``XtX``, ``ZtZ``, ``n``, ...) gets
     that of :meth:`ProductForms.take`'s copy, made once."""
 
-    _COPIED = frozenset(("XtX", "XtY", "YtY", "ZtX", "ZtY", "ZtZ", "n", "y_offset"))
+    _COPIED = frozenset(("XtX", "XtY", "YtY", "ZtX", "ZtY", "ZtZ", "n", "y_offset",
+                         "rtol_constant"))
 
     def __init__(self, forms: ProductForms, rows):
         self.forms = forms

@@ -98,12 +98,19 @@ def random_design(
 
 
 def _ols_offset(XtX: np.ndarray, XtY: np.ndarray) -> np.ndarray:
-    """Per-voxel OLS coefficients by a pseudo-inverse (safe for rank-deficient voxels)."""
-    w, U = np.linalg.eigh(XtX)
+    """Per-voxel OLS coefficients by a pseudo-inverse (safe for rank-deficient voxels) of
+    X'X with its columns scaled to unit length (:func:`unit_scaled`): ``b = S (S X'X S)^+ S
+    X'Y``.  Unscaled, a column of 1e6 (head size in mm^3) beside an intercept put the
+    intercept's eigenvalue below the 1e-12 cut: the offset was not the least-squares fit,
+    the centred data not the residuals, and a constant voxel was fitted (status 2, sigma2
+    1e-14) instead of refused as constant (status 7)."""
+    d = np.diagonal(XtX, axis1=-2, axis2=-1)
+    scale = np.where(d > 0, 1.0 / np.sqrt(np.where(d > 0, d, 1.0)), 0.0)   # S (zero columns: 0)
+    w, U = np.linalg.eigh(XtX * scale[..., :, None] * scale[..., None, :])
     tol = w[..., -1:] * 1e-12
     inv_w = np.where(w > tol, 1.0 / np.where(w > tol, w, 1.0), 0.0)
     proj = np.einsum("...ij,...j,...kj->...ik", U, inv_w, U)
-    return np.einsum("...ij,...j->...i", proj, XtY)
+    return scale * np.einsum("...ij,...j->...i", proj, scale * XtY)
 
 
 def product_forms(
@@ -177,6 +184,7 @@ def product_forms(
         Y0 = np.ascontiguousarray(Y0 - rows_at(y_offset, X.T).T * weights)
         XtY = cols_at(X, Y0)
     YtY = np.einsum("iv,iv->v", Y0, Y0)
+    rtol_constant = constant_rtol(Y, observed)
     Zs = rd.sparse()
     ZtY = np.asarray((Zs.T @ Y0).T)
 
@@ -191,7 +199,29 @@ def product_forms(
     return ProductForms(
         XtX=XtX, XtY=XtY, YtY=YtY, ZtX=ZtX, ZtY=ZtY, ZtZ=ZtZ,
         n=n_obs, structure=structure, y_offset=y_offset, shared=shared, algebra=algebra,
+        rtol_constant=rtol_constant,
     )
+
+
+#: Residual RMS, relative to the data's RMS, below which a voxel's data count as constant
+#: (:func:`~mpiblmm.lmm.estimate.constant_data`), where its values are float32 numbers (how
+#: images are packed when they fit: float32 rounds a value by up to 2^-24 ~ 6e-8 of its size,
+#: RMS about 3.5e-8, so residuals below 1e-7 of the data are rounding, not variance) ...
+CONSTANT_RTOL_FLOAT32 = 1e-7
+#: ... and where they are not (packed as float64): residuals of float64 data keep about 15
+#: digits, so 1e-10 leaves a wide margin above rounding.  With 1e-7 for all data, Y + 1e7 (a
+#: large mean, unit variation) was refused as constant at a tenth of the voxels.
+CONSTANT_RTOL_FLOAT64 = 1e-10
+
+
+def constant_rtol(Y: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """Per voxel (v,): :data:`CONSTANT_RTOL_FLOAT32` where every observed value of the
+    voxel is a float32 number (it may have been rounded to one), else
+    :data:`CONSTANT_RTOL_FLOAT64`.  A voxel's own values decide, so chunking cannot."""
+    Y = np.asarray(Y)
+    with np.errstate(over="ignore", invalid="ignore"):
+        exact = (Y.astype(np.float32) == Y) | ~observed
+    return np.where(exact.all(axis=0), CONSTANT_RTOL_FLOAT32, CONSTANT_RTOL_FLOAT64)
 
 
 def unit_scaled(XtX: np.ndarray) -> np.ndarray:

@@ -161,6 +161,46 @@ def test_almost_constant_data_are_still_fitted():
     assert (out["status"] <= 2).all()
 
 
+def test_constant_voxels_are_found_whatever_the_covariates_units():
+    """A scale audit: with head size in mm^3 (~1.5e6) in X, the OLS offset that centres the
+    data dropped the intercept's direction (eigenvalues of the unscaled X'X below 1e-12 of
+    the largest), so constant voxels and voxels fitted exactly by X were fitted (status 2,
+    sigma2 1e-14), while the same covariate in litres gave status 7."""
+    model, Y = _model_and_data(seed=8, v=5)
+    rng = np.random.default_rng(9)
+    subject = model.rd.cols[:, 0] // 2                    # each row's subject (q = 2)
+    icv = np.round(1.5e6 + 1.5e5 * rng.standard_normal(subject.max() + 1), 1)[subject]
+    Y[0] = 100.0                                          # constant
+    Y[1] = 3.0 + 0.5 * model.X[:, 1]                      # fitted exactly by X
+    Y[2] = 1e4 + 0.5 * model.X[:, 1] + 1e-4 * icv         # exactly, through icv too
+    for unit in (1.0, 1e-6, 1e-9):                        # mm^3, litres, m^3
+        X = np.column_stack([model.X, icv * unit])
+        L = np.zeros((1, 4))
+        L[0, 2] = 1.0
+        out = analyse_chunk(Model(X, model.rd, (ContrastDef("time", L),)), Y, Settings())
+        np.testing.assert_array_equal(out["status"][:3], STATUS_CONSTANT, err_msg=str(unit))
+        assert (out["status"][3:] <= 2).all()
+
+
+def test_float64_data_far_from_zero_are_not_constant():
+    """float32 rounds a value by up to 6e-8 of its size, so residuals below 1e-7 of float32
+    data are rounding; float64 data keep 15 digits: Y + 1e7 with unit variation (1e-7 of its
+    size) was refused as constant at a tenth of the voxels, Y + 1e8 at all of them.  Now
+    the voxel's own values decide (products.constant_rtol), and the fit is the same as at
+    Y's own level, its intercept shifted."""
+    model, Y = _model_and_data(seed=10, v=6)
+    base = analyse_chunk(model, Y, Settings())
+    for shift in (1e7, 1e8):
+        out = analyse_chunk(model, Y + shift, Settings())
+        np.testing.assert_array_equal(out["status"], base["status"])
+        np.testing.assert_allclose(out["beta"][:, 0] - shift, base["beta"][:, 0], rtol=1e-6)
+        np.testing.assert_allclose(out["sigma2"], base["sigma2"], rtol=1e-5)
+    # float32 numbers with residuals of float32 rounding's size are still constant
+    level = np.float32(1e7) + np.zeros_like(Y[:1])
+    flat32 = (level + np.float32(0.5) * (Y[:1] > 100)).astype(np.float32).astype(np.float64)
+    assert analyse_chunk(model, flat32, Settings())["status"][0] == STATUS_CONSTANT
+
+
 def test_voxels_whose_observed_rows_cannot_identify_the_random_effects():
     """lme4's rule on a voxel's own data: observations must exceed levels x effects.  With
     two of four visits per subject and an intercept + slope, n = 2 l: not identifiable

@@ -64,7 +64,7 @@ def factor_product_forms(pattern: BlockPattern, pf: ProductForms, a: int) -> Pro
         XtX=pf.XtX, XtY=pf.XtY, YtY=pf.YtY, ZtX=pf.ZtX[:, cols], ZtY=pf.ZtY[:, cols],
         ZtZ=np.ascontiguousarray(np.transpose(zz, (0, 3, 1, 2))), n=pf.n,
         structure=structure, y_offset=pf.y_offset, shared=pf.shared,
-        algebra=OneFactor(structure))
+        algebra=OneFactor(structure), rtol_constant=pf.rtol_constant)
 
 
 def single_factor_start(pattern: BlockPattern, pf: ProductForms, method: str,
