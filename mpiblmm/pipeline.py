@@ -497,7 +497,8 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
     step = chunk_voxels(work, design.n, model, options.chunk_voxels)
     chunks = pending_chunks(mine, done, step)
     resumed_here = 0 if done is None else int(np.count_nonzero(done[mine.start:mine.stop]))
-    progress = Progress(comm, packed.n_voxels, log, mine.size, len(chunks))  # collective
+    progress = Progress(comm, packed.n_voxels, log, mine.size, len(chunks),  # collective
+                        resumed_total=0 if done is None else int(np.count_nonzero(done)))
     if resumed_here:
         progress.chunk_done(resumed_here, resumed=True)
     written = 0
@@ -553,10 +554,11 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
                       f"{results_path}` to write them", file=sys.stderr, flush=True)
             raise FitStopped() from None
     phases = {**{k: v for k, v in phases.items() if k != "total"},
-              **store_headline(results_path, comm, timer)}  # export, then the headline total
+              **store_headline(results_path, comm, timer, ("finish", "export"))}
     if rank == 0 and log.active:  # stdout unless --quiet, and --log-file
         _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path,
-                       timer.seconds["export"], timer.total(), peak, budget, dropped)
+                       timer.seconds["export"], timer.total(), peak, budget, dropped,
+                       summary["resumed_voxels"])
     if rank == 0 and n_fitted == 0:
         # a job that ran to the end without a single estimate: a batch log must say so
         why = "; ".join(f"{counts[c]} with status {c}, "
@@ -620,9 +622,11 @@ def peak_memory_mb() -> float:
 
 
 def _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path, export,
-                   total, peak, budget, dropped) -> None:
+                   total, peak, budget, dropped, resumed=0) -> None:
     V = sum(counts.values())
-    say(f"mpiblmm: fitted {n_fitted} of {V} voxels in {phases['total'][2]:.2f} s")
+    earlier = (f" ({resumed} of the {V} by an earlier run, resumed; the times are this "
+               f"run's)" if resumed else "")
+    say(f"mpiblmm: fitted {n_fitted} of {V} voxels in {phases['total'][2]:.2f} s{earlier}")
     for code in sorted(counts):
         say(f"  status {code:>3}: {counts[code]:>8}  {STATUS_CODES.get(code, 'not processed')}")
     if dropped:   # lme4's "fixed-effect model matrix is rank deficient so dropping ..."

@@ -351,10 +351,15 @@ class Progress:
         The job's :class:`JobLog` (its interval sets how often rank 0 reports).
     mine, chunks
         Voxels and chunks of this rank's slab (for its own log).
+    resumed_total
+        Voxels of the whole job an earlier run did (a resumed fit; every rank knows them):
+        counted as done from the first line, also for the ranks whose count has not
+        arrived yet (the first line of a resumed fit said "fit 0/18,000" right after
+        "resuming: 9300 of 18000 voxels already done").
     """
 
     def __init__(self, comm: Any, total: int, log: JobLog, mine: int = 0,
-                 chunks: int = 0) -> None:
+                 chunks: int = 0, resumed_total: int = 0) -> None:
         from mpi4py import MPI
 
         self._MPI = MPI
@@ -366,6 +371,7 @@ class Progress:
         self.done = 0  # this rank's voxels done, resumed ones included
         self.resumed = 0  # of those, done by an earlier run
         self.chunks = 0
+        self.resumed_total = int(resumed_total)
         self._pending: list[tuple[Any, np.ndarray]] = []
         self._last_sent = -math.inf
         self._closed = False
@@ -382,7 +388,8 @@ class Progress:
                  f"{self.size} rank(s)")
         if self.rank == 0:
             log.status = self._status
-            log.report(f"fit {0:,}/{self.total:,} voxels on {self.size} rank(s)", 0.0)
+            log.report(f"fit {self.resumed_total:,}/{self.total:,} voxels on {self.size} "
+                       f"rank(s)" + (" (resumed)" if self.resumed_total else ""), 0.0)
 
     # ----------------------------------------------------------------- every rank
     def chunk_done(self, n_voxels: int, resumed: bool = False) -> None:
@@ -484,8 +491,10 @@ class Progress:
         return got
 
     def _counts(self) -> tuple[int, int, int]:
+        """Voxels done over all ranks (the earlier run's of ranks not heard from yet
+        included), of those fitted in this run, and ranks finished."""
         done, resumed, final = self._table.sum(axis=0)
-        return int(done), int(done - resumed), int(final)
+        return int(done + self.resumed_total - resumed), int(done - resumed), int(final)
 
     def _status(self) -> tuple[str, float]:
         """The heartbeat's report during the fit (polls first if MPI allows threads)."""

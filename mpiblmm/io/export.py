@@ -50,7 +50,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -125,6 +125,7 @@ class MapSpec:
     volumes: tuple[str, ...]
     lower_triangle: bool = False
     derive: str = ""  # "", "mask", "z" or "q": computed from ``dataset`` at export
+    meaning: str = ""  # what a derived map holds, for maps.json (z: by the contrast's test)
 
 
 def vech_indices(q: int) -> tuple[np.ndarray, np.ndarray]:
@@ -154,10 +155,29 @@ def list_maps(f: Any, fdr: bool = False) -> list[MapSpec]:
         for stat in f[f"contrasts/{con}"]:
             out.append(MapSpec(f"con_{con}_{stat}", f"contrasts/{con}/{stat}", (stat,)))
         if "neglog10p" in f[f"contrasts/{con}"]:
-            out.append(MapSpec(f"con_{con}_z", f"contrasts/{con}/neglog10p", ("z",), derive="z"))
+            group = f[f"contrasts/{con}"]
+            kind = str(group.attrs.get("kind", "F" if "F" in group else "T"))
+            out.append(MapSpec(f"con_{con}_z", f"contrasts/{con}/neglog10p", ("z",), derive="z",
+                               meaning=z_meaning(kind, str(group.attrs.get("alternative",
+                                                                           "two-sided")))))
             if fdr:
                 out.append(MapSpec(f"con_{con}_q", f"contrasts/{con}/p", ("q",), derive="q"))
     return out
+
+
+def z_meaning(kind: str, alternative: str) -> str:
+    """What a contrast's z map holds (:func:`~mpiblmm.io.derived.z_from_neglog10p`), for
+    ``maps.json``: its sign and tail follow the test."""
+    if kind == "F":
+        return ("standard normal z with the F test's p, upper tail (FSL's zfstat): z > 0 "
+                "where p < 0.5; not signed by any effect")
+    if alternative == "greater":
+        return "standard normal z with the one-sided p (greater), z = isf(p)"
+    if alternative == "less":
+        return ("standard normal z with the one-sided p (less), z = -isf(p): negative where "
+                "the estimate is significantly below 0")
+    return ("standard normal z with the two-sided p, signed by the estimate: "
+            "z = sign(estimate) isf(p / 2)")
 
 
 def map_values(f: Any, m: MapSpec) -> np.ndarray:
@@ -202,9 +222,10 @@ def map_info(m: MapSpec, codes: dict[str, str]) -> dict[str, Any]:
     entry: dict[str, Any] = {"dataset": m.dataset, "volumes": list(m.volumes)}
     if m.derive:
         entry["derived"] = {"mask": "1 where a model was fitted (status 0, 1 or 2), else 0",
-                            "z": "standard normal z with the contrast's p (signed by the "
-                                 "estimate for two-sided T contrasts)",
+                            "z": "standard normal z with the contrast's p",
                             "q": "Benjamini-Hochberg FDR q-value over the fitted voxels"}[m.derive]
+        if m.meaning:
+            entry["derived"] = m.meaning
     if m.stem == "status":
         entry["codes"] = codes
     return entry
@@ -568,14 +589,17 @@ def _write_atomic(path: Path, text: str) -> None:
             tmp.unlink()
 
 
-def store_headline(results_path: str | os.PathLike, comm: Any, timer: Any) -> dict[str, list[float]]:
-    """Collective, after the export: seconds of the export and of the whole run (from the
-    timer's start), min / median / max over ranks, added to the results' ``summary`` by rank
-    0 (``seconds.export``, ``seconds.total`` and ``total_seconds``, the slowest rank's total,
-    which is what ``fit`` prints as its headline)."""
+def store_headline(results_path: str | os.PathLike, comm: Any, timer: Any,
+                   phases: Sequence[str] = ("export",)) -> dict[str, list[float]]:
+    """Collective, after the export: seconds of ``phases`` (the export; a fit also gives its
+    ``finish``, whose own time is known only once it closed: the summary it writes was
+    gathered inside it) and of the whole run (from the timer's start), min / median / max
+    over ranks, added to the results' ``summary`` by rank 0 (``seconds.<phase>``,
+    ``seconds.total`` and ``total_seconds``, the slowest rank's total, which is what ``fit``
+    prints as its headline)."""
     from mpiblmm.timers import summarise_phases
 
-    times = summarise_phases(comm, timer, ["export"])
+    times = summarise_phases(comm, timer, list(phases))
     if comm_rank(comm) == 0:
         try:
             with open_serial_rw(results_path) as f:

@@ -189,8 +189,17 @@ def test_stopped_fit_resumes_to_the_same_bits(study, tmp_path, how, ranks, resum
                                           "--resume", "--chunk-voxels", "40"]), 300, None, None)
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"resuming: {done} of 480 voxels already done" in run.stdout
+    # the first progress line counts them (it said "fit 0/480"), and so does the summary
+    assert f"fit {done:,}/480 voxels on {resume_ranks} rank(s) (resumed)" in run.stdout
+    assert f"voxels in " in run.stdout and f"({done} of the 480 by an earlier run, resumed; " \
+        "the times are this run's)" in run.stdout, run.stdout
     assert not (out / "mpiblmm.lock").exists()
-    _same(reference, read_results(out / "results.h5"))
+    resumed = read_results(out / "results.h5")
+    _same(reference, resumed)
+    # the finish phase has its own time (it was gathered inside itself: always 0)
+    seconds = json.loads(resumed["@"]["summary"])["seconds"]
+    assert seconds["finish"][2] > 0, seconds
+    assert sum(v[2] for k, v in seconds.items() if k != "total") >= 0.5 * seconds["total"][2]
 
 
 @pytest.mark.spawns_mpiexec

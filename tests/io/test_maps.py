@@ -165,6 +165,10 @@ def test_export_keeps_codes_and_marks_the_background(tmp_path):
     assert f'NIfTI_nums="{dim[1]},{dim[2]},{dim[3]},2,1,64"' in xml
     assert index["status.nii.gz"]["codes"]["8"].startswith("not analysed")
     assert index["con_b_z.nii.gz"]["volumes"] == ["z"]
+    # what each z holds follows its test (it said "signed ... for two-sided T" for every z)
+    assert index["con_b_z.nii.gz"]["derived"].startswith(
+        "standard normal z with the two-sided p, signed by the estimate")
+    assert "F test's p, upper tail" in index["con_ab_z.nii.gz"]["derived"]
 
 
 def test_codes_of_the_first_image_survive_but_not_its_intent(tmp_path):
@@ -195,3 +199,12 @@ def test_an_export_removes_the_maps_an_earlier_one_listed_and_no_other_file(tmp_
     assert not (out / "con_b_q.nii.gz").exists()
     assert {p.name for p in out.iterdir()} == set(index) | {"maps.json", "mine.nii.gz",
                                                             "notes.txt"}
+
+
+def test_z_meaning_follows_the_test():
+    from mpiblmm.io.export import z_meaning
+
+    assert "z = isf(p)" in z_meaning("T", "greater")
+    assert "z = -isf(p)" in z_meaning("T", "less")
+    assert "sign(estimate)" in z_meaning("T", "two-sided")
+    assert "not signed" in z_meaning("F", "two-sided")
