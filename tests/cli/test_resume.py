@@ -191,7 +191,7 @@ def test_stopped_fit_resumes_to_the_same_bits(study, tmp_path, how, ranks, resum
     assert f"resuming: {done} of 480 voxels already done" in run.stdout
     # the first progress line counts them (it said "fit 0/480"), and so does the summary
     assert f"fit {done:,}/480 voxels on {resume_ranks} rank(s) (resumed)" in run.stdout
-    assert f"voxels in " in run.stdout and f"({done} of the 480 by an earlier run, resumed; " \
+    assert "voxels in " in run.stdout and f"({done} of the 480 by an earlier run, resumed; " \
         "the times are this run's)" in run.stdout, run.stdout
     assert not (out / "mpiblmm.lock").exists()
     resumed = read_results(out / "results.h5")
