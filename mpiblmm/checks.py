@@ -172,8 +172,26 @@ def random_covariates_problem(design: Any, spec: Any, i: int) -> SpecError | Non
 def _column(A: np.ndarray, j: int, names: tuple[str, ...]) -> str:
     """'column 3 ('age') is zero' or '... is a linear combination of the columns before it'."""
     what = f"column {j + 1}" + (f" ({names[j]!r})" if len(names) == A.shape[1] else "")
-    how = "zero" if not np.any(A[:, j]) else "a linear combination of the columns before it"
-    return f"{what} is {how}"
+    if not np.any(A[:, j]):
+        return f"{what} is zero"
+    left = _outside_span(A, j)
+    if left > 1e-10:   # in the span to ~1e-5 only: a covariate far from 0 beside an intercept
+        return (f"{what} is nearly a linear combination of the columns before it (only "
+                f"{left:.1e} of it lies outside their span: a covariate with a large offset, "
+                f"such as age + 10000, beside the intercept? centre it, e.g. scale(age))")
+    return f"{what} is a linear combination of the columns before it"
+
+
+def _outside_span(A: np.ndarray, j: int) -> float:
+    """The part of column ``j`` of ``A`` outside the span of the columns before it, relative
+    to its length (least squares on unit-length columns)."""
+    B = np.asarray(A[:, :j + 1], dtype=np.float64)
+    B = B / np.where(np.abs(B).max(axis=0) > 0, np.abs(B).max(axis=0), 1.0)
+    B = B / np.linalg.norm(B, axis=0)
+    if j == 0:
+        return 1.0
+    coef = np.linalg.lstsq(B[:, :j], B[:, j], rcond=None)[0]
+    return float(np.linalg.norm(B[:, j] - B[:, :j] @ coef))
 
 
 def overlapping_random_terms(design: Any) -> list[str]:

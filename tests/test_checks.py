@@ -46,6 +46,19 @@ def test_rank_deficient_X_names_the_column(make, column):
         check_fittable(_design(X=X))
 
 
+def test_a_covariate_far_from_zero_is_nearly_dependent_and_told_to_centre():
+    """age + 1e6 beside an intercept: in their span to 1.6e-5 (refused, as before), but it
+    was called "a linear combination of the columns before it", which it is not."""
+    age = 40.0 + 17.0 * np.random.default_rng(1).standard_normal(30)
+    X = np.column_stack([np.ones(30), age + 1e6])
+    with pytest.raises(SpecError, match=r"column 2 \('c1'\) is nearly a linear combination of "
+                                        r"the columns before it \(only 1\.\de-05 .*centre it"):
+        check_fittable(_design(X=X))
+    exact = np.column_stack([np.ones(30), age, 2 * age + 3])
+    with pytest.raises(SpecError, match=r"column 3 \('c2'\) is a linear combination"):
+        check_fittable(_design(X=exact))
+
+
 def test_min_n_above_n():
     class Spec:
         class missingness:
