@@ -392,13 +392,16 @@ def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) ->
     out.append(f"candidate voxels: {how}")
     budget = spec.max_memory_mb or DEFAULT_MEMORY_MB
     mem, chunk = _memory(design, voxels, ranks, budget)
-    out.append(f"memory per rank: about {mem:.0f} MiB (chunks of {chunk} voxels; budget "
-               f"{budget:.0f} MiB)")
+    out.append(f"memory per rank: at most about {mem:.0f} MiB (chunks of {chunk} voxels; "
+               f"budget {budget:.0f} MiB; the per-voxel estimate is generous, measured peaks "
+               f"are often half of it or less)")
     ms = _ms_per_voxel(spec, design)
     seconds = voxels * ms / 1000.0 / max(ranks, 1)
-    out.append(f"run time: {_duration(seconds)} on {ranks} rank(s) (the estimator took "
-               f"{ms:.2f} ms per voxel here on {_ms_per_voxel.voxels} simulated voxels; missing data "
-               "and boundary fits cost more; packing the images adds to the first fit)")
+    out.append(f"run time: fitting about {_duration(seconds)} on {ranks} rank(s), a lower "
+               f"bound (the estimator took {ms:.2f} ms per voxel here on "
+               f"{_ms_per_voxel.voxels} simulated complete voxels; missing data and boundary "
+               "fits cost more, up to 2x in audits; start-up, packing the images, reading and "
+               "writing add to it)")
     out.append("check: OK")
     return out
 
@@ -446,20 +449,25 @@ def _candidates(spec: Any, grid: Any, problems: list[str]) -> tuple[int, str] | 
                "observes are dropped)")
 
 
-def _memory(design: Any, voxels: int, ranks: int, budget: float) -> tuple[float, int]:
+def _memory(design: Any, voxels: int, ranks: int, budget: float,
+            base: float | None = None) -> tuple[float, int]:
     """Memory per rank and voxels per chunk, sized as the fit sizes them
-    (:func:`mpiblmm.pipeline.chunk_voxels`: with the blocked pattern, whose Z'Z is its
-    non-zero blocks, not q x q)."""
+    (:func:`mpiblmm.pipeline.chunk_voxels` of the budget less what a rank holds at its start,
+    ``base``: this process's resident memory by default, which check measures as the fit
+    does; with the blocked pattern, whose Z'Z is its non-zero blocks, not q x q)."""
     from mpiblmm.lmm.analysis import bytes_per_voxel
     from mpiblmm.lmm.structure import choose
     from mpiblmm.pipeline import chunk_voxels, model_from_design
+
+    from mpiblmm.memory import resident_mb
 
     model = model_from_design(design)
     per = bytes_per_voxel(design.n, design.p, design.structure, len(design.contrasts),
                           blocks=choose(model.rd))
     mine = max(1, math.ceil(voxels / max(ranks, 1)))
-    chunk = int(max(1, min(chunk_voxels(budget, design.n, model), mine)))
-    base = 150.0  # Python, numpy, h5py, MPI
+    base = resident_mb() if base is None else base  # what the fit subtracts from the budget
+    work = max(budget - base, 1.0)
+    chunk = int(max(1, min(chunk_voxels(work, design.n, model), mine)))
     return base + chunk * per / 2**20 + 8.0 * design.n * chunk / 2**20, chunk
 
 

@@ -177,8 +177,8 @@ def _column(A: np.ndarray, j: int, names: tuple[str, ...]) -> str:
     left = _outside_span(A, j)
     if left > 1e-10:   # in the span to ~1e-5 only: a covariate far from 0 beside an intercept
         return (f"{what} is nearly a linear combination of the columns before it (only "
-                f"{left:.1e} of it lies outside their span: a covariate with a large offset, "
-                f"such as age + 10000, beside the intercept? centre it, e.g. scale(age))")
+                f"{left:.1e} of it lies outside their span; if it is a covariate far from "
+                f"zero beside the intercept, such as age + 10000, centre it: scale(age))")
     return f"{what} is a linear combination of the columns before it"
 
 

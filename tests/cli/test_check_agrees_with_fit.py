@@ -159,7 +159,8 @@ CASES = {
     "X: a column dependent up to 1e-7 of its size": (   # check's unscaled rank passed it
         x_file(np.column_stack([base_X(), base_X()[:, 1] + base_X()[:, 2] + 1e-7
                                 * np.random.default_rng(3).normal(size=N)])),
-        "{case}/X.csv: column 4 ('x3') is a linear combination of the columns before it"),
+        "{case}/X.csv: column 4 ('x3') is nearly a linear combination of the columns before "
+        "it (only 7.6e-08 of it lies outside their span"),
     "X: more fixed effects than observations": (
         x_file(np.random.default_rng(2).normal(size=(N, N))),
         "{case}/X.csv: 24 fixed effects (columns) but only 24 observations (rows)"),

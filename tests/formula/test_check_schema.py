@@ -55,7 +55,7 @@ def test_check_summary(study):
     assert "subject: 8 levels (3-3 observations each), 2 effect(s): intercept, time" in text
     assert "age_or_time: F: 1 age; 1 time" in text
     assert "candidate voxels: at most 48" in text
-    assert "memory per rank: about" in text and "on 4 rank(s)" in text
+    assert "memory per rank: at most about" in text and "on 4 rank(s), a lower bound" in text
     assert summary[-1] == "check: OK"
 
 
@@ -193,7 +193,9 @@ def test_check_sizes_chunks_as_the_fit_does_for_several_factors(tmp_path):
     spec = load_spec(tmp_path / "spec.json")
     design = design_from_spec(spec)
     model = model_from_design(design)
-    budget = 64.0
-    mem, chunk = _memory(design, 10_000, 1, budget)
-    assert chunk == chunk_voxels(budget, design.n, model) > 1
+    budget, base = 164.0, 100.0
+    mem, chunk = _memory(design, 10_000, 1, budget, base)
+    # the fit sizes chunks from the budget less what a rank holds at its start (check had
+    # the whole budget: 7,649 voxels where the fit took 7,300)
+    assert chunk == chunk_voxels(budget - base, design.n, model) > 1
     assert mem < 4 * budget
