@@ -20,6 +20,13 @@ from mpiblmm.io.results import refuse_missing_datasets
 from mpiblmm.lmm.model import dropped_column_voxels
 
 
+#: (singular, plural) name of one element of a study, by the input format.
+UNITS = {"nifti": ("voxel", "voxels"), "gifti": ("vertex", "vertices"),
+         "cifti": ("grayordinate", "grayordinates")}
+#: Where :attr:`ReportData.n_total` comes from when the fit recorded it.
+INPUT_PARTS_SOURCE = "results.h5 (input_parts)"
+
+
 @dataclass
 class ContrastView:
     """One contrast: its kind, z per voxel, and its df range over fitted voxels."""
@@ -54,6 +61,17 @@ class ReportData:
     background_source: str = ""
     extras: dict[str, Any] = field(default_factory=dict)
     dropped_columns: int = 0            # fitted voxels with NaN in beta (lme4's dropped columns)
+    affine: np.ndarray | None = None    # (4, 4) voxel to world, None when not stored
+
+    @property
+    def unit(self) -> str:
+        """What one element of the study is called, plural: voxels, vertices or grayordinates."""
+        return UNITS.get(self.space_format, UNITS["nifti"])[1]
+
+    @property
+    def unit1(self) -> str:
+        """What one element of the study is called, singular."""
+        return UNITS.get(self.space_format, UNITS["nifti"])[0]
 
     @property
     def fitted(self) -> np.ndarray:
@@ -106,7 +124,7 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
             sign = np.asarray(g["estimate"][...]) if "estimate" in g else None
             z = z_from_neglog10p(np.asarray(g["neglog10p"][...]), kind, alt, sign)
             df = np.asarray(g["df"][...] if "df" in g else g["df_den"][...])
-            df_num = float(np.nanmax(g["df_num"][...])) if "df_num" in g else None
+            df_num = _df_num(g, status) if "df_num" in g else None
             contrasts.append(ContrastView(name, kind, alt, z, df, df_num))
         space = str(f.attrs.get("space", ""))
         data = ReportData(
@@ -121,7 +139,11 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
             contrasts=contrasts,
             space_format=json.loads(space).get("format", "nifti") if space else "nifti",
             dropped_columns=dropped,
+            affine=np.asarray(f.attrs["affine"], dtype=np.float64) if "affine" in f.attrs else None,
         )
+        data.n_total = _recorded_observations(f)
+        if data.n_total is not None:
+            data.n_total_source = INPUT_PARTS_SOURCE
     data.counts = data.counts or {int(k): int(v) for k, v in zip(*np.unique(status, return_counts=True))}
     _add_packed(data, results.parent / "packed.h5")
     if background is not None:
@@ -132,10 +154,30 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
             raise UserError(f"background shape {data.background.shape} differs from the study "
                             f"grid {data.grid_shape}", str(background))
         data.background_source = str(background)
-    if data.n_total is None:
+    if data.n_total is None:  # a results file from before fits recorded input_parts
         data.n_total = int(data.n.max()) if data.n.size else 0
         data.n_total_source = "the largest n of any voxel (packed.h5 not found)"
     return data
+
+
+def _df_num(group, status: np.ndarray) -> float | None:
+    """An F contrast's numerator df: the largest over fitted voxels with a finite value,
+    None when there is none (every voxel dropped); unfitted voxels hold NaN."""
+    df_num = np.asarray(group["df_num"][...], dtype=np.float64)
+    ok = (status <= FITTED_MAX_STATUS) & np.isfinite(df_num)
+    return float(df_num[ok].max()) if ok.any() else None
+
+
+def _recorded_observations(f) -> int | None:
+    """The study's number of observations as the fit recorded it in the ``input_parts``
+    attribute (JSON), or None for files written before it held them."""
+    raw = f.attrs.get("input_parts", "")
+    try:
+        parts = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw or "{}"))
+        n = parts.get("observations") if isinstance(parts, dict) else None
+        return int(n) if n is not None else None
+    except (ValueError, TypeError):
+        return None
 
 
 def _add_packed(data: ReportData, packed: Path) -> None:
@@ -152,8 +194,9 @@ def _add_packed(data: ReportData, packed: Path) -> None:
             vox = np.asarray(f["voxels"][...], dtype=np.int64)
             if tuple(int(s) for s in f.attrs["grid_shape"]) != data.grid_shape:
                 return
-            data.n_total = int(f.attrs["n_observations"])
-            data.n_total_source = "packed.h5"
+            if data.n_total is None:  # the fit's own record (input_parts) comes first
+                data.n_total = int(f.attrs["n_observations"])
+                data.n_total_source = "packed.h5"
             Y = f["Y"]
             total = np.zeros(vox.shape[0])
             count = np.zeros(vox.shape[0])
