@@ -7,21 +7,27 @@ repeats are interleaved over rank counts, so machine noise hits every rank count
 a clean output folder each time, packing included: wall time from launch to exit.  Each
 run's per-phase seconds (max over ranks: the slowest rank sets the wall time) are read from
 ``results.h5``'s ``summary`` attribute, export included (from rank 0's log if the summary
-lacks it).  ``other`` is the part of the fit's total (the slowest rank's) that no phase
-times: the collective open and close of packed.h5 for the fit, the progress and stop
-communicators, the final waits.  It is slightly negative when different ranks are the
-slowest in different phases.  ``startup`` is the rest of the wall time (launch, imports,
-``MPI_Init``, exit), so ``startup + setup + ... + export + other = wall``.
+lacks it), and so is ``finish`` (the fit's reductions over ranks and its summary; 0 from a
+fit that does not time it yet).  ``other`` is the part of the fit's total (the slowest
+rank's) that no phase times: the collective open and close of packed.h5 for the fit, the
+progress and stop communicators, the final waits.  It is slightly negative when different
+ranks are the slowest in different phases.  ``startup`` is the rest of the wall time
+(launch, imports, ``MPI_Init``, exit), so ``startup + setup + ... + finish + export + other
+= wall``.
 
 Out, in ``--out`` (default ``scaling-<date>``):
 
 - ``scaling.csv``: one row per run (``mode, ranks, repeat, voxels, images, wall_s`` and
   ``<phase>_s`` for startup, setup, ingest, create, read, fit, write, finish, export,
   other), appended (and flushed) as soon as the run is measured.
-- ``scaling_summary.csv``: one row per mode and rank count: median wall time, speed-up over
-  the smallest rank count, parallel efficiency, median seconds per phase.
-- ``scaling.png``: speed-up against the ideal line, efficiency, and the per-phase breakdown,
-  so one sees whether I/O (ingest, read, write, export), start-up or the fit limits scaling.
+- ``scaling_summary.csv``: one row per mode and rank count: median wall time, and each
+  phase's median over the runs (so the phases of a row need not add up to its median wall
+  time).  Strong scaling: ``speedup`` = T(fewest ranks) / T(R), ``ideal_speedup`` and
+  ``efficiency`` = speedup / ideal.  Weak scaling has no speed-up (its ``speedup`` and
+  ``ideal_speedup`` are empty): its ``efficiency`` is T(fewest ranks) / T(R), ideally 1.
+- ``scaling.png``: speed-up against the ideal line, efficiency, and the per-phase breakdown
+  (each phase's median over the runs), so one sees whether I/O (ingest, results I/O,
+  export), start-up, mpiblmm's setup or the fit limits scaling.
 
 The summary and the PNG are written from the rows there are also when a run fails or times
 out, and on SIGTERM or Ctrl-C (the running point is stopped and not counted); the exit code
@@ -70,10 +76,11 @@ RUN_COLUMNS = ["mode", "ranks", "repeat", "voxels", "images", "wall_s",
 SUMMARY_COLUMNS = ["mode", "ranks", "voxels", "voxels_per_rank", "repeats", "wall_median_s",
                    "wall_best_s", "speedup", "ideal_speedup", "efficiency",
                    *[f"{p}_s" for p in PHASES]]
-#: Groups of the breakdown plot.
-GROUPS = {"start-up": ["startup", "setup"], "ingest": ["ingest"],
-          "results I/O (create, read, write, finish)": ["create", "read", "write", "finish"],
-          "fit": ["fit"], "export": ["export"],
+#: Groups of the breakdown plot: every phase in exactly one.
+GROUPS = {"start-up (launch, imports, MPI_Init, exit)": ["startup"],
+          "setup (mpiblmm: spec, design)": ["setup"], "ingest": ["ingest"],
+          "results I/O (create, read, write)": ["create", "read", "write"],
+          "fit": ["fit"], "finish (reductions, summary)": ["finish"], "export": ["export"],
           "other (untimed: opening packed.h5, progress, waits)": ["other"]}
 #: The export line of the fit's "seconds per phase" table: min, median, max over ranks.
 EXPORT_LINE = re.compile(r"^\s*export\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s*$")
@@ -264,7 +271,10 @@ def weak_shape(shape: list[int], voxels_per_rank: int, ranks: int) -> tuple[int,
 
 # --------------------------------------------------------------------------- summary
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per mode and rank count: medians, speed-up and efficiency over the smallest count."""
+    """Per mode and rank count: medians, and the ratio to the smallest count.  Strong scaling:
+    ``speedup`` = T(base) / T(R), ``ideal_speedup`` = R / base, ``efficiency`` = their ratio.
+    Weak scaling has no speed-up (``speedup`` and ``ideal_speedup`` are None, empty in the
+    CSV): T(base) / T(R), ideally 1, is its ``efficiency``."""
     out = []
     for mode in dict.fromkeys(r["mode"] for r in rows):
         mine = [r for r in rows if r["mode"] == mode]
@@ -274,12 +284,15 @@ def summarise(rows: list[dict]) -> list[dict]:
         for ranks in counts:
             runs = [r for r in mine if r["ranks"] == ranks]
             wall = statistics.median(r["wall_s"] for r in runs)
-            ideal = ranks / base_ranks if mode == "strong" else 1.0
-            speedup = base / wall  # weak: the time ratio, ideally 1
             row = {"mode": mode, "ranks": ranks, "voxels": runs[0]["voxels"],
                    "voxels_per_rank": runs[0]["voxels"] / ranks, "repeats": len(runs),
-                   "wall_median_s": wall, "wall_best_s": min(r["wall_s"] for r in runs),
-                   "speedup": speedup, "ideal_speedup": ideal, "efficiency": speedup / ideal}
+                   "wall_median_s": wall, "wall_best_s": min(r["wall_s"] for r in runs)}
+            if mode == "strong":
+                ideal = ranks / base_ranks
+                row.update(speedup=base / wall, ideal_speedup=ideal,
+                           efficiency=base / wall / ideal)
+            else:  # the same work per rank: the time ratio is the efficiency
+                row.update(speedup=None, ideal_speedup=None, efficiency=base / wall)
             for p in PHASES:
                 row[f"{p}_s"] = statistics.median(r[f"{p}_s"] for r in runs)
             out.append(row)
@@ -295,69 +308,124 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
                              for k, v in row.items() if k in columns})
 
 
-def plot(summary: list[dict], path: Path, title: str, cores: int) -> None:
-    """Speed-up with the ideal line, efficiency, and per-phase seconds per mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def speedup_ticks(values: list[float]) -> tuple[str, list[float], list[str]]:
+    """The speed-up axis for these values (measured and ideal): ``("linear", ticks, labels)``
+    from 0 when they span at most a factor 4, else ``("log", ...)`` with a tick at every power
+    of 2 around them, fractions included (0.25, 0.5, 1, 2, ...)."""
     import matplotlib.ticker
 
+    lo, hi = min(values), max(values)
+    if hi <= 4 * lo:
+        ticks = [t for t in matplotlib.ticker.MaxNLocator(
+            nbins=6, steps=[1, 2, 2.5, 5, 10]).tick_values(0, hi * 1.1) if 0 <= t <= hi * 1.1]
+        return "linear", ticks, [f"{t:g}" for t in ticks]
+    ticks = [2.0 ** k for k in range(math.floor(math.log2(lo)), math.ceil(math.log2(hi)) + 1)]
+    return "log", ticks, [f"{t:g}" for t in ticks]
+
+
+def figure(summary: list[dict], title: str, cores: int):
+    """The figure (a matplotlib Figure, not saved): speed-up with the ideal line (strong
+    scaling), efficiency, and per-phase seconds per mode, with the legends outside the
+    data."""
+    from matplotlib.figure import Figure
+
     modes = list(dict.fromkeys(r["mode"] for r in summary))
-    fig, axes = plt.subplots(1, 2 + len(modes), figsize=(5 * (2 + len(modes)), 4.2))
-    ax_speed, ax_eff = axes[0], axes[1]
+    # weak scaling has no speed-up: no speed-up panel without strong-scaling runs
+    panels = (2 if "strong" in modes else 1) + len(modes)
+    fig = Figure(figsize=(5 * panels + 2.5, 5.4), layout="constrained")
+    axes = list(fig.subplots(1, panels))
+    ax_speed = axes.pop(0) if "strong" in modes else None
+    ax_eff = axes.pop(0)
     colours = {"strong": "tab:blue", "weak": "tab:orange"}
+    markers = {"strong": "o-", "weak": "s-"}
+    speed_values = []
     for mode in modes:
         rows = [r for r in summary if r["mode"] == mode]
         ranks = [r["ranks"] for r in rows]
         if mode == "strong":
-            ax_speed.plot(ranks, [r["speedup"] for r in rows], "o-", color=colours[mode],
-                          label="strong: measured")
-            ax_speed.plot(ranks, [r["ideal_speedup"] for r in rows], "k--", label="ideal")
-        else:
-            ax_speed.plot(ranks, [r["speedup"] for r in rows], "s-", color=colours[mode],
-                          label="weak: T(base) / T(R), ideal 1")
-            ax_speed.axhline(1.0, color=colours[mode], ls=":", lw=1, label="weak: ideal")
-        ax_eff.plot(ranks, [r["efficiency"] for r in rows], "o-" if mode == "strong" else "s-",
-                    color=colours[mode], label=mode)
+            measured = [r["speedup"] for r in rows]
+            ax_speed.plot(ranks, measured, markers[mode], color=colours[mode],
+                          label="strong: measured, T(fewest) / T(R)")
+            ax_speed.plot(ranks, [r["ideal_speedup"] for r in rows], "k--",
+                          label="strong: ideal")
+            speed_values += measured + [r["ideal_speedup"] for r in rows]
+            _annotate(ax_speed, ranks, measured, colours[mode], above=True)
+        effs = [r["efficiency"] for r in rows]
+        ax_eff.plot(ranks, effs, markers[mode], color=colours[mode],
+                    label="strong: speed-up / ideal" if mode == "strong"
+                    else "weak: T(fewest) / T(R)")
+        _annotate(ax_eff, ranks, effs, colours[mode], above=mode == "strong")
     every = sorted({r["ranks"] for r in summary})
-    for ax in (ax_speed, ax_eff):
+    lines = [ax for ax in (ax_speed, ax_eff) if ax is not None]
+    for ax in lines:
         ax.set_xscale("log", base=2)
         ax.set_xticks(every, [str(r) for r in every])
+        ax.minorticks_off()
+        ax.set_xlim(min(every) / 1.4, max(every) * 1.4)
         ax.set_xlabel("ranks")
         ax.grid(alpha=0.3)
-    if max(every) > cores:
-        for ax in (ax_speed, ax_eff):
-            ax.axvspan(cores + 0.5, max(every) * 1.1, color="grey", alpha=0.15, lw=0)
-            ax.text(cores + 0.5, ax.get_ylim()[1], " more ranks than cores", fontsize=7,
-                    va="top", color="dimgrey")
-    ax_speed.set_yscale("log", base=2)
-    ax_speed.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax_speed.set_ylabel("speed-up over the fewest ranks")
-    ax_speed.legend(fontsize=8)
-    ax_speed.set_title("speed-up")
+    if ax_speed is not None:
+        scale, ticks, labels = speedup_ticks(speed_values)
+        if scale == "log":
+            ax_speed.set_yscale("log", base=2)
+            ax_speed.set_ylim(ticks[0] / 1.25, ticks[-1] * 1.25)
+        else:
+            ax_speed.set_ylim(0, max(speed_values) * 1.15)
+        ax_speed.set_yticks(ticks, labels)
+        ax_speed.minorticks_off()
+        ax_speed.set_ylabel("speed-up over the fewest ranks")
+        ax_speed.set_title("strong scaling: speed-up")
+        _legend_below(ax_speed)
     ax_eff.axhline(1.0, color="k", ls="--", lw=1, label="ideal")
-    ax_eff.set_ylim(0, max(1.1, max(r["efficiency"] for r in summary) * 1.1))
+    ax_eff.set_ylim(0, max(1.1, max(r["efficiency"] for r in summary) * 1.15))
     ax_eff.set_ylabel("parallel efficiency")
     ax_eff.set_title("efficiency")
-    ax_eff.legend(fontsize=8)
-    for ax, mode in zip(axes[2:], modes):
+    _legend_below(ax_eff)
+    if max(every) > cores:
+        for ax in lines:
+            ax.axvspan(cores * 1.2, max(every) * 1.4, color="grey", alpha=0.15, lw=0)
+            ax.text(cores * 1.2, ax.get_ylim()[1], " more ranks than cores", fontsize=7,
+                    va="top", color="dimgrey")
+    breakdown = list(zip(axes, modes))
+    for ax, mode in breakdown:
         rows = [r for r in summary if r["mode"] == mode]
-        x = range(len(rows))
+        x = list(range(len(rows)))
         bottom = [0.0] * len(rows)
         for group, phases in GROUPS.items():
             heights = [sum(r[f"{p}_s"] for p in phases) for r in rows]
             ax.bar(x, heights, bottom=bottom, label=group)
             bottom = [b + h for b, h in zip(bottom, heights)]
-        ax.set_xticks(list(x), [str(r["ranks"]) for r in rows])
+        ax.hlines([r["wall_median_s"] for r in rows], [i - 0.45 for i in x],
+                  [i + 0.45 for i in x], colors="k", lw=2, label="median wall time")
+        ax.set_xticks(x, [str(r["ranks"]) for r in rows])
+        ax.set_xlim(-0.6, len(rows) - 0.4)
         ax.set_xlabel("ranks")
-        ax.set_ylabel("seconds (median run; slowest rank per phase)")
+        ax.set_ylabel("seconds: each phase's median over the runs\n(slowest rank per phase)")
         ax.set_title(f"{mode} scaling: where the time goes")
-        ax.legend(fontsize=8)
+    if breakdown:  # the same groups in every panel: one legend, right of the last
+        breakdown[-1][0].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8,
+                                title="phases, as stacked", title_fontsize=8,
+                                reverse=True)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def _annotate(ax, ranks: list[int], values: list[float], colour: str, above: bool) -> None:
+    """Each measured point's value beside it (above, or below for the second series)."""
+    for r, v in zip(ranks, values):
+        ax.annotate(f"{v:.2f}", (r, v), textcoords="offset points",
+                    xytext=(0, 7 if above else -7), ha="center",
+                    va="bottom" if above else "top", fontsize=8, color=colour)
+
+
+def _legend_below(ax) -> None:
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=2,
+              frameon=False)
+
+
+def plot(summary: list[dict], path: Path, title: str, cores: int) -> None:
+    """:func:`figure`, saved as a PNG."""
+    figure(summary, title, cores).savefig(path, dpi=110)
 
 
 # --------------------------------------------------------------------------- rows on disk
@@ -398,14 +466,16 @@ def write_outputs(out: Path, rows: list[dict], cores: int) -> None:
         return
     repeats = max(r["repeat"] for r in rows)
     title = (f"mpiblmm scaling, {max(r['images'] for r in rows)} images; {cores} cores; "
-             f"median of up to {repeats} run(s); "
+             f"medians over up to {repeats} run(s) per point; "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     plot(summary, out / "scaling.png", title, cores)
     print(f"\n{'mode':<6} {'ranks':>5} {'voxels':>8} {'median s':>9} {'speed-up':>9} "
           f"{'ideal':>6} {'efficiency':>10}  " + " ".join(f"{p:>7}" for p in PHASES))
-    for r in summary:
+    for r in summary:  # weak scaling: no speed-up, its time ratio is the efficiency
+        speedup, ideal = ((f"{r['speedup']:9.2f}", f"{r['ideal_speedup']:6.1f}")
+                          if r["speedup"] is not None else (f"{'-':>9}", f"{'-':>6}"))
         print(f"{r['mode']:<6} {r['ranks']:>5} {r['voxels']:>8} {r['wall_median_s']:9.2f} "
-              f"{r['speedup']:9.2f} {r['ideal_speedup']:6.1f} {r['efficiency']:10.2f}  "
+              f"{speedup} {ideal} {r['efficiency']:10.2f}  "
               + " ".join(f"{r[f'{p}_s']:7.2f}" for p in PHASES))
     print(f"\nwrote {out / 'scaling.csv'}, {out / 'scaling_summary.csv'}, "
           f"{out / 'scaling.png'}", flush=True)

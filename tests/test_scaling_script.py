@@ -46,9 +46,25 @@ def test_speed_up_and_efficiency_are_over_the_fewest_ranks(scaling):
     assert out["strong", 8]["efficiency"] == pytest.approx(11 / 3.5 / 4)
     assert out["strong", 8]["fit_s"] == pytest.approx(0.75)
     assert out["strong", 2]["efficiency"] == 1.0
-    # weak: ideal time ratio 1; 5 / 6.25 = 0.8
+    # weak: ideal time ratio 1; 5 / 6.25 = 0.8, an efficiency, not a speed-up
     assert out["weak", 4]["efficiency"] == pytest.approx(0.8)
+    assert out["weak", 4]["speedup"] is None and out["weak", 4]["ideal_speedup"] is None
     assert out["weak", 4]["voxels_per_rank"] == 100
+
+
+def test_weak_rows_of_the_summary_csv_have_an_efficiency_and_no_speed_up(scaling, tmp_path):
+    """The weak rows' time ratio T(1)/T(R) used to be in the ``speedup`` column (with an
+    ideal_speedup of 1): it is an efficiency, and only there now (audit 19)."""
+    rows = [_row(scaling, "strong", 1, 10.0), _row(scaling, "strong", 2, 8.0),
+            _row(scaling, "weak", 1, 5.0, voxels=100), _row(scaling, "weak", 2, 6.25, 200)]
+    path = tmp_path / "summary.csv"
+    scaling.write_csv(path, scaling.SUMMARY_COLUMNS, scaling.summarise(rows))
+    out = {(r["mode"], r["ranks"]): r for r in _rows(path)}
+    assert {"speedup", "ideal_speedup", "efficiency"} <= set(out["strong", "2"])
+    assert (out["strong", "2"]["speedup"], out["strong", "2"]["ideal_speedup"],
+            out["strong", "2"]["efficiency"]) == ("1.2500", "2.0000", "0.6250")
+    assert (out["weak", "2"]["speedup"], out["weak", "2"]["ideal_speedup"],
+            out["weak", "2"]["efficiency"]) == ("", "", "0.8000")
 
 
 def test_weak_grids_grow_exactly_with_the_ranks(scaling):
@@ -79,8 +95,119 @@ def test_a_tiny_scaling_study_writes_csvs_and_a_png(tmp_path):
     with open(out / "scaling_summary.csv") as f:
         summary = list(csv.DictReader(f))
     assert {"speedup", "ideal_speedup", "efficiency", "wall_median_s"} <= set(summary[0])
+    assert all(r["speedup"] and r["efficiency"] for r in summary if r["mode"] == "strong")
+    assert all(not r["speedup"] and r["efficiency"] for r in summary if r["mode"] == "weak")
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (out / "work").exists()
+
+
+# ------------------------------------------------------------------ the figure, read back
+def _study(scaling, modes=("strong", "weak"), ranks=(1, 2), walls=None):
+    """Summary rows of a study whose phases (1 s each, finish 0.3 s) are known."""
+    walls = walls or {"strong": {1: 1.68, 2: 2.2185}, "weak": {1: 1.45, 2: 2.1436}}
+    rows = []
+    for mode in modes:
+        for r in ranks:
+            row = _row(scaling, mode, r, walls[mode][r], voxels=100 * r)
+            row.update({f"{p}_s": 1.0 for p in scaling.PHASES}, finish_s=0.3)
+            rows.append(row)
+    return scaling.summarise(rows)
+
+
+def _drawn(scaling, summary, cores=2):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = scaling.figure(summary, "test", cores)
+    FigureCanvasAgg(fig).draw()     # the layout is made at drawing: legends placed
+    return fig
+
+
+def _axes(fig):
+    return {ax.get_title(): ax for ax in fig.axes}
+
+
+def _legend_texts(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_every_phase_is_in_one_group_and_setup_is_not_called_start_up(scaling):
+    """The "start-up" bar also held mpiblmm's setup phase, which its legend did not say
+    (audit 19); finish, once the fit times it, is a segment of its own."""
+    grouped = [p for phases in scaling.GROUPS.values() for p in phases]
+    assert sorted(grouped) == sorted(scaling.PHASES)
+    assert [g for g, phases in scaling.GROUPS.items() if "setup" in phases] == \
+        ["setup (mpiblmm: spec, design)"]
+    assert [phases for g, phases in scaling.GROUPS.items() if g.startswith("start-up")] == \
+        [["startup"]]
+    assert ["finish"] in scaling.GROUPS.values()
+
+
+def test_the_breakdown_says_its_bars_are_per_phase_medians_and_has_every_group(scaling):
+    fig = _drawn(scaling, _study(scaling))
+    for mode in ("strong", "weak"):
+        ax = _axes(fig)[f"{mode} scaling: where the time goes"]
+        assert "median run" not in ax.get_ylabel()
+        assert "each phase's median over the runs" in ax.get_ylabel()
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2"]
+        bars = {c.get_label(): [b.get_height() for b in c] for c in ax.containers}
+        assert list(bars) == list(scaling.GROUPS)
+        assert bars["finish (reductions, summary)"] == pytest.approx([0.3, 0.3])
+        assert bars["setup (mpiblmm: spec, design)"] == pytest.approx([1.0, 1.0])
+        assert bars["results I/O (create, read, write)"] == pytest.approx([3.0, 3.0])
+    # one legend for the breakdown panels (the same groups), top of the stack first
+    legend = _legend_texts(_axes(fig)["weak scaling: where the time goes"])
+    assert legend[:-1] == list(reversed(scaling.GROUPS)) and "median wall time" in legend
+    assert _axes(fig)["strong scaling: where the time goes"].get_legend() is None
+
+
+def test_the_speed_up_axis_has_readable_ticks_and_the_points_their_values(scaling):
+    """The log axis had ticks at 1 and 2 only: 0.76 and 0.68 could not be read (audit 19)."""
+    fig = _drawn(scaling, _study(scaling))
+    ax = _axes(fig)["strong scaling: speed-up"]
+    ticks = [float(t.get_text()) for t in ax.get_yticklabels()]
+    assert len(ticks) >= 4 and min(ticks) <= 0.5 and max(ticks) >= 2
+    assert ax.get_ylim()[0] <= min(ticks) and ax.get_ylim()[1] >= max(ticks)
+    assert {"1.00", "0.76"} <= {t.get_text() for t in ax.texts}
+    eff = _axes(fig)["efficiency"]
+    assert {"0.38", "0.68"} <= {t.get_text() for t in eff.texts}
+    assert _legend_texts(ax) == ["strong: measured, T(fewest) / T(R)", "strong: ideal"]
+    assert _legend_texts(eff) == ["strong: speed-up / ideal", "weak: T(fewest) / T(R)",
+                                  "ideal"]
+
+
+def test_a_wide_speed_up_range_is_log2_with_fractions_labelled(scaling):
+    walls = {"strong": {1: 10.0, 2: 6.0, 4: 4.0, 8: 3.0, 16: 40.0}}
+    fig = _drawn(scaling, _study(scaling, ("strong",), (1, 2, 4, 8, 16), walls), cores=8)
+    ax = _axes(fig)["strong scaling: speed-up"]
+    assert ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.get_yticklabels()] == \
+        ["0.25", "0.5", "1", "2", "4", "8", "16"]
+    assert "0.25" in {t.get_text() for t in ax.texts}      # 10 / 40
+    assert scaling.speedup_ticks([1.0, 0.76, 2.0])[0] == "linear"
+
+
+def test_the_legends_cover_no_data(scaling):
+    """The breakdown's legends covered its lower bars (audit 19): every legend is outside
+    every panel, and inside the figure."""
+    for summary in (_study(scaling), _study(scaling, ("weak",))):
+        fig = _drawn(scaling, summary)
+        renderer = fig.canvas.get_renderer()
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        lines = [ax for ax in fig.axes if "where the time goes" not in ax.get_title()]
+        assert len(legends) == len(lines) + 1      # the lines' panels, one for the bars
+        page = fig.bbox
+        for legend in legends:
+            box = legend.get_window_extent(renderer)
+            assert page.x0 <= box.x0 and box.x1 <= page.x1 + 1
+            assert page.y0 <= box.y0 and box.y1 <= page.y1 + 1
+            for ax in fig.axes:
+                assert not box.overlaps(ax.get_window_extent(renderer)), \
+                    (_legend_texts(legend.axes), ax.get_title())
+
+
+def test_weak_scaling_alone_has_no_speed_up_panel(scaling):
+    fig = _drawn(scaling, _study(scaling, ("weak",)))
+    assert list(_axes(fig)) == ["efficiency", "weak scaling: where the time goes"]
 
 
 def test_open_mpi_gets_oversubscribe_only_beyond_the_cores_and_mpich_never(scaling):
@@ -124,17 +251,21 @@ import h5py
 time.sleep(0.6)   # the wall time exceeds the fit's total of 0.5 s
 out = Path(argv[argv.index("--output") + 1])
 out.mkdir(parents=True)
+finish = float(os.environ.get("FINISH", "0.01"))   # the fit's finish phase, max over ranks
 seconds = {"setup": 0.05, "ingest": 0.1, "create": 0.02, "read": 0.02, "fit": 0.15,
-           "write": 0.01, "finish": 0.01}
+           "write": 0.01, "finish": finish}
 seconds = {k: [v / 2, v / 2, v] for k, v in seconds.items()}      # max over ranks last
+if os.environ.get("NO_FINISH"):     # a fit that does not time its finish (0 then)
+    del seconds["finish"]
+late = finish - 0.01                # the total grows with the finish
 if os.environ.get("OLD_SUMMARY"):   # the summary's total ends before the export
-    seconds["total"] = [0.4, 0.43, 0.46]
+    seconds["total"] = [0.4, 0.43, 0.46 + late]
     log = Path(argv[argv.index("--log-file") + 1])
     log.write_text("  seconds per phase (min / median / max over ranks):\n"
                    "    export       0.02     0.03     0.04\n")
 else:
     seconds["export"] = [0.02, 0.03, 0.04]
-    seconds["total"] = [0.4, 0.45, 0.5]
+    seconds["total"] = [0.4, 0.45, 0.5 + late]
 with h5py.File(out / "results.h5", "w") as f:
     f.attrs["summary"] = json.dumps({"seconds": seconds})
     f.create_dataset("voxels", data=list(range(48)))
@@ -177,25 +308,43 @@ def _rows(path):
 
 
 @pytest.mark.parametrize("old_summary", ["", "1"])
+@pytest.mark.parametrize("finish", ["0.01", "0.25"])
 def test_the_phases_start_up_and_other_add_up_to_the_wall_time(tmp_path, tiny_spec,
-                                                                old_summary, scaling):
+                                                                old_summary, finish, scaling):
     """startup used to be wall - total - export although the stored total includes the
     export (export counted twice), the untimed part of the fit was in no column, and export
-    was the log's min over ranks (audit 10, section 6)."""
+    was the log's min over ranks (audit 10, section 6).  The fit's finish, reported as 0
+    until the pipeline times it, is a phase of its own when it is not: not in ``other``
+    (audit 19)."""
     out = tmp_path / "sc"
     run = _scaling(["--mode", "strong", "--spec", str(tiny_spec), "--ranks", "1",
                     "--repeats", "1", "--out", str(out)],
-                   _fake_env(tmp_path, OLD_SUMMARY=old_summary))
+                   _fake_env(tmp_path, OLD_SUMMARY=old_summary, FINISH=finish))
     assert run.returncode == 0, run.stderr
     [row] = _rows(out / "scaling.csv")
     phases = {p: float(row[f"{p}_s"]) for p in scaling.PHASES}
+    total = 0.49 + float(finish)
     assert phases["export"] == 0.04                      # max over ranks, as every phase
     assert phases["fit"] == 0.15 and phases["setup"] == 0.05
-    assert phases["other"] == pytest.approx(0.5 - 0.36 - 0.04)   # total - timed phases
-    assert phases["startup"] == pytest.approx(float(row["wall_s"]) - 0.5, abs=1e-3)
+    assert phases["finish"] == float(finish)
+    assert phases["other"] == pytest.approx(0.1)         # total - timed phases
+    assert phases["startup"] == pytest.approx(float(row["wall_s"]) - total, abs=1e-3)
     assert sum(phases.values()) == pytest.approx(float(row["wall_s"]), abs=1e-3)
     [summary] = _rows(out / "scaling_summary.csv")
     assert float(summary["other_s"]) == pytest.approx(0.1)
+    assert float(summary["finish_s"]) == float(finish)
+
+
+def test_a_fit_that_does_not_time_its_finish_puts_it_at_0(tmp_path, tiny_spec, scaling):
+    out = tmp_path / "sc"
+    run = _scaling(["--mode", "strong", "--spec", str(tiny_spec), "--ranks", "1",
+                    "--repeats", "1", "--out", str(out)], _fake_env(tmp_path, NO_FINISH="1"))
+    assert run.returncode == 0, run.stderr
+    [row] = _rows(out / "scaling.csv")
+    assert float(row["finish_s"]) == 0.0
+    assert float(row["other_s"]) == pytest.approx(0.11)  # the untimed finish is untimed
+    assert sum(float(row[f"{p}_s"]) for p in scaling.PHASES) == \
+        pytest.approx(float(row["wall_s"]), abs=1e-3)
 
 
 def test_each_run_is_kept_as_measured_and_a_failed_run_still_writes_the_summary(
