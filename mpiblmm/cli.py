@@ -483,7 +483,10 @@ def pin_blas_threads(environ: dict | None = None) -> None:
     Must run before numpy is imported: BLAS reads these variables when it loads.
     """
     environ = os.environ if environ is None else environ
-    threads = environ.get("OMP_NUM_THREADS", "").strip() or "1"
+    threads = environ.get("OMP_NUM_THREADS", "").strip()
+    # only a whole number of at least 1 is a choice: OpenBLAS takes "0", "abc" or "2.0" as
+    # unset and runs a thread per core in every rank
+    threads = threads if threads.isdigit() and 0 < int(threads) <= 4096 else "1"
     for name in THREAD_VARIABLES:
         environ.setdefault(name, threads)
 

@@ -83,7 +83,7 @@ SCHEMA: dict[str, Any] = {
         "observation_masks": PATHS,
         "zero_is_missing": {"type": "boolean", "description": "true or false"},
         "missingness": {
-            "type": "object", "additionalProperties": False,
+            "type": ["object", "null"], "additionalProperties": False,
             "properties": {
                 "min_n": {"type": ["integer", "null"], "minimum": 1,
                           "description": "a whole number of at least 1"},
@@ -92,7 +92,7 @@ SCHEMA: dict[str, Any] = {
             },
         },
         "estimation": {
-            "type": "object", "additionalProperties": False,
+            "type": ["object", "null"], "additionalProperties": False,
             "properties": {
                 "method": {"type": ["string", "null"],
                            "pattern": "^([Rr][Ee][Mm][Ll]|[Mm][Ll])$",

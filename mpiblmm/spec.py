@@ -344,8 +344,8 @@ def parse_spec(raw: Any, path: Path, text: str | None = None, check_files: bool 
                        if raw.get("analysis_mask") is not None else None),
         observation_masks=masks,
         zero_is_missing=v.boolean(raw.get("zero_is_missing", True), "zero_is_missing"),
-        missingness=v.missingness(raw.get("missingness", {})),
-        estimation=v.estimation(raw.get("estimation", {})),
+        missingness=v.missingness(_or_default(raw, "missingness", {})),
+        estimation=v.estimation(_or_default(raw, "estimation", {})),
         max_memory_mb=(v.memory_mb(raw["max_memory_mb"])
                        if raw.get("max_memory_mb") is not None else None),
     )

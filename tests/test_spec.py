@@ -95,6 +95,11 @@ def test_null_takes_the_default_for_every_estimation_and_missingness_key(tmp_pat
     assert (spec.estimation.method, spec.estimation.tolerance,
             spec.estimation.max_iterations) == ("REML", None, None)
     assert (spec.missingness.min_n, spec.missingness.min_fraction) == (None, 0.0)
+    spec = load_spec(write_study(tmp_path, missingness=None, estimation=None))   # deleted
+    (tmp_path / "spec.json").write_text((tmp_path / "spec.json").read_text()[:-1]
+                                        + ', "missingness": null, "estimation": null}')
+    spec = load_spec(tmp_path / "spec.json")            # the objects themselves null
+    assert (spec.estimation.method, spec.missingness.min_fraction) == ("REML", 0.0)
 
 
 def test_packed_images(tmp_path):

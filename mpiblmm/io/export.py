@@ -373,7 +373,7 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
                 written.append(target)
         except UserError as exc:
             error = exc
-        except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
+        except (OSError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
             if target == results or target == out:  # reading the results file
                 error = UserError(f"not a readable results file ({describe_io_error(exc)})",
                                   str(results))

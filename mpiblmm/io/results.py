@@ -276,6 +276,32 @@ def missing_datasets(f: Any) -> list[str]:
     return [path for path in result_datasets(0, factors, contrasts) if path not in f]
 
 
+def malformed_datasets(f: Any) -> list[str]:
+    """The per-voxel datasets of ``f`` whose shape or type is not what the fit writes: one
+    row per candidate voxel (``voxels``), the layout's trailing shape for its own p and
+    factors, real numbers.  (Replaced by hand, they gave maps of the wrong shape or type.)"""
+    if "voxels" not in f or "beta" not in f or f["beta"].ndim != 2:
+        return ["voxels" if "voxels" not in f else "beta"]
+    V, p = f["voxels"].shape[0], f["beta"].shape[1]
+    bad = [] if f["voxels"].shape == (V, 3) and f["voxels"].dtype.kind in "iu" else ["voxels"]
+    grid = np.asarray(f.attrs.get("grid_shape", []))
+    if not bad and grid.shape == (3,) and V:        # every voxel on the grid
+        vox = np.asarray(f["voxels"][...])
+        if (vox < 0).any() or (vox >= grid.astype(np.int64)).any():
+            bad.append("voxels")
+    factors = [(name, f[f"random/{name}/cov"].shape[-1] if f"random/{name}/cov" in f else 0)
+               for name in f.get("random", {})]
+    contrasts = [(name, str(f[f"contrasts/{name}"].attrs.get("kind", "T")))
+                 for name in f.get("contrasts", {})]
+    for path, (shape, _) in result_datasets(p, factors, contrasts).items():
+        ds = f.get(path)
+        if ds is None:
+            continue
+        if not hasattr(ds, "shape") or ds.shape != (V,) + shape or ds.dtype.kind not in "fiub":
+            bad.append(path)
+    return bad
+
+
 def refuse_missing_datasets(f: Any, path: Path, consequence: str) -> None:
     """One line (:class:`UserError`) when :func:`missing_datasets` finds any: a dataset
     deleted by hand after the fit.  The export wrote the maps of those left and marked the
@@ -285,6 +311,12 @@ def refuse_missing_datasets(f: Any, path: Path, consequence: str) -> None:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise UserError(f"dataset {missing[0]!r}{more} missing (removed or renamed after the "
                         f"fit?): {consequence}; fit again with --overwrite", str(path))
+    bad = malformed_datasets(f)
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise UserError(f"dataset {bad[0]!r}{more} not as the fit wrote it (another shape or "
+                        f"type: changed after the fit?): {consequence}; fit again with "
+                        f"--overwrite", str(path))
 
 
 def _stored_parts(f: Any) -> dict:
@@ -299,7 +331,7 @@ def _stored_parts(f: Any) -> dict:
 
 #: How each part of the input (``mpiblmm.pipeline.input_parts``) is named when it changed.
 _PART_NAMES = (("data", "the input files changed (an image, mask or packed file was "
-                        "written, replaced, added or removed)"),
+                        "written, replaced, added or removed), or zero_is_missing"),
                ("fixed", "the fixed effects changed (X, or the formula's fixed part)"),
                ("random", "the random effects changed (factors, their levels or covariates)"),
                ("contrasts", "the contrasts changed"))
@@ -315,7 +347,7 @@ def what_changed(stored: dict, now: dict) -> str:
     """What differs between a results file's ``input_parts`` and this run's, in words
     ("" when either is unknown: a file of an older version, or no parts given).  Another
     number of observations says it all (the data and the design change with it)."""
-    if not stored or not now:
+    if not isinstance(stored, dict) or not stored or not now:
         return ""
     said = []
     if stored.get("version") != now.get("version"):
@@ -323,9 +355,11 @@ def what_changed(stored: dict, now: dict) -> str:
     if stored.get("observations") != now.get("observations"):
         return "; ".join(said + [f"the number of observations changed "
                                  f"({stored.get('observations')} -> {now.get('observations')})"])
-    old, new = stored.get("settings") or {}, now.get("settings") or {}
+    old, new = stored.get("settings"), now.get("settings")
+    if not (isinstance(old, dict) and isinstance(new, dict)):  # a damaged attribute: unknown
+        old = new = {}
     for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
+        if _setting(old.get(key)) != _setting(new.get(key)):
             said.append(f"{_SETTING_KEYS.get(key, key)} changed ({_setting(old.get(key))} "
                         f"-> {_setting(new.get(key))})")
     said += [words for key, words in _PART_NAMES if stored.get(key) != now.get(key)]
@@ -333,7 +367,7 @@ def what_changed(stored: dict, now: dict) -> str:
 
 
 def _setting(value: Any) -> str:
-    return "default" if value in (None, 0) else str(value)
+    return "default" if value in (None, 0) else str(value)[:40]
 
 
 def describe_error(exc: BaseException) -> str:

@@ -216,12 +216,15 @@ CONSTANT_RTOL_FLOAT64 = 1e-10
 
 def constant_rtol(Y: np.ndarray, observed: np.ndarray) -> np.ndarray:
     """Per voxel (v,): :data:`CONSTANT_RTOL_FLOAT32` where every observed value of the
-    voxel is a float32 number (it may have been rounded to one), else
+    voxel is a float32 number (it may have been rounded to one) and not all are whole
+    numbers (whole numbers up to 2^24 are float32 numbers without any rounding: int32
+    images near 2^24 varying by 1-2 were refused as constant), else
     :data:`CONSTANT_RTOL_FLOAT64`.  A voxel's own values decide, so chunking cannot."""
     Y = np.asarray(Y)
     with np.errstate(over="ignore", invalid="ignore"):
-        exact = (Y.astype(np.float32) == Y) | ~observed
-    return np.where(exact.all(axis=0), CONSTANT_RTOL_FLOAT32, CONSTANT_RTOL_FLOAT64)
+        exact = ((Y.astype(np.float32) == Y) | ~observed).all(axis=0)
+        whole = ((np.floor(Y) == Y) | ~observed).all(axis=0)
+    return np.where(exact & ~whole, CONSTANT_RTOL_FLOAT32, CONSTANT_RTOL_FLOAT64)
 
 
 def unit_scaled(XtX: np.ndarray) -> np.ndarray:

@@ -27,7 +27,14 @@ def make_report(results: str | Path, out_dir: str | Path | None = None,
 
     results = Path(results)
     out = results.parent / "report" if out_dir is None else Path(out_dir)
-    data = load_report_data(results, None if background is None else Path(background))
+    try:
+        data = load_report_data(results, None if background is None else Path(background))
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        # a results file changed by hand past what the checks name (an attribute of another
+        # type, a grid that does not hold its voxels): one line, not a traceback
+        raise UserError(f"not a results file as the fit writes it, changed after the fit? "
+                        f"({type(exc).__name__}: {exc}); fit again with --overwrite",
+                        str(results)) from None
     try:
         return write_report(data, out)
     except OSError as exc:

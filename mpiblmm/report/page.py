@@ -69,7 +69,7 @@ def _map_figure(d: ReportData, values: np.ndarray, title: str, cmap: str, vmin: 
                 not_fitted: np.ndarray | None = None) -> bytes:
     """One map as PNG: a mosaic of slices (volumes) or values by vertex (surfaces).
     ``values`` and ``not_fitted`` are per candidate voxel (V,) or already grid-shaped."""
-    grid = d.grid(values) if values.shape[0] == d.voxels.shape[0] else values
+    grid = d.grid(values) if values.ndim == 1 else values  # (V,) per voxel, or a grid
     holes = None
     if not_fitted is not None:
         holes = d.grid(np.asarray(not_fitted, bool), False).astype(bool)

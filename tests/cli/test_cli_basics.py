@@ -71,6 +71,10 @@ def test_blas_threads_are_pinned_unless_set():
     pin_blas_threads(environ)
     assert environ == {"OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "4",
                        "MKL_NUM_THREADS": "2"}
+    for odd in ("0", "-1", "abc", "2.0", "0x2", "", "99999999"):   # not a choice: 1
+        environ = {"OMP_NUM_THREADS": odd}
+        pin_blas_threads(environ)
+        assert environ["OPENBLAS_NUM_THREADS"] == environ["MKL_NUM_THREADS"] == "1", odd
 
 
 def test_omp_num_threads_reaches_the_blas_of_a_rank(mpiblmm_command):

@@ -227,3 +227,42 @@ def test_export_refuses_a_results_file_with_a_dataset_removed_after_the_fit(tmp_
         del f["contrasts/c/p"], f["llh"]
     with pytest.raises(UserError, match=r"dataset '[^']+' and 2 more missing"):
         export_nifti(path)
+
+
+@pytest.mark.parametrize("change", ["t_scalar", "t_two_columns", "beta_wide", "voxel_off_grid",
+                                    "string_sigma2", "codes_list"])
+def test_export_and_report_refuse_a_dataset_replaced_by_another_shape_or_type(tmp_path, change):
+    """A fault audit replaced datasets by hand: a scalar t gave a map of 1.0 everywhere, a
+    (V, 2) t a 4-D map, a wider beta 7 volumes, a voxel row of -1 a voxel at the grid's other
+    end, a string dataset or a list of codes a traceback.  One line now, no map written."""
+    path = _results(tmp_path / "results.h5", contrasts=("b",))
+    with h5py.File(path, "r+") as f:
+        V = f["voxels"].shape[0]
+        if change == "t_scalar":
+            del f["contrasts/b/t"]
+            f["contrasts/b/t"] = 1.0
+        elif change == "t_two_columns":
+            del f["contrasts/b/t"]
+            f["contrasts/b/t"] = np.ones((V, 2))
+        elif change == "beta_wide":
+            beta = f["beta"][...]
+            del f["beta"]
+            f["beta"] = np.hstack([beta, beta])
+        elif change == "voxel_off_grid":
+            vox = f["voxels"][...]
+            vox[0] = -1
+            f["voxels"][...] = vox
+        elif change == "string_sigma2":
+            del f["sigma2"]
+            f["sigma2"] = np.array(["x"] * V, dtype=h5py.string_dtype())
+        else:
+            f["status"].attrs["codes"] = json.dumps([1, 2])
+    if change == "codes_list":
+        with pytest.raises(UserError, match="not a readable results file"):
+            export_nifti(path)
+        return
+    with pytest.raises(UserError, match=r"not as the fit wrote it \(another shape or type"):
+        export_nifti(path)
+    assert not (tmp_path / "nifti").exists() or not _map_files(tmp_path / "nifti")
+    with pytest.raises(UserError, match="not as the fit wrote it|the report cannot be made"):
+        load_report_data(path)

@@ -199,6 +199,10 @@ def test_float64_data_far_from_zero_are_not_constant():
     level = np.float32(1e7) + np.zeros_like(Y[:1])
     flat32 = (level + np.float32(0.5) * (Y[:1] > 100)).astype(np.float32).astype(np.float64)
     assert analyse_chunk(model, flat32, Settings())["status"][0] == STATUS_CONSTANT
+    # whole numbers are not rounded by float32: int32 data near 2^24 varying by 1 or 2 vary
+    ints = np.round(16_000_000.0 + 0.6 * (Y[:2] - 100.0))
+    assert ints.std(axis=1).min() > 0.3
+    assert (analyse_chunk(model, ints, Settings())["status"] <= 2).all()
 
 
 def test_voxels_whose_observed_rows_cannot_identify_the_random_effects():

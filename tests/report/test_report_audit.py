@@ -302,3 +302,29 @@ def test_n_map_title_and_slice_orientation(tmp_path, monkeypatch):
                                                                             (1.02, "L")]
     assert "right of each slice = subject's left (L), top = anterior (A)" in fig._suptitle.get_text()
     assert fg.orientation(np.eye(4)) == ("R", "A", "S") and fg.orientation(None) is None
+
+
+@pytest.mark.parametrize("grid", [(2, 1, 1), (1, 1, 1), (3, 1, 2)])
+def test_a_grid_whose_first_size_is_the_voxel_count_is_drawn(tmp_path, grid):
+    """A grid of N x 1 x 1 (1 x 1 x 1 too) has as many rows as candidate voxels, and the
+    status grid was taken for per-voxel values and gridded again: a TypeError traceback."""
+    V = int(np.prod(grid))
+    path = make_results(tmp_path, np.zeros(V), np.full(V, 20), grid=grid,
+                        input_parts={"observations": 20})
+    html = render(load_report_data(path))
+    assert html.count("data:image/png;base64,") >= 4     # z maps, status, mask, n
+
+
+@pytest.mark.parametrize("attr, value", [("summary", "not json"), ("space", "[1, 2]"),
+                                         ("status_counts", "[1]")])
+def test_a_damaged_attribute_is_one_line_not_a_traceback(tmp_path, attr, value):
+    import h5py
+
+    from mpiblmm.errors import UserError
+    from mpiblmm.report import make_report
+
+    path = make_results(tmp_path, np.zeros(6), np.full(6, 20), input_parts={"observations": 20})
+    with h5py.File(path, "r+") as f:
+        f.attrs[attr] = value
+    with pytest.raises(UserError, match="not a results file as the fit writes it"):
+        make_report(path)
