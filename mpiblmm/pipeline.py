@@ -202,12 +202,16 @@ def pending_chunks(mine: Slab, done: np.ndarray | None, step: int) -> list[tuple
     return [(lo, min(lo + step, hi)) for a, hi in runs for lo in range(a, hi, step)]
 
 
+def _settings_fields(settings: Settings) -> dict:
+    """The settings that decide a fit's numbers (not the memory budget)."""
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k != "memory_budget"}
+
+
 def _input_items(design: Design, settings: Settings, data_fingerprint: str):
     """What decides a fit's numbers, as (part, item) pairs in a fixed order: the part names
     what a user would say changed (:func:`input_parts`)."""
-    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k != "memory_budget"}
     yield from (("version", "mpiblmm-input-1"), ("version", __version__),
-                ("settings", fields), ("data", data_fingerprint),
+                ("settings", _settings_fields(settings)), ("data", data_fingerprint),
                 ("fixed", np.asarray(design.X, dtype=float)), ("fixed", list(design.fixed_names)))
     for f in design.factors:
         for item in (f.name, np.asarray(f.codes, dtype=np.int64), np.asarray(f.Z, dtype=float),
@@ -231,43 +235,40 @@ def _input_items(design: Design, settings: Settings, data_fingerprint: str):
             yield "contrasts", np.asarray(design.type3_basis.treatment_X, dtype=float)
 
 
-def _hash_item(h: Any, x: Any) -> None:
-    """Feed one item to the hash ``h`` (an array with its dtype and shape), then a NUL."""
+def _item_bytes(x: Any) -> bytes:
+    """What one item adds to the hashes (an array with its dtype and shape), then a NUL."""
     if isinstance(x, np.ndarray):
         a = np.ascontiguousarray(x)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    else:
-        h.update(json.dumps(x, sort_keys=True, default=str).encode())
-    h.update(b"\0")
+        return f"{a.dtype.str}{a.shape}".encode() + a.tobytes() + b"\0"
+    return json.dumps(x, sort_keys=True, default=str).encode() + b"\0"
 
 
-def input_hash(design: Design, settings: Settings, data_fingerprint: str) -> str:
-    """A hash of everything that decides a fit's numbers: the model (X, random factors,
-    contrasts), the estimation and selection settings, the data (a fingerprint of the input
-    files) and the mpiblmm version.  Not the memory budget, chunking or rank count: they do
-    not change a voxel's bits.  Stored as ``input_hash`` in ``results.h5`` for ``--resume``."""
-    h = hashlib.sha256()
-    for _, item in _input_items(design, settings, data_fingerprint):
-        _hash_item(h, item)
-    return h.hexdigest()
+def input_digests(design: Design, settings: Settings, data_fingerprint: str) -> tuple[str, dict]:
+    """``input_hash`` and ``input_parts``, in one pass over what decides a fit's numbers.
 
+    ``input_hash``: a hash of the model (X, random factors, contrasts), the estimation and
+    selection settings, the data (a fingerprint of the input files) and the mpiblmm version.
+    Not the memory budget, chunking or rank count: they do not change a voxel's bits.
+    Stored in ``results.h5`` for ``--resume``.
 
-def input_parts(design: Design, settings: Settings, data_fingerprint: str) -> dict:
-    """What :func:`input_hash` covers, part by part, so a refused ``--resume`` can say what
-    changed: the version and each setting as values, the number of observations, and a
-    hash of each of the data, the fixed effects, the random effects and the contrasts.
-    Stored (JSON) as ``input_parts`` in ``results.h5``."""
-    hashes: dict = {}
+    ``input_parts``: the same, part by part, so a refused ``--resume`` can say what changed:
+    the version and each setting as values, the number of observations, and a hash of each
+    of the data, the fixed effects, the random effects and the contrasts.  Stored (JSON)."""
+    total, hashes = hashlib.sha256(), {}
     for part, item in _input_items(design, settings, data_fingerprint):
-        _hash_item(hashes.setdefault(part, hashlib.sha256()), item)
+        raw = _item_bytes(item)
+        total.update(raw)
+        hashes.setdefault(part, hashlib.sha256()).update(raw)
     parts = {k: h.hexdigest()[:16] for k, h in hashes.items() if k not in ("version", "settings")}
     parts["version"] = __version__
     parts["observations"] = int(design.n)
-    parts["settings"] = json.loads(json.dumps(
-        {k: v for k, v in dataclasses.asdict(settings).items() if k != "memory_budget"},
-        default=str))
-    return parts
+    parts["settings"] = json.loads(json.dumps(_settings_fields(settings), default=str))
+    return total.hexdigest(), parts
+
+
+def input_hash(design: Design, settings: Settings, data_fingerprint: str) -> str:
+    """The ``input_hash`` of :func:`input_digests`."""
+    return input_digests(design, settings, data_fingerprint)[0]
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,7 @@ class Setup:
     note: str = ""
     fingerprint: str = ""  # input_fingerprint of the spec (packing reuses it)
     created_output: bool = False  # the output folder did not exist before this run
-    input_parts: dict = dataclasses.field(default_factory=dict)  # input_parts(), for results.h5
+    input_parts: dict = dataclasses.field(default_factory=dict)  # see input_digests()
 
 
 def _read_spec(spec_path: str, options: FitOptions, check_listed: bool = False) -> Spec:
@@ -333,8 +334,7 @@ def _load(spec: Spec, spec_path: str, options: FitOptions, fingerprint: str) -> 
         raise problem
     lock = acquire_lock(Path(spec.output), where)
     try:
-        digest = input_hash(design, settings, fingerprint)
-        parts = input_parts(design, settings, fingerprint)
+        digest, parts = input_digests(design, settings, fingerprint)
         results = Path(spec.output) / RESULTS_NAME
         if results.is_dir():  # neither --resume nor --overwrite could use or replace it
             raise UserError("is a folder, not a results file: move it away", str(results))

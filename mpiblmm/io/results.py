@@ -254,7 +254,7 @@ def check_resumable(path: Path, input_hash: str | None = None, input_parts: dict
             stored = f.attrs.get("input_hash", "")
             stored = stored.decode() if isinstance(stored, bytes) else str(stored)
             if input_hash is not None and stored != input_hash:
-                changed = what_changed(_stored_parts(f), input_parts or {})
+                changed = what_changed(stored_parts(f), input_parts or {})
                 raise UserError(
                     f"cannot resume {path}: " + (f"since it was written, {changed}" if changed
                                                  else "it was written for another spec or "
@@ -267,13 +267,24 @@ def check_resumable(path: Path, input_hash: str | None = None, input_parts: dict
                         f"({describe_error(exc)}); use --overwrite to replace it", where) from None
 
 
-def missing_datasets(f: Any) -> list[str]:
-    """The per-voxel datasets a complete results file holds for its own factors and
-    contrasts (:func:`~mpiblmm.lmm.model.result_datasets`) that the open file ``f`` lacks."""
-    factors = [(name, 0) for name in f.get("random", {})]
+def _own_layout(f: Any, p: int = 0) -> dict:
+    """:func:`~mpiblmm.lmm.model.result_datasets` of the open results file ``f``'s own
+    factors (q from their ``cov``, 0 where it is gone) and contrasts (their ``kind``), for
+    ``p`` fixed effects: path -> (trailing shape, dtype)."""
+    def q(name: str) -> int:
+        cov = f.get(f"random/{name}/cov")
+        return int(cov.shape[-1]) if getattr(cov, "ndim", 0) else 0
+
+    factors = [(name, q(name)) for name in f.get("random", {})]
     contrasts = [(name, str(f[f"contrasts/{name}"].attrs.get("kind", "T")))
                  for name in f.get("contrasts", {})]
-    return [path for path in result_datasets(0, factors, contrasts) if path not in f]
+    return result_datasets(p, factors, contrasts)
+
+
+def missing_datasets(f: Any) -> list[str]:
+    """The per-voxel datasets a complete results file holds for its own factors and
+    contrasts that the open file ``f`` lacks."""
+    return [path for path in _own_layout(f) if path not in f]
 
 
 def malformed_datasets(f: Any) -> list[str]:
@@ -289,11 +300,7 @@ def malformed_datasets(f: Any) -> list[str]:
         vox = np.asarray(f["voxels"][...])
         if (vox < 0).any() or (vox >= grid.astype(np.int64)).any():
             bad.append("voxels")
-    factors = [(name, f[f"random/{name}/cov"].shape[-1] if f"random/{name}/cov" in f else 0)
-               for name in f.get("random", {})]
-    contrasts = [(name, str(f[f"contrasts/{name}"].attrs.get("kind", "T")))
-                 for name in f.get("contrasts", {})]
-    for path, (shape, _) in result_datasets(p, factors, contrasts).items():
+    for path, (shape, _) in _own_layout(f, p).items():
         ds = f.get(path)
         if ds is None:
             continue
@@ -303,23 +310,21 @@ def malformed_datasets(f: Any) -> list[str]:
 
 
 def refuse_missing_datasets(f: Any, path: Path, consequence: str) -> None:
-    """One line (:class:`UserError`) when :func:`missing_datasets` finds any: a dataset
-    deleted by hand after the fit.  The export wrote the maps of those left and marked the
-    set complete without a word, and the report stopped with a ``KeyError``."""
-    missing = missing_datasets(f)
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise UserError(f"dataset {missing[0]!r}{more} missing (removed or renamed after the "
-                        f"fit?): {consequence}; fit again with --overwrite", str(path))
-    bad = malformed_datasets(f)
-    if bad:
-        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
-        raise UserError(f"dataset {bad[0]!r}{more} not as the fit wrote it (another shape or "
-                        f"type: changed after the fit?): {consequence}; fit again with "
-                        f"--overwrite", str(path))
+    """One line (:class:`UserError`) when :func:`missing_datasets` or
+    :func:`malformed_datasets` finds any: a dataset deleted or replaced by hand after the
+    fit.  The export wrote the maps of those left and marked the set complete without a
+    word, and the report stopped with a ``KeyError``."""
+    for found, what in ((missing_datasets, "missing (removed or renamed after the fit?)"),
+                        (malformed_datasets, "not as the fit wrote it (another shape or "
+                                             "type: changed after the fit?)")):
+        names = found(f)
+        if names:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise UserError(f"dataset {names[0]!r}{more} {what}: {consequence}; fit again "
+                            f"with --overwrite", str(path))
 
 
-def _stored_parts(f: Any) -> dict:
+def stored_parts(f: Any) -> dict:
     """The ``input_parts`` of an open results file ({} when absent or unreadable)."""
     raw = f.attrs.get("input_parts", "")
     try:
@@ -329,7 +334,7 @@ def _stored_parts(f: Any) -> dict:
     return parts if isinstance(parts, dict) else {}
 
 
-#: How each part of the input (``mpiblmm.pipeline.input_parts``) is named when it changed.
+#: How each part of the input (``mpiblmm.pipeline.input_digests``) is named when it changed.
 _PART_NAMES = (("data", "the input files changed (an image, mask or packed file was "
                         "written, replaced, added or removed), or zero_is_missing"),
                ("fixed", "the fixed effects changed (X, or the formula's fixed part)"),

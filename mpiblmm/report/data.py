@@ -16,7 +16,7 @@ import numpy as np
 from mpiblmm.errors import UserError
 from mpiblmm.io.derived import NOT_ANALYSED_MEANING, STATUS_NOT_ANALYSED, z_from_neglog10p
 from mpiblmm.io.export import FITTED_MAX_STATUS, volume
-from mpiblmm.io.results import refuse_missing_datasets
+from mpiblmm.io.results import refuse_missing_datasets, stored_parts
 from mpiblmm.lmm.model import dropped_column_voxels
 
 
@@ -170,12 +170,11 @@ def _df_num(group, status: np.ndarray) -> float | None:
 
 def _recorded_observations(f) -> int | None:
     """The study's number of observations as the fit recorded it in the ``input_parts``
-    attribute (JSON), or None for files written before it held them."""
-    raw = f.attrs.get("input_parts", "")
+    attribute (:func:`~mpiblmm.io.results.stored_parts`), or None for files written before
+    it held them."""
+    n = stored_parts(f).get("observations")
     try:
-        parts = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw or "{}"))
-        n = parts.get("observations") if isinstance(parts, dict) else None
-        return int(n) if n is not None else None
+        return None if n is None else int(n)
     except (ValueError, TypeError):
         return None
 
