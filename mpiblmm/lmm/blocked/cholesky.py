@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
+import scipy.linalg as sla
 import scipy.sparse as sp
 
 from ..likelihood import VinvProducts, gls, loglik, profiled_s2
@@ -275,7 +276,8 @@ class Factor:
     """One blocked factorisation at ``theta`` for the voxels of a batch (voxel axis last):
     ``lam[a]`` Lambda (q, q, 1, v); ``Ld[b]`` (q, q, l, v) and ``Lc[a, b]`` (q_a, q_b, n, v)
     the prefix factor; ``Lt[b]`` the dense tail rows of column factor ``b`` (v, m, l_b q_b);
-    ``T`` (v, m, m) the tail's Schur complement; ``B`` the forward-substituted right-hand
+    ``C`` (v, m, m) the lower Cholesky factor of the tail's Schur complement ``T = C C'``;
+    ``B`` the forward-substituted right-hand
     sides ``c = L^-1 Lambda'Z'[X Y]`` (prefix part; tail part before the tail solve), ``XT``
     (v, m, r) ``T^-1`` times the tail part; ``G`` (v, r, r) ``c'c``."""
 
@@ -283,7 +285,7 @@ class Factor:
     Ld: dict
     Lc: dict
     Lt: dict
-    T: np.ndarray | None
+    C: np.ndarray | None
     B: np.ndarray
     XT: np.ndarray | None
     G: np.ndarray
@@ -329,10 +331,9 @@ def factorise(pattern: BlockPattern, prep: Prepared, theta: np.ndarray) -> Facto
             vals[uniq] -= A @ np.concatenate(prods)
     logdet = 2.0 * colsum(np.concatenate(logs)) if logs else np.zeros(v)
     # 3. dense tail
-    T = None
-    if m:
-        T = np.moveaxis(vals[pattern.tail_offset:].reshape(m, m, v), -1, 0)
-        T = np.tril(T) + np.swapaxes(np.tril(T, -1), 1, 2)
+    C = None
+    if m:                                      # LAPACK reads the lower triangle only, so the
+        T = np.moveaxis(vals[pattern.tail_offset:].reshape(m, m, v), -1, 0)  # upper is left
         C = np.linalg.cholesky(T)
         logdet = logdet + 2.0 * np.log(np.diagonal(C, axis1=1, axis2=2)).sum(axis=1)
     # 5. forward substitution
@@ -372,14 +373,14 @@ def factorise(pattern: BlockPattern, prep: Prepared, theta: np.ndarray) -> Facto
     XT = None
     if m:
         BT = np.moveaxis(B[tail:].reshape(m, r, v), -1, 0)                   # (v, m, r)
-        XT = np.linalg.solve(T, BT)
+        XT = sla.cho_solve((C, True), BT, check_finite=False)   # T^-1 BT = C^-T C^-1 BT
     for s1 in range(r):
         for s2 in range(s1, r):
             g = colsum(cp[:, s1] * cp[:, s2])
             if m:
                 g = g + (BT[:, :, s1] * XT[:, :, s2]).sum(axis=1)
             G[:, s1, s2] = G[:, s2, s1] = g
-    return Factor(lam, Ld, Lc, Lt, T, B, XT, G, logdet)
+    return Factor(lam, Ld, Lc, Lt, C, B, XT, G, logdet)
 
 
 def blocked_vinv(pattern: BlockPattern, pf, theta: np.ndarray,

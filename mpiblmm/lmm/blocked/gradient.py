@@ -27,6 +27,7 @@ bits of a voxel do not depend on its batch.  Cost per voxel about that of one ev
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg as sla
 
 from ..likelihood import VinvProducts, gls, logdet_spd, loglik, profiled_s2
 from ..theta import theta_slices, tril_indices
@@ -158,7 +159,8 @@ def selected_inverse(pattern: BlockPattern, fac, v: int) -> np.ndarray:
     m, t0 = pattern.m, pattern.tail_offset
     ST = None
     if m:
-        ST = np.linalg.inv(fac.T)
+        Ci = sla.inv(fac.C, assume_a="lower triangular", check_finite=False)
+        ST = np.matmul(np.swapaxes(Ci, 1, 2), Ci)                    # T^-1 = C^-T C^-1
         ST = 0.5 * (ST + np.swapaxes(ST, 1, 2))
         sig[t0:] = ST.reshape(v, m * m).T
     for b in reversed(range(pattern.n_prefix)):
