@@ -55,6 +55,7 @@ from mpiblmm.io.lock import OutputLock, acquire_lock
 from mpiblmm.io.results import (RESULTS_NAME, ResultsLayout, check_resumable, create_results,
                                 creating_marker, open_results, unfinished_creation)
 from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk, bytes_per_voxel
+from mpiblmm.lmm.estimate import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE
 from mpiblmm.lmm.structure import choose
 from mpiblmm.lmm.model import STATUS_CODES, STATUS_SINGULAR
 from mpiblmm.lmm.products import random_design
@@ -153,9 +154,15 @@ def model_from_design(design: Design) -> Model:
 
 
 def settings_from_spec(spec: Spec, budget_mb: float = DEFAULT_MEMORY_MB) -> Settings:
-    """Selection and estimation settings of a spec, with the estimator's share of the budget."""
-    return Settings(method=spec.estimation.method, tolerance=spec.estimation.tolerance,
-                    max_iterations=spec.estimation.max_iterations,
+    """Selection and estimation settings of a spec, with the estimator's share of the budget.
+
+    A default written out (``"tolerance": 1e-12``) is the default left out: the same fit,
+    so the same ``input_hash``, and a ``--resume`` after adding or removing it is taken."""
+    est = spec.estimation
+    return Settings(method=est.method,
+                    tolerance=None if est.tolerance == DEFAULT_TOLERANCE else est.tolerance,
+                    max_iterations=(None if est.max_iterations == DEFAULT_MAX_ITERATIONS
+                                    else est.max_iterations),
                     min_n=spec.missingness.min_n or 0,
                     min_fraction=spec.missingness.min_fraction,
                     memory_budget=int(CHUNK_SHARE * budget_mb * 2**20))

@@ -35,6 +35,9 @@ from .theta import D_from_theta, is_singular, n_theta
 #: where product forms do not say (their ``rtol_constant``): float32 data's.
 CONSTANT_RTOL = CONSTANT_RTOL_FLOAT32
 
+#: Default ``tolerance``: a voxel stops when its log-likelihood changes by less than this.
+DEFAULT_TOLERANCE = 1e-12
+
 #: Default iteration cap of a voxel's whole fit (Fisher Scoring + polish; before the cap
 #: covered both, they had 200 and 100 of their own).
 DEFAULT_MAX_ITERATIONS = 300
@@ -103,7 +106,7 @@ def _fit_chunk(pf: ProductForms, method: str, tolerance: float, max_iterations: 
     return pf.algebra.fit_chunk(pf, method, tolerance, max_iterations, polish_mode)
 
 
-def fit(pf: ProductForms, method: str = "REML", tolerance: float = 1e-12,
+def fit(pf: ProductForms, method: str = "REML", tolerance: float = DEFAULT_TOLERANCE,
         max_iterations: int = DEFAULT_MAX_ITERATIONS, polish: str = "auto",
         memory_budget: int = DEFAULT_MEMORY) -> FitResult:
     """Fit the voxel-wise LMM by (RE)ML to every voxel of ``pf``.

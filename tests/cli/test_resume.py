@@ -309,7 +309,11 @@ def test_existing_output_is_refused_without_a_flag(study, tmp_path):
     assert run.returncode == 2 and len(lines) == 1 and "--overwrite" in lines[0], run.stderr
     (out / "kept.h5").rename(out / "results.h5")
 
-    run = fit("-o", str(out), "--resume", ranks=1)    # complete already: nothing to fit
+    # the defaults written out are the same fit: resumed (complete already: nothing to fit)
+    explicit = json.loads(spec.read_text())
+    explicit["estimation"] = {"method": "REML", "tolerance": 1e-12, "max_iterations": 300}
+    (spec.parent / "explicit.json").write_text(json.dumps(explicit))
+    run = fit("-o", str(out), "--resume", ranks=1, spec_path=spec.parent / "explicit.json")
     assert run.returncode == 0 and "480 of 480 voxels already done" in run.stdout, run.stderr
     _same(reference, read_results(out / "results.h5"))
     export = _run_job(_launch(1, [*_mpiblmm(), "export", str(out / "results.h5"), "--fdr"]),
