@@ -62,16 +62,15 @@ def _mm(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     """``A B`` over the two leading axes; trailing axes broadcast elementwise."""
     if A.shape[:2] == (1, 1) and B.shape[0] == 1:
         return A * B
-    rows = []
-    for i in range(A.shape[0]):
-        row = []
-        for k in range(B.shape[1]):
-            s = A[i, 0] * B[0, k]
+    out = np.empty((A.shape[0], B.shape[1]) + np.broadcast_shapes(A.shape[2:], B.shape[2:]))
+    tmp = np.empty(out.shape[2:]) if A.shape[1] > 1 else None
+    for i in range(A.shape[0]):             # each entry summed over j in order, in place:
+        for k in range(B.shape[1]):         # the bits of s = s + A_ij B_jk
+            o = out[i, k]
+            np.multiply(A[i, 0], B[0, k], out=o)
             for j in range(1, A.shape[1]):
-                s = s + A[i, j] * B[j, k]
-            row.append(s)
-        rows.append(np.stack(np.broadcast_arrays(*row)))
-    return np.stack(rows)
+                o += np.multiply(A[i, j], B[j, k], out=tmp)
+    return out
 
 
 def _t(A: np.ndarray) -> np.ndarray:
