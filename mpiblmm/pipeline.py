@@ -209,16 +209,21 @@ def pending_chunks(mine: Slab, done: np.ndarray | None, step: int) -> list[tuple
     return [(lo, min(lo + step, hi)) for a, hi in runs for lo in range(a, hi, step)]
 
 
-def _settings_fields(settings: Settings) -> dict:
-    """The settings that decide a fit's numbers (not the memory budget)."""
-    return {k: v for k, v in dataclasses.asdict(settings).items() if k != "memory_budget"}
+def _settings_fields(settings: Settings, p: int) -> dict:
+    """The settings that decide a fit's numbers (not the memory budget), for ``p`` fixed
+    effects: a ``min_n`` of at most p + 1 is the default's rule (0), as every voxel needs
+    p + 1 observations anyway."""
+    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k != "memory_budget"}
+    if fields["min_n"] <= p + 1:
+        fields["min_n"] = 0
+    return fields
 
 
 def _input_items(design: Design, settings: Settings, data_fingerprint: str):
     """What decides a fit's numbers, as (part, item) pairs in a fixed order: the part names
     what a user would say changed (:func:`input_parts`)."""
     yield from (("version", "mpiblmm-input-1"), ("version", __version__),
-                ("settings", _settings_fields(settings)), ("data", data_fingerprint),
+                ("settings", _settings_fields(settings, design.p)), ("data", data_fingerprint),
                 ("fixed", np.asarray(design.X, dtype=float)), ("fixed", list(design.fixed_names)))
     for f in design.factors:
         for item in (f.name, np.asarray(f.codes, dtype=np.int64), np.asarray(f.Z, dtype=float),
@@ -269,7 +274,8 @@ def input_digests(design: Design, settings: Settings, data_fingerprint: str) -> 
     parts = {k: h.hexdigest()[:16] for k, h in hashes.items() if k not in ("version", "settings")}
     parts["version"] = __version__
     parts["observations"] = int(design.n)
-    parts["settings"] = json.loads(json.dumps(_settings_fields(settings), default=str))
+    parts["settings"] = json.loads(json.dumps(_settings_fields(settings, design.p),
+                                              default=str))
     return total.hexdigest(), parts
 
 
