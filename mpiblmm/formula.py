@@ -204,6 +204,30 @@ def parse_formula(text: str) -> ParsedFormula:
         raise SpecError(str(exc)) from None
 
 
+#: R calls whose name starts with a Python keyword (``as.numeric``, ``is.na``): formulaic
+#: cannot parse them (a Python syntax error); ``as.factor`` is read as ``factor``.
+_KEYWORD_CALL = re.compile(r"(?<![\w.])((?:as|is)\.[A-Za-z_][\w.]*)\s*\(")
+_PACKAGE_PREFIX = re.compile(r"(?<![\w.])([A-Za-z][\w.]*):::?([A-Za-z_.][\w.]*)")
+
+
+def _unsupported_calls(rhs: str) -> None:
+    """A one-line problem for R calls the formula language here cannot read: ``as.*`` and
+    ``is.*`` functions (but ``as.factor``) and package prefixes (``splines::ns``)."""
+    for m in _KEYWORD_CALL.finditer(rhs):
+        name = m.group(1)
+        if name == "as.factor":
+            continue
+        if name.startswith("is."):
+            raise _FormulaProblem(f"{name}() is not supported: the covariates a formula uses "
+                                  "have no missing values (a missing cell is an error)")
+        raise _FormulaProblem(f"{name}() is not supported: write the column itself if it is "
+                              "numeric, or factor(column) to read it as a factor")
+    m = _PACKAGE_PREFIX.search(rhs)
+    if m:
+        raise _FormulaProblem(f"{m.group()!r}: package prefixes ({m.group(1)}::) are not "
+                              f"supported; write the function alone ({m.group(2)})")
+
+
 def _parse(text: str) -> ParsedFormula:
     sides = _split_top(text, "~")
     if len(sides) == 1:
@@ -211,6 +235,7 @@ def _parse(text: str) -> ParsedFormula:
     if len(sides) > 2:
         raise _FormulaProblem("more than one '~'")
     lhs, rhs = sides[0][1].strip() or None, sides[1][1]
+    _unsupported_calls(rhs)
     if lhs is not None and not VARIABLE.match(lhs):
         raise _FormulaProblem(f"the left side {lhs!r} must be one name, the image data (y)")
     fixed: list[str] = []
@@ -281,13 +306,17 @@ def _r_piece(expr: str) -> str:
 
 def _r_to_python(text: str) -> str:
     """R spellings formulaic does not know: ``^`` inside a call is a power (``I(x^2)``),
-    ``as.factor(x)`` is ``factor(x)``, ``TRUE``/``FALSE`` are Python's, ``a %in% b`` is
+    ``as.factor(x)`` is ``factor(x)``, ``TRUE``/``FALSE`` are Python's (and ``T``/``F`` as an
+    argument's value, ``raw = T``), ``a %in% b`` is
     ``a:b`` (formulaic reads it as nesting, ``b/a``, adding ``b``'s main effect), ``C(x,
     sum)`` is ``C(x, "sum")`` (:func:`_r_factor_calls`)."""
     text = _r_factor_calls(text)
     text = re.sub(r"\s*%in%\s*", ":", text)       # R: a %in% b is the term a:b
     text = re.sub(r"\bas\.factor\s*\(", "factor(", text)
     text = re.sub(r"\bTRUE\b", "True", re.sub(r"\bFALSE\b", "False", text))
+    # R's T and F as an argument's value (poly(age, 2, raw = T)); not a column named T
+    text = re.sub(r"(?<![=!<>])(=\s*)T\b(?![\w.])", r"\1True",
+                  re.sub(r"(?<![=!<>])(=\s*)F\b(?![\w.])", r"\1False", text))
     out, stack = [], []
     for i, ch in enumerate(text):
         if ch == "(":
@@ -554,8 +583,19 @@ def _r_ordered(fixed: str) -> str:
     """
     import formulaic
 
+    from formulaic.parser import DefaultFormulaParser
+
     parsed = formulaic.Formula(fixed, _ordering="none")
     order: dict[str, int] = {}
+    # every variable as written, subtracted terms too: R's order of ``y ~ grp * time - grp``
+    # is grp, time (its term ``grp:time``), though only ``time`` and ``grp:time`` are left
+    stack = [DefaultFormulaParser().get_ast(fixed)]
+    while stack:
+        node = stack.pop()
+        if hasattr(node, "args"):
+            stack.extend(reversed(node.args))
+        else:
+            order.setdefault(str(node), len(order))
     for term in parsed:
         for f in term.factors:
             order.setdefault(f.expr, len(order))
@@ -590,6 +630,8 @@ class FormulaModel:
     #: treatment coding where some term is contained in another, with other codings always
     #: (where those hypotheses could be made); ``None`` for a one-term fixed part.
     type3_basis: Type3Basis | None = None
+    #: terms left with one column by :func:`without_columns` that ``anova`` still tests (F)
+    f_terms: frozenset[str] = frozenset()
 
 
 def _log(x, base=None):
@@ -971,6 +1013,40 @@ def _type3_terms(mm, frame, terms: list[tuple[str, list[int]]]) -> tuple[list[Te
     return terms3, np.column_stack(([np.ones(mm.shape[0])] if intercept else []) + blocks)
 
 
+def without_columns(model: FormulaModel, keep: np.ndarray) -> FormulaModel:
+    """``model`` without the fixed columns not in ``keep`` (p,) bool: the model lme4 fits when
+    it drops them (``fixed-effect model matrix is rank deficient``), its terms, and the
+    hypotheses lmerTest's ``anova`` tests in it, made as for a voxel whose observed rows drop
+    those columns (:func:`mpiblmm.lmm.type3.observed_type3`; type I rows of a one-term part
+    on the kept columns)."""
+    from mpiblmm.lmm import type3 as t3
+
+    keep = np.asarray(keep, dtype=bool)
+    position = np.cumsum(keep) - 1
+    X = model.X[:, keep]
+    terms = tuple((label, tuple(int(position[j]) for j in cols if keep[j]))
+                  for label, cols in model.terms)
+    terms = tuple((label, cols) for label, cols in terms if cols)
+    basis, type3 = model.type3_basis, []
+    if model.one_term:
+        type3 = [(label, t3.type1_rows(X, list(cols))) for label, cols in terms if len(cols) > 1]
+    elif basis is not None:
+        every = np.ones(X.shape[0], dtype=bool)
+        for label, _ in model.type3:
+            L = t3.observed_type3(every, model.X, basis, keep, label)
+            if L is not None:
+                type3.append((label, L))
+        if basis.treatment_X is None:      # its terms name columns of X (else of X_t)
+            basis = dataclasses.replace(basis, terms=tuple(
+                dataclasses.replace(t, x_cols=tuple(int(position[j]) for j in t.x_cols
+                                                    if keep[j]))
+                for t in basis.terms))
+    several = {label for label, cols in model.terms if len(cols) > 1}
+    return dataclasses.replace(model, X=X, names=tuple(np.asarray(model.names)[keep].tolist()),
+                               terms=terms, type3=tuple(type3), type3_basis=basis,
+                               f_terms=frozenset(several & {label for label, _ in terms}))
+
+
 def default_contrasts(model: FormulaModel) -> list[tuple]:
     """lmerTest's ``summary`` and ``anova``: a T contrast per coefficient (named by it), an F
     contrast per term of more than one column (named by the term): the rows ``anova`` tests
@@ -988,7 +1064,7 @@ def default_contrasts(model: FormulaModel) -> list[tuple]:
     taken = {c[0] for c in out}
     type3 = dict(model.type3)
     for label, cols in model.terms:
-        if len(cols) > 1:
+        if len(cols) > 1 or label in model.f_terms:
             L = type3.get(label, _own_rows(cols, p))   # anova's where it has other rows
             name = safe_name(label)
             out.append((name if name not in taken else f"{name}.F", L, "two-sided",
