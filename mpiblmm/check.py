@@ -371,7 +371,8 @@ def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) ->
         out += _text_column_notes(spec)
     from mpiblmm.checks import overlapping_random_terms
 
-    out += [f"note: {note}" for note in overlapping_random_terms(design)]
+    out += [f"note: {note}" for note in (list(design.notes)
+                                         + overlapping_random_terms(design))]
     out.append(f"observations: n = {design.n}")
     out.append(f"fixed effects: p = {design.p}: {', '.join(design.fixed_names)}")
     out.append(f"random factors: {len(design.factors)}, q = {design.structure.q}")

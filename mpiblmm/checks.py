@@ -24,7 +24,7 @@ voxel gets a status code instead (:func:`~mpiblmm.lmm.analysis.identifiable`, st
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -105,9 +105,9 @@ def fittable_problems(design: Any, spec: Any = None) -> list[SpecError]:
                                  f"outside {1 / X_SCALE_LIMIT:g} to {X_SCALE_LIMIT:g}; rescale "
                                  "it (other units)", x_where))
         elif (j := dependent_column(design.X)) is not None:
-            out.append(SpecError(f"{_column(design.X, j, names)}: X is rank deficient, so the "
-                                 "fixed effects are not identifiable; drop or recode that "
-                                 "column", x_where))
+            out.append(SpecError(f"{column_words(design.X, j, names)}: X is rank deficient, "
+                                 "so the fixed effects are not identifiable; drop or recode "
+                                 "that column", x_where))
     missingness = getattr(spec, "missingness", None)
     min_n = getattr(missingness, "min_n", None)
     if min_n is not None and min_n > n:
@@ -138,6 +138,26 @@ def fittable_problems(design: Any, spec: Any = None) -> list[SpecError]:
     return out
 
 
+def lme4_dropped_columns(X: np.ndarray) -> tuple[list[int], int | None]:
+    """The columns of ``X`` lme4 drops (``fixed-effect model matrix is rank deficient so
+    dropping k columns``): each column exactly in the span of the kept ones before it, or
+    zero; and the first column only *nearly* in that span (``None`` if none), which is not
+    dropped but refused (a covariate far from zero beside the intercept: dropping it would
+    fit another model without a word)."""
+    X = np.asarray(X, dtype=np.float64)
+    keep: list[int] = []
+    dropped: list[int] = []
+    for j in range(X.shape[1]):
+        cols = X[:, keep + [j]]
+        if dependent_column(cols) is None:
+            keep.append(j)
+        elif not np.any(X[:, j]) or _outside_span(cols, len(keep)) <= 1e-10:
+            dropped.append(j)
+        else:
+            return dropped, j
+    return dropped, None
+
+
 def saturated_design(design: Any) -> bool:
     """Whether ``[X Z]`` has rank ``n`` on all rows (no residual variance at any voxel;
     :func:`~mpiblmm.lmm.analysis.saturated`, the test a voxel's observed rows get).  Only
@@ -165,11 +185,11 @@ def random_covariates_problem(design: Any, spec: Any, i: int) -> SpecError | Non
     where = str(getattr(fs, "design", None)
                 or f"{getattr(spec, 'path', 'spec')}: random[{i}] ({f.name!r})")
     return SpecError(f"random effects of factor {f.name!r}: "
-                     f"{_column(f.Z, k, tuple(f.effect_names))}: their covariance is "
+                     f"{column_words(f.Z, k, tuple(f.effect_names))}: their covariance is "
                      "not identifiable; drop that column", where)
 
 
-def _column(A: np.ndarray, j: int, names: tuple[str, ...]) -> str:
+def column_words(A: np.ndarray, j: int, names: Sequence[str]) -> str:
     """'column 3 ('age') is zero' or '... is a linear combination of the columns before it'."""
     what = f"column {j + 1}" + (f" ({names[j]!r})" if len(names) == A.shape[1] else "")
     if not np.any(A[:, j]):

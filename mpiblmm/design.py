@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mpiblmm.checks import column_words, dependent_column, lme4_dropped_columns
 from mpiblmm.errors import ContrastError, SpecError, UserError, not_utf8
 from mpiblmm.formula_table import NUMBER, read_table, suspicious_text_columns
 from mpiblmm.lmm.model import RandomFactor, RandomStructure
@@ -88,6 +89,8 @@ class Design:
     #: the formula's type III hypotheses to make again at voxels that drop columns
     #: (:class:`~mpiblmm.lmm.type3.Type3Basis`), or ``None``
     type3_basis: Type3Basis | None = None
+    #: what the front end changed and the user should know (a formula's columns dropped)
+    notes: tuple[str, ...] = ()
 
     @property
     def n(self) -> int:
@@ -301,8 +304,10 @@ def design_from_formula(spec: Spec) -> Design:
     spec_where = str(spec.path)
     table = read_table(spec.covariates)
     if spec.images is not None and len(spec.images) != table.n:
+        skipped = (f"; {len(table.empty_lines)} line(s) of empty cells not counted (line "
+                   f"{', '.join(map(str, table.empty_lines[:5]))})" if table.empty_lines else "")
         raise SpecError(f"{_image_count(spec.images)} but {spec.covariates} has "
-                        f"{table.n} rows (one image per row)", f"{spec_where}: images")
+                        f"{table.n} rows (one image per row){skipped}", f"{spec_where}: images")
     try:
         model = fm.formula_model(spec.formula, table)
     except SpecError as exc:
@@ -315,6 +320,15 @@ def design_from_formula(spec: Spec) -> Design:
         raise SpecError(f"columns {i} and {j} of the fixed part are both named {twice!r} (e.g. "
                         "a level of a text column and a numeric column of that name): rename "
                         f"a column of {spec.covariates}", f"{spec_where}: formula")
+    notes: tuple[str, ...] = ()
+    if dependent_column(model.X) is not None:     # dropped as lme4 drops them, if exactly so
+        dropped, near = lme4_dropped_columns(model.X)
+        if dropped and near is None:
+            notes = tuple(
+                f"{column_words(model.X, j, model.names)} (e.g. an empty cell of an "
+                "interaction, or levels nested in another factor's): left out, as lme4 drops "
+                "it ('fixed-effect model matrix is rank deficient')" for j in dropped)
+            model = fm.without_columns(model, ~np.isin(np.arange(model.X.shape[1]), dropped))
     for name, *_ in model.factors:  # named by the formula's grouping columns
         too_long = name_length_problem(name, "factor")
         if too_long is not None:
@@ -341,8 +355,9 @@ def design_from_formula(spec: Spec) -> Design:
             if not notes:
                 raise
             raise type(exc)(f"{exc.message} (perhaps because {notes[0]})", exc.where) from None
-    return build_design(model.X, model.factors, contrasts, model.names,
-                        where=f"{spec_where}: contrasts", type3_basis=model.type3_basis)
+    design = build_design(model.X, model.factors, contrasts, model.names,
+                          where=f"{spec_where}: contrasts", type3_basis=model.type3_basis)
+    return replace(design, notes=notes) if notes else design
 
 
 def spec_contrasts(spec: Spec, names: Sequence[str]) -> list[tuple[str, np.ndarray, str]]:

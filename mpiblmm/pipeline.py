@@ -384,7 +384,8 @@ def _load(spec: Spec, spec_path: str, options: FitOptions, fingerprint: str) -> 
     except BaseException:
         lock.release()
         raise
-    notes = [note] * bool(note) + [f"note: {n}" for n in overlapping_random_terms(design)]
+    notes = [note] * bool(note) + [f"note: {n}" for n in (list(design.notes)
+                                                           + overlapping_random_terms(design))]
     note = "\n".join(notes)
     return Setup(None, design, digest, lock, done, note, fingerprint, created, parts)
 

@@ -72,8 +72,12 @@ CASES = {
     "min_n zero": (_spec(missingness={"min_n": 0}), "missingness.min_n: expected a whole number"),
     "method": (_spec(estimation={"method": "OLS"}), 'estimation.method: expected "REML" or "ML"'),
     "memory": (_spec(max_memory_mb="lots"), "max_memory_mb: expected a number greater than 0"),
-    "dependent fixed columns": (_formula("y ~ age + time + I(age + time) + (1 | subject)"),
-                                "formula: column 4 ('I(age + time)') is a linear combination"),
+    # an exact dependence is dropped as lme4 drops it (tests/formula/test_dropped_as_lme4.py);
+    # one only near (a covariate far from zero beside the intercept) is refused
+    "nearly dependent fixed column": (_both(_formula("y ~ time + I(age + 1e7) + (1 | subject)"),
+                                            _spec(contrasts=None)),
+                                      "formula: column 3 ('I(age + 1e+07)') is nearly a "
+                                      "linear combination of the columns before it"),
     # ---- contrasts
     "unknown coefficient": (_contrast({"tme": 1}),
                             "contrasts[0] (\"time\").weights: no coefficient 'tme'; did you mean 'time'?"),
@@ -120,12 +124,26 @@ CASES = {
                 "formula: term 'ordered(subject)': unknown function 'ordered'"),
     "natural spline": (_formula("y ~ ns(age, 3) + (1 | subject)"),
                        "formula: term 'ns(age, 3)': unknown function 'ns'"),
+    "as.numeric": (_formula("y ~ as.numeric(age) + (1 | subject)"),     # was a Python
+                   "formula: as.numeric() is not supported: write the column itself"),  # syntax error
+    "is.na": (_formula("y ~ age + (1 | subject) + is.na(time)"),
+              "formula: is.na() is not supported"),
+    "package prefix": (_formula("y ~ splines::ns(age, 3) + (1 | subject)"),
+                       "formula: 'splines::ns': package prefixes (splines::) are not supported"),
     # ---- the covariates table
     "missing value": (_table(_cell(3, "age", "NA")), "edited.csv: row 4: column 'age': missing value 'NA'"),
     "missing label": (_table(_cell(2, "subject", "")), "edited.csv: row 3: column 'subject': missing value"),
     "ragged row": (_table(lambda ls: ls[:4] + [ls[4].rsplit(",", 1)[0]] + ls[5:]),
                    "edited.csv: row 5: has 3 columns; the header has 4"),
     "too few rows": (_table(lambda ls: ls[:-1]), "images: lists 12 images but "),
+    "a row of empty cells": (_table(lambda ls: ls[:4] + [",,,"] + ls[5:]),  # skipped, but said
+                             "edited.csv has 11 rows (one image per row); 1 line(s) of empty "
+                             "cells not counted (line 5)"),
+    "labels differing by spaces": (   # R's read.csv reads ' A' and 'A' as two levels
+        _both(_table(lambda ls: [ls[0] + ",arm"] + [x + (", A" if i % 2 else ",A")
+                                                    for i, x in enumerate(ls[1:])]),
+              _formula("y ~ age + arm + (1 | subject)")),
+        "edited.csv: row 3: column 'arm': ' A' and 'A' differ only by spaces around them"),
     "duplicate column": (_table(lambda ls: [ls[0].replace("visit", "age")] + ls[1:]),
                          "edited.csv: row 1: column name 'age' appears twice"),
     "empty table": (_table(lambda ls: []), "edited.csv: the file is empty"),
