@@ -12,6 +12,7 @@ name columns and levels.  :mod:`mpiblmm.formula` builds the model from the table
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import re
@@ -33,6 +34,11 @@ class Table:
     names: tuple[str, ...]
     cells: dict[str, list[str]]
     lines: tuple[int, ...]
+    #: lines whose every cell is empty (``,,,``: a spreadsheet's trailing rows), skipped
+    empty_lines: tuple[int, ...] = ()
+    #: per column, the first two cells that differ only by spaces around them
+    #: ``(line, cell, other)``: one level here, two in R's ``read.csv`` (:func:`used_column`)
+    spaced: dict[str, tuple[int, str, str]] = dataclasses.field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -74,6 +80,7 @@ def read_table(path: Path) -> Table:
         raise not_utf8(path, exc) from None
     except (OSError, csv.Error) as exc:
         raise SpecError(f"cannot read: {exc}", str(path)) from None
+    empty = tuple(line for line, row in rows if len(row) > 1 and not any(c.strip() for c in row))
     rows = [(line, row) for line, row in rows if any(c.strip() for c in row)]
     if not rows:
         raise SpecError("the file is empty (expected a header row, then one row per image)",
@@ -87,19 +94,33 @@ def read_table(path: Path) -> Table:
     if len(rows) == 1:
         raise SpecError("has a header row but no data rows", str(path))
     cells: dict[str, list[str]] = {h: [] for h in header}
+    raw: dict[str, dict[str, tuple[int, str]]] = {h: {} for h in header}
+    spaced: dict[str, tuple[int, str, str]] = {}
     for line, row in rows[1:]:
         if len(row) != len(header):
             raise SpecError(f"has {len(row)} columns; the header has {len(header)}", f"{path}: row {line}")
         for h, c in zip(header, row):
+            seen = raw[h].setdefault(c.strip(), (line, c))
+            if (seen[1] != c and h not in spaced and not NUMBER.fullmatch(c)
+                    and c.strip() not in MISSING_TOKENS):
+                spaced[h] = (line, c, seen[1])
             c = c.strip()
             if delimiter == ";" and DECIMAL_COMMA.fullmatch(c):   # read.csv2's dec = ","
                 c = c.replace(",", ".")
             cells[h].append(c)
-    return Table(Path(path), tuple(header), cells, tuple(line for line, _ in rows[1:]))
+    return Table(Path(path), tuple(header), cells, tuple(line for line, _ in rows[1:]),
+                 empty, spaced)
 
 
 def used_column(table: Table, name: str, what: str) -> list[str]:
-    """The cells of a column the formula uses; a missing cell is an error naming its row."""
+    """The cells of a column the formula uses; a missing cell is an error naming its row, and
+    so are two cells of a text column that differ only by spaces around them (``M`` and
+    `` M``: R's ``read.csv`` reads two levels, where a hand-edited table meant one)."""
+    if name in table.spaced and numeric_column(table, name) is None:
+        line, cell, other = table.spaced[name]
+        raise SpecError(f"column {name!r}: {cell!r} and {other!r} differ only by spaces around "
+                        "them: R's read.csv reads two levels, mpiblmm would read one; write "
+                        "them alike", f"{table.path}: row {line}")
     for line, cell in zip(table.lines, table.cells[name]):
         if cell in MISSING_TOKENS:
             raise SpecError(f"column {name!r}: missing value {cell!r} in a column the formula "
