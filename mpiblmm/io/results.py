@@ -36,11 +36,11 @@ import numpy as np
 
 from mpiblmm import __version__
 from mpiblmm.errors import UserError
-from mpiblmm.io import (SlabTarget, agree, comm_rank, comm_size, make_dirs, open_h5,
+from mpiblmm.io import (SlabTarget, agree, comm_rank, comm_size, make_dirs, on_root, open_h5,
                         read_hyperslab, write_hyperslab)
 from mpiblmm.lmm.model import (F_STATS, STATUS_CODES, STATUS_SINGULAR, T_STATS,
                                 dropped_column_voxels, result_datasets)
-from mpiblmm.parallel import no_hang
+from mpiblmm.parallel import IOFailure, no_hang
 
 RESULTS_FORMAT = "mpiblmm-results-1"
 RESULTS_NAME = "results.h5"
@@ -375,6 +375,25 @@ def _setting(value: Any) -> str:
     return "default" if value in (None, 0) else str(value)[:40]
 
 
+#: Bytes the file system of ``results.h5`` must have free before :meth:`ResultsWriter.finish`
+#: writes its attributes (they took one 4 KiB page at 2 ranks in an audit's sweep of disk sizes).
+FINISH_RESERVE_BYTES = 16 << 10
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Bytes this process may still write in ``folder``'s file system (``None``: unknown,
+    :func:`mpiblmm.watchdog.free_blocks`)."""
+    import os
+
+    from mpiblmm.watchdog import free_blocks
+
+    try:
+        blocks = free_blocks(folder)
+        return None if blocks is None else blocks * os.statvfs(folder).f_frsize
+    except OSError:
+        return None
+
+
 def describe_error(exc: BaseException) -> str:
     """A short cause for an error of h5py (see :func:`mpiblmm.parallel.describe_io_error`)."""
     from mpiblmm.parallel import describe_io_error
@@ -533,6 +552,15 @@ class ResultsWriter:
         counts = self.status_counts() if counts is None else counts
         if self.comm is not None and comm_size(self.comm) > 1:
             summary = self.comm.bcast(summary, root=0)
+        free = on_root(self.comm, lambda: free_bytes(self.path.parent))
+        if free is not None and free < FINISH_RESERVE_BYTES:
+            # parallel HDF5 stopped by a full disk in these metadata writes left a file no
+            # HDF5 library could open (a fault audit, 2-3 ranks): the fit's work lost
+            self.close()
+            agree(self.comm, IOFailure(
+                f"only {free // 1024} KiB free on its file system, too little to finish it "
+                "(every voxel is written, not yet marked complete): free space, then run "
+                "the same command with --resume", str(self.path)))
         with no_hang(self.comm, self.path, "finishing the results file"):
             a = self.file.attrs
             a["status_counts"] = json.dumps({str(k): v for k, v in counts.items()})

@@ -304,3 +304,29 @@ def test_a_stop_while_reading_a_packed_input_says_it_is_unchanged(tmp_path, caps
                           reading=reading)
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+
+
+def test_too_little_space_to_finish_leaves_a_resumable_file(tmp_path, monkeypatch):
+    """A disk full while finish wrote its attributes at 2-3 ranks left a results file no HDF5
+    library could open (a fault audit: the whole fit lost, and the advice to --resume
+    wrong): finish now checks the space first, closes the file unfinished and says so."""
+    from mpiblmm.io import results as results_module
+    from mpiblmm.io.results import FINISH_RESERVE_BYTES, open_results
+
+    path = tmp_path / "results.h5"
+    w = _results(path)
+    w.write(0, 6, {"status": np.zeros(6, dtype=np.uint8)})
+    monkeypatch.setattr(results_module, "free_bytes", lambda folder: FINISH_RESERVE_BYTES - 1)
+    with pytest.raises(UserError) as err:
+        w.finish({"ranks": 1})
+    assert err.value.exit_code == 4
+    assert str(err.value) == (f"{path}: only 15 KiB free on its file system, too little to "
+                              "finish it (every voxel is written, not yet marked complete): "
+                              "free space, then run the same command with --resume")
+    np.testing.assert_array_equal(check_resumable(path, "abc"), np.ones(6))
+    with h5py.File(path, "r") as f:
+        assert not f.attrs["complete"] and "summary" not in f.attrs
+    monkeypatch.setattr(results_module, "free_bytes", lambda folder: None)  # unknown: go on
+    assert open_results(path, input_hash="abc").finish({"ranks": 1}) == {0: 6}
+    with h5py.File(path, "r") as f:
+        assert f.attrs["complete"]
