@@ -210,8 +210,11 @@ def _check_writable(path: Path) -> None:
 
 # --------------------------------------------------------------------------- packing
 def _stat_key(f: Any) -> bytes:
-    """What the fingerprint keeps of one input file: its absolute path, size, modification
-    time (ns) and inode -- what changes when its content does.  Writing a file changes its
+    """What the fingerprint keeps of one input file: its size, modification time (ns) and
+    inode -- what changes when its content does.  Not its path: a study named through a
+    symbolic link or another mount of the same folder is the same data (a fault audit's
+    ``--resume`` through ``biglink/spec.json`` of a fit begun as ``big/spec.json`` was refused
+    as "the input files changed", advising ``--overwrite``); the files' order is kept.  Writing a file changes its
     modification time; a file replaced by another (``mv``, ``cp -p`` to a new name and
     back, an unpacked archive) has another inode even when its size and modification time
     were kept.  Not the change time: ``chmod``, ``chown``, ``touch -a``, a new hard link or
@@ -222,16 +225,13 @@ def _stat_key(f: Any) -> bytes:
 
 
 def _key_of(f: Any, st: os.stat_result) -> bytes:
-    """:func:`_stat_key` from ``f``'s ``stat`` result.  The path is encoded as the file
-    system stores it (``os.fsencode``): a name that is not UTF-8 (a latin-1 byte, held as a
-    surrogate escape) must be hashed, not refused; a UTF-8 name gives the same bytes."""
-    stats = f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode()
-    return os.fsencode(os.path.abspath(f)) + stats
+    """:func:`_stat_key` from ``f``'s ``stat`` result."""
+    return f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode()
 
 
 def _fingerprint(images: Sequence[Path], masks: Sequence[Path] | None,
                  analysis_mask: Path | None, zero_is_missing: bool) -> str:
-    """A hash of the inputs' paths and :func:`_stat_key` (stat only, no reads).  A
+    """A hash of the inputs' :func:`_stat_key` in their order (stat only, no reads).  A
     ``packed.h5`` of an earlier version (whose fingerprint held other stat fields) does not
     match: it is packed again once."""
     files = list(images) + list(masks or []) + ([analysis_mask] if analysis_mask else [])
@@ -244,7 +244,7 @@ def _hash_keys(n_images: int, masks: bool, analysis_mask: bool, zero_is_missing:
     """The fingerprint of the inputs from their :func:`_stat_key` values, in the order
     images, observation masks, analysis mask (the same whoever ``stat``ed them)."""
     h = hashlib.sha256()
-    h.update(json.dumps([PACKED_FORMAT, "stat-3", n_images, masks, analysis_mask,
+    h.update(json.dumps([PACKED_FORMAT, "stat-4", n_images, masks, analysis_mask,
                          zero_is_missing]).encode())
     for key in keys:
         h.update(key)

@@ -151,16 +151,22 @@ def test_an_older_space_without_digest_keeps_working_and_refuses_another_count(t
 
 
 # --------------------------------------------------------------------------- 3. non-UTF-8 paths
-def test_a_path_that_is_not_utf8_is_hashed_as_the_file_system_stores_it(tmp_path):
+def test_a_path_that_is_not_utf8_is_fingerprinted_by_its_stat_alone(tmp_path):
+    """A latin-1 name is stat'ed, not encoded (it was a UnicodeEncodeError); the key holds
+    no path at all, so the same files reached through a symbolic link (a fault audit's
+    ``--resume`` through ``biglink/``) have the same fingerprint, and the order counts."""
     name = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"img_\xe9.nii")))
     name.write_bytes(b"x")
-    key = ingest._stat_key(name)
-    assert key.startswith(os.fsencode(os.path.abspath(name)) + b"\0")
+    st = os.stat(name)
+    assert ingest._stat_key(name) == f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode()
     plain = tmp_path / "plain.nii"
-    plain.write_bytes(b"x")  # a UTF-8 name: the same key as before (packed files reused)
-    st = os.stat(plain)
-    assert ingest._stat_key(plain) == (f"{os.path.abspath(plain)}\0{st.st_size}\0"
-                                       f"{st.st_mtime_ns}\0{st.st_ino}\n").encode()
+    plain.write_bytes(b"xy")
+    (tmp_path / "link").symlink_to(tmp_path)
+    via_link = [tmp_path / "link" / "plain.nii", tmp_path / "link" / name.name]
+    assert ingest._fingerprint([plain, name], None, None, True) == \
+        ingest._fingerprint(via_link, None, None, True)
+    assert ingest._fingerprint([plain, name], None, None, True) != \
+        ingest._fingerprint([name, plain], None, None, True)
 
 
 def test_a_study_in_a_latin1_folder_is_packed(tmp_path):
