@@ -398,7 +398,7 @@ def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) ->
                f"are often half of it or less)")
     ms = _ms_per_voxel(spec, design)
     seconds = voxels * ms / 1000.0 / max(ranks, 1)
-    out.append(f"run time: fitting about {_duration(seconds)} on {ranks} rank(s), a lower "
+    out.append(f"run time: fitting {_duration(seconds)} on {ranks} rank(s), a lower "
                f"bound (the estimator took {ms:.2f} ms per voxel here on "
                f"{_ms_per_voxel.voxels} simulated complete voxels; missing data and boundary "
                "fits cost more, up to 2x in audits; start-up, packing the images, reading and "

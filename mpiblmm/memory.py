@@ -12,6 +12,7 @@ Only Linux's ``/proc/self/statm`` gives the current resident size; elsewhere the
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -58,7 +59,7 @@ def work_budget_mb(budget_mb: float, baseline_mb: float, where: str) -> float:
     if work < MIN_WORK_MB:
         raise UserError(
             f"{budget_mb:g} MiB per rank is too little to run: the interpreter and libraries "
-            f"already take {baseline_mb:.0f} MiB, and the work needs at least "
+            f"already take {math.ceil(baseline_mb)} MiB, and the work needs at least "
             f"{MIN_WORK_MB:.0f} MiB more; give at least {minimum_budget_mb(baseline_mb)} MiB",
             where)
     return work

@@ -15,8 +15,9 @@ from typing import Any
 from mpiblmm.errors import UserError
 from mpiblmm.parallel import IOFailure
 
-#: errno values of a write that failed for the file system's reasons (exit code 4).
-_WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)
+#: errno values of a write that failed for the file system's reasons (exit code 4); a
+#: read-only output is the user's to choose otherwise (2, as fit and export say it).
+_WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG)
 
 
 def make_report(results: str | Path, out_dir: str | Path | None = None,

@@ -386,17 +386,20 @@ def write_report(d: ReportData, out_dir: Path) -> Path:
     import os
 
     out_dir = Path(out_dir)
+    text = render(d)  # before the folder and the temporary file exist: a failure leaves nothing
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.html"
-    text = render(d)  # before the temporary file exists: a failure here leaves nothing
     tmp = out_dir / f".report.html.tmp{os.getpid()}"
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    except BaseException:  # disk full, quota, a signal: no half-written page is left behind
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
+    except BaseException:  # disk full, quota, a signal: no half-written page is left behind,
+        for leftover in (tmp.unlink, out_dir.rmdir if created else None):   # nor an empty
+            try:                                                            # folder it made
+                if leftover is not None:
+                    leftover()
+            except OSError:
+                pass
         raise
     return path

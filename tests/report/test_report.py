@@ -150,3 +150,27 @@ def test_a_report_that_cannot_be_written_is_one_line_and_exit_code_4(report):
     assert len(lines) == 1 and "Traceback" not in job.stderr
     assert lines[0].startswith("mpiblmm: error: rep_small: cannot write the report (File too "
                                "large)"), lines[0]
+    assert not (tmp / "rep_small").exists()    # the folder it made is not left empty behind
+
+
+def test_a_read_only_output_is_the_user_s_to_change(tmp_path, monkeypatch):
+    """EROFS is exit code 2, as fit and export give for a read-only output (an audit saw
+    4 from report alone); a full disk stays 4 (above)."""
+    import errno
+
+    from mpiblmm.errors import UserError
+    from mpiblmm.parallel import IOFailure
+    from mpiblmm.report import make_report, page
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(page.Path, "write_text", refuse)
+    results = next(Path(__file__).parent.glob("*.py"))     # never read: load is replaced
+    monkeypatch.setattr("mpiblmm.report.data.load_report_data", lambda r, b: None)
+    monkeypatch.setattr(page, "render", lambda d: "<html></html>")
+    with pytest.raises(UserError) as err:
+        make_report(results, tmp_path / "out")
+    assert not isinstance(err.value, IOFailure)     # a UserError: exit code 2
+    assert "cannot write the report (Read-only file system)" in str(err.value)
+    assert not (tmp_path / "out").exists()
