@@ -214,6 +214,23 @@ def _outside_span(A: np.ndarray, j: int) -> float:
     return float(np.linalg.norm(B[:, j] - B[:, :j] @ coef))
 
 
+def repeated_images(spec: Any) -> list[str]:
+    """A note for an image listed twice in the spec's ``images`` (a copied line?): it enters
+    the fit as two observations, which is seldom meant (a fault audit saw it fitted without a
+    word).  Paths compared as written, normalised; a 4-D file's volumes by number."""
+    import os
+
+    seen: dict[tuple, int] = {}
+    for i, path in enumerate(getattr(spec, "images", None) or ()):
+        key = (os.path.normpath(str(path)), getattr(path, "volume", None))
+        if key in seen:
+            what = str(path) + (f" (volume {key[1]})" if key[1] is not None else "")
+            return [f"{what} is observation {seen[key] + 1} and {i + 1}: listed twice, it "
+                    "enters the fit twice"]
+        seen[key] = i
+    return []
+
+
 def overlapping_random_terms(design: Any) -> list[str]:
     """Notes (not errors) for pairs of random factors with the same grouping whose
     covariates overlap, ``rank([Z_a Z_b]) < q_a + q_b``: ``(1 | subject) + (1 | subject)``,

@@ -1,5 +1,7 @@
 """Designs that cannot be fitted at any voxel are user errors naming the cause (issue 11)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -142,3 +144,19 @@ def test_a_column_out_of_float_scale_is_refused_by_name(scale):
     assert dependent_column(X) is None          # the rank test itself is scale-free now
     X[:, 1] *= 1e90 / scale                      # 1e90: in range
     check_fittable(_design(X=X))
+
+
+def test_an_image_listed_twice_gets_a_note():
+    """The same image twice in ``images`` enters the fit as two observations (a fault
+    audit's fit took it without a word): check and fit say so, once."""
+    from types import SimpleNamespace
+
+    from mpiblmm.checks import repeated_images
+    from mpiblmm.spec import volume_path
+
+    spec = SimpleNamespace(images=[Path("/d/a.nii"), Path("/d/b.nii"), Path("/d/./a.nii")])
+    assert repeated_images(spec) == ["/d/a.nii is observation 1 and 3: listed twice, it enters "
+                                     "the fit twice"]
+    volumes = [volume_path("/d/all.nii", v) for v in (0, 1, 2)]
+    assert repeated_images(SimpleNamespace(images=volumes)) == []
+    assert repeated_images(SimpleNamespace(images=None)) == []
