@@ -388,8 +388,8 @@ def free_bytes(folder: Path) -> int | None:
     from mpiblmm.watchdog import free_blocks
 
     try:
-        blocks = free_blocks(folder)
-        return None if blocks is None else blocks * os.statvfs(folder).f_frsize
+        count = free_blocks(folder)
+        return None if count is None else count * os.statvfs(folder).f_frsize
     except OSError:
         return None
 
