@@ -799,9 +799,16 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
         if not aliases.alias:
             raise
         raise SpecError(aliases.restore(exc.message), exc.where) from None
-    if not aliases.alias:
+    steps = [aliases.restore] * bool(aliases.alias) + [_as_factor_spelling(formula)] * (
+        "as.factor" in formula)
+    if not steps:
         return model
-    back = aliases.restore
+
+    def back(name: str) -> str:
+        for step in steps:
+            name = step(name)
+        return name
+
     return FormulaModel(
         model.X, tuple(back(n) for n in model.names),
         tuple((back(label), cols) for label, cols in model.terms),
@@ -810,6 +817,25 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
         tuple((back(label), L) for label, L in model.type3), model.one_term,
         None if model.type3_basis is None else dataclasses.replace(model.type3_basis, terms=tuple(
             dataclasses.replace(t, label=back(t.label)) for t in model.type3_basis.terms)))
+
+
+def _as_factor_spelling(formula: str):
+    """A renaming of ``factor(x)`` back to ``as.factor(x)`` in the names of columns and terms
+    for each ``x`` the formula writes as ``as.factor(x)`` (read as ``factor(x)``:
+    :func:`_r_to_python`), as R names them (``as.factor(site)B``); not for an ``x`` also
+    written ``factor(x)``."""
+    spelled: dict[str, set[str]] = {}
+    for m, _, args in _factor_calls(formula):
+        if m.group(1) != "C" and len(args) == 1:
+            spelled.setdefault(r_expression(args[0].strip()), set()).add(m.group(1))
+    patterns = [(re.compile(rf"(?<![\w.])factor\({re.escape(arg)}\)"), f"as.factor({arg})")
+                for arg, calls in spelled.items() if calls == {"as.factor"}]
+
+    def rename(name: str) -> str:
+        for pattern, written in patterns:
+            name = pattern.sub(written, name)
+        return name
+    return rename
 
 
 def _formula_model(formula: str, table: Table, aliases: ColumnAliases) -> FormulaModel:
