@@ -369,10 +369,9 @@ def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) ->
     if spec.is_formula:
         out.append(f"formula: {spec.formula}")
         out += _text_column_notes(spec)
-    from mpiblmm.checks import overlapping_random_terms, repeated_images
+    from mpiblmm.checks import design_notes
 
-    out += [f"note: {note}" for note in (repeated_images(spec) + list(design.notes)
-                                         + overlapping_random_terms(design))]
+    out += [f"note: {note}" for note in design_notes(spec, design)]
     out.append(f"observations: n = {design.n}")
     out.append(f"fixed effects: p = {design.p}: {', '.join(design.fixed_names)}")
     out.append(f"random factors: {len(design.factors)}, q = {design.structure.q}")

@@ -214,6 +214,14 @@ def _outside_span(A: np.ndarray, j: int) -> float:
     return float(np.linalg.norm(B[:, j] - B[:, :j] @ coef))
 
 
+def design_notes(spec: Any, design: Any) -> list[str]:
+    """The notes (not errors) ``check`` and ``fit`` both print, in the same words and order:
+    :func:`repeated_images`, the front end's (``design.notes``: a formula's columns left
+    out as lme4 leaves them out) and :func:`overlapping_random_terms`."""
+    return (repeated_images(spec) + list(getattr(design, "notes", ()))
+            + overlapping_random_terms(design))
+
+
 def repeated_images(spec: Any) -> list[str]:
     """A note for an image listed twice in the spec's ``images`` (a copied line?): it enters
     the fit as two observations, which is seldom meant (a fault audit saw it fitted without a

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from mpiblmm import __version__, interrupt, watchdog
-from mpiblmm.checks import check_fittable, overlapping_random_terms, repeated_images
+from mpiblmm.checks import check_fittable, design_notes
 from mpiblmm.design import Design, design_from_spec
 from mpiblmm.errors import UserError
 from mpiblmm.io import agree, make_dirs, maps_folder_problem, on_root
@@ -384,9 +384,7 @@ def _load(spec: Spec, spec_path: str, options: FitOptions, fingerprint: str) -> 
     except BaseException:
         lock.release()
         raise
-    notes = [note] * bool(note) + [f"note: {n}" for n in (repeated_images(spec)
-                                                           + list(design.notes)
-                                                           + overlapping_random_terms(design))]
+    notes = [note] * bool(note) + [f"note: {n}" for n in design_notes(spec, design)]
     note = "\n".join(notes)
     return Setup(None, design, digest, lock, done, note, fingerprint, created, parts)
 
