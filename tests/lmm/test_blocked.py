@@ -18,7 +18,7 @@ from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk
 from mpiblmm.lmm.blocked import inference as blocked_inference
 from mpiblmm.lmm.blocked import newton as blocked_newton
 from mpiblmm.lmm.blocked import pattern as blocked_pattern
-from mpiblmm.lmm.blocked.cholesky import blocked_vinv, prepare
+from mpiblmm.lmm.blocked.cholesky import blocked_vinv, colsum, colsums, prepare
 from mpiblmm.lmm.blocked.gradient import evaluate
 from mpiblmm.lmm.estimate import fit
 from mpiblmm.lmm.inference import t_contrast
@@ -246,6 +246,23 @@ def test_blocked_voxel_gets_the_same_bits_whatever_chunk_it_is_in(make):
         for key, value in whole.items():
             joined = np.concatenate([part[key] for part in parts])
             np.testing.assert_array_equal(joined, value, err_msg=f"{key} with cuts {cuts}")
+
+
+@pytest.mark.parametrize("shape", [(37, 1), (37, 5), (1, 3, 2), (200, 4, 3, 7), (0, 3, 2),
+                                   (53, 2, 1)])
+def test_colsums_has_the_bits_of_one_colsum_per_entry(shape):
+    # the level sums of the gradient and of c'c are taken several columns per call: each
+    # entry must be the sum colsum gives it alone (in order over the levels), whatever the
+    # number of columns, so a voxel's bits stay independent of its chunk
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=shape) * 10.0 ** rng.integers(-8, 9, size=shape)
+    A = np.moveaxis(np.moveaxis(A, 0, -1).copy(), -1, 0)      # a non-contiguous view too
+    got = colsums(A)
+    assert got.shape == shape[1:]
+    for k in np.ndindex(*shape[1:-1]):
+        for j in range(shape[-1]):
+            want = colsum(np.ascontiguousarray(A[(slice(None),) + k + (slice(j, j + 1),)]))
+            assert got[k + (j,)].tobytes() == want[0].tobytes()
 
 
 def test_too_large_dense_remainder_is_a_user_error():

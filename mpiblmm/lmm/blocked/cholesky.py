@@ -132,6 +132,14 @@ def colsum(A: np.ndarray) -> np.ndarray:
     return np.asarray(_ones(A.shape[0]) @ A)[0]
 
 
+def colsums(A: np.ndarray) -> np.ndarray:
+    """:func:`colsum` of every trailing entry of A (N, ...) in one call: (...).  The unit row
+    adds each column's N entries in turn whatever the number of columns (sparse times dense
+    is one axpy per row), so ``colsums(A)[k]`` has the bits of ``colsum(A[:, k])``."""
+    flat = np.ascontiguousarray(A).reshape(A.shape[0], int(np.prod(A.shape[1:])))
+    return colsum(flat).reshape(A.shape[1:])
+
+
 def as_slice(rows: np.ndarray):
     """``rows`` (sorted unique indices) as a slice when they are one contiguous range: an
     in-place update of a slice is one pass, of fancy-indexed rows a gather and a scatter."""
@@ -374,8 +382,9 @@ def factorise(pattern: BlockPattern, prep: Prepared, theta: np.ndarray) -> Facto
         BT = np.moveaxis(B[tail:].reshape(m, r, v), -1, 0)                   # (v, m, r)
         XT = sla.cho_solve((C, True), BT, check_finite=False)   # T^-1 BT = C^-T C^-1 BT
     for s1 in range(r):
+        gs = colsums(cp[:, s1:s1 + 1] * cp[:, s1:])        # G[s1, s2] for s2 >= s1 at once
         for s2 in range(s1, r):
-            g = colsum(cp[:, s1] * cp[:, s2])
+            g = gs[s2 - s1]
             if m:
                 g = g + (BT[:, :, s1] * XT[:, :, s2]).sum(axis=1)
             G[:, s1, s2] = G[:, s2, s1] = g

@@ -33,7 +33,7 @@ from ..likelihood import VinvProducts, gls, logdet_spd, loglik, profiled_s2
 from ..theta import theta_slices, tril_indices
 from . import kernel
 from .cholesky import (Prepared, _cached, _lambda_lead, _mm, _placement, _t, as_slice,
-                       blocked_vinv, colsum, vinv_products)
+                       blocked_vinv, colsum, colsums, vinv_products)
 from .pattern import BlockPattern, aggregator
 
 
@@ -360,14 +360,10 @@ def logdet_gradient(pattern: BlockPattern, prep: Prepared, lam: list, sig: np.nd
         Z = zz[seg.offset:seg.offset + seg.size].reshape(seg.qa, seg.qb, seg.n, -1)
         S = sig[dest].reshape(seg.qa, seg.qb, seg.n, v)
         Fb = _mm(_t(S), _mm(_t(lam[a]), Z))                                # (qb, qb, n, v)
-        for i in range(seg.qb):
-            for j in range(seg.qb):
-                F[b][i, j] += colsum(Fb[i, j])
+        F[b] += colsums(np.moveaxis(Fb, 2, 0))                # each entry summed over n
         if a != b:
             Fa = _mm(_mm(S, _t(lam[b])), _t(Z))                            # (qa, qa, n, v)
-            for i in range(seg.qa):
-                for j in range(seg.qa):
-                    F[a][i, j] += colsum(Fa[i, j])
+            F[a] += colsums(np.moveaxis(Fa, 2, 0))
     return F
 
 
@@ -380,10 +376,17 @@ def level_grams(pattern: BlockPattern, U: np.ndarray, r: int) -> list[np.ndarray
         Ua = factor_rows(pattern, U, a, r)
         q, v = Ua.shape[0], Ua.shape[-1]
         G = np.empty((q, r, q, r, v))
-        cols = [(s, i) for s in range(q) for i in range(r)]
-        for n1, (s, i) in enumerate(cols):
-            for t, j in cols[n1:]:
-                G[s, i, t, j] = G[t, j, s, i] = colsum(Ua[s, :, i] * Ua[t, :, j])
+        Ul = np.moveaxis(Ua, 1, 0)                        # (l, q, r, v): levels first
+        for s in range(q):
+            for i in range(r):      # column (s, i) against the later ones, two sums at once
+                ui = Ul[:, s, i, None, :]
+                same = colsums(ui * Ul[:, s, i:])                          # (r - i, v)
+                later = colsums(ui[:, None] * Ul[:, s + 1:])              # (q - s - 1, r, v)
+                for j in range(i, r):
+                    G[s, i, s, j] = G[s, j, s, i] = same[j - i]
+                for t in range(s + 1, q):
+                    for j in range(r):
+                        G[s, i, t, j] = G[t, j, s, i] = later[t - s - 1, j]
         out.append(G)
     return out
 
