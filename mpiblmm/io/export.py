@@ -59,6 +59,7 @@ from mpiblmm.errors import UserError
 from mpiblmm.io import agree, comm_rank, comm_size, make_dirs
 from mpiblmm.io.derived import (NOT_ANALYSED_MEANING, STATUS_NOT_ANALYSED, bh_qvalues,
                                 z_from_neglog10p)
+from mpiblmm.io.images import stored_space_problem
 from mpiblmm.io.nifti import save_map
 from mpiblmm.io.results import RESULTS_NAME, refuse_missing_datasets
 from mpiblmm.parallel import (INTERRUPTED_EXIT_CODE, IOFailure, describe_io_error,
@@ -469,6 +470,10 @@ def _plan(f: Any, results: Path, fdr: bool) -> tuple[list[MapSpec], str]:
     that does not say them is a user error."""
     try:
         space = str(f.attrs.get("space", ""))
+        why = stored_space_problem(space, tuple(int(s) for s in f.attrs["grid_shape"]))
+        if why is not None:   # (its packed input's: refused by fits of this version)
+            raise UserError(f"attribute 'space' (the input's format, for the maps): {why}: "
+                            "the maps cannot be written", str(results))
         fmt = json.loads(space).get("format", "nifti") if space else "nifti"
         return list_maps(f, fdr), MAP_SUFFIX[fmt]
     except (OSError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:

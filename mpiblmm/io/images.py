@@ -90,6 +90,29 @@ def _shape_problem(grid: Grid, other: Grid, reference: str | None) -> str | None
     return f"not on the grid of {reference}: {why}"
 
 
+def stored_space_problem(space: str, shape: tuple[int, ...]) -> str | None:
+    """Why the ``space`` attribute of a packed or results file cannot give maps of a grid of
+    ``shape`` back in its format (NIfTI, GIfTI, CIFTI); ``None`` when it can (always, for a
+    space mpiblmm wrote: this catches hand-made packed files before the fit, not at the
+    export after it)."""
+    if not space:
+        return None
+    try:
+        info = json.loads(space)
+    except ValueError as exc:
+        return f"not the JSON mpiblmm writes ({exc})"
+    if not isinstance(info, dict):
+        return "not a JSON object"
+    fmt = info.get("format", "nifti")
+    if fmt == "nifti":
+        return nifti.stored_space_problem(info)
+    if fmt not in ("gifti", "cifti"):
+        return f"format {fmt!r}: expected nifti, gifti or cifti"
+    if tuple(shape)[1:] != (1, 1):
+        return f"a {KINDS[fmt]} surface needs grid_shape (N, 1, 1), got {tuple(shape)}"
+    return surface.stored_space_problem(info, int(shape[0]))
+
+
 def read_grid(path: Path) -> Grid:
     """The grid (and ``space``) of an image or surface file, from its header."""
     return _reader(path).read_grid(_as_path(path))

@@ -57,7 +57,8 @@ from mpiblmm.errors import SpecError, UserError
 from mpiblmm.io import (agree, comm_rank, comm_size, make_dirs, on_root, open_h5, read_hyperslab,
                         write_hyperslab)
 from mpiblmm.io.images import (read_grid, read_mask, read_stored,  # NIfTI or surface,
-                               read_volume, verify_size, with_geometry)  # by file name
+                               read_volume, stored_space_problem, verify_size,  # by file name
+                               with_geometry)
 from mpiblmm.io.nifti import Grid
 from mpiblmm.parallel import no_hang
 
@@ -640,7 +641,11 @@ def _describe_open(f: Any, dataset: str, where: str) -> tuple:
     counts = (np.asarray(f["n_observed"][...], dtype=np.int32)
               if ours and "n_observed" in f else None)
     grid_layout = ds.ndim == 4
-    space = str(f.attrs.get("space", ""))
+    space = f.attrs.get("space", "")
+    space = space.decode("utf-8", "replace") if isinstance(space, bytes) else str(space)
+    why = stored_space_problem(space, shape)
+    if why is not None:   # found now, not by the export after the whole fit
+        raise SpecError(f"attribute 'space' (the input's format, for the maps): {why}", where)
     return n, shape, affine, stored, grid_layout, ours, stored_zim, counts, space
 
 

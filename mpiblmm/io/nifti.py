@@ -417,6 +417,25 @@ def nifti_space(header) -> str:
     return json.dumps(info, sort_keys=True)
 
 
+def stored_space_problem(info: dict) -> str | None:
+    """Why a NIfTI ``space`` (parsed: ``info``) cannot be written into a map's header
+    (:func:`save_map`: the codes and units; the recorded matrices fall back to the affine by
+    themselves); ``None`` when it can."""
+    import nibabel as nib
+    from nibabel.nifti1 import xform_codes
+
+    codes = sorted(int(c) for c in xform_codes.value_set())   # NIfTI's 0-4, and 5 since 2019
+    try:
+        for key in ("qform_code", "sform_code"):
+            code = info.get(key, 1)
+            if isinstance(code, bool) or int(code) != code or int(code) not in codes:
+                return f"{key} must be {codes[0]}-{codes[-1]}, got {code!r}"
+        nib.Nifti1Header().set_xyzt_units(info.get("xyz_units", "mm"))
+    except (TypeError, ValueError, KeyError) as exc:
+        return f"not a NIfTI space mpiblmm can write ({type(exc).__name__}: {exc})"
+    return None
+
+
 #: The NIfTI header fields of the qform (besides pixdim) and of the sform.
 _QUATERN_FIELDS = ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z")
 _SROW_FIELDS = ("srow_x", "srow_y", "srow_z")

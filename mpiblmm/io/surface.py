@@ -14,7 +14,9 @@ writer), so packing, fitting and the results file do not know they hold a surfac
   ``AnatomicalStructurePrimary`` differs from the first image's (a right hemisphere among left
   ones, with the same vertex count) is refused, as is a CIFTI file whose brain models differ
   (:func:`structure_problem`); a GIfTI without that metadata is not checked;
-- a ``.label.gii`` file is read as a mask (its label keys; non-zero: inside), never as data;
+- a ``.label.gii`` or ``.dlabel.nii`` file is read as a mask (its label keys; non-zero:
+  inside), never as data; other CIFTI kinds (``.dtseries.nii``, parcels, connectomes) are
+  refused by name (:func:`cifti_kind_problem`);
 - :func:`save_surface_map` writes ``(N, k)`` maps as one ``.func.gii`` with k data arrays, or one
   ``.dscalar.nii`` with k named scalar rows, atomically (temporary name, then rename).
 
@@ -40,6 +42,15 @@ GIFTI_SUFFIXES = (".func.gii", ".shape.gii")
 #: A GIfTI label file (a surface ROI): accepted as an analysis or observation mask only.
 GIFTI_MASK_SUFFIXES = GIFTI_SUFFIXES + (".label.gii",)
 CIFTI_SUFFIXES = (".dscalar.nii",)
+#: A CIFTI dense label file (a grayordinate ROI): accepted as a mask only, as ``.label.gii``.
+CIFTI_MASK_SUFFIXES = CIFTI_SUFFIXES + (".dlabel.nii",)
+#: CIFTI-2 files of other kinds (Connectome Workbench's names), refused by name: they are
+#: NIfTI-2 files too, and read as volumes they were refused in words about 3-D images.
+OTHER_CIFTI = {".dtseries.nii": "a dense time series", ".ptseries.nii": "a parcel time series",
+               ".pscalar.nii": "a parcel scalar file", ".plabel.nii": "a parcel label file",
+               ".dconn.nii": "a dense connectome", ".pconn.nii": "a parcel connectome",
+               ".pdconn.nii": "a parcel-dense connectome",
+               ".dpconn.nii": "a dense-parcel connectome"}
 #: The GIfTI metadata that names the structure (hemisphere) a file's vertices belong to.
 STRUCTURE_KEY = "AnatomicalStructurePrimary"
 #: Largest compressed CIFTI header kept inside ``space`` (HDF5 attributes stop at 64 KiB).
@@ -57,9 +68,22 @@ def surface_format(path: Path | str) -> str | None:
     name = str(path)
     if name.endswith(GIFTI_MASK_SUFFIXES):
         return "gifti"
-    if name.endswith(CIFTI_SUFFIXES):
+    if name.endswith(CIFTI_MASK_SUFFIXES):
         return "cifti"
     return None
+
+
+def cifti_kind_problem(name: str, mask: bool) -> str | None:
+    """Why a file named ``name`` cannot be an image (``mask``: a mask) by its CIFTI kind;
+    ``None`` for dense scalar files (and dense label masks) and for non-CIFTI names."""
+    found = next(((s, what) for s, what in OTHER_CIFTI.items() if name.endswith(s)), None)
+    if found is None and not mask and name.endswith(".dlabel.nii"):
+        found = (".dlabel.nii", "a dense label file (a mask, not data)")
+    if found is None:
+        return None
+    return (f"{found[1]} ({found[0]}): CIFTI images are read from dense scalar "
+            f"files (.dscalar.nii), one map per observation"
+            + ("" if mask else "; masks may also be dense label files (.dlabel.nii)"))
 
 
 def _load(path: Path):
@@ -114,7 +138,13 @@ def _cifti_data(img, path: Path) -> np.ndarray:
                         f"got shape {img.shape}", str(path))
     if not isinstance(img.header.get_axis(1), cifti2.BrainModelAxis):
         raise UserError("expected dense data (brain models along the second axis)", str(path))
-    return np.asarray(img.get_fdata(dtype=np.float64)).reshape(-1)
+    try:
+        return np.asarray(img.get_fdata(dtype=np.float64)).reshape(-1)
+    except (OSError, ValueError, EOFError, zlib.error) as exc:  # (its header read well)
+        # nibabel's words, on one line and without the file name (given first)
+        why = " ".join(str(exc).split(str(path))[0].split()).removesuffix(" from")
+        raise UserError(f"its data could not be read, the file is cut short or damaged ({why})",
+                        str(path)) from None
 
 
 def _gifti_meta(img) -> dict:
@@ -264,8 +294,12 @@ def _brain_models(info: dict):
     from nibabel.cifti2.parse_cifti2 import Cifti2Extension
 
     if "header" in info:
-        xml = zlib.decompress(base64.b64decode(info["header"]))
-        return Cifti2Extension(code=32, content=xml).get_content().get_axis(1)
+        try:
+            xml = zlib.decompress(base64.b64decode(str(info["header"]), validate=True))
+            return Cifti2Extension(code=32, content=xml).get_content().get_axis(1)
+        except Exception as exc:  # noqa: BLE001  (base64, zlib, XML and nibabel's own errors)
+            raise UserError(f"its CIFTI brain models cannot be read "
+                            f"({type(exc).__name__}: {exc})", "attribute 'space'") from None
     template = Path(info.get("template", ""))
     if not template.is_file():
         raise UserError("the CIFTI template (the first input image, whose brain models the maps "
@@ -274,6 +308,26 @@ def _brain_models(info: dict):
     if TEMPLATE_DIGEST in info and models_digest(axis) != info[TEMPLATE_DIGEST]:
         raise _template_changed(template, len(axis), info.get(TEMPLATE_COUNT))
     return axis
+
+
+def stored_space_problem(info: dict, n: int) -> str | None:
+    """Why a surface ``space`` stored in a packed or results file (parsed: ``info``) cannot
+    give maps of ``n`` vertices or grayordinates back in its format; ``None`` when it can.
+    A space mpiblmm wrote always can: this catches hand-made packed files."""
+    fmt = info.get("format")
+    if fmt == "gifti":
+        meta = info.get("meta", {})
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in meta.items()):
+            return "its GIfTI 'meta' must be an object of text values"
+        return None
+    try:
+        models = _brain_models(info)
+    except UserError as exc:
+        return str(exc).removeprefix("attribute 'space': ")
+    if len(models) != n:
+        return f"its CIFTI brain models hold {len(models)} grayordinates, the data {n}"
+    return None
 
 
 def _template_models(template: Path):
@@ -342,6 +396,7 @@ def save_surface_map(path: Path, data: np.ndarray, space: str, names: Sequence[s
     _atomic_save(img, Path(path))
 
 
-__all__ = ["GIFTI_SUFFIXES", "GIFTI_MASK_SUFFIXES", "CIFTI_SUFFIXES", "count_maps",
+__all__ = ["GIFTI_SUFFIXES", "GIFTI_MASK_SUFFIXES", "CIFTI_SUFFIXES", "CIFTI_MASK_SUFFIXES",
+           "cifti_kind_problem", "count_maps",
            "maps_problem", "surface_format", "read_grid", "read_volume", "save_surface_map",
-           "space_problem", "structure_problem"]
+           "space_problem", "stored_space_problem", "structure_problem"]

@@ -165,6 +165,22 @@ def test_nan_affine_in_a_packed_input_is_one_line(study, tmp_path):
     assert "affine" in lines[0] and "NaN" in lines[0] and str(packed) in lines[0]
     assert not (tmp_path / "out" / "results.h5").exists()
 
+    # a space attribute the maps cannot be written from: refused before the fit too (it
+    # was fitted in full, then the export failed, blaming results.h5; surface audit)
+    with h5py.File(packed, "r+") as f:
+        f["Y"].attrs["affine"] = [[float(i == j) for j in range(4)] for i in range(4)]
+        f.attrs["space"] = '{"format": "nifti", "qform_code": 9}'
+    for command in ("check", "fit"):
+        run = _run_job(_launch(2, [*_mpiblmm(), command, str(spec.parent / "nan_affine.json"),
+                                   *(["-o", str(tmp_path / "out")] if command == "fit" else [])]),
+                       120, None, None)
+        lines = _errors(run.stderr)
+        assert run.returncode == 2 and len(lines) == (2 if command == "check" else 1), \
+            run.stderr                                        # (check: and its count line)
+        assert lines[0] == (f"mpiblmm: error: {packed}: attribute 'space' (the input's "
+                            f"format, for the maps): qform_code must be 0-5, got 9"), lines[0]
+    assert not (tmp_path / "out" / "results.h5").exists()
+
 
 @pytest.mark.spawns_mpiexec
 def test_export_of_a_corrupt_or_truncated_file_is_one_line(study, tmp_path):

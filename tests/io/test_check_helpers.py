@@ -88,6 +88,13 @@ def _Y(f, columns=int(np.prod(GRID))):
     (lambda f: (_Y(f, 2).attrs.update(affine=AFFINE, grid_shape=GRID, voxels="/v"),
                 f.create_dataset("v", data=np.full((2, 3), b"a"))),
      "/v: expected integer voxel coordinates"),
+    (lambda f: (_Y(f).attrs.update(affine=AFFINE, grid_shape=GRID),
+                f.attrs.update(space="garbage{")),
+     r"attribute 'space' \(the input's format, for the maps\): not the JSON mpiblmm writes"),
+    (lambda f: (_Y(f).attrs.update(affine=AFFINE, grid_shape=GRID),
+                f.attrs.update(space='{"format": "gifti"}')),
+     r"attribute 'space' \(the input's format, for the maps\): a GIfTI surface needs "
+     r"grid_shape \(N, 1, 1\), got \(4, 5, 3\)"),
 ])
 def test_odd_packed_files_are_spec_errors(tmp_path, build, says):
     path = _packed(tmp_path, build)

@@ -118,3 +118,83 @@ def test_files_of_several_maps_are_named_as_such(tmp_path):
     with pytest.raises(UserError, match="a CIFTI file with 2 maps: expected one map"):
         images.read_grid(path)
     assert surface.count_maps(path) == 2
+
+
+def _dlabel(path, labels, structure="CortexLeft"):
+    models = cifti2.BrainModelAxis.from_mask(np.ones(len(labels), bool), name=structure)
+    table = {0: ("???", (0.0, 0.0, 0.0, 0.0)), 1: ("a", (1.0, 0.0, 0.0, 1.0)),
+             2: ("b", (0.0, 1.0, 0.0, 1.0)), 3: ("c", (0.0, 0.0, 1.0, 1.0))}
+    header = cifti2.Cifti2Header.from_axes((cifti2.LabelAxis(["roi"], table), models))
+    img = cifti2.Cifti2Image(np.asarray(labels, np.float32)[None], header)
+    img.nifti_header.set_intent("ConnDenseLabel")
+    nib.save(img, str(path))
+    return path
+
+
+def test_a_cifti_dense_label_file_is_a_mask_and_other_cifti_kinds_are_named(tmp_path):
+    # as .label.gii for GIfTI: CIFTI's usual ROI file is a mask of its study (it was read
+    # as a NIfTI volume and refused as "expected a 3-D image"; surface audit)
+    first = _cifti(tmp_path / "a.dscalar.nii", _values())
+    grid = images.read_grid(first)
+    labels = np.array([0, 3, 3, 0, 1, 0, 2, 2])
+    roi = _dlabel(tmp_path / "roi.dlabel.nii", labels)
+    assert surface.surface_format(roi) == "cifti"
+    inside = analysis_mask_voxels(roi, grid, reference=str(first))
+    assert inside.reshape(-1).tolist() == (labels != 0).tolist()
+    right = _dlabel(tmp_path / "rh.dlabel.nii", labels, structure="CortexRight")
+    with pytest.raises(UserError, match="brain models of CORTEX_RIGHT"):
+        analysis_mask_voxels(right, grid, reference=str(first))
+    # data and other kinds, by name, in the words of what they are
+    assert surface.cifti_kind_problem("s.dtseries.nii", mask=False) == (
+        "a dense time series (.dtseries.nii): CIFTI images are read from dense scalar files "
+        "(.dscalar.nii), one map per observation; masks may also be dense label files "
+        "(.dlabel.nii)")
+    assert "a dense label file (a mask, not data)" in surface.cifti_kind_problem(
+        "roi.dlabel.nii", mask=False)
+    assert surface.cifti_kind_problem("roi.dlabel.nii", mask=True) is None
+    assert "a parcel scalar file" in surface.cifti_kind_problem("p.pscalar.nii", mask=True)
+    assert surface.cifti_kind_problem("a.dscalar.nii", mask=False) is None
+    assert surface.cifti_kind_problem("brain.nii.gz", mask=False) is None
+
+
+def test_a_cifti_cut_short_in_its_data_is_one_line(tmp_path):
+    # its header reads well, its data does not: was nibabel's OSError and a traceback
+    path = _cifti(tmp_path / "a.dscalar.nii", _values())
+    path.write_bytes(path.read_bytes()[:-12])
+    with pytest.raises(UserError) as err:
+        images.read_grid(path)
+    assert str(err.value) == (f"{path}: its data could not be read, the file is cut short or "
+                              f"damaged (Expected 32 bytes, got 20 bytes)")
+
+
+@pytest.mark.parametrize("space, why", [
+    ("garbage{", "not the JSON mpiblmm writes (Expecting value: line 1 column 1 (char 0))"),
+    ("[1]", "not a JSON object"),
+    ('{"format": "minc"}', "format 'minc': expected nifti, gifti or cifti"),
+    ('{"format": "nifti", "qform_code": 9}', "qform_code must be 0-5, got 9"),
+    ('{"format": "nifti", "xyz_units": "parsec"}', "not a NIfTI space mpiblmm can write"),
+    ('{"format": "gifti", "meta": {"a": 1}}', "its GIfTI 'meta' must be an object of text"),
+    ('{"format": "cifti", "header": "AAAA"}', "its CIFTI brain models cannot be read (error: "
+                                              "Error -3 while decompressing data"),
+])
+def test_a_stored_space_that_cannot_give_the_maps_back_is_named(space, why):
+    # a hand-packed input's space attribute, refused before the fit (was: the whole fit,
+    # then a traceback or "results.h5: not a readable results file" at the export)
+    assert images.stored_space_problem(space, (N, 1, 1)).startswith(why)
+
+
+def test_stored_spaces_of_real_inputs_pass(tmp_path):
+    for path in (_gifti(tmp_path / "lh.func.gii", _values()),
+                 _cifti(tmp_path / "a.dscalar.nii", _values())):
+        grid = images.read_grid(path)
+        assert images.stored_space_problem(grid.space, grid.shape) is None
+    # a CIFTI space knows its grayordinates (a GIfTI one does not know its vertex count)
+    assert images.stored_space_problem(grid.space, (N + 1, 1, 1)) == (
+        f"its CIFTI brain models hold {N} grayordinates, the data {N + 1}")
+    volume = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((2, 3, 4), np.float32), np.eye(4)), str(volume))
+    grid = images.read_grid(volume)
+    assert images.stored_space_problem(grid.space, grid.shape) is None
+    assert images.stored_space_problem("", (2, 3, 4)) is None
+    assert "grid_shape (N, 1, 1)" in images.stored_space_problem(
+        images.read_grid(tmp_path / "lh.func.gii").space, (2, 3, 4))
