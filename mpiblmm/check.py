@@ -241,6 +241,7 @@ def _images(spec: Any, problems: list[str], verify: Any = None) -> tuple[Any, in
     Packed input: the fit's own validation of the file (:func:`~mpiblmm.io.ingest.
     describe_packed`: attributes, voxel list, analysis mask; no observation is read)."""
     from mpiblmm.io.images import grid_problem, read_grid
+    from mpiblmm.io.surface import named_structure
 
     if spec.packed is not None:
         from mpiblmm.io.ingest import describe_packed
@@ -261,6 +262,9 @@ def _images(spec: Any, problems: list[str], verify: Any = None) -> tuple[Any, in
         problems.append(str(exc))
         return None, len(spec.images)
     data = {}  # files on the grid whose data is to be verified: one entry per file
+    # the structure is compared with the first image's or, where that names none (GIfTI),
+    # with the first file's that names one (the fit: mpiblmm.io.surface.one_structure)
+    ref, ref_path, unnamed = grid, str(spec.images[0]), named_structure(grid.space) is None
     for p in list(spec.images[1:]) + list(spec.observation_masks or ()) + \
             ([spec.analysis_mask] if spec.analysis_mask else []):
         try:
@@ -268,10 +272,12 @@ def _images(spec: Any, problems: list[str], verify: Any = None) -> tuple[Any, in
         except UserError as exc:
             problems.append(str(exc))
             continue
-        why = grid_problem(grid, p, g, reference=str(spec.images[0]))  # kind, size, structure
+        why = grid_problem(ref, p, g, reference=ref_path)  # kind, size, structure
         if why is not None:
             problems.append(f"{p}: {why}")
             continue
+        if unnamed and named_structure(g.space) is not None:
+            ref, ref_path, unnamed = g, str(p), False
         if p != spec.analysis_mask and str(p) != str(spec.images[0]):
             data.setdefault(str(p), p)  # the volumes of a 4-D file: the file once
     if verify is not None and data:

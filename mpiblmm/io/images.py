@@ -119,22 +119,26 @@ def read_grid(path: Path) -> Grid:
 
 
 def read_volume(path: Path, grid: Grid | None = None, reference: str | None = None,
-                dtype: type = np.float32) -> np.ndarray:
+                dtype: type = np.float32, seen: dict | None = None) -> np.ndarray:
     """An image's data on ``grid`` (3-D; ``(N, 1, 1)`` for surfaces) as ``dtype``; refused
-    (:class:`UserError`) when it is of another kind than the grid's image."""
+    (:class:`UserError`) when it is of another kind than the grid's image.  ``seen``: the
+    GIfTI structures named, for :func:`mpiblmm.io.surface.one_structure`."""
     if grid is not None:
         why = kind_problem(path, grid, reference)
         if why is not None:
             raise UserError(why, str(path))
+    if seen is not None and surface.surface_format(path):
+        return surface.read_volume(_as_path(path), grid, reference, dtype, seen)
     return _reader(path).read_volume(_as_path(path), grid, reference, dtype)
 
 
-def read_mask(path: Path, grid: Grid | None = None, reference: str | None = None) -> np.ndarray:
+def read_mask(path: Path, grid: Grid | None = None, reference: str | None = None,
+              seen: dict | None = None) -> np.ndarray:
     """A mask on ``grid`` as a boolean volume: True where its value is non-zero and finite.
 
     Read as float64, not float32: a float64 mask's 1e-50 (non-zero) would become 0 in
     float32, and its 1e40 (finite) would overflow to Inf, both then counted as outside."""
-    m = read_volume(path, grid, reference, dtype=np.float64)
+    m = read_volume(path, grid, reference, dtype=np.float64, seen=seen)
     return np.isfinite(m) & (m != 0)
 
 

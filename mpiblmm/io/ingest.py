@@ -46,7 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,7 +56,8 @@ from mpiblmm import interrupt
 from mpiblmm.errors import SpecError, UserError
 from mpiblmm.io import (agree, comm_rank, comm_size, make_dirs, on_root, open_h5, read_hyperslab,
                         write_hyperslab)
-from mpiblmm.io.images import (read_grid, read_mask, read_stored,  # NIfTI or surface,
+from mpiblmm.io import surface
+from mpiblmm.io.images import (grid_kind, read_grid, read_mask, read_stored,  # NIfTI or surface,
                                read_volume, stored_space_problem, verify_size,  # by file name
                                with_geometry)
 from mpiblmm.io.nifti import Grid
@@ -387,18 +388,22 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     budget = 0.5 * max_memory_mb * 2**20
     cache_ok = (stop - start) * flat_mask.size * 8 <= budget
     reference = str(images[0])
+    # a GIfTI study whose first image names no structure: those that name one must agree
+    named: dict | None = ({} if grid_kind(grid) == "gifti"
+                          and surface.named_structure(grid.space) is None else None)
 
     def load_row(i: int) -> np.ndarray:
         """Image ``i``'s values at the mask's voxels (missing ones NaN), in its stored dtype
         when that is float32 (then float32 holds them exactly), else float64."""
         vals = read_stored(images[i], grid)  # our own array; None: not the fast path
         if vals is None:
-            vals = read_volume(images[i], grid, reference, dtype=np.float64).reshape(-1)
+            vals = read_volume(images[i], grid, reference, dtype=np.float64,
+                               seen=named).reshape(-1)
         if mask is not None:
             vals = vals[flat_mask]
         miss = missing(vals, zero_is_missing)
         if masks is not None:
-            miss |= ~read_mask(masks[i], grid, reference).reshape(-1)[flat_mask]
+            miss |= ~read_mask(masks[i], grid, reference, seen=named).reshape(-1)[flat_mask]
         vals[miss] = np.nan
         return vals
 
@@ -429,6 +434,8 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     if stopper.settle():  # collective: every rank learns whether any rank was signalled
         raise PackingStopped(path)  # nothing written yet
     agree(comm, error)
+    if named is not None:
+        grid = _one_structure(comm, grid, named)
     if size > 1:
         from mpi4py import MPI
 
@@ -503,6 +510,16 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         raise PackingStopped(path)
     return PackedInput(path, "/Y", n, grid.shape, grid.affine, voxels,
                        np.arange(V, dtype=np.int64), False, zero_is_missing, counts, grid.space)
+
+
+def _one_structure(comm: Any, grid: Grid, named: dict) -> Grid:
+    """Collective: the GIfTI structures the ranks' files named (``named``: structure -> first
+    file, in each rank's order) must be one, which the grid's space (the maps') then names;
+    two are refused on every rank (:func:`mpiblmm.io.surface.one_structure`)."""
+    parts = comm.allgather(list(named.items())) if comm_size(comm) > 1 else [list(named.items())]
+    space, why = surface.one_structure(grid.space, [item for part in parts for item in part])
+    agree(comm, None if why is None else UserError(why))
+    return replace(grid, space=space)
 
 
 def _stop_agreed(comm: Any, local: bool) -> bool:

@@ -17,6 +17,8 @@ writer), so packing, fitting and the results file do not know they hold a surfac
 - a ``.label.gii`` or ``.dlabel.nii`` file is read as a mask (its label keys; non-zero:
   inside), never as data; other CIFTI kinds (``.dtseries.nii``, parcels, connectomes) are
   refused by name (:func:`cifti_kind_problem`);
+- where the first GIfTI names no structure, the files that do must agree with each other
+  (:func:`one_structure`), and the maps carry theirs;
 - :func:`save_surface_map` writes ``(N, k)`` maps as one ``.func.gii`` with k data arrays, or one
   ``.dscalar.nii`` with k named scalar rows, atomically (temporary name, then rename).
 
@@ -214,12 +216,16 @@ def read_grid(path: Path) -> Grid:
 
 @quiet
 def read_volume(path: Path, grid: Grid | None = None, reference: str | None = None,
-                dtype: type = np.float32) -> np.ndarray:
-    """A surface file's one map as ``(N, 1, 1)`` ``dtype``, checked to have ``grid``'s size."""
+                dtype: type = np.float32, seen: dict | None = None) -> np.ndarray:
+    """A surface file's one map as ``(N, 1, 1)`` ``dtype``, checked to have ``grid``'s size.
+    ``seen``: a GIfTI's structure, where it names one, is recorded there (structure -> the
+    first file naming it), for :func:`one_structure`."""
     path = Path(path)
     fmt = surface_format(path)
     img = _load(path)
     data = _gifti_data(img, path) if fmt == "gifti" else _cifti_data(img, path)
+    if seen is not None and fmt == "gifti" and _structure(img, fmt) is not None:
+        seen.setdefault(_structure(img, fmt), str(path))
     if grid is not None:
         why = grid.differs((data.size, 1, 1), np.eye(4))
         if why is not None:
@@ -250,6 +256,33 @@ def _space_structure(space: str) -> tuple[str, Any]:
     if fmt == "cifti":
         return fmt, _brain_models(info)
     return fmt, None
+
+
+def named_structure(space: str) -> str | None:
+    """The ``AnatomicalStructurePrimary`` a GIfTI grid's ``space`` names (``None``: none, or
+    not GIfTI)."""
+    fmt, structure = _space_structure(space)
+    return structure if fmt == "gifti" else None
+
+
+def one_structure(space: str, seen: Sequence[tuple[str, str]]) -> tuple[str, str | None]:
+    """A GIfTI study whose first image names no structure: the files that name one
+    (``seen``: (structure, file) in the images' order) must name the same, which the maps
+    then carry.  Returns the ``space`` with that structure (unchanged if none is named) and
+    the problem, ``"<file>: <why>"``, when two files name different structures."""
+    first: tuple[str, str] | None = None
+    for structure, path in seen:
+        if first is None:
+            first = (structure, path)
+        elif structure != first[0]:
+            return space, (f"{path}: anatomical structure {structure}, but {first[1]} is "
+                           f"{first[0]}: every image and mask of a surface study must be of "
+                           "one structure")
+    if first is None:
+        return space, None
+    info = json.loads(space)
+    info["meta"] = {**info.get("meta", {}), STRUCTURE_KEY: first[0]}
+    return json.dumps(info, sort_keys=True), None
 
 
 def _cifti_structures(axis) -> str:
@@ -397,6 +430,6 @@ def save_surface_map(path: Path, data: np.ndarray, space: str, names: Sequence[s
 
 
 __all__ = ["GIFTI_SUFFIXES", "GIFTI_MASK_SUFFIXES", "CIFTI_SUFFIXES", "CIFTI_MASK_SUFFIXES",
-           "cifti_kind_problem", "count_maps",
+           "cifti_kind_problem", "count_maps", "named_structure", "one_structure",
            "maps_problem", "surface_format", "read_grid", "read_volume", "save_surface_map",
            "space_problem", "stored_space_problem", "structure_problem"]

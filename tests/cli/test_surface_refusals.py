@@ -139,6 +139,34 @@ def test_check_refuses_a_right_hemisphere_among_left_ones(study):
     _refused(study, "check", _hemi(study), "gii/rh_05.func.gii: anatomical structure CortexRight")
 
 
+@pytest.mark.spawns_mpiexec
+def test_a_first_image_without_structure_does_not_let_hemispheres_mix(study, run_mpi):
+    # with no AnatomicalStructurePrimary in the first image, the files that name one were
+    # never compared with each other: a right hemisphere among left ones was fitted, and the
+    # maps named no structure (surface audit).  Now the files that name one must agree
+    # (at any rank count: the ranks each read some), and the maps carry theirs.
+    import nibabel as nib
+
+    y = nib.load(str(study / "gii/lh_00.func.gii")).darrays[0].data
+    _save_gifti(study / "gii/bare_00.func.gii", y, structure=None)
+    paths = ["gii/bare_00.func.gii"] + [f"gii/lh_{i:02d}.func.gii" for i in range(1, N)]
+    left = _spec(study, "bare_left", images=_list(study, "bare_left.txt", paths))
+    paths[N - 2] = f"gii/rh_{N - 2:02d}.func.gii"
+    mixed = _spec(study, "bare_mixed", images=_list(study, "bare_mixed.txt", paths))
+    expected = (f"gii/rh_{N - 2:02d}.func.gii: anatomical structure CortexRight, but "
+                "gii/lh_01.func.gii is CortexLeft: every image and mask of a surface study "
+                "must be of one structure")
+    assert _refused(study, "check", mixed, expected) == f"mpiblmm: error: {expected}"
+    for ranks in (1, 3):
+        assert _refused(study, "fit", mixed, expected, ranks=ranks, run_mpi=run_mpi) == \
+            f"mpiblmm: error: {expected}"
+    assert not (study / "out_bare_mixed" / "results.h5").exists()
+    code, stderr = _run(study, "fit", left, "--quiet", ranks=2, run_mpi=run_mpi)
+    assert code == 0, stderr
+    maps = nib.load(str(study / "out_bare_left/nifti/beta.func.gii"))
+    assert maps.meta["AnatomicalStructurePrimary"] == "CortexLeft"
+
+
 def test_a_nifti_mask_or_observation_in_a_gifti_study_is_refused(study):
     mask = _spec(study, "nifti_mask", analysis_mask="nii/v_00.nii.gz")
     for command in ("check", "fit"):
