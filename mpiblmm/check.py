@@ -434,15 +434,21 @@ def _candidates(spec: Any, grid: Any, problems: list[str]) -> tuple[int, str] | 
     from mpiblmm.io.images import read_volume, verify_size
     from mpiblmm.io.ingest import analysis_mask_voxels, missing
 
+    from mpiblmm.io.images import grid_kind
+    from mpiblmm.io.surface import points
+
     total = int(np.prod(grid.shape))
-    where = f"the grid {' x '.join(map(str, grid.shape))}, no analysis mask"
+    kind = grid_kind(grid)
+    on = f"{points(kind)} of the surface" if kind in ("gifti", "cifti") else "on the grid"
+    where = (f"all {total} {on}" if kind in ("gifti", "cifti") else
+             f"the grid {' x '.join(map(str, grid.shape))}") + ", no analysis mask"
     reference = str(spec.images[0])
     try:
         verify_size(spec.images[0])  # as the fit: a short file before its grid's arrays
         inside = None
         if spec.analysis_mask is not None:
             inside = analysis_mask_voxels(spec.analysis_mask, grid, reference=reference)
-            where = f"in the analysis mask, of {total} on the grid"
+            where = f"in the analysis mask, of {total} {on}"
         first = read_volume(spec.images[0], grid, reference, dtype=np.float64)
     except UserError as exc:
         problems.append(str(exc))

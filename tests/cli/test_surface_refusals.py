@@ -211,6 +211,11 @@ def test_a_label_gifti_analysis_mask_is_accepted(study):
     spec = _spec(study, "label_mask", analysis_mask="roi.label.gii")
     code, stderr = _run(study, "check", spec)
     assert code == 0, stderr
+    job = subprocess.run([sys.executable, "-m", "mpiblmm", "check", spec], capture_output=True,
+                         text=True, timeout=300, cwd=study)
+    # counted in the surface's words (was "of 24 on the grid"; surface audit)
+    assert f"(in the analysis mask, of {VERTICES} vertices of the surface;" in job.stdout, \
+        job.stdout
     code, stderr = _run(study, "fit", spec, "--quiet")
     assert code == 0, stderr
     labels = nib.load(str(study / "roi.label.gii")).darrays[0].data
