@@ -354,9 +354,13 @@ def stored_space_problem(info: dict, n: int) -> str | None:
                                                  for k, v in meta.items()):
             return "its GIfTI 'meta' must be an object of text values"
         return None
+    if "header" not in info and "template" not in info:
+        return "its CIFTI brain models are missing (neither 'header' nor 'template')"
     try:
-        models = _brain_models(info)
+        models = _brain_models(info)   # (a template gone or changed: its own error, naming it)
     except UserError as exc:
+        if "header" not in info:
+            raise
         return str(exc).removeprefix("attribute 'space': ")
     if len(models) != n:
         return f"its CIFTI brain models hold {len(models)} grayordinates, the data {n}"

@@ -198,3 +198,11 @@ def test_stored_spaces_of_real_inputs_pass(tmp_path):
     assert images.stored_space_problem("", (2, 3, 4)) is None
     assert "grid_shape (N, 1, 1)" in images.stored_space_problem(
         images.read_grid(tmp_path / "lh.func.gii").space, (2, 3, 4))
+
+
+def test_a_stored_cifti_space_without_models_or_with_its_template_gone(tmp_path):
+    assert images.stored_space_problem('{"format": "cifti"}', (N, 1, 1)) == (
+        "its CIFTI brain models are missing (neither 'header' nor 'template')")
+    gone = tmp_path / "gone.dscalar.nii"
+    with pytest.raises(UserError, match=f"^{gone}: the CIFTI template .* is gone"):
+        images.stored_space_problem(f'{{"format": "cifti", "template": "{gone}"}}', (N, 1, 1))
