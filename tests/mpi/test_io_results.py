@@ -128,13 +128,15 @@ def test_unwritten_voxels_keep_fill_values_and_resume(comm, tmp):
     for i in idx:
         again.write(i, i + 1, {k: v[i:i + 1] for k, v in values.items()})
     again.finish()
+    all_ranks_pass(comm, lambda: _complete_with(path, values))
 
-    def check_resumed():
-        with h5py.File(path, "r") as f:
-            assert f.attrs["complete"]
-            for name, v in values.items():
-                np.testing.assert_array_equal(f[name][...], v, err_msg=name)
-    all_ranks_pass(comm, check_resumed)
+
+def _complete_with(path, values):
+    """The results file is complete and holds ``values``."""
+    with h5py.File(path, "r") as f:
+        assert f.attrs["complete"]
+        for name, v in values.items():
+            np.testing.assert_array_equal(f[name][...], v, err_msg=name)
 
 
 def test_too_little_space_to_finish_is_agreed_and_resumable(comm, tmp, monkeypatch):
@@ -159,13 +161,7 @@ def test_too_little_space_to_finish_is_agreed_and_resumable(comm, tmp, monkeypat
 
     monkeypatch.setattr(results_module, "free_bytes", lambda folder: None)
     open_results(path, comm, input_hash="h1").finish({"ranks": comm.Get_size()})
-
-    def check_finished():
-        with h5py.File(path, "r") as f:
-            assert f.attrs["complete"]
-            for name, v in values.items():
-                np.testing.assert_array_equal(f[name][...], v, err_msg=name)
-    all_ranks_pass(comm, check_finished)
+    all_ranks_pass(comm, lambda: _complete_with(path, values))
 
 
 def test_export_maps_equal_datasets(comm, tmp):
