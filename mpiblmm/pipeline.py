@@ -620,7 +620,9 @@ def _stop_packing(comm: Any, packed: Path, done: np.ndarray | None, results_path
                 f"{int(np.count_nonzero(done))} of {done.size} voxels are done and kept in "
                 f"{results_path}")
         where = (f"while reading the packed images {packed} (unchanged)" if reading else
-                 f"while packing the images into {packed} (not complete; packing starts again)")
+                 f"while packing the images into {packed} (not complete; packing starts again)"
+                 if packed.exists() else
+                 "while packing the images (nothing written yet; packing starts again)")
         print(f"mpiblmm: stopped by {name} {where}: {kept}; run the same command with --resume "
               f"{'in place of --overwrite ' if overwrite else ''}to continue",
               file=sys.stderr, flush=True)
