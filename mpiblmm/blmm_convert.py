@@ -14,9 +14,12 @@ spec's folder (absolute when the spec is printed); an image or mask list whose e
 would resolve differently is written into the spec as a JSON list.
 
 Every BLMM option without an equivalent is reported, one line each, on stderr; an option
-whose loss would change the results (``data_mask_thresh``) or a value BLMM itself refuses or
-that cannot be honoured (``MinPercent`` above 1, an absurd ``maxnit``, a malformed contrast)
-is an error naming the key.  BLMM's T maps hold the one-sided (upper-tail) -log10 p, so T
+whose loss would change the results (``data_mask_thresh``), a factor file whose codes BLMM
+reads as fewer levels than the spec would (``2`` and ``2.0``), a missing ``contrasts``, or a
+value that cannot be honoured (``MinPercent`` above 1, an absurd ``maxnit``, a malformed
+contrast) is an error naming the key.  Spellings BLMM 0.1.1 itself would fail on but whose
+meaning is plain (``tol`` as a YAML number, ``f2`` listed before ``f1``) are converted as
+meant.  BLMM's T maps hold the one-sided (upper-tail) -log10 p, so T
 contrasts are written with ``"alternative": "greater"``.
 
 BLMM's own voxel rules (``blmm_concat``) go into ``missingness.min_n``: it drops every voxel
@@ -31,6 +34,7 @@ observations where the mask is 0: an analysis or data mask with values other tha
 from __future__ import annotations
 
 import ast
+import difflib
 import json
 import math
 import operator
@@ -188,7 +192,9 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
 
     def need(key: str) -> Any:
         if raw.get(key) in (None, ""):
-            raise SpecError("required BLMM option is missing", f"{where}: {key}")
+            close = _misspelt(key, raw)
+            raise SpecError("required BLMM option is missing" + (
+                f" (is {close!r} a misspelling of it?)" if close else ""), f"{where}: {key}")
         return raw[key]
 
     def path(value: Any, key: str) -> str:
@@ -213,10 +219,16 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
     for label, f in _items(raw["Z"], f"{where}: Z", "f"):
         _header_free(f["design"], cwd, f"{where}: Z: {label}.design")
     _unique(spec["random"], "Z", notes)
+    _one_spelling_per_level(raw, cwd, where)
+    if raw.get("contrasts") is None and _misspelt("contrasts", raw):
+        need("contrasts")                  # a misspelt key: refused, naming it
     if raw.get("contrasts") is not None:
         spec["contrasts"] = _contrasts(raw["contrasts"], where, notes,
                                        _x_columns(raw["X"], cwd))
         _unique(spec["contrasts"], "contrasts", notes)
+    else:
+        notes.append("contrasts: none given (BLMM needs at least one): the fit estimates the "
+                     "model and writes no contrast maps; add contrasts to the spec")
     if raw.get("analysis_mask"):
         spec["analysis_mask"] = path(raw["analysis_mask"], "analysis_mask")
         _check_analysis_mask(raw["analysis_mask"], cwd, f"{where}: analysis_mask")
@@ -236,7 +248,8 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
     unread = _unread_inputs(raw, cwd) if away else []
     if floor is None and unread:  # converted away from the config: say what it could not do
         notes.append(f"Missingness: BLMM's own voxel rules (n > p + 1, and n > q in its "
-                     f"safeMode) are not in the spec: {', '.join(unread)} name no file "
+                     f"safeMode) are not in the spec: {', '.join(unread)} "
+                     f"{'names' if len(unread) == 1 else 'name'} no file "
                      f"(relative paths are read from the working directory, {cwd}); convert "
                      "again where BLMM runs, once the files are there")
     if floor is not None and floor[0] > missing.get("min_n", 0):
@@ -263,10 +276,8 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
     if estimation:
         spec["estimation"] = estimation
     spec["output"] = path(need("outdir"), "outdir")
-    known = {"Y_files", "X", "Z", "contrasts", "analysis_mask", "data_mask_files",
-             "Missingness", "maxnit", "tol", "outdir", "safeMode"} | BLMM_WRITTEN
     for key in raw:
-        if key in known:
+        if key in KNOWN:
             continue
         reason = NO_EQUIVALENT.get(key)
         if key == "method" and str(raw[key]).strip() != "pSFS":
@@ -274,6 +285,18 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
         notes.append(f"{key}: no equivalent in mpiblmm: {reason}" if reason else
                      f"{key}: unknown BLMM option, not converted")
     return spec, notes
+
+
+def _misspelt(key: str, raw: dict) -> str | None:
+    """An unknown option of ``raw`` that looks like ``key`` misspelt (``contrast``), or None."""
+    close = difflib.get_close_matches(key, [str(k) for k in raw if k not in KNOWN], 1, 0.75)
+    return close[0] if close else None
+
+
+#: The BLMM options the conversion reads (besides those BLMM writes into its own config).
+CONVERTED = {"Y_files", "X", "Z", "contrasts", "analysis_mask", "data_mask_files",
+             "Missingness", "maxnit", "tol", "outdir", "safeMode"}
+KNOWN = CONVERTED | BLMM_WRITTEN
 
 
 def _list_or_file(value: Any, key: str, path, cwd: Path, notes: list[str],
@@ -334,6 +357,10 @@ def _factors(value: Any, where: str, path, notes: list[str]) -> list[dict]:
         name = _name(f.get("name") or label, f"Z: {label}.name", notes)
         out.append({"name": name, "factor": path(f["factor"], f"Z {label}.factor"),
                     "design": path(f["design"], f"Z {label}.design")})
+        for key in f:
+            if key not in ("name", "factor", "design"):
+                notes.append(f"Z: {label}.{key}: unknown BLMM field, not converted (a factor "
+                             "has name, factor and design)")
     return out
 
 
@@ -576,6 +603,31 @@ def _missingness(value: Any, where: str, notes: list[str] | None = None) -> dict
                             f"{_show(lower['minpercent'])} (BLMM refuses it too)", key)
         out["min_fraction"] = frac
     return out
+
+
+def _one_spelling_per_level(raw: dict, cwd: Path, where: str) -> None:
+    """BLMM reads a factor file's codes as numbers (``2`` and ``2.0`` are one level, ``01``
+    and ``1`` too); the spec reads them as labels, so such a file would give mpiblmm more
+    levels, another model without a word: refused, naming the file, the key and two codes.
+    Files that cannot be read here are left to the spec's loader."""
+    from mpiblmm.design import read_labels_csv
+
+    for label, f in _items(raw.get("Z"), f"{where}: Z", "f"):
+        value = f.get("factor")
+        if not isinstance(value, str) or not value.strip():
+            continue
+        try:
+            codes = read_labels_csv(_resolve(value, cwd))
+            numbers = [float(code) for code in codes]
+        except (SpecError, OSError, UnicodeDecodeError, ValueError):
+            continue                 # unreadable, or not numbers: the spec's loader says so
+        first: dict[float, str] = {}
+        for number, code in zip(numbers, codes):
+            if first.setdefault(number, code) != code:
+                raise SpecError(
+                    f"codes {first[number]!r} and {code!r} are one level to BLMM (it reads "
+                    "the codes as numbers) but two to mpiblmm (it reads them as labels): "
+                    "write every code of a level alike", f"{where}: Z: {label}.factor")
 
 
 def _blmm_min_n(raw: dict, cwd: Path, notes: list[str]) -> tuple[int, str] | None:

@@ -415,3 +415,41 @@ def test_a_key_given_twice_is_refused(tmp_path):
     (tmp_path / "cfg.yml").write_text(nested)
     with pytest.raises(SpecError, match="line 4: name is given twice"):
         convert_file(tmp_path / "cfg.yml", cwd=tmp_path)
+
+
+def test_factor_codes_one_number_in_two_spellings_are_refused(tmp_path):
+    # BLMM reads a factor's codes as numbers (2 == 2.0, 01 == 1), the spec as labels: the
+    # conversion passed the file on and mpiblmm fitted twice the levels, another model
+    # without a word (a BLMM audit: llh off by up to 21, sigma^2 by 125%)
+    (tmp_path / "z.csv").write_text("1\n1\n1\n1\n")
+    for codes, first, other in (("1\n2\n2.0\n3\n", "2", "2.0"), ("01\n1\n2\n2\n", "01", "1")):
+        (tmp_path / "f.csv").write_text(codes)
+        with pytest.raises(SpecError) as info:
+            _convert(tmp_path, _weights("[0, 1, 0]"))
+        assert str(info.value) == (
+            f"{tmp_path}/cfg.yml: Z: f1.factor: codes {first!r} and {other!r} are one level to "
+            "BLMM (it reads the codes as numbers) but two to mpiblmm (it reads them as "
+            "labels): write every code of a level alike")
+    (tmp_path / "f.csv").write_text("1\n2\n2\n3\n")        # alike: converted
+    assert _convert(tmp_path, _weights("[0, 1, 0]"))[0]["random"][0]["factor"] == "f.csv"
+    (tmp_path / "f.csv").write_text("a\nb\nb\nc\n")        # labels: the loader's business
+    assert _convert(tmp_path, _weights("[0, 1, 0]"))[0]["random"][0]["factor"] == "f.csv"
+
+
+def test_contrasts_misspelt_missing_and_unknown_factor_fields(tmp_path):
+    # a misspelt contrasts key gave a spec without contrasts (BLMM itself fails: KeyError)
+    with pytest.raises(SpecError) as info:
+        _convert(tmp_path, "contrast:\n  - c1: {name: a, vector: [0, 1, 0]}\n")
+    assert str(info.value) == (f"{tmp_path}/cfg.yml: contrasts: required BLMM option is "
+                               "missing (is 'contrast' a misspelling of it?)")
+    spec, notes = _convert(tmp_path, "")                   # none at all: said so
+    assert "contrasts" not in spec
+    assert notes == ["contrasts: none given (BLMM needs at least one): the fit estimates the "
+                     "model and writes no contrast maps; add contrasts to the spec"]
+    text = BASE.replace("{name: s, factor: f.csv", "{nme: s, factor: f.csv")
+    (tmp_path / "cfg.yml").write_text(text + _weights("[0, 1, 0]"))
+    spec, notes = convert_file(tmp_path / "cfg.yml", output=tmp_path / "spec.json",
+                               cwd=tmp_path)
+    assert spec["random"][0]["name"] == "f1"
+    assert "Z: f1.nme: unknown BLMM field, not converted (a factor has name, factor and " \
+           "design)" in notes
