@@ -151,6 +151,7 @@ def check_spec(path: str | Path, ranks: int = 1,
     if design is None:
         return problems, []
     _thresholds(spec, design, n_images, problems)
+    _voxel_budget(spec, path, design, problems)
     if problems:  # (a column read as text may be why: p >= n, a rank-deficient X)
         return problems, _text_column_notes(spec)
     try:
@@ -219,6 +220,26 @@ def _budget(spec: Any, path: Path, problems: list[str]) -> None:
                        _budget_source(str(path), spec, FitOptions()))
     except UserError as exc:
         problems.append(str(exc))
+
+
+def _voxel_budget(spec: Any, path: Path, design: Any, problems: list[str]) -> None:
+    """A budget that cannot hold one voxel's fit of this design (the fit's own check,
+    :func:`mpiblmm.memory.one_voxel_problem`, from what this process holds now); nothing
+    when :func:`_budget` already refused the budget."""
+    from mpiblmm.io.ingest import DEFAULT_MEMORY_MB
+    from mpiblmm.lmm.analysis import fit_mb_per_voxel
+    from mpiblmm.memory import one_voxel_problem, resident_mb
+    from mpiblmm.pipeline import FitOptions, _budget_source, model_from_design
+
+    budget = spec.max_memory_mb or DEFAULT_MEMORY_MB
+    work = budget - resident_mb()
+    where = _budget_source(str(path), spec, FitOptions())
+    if any(p.startswith(f"{where}: ") and "too little to run" in p for p in problems):
+        return
+    problem = one_voxel_problem(budget, work, fit_mb_per_voxel(model_from_design(design)),
+                                where)
+    if problem is not None:
+        problems.append(str(problem))
 
 
 def _output(spec: Any, problems: list[str]) -> None:

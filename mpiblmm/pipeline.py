@@ -54,12 +54,13 @@ from mpiblmm.io.ingest import (DEFAULT_MEMORY_MB, PackingStopped, ReadingStopped
 from mpiblmm.io.lock import OutputLock, acquire_lock
 from mpiblmm.io.results import (RESULTS_NAME, ResultsLayout, check_resumable, create_results,
                                 creating_marker, open_results, unfinished_creation)
-from mpiblmm.lmm.analysis import ContrastDef, Model, Settings, analyse_chunk, bytes_per_voxel
+from mpiblmm.lmm.analysis import (ContrastDef, Model, Settings, analyse_chunk, bytes_per_voxel,
+                                  fit_mb_per_voxel)
 from mpiblmm.lmm.estimate import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE
 from mpiblmm.lmm.structure import choose
 from mpiblmm.lmm.model import STATUS_CODES, STATUS_SINGULAR
 from mpiblmm.lmm.products import random_design
-from mpiblmm.memory import agreed_work_budget_mb
+from mpiblmm.memory import agreed_work_budget_mb, one_voxel_problem
 from mpiblmm.parallel import (INTERRUPTED_EXIT_CODE, IOFailure, Slab, at_abort,
                               forget_abort_hook, no_hang, partition, partition_by_cost,
                               summarise_over_ranks)
@@ -474,7 +475,10 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
         model = model_from_design(design)
         budget = spec.max_memory_mb or DEFAULT_MEMORY_MB
         # the budget is the peak per rank, interpreter included: size the work by what is left
-        work = agreed_work_budget_mb(comm, budget, _budget_source(spec_path, spec, options))
+        source = _budget_source(spec_path, spec, options)
+        work = agreed_work_budget_mb(comm, budget, source)
+        # chunks hold one voxel at least: a budget that cannot is refused now, not exceeded
+        agree(comm, one_voxel_problem(budget, work, fit_mb_per_voxel(model), source))
         settings = settings_from_spec(spec, work)
     for line in setup.note.splitlines():
         say(f"mpiblmm: {line}")
@@ -508,6 +512,9 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
 
     mine = my_slab(packed, size, rank, done)
     step = chunk_voxels(work, design.n, model, options.chunk_voxels)
+    if options.chunk_voxels and step < min(int(options.chunk_voxels), packed.n_voxels):
+        say(f"mpiblmm: note: --chunk-voxels {options.chunk_voxels}: chunks of {step} voxels, "
+            f"the most the memory budget ({budget:g} MiB per rank) allows")
     chunks = pending_chunks(mine, done, step)
     resumed_here = 0 if done is None else int(np.count_nonzero(done[mine.start:mine.stop]))
     progress = Progress(comm, packed.n_voxels, log, mine.size, len(chunks),  # collective

@@ -117,6 +117,14 @@ def bytes_per_voxel(n: int, p: int, structure: RandomStructure, n_contrasts: int
     return 8 * int(per_voxel) + 4096
 
 
+def fit_mb_per_voxel(model: Model) -> float:
+    """The design's algebra's estimate of one voxel's working memory in a fit (MiB)."""
+    from .structure import choose
+
+    algebra = for_structure(model.structure, choose(model.rd))
+    return algebra.fit_bytes_per_voxel(model.X.shape[1]) / 2**20
+
+
 def empty_results(model: Model, v: int) -> dict[str, np.ndarray]:
     """Result arrays for ``v`` voxels, every float NaN (the shape of a chunk's output; the
     layout is :func:`~mpiblmm.lmm.model.result_datasets`, as the results file's)."""

@@ -263,8 +263,8 @@ CASES = {
         "{case}/spec.json: not UTF-8 text (byte 13 cannot be decoded); save the spec as UTF-8"),
     "max_memory_mb too little to run": (
         setkey("max_memory_mb", 20),
-        "spec.json: max_memory_mb: 20 MiB per rank is too little to run: the interpreter and "
-        "libraries already take"),
+        "spec.json: max_memory_mb: 20 MiB per rank is too little to run: a rank already "
+        "holds"),
     "first image data unreadable": (
         _first_image(_truncated_gz(_Y()[0].reshape(GRID))),
         "{case}/bad.nii.gz: truncated gzip data"),

@@ -78,10 +78,13 @@ class Blocked(Algebra):
     def zz_values_per_voxel(self, p: int) -> int:
         # the compiled kernel's fit needs a few copies of the product forms (its own sizing,
         # fit_bytes_per_voxel, bounds the fit): the Z'Z values themselves; the numpy path's
-        # working set is many times that, so the chunk is sized by it
+        # working set is many times that, so the chunk is sized by it: twice it, as
+        # analysis.bytes_per_voxel counts 8 copies of this (counted 8 times, chunks were 1
+        # voxel at 2 GiB for a crossed design with 1,296 raters, and 4 where 138 fitted in
+        # the budget: ~10x the measured peak per voxel; memory audit)
         if kernel.applies(self.pattern):
             return self.pattern.n_zz
-        return blocked_bytes_per_voxel(self.pattern, p) // 8
+        return blocked_bytes_per_voxel(self.pattern, p) // 32
 
     def fit_bytes_per_voxel(self, p: int) -> int:
         if kernel.applies(self.pattern):
