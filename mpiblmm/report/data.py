@@ -24,7 +24,7 @@ from mpiblmm.lmm.model import dropped_column_voxels
 UNITS = {"nifti": ("voxel", "voxels"), "gifti": ("vertex", "vertices"),
          "cifti": ("grayordinate", "grayordinates")}
 #: Where :attr:`ReportData.n_total` comes from when the fit recorded it.
-INPUT_PARTS_SOURCE = "results.h5 (input_parts)"
+INPUT_PARTS_SOURCE = "the fit's record in results.h5"
 
 
 @dataclass

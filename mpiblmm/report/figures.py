@@ -102,6 +102,18 @@ def orientation(affine: np.ndarray | None) -> tuple[str, str, str] | None:
     return tuple(str(c) for c in codes)  # type: ignore[return-value]
 
 
+def pixel_aspect(affine: np.ndarray | None) -> float:
+    """Height over width of a slice's pixel (voxel size along the grid's second axis over
+    its first, from the affine's columns), so slices are drawn in physical proportions;
+    1 when the affine says nothing usable."""
+    if affine is None:
+        return 1.0
+    sizes = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+    if not np.all(np.isfinite(sizes[:2])) or sizes[0] <= 0 or sizes[1] <= 0:
+        return 1.0
+    return float(sizes[1] / sizes[0])
+
+
 def orientation_note(codes: tuple[str, str, str] | None) -> str:
     """One line saying which slices a mosaic shows and which way they face."""
     if codes is None:
@@ -124,7 +136,7 @@ def mosaic(values: np.ndarray, background: np.ndarray | None, title: str, cmap: 
            vmin: float, vmax: float, label: str, occupied: np.ndarray,
            categorical: Sequence[tuple[int, str, str]] | None = None,
            not_fitted: np.ndarray | None = None,
-           axcodes: tuple[str, str, str] | None = None):
+           axcodes: tuple[str, str, str] | None = None, aspect: float = 1.0):
     """A mosaic of axial slices of a grid-shaped ``values`` (NaN: transparent) over ``background``.
 
     ``categorical``: (value, colour, label) triples for integer maps drawn with a legend.
@@ -132,6 +144,8 @@ def mosaic(values: np.ndarray, background: np.ndarray | None, title: str, cmap: 
     :data:`NOT_FITTED_COLOUR` with a legend entry, so a dropped voxel is never mistaken for
     the background or for a value at the colour scale's centre.  ``axcodes``: the grid's
     orientation (:func:`orientation`), for the side letters and the note under the title.
+    ``aspect``: a pixel's height over its width (:func:`pixel_aspect`: anisotropic voxels
+    drawn in their physical proportions).
     """
     plt = _plt()
     from matplotlib.colors import BoundaryNorm, ListedColormap
@@ -154,14 +168,15 @@ def mosaic(values: np.ndarray, background: np.ndarray | None, title: str, cmap: 
         ax.axis("off")
     for ax, k in zip(axes.ravel(), slices):
         ax.imshow(grey[:, :, k].T, cmap="gray", origin="lower", vmin=0, vmax=1,
-                  interpolation="nearest")
+                  interpolation="nearest", aspect=aspect)
         layer = np.ma.masked_invalid(values[:, :, k].astype(float).T)
         kwargs = {"norm": norm} if norm is not None else {"vmin": vmin, "vmax": vmax}
-        im = ax.imshow(layer, cmap=cm, origin="lower", interpolation="nearest", **kwargs)
+        im = ax.imshow(layer, cmap=cm, origin="lower", interpolation="nearest", aspect=aspect,
+                       **kwargs)
         if dropped:
             holes = np.ma.masked_where(~not_fitted[:, :, k].T, np.ones(not_fitted.shape[:2][::-1]))
             ax.imshow(holes, cmap=ListedColormap([NOT_FITTED_COLOUR]), origin="lower",
-                      vmin=0, vmax=1, interpolation="nearest")
+                      vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
         plane = PLANE[axcodes[2]] + " " if axcodes is not None else ""
         ax.set_title(f"{plane}k = {k}", fontsize=8)
         _mark_sides(ax, axcodes)

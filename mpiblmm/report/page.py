@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mpiblmm.io.derived import STATUS_NOT_ANALYSED
+from mpiblmm.lmm.model import STATUS_TOO_FEW
 from mpiblmm.report import figures as fg
 from mpiblmm.report.data import ReportData
 
@@ -80,7 +81,8 @@ def _map_figure(d: ReportData, values: np.ndarray, title: str, cmap: str, vmin: 
     occupied = np.zeros(d.grid_shape, bool)
     occupied[tuple(d.voxels.T)] = True
     return fg.png(fg.mosaic(grid, d.background, title, cmap, vmin, vmax, label, occupied,
-                            categorical, holes, fg.orientation(d.affine)))
+                            categorical, holes, fg.orientation(d.affine),
+                            fg.pixel_aspect(d.affine)))
 
 
 #: The z a contrast's voxels are counted beyond, and the z of p = 0.001 (one-sided).
@@ -247,12 +249,19 @@ def _mask_section(d: ReportData) -> str:
     fitted = d.fitted
     complete = d.n >= (d.n_total or 0)
     cat = np.where(~fitted, 3, np.where(complete, 1, 2)).astype(np.int16)
-    listwise, kept = int((fitted & complete).sum()), int(fitted.sum())
+    # whatever their status: a complete voxel that failed (constant data, say) was kept by
+    # both rules; only status 3 is the thresholds' doing (a voxel with no observation, 6,
+    # neither's)
+    listwise = int((complete & (d.n > 0)).sum())
+    kept = int(((d.status != STATUS_TOO_FEW) & (d.n > 0)).sum())
     mask = "mask" if d.is_surface else "analysis mask"
+    others = int(kept - (fitted & (d.status != STATUS_TOO_FEW)).sum())
+    failed = (f" Of these, {others} {d.unit} ended without a fit for other reasons (see the "
+              "status map)." if others else "")
     return (f"<p>{d.unit1.capitalize()}-wise (listwise) deletion keeps only {d.unit} observed "
             f"in all {d.n_total} observations: {listwise} {d.unit}. The missingness thresholds "
-            f"kept {kept} {d.unit}, {kept - listwise} more, each fitted on the observations it "
-            "has.</p>"
+            f"kept {kept} {d.unit}, {kept - listwise} more, each to be fitted on the "
+            f"observations it has.{failed}</p>"
             + _img(_map_figure(d, d.grid(cat, 0), f"{mask}: {d.unit1}-wise deletion vs "
                                "thresholds", "tab10", 0, 3, "mask category",
                                categorical=[(v, c, t.format(unit1=d.unit1))

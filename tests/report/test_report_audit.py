@@ -81,10 +81,23 @@ def test_study_size_comes_from_input_parts_without_packed_h5(tmp_path):
     path = make_results(tmp_path, np.zeros(V), n, input_parts={"observations": 60})
     assert not (tmp_path / "packed.h5").exists()
     d = load_report_data(path)
-    assert (d.n_total, d.n_total_source) == (60, "results.h5 (input_parts)")
+    assert (d.n_total, d.n_total_source) == (60, "the fit's record in results.h5")
     html = render(d)
-    assert "<td>observations in the study</td><td>60 (results.h5 (input_parts))</td>" in html
+    assert "<td>observations in the study</td><td>60 (the fit&#x27;s record in results.h5)</td>" \
+        in html
     assert "observed in all 60 observations: 0 voxels" in html  # listwise keeps none
+
+
+def test_listwise_counts_complete_voxels_whatever_their_status(tmp_path):
+    """A maps audit: with every voxel complete but constant (status 7), the page said
+    listwise deletion kept 0 voxels and the thresholds 0: it counted fitted voxels only."""
+    status = np.array([7] * 6 + [0] * 3 + [3] * 2 + [6])
+    n = np.array([60] * 6 + [60, 59, 58] + [4, 3] + [0])
+    d = load_report_data(make_results(tmp_path, status, n, input_parts={"observations": 60}))
+    text = " ".join(page_text(render(d)).split())
+    assert ("observed in all 60 observations: 7 voxels. The missingness thresholds kept 9 "
+            "voxels, 2 more, each to be fitted on the observations it has. Of these, 6 voxels "
+            "ended without a fit for other reasons (see the status map).") in text, text
 
 
 def test_study_size_falls_back_to_largest_n_for_older_files(tmp_path):
@@ -302,6 +315,23 @@ def test_n_map_title_and_slice_orientation(tmp_path, monkeypatch):
                                                                             (1.02, "L")]
     assert "right of each slice = subject's left (L), top = anterior (A)" in fig._suptitle.get_text()
     assert fg.orientation(np.eye(4)) == ("R", "A", "S") and fg.orientation(None) is None
+
+
+def test_slices_keep_the_voxels_physical_proportions(tmp_path, monkeypatch):
+    """A maps audit: 0.5 x 0.75 mm voxels were drawn square (imshow's default aspect)."""
+    affine = np.diag([0.5, 0.75, 3.0, 1.0])
+    d = load_report_data(make_results(tmp_path, np.zeros(30), np.full(30, 20), affine=affine))
+    rec = Recorder()
+    monkeypatch.setattr(fg, "mosaic", rec)
+    render(d)
+    assert rec.calls and all(a[11] == 1.5 for a, _ in rec.calls)
+    monkeypatch.undo()
+    grid = d.grid(d.n.astype(float))
+    fig = fg.mosaic(grid, None, "n", "viridis", 0, 20, "n", np.isfinite(grid), aspect=1.5)
+    assert all(im.axes.get_aspect() == 1.5 for im in fig.axes[0].images)
+    rotated = np.array([[0.0, -0.75, 0, 0], [0.5, 0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]])
+    assert fg.pixel_aspect(rotated) == 1.5 and fg.pixel_aspect(None) == 1.0
+    assert fg.pixel_aspect(np.diag([1.0, 1.0, 1.0, 1.0])) == 1.0
 
 
 @pytest.mark.parametrize("grid", [(2, 1, 1), (1, 1, 1), (3, 1, 2)])
