@@ -732,10 +732,12 @@ def _frame(table: Table, used: dict[str, str], aliases: ColumnAliases):
     return pd.DataFrame(data, index=range(table.n))
 
 
-def _matrix(text: str, frame, where: str):
+def _matrix(text: str, frame, where: str, table: Table | None = None):
     """The model matrix of ``text`` with R's coding of each categorical variable
     (:mod:`mpiblmm.r_coding`); where that is rank deficient (``a:b`` of two text columns
-    with an intercept, which lme4 trims), formulaic's full-rank coding of the same terms."""
+    with an intercept, which lme4 trims), formulaic's full-rank coding of the same terms.
+    ``table``: the frame's, to name the row where a transform gives NaN (``log`` of a
+    negative value)."""
     import formulaic
 
     from mpiblmm.checks import dependent_column
@@ -754,7 +756,30 @@ def _matrix(text: str, frame, where: str):
     except SpecError:
         raise
     except Exception as exc:  # formulaic raises many types for a bad term
+        if table is not None and "null values after evaluation" in str(exc):
+            _nan_after_transform(ordered, frame, where, table)
         raise SpecError(f"{where}: {_one_line(exc)}") from None
+
+
+def _nan_after_transform(text: str, frame, where: str, table: Table) -> None:
+    """Raise the error naming the first row where a term of ``text`` is NaN although its
+    columns are numbers (``log(x)``, ``sqrt(x)`` of a negative ``x``; R says "NaNs produced"
+    and lmer drops the row without a word); formulaic's own words did not say which row."""
+    import formulaic
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # numpy's "invalid value encountered in log"
+            mm = formulaic.model_matrix(text, frame, context=_context(), na_action="ignore")
+    except Exception:  # noqa: BLE001  (the caller's message then)
+        return
+    values = np.asarray(mm, dtype=np.float64)
+    bad = np.argwhere(np.isnan(values))
+    if bad.size:
+        row, col = bad[0]
+        raise SpecError(f"{where}: {r_expression(str(mm.columns[col]))} is not a number (NaN) "
+                        f"at row {table.lines[row]} of {table.path} (a log or square root of "
+                        "a negative value?): remove the row and its image, or change the term")
 
 
 def _single_levels(mm, terms: list[tuple[str, list[int]]], what: str) -> None:
@@ -880,7 +905,7 @@ def _formula_model(formula: str, table: Table, aliases: ColumnAliases) -> Formul
     for g in sorted(set(groupings.values())):
         used_column(table, g, "grouping")
 
-    X = _matrix(fixed, frame, "fixed part")
+    X = _matrix(fixed, frame, "fixed part", table)
     names, terms = r_column_names(X)
     one = _one_term(X, terms)
     if len(names) == 0:
@@ -889,7 +914,7 @@ def _formula_model(formula: str, table: Table, aliases: ColumnAliases) -> Formul
     _finite_columns(X, names, table, "column")
     factors = []
     for bar, terms_text in zip(parsed.bars, bar_terms):
-        Z = _matrix(terms_text, frame, f"random term {bar.text}")
+        Z = _matrix(terms_text, frame, f"random term {bar.text}", table)
         effects, zterms = r_column_names(Z)
         if len(effects) == 0:
             raise SpecError(f"random term {bar.text}: no columns")

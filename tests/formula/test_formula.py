@@ -197,6 +197,24 @@ def test_a_column_named_intercept_is_refused(tmp_path):
         formula_model("y ~ age + Intercept + (1 | subject)", read_table(path))
 
 
+def test_a_transform_that_gives_nan_names_its_row(tmp_path):
+    """A formula audit: log(x) of a negative x gave formulaic's "'log(x)' contains null values
+    after evaluation", naming no row (R: "NaNs produced", and lmer drops the row)."""
+    path = tmp_path / "t.csv"
+    path.write_text("subject,x,age.z\n" + "".join(
+        f"s{i % 4},{i - 2 if i != 5 else -3},{i}\n" for i in range(12)))
+    t = read_table(path)
+    for term, row in (("log(x)", 2), ("sqrt(x + 1)", 2), ("log(age.z - 7)", 2)):
+        with pytest.raises(SpecError) as err:
+            formula_model(f"y ~ {term} + (1 | subject)", t)
+        assert str(err.value) == (f"fixed part: {term} is not a number (NaN) at row {row} of "
+                                  f"{path} (a log or square root of a negative value?): "
+                                  "remove the row and its image, or change the term")
+    with pytest.raises(SpecError, match=r"^random term \(0 \+ log\(x\) \| subject\): "
+                                        r"log\(x\) is not a number \(NaN\) at row 2 of"):
+        formula_model("y ~ 1 + (0 + log(x) | subject)", t)
+
+
 def test_dotted_column_names_in_messages(tmp_path):
     """Columns named as read.csv names them (age.z) are renamed for formulaic, which would
     read age.z inside a call as an attribute: messages name them as written (R's values
