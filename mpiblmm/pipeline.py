@@ -537,7 +537,10 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
                 writer.write(start, stop, values)
             written += stop - start
             progress.chunk_done(stop - start)  # never waits for other ranks
-    progress.chunks_done()  # this rank's final count, before settle waits for the others
+        # this rank's final count, before the reader's collective close and settle wait for
+        # the others (after the close, rank 0 counted itself unfinished until the slowest
+        # rank was done: "0/2 ranks finished" for the whole of a stalled rank's delay)
+        progress.chunks_done()
 
     if stopper.settle():
         _stop(comm, writer, written, done, packed.n_voxels, results_path, progress,

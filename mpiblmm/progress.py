@@ -41,6 +41,7 @@ anyone else's.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import sys
 import threading
@@ -115,6 +116,13 @@ def progress_line(done: int, total: int, elapsed: float, fresh: int, ranks_done:
         text += (f", about {format_seconds(left)} left" if math.isfinite(left)
                  else ", time left unknown")
     return text + f"; {ranks_done}/{ranks} ranks finished"
+
+
+def compact(text: str) -> str:
+    """A progress line shortened for a terminal's bar: ``fit 200/3,072 (6.5%), 92/s, ~31 s
+    left; 0/2 ranks finished`` (the elapsed time is the bar's own line's)."""
+    text = re.sub(r", [^,;]* elapsed", "", text)
+    return text.replace(" voxels/s", "/s").replace(" voxels", "").replace("about ", "~")
 
 
 class JobLog:
@@ -210,11 +218,16 @@ class JobLog:
             return
         with self._lock:
             self._last_line = time.monotonic()
-            filled = int(round(BAR_WIDTH * min(max(fraction, 0.0), 1.0)))
-            bar = "#" * filled + "-" * (BAR_WIDTH - filled)
+            short = compact(text)
+            columns = shutil.get_terminal_size().columns
+            # the words first (the time left was cut off at 80 columns): the bar takes what
+            # is left, 10 to BAR_WIDTH characters, on one line (no wrap)
+            bar_width = min(BAR_WIDTH, max(10, columns - len(short) - 4))
+            filled = int(round(bar_width * min(max(fraction, 0.0), 1.0)))
+            bar = "#" * filled + "-" * (bar_width - filled)
             assert self._stream is not None  # _tty implies a stream
-            width = shutil.get_terminal_size().columns - BAR_WIDTH - 4  # one line: no wrap
-            self._stream.write(f"\r[{bar}] {text[:max(width, 10)]}\033[K")
+            width = columns - bar_width - 4
+            self._stream.write(f"\r[{bar}] {short[:max(width, 10)]}\033[K")
             self._stream.flush()
             self._bar_shown = True
             self._to_file("_file", line + "\n")

@@ -81,7 +81,7 @@ def test_a_terminal_gets_a_bar_redrawn_in_place_and_the_log_file_plain_lines(tmp
     log.report("fit 10/10 voxels", None)
     log.close()
     text = term.getvalue()
-    assert text.startswith("\r[" + "#" * 15 + "-" * 15 + "] fit 5/10 voxels")
+    assert text.startswith("\r[" + "#" * 15 + "-" * 15 + "] fit 5/10")
     assert text.endswith("\nmpiblmm: [0 s] fit 10/10 voxels\n")
     assert (tmp_path / "f.log").read_text().splitlines() == [
         "mpiblmm: [0 s] fit 5/10 voxels", "mpiblmm: [0 s] fit 10/10 voxels"]
@@ -174,3 +174,20 @@ def test_a_log_file_that_is_not_a_log_is_refused_untouched(tmp_path):
         log.say("mpiblmm: resumed")
         log.close()
         assert path.read_text() == before + "mpiblmm: resumed\n"
+
+
+def test_an_80_column_bar_keeps_the_time_left_and_the_ranks(monkeypatch):
+    """A batch-log audit: at 80 columns the bar's text stopped before 'about N s left'."""
+    import os
+    import shutil
+
+    from mpiblmm.progress import progress_line
+
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda *a: os.terminal_size((80, 24)))
+    term = Terminal()
+    log = JobLog(0, options=LogOptions(None, 0.0), stream=term)
+    log.report(progress_line(200, 3072, 2.0, 200, 0, 2), 0.065)
+    line = term.getvalue().split("\r")[-1].replace("\033[K", "")
+    assert len(line) <= 80 and line.endswith("] fit 200/3,072 (6.5%), 100/s, ~29 s left; "
+                                             "0/2 ranks finished"), line
+    log.close()
