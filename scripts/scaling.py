@@ -116,6 +116,23 @@ def launcher() -> tuple[list[str], str]:
     return command, os.environ.get("MPIEXEC_NUMPROC_FLAG", "-n")
 
 
+def fit_args_problem(fit_args: list[str]) -> str | None:
+    """What ``mpiblmm fit`` says of ``fit_args`` (its own one line), or None when it takes
+    them: asked once, before any study is simulated or timed (a bad option failed every run
+    after the simulation, with advice to --resume that could only fail again)."""
+    if not fit_args:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "probe.json"      # does not exist: only the options are judged
+        probe = subprocess.run([*mpiblmm_command(), "fit", str(spec), "--output",
+                                str(Path(tmp) / "out"), *fit_args],
+                               capture_output=True, text=True, timeout=300)
+    errors = [line for line in probe.stderr.splitlines() if "error:" in line]
+    if errors and str(spec) not in errors[0]:
+        return errors[0].split("error: ", 1)[1]
+    return None
+
+
 def mpiblmm_command() -> list[str]:
     """How to start the ``mpiblmm`` of this environment."""
     script = Path(sys.executable).parent / "mpiblmm"
@@ -495,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--spec", type=Path, help="strong scaling on this study instead of a "
-                    "simulated one")
+                    "simulated one (weak scaling always simulates its studies)")
     ap.add_argument("--subjects", type=int, default=60)
     ap.add_argument("--visits", type=int, default=4)
     ap.add_argument("--shape", type=int, nargs=3, default=[20, 20, 15],
@@ -503,8 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--voxels-per-rank", type=int, default=3000,
                     help="weak scaling: grid voxels per rank (the grid grows along its 3rd "
                     "side, by whole slices of the first two sides of --shape)")
-    ap.add_argument("--fit-args", default="", help="extra `mpiblmm fit` arguments, e.g. "
-                    "\"--max-memory-mb 512\"")
+    ap.add_argument("--fit-args", default="", help="extra `mpiblmm fit` arguments, written "
+                    "with '=' as they start with '-': --fit-args=\"--max-memory-mb 512\"")
     ap.add_argument("--out", type=Path,
                     default=Path(f"scaling-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"))
     ap.add_argument("--resume", action="store_true",
@@ -518,6 +535,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--shape, --voxels-per-rank, --subjects and --visits must be at least 1")
     if args.spec is not None and not args.spec.is_file():
         ap.error(f"--spec {args.spec}: no such file")
+    if args.spec is not None and args.mode == "weak":
+        ap.error(f"--spec {args.spec}: weak scaling simulates a study per rank count; the "
+                 "spec's study is for --mode strong (or both)")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        ap.error(f"--timeout {args.timeout:g}: expected seconds greater than 0")
+    try:
+        problem = fit_args_problem(shlex.split(args.fit_args))
+    except ValueError as exc:     # shlex: an unclosed quote
+        problem = f"{exc}"
+    if problem is not None:
+        ap.error(f"--fit-args {args.fit_args!r}: {problem}")
     ranks_list = sorted(set(args.ranks))
     csv_path = args.out / "scaling.csv"
     rows: list[dict] = []
@@ -539,9 +567,11 @@ def main(argv: list[str] | None = None) -> int:
               f"scaling" + (" (Open MPI: adding --oversubscribe)" if runner.open_mpi else ""),
               file=sys.stderr, flush=True)
     fit_args = shlex.split(args.fit_args)
-    args.out.mkdir(parents=True, exist_ok=True)
     work = args.out / "work"
-    work.mkdir(exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        ap.error(f"--out {args.out}: cannot create it ({exc.strerror})")
 
     plans: list[tuple[str, int, object]] = []  # (mode, ranks, how to make its study)
     if args.mode in ("strong", "both"):

@@ -403,9 +403,24 @@ def test_sigterm_stops_the_running_point_and_writes_what_there_is(tmp_path, tiny
     (["--spec", "/nonexistent/spec.json"], "no such file"),
     (["--shape", "0", "20", "15"], "at least 1"),
     (["--voxels-per-rank", "0"], "at least 1"),
+    # a batch-log audit: these were accepted, ignored, or failed after the simulation
+    (["--mode", "weak", "--spec", str(SCRIPT)], "weak scaling simulates a study per rank"),
+    (["--timeout", "-5"], "--timeout -5: expected seconds greater than 0"),
+    (["--fit-args=--bogus"], "--fit-args '--bogus': unrecognized arguments: --bogus"),
+    (["--fit-args=--chunk-voxels 0"], "fit: argument --chunk-voxels: expected a number of at "
+                                      "least 1, got 0"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
     run = _scaling([*args, "--out", str(tmp_path / "sc")], _pythonpath_env())
     assert run.returncode == 2
     assert run.stderr.count("\n") == 1 and message in run.stderr, run.stderr
     assert not (tmp_path / "sc").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    run = _scaling(["--ranks", "1", "--repeats", "1", "--out", str(tmp_path / "file" / "sc")],
+                   _pythonpath_env())
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr == (f"scaling.py: --out {tmp_path / 'file' / 'sc'}: cannot create it "
+                          "(Not a directory)\n")
