@@ -209,35 +209,41 @@ def _budget(spec: Any, path: Path, problems: list[str]) -> None:
     what this process holds now, as the fit measures its ranks at their start), so a budget
     the fit would refuse as too little to run is refused here in its words."""
     from mpiblmm.io.ingest import DEFAULT_MEMORY_MB
-    from mpiblmm.memory import resident_mb, work_budget_mb
+    from mpiblmm.memory import rank_baseline_mb, work_budget_mb
     from mpiblmm.pipeline import FitOptions, _budget_source
 
     import h5py  # noqa: F401  what a rank of the fit has imported when it measures itself
     import nibabel  # noqa: F401
 
     try:
-        work_budget_mb(spec.max_memory_mb or DEFAULT_MEMORY_MB, resident_mb(),
+        work_budget_mb(spec.max_memory_mb or DEFAULT_MEMORY_MB, rank_baseline_mb(),
                        _budget_source(str(path), spec, FitOptions()))
     except UserError as exc:
         problems.append(str(exc))
 
 
 def _voxel_budget(spec: Any, path: Path, design: Any, problems: list[str]) -> None:
-    """A budget that cannot hold one voxel's fit of this design (the fit's own check,
-    :func:`mpiblmm.memory.one_voxel_problem`, from what this process holds now); nothing
-    when :func:`_budget` already refused the budget."""
+    """The fit's own checks of the budget once the design is built (the fit measures its
+    ranks then: a formula's table and a cohort's design count), :func:`mpiblmm.memory.
+    work_budget_mb` again (its line replaces :func:`_budget`'s, measured before) and
+    :func:`mpiblmm.memory.one_voxel_problem`: a budget that cannot hold one voxel's fit."""
     from mpiblmm.io.ingest import DEFAULT_MEMORY_MB
     from mpiblmm.lmm.analysis import fit_mb_per_voxel
-    from mpiblmm.memory import one_voxel_problem, resident_mb
+    from mpiblmm.memory import one_voxel_problem, rank_baseline_mb, work_budget_mb
     from mpiblmm.pipeline import FitOptions, _budget_source, model_from_design
 
     budget = spec.max_memory_mb or DEFAULT_MEMORY_MB
-    work = budget - resident_mb()
     where = _budget_source(str(path), spec, FitOptions())
-    if any(p.startswith(f"{where}: ") and "too little to run" in p for p in problems):
+    model = model_from_design(design)
+    baseline = rank_baseline_mb()           # where the fit measures its ranks
+    problems[:] = [p for p in problems
+                   if not (p.startswith(f"{where}: ") and "too little to run" in p)]
+    try:
+        work = work_budget_mb(budget, baseline, where)
+    except UserError as exc:
+        problems.append(str(exc))
         return
-    problem = one_voxel_problem(budget, work, fit_mb_per_voxel(model_from_design(design)),
-                                where)
+    problem = one_voxel_problem(budget, work, fit_mb_per_voxel(model), where)
     if problem is not None:
         problems.append(str(problem))
 
@@ -419,9 +425,11 @@ def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) ->
     out.append(f"candidate voxels: {how}")
     budget = spec.max_memory_mb or DEFAULT_MEMORY_MB
     mem, chunk = _memory(design, voxels, ranks, budget)
+    over = ("; above the budget only by this count: the fit's own check of one voxel, "
+            "tighter, passes" if mem > budget else "")
     out.append(f"memory per rank: at most about {mem:.0f} MiB (chunks of {chunk} voxels; "
                f"budget {budget:.0f} MiB; the per-voxel estimate is generous, measured peaks "
-               f"are often half of it or less)")
+               f"are often half of it or less{over})")
     ms = _ms_per_voxel(spec, design)
     seconds = voxels * ms / 1000.0 / max(ranks, 1)
     out.append(f"run time: fitting {_duration(seconds)} on {ranks} rank(s), a lower "
@@ -492,13 +500,13 @@ def _memory(design: Any, voxels: int, ranks: int, budget: float,
     from mpiblmm.lmm.structure import choose
     from mpiblmm.pipeline import chunk_voxels, model_from_design
 
-    from mpiblmm.memory import resident_mb
+    from mpiblmm.memory import rank_baseline_mb
 
     model = model_from_design(design)
     per = bytes_per_voxel(design.n, design.p, design.structure, len(design.contrasts),
                           blocks=choose(model.rd))
     mine = max(1, math.ceil(voxels / max(ranks, 1)))
-    base = resident_mb() if base is None else base  # what the fit subtracts from the budget
+    base = rank_baseline_mb() if base is None else base  # what the fit subtracts from it
     work = max(budget - base, 1.0)
     chunk = int(max(1, min(chunk_voxels(work, design.n, model), mine)))
     return base + chunk * per / 2**20 + 8.0 * design.n * chunk / 2**20, chunk

@@ -44,6 +44,26 @@ def resident_mb() -> float:
         return peak_mb()
 
 
+#: What initialising MPI adds to a rank (mpi4py and MPICH's shared-memory segments: 11 MiB
+#: measured at 1 and 2 ranks), where a process measuring itself has not initialised it.
+MPI_INIT_MB = 12.0
+#: What a rank of the fit holds at its start beyond a ``check`` process of the same spec
+#: (the fit's own setup; a cohort design: check 107 MiB, the fit's ranks 112 at -n 2).
+FIT_SETUP_MB = 6.0
+
+
+def rank_baseline_mb() -> float:
+    """What a rank of the fit would hold at its start, measured in this process: its resident
+    memory, plus :data:`FIT_SETUP_MB`, and :data:`MPI_INIT_MB` where MPI is not initialised
+    here (``mpiblmm check`` measured itself only: it accepted budgets the fit then refused,
+    107 MiB against the ranks' 112; a fault audit).  A little generous rather than short: check may then ask a few MiB
+    more than the fit would."""
+    import sys
+
+    return (resident_mb() + FIT_SETUP_MB
+            + (0.0 if "mpi4py.MPI" in sys.modules else MPI_INIT_MB))
+
+
 def peak_mb() -> float:
     """This process's peak resident memory so far (MiB; Linux reports KiB)."""
     import resource

@@ -160,3 +160,22 @@ def test_an_image_listed_twice_gets_a_note():
     volumes = [volume_path("/d/all.nii", v) for v in (0, 1, 2)]
     assert repeated_images(SimpleNamespace(images=volumes)) == []
     assert repeated_images(SimpleNamespace(images=None)) == []
+
+
+def test_a_slope_constant_within_every_level_gets_a_note():
+    """A fault audit: (1 + grp | subject) with grp fixed per subject fitted 141 of 144 voxels
+    singular without a word; lme4 fits it too, so a note, not an error."""
+    from mpiblmm.checks import slopes_constant_within_levels
+
+    n_sub, visits = 10, 3
+    grp = np.repeat(np.arange(n_sub) % 2, visits).astype(float)        # one value per subject
+    t = np.tile(np.arange(visits), n_sub).astype(float)
+    d = _design(Z=np.column_stack([np.ones(n_sub * visits), grp]))
+    assert slopes_constant_within_levels(d) == [
+        "random factor 'subject': 'z1' is constant within every level of 'subject', so its "
+        "random slope is not told apart from the random intercept: expect singular fits "
+        "(status 2) at most voxels; a covariate of the level belongs in the fixed part only"]
+    # a slope that varies within levels, or no intercept beside it: nothing to say
+    assert slopes_constant_within_levels(_design(Z=np.column_stack([np.ones(30), t]))) == []
+    assert slopes_constant_within_levels(_design(Z=np.column_stack([grp, t]))) == []
+    assert slopes_constant_within_levels(_design()) == []
