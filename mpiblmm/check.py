@@ -143,15 +143,14 @@ def check_spec(path: str | Path, ranks: int = 1,
     if problems:
         return problems, []
     _output(spec, problems)
-    _budget(spec, path, problems)
     before = len(problems)
     grid, n_images = _images(spec, problems, verify or verify_files)
     candidates = _candidates(spec, grid, problems) if len(problems) == before else None
     design = _design(spec, problems)
+    _budget(spec, path, design, problems)
     if design is None:
         return problems, []
     _thresholds(spec, design, n_images, problems)
-    _voxel_budget(spec, path, design, problems)
     if problems:  # (a column read as text may be why: p >= n, a rank-deficient X)
         return problems, _text_column_notes(spec)
     try:
@@ -204,48 +203,33 @@ def _missing_files(spec: Any, raw: dict) -> list[str]:
     return out
 
 
-def _budget(spec: Any, path: Path, problems: list[str]) -> None:
-    """The memory budget: the fit's own check (:func:`mpiblmm.memory.work_budget_mb`, from
-    what this process holds now, as the fit measures its ranks at their start), so a budget
-    the fit would refuse as too little to run is refused here in its words."""
-    from mpiblmm.io.ingest import DEFAULT_MEMORY_MB
-    from mpiblmm.memory import rank_baseline_mb, work_budget_mb
-    from mpiblmm.pipeline import FitOptions, _budget_source
-
-    import h5py  # noqa: F401  what a rank of the fit has imported when it measures itself
-    import nibabel  # noqa: F401
-
-    try:
-        work_budget_mb(spec.max_memory_mb or DEFAULT_MEMORY_MB, rank_baseline_mb(),
-                       _budget_source(str(path), spec, FitOptions()))
-    except UserError as exc:
-        problems.append(str(exc))
-
-
-def _voxel_budget(spec: Any, path: Path, design: Any, problems: list[str]) -> None:
-    """The fit's own checks of the budget once the design is built (the fit measures its
-    ranks then: a formula's table and a cohort's design count), :func:`mpiblmm.memory.
-    work_budget_mb` again (its line replaces :func:`_budget`'s, measured before) and
-    :func:`mpiblmm.memory.one_voxel_problem`: a budget that cannot hold one voxel's fit."""
+def _budget(spec: Any, path: Path, design: Any, problems: list[str]) -> None:
+    """The memory budget: the fit's own checks, measured as the fit measures its ranks (once
+    the design is built: a formula's table and a cohort's design count; plus what a fit rank
+    holds beyond this process, :func:`mpiblmm.memory.rank_baseline_mb`), so a budget the fit
+    would refuse is refused here in its words: too little to run
+    (:func:`mpiblmm.memory.work_budget_mb`) and, with a ``design``, too little for one voxel's
+    fit of it (:func:`mpiblmm.memory.one_voxel_problem`)."""
     from mpiblmm.io.ingest import DEFAULT_MEMORY_MB
     from mpiblmm.lmm.analysis import fit_mb_per_voxel
     from mpiblmm.memory import one_voxel_problem, rank_baseline_mb, work_budget_mb
     from mpiblmm.pipeline import FitOptions, _budget_source, model_from_design
 
+    import h5py  # noqa: F401  what a rank of the fit has imported when it measures itself
+    import nibabel  # noqa: F401
+
     budget = spec.max_memory_mb or DEFAULT_MEMORY_MB
     where = _budget_source(str(path), spec, FitOptions())
-    model = model_from_design(design)
-    baseline = rank_baseline_mb()           # where the fit measures its ranks
-    problems[:] = [p for p in problems
-                   if not (p.startswith(f"{where}: ") and "too little to run" in p)]
+    model = None if design is None else model_from_design(design)
     try:
-        work = work_budget_mb(budget, baseline, where)
+        work = work_budget_mb(budget, rank_baseline_mb(), where)
     except UserError as exc:
         problems.append(str(exc))
         return
-    problem = one_voxel_problem(budget, work, fit_mb_per_voxel(model), where)
-    if problem is not None:
-        problems.append(str(problem))
+    if model is not None:
+        problem = one_voxel_problem(budget, work, fit_mb_per_voxel(model), where)
+        if problem is not None:
+            problems.append(str(problem))
 
 
 def _output(spec: Any, problems: list[str]) -> None:
@@ -460,17 +444,18 @@ def _candidates(spec: Any, grid: Any, problems: list[str]) -> tuple[int, str] | 
             return grid.voxels, f"{grid.voxels} ({where})"
         return grid.voxels, (f"at most {grid.voxels} ({where}, of {grid.stored} stored; voxels "
                              "no observation observes are dropped)")
-    from mpiblmm.io.images import read_volume, verify_size
+    from mpiblmm.io.images import grid_kind, read_volume, verify_size
     from mpiblmm.io.ingest import analysis_mask_voxels, missing
-
-    from mpiblmm.io.images import grid_kind
     from mpiblmm.io.surface import points
 
     total = int(np.prod(grid.shape))
     kind = grid_kind(grid)
-    on = f"{points(kind)} of the surface" if kind in ("gifti", "cifti") else "on the grid"
-    where = (f"all {total} {on}" if kind in ("gifti", "cifti") else
-             f"the grid {' x '.join(map(str, grid.shape))}") + ", no analysis mask"
+    if kind in ("gifti", "cifti"):
+        on = f"{points(kind)} of the surface"
+        where = f"all {total} {on}, no analysis mask"
+    else:
+        on = "on the grid"
+        where = f"the grid {' x '.join(map(str, grid.shape))}, no analysis mask"
     reference = str(spec.images[0])
     try:
         verify_size(spec.images[0])  # as the fit: a short file before its grid's arrays

@@ -56,8 +56,8 @@ def rank_baseline_mb() -> float:
     """What a rank of the fit would hold at its start, measured in this process: its resident
     memory, plus :data:`FIT_SETUP_MB`, and :data:`MPI_INIT_MB` where MPI is not initialised
     here (``mpiblmm check`` measured itself only: it accepted budgets the fit then refused,
-    107 MiB against the ranks' 112; a fault audit).  A little generous rather than short: check may then ask a few MiB
-    more than the fit would."""
+    107 MiB against the ranks' 112; a fault audit).  A little generous rather than short:
+    check may then ask a few MiB more than the fit would."""
     import sys
 
     return (resident_mb() + FIT_SETUP_MB

@@ -452,8 +452,8 @@ class _Validator:
         p = self.resolve(self.path_text(value, key))
         if nifti and not str(p).endswith(MASK_SUFFIXES if mask else NIFTI_SUFFIXES):
             raise self.error(key, f"expected {MASK_KINDS if mask else IMAGE_KINDS}: {p}")
-        if nifti and cifti_kind_problem(str(p), mask):
-            raise self.error(key, f"{cifti_kind_problem(str(p), mask)}: {p}")
+        if nifti and (kind := cifti_kind_problem(str(p), mask)):
+            raise self.error(key, f"{kind}: {p}")
         if (self.check_listed if listed else self.check_files) and not p.is_file():
             raise self.error(key, not_a_file(p))
         if not self.check_files and not nifti and p.is_dir():  # one stat: not one per image
@@ -478,8 +478,8 @@ class _Validator:
                              "text file, one per line, or in a JSON list)")
         list_file = self.file(value, key)  # a directory is refused even without check_files
         if str(list_file).endswith(MASK_SUFFIXES):
-            if cifti_kind_problem(str(list_file), mask):
-                raise self.error(key, f"{cifti_kind_problem(str(list_file), mask)}: {list_file}")
+            if kind := cifti_kind_problem(str(list_file), mask):
+                raise self.error(key, f"{kind}: {list_file}")
             if key == "images":
                 return self.volumes(list_file, key)
             raise self.error(key, f"expected a text file listing one image per line, got an image: {list_file}")
@@ -702,8 +702,8 @@ def read_path_list(list_file: Path, nifti: bool = True, check_files: bool = True
         p = p if p.is_absolute() else list_file.parent / p
         if nifti and not text.endswith(MASK_SUFFIXES if mask else NIFTI_SUFFIXES):
             raise SpecError(f"expected {MASK_KINDS if mask else IMAGE_KINDS}: {text}", where)
-        if nifti and cifti_kind_problem(text, mask):
-            raise SpecError(f"{cifti_kind_problem(text, mask)}: {text}", where)
+        if nifti and (kind := cifti_kind_problem(text, mask)):
+            raise SpecError(f"{kind}: {text}", where)
         if check_files and not p.is_file():
             raise SpecError(not_a_file(p), where)
         out.append(p)

@@ -224,8 +224,10 @@ def read_volume(path: Path, grid: Grid | None = None, reference: str | None = No
     fmt = surface_format(path)
     img = _load(path)
     data = _gifti_data(img, path) if fmt == "gifti" else _cifti_data(img, path)
-    if seen is not None and fmt == "gifti" and _structure(img, fmt) is not None:
-        seen.setdefault(_structure(img, fmt), str(path))
+    if seen is not None and fmt == "gifti":
+        structure = _structure(img, fmt)
+        if structure is not None:
+            seen.setdefault(structure, str(path))
     if grid is not None:
         why = grid.differs((data.size, 1, 1), np.eye(4))
         if why is not None:

@@ -255,7 +255,7 @@ def _mask_section(d: ReportData) -> str:
     listwise = int((complete & (d.n > 0)).sum())
     kept = int(((d.status != STATUS_TOO_FEW) & (d.n > 0)).sum())
     mask = "mask" if d.is_surface else "analysis mask"
-    others = int(kept - (fitted & (d.status != STATUS_TOO_FEW)).sum())
+    others = kept - int(fitted.sum())      # kept, not fitted (a fitted voxel is kept)
     failed = (f" Of these, {others} {d.unit} ended without a fit for other reasons (see the "
               "status map)." if others else "")
     return (f"<p>{d.unit1.capitalize()}-wise (listwise) deletion keeps only {d.unit} observed "
