@@ -12,10 +12,12 @@ Two objects, both made on every rank:
 - :class:`Progress` counts fitted voxels over **all** ranks.  Each rank calls
   :meth:`Progress.chunk_done` at the end of every chunk; rank 0 reports
   ``done / total`` voxels, the rate, the time left and how many ranks have finished, every
-  ``interval`` seconds.  Every rank calls :meth:`Progress.close` once after its last chunk.
+  ``interval`` seconds.  The time left is the slowest rank's (:func:`time_left`): the job
+  ends when its last rank does, so a rank that stalls or has the costly voxels sets it.  Every rank calls :meth:`Progress.close` once after its last chunk.
 
 How counts reach rank 0 without stalling anyone.  A rank posts its running count to rank 0
-with a non-blocking send of two 8-byte integers (``Isend``), at most once per half interval
+with a non-blocking send of four 8-byte integers (``Isend``: done, resumed, final, slab size),
+at most once per half interval
 plus a last one marked *final* as soon as its chunk loop ends (:meth:`Progress.chunks_done`,
 before the collective that waits for the slower ranks: else a finished rank's last chunks
 went uncounted, and "ranks finished" read 0/N, until the end); it never waits for it before
@@ -66,7 +68,7 @@ POLL_SECONDS = 0.02
 PHASE_NAMES = {"read": "fit", "write": "fit"}
 #: Width of the terminal progress bar (characters between the brackets).
 BAR_WIDTH = 30
-#: Buffers of sends released by :meth:`Progress.abandon` (24 bytes each, at most a few).
+#: Buffers of sends released by :meth:`Progress.abandon` (32 bytes each, at most a few).
 _IN_FLIGHT: list[np.ndarray] = []
 
 
@@ -102,20 +104,52 @@ def format_seconds(seconds: float) -> str:
 
 
 def progress_line(done: int, total: int, elapsed: float, fresh: int, ranks_done: int,
-                  ranks: int) -> str:
+                  ranks: int, left: float | None = None) -> str:
     """One progress report: voxels done of total, rate, time left, ranks finished.
 
-    ``fresh`` is the part of ``done`` fitted in this run (not resumed), which sets the rate.
+    ``fresh`` is the part of ``done`` fitted in this run (not resumed), which sets the rate;
+    ``left`` the time left when known better (:func:`time_left`), else from that rate.
     """
     share = 100.0 * done / total if total else 100.0
     rate = fresh / elapsed if elapsed > 0 else 0.0
-    left = (total - done) / rate if rate > 0 else (0.0 if done >= total else math.inf)
+    if left is None:
+        left = (total - done) / rate if rate > 0 else (0.0 if done >= total else math.inf)
     text = (f"fit {done:,}/{total:,} voxels ({share:.1f}%), {rate:,.0f} voxels/s, "
             f"{format_seconds(elapsed)} elapsed")
     if done < total:
         text += (f", about {format_seconds(left)} left" if math.isfinite(left)
                  else ", time left unknown")
     return text + f"; {ranks_done}/{ranks} ranks finished"
+
+
+def time_left(table: np.ndarray, total: int, elapsed: float, resumed_total: int = 0) -> float:
+    """Seconds until the slowest rank is done, from each rank's own rate.
+
+    ``table`` (ranks, 4): each rank's latest count (voxels done, of those resumed, final,
+    voxels of its slab); a row of zeros is a rank not heard from.  A rank with voxels left
+    takes ``left_r / (fresh_r / elapsed)``; one with none fitted yet, or not heard from
+    (its voxels left: what the heard ranks' slabs and the earlier run's voxels leave of
+    ``total``, shared evenly; ``resumed_total`` as :class:`Progress` has it), takes the
+    mean rate of the ranks that fitted some.  Infinite where no rank has fitted anything
+    yet.  (The job's mean rate understated the time left whenever the ranks' rates differ:
+    with most ranks finished it kept falling while a slow rank still had most of its
+    slab; a stalled rank now makes it grow.)"""
+    done, resumed, final, mine = (table[:, k].astype(np.float64) for k in range(4))
+    heard = (mine > 0) | (final > 0)
+    unheard = int((~heard).sum())
+    remaining = np.where(heard & (final == 0), np.maximum(mine - done, 0.0), 0.0)
+    if unheard:
+        earlier = max(resumed_total - resumed[heard].sum(), 0.0)
+        remaining[~heard] = max(total - mine[heard].sum() - earlier, 0.0) / unheard
+    fresh = done - resumed
+    fitting = fresh > 0
+    if not (remaining > 0).any():
+        return 0.0
+    if elapsed <= 0 or not fitting.any():
+        return math.inf
+    rate = fresh / elapsed
+    rate = np.where(fitting, rate, rate[fitting].mean())
+    return float((remaining / rate).max())
 
 
 def compact(text: str) -> str:
@@ -390,9 +424,10 @@ class Progress:
         self._closed = False
         self._final_sent = False
         self._freed = False
-        # rank 0: every rank's latest (done, resumed, final)
-        self._table = np.zeros((self.size, 3), dtype=np.int64)
-        self._buffer = np.zeros(3, dtype=np.int64)
+        # rank 0: every rank's latest (done, resumed, final, slab size)
+        self._table = np.zeros((self.size, 4), dtype=np.int64)
+        self._table[0, 3] = self.mine
+        self._buffer = np.zeros(4, dtype=np.int64)
         self._lock = threading.Lock()
         self._threaded = MPI.Query_thread() == MPI.THREAD_MULTIPLE
         self._last_report = time.monotonic()
@@ -414,7 +449,7 @@ class Progress:
         self.log.note(f"chunk {self.chunks} done: {n_voxels} voxels"
                       f"{' (resumed)' if resumed else ''}, {self.done}/{self.mine} of the slab")
         if self.rank == 0:
-            self._record(0, (self.done, self.resumed, 0))
+            self._record(0, (self.done, self.resumed, 0, self.mine))
             self._poll()
             if self.interval > 0 and time.monotonic() - self._last_report >= self.interval:
                 self._report()
@@ -429,7 +464,7 @@ class Progress:
             return
         self._final_sent = True
         if self.rank == 0:
-            self._record(0, (self.done, self.resumed, 1))
+            self._record(0, (self.done, self.resumed, 1, self.mine))
         else:
             self._send(final=True)
 
@@ -481,7 +516,7 @@ class Progress:
 
     # ----------------------------------------------------------------- internals
     def _send(self, final: bool) -> None:
-        buffer = np.array([self.done, self.resumed, int(final)], dtype=np.int64)
+        buffer = np.array([self.done, self.resumed, int(final), self.mine], dtype=np.int64)
         request = self.comm.Isend([buffer, self._MPI.INT64_T], dest=0, tag=TAG)
         self._pending.append((request, buffer))  # the buffer lives until the send completes
         self._pending = [(r, b) for r, b in self._pending if not r.Test()]
@@ -506,7 +541,7 @@ class Progress:
     def _counts(self) -> tuple[int, int, int]:
         """Voxels done over all ranks (the earlier run's of ranks not heard from yet
         included), of those fitted in this run, and ranks finished."""
-        done, resumed, final = self._table.sum(axis=0)
+        done, resumed, final = self._table[:, :3].sum(axis=0)
         return int(done + self.resumed_total - resumed), int(done - resumed), int(final)
 
     def _status(self) -> tuple[str, float]:
@@ -515,14 +550,17 @@ class Progress:
             self._poll()
         done, fresh, finished = self._counts()
         self._last_report = time.monotonic()
-        return (progress_line(done, self.total, time.monotonic() - self.started, fresh,
-                              finished, self.size), done / self.total if self.total else 1.0)
+        return (self._line(done, fresh, finished, self._last_report - self.started),
+                done / self.total if self.total else 1.0)
+
+    def _line(self, done: int, fresh: int, finished: int, elapsed: float) -> str:
+        left = time_left(self._table, self.total, elapsed, self.resumed_total)
+        return progress_line(done, self.total, elapsed, fresh, finished, self.size, left)
 
     def _report(self, final: bool = False) -> None:
         with self.log._lock:  # against the heartbeat: lines stay in order
             done, fresh, finished = self._counts()
             self._last_report = time.monotonic()
-            text = progress_line(done, self.total, self._last_report - self.started, fresh,
-                                 finished, self.size)
+            text = self._line(done, fresh, finished, self._last_report - self.started)
             fraction = None if final else (done / self.total if self.total else 1.0)
             self.log.report(text, fraction)

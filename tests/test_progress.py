@@ -11,7 +11,9 @@ import time
 import pytest
 
 from mpiblmm.cli import get_parser
-from mpiblmm.progress import JobLog, LogOptions, format_seconds, progress_line
+import numpy as np
+
+from mpiblmm.progress import JobLog, LogOptions, format_seconds, progress_line, time_left
 from mpiblmm.timers import PhaseTimer
 
 
@@ -35,6 +37,30 @@ def test_a_progress_line_has_counts_share_rate_and_time_left():
     assert "50 voxels/s, 10 s elapsed, about 1 min 00 s left" in progress_line(1000, 4000, 10.0,
                                                                                 500, 0, 4)
     assert "left" not in progress_line(4000, 4000, 10.0, 4000, 4, 4)
+
+
+def test_the_time_left_is_the_slowest_ranks_own():
+    # rows: done, resumed, final, slab.  After 10 s rank 0 has done 900 of 1,000 (90/s),
+    # rank 1 100 of 1,000 (10/s): the job ends in 90 s, not the mean rate's 800/100 = 8 s.
+    table = np.array([[900, 0, 0, 1000], [100, 0, 0, 1000]])
+    assert time_left(table, 2000, 10.0) == pytest.approx(90.0)
+    assert "about 1 min 30 s left" in progress_line(1000, 2000, 10.0, 1000, 0, 2,
+                                                    time_left(table, 2000, 10.0))
+    # a stalled rank's rate falls with the time, so its time left grows
+    assert time_left(table, 2000, 20.0) == pytest.approx(180.0)
+    # finished ranks count for nothing; one with nothing fitted yet goes at the mean rate
+    table = np.array([[1000, 0, 1, 1000], [0, 0, 0, 1000], [500, 0, 0, 1000]])
+    assert time_left(table, 3000, 10.0) == pytest.approx(1000 / 75.0)
+    # resumed voxels are done but not fitted: 200 fresh in 10 s, 600 left -> 30 s
+    table = np.array([[400, 200, 0, 1000]])
+    assert time_left(table, 1000, 10.0) == pytest.approx(30.0)
+    # a rank not heard from: its voxels are what the others' slabs (and the earlier run)
+    # leave of the total, at the mean rate: (3,000 - 1,000 - 500) at 50/s
+    table = np.array([[500, 0, 0, 1000], [0, 0, 0, 0]])
+    assert time_left(table, 3000, 10.0, resumed_total=500) == pytest.approx(30.0)
+    # nothing fitted yet: unknown; nothing left: 0
+    assert time_left(np.array([[0, 0, 0, 10]]), 10, 5.0) == float("inf")
+    assert time_left(np.array([[10, 0, 1, 10]]), 10, 5.0) == 0.0
 
 
 def test_only_rank_0_writes_and_quiet_keeps_the_log_file(tmp_path):
