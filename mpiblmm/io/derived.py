@@ -55,7 +55,8 @@ def z_upper(log_q: np.ndarray) -> np.ndarray:
 
 
 def z_from_neglog10p(neglog10p: np.ndarray, kind: str = "T", alternative: str = "two-sided",
-                     sign: np.ndarray | None = None) -> np.ndarray:
+                     sign: np.ndarray | None = None, t: np.ndarray | None = None,
+                     df: np.ndarray | None = None) -> np.ndarray:
     """z with the same p as a stored test: ``neglog10p = -log10 p`` (voxels,).
 
     - T, two-sided: ``z = sign(estimate) * isf(p / 2)`` (same two-sided p, signed);
@@ -65,15 +66,26 @@ def z_from_neglog10p(neglog10p: np.ndarray, kind: str = "T", alternative: str = 
 
     ``sign`` is the estimate (or t) for two-sided T contrasts; voxels where it or p is NaN
     are NaN.  Computed from ``log p = -neglog10p * ln 10``, so p below 1e-308 still gives
-    the right finite z.
+    the right finite z.  A one-sided p near 1 (the estimate far the other way) keeps no
+    digits of its small complement: where ``t`` and ``df`` are given, z there is
+    ``sign(t) * isf(P(T > |t|))`` from them (:func:`~mpiblmm.lmm.inference.t_logsf`), the
+    same as the two-sided z (it was +-inf from t of about 10 at df 118, and short of
+    the two-sided z before that).
     """
     log_p = -np.asarray(neglog10p, dtype=np.float64) * LN10
     if kind == "F":
         return z_upper(log_p)
-    if alternative == "greater":
-        return z_upper(log_p)
-    if alternative == "less":
-        return -z_upper(log_p)
+    if alternative in ("greater", "less"):
+        z = z_upper(log_p) if alternative == "greater" else -z_upper(log_p)
+        if t is not None and df is not None:
+            t = np.asarray(t, dtype=np.float64)
+            other_way = (t < 0) if alternative == "greater" else (t > 0)
+            if other_way.any():
+                from mpiblmm.lmm.inference import t_logsf
+
+                tail = t_logsf(np.abs(t[other_way]), np.asarray(df, dtype=np.float64)[other_way])
+                z[other_way] = np.sign(t[other_way]) * z_upper(tail)
+        return z
     z = z_upper(log_p - np.log(2.0))
     if sign is not None:
         s = np.sign(np.asarray(sign, dtype=np.float64))

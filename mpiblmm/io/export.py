@@ -193,8 +193,10 @@ def map_values(f: Any, m: MapSpec) -> np.ndarray:
     if m.derive == "z":  # FSL's zstat/zfstat: the normal z with the same p
         kind = str(group.attrs.get("kind", "F" if "F" in group else "T"))
         sign = np.asarray(group["estimate"][...]) if "estimate" in group else None
+        t, df = ((np.asarray(group[k][...]) for k in ("t", "df")) if "t" in group and "df" in group
+                 else (None, None))
         return z_from_neglog10p(data, kind, str(group.attrs.get("alternative", "two-sided")),
-                                sign)
+                                sign, t, df)
     if m.derive == "q":
         fitted = np.asarray(f["status"][...]) <= FITTED_MAX_STATUS
         return bh_qvalues(data, fitted)

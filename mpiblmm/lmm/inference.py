@@ -179,7 +179,7 @@ def f_logsf(F: np.ndarray, d1: float, d2: np.ndarray) -> np.ndarray:
 
 def _p_and_neglog10(logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     logp = np.minimum(logp, 0.0)
-    return np.exp(logp), -logp / LN10
+    return np.exp(logp), -logp / LN10 + 0.0          # (+ 0.0: p = 1 gives 0, not -0)
 
 
 # ---------------------------------------------------------------- contrasts

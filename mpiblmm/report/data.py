@@ -122,7 +122,9 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
             kind = str(g.attrs.get("kind", "F" if "F" in g else "T"))
             alt = str(g.attrs.get("alternative", "two-sided"))
             sign = np.asarray(g["estimate"][...]) if "estimate" in g else None
-            z = z_from_neglog10p(np.asarray(g["neglog10p"][...]), kind, alt, sign)
+            t, df_t = ((np.asarray(g[k][...]) for k in ("t", "df")) if "t" in g and "df" in g
+                       else (None, None))
+            z = z_from_neglog10p(np.asarray(g["neglog10p"][...]), kind, alt, sign, t, df_t)
             df = np.asarray(g["df"][...] if "df" in g else g["df_den"][...])
             df_num = _df_num(g, status) if "df_num" in g else None
             contrasts.append(ContrastView(name, kind, alt, z, df, df_num))

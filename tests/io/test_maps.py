@@ -59,6 +59,30 @@ def test_one_sided_and_f_z_keep_their_p():
     assert np.isnan(z_from_neglog10p(np.array([2.0]), "T", sign=np.array([np.nan]))).all()
 
 
+def test_a_one_sided_z_is_the_two_sided_z_also_where_the_effect_goes_the_other_way():
+    # A contract audit: a "less" contrast at t = 600 (df 118) had p = 1 and z = inf, from
+    # about t = 9.6 on; at t = 9 z was 7.8357 where it is 7.8371.  z is the same whatever the
+    # alternative (RESULTS.md): here from t and df, checked against 50-digit arithmetic.
+    def log10_tail(x):                                  # log10 P(T > |x|), df 118
+        mpmath.mp.dps = 60
+        u = mpmath.mpf(118) / (118 + mpmath.mpf(abs(x)) ** 2)
+        return float(mpmath.log10(mpmath.betainc(59, 0.5, 0, u, regularized=True) / 2))
+
+    df = np.full(6, 118.0)
+    for alternative, t in (("less", np.array([600.0, 0.98, 9.0, 24248.0, 1.2e7, -3.0])),
+                           ("greater", -np.array([600.0, 0.98, 9.0, 24248.0, 1.2e7, -3.0]))):
+        tails = np.array([log10_tail(x) for x in t])
+        ref = np.sign(t) * np.array([mp_z_two_sided(-(lt + np.log10(2.0))) for lt in tails])
+        # the stored one-sided p: the small tail where t goes its way, else 1 - that
+        its_way = t < 0 if alternative == "less" else t > 0
+        p = np.where(its_way, 10.0 ** tails, 1.0 - 10.0 ** tails)
+        nl = np.where(its_way, -tails, -np.log10(p)) + 0.0
+        z = z_from_neglog10p(nl, "T", alternative, t=t, df=df)
+        np.testing.assert_allclose(z, ref, rtol=1e-11)
+    z = z_from_neglog10p(np.array([np.nan]), "T", "less", t=np.array([np.nan]), df=df[:1])
+    assert np.isnan(z).all()
+
+
 def test_bh_qvalues_match_the_definition():
     rng = np.random.default_rng(3)
     p = rng.uniform(size=40) ** 3
