@@ -14,7 +14,9 @@ Per chunk:
    :func:`identifiable`).  So is a voxel whose observed rows the fixed and random effects fit
    exactly, ``rank([X Z]) = n_obs`` on those rows (several factors together can saturate
    while each passes lme4's rule): its residual variance is at best weakly identified
-   (often fitted as 0; :func:`saturated`).
+   (often fitted as 0; :func:`saturated`).  A fitted voxel whose data, not design, the
+   fixed and random effects fit exactly (its residual variance vanishes) gets status 9 too
+   (:func:`_residual_vanished`)
 2. Voxels observed in every image share X'X, Z'X and Z'Z (one product-form group); voxels
    with missing observations get product forms of their own.  A voxel whose observed rows
    leave X rank deficient is fitted without the columns lme4 drops, voxels that drop the
@@ -37,7 +39,9 @@ voxels without a fit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import scipy.sparse as sp
@@ -154,7 +158,7 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     observed = np.isfinite(Y)
     n_obs = observed.sum(axis=1)
     out["n"][:] = n_obs
-    allowed = (n_obs >= settings.min_n) & (n_obs >= settings.min_fraction * n)
+    allowed = (n_obs >= settings.min_n) & (n_obs >= fewest_of_fraction(settings.min_fraction, n))
     enough = allowed & (n_obs >= p + 1)
     out["status"][:] = np.where(n_obs == 0, STATUS_EMPTY, STATUS_TOO_FEW)
     # the per-factor counts of observed levels, once for both rules that use them
@@ -177,6 +181,13 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     _fit_dropping_columns(model, Y, settings, out, np.flatnonzero(allowed & (n_obs > 0) & ~enough))
     _blank_unobserved_effects(model.rd, observed, out)
     return out
+
+
+def fewest_of_fraction(fraction: float, n: int) -> int:
+    """The fewest observations that are at least ``fraction`` of ``n``, the fraction read as
+    the decimal it was written as: 0.55 of 200 is 110 (in floating point 0.55 * 200 is
+    110.00000000000001, and the voxels with exactly 110 were refused)."""
+    return math.ceil(Fraction(repr(float(fraction))) * n)
 
 
 def _blank_unobserved_effects(rd: RandomDesign, observed: np.ndarray,
@@ -454,6 +465,22 @@ def _coefficient_rows(L: np.ndarray) -> np.ndarray | None:
     return picked
 
 
+def _residual_vanished(pf: ProductForms, s2: np.ndarray) -> np.ndarray:
+    """Voxels (v,) whose fitted residual variance vanishes against the fixed effects' own:
+    ``s2 < SATURATED_SIGMA2 * RSS / (n - p)``, RSS the OLS residual sum of squares (``Y'Y``
+    of the centred product forms).  The data, not the design, are then fitted exactly by
+    the fixed and random effects (a voxel constant within every subject, ``y = X b + Z u``):
+    the likelihood grows without bound as sigma2 -> 0 and every standard error with it
+    collapses (a degenerate-voxel audit: status 0 with sigma2 1e-14, an F p of 3.5e-62
+    where lmerTest gives 0.008, negative variances in cov_beta).  A regular voxel's sigma2
+    is of the order of that RSS / (n - p) or more than a hundredth of it."""
+    if pf.y_offset is None:
+        return np.zeros(pf.n_voxels, dtype=bool)
+    dof = np.maximum(pf.n - pf.p, 1)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(s2) & (s2 < SATURATED_SIGMA2 * pf.YtY / dof)
+
+
 def _unfit_vanishing_residual(Y: np.ndarray, index: np.ndarray,
                               out: dict[str, np.ndarray]) -> None:
     """The post-fit saturation test (:data:`SATURATED_SIGMA2`) at the voxels ``index`` too
@@ -585,6 +612,11 @@ def _fit_forms(model: Model, pf: ProductForms, settings: Settings, index: np.nda
     out["status"][index] = res.status
     out["iterations"][index] = res.iterations
     fitted = res.fitted
+    vanished = fitted & _residual_vanished(pf, res.s2)
+    if vanished.any():                     # fitted exactly by the data: status 9, no numbers
+        out["status"][index[vanished]] = STATUS_UNIDENTIFIABLE
+        out["iterations"][index[vanished]] = 0
+        fitted = fitted & ~vanished
     where = index[fitted]
     out["beta"][where] = res.beta[fitted]
     out["sigma2"][where] = res.s2[fitted]

@@ -244,8 +244,9 @@ STATUS_CODES: dict[int, str] = {
     9: ("not fitted: random effects not identifiable on the observed rows (every factor "
         "needs 2 or more observed levels, and observations must exceed levels x effects of "
         "every factor), or the observed rows are fitted exactly by the fixed and random "
-        "effects (rank of [X Z] equals the observations), so the residual variance is not "
-        "identifiable"),
+        "effects (rank of [X Z] equals the observations), or the data are (the fit's "
+        "residual variance vanishes, e.g. data constant within each subject), so the "
+        "residual variance is not identifiable"),
 }
 STATUS_CONVERGED = 0
 STATUS_MAX_ITER = 1

@@ -118,6 +118,20 @@ def test_voxels_that_cannot_be_fitted_say_why():
     np.testing.assert_array_equal(out["n"][:2], [0, 3])
 
 
+def test_min_fraction_keeps_the_voxels_at_exactly_that_fraction():
+    """0.55 of n = 100 is 55 observations ("at least the fraction F of all n"); in floating
+    point 0.55 * 100 is 55.00000000000001 and the voxels with exactly 55 got status 3 (a
+    degenerate-voxel audit, at 0.55 and 0.545 of 200)."""
+    model, Y = _model_and_data(v=3)
+    n = Y.shape[1]
+    assert n == 100 and 0.55 * n > 55
+    Y[0, 55:] = np.nan                     # exactly 55%
+    Y[1, 54:] = np.nan                     # one fewer
+    out = analyse_chunk(model, Y, Settings(min_fraction=0.55))
+    assert out["status"][0] <= 2 and out["status"][1] == STATUS_TOO_FEW
+    assert out["status"][2] <= 2
+
+
 def test_no_voxel_batched_einsum_takes_the_optimised_path():
     """``np.einsum(..., optimize=True)`` hands pairwise contractions to BLAS, whose rounding
     depends on the kernel OpenBLAS picks and on the number of voxels (it broke the test above

@@ -144,3 +144,33 @@ def test_post_fit_test_beyond_the_exact_reach(monkeypatch):
     assert np.isfinite(out["beta"][1]).all()
     res = analyse_chunk(model, Y, Settings())          # runs end to end on that path
     assert res["status"][1] <= 2
+
+
+@pytest.mark.parametrize("method", ["REML", "ML"])
+def test_data_fitted_exactly_by_a_regular_design_are_not_fitted(method):
+    """A degenerate-voxel audit: the design is regular (50 subjects x 4 visits), but the data
+    are constant within each subject (y = X b + Z u exactly), so sigma2 runs to rounding and
+    every standard error with it: status 0 with F p = 3.5e-62 where lmerTest gives 0.008.
+    Now status 9 and no numbers; the same voxel with noise is fitted as before."""
+    rng = np.random.default_rng(11)
+    subjects, visits = 50, 4
+    n = subjects * visits
+    subject = np.repeat(np.arange(subjects), visits)
+    group = rng.integers(0, 2, subjects)[subject].astype(float)
+    time = np.tile(np.arange(visits), subjects).astype(float)
+    X = np.column_stack([np.ones(n), group, time])
+    model = Model(X, random_design([subject], [np.ones(n)]),
+                  (ContrastDef("group", np.array([[0.0, 1.0, 0.0]])),))
+    level = 100.0 + 3.0 * rng.normal(size=subjects)
+    exact = level[subject]                                     # constant within subject
+    trend = 50.0 + 2.0 * group + rng.normal(size=subjects)[subject] + 0.5 * time
+    Y = np.vstack([exact, trend, exact + rng.normal(size=n), trend + rng.normal(size=n)])
+    Y[1, :7] = np.nan                                          # per-voxel forms too
+    out = analyse_chunk(model, Y, Settings(method=method))
+    assert out["status"][:2].tolist() == [STATUS_UNIDENTIFIABLE] * 2
+    assert out["iterations"][:2].tolist() == [0, 0]
+    for key, a in out.items():
+        if a.dtype.kind == "f":
+            assert np.isnan(a[:2]).all(), key
+    assert (out["status"][2:] <= 2).all() and np.isfinite(out["contrasts/group/p"][2:]).all()
+    assert (out["sigma2"][2:] > 0.1).all()
