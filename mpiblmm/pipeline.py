@@ -211,11 +211,13 @@ def pending_chunks(mine: Slab, done: np.ndarray | None, step: int) -> list[tuple
 
 
 def _settings_fields(settings: Settings, p: int) -> dict:
-    """The settings that decide a fit's numbers (not the memory budget), for ``p`` fixed
-    effects: a ``min_n`` of at most p + 1 is the default's rule (0), as every voxel needs
-    p + 1 observations anyway."""
+    """The settings that decide a fit's numbers (not the memory budget): a ``min_n`` of 1 is
+    the default's rule (0), as a voxel needs an observation anyway.  (Up to p + 1 was taken
+    for the default, but a voxel with no more observations than columns is fitted on the
+    columns its rows support, so ``min_n`` 4 at p = 3 refuses voxels the default fits: a
+    resume with it changed was accepted.)  ``p`` is kept for the callers."""
     fields = {k: v for k, v in dataclasses.asdict(settings).items() if k != "memory_budget"}
-    if fields["min_n"] <= p + 1:
+    if fields["min_n"] <= 1:
         fields["min_n"] = 0
     return fields
 

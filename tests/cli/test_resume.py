@@ -312,7 +312,15 @@ def test_existing_output_is_refused_without_a_flag(study, tmp_path):
     # the defaults written out are the same fit: resumed (complete already: nothing to fit)
     explicit = json.loads(spec.read_text())
     explicit["estimation"] = {"method": "REML", "tolerance": 1e-12, "max_iterations": 300}
-    explicit["missingness"] = {"min_n": 4, "min_fraction": 0}    # p + 1 = 4: the default rule
+    explicit["missingness"] = {"min_n": 4, "min_fraction": 0}
+    (spec.parent / "explicit.json").write_text(json.dumps(explicit))
+    # p + 1 = 4 is not the default (a contract audit: resumed with it, the voxels with 3
+    # or fewer observations the default fits on fewer columns were kept): refused
+    run = fit("-o", str(out), "--resume", ranks=1, spec_path=spec.parent / "explicit.json")
+    lines = _errors(run.stderr)
+    assert run.returncode == 2 and len(lines) == 1 and "missingness.min_n changed" in lines[0], \
+        run.stderr
+    explicit["missingness"] = {"min_n": 1, "min_fraction": 0}    # the default rule
     (spec.parent / "explicit.json").write_text(json.dumps(explicit))
     run = fit("-o", str(out), "--resume", ranks=1, spec_path=spec.parent / "explicit.json")
     assert run.returncode == 0 and "480 of 480 voxels already done" in run.stdout, run.stderr
