@@ -123,6 +123,18 @@ def test_report_over_a_given_background_and_a_wrong_one(report):
                          timeout=120)
     assert job.returncode == 2 and "Traceback" not in job.stderr
     assert job.stderr.strip().startswith("mpiblmm: error: small.nii: background shape (3, 3, 3)")
+    # the right shape, mirrored in x: not the study grid either (was drawn without a word)
+    img = nib.load(str(image))
+    flipped = img.affine.copy()
+    flipped[0, 0] = -flipped[0, 0]
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32), flipped), tmp / "flip.nii")
+    job = subprocess.run([sys.executable, "-m", "mpiblmm", "report", "study/results/results.h5",
+                          "--out", "rep3", "--background", "flip.nii"], cwd=tmp, text=True,
+                         capture_output=True, timeout=120)
+    lines = job.stderr.strip().splitlines()
+    assert job.returncode == 2 and len(lines) == 1, job.stderr
+    assert lines[0].startswith("mpiblmm: error: flip.nii: background is not on the study "
+                               "grid: affine differs (by up to"), lines[0]
 
 
 #: Runs ``mpiblmm report`` with files limited to 64 KB once MPI is up (its own start-up
