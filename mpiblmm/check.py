@@ -118,6 +118,7 @@ def check_spec(path: str | Path, ranks: int = 1,
     list holds only notes that may explain them.  ``verify``: how the images' data is
     verified (a function of a list of ``(path, grid, reference)`` giving ``(index,
     problem)`` pairs; default :func:`verify_files` in this process)."""
+    from mpiblmm.checks import min_n_problem
     from mpiblmm.schema import schema_problems
     from mpiblmm.spec import parse_spec, read_spec_json
 
@@ -148,7 +149,9 @@ def check_spec(path: str | Path, ranks: int = 1,
     candidates = _candidates(spec, grid, problems) if len(problems) == before else None
     design = _design(spec, problems)
     _budget(spec, path, design, problems)
-    if design is None:
+    if design is None:      # what does not need the design is still listed (issue 10)
+        if n_images is not None and (problem := min_n_problem(spec, n_images)) is not None:
+            problems.append(str(problem))
         return problems, []
     _thresholds(spec, design, n_images, problems)
     if problems:  # (a column read as text may be why: p >= n, a rank-deficient X)

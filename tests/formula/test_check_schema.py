@@ -89,6 +89,20 @@ def test_check_lists_every_problem(study, tmp_path):
     assert "missingness.min_n: 1000 is more than the 24 observations" in problems[2]
 
 
+def test_check_lists_min_n_beside_a_formula_that_cannot_be_built(tmp_path):
+    # a contract audit: only the formula's line was printed, then "1 problem(s)"
+    write_study(tmp_path / "s", subjects=8, visits=3, shape=(4, 4, 3), seed=3, form="formula")
+    spec = json.loads((tmp_path / "s" / "spec.json").read_text())
+    spec["formula"] = spec["formula"].replace("age", "agee", 1)
+    spec["missingness"] = {"min_n": 100}
+    (tmp_path / "s" / "bad.json").write_text(json.dumps(spec))
+    problems, _ = check_spec(tmp_path / "s" / "bad.json")
+    assert len(problems) == 2, problems
+    assert "formula: term 'agee'" in problems[0]
+    assert problems[1].endswith("missingness.min_n: 100 is more than the 24 observations: no "
+                                "voxel could be fitted")
+
+
 def test_check_rank_deficient_design(study, tmp_path):
     X = np.loadtxt(study / "X.csv", delimiter=",")
     np.savetxt(tmp_path / "X.csv", np.column_stack([X, X[:, 1] * 2]), delimiter=",")
