@@ -16,7 +16,9 @@ cause when no voxel, even one observed in every image, could be fitted:
 - per random factor, linearly dependent columns of its covariates ``Z_k`` (e.g. the
   intercept given twice): ``D_k`` is then not identifiable;
 - the factors together fit every row exactly, ``rank([X Z]) = n``: the residual variance is
-  not identifiable (:func:`saturated_design`).
+  not identifiable (:func:`saturated_design`);
+- REML only: a random effect the fixed effects absorb on all rows, its column on every
+  level in the span of X (:func:`absorbed_problems`): REML is flat along its variance.
 
 Where identifiability depends on a voxel's missing data (its observed rows and levels), the
 voxel gets a status code instead (:func:`~mpiblmm.lmm.analysis.identifiable`, status 9).
@@ -108,11 +110,9 @@ def fittable_problems(design: Any, spec: Any = None) -> list[SpecError]:
             out.append(SpecError(f"{column_words(design.X, j, names)}: X is rank deficient, "
                                  "so the fixed effects are not identifiable; drop or recode "
                                  "that column", x_where))
-    missingness = getattr(spec, "missingness", None)
-    min_n = getattr(missingness, "min_n", None)
-    if min_n is not None and min_n > n:
-        out.append(SpecError(f"{min_n} is more than the {n} observations: no voxel could be "
-                             "fitted", f"{spec_path}: missingness.min_n"))
+    problem = min_n_problem(spec, n)
+    if problem is not None:
+        out.append(problem)
     for i, f in enumerate(design.factors):
         where = f"{spec_path}: random[{i}] ({f.name!r})"
         l, q = f.n_levels, f.n_effects
@@ -135,6 +135,46 @@ def fittable_problems(design: Any, spec: Any = None) -> list[SpecError]:
             f"the fixed and random effects fit all {n} observations exactly (rank of [X Z] = "
             f"{n}): the residual variance is not identifiable; drop a random term or factor",
             f"{spec_path}: formula {formula!r}" if formula else f"{spec_path}: random"))
+    method = getattr(getattr(spec, "estimation", None), "method", "REML")
+    if not out and design.factors and method == "REML":
+        out += absorbed_problems(design, spec)
+    return out
+
+
+def min_n_problem(spec: Any, n: int) -> SpecError | None:
+    """``missingness.min_n`` above the ``n`` observations: no voxel could be fitted (also
+    where the design could not be built: ``mpiblmm check`` lists it with the design's
+    problem, from the number of images)."""
+    min_n = getattr(getattr(spec, "missingness", None), "min_n", None)
+    if min_n is None or min_n <= n:
+        return None
+    return SpecError(f"{min_n} is more than the {n} observations: no voxel could be fitted",
+                     f"{getattr(spec, 'path', 'spec')}: missingness.min_n")
+
+
+def absorbed_problems(design: Any, spec: Any = None) -> list[SpecError]:
+    """A random effect whose columns (one per level) all lie in the span of X on all rows
+    (:func:`~mpiblmm.lmm.analysis.absorbed_effects`: the fixed effects absorb it, e.g.
+    ``y ~ group + (1 | site)`` with two sites, each of one group): REML's likelihood does
+    not depend on its variance at any complete voxel."""
+    from mpiblmm.lmm.analysis import absorbed_effects
+    from mpiblmm.lmm.products import random_design
+
+    n = design.X.shape[0]
+    rd = random_design([f.codes for f in design.factors], [f.Z for f in design.factors])
+    absorbed = absorbed_effects(design.X, rd, np.ones((1, n), dtype=bool))[0]
+    spec_path = str(getattr(spec, "path", "spec"))
+    out, start = [], 0
+    for i, f in enumerate(design.factors):
+        for e, effect in enumerate(f.effect_names):
+            if absorbed[start + e]:
+                out.append(SpecError(
+                    f"random effect {effect!r} of factor {f.name!r}: on every level its "
+                    "column lies in the span of the fixed effects (X), which absorb it, so "
+                    "REML's likelihood does not depend on its variance (not identifiable); "
+                    "drop the fixed columns constant within its levels or the random term, "
+                    "or fit by ML", f"{spec_path}: random[{i}] ({f.name!r})"))
+        start += f.n_effects
     return out
 
 
