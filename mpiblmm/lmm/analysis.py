@@ -16,7 +16,8 @@ Per chunk:
    while each passes lme4's rule): its residual variance is at best weakly identified
    (often fitted as 0; :func:`saturated`).  A fitted voxel whose data, not design, the
    fixed and random effects fit exactly (its residual variance vanishes) gets status 9 too
-   (:func:`_residual_vanished`)
+   (:func:`_residual_vanished`), and under REML a voxel on whose observed rows the fixed
+   effects absorb a random effect (:func:`absorbed_effects`)
 2. Voxels observed in every image share X'X, Z'X and Z'Z (one product-form group); voxels
    with missing observations get product forms of their own.  A voxel whose observed rows
    leave X rank deficient is fitted without the columns lme4 drops, voxels that drop the
@@ -51,9 +52,9 @@ from .dropped_columns import estimable, kept_columns
 from .effect_scale import EffectTransform, effect_transform, restore, transformed_design
 from .estimate import fit
 from .inference import f_contrast, t_contrast
-from .model import (F_STATS, STATUS_EMPTY, STATUS_RANK_DEFICIENT, STATUS_SINGULAR,
-                    STATUS_TOO_FEW, STATUS_UNIDENTIFIABLE, T_STATS, ProductForms,
-                    RandomStructure, result_datasets)
+from .model import (F_STATS, STATUS_EMPTY, STATUS_NUMERICAL, STATUS_RANK_DEFICIENT,
+                    STATUS_SINGULAR, STATUS_TOO_FEW, STATUS_UNIDENTIFIABLE, T_STATS,
+                    ProductForms, RandomStructure, result_datasets)
 from .products import RandomDesign, full_rank, product_forms
 from .satterthwaite import satterthwaite_setup
 from .structures import for_structure
@@ -159,13 +160,19 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     n_obs = observed.sum(axis=1)
     out["n"][:] = n_obs
     allowed = (n_obs >= settings.min_n) & (n_obs >= fewest_of_fraction(settings.min_fraction, n))
+    extreme = out_of_scale_data(Y, observed)
+    allowed &= ~extreme
     enough = allowed & (n_obs >= p + 1)
     out["status"][:] = np.where(n_obs == 0, STATUS_EMPTY, STATUS_TOO_FEW)
+    out["status"][extreme] = STATUS_NUMERICAL
     # the per-factor counts of observed levels, once for both rules that use them
     levels = levels_observed(model.rd, observed[enough])
     sat, ident = np.zeros(v, dtype=bool), np.zeros(v, dtype=bool)
     sat[enough], post_fit = saturated(model.X, model.rd, observed[enough], levels=levels)
     ident[enough] = identifiable(model.rd, observed[enough], levels=levels)
+    if settings.method == "REML":     # a random effect the fixed effects absorb: REML is flat
+        ident[enough] &= ~absorbed_effects(model.X, model.rd, observed[enough],
+                                           levels).any(axis=1)
     check_after = np.flatnonzero(enough)[post_fit]
     # covariates far from unit size or from zero: fitted scaled and centred (effect_scale)
     transform = effect_transform(model.rd)
@@ -181,6 +188,22 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     _fit_dropping_columns(model, Y, settings, out, np.flatnonzero(allowed & (n_obs > 0) & ~enough))
     _blank_unobserved_effects(model.rd, observed, out)
     return out
+
+
+#: Data beyond this size (or, not zero, below its inverse) are not fitted: the fit's sums of
+#: squares and cross products over- or underflow (a degenerate-voxel audit: at 1e150 status
+#: 0 with every p NaN, at 1e-160 status 2 with a subnormal sigma2, at 1e160 status 5); X's
+#: columns are held to the same range (``checks.X_SCALE_LIMIT``).
+DATA_SCALE_LIMIT = 1e100
+
+
+def out_of_scale_data(Y: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """Voxels (v,) whose largest observed ``|y|`` is above :data:`DATA_SCALE_LIMIT` or, not
+    zero, below its inverse: status 5 (numerical failure) without a fit."""
+    with np.errstate(invalid="ignore"):
+        size = np.where(observed, np.abs(Y), 0.0).max(axis=1) if Y.shape[1] else \
+            np.zeros(Y.shape[0])
+    return (size > DATA_SCALE_LIMIT) | ((size > 0) & (size < 1.0 / DATA_SCALE_LIMIT))
 
 
 def fewest_of_fraction(fraction: float, n: int) -> int:
@@ -328,6 +351,83 @@ def saturated(X: np.ndarray, rd: RandomDesign, observed: np.ndarray, rtol: float
             w = np.linalg.eigvalsh(K * s[:, :, None] * s[:, None, :])
             sat[which] = ok & (w[:, 0] > rtol * w[:, -1])
     return sat, late
+
+
+#: An effect's columns lie in the span of X on a voxel's rows when the part of each outside
+#: it is below this fraction of its squared length (unit-length columns of X and Z).
+ABSORBED_RTOL = 1e-9
+
+#: Entries of a batch's (voxels, levels x p) cross products in :func:`absorbed_effects`.
+_ABSORBED_BATCH_ENTRIES = 1 << 22
+
+
+def absorbed_effects(X: np.ndarray, rd: RandomDesign, observed: np.ndarray,
+                     levels: list[np.ndarray] | None = None) -> np.ndarray:
+    """(v, effects) bool: on a voxel's observed rows, the columns of a random effect (one
+    per observed level: the effect's covariate on that level's rows) all lie in the span
+    of X, so the fixed effects absorb it.  REML's likelihood is then flat along its
+    variance and covariances (it depends on Z only through its part orthogonal to X), and
+    the fit ends wherever it stops: a degenerate-voxel audit found a subject variance of
+    7872 where lme4's arbitrary answer was 407, and standard errors of between-subject
+    contrasts following it (9 rows of 3 subjects, subject-level columns in X).  ML is not
+    flat there (the variance goes to 0, as lme4's).
+
+    Only an effect with at most ``p`` observed levels can be absorbed (its columns are
+    independent), so only those voxels are tested: per level, ``|z|^2 - z'X (X'X)^+ X'z``
+    on the observed rows against ``ABSORBED_RTOL |z|^2``, columns of X and Z scaled to unit
+    length over all rows.  Complete voxels share one answer; a voxel's answer depends on
+    its own rows only.  ``observed`` (v, n); ``levels``: its :func:`levels_observed`."""
+    v = observed.shape[0]
+    effects = sum(f.n_effects for f in rd.structure.factors)
+    out = np.zeros((v, effects), dtype=bool)
+    if v == 0:
+        return out
+    complete = observed.all(axis=1)
+    if complete.any() and v > 1:
+        one = np.flatnonzero(complete)[:1]
+        out[complete] = absorbed_effects(X, rd, observed[one], _rows(levels, one))[0]
+        rest = np.flatnonzero(~complete)
+        if rest.size:
+            out[rest] = absorbed_effects(X, rd, observed[rest], _rows(levels, rest))
+        return out
+    n, p = X.shape
+    if levels is None:
+        levels = levels_observed(rd, observed)
+    xs = np.sqrt((X * X).sum(axis=0))
+    Xs = X / np.where(xs > 0, xs, 1.0)
+    xx_rows = (Xs[:, :, None] * Xs[:, None, :]).reshape(n, p * p)
+    start = 0
+    for f, offset, seen in zip(rd.structure.factors, rd.structure.offsets, levels):
+        candidate = np.flatnonzero((seen >= 1) & (seen <= p))
+        if candidate.size == 0:
+            start += f.n_effects
+            continue
+        level = (rd.cols[:, start] - offset) // f.n_effects
+        L = f.n_levels
+        step = max(1, _ABSORBED_BATCH_ENTRIES // (L * p))
+        for e in range(f.n_effects):
+            z = rd.vals[:, start + e].astype(np.float64)
+            zn = np.sqrt(np.bincount(level, z * z, minlength=L))
+            z = z / np.where(zn > 0, zn, 1.0)[level]
+            rows = np.arange(n)
+            zz_map = sp.csr_matrix((z * z, (rows, level)), shape=(n, L))
+            xz_map = sp.csr_matrix(((z[:, None] * Xs).ravel(),
+                                    (np.repeat(rows, p), (level[:, None] * p
+                                                          + np.arange(p)).ravel())),
+                                   shape=(n, L * p))
+            for b in range(0, candidate.size, step):
+                which = candidate[b:b + step]
+                W = observed[which].astype(np.float64)                     # (c, n)
+                zz = np.asarray((zz_map.T @ W.T).T)                        # (c, L)
+                xz = np.asarray((xz_map.T @ W.T).T).reshape(-1, L, p)      # (c, L, p)
+                xx = (W @ xx_rows).reshape(-1, p, p)
+                proj = np.einsum("clp,cpk,clk->cl", xz, np.linalg.pinv(xx, hermitian=True),
+                                 xz)
+                carried = zz > 0
+                inside = ~carried | (zz - proj <= ABSORBED_RTOL * zz)
+                out[which, start + e] = carried.any(axis=1) & inside.all(axis=1)
+        start += f.n_effects
+    return out
 
 
 def _fit_dropping_columns(model: Model, Y: np.ndarray, settings: Settings,

@@ -238,7 +238,8 @@ STATUS_CODES: dict[int, str] = {
         "the rank of X on the observed rows)"),
     4: ("not fitted: design matrix X is nearly rank deficient on the observed rows "
         "(exactly rank deficient: fitted without the dependent columns, as lme4)"),
-    5: "not fitted: numerical failure (non-finite values in the fit)",
+    5: ("not fitted: numerical failure (non-finite values in the fit, or observed values "
+        "beyond 1e100 or, not zero, all below 1e-100 in size: rescale such images)"),
     6: "not fitted: no observations",
     7: "not fitted: observed data are constant (no residual variance)",
     9: ("not fitted: random effects not identifiable on the observed rows (every factor "
@@ -246,7 +247,9 @@ STATUS_CODES: dict[int, str] = {
         "every factor), or the observed rows are fitted exactly by the fixed and random "
         "effects (rank of [X Z] equals the observations), or the data are (the fit's "
         "residual variance vanishes, e.g. data constant within each subject), so the "
-        "residual variance is not identifiable"),
+        "residual variance is not identifiable; or, under REML, the fixed effects absorb a "
+        "random effect on the observed rows (its column on every observed level lies in the "
+        "span of X), so its variance is not identifiable"),
 }
 STATUS_CONVERGED = 0
 STATUS_MAX_ITER = 1

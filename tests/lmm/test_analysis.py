@@ -7,7 +7,7 @@ from mpiblmm.lmm.analysis import (JOINT_LEVEL_VALUES_UP_TO, ContrastDef, Model, 
                                   analyse_chunk, fit_groups, joint_forms, product_form_groups)
 from mpiblmm.lmm.estimate import fit
 from mpiblmm.lmm.satterthwaite import satterthwaite_setup
-from mpiblmm.lmm.model import (STATUS_CONSTANT, STATUS_EMPTY,
+from mpiblmm.lmm.model import (STATUS_CONSTANT, STATUS_EMPTY, STATUS_NUMERICAL,
                                STATUS_TOO_FEW, STATUS_UNIDENTIFIABLE)
 from mpiblmm.lmm.products import product_forms, random_design
 from mpiblmm.simulate import FactorSpec, covariance, simulate_design, simulate_voxels
@@ -250,3 +250,17 @@ def test_voxels_that_observe_one_level_of_a_factor_are_not_fitted():
     assert out["status"][0] == STATUS_UNIDENTIFIABLE and out["n"][0] == 24
     assert np.isnan(out["beta"][0]).all() and np.isnan(out["contrasts/time/p"][0])
     assert out["status"][1] <= 2 and out["status"][2] <= 2
+
+
+def test_data_out_of_range_are_not_fitted():
+    """A degenerate-voxel audit, float64 images: at 1e150 status 0 with every p NaN, at 1e-160
+    status 2 with a subnormal sigma2; now status 5 without numbers, as X's columns are held
+    to 1e-100 .. 1e100.  1e-30 and 1e30 are fitted, to the same t as at unit size."""
+    model, Y = _model_and_data(v=1)
+    scales = np.array([1.0, 1e150, 1e-160, 1e-30, 1e30, 1e99, 1e-103])   # (y ~ 100)
+    out = analyse_chunk(model, Y * scales[:, None], Settings())
+    assert out["status"][[1, 2, 5, 6]].tolist() == [STATUS_NUMERICAL] * 4
+    assert np.isnan(out["sigma2"][[1, 2, 5, 6]]).all()
+    assert (out["status"][[0, 3, 4]] <= 2).all()
+    np.testing.assert_allclose(out["contrasts/time/t"][[3, 4]], out["contrasts/time/t"][0],
+                               rtol=1e-8)
