@@ -37,6 +37,7 @@ class ContrastView:
     z: np.ndarray                     # (V,)
     df: np.ndarray                    # (V,) T: df; F: df_den
     df_num: float | None = None
+    df_num_fewer: int = 0             # fitted voxels with a smaller df_num (columns dropped)
 
 
 @dataclass
@@ -126,8 +127,8 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
                        else (None, None))
             z = z_from_neglog10p(np.asarray(g["neglog10p"][...]), kind, alt, sign, t, df_t)
             df = np.asarray(g["df"][...] if "df" in g else g["df_den"][...])
-            df_num = _df_num(g, status) if "df_num" in g else None
-            contrasts.append(ContrastView(name, kind, alt, z, df, df_num))
+            df_num, fewer = _df_num(g, status) if "df_num" in g else (None, 0)
+            contrasts.append(ContrastView(name, kind, alt, z, df, df_num, fewer))
         space = str(f.attrs.get("space", ""))
         data = ReportData(
             path=results,
@@ -183,12 +184,16 @@ def _same_affine(background: Path, data: ReportData) -> None:
         raise UserError(f"background is not on the study grid: {why}", str(background))
 
 
-def _df_num(group, status: np.ndarray) -> float | None:
-    """An F contrast's numerator df: the largest over fitted voxels with a finite value,
-    None when there is none (every voxel dropped); unfitted voxels hold NaN."""
+def _df_num(group, status: np.ndarray) -> tuple[float | None, int]:
+    """An F contrast's numerator df: the largest over fitted voxels with a finite value
+    (None when there is none: every voxel dropped; unfitted voxels hold NaN), and how many
+    fitted voxels test fewer rows (their observed rows drop columns)."""
     df_num = np.asarray(group["df_num"][...], dtype=np.float64)
     ok = (status <= FITTED_MAX_STATUS) & np.isfinite(df_num)
-    return float(df_num[ok].max()) if ok.any() else None
+    if not ok.any():
+        return None, 0
+    top = float(df_num[ok].max())
+    return top, int((df_num[ok] < top).sum())
 
 
 def _recorded_observations(f) -> int | None:

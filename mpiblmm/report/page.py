@@ -306,6 +306,9 @@ def _df_section(d: ReportData) -> str:
             num = "1"
         else:  # unknown only when no voxel was fitted (unfitted voxels store NaN)
             num = _fmt(c.df_num) if c.df_num is not None else "- (no fitted " + d.unit1 + ")"
+            if c.df_num_fewer:     # voxels whose observed rows drop columns test fewer rows
+                num += (f" (fewer at {c.df_num_fewer:,} "
+                        f"{d.unit1 if c.df_num_fewer == 1 else d.unit} that drop columns)")
         rows.append([c.name, c.kind, num,
                      _fmt(float(df.min())) if df.size else "-",
                      _fmt(float(np.median(df))) if df.size else "-",

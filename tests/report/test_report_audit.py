@@ -358,3 +358,16 @@ def test_a_damaged_attribute_is_one_line_not_a_traceback(tmp_path, attr, value):
         f.attrs[attr] = value
     with pytest.raises(UserError, match="not a results file as the fit writes it"):
         make_report(path)
+
+
+def test_the_df_table_says_where_an_f_tests_fewer_rows(tmp_path):
+    # a contract audit: "df (numerator) 2" for group where a voxel without group C had 1
+    path = make_results(tmp_path, np.zeros(12), np.full(12, 20))
+    import h5py
+    with h5py.File(path, "r+") as f:
+        f["contrasts/fF/df_num"][3] = 1.0
+    html = render(load_report_data(path))
+    assert "<td>fF</td><td>F</td><td>2 (fewer at 1 voxel that drop columns)</td>" in html
+    path = make_results(tmp_path / "b" if (tmp_path / "b").mkdir() is None else None,
+                        np.zeros(12), np.full(12, 20))
+    assert "<td>fF</td><td>F</td><td>2</td>" in render(load_report_data(path))
