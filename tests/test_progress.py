@@ -37,6 +37,9 @@ def test_a_progress_line_has_counts_share_rate_and_time_left():
     assert "50 voxels/s, 10 s elapsed, about 1 min 00 s left" in progress_line(1000, 4000, 10.0,
                                                                                 500, 0, 4)
     assert "left" not in progress_line(4000, 4000, 10.0, 4000, 4, 4)
+    # a slow fit (5.6 s per voxel) is not "0 voxels/s"
+    assert "fit 20/36 voxels (55.6%), 0.18 voxels/s," in progress_line(20, 36, 110.0, 20, 0, 1)
+    assert ", 2.5 voxels/s," in progress_line(25, 36, 10.0, 25, 0, 1)
 
 
 def test_the_time_left_is_the_slowest_ranks_own():
