@@ -449,7 +449,8 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
                                + (" where its observation mask is non-zero (every mask is "
                                   "0, NaN or Inf wherever its image is observed)"
                                   if masks is not None else ""),
-                               reference))
+                               # the mask when there is one (it names the voxels looked at)
+                               str(analysis_mask) if analysis_mask is not None else reference))
     flat = flat_mask[keep]
     voxels = np.column_stack(np.unravel_index(flat, grid.shape)).astype(np.int32)
     V = int(flat.size)

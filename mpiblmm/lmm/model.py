@@ -244,8 +244,8 @@ STATUS_CODES: dict[int, str] = {
     7: "not fitted: observed data are constant (no residual variance)",
     9: ("not fitted: random effects not identifiable on the observed rows (every factor "
         "needs 2 or more observed levels, and observations must exceed levels x effects of "
-        "every factor), or the observed rows are fitted exactly by the fixed and random "
-        "effects (rank of [X Z] equals the observations), or the data are (the fit's "
+        "every factor); or the fixed and random effects fit the observed rows exactly "
+        "(rank of [X Z] equals the observations) or fit the data exactly (the fit's "
         "residual variance vanishes, e.g. data constant within each subject), so the "
         "residual variance is not identifiable; or, under REML, the fixed effects absorb a "
         "random effect on the observed rows (its column on every observed level lies in the "
