@@ -245,8 +245,8 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
                          "masks first)")
     missing = _missingness(raw.get("Missingness"), where, notes)
     floor = _blmm_min_n(raw, cwd, notes)
-    unread = _unread_inputs(raw, cwd)
-    if floor is None and unread:  # files not there (yet, or not from here): say what is missing
+    unread = _unread_inputs(raw, cwd) if away else []
+    if floor is None and unread:  # converted away from the config: say what it could not do
         notes.append(f"Missingness: BLMM's own voxel rules (n > p + 1, and n > q in its "
                      f"safeMode) are not in the spec: {', '.join(unread)} "
                      f"{'names' if len(unread) == 1 else 'name'} no file "

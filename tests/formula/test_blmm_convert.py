@@ -98,15 +98,12 @@ def test_config_with_optional_fields(tmp_path):
     assert spec["estimation"] == {"max_iterations": 500, "tolerance": 1e-6}
     assert spec["analysis_mask"] == "data/mask.nii.gz" and spec["output"] == "out"
     keys = [n.split(":")[0] for n in notes]
-    assert keys == ["Z", "data_mask_files", "Missingness", "tol", "MAXMEM", "OutputCovB"]
-    assert "renamed 'site_name'" in notes[0] and "no equivalent" in notes[4]
+    assert keys == ["Z", "data_mask_files", "tol", "MAXMEM", "OutputCovB"]
+    assert "renamed 'site_name'" in notes[0] and "no equivalent" in notes[3]
     assert "BLMM multiplies each image by its mask" in notes[1]
-    # converted in the config's own folder, whose files are not there: BLMM's voxel rules
-    # could not be read (that note was given only when converted from another folder)
-    assert notes[2].startswith("Missingness: BLMM's own voxel rules")
-    assert notes[3].startswith("tol: 1e-06 converted as given, looser than mpiblmm's "
+    assert notes[2].startswith("tol: 1e-06 converted as given, looser than mpiblmm's "
                                "default 1e-12")
-    assert "results.h5 only" in notes[5]
+    assert "results.h5 only" in notes[4]
 
 
 BASE = """\
@@ -447,11 +444,8 @@ def test_contrasts_misspelt_missing_and_unknown_factor_fields(tmp_path):
                                "missing (is 'contrast' a misspelling of it?)")
     spec, notes = _convert(tmp_path, "")                   # none at all: said so
     assert "contrasts" not in spec
-    assert notes[0] == ("contrasts: none given (BLMM needs at least one): the fit estimates "
-                        "the model and writes no contrast maps; add contrasts to the spec")
-    # (and its factor files are not there, converted in their own folder too: said so)
-    assert [n.split(":")[0] for n in notes] == ["contrasts", "Missingness"]
-    assert "Z: f1.factor, Z: f1.design name no file" in notes[1]
+    assert notes == ["contrasts: none given (BLMM needs at least one): the fit estimates the "
+                     "model and writes no contrast maps; add contrasts to the spec"]
     text = BASE.replace("{name: s, factor: f.csv", "{nme: s, factor: f.csv")
     (tmp_path / "cfg.yml").write_text(text + _weights("[0, 1, 0]"))
     spec, notes = convert_file(tmp_path / "cfg.yml", output=tmp_path / "spec.json",
