@@ -314,9 +314,11 @@ def _r_to_python(text: str) -> str:
     text = re.sub(r"\s*%in%\s*", ":", text)       # R: a %in% b is the term a:b
     text = re.sub(r"\bas\.factor\s*\(", "factor(", text)
     text = re.sub(r"\bTRUE\b", "True", re.sub(r"\bFALSE\b", "False", text))
-    # R's T and F as an argument's value (poly(age, 2, raw = T)); not a column named T
-    text = re.sub(r"(?<![=!<>])(=\s*)T\b(?![\w.])", r"\1True",
-                  re.sub(r"(?<![=!<>])(=\s*)F\b(?![\w.])", r"\1False", text))
+    # R's T and F as an argument's value (poly(age, 2, raw = T)); not a column named T.
+    # Written bool(1) / bool(0), not True / False, so that the names keep R's spelling:
+    # R deparses the symbol T as T ("poly(age, 2, raw = T)1"), :class:`_RConstants`
+    text = re.sub(r"(?<![=!<>])(=\s*)T\b(?![\w.])", r"\1bool(1)",
+                  re.sub(r"(?<![=!<>])(=\s*)F\b(?![\w.])", r"\1bool(0)", text))
     out, stack = [], []
     for i, ch in enumerate(text):
         if ch == "(":
@@ -409,6 +411,10 @@ class _RConstants(ast.NodeTransformer):
     def visit_Call(self, node: ast.Call) -> ast.AST:
         if _short_contrasts(node) is not None:
             node.args[1] = ast.Name(id=node.args[1].value)
+        if (isinstance(node.func, ast.Name) and node.func.id == "bool" and len(node.args) == 1
+                and not node.keywords and isinstance(node.args[0], ast.Constant)
+                and node.args[0].value in (0, 1) and not isinstance(node.args[0].value, bool)):
+            return ast.Name(id="T" if node.args[0].value else "F")     # R's T / F (above)
         return self.generic_visit(node)
 
     def visit_Constant(self, node: ast.Constant) -> ast.AST:
@@ -565,7 +571,7 @@ def _r_parts(column: str, factors: list[tuple[str, bool | None]],
             if end < 0:
                 return None
             level = column[pos + 1:end]
-            if re.match(r"poly\(.*\braw\s*=\s*True\b", e) and level.isdigit():
+            if re.match(r"poly\(.*\braw\s*=\s*(True\b|bool\(1\))", e) and level.isdigit():
                 level = str(int(level) + 1)      # formulaic counts raw powers from 0, R from 1
             parts.append((e, level, True))
             pos = end + 1
