@@ -284,7 +284,8 @@ def _images(spec: Any, problems: list[str], verify: Any = None) -> tuple[Any, in
         try:
             g = read_grid(p)
         except UserError as exc:
-            problems.append(str(exc))
+            if str(exc) not in problems:      # the volumes of a 4-D file: its line once
+                problems.append(str(exc))
             continue
         why = grid_problem(ref, p, g, reference=ref_path)  # kind, size, structure
         if why is not None:

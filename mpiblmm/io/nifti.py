@@ -462,7 +462,12 @@ def read_grid(path: Path) -> Grid:
     """The grid of an image, from its header only (refused when its datatype is not one
     real number per voxel: RGB, complex; when it has no voxel; when its affine holds NaN
     or Inf)."""
-    img = _volume(_load(path), path)
+    import zlib
+
+    try:   # a volume of a compressed 4-D file: nibabel's slicer reads into the stream
+        img = _volume(_load(path), path)
+    except (EOFError, zlib.error) as exc:     # (check printed gzip's traceback, exit 1)
+        raise UserError(_gzip_problem(exc), str(path)) from None
     _scalar(img, path)
     shape = _shape3(img, path)
     _grid_size(shape, path)

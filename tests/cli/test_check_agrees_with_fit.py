@@ -88,6 +88,19 @@ def _observation_masks(index: int, writer):
     return edit(change)
 
 
+def _truncated_4d(keep: float):
+    """All images as one 4-D .nii.gz whose compressed data ends after ``keep`` of it (check
+    printed gzip's traceback, exit 1, reading the header of a later volume)."""
+    def change(spec, base, case):
+        import nibabel as nib
+
+        data = np.stack([_Y()[i].reshape(GRID) for i in range(N)], axis=-1).astype(np.float32)
+        raw = gzip.compress(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])).to_bytes())
+        (case / "all4d.nii.gz").write_bytes(raw[:int(len(raw) * keep)])
+        spec["images"] = str(case / "all4d.nii.gz")
+    return edit(change)
+
+
 def _first_image(writer):
     """The image list with image 0 replaced by ``bad.nii.gz`` written by ``writer``."""
     def change(spec, base, case):
@@ -279,6 +292,8 @@ CASES = {
     "a later image's gzip CRC wrong": (
         images_replaced(N - 1, _bad_crc_gz(_Y()[N - 1].reshape(GRID)), "bad.nii.gz"),
         "{case}/bad.nii.gz: corrupt gzip data (CRC check failed)"),
+    "a 4-D image's gzip data truncated": (
+        _truncated_4d(0.6), "{case}/all4d.nii.gz: truncated gzip data"),
     "an observation mask's gzip CRC wrong": (
         _observation_masks(6, _bad_crc_gz(np.ones(GRID, np.uint8))),
         "{case}/bad.nii.gz: corrupt gzip data (CRC check failed)"),
