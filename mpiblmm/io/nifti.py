@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import warnings
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,7 @@ def _load(path: Path, verify: bool = False):
         raise UserError("is a directory, not a file", name)
     if not stat.S_ISREG(mode):  # a FIFO or a device: reading it could wait forever
         raise UserError("not a regular file", name)
+    _gzip_start(name)
     try:
         if verify and name.endswith(".gz"):
             if getattr(path, "volume", None) is None:
@@ -136,8 +138,25 @@ def _load(path: Path, verify: bool = False):
         raise UserError("file not found", name) from None
     except UserError:
         raise
+    except (EOFError, zlib.error) as exc:   # a header read through a broken gzip stream
+        raise UserError(_gzip_problem(exc), name) from None
     except Exception as exc:  # nibabel raises several types for unreadable files
         raise UserError(f"not a readable NIfTI image ({type(exc).__name__}: {exc})", name) from None
+
+
+def _gzip_start(name: str) -> None:
+    """An empty file, or a ``.gz`` file that is not gzip data, in the words of the fit's
+    reading (:func:`_gunzip`), not nibabel's (a fuzz audit: check said "not a readable NIfTI
+    image (ImageFileError: Empty file: ...)" where the fit said "empty file")."""
+    try:
+        with open(name, "rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        return                                 # nibabel's reading says what is wrong
+    if not head:
+        raise UserError("empty file", name)
+    if name.endswith(".gz") and head != _GZIP_MAGIC:
+        raise UserError(_NOT_GZIP, name)
 
 
 # ------------------------------------------------------------ verifying gzip-compressed inputs
@@ -462,8 +481,6 @@ def read_grid(path: Path) -> Grid:
     """The grid of an image, from its header only (refused when its datatype is not one
     real number per voxel: RGB, complex; when it has no voxel; when its affine holds NaN
     or Inf)."""
-    import zlib
-
     try:   # a volume of a compressed 4-D file: nibabel's slicer reads into the stream
         img = _volume(_load(path), path)
     except (EOFError, zlib.error) as exc:     # (check printed gzip's traceback, exit 1)

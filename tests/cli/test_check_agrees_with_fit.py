@@ -292,6 +292,13 @@ CASES = {
     "a later image's gzip CRC wrong": (
         images_replaced(N - 1, _bad_crc_gz(_Y()[N - 1].reshape(GRID)), "bad.nii.gz"),
         "{case}/bad.nii.gz: corrupt gzip data (CRC check failed)"),
+    # check said nibabel's words ("not a readable NIfTI image (ImageFileError: ...)")
+    "a later image an empty file": (
+        images_replaced(5, lambda path: path.write_bytes(b""), "bad.nii.gz"),
+        "{case}/bad.nii.gz: empty file"),
+    "a later image not gzip data": (
+        images_replaced(5, lambda path: path.write_bytes(b"plain text\n"), "bad.nii.gz"),
+        "{case}/bad.nii.gz: not gzip data (a .gz file must be gzip-compressed)"),
     "a 4-D image's gzip data truncated": (
         _truncated_4d(0.6), "{case}/all4d.nii.gz: truncated gzip data"),
     "an observation mask's gzip CRC wrong": (
