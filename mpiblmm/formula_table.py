@@ -39,6 +39,9 @@ class Table:
     #: per column, the first two cells that differ only by spaces around them
     #: ``(line, cell, other)``: one level here, two in R's ``read.csv`` (:func:`used_column`)
     spaced: dict[str, tuple[int, str, str]] = dataclasses.field(default_factory=dict)
+    #: a semicolon-separated table's columns with a number written with a decimal point
+    #: ``(line, cell)``: text to R's ``read.csv2`` (:func:`used_column`)
+    dotted: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -96,6 +99,7 @@ def read_table(path: Path) -> Table:
     cells: dict[str, list[str]] = {h: [] for h in header}
     raw: dict[str, dict[str, tuple[int, str]]] = {h: {} for h in header}
     spaced: dict[str, tuple[int, str, str]] = {}
+    dotted: dict[str, tuple[int, str]] = {}
     for line, row in rows[1:]:
         if len(row) != len(header):
             raise SpecError(f"has {len(row)} columns; the header has {len(header)}", f"{path}: row {line}")
@@ -107,15 +111,24 @@ def read_table(path: Path) -> Table:
             c = c.strip()
             if delimiter == ";" and DECIMAL_COMMA.fullmatch(c):   # read.csv2's dec = ","
                 c = c.replace(",", ".")
+            elif delimiter == ";" and "." in c and NUMBER.fullmatch(c):
+                dotted.setdefault(h, (line, c))
             cells[h].append(c)
     return Table(Path(path), tuple(header), cells, tuple(line for line, _ in rows[1:]),
-                 empty, spaced)
+                 empty, spaced, dotted)
 
 
 def used_column(table: Table, name: str, what: str) -> list[str]:
     """The cells of a column the formula uses; a missing cell is an error naming its row, and
     so are two cells of a text column that differ only by spaces around them (``M`` and
     `` M``: R's ``read.csv`` reads two levels, where a hand-edited table meant one)."""
+    if name in table.dotted:
+        line, cell = table.dotted[name]
+        raise SpecError(f"column {name!r}: {cell!r} has a decimal point in a table separated "
+                        "by semicolons, where R's read.csv2 reads ',' as the decimal mark and "
+                        f"this cell as text (a '.' may be a thousands separator there): write "
+                        f"{cell.replace('.', ',')!r}, or separate the cells by commas",
+                        f"{table.path}: row {line}")
     if name in table.spaced and numeric_column(table, name) is None:
         line, cell, other = table.spaced[name]
         raise SpecError(f"column {name!r}: {cell!r} and {other!r} differ only by spaces around "

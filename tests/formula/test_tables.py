@@ -123,6 +123,17 @@ def test_a_semicolon_table_is_read_as_read_csv2(tmp_path):
     # a comma in a header cell: a comma CSV (whose cells may then hold ';')
     assert read_table(_write(tmp_path / "r.csv", ["a;b", "c"], [("1;2", "3")], ",")).names \
         == ("a;b", "c")
+    # a decimal point there: text to read.csv2 (str(read.csv2(...)): chr), where '.' may be
+    # a thousands separator; read as a number without a word before (a fuzz audit)
+    dotted = read_table(_write(tmp_path / "d.csv", HEADER, ROWS, ";"))
+    with pytest.raises(SpecError) as err:
+        formula_model(formula, dotted)
+    assert str(err.value).endswith(
+        "d.csv: row 2: column 'age': '60.1' has a decimal point in a table separated by "
+        "semicolons, where "
+        "R's read.csv2 reads ',' as the decimal mark and this cell as text (a '.' may be a "
+        "thousands separator there): write '60,1', or separate the cells by commas")
+    assert formula_model("y ~ sex + (1 | subject)", dotted).names == ("(Intercept)", "sexM")
 
 
 # --------------------------------------------------------------------------- non-syntactic names
