@@ -325,7 +325,7 @@ def _design(spec: Any, problems: list[str]) -> Any:
         return None
     if spec.contrasts is None:
         return design
-    from mpiblmm.design import spec_contrasts
+    from mpiblmm.design import left_out_problem, spec_contrasts
 
     good = []
     for i, c in enumerate(spec.contrasts):
@@ -336,6 +336,7 @@ def _design(spec: Any, problems: list[str]) -> Any:
                          where=f"{spec.path}: contrasts")
             good.append((name, w, alt))
         except UserError as exc:
+            exc = left_out_problem(exc, design.left_out) or exc    # the fit's words
             problems.append(str(exc).replace("contrasts[0]", f"contrasts[{i}]", 1))
     return build_design(design.X, _factor_tuples(design), good, design.fixed_names,
                         where=f"{spec.path}: contrasts")

@@ -91,6 +91,9 @@ class Design:
     type3_basis: Type3Basis | None = None
     #: what the front end changed and the user should know (a formula's columns dropped)
     notes: tuple[str, ...] = ()
+    #: the formula's columns left out as lme4 drops them: name -> why (a contrast naming one
+    #: is refused with it, :func:`spec_contrasts`)
+    left_out: tuple[tuple[str, str], ...] = ()
 
     @property
     def n(self) -> int:
@@ -321,6 +324,7 @@ def design_from_formula(spec: Spec) -> Design:
                         "a level of a text column and a numeric column of that name): rename "
                         f"a column of {spec.covariates}", f"{spec_where}: formula")
     notes: tuple[str, ...] = ()
+    left_out: dict[str, str] = {}                 # column name -> why it was left out
     if dependent_column(model.X) is not None:     # dropped as lme4 drops them, if exactly so
         dropped, near = lme4_dropped_columns(model.X)
         if dropped and near is None:
@@ -328,6 +332,7 @@ def design_from_formula(spec: Spec) -> Design:
                 f"{column_words(model.X, j, model.names)} (e.g. an empty cell of an "
                 "interaction, or levels nested in another factor's): left out, as lme4 drops "
                 "it ('fixed-effect model matrix is rank deficient')" for j in dropped)
+            left_out = {model.names[j]: column_words(model.X, j, model.names) for j in dropped}
             model = fm.without_columns(model, ~np.isin(np.arange(model.X.shape[1]), dropped))
     for name, *_ in model.factors:  # named by the formula's grouping columns
         too_long = name_length_problem(name, "factor")
@@ -351,13 +356,26 @@ def design_from_formula(spec: Spec) -> Design:
         try:
             contrasts = spec_contrasts(spec, model.names)
         except UserError as exc:  # often a covariate read as text because of one typo
+            if left_out_problem(exc, tuple(left_out.items())) is not None:
+                raise left_out_problem(exc, tuple(left_out.items())) from None
             notes = suspicious_text_columns(table)
             if not notes:
                 raise
             raise type(exc)(f"{exc.message} (perhaps because {notes[0]})", exc.where) from None
     design = build_design(model.X, model.factors, contrasts, model.names,
                           where=f"{spec_where}: contrasts", type3_basis=model.type3_basis)
-    return replace(design, notes=notes) if notes else design
+    return replace(design, notes=notes, left_out=tuple(left_out.items())) if notes else design
+
+
+def left_out_problem(exc: UserError, left_out: tuple[tuple[str, str], ...]) -> UserError | None:
+    """``exc`` (a contrast naming no coefficient) with why, when the name is a column the
+    formula made and lme4's rule left out (a fuzz audit: a constant age, collinear with the
+    intercept, gave "no coefficient 'age'" without a word of it); else ``None``."""
+    for name, why in left_out:
+        if f"no coefficient {name!r}" in exc.message:
+            return type(exc)(f"{exc.message}: {why}, so it was left out as lme4 drops it",
+                             exc.where)
+    return None
 
 
 def spec_contrasts(spec: Spec, names: Sequence[str]) -> list[tuple[str, np.ndarray, str]]:

@@ -213,3 +213,32 @@ def test_check_sizes_chunks_as_the_fit_does_for_several_factors(tmp_path):
     # the whole budget: 7,649 voxels where the fit took 7,300)
     assert chunk == chunk_voxels(budget - base, design.n, model) > 1
     assert mem < 4 * budget
+
+
+def test_a_contrast_on_a_column_left_out_says_why(tmp_path):
+    # a fuzz audit: age constant (collinear with the intercept) is left out as lme4 drops it,
+    # and a contrast on it said only "no coefficient 'age'" (check and fit alike)
+    from mpiblmm.design import design_from_spec
+    from mpiblmm.errors import UserError
+    from mpiblmm.spec import load_spec
+
+    write_study(tmp_path / "s", subjects=8, visits=3, shape=(4, 4, 3), seed=3, form="formula")
+    folder = tmp_path / "s"
+    spec = json.loads((folder / "spec.json").read_text())
+    table = (folder / spec["covariates"]).read_text().splitlines()
+    col = table[0].split(",").index("age")
+    rows = [r.split(",") for r in table[1:]]
+    for r in rows:
+        r[col] = "50"
+    (folder / spec["covariates"]).write_text(
+        "\n".join([table[0]] + [",".join(r) for r in rows]) + "\n")
+    spec["contrasts"] = [{"name": "age", "weights": {"age": 1}}]
+    (folder / "bad.json").write_text(json.dumps(spec))
+    problems, _ = check_spec(folder / "bad.json")
+    why = ("contrasts[0] (\"age\").weights: no coefficient 'age' (coefficients: (Intercept), "
+           "time): column 2 ('age') is a linear combination of the columns before it, so it "
+           "was left out as lme4 drops it")
+    assert len(problems) == 1 and problems[0].endswith(why), problems
+    with pytest.raises(UserError) as err:
+        design_from_spec(load_spec(folder / "bad.json"))
+    assert str(err.value) == problems[0]
