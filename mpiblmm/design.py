@@ -424,7 +424,8 @@ def _csv_rows(path: Path) -> list[tuple[int, list[str]]]:
     except UnicodeDecodeError as exc:
         raise not_utf8(path, exc) from None
     except (OSError, csv.Error) as exc:
-        raise SpecError(f"cannot read: {exc}", str(path)) from None
+        raise SpecError(f"cannot read the file ({getattr(exc, 'strerror', None) or exc})",
+                        str(path)) from None
     while rows and not any(c.strip() for c in rows[-1][1]):
         rows.pop()
     if not rows:

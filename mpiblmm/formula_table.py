@@ -82,7 +82,8 @@ def read_table(path: Path) -> Table:
     except UnicodeDecodeError as exc:
         raise not_utf8(path, exc) from None
     except (OSError, csv.Error) as exc:
-        raise SpecError(f"cannot read: {exc}", str(path)) from None
+        raise SpecError(f"cannot read the file ({getattr(exc, 'strerror', None) or exc})",
+                        str(path)) from None
     empty = tuple(line for line, row in rows if len(row) > 1 and not any(c.strip() for c in row))
     rows = [(line, row) for line, row in rows if any(c.strip() for c in row)]
     if not rows:

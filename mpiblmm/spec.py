@@ -688,7 +688,8 @@ def read_path_list(list_file: Path, nifti: bool = True, check_files: bool = True
     try:
         lines = list_file.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read: {exc}", str(list_file)) from None
+        raise SpecError(f"cannot read the file ({getattr(exc, 'strerror', None) or exc})",
+                        str(list_file)) from None
     out = []
     for number, line in enumerate(lines, start=1):
         text = line.strip()

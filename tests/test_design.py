@@ -193,3 +193,16 @@ def test_a_4d_image_of_too_few_volumes_is_counted_in_volumes(tmp_path):
     with pytest.raises(SpecError, match=r"spec.json: images: .*all.nii.gz has 3 volumes but "
                                         r".*X.csv has 4 rows"):
         design_from_spec(load_spec(path))
+
+
+def test_an_unreadable_csv_is_named_in_words_not_python_s(tmp_path):
+    # a fuzz audit: "cannot read: [Errno 13] Permission denied: '...'" (Python's text), where
+    # an image said "cannot read the file (Permission denied)"
+    from mpiblmm.design import read_numeric_csv
+    from mpiblmm.errors import SpecError
+    from mpiblmm.formula_table import read_table
+
+    for read in (read_numeric_csv, read_table):
+        with pytest.raises(SpecError) as err:
+            read(tmp_path)                          # a folder: EISDIR, as EACCES would be
+        assert str(err.value) == f"{tmp_path}: cannot read the file (Is a directory)"
