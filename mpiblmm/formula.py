@@ -385,7 +385,12 @@ def _factor_calls(text: str):
 
 
 def _one_line(exc: BaseException, limit: int = 240) -> str:
-    """A library's error message on one line, without colour codes, at most ``limit`` chars."""
+    """A library's error message on one line, without colour codes, at most ``limit`` chars;
+    Python's parser is not named ("invalid syntax (<unknown>, line 1)": the term is not one
+    R's formula syntax writes)."""
+    if isinstance(exc, SyntaxError):
+        near = f" near {exc.text.strip()[:60]!r}" if exc.text and exc.text.strip() else ""
+        return f"not a term R's formula syntax writes ({exc.msg}{near})"
     text = " ".join(_ANSI.sub("", str(exc)).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
 

@@ -131,6 +131,9 @@ def test_number_labels_are_rs_numbers(table):
     ("y ~ age + (C(site, custom) | subject)", "term 'C(site, custom)': C() takes"),
     ("y ~ factor(site, ordered = TRUE) + (1 | subject)", "factor() takes only the variable"),
     ("y ~ as.factor(visit, levels = 2) + (1 | subject)", "as.factor() takes only the variable"),
+    # a fuzz audit: Python's parser was named, "invalid syntax (<unknown>, line 1)"
+    ("y ~ __import__('os').system('true') + (1 | subject)",
+     "not a term R's formula syntax writes (invalid syntax near"),
 ])
 def test_formula_errors_name_the_term(table, formula, message):
     with pytest.raises(SpecError) as info:
