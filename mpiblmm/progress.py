@@ -13,7 +13,8 @@ Two objects, both made on every rank:
   :meth:`Progress.chunk_done` at the end of every chunk; rank 0 reports
   ``done / total`` voxels, the rate, the time left and how many ranks have finished, every
   ``interval`` seconds.  The time left is the slowest rank's (:func:`time_left`): the job
-  ends when its last rank does, so a rank that stalls or has the costly voxels sets it.  Every rank calls :meth:`Progress.close` once after its last chunk.
+  ends when its last rank does, so a rank that stalls or has the costly voxels sets it.
+  Every rank calls :meth:`Progress.close` once after its last chunk.
 
 How counts reach rank 0 without stalling anyone.  A rank posts its running count to rank 0
 with a non-blocking send of four 8-byte integers (``Isend``: done, resumed, final, slab size),
