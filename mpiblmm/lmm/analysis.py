@@ -357,7 +357,8 @@ def saturated(X: np.ndarray, rd: RandomDesign, observed: np.ndarray, rtol: float
 #: it is below this fraction of its squared length (unit-length columns of X and Z).
 ABSORBED_RTOL = 1e-9
 
-#: Entries of a batch's (voxels, levels x p) cross products in :func:`absorbed_effects`.
+#: Entries of a batch's (voxels, observations) weights and (voxels, levels x p) cross
+#: products in :func:`absorbed_effects` (32 MiB each).
 _ABSORBED_BATCH_ENTRIES = 1 << 22
 
 
@@ -404,7 +405,7 @@ def absorbed_effects(X: np.ndarray, rd: RandomDesign, observed: np.ndarray,
             continue
         level = (rd.cols[:, start] - offset) // f.n_effects
         L = f.n_levels
-        step = max(1, _ABSORBED_BATCH_ENTRIES // (L * p))
+        step = max(1, _ABSORBED_BATCH_ENTRIES // max(L * p, n))   # (c, n) and (c, L p)
         for e in range(f.n_effects):
             z = rd.vals[:, start + e].astype(np.float64)
             zn = np.sqrt(np.bincount(level, z * z, minlength=L))
