@@ -201,8 +201,8 @@ def out_of_scale_data(Y: np.ndarray, observed: np.ndarray) -> np.ndarray:
     """Voxels (v,) whose largest observed ``|y|`` is above :data:`DATA_SCALE_LIMIT` or, not
     zero, below its inverse: status 5 (numerical failure) without a fit."""
     with np.errstate(invalid="ignore"):
-        size = np.where(observed, np.abs(Y), 0.0).max(axis=1) if Y.shape[1] else \
-            np.zeros(Y.shape[0])
+        size = (np.where(observed, np.abs(Y), 0.0).max(axis=1) if Y.shape[1] else
+                np.zeros(Y.shape[0])).astype(np.float64)     # (float32 data: 1e100 overflows)
     return (size > DATA_SCALE_LIMIT) | ((size > 0) & (size < 1.0 / DATA_SCALE_LIMIT))
 
 
@@ -354,12 +354,14 @@ def saturated(X: np.ndarray, rd: RandomDesign, observed: np.ndarray, rtol: float
 
 
 #: An effect's columns lie in the span of X on a voxel's rows when the part of each outside
-#: it is below this fraction of its squared length (unit-length columns of X and Z).
-ABSORBED_RTOL = 1e-9
+#: it is below this fraction of its squared length (1e-6 of its length; unit-length columns
+#: of X and Z).  The residual comes from an orthonormal basis of X's observed rows, so its
+#: rounding is about eps times X's condition number (below 1e-10 of the length for any X
+#: that passes ``full_rank``): far from this threshold on either side.
+ABSORBED_RTOL = 1e-12
 
-#: Entries of a batch's (voxels, observations) weights and (voxels, levels x p) cross
-#: products in :func:`absorbed_effects` (32 MiB each).
-_ABSORBED_BATCH_ENTRIES = 1 << 22
+#: Entries of a batch's (voxels, observed rows, columns) arrays in :func:`absorbed_effects`.
+_ABSORBED_BATCH_ENTRIES = 1 << 21
 
 
 def absorbed_effects(X: np.ndarray, rd: RandomDesign, observed: np.ndarray,
@@ -374,10 +376,15 @@ def absorbed_effects(X: np.ndarray, rd: RandomDesign, observed: np.ndarray,
     flat there (the variance goes to 0, as lme4's).
 
     Only an effect with at most ``p`` observed levels can be absorbed (its columns are
-    independent), so only those voxels are tested: per level, ``|z|^2 - z'X (X'X)^+ X'z``
-    on the observed rows against ``ABSORBED_RTOL |z|^2``, columns of X and Z scaled to unit
-    length over all rows.  Complete voxels share one answer; a voxel's answer depends on
-    its own rows only.  ``observed`` (v, n); ``levels``: its :func:`levels_observed`."""
+    independent), so only those voxels are tested: the residual of each level's column
+    after projection on an orthonormal basis of X's observed rows (batched SVD, singular
+    values below 1e-8 of the largest left out: X's numerical column space; X's and
+    Z's columns scaled to unit length over all rows) against :data:`ABSORBED_RTOL` of its
+    squared length.  (From the normal equations the rounding was ~1e-8 at an ill-
+    conditioned X and changed with the batch: a voxel's status changed with the rank
+    count.)  Voxels are taken in groups of equal ``n_obs`` (no padding), so a voxel's
+    answer depends on its own rows only; complete voxels share one answer.  ``observed``
+    (v, n); ``levels``: its :func:`levels_observed`."""
     v = observed.shape[0]
     effects = sum(f.n_effects for f in rd.structure.factors)
     out = np.zeros((v, effects), dtype=bool)
@@ -391,44 +398,99 @@ def absorbed_effects(X: np.ndarray, rd: RandomDesign, observed: np.ndarray,
         if rest.size:
             out[rest] = absorbed_effects(X, rd, observed[rest], _rows(levels, rest))
         return out
-    n, p = X.shape
+    p = X.shape[1]
     if levels is None:
         levels = levels_observed(rd, observed)
+    n_obs = observed.sum(axis=1)
     xs = np.sqrt((X * X).sum(axis=0))
     Xs = X / np.where(xs > 0, xs, 1.0)
-    xx_rows = (Xs[:, :, None] * Xs[:, None, :]).reshape(n, p * p)
     start = 0
     for f, offset, seen in zip(rd.structure.factors, rd.structure.offsets, levels):
-        candidate = np.flatnonzero((seen >= 1) & (seen <= p))
-        if candidate.size == 0:
+        candidate = (seen >= 1) & (seen <= p) & (n_obs > 0)
+        if not candidate.any():
             start += f.n_effects
             continue
         level = (rd.cols[:, start] - offset) // f.n_effects
-        L = f.n_levels
-        step = max(1, _ABSORBED_BATCH_ENTRIES // max(L * p, n))   # (c, n) and (c, L p)
-        for e in range(f.n_effects):
-            z = rd.vals[:, start + e].astype(np.float64)
-            zn = np.sqrt(np.bincount(level, z * z, minlength=L))
-            z = z / np.where(zn > 0, zn, 1.0)[level]
-            rows = np.arange(n)
-            zz_map = sp.csr_matrix((z * z, (rows, level)), shape=(n, L))
-            xz_map = sp.csr_matrix(((z[:, None] * Xs).ravel(),
-                                    (np.repeat(rows, p), (level[:, None] * p
-                                                          + np.arange(p)).ravel())),
-                                   shape=(n, L * p))
-            for b in range(0, candidate.size, step):
-                which = candidate[b:b + step]
-                W = observed[which].astype(np.float64)                     # (c, n)
-                zz = np.asarray((zz_map.T @ W.T).T)                        # (c, L)
-                xz = np.asarray((xz_map.T @ W.T).T).reshape(-1, L, p)      # (c, L, p)
-                xx = (W @ xx_rows).reshape(-1, p, p)
-                proj = np.einsum("clp,cpk,clk->cl", xz, np.linalg.pinv(xx, hermitian=True),
-                                 xz)
-                carried = zz > 0
-                inside = ~carried | (zz - proj <= ABSORBED_RTOL * zz)
-                out[which, start + e] = carried.any(axis=1) & inside.all(axis=1)
+        vals = rd.vals[:, start:start + f.n_effects].astype(np.float64)
+        # unit-length columns per level and effect: |z| over all rows of the level
+        norms = np.zeros((f.n_levels, f.n_effects))
+        np.add.at(norms, level, vals * vals)
+        vals = vals / np.where(norms > 0, np.sqrt(norms), 1.0)[level]
+        maybe = np.zeros((v, f.n_effects), dtype=bool)
+        maybe[candidate] = _absorbed_screen(Xs, level, vals, observed[candidate], f.n_levels)
+        candidate &= maybe.any(axis=1)
+        for m in np.unique(n_obs[candidate]):
+            group = np.flatnonzero(candidate & (n_obs == m))
+            step = max(1, _ABSORBED_BATCH_ENTRIES // int(m * max(p, 2 * f.n_effects)))
+            for b in range(0, group.size, step):
+                which = group[b:b + step]
+                rows = np.nonzero(observed[which])[1].reshape(which.size, m)  # (k, m) sorted
+                U, sv = np.linalg.svd(Xs[rows], full_matrices=False)[:2]      # (k, m, p)
+                Q = U * (sv > 1e-8 * sv[:, :1])[:, None, :]     # X's numerical column space
+                slot = _level_slots(level[rows])                               # (k, m) < p
+                for e in range(f.n_effects):
+                    Z = np.zeros((which.size, m, p))
+                    np.put_along_axis(Z, slot[:, :, None], vals[rows, e][:, :, None], axis=2)
+                    R = Z - np.matmul(Q, np.matmul(np.swapaxes(Q, 1, 2), Z))
+                    zz = (Z * Z).sum(axis=1)                                     # (k, p)
+                    rr = (R * R).sum(axis=1)
+                    carried = zz > 0
+                    inside = ~carried | (rr <= ABSORBED_RTOL * zz)
+                    out[which, start + e] = (carried.any(axis=1) & inside.all(axis=1)
+                                             & maybe[which, e])
         start += f.n_effects
     return out
+
+
+#: The screen's threshold (:func:`_absorbed_screen`): far above its rounding at any X that
+#: passes ``full_rank`` (about 1e-16 times cond(X'X) <= 1e10), far below a regular voxel's.
+_SCREEN_RTOL = 1e-4
+
+
+def _absorbed_screen(Xs: np.ndarray, level: np.ndarray, vals: np.ndarray,
+                     observed: np.ndarray, n_levels: int) -> np.ndarray:
+    """(c, effects) bool: which of one factor's effects may be absorbed at each voxel, from
+    the normal equations (``|z|^2 - z'X (X'X)^+ X'z`` per level against :data:`_SCREEN_RTOL`
+    of ``|z|^2``): cheap, and only the voxels it passes get the exact test.  Sums in
+    per-voxel order (sparse products and einsum's own loops, not BLAS), so a voxel's
+    answer does not depend on the voxels beside it."""
+    c, n = observed.shape
+    p = Xs.shape[1]
+    q = vals.shape[1]
+    out = np.zeros((c, q), dtype=bool)
+    xx_rows = (Xs[:, :, None] * Xs[:, None, :]).reshape(n, p * p)
+    rows = np.arange(n)
+    step = max(1, _ABSORBED_BATCH_ENTRIES // max(n, n_levels * p))
+    for b in range(0, c, step):
+        W = observed[b:b + step].astype(np.float64)                      # (k, n)
+        pinv = np.linalg.pinv(np.einsum("kn,nj->kj", W, xx_rows).reshape(-1, p, p),
+                              hermitian=True)
+        for e in range(q):
+            z = vals[:, e]
+            zz = np.asarray((sp.csr_matrix((z * z, (rows, level)), shape=(n, n_levels)).T
+                             @ W.T).T)                                  # (k, L)
+            xz = np.asarray((sp.csr_matrix(((z[:, None] * Xs).ravel(),
+                                            (np.repeat(rows, p),
+                                             (level[:, None] * p + np.arange(p)).ravel())),
+                                           shape=(n, n_levels * p)).T @ W.T).T)
+            xz = xz.reshape(-1, n_levels, p)
+            proj = np.einsum("klp,kpj,klj->kl", xz, pinv, xz)
+            carried = zz > 0
+            inside = ~carried | (zz - proj <= _SCREEN_RTOL * zz)
+            out[b:b + step, e] = carried.any(axis=1) & inside.all(axis=1)
+    return out
+
+
+def _level_slots(lv: np.ndarray) -> np.ndarray:
+    """Per row of ``lv`` (k, m) level codes, each code's rank among the row's distinct codes
+    (0, 1, ...): a voxel's observed levels as compact column slots."""
+    order = np.argsort(lv, axis=1, kind="stable")
+    srt = np.take_along_axis(lv, order, axis=1)
+    new = np.ones(srt.shape, dtype=np.int64)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    slots = np.empty_like(new)
+    np.put_along_axis(slots, order, np.cumsum(new, axis=1) - 1, axis=1)
+    return slots
 
 
 def _fit_dropping_columns(model: Model, Y: np.ndarray, settings: Settings,
