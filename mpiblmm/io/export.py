@@ -181,6 +181,20 @@ def z_meaning(kind: str, alternative: str) -> str:
             "z = sign(estimate) isf(p / 2)")
 
 
+def contrast_z(group: Any, neglog10p: np.ndarray | None = None) -> np.ndarray:
+    """A contrast group's z per voxel (:func:`~mpiblmm.io.derived.z_from_neglog10p`, from its
+    kind, alternative, estimate, t and df), for the maps and the report alike;
+    ``neglog10p``: the group's, when already read."""
+    kind = str(group.attrs.get("kind", "F" if "F" in group else "T"))
+    sign = np.asarray(group["estimate"][...]) if "estimate" in group else None
+    t, df = ((np.asarray(group[k][...]) for k in ("t", "df")) if "t" in group and "df" in group
+             else (None, None))
+    if neglog10p is None:
+        neglog10p = np.asarray(group["neglog10p"][...])
+    return z_from_neglog10p(neglog10p, kind, str(group.attrs.get("alternative", "two-sided")),
+                            sign, t, df)
+
+
 def map_values(f: Any, m: MapSpec) -> np.ndarray:
     """Per-voxel values (V,) or (V, k) of map ``m``, read or derived from the results file."""
     if m.derive == "mask":
@@ -189,14 +203,8 @@ def map_values(f: Any, m: MapSpec) -> np.ndarray:
     if m.lower_triangle:
         rows, cols = vech_indices(data.shape[1])
         return data[:, rows, cols]
-    group = f[m.dataset].parent
     if m.derive == "z":  # FSL's zstat/zfstat: the normal z with the same p
-        kind = str(group.attrs.get("kind", "F" if "F" in group else "T"))
-        sign = np.asarray(group["estimate"][...]) if "estimate" in group else None
-        t, df = ((np.asarray(group[k][...]) for k in ("t", "df")) if "t" in group and "df" in group
-                 else (None, None))
-        return z_from_neglog10p(data, kind, str(group.attrs.get("alternative", "two-sided")),
-                                sign, t, df)
+        return contrast_z(f[m.dataset].parent, data)
     if m.derive == "q":
         fitted = np.asarray(f["status"][...]) <= FITTED_MAX_STATUS
         return bh_qvalues(data, fitted)

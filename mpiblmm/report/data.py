@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from mpiblmm.errors import UserError
-from mpiblmm.io.derived import NOT_ANALYSED_MEANING, STATUS_NOT_ANALYSED, z_from_neglog10p
-from mpiblmm.io.export import FITTED_MAX_STATUS, volume
+from mpiblmm.io.derived import NOT_ANALYSED_MEANING, STATUS_NOT_ANALYSED
+from mpiblmm.io.export import FITTED_MAX_STATUS, contrast_z, volume
 from mpiblmm.io.results import refuse_missing_datasets, stored_parts
 from mpiblmm.lmm.model import dropped_column_voxels
 
@@ -122,10 +122,7 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
             g = f[f"contrasts/{name}"]
             kind = str(g.attrs.get("kind", "F" if "F" in g else "T"))
             alt = str(g.attrs.get("alternative", "two-sided"))
-            sign = np.asarray(g["estimate"][...]) if "estimate" in g else None
-            t, df_t = ((np.asarray(g[k][...]) for k in ("t", "df")) if "t" in g and "df" in g
-                       else (None, None))
-            z = z_from_neglog10p(np.asarray(g["neglog10p"][...]), kind, alt, sign, t, df_t)
+            z = contrast_z(g)
             df = np.asarray(g["df"][...] if "df" in g else g["df_den"][...])
             df_num, fewer = _df_num(g, status) if "df_num" in g else (None, 0)
             contrasts.append(ContrastView(name, kind, alt, z, df, df_num, fewer))
