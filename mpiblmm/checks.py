@@ -158,11 +158,9 @@ def absorbed_problems(design: Any, spec: Any = None) -> list[SpecError]:
     ``y ~ group + (1 | site)`` with two sites, each of one group): REML's likelihood does
     not depend on its variance at any complete voxel."""
     from mpiblmm.lmm.analysis import absorbed_effects
-    from mpiblmm.lmm.products import random_design
 
     n = design.X.shape[0]
-    rd = random_design([f.codes for f in design.factors], [f.Z for f in design.factors])
-    absorbed = absorbed_effects(design.X, rd, np.ones((1, n), dtype=bool))[0]
+    absorbed = absorbed_effects(design.X, _random_design(design), np.ones((1, n), dtype=bool))[0]
     spec_path = str(getattr(spec, "path", "spec"))
     out, start = [], 0
     for i, f in enumerate(design.factors):
@@ -203,13 +201,18 @@ def saturated_design(design: Any) -> bool:
     :func:`~mpiblmm.lmm.analysis.saturated`, the test a voxel's observed rows get).  Only
     designs with ``p + q >= n`` and ``n`` within the exact test's reach are tested."""
     from mpiblmm.lmm.analysis import SATURATED_EXACT_UP_TO, saturated
-    from mpiblmm.lmm.products import random_design
     n, p = design.X.shape
     if p + sum(f.n_levels * f.n_effects for f in design.factors) < n \
             or n > SATURATED_EXACT_UP_TO:
         return False
-    rd = random_design([f.codes for f in design.factors], [f.Z for f in design.factors])
-    return bool(saturated(design.X, rd, np.ones((1, n), dtype=bool))[0][0])
+    return bool(saturated(design.X, _random_design(design), np.ones((1, n), dtype=bool))[0][0])
+
+
+def _random_design(design: Any) -> Any:
+    """The estimator's :class:`~mpiblmm.lmm.products.RandomDesign` of ``design``'s factors."""
+    from mpiblmm.lmm.products import random_design
+
+    return random_design([f.codes for f in design.factors], [f.Z for f in design.factors])
 
 
 def random_covariates_problem(design: Any, spec: Any, i: int) -> SpecError | None:

@@ -356,8 +356,8 @@ def design_from_formula(spec: Spec) -> Design:
         try:
             contrasts = spec_contrasts(spec, model.names)
         except UserError as exc:  # often a covariate read as text because of one typo
-            if left_out_problem(exc, tuple(left_out.items())) is not None:
-                raise left_out_problem(exc, tuple(left_out.items())) from None
+            if (why := left_out_problem(exc, tuple(left_out.items()))) is not None:
+                raise why from None
             notes = suspicious_text_columns(table)
             if not notes:
                 raise
