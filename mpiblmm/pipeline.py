@@ -65,6 +65,7 @@ from mpiblmm.parallel import (INTERRUPTED_EXIT_CODE, IOFailure, Slab, at_abort,
                               forget_abort_hook, no_hang, partition, partition_by_cost,
                               summarise_over_ranks)
 from mpiblmm.progress import JobLog, LogOptions, Progress
+from mpiblmm.source_digest import source_digest
 from mpiblmm.spec import Spec, load_spec
 from mpiblmm.timers import PhaseTimer, summarise_phases
 
@@ -226,7 +227,7 @@ def _input_items(design: Design, settings: Settings, data_fingerprint: str):
     """What decides a fit's numbers, as (part, item) pairs in a fixed order: the part names
     what a user would say changed (:func:`input_parts`)."""
     yield from (("version", "mpiblmm-input-1"), ("version", __version__),
-                ("settings", _settings_fields(settings, design.p)), ("data", data_fingerprint),
+                ("version", source_digest()), ("settings", _settings_fields(settings, design.p)), ("data", data_fingerprint),
                 ("fixed", np.asarray(design.X, dtype=float)), ("fixed", list(design.fixed_names)))
     for f in design.factors:
         for item in (f.name, np.asarray(f.codes, dtype=np.int64), np.asarray(f.Z, dtype=float),
@@ -262,12 +263,13 @@ def input_digests(design: Design, settings: Settings, data_fingerprint: str) -> 
     """``input_hash`` and ``input_parts``, in one pass over what decides a fit's numbers.
 
     ``input_hash``: a hash of the model (X, random factors, contrasts), the estimation and
-    selection settings, the data (a fingerprint of the input files) and the mpiblmm version.
+    selection settings, the data (a fingerprint of the input files) and the mpiblmm version
+    and sources (:func:`~mpiblmm.source_digest.source_digest`).
     Not the memory budget, chunking or rank count: they do not change a voxel's bits.
     Stored in ``results.h5`` for ``--resume``.
 
     ``input_parts``: the same, part by part, so a refused ``--resume`` can say what changed:
-    the version and each setting as values, the number of observations, and a hash of each
+    the version, the sources' digest and each setting as values, the number of observations, and a hash of each
     of the data, the fixed effects, the random effects and the contrasts.  Stored (JSON)."""
     total, hashes = hashlib.sha256(), {}
     for part, item in _input_items(design, settings, data_fingerprint):
@@ -276,6 +278,7 @@ def input_digests(design: Design, settings: Settings, data_fingerprint: str) -> 
         hashes.setdefault(part, hashlib.sha256()).update(raw)
     parts = {k: h.hexdigest()[:16] for k, h in hashes.items() if k not in ("version", "settings")}
     parts["version"] = __version__
+    parts["code"] = source_digest()
     parts["observations"] = int(design.n)
     parts["settings"] = json.loads(json.dumps(_settings_fields(settings, design.p),
                                               default=str))

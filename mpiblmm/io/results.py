@@ -357,6 +357,9 @@ def what_changed(stored: dict, now: dict) -> str:
     said = []
     if stored.get("version") != now.get("version"):
         said.append(f"mpiblmm changed ({stored.get('version')} -> {now.get('version')})")
+    elif stored.get("code") != now.get("code"):  # a development install's code, same version
+        said.append(f"mpiblmm's code changed (version {now.get('version')}, sources "
+                    f"{stored.get('code') or 'unrecorded'} -> {now.get('code')})")
     if stored.get("observations") != now.get("observations"):
         return "; ".join(said + [f"the number of observations changed "
                                  f"({stored.get('observations')} -> {now.get('observations')})"])
