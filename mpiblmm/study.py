@@ -191,7 +191,7 @@ def write_study(out_dir: str | Path, subjects: int = 60, visits: int = 4,
         else:
             spec = _write_matrix_form(out, design, order)
         (out / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
-        _write_truth(out / "truth.h5", truth, shape, affine, design.fixed_names,
+        _write_truth(out / "truth.h5", truth, shape, affine, _fit_names(design, form),
                      design.factor("subject").n_effects, extra)
     if comm is not None:
         comm.Barrier()
@@ -253,8 +253,22 @@ def _write_formula_form(out: Path, design, order: tuple[str, ...]) -> dict:
     }
 
 
-def _write_truth(path: Path, truth: StudyTruth, shape, affine, names, q_subject: int = 2,
-                 extra: dict | None = None) -> None:
+def _fit_names(design, form: str) -> dict[str, tuple[str, ...]]:
+    """beta's and each factor's effect names as the fit of the written spec names them in
+    ``results.h5``: the matrix form's own names, or the formula's (``(Intercept)``)."""
+    def named(names):
+        return tuple("(Intercept)" if form == "formula" and n == "intercept" else n
+                     for n in names)
+
+    out = {"beta": named(design.fixed_names)}
+    out.update({f"random/{f.name}/cov": named(f.effect_names) for f in design.factors})
+    return out
+
+
+def _write_truth(path: Path, truth: StudyTruth, shape, affine, names: dict,
+                 q_subject: int = 2, extra: dict | None = None) -> None:
+    """truth.h5 in results.h5's layout: ``beta``, ``sigma2`` and ``random/<f>/cov`` per
+    voxel, each with the fit's ``names`` (a string array, as in ``results.h5``)."""
     import h5py
 
     with h5py.File(path, "w") as h5:
@@ -262,11 +276,13 @@ def _write_truth(path: Path, truth: StudyTruth, shape, affine, names, q_subject:
         h5.attrs["affine"] = affine
         h5["voxels"] = truth.voxels
         h5["beta"] = truth.beta
-        h5["beta"].attrs["names"] = json.dumps(list(names))
         h5["sigma2"] = truth.sigma2
         h5["random/subject/cov"] = truth.cov_subject[:, :q_subject, :q_subject]
         for name, cov in (extra or {}).items():
             h5[f"random/{name}/cov"] = cov
+        for key, labels in names.items():
+            if key in h5:
+                h5[key].attrs["names"] = np.array(list(labels), dtype=h5py.string_dtype())
         h5["missing_rate"] = truth.missing_rate
 
 
@@ -310,7 +326,7 @@ def compare_to_truth(results_path: str | Path, truth_path: str | Path) -> dict[s
         tindex = np.ravel_multi_index(tuple(t["voxels"][...].T.astype(np.int64)), grid)
         pos = np.searchsorted(tindex, index)
         fitted = r["status"][...] <= 2
-        names = json.loads(t["beta"].attrs["names"])
+        names = _names(t["beta"].attrs["names"])
         out: dict[str, float] = {"voxels": float(index.size),
                                  "fitted_share": float(fitted.mean())}
         beta, tbeta = r["beta"][...][fitted], t["beta"][...][pos][fitted]
@@ -322,3 +338,10 @@ def compare_to_truth(results_path: str | Path, truth_path: str | Path) -> dict[s
         cov, tcov = r["random/subject/cov"][...][fitted], t["random/subject/cov"][...][pos][fitted]
         out["var_intercept_ratio_median"] = float(np.median(cov[:, 0, 0] / tcov[:, 0, 0]))
     return out
+
+
+def _names(attr) -> list[str]:
+    """A names attribute: a string array (as results.h5), or JSON text (earlier truth files)."""
+    if isinstance(attr, (str, bytes)):
+        return list(json.loads(attr))
+    return [x.decode() if isinstance(x, bytes) else str(x) for x in attr]

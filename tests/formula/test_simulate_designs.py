@@ -36,6 +36,11 @@ def test_nested_and_crossed_study(tmp_path, form):
         assert t["random/rater/cov"].shape[1:] == (2, 2)
         assert t["random/site/cov"].shape[1:] == (1, 1)
         assert t["random/subject/cov"].shape[1:] == (2, 2)
+        # the truth names its columns as the fit of this spec does in results.h5
+        assert [str(s) for s in t["beta"].attrs["names"]] == list(design.fixed_names)
+        for f in design.factors:
+            assert ([str(s) for s in t[f"random/{f.name}/cov"].attrs["names"]]
+                    == list(f.effect_names))
     if form == "formula":
         spec = json.loads(spec_path.read_text())
         assert spec["formula"] == ("y ~ age + time + (1 + time | subject) + (1 | family) + "
@@ -76,3 +81,12 @@ def test_simulate_options_parse():
     default = get_parser().parse_args(["simulate", "out"])
     assert (default.sites, default.families, default.raters, default.slopes, default.form) == (
         0, 0, 0, None, "matrix")
+
+
+def test_truth_names_read_in_both_layouts():
+    from mpiblmm.study import _names
+
+    assert _names('["intercept", "age"]') == ["intercept", "age"]    # earlier truth files
+    assert _names(np.array(["(Intercept)", "age"], dtype=h5py.string_dtype())) == [
+        "(Intercept)", "age"]
+    assert _names(np.array([b"(Intercept)", b"age"], dtype=object)) == ["(Intercept)", "age"]
