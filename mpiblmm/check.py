@@ -297,8 +297,31 @@ def _images(spec: Any, problems: list[str], verify: Any = None) -> tuple[Any, in
             data.setdefault(str(p), p)  # the volumes of a 4-D file: the file once
     if verify is not None and data:
         files = [(p, grid, str(spec.images[0])) for p in data.values()]
-        problems.extend(why for _, why in verify(files))
+        found = [why for _, why in verify(files)]
+        problems.extend(found)
+        if spec.observation_masks and not found and _masks_all_empty(spec, grid):
+            from mpiblmm.io.ingest import nothing_observed
+
+            problems.append(str(nothing_observed(spec.analysis_mask, True,
+                                                 str(spec.images[0]))))
     return grid, len(spec.images)
+
+
+def _masks_all_empty(spec: Any, grid: Any) -> bool:
+    """True when every observation mask is 0, NaN or Inf everywhere, so the fit's packing
+    would find no voxel observed (its line, :func:`mpiblmm.io.ingest.nothing_observed`).
+    Reads the masks in order and stops at the first with an observed voxel (usually the
+    first).  (A mask non-zero only where its image is missing is found by the fit alone,
+    which reads the images too.)"""
+    from mpiblmm.io.images import read_mask
+
+    for p in dict.fromkeys(spec.observation_masks):  # a mask listed twice: read once
+        try:
+            if read_mask(p, grid, str(spec.images[0])).any():
+                return False
+        except Exception:  # unreadable: said by the data's verification, not twice here
+            return False
+    return True
 
 
 class _PackedGrid:

@@ -444,13 +444,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     dtype = np.dtype(np.float32 if exact32 else np.float64)
     keep = np.flatnonzero(observed)
     if keep.size == 0:
-        agree(comm, UserError("no voxel is observed in any image"
-                               + (" inside the analysis mask" if mask is not None else "")
-                               + (" where its observation mask is non-zero (every mask is "
-                                  "0, NaN or Inf wherever its image is observed)"
-                                  if masks is not None else ""),
-                               # the mask when there is one (it names the voxels looked at)
-                               str(analysis_mask) if analysis_mask is not None else reference))
+        agree(comm, nothing_observed(analysis_mask, masks is not None, reference))
     flat = flat_mask[keep]
     voxels = np.column_stack(np.unravel_index(flat, grid.shape)).astype(np.int32)
     V = int(flat.size)
@@ -665,6 +659,18 @@ def _describe_open(f: Any, dataset: str, where: str) -> tuple:
     if why is not None:   # found now, not by the export after the whole fit
         raise SpecError(f"attribute 'space' (the input's format, for the maps): {why}", where)
     return n, shape, affine, stored, grid_layout, ours, stored_zim, counts, space
+
+
+def nothing_observed(analysis_mask: Path | None, masked: bool, reference: str) -> UserError:
+    """Packing's error when no voxel is observed in any image (inside ``analysis_mask``;
+    ``masked``: where the observation masks are non-zero), named by the analysis mask when
+    there is one (it names the voxels looked at), else by the first image (``reference``).
+    ``mpiblmm check`` gives the same line for observation masks that are all 0."""
+    return UserError("no voxel is observed in any image"
+                     + (" inside the analysis mask" if analysis_mask is not None else "")
+                     + (" where its observation mask is non-zero (every mask is 0, NaN or Inf "
+                        "wherever its image is observed)" if masked else ""),
+                     str(analysis_mask) if analysis_mask is not None else reference)
 
 
 def _nothing_observed(path: Path, analysis_mask: Path | None) -> UserError:

@@ -88,6 +88,20 @@ def _observation_masks(index: int, writer):
     return edit(change)
 
 
+def _masks_nothing_observed():
+    """Observation masks that are 0 (one NaN) everywhere (check passed them; the fit's
+    packing found no voxel observed)."""
+    def change(spec, base, case):
+        zeros = np.zeros(GRID + (N,), np.float32)
+        zeros[0, 0, 0, 1] = np.nan
+        paths = []
+        for i in range(N):
+            nifti(zeros[..., i])(case / f"m{i:02d}.nii")
+            paths.append(str(case / f"m{i:02d}.nii"))
+        spec["observation_masks"] = paths
+    return edit(change)
+
+
 def _truncated_4d(keep: float):
     """All images as one 4-D .nii.gz whose compressed data ends after ``keep`` of it (check
     printed gzip's traceback, exit 1, reading the header of a later volume)."""
@@ -304,6 +318,10 @@ CASES = {
     "an observation mask's gzip CRC wrong": (
         _observation_masks(6, _bad_crc_gz(np.ones(GRID, np.uint8))),
         "{case}/bad.nii.gz: corrupt gzip data (CRC check failed)"),
+    "observation masks all zero": (
+        _masks_nothing_observed(),
+        "{base}/images/obs00.nii: no voxel is observed in any image where its observation "
+        "mask is non-zero (every mask is 0, NaN or Inf wherever its image is observed)"),
     "analysis mask data unreadable": (
         with_file("analysis_mask", "m.nii.gz", _bad_crc_gz(np.ones(GRID, np.uint8))),
         "{case}/m.nii.gz: corrupt gzip data"),
@@ -316,7 +334,7 @@ MEASURED = ("max_memory_mb too little to run",)
 #: Also run at 3 ranks (check and fit): the errors inside check's candidate count, and others.
 AT_THREE_RANKS = ("first image data unreadable", "analysis mask data unreadable",
                   "a later image truncated (uncompressed)", "a later image's gzip CRC wrong",
-                  "a complex-valued image",
+                  "a complex-valued image", "observation masks all zero",
                   "Z: the intercept twice", "output under a file", "analysis mask all zero",
                   "packed voxels repeated")
 
