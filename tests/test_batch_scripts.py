@@ -169,6 +169,55 @@ def test_pbs_job_stops_before_the_walltime_and_resubmits_itself(tmp_path, killed
     assert lines[1].endswith(f" {job_script}")
 
 
+@pytest.mark.parametrize("holder, removed", [("101.pbs", True), ("102.pbs", True),
+                                             ("99.pbs", False), (None, False)])
+def test_pbs_job_removes_the_lock_of_the_job_it_continues(tmp_path, holder, removed):
+    """A job killed at its walltime (timeout's SIGKILL) leaves its lock; the resubmitted job
+    has a new id and often another node, so mpiblmm refused it and the chain ended (audit,
+    twenty-third session).  The lock records PBS_JOBID; the job removes one naming the job
+    it continues (PREVIOUS_JOB, 101) or itself (a rerun under #PBS -r y, 102), no other."""
+    from mpiblmm.io.lock import acquire_lock
+
+    job_script = tmp_path / "fit.pbs"
+    job_script.write_text("#!/bin/bash\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    if holder is not None:   # the lock as that job's rank 0 wrote it (on another host)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("SLURM_JOB_ID", raising=False)
+            mp.setenv("PBS_JOBID", holder)
+            acquire_lock(out)
+        lock = out / "mpiblmm.lock"
+        assert f'"pbs_job": "{holder}"' in lock.read_text()
+        lock.write_text(lock.read_text().replace('"host": "', '"host": "cn042-'))
+    else:
+        (out / "mpiblmm.lock").write_text('{"host": "cn042", "pid": 1, "start": 0}\n')
+    env = _pbs_env(tmp_path, JOB_SCRIPT=str(job_script), PBS_JOBID="102.pbs",
+                   PREVIOUS_JOB="101.pbs", RESUBMIT="1")
+    _stub(tmp_path / "bin", "mpiexec",
+          'echo "mpiexec lock=$([[ -f "$OUTPUT/mpiblmm.lock" ]] && echo kept || echo gone)"'
+          ' >> "$CALLS"\n')
+    run = subprocess.run([BASH, str(SCRIPTS["pbs/fit.pbs"])], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    calls = (tmp_path / "calls.txt").read_text()
+    assert calls.strip() == f"mpiexec lock={'gone' if removed else 'kept'}"
+    assert ("removing the lock left by job" in run.stdout) == removed
+
+
+def test_pbs_resubmission_names_the_job_it_continues(tmp_path):
+    job_script = tmp_path / "fit.pbs"
+    job_script.write_text("#!/bin/bash\n")
+    env = _pbs_env(tmp_path, WALLTIME_SECONDS="121", JOB_SCRIPT=str(job_script),
+                   PBS_JOBID="77.server")
+    _stub(tmp_path / "bin", "mpiexec", 'exit 137\n')
+    _stub(tmp_path / "bin", "qsub", 'echo "qsub $*" >> "$CALLS"\n')
+    run = subprocess.run([BASH, str(SCRIPTS["pbs/fit.pbs"])], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert ",PREVIOUS_JOB=77.server " in (tmp_path / "calls.txt").read_text()
+
+
 @pytest.mark.parametrize("job_script", ["", "relative/fit.pbs", "/nonexistent/fit.pbs"])
 def test_pbs_job_without_its_own_path_stops_before_the_fit(tmp_path, job_script):
     """JOB_SCRIPT used to default to $PBS_O_WORKDIR/scripts/pbs/fit.pbs, which exists only

@@ -9,6 +9,8 @@ with SIGKILL, or by the batch system), or an earlier run of this very batch job 
 requeued job's ``SLURM_JOB_ID`` and counts ``SLURM_RESTART_COUNT`` up: the earlier run has
 ended, on whichever node it ran): it is then replaced.  Any other lock of another host cannot
 be checked from here; the message says to delete the file if that job is no longer running.
+Under PBS the lock records ``PBS_JOBID``: ``scripts/pbs/fit.pbs`` removes a lock that names
+the job it continues (passed on at resubmission), which has ended.
 
 The holder releases the lock at exit (:meth:`OutputLock.release`), including after an error
 or a signal; a job that aborts releases it from whichever rank aborts first (every rank knows
@@ -57,10 +59,14 @@ def _describe(text: str) -> str:
 
 
 def _batch_run() -> dict:
-    """This process's Slurm job and restart count (empty outside Slurm)."""
+    """This process's Slurm job and restart count, or its PBS job (empty outside both).  A
+    PBS job's id in the lock lets ``scripts/pbs/fit.pbs`` remove the lock its predecessor
+    left when it was killed (the resubmitted job has a new id and often another host)."""
     job = os.environ.get("SLURM_JOB_ID", "")
-    return {"slurm_job": job, "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0")} \
-        if job else {}
+    if job:
+        return {"slurm_job": job, "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0")}
+    pbs = os.environ.get("PBS_JOBID", "")
+    return {"pbs_job": pbs} if pbs else {}
 
 
 def _is_stale(text: str) -> bool:
