@@ -257,12 +257,22 @@ def fit_once(runner: Runner, ranks: int, spec: Path, out: Path, fit_args: list[s
 def simulate(runner: Runner, folder: Path, subjects: int, visits: int,
              shape: tuple[int, int, int], seed: int) -> Path:
     """A simulated study (``mpiblmm simulate``, one rank); its spec's path.  A study of an
-    earlier, interrupted run is reused if it is complete (its spec.json is written last)."""
-    if not (folder / "spec.json").exists():
+    earlier, interrupted run is reused if it is complete (its spec.json is written last) and
+    was simulated with these options (``study-options.json``, written after it; a study of
+    other options was reused before, so a --resume with the options corrected measured, or
+    refused, the wrong study)."""
+    options = {"subjects": subjects, "visits": visits, "shape": list(shape), "seed": seed}
+    stamp = folder / "study-options.json"
+    try:
+        same = (folder / "spec.json").exists() and json.loads(stamp.read_text()) == options
+    except (OSError, ValueError):
+        same = False
+    if not same:
         shutil.rmtree(folder, ignore_errors=True)
         runner.run(1, ["simulate", str(folder), "--subjects", str(subjects), "--visits",
                        str(visits), "--shape", *map(str, shape), "--missing-fraction", "0.3",
                        "--seed", str(seed)])
+        stamp.write_text(json.dumps(options) + "\n")
     return folder / "spec.json"
 
 
@@ -637,8 +647,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
     if code:
-        for folder in work.glob("out-*"):
-            shutil.rmtree(folder, ignore_errors=True)
+        for left in work.glob("out-*"):  # the stopped point's output and log
+            if left.is_dir():
+                shutil.rmtree(left, ignore_errors=True)
+            else:
+                left.unlink(missing_ok=True)
         print(f"scaling.py: {len(rows)} run(s) are in {csv_path}; run the same command with "
               f"--resume to add the missing ones", file=sys.stderr, flush=True)
         return code

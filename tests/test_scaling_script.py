@@ -424,3 +424,30 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path):
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr == (f"scaling.py: --out {tmp_path / 'file' / 'sc'}: cannot create it "
                           "(Not a directory)\n")
+
+
+def test_a_study_is_reused_only_when_simulated_with_the_same_options(scaling, tmp_path):
+    """A --resume reused any complete study in work/, whatever its options: one run with a
+    wrong --subjects left its study there, and the run with the right options was then
+    refused for the image count it was itself giving (HPC audit, twenty-third session)."""
+    calls = []
+
+    class FakeRunner:
+        def run(self, ranks, args):
+            calls.append(args)
+            folder = tmp_path / "study"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "spec.json").write_text("{}")
+            return 0.1
+
+    runner, folder = FakeRunner(), tmp_path / "study"
+    scaling.simulate(runner, folder, 31, 3, (10, 10, 6), 0)
+    scaling.simulate(runner, folder, 31, 3, (10, 10, 6), 0)          # reused
+    assert len(calls) == 1
+    scaling.simulate(runner, folder, 30, 3, (10, 10, 6), 0)          # other options
+    assert len(calls) == 2 and calls[1][calls[1].index("--subjects") + 1] == "30"
+    scaling.simulate(runner, folder, 30, 3, (10, 10, 7), 0)
+    assert len(calls) == 3
+    (folder / "study-options.json").unlink()                        # an earlier version's
+    scaling.simulate(runner, folder, 30, 3, (10, 10, 7), 0)
+    assert len(calls) == 4
