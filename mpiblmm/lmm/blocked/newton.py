@@ -216,6 +216,14 @@ def newton(pattern, pf: ProductForms, method: str, theta_start: np.ndarray | Non
     return _snap_to_boundary(pattern, pf, method, out)
 
 
+def _budget_left(max_iterations, out: dict) -> np.ndarray:
+    """Iterations each voxel of ``out`` may still take: ``max_iterations`` (a number, or one
+    per voxel) bounds all its runs together -- the first, the escapes and the restarts
+    (``estimation.max_iterations``: the whole fit).  Each later run used to get the whole
+    budget again, so a voxel could report up to twice the cap (contract audit)."""
+    return np.maximum(np.asarray(max_iterations, dtype=np.int64) - out["iterations"], 0)
+
+
 def _escape_saddles(pattern, pf: ProductForms, method: str, out: dict, run,
                     tolerance: float, max_iterations: int, max_halvings: int) -> dict:
     """Voxels that ended with a diagonal entry of some ``Lambda_k`` below :data:`PROBE_BELOW`:
@@ -250,13 +258,14 @@ def _escape_saddles(pattern, pf: ProductForms, method: str, out: dict, run,
             best_f[idx[better]] = fc[better]
             best_th[idx[better]] = cand[better]
     floor = 2.0 * np.maximum(tolerance, 1e-12 * np.abs(f_end))
-    idx = np.flatnonzero(best_f < f_end - floor)
+    left = np.broadcast_to(_budget_left(max_iterations, out), f_end.shape)
+    idx = np.flatnonzero((best_f < f_end - floor) & (left > 0))
     if idx.size == 0:
         return out
     # without the rank probe: the escape starts beside a zero column, which the probe could
     # send straight back to (the deviance there is not higher than at the escape's start)
     plain = dict(rank_probe=False) if run is _quasi_newton else {}
-    again = run(pattern, pf.take(idx), method, best_th[idx], tolerance, max_iterations,
+    again = run(pattern, pf.take(idx), method, best_th[idx], tolerance, left[idx],
                 max_halvings, **plain)
     return _keep_better(out, idx, again, 0.0)
 
@@ -313,15 +322,17 @@ def _restart_boundary_ends(pattern, pf: ProductForms, method: str, out: dict, ru
     stops there (it cannot end better): most boundary voxels are truly on the boundary, and
     from the identity their second fit mostly crawls back to it (docs/ESTIMATOR.md)."""
     theta = out["theta"]
+    left = _budget_left(max_iterations, out)
     todo = _boundary_ends(out, pf.structure)
+    todo = todo[left[todo] > 0]
     for batch in batches(pattern, pf.p, todo.size) if todo.size else []:
         idx = todo[batch]
         sub = pf.take(idx)
         near = dict(near=(theta[idx], -2.0 * out["llh"][idx])) \
             if run is _quasi_newton else {}
-        again = run(pattern, sub, method, theta0(sub), tolerance, max_iterations,
+        again = run(pattern, sub, method, theta0(sub), tolerance, left[idx],
                     max_halvings, **near)
-        again = _escape_saddles(pattern, sub, method, again, run, tolerance, max_iterations,
+        again = _escape_saddles(pattern, sub, method, again, run, tolerance, left[idx],
                                 max_halvings)
         floor = np.maximum(tolerance, 1e-12 * np.abs(np.nan_to_num(out["llh"][idx])))
         out = _keep_better(out, idx, again, floor)
@@ -341,7 +352,9 @@ def _ladder_boundary_ends(pattern, pf: ProductForms, method: str, out: dict, run
     ML), where lme4's start at 1 leads, and again at 14 (-273.01), which every lme4
     optimiser reached (its first steps are large) and ours did not: 17.4 below lme4 (20.7
     with REML).  One voxel in ~9,000 audited fits."""
+    left = _budget_left(max_iterations, out)
     todo = _boundary_ends(out, pf.structure)
+    todo = todo[left[todo] > 0]
     if todo.size == 0:
         return out
     out = dict(out, evaluations=out["evaluations"].copy())
@@ -362,10 +375,11 @@ def _ladder_boundary_ends(pattern, pf: ProductForms, method: str, out: dict, run
         far = np.flatnonzero(best_f < f_end - floor)
         if far.size == 0:
             continue
-        again = run(pattern, sub.take(far), method, best_th[far], tolerance, max_iterations,
+        budget = left[idx[far]]
+        again = run(pattern, sub.take(far), method, best_th[far], tolerance, budget,
                     max_halvings)
         again = _escape_saddles(pattern, sub.take(far), method, again, run, tolerance,
-                                max_iterations, max_halvings)
+                                budget, max_halvings)
         out = _keep_better(out, idx[far], again, floor[far])
     return out
 
@@ -539,11 +553,12 @@ def _probe_rank(pattern, prep, st, method: str, active: np.ndarray, theta, f, g,
 
 
 def _quasi_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: float,
-            max_iterations: int, max_halvings: int, near=None, rank_probe: bool = True) -> dict:
+            max_iterations, max_halvings: int, near=None, rank_probe: bool = True) -> dict:
     """The quasi-Newton of the module docstring.  ``near``: ``(theta, deviance)`` (v, m),
     (v,) of an earlier fit's end; a voxel also stops when it comes within :data:`SAME_END`
     of that end without a lower deviance (:func:`_restart_boundary_ends`).  ``rank_probe``:
-    every :data:`RANK_PROBE_EVERY` iterations, :func:`_probe_rank`."""
+    every :data:`RANK_PROBE_EVERY` iterations, :func:`_probe_rank`.  ``max_iterations``: a
+    number, or one per voxel (what a voxel's earlier runs left of its budget)."""
     st, v = pf.structure, pf.n_voxels
     prep = prepare(pattern, pf)
     theta = theta0(pf) if theta_start is None else np.array(theta_start, dtype=np.float64)
@@ -555,8 +570,10 @@ def _quasi_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance
     evaluations = np.ones(v, dtype=np.int64)
     iterations = np.zeros(v, dtype=np.int64)
     converged = np.zeros(v, dtype=bool)
+    caps = np.broadcast_to(np.asarray(max_iterations, dtype=np.int64), (v,))
     active = np.flatnonzero(np.isfinite(f) & np.isfinite(g).all(axis=1))
-    for it in range(max_iterations):
+    active = active[caps[active] > 0]
+    for it in range(int(caps.max()) if v else 0):
         if active.size == 0:
             break
         if rank_probe and it and it % RANK_PROBE_EVERY == 0:
@@ -598,12 +615,12 @@ def _quasi_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance
             done |= (np.abs(canonical_theta(new_th, st) - ref_theta) <= SAME_END).all(axis=1) \
                 & (new_f >= ref_f - 2.0 * floor)
         converged[active[done]] = True
-        active = active[~done]
+        active = active[~done & (iterations[active] < caps[active])]  # a voxel's own cap
     return _result(pattern, prep, st, theta, method, iterations, evaluations, converged)
 
 
 def _fd_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: float,
-            max_iterations: int, max_halvings: int) -> dict:
+            max_iterations, max_halvings: int) -> dict:
     st, v = pf.structure, pf.n_voxels
     prep = prepare(pattern, pf)
     theta = theta0(pf) if theta_start is None else np.array(theta_start, dtype=np.float64)
@@ -612,8 +629,10 @@ def _fd_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: f
     evaluations = np.ones(v, dtype=np.int64)
     m = theta.shape[1]
     converged = np.zeros(v, dtype=bool)
+    caps = np.broadcast_to(np.asarray(max_iterations, dtype=np.int64), (v,))
     active = np.flatnonzero(np.isfinite(f))
-    for _ in range(max_iterations):
+    active = active[caps[active] > 0]
+    for _ in range(int(caps.max()) if v else 0):
         if active.size == 0:
             break
         sub = prep.take(active)
@@ -633,5 +652,5 @@ def _fd_newton(pattern, pf: ProductForms, method: str, theta_start, tolerance: f
         iterations[active] += 1
         done = gain < floor
         converged[active[done]] = True
-        active = active[~done]
+        active = active[~done & (iterations[active] < caps[active])]  # a voxel's own cap
     return _result(pattern, prep, st, theta, method, iterations, evaluations, converged)
