@@ -191,7 +191,8 @@ def get_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the fit whose results.h5 is in the output folder (same spec and data, "
-        "any number of ranks): only voxels not yet done are fitted",
+        "any number of ranks): only voxels not yet done are fitted; with no results.h5 yet, "
+        "a new fit (so a batch job can always pass it)",
     )
     existing.add_argument(
         "--overwrite",

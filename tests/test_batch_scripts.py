@@ -33,14 +33,15 @@ def test_each_job_is_valid_bash(name):
                           r"^#SBATCH --ntasks-per-node=\d+$", r"^#SBATCH --cpus-per-task=1$",
                           r"^#SBATCH --open-mode=append$", r"^# module load ",
                           r"export OMP_NUM_THREADS=1", r"^srun ", r"--max-memory-mb",
-                          r"MODE=\(--resume\)", r"scontrol requeue", r"status == 3"]),
+                          r"--progress-interval 30 --resume", r"scontrol requeue",
+                          r"status == 3"]),
     ("slurm/scaling.sbatch", [r"^#SBATCH --exclusive$", r"^# module load ",
                               r"export OMP_NUM_THREADS=1", r'export MPIEXEC="srun ',
                               r"scripts/scaling.py", r"--max-memory-mb"]),
     ("pbs/fit.pbs", [r"^#PBS -r y$", r"^#PBS -l walltime=", r"^#PBS -l select=.*mpiprocs=",
                      r"^# module load ", r"export OMP_NUM_THREADS=1",
                      r"timeout --signal=TERM", r"mpiexec -n", r"--max-memory-mb",
-                     r"MODE=\(--resume\)", r"^\s+qsub "]),
+                     r"--progress-interval 30 --resume", r"^\s+qsub "]),
 ])
 def test_each_job_has_the_lines_a_cluster_run_needs(name, needed):
     text = SCRIPTS[name].read_text()
@@ -127,12 +128,37 @@ def test_fit_sbatch_requeues_when_the_ranks_stopped_on_the_time_limit_signal(
 
 def test_fit_sbatch_passes_a_failed_fit_on(tmp_path):
     env = _env(tmp_path, SPEC=str(tmp_path / "spec.json"), OUTPUT=str(tmp_path / "out"),
-               SLURM_JOB_ID="4242")
+               SLURM_JOB_ID="4242", SLURM_MEM_PER_CPU="1000")
     _stub(tmp_path / "bin", "srun", 'echo "srun $*" >> "$CALLS"\nexit 2\n')
     run = subprocess.run([BASH, str(SCRIPTS["slurm/fit.sbatch"])], env=env, capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 2
-    assert "--resume" not in (tmp_path / "calls.txt").read_text()  # a fresh folder
+    # always --resume: with no results file yet mpiblmm starts a new fit
+    assert "--resume" in (tmp_path / "calls.txt").read_text()
+
+
+@pytest.mark.parametrize("slurm, memory_mb, warned", [
+    ({"SLURM_MEM_PER_CPU": "1000", "SLURM_CPUS_PER_TASK": "2"}, "1600", False),
+    ({"SLURM_MEM_PER_NODE": "256000", "SLURM_NTASKS_PER_NODE": "128"}, "1600", False),
+    ({}, "1638", True),                        # nothing known: 2048 MiB, said on stderr
+    ({"MEMORY_MB": "900"}, "900", False)])
+def test_fit_sbatch_takes_the_memory_per_rank_from_either_slurm_option(
+        tmp_path, slurm, memory_mb, warned):
+    """--mem (SLURM_MEM_PER_NODE) used to be ignored: 2048 MiB per rank was assumed silently
+    (HPC audit, twenty-third session).  Without OUTPUT the spec's own output is used."""
+    env = _env(tmp_path, SPEC=str(tmp_path / "spec.json"), SLURM_JOB_ID="4242", **slurm)
+    for key in ("SLURM_MEM_PER_CPU", "SLURM_MEM_PER_NODE", "SLURM_NTASKS_PER_NODE",
+                "SLURM_CPUS_PER_TASK", "MEMORY_MB", "OUTPUT"):
+        if key not in slurm:
+            env.pop(key, None)
+    _stub(tmp_path / "bin", "srun", 'echo "srun $*" >> "$CALLS"\n')
+    run = subprocess.run([BASH, str(SCRIPTS["slurm/fit.sbatch"])], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    srun = shlex.split((tmp_path / "calls.txt").read_text())
+    assert srun[srun.index("--max-memory-mb") + 1] == memory_mb
+    assert "--output" not in srun and "output as in the spec" in run.stdout
+    assert ("assuming 2048 MiB per rank" in run.stderr) == warned
 
 
 def _pbs_env(tmp_path, **extra):
@@ -161,7 +187,7 @@ def test_pbs_job_stops_before_the_walltime_and_resubmits_itself(tmp_path, killed
                          text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     lines = (tmp_path / "calls.txt").read_text().splitlines()
-    assert lines[0].startswith("mpiexec -n 2 mpiblmm fit ") and "--resume" not in lines[0]
+    assert lines[0].startswith("mpiexec -n 2 mpiblmm fit ") and "--resume" in lines[0]
     if not killed:
         assert lines.pop(1) == "mpiexec got TERM"
     assert lines[1].startswith("qsub -v SPEC=") and "RESUBMIT=1," in lines[1]
@@ -311,3 +337,25 @@ def test_scaling_sbatch_default_studies_fit_the_memory_of_one_task():
     per_rank = -(-int(value["--voxels-per-rank"]) // slice_) * slice_
     largest = max(shape[0] * shape[1] * shape[2], per_rank * max_ranks)
     assert largest * images * 31 + 150e6 < 0.75 * mem_gb * 2**30
+
+
+def test_pbs_job_without_output_uses_the_specs_and_finds_its_lock_there(tmp_path):
+    """OUTPUT used to default to <spec folder>/results whatever the spec's "output" said."""
+    job_script = tmp_path / "fit.pbs"
+    job_script.write_text("#!/bin/bash\n")
+    (tmp_path / "spec.json").write_text('{"output": "res"}')
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "mpiblmm.lock").write_text(
+        '{"host": "cn042", "pid": 1, "start": 0, "pbs_job": "5.server"}\n')
+    env = _pbs_env(tmp_path, WALLTIME_SECONDS="121", JOB_SCRIPT=str(job_script),
+                   PBS_JOBID="6.server", PREVIOUS_JOB="5.server")
+    env.pop("OUTPUT")
+    _stub(tmp_path / "bin", "mpiexec", 'echo "mpiexec $*" >> "$CALLS"\nexit 137\n')
+    _stub(tmp_path / "bin", "qsub", 'echo "qsub $*" >> "$CALLS"\n')
+    run = subprocess.run([BASH, str(SCRIPTS["pbs/fit.pbs"])], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert not (tmp_path / "res" / "mpiblmm.lock").exists()
+    mpiexec, qsub = (tmp_path / "calls.txt").read_text().splitlines()
+    assert "--output" not in mpiexec and "--resume" in mpiexec
+    assert ",OUTPUT=," in qsub and ",PREVIOUS_JOB=6.server " in qsub
