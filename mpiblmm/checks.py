@@ -250,7 +250,8 @@ def _outside_span(A: np.ndarray, j: int) -> float:
     to its length (least squares on unit-length columns)."""
     B = np.asarray(A[:, :j + 1], dtype=np.float64)
     B = B / np.where(np.abs(B).max(axis=0) > 0, np.abs(B).max(axis=0), 1.0)
-    B = B / np.linalg.norm(B, axis=0)
+    norm = np.linalg.norm(B, axis=0)
+    B = B / np.where(norm > 0, norm, 1.0)  # a zero column before j stays zero (was NaN)
     if j == 0:
         return 1.0
     coef = np.linalg.lstsq(B[:, :j], B[:, j], rcond=None)[0]

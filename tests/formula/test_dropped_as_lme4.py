@@ -110,3 +110,17 @@ def test_the_fit_equals_the_formula_without_the_column(study):
                 "contrasts/grpb:sexM/t"):
         np.testing.assert_array_equal(out[key], ref[key.replace("grpb:sexM", "I((grp == \"b\") * (sex == \"M\"))")] if key.startswith("contrasts/grpb") else ref[key], err_msg=key)
     assert np.isfinite(out["contrasts/grp:sex/F"]).all()
+
+
+@pytest.mark.parametrize("formula, left", [
+    ("y ~ time + I(0 * age) + I(2 * time) + (1 | subject)", ["I(0 * age)", "I(2 * time)"]),
+    ("y ~ factor(visit) + factor(visit):time + (1 | subject)", None)])
+def test_a_zero_column_before_a_dependent_one_is_left_out_not_a_traceback(study, formula, left):
+    """Describing a dependent column after an all-zero one divided by its zero length: NaN,
+    and numpy's 'SVD did not converge' traceback from check and fit (formula audit: 25 of
+    1,200 random formulas, e.g. factor(time) + factor(time):time, which lme4 fits)."""
+    design = design_from_spec(_spec(study, formula))
+    dropped = [name for name, _ in design.left_out]
+    assert left is None or dropped == left
+    assert dropped and all("left out, as lme4 drops it" in n for n in design.notes)
+    assert any("is zero" in n for n in design.notes)
