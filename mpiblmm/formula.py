@@ -761,8 +761,14 @@ def _matrix(text: str, frame, where: str, table: Table | None = None):
             mm = formulaic.model_matrix(ordered, frame, context=_context(), na_action="raise",
                                         materializer=RCodingMaterializer)
             if mm.shape[1] and dependent_column(np.asarray(mm, dtype=np.float64)) is not None:
-                mm = formulaic.model_matrix(ordered, frame, context=_context(),
-                                            na_action="raise")
+                full_rank = formulaic.model_matrix(ordered, frame, context=_context(),
+                                                   na_action="raise")
+                # formulaic's coding only where it spans R's columns: else a redundant column
+                # elsewhere (I(2 * age) beside age) changed the model of other terms
+                # (time:sex + sex:grp), and R's coding is kept, trimmed as lme4 trims it
+                if _same_span(np.asarray(mm, dtype=np.float64),
+                              np.asarray(full_rank, dtype=np.float64)):
+                    mm = full_rank
             return mm
     except SpecError:
         raise
@@ -770,6 +776,27 @@ def _matrix(text: str, frame, where: str, table: Table | None = None):
         if table is not None and "null values after evaluation" in str(exc):
             _nan_after_transform(ordered, frame, where, table)
         raise SpecError(f"{where}: {_one_line(exc)}") from None
+
+
+def _same_span(A: np.ndarray, B: np.ndarray) -> bool:
+    """Whether the columns of ``A`` and ``B`` (n rows each) span the same space: both ranks
+    equal the rank of the two side by side (columns scaled to unit length: units do not
+    decide; the rank tolerance of :func:`mpiblmm.checks.dependent_column`)."""
+    from mpiblmm.checks import RANK_RTOL
+
+    if not (np.isfinite(A).all() and np.isfinite(B).all()):
+        return True  # a term of Inf or NaN: refused by the caller's check, in its words
+
+    def rank(M: np.ndarray) -> int:
+        norm = np.linalg.norm(M, axis=0)
+        M = M[:, norm > 0] / norm[norm > 0]
+        if M.shape[1] == 0:
+            return 0
+        sv = np.linalg.svd(M, compute_uv=False)
+        return int(np.count_nonzero(sv ** 2 > RANK_RTOL * sv[0] ** 2))
+
+    both = rank(np.hstack([A, B]))
+    return rank(A) == both and rank(B) == both
 
 
 def _nan_after_transform(text: str, frame, where: str, table: Table) -> None:

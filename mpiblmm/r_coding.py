@@ -18,7 +18,9 @@ matrices span different spaces: ``y ~ age:time + grp:time`` is three columns in 
 
 R's rule may give a rank-deficient matrix (``a:b`` of two text columns with an intercept),
 which lme4 then trims column by column; the caller falls back to formulaic's full-rank
-coding there (docs/SPEC.md).
+coding there where it spans the same columns (else R's coding is kept and trimmed as lme4
+trims it: a redundant column elsewhere made formulaic code other terms differently,
+docs/SPEC.md).
 """
 
 from __future__ import annotations
