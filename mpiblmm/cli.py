@@ -172,7 +172,8 @@ def get_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--log-file",
         metavar="FILE",
-        help="also append rank 0's lines (progress, summary) to FILE; written even with --quiet",
+        help="also append rank 0's lines (progress, summary, a stopped fit's --resume line) "
+             "to FILE; written even with --quiet",
     )
     fit.add_argument(
         "--progress-interval",

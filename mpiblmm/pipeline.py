@@ -492,7 +492,7 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
             packed = prepare_input(replace(spec, max_memory_mb=INGEST_SHARE * work), comm,
                                    n_expected=design.n, fingerprint=setup.fingerprint or None)
         except PackingStopped as stop:  # on every rank, at the same block boundary
-            _stop_packing(comm, stop.path, done, Path(spec.output) / RESULTS_NAME,
+            _stop_packing(comm, stop.path, done, Path(spec.output) / RESULTS_NAME, log,
                           options.overwrite, reading=isinstance(stop, ReadingStopped))
     if done is not None and done.size != packed.n_voxels:
         agree(comm, UserError(f"cannot resume: it holds {done.size} voxels but the input has "
@@ -577,9 +577,9 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
             export_nifti(results_path, results_path.parent / "nifti", comm=comm)
         except ExportStopped:
             if rank == 0:
-                print(f"mpiblmm: stopped by {interrupt.signal_name() or 'a signal'} while "
-                      f"writing the maps; the results are complete: run `mpiblmm export "
-                      f"{results_path}` to write them", file=sys.stderr, flush=True)
+                _stop_line(log, f"mpiblmm: stopped by {interrupt.signal_name() or 'a signal'} "
+                                f"while writing the maps; the results are complete: run "
+                                f"`mpiblmm export {results_path}` to write them")
             raise FitStopped() from None
     phases = {**{k: v for k, v in phases.items() if k != "total"},
               **store_headline(results_path, comm, timer, ("finish", "export"))}
@@ -615,15 +615,22 @@ def _stop(comm: Any, writer: Any, written: int, done: np.ndarray | None, n_voxel
     progress.abandon(total)
     if comm.Get_rank() == 0:
         name = interrupt.signal_name() or "a signal"
-        print(f"mpiblmm: stopped by {name}: {total} of {n_voxels} voxels are done and kept in "
-              f"{results_path}; run the same command with --resume "
-              f"{'in place of --overwrite ' if overwrite else ''}to continue",
-              file=sys.stderr, flush=True)
+        _stop_line(progress.log,
+                   f"mpiblmm: stopped by {name}: {total} of {n_voxels} voxels are done and kept "
+                   f"in {results_path}; run the same command with --resume "
+                   f"{'in place of --overwrite ' if overwrite else ''}to continue")
     raise FitStopped()
 
 
+def _stop_line(log: JobLog, text: str) -> None:
+    """Rank 0: a stopped fit's last line, on stderr and in the log file (``--log-file``),
+    where a batch user reads the job's progress and its "fit stopped at" line."""
+    print(text, file=sys.stderr, flush=True)
+    log.to_log_file(text)
+
+
 def _stop_packing(comm: Any, packed: Path, done: np.ndarray | None, results_path: Path,
-                  overwrite: bool = False, reading: bool = False) -> None:
+                  log: JobLog, overwrite: bool = False, reading: bool = False) -> None:
     """Packing stopped at a signal on every rank (:class:`~mpiblmm.io.ingest.PackingStopped`):
     rank 0 prints the one line of a stopped fit, and :class:`FitStopped` is raised
     everywhere.  ``packed.h5`` is not complete, so ``--resume`` packs again from the start;
@@ -638,9 +645,9 @@ def _stop_packing(comm: Any, packed: Path, done: np.ndarray | None, results_path
                  f"while packing the images into {packed} (not complete; packing starts again)"
                  if packed.exists() else
                  "while packing the images (nothing written yet; packing starts again)")
-        print(f"mpiblmm: stopped by {name} {where}: {kept}; run the same command with --resume "
-              f"{'in place of --overwrite ' if overwrite else ''}to continue",
-              file=sys.stderr, flush=True)
+        _stop_line(log, f"mpiblmm: stopped by {name} {where}: {kept}; run the same command "
+                        f"with --resume {'in place of --overwrite ' if overwrite else ''}"
+                        f"to continue")
     raise FitStopped()
 
 

@@ -252,6 +252,14 @@ class JobLog:
             self._to_file("_file", text + "\n")
         self.note(text)
 
+    def to_log_file(self, text: str) -> None:
+        """A line rank 0 printed on stderr (a stopped fit's last line) also into the log file
+        (``--log-file``: a batch user reads the job there) and this rank's own log; not on
+        stdout.  Other ranks: their own log only."""
+        with self._lock:
+            self._to_file("_file", text + "\n")
+        self.note(text)
+
     def report(self, text: str, fraction: float | None = None) -> None:
         """A progress report: a plain line, or a bar redrawn in place on a terminal."""
         line = f"mpiblmm: [{format_seconds(self.elapsed())}] {text}"

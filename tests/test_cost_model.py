@@ -86,3 +86,23 @@ def test_scaling_md_quotes_the_model(cost_model):
     fit = next(v for k, v in abcd.items() if k.startswith("time: fit")).replace(" .. ", "-")
     assert f"| {fit.removesuffix(' s')} s (x{options.nested_factor:g} for the blocked" in text
     assert "4.6 s idle (13.8 s loaded)" in text and "12.4 ms" not in text
+
+
+def test_scaling_md_quotes_the_progress_message_and_the_serial_stat_figures(cost_model):
+    """The progress message is four 8-byte integers (progress.py), and before the stat calls
+    were shared rank 0 made two per image (the spec's parse and the fingerprint): the table
+    and the slow-file-system figures used to say 24 bytes and count one per image."""
+    text = " ".join((REPO_ROOT / "docs" / "SCALING.md").read_text().split())
+    ukb = dict(cost_model.model(cost_model.UKB, _options(cost_model)))
+    assert "progress: <= 1 message of 32 B per rank" in ukb["reductions"]
+    assert "32-byte message" in text and "24-byte" not in text
+    assert ukb["time: setup when rank 0 made every stat alone (2 per image)"] == "40 s"
+    assert "(40 s when rank 0 made all 80,000 alone, two per image)" in text
+    slow = _options(cost_model, ["--fs-gbs", "1.5", "--startup-s", "60", "--stat-ms", "2"])
+    figures = []
+    for study in (cost_model.UKB, cost_model.ABCD):
+        rows = dict(cost_model.model(study, slow))
+        figures += [rows[key].removesuffix(" min").replace(" .. ", "-") for key in
+                    ("time: end to end", "time: end to end when rank 0 made every stat alone")]
+    assert (f"(i) takes {figures[0]} minutes and (ii) {figures[2]} ({figures[1]} and "
+            f"{figures[3]} when rank 0 made every `stat`, two per image)") in text

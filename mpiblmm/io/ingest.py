@@ -258,7 +258,8 @@ def shared_input_fingerprint(spec: Any, comm: Any, on_problem: Any) -> str:
     the ``stat`` calls of the listed files (images, observation masks) shared over the ranks,
     each its contiguous block, then one gather of their keys on rank 0.  40,000 images are
     40,000 ``stat`` calls; on a shared file system's metadata server (~0.5 ms each) rank 0
-    alone spent ~20 s on them while every other rank waited.
+    alone spent ~20 s on them, ~40 s with the spec's parse's own ``stat`` of each (is it a
+    file?), while every other rank waited.
 
     The spec was parsed without checking the listed files (``load_spec(...,
     check_listed=False)``): a listed path that is not a regular file is found here, and then

@@ -4,8 +4,11 @@ the voxels of every rank, and --log-file / --rank-logs / --quiet do what they sa
 from __future__ import annotations
 
 import re
+import signal
 
 import pytest
+
+from .test_resume import _act_at, _launch, _mpiblmm, _signal_ranks
 
 
 @pytest.mark.spawns_mpiexec
@@ -47,3 +50,27 @@ def test_an_unwritable_log_file_is_one_line_and_exit_2_on_every_rank(tmp_path, r
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines() == [
         f"mpiblmm: error: --log-file: cannot write {bad}: its folder is a file"]
+
+
+@pytest.mark.spawns_mpiexec
+def test_a_fit_stopped_by_a_signal_says_so_in_the_log_file_too(tmp_path, run_mpi,
+                                                               mpiblmm_command):
+    """A batch user reads the job in its --log-file: the "stopped by SIGTERM ... --resume"
+    line went to stderr only, the log file ending at "fit stopped at N/120 voxels"."""
+    study = tmp_path / "study"
+    run = run_mpi(1, [*mpiblmm_command, "simulate", str(study), "--subjects", "10",
+                      "--visits", "3", "--shape", "6", "5", "4", "--seed", "2"], timeout=120)
+    assert run.returncode == 0, run.stderr
+    log = tmp_path / "fit.log"
+    cmd = _launch(1, [*_mpiblmm(), "fit", str(study / "spec.json"), "-o", str(tmp_path / "out"),
+                      "--chunk-voxels", "1", "--progress-interval", "0.001", "--log-file",
+                      str(log)])
+    code, _, err, _ = _act_at(cmd, lambda line: re.search(r"fit [1-9][\d,]*/120 voxels \(", line),
+                              _signal_ranks(signal.SIGTERM))
+    # SIGTERM reaches the rank: 3 (MPICH's mpiexec may report 0 for a rank it signalled)
+    assert code in (0, 3), err
+    stop = [line for line in err.splitlines() if line.startswith("mpiblmm: stopped by")]
+    assert len(stop) == 1 and "SIGTERM" in stop[0] and "--resume" in stop[0], err
+    lines = log.read_text().splitlines()
+    assert lines[-1] == stop[0], lines[-3:]  # the same line, last in the log file
+    assert re.search(r"\] fit stopped at [\d,]+/120 voxels$", lines[-2]), lines[-3:]

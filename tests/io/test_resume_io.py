@@ -288,8 +288,10 @@ def test_describe_io_error_finds_the_system_cause():
 
 def test_a_stop_while_reading_a_packed_input_says_it_is_unchanged(tmp_path, capsys):
     """``images: {"h5": ...}``: the one line of a fit stopped during the pass over the
-    packed input says the file is only read (unchanged), not that packing starts again."""
+    packed input says the file is only read (unchanged), not that packing starts again.
+    The line goes to stderr and into the log file (``--log-file``) too."""
     from mpiblmm.pipeline import FitStopped, _stop_packing
+    from mpiblmm.progress import JobLog, LogOptions
 
     class Rank0:
         def Get_rank(self):
@@ -305,11 +307,17 @@ def test_a_stop_while_reading_a_packed_input_says_it_is_unchanged(tmp_path, caps
                                    "complete; packing starts again)")):
         if "into" in words:
             (tmp_path / "in.h5").write_bytes(b"")
+        log_file = tmp_path / "fit.log"
+        log_file.unlink(missing_ok=True)
+        log = JobLog(0, quiet=True, options=LogOptions(log_file=str(log_file),
+                                                       progress_interval=0))
         with pytest.raises(FitStopped):
-            _stop_packing(Rank0(), tmp_path / "in.h5", None, tmp_path / "results.h5",
+            _stop_packing(Rank0(), tmp_path / "in.h5", None, tmp_path / "results.h5", log,
                           reading=reading)
+        log.close()
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+        assert log_file.read_text() == err
 
 
 def test_too_little_space_to_finish_leaves_a_resumable_file(tmp_path, monkeypatch):
