@@ -862,6 +862,9 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
         if not aliases.alias:
             raise
         raise SpecError(aliases.restore(exc.message), exc.where) from None
+    logical = _logical_calls(formula)
+    if logical:
+        model = _logical_as_r_codes_it(formula, table, model, logical)
     steps = [aliases.restore] * bool(aliases.alias) + [_as_factor_spelling(formula)] * (
         "as.factor" in formula)
     if not steps:
@@ -880,6 +883,60 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
         tuple((back(label), L) for label, L in model.type3), model.one_term,
         None if model.type3_basis is None else dataclasses.replace(model.type3_basis, terms=tuple(
             dataclasses.replace(t, label=back(t.label)) for t in model.type3_basis.terms)))
+
+
+def _logical_calls(formula: str) -> list[tuple[int, int, str]]:
+    """Each ``I(...)`` of ``formula`` whose argument is a comparison or a logical operation
+    (:func:`_logical`): its start, end and argument as written."""
+    out, pos = [], 0
+    while (m := re.compile(r"(?<![\w.])I\(").search(formula, pos)) is not None:
+        depth, end = 1, m.end()
+        while depth and end < len(formula):
+            depth += {"(": 1, ")": -1}.get(formula[end], 0)
+            end += 1
+        if _logical(formula[m.start():end]):
+            out.append((m.start(), end, formula[m.end():end - 1]))
+        pos = end
+    return out
+
+
+def _logical_as_r_codes_it(formula: str, table: Table, model: FormulaModel,
+                           calls: list[tuple[int, int, str]]) -> FormulaModel:
+    """``model`` where its logical ``I(...)`` columns are what R makes of them; else the
+    model with each written as ``factor(...)``, named ``I(...)`` again.
+
+    R makes a comparison a logical vector, a factor of FALSE and TRUE; formulaic a 0/1
+    column.  Where R codes that factor by contrasts (an intercept, or the term's margin
+    before it) both are the column ``I(x > 1)TRUE``; where R codes it by indicators (no
+    intercept, an interaction without its margin such as ``age:I(age > 50)``, a random
+    term ``(0 + I(t > 1) | g)``) R has a column per level and the 0/1 column was a smaller
+    model (formula audit: another fit, logLik -368.2 where lmer's was -343.1)."""
+    text = formula
+    for start, end, inner in reversed(calls):
+        text = text[:start] + f"factor({inner})" + text[end:]
+    try:
+        other = formula_model(text, table)
+    except SpecError:
+        return model  # (factor of a constant comparison: R refuses, the 0/1 model is kept)
+    widths = [len(f[3]) for f in model.factors]
+    if other.X.shape[1] == model.X.shape[1] and [len(f[3]) for f in other.factors] == widths:
+        return model
+    names = {r_expression(f"factor({inner.strip()})"): r_expression(f"I({inner.strip()})")
+             for _, _, inner in calls}
+
+    def back(name: str) -> str:
+        for ours, written in names.items():
+            name = name.replace(ours, written)
+        return name
+
+    return FormulaModel(
+        other.X, tuple(back(n) for n in other.names),
+        tuple((back(label), cols) for label, cols in other.terms),
+        tuple((name, labels, Z, tuple(back(e) for e in effects))
+              for name, labels, Z, effects in other.factors),
+        tuple((back(label), L) for label, L in other.type3), other.one_term,
+        None if other.type3_basis is None else dataclasses.replace(other.type3_basis, terms=tuple(
+            dataclasses.replace(t, label=back(t.label)) for t in other.type3_basis.terms)))
 
 
 def _as_factor_spelling(formula: str):
