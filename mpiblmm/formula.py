@@ -371,9 +371,10 @@ def _r_factor_calls(text: str) -> str:
     return "".join(out) + text[pos:]
 
 
-def _factor_calls(text: str):
+def _factor_calls(text: str, nested: bool = False):
     """Each ``factor(...)``, ``as.factor(...)`` and ``C(...)`` call of ``text`` (not those
-    inside them), in order: its match, the end of the call and its arguments."""
+    inside them, unless ``nested``), in order: its match, the end of the call and its
+    arguments."""
     pos = 0
     while (m := _FACTOR_CALL.search(text, pos)) is not None:
         depth, end = 1, m.end()
@@ -381,7 +382,7 @@ def _factor_calls(text: str):
             depth += {"(": 1, ")": -1}.get(text[end], 0)
             end += 1
         yield m, end, [a.strip() for _, a in _split_top(text[m.end():end - 1], ",")]
-        pos = end
+        pos = m.end() if nested else end
 
 
 def _one_line(exc: BaseException, limit: int = 240) -> str:
@@ -865,21 +866,28 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
     logical = _logical_calls(formula)
     if logical:
         model = _logical_as_r_codes_it(formula, table, model, logical)
-    steps = [aliases.restore] * bool(aliases.alias) + [_as_factor_spelling(formula)] * (
-        "as.factor" in formula)
-    if not steps:
+    if not aliases.alias and "as.factor" not in formula:
         return model
+    # as.factor(x) is read as factor(x): R's spelling back, from the part that writes it (the
+    # fixed part, or the random term of those effects)
+    parsed = parse_formula(formula) if "as.factor" in formula else None
+    spellings = [] if parsed is None else [_as_factor_spelling(parsed.fixed)]
+    bar_spellings = [] if parsed is None else [_as_factor_spelling(b.terms) for b in parsed.bars]
 
-    def back(name: str) -> str:
-        for step in steps:
+    def back(name: str, spelled: list | None = None) -> str:
+        name = aliases.restore(name) if aliases.alias else name
+        for step in spellings if spelled is None else spelled:
             name = step(name)
         return name
+
+    def back_effect(k: int, name: str) -> str:
+        return back(name, bar_spellings[k:k + 1] if k < len(bar_spellings) else [])
 
     return FormulaModel(
         model.X, tuple(back(n) for n in model.names),
         tuple((back(label), cols) for label, cols in model.terms),
-        tuple((name, labels, Z, tuple(back(e) for e in effects))
-              for name, labels, Z, effects in model.factors),
+        tuple((name, labels, Z, tuple(back_effect(k, e) for e in effects))
+              for k, (name, labels, Z, effects) in enumerate(model.factors)),
         tuple((back(label), L) for label, L in model.type3), model.one_term,
         None if model.type3_basis is None else dataclasses.replace(model.type3_basis, terms=tuple(
             dataclasses.replace(t, label=back(t.label)) for t in model.type3_basis.terms)))
@@ -945,7 +953,7 @@ def _as_factor_spelling(formula: str):
     :func:`_r_to_python`), as R names them (``as.factor(site)B``); not for an ``x`` also
     written ``factor(x)``."""
     spelled: dict[str, set[str]] = {}
-    for m, _, args in _factor_calls(formula):
+    for m, _, args in _factor_calls(formula, nested=True):  # also inside C(...)
         if m.group(1) != "C" and len(args) == 1:
             spelled.setdefault(r_expression(args[0].strip()), set()).add(m.group(1))
     patterns = [(re.compile(rf"(?<![\w.])factor\({re.escape(arg)}\)"), f"as.factor({arg})")
