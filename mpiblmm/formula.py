@@ -371,6 +371,15 @@ def _r_factor_calls(text: str) -> str:
     return "".join(out) + text[pos:]
 
 
+#: Why an R function lme4 users write is not a transform here (said after its name).
+UNSUPPORTED = {
+    "offset": ": offsets (a term with its coefficient fixed at 1) are not supported: "
+              "subtract the offset from the images",
+    "ordered": ": ordered factors (R's polynomial contrasts) are written "
+               "C(factor(x), contr.poly) here",
+}
+
+
 def _factor_calls(text: str, nested: bool = False):
     """Each ``factor(...)``, ``as.factor(...)`` and ``C(...)`` call of ``text`` (not those
     inside them, unless ``nested``), in order: its match, the end of the call and its
@@ -697,8 +706,8 @@ def _used_variables(text: str, table: Table, where: str, aliases: ColumnAliases)
         elif name in TRANSFORMS:
             continue
         elif re.search(rf"(?<![\w.]){re.escape(name)}\s*\(", text):
-            raise SpecError(f"{where}: unknown function {name!r} (supported: "
-                            f"{', '.join(sorted(TRANSFORMS - {'np', 'contr', 'levels', 'lag', 'hashed'}))})")
+            raise SpecError(f"{where}: unknown function {name!r}{UNSUPPORTED.get(name, '')} "
+                            f"(supported: {', '.join(sorted(TRANSFORMS - {'np', 'contr', 'levels', 'lag', 'hashed'}))})")
         else:
             # formulaic reads age.zz inside a call as age's attribute: name the whole word
             dotted = re.search(rf"(?<![\w.]){re.escape(name)}\.[\w.]*", text)

@@ -117,7 +117,12 @@ def test_number_labels_are_rs_numbers(table):
     # a fault audit: a column named y got "write y ~ ...", what the user had written
     ("age ~ time + (1 | subject)", "leave the left side out (~ time + (1 | subject)) or rename"),
     ("y ~ 0 + (1 | subject)", "no columns"),
-    ("y ~ age + offset(age) + (1 | subject)", "unknown function 'offset'"),
+    ("y ~ age + offset(age) + (1 | subject)", "unknown function 'offset': offsets (a term "
+                                              "with its coefficient fixed at 1) are not "
+                                              "supported: subtract the offset from the images"),
+    ("y ~ ordered(visit) + (1 | subject)", "unknown function 'ordered': ordered factors (R's "
+                                           "polynomial contrasts) are written "
+                                           "C(factor(x), contr.poly) here"),
     ("y ~ . + (1 | subject)", "'.' (every column) is not supported"),
     ("y ~ age + (1 | subject:)", "unsupported grouping 'subject:'"),
     ("y ~ age + (1 + (1 | visit) | subject)", "more than one bar"),
