@@ -334,6 +334,13 @@ def design_from_formula(spec: Spec) -> Design:
                 "it ('fixed-effect model matrix is rank deficient')" for j in dropped)
             left_out = {model.names[j]: column_words(model.X, j, model.names) for j in dropped}
             model = fm.without_columns(model, ~np.isin(np.arange(model.X.shape[1]), dropped))
+        elif dropped:  # the column that blocks is the nearly dependent one, not the first
+            raise SpecError(
+                f"{column_words(model.X, near, model.names)}: X is rank deficient, so the fixed "
+                f"effects are not identifiable; drop or recode that column (the column"
+                f"{'s' if len(dropped) > 1 else ''} before it exactly dependent, "
+                f"{', '.join(repr(model.names[j]) for j in dropped)}, would be left out as "
+                "lme4 drops them)", f"{spec_where}: formula")
     for name, *_ in model.factors:  # named by the formula's grouping columns
         too_long = name_length_problem(name, "factor")
         if too_long is not None:

@@ -124,3 +124,16 @@ def test_a_zero_column_before_a_dependent_one_is_left_out_not_a_traceback(study,
     assert left is None or dropped == left
     assert dropped and all("left out, as lme4 drops it" in n for n in design.notes)
     assert any("is zero" in n for n in design.notes)
+
+
+def test_an_exact_column_before_a_nearly_dependent_one_names_the_near_one(study):
+    """The refusal named the first dependent column, which lme4 would drop, and said to drop
+    or recode it; doing so only showed the nearly dependent column after it (formula
+    audit)."""
+    with pytest.raises(UserError) as err:
+        design_from_spec(_spec(study, "y ~ sex + I(2 * (sex == 'M')) + I(age + 1e9) "
+                                      "+ (1 | subject)"))
+    message = str(err.value)
+    assert "column 4 ('I(age + 1e+09)') is nearly a linear combination" in message
+    assert "(the column before it exactly dependent, 'I(2 * (sex == \"M\"))', would be " \
+        "left out as lme4 drops them)" in message
