@@ -892,10 +892,18 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
     def back_effect(k: int, name: str) -> str:
         return back(name, bar_spellings[k:k + 1] if k < len(bar_spellings) else [])
 
+    return _renamed(model, back, back_effect)
+
+
+def _renamed(model: FormulaModel, back, back_effect=None) -> FormulaModel:
+    """``model`` with its column, term and hypothesis names passed through ``back`` and the
+    effects of its ``k``-th random factor through ``back_effect(k, name)`` (default
+    ``back``)."""
+    effect = back_effect or (lambda k, name: back(name))
     return FormulaModel(
         model.X, tuple(back(n) for n in model.names),
         tuple((back(label), cols) for label, cols in model.terms),
-        tuple((name, labels, Z, tuple(back_effect(k, e) for e in effects))
+        tuple((name, labels, Z, tuple(effect(k, e) for e in effects))
               for k, (name, labels, Z, effects) in enumerate(model.factors)),
         tuple((back(label), L) for label, L in model.type3), model.one_term,
         None if model.type3_basis is None else dataclasses.replace(model.type3_basis, terms=tuple(
@@ -946,14 +954,7 @@ def _logical_as_r_codes_it(formula: str, table: Table, model: FormulaModel,
             name = name.replace(ours, written)
         return name
 
-    return FormulaModel(
-        other.X, tuple(back(n) for n in other.names),
-        tuple((back(label), cols) for label, cols in other.terms),
-        tuple((name, labels, Z, tuple(back(e) for e in effects))
-              for name, labels, Z, effects in other.factors),
-        tuple((back(label), L) for label, L in other.type3), other.one_term,
-        None if other.type3_basis is None else dataclasses.replace(other.type3_basis, terms=tuple(
-            dataclasses.replace(t, label=back(t.label)) for t in other.type3_basis.terms)))
+    return _renamed(other, back)
 
 
 def _as_factor_spelling(formula: str):
