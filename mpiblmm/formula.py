@@ -380,10 +380,9 @@ UNSUPPORTED = {
 }
 
 
-def _factor_calls(text: str, nested: bool = False):
+def _factor_calls(text: str):
     """Each ``factor(...)``, ``as.factor(...)`` and ``C(...)`` call of ``text`` (not those
-    inside them, unless ``nested``), in order: its match, the end of the call and its
-    arguments."""
+    inside them), in order: its match, the end of the call and its arguments."""
     pos = 0
     while (m := _FACTOR_CALL.search(text, pos)) is not None:
         depth, end = 1, m.end()
@@ -391,7 +390,7 @@ def _factor_calls(text: str, nested: bool = False):
             depth += {"(": 1, ")": -1}.get(text[end], 0)
             end += 1
         yield m, end, [a.strip() for _, a in _split_top(text[m.end():end - 1], ",")]
-        pos = m.end() if nested else end
+        pos = end
 
 
 def _one_line(exc: BaseException, limit: int = 240) -> str:
@@ -961,13 +960,21 @@ def _as_factor_spelling(formula: str):
     """A renaming of ``factor(x)`` back to ``as.factor(x)`` in the names of columns and terms
     for each ``x`` the formula writes as ``as.factor(x)`` (read as ``factor(x)``:
     :func:`_r_to_python`), as R names them (``as.factor(site)B``); not for an ``x`` also
-    written ``factor(x)``."""
-    spelled: dict[str, set[str]] = {}
-    for m, _, args in _factor_calls(formula, nested=True):  # also inside C(...)
+    written ``factor(x)``.  A call as a term's variable and one as ``C()``'s first argument
+    are spelled apart (``C(factor(r), sum) + x:as.factor(r)`` keeps both spellings)."""
+    bare: dict[str, set[str]] = {}
+    in_c: dict[str, set[str]] = {}
+    for m, _, args in _factor_calls(formula):
         if m.group(1) != "C" and len(args) == 1:
-            spelled.setdefault(r_expression(args[0].strip()), set()).add(m.group(1))
-    patterns = [(re.compile(rf"(?<![\w.])factor\({re.escape(arg)}\)"), f"as.factor({arg})")
-                for arg, calls in spelled.items() if calls == {"as.factor"}]
+            bare.setdefault(r_expression(args[0].strip()), set()).add(m.group(1))
+        elif m.group(1) == "C" and args:
+            first = re.fullmatch(r"(as\.factor|factor)\s*\((.*)\)", args[0].strip(), re.S)
+            if first is not None:
+                in_c.setdefault(r_expression(first.group(2).strip()), set()).add(first.group(1))
+    patterns = [(re.compile(rf"(?<![\w.])(?<!C\()factor\({re.escape(arg)}\)"),
+                 f"as.factor({arg})") for arg, calls in bare.items() if calls == {"as.factor"}]
+    patterns += [(re.compile(rf"(?<![\w.])C\(factor\({re.escape(arg)}\)"),
+                  f"C(as.factor({arg})") for arg, calls in in_c.items() if calls == {"as.factor"}]
 
     def rename(name: str) -> str:
         for pattern, written in patterns:
