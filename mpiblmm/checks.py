@@ -74,6 +74,25 @@ def dependent_column(A: np.ndarray, rtol: float = RANK_RTOL) -> int | None:
     return A.shape[1] - 1
 
 
+def dependent_culprit(A: np.ndarray, j: int) -> int:
+    """The column to name for the dependence :func:`dependent_column` found at ``j``: the
+    last of the first ``j + 1`` columns with a large weight (at least a tenth of the largest)
+    in the smallest eigenvector of their scaled Gram matrix.  Usually ``j`` itself; but a
+    column far from the dependence can tip the eigenvalue ratio below the tolerance by
+    raising the largest eigenvalue (formula audit: 'flagtrue:sqrt(age)', 15% outside the
+    span of the others, was named where age, sqrt(age), log10(age) and log10(age):age were
+    nearly dependent)."""
+    A = np.asarray(A, dtype=np.float64)[:, :j + 1]
+    peak = np.abs(A).max(axis=0, initial=0.0)
+    peak = np.where(peak > 0, peak, 1.0)
+    scale = peak * np.sqrt(((A / peak) ** 2).sum(axis=0))
+    if not (scale > 0).all():
+        return int(np.flatnonzero(~(scale > 0))[0])
+    w, v = np.linalg.eigh((A / scale).T @ (A / scale))
+    weight = np.abs(v[:, 0])
+    return int(np.flatnonzero(weight >= 0.1 * weight.max())[-1])
+
+
 def check_fittable(design: Any, spec: Any = None) -> None:
     """Raise :class:`SpecError` if no voxel of ``design`` could be fitted (module doc): the
     first of :func:`fittable_problems`.
@@ -107,6 +126,7 @@ def fittable_problems(design: Any, spec: Any = None) -> list[SpecError]:
                                  f"outside {1 / X_SCALE_LIMIT:g} to {X_SCALE_LIMIT:g}; rescale "
                                  "it (other units)", x_where))
         elif (j := dependent_column(design.X)) is not None:
+            j = dependent_culprit(design.X, j)
             out.append(SpecError(f"{column_words(design.X, j, names)}: X is rank deficient, "
                                  "so the fixed effects are not identifiable; drop or recode "
                                  "that column", x_where))

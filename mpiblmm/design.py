@@ -20,7 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mpiblmm.checks import column_words, dependent_column, lme4_dropped_columns
+from mpiblmm.checks import (column_words, dependent_column, dependent_culprit,
+                            lme4_dropped_columns)
 from mpiblmm.errors import ContrastError, SpecError, UserError, not_utf8
 from mpiblmm.formula_table import NUMBER, read_table, suspicious_text_columns
 from mpiblmm.lmm.model import RandomFactor, RandomStructure
@@ -335,6 +336,8 @@ def design_from_formula(spec: Spec) -> Design:
             left_out = {model.names[j]: column_words(model.X, j, model.names) for j in dropped}
             model = fm.without_columns(model, ~np.isin(np.arange(model.X.shape[1]), dropped))
         elif dropped:  # the column that blocks is the nearly dependent one, not the first
+            kept = [c for c in range(near + 1) if c not in dropped]
+            near = kept[dependent_culprit(model.X[:, kept], len(kept) - 1)]
             raise SpecError(
                 f"{column_words(model.X, near, model.names)}: X is rank deficient, so the fixed "
                 f"effects are not identifiable; drop or recode that column (the column"

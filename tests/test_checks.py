@@ -179,3 +179,21 @@ def test_a_slope_constant_within_every_level_gets_a_note():
     assert slopes_constant_within_levels(_design(Z=np.column_stack([np.ones(30), t]))) == []
     assert slopes_constant_within_levels(_design(Z=np.column_stack([grp, t]))) == []
     assert slopes_constant_within_levels(_design()) == []
+
+
+def test_a_dependence_is_named_by_a_column_in_it_not_by_the_one_that_tipped_the_ratio():
+    """dependent_column stops where the leading block's eigenvalue ratio falls below the
+    tolerance, which a column outside the dependence can cause by raising the largest
+    eigenvalue (formula audit, cases2/227): the column named is the last one with weight in
+    the smallest eigenvector."""
+    from mpiblmm.checks import dependent_culprit
+
+    rng = np.random.default_rng(0)
+    n = 60
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    near = a + b + 1e-5 * rng.normal(size=n)          # nearly in the span of a and b
+    other = rng.normal(size=n)                         # far from it
+    A = np.column_stack([np.ones(n), a, b, near, other])
+    assert dependent_culprit(A, 4) == 3
+    assert dependent_culprit(A, 3) == 3
+    assert dependent_culprit(np.column_stack([a, np.zeros(n), b]), 2) == 1   # a zero column
