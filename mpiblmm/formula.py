@@ -43,8 +43,8 @@ import numpy as np
 
 from mpiblmm.errors import SpecError
 from mpiblmm.lmm.type3 import Term, Type3Basis
-from mpiblmm.formula_table import (Table, numeric_column, r_labels, r_level, r_number,
-                                   used_column)
+from mpiblmm.formula_table import (R_LOGICAL, Table, numeric_column, r_labels, r_level,
+                                   r_number, used_column)
 from mpiblmm.formula_names import (ColumnAliases, backtick_names, lme4_factor_names,
                                    plain_name, r_syntactic)
 
@@ -864,6 +864,7 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
     SpecError
         Without a ``where``: the caller prefixes the spec's ``formula`` key.
     """
+    _logical_columns_in_I(formula, table)
     aliases = ColumnAliases(table.names)
     try:
         model = _formula_model(formula, table, aliases)
@@ -909,19 +910,40 @@ def _renamed(model: FormulaModel, back, back_effect=None) -> FormulaModel:
             dataclasses.replace(t, label=back(t.label)) for t in model.type3_basis.terms)))
 
 
-def _logical_calls(formula: str) -> list[tuple[int, int, str]]:
-    """Each ``I(...)`` of ``formula`` whose argument is a comparison or a logical operation
-    (:func:`_logical`): its start, end and argument as written."""
-    out, pos = [], 0
+def _I_calls(formula: str):
+    """Each ``I(...)`` call of ``formula`` (not those inside another): start, end, argument."""
+    pos = 0
     while (m := re.compile(r"(?<![\w.])I\(").search(formula, pos)) is not None:
         depth, end = 1, m.end()
         while depth and end < len(formula):
             depth += {"(": 1, ")": -1}.get(formula[end], 0)
             end += 1
-        if _logical(formula[m.start():end]):
-            out.append((m.start(), end, formula[m.end():end - 1]))
+        yield m.start(), end, formula[m.end():end - 1]
         pos = end
-    return out
+
+
+def _logical_columns_in_I(formula: str, table: Table) -> None:
+    """Refuse a logical column (TRUE/FALSE cells) inside ``I()``: it is a factor here, of the
+    labels TRUE and FALSE, not R's logical vector, so ``I(smoker == TRUE)`` compared text
+    with True and gave a zero column (left out with a note) where R has the smoker
+    indicator, and ``I(smoker & time > 1)`` failed in formulaic's words."""
+    for start, end, inner in _I_calls(formula):
+        unquoted = re.sub(r"\"[^\"]*\"|'[^']*'", "", inner)  # not words inside a string
+        for word in dict.fromkeys(re.findall(r"(?<![\w.])[A-Za-z.][\w.]*", unquoted)):
+            if word in table.names and numeric_column(table, word) is None \
+                    and all(c in R_LOGICAL for c in table.cells[word]):
+                raise SpecError(
+                    f"term {formula[start:end]!r}: {word!r} is a logical column (TRUE/FALSE), "
+                    f"which enters a formula as a factor here, not as R's logical vector, and "
+                    f"cannot be used inside I(): write {word} for its TRUE level (the column "
+                    f"{word}TRUE), or recode it as 0/1 in {table.path}")
+
+
+def _logical_calls(formula: str) -> list[tuple[int, int, str]]:
+    """Each ``I(...)`` of ``formula`` whose argument is a comparison or a logical operation
+    (:func:`_logical`): its start, end and argument as written."""
+    return [(start, end, inner) for start, end, inner in _I_calls(formula)
+            if _logical(formula[start:end])]
 
 
 def _logical_as_r_codes_it(formula: str, table: Table, model: FormulaModel,

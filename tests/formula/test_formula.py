@@ -250,3 +250,23 @@ def test_bids_missing_values_are_missing_not_a_level(tmp_path):
     path.write_text("subject,age\n" + "\n".join(rows) + "\n")
     with pytest.raises(SpecError, match="age"):
         formula_model("y ~ age + (1 | subject)", read_table(path))
+
+
+def test_a_logical_column_inside_I_is_refused_not_a_zero_column(tmp_path):
+    """A logical column (TRUE/FALSE cells) is a factor of those labels here, not R's logical
+    vector: I(smoker == TRUE) compared text with True, a zero column left out with a note
+    where R has the smoker indicator; I(smoker & time > 1) failed in formulaic's words."""
+    path = tmp_path / "t.csv"
+    path.write_text("subject,time,smoker,sex\n" + "".join(
+        f"s{i % 4},{i % 3},{'TF'[i % 4 // 2]},{'MF'[i % 2]}\n" for i in range(12)))
+    t = read_table(path)
+    for formula in ("y ~ I(smoker == TRUE) + (1 | subject)",
+                    "y ~ time + I(smoker & time > 1) + (1 | subject)"):
+        with pytest.raises(SpecError, match=r"'smoker' is a logical column \(TRUE/FALSE\), "
+                                            r".* cannot be used inside I\(\): write smoker for "
+                                            r"its TRUE level \(the column smokerTRUE\)"):
+            formula_model(formula, t)
+    assert formula_model("y ~ smoker + (1 | subject)", t).names == ("(Intercept)", "smokerTRUE")
+    # a text column compared with a string, a string naming the logical column: as before
+    m = formula_model("y ~ I(sex == 'smoker') + I(time > 1) + (1 | subject)", t)
+    assert m.names[-1] == "I(time > 1)TRUE"
