@@ -304,6 +304,13 @@ def _r_piece(expr: str) -> str:
     return f"`{expr}`"
 
 
+def _outside_strings(text: str, change) -> str:
+    """``text`` with ``change`` applied to its parts outside quoted strings ("TRUE" stays a
+    string: I(answer == "TRUE") compared with "True" before)."""
+    parts = re.split(r"(\"[^\"]*\"|'[^']*')", text)
+    return "".join(part if i % 2 else change(part) for i, part in enumerate(parts))
+
+
 def _r_to_python(text: str) -> str:
     """R spellings formulaic does not know: ``^`` inside a call is a power (``I(x^2)``),
     ``as.factor(x)`` is ``factor(x)``, ``TRUE``/``FALSE`` are Python's (and ``T``/``F`` as an
@@ -313,7 +320,8 @@ def _r_to_python(text: str) -> str:
     text = _r_factor_calls(text)
     text = re.sub(r"\s*%in%\s*", ":", text)       # R: a %in% b is the term a:b
     text = re.sub(r"\bas\.factor\s*\(", "factor(", text)
-    text = re.sub(r"\bTRUE\b", "True", re.sub(r"\bFALSE\b", "False", text))
+    text = _outside_strings(text, lambda part: re.sub(r"\bTRUE\b", "True",
+                                                      re.sub(r"\bFALSE\b", "False", part)))
     # R's T and F as an argument's value (poly(age, 2, raw = T)); not a column named T.
     # Written bool(1) / bool(0), not True / False, so that the names keep R's spelling:
     # R deparses the symbol T as T ("poly(age, 2, raw = T)1"), :class:`_RConstants`

@@ -270,3 +270,14 @@ def test_a_logical_column_inside_I_is_refused_not_a_zero_column(tmp_path):
     # a text column compared with a string, a string naming the logical column: as before
     m = formula_model("y ~ I(sex == 'smoker') + I(time > 1) + (1 | subject)", t)
     assert m.names[-1] == "I(time > 1)TRUE"
+
+
+def test_true_inside_a_string_stays_a_string(tmp_path):
+    """R's TRUE became Python's True also inside quotes: I(answer == "TRUE") compared a text
+    column with "True", a zero column."""
+    path = tmp_path / "t.csv"
+    path.write_text("subject,answer\n" + "".join(
+        f"s{i % 4},{['TRUE', 'no', 'maybe'][i % 3]}\n" for i in range(12)))
+    m = formula_model('y ~ I(answer == "TRUE") + (1 | subject)', read_table(path))
+    assert m.names == ("(Intercept)", 'I(answer == "TRUE")TRUE')
+    np.testing.assert_array_equal(m.X[:, 1], [1.0, 0.0, 0.0] * 4)
