@@ -559,9 +559,17 @@ def _logical(expr: str) -> bool:
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
             and node.func.id == "I" and len(node.args) == 1):
         return False
-    inner = node.args[0]
-    return isinstance(inner, (ast.Compare, ast.BoolOp)) or (
-        isinstance(inner, ast.UnaryOp) and isinstance(inner.op, ast.Not))
+    return _logical_node(node.args[0])
+
+
+def _logical_node(node: ast.AST) -> bool:
+    """A comparison, a logical operation, or ``&`` / ``|`` of such (R's elementwise and/or,
+    written with the comparisons in parentheses: ``(time > 1) & (age > 51)``)."""
+    if isinstance(node, (ast.Compare, ast.BoolOp)) or (
+            isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not)):
+        return True
+    return isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.BitOr)) \
+        and _logical_node(node.left) and _logical_node(node.right)
 
 
 def _r_parts(column: str, factors: list[tuple[str, bool | None]],
@@ -792,6 +800,12 @@ def _matrix(text: str, frame, where: str, table: Table | None = None):
     except Exception as exc:  # formulaic raises many types for a bad term
         if table is not None and "null values after evaluation" in str(exc):
             _nan_after_transform(ordered, frame, where, table)
+        failed = re.search(r"Unable to evaluate factor `(.*?)`", str(exc))
+        if failed is not None and re.search(r"I\(.*[&|]", failed.group(1)):
+            raise SpecError(f"{where}: term {r_expression(failed.group(1))!r}: Python, which "
+                            "evaluates I(), binds & and | more tightly than a comparison (R "
+                            "less): write each comparison in parentheses, e.g. "
+                            "I((time > 1) & (age > 50))") from None
         raise SpecError(f"{where}: {_one_line(exc)}") from None
 
 
