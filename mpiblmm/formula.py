@@ -406,6 +406,9 @@ def _one_line(exc: BaseException, limit: int = 240) -> str:
     Python's parser is not named ("invalid syntax (<unknown>, line 1)": the term is not one
     R's formula syntax writes)."""
     if isinstance(exc, SyntaxError):
+        if exc.text and re.search(r"!(?!=)", exc.text):  # R's not, which Python writes `not`
+            return ("R's ! (not) is not supported here: write the comparison the other way "
+                    f"round (time <= 1 for !(time > 1)) (near {exc.text.strip()[:60]!r})")
         near = f" near {exc.text.strip()[:60]!r}" if exc.text and exc.text.strip() else ""
         return f"not a term R's formula syntax writes ({exc.msg}{near})"
     text = " ".join(_ANSI.sub("", str(exc)).split())

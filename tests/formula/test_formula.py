@@ -120,6 +120,8 @@ def test_number_labels_are_rs_numbers(table):
     ("y ~ age + offset(age) + (1 | subject)", "unknown function 'offset': offsets (a term "
                                               "with its coefficient fixed at 1) are not "
                                               "supported: subtract the offset from the images"),
+    ("y ~ I(!(time > 1)) + (1 | subject)", "R's ! (not) is not supported here: write the "
+                                           "comparison the other way round"),
     ("y ~ I(time > 1 & age > 60) + (1 | subject)", "term 'I(time > 1 & age > 60)': Python, "
      "which evaluates I(), binds & and | more tightly than a comparison (R less): write each "
      "comparison in parentheses"),
