@@ -359,3 +359,31 @@ def test_pbs_job_without_output_uses_the_specs_and_finds_its_lock_there(tmp_path
     mpiexec, qsub = (tmp_path / "calls.txt").read_text().splitlines()
     assert "--output" not in mpiexec and "--resume" in mpiexec
     assert ",OUTPUT=," in qsub and ",PREVIOUS_JOB=6.server " in qsub
+
+
+def test_under_pbs_a_foreign_lock_is_refused_and_a_dead_one_replaced(tmp_path, monkeypatch):
+    """With PBS_JOBID set, reading any lock raised KeyError 'slurm_job' (a traceback and an
+    MPI abort where the lock of another job should be refused; HPC recheck): the lock code
+    itself, not a stub."""
+    import json as _json
+    import socket
+
+    from mpiblmm.errors import UserError
+    from mpiblmm.io.lock import acquire_lock
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setenv("PBS_JOBID", "9.server")
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / "mpiblmm.lock"
+    lock.write_text(_json.dumps({"host": "node18", "pid": 4242, "start": 0.0,
+                                 "pbs_job": "55.other"}) + "\n")
+    with pytest.raises(UserError, match="another mpiblmm job is writing into this folder"):
+        acquire_lock(out)
+    proc = subprocess.Popen(["true"])               # a PID of this host that has ended
+    proc.wait()
+    lock.write_text(_json.dumps({"host": socket.gethostname(), "pid": proc.pid, "start": 0.0,
+                                 "pbs_job": "8.server"}) + "\n")
+    held = acquire_lock(out)                        # stale: replaced
+    assert '"pbs_job": "9.server"' in lock.read_text()
+    held.release()

@@ -78,7 +78,7 @@ def _is_stale(text: str) -> bool:
     except (ValueError, KeyError, TypeError):
         return False  # empty or half written: a job is creating it right now
     run = _batch_run()
-    if run and info.get("slurm_job") == run["slurm_job"] \
+    if run.get("slurm_job") and info.get("slurm_job") == run["slurm_job"] \
             and str(info.get("slurm_restart")) != run["slurm_restart"]:
         return True
     if host != socket.gethostname():
