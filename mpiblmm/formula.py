@@ -260,6 +260,11 @@ def _parse(text: str) -> ParsedFormula:
                     bars.append(dataclasses.replace(bar, lme4_order=(first, rank, g)))
             continue
         if "|" in chunk:
+            if re.search(r"(?<![\w.])I\(.*\|", chunk):  # lme4's findbars reads it as a bar too
+                raise _FormulaProblem(f"term {chunk!r}: a '|' inside I() is read as a "
+                                      "random-effects bar, as lme4 reads it: write the "
+                                      "condition without it (its complement with &, e.g. "
+                                      "I((a <= 1) & (b <= 2)) for not (a > 1 or b > 2))")
             raise _FormulaProblem(f"term {chunk!r}: a random term must stand alone in "
                                   "parentheses, e.g. + (1 + time | subject)")
         fixed.append(f"{sign} {chunk}" if fixed or sign == "-" else chunk)
@@ -961,7 +966,27 @@ def _logical_columns_in_I(formula: str, table: Table) -> None:
                     f"term {formula[start:end]!r}: {word!r} is a logical column (TRUE/FALSE), "
                     f"which enters a formula as a factor here, not as R's logical vector, and "
                     f"cannot be used inside I(): write {word} for its TRUE level (the column "
-                    f"{word}TRUE), or recode it as 0/1 in {table.path}")
+                    f"{word}TRUE), or recode it as 0/1 in {table.path} and compare it, "
+                    f"I(({word} == 1) & (time > 1))")
+        _and_or_of_comparisons(formula[start:end], inner)
+
+
+def _and_or_of_comparisons(call: str, inner: str) -> None:
+    """Refuse an ``&`` inside ``I()`` that does not join two comparisons (or logical terms
+    of such): Python, which evaluates ``I()``, binds ``&`` more tightly than a comparison
+    (``I(x & t > 1)`` is ``(x & t) > 1``, a zero column where R has ``x & (t > 1)``), and
+    its ``&`` of numbers is bitwise (``2 & 1`` is 0, R's TRUE)."""
+    try:
+        tree = ast.parse(_r_to_python(inner), mode="eval")
+    except SyntaxError:
+        return  # (said where the formula is evaluated)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.BitOr)) \
+                and not (_logical_node(node.left) and _logical_node(node.right)):
+            raise SpecError(f"term {call!r}: & inside I() joins comparisons here, each in "
+                            "parentheses, e.g. I((time > 1) & (age > 50)) (Python, which "
+                            "evaluates I(), binds & more tightly than a comparison, and its & "
+                            "of numbers is bitwise)")
 
 
 def _logical_calls(formula: str) -> list[tuple[int, int, str]]:
@@ -973,15 +998,18 @@ def _logical_calls(formula: str) -> list[tuple[int, int, str]]:
 
 def _logical_as_r_codes_it(formula: str, table: Table, model: FormulaModel,
                            calls: list[tuple[int, int, str]]) -> FormulaModel:
-    """``model`` where its logical ``I(...)`` columns are what R makes of them; else the
-    model with each written as ``factor(...)``, named ``I(...)`` again.
+    """The model with each logical ``I(...)`` written as ``factor(...)``, named ``I(...)``
+    again (``model``, its 0/1 columns, only where that cannot be evaluated: a comparison
+    with one value, which R refuses as a factor of one level).
 
     R makes a comparison a logical vector, a factor of FALSE and TRUE; formulaic a 0/1
     column.  Where R codes that factor by contrasts (an intercept, or the term's margin
     before it) both are the column ``I(x > 1)TRUE``; where R codes it by indicators (no
     intercept, an interaction without its margin such as ``age:I(age > 50)``, a random
     term ``(0 + I(t > 1) | g)``) R has a column per level and the 0/1 column was a smaller
-    model (formula audit: another fit, logLik -368.2 where lmer's was -343.1)."""
+    model (formula audit: another fit, logLik -368.2 where lmer's was -343.1); and where the
+    widths agree the coding may not (``0 + I(t > 1) + sex``: R's ``sexM`` is M - F, the 0/1
+    model's the level M)."""
     text = formula
     for start, end, inner in reversed(calls):
         text = text[:start] + f"factor({inner})" + text[end:]
@@ -989,9 +1017,6 @@ def _logical_as_r_codes_it(formula: str, table: Table, model: FormulaModel,
         other = formula_model(text, table)
     except SpecError:
         return model  # (factor of a constant comparison: R refuses, the 0/1 model is kept)
-    widths = [len(f[3]) for f in model.factors]
-    if other.X.shape[1] == model.X.shape[1] and [len(f[3]) for f in other.factors] == widths:
-        return model
     names = {r_expression(f"factor({inner.strip()})"): r_expression(f"I({inner.strip()})")
              for _, _, inner in calls}
 

@@ -122,9 +122,12 @@ def test_number_labels_are_rs_numbers(table):
                                               "supported: subtract the offset from the images"),
     ("y ~ I(!(time > 1)) + (1 | subject)", "R's ! (not) is not supported here: write the "
                                            "comparison the other way round"),
-    ("y ~ I(time > 1 & age > 60) + (1 | subject)", "term 'I(time > 1 & age > 60)': Python, "
-     "which evaluates I(), binds & and | more tightly than a comparison (R less): write each "
-     "comparison in parentheses"),
+    ("y ~ I(time > 1 & age > 60) + (1 | subject)", "term 'I(time > 1 & age > 60)': & inside "
+     "I() joins comparisons here, each in parentheses, e.g. I((time > 1) & (age > 50))"),
+    ("y ~ I(age & (time > 1)) + (1 | subject)", "term 'I(age & (time > 1))': & inside I() "
+     "joins comparisons here"),
+    ("y ~ I((age > 60) | (time > 1)) + (1 | subject)", "a '|' inside I() is read as a "
+     "random-effects bar, as lme4 reads it"),
     ("y ~ ordered(visit) + (1 | subject)", "unknown function 'ordered': ordered factors (R's "
                                            "polynomial contrasts) are written "
                                            "C(factor(x), contr.poly) here"),
@@ -286,3 +289,14 @@ def test_true_inside_a_string_stays_a_string(tmp_path):
     m = formula_model('y ~ I(answer == "TRUE") + (1 | subject)', read_table(path))
     assert m.names == ("(Intercept)", 'I(answer == "TRUE")TRUE')
     np.testing.assert_array_equal(m.X[:, 1], [1.0, 0.0, 0.0] * 4)
+
+
+def test_a_logical_in_I_without_an_intercept_is_coded_as_r_codes_it_beside_a_factor(tmp_path):
+    """0 + I(t > 1) + sex: R codes the logical by indicators and sex by contrasts (sexM is
+    M - F); the 0/1 column beside indicators of sex had the same width but sexM was the level
+    M (formula recheck): the factor model is used wherever it can be evaluated."""
+    path = tmp_path / "t.csv"
+    path.write_text("subject,time,sex\n" + "".join(
+        f"s{i % 4},{i % 3},{'MF'[i % 2]}\n" for i in range(12)))
+    m = formula_model("y ~ 0 + I(time > 1) + sex + (1 | subject)", read_table(path))
+    assert m.names == ("I(time > 1)FALSE", "I(time > 1)TRUE", "sexM")
