@@ -567,6 +567,22 @@ def main(argv: list[str] | None = None) -> int:
             rows = load_rows(csv_path)
         except (ValueError, KeyError) as exc:
             ap.error(f"--resume: {exc}")
+    # the study's options, kept beside the CSV: a --resume with others would mix two studies
+    # in one summary (HPC recheck: 45- and 60-image rows, 144- and 288-voxel rows, compared)
+    study = {"spec": str(args.spec.resolve()) if args.spec else None,
+             "subjects": args.subjects, "visits": args.visits, "shape": list(args.shape),
+             "voxels_per_rank": args.voxels_per_rank, "fit_args": args.fit_args}
+    options_path = args.out / "scaling-options.json"
+    if rows and options_path.is_file():
+        try:
+            before = json.loads(options_path.read_text())
+        except ValueError:
+            before = {}
+        changed = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {v!r}"
+                   for k, v in study.items() if k in before and before[k] != v]
+        if changed:
+            ap.error(f"--resume: {csv_path} was measured with other study options "
+                     f"({'; '.join(changed)}): give the same options, or another --out")
 
     command, flag = launcher()
     env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -580,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.out / "work"
     try:
         work.mkdir(parents=True, exist_ok=True)
+        options_path.write_text(json.dumps(study) + "\n")
     except OSError as exc:
         ap.error(f"--out {args.out}: cannot create it ({exc.strerror})")
 

@@ -451,3 +451,20 @@ def test_a_study_is_reused_only_when_simulated_with_the_same_options(scaling, tm
     (folder / "study-options.json").unlink()                        # an earlier version's
     scaling.simulate(runner, folder, 30, 3, (10, 10, 7), 0)
     assert len(calls) == 4
+
+
+def test_a_resume_with_other_study_options_is_refused(tmp_path, tiny_spec):
+    """A --resume with other study options mixed two studies in one summary (HPC recheck:
+    45- and 60-image rows, 144- and 288-voxel rows, and a speed-up between them)."""
+    out = tmp_path / "sc"
+    args = ["--mode", "strong", "--spec", str(tiny_spec), "--ranks", "1", "2",
+            "--repeats", "1", "--out", str(out)]
+    run = _scaling(args, _fake_env(tmp_path, FAIL_AT="2"))
+    assert run.returncode == 1 and len(_rows(out / "scaling.csv")) == 1
+    other = _scaling([*args, "--resume", "--fit-args=--chunk-voxels 5"], _fake_env(tmp_path))
+    assert other.returncode == 2, other.stderr
+    assert "was measured with other study options (--fit-args '' -> '--chunk-voxels 5')" \
+        in other.stderr
+    same = _scaling([*args, "--resume"], _fake_env(tmp_path))
+    assert same.returncode == 0, same.stderr
+    assert [r["ranks"] for r in _rows(out / "scaling.csv")] == ["1", "2"]
