@@ -808,12 +808,6 @@ def _matrix(text: str, frame, where: str, table: Table | None = None):
     except Exception as exc:  # formulaic raises many types for a bad term
         if table is not None and "null values after evaluation" in str(exc):
             _nan_after_transform(ordered, frame, where, table)
-        failed = re.search(r"Unable to evaluate factor `(.*?)`", str(exc))
-        if failed is not None and re.search(r"I\(.*[&|]", failed.group(1)):
-            raise SpecError(f"{where}: term {r_expression(failed.group(1))!r}: Python, which "
-                            "evaluates I(), binds & and | more tightly than a comparison (R "
-                            "less): write each comparison in parentheses, e.g. "
-                            "I((time > 1) & (age > 50))") from None
         raise SpecError(f"{where}: {_one_line(exc)}") from None
 
 
@@ -894,7 +888,10 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
     SpecError
         Without a ``where``: the caller prefixes the spec's ``formula`` key.
     """
-    _logical_columns_in_I(formula, table)
+    _refused_in_I(formula, table)
+    logical = _logical_calls(formula)
+    if logical and (as_r := _logical_as_factors(formula, table, logical)) is not None:
+        return as_r
     aliases = ColumnAliases(table.names)
     try:
         model = _formula_model(formula, table, aliases)
@@ -902,9 +899,6 @@ def formula_model(formula: str, table: Table) -> FormulaModel:
         if not aliases.alias:
             raise
         raise SpecError(aliases.restore(exc.message), exc.where) from None
-    logical = _logical_calls(formula)
-    if logical:
-        model = _logical_as_r_codes_it(formula, table, model, logical)
     if not aliases.alias and "as.factor" not in formula:
         return model
     # as.factor(x) is read as factor(x): R's spelling back, from the part that writes it (the
@@ -940,10 +934,13 @@ def _renamed(model: FormulaModel, back, back_effect=None) -> FormulaModel:
             dataclasses.replace(t, label=back(t.label)) for t in model.type3_basis.terms)))
 
 
+_I_CALL = re.compile(r"(?<![\w.])I\(")
+
+
 def _I_calls(formula: str):
     """Each ``I(...)`` call of ``formula`` (not those inside another): start, end, argument."""
     pos = 0
-    while (m := re.compile(r"(?<![\w.])I\(").search(formula, pos)) is not None:
+    while (m := _I_CALL.search(formula, pos)) is not None:
         depth, end = 1, m.end()
         while depth and end < len(formula):
             depth += {"(": 1, ")": -1}.get(formula[end], 0)
@@ -952,11 +949,12 @@ def _I_calls(formula: str):
         pos = end
 
 
-def _logical_columns_in_I(formula: str, table: Table) -> None:
-    """Refuse a logical column (TRUE/FALSE cells) inside ``I()``: it is a factor here, of the
-    labels TRUE and FALSE, not R's logical vector, so ``I(smoker == TRUE)`` compared text
-    with True and gave a zero column (left out with a note) where R has the smoker
-    indicator, and ``I(smoker & time > 1)`` failed in formulaic's words."""
+def _refused_in_I(formula: str, table: Table) -> None:
+    """Refuse what ``I()`` would evaluate otherwise than R: a logical column (TRUE/FALSE
+    cells), a factor here of the labels TRUE and FALSE, not R's logical vector
+    (``I(smoker == TRUE)`` compared text with True and gave a zero column, left out with a
+    note, where R has the smoker indicator; ``I(smoker & time > 1)`` failed in formulaic's
+    words), and an ``&`` that does not join two comparisons (:func:`_and_or_of_comparisons`)."""
     for start, end, inner in _I_calls(formula):
         unquoted = re.sub(r"\"[^\"]*\"|'[^']*'", "", inner)  # not words inside a string
         for word in dict.fromkeys(re.findall(r"(?<![\w.])[A-Za-z.][\w.]*", unquoted)):
@@ -996,11 +994,11 @@ def _logical_calls(formula: str) -> list[tuple[int, int, str]]:
             if _logical(formula[start:end])]
 
 
-def _logical_as_r_codes_it(formula: str, table: Table, model: FormulaModel,
-                           calls: list[tuple[int, int, str]]) -> FormulaModel:
+def _logical_as_factors(formula: str, table: Table,
+                        calls: list[tuple[int, int, str]]) -> FormulaModel | None:
     """The model with each logical ``I(...)`` written as ``factor(...)``, named ``I(...)``
-    again (``model``, its 0/1 columns, only where that cannot be evaluated: a comparison
-    with one value, which R refuses as a factor of one level).
+    again; ``None`` where that cannot be evaluated (a comparison with one value, which R
+    refuses as a factor of one level; the caller then builds the 0/1 columns).
 
     R makes a comparison a logical vector, a factor of FALSE and TRUE; formulaic a 0/1
     column.  Where R codes that factor by contrasts (an intercept, or the term's margin
@@ -1016,7 +1014,7 @@ def _logical_as_r_codes_it(formula: str, table: Table, model: FormulaModel,
     try:
         other = formula_model(text, table)
     except SpecError:
-        return model  # (factor of a constant comparison: R refuses, the 0/1 model is kept)
+        return None
     names = {r_expression(f"factor({inner.strip()})"): r_expression(f"I({inner.strip()})")
              for _, _, inner in calls}
 
