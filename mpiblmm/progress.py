@@ -241,22 +241,24 @@ class JobLog:
 
     def say(self, text: str) -> None:
         """A line from rank 0 (other ranks: nothing); also into this rank's own log."""
-        with self._lock:
-            self._last_line = time.monotonic()
-            if self._stream is not None:
-                if self._bar_shown:
-                    self._stream.write("\n")
-                    self._bar_shown = False
-                self._stream.write(text + "\n")
-                self._stream.flush()
-            self._to_file("_file", text + "\n")
-        self.note(text)
+        self._line(text, stdout=True)
 
     def to_log_file(self, text: str) -> None:
         """A line rank 0 printed on stderr (a stopped fit's last line) also into the log file
         (``--log-file``: a batch user reads the job there) and this rank's own log; not on
         stdout.  Other ranks: their own log only."""
+        self._line(text, stdout=False)
+
+    def _line(self, text: str, stdout: bool) -> None:
         with self._lock:
+            if stdout:
+                self._last_line = time.monotonic()
+            if stdout and self._stream is not None:
+                if self._bar_shown:
+                    self._stream.write("\n")
+                    self._bar_shown = False
+                self._stream.write(text + "\n")
+                self._stream.flush()
             self._to_file("_file", text + "\n")
         self.note(text)
 
