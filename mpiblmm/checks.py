@@ -53,17 +53,25 @@ def out_of_scale_column(A: np.ndarray) -> int | None:
     return int(np.flatnonzero(bad)[0]) if bad.any() else None
 
 
-def dependent_column(A: np.ndarray, rtol: float = RANK_RTOL) -> int | None:
-    """Index of the first column of ``A`` (n, p) in the span of the columns before it (or
-    zero), by the eigenvalues of the leading Gram blocks; ``None`` if ``A`` has full column
-    rank."""
+def _unit_gram(A: np.ndarray) -> np.ndarray | int:
+    """The Gram matrix of ``A``'s columns scaled to unit length (units do not decide the
+    rank), or the index of its first zero column."""
     A = np.asarray(A, dtype=np.float64)
     peak = np.abs(A).max(axis=0, initial=0.0)
     peak = np.where(peak > 0, peak, 1.0)      # squares of 1e160 or 1e-170 would over/underflow
     scale = peak * np.sqrt(((A / peak) ** 2).sum(axis=0))
     if not (scale > 0).all():
         return int(np.flatnonzero(~(scale > 0))[0])
-    G = (A / scale).T @ (A / scale)          # column scaling: units do not decide the rank
+    return (A / scale).T @ (A / scale)
+
+
+def dependent_column(A: np.ndarray, rtol: float = RANK_RTOL) -> int | None:
+    """Index of the first column of ``A`` (n, p) in the span of the columns before it (or
+    zero), by the eigenvalues of the leading Gram blocks; ``None`` if ``A`` has full column
+    rank."""
+    G = _unit_gram(A)
+    if isinstance(G, int):
+        return G
     w_all = np.linalg.eigvalsh(G)
     if w_all[0] > rtol * w_all[-1]:
         return None
@@ -82,14 +90,10 @@ def dependent_culprit(A: np.ndarray, j: int) -> int:
     raising the largest eigenvalue (formula audit: 'flagtrue:sqrt(age)', 15% outside the
     span of the others, was named where age, sqrt(age), log10(age) and log10(age):age were
     nearly dependent)."""
-    A = np.asarray(A, dtype=np.float64)[:, :j + 1]
-    peak = np.abs(A).max(axis=0, initial=0.0)
-    peak = np.where(peak > 0, peak, 1.0)
-    scale = peak * np.sqrt(((A / peak) ** 2).sum(axis=0))
-    if not (scale > 0).all():
-        return int(np.flatnonzero(~(scale > 0))[0])
-    w, v = np.linalg.eigh((A / scale).T @ (A / scale))
-    weight = np.abs(v[:, 0])
+    G = _unit_gram(np.asarray(A, dtype=np.float64)[:, :j + 1])
+    if isinstance(G, int):
+        return G
+    weight = np.abs(np.linalg.eigh(G)[1][:, 0])
     return int(np.flatnonzero(weight >= 0.1 * weight.max())[-1])
 
 
