@@ -244,7 +244,7 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
                          "mask is 0; the same for 0/1 masks (multiply the images by any other "
                          "masks first)")
     missing = _missingness(raw.get("Missingness"), where, notes)
-    floor = _blmm_min_n(raw, cwd, notes)
+    floor = _blmm_min_n(raw, cwd, notes, missing.get("min_fraction"))
     unread = _unread_inputs(raw, cwd) if away else []
     if floor is None and unread:  # converted away from the config: say what it could not do
         notes.append(f"Missingness: BLMM's own voxel rules (n > p + 1, and n > q in its "
@@ -630,14 +630,18 @@ def _one_spelling_per_level(raw: dict, cwd: Path, where: str) -> None:
                     "write every code of a level alike", f"{where}: Z: {label}.factor")
 
 
-def _blmm_min_n(raw: dict, cwd: Path, notes: list[str]) -> tuple[int, str] | None:
+def _blmm_min_n(raw: dict, cwd: Path, notes: list[str],
+                fraction: float | None) -> tuple[int, str] | None:
     """BLMM's own minimum of observations per voxel (``blmm_concat``), as ``(min_n, note)``:
-    it drops a voxel with ``n <= p + 1`` and, in ``safeMode`` (``safeMode: 1``, its default),
+    it drops a voxel with ``n <= p + 1``, in ``safeMode`` (``safeMode: 1``, its default)
     with ``n <= q``, q = levels x random effects summed over the factors (all levels of the
-    factor files, as BLMM counts them).  ``None`` when X or a factor's files cannot be read
+    factor files, as BLMM counts them), and with fewer than ``MinPercent`` x n compared in
+    floating point (``fraction``; 0.07 x 100 is 7.000000000000001 there, so 7 observations
+    are too few, where ``min_fraction`` reads 0.07 as the decimal).  ``None`` when X or a factor's files cannot be read
     here (the spec's loader reports them).  When q is not below the number of images BLMM
     fits no voxel at all: the safe-mode rule is then left out, with a note."""
     from mpiblmm.design import read_labels_csv, read_numeric_csv
+    from mpiblmm.lmm.analysis import fewest_of_fraction
 
     def resolve(value: Any) -> Path | None:
         if not isinstance(value, str) or not value.strip():
@@ -679,6 +683,12 @@ def _blmm_min_n(raw: dict, cwd: Path, notes: list[str]) -> tuple[int, str] | Non
         floor = q + 1
         why += (f" and, in its safeMode (on by default; safeMode: 0 turns it off), more than "
                 f"q = {q} (levels x random effects, summed over the factors)")
+    if fraction is not None:
+        product = fraction * n          # blmm_concat drops n_sv < MinPercent * n, in floats
+        if math.ceil(product) > max(floor, fewest_of_fraction(fraction, n)):
+            floor = math.ceil(product)
+            why += (f" and at least MinPercent x n = {fraction!r} x {n} = {product!r} "
+                    "observations, compared in floating point")
     return floor, (f"missingness.min_n: set to {floor}, as BLMM fits a voxel only with {why}; "
                    "lower it in the spec to fit more voxels than BLMM")
 

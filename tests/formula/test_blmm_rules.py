@@ -106,6 +106,24 @@ def test_safe_mode_that_would_drop_every_voxel(tmp_path):
     assert any(n.startswith("safeMode: BLMM drops every voxel here (q = 10") for n in notes)
 
 
+@pytest.mark.parametrize("fraction, min_n", [
+    ("0.07", 8),        # 0.07 * 100 = 7.000000000000001 in BLMM's floats: 7 are too few
+    ("'7%'", 8),        # 7 / 100 is the same float
+    ("0.1", 4),         # 0.1 * 100 = 10.0: min_fraction alone keeps the same voxels
+])
+def test_min_percent_compared_in_floating_point(tmp_path, fraction, min_n):
+    """``blmm_concat`` drops a voxel with ``n_sv < MinPercent * n`` in floating point, where
+    ``min_fraction`` reads the decimal (7 of 100 observations pass 0.07): where the two
+    differ, min_n keeps BLMM's voxels."""
+    _study(tmp_path, subjects=25, visits=4)
+    spec, notes = _convert(tmp_path, f"safeMode: 0\nMissingness: {{MinPercent: {fraction}}}\n")
+    assert spec["missingness"]["min_n"] == min_n
+    assert spec["missingness"]["min_fraction"] == pytest.approx(0.07 if min_n == 8 else 0.1)
+    if min_n == 8:
+        (note,) = [n for n in notes if n.startswith("missingness.min_n")]
+        assert "MinPercent x n = 0.07 x 100 = 7.000000000000001 observations" in note
+
+
 def test_unreadable_files_leave_min_n_to_the_loader(tmp_path):
     spec, notes = _convert(tmp_path)
     assert "missingness" not in spec and notes == []
