@@ -471,6 +471,13 @@ def read_numeric_csv(path: Path) -> np.ndarray:
                 value = float(cell)
             except ValueError:
                 hint = _not_a_number_hint(cell, first_row=i == 0)
+                below = [r[j] for _, r in rows[1:] if j < len(r)]
+                if hint.endswith("no header row)") and below and not any(
+                        NUMBER.fullmatch(c) for c in below):
+                    raise SpecError(f"column {j + 1}: text in every row ({cell.strip()!r}, "
+                                    f"{below[0].strip()!r}, ...), as in an ID column: the "
+                                    "file must hold numbers only; delete that column", where
+                                    ) from None
                 raise SpecError(f"column {j + 1}: not a number: {cell.strip()!r}{hint}",
                                 where) from None
             if not math.isfinite(value):

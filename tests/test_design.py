@@ -171,6 +171,11 @@ def test_a_matrix_cell_is_a_number_only_as_csv_readers_read_one(tmp_path):
     ("1\t2.5\t0\n1\t3\t1\n", "(numbers separated by tabs: the file must be comma-separated)"),
     ("1;2.5\n1;3\n", "(numbers separated by semicolons: the file must be comma-separated)"),
     ("intercept,age\n1,2\n", "(the file must have no header row)"),
+    # BLMM's loader drops an ID column; told "no header row", a user deleted a subject
+    ("sub01,1,2\nsub02,1,3\n", "column 1: text in every row ('sub01', 'sub02', ...), as in "
+                                 "an ID column: the file must hold numbers only; delete that column"),
+    ("id,int,age\nsub01,1,2\n", "column 1: text in every row ('id', 'sub01', ...), as in an "
+                                 "ID column: the file must hold numbers only; delete that column"),
 ])
 def test_a_numeric_csv_says_why_a_cell_is_not_a_number(tmp_path, text, hint):
     """A fault audit's tab-separated X.csv was told to drop its header row."""
