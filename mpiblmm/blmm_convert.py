@@ -15,12 +15,13 @@ would resolve differently is written into the spec as a JSON list.
 
 Every BLMM option without an equivalent is reported, one line each, on stderr; an option
 whose loss would change the results (``data_mask_thresh``), a factor file whose codes BLMM
-reads as fewer levels than the spec would (``2`` and ``2.0``), a missing ``contrasts``, or a
-value that cannot be honoured (``MinPercent`` above 1, an absurd ``maxnit``, a malformed
+reads as fewer levels than the spec would (``2`` and ``2.0``), a misspelt ``contrasts`` key,
+or a value that cannot be honoured (``MinPercent`` above 1, an absurd ``maxnit``, a malformed
 contrast) is an error naming the key.  Spellings BLMM 0.1.1 itself would fail on but whose
 meaning is plain (``tol`` as a YAML number, ``f2`` listed before ``f1``) are converted as
-meant.  BLMM's T maps hold the one-sided (upper-tail) -log10 p, so T
-contrasts are written with ``"alternative": "greater"``.
+meant; without contrasts the model is converted with a note (no contrast maps).  BLMM's T
+maps hold the one-sided (upper-tail) -log10 p, so T contrasts are written with
+``"alternative": "greater"``.
 
 BLMM's own voxel rules (``blmm_concat``) go into ``missingness.min_n``: it drops every voxel
 with ``n <= p + 1`` observations and, in its ``safeMode`` (on unless set to 0), with

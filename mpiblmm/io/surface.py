@@ -431,7 +431,8 @@ def save_surface_map(path: Path, data: np.ndarray, space: str, names: Sequence[s
             raise _template_changed(Path(info.get("template", "")), len(models), data.shape[0])
         axes = (cifti2.ScalarAxis([str(n) for n in names]), models)
         img = cifti2.Cifti2Image(np.ascontiguousarray(data.T), cifti2.Cifti2Header.from_axes(axes))
-        img.nifti_header.set_intent("ConnDenseScalar")
+        # the intent name too, as Workbench writes it (readers key on the code)
+        img.nifti_header.set_intent("ConnDenseScalar", name="ConnDenseScalar")
     _atomic_save(img, Path(path))
 
 

@@ -109,7 +109,7 @@ def test_surface_study_fits_at_2_ranks_like_the_volume(study, nifti_fit, fmt, ru
         else:
             names = list(img.header.get_axis(0).name)
             data = np.asarray(img.dataobj).T
-            assert img.nifti_header.get_intent()[0] == "ConnDenseScalar"
+            assert img.nifti_header.get_intent() == ("ConnDenseScalar", (), "ConnDenseScalar")
             assert isinstance(img.header.get_axis(1), nib.cifti2.BrainModelAxis)
         assert names == index[f"{stem}{suffix}"]["volumes"], stem
         assert data.shape[0] == N
