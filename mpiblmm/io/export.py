@@ -211,6 +211,15 @@ def map_values(f: Any, m: MapSpec) -> np.ndarray:
     return data
 
 
+def map_source(f: Any, m: MapSpec) -> Any:
+    """What :class:`ScatteredMap` reads map ``m`` from: the results file's dataset itself
+    where the map is the dataset as stored (read a group of volumes at a time), else its
+    :func:`map_values`."""
+    if not m.derive and not m.lower_triangle:
+        return f[m.dataset]
+    return map_values(f, m)
+
+
 def map_intent(m: MapSpec) -> str:
     """The NIfTI intent of map ``m``: :data:`DERIVED_INTENTS` for contrast z, q and p maps,
     else ``"none"``."""
@@ -279,7 +288,50 @@ def volume(values: np.ndarray, voxels: np.ndarray, grid_shape: tuple[int, ...],
     return out
 
 
-def write_map(target: Path, data: np.ndarray, affine: np.ndarray, space: str,
+#: Bytes of a map's per-voxel values read from the results file at once: a wide map (beta of
+#: many columns over an unmasked grid) is read in groups of volumes, not whole.
+VALUES_READ_BYTES = 32 * 2**20
+
+
+class ScatteredMap:
+    """A map as its per-voxel values (V,) or (V, k) -- an array, or the results file's
+    dataset, read a group of volumes at a time (at most :data:`VALUES_READ_BYTES`) -- and the
+    3-D or 4-D grid they go into: ``shape``, ``dtype`` and :meth:`volume` for the NIfTI
+    writer, which writes a volume at a time; the whole grid only where asked
+    (``np.asarray``: the surface formats)."""
+
+    def __init__(self, values: Any, voxels: np.ndarray, grid_shape: tuple[int, ...],
+                 fill: Any = None, results: Path | None = None) -> None:
+        self.values, self.voxels, self.grid_shape, self.fill = values, voxels, grid_shape, fill
+        self.results = results          # named when reading the values fails
+        self.dtype = np.dtype(values.dtype)
+        self.shape = tuple(grid_shape) + tuple(values.shape[1:])
+        self._group: tuple[int, int, np.ndarray] | None = None
+
+    def volume(self, k: int) -> np.ndarray:
+        """The k-th volume (3-D), outside the voxels ``fill`` as :func:`volume`."""
+        if len(self.values.shape) == 1:
+            return volume(self._read(...), self.voxels, self.grid_shape, self.fill)
+        if self._group is None or not self._group[0] <= k < self._group[1]:
+            per = max(1, VALUES_READ_BYTES // max(1, self.values.shape[0] * self.dtype.itemsize))
+            stop = min(self.values.shape[1], k + per)
+            self._group = (k, stop, self._read((slice(None), slice(k, stop))))
+        return volume(self._group[2][:, k - self._group[0]], self.voxels, self.grid_shape,
+                      self.fill)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = volume(self._read(...), self.voxels, self.grid_shape, self.fill)
+        return out if dtype is None else out.astype(dtype)
+
+    def _read(self, index: Any) -> np.ndarray:
+        try:
+            return np.asarray(self.values[index])
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise UserError(f"not a readable results file ({describe_io_error(exc)})",
+                            str(self.results)) from None
+
+
+def write_map(target: Path, data: Any, affine: np.ndarray, space: str,
               names: tuple[str, ...], description: str, intent: str | None = None,
               idcode: str | None = None) -> None:
     """The one place a map file is written (atomically, by the format writers): NIfTI
@@ -292,6 +344,7 @@ def write_map(target: Path, data: np.ndarray, affine: np.ndarray, space: str,
     else:
         from mpiblmm.io.surface import save_surface_map
 
+        data = np.asarray(data)
         save_surface_map(target, data.reshape(data.shape[0], -1), space, names, description,
                          intent)
 
@@ -377,7 +430,7 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
                     break
                 target = results
                 fill = STATUS_NOT_ANALYSED if m.stem == "status" else None
-                image = volume(map_values(f, m), voxels, grid_shape, fill)
+                image = ScatteredMap(map_source(f, m), voxels, grid_shape, fill, results)
                 target = out / f"{m.stem}{suffix}"
                 write_map(target, image, affine, space, m.volumes, f"mpiblmm {m.stem}",
                           map_intent(m), map_idcode(results, input_hash, target.name))
@@ -605,13 +658,15 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def store_headline(results_path: str | os.PathLike, comm: Any, timer: Any,
-                   phases: Sequence[str] = ("export",)) -> dict[str, list[float]]:
+                   phases: Sequence[str] = ("export",),
+                   also: dict[str, Any] | None = None) -> dict[str, list[float]]:
     """Collective, after the export: seconds of ``phases`` (the export; a fit also gives its
     ``finish``, whose own time is known only once it closed: the summary it writes was
     gathered inside it) and of the whole run (from the timer's start), min / median / max
     over ranks, added to the results' ``summary`` by rank 0 (``seconds.<phase>``,
     ``seconds.total`` and ``total_seconds``, the slowest rank's total, which is what ``fit``
-    prints as its headline)."""
+    prints as its headline), with the entries ``also`` (a fit's peak memory, the maps'
+    included)."""
     from mpiblmm.timers import summarise_phases
 
     times = summarise_phases(comm, timer, list(phases))
@@ -621,6 +676,7 @@ def store_headline(results_path: str | os.PathLike, comm: Any, timer: Any,
                 summary = json.loads(f.attrs.get("summary", "{}") or "{}")
                 summary.setdefault("seconds", {}).update(times)
                 summary["total_seconds"] = times["total"][2]
+                summary.update(also or {})
                 f.attrs["summary"] = json.dumps(summary, sort_keys=True, default=str)
         except (OSError, ValueError) as exc:  # the results and maps are written: not a failure
             print(f"mpiblmm: note: the results and maps are complete, but the export's times "
