@@ -342,6 +342,19 @@ def _space_complete(space: str) -> bool:
     return "qform_code" not in info or "quatern" in info or "qform" in info
 
 
+
+def grid_indices(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(V, 3) int32 grid indices of C-order flat indices ``flat``, an axis at a time: a
+    memory audit's unmasked 2 mm grid (902,629 voxels) took ~45 MiB above the budget for
+    ``column_stack(unravel_index(...)).astype(int32)`` (three int64 arrays, their int64
+    stack and its cast); this holds the result and one int64 array."""
+    out = np.empty((flat.size, len(shape)), dtype=np.int32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        out[:, axis] = (flat // stride) % shape[axis]
+        stride *= shape[axis]
+    return out
+
 def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
                 analysis_mask: Path | None = None,
                 observation_masks: Sequence[Path] | None = None,
@@ -447,7 +460,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     if keep.size == 0:
         agree(comm, nothing_observed(analysis_mask, masks is not None, reference))
     flat = flat_mask[keep]
-    voxels = np.column_stack(np.unravel_index(flat, grid.shape)).astype(np.int32)
+    voxels = grid_indices(flat, grid.shape)
     V = int(flat.size)
 
     # Pass 2: create the file collectively and write the rows.
