@@ -214,7 +214,7 @@ def _budget(spec: Any, path: Path, design: Any, problems: list[str]) -> None:
     (:func:`mpiblmm.memory.work_budget_mb`) and, with a ``design``, too little for one voxel's
     fit of it (:func:`mpiblmm.memory.one_voxel_problem`)."""
     from mpiblmm.io.ingest import DEFAULT_MEMORY_MB
-    from mpiblmm.lmm.analysis import fit_mb_per_voxel
+    from mpiblmm.lmm.analysis import fit_mb_per_voxel, results_held_mb
     from mpiblmm.memory import one_voxel_problem, rank_baseline_mb, work_budget_mb
     from mpiblmm.pipeline import FitOptions, _budget_source, model_from_design
 
@@ -225,7 +225,8 @@ def _budget(spec: Any, path: Path, design: Any, problems: list[str]) -> None:
     where = _budget_source(str(path), spec, FitOptions())
     model = None if design is None else model_from_design(design)
     try:
-        work = work_budget_mb(budget, rank_baseline_mb(), where)
+        held = 0.0 if model is None else results_held_mb(model)
+        work = work_budget_mb(budget, rank_baseline_mb() + held, where)
     except UserError as exc:
         problems.append(str(exc))
         return

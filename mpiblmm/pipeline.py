@@ -55,7 +55,7 @@ from mpiblmm.io.lock import OutputLock, acquire_lock
 from mpiblmm.io.results import (RESULTS_NAME, ResultsLayout, check_resumable, create_results,
                                 creating_marker, open_results, unfinished_creation)
 from mpiblmm.lmm.analysis import (ContrastDef, Model, Settings, analyse_chunk, bytes_per_voxel,
-                                  fit_mb_per_voxel)
+                                  fit_mb_per_voxel, results_held_mb)
 from mpiblmm.lmm.estimate import DEFAULT_MAX_ITERATIONS, DEFAULT_TOLERANCE
 from mpiblmm.lmm.structure import choose
 from mpiblmm.lmm.model import STATUS_CODES, STATUS_SINGULAR
@@ -481,7 +481,7 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
         budget = spec.max_memory_mb or DEFAULT_MEMORY_MB
         # the budget is the peak per rank, interpreter included: size the work by what is left
         source = _budget_source(spec_path, spec, options)
-        work = agreed_work_budget_mb(comm, budget, source)
+        work = agreed_work_budget_mb(comm, budget, source, results_held_mb(model))
         # chunks hold one voxel at least: a budget that cannot is refused now, not exceeded
         agree(comm, one_voxel_problem(budget, work, fit_mb_per_voxel(model), source))
         settings = settings_from_spec(spec, work)
@@ -581,8 +581,11 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
                                 f"while writing the maps; the results are complete: run "
                                 f"`mpiblmm export {results_path}` to write them")
             raise FitStopped() from None
+    # the peak again, with the maps' (the summary written inside finish has it without them)
+    peak = summarise_over_ranks(comm, peak_memory_mb())
     phases = {**{k: v for k, v in phases.items() if k != "total"},
-              **store_headline(results_path, comm, timer, ("finish", "export"))}
+              **store_headline(results_path, comm, timer, ("finish", "export"),
+                               {"peak_memory_mb": list(peak)})}
     if rank == 0 and log.active:  # stdout unless --quiet, and --log-file
         _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path,
                        timer.seconds["export"], timer.total(), peak, budget, dropped,

@@ -130,6 +130,21 @@ def fit_mb_per_voxel(model: Model) -> float:
     return algebra.fit_bytes_per_voxel(model.X.shape[1]) / 2**20
 
 
+#: What a rank holds per results dataset it writes (the HDF5 dataset and its transfer
+#: properties, kept open for every chunk), KiB: a memory audit's fit with 300 contrasts
+#: (~1,800 datasets) went 8 MiB over its budget, the first write adding 31-38 MiB per 700.
+RESULTS_DATASET_KIB = 64
+
+
+def results_held_mb(model: Model) -> float:
+    """What a rank holds for the results file's datasets while it fits (MiB): counted with
+    what it holds at its start, before the work budget is sized."""
+    p = model.X.shape[1]
+    datasets = result_datasets(p, [(f.name, f.n_effects) for f in model.structure.factors],
+                               [(c.name, c.kind) for c in model.contrasts])
+    return len(datasets) * RESULTS_DATASET_KIB / 1024
+
+
 def empty_results(model: Model, v: int) -> dict[str, np.ndarray]:
     """Result arrays for ``v`` voxels, every float NaN (the shape of a chunk's output; the
     layout is :func:`~mpiblmm.lmm.model.result_datasets`, as the results file's)."""

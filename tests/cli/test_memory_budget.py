@@ -51,7 +51,7 @@ def test_a_budget_that_cannot_hold_one_voxel_of_the_design_is_refused(tmp_path, 
     voxel and peaked at 194 MiB; chunks cannot be smaller, so such a budget is refused up
     front, by check and fit alike, with the minimum; --chunk-voxels above what a budget
     allows says it was capped."""
-    from mpiblmm.memory import ONE_VOXEL_MARGIN, one_voxel_problem
+    from mpiblmm.memory import ADVICE_MARGIN_MB, ONE_VOXEL_MARGIN, one_voxel_problem
 
     assert one_voxel_problem(300, 200, 100, "w") is None
     problem = one_voxel_problem(200, 90, 100, "spec.json: max_memory_mb")
@@ -59,7 +59,8 @@ def test_a_budget_that_cannot_hold_one_voxel_of_the_design_is_refused(tmp_path, 
         f"spec.json: max_memory_mb: 200 MiB per rank is too little for this design: one "
         f"voxel's fit needs about {100 * ONE_VOXEL_MARGIN:.0f} MiB (its arrays, estimated at "
         f"100 MiB, and the allocator's slack) and 90 MiB are left after what a rank holds at "
-        f"its start; give at least {200 - 90 + 100 * ONE_VOXEL_MARGIN:.0f} MiB")
+        f"its start; give at least {200 - 90 + 100 * ONE_VOXEL_MARGIN + ADVICE_MARGIN_MB:.0f} "
+        f"MiB")
 
     study = tmp_path / "study"
     run = run_mpi(1, [*mpiblmm_command, "simulate", str(study), "--subjects", "600",
