@@ -395,12 +395,13 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     if reuse:
         return open_packed(path, "/Y", comm=comm, zero_is_missing=zero_is_missing)
 
-    flat_mask = (np.arange(int(np.prod(grid.shape))) if mask is None
-                 else np.flatnonzero(mask.reshape(-1)))
+    # the grid's voxels in the analysis mask (all of them without one: no array needed)
+    flat_mask = None if mask is None else np.flatnonzero(mask.reshape(-1))
+    grid_voxels = int(np.prod(grid.shape)) if mask is None else flat_mask.size
     size, rank = comm_size(comm), comm_rank(comm)
     start, stop = _partition(n, size, rank)
     budget = 0.5 * max_memory_mb * 2**20
-    cache_ok = (stop - start) * flat_mask.size * 8 <= budget
+    cache_ok = (stop - start) * grid_voxels * 8 <= budget
     reference = str(images[0])
     # a GIfTI study whose first image names no structure: those that name one must agree
     named: dict | None = ({} if grid_kind(grid) == "gifti"
@@ -417,12 +418,13 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
             vals = vals[flat_mask]
         miss = missing(vals, zero_is_missing)
         if masks is not None:
-            miss |= ~read_mask(masks[i], grid, reference, seen=named).reshape(-1)[flat_mask]
+            seen = read_mask(masks[i], grid, reference, seen=named).reshape(-1)
+            miss |= ~(seen if flat_mask is None else seen[flat_mask])
         vals[miss] = np.nan
         return vals
 
     # Pass 1: which voxels are observed anywhere (and keep the rows if they fit).
-    observed = np.zeros(flat_mask.size, dtype=np.int32)  # images observing each voxel
+    observed = np.zeros(grid_voxels, dtype=np.int32)  # images observing each voxel
     cache: list[np.ndarray] = []
     error = None
     exact32 = True  # every value of this rank's images is a float32 number
@@ -459,9 +461,10 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     keep = np.flatnonzero(observed)
     if keep.size == 0:
         agree(comm, nothing_observed(analysis_mask, masks is not None, reference))
-    flat = flat_mask[keep]
-    voxels = grid_indices(flat, grid.shape)
-    V = int(flat.size)
+    voxels = grid_indices(keep if flat_mask is None else flat_mask[keep], grid.shape)
+    V = int(keep.size)
+    counts = observed[keep]
+    del observed                # per grid voxel: not needed while the rows are written
 
     # Pass 2: create the file collectively and write the rows.
     make_dirs(path.parent)
@@ -477,7 +480,6 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         Y.attrs["voxels"] = "/voxels"
         vox = f.create_dataset("voxels", shape=(V, 3), dtype="i4")
         img = f.create_dataset("images", shape=(n,), dtype=names.dtype)
-        counts = observed[keep]
         n_obs = f.create_dataset("n_observed", shape=(V,), dtype="i4")
         root = rank == 0
         write_hyperslab(vox, (0, 0), voxels if root else voxels[:0], collective=True)
@@ -487,7 +489,7 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
         # Rows written at once: within the write block size and, counting the float64 rows
         # read plus their stacked and cast copies, within the memory budget.
         block = max(1, min(WRITE_BLOCK_BYTES // (dtype.itemsize * V),
-                           int(budget // (3 * 8 * flat_mask.size))))
+                           int(budget // (3 * 8 * grid_voxels))))
         most = -(-n // size)  # rows of the busiest rank
         stopped = False
         for b in range(-(-most // block)):
