@@ -349,7 +349,10 @@ def _design(spec: Any, problems: list[str]) -> Any:
         return None
     if spec.contrasts is None:
         return design
-    from mpiblmm.design import left_out_problem, spec_contrasts
+    from mpiblmm.design import contrast_problem, spec_contrasts
+    from mpiblmm.formula_table import TEXT_COLUMN
+
+    typos = [note for note in design.notes if TEXT_COLUMN in note]
 
     good = []
     for i, c in enumerate(spec.contrasts):
@@ -360,10 +363,11 @@ def _design(spec: Any, problems: list[str]) -> Any:
                          where=f"{spec.path}: contrasts")
             good.append((name, w, alt))
         except UserError as exc:
-            exc = left_out_problem(exc, design.left_out) or exc    # the fit's words
+            exc = contrast_problem(exc, design.left_out, typos)    # the fit's words
             problems.append(str(exc).replace("contrasts[0]", f"contrasts[{i}]", 1))
-    return build_design(design.X, _factor_tuples(design), good, design.fixed_names,
-                        where=f"{spec.path}: contrasts")
+    return replace(build_design(design.X, _factor_tuples(design), good, design.fixed_names,
+                                where=f"{spec.path}: contrasts"),
+                   notes=design.notes, left_out=design.left_out)
 
 
 def _factor_tuples(design: Any) -> list:
@@ -414,7 +418,6 @@ def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) ->
     out = [f"spec: {spec.path} ({'formula' if spec.is_formula else 'matrix'} form)"]
     if spec.is_formula:
         out.append(f"formula: {spec.formula}")
-        out += _text_column_notes(spec)
     from mpiblmm.checks import design_notes
 
     out += [f"note: {note}" for note in design_notes(spec, design)]

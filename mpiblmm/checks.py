@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mpiblmm.errors import SpecError
+from mpiblmm.formula_table import TEXT_COLUMN
 
 #: Relative eigenvalue of X'X (and Z_k'Z_k) below which columns count as dependent; the
 #: estimator's own rank test (``lmm.products.full_rank``) uses the same.
@@ -117,8 +118,10 @@ def fittable_problems(design: Any, spec: Any = None) -> list[SpecError]:
     x_where = str(getattr(spec, "X", None) or f"{spec_path}: {x_key}")
     out = []
     if p >= n:
+        typos = [note for note in getattr(design, "notes", ()) if TEXT_COLUMN in note]
         out.append(SpecError(f"{p} fixed effects (columns) but only {n} observations (rows): a "
-                             "fit needs more observations than fixed effects", x_where))
+                             "fit needs more observations than fixed effects"
+                             + (f" (perhaps because {typos[0]})" if typos else ""), x_where))
     else:
         names = tuple(getattr(design, "fixed_names", ()) or ())
         j = out_of_scale_column(design.X)

@@ -366,15 +366,25 @@ def design_from_formula(spec: Spec) -> Design:
         try:
             contrasts = spec_contrasts(spec, model.names)
         except UserError as exc:  # often a covariate read as text because of one typo
-            if (why := left_out_problem(exc, tuple(left_out.items()))) is not None:
-                raise why from None
-            notes = suspicious_text_columns(table)
-            if not notes:
-                raise
-            raise type(exc)(f"{exc.message} (perhaps because {notes[0]})", exc.where) from None
+            raise contrast_problem(exc, tuple(left_out.items()),
+                                   suspicious_text_columns(table)) from None
     design = build_design(model.X, model.factors, contrasts, model.names,
                           where=f"{spec_where}: contrasts", type3_basis=model.type3_basis)
+    # the fit prints them too: the factor a typo made may fit without an error (a fault audit)
+    notes += tuple(suspicious_text_columns(table))
     return replace(design, notes=notes, left_out=tuple(left_out.items())) if notes else design
+
+
+def contrast_problem(exc: UserError, left_out: tuple[tuple[str, str], ...],
+                     typos: Sequence[str]) -> UserError:
+    """A contrast's error ``exc`` with what may explain it: a column lme4's rule left out
+    (:func:`left_out_problem`), and the first note on a covariate read as text because of a
+    typo (``typos``, :func:`~mpiblmm.formula_table.suspicious_text_columns`).  ``check`` and
+    ``fit`` give it in the same words."""
+    exc = left_out_problem(exc, left_out) or exc
+    if not typos:
+        return exc
+    return type(exc)(f"{exc.message} (perhaps because {typos[0]})", exc.where)
 
 
 def left_out_problem(exc: UserError, left_out: tuple[tuple[str, str], ...]) -> UserError | None:

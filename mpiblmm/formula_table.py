@@ -190,6 +190,10 @@ def r_labels(table: Table, name: str) -> list[str]:
     return cells
 
 
+#: The words of a :func:`suspicious_text_columns` note (errors it may explain quote it).
+TEXT_COLUMN = "is read as text (a factor) because of"
+
+
 def suspicious_text_columns(table: Table, most: int = 2) -> list[str]:
     """Notes on columns read as text (factors) although all but at most ``most`` of their
     cells are numbers (``2.O`` typed for ``2.0``): as in R, one such cell turns a covariate
@@ -206,9 +210,8 @@ def suspicious_text_columns(table: Table, most: int = 2) -> list[str]:
         numbers = table.n - len(bad)
         if 0 < len(bad) <= most and numbers >= 5 * len(bad):
             cells = ", ".join(f"row {line}: {cell!r}" for line, cell in bad)
-            notes.append(f"column {name!r} of {table.path} is read as text (a factor) because "
-                         f"of {cells}; every other cell is a number: fix the cell if it is a "
-                         "typo")
+            notes.append(f"column {name!r} of {table.path} {TEXT_COLUMN} {cells}; every other "
+                         "cell is a number: fix the cell if it is a typo")
     return notes
 
 

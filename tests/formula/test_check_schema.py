@@ -190,6 +190,33 @@ def test_check_gives_the_note_with_the_problem_a_text_column_causes(tmp_path):
     assert any("fixed effects (columns) but only 18 observations" in p for p in problems)
     assert len(notes) == 1 and notes[0].startswith("note: column 'age'") \
         and "'6O.5'" in notes[0], notes
+    # the error itself says it too (the fit prints no notes before an error: a fault audit's
+    # fit said only "24 fixed effects (columns) but only 24 observations")
+    (p_ge_n,) = [p for p in problems if "but only 18 observations" in p]
+    assert "(perhaps because column 'age' of" in p_ge_n and "'6O.5'" in p_ge_n, p_ge_n
+
+
+def test_a_text_column_the_model_fits_is_a_note_of_the_fit_too(tmp_path):
+    """A typo that makes a covariate a factor of few levels fits without an error: the fit's
+    notes (checks.design_notes, printed by check and fit alike) name the cell."""
+    from mpiblmm.checks import design_notes
+    from mpiblmm.design import design_from_spec
+    from mpiblmm.spec import load_spec
+
+    write_study(tmp_path, subjects=6, visits=3, shape=(3, 3, 2), seed=4, form="formula")
+    lines = (tmp_path / "participants.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [line.split(",") for line in lines[1:]]
+    for i, cells in enumerate(rows):          # dose: 0 or 1, one of them typed 'l'
+        cells.append("l" if i == 4 else str(i % 2))
+    (tmp_path / "edited.csv").write_text("\n".join([",".join(header + ["dose"])]
+                                                   + [",".join(c) for c in rows]) + "\n")
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    spec.update(formula="y ~ dose + (1 | subject)", contrasts=[], covariates="edited.csv")
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    spec = load_spec(tmp_path / "s.json")
+    notes = design_notes(spec, design_from_spec(spec))
+    assert [n for n in notes if n.startswith("column 'dose'") and "row 6: 'l'" in n], notes
 
 
 def test_check_sizes_chunks_as_the_fit_does_for_several_factors(tmp_path):
