@@ -61,7 +61,7 @@ from mpiblmm.io.derived import (NOT_ANALYSED_MEANING, STATUS_NOT_ANALYSED, bh_qv
                                 z_from_neglog10p)
 from mpiblmm.io.images import stored_space_problem
 from mpiblmm.io.nifti import save_map
-from mpiblmm.io.results import RESULTS_NAME, refuse_missing_datasets
+from mpiblmm.io.results import RESULTS_NAME, foreign_file_problem, refuse_missing_datasets
 from mpiblmm.parallel import (INTERRUPTED_EXIT_CODE, IOFailure, describe_io_error,
                               world_if_parallel)
 
@@ -263,7 +263,30 @@ def _open(results: Path) -> Any:
         raise UserError(f"not a readable results file ({exc})", str(results)) from None
 
 
+def _maps_failed(results: Path) -> str:
+    """The end of a failed map write's message: the results are complete and how to get the
+    maps (a fault audit: on a full disk it said only "(while writing maps)", and a user might
+    fit again with --overwrite)."""
+    return (f"(while writing maps; {results} is complete: free space or fix the folder, then "
+            f"run `mpiblmm export {results}`)")
+
+
+def _foreign_file(results: Path) -> UserError | None:
+    """:func:`~mpiblmm.io.results.foreign_file_problem` of ``results``, if it opens (else the
+    export's own open says why)."""
+    if not results.is_file():
+        return None
+    try:
+        f = _open(results)
+    except UserError:
+        return None
+    with f:
+        return foreign_file_problem(f, results)
+
+
 def _check(f: Any, results: Path) -> None:
+    if (problem := foreign_file_problem(f, results)) is not None:
+        raise problem
     if not bool(f.attrs.get("complete", False)):
         raise UserError("the results are incomplete (attribute 'complete' is not true): the "
                         "fit did not finish; re-run `mpiblmm fit` on the spec with --resume to "
@@ -405,7 +428,7 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
     if rank == 0:
         remove_tmp_files(out)  # left by an export that was killed outright
         earlier = listed_maps(out)  # removed at the end where this export does not rewrite them
-        error = _announce(out, earlier | {f"{m.stem}{suffix}" for m in maps})
+        error = _announce(out, earlier | {f"{m.stem}{suffix}" for m in maps}, results)
     _agree_or_close(comm, error, f)  # also before any rank starts writing its own temporary files
 
     written: list[Path] = []
@@ -443,7 +466,7 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
                                   str(results))
             else:
                 error = IOFailure(f"rank {rank}: {target}: {describe_io_error(exc)} "
-                                  f"(while writing maps)")
+                                  f"{_maps_failed(results)}")
         finally:
             remove_tmp_files(out, os.getpid())
     agree(comm, error)
@@ -462,7 +485,7 @@ def export_nifti(results_path: str | os.PathLike, out_dir: str | os.PathLike | N
             _remove(out / MAPS_PENDING)  # maps.json lists all there is now
         except OSError as exc:
             error = IOFailure(f"rank 0: {out / MAPS_INDEX}: {describe_io_error(exc)} "
-                              f"(while writing maps)")
+                              f"{_maps_failed(results)}")
     agree(comm, error)
     if rank == 0 and beside:  # and only then: the maps beside the results are complete
         _mark_maps(results, True)
@@ -544,7 +567,7 @@ def _plan(f: Any, results: Path, fdr: bool) -> tuple[list[MapSpec], str]:
                         str(results)) from None
 
 
-def _announce(out: Path, names: set[str]) -> IOFailure | None:
+def _announce(out: Path, names: set[str], results: Path) -> IOFailure | None:
     """Rank 0, before any map is written: record ``names`` in :data:`MAPS_PENDING`, then remove
     ``maps.json`` (which must not vouch for a partial export).  In this order, the folder
     always holds a list of every map an export may have written there."""
@@ -552,7 +575,7 @@ def _announce(out: Path, names: set[str]) -> IOFailure | None:
         _write_atomic(out / MAPS_PENDING, json.dumps(sorted(names), indent=1) + "\n")
     except OSError as exc:
         return IOFailure(f"rank 0: {out / MAPS_PENDING}: {describe_io_error(exc)} "
-                         f"(while writing maps)")
+                         f"{_maps_failed(results)}")
     _remove(out / MAPS_INDEX)
     return None
 
@@ -708,7 +731,9 @@ def _take_lock(results: Path, out: Path) -> Any:
 
     if not results.is_file():
         return None
-    error = _foreign_folder_error(results, out)  # before a folder is created for it
+    # before a folder is made for it; a file that is no results file is said so first ("the
+    # maps folder of another fit" was the answer to `mpiblmm export results/packed.h5`)
+    error = _foreign_file(results) or _foreign_folder_error(results, out)
     if error is not None:
         raise error
     folder = lock_folder(out)

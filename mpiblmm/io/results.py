@@ -236,6 +236,22 @@ def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
     return ResultsWriter(f, comm, path)
 
 
+def foreign_file_problem(f: Any, path: Path) -> UserError | None:
+    """The error for an open HDF5 file ``f`` that is no mpiblmm results file (its ``format``
+    attribute), for ``export`` and ``report``: they called a foreign file or mpiblmm's own
+    ``packed.h5`` "incomplete: re-run fit with --resume" (a fault audit); ``None`` for a
+    results file."""
+    fmt = f.attrs.get("format")
+    fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+    if fmt == RESULTS_FORMAT:
+        return None
+    if fmt == "mpiblmm-packed-1":
+        return UserError("not a results file: it is a fit's packed input (the results are in "
+                         f"{RESULTS_NAME} of the fit's output folder)", str(path))
+    return UserError(f"not an mpiblmm results file (no attribute format = {RESULTS_FORMAT!r})",
+                     str(path))
+
+
 def check_resumable(path: Path, input_hash: str | None = None, input_parts: dict | None = None,
                     where: str = "--resume") -> np.ndarray:
     """One process: check that ``path`` can be resumed; return its ``progress/done`` (V,).

@@ -16,7 +16,7 @@ import numpy as np
 from mpiblmm.errors import UserError
 from mpiblmm.io.derived import NOT_ANALYSED_MEANING, STATUS_NOT_ANALYSED
 from mpiblmm.io.export import FITTED_MAX_STATUS, contrast_z, volume
-from mpiblmm.io.results import refuse_missing_datasets, stored_parts
+from mpiblmm.io.results import foreign_file_problem, refuse_missing_datasets, stored_parts
 from mpiblmm.lmm.model import dropped_column_voxels
 
 
@@ -105,6 +105,8 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
     if not results.is_file():
         raise UserError("file not found", str(results))
     with _open(results) as f:
+        if (problem := foreign_file_problem(f, results)) is not None:
+            raise problem
         if not bool(f.attrs.get("complete", False)):
             raise UserError("the results are incomplete (attribute 'complete' is not true): the "
                             "fit did not finish; re-run `mpiblmm fit` on the spec with --resume "

@@ -393,7 +393,10 @@ CASES: list[Case] = [
     ("export of a file that is not HDF5",
      lambda b, c: ((c / "r.h5").write_bytes(b"junk" * 64), ["export", str(c / "r.h5")])[1], "r.h5"),
     ("export of an incomplete results file", lambda b, c: (
-        h5(lambda f: f.attrs.__setitem__("complete", False))(c / "r.h5"),
+        h5(lambda f: f.attrs.update(complete=False, format="mpiblmm-results-1"))(c / "r.h5"),
+        ["export", str(c / "r.h5")])[1], "r.h5"),
+    ("export of another program's HDF5 file", lambda b, c: (
+        h5(lambda f: f.create_dataset("x", data=[1.0]))(c / "r.h5"),
         ["export", str(c / "r.h5")])[1], "r.h5"),
 ]
 

@@ -65,6 +65,11 @@ def test_overwrite_after_an_export_that_failed_at_a_map_leaves_no_old_map(fitted
         pytest.fail("no disk size made the export fail after a contrast map")
     assert 0 < len(_maps(disk / "o" / "nifti")) < n_maps
     assert not (disk / "o" / "nifti" / "maps.json").exists()
+    # the line says the results are complete and how to get the maps (a fault audit)
+    (line,) = _errors(run.stderr)
+    assert "No space left on device (while writing maps; " in line, line
+    assert f"{disk / 'o' / 'results.h5'} is complete: free space or fix the folder, then run " \
+        f"`mpiblmm export {disk / 'o' / 'results.h5'}`)" in line, line
 
     small_disk(packed + results + 200)
     run = _run(2, "fit", str(nocon), "-o", str(disk / "o"), "--overwrite", "-q")
@@ -118,3 +123,26 @@ def test_export_refuses_another_fits_maps_and_a_locked_folder(fitted, tmp_path):
         assert {p.name for p in folder.iterdir()} == \
             set(json.loads((folder / "maps.json").read_text())) | {"maps.json"}
     assert read_results(b / "results.h5")["@"]["maps_complete"]
+
+
+@pytest.mark.spawns_mpiexec
+def test_export_of_a_packed_input_or_a_foreign_file_says_what_it_is(fitted, tmp_path):
+    """A fault audit: `export results/packed.h5` was told its folder held another fit's maps,
+    and a foreign HDF5 file was "incomplete: re-run fit with --resume" (export and report)."""
+    import h5py
+
+    _, complete = fitted
+    run = _run(1, "export", str(complete / "packed.h5"))
+    assert run.returncode == 2, run.stderr
+    assert _errors(run.stderr) == [
+        f"mpiblmm: error: {complete / 'packed.h5'}: not a results file: it is a fit's packed "
+        "input (the results are in results.h5 of the fit's output folder)"]
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = [1.0]
+    for command in (["export", str(tmp_path / "other.h5"), str(tmp_path / "maps")],
+                    ["report", str(tmp_path / "other.h5")]):
+        run = _run(1, *command)
+        assert run.returncode == 2, run.stderr
+        assert _errors(run.stderr) == [
+            f"mpiblmm: error: {tmp_path / 'other.h5'}: not an mpiblmm results file (no "
+            "attribute format = 'mpiblmm-results-1')"], run.stderr
