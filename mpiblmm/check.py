@@ -304,7 +304,7 @@ def _images(spec: Any, problems: list[str], verify: Any = None) -> tuple[Any, in
             from mpiblmm.io.ingest import nothing_observed
 
             problems.append(str(nothing_observed(spec.analysis_mask, True,
-                                                 str(spec.images[0]))))
+                                                 str(spec.images[0]), spec.zero_is_missing)))
     return grid, len(spec.images)
 
 

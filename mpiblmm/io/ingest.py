@@ -460,7 +460,8 @@ def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
     dtype = np.dtype(np.float32 if exact32 else np.float64)
     keep = np.flatnonzero(observed)
     if keep.size == 0:
-        agree(comm, nothing_observed(analysis_mask, masks is not None, reference))
+        agree(comm, nothing_observed(analysis_mask, masks is not None, reference,
+                                     zero_is_missing))
     voxels = grid_indices(keep if flat_mask is None else flat_mask[keep], grid.shape)
     V = int(keep.size)
     counts = observed[keep]
@@ -677,15 +678,21 @@ def _describe_open(f: Any, dataset: str, where: str) -> tuple:
     return n, shape, affine, stored, grid_layout, ours, stored_zim, counts, space
 
 
-def nothing_observed(analysis_mask: Path | None, masked: bool, reference: str) -> UserError:
+def nothing_observed(analysis_mask: Path | None, masked: bool, reference: str,
+                     zero_is_missing: bool) -> UserError:
     """Packing's error when no voxel is observed in any image (inside ``analysis_mask``;
     ``masked``: where the observation masks are non-zero), named by the analysis mask when
-    there is one (it names the voxels looked at), else by the first image (``reference``).
-    ``mpiblmm check`` gives the same line for observation masks that are all 0."""
+    there is one (it names the voxels looked at), else by the first image (``reference``,
+    said to be the first of all).  ``mpiblmm check`` gives the same line for observation
+    masks that are all 0."""
+    values = ("0 (missing while zero_is_missing is true), NaN or Inf" if zero_is_missing
+              else "NaN or Inf")
     return UserError("no voxel is observed in any image"
-                     + (" inside the analysis mask" if analysis_mask is not None else "")
+                     + (" inside the analysis mask" if analysis_mask is not None else
+                        " (this, the first, and every other)")
                      + (" where its observation mask is non-zero (every mask is 0, NaN or Inf "
-                        "wherever its image is observed)" if masked else ""),
+                        "wherever its image is observed)" if masked else
+                        f": every value is {values}"),
                      str(analysis_mask) if analysis_mask is not None else reference)
 
 

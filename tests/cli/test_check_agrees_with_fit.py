@@ -320,8 +320,9 @@ CASES = {
         "{case}/bad.nii.gz: corrupt gzip data (CRC check failed)"),
     "observation masks all zero": (
         _masks_nothing_observed(),
-        "{base}/images/obs00.nii: no voxel is observed in any image where its observation "
-        "mask is non-zero (every mask is 0, NaN or Inf wherever its image is observed)"),
+        "{base}/images/obs00.nii: no voxel is observed in any image (this, the first, and "
+        "every other) where its observation mask is non-zero (every mask is 0, NaN or Inf "
+        "wherever its image is observed)"),
     "analysis mask data unreadable": (
         with_file("analysis_mask", "m.nii.gz", _bad_crc_gz(np.ones(GRID, np.uint8))),
         "{case}/m.nii.gz: corrupt gzip data"),

@@ -282,3 +282,17 @@ def test_an_affine_that_differs_says_by_how_much():
     other[1, 3] = -0.25
     assert grid.differs((2, 2, 2), other) == ("affine differs (by up to 0.25 mm; at most "
                                               "0.0001 is the same grid)")
+
+
+def test_all_zero_images_are_refused_saying_zero_is_missing(tmp_path):
+    """A fault audit: images that are 0 everywhere gave "<first image>: no voxel is observed
+    in any image", as if that image were the culprit, and not why 0 is unobserved."""
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"z{i}.nii")
+        save(paths[-1], np.zeros(GRID, dtype=np.float32))
+    with pytest.raises(UserError) as info:
+        pack_images(paths, tmp_path / "out" / "packed.h5")
+    assert str(info.value) == (
+        f"{paths[0]}: no voxel is observed in any image (this, the first, and every other): "
+        "every value is 0 (missing while zero_is_missing is true), NaN or Inf")
