@@ -49,13 +49,27 @@ class OutputLock:
             pass
 
 
-def _describe(text: str) -> str:
+#: An unreadable lock file older than this (s) is no longer said to be "a job starting now".
+UNREADABLE_LOCK_AGE = 60.0
+
+
+def _describe(text: str, path: Path) -> str:
+    """Who holds the lock (its ``text``): host, PID and start, or for a file that is empty or
+    half written (created, then written: a node that crashed between the two leaves it)
+    a job starting now, or, once it is older than :data:`UNREADABLE_LOCK_AGE`, its age."""
     try:
         info = json.loads(text)
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(info["start"])))
         return f"host {info['host']}, PID {info['pid']}, started {started}"
     except (ValueError, KeyError, TypeError):
-        return "a job that is starting now"
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            age = 0.0
+        if age < UNREADABLE_LOCK_AGE:
+            return "a job that is starting now"
+        return (f"an empty or unreadable lock written {age / 60:.0f} min ago: a job that "
+                "stopped while starting, if none is running")
 
 
 def _batch_run() -> dict:
@@ -125,7 +139,7 @@ def acquire_lock(folder: Path, where: str = "output") -> OutputLock:
                 raise UserError(f"cannot read the lock file {path} ({exc.strerror})", where) from None
             if not _is_stale(held):
                 raise UserError(
-                    f"another mpiblmm job is writing into this folder ({_describe(held)}; lock "
+                    f"another mpiblmm job is writing into this folder ({_describe(held, path)}; lock "
                     f"file {path}); wait for it, or delete the lock file if that job is no "
                     f"longer running", where) from None
             aside = path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import os
 import socket
 import subprocess
@@ -51,6 +52,19 @@ def test_lock_refuses_a_live_job_and_replaces_a_dead_one(tmp_path):
     other = acquire_lock.__globals__["OutputLock"](tmp_path / LOCK_NAME, "not ours")
     other.release()                          # never removes another job's lock
     assert (tmp_path / LOCK_NAME).exists()
+
+
+def test_an_empty_lock_file_is_a_job_starting_now_then_its_age(tmp_path):
+    """A fault audit: an empty lock (a node that crashed between creating and writing it) was
+    "a job that is starting now" forever; once a minute old its age is said instead."""
+    (tmp_path / LOCK_NAME).write_text("")
+    with pytest.raises(UserError, match="a job that is starting now"):
+        acquire_lock(tmp_path)
+    old = time.time() - 3 * 3600
+    os.utime(tmp_path / LOCK_NAME, (old, old))
+    with pytest.raises(UserError, match="an empty or unreadable lock written 180 min ago: a job "
+                                        "that stopped while starting, if none is running"):
+        acquire_lock(tmp_path)
 
 
 def test_lock_of_an_earlier_run_of_this_requeued_slurm_job_is_stale(tmp_path, monkeypatch):
