@@ -132,8 +132,9 @@ def fit_mb_per_voxel(model: Model) -> float:
 
 #: What a rank holds per results dataset it writes (the HDF5 dataset and its transfer
 #: properties, kept open for every chunk), KiB: a memory audit's fit with 300 contrasts
-#: (~1,800 datasets) went 8 MiB over its budget, the first write adding 31-38 MiB per 700.
-RESULTS_DATASET_KIB = 64
+#: (~1,800 datasets) went 8 MiB over its budget; measured 30.1-30.2 KiB per dataset (70,
+#: 610 and 1,810 datasets; 5.5 at creation, the rest at the first write).
+RESULTS_DATASET_KIB = 32
 
 
 def results_held_mb(model: Model) -> float:
