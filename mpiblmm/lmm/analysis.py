@@ -55,7 +55,7 @@ from .inference import f_contrast, t_contrast
 from .model import (F_STATS, STATUS_EMPTY, STATUS_NUMERICAL, STATUS_RANK_DEFICIENT,
                     STATUS_SINGULAR, STATUS_TOO_FEW, STATUS_UNIDENTIFIABLE, T_STATS,
                     ProductForms, RandomStructure, result_datasets)
-from .products import RandomDesign, full_rank, product_forms
+from .products import RandomDesign, full_rank, product_forms, random_design
 from .satterthwaite import satterthwaite_setup
 from .structures import for_structure
 from .type3 import Type3Basis, observed_type3
@@ -203,6 +203,7 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     # n <= p: too few for all p columns, maybe not for those the observed rows support
     _fit_dropping_columns(model, Y, settings, out, np.flatnonzero(allowed & (n_obs > 0) & ~enough))
     _blank_unobserved_effects(model.rd, observed, out)
+    _blank_aliased_effects(model.rd, observed, out)
     return out
 
 
@@ -253,6 +254,44 @@ def _blank_unobserved_effects(rd: RandomDesign, observed: np.ndarray,
         block = cov[fitted]
         block[absent[:, :, None] | absent[:, None, :]] = np.nan
         cov[fitted] = block
+
+
+def _blank_aliased_effects(rd: RandomDesign, observed: np.ndarray,
+                           out: dict[str, np.ndarray]) -> None:
+    """NaN on the diagonal of ``random/<factor>/cov`` for an effect two factors share at a
+    fitted voxel: the voxel's observed rows fall into the same groups under both factors and
+    the effect's covariate is the same on them (every family down to one subject there), so
+    only the sum of the two variances is identified and how it splits is arbitrary (a cohort
+    audit: the family/subject split was set by the start, about 1:0 where lme4's was near
+    1:1, and the singular status with it; logLik, fixed effects and tests agree).  The
+    design-wide case is a note of ``check`` and ``fit``
+    (:func:`mpiblmm.checks.overlapping_random_terms`)."""
+    factors = rd.structure.factors
+    fitted = np.flatnonzero(out["status"] <= STATUS_SINGULAR)
+    if len(factors) < 2 or fitted.size == 0:
+        return
+    seen = observed[fitted]
+    starts = np.cumsum([0] + [f.n_effects for f in factors])
+    level = [(rd.cols[:, s] - o) // f.n_effects
+             for f, s, o in zip(factors, starts, rd.structure.offsets)]
+    pairs = [(a, b) for a in range(len(factors)) for b in range(a + 1, len(factors))]
+    # the groups of each pair of factors as a factor of its own: the groupings coincide on a
+    # voxel's rows when it has as many observed pair groups as levels of either factor
+    pair_codes = [np.unique(level[a] * factors[b].n_levels + level[b], return_inverse=True)[1]
+                  for a, b in pairs]
+    ones = [np.ones((rd.n, 1))] * len(pairs)
+    counts = levels_observed(rd, seen)
+    pair_counts = levels_observed(random_design(pair_codes, ones), seen)
+    for (a, b), both in zip(pairs, pair_counts):
+        same = (counts[a] == both) & (counts[b] == both)
+        if not same.any():
+            continue
+        for i in range(factors[a].n_effects):
+            for j in range(factors[b].n_effects):
+                differ = (rd.vals[:, starts[a] + i] != rd.vals[:, starts[b] + j])
+                alias = fitted[same & ~(seen[:, differ].any(axis=1))]
+                out[f"random/{factors[a].name}/cov"][alias, i, i] = np.nan
+                out[f"random/{factors[b].name}/cov"][alias, j, j] = np.nan
 
 
 #: Saturation (:func:`saturated`) is decided by exact algebra on an ``n_obs x n_obs`` matrix

@@ -36,3 +36,40 @@ def test_an_effect_without_observed_data_gets_nan_and_the_rest_is_the_reduced_fi
     for key in ("llh", "beta", "sigma2", "random/subject/cov", "contrasts/x/t",
                 "contrasts/x/df"):
         np.testing.assert_allclose(full[key][0], reduced[key][0], rtol=1e-6, err_msg=key)
+
+
+def test_factors_that_group_a_voxels_rows_alike_get_nan_for_the_shared_variance():
+    """Families of one or two subjects; at voxel 0 every second sibling is missing, so each
+    family holds one subject there: family and subject group its rows alike and only the sum
+    of their intercept variances is identified (a cohort audit: mpiblmm's split was its
+    start's, lme4's another; the logLik, fixed effects and tests agree).  Both variances are
+    NaN there; the subject's slope variance and every other voxel are estimated; the fit is
+    that of the model with one of the two factors (the same likelihood and tests)."""
+    rng = np.random.default_rng(8)
+    family_of = np.repeat(np.arange(14), 2)[:24]            # 12 families of 2, 2 ... of 2
+    family_of[20:] = np.arange(12, 16)                      # ... and 4 families of one
+    subject = np.repeat(np.arange(24), 3)
+    family = family_of[subject]
+    time = np.tile([0.0, 1.0, 2.0], 24)
+    n = subject.size
+    X = np.column_stack([np.ones(n), time])
+    Y = (5 + 0.3 * time + rng.normal(size=24)[subject] + rng.normal(size=16)[family]
+         + 0.4 * time * rng.normal(size=24)[subject] + rng.normal(size=(3, n)) * 0.5)
+    second = np.isin(subject, [s for s in range(20) if s % 2 == 1])   # a family's 2nd sibling
+    Y[0, second] = np.nan
+    contrasts = (ContrastDef("time", np.array([[0.0, 1.0]])),)
+    both = Model(X, random_design([subject, family], [np.column_stack([np.ones(n), time]),
+                                                      np.ones(n)],
+                                  names=["subject", "family"]), contrasts)
+    out = analyse_chunk(both, Y, Settings())
+    assert (out["status"] <= 2).all()
+    assert np.isnan(out["random/family/cov"][0, 0, 0])
+    assert np.isnan(out["random/subject/cov"][0, 0, 0])
+    assert np.isfinite(out["random/subject/cov"][0, 1, 1])                 # the slope's
+    assert np.isfinite(out["random/subject/cov"][1:]).all()
+    assert np.isfinite(out["random/family/cov"][1:]).all()
+    alone = Model(X, random_design([subject], [np.column_stack([np.ones(n), time])],
+                                   names=["subject"]), contrasts)
+    reduced = analyse_chunk(alone, Y[:1], Settings())
+    for key in ("llh", "beta", "contrasts/time/t"):
+        np.testing.assert_allclose(out[key][0], reduced[key][0], rtol=1e-6, err_msg=key)
