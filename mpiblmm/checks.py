@@ -358,5 +358,6 @@ def overlapping_random_terms(design: Any) -> list[str]:
                 notes.append(f"random terms {a.name!r} and {b.name!r} group by the same "
                              "levels and their effects overlap: the fit, the fixed effects "
                              "and their tests are identified, but how the variance splits "
-                             "between the two terms is arbitrary (lme4's is too)")
+                             "between the two terms is arbitrary (lme4's is too; where both "
+                             "have the same effect, its variance is NaN in both)")
     return notes
