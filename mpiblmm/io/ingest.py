@@ -342,18 +342,18 @@ def _space_complete(space: str) -> bool:
     return "qform_code" not in info or "quatern" in info or "qform" in info
 
 
-
 def grid_indices(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """(V, 3) int32 grid indices of C-order flat indices ``flat``, an axis at a time: a
-    memory audit's unmasked 2 mm grid (902,629 voxels) took ~45 MiB above the budget for
-    ``column_stack(unravel_index(...)).astype(int32)`` (three int64 arrays, their int64
-    stack and its cast); this holds the result and one int64 array."""
+    """(V, 3) int32 grid indices of C-order flat indices ``flat``, an axis at a time, where
+    ``column_stack(unravel_index(...)).astype(int32)`` held three int64 arrays, their int64
+    stack and its cast (~68 bytes per voxel; a memory audit's unmasked 2 mm grid went over
+    its budget while packing); this holds the result and two int64 temporaries."""
     out = np.empty((flat.size, len(shape)), dtype=np.int32)
     stride = 1
     for axis in reversed(range(len(shape))):
         out[:, axis] = (flat // stride) % shape[axis]
         stride *= shape[axis]
     return out
+
 
 def pack_images(images: Sequence[Path], path: Path, comm: Any = None,
                 analysis_mask: Path | None = None,

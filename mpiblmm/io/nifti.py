@@ -765,8 +765,7 @@ def _atomic_stream(img, volumes, path: Path) -> None:
     from nibabel.openers import ImageOpener
     from nibabel.volumeutils import seek_tell
 
-    tmp = _temporary_name(path)
-    try:
+    def write(tmp: Path) -> None:
         img.update_header()
         header = img.header
         out = header.get_data_dtype()
@@ -775,6 +774,16 @@ def _atomic_stream(img, volumes, path: Path) -> None:
             seek_tell(fobj, header.get_data_offset(), write0=True)
             for vol in volumes:
                 fobj.write(np.asarray(vol, dtype=out).tobytes(order="F"))
+
+    _atomically(path, write)
+
+
+def _atomically(path: Path, write) -> None:
+    """``write(tmp)`` to :func:`_temporary_name` of ``path``, then rename it to ``path`` (a
+    reader never sees half a file); the temporary file never stays."""
+    tmp = _temporary_name(path)
+    try:
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -796,10 +805,4 @@ def _atomic_save(img, path: Path) -> None:
     are kept so nibabel picks the format from the temporary name."""
     import nibabel as nib
 
-    tmp = _temporary_name(path)
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _atomically(path, lambda tmp: nib.save(img, str(tmp)))
