@@ -118,10 +118,8 @@ def fittable_problems(design: Any, spec: Any = None) -> list[SpecError]:
     x_where = str(getattr(spec, "X", None) or f"{spec_path}: {x_key}")
     out = []
     if p >= n:
-        typos = [note for note in getattr(design, "notes", ()) if TEXT_COLUMN in note]
         out.append(SpecError(f"{p} fixed effects (columns) but only {n} observations (rows): a "
-                             "fit needs more observations than fixed effects"
-                             + (f" (perhaps because {typos[0]})" if typos else ""), x_where))
+                             "fit needs more observations than fixed effects", x_where))
     else:
         names = tuple(getattr(design, "fixed_names", ()) or ())
         j = out_of_scale_column(design.X)
@@ -137,9 +135,9 @@ def fittable_problems(design: Any, spec: Any = None) -> list[SpecError]:
             out.append(SpecError(f"{column_words(design.X, j, names)}: X is rank deficient, "
                                  "so the fixed effects are not identifiable; drop or recode "
                                  "that column", x_where))
-    problem = min_n_problem(spec, n)
-    if problem is not None:
-        out.append(problem)
+    too_few = min_n_problem(spec, n)        # (the spec's, not the design's: no typo hint)
+    if too_few is not None:
+        out.append(too_few)
     for i, f in enumerate(design.factors):
         where = f"{spec_path}: random[{i}] ({f.name!r})"
         l, q = f.n_levels, f.n_effects
@@ -165,6 +163,12 @@ def fittable_problems(design: Any, spec: Any = None) -> list[SpecError]:
     method = getattr(getattr(spec, "estimation", None), "method", "REML")
     if not out and design.factors and method == "REML":
         out += absorbed_problems(design, spec)
+    # a covariate read as text because of a typo (a factor of many levels) may be the cause
+    # of any of them: p >= n, X rank deficient, [X Z] fitting every row (fault audits)
+    typos = [note for note in getattr(design, "notes", ()) if TEXT_COLUMN in note]
+    if typos:
+        out = [e if e is too_few else SpecError(f"{e.message} (perhaps because {typos[0]})",
+                                                e.where) for e in out]
     return out
 
 

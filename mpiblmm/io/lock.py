@@ -68,8 +68,10 @@ def _describe(text: str, path: Path) -> str:
             age = 0.0
         if age < UNREADABLE_LOCK_AGE:
             return "a job that is starting now"
-        return (f"an empty or unreadable lock written {age / 60:.0f} min ago: a job that "
-                "stopped while starting, if none is running")
+        ago = (f"{age / 60:.0f} min" if age < 7200 else f"{age / 3600:.0f} h" if age < 172800
+               else f"{age / 86400:.0f} days")
+        return (f"an empty or unreadable lock written {ago} ago: a job that stopped while "
+                "starting, if none is running")
 
 
 def _batch_run() -> dict:

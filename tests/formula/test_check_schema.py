@@ -196,6 +196,34 @@ def test_check_gives_the_note_with_the_problem_a_text_column_causes(tmp_path):
     assert "(perhaps because column 'age' of" in p_ge_n and "'6O.5'" in p_ge_n, p_ge_n
 
 
+def test_a_typo_that_makes_x_and_z_fit_every_row_is_named_in_that_error_too(tmp_path):
+    """A re-check: time typed '2.0x' made time a factor of one level per value, [X Z] fitted
+    every observation, and the error said to drop a random term, without the cell."""
+    from mpiblmm.checks import fittable_problems
+    from mpiblmm.design import design_from_spec
+    from mpiblmm.spec import load_spec
+
+    write_study(tmp_path, subjects=6, visits=3, shape=(3, 3, 2), seed=4, form="formula")
+    lines = (tmp_path / "participants.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [line.split(",") for line in lines[1:]]
+    for i, cells in enumerate(rows):          # time: 18 distinct values, one of them a typo
+        cells[header.index("time")] = f"{i * 0.25}" if i != 9 else "2.0x"
+    (tmp_path / "edited.csv").write_text("\n".join([lines[0]] + [",".join(c) for c in rows])
+                                         + "\n")
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    spec.update(formula="y ~ time + (1 | subject)", contrasts=[], covariates="edited.csv",
+                missingness={"min_n": 100})
+    (tmp_path / "s.json").write_text(json.dumps(spec))
+    spec = load_spec(tmp_path / "s.json")
+    problems = [str(p) for p in fittable_problems(design_from_spec(spec), spec)]
+    hinted = [p for p in problems if "(perhaps because column 'time' of" in p]
+    assert hinted and all("row 11: '2.0x'" in p for p in hinted), problems
+    # the spec's own min_n is not the typo's doing
+    (min_n,) = [p for p in problems if "missingness.min_n" in p]
+    assert "perhaps" not in min_n
+
+
 def test_a_text_column_the_model_fits_is_a_note_of_the_fit_too(tmp_path):
     """A typo that makes a covariate a factor of few levels fits without an error: the fit's
     notes (checks.design_notes, printed by check and fit alike) name the cell."""

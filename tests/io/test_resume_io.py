@@ -62,9 +62,13 @@ def test_an_empty_lock_file_is_a_job_starting_now_then_its_age(tmp_path):
         acquire_lock(tmp_path)
     old = time.time() - 3 * 3600
     os.utime(tmp_path / LOCK_NAME, (old, old))
-    with pytest.raises(UserError, match="an empty or unreadable lock written 180 min ago: a job "
+    with pytest.raises(UserError, match="an empty or unreadable lock written 3 h ago: a job "
                                         "that stopped while starting, if none is running"):
         acquire_lock(tmp_path)
+    for seconds, said in ((600, "10 min"), (3 * 86400, "3 days")):
+        os.utime(tmp_path / LOCK_NAME, (time.time() - seconds,) * 2)
+        with pytest.raises(UserError, match=f"written {said} ago"):
+            acquire_lock(tmp_path)
 
 
 def test_lock_of_an_earlier_run_of_this_requeued_slurm_job_is_stale(tmp_path, monkeypatch):
