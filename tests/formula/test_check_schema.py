@@ -171,21 +171,30 @@ def test_check_notes_a_numeric_column_turned_text_by_one_cell(tmp_path):
     assert not [line for line in clean if line.startswith("note: ")]
 
 
+def _typo_study(folder, column, value, **spec_keys):
+    """A formula study of 6 subjects x 3 visits whose covariate ``column`` holds
+    ``value(row)`` (one of them a typo), as ``edited.csv``, and its spec ``s.json`` with
+    ``spec_keys`` and no contrasts."""
+    write_study(folder, subjects=6, visits=3, shape=(3, 3, 2), seed=4, form="formula")
+    lines = (folder / "participants.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [line.split(",") for line in lines[1:]]
+    for i, cells in enumerate(rows):
+        cells[header.index(column)] = value(i)
+    (folder / "edited.csv").write_text("\n".join([lines[0]] + [",".join(c) for c in rows])
+                                       + "\n")
+    spec = json.loads((folder / "spec.json").read_text())
+    spec.update(contrasts=[], covariates="edited.csv", **spec_keys)
+    (folder / "s.json").write_text(json.dumps(spec))
+
+
 def test_check_gives_the_note_with_the_problem_a_text_column_causes(tmp_path):
     """A typo that makes a numeric column a factor of many levels can make p >= n; the note
     saying which cell did it used to come only with a successful check (audit, tenth
     session)."""
-    write_study(tmp_path, subjects=6, visits=3, shape=(3, 3, 2), seed=4, form="formula")
-    lines = (tmp_path / "participants.csv").read_text().splitlines()
-    header = lines[0].split(",")
-    rows = [line.split(",") for line in lines[1:]]
-    for i, cells in enumerate(rows):          # age: 18 distinct values, one of them a typo
-        cells[header.index("age")] = f"{60 + i * 0.5}" if i != 4 else "6O.5"
-    (tmp_path / "edited.csv").write_text("\n".join([lines[0]] + [",".join(c) for c in rows])
-                                         + "\n")
-    spec = json.loads((tmp_path / "spec.json").read_text())
-    spec.update(formula="y ~ age + (1 | subject)", contrasts=[], covariates="edited.csv")
-    (tmp_path / "s.json").write_text(json.dumps(spec))
+    # age: 18 distinct values, one of them a typo
+    _typo_study(tmp_path, "age", lambda i: f"{60 + i * 0.5}" if i != 4 else "6O.5",
+                formula="y ~ age + (1 | subject)")
     problems, notes = check_spec(tmp_path / "s.json")
     assert any("fixed effects (columns) but only 18 observations" in p for p in problems)
     assert len(notes) == 1 and notes[0].startswith("note: column 'age'") \
@@ -196,25 +205,17 @@ def test_check_gives_the_note_with_the_problem_a_text_column_causes(tmp_path):
     assert "(perhaps because column 'age' of" in p_ge_n and "'6O.5'" in p_ge_n, p_ge_n
 
 
-def test_a_typo_that_makes_x_and_z_fit_every_row_is_named_in_that_error_too(tmp_path):
-    """A re-check: time typed '2.0x' made time a factor of one level per value, [X Z] fitted
-    every observation, and the error said to drop a random term, without the cell."""
+def test_a_typo_is_named_in_every_error_of_the_design(tmp_path):
+    """A re-check: a typo that made [X Z] fit every observation was told to drop a random
+    term, without the cell.  Every error of the design (here p >= n) names the cell; the
+    spec's own min_n does not."""
     from mpiblmm.checks import fittable_problems
     from mpiblmm.design import design_from_spec
     from mpiblmm.spec import load_spec
 
-    write_study(tmp_path, subjects=6, visits=3, shape=(3, 3, 2), seed=4, form="formula")
-    lines = (tmp_path / "participants.csv").read_text().splitlines()
-    header = lines[0].split(",")
-    rows = [line.split(",") for line in lines[1:]]
-    for i, cells in enumerate(rows):          # time: 18 distinct values, one of them a typo
-        cells[header.index("time")] = f"{i * 0.25}" if i != 9 else "2.0x"
-    (tmp_path / "edited.csv").write_text("\n".join([lines[0]] + [",".join(c) for c in rows])
-                                         + "\n")
-    spec = json.loads((tmp_path / "spec.json").read_text())
-    spec.update(formula="y ~ time + (1 | subject)", contrasts=[], covariates="edited.csv",
-                missingness={"min_n": 100})
-    (tmp_path / "s.json").write_text(json.dumps(spec))
+    # time: 18 distinct values, one of them a typo
+    _typo_study(tmp_path, "time", lambda i: f"{i * 0.25}" if i != 9 else "2.0x",
+                formula="y ~ time + (1 | subject)", missingness={"min_n": 100})
     spec = load_spec(tmp_path / "s.json")
     problems = [str(p) for p in fittable_problems(design_from_spec(spec), spec)]
     hinted = [p for p in problems if "(perhaps because column 'time' of" in p]
