@@ -642,8 +642,8 @@ def _blmm_min_n(raw: dict, cwd: Path, notes: list[str],
     with ``n <= q``, q = levels x random effects summed over the factors (all levels of the
     factor files, as BLMM counts them), and with fewer than ``MinPercent`` x n compared in
     floating point (``fraction``; 0.07 x 100 is 7.000000000000001 there, so 7 observations
-    are too few, where ``min_fraction`` reads 0.07 as the decimal).  ``None`` when X or a factor's files cannot be read
-    here (the spec's loader reports them).  When q is not below the number of images BLMM
+    are too few, where ``min_fraction`` reads 0.07 as the decimal).  ``None`` when X or a
+    factor's files cannot be read here (the spec's loader reports them).  When q is not below the number of images BLMM
     fits no voxel at all: the safe-mode rule is then left out, with a note."""
     from mpiblmm.design import read_labels_csv, read_numeric_csv
     from mpiblmm.lmm.analysis import fewest_of_fraction

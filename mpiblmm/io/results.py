@@ -241,11 +241,13 @@ def foreign_file_problem(f: Any, path: Path) -> UserError | None:
     attribute), for ``export`` and ``report``: they called a foreign file or mpiblmm's own
     ``packed.h5`` "incomplete: re-run fit with --resume" (a fault audit); ``None`` for a
     results file."""
+    from mpiblmm.io.ingest import PACKED_FORMAT
+
     fmt = f.attrs.get("format")
     fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
     if fmt == RESULTS_FORMAT:
         return None
-    if fmt == "mpiblmm-packed-1":
+    if fmt == PACKED_FORMAT:
         return UserError("not a results file: it is a fit's packed input (the results are in "
                          f"{RESULTS_NAME} of the fit's output folder)", str(path))
     return UserError(f"not an mpiblmm results file (no attribute format = {RESULTS_FORMAT!r})",
