@@ -503,8 +503,11 @@ def _candidates(spec: Any, grid: Any, problems: list[str]) -> tuple[int, str] | 
         inside = np.ones(grid.shape, dtype=bool)
     v = int(np.count_nonzero(inside))
     seen = int(np.count_nonzero(inside & ~missing(first, spec.zero_is_missing)))
-    return v, (f"at most {v} ({where}; {seen} observed in the first image; voxels no image "
-               "observes are dropped)")
+    # (check reads the first image only: if none observes a voxel, the fit refuses them)
+    why = "" if seen else (", every value 0 (missing while zero_is_missing is true), NaN or Inf"
+                           if spec.zero_is_missing else ", every value NaN or Inf")
+    return v, (f"at most {v} ({where}; {seen} observed in the first image{why}; voxels no "
+               "image observes are dropped)")
 
 
 def _memory(design: Any, voxels: int, ranks: int, budget: float,

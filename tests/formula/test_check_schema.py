@@ -59,6 +59,27 @@ def test_check_summary(study):
     assert summary[-1] == "check: OK"
 
 
+def test_check_says_why_the_first_image_observes_no_voxel(study, tmp_path):
+    """check reads the first image only: where it is all 0, the candidate line says why no
+    voxel of it is observed (a fault audit: check said OK, the fit then refused all-zero
+    images)."""
+    import nibabel as nib
+
+    spec = json.loads((study / "spec.json").read_text())
+    images = [str(study / p) for p in (study / spec["images"]).read_text().split()]
+    img = nib.load(images[0])                     # (the study's list file, images.txt)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine),
+             str(tmp_path / "zero.nii"))
+    spec["images"] = [str(tmp_path / "zero.nii")] + images[1:]
+    # beside the study's spec: its other files are named relative to it
+    (study / "zero_first.json").write_text(json.dumps(dict(spec, output=str(tmp_path / "o"))))
+    problems, summary = check_spec(study / "zero_first.json")
+    assert problems == [], problems
+    (line,) = [x for x in summary if x.startswith("candidate voxels:")]
+    assert "; 0 observed in the first image, every value 0 (missing while zero_is_missing is " \
+        "true), NaN or Inf; voxels no image observes are dropped)" in line, line
+
+
 def test_check_lists_every_problem(study, tmp_path):
     spec = json.loads((study / "spec.json").read_text())
     spec["images"] = str(study / "images.txt")
