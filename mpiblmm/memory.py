@@ -96,8 +96,9 @@ def work_budget_mb(budget_mb: float, baseline_mb: float, where: str) -> float:
         raise UserError(
             f"{budget_mb:g} MiB per rank is too little to run: a rank already holds "
             f"{math.ceil(baseline_mb)} MiB at its start (interpreter, libraries, the study's "
-            f"design and its results datasets), and the work needs at least {MIN_WORK_MB:.0f} MiB more; give at least "
-            f"{minimum_budget_mb(baseline_mb)} MiB", where)
+            f"design and its results datasets), and the work needs at least "
+            f"{MIN_WORK_MB:.0f} MiB more; give at least {minimum_budget_mb(baseline_mb)} MiB",
+            where)
     return work
 
 

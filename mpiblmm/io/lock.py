@@ -141,9 +141,9 @@ def acquire_lock(folder: Path, where: str = "output") -> OutputLock:
                 raise UserError(f"cannot read the lock file {path} ({exc.strerror})", where) from None
             if not _is_stale(held):
                 raise UserError(
-                    f"another mpiblmm job is writing into this folder ({_describe(held, path)}; lock "
-                    f"file {path}); wait for it, or delete the lock file if that job is no "
-                    f"longer running", where) from None
+                    f"another mpiblmm job is writing into this folder "
+                    f"({_describe(held, path)}; lock file {path}); wait for it, or delete the "
+                    f"lock file if that job is no longer running", where) from None
             aside = path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
             try:
                 os.replace(path, aside)

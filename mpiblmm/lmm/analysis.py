@@ -272,8 +272,7 @@ def _blank_aliased_effects(rd: RandomDesign, observed: np.ndarray,
         return
     seen = observed[fitted]
     starts = np.cumsum([0] + [f.n_effects for f in factors])
-    level = [(rd.cols[:, s] - o) // f.n_effects
-             for f, s, o in zip(factors, starts, rd.structure.offsets)]
+    level = level_codes(rd)
     pairs = [(a, b) for a in range(len(factors)) for b in range(a + 1, len(factors))]
     # the groups of each pair of factors as a factor of its own: the groupings coincide on a
     # voxel's rows when it has as many observed pair groups as levels of either factor
@@ -330,12 +329,19 @@ def levels_observed(rd: RandomDesign, observed: np.ndarray) -> list[np.ndarray]:
             out.append(counts)
         return out
     obs = observed.T.astype(np.float64)
-    out, start = [], 0
-    for f, offset in zip(rd.structure.factors, rd.structure.offsets):
-        level = (rd.cols[:, start] - offset) // f.n_effects
+    out = []
+    for f, level in zip(rd.structure.factors, level_codes(rd)):
         incidence = sp.csr_matrix((np.ones(rd.n), (level, np.arange(rd.n))),
                                   shape=(f.n_levels, rd.n))
         out.append((np.asarray(incidence @ obs) > 0).sum(axis=0))
+    return out
+
+
+def level_codes(rd: RandomDesign) -> list[np.ndarray]:
+    """Per factor, each row's level (n,), read back from Z's column indices."""
+    out, start = [], 0
+    for f, offset in zip(rd.structure.factors, rd.structure.offsets):
+        out.append((rd.cols[:, start] - offset) // f.n_effects)
         start += f.n_effects
     return out
 
