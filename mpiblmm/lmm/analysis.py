@@ -58,6 +58,7 @@ from .model import (F_STATS, STATUS_EMPTY, STATUS_NUMERICAL, STATUS_RANK_DEFICIE
 from .products import RandomDesign, full_rank, product_forms, random_design
 from .satterthwaite import satterthwaite_setup
 from .structures import for_structure
+from .structures.blocked import factor_levels
 from .type3 import Type3Basis, observed_type3
 
 
@@ -272,7 +273,7 @@ def _blank_aliased_effects(rd: RandomDesign, observed: np.ndarray,
         return
     seen = observed[fitted]
     starts = np.cumsum([0] + [f.n_effects for f in factors])
-    level = level_codes(rd)
+    level = factor_levels(rd)
     pairs = [(a, b) for a in range(len(factors)) for b in range(a + 1, len(factors))]
     # the groups of each pair of factors as a factor of its own: the groupings coincide on a
     # voxel's rows when it has as many observed pair groups as levels of either factor
@@ -330,19 +331,10 @@ def levels_observed(rd: RandomDesign, observed: np.ndarray) -> list[np.ndarray]:
         return out
     obs = observed.T.astype(np.float64)
     out = []
-    for f, level in zip(rd.structure.factors, level_codes(rd)):
+    for f, level in zip(rd.structure.factors, factor_levels(rd)):
         incidence = sp.csr_matrix((np.ones(rd.n), (level, np.arange(rd.n))),
                                   shape=(f.n_levels, rd.n))
         out.append((np.asarray(incidence @ obs) > 0).sum(axis=0))
-    return out
-
-
-def level_codes(rd: RandomDesign) -> list[np.ndarray]:
-    """Per factor, each row's level (n,), read back from Z's column indices."""
-    out, start = [], 0
-    for f, offset in zip(rd.structure.factors, rd.structure.offsets):
-        out.append((rd.cols[:, start] - offset) // f.n_effects)
-        start += f.n_effects
     return out
 
 
@@ -466,12 +458,11 @@ def absorbed_effects(X: np.ndarray, rd: RandomDesign, observed: np.ndarray,
     xs = np.sqrt((X * X).sum(axis=0))
     Xs = X / np.where(xs > 0, xs, 1.0)
     start = 0
-    for f, offset, seen in zip(rd.structure.factors, rd.structure.offsets, levels):
+    for f, level, seen in zip(rd.structure.factors, factor_levels(rd), levels):
         candidate = (seen >= 1) & (seen <= p) & (n_obs > 0)
         if not candidate.any():
             start += f.n_effects
             continue
-        level = (rd.cols[:, start] - offset) // f.n_effects
         vals = rd.vals[:, start:start + f.n_effects].astype(np.float64)
         # unit-length columns per level and effect: |z| over all rows of the level
         norms = np.zeros((f.n_levels, f.n_effects))
