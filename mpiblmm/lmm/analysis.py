@@ -41,7 +41,7 @@ voxels without a fit.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import numpy as np
@@ -55,8 +55,10 @@ from .inference import f_contrast, t_contrast
 from .model import (F_STATS, STATUS_EMPTY, STATUS_NUMERICAL, STATUS_RANK_DEFICIENT,
                     STATUS_SINGULAR, STATUS_TOO_FEW, STATUS_UNIDENTIFIABLE, T_STATS,
                     ProductForms, RandomStructure, result_datasets)
-from .products import RandomDesign, full_rank, product_forms, random_design
+from .products import RandomDesign, full_rank, product_forms
 from .satterthwaite import satterthwaite_setup
+from .shared_effects import (blank_shared, levels_observed, redundant_factor, shared_effects,
+                             without_factor)
 from .structures import for_structure
 from .structures.blocked import factor_levels
 from .type3 import Type3Basis, observed_type3
@@ -170,10 +172,53 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     settings
         Missingness thresholds and estimation settings.
     """
+    observed = np.isfinite(Y)
+    shared = shared_effects(model.rd, observed)
+    drop = redundant_factor(model.rd, shared, Y.shape[0])
+    out = (_analyse(model, Y, settings, observed) if (drop < 0).all() else
+           _analyse_without_redundant(model, Y, settings, drop))
+    # NaN for the shared variances: all of them where no factor was left out, where one
+    # was, those of its effects in the factors that took them over (its own are NaN)
+    for k in np.unique(drop):
+        blank_shared(model.rd, shared, out, drop == k, None if k < 0 else int(k))
+    return out
+
+
+def _analyse_without_redundant(model: Model, Y: np.ndarray, settings: Settings,
+                               drop: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`analyse_chunk` where some voxels' observed rows make a factor redundant
+    (``drop`` (v,): its index, -1 where none; :func:`~.shared_effects.redundant_factor`):
+    those voxels are fitted without it, the same likelihood, fixed effects and tests
+    (:mod:`.shared_effects`, (1)) in the iterations of a regular fit; its covariance stays
+    NaN.  A voxel's numbers do not depend on the others of the chunk, as before."""
+    out = empty_results(model, Y.shape[0])
+    for k in np.unique(drop):
+        index = np.flatnonzero(drop == k)
+        part = _voxels_of(model, index)
+        if k >= 0:
+            part = Model(part.X, without_factor(model.rd, int(k)), part.contrasts, part.type3)
+        sub = (analyse_chunk(part, Y[index], settings) if k >= 0 else
+               _analyse(part, Y[index], settings, np.isfinite(Y[index])))
+        for path, values in sub.items():
+            out[path][index] = values
+    return out
+
+
+def _voxels_of(model: Model, index: np.ndarray) -> Model:
+    """``model`` for the voxels ``index`` of its chunk: a contrast with rows of each voxel's
+    own (``L`` (v, r, p)) keeps theirs."""
+    if all(c.L.ndim != 3 for c in model.contrasts):
+        return model
+    return Model(model.X, model.rd, tuple(replace(c, L=c.L[index]) if c.L.ndim == 3 else c
+                                          for c in model.contrasts), model.type3)
+
+
+def _analyse(model: Model, Y: np.ndarray, settings: Settings,
+             observed: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`analyse_chunk` on a model no voxel's observed rows make redundant."""
     v, n = Y.shape
     p = model.X.shape[1]
     out = empty_results(model, v)
-    observed = np.isfinite(Y)
     n_obs = observed.sum(axis=1)
     out["n"][:] = n_obs
     allowed = (n_obs >= settings.min_n) & (n_obs >= fewest_of_fraction(settings.min_fraction, n))
@@ -204,7 +249,6 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     # n <= p: too few for all p columns, maybe not for those the observed rows support
     _fit_dropping_columns(model, Y, settings, out, np.flatnonzero(allowed & (n_obs > 0) & ~enough))
     _blank_unobserved_effects(model.rd, observed, out)
-    _blank_aliased_effects(model.rd, observed, out)
     return out
 
 
@@ -257,43 +301,6 @@ def _blank_unobserved_effects(rd: RandomDesign, observed: np.ndarray,
         cov[fitted] = block
 
 
-def _blank_aliased_effects(rd: RandomDesign, observed: np.ndarray,
-                           out: dict[str, np.ndarray]) -> None:
-    """NaN on the diagonal of ``random/<factor>/cov`` for an effect two factors share at a
-    fitted voxel: the voxel's observed rows fall into the same groups under both factors and
-    the effect's covariate is the same on them (every family down to one subject there), so
-    only the sum of the two variances is identified and how it splits is arbitrary (a cohort
-    audit: the family/subject split was set by the start, about 1:0 where lme4's was near
-    1:1, and the singular status with it; logLik, fixed effects and tests agree).  The
-    design-wide case is a note of ``check`` and ``fit``
-    (:func:`mpiblmm.checks.overlapping_random_terms`)."""
-    factors = rd.structure.factors
-    fitted = np.flatnonzero(out["status"] <= STATUS_SINGULAR)
-    if len(factors) < 2 or fitted.size == 0:
-        return
-    seen = observed[fitted]
-    starts = np.cumsum([0] + [f.n_effects for f in factors])
-    level = factor_levels(rd)
-    pairs = [(a, b) for a in range(len(factors)) for b in range(a + 1, len(factors))]
-    # the groups of each pair of factors as a factor of its own: the groupings coincide on a
-    # voxel's rows when it has as many observed pair groups as levels of either factor
-    pair_codes = [np.unique(level[a] * factors[b].n_levels + level[b], return_inverse=True)[1]
-                  for a, b in pairs]
-    ones = [np.ones((rd.n, 1))] * len(pairs)
-    counts = levels_observed(rd, seen)
-    pair_counts = levels_observed(random_design(pair_codes, ones), seen)
-    for (a, b), both in zip(pairs, pair_counts):
-        same = (counts[a] == both) & (counts[b] == both)
-        if not same.any():
-            continue
-        for i in range(factors[a].n_effects):
-            for j in range(factors[b].n_effects):
-                differ = (rd.vals[:, starts[a] + i] != rd.vals[:, starts[b] + j])
-                alias = fitted[same & ~(seen[:, differ].any(axis=1))]
-                out[f"random/{factors[a].name}/cov"][alias, i, i] = np.nan
-                out[f"random/{factors[b].name}/cov"][alias, j, j] = np.nan
-
-
 #: Saturation (:func:`saturated`) is decided by exact algebra on an ``n_obs x n_obs`` matrix
 #: per voxel up to this many observations (``O(m^3)``: about a millisecond at 256); a larger
 #: candidate voxel (nested or cohort designs with hundreds of levels pass the screen at
@@ -312,30 +319,6 @@ SATURATED_SIGMA2 = 1e-10
 #: Rows of the padded index a batch of the exact test gathers at once (memory: 8 bytes per
 #: entry of its ``m x m`` matrices).
 _SATURATED_BATCH_ENTRIES = 1 << 22
-
-
-def levels_observed(rd: RandomDesign, observed: np.ndarray) -> list[np.ndarray]:
-    """Per factor, the number of its levels with at least one observed row, per voxel (v,);
-    ``observed`` is (v, n).  Complete voxels share one count."""
-    complete = observed.all(axis=1)
-    if complete.sum() > 1:
-        rest = np.flatnonzero(~complete)
-        first = levels_observed(rd, observed[np.flatnonzero(complete)[:1]])
-        part = levels_observed(rd, observed[rest]) if rest.size else [None] * len(first)
-        out = []
-        for one, some in zip(first, part):
-            counts = np.full(observed.shape[0], one[0])
-            if some is not None:
-                counts[rest] = some
-            out.append(counts)
-        return out
-    obs = observed.T.astype(np.float64)
-    out = []
-    for f, level in zip(rd.structure.factors, factor_levels(rd)):
-        incidence = sp.csr_matrix((np.ones(rd.n), (level, np.arange(rd.n))),
-                                  shape=(f.n_levels, rd.n))
-        out.append((np.asarray(incidence @ obs) > 0).sum(axis=0))
-    return out
 
 
 def saturated(X: np.ndarray, rd: RandomDesign, observed: np.ndarray, rtol: float = 1e-10,
