@@ -246,11 +246,10 @@ def convert(raw: dict, where: str, cwd: Path, folder: Path | None) -> tuple[dict
                          "masks first)")
     missing = _missingness(raw.get("Missingness"), where, notes)
     floor = _blmm_min_n(raw, cwd, notes, missing.get("min_fraction"))
+    # X or a factor's files not found (a fault audit: a wrong path gave no word, and with
+    # the path then corrected in the spec the fit kept voxels BLMM drops): say what the
+    # conversion could not do
     unread = _unread_inputs(raw, cwd)
-    # converted away from the config, or without the X BLMM's rules count from (a fault
-    # audit: a wrong X path gave no word, and with the path then corrected in the spec the
-    # fit kept voxels BLMM drops): say what it could not do
-    unread = unread if away or "X" in unread else []
     if floor is None and unread:
         notes.append(f"Missingness: BLMM's own voxel rules (n > p + 1, and n > q in its "
                      f"safeMode) are not in the spec: {', '.join(unread)} "

@@ -143,6 +143,19 @@ def test_unreadable_files_leave_min_n_to_the_loader(tmp_path):
                      "files are there"]
 
 
+def test_a_missing_factor_file_is_noted_too(tmp_path):
+    """X is there, a factor's file is not (a fault audit: only a missing X gave the note,
+    so a wrong factor path corrected in the spec later fitted voxels BLMM's safeMode drops)."""
+    _study(tmp_path, subjects=6, visits=3)
+    (tmp_path / "f.csv").unlink()
+    spec, notes = _convert(tmp_path, unread_note=True)
+    assert "missingness" not in spec
+    assert notes == [f"{UNREAD} (n > p + 1, and n > q in its safeMode) are not in the spec: "
+                     "Z: f1.factor names no file (relative paths are read from the working "
+                     f"directory, {tmp_path}); convert again where BLMM runs, once the files "
+                     "are there"]
+
+
 def _mask(path, values):
     import nibabel as nib
 
