@@ -613,8 +613,10 @@ def _one_spelling_per_level(raw: dict, cwd: Path, where: str) -> None:
     """BLMM reads a factor file's codes as numbers (``2`` and ``2.0`` are one level, ``01``
     and ``1`` too); the spec reads them as labels, so such a file would give mpiblmm more
     levels, another model without a word: refused, naming the file, the key and two codes.
-    Files that cannot be read here are left to the spec's loader."""
-    from mpiblmm.design import read_labels_csv
+    So is a file whose first row looks like a header (:func:`~mpiblmm.design.header_like`):
+    the spec would read it as a level.  Files that cannot be read here are left to the
+    spec's loader."""
+    from mpiblmm.design import header_like, read_labels_csv
 
     for label, f in _items(raw.get("Z"), f"{where}: Z", "f"):
         value = f.get("factor")
@@ -622,9 +624,19 @@ def _one_spelling_per_level(raw: dict, cwd: Path, where: str) -> None:
             continue
         try:
             codes = read_labels_csv(_resolve(value, cwd))
+        except (SpecError, OSError, UnicodeDecodeError):
+            continue                                 # unreadable: the spec's loader says so
+        if header_like(codes):
+            # BLMM's loadFile skips no header of a one-column file: the row is a level, the
+            # file one row longer than X, and BLMM fails
+            raise SpecError(f"{_resolve(value, cwd)} starts with a header row ({codes[0]!r}), "
+                            "which BLMM reads as a level and mpiblmm's factor files must not "
+                            "have: delete that line (the conversion keeps the path)",
+                            f"{where}: Z: {label}.factor")
+        try:
             numbers = [float(code) for code in codes]
-        except (SpecError, OSError, UnicodeDecodeError, ValueError):
-            continue                 # unreadable, or not numbers: the spec's loader says so
+        except ValueError:
+            continue                          # not numbers: labels, the spec's loader's
         first: dict[float, str] = {}
         for number, code in zip(numbers, codes):
             if first.setdefault(number, code) != code:

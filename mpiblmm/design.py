@@ -268,6 +268,10 @@ def design_from_spec(spec: Spec) -> Design:
     factors = []
     for fs in spec.random:
         labels = read_labels_csv(fs.factor)
+        if len(labels) == n + 1 and header_like(labels):
+            raise SpecError(f"has {len(labels)} rows but {spec.X} has {n}: its first row "
+                            f"{labels[0]!r} looks like a header (every other row is a number); "
+                            "a factor file has no header row: delete that line", str(fs.factor))
         _same_rows(fs.factor, len(labels), spec.X, n)
         Z = None
         if fs.design is not None:
@@ -517,6 +521,20 @@ def read_labels_csv(path: Path) -> list[str]:
             raise SpecError(f"expected one column (the level label), got {len(cells)}", where)
         labels.append(cells[0].strip())
     return labels
+
+
+def header_like(labels: list[str]) -> bool:
+    """Does a factor file's first row look like a header: not a number, where every other
+    row is one (``subject`` above level codes)?"""
+    return len(labels) > 1 and not _is_number(labels[0]) and all(map(_is_number, labels[1:]))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:

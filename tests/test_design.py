@@ -52,6 +52,10 @@ def test_default_intercept_and_crossed_factors():
     ("X.csv", "", "X.csv: the file is empty"),
     ("Z.csv", "1,0\n1,1\n1,2\n", "Z.csv: has 3 rows but"),
     ("f.csv", "a\nb\n", "f.csv: has 2 rows but"),
+    ("f.csv", "subject\n1\n1\n2\n2\n", "f.csv: X.csv has 4: its first row "
+     "'subject' looks like a header (every other row is a number); a factor file has no "
+     "header row: delete that line"),
+    ("f.csv", "a\nb\nb\nc\nc\n", "f.csv: has 5 rows but"),     # labels: no header guess
     ("f.csv", "a\n\nb\nc\n", "f.csv: row 2: empty level label"),
     ("f.csv", "a,1\nb\nb\nc\n", "f.csv: row 1: expected one column"),
     ("Z.csv", "1,0\n1,1\n1,q\n1,3\n", "Z.csv: row 3: column 2: not a number"),

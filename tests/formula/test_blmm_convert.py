@@ -437,6 +437,19 @@ def test_factor_codes_one_number_in_two_spellings_are_refused(tmp_path):
     assert _convert(tmp_path, _weights("[0, 1, 0]"))[0]["random"][0]["factor"] == "f.csv"
 
 
+def test_a_factor_file_with_a_header_row_is_refused(tmp_path):
+    """BLMM reads a one-column file's header as a level (and then fails); the spec's factor
+    files have none: named at conversion, not as a row count at the fit."""
+    (tmp_path / "z.csv").write_text("1\n1\n1\n1\n")
+    (tmp_path / "f.csv").write_text("subject\n1\n1\n2\n2\n")
+    with pytest.raises(SpecError) as info:
+        _convert(tmp_path, _weights("[0, 1, 0]"))
+    assert str(info.value) == (
+        f"{tmp_path}/cfg.yml: Z: f1.factor: {tmp_path}/f.csv starts with a header row "
+        "('subject'), which BLMM reads as a level and mpiblmm's factor files must not have: "
+        "delete that line (the conversion keeps the path)")
+
+
 def test_contrasts_misspelt_missing_and_unknown_factor_fields(tmp_path):
     # a misspelt contrasts key gave a spec without contrasts (BLMM itself fails: KeyError)
     with pytest.raises(SpecError) as info:
