@@ -750,6 +750,25 @@ def _take_lock(results: Path, out: Path) -> Any:
     return acquire_lock(folder, str(out))
 
 
+def _missing_folders(out: Path) -> list[Path]:
+    """``out`` and its ancestors that do not exist yet, deepest first (the folders an export
+    into ``out`` makes)."""
+    missing, here = [], Path(os.path.abspath(out))
+    while not here.exists() and here != here.parent:
+        missing.append(here)
+        here = here.parent
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while each is empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def run_export(args: argparse.Namespace) -> int:
     """``mpiblmm export RESULTS_H5 [DIR] [--fdr]``: (re)write the maps; returns the exit code.
     The folder's lock is held throughout, so no fit or other export writes there meanwhile."""
@@ -759,7 +778,8 @@ def run_export(args: argparse.Namespace) -> int:
     comm = world_if_parallel()
     out_dir = getattr(args, "out_dir", None) or getattr(args, "directory", None)
     out = Path(args.results).parent / "nifti" if out_dir is None else Path(out_dir)
-    lock, hook = None, None
+    lock, hook, written = None, None, None
+    made = _missing_folders(out) if comm_rank(comm) == 0 else []
     interrupt.install()  # first: a signal while the lock is taken must not leave it behind
     try:
         lock = on_root(comm, lambda: _take_lock(Path(args.results), out))
@@ -776,6 +796,8 @@ def run_export(args: argparse.Namespace) -> int:
         interrupt.uninstall()
         if lock is not None and comm_rank(comm) == 0:
             lock.release()
+            if written is None:   # refused (an incomplete results file, say): no empty
+                _remove_if_empty(made)   # folder made for it is left behind
         if hook is not None:
             forget_abort_hook(hook)
     total = len(written) if comm is None else comm.allreduce(len(written))

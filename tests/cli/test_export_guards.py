@@ -146,3 +146,25 @@ def test_export_of_a_packed_input_or_a_foreign_file_says_what_it_is(fitted, tmp_
         assert _errors(run.stderr) == [
             f"mpiblmm: error: {tmp_path / 'other.h5'}: not an mpiblmm results file (no "
             "attribute format = 'mpiblmm-results-1')"], run.stderr
+
+
+@pytest.mark.spawns_mpiexec
+def test_a_refused_export_leaves_no_folder_it_made(fitted, tmp_path):
+    """An incomplete results file is refused; the folders the export made for its maps (a
+    fault audit: an empty one was left) are removed, an existing folder stays."""
+    import h5py
+
+    _, complete = fitted
+    results = tmp_path / "results.h5"
+    shutil.copy(complete / "results.h5", results)
+    with h5py.File(results, "a") as f:
+        f.attrs["complete"] = False
+    for ranks in (1, 2):
+        run = _run(ranks, "export", str(results), str(tmp_path / "new" / "maps"))
+        assert run.returncode == 2, run.stderr
+        assert "the results are incomplete" in run.stderr
+        assert not (tmp_path / "new").exists()
+    (tmp_path / "there").mkdir()
+    run = _run(1, "export", str(results), str(tmp_path / "there"))
+    assert run.returncode == 2, run.stderr
+    assert (tmp_path / "there").is_dir() and not any((tmp_path / "there").iterdir())
