@@ -16,7 +16,7 @@ import csv
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -374,9 +374,28 @@ def design_from_formula(spec: Spec) -> Design:
                                    suspicious_text_columns(table)) from None
     design = build_design(model.X, model.factors, contrasts, model.names,
                           where=f"{spec_where}: contrasts", type3_basis=model.type3_basis)
+    notes += tuple(_table_wide_note(fm.table_wide_transforms(spec.formula), table.n,
+                                    spec.covariates))
     # the fit prints them too: the factor a typo made may fit without an error (a fault audit)
     notes += tuple(suspicious_text_columns(table))
     return replace(design, notes=notes, left_out=tuple(left_out.items())) if notes else design
+
+
+def _table_wide_note(calls: Sequence[str], rows: int, table: Any) -> list[str]:
+    """The note on ``scale()``, ``center()`` and ``poly()`` (a formula audit against lme4):
+    mpiblmm computes them once on every row of the table, lme4 fitted on a voxel's observed
+    rows on those rows, so where a voxel misses images the two parameterise the same fit
+    (given an intercept) differently."""
+    if not calls:
+        return []
+    one = len(calls) == 1
+    return [f"{', '.join(calls)}: computed once from all {rows} rows of {table}, as one "
+            f"covariate for every voxel; lme4, fitted on a voxel's observed rows, computes "
+            f"{'it' if one else 'them'} on those rows, so at voxels that miss images the fit "
+            f"is the same (with an intercept) but the coefficients of {'its' if one else 'their'} "
+            f"columns, the type III F of terms {'it enters' if one else 'they enter'} and the "
+            "REML log-likelihood (by a constant) are those of another parameterisation; to "
+            "compare with lme4 there, put the computed column in the table"]
 
 
 def contrast_problem(exc: UserError, left_out: tuple[tuple[str, str], ...],

@@ -949,6 +949,29 @@ def _I_calls(formula: str):
         pos = end
 
 
+_TABLE_WIDE_CALL = re.compile(r"(?<![\w.])(scale|center|poly)\s*\(")
+_RAW_POLY = re.compile(r"\braw\s*=\s*(TRUE|T|True)\b")
+
+
+def table_wide_transforms(formula: str) -> list[str]:
+    """The calls of ``formula`` whose columns depend on the rows they are computed on --
+    ``scale(x)``, ``center(x)``, ``poly(x, d)`` (not ``raw = TRUE``) -- as written, once each:
+    mpiblmm computes them on every row of the table, lme4 given a voxel's observed rows on
+    those rows."""
+    found = []
+    pos = 0
+    while (m := _TABLE_WIDE_CALL.search(formula, pos)) is not None:
+        depth, end = 1, m.end()
+        while depth and end < len(formula):
+            depth += {"(": 1, ")": -1}.get(formula[end], 0)
+            end += 1
+        call = formula[m.start():end]
+        if not (m.group(1) == "poly" and _RAW_POLY.search(call)) and call not in found:
+            found.append(call)
+        pos = end
+    return found
+
+
 def _refused_in_I(formula: str, table: Table) -> None:
     """Refuse what ``I()`` would evaluate otherwise than R: a logical column (TRUE/FALSE
     cells), a factor here of the labels TRUE and FALSE, not R's logical vector
