@@ -23,7 +23,10 @@ Per chunk:
    leave X rank deficient is fitted without the columns lme4 drops, voxels that drop the
    same columns together (:func:`_fit_dropping_columns`); status 4 where that leaves X
    nearly rank deficient.
-3. The estimator fits each group -- both as one in a small chunk when the structure's algebra
+3. A voxel on whose observed rows one random factor's every effect is another's (every
+   family down to one subject there) is fitted without it: the same likelihood, fixed
+   effects and tests (:mod:`.shared_effects`).
+4. The estimator fits each group -- both as one in a small chunk when the structure's algebra
    gives a voxel the same bits either way (``joint_groups``: one factor), so the fixed cost of
    a fit is paid once; inference computes every contrast at the fitted voxels.
 
