@@ -507,10 +507,16 @@ def read_numeric_csv(path: Path) -> np.ndarray:
                 below = [r[j] for _, r in rows[1:] if j < len(r)]
                 if hint.endswith("no header row)") and below and not any(
                         NUMBER.fullmatch(c) for c in below):
+                    # a header row beside it too: both said at once (a fault audit: the
+                    # header was named only on the next run, once the column was deleted)
+                    header = len(rows) > 1 and any(
+                        not NUMBER.fullmatch(c) and NUMBER.fullmatch(d)
+                        for k, (c, d) in enumerate(zip(cells, rows[1][1])) if k != j)
                     raise SpecError(f"column {j + 1}: text in every row ({cell.strip()!r}, "
-                                    f"{below[0].strip()!r}, ...), as in an ID column: the "
-                                    "file must hold numbers only; delete that column", where
-                                    ) from None
+                                    f"{below[0].strip()!r}, ...), as in an ID column"
+                                    + (", and this row is a header row" if header else "")
+                                    + ": the file must hold numbers only; delete that column"
+                                    + (" and this row" if header else ""), where) from None
                 raise SpecError(f"column {j + 1}: not a number: {cell.strip()!r}{hint}",
                                 where) from None
             if not math.isfinite(value):

@@ -178,8 +178,10 @@ def test_a_matrix_cell_is_a_number_only_as_csv_readers_read_one(tmp_path):
     # BLMM's loader drops an ID column; told "no header row", a user deleted a subject
     ("sub01,1,2\nsub02,1,3\n", "column 1: text in every row ('sub01', 'sub02', ...), as in "
                                  "an ID column: the file must hold numbers only; delete that column"),
-    ("id,int,age\nsub01,1,2\n", "column 1: text in every row ('id', 'sub01', ...), as in an "
-                                 "ID column: the file must hold numbers only; delete that column"),
+    # ... and a header row beside it: both at once (the header was said on the next run)
+    ("id,int,age\nsub01,1,2\n", "row 1: column 1: text in every row ('id', 'sub01', ...), as "
+                                 "in an ID column, and this row is a header row: the file must "
+                                 "hold numbers only; delete that column and this row"),
 ])
 def test_a_numeric_csv_says_why_a_cell_is_not_a_number(tmp_path, text, hint):
     """A fault audit's tab-separated X.csv was told to drop its header row."""
