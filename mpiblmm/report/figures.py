@@ -24,6 +24,10 @@ DPI = 80
 #: background outside the analysed voxels), so it cannot be read as "no effect".
 NOT_FITTED_COLOUR = "#f0e442"
 NOT_FITTED_LABEL = "analysed, not fitted (no value)"
+#: Colour of fitted voxels where a contrast has no value (not estimable on their observed
+#: rows, e.g. a group none of whose images is observed there): as the above, on no scale.
+NO_ESTIMATE_COLOUR = "#cc79a7"
+NO_ESTIMATE_LABEL = "fitted, contrast not estimable there (no value)"
 #: The side each axis code's opposite names, the plane a slice axis code cuts, and words.
 OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
 PLANE = {"S": "axial", "I": "axial", "A": "coronal", "P": "coronal", "R": "sagittal",
@@ -136,13 +140,15 @@ def mosaic(values: np.ndarray, background: np.ndarray | None, title: str, cmap: 
            vmin: float, vmax: float, label: str, occupied: np.ndarray,
            categorical: Sequence[tuple[int, str, str]] | None = None,
            not_fitted: np.ndarray | None = None,
-           axcodes: tuple[str, str, str] | None = None, aspect: float = 1.0):
+           axcodes: tuple[str, str, str] | None = None, aspect: float = 1.0,
+           no_estimate: np.ndarray | None = None):
     """A mosaic of axial slices of a grid-shaped ``values`` (NaN: transparent) over ``background``.
 
     ``categorical``: (value, colour, label) triples for integer maps drawn with a legend.
     ``not_fitted``: grid-shaped mask of analysed voxels that have no value; drawn in
     :data:`NOT_FITTED_COLOUR` with a legend entry, so a dropped voxel is never mistaken for
-    the background or for a value at the colour scale's centre.  ``axcodes``: the grid's
+    the background or for a value at the colour scale's centre; ``no_estimate`` likewise, in
+    :data:`NO_ESTIMATE_COLOUR`, the fitted voxels a contrast has no value at.  ``axcodes``: the grid's
     orientation (:func:`orientation`), for the side letters and the note under the title.
     ``aspect``: a pixel's height over its width (:func:`pixel_aspect`: anisotropic voxels
     drawn in their physical proportions).
@@ -162,7 +168,10 @@ def mosaic(values: np.ndarray, background: np.ndarray | None, title: str, cmap: 
         cm = ListedColormap([c for _, c, _ in cats])
         edges = [v - 0.5 for v, _, _ in cats] + [cats[-1][0] + 0.5]
         norm = BoundaryNorm(edges, cm.N)
-    dropped = not_fitted is not None and bool(np.any(not_fitted))
+    marks = [(mask, colour, text) for mask, colour, text in
+             ((not_fitted, NOT_FITTED_COLOUR, NOT_FITTED_LABEL),
+              (no_estimate, NO_ESTIMATE_COLOUR, NO_ESTIMATE_LABEL))
+             if mask is not None and bool(np.any(mask))]
     im = None
     for ax in axes.ravel():
         ax.axis("off")
@@ -173,9 +182,9 @@ def mosaic(values: np.ndarray, background: np.ndarray | None, title: str, cmap: 
         kwargs = {"norm": norm} if norm is not None else {"vmin": vmin, "vmax": vmax}
         im = ax.imshow(layer, cmap=cm, origin="lower", interpolation="nearest", aspect=aspect,
                        **kwargs)
-        if dropped:
-            holes = np.ma.masked_where(~not_fitted[:, :, k].T, np.ones(not_fitted.shape[:2][::-1]))
-            ax.imshow(holes, cmap=ListedColormap([NOT_FITTED_COLOUR]), origin="lower",
+        for mask, colour, _ in marks:
+            holes = np.ma.masked_where(~mask[:, :, k].T, np.ones(mask.shape[:2][::-1]))
+            ax.imshow(holes, cmap=ListedColormap([colour]), origin="lower",
                       vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
         plane = PLANE[axcodes[2]] + " " if axcodes is not None else ""
         ax.set_title(f"{plane}k = {k}", fontsize=8)
@@ -186,8 +195,8 @@ def mosaic(values: np.ndarray, background: np.ndarray | None, title: str, cmap: 
         handles = [swatch(c, f"{v}: {legend_text(t)}") for v, c, t in sorted(categorical)]
     elif im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=label)
-    if im is not None and dropped:
-        handles.append(swatch(NOT_FITTED_COLOUR, NOT_FITTED_LABEL))
+    if im is not None:
+        handles += [swatch(colour, text) for _, colour, text in marks]
     if handles:  # hangs below the lowest slice, however many lines its entries take
         bottom = min(ax.get_position().y0 for ax, _ in zip(axes.ravel(), slices))
         fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, bottom - 0.01),
@@ -198,12 +207,14 @@ def mosaic(values: np.ndarray, background: np.ndarray | None, title: str, cmap: 
 def by_vertex(values: np.ndarray, title: str, label: str, cmap: str = "coolwarm",
               vmin: float | None = None, vmax: float | None = None,
               categorical: Sequence[tuple[int, str, str]] | None = None,
-              not_fitted: np.ndarray | None = None, unit: str = "vertex"):
+              not_fitted: np.ndarray | None = None, unit: str = "vertex",
+              no_estimate: np.ndarray | None = None):
     """Surface studies: the per-vertex values in vertex order, coloured by value (or, for
     ``categorical`` (value, colour, label) triples, by category with a legend and the
     categories as the y ticks).  ``not_fitted`` (per vertex) marks analysed vertices
-    without a value in a row above the plot, in :data:`NOT_FITTED_COLOUR`; ``unit``: what the x
-    axis counts (vertex or grayordinate)."""
+    without a value in a row above the plot, in :data:`NOT_FITTED_COLOUR` (``no_estimate``:
+    fitted vertices a contrast has no value at, in :data:`NO_ESTIMATE_COLOUR`); ``unit``: what
+    the x axis counts (vertex or grayordinate)."""
     plt = _plt()
     v = np.asarray(values, dtype=float).reshape(-1)
     fig, ax = plt.subplots(figsize=(8, 2.6))
@@ -233,17 +244,24 @@ def by_vertex(values: np.ndarray, title: str, label: str, cmap: str = "coolwarm"
         hi = max(vmax, float(v[idx].max())) if idx.size else vmax
         pad = 0.05 * (hi - lo if hi > lo else 1.0)
         ax.set_ylim(lo - pad, hi + pad)
-    holes = np.flatnonzero(np.asarray(not_fitted, bool).reshape(-1)) if not_fitted is not None \
-        else np.zeros(0, int)
-    if holes.size:  # no value to place them by: a row of marks above the plot, off the
-        # value axis, where no one reads them as a z (along the bottom they would sit at z = 0)
+    marked = 0
+    for mask, colour, text in ((not_fitted, NOT_FITTED_COLOUR, NOT_FITTED_LABEL),
+                               (no_estimate, NO_ESTIMATE_COLOUR, NO_ESTIMATE_LABEL)):
+        holes = np.flatnonzero(np.asarray(mask, bool).reshape(-1)) if mask is not None \
+            else np.zeros(0, int)
+        if not holes.size:
+            continue
+        # no value to place them by: a row of marks above the plot, off the value axis,
+        # where no one reads them as a z (along the bottom they would sit at z = 0)
         ax.plot(holes, np.full(holes.size, 1.04), linestyle="none", marker="s", markersize=3,
-                markerfacecolor=NOT_FITTED_COLOUR, markeredgecolor="#444444",
+                markerfacecolor=colour, markeredgecolor="#444444",
                 markeredgewidth=0.4, transform=ax.get_xaxis_transform(), clip_on=False,
-                label=f"{NOT_FITTED_LABEL} ({holes.size}; marked above the plot)")
+                label=f"{text} ({holes.size}; marked above the plot)")
+        marked += holes.size
+    if marked:
         ax.set_title(title, pad=14)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3))
-    if not idx.size and not holes.size:
+    if not idx.size and not marked:
         ax.text(0.5, 0.5, "no values", transform=ax.transAxes, ha="center")
     return fig
 

@@ -67,22 +67,26 @@ def _fmt(x: float) -> str:
 
 def _map_figure(d: ReportData, values: np.ndarray, title: str, cmap: str, vmin: float,
                 vmax: float, label: str, categorical=None,
-                not_fitted: np.ndarray | None = None) -> bytes:
+                not_fitted: np.ndarray | None = None,
+                no_estimate: np.ndarray | None = None) -> bytes:
     """One map as PNG: a mosaic of slices (volumes) or values by vertex (surfaces).
-    ``values`` and ``not_fitted`` are per candidate voxel (V,) or already grid-shaped."""
+    ``values``, ``not_fitted`` and ``no_estimate`` (fitted voxels a contrast has no value
+    at) are per candidate voxel (V,) or already grid-shaped."""
     grid = d.grid(values) if values.ndim == 1 else values  # (V,) per voxel, or a grid
-    holes = None
-    if not_fitted is not None:
-        holes = d.grid(np.asarray(not_fitted, bool), False).astype(bool)
+
+    def holes(mask):
+        return None if mask is None else d.grid(np.asarray(mask, bool), False).astype(bool)
+
+    dropped, none = holes(not_fitted), holes(no_estimate)
     if d.is_surface:  # grid (N, 1, 1): values in vertex order
         return fg.png(fg.by_vertex(grid.reshape(-1), title, label, cmap, vmin, vmax,
-                                   categorical, None if holes is None else holes.reshape(-1),
-                                   d.unit1))
+                                   categorical, None if dropped is None else dropped.reshape(-1),
+                                   d.unit1, None if none is None else none.reshape(-1)))
     occupied = np.zeros(d.grid_shape, bool)
     occupied[tuple(d.voxels.T)] = True
     return fg.png(fg.mosaic(grid, d.background, title, cmap, vmin, vmax, label, occupied,
-                            categorical, holes, fg.orientation(d.affine),
-                            fg.pixel_aspect(d.affine)))
+                            categorical, dropped, fg.orientation(d.affine),
+                            fg.pixel_aspect(d.affine), none))
 
 
 #: The z a contrast's voxels are counted beyond, and the z of p = 0.001 (one-sided).
@@ -208,7 +212,7 @@ def _warning(d: ReportData) -> str:
     else:
         why = "; ".join(f"{d.counts[k]:,} with status {k} ({html.escape(d.codes.get(k, '?'))})"
                         for k in sorted(d.counts) if d.counts[k])
-        what = (f"All {V:,} candidate {d.unit} were dropped before fitting: {why}. There are "
+        what = (f"None of the {V:,} candidate {d.unit} has an estimate: {why}. There are "
                 "no estimates, z values, iterations or df; the status section shows where "
                 "and why. Check the missingness thresholds and the data.")
     return (f"<div class='warning'><b>No {d.unit1} was fitted.</b> {what}</div>")
@@ -338,12 +342,16 @@ def _contrast_section(d: ReportData) -> str:
         cmap, vmin, vmax, label, caption = _z_scale(c.kind, z)
         # an F map starts at 0: z < 0 (p > 0.5) is drawn (and, on surfaces, placed) as 0
         shown = np.maximum(z, 0.0) if c.kind == "F" else z  # NaN stays NaN
+        none = fitted & ~np.isfinite(z)   # not estimable on those voxels' observed rows
         parts.append(_img(_map_figure(d, shown, f"contrast {c.name} ({c.kind}): z", cmap, vmin,
-                                      vmax, label, not_fitted=~fitted),
+                                      vmax, label, not_fitted=~fitted, no_estimate=none),
                           f"contrast {c.name} z map"))
         parts.append(f"<p class='caption'>{caption}</p>")
         what, count = contrast_summary(c.kind, c.alternative, z, d.unit)
-        parts.append(f"<p>{html.escape(c.name)}: {what}: {count} of {int(fitted.sum())}.</p>")
+        tested = int((fitted & np.isfinite(z)).sum())
+        why = (f" ({int(none.sum()):,} fitted {d.unit} cannot estimate it: their observed rows "
+               f"drop columns it needs; drawn in purple)" if none.any() else "")
+        parts.append(f"<p>{html.escape(c.name)}: {what}: {count} of {tested}{why}.</p>")
     return "".join(parts)
 
 

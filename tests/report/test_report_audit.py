@@ -191,8 +191,8 @@ def test_all_dropped_is_a_warning_box_without_warnings_on_stderr(tmp_path):
         warnings.simplefilter("always")
         html = render(load_report_data(path))
     assert [str(w.message) for w in caught] == []
-    assert ("<div class='warning'><b>No voxel was fitted.</b> All 40 candidate voxels were "
-            "dropped before fitting: 40 with status 3 (not fitted: too few observations") in html
+    assert ("<div class='warning'><b>No voxel was fitted.</b> None of the 40 candidate voxels "
+            "has an estimate: 40 with status 3 (not fitted: too few observations") in html
     assert html.index("class='warning'") < html.index("<h2")
     text = page_text(html)
     assert "singular" not in text

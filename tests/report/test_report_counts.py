@@ -99,3 +99,52 @@ def test_report_counts_fitted_voxels_with_dropped_columns(tmp_path):
         f["beta"][...] = beta
     page = render(load_report_data(path))
     assert "<p>3 fitted voxels (6.0%) leave X rank deficient on their observed rows" in page
+
+
+def test_a_contrast_not_estimable_at_fitted_voxels_counts_and_marks_them(tmp_path, monkeypatch):
+    """A journey audit: voxels fitted without a column a contrast needs (a group none of
+    whose images is observed there) have no p; they were counted in the denominator ("11 of
+    600" where 420 were tested) and drawn transparent, like the background.  Now the count
+    is of the tested voxels, with a word on the others, and the map marks them in their own
+    colour."""
+    from mpiblmm.report import figures as fg
+
+    V = 60
+    p = np.full(V, 0.5)
+    p[:5] = 1e-4
+    p[40:] = np.nan                      # 20 fitted voxels that cannot estimate it
+    path = _results(tmp_path, p, np.ones(V))
+    calls = []
+    real = fg.mosaic
+
+    def record(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fg, "mosaic", record)
+    page = render(load_report_data(path))
+    line = re.search(r"<p>noise: (.*?): (\d+) of (\d+) \((\d+) fitted voxels cannot estimate "
+                     r"it: their observed rows drop columns it needs; drawn in purple\)\.</p>",
+                     page)
+    assert line is not None and line.group(2, 3, 4) == ("5", "40", "20")
+    zmaps = [kwargs for args, kwargs in calls if args[2].startswith("contrast noise ")]
+    assert zmaps
+    for args, kwargs in calls:
+        if args[2].startswith("contrast "):
+            marked = args[12] if len(args) > 12 else kwargs.get("no_estimate")
+            assert int(marked.sum()) == 20 and marked.reshape(-1)[40:60].all()
+
+
+def test_the_mosaic_legends_voxels_without_an_estimate():
+    from mpiblmm.report import figures as fg
+
+    grid = np.zeros((8, 8, 1))
+    occupied = np.ones((8, 8, 1), bool)
+    none = np.zeros_like(occupied)
+    none[1:3, 1:7] = True
+    grid[none] = np.nan
+    fig = fg.mosaic(grid, None, "z", "coolwarm", -3, 3, "z", occupied, no_estimate=none)
+    labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert labels == [fg.NO_ESTIMATE_LABEL]
+    surface = fg.by_vertex(grid.reshape(-1), "z", "z", no_estimate=none.reshape(-1))
+    assert any(fg.NO_ESTIMATE_LABEL in t.get_text() for t in surface.axes[0].get_legend().get_texts())
