@@ -187,10 +187,18 @@ compile_bytecode() {
         step "warning: could not write bytecode for $ROOT/mpiblmm (start-up is slower)"
 }
 
+# The man page, from the argparse parser of the sources as they are now: on every setup
+# call, as the bytecode, so a `git pull` then `scripts/setup.sh` does not keep the old page.
+write_manpage() {
+    mkdir -p "$VENV/share/man/man1"
+    run_logged "man page" "$VENV/bin/python" -m mpiblmm.manpage "$VENV/share/man/man1/mpiblmm.1"
+}
+
 KEY="$(stamp_key)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$KEY" && -x "$VENV/bin/python" ]] &&
     "$VENV/bin/python" -c 'import h5py, mpi4py, mpiblmm, sys; sys.exit(0 if h5py.get_config().mpi else 1)' 2>/dev/null; then
     compile_bytecode
+    write_manpage
     step ".venv is up to date (MPI: $MPICC_PATH, HDF5: $HDF5_PREFIX)"
     exit 0
 fi
@@ -247,8 +255,7 @@ printf '#!/bin/sh\n# The launcher that matches the MPI mpi4py was built with (sc
 chmod +x "$VENV/bin/mpiexec"
 run_logged "install mpiblmm" "${PIP[@]}" install -q --no-build-isolation -e "$ROOT[test]"
 compile_bytecode
-mkdir -p "$VENV/share/man/man1"
-run_logged "man page" "$VENV/bin/python" -m mpiblmm.manpage "$VENV/share/man/man1/mpiblmm.1"
+write_manpage
 
 # ---------------------------------------------------------------- checks
 step "checking h5py MPI support and a 2-rank MPI run"
