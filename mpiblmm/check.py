@@ -446,13 +446,14 @@ def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) ->
     out.append(f"memory per rank: at most about {mem:.0f} MiB (chunks of {chunk} voxels; "
                f"budget {budget:.0f} MiB; the per-voxel estimate is generous, measured peaks "
                f"are often half of it or less{over})")
-    ms = _ms_per_voxel(spec, design)
-    seconds = voxels * ms / 1000.0 / max(ranks, 1)
+    fixed, ms = _chunk_cost(spec, design)
+    mine = math.ceil(voxels / max(ranks, 1))                   # the largest slab's voxels
+    seconds = (math.ceil(mine / max(chunk, 1)) * fixed + mine * ms) / 1000.0
     out.append(f"run time: fitting {_duration(seconds)} on {ranks} rank(s), a lower "
-               f"bound (the estimator took {ms:.2f} ms per voxel here on "
-               f"{_ms_per_voxel.voxels} simulated complete voxels; missing data and boundary "
-               "fits cost more, up to 2x in audits; start-up, packing the images, reading and "
-               "writing add to it)")
+               f"bound (the estimator took {ms:.2f} ms per voxel and {fixed:.0f} ms per chunk "
+               f"here on {_chunk_cost.voxels} simulated complete voxels; missing data and "
+               "boundary fits cost more, up to 2x in audits; start-up, packing the images, "
+               "reading and writing add to it)")
     out.append("check: OK")
     return out
 
@@ -532,12 +533,14 @@ def _memory(design: Any, voxels: int, ranks: int, budget: float,
     return base + chunk * per / 2**20 + 8.0 * design.n * chunk / 2**20, chunk
 
 
-def _ms_per_voxel(spec: Any, design: Any) -> float:
-    """Fit voxels simulated from the design; milliseconds per voxel.
+def _chunk_cost(spec: Any, design: Any) -> tuple[float, float]:
+    """Fit chunks of voxels simulated from the design: ``(ms per chunk, ms per voxel)``.
 
-    A first chunk of 4 voxels sizes the second: as many voxels (at most
-    :data:`TIMING_VOXELS`) as take about a second, so the estimate benefits from
-    vectorisation as the fit's chunks do, and the check stays quick for big designs.
+    A first chunk of 4 voxels (which also pays the one-time set-up) sizes the others: as
+    many voxels (64 to :data:`TIMING_VOXELS`) as take about a second, and the first quarter
+    of them; the two times give the cost per voxel and the fixed cost of a chunk (a journey
+    audit: one chunk of 5 voxels of a four-factor design put 189 ms on each voxel, and the
+    run time 9x the fit's).
     """
     from mpiblmm.lmm.analysis import analyse_chunk
     from mpiblmm.pipeline import model_from_design, settings_from_spec
@@ -557,14 +560,20 @@ def _ms_per_voxel(spec: Any, design: Any) -> float:
     def timed(Y: np.ndarray) -> float:
         start = time.perf_counter()
         analyse_chunk(model, Y, settings)
-        return (time.perf_counter() - start) / Y.shape[0]
+        return time.perf_counter() - start
 
-    per = timed(voxels(4))
-    k = int(min(TIMING_VOXELS, max(4, 1.0 / max(per, 1e-6))))
-    if k > 4:
-        per = timed(voxels(k))
-    _ms_per_voxel.voxels = k
-    return 1000.0 * per
+    per = timed(voxels(4)) / 4
+    # at least 64 voxels, as a chunk's vectorised work costs less per voxel up to dozens of
+    # them (16 where 4 took over a second: a design that slow would hold check a minute)
+    k = int(min(TIMING_VOXELS, max(64 if per < 0.25 else 16, 1.0 / max(per, 1e-6))))
+    Y = voxels(k)
+    # the small chunk's voxels are the large one's first: their own costs (a boundary fit
+    # costs several regular ones) cancel in the difference
+    t_small, t_large = timed(Y[:k // 4]), timed(Y)
+    ms = 1000.0 * max((t_large - t_small) / (k - k // 4), 0.05 * t_large / k)
+    fixed = max(1000.0 * t_small - (k // 4) * ms, 0.0)
+    _chunk_cost.voxels = k
+    return fixed, ms
 
 
 def _duration(seconds: float) -> str:
