@@ -215,8 +215,9 @@ def create_results(path: Path, layout: ResultsLayout, voxels: np.ndarray,
         f["cov_beta"].attrs["names"] = _str_array(layout.fixed_names)
         for name, effects in layout.factors:
             f[f"random/{name}/cov"].attrs["names"] = _str_array(effects)
-        for c in layout.contrasts:
+        for i, c in enumerate(layout.contrasts):
             g = f[f"contrasts/{c.name}"]
+            g.attrs["order"] = i        # the spec's (HDF5 lists the groups by name)
             g.attrs["kind"] = c.kind
             g.attrs["weights"] = np.asarray(c.L, dtype=np.float64)
             g.attrs["alternative"] = c.alternative

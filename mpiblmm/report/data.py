@@ -120,7 +120,9 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
         codes = {int(k): v for k, v in json.loads(f["status"].attrs.get("codes", "{}")).items()}
         codes[STATUS_NOT_ANALYSED] = NOT_ANALYSED_MEANING
         contrasts = []
-        for name in f.get("contrasts", {}):
+        groups = f.get("contrasts", {})
+        # in the spec's order (attribute order; files without it: by name, as HDF5 lists)
+        for name in sorted(groups, key=lambda k: int(groups[k].attrs.get("order", -1))):
             g = f[f"contrasts/{name}"]
             kind = str(g.attrs.get("kind", "F" if "F" in g else "T"))
             alt = str(g.attrs.get("alternative", "two-sided"))

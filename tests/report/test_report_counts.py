@@ -148,3 +148,17 @@ def test_the_mosaic_legends_voxels_without_an_estimate():
     assert labels == [fg.NO_ESTIMATE_LABEL]
     surface = fg.by_vertex(grid.reshape(-1), "z", "z", no_estimate=none.reshape(-1))
     assert any(fg.NO_ESTIMATE_LABEL in t.get_text() for t in surface.axes[0].get_legend().get_texts())
+
+
+def test_the_contrasts_come_in_the_spec_s_order(tmp_path):
+    """A journey audit: the report listed them by name, as HDF5 lists the groups; each group
+    now has its place in the spec (attribute order)."""
+    path = _results(tmp_path, np.full(20, 0.5), np.ones(20))
+    with h5py.File(path, "r") as f:
+        assert list(f["contrasts"]) == ["noise", "noiseF", "noise_gt", "noise_lt"]
+        assert [int(f[f"contrasts/{n}"].attrs["order"]) for n in f["contrasts"]] == [3, 0, 1, 2]
+    data = load_report_data(path)
+    assert [c.name for c in data.contrasts] == ["noiseF", "noise_gt", "noise_lt", "noise"]
+    page = render(data)
+    assert [page.index(f"<p>{n}: ") for n in ("noiseF", "noise_gt", "noise_lt", "noise")] == \
+        sorted(page.index(f"<p>{n}: ") for n in ("noiseF", "noise_gt", "noise_lt", "noise"))
