@@ -150,6 +150,9 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
             data.n_total_source = INPUT_PARTS_SOURCE
     data.counts = data.counts or {int(k): int(v) for k, v in zip(*np.unique(status, return_counts=True))}
     _add_packed(data, results.parent / "packed.h5")
+    if background is not None and data.is_surface:  # (it was read, and then not drawn)
+        raise UserError(f"a surface study's maps are plotted by {data.unit1} index, over no "
+                        "image: leave --background out", str(background))
     if background is not None:
         from mpiblmm.io.images import read_volume
 

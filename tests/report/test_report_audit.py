@@ -242,6 +242,15 @@ def test_surface_pages_count_vertices_and_draw_no_background(tmp_path, fmt, unit
     assert f"candidate {unit} (in the mask, observed at least once)" in text
     assert "analysis mask" not in text and "mean of the observations" not in text
     assert f"5 {unit} (16.7%) are singular fits" in text
+    from mpiblmm.errors import UserError
+
+    # a background image given for a surface study: said, not read and left undrawn (a
+    # journey audit: the overview then said "background: none")
+    with pytest.raises(UserError) as info:
+        load_report_data(path, tmp_path / "mean.func.gii")
+    assert str(info.value) == (f"{tmp_path / 'mean.func.gii'}: a surface study's maps are "
+                               f"plotted by {dict(gifti='vertex', cifti='grayordinate')[fmt]} "
+                               "index, over no image: leave --background out")
 
 
 def test_surface_category_plots_have_category_ticks_and_a_label():
