@@ -38,6 +38,16 @@ class ContrastView:
     df: np.ndarray                    # (V,) T: df; F: df_den
     df_num: float | None = None
     df_num_fewer: int = 0             # fitted voxels with a smaller df_num (columns dropped)
+    weights: np.ndarray | None = None  # (r, p) as stored (attribute weights)
+
+
+@dataclass
+class FactorView:
+    """One random factor: its effects and each effect's variance over the fitted voxels."""
+
+    name: str
+    effects: tuple[str, ...]
+    variances: np.ndarray              # (V, q): the diagonal of random/<name>/cov
 
 
 @dataclass
@@ -63,6 +73,9 @@ class ReportData:
     extras: dict[str, Any] = field(default_factory=dict)
     dropped_columns: int = 0            # fitted voxels with NaN in beta (lme4's dropped columns)
     affine: np.ndarray | None = None    # (4, 4) voxel to world, None when not stored
+    fixed_names: tuple[str, ...] = ()
+    formula: str = ""                   # the spec's formula ('' for the matrix form)
+    factors: list[FactorView] = field(default_factory=list)
 
     @property
     def unit(self) -> str:
@@ -129,7 +142,13 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
             z = contrast_z(g)
             df = np.asarray(g["df"][...] if "df" in g else g["df_den"][...])
             df_num, fewer = _df_num(g, status) if "df_num" in g else (None, 0)
-            contrasts.append(ContrastView(name, kind, alt, z, df, df_num, fewer))
+            weights = np.atleast_2d(np.asarray(g.attrs["weights"], dtype=np.float64)) \
+                if "weights" in g.attrs else None
+            contrasts.append(ContrastView(name, kind, alt, z, df, df_num, fewer, weights))
+        factors = [FactorView(name, tuple(_names(f[f"random/{name}/cov"])),
+                              np.diagonal(np.asarray(f[f"random/{name}/cov"][...]),
+                                          axis1=1, axis2=2))
+                   for name in f.get("random", {}) if "cov" in f[f"random/{name}"]]
         space = str(f.attrs.get("space", ""))
         data = ReportData(
             path=results,
@@ -143,6 +162,9 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
             contrasts=contrasts,
             space_format=json.loads(space).get("format", "nifti") if space else "nifti",
             dropped_columns=dropped,
+            fixed_names=tuple(_names(f["beta"])) if "beta" in f else (),
+            formula=_formula(f.attrs.get("spec", "")),
+            factors=factors,
             affine=np.asarray(f.attrs["affine"], dtype=np.float64) if "affine" in f.attrs else None,
         )
         data.n_total = _recorded_observations(f)
@@ -166,6 +188,23 @@ def load_report_data(results: Path, background: Path | None = None) -> ReportDat
         data.n_total = int(data.n.max()) if data.n.size else 0
         data.n_total_source = "the largest n of any voxel (packed.h5 not found)"
     return data
+
+
+def _names(dataset: Any) -> list[str]:
+    """A dataset's ``names`` attribute as text (empty when it has none)."""
+    return [n.decode() if isinstance(n, bytes) else str(n)
+            for n in dataset.attrs.get("names", [])]
+
+
+def _formula(spec_text: Any) -> str:
+    """The formula of the spec stored with the results ('' for the matrix form, or a spec
+    that does not read)."""
+    try:
+        spec = json.loads(spec_text.decode() if isinstance(spec_text, bytes) else spec_text)
+    except (TypeError, ValueError):
+        return ""
+    formula = spec.get("formula", "") if isinstance(spec, dict) else ""
+    return formula if isinstance(formula, str) else ""
 
 
 def _same_affine(background: Path, data: ReportData) -> None:

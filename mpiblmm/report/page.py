@@ -355,10 +355,42 @@ def _contrast_section(d: ReportData) -> str:
     return "".join(parts)
 
 
+def _model_section(d: ReportData) -> str:
+    """The model as fitted: formula, fixed effects, random factors with the median of each
+    variance over the fitted voxels, and the contrasts' weights."""
+    fitted = d.fitted
+    parts = [f"<p>Formula: <code>{html.escape(d.formula)}</code></p>" if d.formula else
+             "<p>Matrix form (X and the random factors as files).</p>"]
+    if d.fixed_names:
+        parts.append("<p>Fixed effects: " + ", ".join(f"<code>{html.escape(n)}</code>"
+                                                       for n in d.fixed_names) + ".</p>")
+    rows = []
+    for f in d.factors:
+        for k, effect in enumerate(f.effects or [f"effect {k}" for k in range(f.variances.shape[1])]):
+            v = f.variances[fitted, k] if fitted.any() else np.zeros(0)
+            v = v[np.isfinite(v)]
+            rows.append([f.name, effect, _fmt(float(np.median(v))) if v.size else "-",
+                         f"{v.size:,}"])
+    if rows:
+        parts.append(_table(["factor", "effect", f"median variance over the fitted {d.unit}",
+                             f"{d.unit} with a value"], rows))
+    if d.contrasts and d.fixed_names:
+        crows = []
+        for c in d.contrasts:
+            w = "-" if c.weights is None else "; ".join(
+                " ".join(f"{x:+g} {n}" for x, n in zip(row, d.fixed_names) if x != 0)
+                .lstrip("+") or "0" for row in c.weights)
+            crows.append([c.name, c.kind, c.alternative, w])
+        parts.append(_table(["contrast", "kind", "alternative", "weights (rows separated by ;)"],
+                            crows))
+    return "".join(parts)
+
+
 def sections(d: ReportData) -> list[tuple[str, str]]:
     """(title, html) of every section, in order."""
     s = d.summary
     out = [("Overview", _overview(d)),
+           ("Model", _model_section(d)),
            ("Contrasts", _contrast_section(d)),
            (f"{d.unit1.capitalize()} status: why {d.unit} were dropped", _status_section(d)),
            ("Mask" if d.is_surface else "Analysis mask", _mask_section(d)),

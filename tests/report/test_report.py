@@ -186,3 +186,38 @@ def test_a_read_only_output_is_the_user_s_to_change(tmp_path, monkeypatch):
     assert not isinstance(err.value, IOFailure)     # a UserError: exit code 2
     assert "cannot write the report (Read-only file system)" in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_model_section_shows_what_was_fitted(report):
+    """A journey audit: the page never showed the model.  Now: the formula (or the matrix
+    form), the fixed effects, each random effect's median variance over the fitted voxels
+    (as results.h5 has it) and each contrast's weights, in the spec's order."""
+    import h5py
+    import numpy as np
+
+    page = report.read_text()
+    start = page.index(">Model<")
+    model = re.sub(r"<[^>]+>", " ", page[start:page.index("<h2", start)])
+    model = " ".join(model.split())
+    spec = json.loads((report.parents[1] / "study" / "spec.json").read_text())
+    results = report.parents[1] / "study" / "results" / "results.h5"
+    with h5py.File(results, "r") as f:
+        names = [n.decode() if isinstance(n, bytes) else n for n in f["beta"].attrs["names"]]
+        fitted = f["status"][...] <= 2
+        rows = []
+        for factor in f["random"]:
+            cov = f[f"random/{factor}/cov"][...]
+            effects = [e.decode() if isinstance(e, bytes) else e
+                       for e in f[f"random/{factor}/cov"].attrs["names"]]
+            for k, effect in enumerate(effects):
+                v = cov[fitted, k, k]
+                rows.append(f"{factor} {effect} {float(np.median(v[np.isfinite(v)])):.4g}")
+    if "formula" in spec:
+        assert f"Formula: {spec['formula']}" in model
+    assert "Fixed effects: " + " , ".join(names) + " ." in model
+    for row in rows:
+        assert row in model, (row, model)
+    order = [c["name"] for c in spec.get("contrasts", [])]
+    assert [model.index(f" {n} T ") if f" {n} T " in model else model.index(f" {n} F ")
+            for n in order] == sorted(model.index(f" {n} T ") if f" {n} T " in model
+                                      else model.index(f" {n} F ") for n in order)
