@@ -178,6 +178,11 @@ def _overview(d: ReportData) -> str:
              ["observations in the study", f"{d.n_total} ({d.n_total_source})"],
              ["ranks", s.get("ranks", "-")],
              ["total seconds", _fmt(total) if total is not None else "-"]]
+    peak, budget = s.get("peak_memory_mb"), s.get("memory_budget_mb")
+    if isinstance(peak, list) and len(peak) == 3:
+        facts.append(["peak memory per rank (MiB, min / median / max)",
+                      " / ".join(_fmt(float(x)) for x in peak)
+                      + (f"; budget {_fmt(float(budget))}" if budget is not None else "")])
     resumed = _resumed_text(d)
     if resumed:
         facts.append(["resumed", resumed])

@@ -221,3 +221,13 @@ def test_the_model_section_shows_what_was_fitted(report):
     assert [model.index(f" {n} T ") if f" {n} T " in model else model.index(f" {n} F ")
             for n in order] == sorted(model.index(f" {n} T ") if f" {n} T " in model
                                       else model.index(f" {n} F ") for n in order)
+
+
+def test_the_overview_gives_the_peak_memory_and_budget(report):
+    import h5py
+
+    with h5py.File(report.parents[1] / "study" / "results" / "results.h5", "r") as f:
+        summary = json.loads(f.attrs["summary"])
+    peak = " / ".join(f"{x:.4g}" for x in summary["peak_memory_mb"])
+    assert (f"<td>peak memory per rank (MiB, min / median / max)</td><td>{peak}; budget "
+            f"{summary['memory_budget_mb']:.4g}</td>") in report.read_text()
