@@ -937,16 +937,23 @@ def _renamed(model: FormulaModel, back, back_effect=None) -> FormulaModel:
 _I_CALL = re.compile(r"(?<![\w.])I\(")
 
 
-def _I_calls(formula: str):
-    """Each ``I(...)`` call of ``formula`` (not those inside another): start, end, argument."""
+def _calls(opening: re.Pattern, formula: str):
+    """Each call of ``formula`` whose name and ``(`` ``opening`` matches (not those inside
+    another): the match, its end (past the closing parenthesis) and its argument."""
     pos = 0
-    while (m := _I_CALL.search(formula, pos)) is not None:
+    while (m := opening.search(formula, pos)) is not None:
         depth, end = 1, m.end()
         while depth and end < len(formula):
             depth += {"(": 1, ")": -1}.get(formula[end], 0)
             end += 1
-        yield m.start(), end, formula[m.end():end - 1]
+        yield m, end, formula[m.end():end - 1]
         pos = end
+
+
+def _I_calls(formula: str):
+    """Each ``I(...)`` call of ``formula`` (not those inside another): start, end, argument."""
+    for m, end, inner in _calls(_I_CALL, formula):
+        yield m.start(), end, inner
 
 
 _TABLE_WIDE_CALL = re.compile(r"(?<![\w.])(scale|center|poly)\s*\(")
@@ -959,16 +966,10 @@ def table_wide_transforms(formula: str) -> list[str]:
     mpiblmm computes them on every row of the table, lme4 given a voxel's observed rows on
     those rows."""
     found = []
-    pos = 0
-    while (m := _TABLE_WIDE_CALL.search(formula, pos)) is not None:
-        depth, end = 1, m.end()
-        while depth and end < len(formula):
-            depth += {"(": 1, ")": -1}.get(formula[end], 0)
-            end += 1
+    for m, end, _ in _calls(_TABLE_WIDE_CALL, formula):
         call = formula[m.start():end]
         if not (m.group(1) == "poly" and _RAW_POLY.search(call)) and call not in found:
             found.append(call)
-        pos = end
     return found
 
 

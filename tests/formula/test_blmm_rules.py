@@ -131,29 +131,25 @@ def test_min_percent_compared_in_floating_point(tmp_path, fraction, min_n):
         assert "MinPercent x n = 0.07 x 100 = 7.000000000000001 observations" in note
 
 
-def test_unreadable_files_leave_min_n_to_the_loader(tmp_path):
-    """Converted where X names no file: the spec's loader refuses it later, and the note says
-    BLMM's voxel rules are not in the spec (a fault audit: with the path then corrected in
-    the spec, the fit kept voxels BLMM drops, without a word)."""
-    spec, notes = _convert(tmp_path, unread_note=True)
-    assert "missingness" not in spec
-    assert notes == [f"{UNREAD} (n > p + 1, and n > q in its safeMode) are not in the spec: X, "
-                     "Z: f1.factor, Z: f1.design name no file (relative paths are read from the "
-                     f"working directory, {tmp_path}); convert again where BLMM runs, once the "
-                     "files are there"]
-
-
-def test_a_missing_factor_file_is_noted_too(tmp_path):
-    """X is there, a factor's file is not (a fault audit: only a missing X gave the note,
-    so a wrong factor path corrected in the spec later fitted voxels BLMM's safeMode drops)."""
-    _study(tmp_path, subjects=6, visits=3)
-    (tmp_path / "f.csv").unlink()
+@pytest.mark.parametrize("present, unread", [
+    # converted where X names no file: the spec's loader refuses it later, and the note says
+    # BLMM's voxel rules are not in the spec (a fault audit: with the path then corrected in
+    # the spec, the fit kept voxels BLMM drops, without a word)
+    ((), "X, Z: f1.factor, Z: f1.design name no file"),
+    # X is there, a factor's file is not (only a missing X gave the note, so a wrong factor
+    # path corrected in the spec later fitted voxels BLMM's safeMode drops)
+    (("X.csv", "z.csv"), "Z: f1.factor names no file"),
+])
+def test_unreadable_files_leave_min_n_to_the_loader(tmp_path, present, unread):
+    if present:
+        _study(tmp_path, subjects=6, visits=3)
+        for name in {"X.csv", "f.csv", "z.csv"} - set(present):
+            (tmp_path / name).unlink()
     spec, notes = _convert(tmp_path, unread_note=True)
     assert "missingness" not in spec
     assert notes == [f"{UNREAD} (n > p + 1, and n > q in its safeMode) are not in the spec: "
-                     "Z: f1.factor names no file (relative paths are read from the working "
-                     f"directory, {tmp_path}); convert again where BLMM runs, once the files "
-                     "are there"]
+                     f"{unread} (relative paths are read from the working directory, "
+                     f"{tmp_path}); convert again where BLMM runs, once the files are there"]
 
 
 def _mask(path, values):
