@@ -176,10 +176,12 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
         Missingness thresholds and estimation settings.
     """
     observed = np.isfinite(Y)
-    shared = shared_effects(model.rd, observed)
+    # the observed levels per factor, counted once for the shared effects and the rules
+    counts = levels_observed(model.rd, observed) if len(model.structure.factors) > 1 else None
+    shared = shared_effects(model.rd, observed, counts)
     drop = redundant_factor(model.rd, shared, Y.shape[0])
-    out = (_analyse(model, Y, settings, observed) if (drop < 0).all() else
-           _analyse_without_redundant(model, Y, settings, drop))
+    out = (_analyse(model, Y, settings, observed, counts) if (drop < 0).all() else
+           _analyse_without_redundant(model, Y, settings, drop, counts))
     # NaN for the shared variances: all of them where no factor was left out, where one
     # was, those of its effects in the factors that took them over (its own are NaN)
     for k in np.unique(drop):
@@ -188,7 +190,8 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
 
 
 def _analyse_without_redundant(model: Model, Y: np.ndarray, settings: Settings,
-                               drop: np.ndarray) -> dict[str, np.ndarray]:
+                               drop: np.ndarray, counts: list[np.ndarray] | None
+                               ) -> dict[str, np.ndarray]:
     """:func:`analyse_chunk` where some voxels' observed rows make a factor redundant
     (``drop`` (v,): its index, -1 where none; :func:`~.shared_effects.redundant_factor`):
     those voxels are fitted without it, the same likelihood, fixed effects and tests
@@ -201,7 +204,8 @@ def _analyse_without_redundant(model: Model, Y: np.ndarray, settings: Settings,
         if k >= 0:
             part = Model(part.X, without_factor(model.rd, int(k)), part.contrasts, part.type3)
         sub = (analyse_chunk(part, Y[index], settings) if k >= 0 else
-               _analyse(part, Y[index], settings, np.isfinite(Y[index])))
+               _analyse(part, Y[index], settings, np.isfinite(Y[index]),
+                        None if counts is None else [c[index] for c in counts]))
         for path, values in sub.items():
             out[path][index] = values
     return out
@@ -216,9 +220,10 @@ def _voxels_of(model: Model, index: np.ndarray) -> Model:
                                           for c in model.contrasts), model.type3)
 
 
-def _analyse(model: Model, Y: np.ndarray, settings: Settings,
-             observed: np.ndarray) -> dict[str, np.ndarray]:
-    """:func:`analyse_chunk` on a model no voxel's observed rows make redundant."""
+def _analyse(model: Model, Y: np.ndarray, settings: Settings, observed: np.ndarray,
+             counts: list[np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """:func:`analyse_chunk` on a model no voxel's observed rows make redundant; ``counts``:
+    the voxels' :func:`~.shared_effects.levels_observed`, when already counted."""
     v, n = Y.shape
     p = model.X.shape[1]
     out = empty_results(model, v)
@@ -231,7 +236,8 @@ def _analyse(model: Model, Y: np.ndarray, settings: Settings,
     out["status"][:] = np.where(n_obs == 0, STATUS_EMPTY, STATUS_TOO_FEW)
     out["status"][extreme] = STATUS_NUMERICAL
     # the per-factor counts of observed levels, once for both rules that use them
-    levels = levels_observed(model.rd, observed[enough])
+    levels = (levels_observed(model.rd, observed[enough]) if counts is None else
+              [c[enough] for c in counts])
     sat, ident = np.zeros(v, dtype=bool), np.zeros(v, dtype=bool)
     sat[enough], post_fit = saturated(model.X, model.rd, observed[enough], levels=levels)
     ident[enough] = identifiable(model.rd, observed[enough], levels=levels)

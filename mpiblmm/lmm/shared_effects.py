@@ -52,13 +52,14 @@ def levels_observed(rd: RandomDesign, observed: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def shared_effects(rd: RandomDesign, observed: np.ndarray
-                   ) -> list[tuple[int, int, np.ndarray]]:
+def shared_effects(rd: RandomDesign, observed: np.ndarray,
+                   counts: list[np.ndarray] | None = None) -> list[tuple[int, int, np.ndarray]]:
     """For each pair of factors ``a < b``: ``(a, b, same)``, ``same`` (v, q_a, q_b) true where
     effect ``i`` of ``a`` and effect ``j`` of ``b`` are one column of Z on the voxel's observed
     rows: the two factors group those rows alike (the voxel has as many observed groups of
     the pair as observed levels of either factor) and the two covariates are equal on them.
-    Pairs without any shared effect are left out."""
+    Pairs without any shared effect are left out.  ``counts``: the voxels'
+    :func:`levels_observed`, when already counted."""
     factors = rd.structure.factors
     v = observed.shape[0]
     if len(factors) < 2 or v == 0:
@@ -68,7 +69,7 @@ def shared_effects(rd: RandomDesign, observed: np.ndarray
     # the groups of a pair of factors as a factor of its own
     pair_codes = [np.unique(level[a] * factors[b].n_levels + level[b], return_inverse=True)[1]
                   for a, b in pairs]
-    counts = levels_observed(rd, observed)
+    counts = levels_observed(rd, observed) if counts is None else counts
     pair_counts = levels_observed(random_design(pair_codes, [np.ones((rd.n, 1))] * len(pairs)),
                                   observed)
     out = []
