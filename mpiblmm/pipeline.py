@@ -52,6 +52,7 @@ from mpiblmm.io.export import (ExportStopped, export_nifti, forget_maps, maps_st
 from mpiblmm.io.ingest import (DEFAULT_MEMORY_MB, PackingStopped, ReadingStopped, SlabReader,
                                prepare_input, shared_input_fingerprint)
 from mpiblmm.io.lock import OutputLock, acquire_lock
+from mpiblmm.io.surface import units
 from mpiblmm.io.results import (RESULTS_NAME, ResultsLayout, check_resumable, create_results,
                                 creating_marker, open_results, unfinished_creation)
 from mpiblmm.lmm.analysis import (ContrastDef, Model, Settings, analyse_chunk, bytes_per_voxel,
@@ -502,7 +503,8 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
         agree(comm, UserError(f"cannot resume: it holds {done.size} voxels but the input has "
                               f"{packed.n_voxels}; use --overwrite to start again",
                               str(Path(spec.output) / RESULTS_NAME)))
-    say(f"mpiblmm: {packed.n_voxels} voxels x {packed.n_observations} observations, "
+    unit = units(packed.space)[1]       # voxels, or a surface's vertices or grayordinates
+    say(f"mpiblmm: {packed.n_voxels} {unit} x {packed.n_observations} observations, "
         f"{design.p} fixed effects, {len(design.factors)} random factor(s), "
         f"{settings.method}, {size} rank(s)")
 
@@ -522,12 +524,13 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
     mine = my_slab(packed, size, rank, done)
     step = chunk_voxels(work, design.n, model, options.chunk_voxels)
     if options.chunk_voxels and step < min(int(options.chunk_voxels), packed.n_voxels):
-        say(f"mpiblmm: note: --chunk-voxels {options.chunk_voxels}: chunks of {step} voxels, "
+        say(f"mpiblmm: note: --chunk-voxels {options.chunk_voxels}: chunks of {step} {unit}, "
             f"the most the memory budget ({budget:g} MiB per rank) allows")
     chunks = pending_chunks(mine, done, step)
     resumed_here = 0 if done is None else int(np.count_nonzero(done[mine.start:mine.stop]))
     progress = Progress(comm, packed.n_voxels, log, mine.size, len(chunks),  # collective
-                        resumed_total=0 if done is None else int(np.count_nonzero(done)))
+                        resumed_total=0 if done is None else int(np.count_nonzero(done)),
+                        unit=unit)
     if resumed_here:
         progress.chunk_done(resumed_here, resumed=True)
     written = 0
@@ -553,7 +556,7 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
 
     if stopper.settle():
         _stop(comm, writer, written, done, packed.n_voxels, results_path, progress,
-              options.overwrite)
+              options.overwrite, unit)
     progress.close()  # rank 0 collects the last counts; the others post theirs
 
     with timer.phase("finish"):
@@ -593,7 +596,7 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
     if rank == 0 and log.active:  # stdout unless --quiet, and --log-file
         _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path,
                        timer.seconds["export"], timer.total(), peak, budget, dropped,
-                       summary["resumed_voxels"])
+                       summary["resumed_voxels"], unit)
     if rank == 0 and n_fitted == 0:
         # a job that ran to the end without a single estimate: a batch log must say so
         why = "; ".join(f"{counts[c]} with status {c}, "
@@ -611,7 +614,8 @@ def _budget_source(spec_path: str, spec: Spec, options: FitOptions) -> str:
 
 
 def _stop(comm: Any, writer: Any, written: int, done: np.ndarray | None, n_voxels: int,
-          results_path: Path, progress: Progress, overwrite: bool = False) -> None:
+          results_path: Path, progress: Progress, overwrite: bool = False,
+          unit: str = "voxels") -> None:
     """Collective: close the results file as it is, report the voxels done over all ranks
     (the progress line and the stop line agree) and raise :class:`FitStopped` everywhere."""
     from mpi4py import MPI
@@ -623,7 +627,7 @@ def _stop(comm: Any, writer: Any, written: int, done: np.ndarray | None, n_voxel
     if comm.Get_rank() == 0:
         name = interrupt.signal_name() or "a signal"
         _stop_line(progress.log,
-                   f"mpiblmm: stopped by {name}: {total} of {n_voxels} voxels are done and kept "
+                   f"mpiblmm: stopped by {name}: {total} of {n_voxels} {unit} are done and kept "
                    f"in {results_path}; run the same command with --resume "
                    f"{'in place of --overwrite ' if overwrite else ''}to continue")
     raise FitStopped()
@@ -666,15 +670,15 @@ def peak_memory_mb() -> float:
 
 
 def _print_summary(say, counts, n_fitted, it_sum, it_max, phases, results_path, export,
-                   total, peak, budget, dropped, resumed=0) -> None:
+                   total, peak, budget, dropped, resumed=0, unit="voxels") -> None:
     V = sum(counts.values())
     earlier = (f" ({resumed} of the {V} by an earlier run, resumed; the times are this "
                f"run's)" if resumed else "")
-    say(f"mpiblmm: fitted {n_fitted} of {V} voxels in {phases['total'][2]:.2f} s{earlier}")
+    say(f"mpiblmm: fitted {n_fitted} of {V} {unit} in {phases['total'][2]:.2f} s{earlier}")
     for code in sorted(counts):
         say(f"  status {code:>3}: {counts[code]:>8}  {STATUS_CODES.get(code, 'not processed')}")
     if dropped:   # lme4's "fixed-effect model matrix is rank deficient so dropping ..."
-        say(f"  {dropped} fitted voxels leave X rank deficient on their observed rows: fitted "
+        say(f"  {dropped} fitted {unit} leave X rank deficient on their observed rows: fitted "
             f"without the dependent columns, as lme4 drops them (NaN there in beta)")
     if n_fitted:
         say(f"  iterations: mean {it_sum / n_fitted:.1f}, max {int(it_max)}")

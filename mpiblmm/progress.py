@@ -105,17 +105,18 @@ def format_seconds(seconds: float) -> str:
 
 
 def progress_line(done: int, total: int, elapsed: float, fresh: int, ranks_done: int,
-                  ranks: int, left: float | None = None) -> str:
+                  ranks: int, left: float | None = None, unit: str = "voxels") -> str:
     """One progress report: voxels done of total, rate, time left, ranks finished.
 
     ``fresh`` is the part of ``done`` fitted in this run (not resumed), which sets the rate;
-    ``left`` the time left when known better (:func:`time_left`), else from that rate.
+    ``left`` the time left when known better (:func:`time_left`), else from that rate;
+    ``unit``: what the study counts (voxels, or a surface's vertices or grayordinates).
     """
     share = 100.0 * done / total if total else 100.0
     rate = fresh / elapsed if elapsed > 0 else 0.0
     if left is None:
         left = (total - done) / rate if rate > 0 else (0.0 if done >= total else math.inf)
-    text = (f"fit {done:,}/{total:,} voxels ({share:.1f}%), {_rate(rate)} voxels/s, "
+    text = (f"fit {done:,}/{total:,} {unit} ({share:.1f}%), {_rate(rate)} {unit}/s, "
             f"{format_seconds(elapsed)} elapsed")
     if done < total:
         text += (f", about {format_seconds(left)} left" if math.isfinite(left)
@@ -164,7 +165,8 @@ def compact(text: str) -> str:
     """A progress line shortened for a terminal's bar: ``fit 200/3,072 (6.5%), 92/s, ~31 s
     left; 0/2 ranks finished`` (the elapsed time is the bar's own line's)."""
     text = re.sub(r", [^,;]* elapsed", "", text)
-    return text.replace(" voxels/s", "/s").replace(" voxels", "").replace("about ", "~")
+    text = re.sub(r" (voxels|vertices|grayordinates)/s", "/s", text)
+    return re.sub(r" (voxels|vertices|grayordinates)\b", "", text).replace("about ", "~")
 
 
 class JobLog:
@@ -424,13 +426,14 @@ class Progress:
     """
 
     def __init__(self, comm: Any, total: int, log: JobLog, mine: int = 0,
-                 chunks: int = 0, resumed_total: int = 0) -> None:
+                 chunks: int = 0, resumed_total: int = 0, unit: str = "voxels") -> None:
         from mpi4py import MPI
 
         self._MPI = MPI
         self.comm = comm.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.total, self.mine, self.log = int(total), int(mine), log
+        self.unit = unit
         self.interval = log.interval
         self.started = time.monotonic()
         self.done = 0  # this rank's voxels done, resumed ones included
@@ -450,11 +453,11 @@ class Progress:
         self._threaded = MPI.Query_thread() == MPI.THREAD_MULTIPLE
         self._last_report = time.monotonic()
         log.phase("fit")
-        log.note(f"slab of {self.mine} voxels in {chunks} chunk(s); {self.total} voxels over "
+        log.note(f"slab of {self.mine} {unit} in {chunks} chunk(s); {self.total} {unit} over "
                  f"{self.size} rank(s)")
         if self.rank == 0:
             log.status = self._status
-            log.report(f"fit {self.resumed_total:,}/{self.total:,} voxels on {self.size} "
+            log.report(f"fit {self.resumed_total:,}/{self.total:,} {unit} on {self.size} "
                        f"rank(s)" + (" (resumed)" if self.resumed_total else ""), 0.0)
 
     # ----------------------------------------------------------------- every rank
@@ -464,7 +467,7 @@ class Progress:
         self.done += int(n_voxels)
         self.resumed += int(n_voxels) if resumed else 0
         self.chunks += 1
-        self.log.note(f"chunk {self.chunks} done: {n_voxels} voxels"
+        self.log.note(f"chunk {self.chunks} done: {n_voxels} {self.unit}"
                       f"{' (resumed)' if resumed else ''}, {self.done}/{self.mine} of the slab")
         if self.rank == 0:
             self._record(0, (self.done, self.resumed, 0, self.mine))
@@ -504,7 +507,7 @@ class Progress:
                     self._report()
             self.log.status = self.log._phase_status
             self._report(final=True)
-        self.log.note(f"fit done: {self.done} voxels in {self.chunks} chunk(s)")
+        self.log.note(f"fit done: {self.done} {self.unit} in {self.chunks} chunk(s)")
         with self._lock:  # the heartbeat may be polling
             self._freed = True
             self.comm.Free()
@@ -523,7 +526,7 @@ class Progress:
             self._poll()
             self.log.status = self.log._phase_status
             done = self._counts()[0] if done_total is None else int(done_total)
-            self.log.report(f"fit stopped at {done:,}/{self.total:,} voxels")
+            self.log.report(f"fit stopped at {done:,}/{self.total:,} {self.unit}")
         else:
             for request, buffer in self._pending:
                 request.Free()
@@ -573,7 +576,8 @@ class Progress:
 
     def _line(self, done: int, fresh: int, finished: int, elapsed: float) -> str:
         left = time_left(self._table, self.total, elapsed, self.resumed_total)
-        return progress_line(done, self.total, elapsed, fresh, finished, self.size, left)
+        return progress_line(done, self.total, elapsed, fresh, finished, self.size, left,
+                             self.unit)
 
     def _report(self, final: bool = False) -> None:
         with self.log._lock:  # against the heartbeat: lines stay in order

@@ -17,12 +17,11 @@ from mpiblmm.errors import UserError
 from mpiblmm.io.derived import NOT_ANALYSED_MEANING, STATUS_NOT_ANALYSED
 from mpiblmm.io.export import FITTED_MAX_STATUS, contrast_z, volume
 from mpiblmm.io.results import foreign_file_problem, refuse_missing_datasets, stored_parts
+from mpiblmm.io.surface import UNITS
 from mpiblmm.lmm.model import dropped_column_voxels
 
 
 #: (singular, plural) name of one element of a study, by the input format.
-UNITS = {"nifti": ("voxel", "voxels"), "gifti": ("vertex", "vertices"),
-         "cifti": ("grayordinate", "grayordinates")}
 #: Where :attr:`ReportData.n_total` comes from when the fit recorded it.
 INPUT_PARTS_SOURCE = "the fit's record in results.h5"
 

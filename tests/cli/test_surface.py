@@ -10,6 +10,7 @@ volume named.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -84,9 +85,16 @@ def test_surface_study_fits_at_2_ranks_like_the_volume(study, nifti_fit, fmt, ru
     import nibabel as nib
 
     spec = _surface_study(study, fmt)
-    run = run_mpi(2, [*mpiblmm_command, "fit", str(spec), "--quiet"], timeout=300)
+    run = run_mpi(2, [*mpiblmm_command, "fit", str(spec)], timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     res = read_results(study / f"out_{fmt}" / "results.h5")
+    # the fit's lines count what the study has (a journey audit: "voxels" of a surface)
+    unit = {"gifti": "vertices", "cifti": "grayordinates"}[fmt]
+    V = res["voxels"].shape[0]
+    assert f"mpiblmm: {V} {unit} x " in run.stdout
+    assert re.search(rf"mpiblmm: fitted \d+ of {V} {unit} in ", run.stdout), run.stdout
+    assert re.search(rf"fit {V:,}/{V:,} {unit} \(100\.0%\)", run.stdout), run.stdout
+    assert " voxels" not in run.stdout, run.stdout
     assert json.loads(res["@"]["space"])["format"] == fmt
     assert tuple(res["@"]["grid_shape"]) == (N, 1, 1)
     np.testing.assert_array_equal(res["voxels"][:, 0], np.flatnonzero(
