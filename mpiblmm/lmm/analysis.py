@@ -177,7 +177,7 @@ def analyse_chunk(model: Model, Y: np.ndarray, settings: Settings) -> dict[str, 
     """
     observed = np.isfinite(Y)
     # the observed levels per factor, counted once for the shared effects and the rules
-    counts = levels_observed(model.rd, observed) if len(model.structure.factors) > 1 else None
+    counts = levels_observed(model.rd, observed)
     shared = shared_effects(model.rd, observed, counts)
     drop = redundant_factor(model.rd, shared, Y.shape[0])
     out = (_analyse(model, Y, settings, observed, counts) if (drop < 0).all() else
