@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from mpiblmm.errors import USER_ERROR_EXIT_CODE, UserError
+from mpiblmm.io.surface import units
 
 #: Voxels the run-time estimate fits (simulated from the design).
 TIMING_VOXELS = 256
@@ -158,7 +159,8 @@ def check_spec(path: str | Path, ranks: int = 1,
         return problems, _text_column_notes(spec)
     try:
         _estimable(design)
-        return [], _summary(spec, design, candidates or (0, "unknown"), ranks)
+        return [], _summary(spec, design, candidates or (0, "unknown"), ranks,
+                            units(getattr(grid, "space", "")))
     except UserError as exc:  # whatever the fit would refuse that the steps above missed
         return [str(exc)], []
 
@@ -412,7 +414,8 @@ def _text_column_notes(spec: Any) -> list[str]:
     return [f"note: {note}" for note in suspicious_text_columns(read_table(spec.covariates))]
 
 
-def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) -> list[str]:
+def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int,
+             words: tuple[str, str] = ("voxel", "voxels")) -> list[str]:
     from mpiblmm.io.ingest import DEFAULT_MEMORY_MB
 
     out = [f"spec: {spec.path} ({'formula' if spec.is_formula else 'matrix'} form)"]
@@ -438,20 +441,21 @@ def _summary(spec: Any, design: Any, candidates: tuple[int, str], ranks: int) ->
     out.append(f"estimation: {spec.estimation.method}; missingness: min_n "
                f"{spec.missingness.min_n or 'auto'}, min_fraction {spec.missingness.min_fraction}")
     voxels, how = candidates
-    out.append(f"candidate voxels: {how}")
+    one, unit = words                     # voxels, or a surface's vertices or grayordinates
+    out.append(f"candidate {unit}: {how}")
     budget = spec.max_memory_mb or DEFAULT_MEMORY_MB
     mem, chunk = _memory(design, voxels, ranks, budget)
     over = ("; above the budget only by this count: the fit's own check of one voxel, "
             "tighter, passes" if mem > budget else "")
-    out.append(f"memory per rank: at most about {mem:.0f} MiB (chunks of {chunk} voxels; "
-               f"budget {budget:.0f} MiB; the per-voxel estimate is generous, measured peaks "
+    out.append(f"memory per rank: at most about {mem:.0f} MiB (chunks of {chunk} {unit}; "
+               f"budget {budget:.0f} MiB; the per-{one} estimate is generous, measured peaks "
                f"are often half of it or less{over})")
     fixed, ms = _chunk_cost(spec, design)
     mine = math.ceil(voxels / max(ranks, 1))                   # the largest slab's voxels
     seconds = (math.ceil(mine / max(chunk, 1)) * fixed + mine * ms) / 1000.0
     out.append(f"run time: fitting {_duration(seconds)} on {ranks} rank(s), a lower "
-               f"bound (the estimator took {ms:.2f} ms per voxel and {fixed:.0f} ms per chunk "
-               f"here on {_chunk_cost.voxels} simulated complete voxels; missing data and "
+               f"bound (the estimator took {ms:.2f} ms per {one} and {fixed:.0f} ms per chunk "
+               f"here on {_chunk_cost.voxels} simulated complete {unit}; missing data and "
                "boundary fits cost more, up to 2x in audits; start-up, packing the images, "
                "reading and writing add to it)")
     out.append("check: OK")
@@ -481,6 +485,7 @@ def _candidates(spec: Any, grid: Any, problems: list[str]) -> tuple[int, str] | 
     from mpiblmm.io.ingest import analysis_mask_voxels, missing
     from mpiblmm.io.surface import points
 
+    unit = units(grid.space)[1]
     total = int(np.prod(grid.shape))
     kind = grid_kind(grid)
     if kind in ("gifti", "cifti"):
@@ -507,7 +512,7 @@ def _candidates(spec: Any, grid: Any, problems: list[str]) -> tuple[int, str] | 
     # (check reads the first image only: if none observes a voxel, the fit refuses them)
     why = "" if seen else (", every value 0 (missing while zero_is_missing is true), NaN or Inf"
                            if spec.zero_is_missing else ", every value NaN or Inf")
-    return v, (f"at most {v} ({where}; {seen} observed in the first image{why}; voxels no "
+    return v, (f"at most {v} ({where}; {seen} observed in the first image{why}; {unit} no "
                "image observes are dropped)")
 
 

@@ -95,6 +95,10 @@ def test_surface_study_fits_at_2_ranks_like_the_volume(study, nifti_fit, fmt, ru
     assert re.search(rf"mpiblmm: fitted \d+ of {V} {unit} in ", run.stdout), run.stdout
     assert re.search(rf"fit {V:,}/{V:,} {unit} \(100\.0%\)", run.stdout), run.stdout
     assert " voxels" not in run.stdout, run.stdout
+    check = run_mpi(1, [*mpiblmm_command, "check", str(spec)], timeout=300)
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert f"candidate {unit}: at most {N} (all {N} {unit} of the surface" in check.stdout
+    assert "voxel" not in check.stdout.split("candidate ", 1)[1], check.stdout
     assert json.loads(res["@"]["space"])["format"] == fmt
     assert tuple(res["@"]["grid_shape"]) == (N, 1, 1)
     np.testing.assert_array_equal(res["voxels"][:, 0], np.flatnonzero(
