@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from mpiblmm.errors import USER_ERROR_EXIT_CODE, UserError
-from mpiblmm.io.surface import units
+from mpiblmm.io.images import units
 
 #: Voxels the run-time estimate fits (simulated from the design).
 TIMING_VOXELS = 256

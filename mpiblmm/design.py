@@ -551,15 +551,8 @@ def read_labels_csv(path: Path) -> list[str]:
 def header_like(labels: list[str]) -> bool:
     """Does a factor file's first row look like a header: not a number, where every other
     row is one (``subject`` above level codes)?"""
-    return len(labels) > 1 and not _is_number(labels[0]) and all(map(_is_number, labels[1:]))
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    return len(labels) > 1 and not NUMBER.fullmatch(labels[0]) and all(
+        NUMBER.fullmatch(label) for label in labels[1:])
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:

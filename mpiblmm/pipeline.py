@@ -52,7 +52,7 @@ from mpiblmm.io.export import (ExportStopped, export_nifti, forget_maps, maps_st
 from mpiblmm.io.ingest import (DEFAULT_MEMORY_MB, PackingStopped, ReadingStopped, SlabReader,
                                prepare_input, shared_input_fingerprint)
 from mpiblmm.io.lock import OutputLock, acquire_lock
-from mpiblmm.io.surface import units
+from mpiblmm.io.images import units
 from mpiblmm.io.results import (RESULTS_NAME, ResultsLayout, check_resumable, create_results,
                                 creating_marker, open_results, unfinished_creation)
 from mpiblmm.lmm.analysis import (ContrastDef, Model, Settings, analyse_chunk, bytes_per_voxel,
@@ -556,7 +556,7 @@ def _fit(setup: Setup, comm: Any, options: FitOptions, log: JobLog, timer: Phase
 
     if stopper.settle():
         _stop(comm, writer, written, done, packed.n_voxels, results_path, progress,
-              options.overwrite, unit)
+              options.overwrite)
     progress.close()  # rank 0 collects the last counts; the others post theirs
 
     with timer.phase("finish"):
@@ -614,8 +614,7 @@ def _budget_source(spec_path: str, spec: Spec, options: FitOptions) -> str:
 
 
 def _stop(comm: Any, writer: Any, written: int, done: np.ndarray | None, n_voxels: int,
-          results_path: Path, progress: Progress, overwrite: bool = False,
-          unit: str = "voxels") -> None:
+          results_path: Path, progress: Progress, overwrite: bool = False) -> None:
     """Collective: close the results file as it is, report the voxels done over all ranks
     (the progress line and the stop line agree) and raise :class:`FitStopped` everywhere."""
     from mpi4py import MPI
@@ -627,7 +626,7 @@ def _stop(comm: Any, writer: Any, written: int, done: np.ndarray | None, n_voxel
     if comm.Get_rank() == 0:
         name = interrupt.signal_name() or "a signal"
         _stop_line(progress.log,
-                   f"mpiblmm: stopped by {name}: {total} of {n_voxels} {unit} are done and kept "
+                   f"mpiblmm: stopped by {name}: {total} of {n_voxels} {progress.unit} are done and kept "
                    f"in {results_path}; run the same command with --resume "
                    f"{'in place of --overwrite ' if overwrite else ''}to continue")
     raise FitStopped()

@@ -50,6 +50,16 @@ def grid_kind(grid: Grid) -> str | None:
     return _space_kind(grid.space)
 
 
+#: What one element of a study is called, singular and plural, by its kind.
+UNITS = {"nifti": ("voxel", "voxels"), "gifti": ("vertex", "vertices"),
+         "cifti": ("grayordinate", "grayordinates")}
+
+
+def units(space: str) -> tuple[str, str]:
+    """:data:`UNITS` of a grid's ``space`` (volumes when its kind is not recorded)."""
+    return UNITS[_space_kind(space) or "nifti"]
+
+
 @lru_cache(maxsize=8)
 def _space_kind(space: str) -> str | None:
     try:

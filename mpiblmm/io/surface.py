@@ -192,20 +192,6 @@ def models_digest(axis) -> str:
     return h.hexdigest()
 
 
-#: What one element of a study is called, singular and plural, by its input's format.
-UNITS = {"nifti": ("voxel", "voxels"), "gifti": ("vertex", "vertices"),
-         "cifti": ("grayordinate", "grayordinates")}
-
-
-def units(space: str) -> tuple[str, str]:
-    """:data:`UNITS` of a grid's ``space`` (its input's format; volumes when not recorded)."""
-    try:
-        fmt = json.loads(space).get("format", "nifti") if space else "nifti"
-    except (ValueError, AttributeError):
-        fmt = "nifti"
-    return UNITS.get(fmt, UNITS["nifti"])
-
-
 def points(fmt: str) -> str:
     """What a surface file's values are counted in: GIfTI vertices, CIFTI grayordinates
     (vertices and voxels together)."""

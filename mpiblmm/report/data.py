@@ -17,7 +17,7 @@ from mpiblmm.errors import UserError
 from mpiblmm.io.derived import NOT_ANALYSED_MEANING, STATUS_NOT_ANALYSED
 from mpiblmm.io.export import FITTED_MAX_STATUS, contrast_z, volume
 from mpiblmm.io.results import foreign_file_problem, refuse_missing_datasets, stored_parts
-from mpiblmm.io.surface import UNITS
+from mpiblmm.io.images import UNITS
 from mpiblmm.lmm.model import dropped_column_voxels
 
 
